@@ -1,0 +1,103 @@
+"""Build the Cython extensions of molecule_gpt.
+
+Every `src/molecule_gpt/*.pyx` becomes the extension `molecule_gpt.<stem>`; C sources it needs
+from `csrc/` are listed in C_SOURCES. Directives are set once, here.
+
+Environment switches (all off by default, so wheels are portable and results match the
+reference bit for bit):
+  MOLECULE_GPT_DEBUG_CYTHON=1   boundscheck on, -O0 -g
+  MOLECULE_GPT_NATIVE=1         -march=native
+  MOLECULE_GPT_FAST_MATH=1      -ffast-math
+  MOLECULE_GPT_NO_OPENMP=1      build without OpenMP even when the compiler has it
+  MOLECULE_GPT_ONLY=_core,_bpe  build only these extensions (development convenience)
+"""
+import os
+import pathlib
+import sys
+import tempfile
+
+import numpy
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = pathlib.Path(__file__).parent
+PKG = ROOT / "src" / "molecule_gpt"
+DEBUG = os.environ.get("MOLECULE_GPT_DEBUG_CYTHON", "0") == "1"
+
+DIRECTIVES = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": False,
+    "initializedcheck": DEBUG,
+    "nonecheck": False,
+    "cdivision": True,
+    "embedsignature": True,
+}
+
+# extension stem -> C files from csrc/ compiled into it
+C_SOURCES = {
+    "_core": ["csrc/arena.c"],
+}
+
+
+def compile_args():
+    args = ["-O0", "-g"] if DEBUG else ["-O3"]
+    if os.environ.get("MOLECULE_GPT_NATIVE", "0") == "1":
+        args.append("-march=native")
+    if os.environ.get("MOLECULE_GPT_FAST_MATH", "0") == "1":
+        args.append("-ffast-math")
+    return args
+
+
+def extensions():
+    exts = []
+    only = {s for s in os.environ.get("MOLECULE_GPT_ONLY", "").split(",") if s}
+    for pyx in sorted(PKG.glob("*.pyx")):
+        stem = pyx.stem
+        if only and stem not in only:
+            continue
+        sources = [str(pyx.relative_to(ROOT))] + C_SOURCES.get(stem, [])
+        exts.append(
+            Extension(
+                f"molecule_gpt.{stem}",
+                sources,
+                include_dirs=["csrc", numpy.get_include()],
+                define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
+                extra_compile_args=compile_args(),
+            )
+        )
+    return exts
+
+
+class BuildExtOpenMP(build_ext):
+    """Add -fopenmp where the compiler accepts it; warn and build serial otherwise."""
+
+    def build_extensions(self):
+        use_openmp = os.environ.get("MOLECULE_GPT_NO_OPENMP", "0") != "1" and self._has_openmp()
+        if not use_openmp:
+            print("molecule-gpt: building without OpenMP (kernels run serial)", file=sys.stderr)
+        for ext in self.extensions:
+            if use_openmp:
+                ext.extra_compile_args.append("-fopenmp")
+                ext.extra_link_args.append("-fopenmp")
+        super().build_extensions()
+
+    def _has_openmp(self):
+        if self.compiler.compiler_type == "msvc":
+            return False
+        with tempfile.TemporaryDirectory() as tmp:
+            src = pathlib.Path(tmp) / "omp.c"
+            src.write_text("#include <omp.h>\nint main(void){return omp_get_max_threads()<1;}\n")
+            try:
+                objs = self.compiler.compile([str(src)], output_dir=tmp, extra_postargs=["-fopenmp"])
+                self.compiler.link_executable(objs, str(pathlib.Path(tmp) / "omp"), extra_postargs=["-fopenmp"])
+            except Exception:
+                return False
+        return True
+
+
+setup(
+    ext_modules=cythonize(extensions(), compiler_directives=DIRECTIVES),
+    cmdclass={"build_ext": BuildExtOpenMP},
+)

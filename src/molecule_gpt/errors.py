@@ -1,0 +1,26 @@
+"""The package's exceptions: one base class, each subclassing the builtin it refines."""
+
+
+class MoleculeError(Exception):
+    """Base class of every error molecule_gpt raises on purpose."""
+
+
+class ConfigError(MoleculeError, ValueError):
+    """A Config field has a value the model cannot run with. The message names the field."""
+
+
+class ArenaOverflowError(MoleculeError, ValueError):
+    """A training step needs more tape memory than the arena sized from the config holds.
+
+    The arena is sized for `batch_size` sequences of up to `block_size` positions (plus the
+    vocabulary and delta modules); passing a larger batch to `loss_and_grads`/`train_step`
+    raises this instead of overflowing. The fix is a larger `Config.batch_size`, or splitting
+    the batch."""
+
+
+class CheckpointError(MoleculeError, ValueError):
+    """A checkpoint file could not be read or written; the message names the file and the cause."""
+
+
+class TokenizerError(MoleculeError, ValueError):
+    """Tokenizer input or state is invalid."""
