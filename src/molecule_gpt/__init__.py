@@ -3,6 +3,7 @@
 This is the public API; everything else is internal.
 """
 from .config import Config as Config
+from .model import Model as Model
 from .errors import (
     ArenaOverflowError as ArenaOverflowError,
     CheckpointError as CheckpointError,
@@ -18,6 +19,7 @@ __all__ = [
     "CheckpointError",
     "Config",
     "ConfigError",
+    "Model",
     "MoleculeError",
     "TokenizerError",
 ]

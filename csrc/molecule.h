@@ -1,0 +1,86 @@
+/* molecule.h: the C side of molecule_gpt's training core.
+ *
+ * What lives in C: the arena that holds one training step's tape (nodes plus every activation
+ * and activation-gradient buffer), because it is plain memory management that wants to be
+ * obviously correct and reusable from any Cython module. The math kernels are Cython, written
+ * once over `floating` (see src/molecule_gpt/_core.pyx).
+ *
+ * Dimension legend (used by every kernel):
+ *   N  = packed positions of a batch (sum over sequences of n_s, n_s <= T)
+ *   T  = block_size, V = vocabulary, C = n_embd, H = n_head, d = C / H (head dim)
+ *   F  = 4 C (MLP hidden), r = delta rank, K = delta modules
+ *
+ * Errors: functions return a status or NULL; nothing here prints or exits.
+ */
+#ifndef MOLECULE_H
+#define MOLECULE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define MG_ALIGN 64
+#define MG_MAX_DELTA 64 /* delta modules one linear can carry; Config validation enforces it */
+
+/* Op codes of tape nodes (micrograd's `_op`, as an int). */
+enum {
+    MG_OP_EMBED = 1,
+    MG_OP_RMSNORM,
+    MG_OP_LINEAR,
+    MG_OP_ROPE,
+    MG_OP_ATTN,
+    MG_OP_GATE,
+    MG_OP_ADD,
+    MG_OP_XENT
+};
+
+/* A weight matrix W (nout, nin) with its low-rank adapters: y = W x + sum_k alpha_k A_k (B_k x).
+ * dW / dA / dB are NULL when that part is frozen (no gradient is accumulated for it). */
+typedef struct {
+    void *W, *dW;
+    int nout, nin;
+    int n_ad;
+    int rank;
+    void *A[MG_MAX_DELTA], *B[MG_MAX_DELTA];   /* A (nout, r), B (r, nin) */
+    void *dA[MG_MAX_DELTA], *dB[MG_MAX_DELTA];
+    double alpha[MG_MAX_DELTA];
+} mg_linear;
+
+/* One tape node. Inputs/outputs are arena value buffers; the gradient of an arena buffer sits
+ * at the same offset in the gradient half (mg_grad_of). */
+typedef struct {
+    int op;
+    int layer;
+    void *a, *b, *c;      /* inputs */
+    void *out;            /* output value */
+    void *aux;            /* what backward needs beyond inputs (rstd, weights, U, probs) */
+    void *ptrs;           /* op-specific pointer table (attention: rrpram logits per head) */
+    const mg_linear *lin; /* LINEAR: the weight and its adapters */
+    ptrdiff_t n, m, k;    /* op-specific sizes */
+    ptrdiff_t ld_in, ld_out;
+} mg_node;
+
+/* The arena: one allocation split into a node array and two parallel float regions, values and
+ * their gradients (same offsets). Reset is O(1); the gradient region is zeroed up to `used`
+ * before backward. */
+typedef struct {
+    char *block;
+    mg_node *nodes;
+    size_t node_cap, n_nodes, node_high_water;
+    char *vals, *grads;
+    size_t cap_bytes, used, high_water;
+    int overflowed; /* set by an allocation past capacity, cleared by reset */
+} mg_arena;
+
+int mg_arena_init(mg_arena *ar, size_t value_bytes, size_t node_cap);
+void mg_arena_free(mg_arena *ar);
+void mg_arena_reset(mg_arena *ar);
+void *mg_arena_alloc(mg_arena *ar, size_t bytes);
+mg_node *mg_arena_push(mg_arena *ar, int op);
+void mg_arena_zero_grads(mg_arena *ar);
+size_t mg_arena_round(size_t bytes);
+
+static inline void *mg_grad_of(const mg_arena *ar, const void *value) {
+    return ar->grads + ((const char *)value - ar->vals);
+}
+
+#endif

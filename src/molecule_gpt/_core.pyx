@@ -1,0 +1,581 @@
+# _core.pyx: the native training core: kernels, the arena-allocated tape, forward, backward, Adam.
+#
+# What it is: `Engine`, which owns one arena (csrc/arena.c) and a C description of the model
+# (`NetC`: raw pointers to every parameter, its gradient and its adapters). A step is
+#   record   - walk the model once, pushing one tape node per op and carving every activation
+#              out of the arena (no math; an allocation past capacity stops here, before any
+#              state changes, and the caller raises ArenaOverflowError);
+#   forward  - run the nodes in order;
+#   backward - zero the gradient half of the arena, run the nodes in reverse (creation order is
+#              already topological), accumulate parameter gradients.
+# All three run without the GIL. What it is not: policy. Validation, packing a batch, sizes,
+# parameter allocation and the optimizer schedule live in model.py.
+
+from libc.stdlib cimport malloc, calloc, free
+from libc.string cimport memset, memcpy
+
+from ._molecule cimport *
+
+include "_kernels.pxi"
+
+
+# ---------------------------------------------------------------------------------------------
+# the model, as C pointers (set by Engine.bind_* from numpy arrays the Python Model owns)
+
+ctypedef struct LayerC:
+    mg_linear wq
+    mg_linear wk
+    mg_linear wv
+    mg_linear wo
+    mg_linear fc_g
+    mg_linear fc_v
+    mg_linear fc2
+    mg_linear* pat      # (H,) pattern linears, used by rrpram/hybrid heads
+    void** alpha        # (H,) the 1x1 hybrid alpha parameter, NULL for other heads
+    void** dalpha       # (H,) its gradient, NULL when frozen
+    double* mix         # (H,) sigmoid(alpha) of this forward
+    double* dalpha_acc  # (H,) d loss / d alpha accumulated by backward
+
+ctypedef struct NetC:
+    int L, C, H, d, T, V, F, act, K, r, n_pattern
+    int* head_type      # (H,)
+    void* wte
+    void* dwte
+    void* wpe
+    void* dwpe
+    mg_linear lm_head
+    LayerC* layers
+    void* cos_t         # (T, d/2)
+    void* sin_t
+
+# one batch, packed: sequence s holds positions off[s] .. off[s] + n[s]
+ctypedef struct StepC:
+    Py_ssize_t N
+    Py_ssize_t n_seq
+    const int* ids
+    const int* pos
+    const int* targets
+    const double* weights
+    const int* off
+    const int* n
+    const Py_ssize_t* sq_off
+    Py_ssize_t SS
+    double* losses
+    void* logits        # set by record: (N, V) output of the lm_head node
+
+
+# ---------------------------------------------------------------------------------------------
+# record: push nodes and carve buffers. Kept next to `plan_bytes`, which must mirror it.
+
+cdef inline void* take(mg_arena* ar, size_t nbytes, bint* ok) noexcept nogil:
+    cdef void* p = mg_arena_alloc(ar, nbytes)
+    if p == NULL:
+        ok[0] = False
+    return p
+
+
+cdef floating* rec_linear(mg_arena* ar, const mg_linear* lin, floating* X, Py_ssize_t ldx,
+                          Py_ssize_t N, bint* ok) noexcept nogil:
+    cdef floating* Y = <floating*>take(ar, N * lin.nout * sizeof(floating), ok)
+    cdef floating* U = <floating*>take(ar, lin.n_ad * N * lin.rank * sizeof(floating), ok)
+    cdef mg_node* node = mg_arena_push(ar, MG_OP_LINEAR)
+    if not ok[0] or node == NULL:
+        ok[0] = False
+        return NULL
+    node.a = X
+    node.out = Y
+    node.aux = U
+    node.lin = lin
+    node.n = N
+    node.ld_in = ldx
+    node.ld_out = lin.nout
+    return Y
+
+
+cdef floating* rec_rmsnorm(mg_arena* ar, floating* x, Py_ssize_t N, Py_ssize_t C, bint* ok) noexcept nogil:
+    cdef floating* y = <floating*>take(ar, N * C * sizeof(floating), ok)
+    cdef floating* rstd = <floating*>take(ar, N * sizeof(floating), ok)
+    cdef mg_node* node = mg_arena_push(ar, MG_OP_RMSNORM)
+    if not ok[0] or node == NULL:
+        ok[0] = False
+        return NULL
+    node.a = x
+    node.out = y
+    node.aux = rstd
+    node.n = N
+    node.m = C
+    return y
+
+
+cdef floating* rec_elementwise(mg_arena* ar, int op, floating* a, floating* b, Py_ssize_t n,
+                               bint* ok) noexcept nogil:
+    cdef floating* out = <floating*>take(ar, n * sizeof(floating), ok)
+    cdef mg_node* node = mg_arena_push(ar, op)
+    if not ok[0] or node == NULL:
+        ok[0] = False
+        return NULL
+    node.a = a
+    node.b = b
+    node.out = out
+    node.n = n
+    return out
+
+
+cdef int record(NetC* net, mg_arena* ar, StepC* st, bint with_loss, floating* tag) noexcept nogil:
+    """Build the tape of one forward pass; 0 on success, -1 when the arena is too small."""
+    cdef bint ok = True
+    cdef Py_ssize_t N = st.N, C = net.C, F = net.F, l, h
+    cdef LayerC* L
+    cdef mg_node* node
+    cdef floating* x
+    cdef floating* hn
+    cdef floating* q
+    cdef floating* k
+    cdef floating* v
+    cdef floating* y
+    cdef floating* o
+    cdef floating* g
+    cdef floating* u
+    cdef floating* a
+    cdef floating** P
+    cdef floating** dP
+    mg_arena_reset(ar)
+
+    x = <floating*>take(ar, N * C * sizeof(floating), &ok)
+    node = mg_arena_push(ar, MG_OP_EMBED)
+    if not ok or node == NULL:
+        return -1
+    node.a = <void*>st.ids
+    node.b = <void*>st.pos
+    node.out = x
+    node.n = N
+    node.m = C
+
+    for l in range(net.L):
+        L = &net.layers[l]
+        # attention block
+        hn = rec_rmsnorm(ar, x, N, C, &ok)
+        if not ok: return -1
+        q = rec_linear(ar, &L.wq, hn, C, N, &ok)
+        k = rec_linear(ar, &L.wk, hn, C, N, &ok)
+        v = rec_linear(ar, &L.wv, hn, C, N, &ok)
+        if not ok: return -1
+        q = rec_elementwise(ar, MG_OP_ROPE, q, NULL, N * C, &ok)
+        k = rec_elementwise(ar, MG_OP_ROPE, k, NULL, N * C, &ok)
+        P = <floating**>take(ar, net.H * sizeof(void*), &ok)
+        dP = <floating**>take(ar, net.H * sizeof(void*), &ok)
+        if not ok: return -1
+        for h in range(net.H):
+            P[h] = NULL
+            dP[h] = NULL
+            if net.head_type[h] != HEAD_CONTENT:
+                P[h] = rec_linear(ar, &L.pat[h], hn + h * net.d, C, N, &ok)
+                if not ok: return -1
+                dP[h] = <floating*>mg_grad_of(ar, P[h])
+        y = <floating*>take(ar, N * C * sizeof(floating), &ok)
+        a = <floating*>take(ar, (net.H * st.SS + net.T) * sizeof(floating), &ok)
+        node = mg_arena_push(ar, MG_OP_ATTN)
+        if not ok or node == NULL:
+            return -1
+        node.a = q
+        node.b = k
+        node.c = v
+        node.out = y
+        node.aux = a
+        node.ptrs = P
+        node.layer = <int>l
+        node.n = N
+        o = rec_linear(ar, &L.wo, y, C, N, &ok)
+        if not ok: return -1
+        x = rec_elementwise(ar, MG_OP_ADD, x, o, N * C, &ok)
+        if not ok: return -1
+        # MLP block
+        hn = rec_rmsnorm(ar, x, N, C, &ok)
+        if not ok: return -1
+        g = rec_linear(ar, &L.fc_g, hn, C, N, &ok)
+        u = rec_linear(ar, &L.fc_v, hn, C, N, &ok)
+        if not ok: return -1
+        a = rec_elementwise(ar, MG_OP_GATE, g, u, N * F, &ok)
+        if not ok: return -1
+        o = rec_linear(ar, &L.fc2, a, F, N, &ok)
+        if not ok: return -1
+        x = rec_elementwise(ar, MG_OP_ADD, x, o, N * C, &ok)
+        if not ok: return -1
+
+    hn = rec_rmsnorm(ar, x, N, C, &ok)
+    if not ok: return -1
+    st.logits = rec_linear(ar, &net.lm_head, hn, C, N, &ok)
+    if not ok: return -1
+    if with_loss:
+        node = mg_arena_push(ar, MG_OP_XENT)
+        if node == NULL:
+            return -1
+        node.a = st.logits
+        node.n = N
+        node.m = net.V
+    return 0
+
+
+cdef size_t plan_linear(const mg_linear* lin, Py_ssize_t N, size_t es) noexcept nogil:
+    return mg_arena_round(N * lin.nout * es) + mg_arena_round(lin.n_ad * N * lin.rank * es)
+
+
+cdef void plan(const NetC* net, Py_ssize_t N, Py_ssize_t SS, size_t es,
+               size_t* value_bytes, size_t* n_nodes) noexcept nogil:
+    """The exact bytes and nodes `record` takes for N positions whose squared sequence lengths
+    sum to SS (mirrors record, allocation for allocation)."""
+    cdef size_t total = 0, nodes = 0
+    cdef Py_ssize_t l, h, C = net.C, F = net.F
+    cdef const LayerC* L
+    total += mg_arena_round(N * C * es); nodes += 1                      # embed
+    for l in range(net.L):
+        L = &net.layers[l]
+        total += mg_arena_round(N * C * es) + mg_arena_round(N * es); nodes += 1   # rmsnorm
+        total += plan_linear(&L.wq, N, es) + plan_linear(&L.wk, N, es) + plan_linear(&L.wv, N, es)
+        nodes += 3
+        total += 2 * mg_arena_round(N * C * es); nodes += 2             # rope q, k
+        total += 2 * mg_arena_round(net.H * sizeof(void*))              # pattern tables
+        for h in range(net.H):
+            if net.head_type[h] != HEAD_CONTENT:
+                total += plan_linear(&L.pat[h], N, es); nodes += 1
+        total += mg_arena_round(N * C * es) + mg_arena_round((net.H * SS + net.T) * es); nodes += 1
+        total += plan_linear(&L.wo, N, es); nodes += 1
+        total += mg_arena_round(N * C * es); nodes += 1                 # residual add
+        total += mg_arena_round(N * C * es) + mg_arena_round(N * es); nodes += 1   # rmsnorm
+        total += plan_linear(&L.fc_g, N, es) + plan_linear(&L.fc_v, N, es); nodes += 2
+        total += mg_arena_round(N * F * es); nodes += 1                 # gate
+        total += plan_linear(&L.fc2, N, es); nodes += 1
+        total += mg_arena_round(N * C * es); nodes += 1                 # residual add
+    total += mg_arena_round(N * C * es) + mg_arena_round(N * es); nodes += 1
+    total += plan_linear(&net.lm_head, N, es); nodes += 1
+    nodes += 1                                                          # cross-entropy
+    value_bytes[0] = total
+    n_nodes[0] = nodes
+
+
+# ---------------------------------------------------------------------------------------------
+# forward and backward over the tape
+
+cdef void run_forward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexcept nogil:
+    cdef size_t i
+    cdef mg_node* node
+    cdef Py_ssize_t h
+    cdef LayerC* L
+    for i in range(ar.n_nodes):
+        node = &ar.nodes[i]
+        if node.op == MG_OP_EMBED:
+            embed_forward(<floating*>node.out, <floating*>net.wte, <floating*>net.wpe,
+                          <int*>node.a, <int*>node.b, node.n, node.m)
+        elif node.op == MG_OP_RMSNORM:
+            rmsnorm_forward(<floating*>node.out, <floating*>node.aux, <floating*>node.a, node.n, node.m)
+        elif node.op == MG_OP_LINEAR:
+            linear_forward(<floating*>node.out, <floating*>node.aux, <floating*>node.a, node.lin,
+                           node.n, node.ld_in, node.ld_out)
+        elif node.op == MG_OP_ROPE:
+            rope_forward(<floating*>node.out, <floating*>node.a, st.pos, <floating*>net.cos_t,
+                         <floating*>net.sin_t, st.N, net.H, net.d)
+        elif node.op == MG_OP_ATTN:
+            L = &net.layers[node.layer]
+            for h in range(net.H):
+                L.mix[h] = 0
+                if net.head_type[h] == HEAD_HYBRID:
+                    L.mix[h] = sigmoid((<floating*>L.alpha[h])[0])
+            attention_forward(<floating*>node.out, <floating*>node.aux, <floating*>node.a,
+                              <floating*>node.b, <floating*>node.c, <floating**>node.ptrs,
+                              net.head_type, L.mix, st.off, st.n, st.sq_off, st.SS, st.n_seq,
+                              net.H, net.d, net.T)
+        elif node.op == MG_OP_GATE:
+            gate_forward(<floating*>node.out, <floating*>node.a, <floating*>node.b, node.n, net.act)
+        elif node.op == MG_OP_ADD:
+            add_forward(<floating*>node.out, <floating*>node.a, <floating*>node.b, node.n)
+        elif node.op == MG_OP_XENT:
+            xent_forward(st.losses, <floating*>node.a, st.targets, node.n, node.m)
+
+
+cdef void run_backward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexcept nogil:
+    cdef Py_ssize_t i, h, l
+    cdef mg_node* node
+    cdef LayerC* L
+    cdef floating* dP[1]
+    mg_arena_zero_grads(ar)
+    for l in range(net.L):
+        for h in range(net.H):
+            net.layers[l].dalpha_acc[h] = 0
+    for i in range(<Py_ssize_t>ar.n_nodes - 1, -1, -1):
+        node = &ar.nodes[i]
+        if node.op == MG_OP_XENT:
+            xent_backward(<floating*>mg_grad_of(ar, node.a), <floating*>node.a, st.targets,
+                          st.weights, node.n, node.m)
+        elif node.op == MG_OP_ADD:
+            add_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.b),
+                         <floating*>mg_grad_of(ar, node.out), node.n)
+        elif node.op == MG_OP_GATE:
+            gate_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.b),
+                          <floating*>mg_grad_of(ar, node.out), <floating*>node.a, <floating*>node.b,
+                          node.n, net.act)
+        elif node.op == MG_OP_LINEAR:
+            linear_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.aux),
+                            <floating*>mg_grad_of(ar, node.out), <floating*>node.a,
+                            <floating*>node.aux, node.lin, node.n, node.ld_in, node.ld_out)
+        elif node.op == MG_OP_ATTN:
+            L = &net.layers[node.layer]
+            attention_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.b),
+                               <floating*>mg_grad_of(ar, node.c),
+                               <floating**>(<char*>node.ptrs + mg_arena_round(net.H * sizeof(void*))),
+                               L.dalpha_acc, <floating*>node.aux + net.H * st.SS,
+                               <floating*>mg_grad_of(ar, node.out), <floating*>node.aux,
+                               <floating*>node.a, <floating*>node.b, <floating*>node.c,
+                               <floating**>node.ptrs, net.head_type, L.mix, st.off, st.n,
+                               st.sq_off, st.SS, st.n_seq, net.H, net.d, net.T)
+        elif node.op == MG_OP_ROPE:
+            rope_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.out),
+                          st.pos, <floating*>net.cos_t, <floating*>net.sin_t, st.N, net.H, net.d)
+        elif node.op == MG_OP_RMSNORM:
+            rmsnorm_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.out),
+                             <floating*>node.out, <floating*>node.aux, node.n, node.m)
+        elif node.op == MG_OP_EMBED:
+            embed_backward(<floating*>net.dwte, <floating*>net.dwpe, <floating*>mg_grad_of(ar, node.out),
+                           <int*>node.a, <int*>node.b, node.n, node.m)
+    for l in range(net.L):
+        L = &net.layers[l]
+        for h in range(net.H):
+            if L.dalpha[h] != NULL:
+                (<floating*>L.dalpha[h])[0] += <floating>L.dalpha_acc[h]
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine: the Python handle
+
+cdef inline void* data_ptr(object arr):
+    return <void*><size_t>arr.__array_interface__["data"][0]
+
+
+cdef class Engine:
+    """The native half of a Model: its C description (pointers into the Model's arrays) and the
+    arena that holds one step's tape. Not thread-safe: the Model serializes access."""
+    cdef NetC net
+    cdef mg_arena ar
+    cdef readonly bint is_double
+    cdef readonly size_t itemsize
+    cdef StepC st
+    cdef bint have_tape
+    cdef bint tape_has_loss
+    cdef object keep         # arrays whose memory the pointers reference
+    cdef object step_arrays  # arrays backing the current StepC
+
+    def __cinit__(self, int n_layer, int n_embd, int n_head, int block_size, int vocab_size,
+                  head_types, str activation, bint is_double, int rank):
+        cdef int l, h
+        memset(&self.net, 0, sizeof(NetC))
+        memset(&self.ar, 0, sizeof(mg_arena))
+        self.is_double = is_double
+        self.itemsize = sizeof(double) if is_double else sizeof(float)
+        self.net.L = n_layer
+        self.net.C = n_embd
+        self.net.H = n_head
+        self.net.d = n_embd // n_head
+        self.net.T = block_size
+        self.net.V = vocab_size
+        self.net.F = 4 * n_embd
+        self.net.r = rank
+        self.net.act = ACT_RELU if activation == "relu" else ACT_SILU
+        self.net.head_type = <int*>calloc(n_head, sizeof(int))
+        self.net.layers = <LayerC*>calloc(n_layer, sizeof(LayerC))
+        if self.net.head_type == NULL or self.net.layers == NULL:
+            raise MemoryError()
+        for h in range(n_head):
+            kind = head_types[h]
+            self.net.head_type[h] = HEAD_CONTENT if kind == "content" else (HEAD_RRPRAM if kind == "rrpram" else HEAD_HYBRID)
+            if self.net.head_type[h] != HEAD_CONTENT:
+                self.net.n_pattern += 1
+        for l in range(n_layer):
+            L = &self.net.layers[l]
+            L.pat = <mg_linear*>calloc(n_head, sizeof(mg_linear))
+            L.alpha = <void**>calloc(n_head, sizeof(void*))
+            L.dalpha = <void**>calloc(n_head, sizeof(void*))
+            L.mix = <double*>calloc(n_head, sizeof(double))
+            L.dalpha_acc = <double*>calloc(n_head, sizeof(double))
+            if L.pat == NULL or L.alpha == NULL or L.dalpha == NULL or L.mix == NULL or L.dalpha_acc == NULL:
+                raise MemoryError()
+        self.keep = {}
+
+    def __dealloc__(self):
+        cdef int l
+        mg_arena_free(&self.ar)
+        if self.net.layers != NULL:
+            for l in range(self.net.L):
+                free(self.net.layers[l].pat)
+                free(self.net.layers[l].alpha)
+                free(self.net.layers[l].dalpha)
+                free(self.net.layers[l].mix)
+                free(self.net.layers[l].dalpha_acc)
+            free(self.net.layers)
+        free(self.net.head_type)
+
+    # ---- binding parameters (arrays are validated by the caller: C-contiguous, right dtype)
+
+    cdef mg_linear* _slot(self, int layer, str name, int head) except NULL:
+        if name == "lm_head":
+            return &self.net.lm_head
+        if not 0 <= layer < self.net.L:
+            raise IndexError(f"layer {layer} out of range")
+        L = &self.net.layers[layer]
+        if name == "wq": return &L.wq
+        if name == "wk": return &L.wk
+        if name == "wv": return &L.wv
+        if name == "wo": return &L.wo
+        if name == "fc_g": return &L.fc_g
+        if name == "fc_v": return &L.fc_v
+        if name == "fc2": return &L.fc2
+        if name == "w_pattern" and 0 <= head < self.net.H:
+            return &L.pat[head]
+        raise KeyError(f"no linear slot {name!r} (layer {layer}, head {head})")
+
+    def bind_linear(self, key, int layer, str name, int head, W, dW, adapters):
+        """Point a linear slot at W (nout, nin) and its grad (None = frozen); adapters is a list
+        of (A, B, dA or None, dB or None, alpha)."""
+        cdef mg_linear* lin = self._slot(layer, name, head)
+        cdef int k
+        if len(adapters) > MG_MAX_DELTA:
+            raise ValueError(f"at most {MG_MAX_DELTA} delta modules are supported, got {len(adapters)}")
+        lin.W = data_ptr(W)
+        lin.dW = data_ptr(dW) if dW is not None else NULL
+        lin.nout = W.shape[0]
+        lin.nin = W.shape[1]
+        lin.n_ad = len(adapters)
+        lin.rank = self.net.r
+        for k, (A, B, dA, dB, alpha) in enumerate(adapters):
+            lin.A[k] = data_ptr(A)
+            lin.B[k] = data_ptr(B)
+            lin.dA[k] = data_ptr(dA) if dA is not None else NULL
+            lin.dB[k] = data_ptr(dB) if dB is not None else NULL
+            lin.alpha[k] = alpha
+        self.keep[key] = (W, dW, adapters)
+
+    def bind_embeddings(self, wte, dwte, wpe, dwpe, cos_t, sin_t):
+        self.net.wte = data_ptr(wte)
+        self.net.dwte = data_ptr(dwte) if dwte is not None else NULL
+        self.net.wpe = data_ptr(wpe)
+        self.net.dwpe = data_ptr(dwpe) if dwpe is not None else NULL
+        self.net.cos_t = data_ptr(cos_t)
+        self.net.sin_t = data_ptr(sin_t)
+        self.net.V = wte.shape[0]
+        self.keep["embeddings"] = (wte, dwte, wpe, dwpe, cos_t, sin_t)
+
+    def bind_alpha(self, int layer, int head, alpha, dalpha):
+        L = &self.net.layers[layer]
+        L.alpha[head] = data_ptr(alpha)
+        L.dalpha[head] = data_ptr(dalpha) if dalpha is not None else NULL
+        self.keep[("alpha", layer, head)] = (alpha, dalpha)
+
+    def set_rank(self, int rank):
+        self.net.r = rank
+
+    # ---- arena
+
+    def plan(self, Py_ssize_t N, Py_ssize_t SS):
+        """(value_bytes, nodes) one step over N positions with sum of squared lengths SS takes."""
+        cdef size_t nbytes, nodes
+        plan(&self.net, N, SS, self.itemsize, &nbytes, &nodes)
+        return nbytes, nodes
+
+    def allocate(self, size_t value_bytes, size_t node_cap):
+        """(Re)allocate the arena; the previous tape is discarded."""
+        mg_arena_free(&self.ar)
+        self.have_tape = False
+        if mg_arena_init(&self.ar, value_bytes, node_cap) != 0:
+            raise MemoryError(f"cannot allocate a training arena of {2 * value_bytes} bytes")
+
+    @property
+    def capacity(self):
+        """(value bytes, nodes) the arena holds; gradients take as much again."""
+        return self.ar.cap_bytes, self.ar.node_cap
+
+    @property
+    def high_water(self):
+        """(value bytes, nodes): the most any step has used since allocation."""
+        return self.ar.high_water, self.ar.node_high_water
+
+    @property
+    def used(self):
+        return self.ar.used, self.ar.n_nodes
+
+    # ---- steps
+
+    def forward(self, ids, pos, targets, weights, off, n, sq_off, Py_ssize_t SS, losses, bint with_loss):
+        """Record and run the forward pass of a packed batch. Returns False when the arena is too
+        small (nothing ran). int32 arrays: ids, pos, targets (N,), off, n (S,); intp sq_off (S,);
+        float64 weights, losses (N,)."""
+        cdef int status
+        cdef StepC* st = &self.st
+        self.have_tape = False
+        st.N = ids.shape[0]
+        st.n_seq = off.shape[0]
+        st.ids = <const int*>data_ptr(ids)
+        st.pos = <const int*>data_ptr(pos)
+        st.targets = <const int*>data_ptr(targets)
+        st.weights = <const double*>data_ptr(weights)
+        st.off = <const int*>data_ptr(off)
+        st.n = <const int*>data_ptr(n)
+        st.sq_off = <const Py_ssize_t*>data_ptr(sq_off)
+        st.SS = SS
+        st.losses = <double*>data_ptr(losses)
+        self.step_arrays = (ids, pos, targets, weights, off, n, sq_off, losses)
+        if self.ar.block == NULL:
+            return False
+        with nogil:
+            if self.is_double:
+                status = record(&self.net, &self.ar, st, with_loss, <double*>NULL)
+                if status == 0:
+                    run_forward(&self.net, &self.ar, st, <double*>NULL)
+            else:
+                status = record(&self.net, &self.ar, st, with_loss, <float*>NULL)
+                if status == 0:
+                    run_forward(&self.net, &self.ar, st, <float*>NULL)
+        if status != 0:
+            mg_arena_reset(&self.ar)
+            return False
+        self.have_tape = True
+        self.tape_has_loss = with_loss
+        return True
+
+    def backward(self):
+        """Accumulate parameter gradients of sum_i weights_i loss_i into the bound grad arrays."""
+        if not (self.have_tape and self.tape_has_loss):
+            raise RuntimeError("backward needs a forward pass with a loss first")
+        with nogil:
+            if self.is_double:
+                run_backward(&self.net, &self.ar, &self.st, <double*>NULL)
+            else:
+                run_backward(&self.net, &self.ar, &self.st, <float*>NULL)
+        self.have_tape = False
+
+    def copy_logits(self, out):
+        """Copy the (N, V) logits of the last forward (run without loss) into out."""
+        if not self.have_tape or self.tape_has_loss:
+            raise RuntimeError("copy_logits needs a forward pass without a loss")
+        memcpy(data_ptr(out), self.st.logits, self.st.N * self.net.V * self.itemsize)
+
+    def tape_ops(self):
+        """Op codes of the current tape, in creation order (for debugging and tests)."""
+        return [self.ar.nodes[i].op for i in range(self.ar.n_nodes)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Adam over parameter segments
+
+def adam_update(params, grads, m, v, double lr, double beta1, double beta2, double eps,
+                double clip, Py_ssize_t step):
+    """One clipped Adam step on 1-D arrays of one dtype (a parameter group); step counts from 1."""
+    cdef double bias1 = 1.0 - beta1 ** step, bias2 = 1.0 - beta2 ** step
+    cdef Py_ssize_t n = params.shape[0]
+    cdef void* p = data_ptr(params)
+    cdef void* g = data_ptr(grads)
+    cdef void* mp = data_ptr(m)
+    cdef void* vp = data_ptr(v)
+    cdef bint is_double = params.dtype.itemsize == 8
+    with nogil:
+        if is_double:
+            adam_step(<double*>p, <double*>g, <double*>mp, <double*>vp, n, lr, beta1, beta2, eps, clip, bias1, bias2)
+        else:
+            adam_step(<float*>p, <float*>g, <float*>mp, <float*>vp, n, lr, beta1, beta2, eps, clip, bias1, bias2)

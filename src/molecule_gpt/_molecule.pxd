@@ -1,0 +1,64 @@
+# The C API of csrc/ (arena and tape node types), declared once and cimported by the core.
+cdef extern from "molecule.h" nogil:
+    enum:
+        MG_ALIGN
+        MG_MAX_DELTA
+        MG_OP_EMBED
+        MG_OP_RMSNORM
+        MG_OP_LINEAR
+        MG_OP_ROPE
+        MG_OP_ATTN
+        MG_OP_GATE
+        MG_OP_ADD
+        MG_OP_XENT
+
+    ctypedef struct mg_linear:
+        void* W
+        void* dW
+        int nout
+        int nin
+        int n_ad
+        int rank
+        void* A[MG_MAX_DELTA]
+        void* B[MG_MAX_DELTA]
+        void* dA[MG_MAX_DELTA]
+        void* dB[MG_MAX_DELTA]
+        double alpha[MG_MAX_DELTA]
+
+    ctypedef struct mg_node:
+        int op
+        int layer
+        void* a
+        void* b
+        void* c
+        void* out
+        void* aux
+        void* ptrs
+        const mg_linear* lin
+        Py_ssize_t n
+        Py_ssize_t m
+        Py_ssize_t k
+        Py_ssize_t ld_in
+        Py_ssize_t ld_out
+
+    ctypedef struct mg_arena:
+        char* block
+        mg_node* nodes
+        size_t node_cap
+        size_t n_nodes
+        size_t node_high_water
+        char* vals
+        char* grads
+        size_t cap_bytes
+        size_t used
+        size_t high_water
+        int overflowed
+
+    int mg_arena_init(mg_arena* ar, size_t value_bytes, size_t node_cap)
+    void mg_arena_free(mg_arena* ar)
+    void mg_arena_reset(mg_arena* ar)
+    void* mg_arena_alloc(mg_arena* ar, size_t nbytes)
+    mg_node* mg_arena_push(mg_arena* ar, int op)
+    void mg_arena_zero_grads(mg_arena* ar)
+    size_t mg_arena_round(size_t nbytes)
+    void* mg_grad_of(const mg_arena* ar, const void* value)

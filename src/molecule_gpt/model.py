@@ -1,0 +1,452 @@
+"""Model: the GPT of SPEC §2 on the native core, with growable vocabulary and delta modules.
+
+Policy lives here (validation, packing a batch, sizing the arena, parameter storage, Adam
+bookkeeping); the arithmetic is in `_core` (kernels + tape). Parameters are grouped: "base"
+and one group per delta module ("delta0", "delta1", ...). Each group is one flat array with
+named views, its gradient, and its own Adam moments and step counter, so Adam is one loop per
+group and a module's optimizer state can never drift out of alignment with its parameters.
+
+Batches are lists of token-id lists. A sequence of L ids trains positions 0..n-1 with
+n = min(block_size, L - 1) (input ids[t], target ids[t+1]); the batch loss is the mean of the
+sequence means. Sequences are packed back to back without padding; attention never crosses
+from one to another.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from . import _core
+from .config import Config
+from .errors import ArenaOverflowError, ConfigError
+
+_LAYER_MATRICES = ("wq", "wk", "wv", "wo", "fc_g", "fc_v", "fc2")
+
+
+class ParamGroup:
+    """Named parameters stored in one flat array, with gradient and Adam moments alike."""
+
+    def __init__(self, name: str, shapes: dict[str, tuple[int, ...]], dtype: np.dtype):
+        self.name = name
+        self.shapes = dict(shapes)
+        self.offsets = {}
+        total = 0
+        for key, shape in self.shapes.items():
+            self.offsets[key] = total
+            total += int(np.prod(shape))
+        self.size = total
+        self.flat = np.zeros(total, dtype)
+        self.grad = np.zeros(total, dtype)
+        self.m = np.zeros(total, dtype)
+        self.v = np.zeros(total, dtype)
+        self.step = 0  # Adam steps taken by this group
+        self.params = self._views(self.flat)
+        self.grads = self._views(self.grad)
+
+    def _views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: flat[o:o + int(np.prod(s))].reshape(s) for (k, s), o in zip(self.shapes.items(), self.offsets.values())}
+
+    def moments(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        return self._views(self.m), self._views(self.v)
+
+    def regrown(self, shapes: dict[str, tuple[int, ...]], init) -> "ParamGroup":
+        """A copy with new shapes: old entries keep their rows (and moments); new rows come from
+        init(name, shape_of_new_rows) for parameters, zeros for the moments."""
+        new = ParamGroup(self.name, shapes, self.flat.dtype)
+        new.step = self.step
+        old_m, old_v = self.moments()
+        new_m, new_v = new.moments()
+        for key, shape in shapes.items():
+            old = self.params.get(key)
+            if old is None:
+                new.params[key][...] = init(key, shape)
+                continue
+            rows = old.shape[0]
+            new.params[key][:rows] = old
+            new_m[key][:rows] = old_m[key]
+            new_v[key][:rows] = old_v[key]
+            if shape[0] > rows:
+                new.params[key][rows:] = init(key, (shape[0] - rows,) + tuple(shape[1:]))
+        return new
+
+
+class Model:
+    """The transformer of SPEC §2. `Model(config, vocab_size, dtype="float32", seed=0)`."""
+
+    def __init__(self, config: Config, vocab_size: int, dtype: str | np.dtype = "float32", seed: int = 0):
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a molecule_gpt.Config, got {type(config).__name__}")
+        config.validate()
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+            raise ConfigError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ConfigError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        self.config = config
+        self.vocab_size = int(vocab_size)
+        self.rng = np.random.default_rng(seed)
+        self.delta_alphas: list[float] = []
+        self.trainable: dict[str, bool] = {"base": True}
+        self.groups: dict[str, ParamGroup] = {}
+        self._lock = threading.RLock()
+        self._engine = None
+        self._arena_batch_size = config.batch_size
+        self._shape_key = self._config_shape_key()
+        base = ParamGroup("base", self._base_shapes(), self.dtype)
+        for key, shape in base.shapes.items():
+            base.params[key][...] = self._init_base(key, shape)
+        self.groups["base"] = base
+        self.init_embed_snapshot = base.params["wte"].copy()  # rows at birth (gamma's origin)
+        self._rebuild()
+
+    # ---------------------------------------------------------------------------- structure
+
+    @property
+    def n_delta(self) -> int:
+        return len(self.delta_alphas)
+
+    def head_type(self, h: int) -> str:
+        return self.config.head_types[h]
+
+    def _base_shapes(self) -> dict[str, tuple[int, int]]:
+        c = self.config
+        C, T, d, F = c.n_embd, c.block_size, c.head_dim, 4 * c.n_embd
+        shapes = {"wte": (self.vocab_size, C), "wpe": (T, C)}
+        if not c.tie_embeddings:
+            shapes["lm_head"] = (self.vocab_size, C)
+        for i in range(c.n_layer):
+            for m in ("wq", "wk", "wv", "wo"):
+                shapes[f"l{i}.{m}"] = (C, C)
+            shapes[f"l{i}.fc_g"] = (F, C)
+            shapes[f"l{i}.fc_v"] = (F, C)
+            shapes[f"l{i}.fc2"] = (C, F)
+            for h, kind in enumerate(c.head_types):
+                if kind != "content":
+                    shapes[f"l{i}.h{h}.w_pattern"] = (T, d)
+                if kind == "hybrid":
+                    shapes[f"l{i}.h{h}.alpha"] = (1, 1)
+        return shapes
+
+    def adapted_shapes(self) -> dict[str, tuple[int, int]]:
+        """(nout, nin) of every base matrix that carries delta adapters, in module order."""
+        c = self.config
+        C, T, d, F = c.n_embd, c.block_size, c.head_dim, 4 * c.n_embd
+        shapes = {}
+        for i in range(c.n_layer):
+            for m in ("wq", "wk", "wv", "wo"):
+                shapes[f"l{i}.{m}"] = (C, C)
+            shapes[f"l{i}.fc_g"] = (F, C)
+            shapes[f"l{i}.fc_v"] = (F, C)
+            shapes[f"l{i}.fc2"] = (C, F)
+            for h, kind in enumerate(c.head_types):
+                if kind != "content":
+                    shapes[f"l{i}.h{h}.w_pattern"] = (T, d)
+        shapes["lm_head"] = (self.vocab_size, C)
+        return shapes
+
+    def _delta_shapes(self) -> dict[str, tuple[int, int]]:
+        r = self.config.delta_rank
+        shapes = {}
+        for name, (nout, nin) in self.adapted_shapes().items():
+            shapes[f"{name}.A"] = (nout, r)
+            shapes[f"{name}.B"] = (r, nin)
+        return shapes
+
+    def _init_base(self, key: str, shape) -> np.ndarray:
+        if key.endswith(".alpha"):
+            return np.full(shape, self.config.hybrid_alpha_init)
+        return self.rng.normal(0.0, self.config.init_std, size=shape)
+
+    def _init_delta(self, key: str, shape) -> np.ndarray:
+        return self.rng.normal(0.0, self.config.delta_init_std, size=shape)
+
+    def add_delta_module(self, alpha: float = 1.0, zero_output: bool = False) -> int:
+        """Append a delta module (adapters on every adapted matrix) and return its index.
+        zero_output=True starts its A factors at zero, so the module is an exact no-op until it
+        trains. Its Adam state starts fresh; every other group's state is untouched."""
+        with self._lock:
+            k = self.n_delta
+            if k >= _core_max_delta():
+                raise ConfigError(f"at most {_core_max_delta()} delta modules are supported")
+            group = ParamGroup(f"delta{k}", self._delta_shapes(), self.dtype)
+            for key, shape in group.shapes.items():
+                group.params[key][...] = 0.0 if (zero_output and key.endswith(".A")) else self._init_delta(key, shape)
+            self.groups[group.name] = group
+            self.delta_alphas.append(float(alpha))
+            self.trainable[group.name] = True
+            self._rebuild()
+            return k
+
+    def set_delta_alpha(self, k: int, alpha: float) -> None:
+        with self._lock:
+            self.delta_alphas[k] = float(alpha)
+            self._rebuild(reallocate=False)
+
+    def set_trainable(self, group: str, flag: bool) -> None:
+        """Freeze (False) or unfreeze a parameter group: "base" or "delta{k}"."""
+        with self._lock:
+            if group not in self.groups:
+                raise KeyError(f"no parameter group {group!r}; groups are {', '.join(self.groups)}")
+            self.trainable[group] = bool(flag)
+            self._rebuild(reallocate=False)
+
+    def grow_vocab(self, new_vocab_size: int) -> None:
+        """Grow every vocabulary-sized matrix to new_vocab_size rows; existing rows, their Adam
+        moments and every other parameter are untouched. New embedding rows are drawn like at
+        init; new rows of delta A factors of lm_head start at zero (no-op for the new tokens)."""
+        with self._lock:
+            if new_vocab_size < self.vocab_size:
+                raise ValueError(f"the vocabulary only grows: {new_vocab_size} < {self.vocab_size}")
+            if new_vocab_size == self.vocab_size:
+                return
+            old_v = self.vocab_size
+            self.vocab_size = int(new_vocab_size)
+            self.groups["base"] = self.groups["base"].regrown(self._base_shapes(), self._init_base)
+            for k in range(self.n_delta):
+                name = f"delta{k}"
+                self.groups[name] = self.groups[name].regrown(self._delta_shapes(), lambda key, shape: np.zeros(shape))
+            snap = np.empty((self.vocab_size, self.config.n_embd), self.dtype)
+            snap[:old_v] = self.init_embed_snapshot
+            snap[old_v:] = self.groups["base"].params["wte"][old_v:]  # rows born later count whole
+            self.init_embed_snapshot = snap
+            self._rebuild()
+
+    # ---------------------------------------------------------------------------- engine
+
+    def _rebuild(self, reallocate: bool = True) -> None:
+        """(Re)bind the engine to the current arrays; size the arena from the config."""
+        c = self.config
+        if reallocate or self._engine is None:
+            self._engine = _core.Engine(c.n_layer, c.n_embd, c.n_head, c.block_size, self.vocab_size,
+                                        list(c.head_types), c.mlp_activation, self.dtype == np.float64,
+                                        c.delta_rank)
+            self._rope = _rope_tables(c.block_size, c.head_dim, self.dtype)
+        eng = self._engine
+        base = self.groups["base"]
+        p, g = base.params, base.grads
+        train_base = self.trainable["base"]
+        grad = (lambda arr: arr) if train_base else (lambda arr: None)
+        eng.bind_embeddings(p["wte"], grad(g["wte"]), p["wpe"], grad(g["wpe"]), *self._rope)
+        for name in self.adapted_shapes():
+            W_name = "wte" if (name == "lm_head" and c.tie_embeddings) else name
+            adapters = []
+            for k in range(self.n_delta):
+                dg = self.groups[f"delta{k}"]
+                tr = self.trainable[dg.name]
+                adapters.append((dg.params[f"{name}.A"], dg.params[f"{name}.B"],
+                                 dg.grads[f"{name}.A"] if tr else None,
+                                 dg.grads[f"{name}.B"] if tr else None, self.delta_alphas[k]))
+            if name == "lm_head":
+                layer, slot, head = -1, "lm_head", -1
+            else:
+                parts = name.split(".")
+                layer = int(parts[0][1:])
+                slot = parts[-1]
+                head = int(parts[1][1:]) if len(parts) == 3 else -1
+            eng.bind_linear(name, layer, slot, head, p[W_name], grad(g[W_name]), adapters)
+        for i in range(c.n_layer):
+            for h, kind in enumerate(c.head_types):
+                if kind == "hybrid":
+                    key = f"l{i}.h{h}.alpha"
+                    eng.bind_alpha(i, h, p[key], grad(g[key]))
+        if reallocate:
+            self._arena_batch_size = c.batch_size
+            nbytes, nodes = eng.plan(*self._max_step())
+            eng.allocate(nbytes, nodes)
+
+    _SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "block_size", "head_types", "mlp_activation",
+                     "tie_embeddings", "delta_rank")
+
+    def _config_shape_key(self) -> tuple:
+        return tuple(getattr(self.config, f) for f in self._SHAPE_FIELDS)
+
+    def _sync_config(self) -> None:
+        """Apply config edits made since the last step: batch_size resizes the arena; fields that
+        fix parameter shapes cannot change on a built model."""
+        c = self.config
+        if self._config_shape_key() != self._shape_key:
+            changed = [f for f, old in zip(self._SHAPE_FIELDS, self._shape_key) if getattr(c, f) != old]
+            raise ConfigError(f"Config field(s) {', '.join(changed)} fix the parameter shapes and cannot change "
+                              f"on a built model; build a new Model (or restore the old value)")
+        if c.batch_size != self._arena_batch_size:
+            c.validate()
+            self._arena_batch_size = c.batch_size
+            nbytes, nodes = self._engine.plan(*self._max_step())
+            self._engine.allocate(nbytes, nodes)
+
+    def _max_step(self) -> tuple[int, int]:
+        """(positions, sum of squared sequence lengths) of the largest batch the config allows."""
+        B, T = self.config.batch_size, self.config.block_size
+        return B * T, B * T * T
+
+    @property
+    def arena_capacity(self) -> int:
+        """Bytes of the arena (values plus their gradients), sized from the config."""
+        return 2 * self._engine.capacity[0]
+
+    @property
+    def arena_high_water(self) -> int:
+        """Most bytes of the arena (values plus gradients) any step used since it was sized."""
+        return 2 * self._engine.high_water[0]
+
+    # ---------------------------------------------------------------------------- parameters
+
+    def params(self) -> dict[str, np.ndarray]:
+        """Every parameter by SPEC name (live views: writes change the model; valid until the
+        next growth). With tied embeddings lm_head is wte and appears once, as "wte"."""
+        out = {}
+        for group in self.groups.values():
+            prefix = "" if group.name == "base" else group.name + "."
+            out.update({prefix + k: v for k, v in group.params.items()})
+        return out
+
+    def num_params(self) -> int:
+        return sum(g.size for g in self.groups.values())
+
+    # ---------------------------------------------------------------------------- batches
+
+    def _pack(self, batch: Sequence[Sequence[int]], total_sequences: int | None = None):
+        if isinstance(batch, (str, bytes)) or not isinstance(batch, Iterable):
+            raise TypeError(f"batch must be a list of token-id lists, got {type(batch).__name__}")
+        seqs = []
+        for s, seq in enumerate(batch):
+            try:
+                arr = np.asarray(seq)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"batch[{s}] is not a sequence of token ids ({exc})") from None
+            if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+                raise TypeError(f"batch[{s}] must be a flat list of ints, got array of dtype {arr.dtype} and shape {arr.shape}")
+            if arr.size < 2:
+                raise ValueError(f"batch[{s}] has {arr.size} token(s); a training sequence needs at least 2 (input and target)")
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi >= self.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"batch[{s}] holds token id {bad}, outside the vocabulary [0, {self.vocab_size})")
+            seqs.append(arr)
+        if not seqs:
+            raise ValueError("batch is empty; pass at least one sequence")
+        T = self.config.block_size
+        n = np.array([min(T, len(a) - 1) for a in seqs], dtype=np.intc)
+        B = total_sequences or len(seqs)
+        ids = np.concatenate([a[:k] for a, k in zip(seqs, n)]).astype(np.intc)
+        targets = np.concatenate([a[1:k + 1] for a, k in zip(seqs, n)]).astype(np.intc)
+        pos = np.concatenate([np.arange(k, dtype=np.intc) for k in n])
+        weights = np.concatenate([np.full(k, 1.0 / (k * B)) for k in n])
+        off = np.zeros(len(seqs), dtype=np.intc)
+        off[1:] = np.cumsum(n[:-1])
+        sq = n.astype(np.intp) ** 2
+        sq_off = np.zeros(len(seqs), dtype=np.intp)
+        sq_off[1:] = np.cumsum(sq[:-1])
+        return ids, pos, targets, weights, off, n, sq_off, int(sq.sum())
+
+    def _forward(self, packed, with_loss: bool) -> np.ndarray:
+        ids, pos, targets, weights, off, n, sq_off, SS = packed
+        losses = np.zeros(len(ids))
+        if not self._engine.forward(ids, pos, targets, weights, off, n, sq_off, SS, losses, with_loss):
+            self._raise_overflow(len(off), len(ids), SS)
+        return losses
+
+    def _raise_overflow(self, n_seq: int, N: int, SS: int):
+        c = self.config
+        need, nodes = self._engine.plan(N, SS)
+        cap, node_cap = self._engine.capacity
+        raise ArenaOverflowError(
+            f"this batch ({n_seq} sequences, {N} positions) needs {2 * need} bytes and {nodes} tape nodes, "
+            f"but the arena holds {2 * cap} bytes and {node_cap} nodes: it is sized for "
+            f"Config.batch_size={c.batch_size} sequences of Config.block_size={c.block_size} positions "
+            f"(n_layer={c.n_layer}, n_embd={c.n_embd}, n_head={c.n_head}, vocab_size={self.vocab_size}, "
+            f"delta modules={self.n_delta}). Raise Config.batch_size or split the batch.")
+
+    # ---------------------------------------------------------------------------- public steps
+
+    def loss(self, batch_ids: Sequence[Sequence[int]]) -> float:
+        """Mean over sequences of each sequence's mean next-token cross-entropy (no gradients).
+        Batches larger than Config.batch_size are evaluated in chunks (same value)."""
+        return float(sum(self.sequence_losses(batch_ids)) / len(batch_ids))
+
+    def sequence_losses(self, batch_ids: Sequence[Sequence[int]]) -> list[float]:
+        """Mean cross-entropy of each sequence, in order."""
+        out = []
+        batch_ids = list(batch_ids)
+        if not batch_ids:
+            raise ValueError("batch is empty; pass at least one sequence")
+        with self._lock:
+            self._sync_config()
+            B = self.config.batch_size
+            for start in range(0, len(batch_ids), B):
+                packed = self._pack(batch_ids[start:start + B], total_sequences=1)
+                losses = self._forward(packed, True)
+                off, n = packed[4], packed[5]
+                out.extend(float(losses[o:o + k].mean()) for o, k in zip(off, n))
+        return out
+
+    def _loss_and_backward(self, batch_ids) -> float:
+        self._sync_config()
+        packed = self._pack(batch_ids)
+        for group in self.groups.values():
+            group.grad.fill(0.0)
+        losses = self._forward(packed, True)
+        self._engine.backward()
+        return float(np.dot(losses, packed[3]))
+
+    def loss_and_grads(self, batch_ids: Sequence[Sequence[int]]) -> tuple[float, dict[str, np.ndarray]]:
+        """Batch loss and the gradient of every trainable parameter (copies, by SPEC name).
+        With tied embeddings the one wte/lm_head matrix has one summed gradient, under "wte"."""
+        with self._lock:
+            loss = self._loss_and_backward(batch_ids)
+            grads = {}
+            for group in self.groups.values():
+                if not self.trainable[group.name]:
+                    continue
+                prefix = "" if group.name == "base" else group.name + "."
+                grads.update({prefix + k: v.copy() for k, v in group.grads.items()})
+            return loss, grads
+
+    def train_step(self, batch_ids: Sequence[Sequence[int]], lr: float) -> float:
+        """Forward, backward and one clipped Adam step on every trainable group; returns the
+        loss before the update."""
+        if not np.isfinite(lr) or lr < 0:
+            raise ValueError(f"lr must be a finite non-negative number, got {lr!r}")
+        c = self.config
+        with self._lock:
+            loss = self._loss_and_backward(batch_ids)
+            for group in self.groups.values():
+                if not self.trainable[group.name]:
+                    continue
+                group.step += 1
+                _core.adam_update(group.flat, group.grad, group.m, group.v, float(lr), c.beta1, c.beta2,
+                                  c.eps_adam, c.grad_clip, group.step)
+            return loss
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits (T, V) at every position of one sequence of T <= block_size token ids."""
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"ids must be a non-empty flat list of ints, got shape {arr.shape} dtype {arr.dtype}")
+        T = self.config.block_size
+        if arr.size > T:
+            raise ValueError(f"logits() takes at most block_size={T} ids, got {arr.size}; pass the last {T}")
+        if arr.min() < 0 or arr.max() >= self.vocab_size:
+            raise ValueError(f"ids must lie in [0, {self.vocab_size}), got min {arr.min()} max {arr.max()}")
+        N = arr.size
+        packed = (arr.astype(np.intc), np.arange(N, dtype=np.intc), np.zeros(N, np.intc), np.zeros(N),
+                  np.zeros(1, np.intc), np.array([N], np.intc), np.zeros(1, np.intp), N * N)
+        out = np.empty((N, self.vocab_size), self.dtype)
+        with self._lock:
+            self._sync_config()
+            self._forward(packed, False)
+            self._engine.copy_logits(out)
+        return out
+
+
+def _rope_tables(T: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (T, d/2) of angle pos / 10000^(2i/d) for pair i."""
+    inv = np.array([1.0 / (10000.0 ** (2 * i / d)) for i in range(d // 2)])
+    angles = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]
+    return np.ascontiguousarray(np.cos(angles), dtype), np.ascontiguousarray(np.sin(angles), dtype)
+
+
+def _core_max_delta() -> int:
+    return 64
