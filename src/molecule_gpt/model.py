@@ -302,6 +302,72 @@ class Model:
             out.update({prefix + k: v for k, v in group.params.items()})
         return out
 
+    def export_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """Everything needed to rebuild this model exactly: (JSON-able meta, tensors by name).
+        Tensors: every parameter by SPEC name, Adam moments as "adam.m.<name>"/"adam.v.<name>",
+        and "init_embed_snapshot". Gradients are not state (each step recomputes them)."""
+        with self._lock:
+            meta = {
+                "config": self.config.to_dict(),
+                "vocab_size": self.vocab_size,
+                "dtype": self.dtype.name,
+                "delta_alphas": list(self.delta_alphas),
+                "trainable": dict(self.trainable),
+                "adam_steps": {name: g.step for name, g in self.groups.items()},
+                "rng": self.rng.bit_generator.state,
+            }
+            tensors = {}
+            for group in self.groups.values():
+                prefix = "" if group.name == "base" else group.name + "."
+                m, v = group.moments()
+                for key in group.shapes:
+                    tensors[prefix + key] = group.params[key].copy()
+                    tensors["adam.m." + prefix + key] = m[key].copy()
+                    tensors["adam.v." + prefix + key] = v[key].copy()
+            tensors["init_embed_snapshot"] = self.init_embed_snapshot.copy()
+            return meta, tensors
+
+    @classmethod
+    def from_state(cls, meta: dict, tensors: dict[str, np.ndarray]) -> "Model":
+        """Inverse of export_state. Raises KeyError/ValueError naming a missing or misshapen tensor."""
+        config = Config.from_dict(meta["config"])
+        model = cls(config, int(meta["vocab_size"]), dtype=meta["dtype"])
+        for alpha in meta["delta_alphas"]:
+            model.add_delta_module(alpha=float(alpha))
+        expected = model.state_shapes()
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise KeyError(f"missing tensor(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        for name, shape in expected.items():
+            if tuple(tensors[name].shape) != shape:
+                raise ValueError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}")
+        for group in model.groups.values():
+            prefix = "" if group.name == "base" else group.name + "."
+            m, v = group.moments()
+            for key in group.shapes:
+                group.params[key][...] = tensors[prefix + key]
+                m[key][...] = tensors["adam.m." + prefix + key]
+                v[key][...] = tensors["adam.v." + prefix + key]
+            group.step = int(meta["adam_steps"][group.name])
+        model.init_embed_snapshot[...] = tensors["init_embed_snapshot"]
+        model.rng.bit_generator.state = meta["rng"]
+        for name, flag in meta["trainable"].items():
+            model.trainable[name] = bool(flag)
+        model._rebuild(reallocate=False)
+        return model
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every tensor export_state produces (for validating a file before reading it)."""
+        shapes = {}
+        for group in self.groups.values():
+            prefix = "" if group.name == "base" else group.name + "."
+            for key, shape in group.shapes.items():
+                shapes[prefix + key] = tuple(shape)
+                shapes["adam.m." + prefix + key] = tuple(shape)
+                shapes["adam.v." + prefix + key] = tuple(shape)
+        shapes["init_embed_snapshot"] = (self.vocab_size, self.config.n_embd)
+        return shapes
+
     def num_params(self) -> int:
         return sum(g.size for g in self.groups.values())
 
