@@ -579,3 +579,194 @@ def adam_update(params, grads, m, v, double lr, double beta1, double beta2, doub
             adam_step(<double*>p, <double*>g, <double*>mp, <double*>vp, n, lr, beta1, beta2, eps, clip, bias1, bias2)
         else:
             adam_step(<float*>p, <float*>g, <float*>mp, <float*>vp, n, lr, beta1, beta2, eps, clip, bias1, bias2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Python twins of each kernel, for per-op tests (sklearn's `_xxx_memview` pattern). They
+# allocate outputs with numpy and call the same cdef kernels the tape runs.
+
+import numpy as np
+
+
+def _rmsnorm_forward_memview(floating[:, ::1] x):
+    y = np.empty_like(np.asarray(x))
+    rstd = np.empty(x.shape[0], dtype=y.dtype)
+    cdef floating[:, ::1] yv = y
+    cdef floating[::1] rv = rstd
+    rmsnorm_forward(&yv[0, 0], &rv[0], &x[0, 0], x.shape[0], x.shape[1])
+    return y, rstd
+
+
+def _rmsnorm_backward_memview(floating[:, ::1] dy, floating[:, ::1] y, floating[::1] rstd):
+    dx = np.zeros_like(np.asarray(dy))
+    cdef floating[:, ::1] dxv = dx
+    rmsnorm_backward(&dxv[0, 0], &dy[0, 0], &y[0, 0], &rstd[0], dy.shape[0], dy.shape[1])
+    return dx
+
+
+def _rope_forward_memview(floating[:, ::1] x, int[::1] pos, floating[:, ::1] cos_t, floating[:, ::1] sin_t, int H):
+    y = np.empty_like(np.asarray(x))
+    cdef floating[:, ::1] yv = y
+    rope_forward(&yv[0, 0], &x[0, 0], &pos[0], &cos_t[0, 0], &sin_t[0, 0], x.shape[0], H, x.shape[1] // H)
+    return y
+
+
+def _rope_backward_memview(floating[:, ::1] dy, int[::1] pos, floating[:, ::1] cos_t, floating[:, ::1] sin_t, int H):
+    dx = np.zeros_like(np.asarray(dy))
+    cdef floating[:, ::1] dxv = dx
+    rope_backward(&dxv[0, 0], &dy[0, 0], &pos[0], &cos_t[0, 0], &sin_t[0, 0], dy.shape[0], H, dy.shape[1] // H)
+    return dx
+
+
+cdef void _fill_linear(mg_linear* lin, W, dW, As, Bs, dAs, dBs, alphas):
+    memset(lin, 0, sizeof(mg_linear))
+    lin.W = data_ptr(W)
+    lin.dW = data_ptr(dW) if dW is not None else NULL
+    lin.nout, lin.nin = W.shape[0], W.shape[1]
+    lin.n_ad = len(As)
+    lin.rank = As[0].shape[1] if As else 0
+    for k in range(len(As)):
+        lin.A[k] = data_ptr(As[k])
+        lin.B[k] = data_ptr(Bs[k])
+        lin.dA[k] = data_ptr(dAs[k]) if dAs is not None else NULL
+        lin.dB[k] = data_ptr(dBs[k]) if dBs is not None else NULL
+        lin.alpha[k] = alphas[k]
+
+
+def _linear_forward_memview(floating[:, ::1] x, W, As, Bs, alphas):
+    """(y, U) of y = x W^T + sum_k alpha_k (x B_k^T) A_k^T (all C-contiguous, x's dtype)."""
+    cdef mg_linear lin
+    _fill_linear(&lin, W, None, As, Bs, None, None, alphas)
+    N = x.shape[0]
+    y = np.empty((N, lin.nout), dtype=np.asarray(x).dtype)
+    U = np.empty((max(lin.n_ad, 1), N, max(lin.rank, 1)), dtype=y.dtype)
+    cdef floating[:, ::1] yv = y
+    cdef floating[:, :, ::1] Uv = U
+    linear_forward(&yv[0, 0], &Uv[0, 0, 0], &x[0, 0], &lin, N, x.shape[1], lin.nout)
+    return y, U
+
+
+def _linear_backward_memview(floating[:, ::1] g, floating[:, ::1] x, W, As, Bs, alphas, floating[:, :, ::1] U):
+    """(dx, dW, dAs, dBs) for upstream gradient g (N, nout)."""
+    cdef mg_linear lin
+    dW = np.zeros_like(W)
+    dAs = [np.zeros_like(A) for A in As]
+    dBs = [np.zeros_like(B) for B in Bs]
+    _fill_linear(&lin, W, dW, As, Bs, dAs, dBs, alphas)
+    dx = np.zeros_like(np.asarray(x))
+    dU = np.zeros_like(np.asarray(U))
+    cdef floating[:, ::1] dxv = dx
+    cdef floating[:, :, ::1] dUv = dU
+    linear_backward(&dxv[0, 0], &dUv[0, 0, 0], &g[0, 0], &x[0, 0], &U[0, 0, 0], &lin,
+                    x.shape[0], x.shape[1], g.shape[1])
+    return dx, dW, dAs, dBs
+
+
+def _attention_forward_memview(floating[:, ::1] q, floating[:, ::1] k, floating[:, ::1] v, P,
+                               head_types, mix, lengths, int T):
+    """y and the cached weights for packed sequences of the given lengths; P[h] (N, T) or None."""
+    cdef Py_ssize_t H = len(head_types), N = q.shape[0], C = q.shape[1], d = C // H, SS, n_seq
+    typ = np.array([{"content": 0, "rrpram": 1, "hybrid": 2}[t] for t in head_types], dtype=np.intc)
+    mixa = np.ascontiguousarray(mix, dtype=np.float64)
+    n = np.ascontiguousarray(lengths, dtype=np.intc)
+    off = np.zeros_like(n); off[1:] = np.cumsum(n[:-1])
+    sq = n.astype(np.intp) ** 2
+    sq_off = np.zeros_like(sq); sq_off[1:] = np.cumsum(sq[:-1])
+    SS = int(sq.sum())
+    n_seq = n.shape[0]
+    y = np.zeros((N, C), dtype=np.asarray(q).dtype)
+    att = np.zeros(H * SS + T, dtype=y.dtype)
+    cdef floating** Pp = <floating**>calloc(H, sizeof(void*))
+    for h in range(H):
+        Pp[h] = <floating*>data_ptr(P[h]) if P[h] is not None else NULL
+    cdef floating[:, ::1] yv = y
+    cdef floating[::1] av = att
+    attention_forward(&yv[0, 0], &av[0], &q[0, 0], &k[0, 0], &v[0, 0], Pp, <int*>data_ptr(typ),
+                      <double*>data_ptr(mixa), <int*>data_ptr(off), <int*>data_ptr(n),
+                      <Py_ssize_t*>data_ptr(sq_off), SS, n_seq, H, d, T)
+    free(Pp)
+    return y, att
+
+
+def _attention_backward_memview(floating[:, ::1] dy, floating[::1] att, floating[:, ::1] q,
+                                floating[:, ::1] k, floating[:, ::1] v, P, head_types, mix, lengths, int T):
+    """(dq, dk, dv, dP, dalpha) where dalpha[h] = d loss / d alpha_h of hybrid heads."""
+    cdef Py_ssize_t H = len(head_types), N = q.shape[0], C = q.shape[1], d = C // H, SS, n_seq
+    typ = np.array([{"content": 0, "rrpram": 1, "hybrid": 2}[t] for t in head_types], dtype=np.intc)
+    mixa = np.ascontiguousarray(mix, dtype=np.float64)
+    n = np.ascontiguousarray(lengths, dtype=np.intc)
+    off = np.zeros_like(n); off[1:] = np.cumsum(n[:-1])
+    sq = n.astype(np.intp) ** 2
+    sq_off = np.zeros_like(sq); sq_off[1:] = np.cumsum(sq[:-1])
+    SS = int(sq.sum())
+    n_seq = n.shape[0]
+    dt = np.asarray(q).dtype
+    dq, dk, dv = np.zeros((N, C), dt), np.zeros((N, C), dt), np.zeros((N, C), dt)
+    dP = [np.zeros((N, T), dt) if P[h] is not None else None for h in range(H)]
+    dalpha = np.zeros(H)
+    scratch = np.zeros(T, dt)
+    cdef floating** Pp = <floating**>calloc(H, sizeof(void*))
+    cdef floating** dPp = <floating**>calloc(H, sizeof(void*))
+    for h in range(H):
+        Pp[h] = <floating*>data_ptr(P[h]) if P[h] is not None else NULL
+        dPp[h] = <floating*>data_ptr(dP[h]) if dP[h] is not None else NULL
+    cdef floating[:, ::1] dqv = dq
+    cdef floating[:, ::1] dkv = dk
+    cdef floating[:, ::1] dvv = dv
+    cdef floating[::1] sv = scratch
+    attention_backward(&dqv[0, 0], &dkv[0, 0], &dvv[0, 0], dPp, <double*>data_ptr(dalpha), &sv[0],
+                       &dy[0, 0], &att[0], &q[0, 0], &k[0, 0], &v[0, 0], Pp, <int*>data_ptr(typ),
+                       <double*>data_ptr(mixa), <int*>data_ptr(off), <int*>data_ptr(n),
+                       <Py_ssize_t*>data_ptr(sq_off), SS, n_seq, H, d, T)
+    free(Pp)
+    free(dPp)
+    return dq, dk, dv, dP, dalpha
+
+
+def _gate_forward_memview(floating[::1] g, floating[::1] u, str act):
+    out = np.empty_like(np.asarray(g))
+    cdef floating[::1] ov = out
+    gate_forward(&ov[0], &g[0], &u[0], g.shape[0], ACT_RELU if act == "relu" else ACT_SILU)
+    return out
+
+
+def _gate_backward_memview(floating[::1] dout, floating[::1] g, floating[::1] u, str act):
+    dg = np.zeros_like(np.asarray(g))
+    du = np.zeros_like(np.asarray(u))
+    cdef floating[::1] dgv = dg
+    cdef floating[::1] duv = du
+    gate_backward(&dgv[0], &duv[0], &dout[0], &g[0], &u[0], g.shape[0], ACT_RELU if act == "relu" else ACT_SILU)
+    return dg, du
+
+
+def _xent_forward_memview(floating[:, ::1] logits, int[::1] targets):
+    """(losses, probs); logits are left untouched (a copy becomes the probabilities)."""
+    probs = np.array(logits, copy=True)
+    losses = np.zeros(logits.shape[0])
+    cdef floating[:, ::1] pv = probs
+    cdef double[::1] lv = losses
+    xent_forward(&lv[0], &pv[0, 0], &targets[0], logits.shape[0], logits.shape[1])
+    return losses, probs
+
+
+def _xent_backward_memview(floating[:, ::1] probs, int[::1] targets, double[::1] weights):
+    dlogits = np.zeros_like(np.asarray(probs))
+    cdef floating[:, ::1] dv = dlogits
+    xent_backward(&dv[0, 0], &probs[0, 0], &targets[0], &weights[0], probs.shape[0], probs.shape[1])
+    return dlogits
+
+
+def _embed_forward_memview(floating[:, ::1] wte, floating[:, ::1] wpe, int[::1] ids, int[::1] pos):
+    x = np.empty((ids.shape[0], wte.shape[1]), dtype=np.asarray(wte).dtype)
+    cdef floating[:, ::1] xv = x
+    embed_forward(&xv[0, 0], &wte[0, 0], &wpe[0, 0], &ids[0], &pos[0], ids.shape[0], wte.shape[1])
+    return x
+
+
+def _embed_backward_memview(floating[:, ::1] dx, int[::1] ids, int[::1] pos, int V, int T):
+    dwte = np.zeros((V, dx.shape[1]), dtype=np.asarray(dx).dtype)
+    dwpe = np.zeros((T, dx.shape[1]), dtype=dwte.dtype)
+    cdef floating[:, ::1] a = dwte
+    cdef floating[:, ::1] b = dwpe
+    embed_backward(&a[0, 0], &b[0, 0], &dx[0, 0], &ids[0], &pos[0], dx.shape[0], dx.shape[1])
+    return dwte, dwpe

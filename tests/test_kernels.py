@@ -1,0 +1,273 @@
+"""Each native kernel against finite differences (float64) and float32 against float64.
+
+Every backward is checked the same way: pick a random upstream gradient R, define the scalar
+L = sum(R * f(inputs)), and compare the kernel's gradient of L with central differences of L.
+"""
+import numpy as np
+import pytest
+
+from molecule_gpt import _core
+
+RTOL = {np.float32: 2e-5, np.float64: 1e-12}
+FD_TOL = 1e-6
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(np.linalg.norm(a), np.linalg.norm(b), 1e-12)
+    return np.linalg.norm(a - b) / scale
+
+
+def numeric_grad(f, x, eps=1e-6):
+    """Central differences of the scalar f() with respect to every element of x (in place)."""
+    g = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        plus = f()
+        flat[i] = old - eps
+        minus = f()
+        flat[i] = old
+        gflat[i] = (plus - minus) / (2 * eps)
+    return g
+
+
+def assert_grad(analytic, f, x, what):
+    numeric = numeric_grad(f, x)
+    err = rel_err(analytic, numeric)
+    assert err < FD_TOL, f"{what}: relative error {err:.3e} (first analytic {analytic.ravel()[:5]}, numeric {numeric.ravel()[:5]})"
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rmsnorm_matches_formula_and_gradient(rng):
+    x = rng.normal(size=(5, 12))
+    y, rstd = _core._rmsnorm_forward_memview(x)
+    expected = x / np.sqrt((x ** 2).mean(axis=1, keepdims=True) + 1e-5)
+    assert rel_err(y, expected) < 1e-14
+    R = rng.normal(size=y.shape)
+    dx = _core._rmsnorm_backward_memview(R, y, rstd)
+    assert_grad(dx, lambda: float((R * _core._rmsnorm_forward_memview(x)[0]).sum()), x, "rmsnorm dx")
+
+
+def test_rmsnorm_backward_tiny_and_large_inputs(rng):
+    # rstd is dominated by eps for tiny rows and by x for large ones: both regimes must hold
+    for scale in (1e-4, 1e3):
+        x = rng.normal(size=(3, 8)) * scale
+        y, rstd = _core._rmsnorm_forward_memview(x)
+        R = rng.normal(size=y.shape)
+        dx = _core._rmsnorm_backward_memview(R, y, rstd)
+        eps = 1e-6 * scale
+        numeric = np.zeros_like(x)
+        for i in range(x.size):
+            xp, xm = x.copy().reshape(-1), x.copy().reshape(-1)
+            xp[i] += eps
+            xm[i] -= eps
+            fp = (R * _core._rmsnorm_forward_memview(xp.reshape(x.shape))[0]).sum()
+            fm = (R * _core._rmsnorm_forward_memview(xm.reshape(x.shape))[0]).sum()
+            numeric.reshape(-1)[i] = (fp - fm) / (2 * eps)
+        assert rel_err(dx, numeric) < FD_TOL, scale
+
+
+def rope_tables(T, d):
+    inv = 1.0 / 10000.0 ** (2 * np.arange(d // 2) / d)
+    ang = np.arange(T)[:, None] * inv[None, :]
+    return np.ascontiguousarray(np.cos(ang)), np.ascontiguousarray(np.sin(ang))
+
+
+def test_rope_rotates_pairs_and_backward_is_inverse_rotation(rng):
+    N, H, d, T = 7, 2, 6, 9
+    x = rng.normal(size=(N, H * d))
+    pos = rng.integers(0, T, size=N).astype(np.intc)
+    cos_t, sin_t = rope_tables(T, d)
+    y = _core._rope_forward_memview(x, pos, cos_t, sin_t, H)
+    # reference: complex multiplication of interleaved pairs
+    xc = x.reshape(N, H, d // 2, 2)
+    z = (xc[..., 0] + 1j * xc[..., 1]) * np.exp(1j * np.arange(T)[pos][:, None, None] / 10000.0 ** (2 * np.arange(d // 2) / d))
+    expected = np.stack([z.real, z.imag], axis=-1).reshape(N, H * d)
+    assert rel_err(y, expected) < 1e-14
+    R = rng.normal(size=y.shape)
+    dx = _core._rope_backward_memview(R, pos, cos_t, sin_t, H)
+    assert_grad(dx, lambda: float((R * _core._rope_forward_memview(x, pos, cos_t, sin_t, H)).sum()), x, "rope dx")
+
+
+@pytest.mark.parametrize("n_adapters", [0, 1, 3])
+def test_linear_with_adapters_forward_and_gradients(rng, n_adapters):
+    N, nin, nout, r = 6, 5, 7, 2
+    x = rng.normal(size=(N, nin))
+    W = rng.normal(size=(nout, nin))
+    As = [rng.normal(size=(nout, r)) for _ in range(n_adapters)]
+    Bs = [rng.normal(size=(r, nin)) for _ in range(n_adapters)]
+    alphas = [1.0, 0.5, -0.25][:n_adapters]
+    y, U = _core._linear_forward_memview(x, W, As, Bs, alphas)
+    expected = x @ W.T + sum(a * (x @ B.T) @ A.T for A, B, a in zip(As, Bs, alphas))
+    assert rel_err(y, expected) < 1e-14
+    R = rng.normal(size=y.shape)
+    dx, dW, dAs, dBs = _core._linear_backward_memview(R, x, W, As, Bs, alphas, U)
+
+    def loss():
+        return float((R * _core._linear_forward_memview(x, W, As, Bs, alphas)[0]).sum())
+
+    assert_grad(dx, loss, x, "linear dx")
+    assert_grad(dW, loss, W, "linear dW")
+    for k in range(n_adapters):
+        assert_grad(dAs[k], loss, As[k], f"linear dA[{k}]")
+        assert_grad(dBs[k], loss, Bs[k], f"linear dB[{k}]")
+
+
+def attention_reference(q, k, v, P, types, mix, lengths, T):
+    """Per-sequence, per-head dense reference of attention_forward."""
+    N, C = q.shape
+    H = len(types)
+    d = C // H
+    y = np.zeros_like(q)
+    o = 0
+    for n in lengths:
+        for h, kind in enumerate(types):
+            sl = slice(h * d, (h + 1) * d)
+            content = q[o:o + n, sl] @ k[o:o + n, sl].T / np.sqrt(d)
+            rr = P[h][o:o + n, :n] if P[h] is not None else 0
+            logits = {"content": content, "rrpram": rr, "hybrid": (1 - mix[h]) * content + mix[h] * rr}[kind]
+            logits = np.where(np.tril(np.ones((n, n), bool)), logits, -np.inf)
+            w = np.exp(logits - logits.max(axis=1, keepdims=True))
+            w /= w.sum(axis=1, keepdims=True)
+            y[o:o + n, sl] = w @ v[o:o + n, sl]
+        o += n
+    return y
+
+
+@pytest.mark.parametrize("types", [("content", "rrpram", "hybrid"), ("hybrid", "hybrid", "content")])
+def test_attention_forward_and_gradients(rng, types):
+    H, d, T = len(types), 4, 6
+    lengths = [4, 1, 6]  # a one-token sequence and a full window
+    N = sum(lengths)
+    q, k, v = (rng.normal(size=(N, H * d)) for _ in range(3))
+    P = [rng.normal(size=(N, T)) if t != "content" else None for t in types]
+    alpha = rng.normal(size=H)
+    mix = 1 / (1 + np.exp(-alpha))
+
+    def run(mix_values):
+        return _core._attention_forward_memview(q, k, v, P, types, mix_values, lengths, T)
+
+    y, att = run(mix)
+    assert rel_err(y, attention_reference(q, k, v, P, types, mix, lengths, T)) < 1e-13
+    R = rng.normal(size=y.shape)
+    dq, dk, dv, dP, dalpha = _core._attention_backward_memview(R, att, q, k, v, P, types, mix, lengths, T)
+
+    def loss():
+        return float((R * run(1 / (1 + np.exp(-alpha)))[0]).sum())
+
+    assert_grad(dq, loss, q, "attention dq")
+    assert_grad(dk, loss, k, "attention dk")
+    assert_grad(dv, loss, v, "attention dv")
+    for h, t in enumerate(types):
+        if t != "content":
+            assert_grad(dP[h], loss, P[h], f"attention dP[{h}]")
+    numeric_alpha = numeric_grad(loss, alpha)
+    for h, t in enumerate(types):
+        if t == "hybrid":
+            assert abs(dalpha[h] - numeric_alpha[h]) <= FD_TOL * max(abs(numeric_alpha[h]), 1e-8), (h, dalpha[h], numeric_alpha[h])
+        else:
+            assert dalpha[h] == 0 and abs(numeric_alpha[h]) < 1e-9
+
+
+def test_attention_never_crosses_sequences(rng):
+    types = ("content", "hybrid")
+    H, d, T = 2, 4, 5
+    lengths = [3, 5]
+    N = sum(lengths)
+    q, k, v = (rng.normal(size=(N, H * d)) for _ in range(3))
+    P = [None, rng.normal(size=(N, T))]
+    y, _ = _core._attention_forward_memview(q, k, v, P, types, [0.0, 0.4], lengths, T)
+    v2 = v.copy()
+    v2[:3] += 100.0  # change only the first sequence's values
+    y2, _ = _core._attention_forward_memview(q, k, v2, P, types, [0.0, 0.4], lengths, T)
+    assert np.array_equal(y[3:], y2[3:])
+
+
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_gate_forward_and_gradients(rng, act):
+    g = rng.normal(size=40)
+    g[np.abs(g) < 1e-3] = 0.5  # keep relu's kink away from the finite-difference step
+    u = rng.normal(size=40)
+    out = _core._gate_forward_memview(g, u, act)
+    actg = np.maximum(g, 0) if act == "relu" else g / (1 + np.exp(-g))
+    assert rel_err(out, actg * u) < 1e-14
+    R = rng.normal(size=40)
+    dg, du = _core._gate_backward_memview(R, g, u, act)
+
+    def loss():
+        return float((R * _core._gate_forward_memview(g, u, act)).sum())
+
+    assert_grad(dg, loss, g, f"{act} dg")
+    assert_grad(du, loss, u, f"{act} du")
+
+
+def test_cross_entropy_forward_and_gradient(rng):
+    N, V = 6, 9
+    z = rng.normal(size=(N, V)) * 3
+    t = rng.integers(0, V, size=N).astype(np.intc)
+    w = rng.uniform(0.1, 1.0, size=N)
+    losses, probs = _core._xent_forward_memview(z, t)
+    ref = np.log(np.exp(z).sum(axis=1)) - z[np.arange(N), t]
+    assert rel_err(losses, ref) < 1e-14
+    dz = _core._xent_backward_memview(probs, t, w)
+    assert_grad(dz, lambda: float(w @ _core._xent_forward_memview(z, t)[0]), z, "xent dlogits")
+
+
+def test_cross_entropy_is_stable_for_huge_logits():
+    z = np.array([[1e4, 0.0, -1e4]], dtype=np.float32)
+    losses, probs = _core._xent_forward_memview(z, np.array([1], np.intc))
+    assert np.isfinite(losses).all() and np.isfinite(probs).all()
+    assert losses[0] == pytest.approx(1e4)
+
+
+def test_embedding_gather_and_scatter_add(rng):
+    V, T, C, N = 5, 4, 3, 8
+    wte, wpe = rng.normal(size=(V, C)), rng.normal(size=(T, C))
+    ids = rng.integers(0, V, size=N).astype(np.intc)
+    pos = rng.integers(0, T, size=N).astype(np.intc)
+    x = _core._embed_forward_memview(wte, wpe, ids, pos)
+    assert np.array_equal(x, wte[ids] + wpe[pos])
+    R = rng.normal(size=x.shape)
+    dwte, dwpe = _core._embed_backward_memview(R, ids, pos, V, T)
+    loss = lambda: float((R * _core._embed_forward_memview(wte, wpe, ids, pos)).sum())  # noqa: E731
+    assert_grad(dwte, loss, wte, "embed dwte")
+    assert_grad(dwpe, loss, wpe, "embed dwpe")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_step_matches_formula(rng, dtype):
+    p = rng.normal(size=50).astype(dtype)
+    g = (rng.normal(size=50) * 3).astype(dtype)  # some beyond the clip
+    m = rng.normal(size=50).astype(dtype) * 0.1
+    v = np.abs(rng.normal(size=50)).astype(dtype) * 0.1
+    lr, b1, b2, eps, clip, step = 0.01, 0.9, 0.99, 1e-8, 1.0, 3
+    gc = np.clip(g.astype(np.float64), -clip, clip)
+    m_ref = b1 * m + (1 - b1) * gc
+    v_ref = b2 * v + (1 - b2) * gc ** 2
+    p_ref = p - lr * (m_ref / (1 - b1 ** step)) / (np.sqrt(v_ref / (1 - b2 ** step)) + eps)
+    _core.adam_update(p, g, m, v, lr, b1, b2, eps, clip, step)
+    assert rel_err(p, p_ref) < RTOL[dtype]
+    assert rel_err(m, m_ref) < RTOL[dtype]
+    assert rel_err(v, v_ref) < RTOL[dtype]
+
+
+def test_float32_kernels_agree_with_float64(rng):
+    x = rng.normal(size=(9, 16))
+    W = rng.normal(size=(12, 16))
+    A, B = rng.normal(size=(12, 3)), rng.normal(size=(3, 16))
+    y64, _ = _core._linear_forward_memview(x, W, [A], [B], [0.5])
+    y32, _ = _core._linear_forward_memview(x.astype(np.float32), W.astype(np.float32),
+                                           [A.astype(np.float32)], [B.astype(np.float32)], [0.5])
+    assert rel_err(y32, y64) < RTOL[np.float32]
+    n64, _ = _core._rmsnorm_forward_memview(x)
+    n32, _ = _core._rmsnorm_forward_memview(x.astype(np.float32))
+    assert rel_err(n32, n64) < RTOL[np.float32]

@@ -1,0 +1,343 @@
+"""The Model through its public API: the original's numbers, whole-model gradients, growth,
+arena sizing and validation."""
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+import molecule_gpt as mg
+from molecule_gpt.compat import load_original_checkpoint, model_from_original
+
+FIXTURE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "anchor-small"
+if not FIXTURE.exists():  # CI clones the repo beside shared/
+    FIXTURE = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "anchor-small"
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def original():
+    doc = json.loads((FIXTURE / "checkpoint.json").read_text())
+    expected = json.loads((FIXTURE / "expected.json").read_text())
+    return doc, expected
+
+
+def tiny_config(**overrides):
+    base = dict(n_layer=2, n_embd=8, n_head=4, block_size=6, head_types=("content", "rrpram", "hybrid", "hybrid"),
+                batch_size=3, delta_rank=2)
+    base.update(overrides)
+    return mg.Config(**base)
+
+
+def random_batch(rng, V, lengths):
+    return [rng.integers(0, V, size=n).tolist() for n in lengths]
+
+
+# --------------------------------------------------------------------------------------------- the original
+
+
+def test_fixture_losses_and_last_logits(original):
+    doc, expected = original
+    model = model_from_original(doc, dtype="float64")
+    assert model.config.tie_embeddings and "lm_head" not in model.params()
+    losses = model.sequence_losses(expected["ids"])
+    for got, want in zip(losses, expected["loss_per_sequence"]):
+        assert got == pytest.approx(want, rel=1e-9)
+    T = model.config.block_size
+    for ids, want in zip(expected["ids"], expected["last_logits"]):
+        n = min(T, len(ids) - 1)  # the last position that has a target
+        got = model.logits(ids[:n])[-1]
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=0)
+
+
+def test_fixture_batch_loss_and_every_gradient_norm(original):
+    doc, expected = original
+    model = model_from_original(doc, dtype="float64")
+    model.config.batch_size = len(expected["ids"])  # takes effect at the next step
+    loss, grads = model.loss_and_grads(expected["ids"])
+    assert loss == pytest.approx(expected["batch_loss"], rel=1e-9)
+    assert len(expected["grad_norms"]) == len(grads) + 1  # base.wte and base.lm_head are one matrix
+    for name, want in expected["grad_norms"].items():
+        ours = name.removeprefix("base.")
+        ours = "wte" if ours == "lm_head" else ours
+        assert np.linalg.norm(grads[ours]) == pytest.approx(want, rel=1e-7), name
+
+
+def test_load_original_checkpoint_returns_model_and_char_tokenizer(original):
+    _, expected = original
+    pytest.importorskip("molecule_gpt.tokenizer")
+    model, tok = load_original_checkpoint(FIXTURE / "checkpoint.json")
+    for text, ids in zip(expected["probe_texts"], expected["ids"]):
+        assert tok.encode(text) == ids
+    assert tok.vocab_size >= model.vocab_size
+
+
+def test_original_checkpoint_errors_name_the_problem(tmp_path, original):
+    doc, _ = original
+    bad = dict(doc, base={k: v for k, v in doc["base"].items() if k != "l0.wq"})
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(mg.CheckpointError, match="l0.wq"):
+        load_original_checkpoint(path)
+    path.write_text("{not json")
+    with pytest.raises(mg.CheckpointError, match="bad.json"):
+        load_original_checkpoint(path)
+
+
+def test_untied_original_imports_untied(original):
+    doc, expected = original
+    base = dict(doc["base"])
+    base["lm_head"] = (np.asarray(base["lm_head"]) * 1.01).tolist()  # what the original's training does after load
+    with pytest.warns(UserWarning, match="untied"):
+        model = model_from_original(dict(doc, base=base))
+    assert not model.config.tie_embeddings
+    np.testing.assert_array_equal(model.params()["lm_head"], np.asarray(base["lm_head"]))
+
+
+# --------------------------------------------------------------------------------------------- gradients
+
+
+def numeric_param_grad(model, batch, name, eps=1e-5):
+    # central differences: truncation error ~eps^2, roundoff ~loss * 1e-16 / eps, and a step small enough not to cross a relu kink
+    p = model.params()[name]
+    g = np.zeros_like(p)
+    flat = p.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        plus = model.loss(batch)
+        flat[i] = old - eps
+        minus = model.loss(batch)
+        flat[i] = old
+        g.reshape(-1)[i] = (plus - minus) / (2 * eps)
+    return g
+
+
+@pytest.mark.parametrize("activation,tied", [("relu", True), ("silu", False)])
+def test_whole_model_gradients_match_finite_differences(activation, tied):
+    rng = np.random.default_rng(7)
+    # larger init than the default: every gradient, alpha's included, well above the
+    # finite-difference roundoff (loss * 1e-16 / eps)
+    config = tiny_config(mlp_activation=activation, tie_embeddings=tied, init_std=0.5, delta_init_std=0.3)
+    model = mg.Model(config, 11, dtype="float64", seed=3)
+    model.add_delta_module(alpha=1.0)
+    model.add_delta_module(alpha=0.5)
+    for key, value in model.params().items():
+        if key.endswith(".alpha"):
+            value[...] = rng.normal()  # away from the init so sigmoid' is generic
+    batch = random_batch(rng, 11, [9, 4, 2])  # longer than block_size, short, minimal
+    _, grads = model.loss_and_grads(batch)
+    assert set(grads) == set(model.params())
+    kinds = set()
+    for name in grads:
+        numeric = numeric_param_grad(model, batch, name)
+        err = np.linalg.norm(grads[name] - numeric) / max(np.linalg.norm(numeric), np.linalg.norm(grads[name]), 1e-12)
+        assert err < 1e-6, f"{name}: relative error {err:.2e}"
+        kinds.add(name.split(".")[-1])
+    assert {"wte", "wpe", "wq", "fc2", "w_pattern", "alpha", "A", "B"} <= kinds
+    assert ("lm_head" in kinds) == (not tied)
+
+
+def test_tied_gradient_is_the_sum_of_both_uses():
+    rng = np.random.default_rng(0)
+    tied = mg.Model(tiny_config(), 13, dtype="float64", seed=1)
+    untied = mg.Model(tiny_config(tie_embeddings=False), 13, dtype="float64", seed=1)
+    for name, value in tied.params().items():
+        untied.params()[name][...] = value
+    untied.params()["lm_head"][...] = tied.params()["wte"]
+    batch = random_batch(rng, 13, [7, 5])
+    loss_t, g_t = tied.loss_and_grads(batch)
+    loss_u, g_u = untied.loss_and_grads(batch)
+    assert loss_t == pytest.approx(loss_u, rel=1e-12)
+    np.testing.assert_allclose(g_t["wte"], g_u["wte"] + g_u["lm_head"], rtol=1e-10, atol=1e-14)
+
+
+def test_float32_and_float64_agree():
+    rng = np.random.default_rng(5)
+    m64 = mg.Model(mg.Config(), 90, dtype="float64", seed=11)
+    m32 = mg.Model(mg.Config(), 90, dtype="float32", seed=11)
+    for name, value in m64.params().items():
+        value[...] = m32.params()[name]  # identical starting point
+    batch = random_batch(rng, 90, [97, 50, 97, 20])
+    l64, g64 = m64.loss_and_grads(batch)
+    l32, g32 = m32.loss_and_grads(batch)
+    assert l32 == pytest.approx(l64, rel=1e-5)
+    for name in g64:
+        err = np.linalg.norm(g32[name] - g64[name]) / max(np.linalg.norm(g64[name]), 1e-12)
+        assert err < 1e-3, name
+
+
+def test_batch_loss_is_mean_of_independent_sequence_losses():
+    rng = np.random.default_rng(2)
+    model = mg.Model(tiny_config(), 11, dtype="float64", seed=4)
+    batch = random_batch(rng, 11, [8, 3, 6])
+    singles = [model.loss([s]) for s in batch]
+    assert model.loss(batch) == pytest.approx(np.mean(singles), rel=1e-13)
+    assert model.sequence_losses(batch) == pytest.approx(singles, rel=1e-13)
+    # larger-than-arena batches are evaluated in chunks with the same value
+    assert model.loss(batch * 3) == pytest.approx(np.mean(singles), rel=1e-13)
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def test_train_step_returns_pre_update_loss_and_learns():
+    rng = np.random.default_rng(9)
+    model = mg.Model(tiny_config(), 11, dtype="float64", seed=2)
+    batch = random_batch(rng, 11, [7, 7, 7])
+    before = model.loss(batch)
+    assert model.train_step(batch, 0.01) == pytest.approx(before, rel=1e-13)
+    for _ in range(60):
+        model.train_step(batch, 0.01)
+    assert model.loss(batch) < 0.6 * before
+
+
+def test_ten_step_trajectory_matches_the_numpy_reference():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from numpy_model import NumpyGPT
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    rng = np.random.default_rng(4)
+    config = tiny_config()
+    model = mg.Model(config, 11, dtype="float64", seed=8)
+    model.add_delta_module(alpha=0.7)
+    ref = NumpyGPT(config.to_dict(), {k: v.copy() for k, v in model.params().items()}, [0.7], dtype=np.float64)
+    batches = [random_batch(rng, 11, [7, 5, 3]) for _ in range(10)]
+    ours = [model.train_step(b, 0.01) for b in batches]
+    theirs = [ref.train_step(b, 0.01) for b in batches]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-9)
+    assert ours[-1] < ours[0]
+
+
+def test_frozen_group_does_not_move():
+    rng = np.random.default_rng(3)
+    model = mg.Model(tiny_config(), 11, dtype="float64", seed=2)
+    model.add_delta_module()
+    model.set_trainable("base", False)
+    base_before = {k: v.copy() for k, v in model.groups["base"].params.items()}
+    batch = random_batch(rng, 11, [7, 7])
+    _, grads = model.loss_and_grads(batch)
+    assert all(k.startswith("delta0.") for k in grads)
+    model.train_step(batch, 0.05)
+    for k, v in model.groups["base"].params.items():
+        assert np.array_equal(v, base_before[k]), k
+
+
+def test_growth_mid_run_keeps_training_and_old_state():
+    rng = np.random.default_rng(6)
+    model = mg.Model(tiny_config(), 11, dtype="float32", seed=2)
+    batch = random_batch(rng, 11, [7, 7, 5])
+    for _ in range(3):
+        model.train_step(batch, 0.01)
+    wte_before = model.params()["wte"].copy()
+    m_before = model.groups["base"].moments()[0]["wte"].copy()
+    model.add_delta_module(zero_output=True)
+    assert model.loss(batch) == pytest.approx(model.loss(batch))
+    model.grow_vocab(15)
+    assert np.array_equal(model.params()["wte"][:11], wte_before)
+    assert np.array_equal(model.groups["base"].moments()[0]["wte"][:11], m_before)
+    assert not model.groups["base"].moments()[0]["wte"][11:].any()
+    assert model.init_embed_snapshot.shape == (15, 8)
+    batch = random_batch(rng, 15, [7, 7, 5])
+    losses = [model.train_step(batch, 0.01) for _ in range(5)]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    model.add_delta_module()
+    assert np.isfinite(model.train_step(batch, 0.01))
+
+
+def test_zero_output_module_is_an_exact_no_op():
+    rng = np.random.default_rng(1)
+    model = mg.Model(tiny_config(), 11, dtype="float64", seed=5)
+    batch = random_batch(rng, 11, [7, 4])
+    before = model.loss(batch)
+    model.add_delta_module(zero_output=True)
+    assert model.loss(batch) == before
+
+
+# --------------------------------------------------------------------------------------------- arena
+
+
+def test_arena_is_exactly_full_at_the_largest_batch():
+    rng = np.random.default_rng(0)
+    config = tiny_config()
+    model = mg.Model(config, 11, dtype="float32")
+    model.add_delta_module()
+    model.loss_and_grads(random_batch(rng, 11, [config.block_size + 1] * config.batch_size))
+    assert model.arena_high_water == model.arena_capacity
+
+
+def test_arena_overflow_raises_documented_error_and_model_survives():
+    rng = np.random.default_rng(0)
+    config = tiny_config(batch_size=2)
+    model = mg.Model(config, 11, dtype="float64")
+    ok = random_batch(rng, 11, [7, 7])
+    before = model.loss(ok)
+    lying = random_batch(rng, 11, [7, 7, 7])  # more sequences than the config's batch_size
+    with pytest.raises(mg.ArenaOverflowError, match=r"batch_size=2.*block_size=6") as info:
+        model.loss_and_grads(lying)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(mg.ArenaOverflowError):
+        model.train_step(lying, 0.01)
+    assert model.loss(ok) == before  # nothing was half-updated
+    model.config.batch_size = 3  # the documented fix, effective at the next step
+    assert np.isfinite(model.train_step(lying, 0.01))
+
+
+def test_arena_grows_with_vocabulary_and_modules():
+    model = mg.Model(tiny_config(), 11)
+    cap = model.arena_capacity
+    model.grow_vocab(40)
+    assert model.arena_capacity > cap
+    cap = model.arena_capacity
+    model.add_delta_module()
+    assert model.arena_capacity > cap
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(n_embd=30, n_head=4), "n_embd .* divisible by Config.n_head"),
+    (dict(head_types=("content",) * 3), "head_types has 3 entries but n_head is 4"),
+    (dict(head_types=("content", "content", "weird", "hybrid")), r"head_types\[2\] is 'weird'"),
+    (dict(n_layer=0), "n_layer must be a positive int"),
+    (dict(block_size=-5), "block_size must be a positive int"),
+    (dict(n_embd=12, n_head=4), "head dim .* must be even"),
+    (dict(mlp_activation="gelu"), "mlp_activation"),
+    (dict(learning_rate=0.0), "learning_rate"),
+])
+def test_config_validation_names_the_field(fields, match):
+    with pytest.raises(ValueError, match=match):
+        mg.Config(**fields)
+
+
+def test_shape_fields_cannot_change_on_a_built_model():
+    model = mg.Model(tiny_config(), 11)
+    model.config.n_embd = 16
+    with pytest.raises(mg.ConfigError, match="n_embd"):
+        model.loss([[1, 2, 3]])
+
+
+@pytest.mark.parametrize("batch,error,match", [
+    ([[1, 2, 99]], ValueError, r"token id 99, outside the vocabulary \[0, 11\)"),
+    ([[1, -1, 2]], ValueError, "token id -1"),
+    ([[1]], ValueError, "at least 2"),
+    ([], ValueError, "empty"),
+    ([[1.5, 2.0]], TypeError, "flat list of ints"),
+    ("hello", TypeError, "list of token-id lists"),
+])
+def test_bad_batches_raise_clear_errors(batch, error, match):
+    model = mg.Model(tiny_config(), 11)
+    with pytest.raises(error, match=match):
+        model.loss_and_grads(batch)
+
+
+def test_logits_rejects_bad_input():
+    model = mg.Model(tiny_config(), 11)
+    with pytest.raises(ValueError, match="at most block_size=6"):
+        model.logits(list(range(7)))
+    with pytest.raises(ValueError, match=r"\[0, 11\)"):
+        model.logits([0, 11])
+    assert model.logits([1, 2, 3]).shape == (3, 11)
