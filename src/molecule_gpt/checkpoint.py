@@ -1,0 +1,735 @@
+"""Checkpoint: one safetensors file per organism, written atomically, validated before it is read.
+
+What it is: `save_checkpoint(path, model, tokenizer=None, state=None)` writes the whole organism
+(every parameter under its SPEC name, the Adam moments and step counters, the birth embedding
+snapshot, the model's RNG, the delta modules' alphas and trainable flags, the tokenizer and a
+caller-owned JSON `state`) to ONE file that standard tools read: a safetensors container whose
+`__metadata__` carries a JSON document. `load_checkpoint(path)` returns a `Checkpoint` whose
+model continues training bit for bit as if it had never stopped. The layout is normative and
+written down in docs/checkpoint-format.md (the README's "Format" section).
+
+What it is not: no pickle, no code execution, no in-place writes, no partial loads. A file is
+read only after its header has been checked against itself and the config it carries (every
+size bounded by the file size, every shape implied by the config), so a truncated, corrupt or
+hostile file raises `CheckpointError` (a ValueError) naming the file, the cause and, where a
+`<path>.prev` exists, how to fall back to it; it never allocates what the header claims first.
+
+Write path (atomic): tensors and document -> `<path>.tmp-<pid>-<token>` in the same directory
+(safetensors.numpy.save_file), size check, fsync; the current file is hard-linked to `<path>.prev`
+(atomically, through a temporary name); `os.replace(tmp, path)`; fsync of the directory. At every
+instant `path` is either the complete previous file or the complete new one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import secrets
+import shutil
+import struct
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import Config
+from .errors import CheckpointError, ConfigError
+from .model import Model
+
+__all__ = ["Checkpoint", "CheckpointWarning", "FORMAT_NAME", "FORMAT_VERSION", "load_checkpoint", "save_checkpoint"]
+
+# ---------------------------------------------------------------------------------------------
+# Format constants (see docs/checkpoint-format.md)
+
+FORMAT_NAME = "molecule-gpt"  # __metadata__["format"]: the magic
+FORMAT_VERSION = 1  # __metadata__["format_version"]; bump on any incompatible change
+MAX_HEADER_BYTES = 100_000_000  # the safetensors package refuses larger headers; so do we
+CHECKSUM_ALGORITHM = "sha256"
+_METADATA_KEYS = ("format", "format_version", "document", "checksums")
+_DOCUMENT_KEYS = ("producer", "model", "optimizer_state", "tokenizer", "state")
+_MODEL_KEYS = ("config", "vocab_size", "dtype", "delta_alphas", "trainable", "adam_steps", "rng")
+_MODEL_DTYPES = {"float32": "F32", "float64": "F64"}
+# Byte width of every safetensors dtype (an unknown tensor of a known dtype is skipped with a
+# warning; an unknown dtype makes the layout uncheckable, so it is an error).
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+             "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+_MAX_DELTA_MODULES = 64  # the core's limit (model._core_max_delta)
+_PARALLEL_HASH_BYTES = 8 << 20  # below this, hashing in a worker thread costs more than it saves
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint loaded, but something in it was ignored (an unknown key from a newer writer)."""
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """What `load_checkpoint` returns. `metadata` is the (migrated) metadata document: producer,
+    model meta (config, vocab_size, dtype, delta_alphas, trainable, adam_steps, rng),
+    optimizer_state, tokenizer (its to_dict()) and state."""
+
+    path: str
+    model: Model
+    tokenizer: Any  # molecule_gpt.tokenizer.EvolvingTokenizer, or None when saved without one
+    state: Any  # the `state` passed to save_checkpoint, as JSON gives it back (None if none)
+    metadata: dict
+    format_version: int  # the version the file was written in (before migration)
+
+    @property
+    def config(self) -> Config:
+        return self.model.config
+
+
+# ---------------------------------------------------------------------------------------------
+# Migrations. _MIGRATIONS[v] turns a version-v header into a version-(v+1) one:
+#     fn(document: dict, tensors: dict[str, TensorEntry]) -> (document, tensors)
+# It may rename or drop tensor entries (the checksum stays attached to each entry's stored
+# name) and rewrite the document; it runs after the checksums of the stored document have been
+# verified and before any validation against the current layout. Version 1 is the first
+# version, so the table is empty; the mechanism is tested with a registered test migration.
+
+_MIGRATIONS: dict[int, Callable[[dict, dict], tuple[dict, dict]]] = {}
+
+
+@dataclasses.dataclass
+class TensorEntry:
+    stored_name: str  # name in the file (checksums are keyed by it)
+    dtype: str  # safetensors dtype code, e.g. "F32"
+    shape: tuple[int, ...]
+    begin: int  # byte offsets into the data buffer (after the header)
+    end: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+
+
+def save_checkpoint(path: str | os.PathLike, model: Model, tokenizer=None, state: Any = None, *,
+                    optimizer_state: bool = True) -> None:
+    """Write model (+ tokenizer, + JSON-able `state`) to `path` atomically; the file previously at
+    `path`, if any, is kept as `<path>.prev`.
+
+    `state` must survive a JSON round trip unchanged (dicts with str keys, lists, str, finite
+    floats, ints, bools, None); it is stored verbatim. optimizer_state=False leaves out the Adam
+    moments (a file about a third the size, for sharing or inference): loading it gives zero
+    moments and zero step counters, so training restarts Adam instead of resuming exactly.
+    Raises CheckpointError (nothing at `path` changes) when anything cannot be written."""
+    path = os.fspath(path)
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a molecule_gpt.Model, got {type(model).__name__}")
+    tok_doc = None
+    if tokenizer is not None:
+        if not hasattr(tokenizer, "to_dict"):
+            raise TypeError(f"tokenizer must have a to_dict() method (EvolvingTokenizer), got {type(tokenizer).__name__}")
+        tok_doc = tokenizer.to_dict()
+        _check_json(tok_doc, "tokenizer.to_dict()", path)
+    _check_json(state, "state", path)
+
+    with model._lock:  # one consistent snapshot even while another thread trains
+        if tokenizer is not None and tokenizer.vocab_size != model.vocab_size:
+            raise CheckpointError(
+                f"{path}: not saved: the tokenizer has {tokenizer.vocab_size} tokens but the model has vocab_size "
+                f"{model.vocab_size}; grow the model (model.grow_vocab(tokenizer.vocab_size)) before saving")
+        meta, tensors = model.export_state()
+    if not optimizer_state:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("adam.")}
+        meta["adam_steps"] = {name: 0 for name in meta["adam_steps"]}
+    from . import __version__
+
+    document = {"producer": f"molecule-gpt {__version__}", "model": meta, "optimizer_state": bool(optimizer_state),
+                "tokenizer": tok_doc, "state": state}
+    try:
+        doc_text = json.dumps(document, allow_nan=False, ensure_ascii=True, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:  # model meta is ours; _check_json covered the rest
+        raise CheckpointError(f"{path}: not saved: the metadata document is not JSON: {exc}") from exc
+    tensors = {k: _little_endian(v) for k, v in tensors.items()}
+    checksums = {"algorithm": CHECKSUM_ALGORITHM,
+                 "document": hashlib.sha256(doc_text.encode("utf-8")).hexdigest(),
+                 "tensors": _hash_all(tensors)}
+    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "document": doc_text,
+                "checksums": json.dumps(checksums, separators=(",", ":"))}
+    data_bytes = sum(a.nbytes for a in tensors.values())
+    _atomic_write(path, lambda tmp: _write_safetensors(tmp, tensors, metadata), data_bytes)
+
+
+def _write_safetensors(tmp: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(tensors, tmp, metadata=metadata)
+
+
+def _atomic_write(path: str, write: Callable[[str], None], min_data_bytes: int | None = None,
+                  keep_prev: bool = True) -> None:
+    """write(tmp) into a temporary file beside `path`, fsync it, keep the current file as
+    `<path>.prev` (if keep_prev), os.replace onto `path`, fsync the directory."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{path}: not saved: directory {directory} does not exist; create it first")
+    _remove_stale_temporaries(path)
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = f"{path}.tmp-{token}"
+    prev_tmp = f"{path}.tmp-{token}.prev"
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            if min_data_bytes is not None and size < 8 + min_data_bytes:
+                raise OSError(f"short write: {size} bytes on disk, at least {8 + min_data_bytes} expected (disk full?)")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if keep_prev and os.path.isfile(path):
+            # `path` must exist at every instant, so the old file is linked (not moved) to .prev.
+            try:
+                os.link(path, prev_tmp)
+            except OSError:  # no hard links on this filesystem: copy instead
+                shutil.copyfile(path, prev_tmp)
+                _fsync_path(prev_tmp)
+            os.replace(prev_tmp, f"{path}.prev")
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+    except BaseException as exc:
+        for leftover in (tmp, prev_tmp):
+            try:
+                os.unlink(leftover)
+            except OSError:
+                pass
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"{path}: not saved ({exc}); the file at {path} is unchanged") from exc
+        if isinstance(exc, Exception) and not isinstance(exc, CheckpointError):
+            raise CheckpointError(f"{path}: not saved ({type(exc).__name__}: {exc}); the file at {path} is unchanged") from exc
+        raise
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Delete `<path>.tmp-<pid>-*` files left by a saver that was killed (its pid is gone)."""
+    if os.name != "posix":  # os.kill(pid, 0) is a probe only on POSIX
+        return
+    for name in glob.glob(glob.escape(path) + ".tmp-*"):
+        try:
+            pid = int(name[len(path) + 5:].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still alive: maybe saving right now
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue  # exists but not ours to signal
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+
+
+def _fsync_path(name: str) -> None:
+    fd = os.open(name, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: str) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _little_endian(arr: np.ndarray) -> np.ndarray:
+    arr = np.ascontiguousarray(arr)
+    return arr if arr.dtype.byteorder in ("<", "|") or (arr.dtype.byteorder == "=" and np.little_endian) \
+        else arr.astype(arr.dtype.newbyteorder("<"))
+
+
+def _hash_all(tensors: dict[str, np.ndarray]) -> dict[str, str]:
+    """sha256 hex digest of every tensor's raw little-endian bytes (hashlib releases the GIL, so
+    large models hash on two threads)."""
+    names = sorted(tensors)
+    total = sum(tensors[n].nbytes for n in names)
+    if total < _PARALLEL_HASH_BYTES:
+        return {n: _sha256_hex(tensors[n]) for n in names}
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(names, pool.map(_sha256_hex, (tensors[n] for n in names))))
+
+
+def _check_json(value: Any, where: str, path: str) -> None:
+    """Raise CheckpointError unless json.loads(json.dumps(value)) == value (exactly what the
+    loader gives back): dicts with str keys, lists, str, int, finite float, bool, None."""
+    stack = [(value, where)]
+    while stack:
+        v, at = stack.pop()
+        if v is None or isinstance(v, (str, bool, int)):
+            continue
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                raise CheckpointError(f"{path}: not saved: {at} is {v!r}; JSON has no NaN/Infinity, store None or a string")
+            continue
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    raise CheckpointError(f"{path}: not saved: {at} has key {k!r} of type {type(k).__name__}; "
+                                          f"JSON keys are strings, convert it with str()")
+                stack.append((item, f"{at}[{k!r}]"))
+            continue
+        if isinstance(v, list):
+            stack.extend((item, f"{at}[{i}]") for i, item in enumerate(v))
+            continue
+        hint = "convert it with .item()/.tolist()" if isinstance(v, (np.generic, np.ndarray)) else \
+            "use a list (tuples load back as lists)" if isinstance(v, tuple) else "convert it to JSON types"
+        raise CheckpointError(f"{path}: not saved: {at} is a {type(v).__name__}, which does not round-trip through "
+                              f"JSON; {hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint written by save_checkpoint (any known format version) and rebuild the
+    model, tokenizer and state. Raises CheckpointError naming the file and the cause."""
+    path = os.fspath(path)
+    try:
+        fh = open(path, "rb", buffering=0)
+    except OSError as exc:
+        raise _error(path, f"cannot open it ({exc.strerror or exc})") from exc
+    with fh:
+        try:
+            file_size = os.fstat(fh.fileno()).st_size
+            header, n_header = _read_header(path, fh, file_size)
+        except OSError as exc:
+            raise _error(path, f"cannot read it ({exc})") from exc
+        meta_strs = _check_metadata(path, header)
+        version = meta_strs["__version"]
+        # checksums of what is stored come before everything that interprets it
+        checksums = _parse_checksums(path, meta_strs["checksums"])
+        doc_text = meta_strs["document"]
+        if hashlib.sha256(doc_text.encode("utf-8", "surrogatepass")).hexdigest() != checksums["document"]:
+            raise _error(path, "the metadata document does not match its sha256 checksum: the header is corrupt")
+        document = _loads(path, doc_text, "the metadata document")
+        data_size = file_size - 8 - n_header
+        entries = _check_tensor_table(path, header, data_size)
+        missing = sorted(set(entries) - set(checksums["tensors"]))
+        if missing:
+            raise _error(path, f"no checksum for tensor(s) {', '.join(missing[:5])}: the header is corrupt")
+        stray = sorted(set(checksums["tensors"]) - set(entries))
+        if stray:
+            raise _error(path, f"checksums name tensor(s) the file does not hold ({', '.join(stray[:5])}): the header is corrupt")
+        for v in range(version, FORMAT_VERSION):
+            document, entries = _MIGRATIONS[v](document, entries)
+        model, views, tokenizer = _build(path, document, entries)
+        _read_tensors(path, fh, 8 + n_header, entries, views, checksums["tensors"])
+    return Checkpoint(path=path, model=model, tokenizer=tokenizer, state=document.get("state"), metadata=document,
+                      format_version=version)
+
+
+def _error(path: str, what: str) -> CheckpointError:
+    """CheckpointError naming the file, the cause and the fallback when `<path>.prev` exists."""
+    msg = f"{path}: {what}"
+    prev = f"{path}.prev"
+    if not path.endswith(".prev") and os.path.isfile(prev):
+        msg += f". The previous checkpoint {prev} exists: load_checkpoint({prev!r}) gets the organism as of the save before"
+    return CheckpointError(msg)
+
+
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _loads(path: str, text: str, what: str):
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:
+        raise _error(path, f"{what} is not valid JSON ({exc}): the header is corrupt") from None
+
+
+def _read_header(path: str, fh, file_size: int) -> tuple[dict, int]:
+    if file_size == 0:
+        raise _error(path, "the file is empty (a save that never completed?)")
+    head = fh.read(8)
+    if head[:1] == b"{":
+        raise _error(path, "this is a JSON file, not a molecule-gpt checkpoint; if it is the original "
+                           "implementation's checkpoint, import it with molecule_gpt.compat.load_original_checkpoint")
+    if len(head) < 8:
+        raise _error(path, f"the file is {file_size} bytes long, too short for a checkpoint (it starts with an 8-byte header length)")
+    (n,) = struct.unpack("<Q", head)
+    if n > file_size - 8:
+        raise _error(path, f"the header length field says {n} bytes but only {file_size - 8} follow: the file is truncated "
+                           f"or is not a safetensors file")
+    if n > MAX_HEADER_BYTES:
+        raise _error(path, f"the header length field says {n} bytes, above the {MAX_HEADER_BYTES}-byte limit: not a "
+                           f"molecule-gpt checkpoint")
+    raw = _read_exact(fh, n)
+    if len(raw) != n:
+        raise _error(path, f"the file ended inside the header ({len(raw)} of {n} bytes): it is truncated")
+    if raw[:1] != b"{":
+        raise _error(path, "the header does not start with '{': not a safetensors file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _error(path, f"the header is not UTF-8 ({exc}): the header is corrupt") from None
+    header = _loads(path, text, "the header")
+    if not isinstance(header, dict):
+        raise _error(path, f"the header is a JSON {type(header).__name__}, not an object: not a safetensors file")
+    return header, n
+
+
+def _read_exact(fh, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = fh.read(n - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _check_metadata(path: str, header: dict) -> dict:
+    """Magic and version first (like llm.c's gpt2_build_from_checkpoint), then the rest."""
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _error(path, "it is not a molecule-gpt checkpoint: its safetensors header has no __metadata__ string map "
+                           "(a plain safetensors file?)")
+    fmt = meta.get("format")
+    if fmt != FORMAT_NAME:
+        raise _error(path, f"it is not a molecule-gpt checkpoint: __metadata__ format is {fmt!r}, expected {FORMAT_NAME!r}")
+    raw_version = meta.get("format_version")
+    try:
+        version = int(raw_version) if raw_version is not None and raw_version.isdigit() else None
+    except ValueError:
+        version = None
+    if version is None:
+        raise _error(path, f"its format_version {raw_version!r} is not a version number: the header is corrupt")
+    if version > FORMAT_VERSION:
+        raise _error(path, f"it has format_version {version}, newer than this molecule-gpt reads (up to {FORMAT_VERSION}); "
+                           f"upgrade molecule-gpt to load it")
+    oldest = min([FORMAT_VERSION] + [v for v in _MIGRATIONS if all(w in _MIGRATIONS for w in range(v, FORMAT_VERSION))])
+    if version < oldest:
+        raise _error(path, f"it has format_version {version}, older than any this molecule-gpt can migrate "
+                           f"(oldest {oldest}); load and re-save it with the molecule-gpt release that wrote it")
+    for key in ("document", "checksums"):
+        if key not in meta:
+            raise _error(path, f"__metadata__ has no {key!r} entry: the header is corrupt")
+    unknown = sorted(set(meta) - set(_METADATA_KEYS))
+    if unknown:
+        warnings.warn(f"{path}: ignoring unknown __metadata__ key(s) {', '.join(unknown)} (written by a newer molecule-gpt?)",
+                      CheckpointWarning, stacklevel=3)
+    out = dict(meta)
+    out["__version"] = version
+    return out
+
+
+def _parse_checksums(path: str, text: str) -> dict:
+    ck = _loads(path, text, "the checksums entry")
+    if not isinstance(ck, dict) or ck.get("algorithm") != CHECKSUM_ALGORITHM:
+        algo = ck.get("algorithm") if isinstance(ck, dict) else None
+        raise _error(path, f"the checksum algorithm is {algo!r}; this molecule-gpt verifies {CHECKSUM_ALGORITHM!r} only")
+    doc, tens = ck.get("document"), ck.get("tensors")
+    if not _is_hex_digest(doc) or not isinstance(tens, dict) or not all(_is_hex_digest(v) for v in tens.values()):
+        raise _error(path, "the checksums entry is malformed (expected sha256 hex digests): the header is corrupt")
+    return ck
+
+
+def _is_hex_digest(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _check_tensor_table(path: str, header: dict, data_size: int) -> dict[str, TensorEntry]:
+    """Every entry well formed, its byte length equal to its shape times its dtype's width, and
+    the entries tiling [0, data_size) exactly (no hole, no overlap, nothing after): every size
+    the header claims is then bounded by the file size before anything is allocated."""
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise _error(path, f"tensor {name!r} has a malformed entry in the header: the header is corrupt")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _ITEMSIZE:
+            raise _error(path, f"tensor {name!r} has unknown dtype {dtype!r}: the header is corrupt")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise _error(path, f"tensor {name!r} has a malformed shape {shape!r}: the header is corrupt")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise _error(path, f"tensor {name!r} has malformed data_offsets {offsets!r}: the header is corrupt")
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != nbytes:
+            raise _error(path, f"tensor {name!r} claims shape {tuple(shape)} ({math.prod(shape)} elements of {dtype}, "
+                               f"{nbytes} bytes) but data_offsets {offsets} span {offsets[1] - offsets[0]} bytes: "
+                               f"the header is corrupt")
+        if offsets[1] > data_size:
+            raise _error(path, f"tensor {name!r} ({tuple(shape)}, {nbytes} bytes) ends at byte {offsets[1]} of the data "
+                               f"but the file holds only {max(data_size, 0)} bytes of data: the file is truncated")
+        entries[name] = TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
+    end = 0
+    for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
+        if e.begin != end:
+            what = "overlaps the previous tensor" if e.begin < end else f"leaves a hole of {e.begin - end} bytes before it"
+            raise _error(path, f"tensor {e.stored_name!r} at data_offsets [{e.begin}, {e.end}] {what}: the header is corrupt")
+        end = e.end
+    if end != data_size:
+        raise _error(path, f"{data_size - end} bytes follow the last tensor's data: the file is corrupt or was appended to")
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------
+# Load: validate the document against the tensor table, then build the model
+
+
+def _build(path: str, document: Any, entries: dict[str, TensorEntry]):
+    if not isinstance(document, dict):
+        raise _error(path, "the metadata document is not a JSON object: the header is corrupt")
+    for key in ("model", "optimizer_state"):
+        if key not in document:
+            raise _error(path, f"the metadata document has no {key!r} field: the header is corrupt")
+    unknown = sorted(set(document) - set(_DOCUMENT_KEYS))
+    if unknown:
+        warnings.warn(f"{path}: ignoring unknown metadata document field(s) {', '.join(unknown)} (written by a newer "
+                      f"molecule-gpt?)", CheckpointWarning, stacklevel=4)
+    meta = document["model"]
+    if not isinstance(meta, dict):
+        raise _error(path, "the document's 'model' field is not an object: the header is corrupt")
+    missing = [k for k in _MODEL_KEYS if k not in meta]
+    if missing:
+        raise _error(path, f"the document's model section lacks {', '.join(missing)}: the header is corrupt")
+    unknown = sorted(set(meta) - set(_MODEL_KEYS))
+    if unknown:
+        warnings.warn(f"{path}: ignoring unknown model field(s) {', '.join(unknown)} (written by a newer molecule-gpt?)",
+                      CheckpointWarning, stacklevel=4)
+    optimizer_state = document["optimizer_state"]
+    if not isinstance(optimizer_state, bool):
+        raise _error(path, f"optimizer_state is {optimizer_state!r}, not a bool: the header is corrupt")
+
+    # ---- config, dtype, vocabulary, delta modules: plain values checked before any shape maths
+    config = _config(path, meta["config"])
+    dtype = meta["dtype"]
+    if dtype not in _MODEL_DTYPES:
+        raise _error(path, f"model dtype is {dtype!r}; only 'float32' and 'float64' exist")
+    vocab = meta["vocab_size"]
+    if type(vocab) is not int or vocab < 1:
+        raise _error(path, f"vocab_size is {vocab!r}, not a positive int: the header is corrupt")
+    alphas = meta["delta_alphas"]
+    if not isinstance(alphas, list) or not all(type(a) in (int, float) and math.isfinite(a) for a in alphas):
+        raise _error(path, f"delta_alphas is not a list of finite numbers: the header is corrupt")
+    if len(alphas) > _MAX_DELTA_MODULES:
+        raise _error(path, f"{len(alphas)} delta modules, more than the {_MAX_DELTA_MODULES} the core supports")
+    groups = ["base"] + [f"delta{k}" for k in range(len(alphas))]
+    for key, kind in (("trainable", bool), ("adam_steps", int)):
+        table = meta[key]
+        if not isinstance(table, dict) or sorted(table) != sorted(groups) or \
+                not all(type(v) is kind and (kind is bool or v >= 0) for v in table.values()):
+            raise _error(path, f"model {key} must map each of the groups {', '.join(groups)} to a "
+                               f"{'bool' if kind is bool else 'non-negative int'}, got {table!r:.200}: the header is corrupt")
+    if not optimizer_state and any(meta["adam_steps"].values()):
+        raise _error(path, "the file holds no optimizer state but non-zero Adam step counters: the header is corrupt")
+    # A layer contributes at least 7 tensors, so n_layer beyond the table size cannot match; this
+    # bounds the shape computation below by the header size.
+    if config.n_layer > len(entries):
+        raise _error(path, f"config n_layer={config.n_layer} implies more tensors than the {len(entries)} in the file")
+
+    # ---- every expected tensor present with the right dtype and shape (before allocating)
+    expected = _expected_shapes(config, vocab, len(alphas), optimizer_state)
+    st_dtype = _MODEL_DTYPES[dtype]
+    for name, shape in expected.items():
+        e = entries.get(name)
+        if e is None:
+            raise _error(path, f"tensor {name!r} is missing (the config and delta count imply {len(expected)} tensors)")
+        if e.dtype != st_dtype:
+            raise _error(path, f"tensor {name!r} is {e.dtype} but the model dtype is {dtype} ({st_dtype})")
+        if e.shape != shape:
+            raise _error(path, f"tensor {name!r} has shape {e.shape} but the config (n_layer={config.n_layer}, "
+                               f"n_embd={config.n_embd}, n_head={config.n_head}, block_size={config.block_size}, "
+                               f"delta_rank={config.delta_rank}) and vocab_size={vocab} imply {shape}")
+    extra = sorted(set(entries) - set(expected))
+    if extra:
+        warnings.warn(f"{path}: ignoring {len(extra)} unknown tensor(s) {', '.join(extra[:5])}"
+                      f"{' ...' if len(extra) > 5 else ''} (written by a newer molecule-gpt?)", CheckpointWarning, stacklevel=4)
+
+    # ---- tokenizer (small, bounded by the header) before the model (large)
+    tokenizer = None
+    if document.get("tokenizer") is not None:
+        tokenizer = _tokenizer(path, document["tokenizer"], vocab)
+    if "state" in document:
+        _ = document["state"]  # verbatim; the Organism interprets it
+
+    # ---- the model: shapes are now known to match the file, so its memory is bounded by it
+    try:
+        model = _empty_model(config, vocab, dtype, alphas)
+        model.rng.bit_generator.state = meta["rng"]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise _error(path, f"the model cannot be rebuilt from its metadata ({type(exc).__name__}: {exc})") from None
+    except (MemoryError, OverflowError) as exc:
+        raise _error(path, f"not enough memory to build its model (batch_size={config.batch_size}, "
+                           f"block_size={config.block_size}, vocab_size={vocab}): {exc}") from None
+    for name, group in model.groups.items():
+        group.step = meta["adam_steps"][name]
+        model.trainable[name] = meta["trainable"][name]
+    model._rebuild(reallocate=False)
+    views = _state_views(model, optimizer_state)
+    if set(views) != set(expected) or any(tuple(views[k].shape) != expected[k] for k in expected):
+        # _expected_shapes mirrors Model's layout; tests pin the two together
+        raise _error(path, "internal layout mismatch between this checkpoint reader and Model; please report it")
+    return model, views, tokenizer
+
+
+def _config(path: str, raw: Any) -> Config:
+    if not isinstance(raw, dict):
+        raise _error(path, "the model config is not an object: the header is corrupt")
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        warnings.warn(f"{path}: ignoring unknown config field(s) {', '.join(unknown)} (written by a newer molecule-gpt?)",
+                      CheckpointWarning, stacklevel=5)
+    try:
+        return Config.from_dict({k: v for k, v in raw.items() if k in names})
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise _error(path, f"its config is invalid: {exc}") from None
+
+
+def _expected_shapes(config: Config, vocab_size: int, n_delta: int, optimizer_state: bool) -> dict[str, tuple]:
+    """Every tensor name -> shape the file must hold, from the config alone (no allocation).
+    Model's shape tables are instance methods that read only `config` and `vocab_size`, so they
+    run on a stand-in object; tests check the result equals a real Model's state_shapes()."""
+    stand_in = _ShapeStandIn(config, vocab_size)
+    base = Model._base_shapes(stand_in)
+    delta = Model._delta_shapes(stand_in)
+    params = dict(base)
+    for k in range(n_delta):
+        params.update({f"delta{k}.{key}": shape for key, shape in delta.items()})
+    shapes = {name: tuple(s) for name, s in params.items()}
+    if optimizer_state:
+        for name, s in params.items():
+            shapes["adam.m." + name] = tuple(s)
+            shapes["adam.v." + name] = tuple(s)
+    shapes["init_embed_snapshot"] = (vocab_size, config.n_embd)
+    return shapes
+
+
+class _ShapeStandIn:
+    def __init__(self, config: Config, vocab_size: int):
+        self.config = config
+        self.vocab_size = vocab_size
+
+    def adapted_shapes(self):
+        return Model.adapted_shapes(self)
+
+
+def _empty_model(config: Config, vocab_size: int, dtype: str, alphas: list) -> Model:
+    """A Model of the right shapes with zero parameters, built without drawing its random init
+    (every value is overwritten from the file next). Model has no such constructor yet, so
+    instance attributes shadow its two init methods during construction and are then removed;
+    the object is a plain Model afterwards."""
+    model = Model.__new__(Model)
+    model._init_base = _zero_init
+    model._init_delta = _zero_init
+    try:
+        Model.__init__(model, config, vocab_size, dtype=dtype)
+        for alpha in alphas:
+            model.add_delta_module(alpha=float(alpha))
+    finally:
+        model.__dict__.pop("_init_base", None)
+        model.__dict__.pop("_init_delta", None)
+    return model
+
+
+def _zero_init(key, shape):
+    return 0.0
+
+
+def _state_views(model: Model, optimizer_state: bool) -> dict[str, np.ndarray]:
+    """Writable views of every tensor export_state() produces, by the same names."""
+    views = {}
+    for group in model.groups.values():
+        prefix = "" if group.name == "base" else group.name + "."
+        m, v = group.moments()
+        for key in group.shapes:
+            views[prefix + key] = group.params[key]
+            if optimizer_state:
+                views["adam.m." + prefix + key] = m[key]
+                views["adam.v." + prefix + key] = v[key]
+    views["init_embed_snapshot"] = model.init_embed_snapshot
+    return views
+
+
+def _tokenizer(path: str, doc: Any, vocab_size: int):
+    try:
+        from .tokenizer import EvolvingTokenizer
+    except ImportError as exc:
+        raise _error(path, f"it holds a tokenizer but molecule_gpt.tokenizer cannot be imported ({exc})") from None
+    try:
+        tok = EvolvingTokenizer.from_dict(doc)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise _error(path, f"its tokenizer cannot be rebuilt ({type(exc).__name__}: {exc})") from None
+    if tok.vocab_size != vocab_size:
+        raise _error(path, f"its tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}: "
+                           f"the header is corrupt")
+    return tok
+
+
+def _read_tensors(path: str, fh, data_start: int, entries: dict[str, TensorEntry], views: dict[str, np.ndarray],
+                  digests: dict[str, str]) -> None:
+    """Read every tensor straight into its destination array (one copy, no mmap: a file
+    truncated under us is a short read, not a SIGBUS) and check its sha256. Hashing runs on a
+    worker thread while the next tensor is read."""
+    order = sorted(entries.items(), key=lambda item: item[1].begin)
+    total = sum(e.end - e.begin for _, e in order)
+    pool = ThreadPoolExecutor(1) if total >= _PARALLEL_HASH_BYTES and np.little_endian else None
+    pending = []  # (stored name, hex digest or future)
+    try:
+        fh.seek(data_start)
+        for name, e in order:
+            dest = views.get(name)
+            if dest is None:  # an ignored tensor: still checksummed, in bounded chunks
+                h = hashlib.sha256()
+                left = e.end - e.begin
+                while left:
+                    chunk = fh.read(min(left, 1 << 24))
+                    if not chunk:
+                        raise _error(path, f"the file ended inside tensor {e.stored_name!r}: it is truncated")
+                    h.update(chunk)
+                    left -= len(chunk)
+                pending.append((e.stored_name, h.hexdigest()))
+                continue
+            buf = memoryview(dest).cast("B")
+            got = 0
+            while got < len(buf):
+                n = fh.readinto(buf[got:])
+                if not n:
+                    raise _error(path, f"the file ended inside tensor {e.stored_name!r}: it is truncated")
+                got += n
+            if pool is not None:
+                pending.append((e.stored_name, pool.submit(_sha256_hex, buf)))
+            else:
+                pending.append((e.stored_name, _sha256_hex(buf)))  # over the stored (little-endian) bytes
+                if not np.little_endian:
+                    dest.byteswap(inplace=True)
+    except OSError as exc:
+        raise _error(path, f"cannot read it ({exc})") from exc
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    bad = [name for name, d in pending if (d if isinstance(d, str) else d.result()) != digests[name]]
+    if bad:
+        raise _error(path, f"tensor data does not match its sha256 checksum ({', '.join(bad[:5])}"
+                           f"{' ...' if len(bad) > 5 else ''}): the file is corrupt")
+
+
+def _sha256_hex(buf) -> str:
+    return hashlib.sha256(buf).hexdigest()
