@@ -1,0 +1,1345 @@
+"""_bpe: the tokenizer's hot paths over integer ids, in Cython.
+
+What is here: mapping characters to base symbols (one-character tokens, else the UTF-8 byte
+tokens of the character), scanning whitespace-separated words straight out of the str's
+internal buffer, applying merges to a word (a C hash map (left, right) -> (rank, merged id),
+lowest rank first, leftmost on ties), a bounded per-word cache of encoded words, and BPE
+training with incremental pair counts.
+
+What is not here: the vocabulary itself, which token a merge creates, serialization, the growth
+policy and the original-checkpoint import. Those are policy and live in tokenizer.py
+(EvolvingTokenizer), which validates everything before calling in; this module trusts its
+inputs. A pure-Python twin of `BPECore` with the same methods lives in tokenizer.py
+(`_PyCore`) for when this extension is not built (or MOLECULE_GPT_PUREPYTHON=1).
+
+Symbols are int32 token ids; the end-of-word marker `</w>` is the symbol EOW = -1, which is
+never a token and never emitted (a merged token that ends in `</w>`, like `the</w>`, is).
+Everything runs with the GIL held: one call is atomic with respect to other Python threads,
+and training calls back into Python once per merge to learn the merged token's id.
+
+Notes (alternatives considered and rejected):
+- Merge application. tiktoken rescans an array of ranks after every merge: O(n^2) on one long
+  word. We do the same for words of up to NAIVE_MAX symbols (it is the fastest there) and switch
+  to a min-heap of (rank, position) over a linked list above it, so "a" * 1_000_000 is
+  O(n log n). Both are kept and tested against each other (`_apply_merges_memview`).
+- Word cache. A direct-mapped table of fixed-size slots keyed by the word's code points: bounded
+  memory, no eviction bookkeeping, no allocation per word. A collision overwrites the slot. Words
+  longer than CACHE_KEY code points are never cached (rare in text; adversarial words must not
+  evict everything).
+- Training. One round = pop the best pair from a lazy max-heap, rewrite only the words that
+  contain it (pair -> word list), subtract the old pair counts of those words and add the new
+  ones. Recounting everything every round (the original) is O(rounds * corpus).
+"""
+cimport cython
+from cpython.ref cimport PyObject
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, INT32_MAX
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memmove, memset
+
+from molecule_gpt.errors import TokenizerError
+
+cdef extern from "Python.h":
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+    unsigned int PyUnicode_KIND(object o)
+    void* PyUnicode_DATA(object o)
+    int PyUnicode_1BYTE_KIND
+    int PyUnicode_2BYTE_KIND
+    bint Py_UNICODE_ISSPACE(Py_UCS4 ch) nogil
+    object PyList_New(Py_ssize_t n)
+    PyObject* PyLong_FromLong(long v)
+    void PyList_SET_ITEM_STEAL "PyList_SET_ITEM"(object lst, Py_ssize_t i, PyObject* item)
+    object PyBytes_FromStringAndSize(const char* s, Py_ssize_t n)
+
+cdef extern from *:
+    """
+    #define MGPT_EMPTY64 0xFFFFFFFFFFFFFFFFULL
+    #define MGPT_EMPTY32 0xFFFFFFFFu
+    #define MGPT_MIX1 0xff51afd7ed558ccdULL
+    #define MGPT_MIX2 0xc4ceb9fe1a85ec53ULL
+    #define MGPT_FNV_PRIME 0x100000001b3ULL
+    #define MGPT_FNV_SEED 0xcbf29ce484222325ULL
+    """
+    uint64_t EMPTY64 "MGPT_EMPTY64"
+    uint32_t EMPTY32 "MGPT_EMPTY32"
+    uint64_t MIX1 "MGPT_MIX1"
+    uint64_t MIX2 "MGPT_MIX2"
+    uint64_t FNV_PRIME "MGPT_FNV_PRIME"
+    uint64_t FNV_SEED "MGPT_FNV_SEED"
+
+ctypedef fused char_t:
+    uint8_t
+    uint16_t
+    uint32_t
+
+cdef enum:
+    EOW = -1              # the end-of-word marker </w> as a symbol
+    NO_RANK = 2147483647  # (INT32_MAX) rank of a pair that has no merge
+    CACHE_KEY = 16        # longest word (in code points) the per-word cache holds
+    NAIVE_MAX = 48        # words of up to this many symbols use the O(n^2) rank scan
+    NOT_FOUND = -2        # map lookups: absent (distinct from EOW)
+
+EOW_ID = EOW  # exported for the facade and the tests
+CACHE_KEY_LEN = CACHE_KEY
+NAIVE_MAX_SYMBOLS = NAIVE_MAX
+
+# Python's own whitespace (str.isspace / str.split) for code points < 256; above, the C API.
+cdef uint8_t SPACE_LATIN1[256]
+for _i in range(256):
+    SPACE_LATIN1[_i] = chr(_i).isspace()
+
+
+cdef inline bint is_space(uint32_t cp) noexcept nogil:
+    if cp < 256:
+        return SPACE_LATIN1[cp]
+    return Py_UNICODE_ISSPACE(cp)
+
+
+cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
+    """murmur3 finalizer: spreads every input bit over the high and low bits."""
+    x ^= x >> 33
+    x *= MIX1
+    x ^= x >> 33
+    x *= MIX2
+    x ^= x >> 33
+    return x
+
+
+cdef inline uint64_t pair_key(int32_t a, int32_t b) noexcept nogil:
+    return ((<uint64_t><uint32_t>a) << 32) | <uint64_t><uint32_t>b
+
+
+cdef inline int utf8_encode(uint32_t cp, uint8_t* out) noexcept nogil:
+    """UTF-8 bytes of one code point; lone surrogates as 3 bytes (Python's 'surrogatepass')."""
+    if cp < 0x80:
+        out[0] = <uint8_t>cp
+        return 1
+    if cp < 0x800:
+        out[0] = <uint8_t>(0xC0 | (cp >> 6))
+        out[1] = <uint8_t>(0x80 | (cp & 0x3F))
+        return 2
+    if cp < 0x10000:
+        out[0] = <uint8_t>(0xE0 | (cp >> 12))
+        out[1] = <uint8_t>(0x80 | ((cp >> 6) & 0x3F))
+        out[2] = <uint8_t>(0x80 | (cp & 0x3F))
+        return 3
+    out[0] = <uint8_t>(0xF0 | (cp >> 18))
+    out[1] = <uint8_t>(0x80 | ((cp >> 12) & 0x3F))
+    out[2] = <uint8_t>(0x80 | ((cp >> 6) & 0x3F))
+    out[3] = <uint8_t>(0x80 | (cp & 0x3F))
+    return 4
+
+
+cdef inline size_t pow2_at_least(size_t n) noexcept nogil:
+    cdef size_t p = 16
+    while p < n:
+        p <<= 1
+    return p
+
+
+cdef void* xrealloc(void* p, size_t nbytes) except NULL:
+    cdef void* q = realloc(p, nbytes if nbytes > 0 else 1)
+    if q == NULL:
+        raise MemoryError()
+    return q
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge map: (left, right) -> (rank, merged id). Open addressing, linear probing, load <= 1/2.
+
+cdef struct MergeSlot:
+    uint64_t key     # pair_key(left, right); EMPTY64 = free (left == EOW never happens)
+    int32_t rank
+    int32_t merged
+
+cdef struct MergeMap:
+    MergeSlot* slots
+    uint64_t mask
+
+
+cdef inline MergeSlot* merge_find(const MergeMap* m, int32_t a, int32_t b) noexcept nogil:
+    """The slot of (a, b), or NULL when the pair has no merge."""
+    cdef uint64_t key = pair_key(a, b)
+    cdef uint64_t i = mix64(key) & m.mask
+    while m.slots[i].key != EMPTY64:
+        if m.slots[i].key == key:
+            return &m.slots[i]
+        i = (i + 1) & m.mask
+    return NULL
+
+
+cdef inline int32_t merge_rank(const MergeMap* m, int32_t a, int32_t b, int32_t* merged) noexcept nogil:
+    cdef MergeSlot* s = merge_find(m, a, b)
+    if s == NULL:
+        return NO_RANK
+    merged[0] = s.merged
+    return s.rank
+
+
+# ---------------------------------------------------------------------------------------------
+# Code point map for characters >= U+0100 (those below live in a flat table).
+
+cdef struct CpSlot:
+    uint32_t cp      # EMPTY32 = free
+    int32_t id
+
+cdef struct CpMap:
+    CpSlot* slots
+    uint64_t mask
+
+
+cdef inline int32_t cp_get(const CpMap* m, uint32_t cp) noexcept nogil:
+    cdef uint64_t i = mix64(cp) & m.mask
+    while m.slots[i].cp != EMPTY32:
+        if m.slots[i].cp == cp:
+            return m.slots[i].id
+        i = (i + 1) & m.mask
+    return NOT_FOUND
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-word cache: direct-mapped, fixed-size slots.
+
+cdef struct CacheSlot:
+    uint64_t hash    # 0 = empty (stored hashes have the low bit set)
+    int32_t klen     # code points in the word
+    int32_t nids     # ids the word encodes to
+    uint32_t key[CACHE_KEY]
+    int32_t ids[CACHE_KEY]
+
+
+@cython.final
+cdef class BPECore:
+    """Encoding state: base-symbol maps, merges, surfaces for decoding, scratch buffers.
+
+    Set up by the facade through set_vocab / set_merges; every call after that trusts it.
+    """
+    cdef int32_t latin1[256]         # code point < 256 -> char token id, or NOT_FOUND
+    cdef int32_t byte_id[256]        # byte value -> byte token id, or NOT_FOUND (no fallback)
+    cdef CpMap cpmap                 # code point >= 256 -> char token id
+    cdef MergeMap merges
+    cdef Py_ssize_t n_merges
+    cdef int32_t space_id, bos_id, eos_id, pad_id
+    # decoding: surfaces of every token, concatenated
+    cdef uint8_t* surf
+    cdef int64_t* surf_off           # (V + 1,)
+    cdef Py_ssize_t vocab_size
+    # per-word cache
+    cdef CacheSlot* cache
+    cdef uint64_t cache_mask
+    cdef int cache_bits
+    cdef public uint64_t cache_hits, cache_misses
+    # scratch: output ids and one word's symbols
+    cdef int32_t* out
+    cdef Py_ssize_t out_n, out_cap
+    cdef int32_t* sym
+    cdef int32_t* aux1
+    cdef int32_t* aux2
+    cdef uint64_t* heap
+    cdef Py_ssize_t sym_cap
+    cdef uint32_t* keybuf            # one word's code points, widened to uint32
+    cdef Py_ssize_t keybuf_cap
+    cdef uint32_t err_cp
+
+    def __cinit__(self):
+        self.cpmap.slots = NULL
+        self.merges.slots = NULL
+        self.surf = NULL
+        self.surf_off = NULL
+        self.cache = NULL
+        self.out = NULL
+        self.sym = NULL
+        self.aux1 = NULL
+        self.aux2 = NULL
+        self.heap = NULL
+        self.keybuf = NULL
+
+    def __init__(self, int cache_bits=14):
+        """cache_bits: the per-word cache holds 2**cache_bits words (0 disables it)."""
+        if cache_bits < 0 or cache_bits > 24:
+            raise ValueError(f"cache_bits must be in [0, 24], got {cache_bits}")
+        self.cache_bits = cache_bits
+        self.space_id = self.bos_id = self.eos_id = self.pad_id = NOT_FOUND
+        for i in range(256):
+            self.latin1[i] = NOT_FOUND
+            self.byte_id[i] = NOT_FOUND
+        self._alloc_cpmap(16)
+        self._alloc_merges(16)
+        self.vocab_size = 0
+
+    def __dealloc__(self):
+        free(self.cpmap.slots)
+        free(self.merges.slots)
+        free(self.surf)
+        free(self.surf_off)
+        free(self.cache)
+        free(self.out)
+        free(self.sym)
+        free(self.aux1)
+        free(self.aux2)
+        free(self.heap)
+        free(self.keybuf)
+
+    cdef int _alloc_cpmap(self, size_t n) except -1:
+        cdef size_t cap = pow2_at_least(2 * n + 2)
+        free(self.cpmap.slots)
+        self.cpmap.slots = NULL
+        self.cpmap.slots = <CpSlot*>xrealloc(NULL, cap * sizeof(CpSlot))
+        memset(self.cpmap.slots, 0xFF, cap * sizeof(CpSlot))
+        self.cpmap.mask = cap - 1
+        return 0
+
+    cdef int _alloc_merges(self, size_t n) except -1:
+        cdef size_t cap = pow2_at_least(2 * n + 2)
+        free(self.merges.slots)
+        self.merges.slots = NULL
+        self.merges.slots = <MergeSlot*>xrealloc(NULL, cap * sizeof(MergeSlot))
+        memset(self.merges.slots, 0xFF, cap * sizeof(MergeSlot))
+        self.merges.mask = cap - 1
+        self.n_merges = 0
+        return 0
+
+    # ---- setup (called by the facade at birth and at every growth event)
+
+    def set_vocab(self, chars, byte_ids, surfaces, int space_id, int bos_id, int eos_id, int pad_id):
+        """chars: {code point: id} of one-character tokens; byte_ids: 256 ids (-1 = none);
+        surfaces: bytes per token id (what decoding it contributes; b"" for specials);
+        space_id: the token between words (-1 = none)."""
+        cdef uint64_t i
+        cdef uint32_t cp
+        cdef Py_ssize_t v, total = 0
+        for v in range(256):
+            self.latin1[v] = NOT_FOUND
+            b = byte_ids[v]
+            self.byte_id[v] = NOT_FOUND if b < 0 else b
+        self._alloc_cpmap(len(chars))
+        for key, tid in chars.items():
+            cp = key
+            if cp < 256:
+                self.latin1[cp] = tid
+                continue
+            i = mix64(cp) & self.cpmap.mask
+            while self.cpmap.slots[i].cp != EMPTY32 and self.cpmap.slots[i].cp != cp:
+                i = (i + 1) & self.cpmap.mask
+            self.cpmap.slots[i].cp = cp
+            self.cpmap.slots[i].id = tid
+        self.space_id = NOT_FOUND if space_id < 0 else space_id
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        # surfaces, concatenated, for decode_bytes
+        self.vocab_size = len(surfaces)
+        for s in surfaces:
+            total += len(<bytes>s)
+        free(self.surf)
+        self.surf = NULL
+        free(self.surf_off)
+        self.surf_off = NULL
+        self.surf = <uint8_t*>xrealloc(NULL, total)
+        self.surf_off = <int64_t*>xrealloc(NULL, (self.vocab_size + 1) * sizeof(int64_t))
+        total = 0
+        for v in range(self.vocab_size):
+            s = surfaces[v]
+            self.surf_off[v] = total
+            if len(<bytes>s):
+                memcpy(self.surf + total, <const char*>(<bytes>s), len(<bytes>s))
+            total += len(<bytes>s)
+        self.surf_off[self.vocab_size] = total
+        self.clear_cache()
+
+    def set_merges(self, merges):
+        """merges: (left, right, merged) triples in rank order; a pair listed twice keeps its
+        last rank (as the original's {pair: i for i, pair in enumerate(merges)})."""
+        cdef MergeSlot* s
+        cdef uint64_t key, i
+        cdef int32_t a, b, m, rank = 0
+        self._alloc_merges(len(merges))
+        for triple in merges:
+            a, b, m = triple
+            key = pair_key(a, b)
+            i = mix64(key) & self.merges.mask
+            while self.merges.slots[i].key != EMPTY64 and self.merges.slots[i].key != key:
+                i = (i + 1) & self.merges.mask
+            if self.merges.slots[i].key == EMPTY64:
+                self.n_merges += 1
+            self.merges.slots[i].key = key
+            self.merges.slots[i].rank = rank
+            self.merges.slots[i].merged = m
+            rank += 1
+        self.clear_cache()
+
+    def clear_cache(self):
+        cdef size_t n
+        if self.cache != NULL and self.cache_bits > 0:
+            n = (<size_t>1) << self.cache_bits
+            memset(self.cache, 0, n * sizeof(CacheSlot))
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    def merge_rank(self, int a, int b):
+        """(rank, merged id) of the pair, or None."""
+        cdef int32_t merged = 0
+        cdef int32_t r = merge_rank(&self.merges, a, b, &merged)
+        return None if r == NO_RANK else (r, merged)
+
+    # ---- scratch
+
+    cdef int _ensure_out(self, Py_ssize_t extra) except -1:
+        cdef Py_ssize_t need = self.out_n + extra, cap
+        if need > self.out_cap:
+            cap = max(need, 2 * self.out_cap, 1024)
+            self.out = <int32_t*>xrealloc(self.out, cap * sizeof(int32_t))
+            self.out_cap = cap
+        return 0
+
+    cdef int _ensure_keybuf(self, Py_ssize_t n) except -1:
+        cdef Py_ssize_t cap
+        if n > self.keybuf_cap:
+            cap = max(n, 2 * self.keybuf_cap, 64)
+            self.keybuf = <uint32_t*>xrealloc(self.keybuf, cap * sizeof(uint32_t))
+            self.keybuf_cap = cap
+        return 0
+
+    cdef int _ensure_sym(self, Py_ssize_t n) except -1:
+        cdef Py_ssize_t cap
+        if n > self.sym_cap:
+            cap = max(n, 2 * self.sym_cap, 64)
+            self.sym = <int32_t*>xrealloc(self.sym, cap * sizeof(int32_t))
+            self.aux1 = <int32_t*>xrealloc(self.aux1, cap * sizeof(int32_t))
+            self.aux2 = <int32_t*>xrealloc(self.aux2, cap * sizeof(int32_t))
+            self.heap = <uint64_t*>xrealloc(self.heap, 3 * cap * sizeof(uint64_t))
+            self.sym_cap = cap
+        return 0
+
+    cdef int _ensure_cache(self) except -1:
+        cdef size_t n
+        if self.cache == NULL and self.cache_bits > 0:
+            n = (<size_t>1) << self.cache_bits
+            self.cache = <CacheSlot*>xrealloc(NULL, n * sizeof(CacheSlot))
+            memset(self.cache, 0, n * sizeof(CacheSlot))
+            self.cache_mask = n - 1
+        return 0
+
+    # ---- base symbols
+
+    cdef inline int base_symbols(self, uint32_t cp, int32_t* dst) noexcept:
+        """Write the base symbols of one character to dst (1 to 4); 0 if it has none."""
+        cdef int32_t t
+        cdef uint8_t b[4]
+        cdef int n, k
+        if cp < 256:
+            t = self.latin1[cp]
+        else:
+            t = cp_get(&self.cpmap, cp)
+        if t >= 0:
+            dst[0] = t
+            return 1
+        n = utf8_encode(cp, b)
+        for k in range(n):
+            t = self.byte_id[b[k]]
+            if t < 0:
+                self.err_cp = cp
+                return 0
+            dst[k] = t
+        return n
+
+    # ---- merge application (one word, in place; returns the new length)
+
+    cdef Py_ssize_t apply_naive(self, int32_t* s, Py_ssize_t n) noexcept:
+        """Greedy BPE by rescanning a rank array: lowest rank first, leftmost on ties. O(n^2)."""
+        cdef int32_t* ranks = self.aux1
+        cdef int32_t* mids = self.aux2
+        cdef Py_ssize_t i, bi
+        cdef int32_t best
+        for i in range(n - 1):
+            ranks[i] = merge_rank(&self.merges, s[i], s[i + 1], &mids[i])
+        while n > 1:
+            best = NO_RANK
+            bi = -1
+            for i in range(n - 1):
+                if ranks[i] < best:
+                    best = ranks[i]
+                    bi = i
+            if bi < 0:
+                break
+            s[bi] = mids[bi]
+            # drop symbol bi+1 and the pair that started at it
+            memmove(s + bi + 1, s + bi + 2, (n - bi - 2) * sizeof(int32_t))
+            memmove(ranks + bi + 1, ranks + bi + 2, (n - bi - 3) * sizeof(int32_t) if n - bi - 3 > 0 else 0)
+            memmove(mids + bi + 1, mids + bi + 2, (n - bi - 3) * sizeof(int32_t) if n - bi - 3 > 0 else 0)
+            n -= 1
+            if bi > 0:
+                ranks[bi - 1] = merge_rank(&self.merges, s[bi - 1], s[bi], &mids[bi - 1])
+            if bi < n - 1:
+                ranks[bi] = merge_rank(&self.merges, s[bi], s[bi + 1], &mids[bi])
+        return n
+
+    cdef Py_ssize_t apply_heap(self, int32_t* s, Py_ssize_t n) noexcept:
+        """The same greedy BPE in O(n log n): a min-heap of (rank << 32 | position) over a
+        doubly linked list of symbols. Stale entries (position merged away, or its pair changed)
+        are skipped when popped; positions keep their left-to-right order, so the smallest
+        (rank, position) is exactly the lowest-rank, leftmost pair."""
+        cdef int32_t* nxt = self.aux1
+        cdef int32_t* prv = self.aux2
+        cdef uint64_t* h = self.heap
+        cdef Py_ssize_t hn = 0, i, j, p, q, r
+        cdef uint64_t top, e
+        cdef int32_t rank, merged = 0, pos
+        for i in range(n):
+            nxt[i] = <int32_t>(i + 1) if i + 1 < n else -1
+            prv[i] = <int32_t>(i - 1)
+        # heapify all initial pairs
+        for i in range(n - 1):
+            rank = merge_rank(&self.merges, s[i], s[i + 1], &merged)
+            if rank != NO_RANK:
+                h[hn] = ((<uint64_t>rank) << 32) | <uint64_t>i
+                hn += 1
+        i = hn // 2 - 1
+        while i >= 0:
+            _sift_down(h, hn, i)
+            i -= 1
+        while hn > 0:
+            top = h[0]
+            hn -= 1
+            if hn > 0:
+                h[0] = h[hn]
+                _sift_down(h, hn, 0)
+            pos = <int32_t>(top & 0xFFFFFFFF)
+            rank = <int32_t>(top >> 32)
+            q = nxt[pos]
+            if s[pos] == NOT_FOUND or q < 0:
+                continue
+            if merge_rank(&self.merges, s[pos], s[q], &merged) != rank:
+                continue
+            s[pos] = merged
+            s[q] = NOT_FOUND          # dead
+            r = nxt[q]
+            nxt[pos] = <int32_t>r
+            if r >= 0:
+                prv[r] = pos
+            p = prv[pos]
+            if p >= 0:
+                rank = merge_rank(&self.merges, s[p], s[pos], &merged)
+                if rank != NO_RANK:
+                    e = ((<uint64_t>rank) << 32) | <uint64_t>p
+                    h[hn] = e
+                    hn += 1
+                    _sift_up(h, hn - 1)
+            if r >= 0:
+                rank = merge_rank(&self.merges, s[pos], s[r], &merged)
+                if rank != NO_RANK:
+                    e = ((<uint64_t>rank) << 32) | <uint64_t>pos
+                    h[hn] = e
+                    hn += 1
+                    _sift_up(h, hn - 1)
+        # compact the surviving symbols
+        j = 0
+        i = 0
+        while i >= 0:
+            s[j] = s[i]
+            j += 1
+            i = nxt[i]
+        return j
+
+    cdef inline Py_ssize_t apply(self, int32_t* s, Py_ssize_t n) noexcept:
+        if n < 2 or self.n_merges == 0:
+            return n
+        if n <= NAIVE_MAX:
+            return self.apply_naive(s, n)
+        return self.apply_heap(s, n)
+
+    def _apply_merges_memview(self, symbols, str method="auto"):
+        """Test twin: apply the merges to a list of symbol ids with 'naive', 'heap' or 'auto'."""
+        cdef Py_ssize_t n = len(symbols), i
+        self._ensure_sym(n + 1)
+        for i in range(n):
+            self.sym[i] = symbols[i]
+        if method == "naive":
+            n = self.apply_naive(self.sym, n) if n > 1 else n
+        elif method == "heap":
+            n = self.apply_heap(self.sym, n) if n > 1 else n
+        elif method == "auto":
+            n = self.apply(self.sym, n)
+        else:
+            raise ValueError(f"method must be 'naive', 'heap' or 'auto', got {method!r}")
+        return [self.sym[i] for i in range(n)]
+
+    # ---- encode
+
+    def encode(self, str text, bint bpe):
+        """Ids of text: <BOS>, tokens, <EOS>. Raises TokenizerError on a character with no
+        token and no byte tokens to fall back to."""
+        cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
+        cdef unsigned int kind = PyUnicode_KIND(text)
+        cdef void* data = PyUnicode_DATA(text)
+        cdef int rc
+        self.out_n = 0
+        self._ensure_out(2)
+        self.out[self.out_n] = self.bos_id
+        self.out_n += 1
+        if kind == PyUnicode_1BYTE_KIND:
+            rc = _encode_text(self, <const uint8_t*>data, n, bpe)
+        elif kind == PyUnicode_2BYTE_KIND:
+            rc = _encode_text(self, <const uint16_t*>data, n, bpe)
+        else:
+            rc = _encode_text(self, <const uint32_t*>data, n, bpe)
+        if rc < 0:
+            ch = chr(self.err_cp)
+            raise TokenizerError(
+                f"character {ch!r} (U+{self.err_cp:04X}) has no token and this tokenizer has no "
+                f"byte tokens to spell it; call enable_byte_fallback() once (it appends the byte "
+                f"tokens and returns the new vocabulary size) so that every string encodes")
+        self._ensure_out(1)
+        self.out[self.out_n] = self.eos_id
+        self.out_n += 1
+        result = self._out_list()
+        if self.out_cap > (1 << 20):        # do not keep a huge buffer after a huge input
+            free(self.out)
+            self.out = NULL
+            self.out_cap = 0
+        return result
+
+    cdef object _out_list(self):
+        cdef Py_ssize_t i
+        cdef PyObject* item
+        lst = PyList_New(self.out_n)
+        for i in range(self.out_n):
+            item = PyLong_FromLong(self.out[i])
+            if item == NULL:
+                raise MemoryError()
+            PyList_SET_ITEM_STEAL(lst, i, item)
+        return lst
+
+    cdef int emit_word(self, const uint32_t* key, Py_ssize_t klen, uint64_t hash) except -1:
+        """Append the ids of one word (its code points in key) to out, through the cache."""
+        cdef CacheSlot* slot = NULL
+        cdef Py_ssize_t i, k, n = 0, nout
+        cdef int c
+        cdef int32_t* s
+        if klen <= CACHE_KEY and self.cache_bits > 0:
+            if self.cache == NULL:
+                self._ensure_cache()
+            slot = &self.cache[(hash >> 17) & self.cache_mask]
+            if slot.hash == hash and slot.klen == klen and memcmp(slot.key, key, klen * sizeof(uint32_t)) == 0:
+                self._ensure_out(slot.nids)
+                memcpy(self.out + self.out_n, slot.ids, slot.nids * sizeof(int32_t))
+                self.out_n += slot.nids
+                self.cache_hits += 1
+                return 0
+            self.cache_misses += 1
+        self._ensure_sym(4 * klen + 1)
+        s = self.sym
+        for i in range(klen):
+            c = self.base_symbols(key[i], s + n)
+            if c == 0:
+                return -2
+            n += c
+        s[n] = EOW
+        n += 1
+        n = self.apply(s, n)
+        self._ensure_out(n)
+        nout = 0
+        for i in range(n):
+            if s[i] != EOW:
+                self.out[self.out_n + nout] = s[i]
+                nout += 1
+        if slot != NULL and nout <= CACHE_KEY:
+            slot.hash = hash
+            slot.klen = <int32_t>klen
+            slot.nids = <int32_t>nout
+            memcpy(slot.key, key, klen * sizeof(uint32_t))
+            memcpy(slot.ids, self.out + self.out_n, nout * sizeof(int32_t))
+        self.out_n += nout
+        return 0
+
+    # ---- decode
+
+    def decode_bytes(self, ids):
+        """The concatenated surfaces of ids: <BOS>/<PAD> skipped, stop at <EOS>.
+        Raises TokenizerError on an id outside the vocabulary."""
+        cdef Py_ssize_t total = 0, cap = 256, nb
+        cdef long t
+        cdef uint8_t* buf = <uint8_t*>xrealloc(NULL, cap)
+        try:
+            for obj in ids:
+                t = obj
+                if t < 0 or t >= self.vocab_size:
+                    raise TokenizerError(
+                        f"token id {t} is outside the vocabulary (size {self.vocab_size}); "
+                        f"decode only ids this tokenizer produced")
+                if t == self.eos_id:
+                    break
+                if t == self.bos_id or t == self.pad_id:
+                    continue
+                nb = self.surf_off[t + 1] - self.surf_off[t]
+                if total + nb > cap:
+                    cap = max(2 * cap, total + nb)
+                    buf = <uint8_t*>xrealloc(buf, cap)
+                memcpy(buf + total, self.surf + self.surf_off[t], nb)
+                total += nb
+            return PyBytes_FromStringAndSize(<const char*>buf, total)
+        finally:
+            free(buf)
+
+    # ---- training
+
+    def train(self, lines, Py_ssize_t num_merges, merged_id):
+        """Learn up to num_merges merges from the whitespace-split words of lines.
+
+        merged_id(left, right) -> id is called once per merge and returns the token of the merged
+        symbol (an existing token with the same text, or a new one); right may be EOW.
+        Returns the merges as (left, right, merged) triples, in rank order. Ties between pairs of
+        equal count go to the pair met first when scanning the distinct words in first-occurrence
+        order, symbols left to right (the original's rule).
+        """
+        cdef _Trainer tr = _Trainer()
+        for line in lines:
+            tr.count_line(self, line)
+        tr.init_pairs()
+        return tr.run(num_merges, merged_id)
+
+
+cdef inline void _sift_down(uint64_t* h, Py_ssize_t n, Py_ssize_t i) noexcept nogil:
+    cdef Py_ssize_t c
+    cdef uint64_t x = h[i]
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and h[c + 1] < h[c]:
+            c += 1
+        if h[c] >= x:
+            break
+        h[i] = h[c]
+        i = c
+    h[i] = x
+
+
+cdef inline void _sift_up(uint64_t* h, Py_ssize_t i) noexcept nogil:
+    cdef uint64_t x = h[i]
+    cdef Py_ssize_t p
+    while i > 0:
+        p = (i - 1) >> 1
+        if h[p] <= x:
+            break
+        h[i] = h[p]
+        i = p
+    h[i] = x
+
+
+cdef int _encode_text(BPECore c, const char_t* data, Py_ssize_t n, bint bpe) except -1:
+    """Strip, then char mode (one token per character) or BPE mode (words, space between)."""
+    cdef Py_ssize_t start = 0, end = n, i, j, k
+    cdef uint32_t cp
+    cdef uint64_t hash
+    cdef uint32_t* key
+    cdef bint first = True
+    cdef int got
+    while start < end and is_space(data[start]):
+        start += 1
+    while end > start and is_space(data[end - 1]):
+        end -= 1
+    if not bpe:
+        for i in range(start, end):
+            if c.out_n + 4 > c.out_cap:
+                c._ensure_out(4)
+            got = c.base_symbols(data[i], c.out + c.out_n)
+            if got == 0:
+                return -1
+            c.out_n += got
+        return 0
+    i = start
+    while i < end:
+        while i < end and is_space(data[i]):
+            i += 1
+        if i >= end:
+            break
+        j = i
+        hash = FNV_SEED
+        while j < end and not is_space(data[j]):
+            hash = (hash ^ data[j]) * FNV_PRIME
+            j += 1
+        if not first:
+            if c.space_id < 0:
+                c.err_cp = 0x20
+                return -1
+            c._ensure_out(1)
+            c.out[c.out_n] = c.space_id
+            c.out_n += 1
+        first = False
+        # the word's code points as uint32 (the cache key)
+        if char_t is uint32_t:
+            key = <uint32_t*>&data[i]
+        else:
+            c._ensure_keybuf(j - i)
+            key = c.keybuf
+            for k in range(j - i):
+                key[k] = data[i + k]
+        if c.emit_word(key, j - i, mix64(hash) | 1) < 0:
+            return -1
+        i = j
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Training with incremental pair counts.
+#
+# words: the distinct words in first-occurrence order, each a run of symbols in one arena,
+#        with its frequency (int64). A merge rewrites a word in place (it only shrinks).
+# pairs: (left, right) -> Pair: count over the corpus (word frequency times occurrences,
+#        overlapping, as the original counts them), the words that contain it (a list that may
+#        hold stale entries and duplicates; cleaned when read), the first word containing it.
+# heap:  lazy max-heap of (count, first word) per pair; an entry is live while its version
+#        equals the pair's version (bumped whenever count or first word changes).
+# Tie rule: the original takes, among pairs of maximal count, the first one met scanning the
+#        words in order, symbols left to right: smallest (first word, position in that word).
+#        The heap orders by (count desc, first word asc); pairs tied on both are compared by
+#        their first position in that word, computed when the tie occurs.
+
+cdef struct Pair:
+    int32_t left
+    int32_t right
+    int64_t count
+    int32_t first_word       # INT32_MAX when the pair occurs nowhere
+    uint32_t version
+    int32_t* wl              # words containing the pair (superset; may repeat)
+    int32_t wl_n
+    int32_t wl_cap
+    uint32_t st_before       # word stamp: pair occurred in the word being rewritten, before
+    uint32_t st_after        # ... after the rewrite
+    uint32_t touched         # round stamp: already in this round's touched list
+    int64_t snap_count       # count and first word when first touched this round
+    int32_t snap_first
+    int32_t rescan           # lost its first word this round; recompute from wl
+
+cdef struct HeapEntry:
+    int64_t count
+    int32_t first_word
+    int32_t pid
+    uint32_t version
+
+
+cdef inline bint _better(const HeapEntry* a, const HeapEntry* b) noexcept nogil:
+    if a.count != b.count:
+        return a.count > b.count
+    if a.first_word != b.first_word:
+        return a.first_word < b.first_word
+    return a.pid < b.pid
+
+
+@cython.final
+cdef class _Trainer:
+    # words
+    cdef int32_t* arena
+    cdef Py_ssize_t arena_n, arena_cap
+    cdef int64_t* w_off
+    cdef int32_t* w_len
+    cdef int64_t* w_freq
+    cdef uint64_t* w_hash
+    cdef uint32_t* w_mark
+    cdef Py_ssize_t n_words, words_cap
+    cdef int32_t* wmap          # word table: slot -> word index or -1
+    cdef uint64_t wmap_mask
+    # pairs
+    cdef Pair* pairs
+    cdef Py_ssize_t n_pairs, pairs_cap
+    cdef uint64_t* pkeys        # pair table: slot -> key (EMPTY64 = free)
+    cdef int32_t* pvals         # slot -> pair index
+    cdef uint64_t pmap_mask
+    # heap
+    cdef HeapEntry* heap
+    cdef Py_ssize_t heap_n, heap_cap
+    # scratch
+    cdef int32_t* scratch
+    cdef int32_t* oldp
+    cdef Py_ssize_t scratch_cap
+    cdef int32_t* touched
+    cdef Py_ssize_t touched_n, touched_cap
+    cdef uint32_t word_stamp, round_stamp, mark_stamp
+    cdef Py_ssize_t max_word_len
+
+    def __cinit__(self):
+        self.arena = NULL
+        self.w_off = NULL
+        self.w_len = NULL
+        self.w_freq = NULL
+        self.w_hash = NULL
+        self.w_mark = NULL
+        self.wmap = NULL
+        self.pairs = NULL
+        self.pkeys = NULL
+        self.pvals = NULL
+        self.heap = NULL
+        self.scratch = NULL
+        self.oldp = NULL
+        self.touched = NULL
+        self.wmap_mask = 1023
+        self.wmap = <int32_t*>xrealloc(NULL, 1024 * sizeof(int32_t))
+        memset(self.wmap, 0xFF, 1024 * sizeof(int32_t))
+        self.word_stamp = 0
+        self.round_stamp = 0
+        self.mark_stamp = 0
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self.pairs != NULL:
+            for i in range(self.n_pairs):
+                free(self.pairs[i].wl)
+        free(self.arena)
+        free(self.w_off)
+        free(self.w_len)
+        free(self.w_freq)
+        free(self.w_hash)
+        free(self.w_mark)
+        free(self.wmap)
+        free(self.pairs)
+        free(self.pkeys)
+        free(self.pvals)
+        free(self.heap)
+        free(self.scratch)
+        free(self.oldp)
+        free(self.touched)
+
+    # ---- counting distinct words
+
+    cdef int _ensure_scratch(self, Py_ssize_t n) except -1:
+        cdef Py_ssize_t cap
+        if n > self.scratch_cap:
+            cap = max(n, 2 * self.scratch_cap, 256)
+            self.scratch = <int32_t*>xrealloc(self.scratch, cap * sizeof(int32_t))
+            self.oldp = <int32_t*>xrealloc(self.oldp, cap * sizeof(int32_t))
+            self.scratch_cap = cap
+        return 0
+
+    cdef int count_line(self, BPECore core, str line) except -1:
+        cdef Py_ssize_t n = PyUnicode_GET_LENGTH(line)
+        cdef unsigned int kind = PyUnicode_KIND(line)
+        cdef void* data = PyUnicode_DATA(line)
+        if kind == PyUnicode_1BYTE_KIND:
+            return _count_words(self, core, <const uint8_t*>data, n)
+        elif kind == PyUnicode_2BYTE_KIND:
+            return _count_words(self, core, <const uint16_t*>data, n)
+        return _count_words(self, core, <const uint32_t*>data, n)
+
+    cdef int add_word(self, const int32_t* s, Py_ssize_t n) except -1:
+        """Count one occurrence of the word whose base symbols (with EOW) are s[:n]."""
+        cdef uint64_t h = FNV_SEED
+        cdef uint64_t i
+        cdef Py_ssize_t k
+        cdef int32_t w
+        cdef Py_ssize_t cap
+        for k in range(n):
+            h = (h ^ <uint32_t>s[k]) * FNV_PRIME
+        h = mix64(h)
+        i = h & self.wmap_mask
+        while True:
+            w = self.wmap[i]
+            if w < 0:
+                break
+            if self.w_hash[w] == h and self.w_len[w] == n and \
+                    memcmp(self.arena + self.w_off[w], s, n * sizeof(int32_t)) == 0:
+                self.w_freq[w] += 1
+                return 0
+            i = (i + 1) & self.wmap_mask
+        # a new word
+        if self.n_words == self.words_cap:
+            cap = max(1024, 2 * self.words_cap)
+            self.w_off = <int64_t*>xrealloc(self.w_off, cap * sizeof(int64_t))
+            self.w_len = <int32_t*>xrealloc(self.w_len, cap * sizeof(int32_t))
+            self.w_freq = <int64_t*>xrealloc(self.w_freq, cap * sizeof(int64_t))
+            self.w_hash = <uint64_t*>xrealloc(self.w_hash, cap * sizeof(uint64_t))
+            self.words_cap = cap
+        if self.arena_n + n > self.arena_cap:
+            cap = max(self.arena_n + n, 2 * self.arena_cap, 4096)
+            self.arena = <int32_t*>xrealloc(self.arena, cap * sizeof(int32_t))
+            self.arena_cap = cap
+        w = <int32_t>self.n_words
+        memcpy(self.arena + self.arena_n, s, n * sizeof(int32_t))
+        self.w_off[w] = self.arena_n
+        self.w_len[w] = <int32_t>n
+        self.w_freq[w] = 1
+        self.w_hash[w] = h
+        self.arena_n += n
+        self.n_words += 1
+        if n > self.max_word_len:
+            self.max_word_len = n
+        self.wmap[i] = w
+        if 2 * self.n_words > <Py_ssize_t>self.wmap_mask:
+            self._grow_wmap()
+        return 0
+
+    cdef int _grow_wmap(self) except -1:
+        cdef uint64_t cap = 2 * (self.wmap_mask + 1), i
+        cdef Py_ssize_t w
+        self.wmap = <int32_t*>xrealloc(self.wmap, cap * sizeof(int32_t))
+        memset(self.wmap, 0xFF, cap * sizeof(int32_t))
+        self.wmap_mask = cap - 1
+        for w in range(self.n_words):
+            i = self.w_hash[w] & self.wmap_mask
+            while self.wmap[i] >= 0:
+                i = (i + 1) & self.wmap_mask
+            self.wmap[i] = <int32_t>w
+        return 0
+
+    # ---- pairs
+
+    cdef int32_t pair_get(self, int32_t a, int32_t b) noexcept:
+        cdef uint64_t key = pair_key(a, b)
+        cdef uint64_t i = mix64(key) & self.pmap_mask
+        while self.pkeys[i] != EMPTY64:
+            if self.pkeys[i] == key:
+                return self.pvals[i]
+            i = (i + 1) & self.pmap_mask
+        return -1
+
+    cdef int32_t pair_get_or_add(self, int32_t a, int32_t b) except -1:
+        cdef uint64_t key = pair_key(a, b)
+        cdef uint64_t i = mix64(key) & self.pmap_mask
+        cdef int32_t pid
+        cdef Pair* p
+        cdef Py_ssize_t cap
+        while self.pkeys[i] != EMPTY64:
+            if self.pkeys[i] == key:
+                return self.pvals[i]
+            i = (i + 1) & self.pmap_mask
+        if self.n_pairs == self.pairs_cap:
+            cap = max(1024, 2 * self.pairs_cap)
+            self.pairs = <Pair*>xrealloc(self.pairs, cap * sizeof(Pair))
+            self.pairs_cap = cap
+        pid = <int32_t>self.n_pairs
+        p = &self.pairs[pid]
+        memset(p, 0, sizeof(Pair))
+        p.left = a
+        p.right = b
+        p.first_word = INT32_MAX
+        self.n_pairs += 1
+        self.pkeys[i] = key
+        self.pvals[i] = pid
+        if 2 * self.n_pairs > <Py_ssize_t>self.pmap_mask:
+            self._grow_pmap(2 * (self.pmap_mask + 1))
+        return pid
+
+    cdef int _grow_pmap(self, uint64_t cap) except -1:
+        cdef uint64_t i, key
+        cdef Py_ssize_t pid
+        self.pkeys = <uint64_t*>xrealloc(self.pkeys, cap * sizeof(uint64_t))
+        self.pvals = <int32_t*>xrealloc(self.pvals, cap * sizeof(int32_t))
+        memset(self.pkeys, 0xFF, cap * sizeof(uint64_t))
+        self.pmap_mask = cap - 1
+        for pid in range(self.n_pairs):
+            key = pair_key(self.pairs[pid].left, self.pairs[pid].right)
+            i = mix64(key) & self.pmap_mask
+            while self.pkeys[i] != EMPTY64:
+                i = (i + 1) & self.pmap_mask
+            self.pkeys[i] = key
+            self.pvals[i] = <int32_t>pid
+        return 0
+
+    cdef int wl_append(self, int32_t pid, int32_t w) except -1:
+        cdef Pair* p = &self.pairs[pid]
+        cdef int32_t cap
+        if p.wl_n > 0 and p.wl[p.wl_n - 1] == w:
+            return 0
+        if p.wl_n == p.wl_cap:
+            cap = max(4, 2 * p.wl_cap)
+            p.wl = <int32_t*>xrealloc(p.wl, cap * sizeof(int32_t))
+            p.wl_cap = cap
+        p.wl[p.wl_n] = w
+        p.wl_n += 1
+        return 0
+
+    cdef int init_pairs(self) except -1:
+        cdef Py_ssize_t w, i
+        cdef int32_t pid
+        cdef int32_t* s
+        cdef Pair* p
+        self._grow_pmap(pow2_at_least(2 * self.arena_n + 16))
+        self.w_mark = <uint32_t*>xrealloc(NULL, (self.n_words + 1) * sizeof(uint32_t))
+        memset(self.w_mark, 0, (self.n_words + 1) * sizeof(uint32_t))
+        self._ensure_scratch(self.max_word_len + 1)
+        for w in range(self.n_words):
+            s = self.arena + self.w_off[w]
+            for i in range(self.w_len[w] - 1):
+                pid = self.pair_get_or_add(s[i], s[i + 1])
+                p = &self.pairs[pid]
+                p.count += self.w_freq[w]
+                if p.first_word == INT32_MAX:
+                    p.first_word = <int32_t>w
+                self.wl_append(pid, <int32_t>w)
+        self.heap_cap = max(1024, 2 * self.n_pairs)
+        self.heap = <HeapEntry*>xrealloc(NULL, self.heap_cap * sizeof(HeapEntry))
+        self.heap_n = 0
+        for i in range(self.n_pairs):
+            p = &self.pairs[i]
+            p.version = 1
+            self.heap[self.heap_n].count = p.count
+            self.heap[self.heap_n].first_word = p.first_word
+            self.heap[self.heap_n].pid = <int32_t>i
+            self.heap[self.heap_n].version = 1
+            self.heap_n += 1
+        i = self.heap_n // 2 - 1
+        while i >= 0:
+            self.sift_down(i)
+            i -= 1
+        return 0
+
+    # ---- heap of pairs
+
+    cdef void sift_down(self, Py_ssize_t i) noexcept:
+        cdef HeapEntry x = self.heap[i]
+        cdef Py_ssize_t c, n = self.heap_n
+        while True:
+            c = 2 * i + 1
+            if c >= n:
+                break
+            if c + 1 < n and _better(&self.heap[c + 1], &self.heap[c]):
+                c += 1
+            if not _better(&self.heap[c], &x):
+                break
+            self.heap[i] = self.heap[c]
+            i = c
+        self.heap[i] = x
+
+    cdef int push(self, int32_t pid) except -1:
+        cdef Pair* p = &self.pairs[pid]
+        cdef HeapEntry x
+        cdef Py_ssize_t i, par
+        if self.heap_n == self.heap_cap:
+            self.heap_cap *= 2
+            self.heap = <HeapEntry*>xrealloc(self.heap, self.heap_cap * sizeof(HeapEntry))
+        x.count = p.count
+        x.first_word = p.first_word
+        x.pid = pid
+        x.version = p.version
+        i = self.heap_n
+        self.heap_n += 1
+        while i > 0:
+            par = (i - 1) >> 1
+            if not _better(&x, &self.heap[par]):
+                break
+            self.heap[i] = self.heap[par]
+            i = par
+        self.heap[i] = x
+        return 0
+
+    cdef inline bint live(self, const HeapEntry* e) noexcept:
+        return self.pairs[e.pid].version == e.version and self.pairs[e.pid].count > 0
+
+    cdef HeapEntry pop(self) noexcept:
+        cdef HeapEntry top = self.heap[0]
+        self.heap_n -= 1
+        if self.heap_n > 0:
+            self.heap[0] = self.heap[self.heap_n]
+            self.sift_down(0)
+        return top
+
+    cdef Py_ssize_t first_pos(self, int32_t pid) noexcept:
+        """Index of the first occurrence of the pair in its first word."""
+        cdef Pair* p = &self.pairs[pid]
+        cdef int32_t* s = self.arena + self.w_off[p.first_word]
+        cdef Py_ssize_t i
+        for i in range(self.w_len[p.first_word] - 1):
+            if s[i] == p.left and s[i + 1] == p.right:
+                return i
+        return INT32_MAX
+
+    cdef int32_t pop_best(self) except -2:
+        """The pair to merge next (max count, then first occurrence), or -1 when none is left."""
+        cdef HeapEntry best, e
+        cdef Py_ssize_t i, n_ties = 0, bpos, pos
+        cdef list ties = None
+        while self.heap_n > 0 and not self.live(&self.heap[0]):
+            self.pop()
+        if self.heap_n == 0:
+            return -1
+        best = self.pop()
+        # pairs tied on (count, first word): decide by position in that word
+        while self.heap_n > 0:
+            if not self.live(&self.heap[0]):
+                self.pop()
+                continue
+            e = self.heap[0]
+            if e.count != best.count or e.first_word != best.first_word:
+                break
+            self.pop()
+            if ties is None:
+                ties = []
+            ties.append((e.pid, e.version))
+        if ties is not None:
+            bpos = self.first_pos(best.pid)
+            for pid, version in ties:
+                pos = self.first_pos(pid)
+                if pos < bpos:
+                    self.push(best.pid)
+                    best.pid = pid
+                    bpos = pos
+                else:
+                    self.push(pid)
+        return best.pid
+
+    cdef inline void touch(self, int32_t pid) noexcept:
+        cdef Pair* p = &self.pairs[pid]
+        if p.touched != self.round_stamp:
+            p.touched = self.round_stamp
+            p.snap_count = p.count
+            p.snap_first = p.first_word
+            self.touched[self.touched_n] = pid
+            self.touched_n += 1
+
+    cdef int _ensure_touched(self, Py_ssize_t extra) except -1:
+        cdef Py_ssize_t cap
+        if self.touched_n + extra > self.touched_cap:
+            cap = max(self.touched_n + extra, 2 * self.touched_cap, 1024)
+            self.touched = <int32_t*>xrealloc(self.touched, cap * sizeof(int32_t))
+            self.touched_cap = cap
+        return 0
+
+    cdef bint word_has(self, int32_t w, int32_t a, int32_t b) noexcept:
+        cdef int32_t* s = self.arena + self.w_off[w]
+        cdef Py_ssize_t i
+        for i in range(self.w_len[w] - 1):
+            if s[i] == a and s[i + 1] == b:
+                return True
+        return False
+
+    cdef int rewrite_word(self, int32_t w, int32_t a, int32_t b, int32_t m) except -1:
+        """Merge every (a, b) in word w left to right; move its pair counts from the old
+        symbols to the new ones and keep word lists and first words right."""
+        cdef int32_t* s = self.arena + self.w_off[w]
+        cdef Py_ssize_t n = self.w_len[w], i, j, n_old
+        cdef int64_t f = self.w_freq[w]
+        cdef int32_t pid
+        cdef Pair* p
+        cdef uint32_t st
+        self.word_stamp += 1
+        st = self.word_stamp
+        self._ensure_touched(2 * n)
+        # 1. subtract the old pairs
+        n_old = n - 1
+        for i in range(n_old):
+            pid = self.pair_get(s[i], s[i + 1])
+            self.oldp[i] = pid
+            self.touch(pid)
+            p = &self.pairs[pid]
+            p.count -= f
+            p.st_before = st
+        # 2. merge in place, left to right, non-overlapping
+        j = 0
+        i = 0
+        while i < n:
+            if i + 1 < n and s[i] == a and s[i + 1] == b:
+                s[j] = m
+                i += 2
+            else:
+                s[j] = s[i]
+                i += 1
+            j += 1
+        n = j
+        self.w_len[w] = <int32_t>n
+        # 3. add the new pairs
+        for i in range(n - 1):
+            pid = self.pair_get_or_add(s[i], s[i + 1])
+            self.touch(pid)
+            p = &self.pairs[pid]
+            p.count += f
+            if p.st_after != st:
+                p.st_after = st
+                if p.st_before != st:      # newly present in w
+                    self.wl_append(pid, w)
+                    if w < p.first_word:
+                        p.first_word = w
+        # 4. pairs that left w: if w was their first word, find the new one after the round
+        for i in range(n_old):
+            p = &self.pairs[self.oldp[i]]
+            if p.st_after != st and p.first_word == w:
+                p.rescan = 1
+        return 0
+
+    cdef int rescan_first(self, int32_t pid) noexcept:
+        """Recompute the first word of a pair from its word list, compacting the list."""
+        cdef Pair* p = &self.pairs[pid]
+        cdef int32_t k, w, first = INT32_MAX, keep = 0
+        self.mark_stamp += 1
+        for k in range(p.wl_n):
+            w = p.wl[k]
+            if self.w_mark[w] == self.mark_stamp:
+                continue
+            self.w_mark[w] = self.mark_stamp
+            if self.word_has(w, p.left, p.right):
+                p.wl[keep] = w
+                keep += 1
+                if w < first:
+                    first = w
+        p.wl_n = keep
+        p.first_word = first
+        return 0
+
+    cdef list run(self, Py_ssize_t num_merges, merged_id):
+        cdef list merges = []
+        cdef int32_t best, a, b, m, w
+        cdef Py_ssize_t k, t, n_wl
+        cdef int32_t* wl
+        cdef Pair* p
+        for _ in range(num_merges):
+            best = self.pop_best()
+            if best < 0:
+                break
+            a = self.pairs[best].left
+            b = self.pairs[best].right
+            m = merged_id(a, b)
+            merges.append((a, b, m))
+            self.round_stamp += 1
+            self.touched_n = 0
+            self.mark_stamp += 1
+            # the merged pair's word list is not appended to during its own round: a new pair
+            # contains m, which is neither a nor b
+            wl = self.pairs[best].wl
+            n_wl = self.pairs[best].wl_n
+            for k in range(n_wl):
+                w = wl[k]
+                if self.w_mark[w] == self.mark_stamp:
+                    continue
+                self.w_mark[w] = self.mark_stamp
+                if self.word_has(w, a, b):
+                    self.rewrite_word(w, a, b, m)
+                    wl = self.pairs[best].wl      # pairs may have moved (realloc)
+            for t in range(self.touched_n):
+                p = &self.pairs[self.touched[t]]
+                if p.count == 0:
+                    p.wl_n = 0
+                    p.first_word = INT32_MAX
+                    p.rescan = 0
+                    p.version += 1
+                    continue
+                if p.rescan:
+                    p.rescan = 0
+                    self.rescan_first(self.touched[t])
+                    p = &self.pairs[self.touched[t]]
+                if p.count != p.snap_count or p.first_word != p.snap_first:
+                    p.version += 1
+                    self.push(self.touched[t])
+        return merges
+
+
+cdef int _count_words(_Trainer tr, BPECore core, const char_t* data, Py_ssize_t n) except -1:
+    cdef Py_ssize_t i = 0, j, k, m
+    cdef int got
+    while i < n:
+        while i < n and is_space(data[i]):
+            i += 1
+        if i >= n:
+            break
+        j = i
+        while j < n and not is_space(data[j]):
+            j += 1
+        tr._ensure_scratch(4 * (j - i) + 1)
+        m = 0
+        for k in range(i, j):
+            got = core.base_symbols(data[k], tr.scratch + m)
+            if got == 0:
+                ch = chr(core.err_cp)
+                raise TokenizerError(
+                    f"character {ch!r} (U+{core.err_cp:04X}) in the training text has no token and "
+                    f"this tokenizer has no byte tokens; call enable_byte_fallback() first")
+            m += got
+        tr.scratch[m] = EOW
+        tr.add_word(tr.scratch, m + 1)
+        i = j
+    return 0
