@@ -43,6 +43,7 @@ have changed (re-encode cached ids); if `update.grew`, grow every vocabulary-siz
 from __future__ import annotations
 
 import codecs
+import operator
 import os
 import re
 from collections import Counter
@@ -276,8 +277,8 @@ class EvolvingTokenizer:
 
     def _check_id(self, token_id) -> int:
         try:
-            tid = int(token_id.__index__())
-        except AttributeError:
+            tid = operator.index(token_id)
+        except TypeError:
             raise TypeError(f"token ids are int, got {type(token_id).__name__}") from None
         if not 0 <= tid < len(self.tokens):
             raise TokenizerError(f"token id {tid} is outside the vocabulary (size {len(self.tokens)}); "
@@ -563,8 +564,8 @@ def _complete_prefix(data: bytes) -> int:
 
 
 class _PyCore:
-    def __init__(self, cache_bits: int = 14):
-        self.cache_hits = self.cache_misses = 0
+    def __init__(self, cache_words: int = 65536):
+        self.cache_hits = self.cache_misses = self.cache_resets = self.cache_size = 0
         self._chars, self._byte_ids, self._surfaces = {}, [-1] * 256, []
         self._ranks: dict = {}
         self._space = self._bos = self._eos = self._pad = -1
@@ -581,7 +582,7 @@ class _PyCore:
             self._ranks[(a, b)] = (rank, m)
 
     def clear_cache(self):
-        self.cache_hits = self.cache_misses = 0
+        self.cache_hits = self.cache_misses = self.cache_resets = 0
 
     def merge_rank(self, a, b):
         return self._ranks.get((a, b))
@@ -639,7 +640,7 @@ class _PyCore:
         parts = []
         n = len(self._surfaces)
         for obj in ids:
-            t = obj.__index__()
+            t = operator.index(obj)
             if not 0 <= t < n:
                 raise TokenizerError(f"token id {t} is outside the vocabulary (size {n}); "
                                      f"decode only ids this tokenizer produced")
