@@ -443,8 +443,6 @@ cdef class BPECore:
         """Store a word at a free table slot (found by the failed lookup)."""
         cdef Py_ssize_t need = self.cache_arena_n + klen + nids, cap
         cdef CacheEntry* e
-        if self.cache_n == self.cache_max:
-            return 0        # full: emit_word resets it before the next lookup
         if need > self.cache_arena_cap:
             cap = max(need, 2 * self.cache_arena_cap, 4096)
             self.cache_arena = <uint32_t*>xrealloc(self.cache_arena, cap * sizeof(uint32_t))
@@ -663,9 +661,6 @@ cdef class BPECore:
         if cacheable:
             if self.cache_slots == NULL:
                 self._ensure_cache()
-            elif self.cache_n == self.cache_max:
-                self._reset_cache()
-                self.cache_resets += 1
             slot = hash & self.cache_mask
             while True:
                 ei = self.cache_slots[slot]
@@ -698,6 +693,10 @@ cdef class BPECore:
                 self.out[self.out_n + nout] = s[i]
                 nout += 1
         if cacheable:
+            if self.cache_n == self.cache_max:      # full: start over (the slot is free then)
+                self._reset_cache()
+                self.cache_resets += 1
+                slot = hash & self.cache_mask
             self._cache_put(slot, hash, key, klen, self.out + self.out_n, nout)
         self.out_n += nout
         return 0
