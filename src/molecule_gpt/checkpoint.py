@@ -164,15 +164,20 @@ def _write_safetensors(tmp: str, tensors: dict[str, np.ndarray], metadata: dict[
 def _atomic_write(path: str, write: Callable[[str], None], min_data_bytes: int | None = None,
                   keep_prev: bool = True) -> None:
     """write(tmp) into a temporary file beside `path`, fsync it, keep the current file as
-    `<path>.prev` (if keep_prev), os.replace onto `path`, fsync the directory."""
+    `<path>.prev` (if keep_prev), os.replace onto `path`, fsync the directory.
+
+    Everything temporary lives in one directory `<path>.tmp-<pid>-<token>` next to `path` (same
+    filesystem, so the renames are atomic): the safetensors writer makes its own temporary file
+    beside the name it is given, and a saver killed mid-write then leaves one directory that the
+    next save removes, instead of stray files."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise CheckpointError(f"{path}: not saved: directory {directory} does not exist; create it first")
     _remove_stale_temporaries(path)
-    token = f"{os.getpid()}-{secrets.token_hex(4)}"
-    tmp = f"{path}.tmp-{token}"
-    prev_tmp = f"{path}.tmp-{token}.prev"
+    work = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = os.path.join(work, "new")
     try:
+        os.mkdir(work)
         write(tmp)
         fd = os.open(tmp, os.O_RDWR)
         try:
@@ -184,6 +189,7 @@ def _atomic_write(path: str, write: Callable[[str], None], min_data_bytes: int |
             os.close(fd)
         if keep_prev and os.path.isfile(path):
             # `path` must exist at every instant, so the old file is linked (not moved) to .prev.
+            prev_tmp = os.path.join(work, "prev")
             try:
                 os.link(path, prev_tmp)
             except OSError:  # no hard links on this filesystem: copy instead
@@ -193,20 +199,18 @@ def _atomic_write(path: str, write: Callable[[str], None], min_data_bytes: int |
         os.replace(tmp, path)
         _fsync_dir(directory)
     except BaseException as exc:
-        for leftover in (tmp, prev_tmp):
-            try:
-                os.unlink(leftover)
-            except OSError:
-                pass
+        shutil.rmtree(work, ignore_errors=True)
         if isinstance(exc, OSError):
             raise CheckpointError(f"{path}: not saved ({exc}); the file at {path} is unchanged") from exc
         if isinstance(exc, Exception) and not isinstance(exc, CheckpointError):
             raise CheckpointError(f"{path}: not saved ({type(exc).__name__}: {exc}); the file at {path} is unchanged") from exc
         raise
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _remove_stale_temporaries(path: str) -> None:
-    """Delete `<path>.tmp-<pid>-*` files left by a saver that was killed (its pid is gone)."""
+    """Delete `<path>.tmp-<pid>-<token>` directories left by a saver that was killed (its pid is
+    gone)."""
     if os.name != "posix":  # os.kill(pid, 0) is a probe only on POSIX
         return
     for name in glob.glob(glob.escape(path) + ".tmp-*"):
@@ -223,10 +227,8 @@ def _remove_stale_temporaries(path: str) -> None:
             pass
         except OSError:
             continue  # exists but not ours to signal
-        try:
-            os.unlink(name)
-        except OSError:
-            pass
+        if os.path.isdir(name) and not os.path.islink(name):
+            shutil.rmtree(name, ignore_errors=True)
 
 
 def _fsync_path(name: str) -> None:
@@ -475,7 +477,7 @@ def _check_tensor_table(path: str, header: dict, data_size: int) -> dict[str, Te
                                f"{nbytes} bytes) but data_offsets {offsets} span {offsets[1] - offsets[0]} bytes: "
                                f"the header is corrupt")
         if offsets[1] > data_size:
-            raise _error(path, f"tensor {name!r} ({tuple(shape)}, {nbytes} bytes) ends at byte {offsets[1]} of the data "
+            raise _error(path, f"tensor {name!r} of shape {tuple(shape)} ({nbytes} bytes) ends at byte {offsets[1]} of the data "
                                f"but the file holds only {max(data_size, 0)} bytes of data: the file is truncated")
         entries[name] = TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
     end = 0
@@ -727,7 +729,7 @@ def _read_tensors(path: str, fh, data_start: int, entries: dict[str, TensorEntry
             pool.shutdown(wait=True)
     bad = [name for name, d in pending if (d if isinstance(d, str) else d.result()) != digests[name]]
     if bad:
-        raise _error(path, f"tensor data does not match its sha256 checksum ({', '.join(bad[:5])}"
+        raise _error(path, f"tensor data does not match its sha256 checksum ({', '.join(map(repr, bad[:5]))}"
                            f"{' ...' if len(bad) > 5 else ''}): the file is corrupt")
 
 

@@ -131,3 +131,115 @@ def _array(value, what: str, source: str) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise CheckpointError(f"{source}: {what} holds non-finite values")
     return arr
+
+
+# ---------------------------------------------------------------------------------------------
+# Export back to the original's JSON format
+
+# The original's "cfg" keys, in its order (fixtures/anchor-small/checkpoint.json). The first
+# three are its runtime paths, which Config does not carry: they are written with the
+# original's defaults. Config fields the original lacks (mlp_activation, init_std,
+# delta_init_std) are not written; the importer fills them with Config's defaults.
+_ORIGINAL_RUNTIME = {"corpus_path": "nonames.txt", "db_path": "memory.sqlite3", "ckpt_path": "molecule_ckpt.json"}
+_ORIGINAL_CFG_KEYS = (
+    "corpus_path", "db_path", "ckpt_path", "max_corpus_lines", "max_line_chars", "min_new_chars_to_train",
+    "tie_embeddings", "n_layer", "n_embd", "n_head", "block_size", "warmup_steps", "micro_steps", "learning_rate",
+    "beta1", "beta2", "eps_adam", "grad_clip", "freeze_base_after_warmup", "batch_size", "delta_rank",
+    "max_delta_modules", "delta_grow_prob", "temperature", "top_k", "top_p", "min_p", "typical_p", "max_gen_tokens",
+    "min_gen_tokens", "repetition_guard", "enable_bpe_after_chars", "bpe_num_merges", "bpe_retrain_every_chars",
+    "train_tick_seconds", "head_types", "hybrid_alpha_init", "gamma_sparsity_threshold", "noise_drift_threshold",
+    "gamma_min_magnitude", "entropy_low", "entropy_high", "entropy_temp_boost", "entropy_temp_focus",
+    "corpus_gen_max_tokens", "qb_min_bytes", "qb_min_novelty", "qb_cooldown_seconds")
+
+
+def save_original_checkpoint(path: str | os.PathLike, model: Model, tokenizer) -> None:
+    """Write `model` and `tokenizer` in the original implementation's JSON checkpoint format
+    (float64 nested lists), atomically. load_original_checkpoint(path) gives back a model with
+    identical logits (in the model's dtype) and a tokenizer with the same ids.
+
+    Only what the original can represent is exported: the relu MLP, and a tokenizer whose ids
+    the model covers made of characters, the three specials and merged tokens. Byte-fallback
+    tokens have no counterpart there: those beyond the model's rows (not yet grown into the
+    model, as after importing an original checkpoint) are left out, any inside it raise.
+    Adam state, trainable flags and the corpus/organism state are not part of that format.
+    Raises CheckpointError naming the first thing that cannot be exported."""
+    path = os.fspath(path)
+    doc = original_document(model, tokenizer, source=path)
+    text = json.dumps(doc)  # float64 repr: every value reads back exactly
+    from .checkpoint import _atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+
+    _atomic_write(path, write, keep_prev=False)
+
+
+def original_document(model: Model, tokenizer, source: str = "<checkpoint>") -> dict:
+    """The original's checkpoint object for (model, tokenizer); see save_original_checkpoint."""
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a molecule_gpt.Model, got {type(model).__name__}")
+    c = model.config
+    if c.mlp_activation != "relu":
+        raise CheckpointError(f"{source}: not exported: the original only has the relu MLP, this model uses "
+                              f"mlp_activation={c.mlp_activation!r}")
+    if tokenizer is None:
+        raise CheckpointError(f"{source}: not exported: the original format needs the tokenizer (its tokens fix the "
+                              f"vocabulary); pass the EvolvingTokenizer")
+    tok = _original_tokenizer(tokenizer, model.vocab_size, source)
+    values = c.to_dict()
+    cfg = {key: _ORIGINAL_RUNTIME[key] if key in _ORIGINAL_RUNTIME else values[key] for key in _ORIGINAL_CFG_KEYS}
+    with model._lock:  # one consistent snapshot
+        params = {name: arr.astype(np.float64).tolist() for name, arr in model.params().items()}
+        snapshot = model.init_embed_snapshot.astype(np.float64).tolist()
+        alphas = [float(a) for a in model.delta_alphas]
+    base, deltas = {}, [{} for _ in alphas]
+    for name, value in params.items():
+        if name.startswith("delta"):
+            k, rest = name.split(".", 1)
+            base_name, part = rest.rsplit(".", 1)
+            deltas[int(k[5:])].setdefault(base_name, {})[part] = value
+            continue
+        base[name] = value
+        if name == "wpe" and c.tie_embeddings:
+            base["lm_head"] = params["wte"]  # the original stores the tied matrix twice
+    return {"cfg": cfg, "tokenizer": tok, "base": base, "alpha": alphas, "init_embed_snapshot": snapshot,
+            "deltas": deltas}
+
+
+def _original_tokenizer(tokenizer, vocab_size: int, source: str) -> dict:
+    """The original's "tokenizer" object: the first vocab_size tokens, which must be characters,
+    then <PAD> <BOS> <EOS>, then merged tokens; tokens past vocab_size may only be byte-fallback
+    tokens the model has not grown rows for."""
+    d = tokenizer.to_dict()
+    tokens, kinds = d["tokens"], d["token_kinds"]
+    if len(tokens) < vocab_size:
+        raise CheckpointError(f"{source}: not exported: the model has {vocab_size} vocabulary rows but the tokenizer only "
+                              f"{len(tokens)} tokens")
+    from .tokenizer import BYTE, CHAR, EOW, MERGED, SPECIAL
+
+    for i in range(vocab_size, len(tokens)):
+        if kinds[i] != BYTE:
+            raise CheckpointError(f"{source}: not exported: token {i} ({tokens[i]!r}) has no row in the model yet; grow "
+                                  f"the model to the tokenizer first (model.grow_vocab({len(tokens)}))")
+    kinds = kinds[:vocab_size]
+    for i, kind in enumerate(kinds):
+        if kind == BYTE:
+            raise CheckpointError(f"{source}: not exported: token {i} ({tokens[i]!r}) is a byte-fallback token, which the "
+                                  f"original format cannot represent; an organism meant for export needs a tokenizer "
+                                  f"built with byte_fallback=False")
+    n_chars = kinds.find(SPECIAL)
+    layout_ok = (n_chars >= 0 and kinds[:n_chars] == CHAR * n_chars and kinds[n_chars:n_chars + 3] == SPECIAL * 3
+                 and kinds[n_chars + 3:] == MERGED * (vocab_size - n_chars - 3))
+    if not layout_ok:
+        raise CheckpointError(f"{source}: not exported: the original needs its characters first, then <PAD> <BOS> <EOS>, "
+                              f"then merged tokens; this vocabulary is laid out {kinds!r}")
+    for a, b, m in d["merges"]:
+        if max(a, b, m) >= vocab_size:
+            raise CheckpointError(f"{source}: not exported: merge {[a, b, m]} uses a token beyond the model's "
+                                  f"{vocab_size} rows")
+        if b != EOW and b < 0:
+            raise CheckpointError(f"{source}: not exported: merge {[a, b, m]} is malformed")
+    return {"tokens": tokens[:vocab_size], "bpe_enabled": bool(d["bpe_enabled"]), "merges": tokenizer.merge_strings(),
+            "trained_chars": int(d["trained_chars"])}
