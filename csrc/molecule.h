@@ -53,6 +53,7 @@ typedef struct {
     void *a, *b, *c;      /* inputs */
     void *out;            /* output value */
     void *aux;            /* what backward needs beyond inputs (rstd, weights, U, probs) */
+    void *aux2;           /* a second cache (attention: scaled content logits) */
     void *ptrs;           /* op-specific pointer table (attention: rrpram logits per head) */
     const mg_linear *lin; /* LINEAR: the weight and its adapters */
     ptrdiff_t n, m, k;    /* op-specific sizes */

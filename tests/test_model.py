@@ -168,6 +168,20 @@ def test_float32_and_float64_agree():
         assert err < 1e-3, name
 
 
+def test_worker_count_does_not_change_the_math():
+    rng = np.random.default_rng(12)
+    batch = random_batch(rng, 11, [9, 3, 7, 5, 2])
+    results = []
+    for n_threads in (1, 2, 3):
+        model = mg.Model(tiny_config(batch_size=5), 11, dtype="float64", seed=6, n_threads=n_threads)
+        model.add_delta_module()
+        results.append(model.loss_and_grads(batch))
+    for loss, grads in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-13)
+        for name, g in grads.items():
+            np.testing.assert_allclose(g, results[0][1][name], rtol=1e-11, atol=1e-15)
+
+
 def test_batch_loss_is_mean_of_independent_sequence_losses():
     rng = np.random.default_rng(2)
     model = mg.Model(tiny_config(), 11, dtype="float64", seed=4)
@@ -259,10 +273,11 @@ def test_zero_output_module_is_an_exact_no_op():
 # --------------------------------------------------------------------------------------------- arena
 
 
-def test_arena_is_exactly_full_at_the_largest_batch():
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_arena_is_exactly_full_at_the_largest_batch(n_threads):
     rng = np.random.default_rng(0)
-    config = tiny_config()
-    model = mg.Model(config, 11, dtype="float32")
+    config = tiny_config(batch_size=4)
+    model = mg.Model(config, 11, dtype="float32", n_threads=n_threads)
     model.add_delta_module()
     model.loss_and_grads(random_batch(rng, 11, [config.block_size + 1] * config.batch_size))
     assert model.arena_high_water == model.arena_capacity

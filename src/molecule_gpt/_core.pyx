@@ -8,11 +8,15 @@
 #   forward  - run the nodes in order;
 #   backward - zero the gradient half of the arena, run the nodes in reverse (creation order is
 #              already topological), accumulate parameter gradients.
-# All three run without the GIL. What it is not: policy. Validation, packing a batch, sizes,
+# All three run without the GIL, and `run` drives several engines (one per worker thread, each
+# with its own sequences, arena and gradient buffers) in one OpenMP region. What it is not: policy. Validation, packing a batch, sizes,
 # parameter allocation and the optimizer schedule live in model.py.
 
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memset, memcpy
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+from cython.parallel cimport prange
 
 from ._molecule cimport *
 
@@ -38,6 +42,8 @@ ctypedef struct LayerC:
 
 ctypedef struct NetC:
     int L, C, H, d, T, V, F, act, K, r, n_pattern
+    int profile         # accumulate wall time per op code into op_seconds
+    double op_seconds[2 * 16]   # [0:16] forward, [16:32] backward, by op code
     int* head_type      # (H,)
     void* wte
     void* dwte
@@ -173,7 +179,8 @@ cdef int record(NetC* net, mg_arena* ar, StepC* st, bint with_loss, floating* ta
                 if not ok: return -1
                 dP[h] = <floating*>mg_grad_of(ar, P[h])
         y = <floating*>take(ar, N * C * sizeof(floating), &ok)
-        a = <floating*>take(ar, (net.H * st.SS + net.T) * sizeof(floating), &ok)
+        a = <floating*>take(ar, net.H * st.SS * sizeof(floating), &ok)       # weights
+        o = <floating*>take(ar, net.H * st.SS * sizeof(floating), &ok)       # content logits
         node = mg_arena_push(ar, MG_OP_ATTN)
         if not ok or node == NULL:
             return -1
@@ -182,6 +189,7 @@ cdef int record(NetC* net, mg_arena* ar, StepC* st, bint with_loss, floating* ta
         node.c = v
         node.out = y
         node.aux = a
+        node.aux2 = o
         node.ptrs = P
         node.layer = <int>l
         node.n = N
@@ -238,7 +246,7 @@ cdef void plan(const NetC* net, Py_ssize_t N, Py_ssize_t SS, size_t es,
         for h in range(net.H):
             if net.head_type[h] != HEAD_CONTENT:
                 total += plan_linear(&L.pat[h], N, es); nodes += 1
-        total += mg_arena_round(N * C * es) + mg_arena_round((net.H * SS + net.T) * es); nodes += 1
+        total += mg_arena_round(N * C * es) + 2 * mg_arena_round(net.H * SS * es); nodes += 1
         total += plan_linear(&L.wo, N, es); nodes += 1
         total += mg_arena_round(N * C * es); nodes += 1                 # residual add
         total += mg_arena_round(N * C * es) + mg_arena_round(N * es); nodes += 1   # rmsnorm
@@ -256,13 +264,22 @@ cdef void plan(const NetC* net, Py_ssize_t N, Py_ssize_t SS, size_t es,
 # ---------------------------------------------------------------------------------------------
 # forward and backward over the tape
 
+cdef inline double now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + 1e-9 * ts.tv_nsec
+
+
 cdef void run_forward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexcept nogil:
     cdef size_t i
     cdef mg_node* node
     cdef Py_ssize_t h
     cdef LayerC* L
+    cdef double t0 = 0
     for i in range(ar.n_nodes):
         node = &ar.nodes[i]
+        if net.profile:
+            t0 = now()
         if node.op == MG_OP_EMBED:
             embed_forward(<floating*>node.out, <floating*>net.wte, <floating*>net.wpe,
                           <int*>node.a, <int*>node.b, node.n, node.m)
@@ -280,29 +297,35 @@ cdef void run_forward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexcep
                 L.mix[h] = 0
                 if net.head_type[h] == HEAD_HYBRID:
                     L.mix[h] = sigmoid((<floating*>L.alpha[h])[0])
-            attention_forward(<floating*>node.out, <floating*>node.aux, <floating*>node.a,
-                              <floating*>node.b, <floating*>node.c, <floating**>node.ptrs,
-                              net.head_type, L.mix, st.off, st.n, st.sq_off, st.SS, st.n_seq,
-                              net.H, net.d, net.T)
+            attention_forward(<floating*>node.out, <floating*>node.aux, <floating*>node.aux2,
+                              <floating*>node.a, <floating*>node.b, <floating*>node.c,
+                              <floating**>node.ptrs, net.head_type, L.mix, st.off, st.n, st.sq_off,
+                              st.SS, st.n_seq, net.H, net.d, net.T)
         elif node.op == MG_OP_GATE:
             gate_forward(<floating*>node.out, <floating*>node.a, <floating*>node.b, node.n, net.act)
         elif node.op == MG_OP_ADD:
             add_forward(<floating*>node.out, <floating*>node.a, <floating*>node.b, node.n)
         elif node.op == MG_OP_XENT:
             xent_forward(st.losses, <floating*>node.a, st.targets, node.n, node.m)
+        if net.profile:
+            net.op_seconds[node.op] += now() - t0
 
 
 cdef void run_backward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexcept nogil:
     cdef Py_ssize_t i, h, l
     cdef mg_node* node
     cdef LayerC* L
-    cdef floating* dP[1]
+    cdef double t0 = now()
     mg_arena_zero_grads(ar)
+    if net.profile:
+        net.op_seconds[16] += now() - t0   # slot 0 of backward: zeroing the gradient arena
     for l in range(net.L):
         for h in range(net.H):
             net.layers[l].dalpha_acc[h] = 0
     for i in range(<Py_ssize_t>ar.n_nodes - 1, -1, -1):
         node = &ar.nodes[i]
+        if net.profile:
+            t0 = now()
         if node.op == MG_OP_XENT:
             xent_backward(<floating*>mg_grad_of(ar, node.a), <floating*>node.a, st.targets,
                           st.weights, node.n, node.m)
@@ -322,11 +345,11 @@ cdef void run_backward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexce
             attention_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.b),
                                <floating*>mg_grad_of(ar, node.c),
                                <floating**>(<char*>node.ptrs + mg_arena_round(net.H * sizeof(void*))),
-                               L.dalpha_acc, <floating*>node.aux + net.H * st.SS,
+                               L.dalpha_acc, <floating*>mg_grad_of(ar, node.aux),
                                <floating*>mg_grad_of(ar, node.out), <floating*>node.aux,
-                               <floating*>node.a, <floating*>node.b, <floating*>node.c,
-                               <floating**>node.ptrs, net.head_type, L.mix, st.off, st.n,
-                               st.sq_off, st.SS, st.n_seq, net.H, net.d, net.T)
+                               <floating*>node.aux2, <floating*>node.a, <floating*>node.b,
+                               <floating*>node.c, <floating**>node.ptrs, net.head_type, L.mix,
+                               st.off, st.n, st.sq_off, st.SS, st.n_seq, net.H, net.d, net.T)
         elif node.op == MG_OP_ROPE:
             rope_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.out),
                           st.pos, <floating*>net.cos_t, <floating*>net.sin_t, st.N, net.H, net.d)
@@ -336,6 +359,8 @@ cdef void run_backward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexce
         elif node.op == MG_OP_EMBED:
             embed_backward(<floating*>net.dwte, <floating*>net.dwpe, <floating*>mg_grad_of(ar, node.out),
                            <int*>node.a, <int*>node.b, node.n, node.m)
+        if net.profile:
+            net.op_seconds[16 + node.op] += now() - t0
     for l in range(net.L):
         L = &net.layers[l]
         for h in range(net.H):
@@ -471,6 +496,22 @@ cdef class Engine:
     def set_rank(self, int rank):
         self.net.r = rank
 
+    @property
+    def profile(self):
+        """Wall seconds per op since profiling was switched on: {"forward.linear": s, ...}."""
+        names = {MG_OP_EMBED: "embed", MG_OP_RMSNORM: "rmsnorm", MG_OP_LINEAR: "linear", MG_OP_ROPE: "rope",
+                 MG_OP_ATTN: "attention", MG_OP_GATE: "gate", MG_OP_ADD: "add", MG_OP_XENT: "cross_entropy"}
+        out = {"backward.zero_grads": self.net.op_seconds[16]}
+        for code, name in names.items():
+            out["forward." + name] = self.net.op_seconds[code]
+            out["backward." + name] = self.net.op_seconds[16 + code]
+        return out
+
+    @profile.setter
+    def profile(self, bint on):
+        self.net.profile = on
+        memset(self.net.op_seconds, 0, sizeof(self.net.op_seconds))
+
     # ---- arena
 
     def plan(self, Py_ssize_t N, Py_ssize_t SS):
@@ -502,11 +543,9 @@ cdef class Engine:
 
     # ---- steps
 
-    def forward(self, ids, pos, targets, weights, off, n, sq_off, Py_ssize_t SS, losses, bint with_loss):
-        """Record and run the forward pass of a packed batch. Returns False when the arena is too
-        small (nothing ran). int32 arrays: ids, pos, targets (N,), off, n (S,); intp sq_off (S,);
-        float64 weights, losses (N,)."""
-        cdef int status
+    def set_batch(self, ids, pos, targets, weights, off, n, sq_off, Py_ssize_t SS, losses):
+        """Point the engine at a packed batch (validated by the caller). int32 arrays: ids, pos,
+        targets (N,), off, n (S,); intp sq_off (S,); float64 weights and losses (N,)."""
         cdef StepC* st = &self.st
         self.have_tape = False
         st.N = ids.shape[0]
@@ -521,34 +560,30 @@ cdef class Engine:
         st.SS = SS
         st.losses = <double*>data_ptr(losses)
         self.step_arrays = (ids, pos, targets, weights, off, n, sq_off, losses)
-        if self.ar.block == NULL:
-            return False
-        with nogil:
-            if self.is_double:
-                status = record(&self.net, &self.ar, st, with_loss, <double*>NULL)
-                if status == 0:
-                    run_forward(&self.net, &self.ar, st, <double*>NULL)
-            else:
-                status = record(&self.net, &self.ar, st, with_loss, <float*>NULL)
-                if status == 0:
-                    run_forward(&self.net, &self.ar, st, <float*>NULL)
-        if status != 0:
-            mg_arena_reset(&self.ar)
-            return False
-        self.have_tape = True
-        self.tape_has_loss = with_loss
-        return True
 
-    def backward(self):
-        """Accumulate parameter gradients of sum_i weights_i loss_i into the bound grad arrays."""
-        if not (self.have_tape and self.tape_has_loss):
-            raise RuntimeError("backward needs a forward pass with a loss first")
-        with nogil:
+    cdef int _step(self, bint forward, bint with_loss, bint backward) noexcept nogil:
+        """Record + forward and/or backward; -1 when the arena is too small (nothing ran)."""
+        cdef int status = 0
+        if forward:
+            if self.ar.block == NULL:
+                return -1
+            if self.is_double:
+                status = record(&self.net, &self.ar, &self.st, with_loss, <double*>NULL)
+                if status == 0:
+                    run_forward(&self.net, &self.ar, &self.st, <double*>NULL)
+            else:
+                status = record(&self.net, &self.ar, &self.st, with_loss, <float*>NULL)
+                if status == 0:
+                    run_forward(&self.net, &self.ar, &self.st, <float*>NULL)
+            if status != 0:
+                mg_arena_reset(&self.ar)
+                return -1
+        if backward:
             if self.is_double:
                 run_backward(&self.net, &self.ar, &self.st, <double*>NULL)
             else:
                 run_backward(&self.net, &self.ar, &self.st, <float*>NULL)
-        self.have_tape = False
+        return 0
 
     def copy_logits(self, out):
         """Copy the (N, V) logits of the last forward (run without loss) into out."""
@@ -559,6 +594,45 @@ cdef class Engine:
     def tape_ops(self):
         """Op codes of the current tape, in creation order (for debugging and tests)."""
         return [self.ar.nodes[i].op for i in range(self.ar.n_nodes)]
+
+
+def run(list engines, bint forward, bint with_loss, bint backward):
+    """Run a step on every engine, engine i on thread i (one OpenMP region; each engine has its
+    own batch, arena and gradient buffers, so they share nothing writable). Returns one bool per
+    engine: False when its arena was too small (that engine ran nothing)."""
+    cdef Py_ssize_t i, n = len(engines)
+    cdef Engine e
+    cdef int* status = <int*>calloc(max(n, 1), sizeof(int))
+    cdef void** handles = <void**>calloc(max(n, 1), sizeof(void*))
+    if status == NULL or handles == NULL:
+        free(status)
+        free(handles)
+        raise MemoryError()
+    for i in range(n):
+        e = engines[i]
+        if backward and not forward and not (e.have_tape and e.tape_has_loss):
+            free(status)
+            free(handles)
+            raise RuntimeError("backward needs a forward pass with a loss first")
+        handles[i] = <void*>e
+    if n == 1:
+        with nogil:
+            status[0] = (<Engine>handles[0])._step(forward, with_loss, backward)
+    else:
+        for i in prange(n, nogil=True, num_threads=n, schedule='static'):
+            status[i] = (<Engine>handles[i])._step(forward, with_loss, backward)
+    out = []
+    for i in range(n):
+        e = engines[i]
+        if forward:
+            e.have_tape = status[i] == 0
+            e.tape_has_loss = with_loss
+        if backward:
+            e.have_tape = False
+        out.append(status[i] == 0)
+    free(status)
+    free(handles)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -669,21 +743,21 @@ def _attention_forward_memview(floating[:, ::1] q, floating[:, ::1] k, floating[
     typ = np.array([{"content": 0, "rrpram": 1, "hybrid": 2}[t] for t in head_types], dtype=np.intc)
     mixa = np.ascontiguousarray(mix, dtype=np.float64)
     n = np.ascontiguousarray(lengths, dtype=np.intc)
-    off = np.zeros_like(n); off[1:] = np.cumsum(n[:-1])
-    sq = n.astype(np.intp) ** 2
-    sq_off = np.zeros_like(sq); sq_off[1:] = np.cumsum(sq[:-1])
-    SS = int(sq.sum())
     n_seq = n.shape[0]
+    off = np.zeros_like(n); off[1:] = np.cumsum(n[:n_seq - 1])
+    sq = n.astype(np.intp) ** 2
+    sq_off = np.zeros_like(sq); sq_off[1:] = np.cumsum(sq[:n_seq - 1])
+    SS = int(sq.sum())
     y = np.zeros((N, C), dtype=np.asarray(q).dtype)
-    att = np.zeros(H * SS + T, dtype=y.dtype)
+    att = np.zeros(2 * H * SS, dtype=y.dtype)  # weights, then content logits
     cdef floating** Pp = <floating**>calloc(H, sizeof(void*))
     for h in range(H):
         Pp[h] = <floating*>data_ptr(P[h]) if P[h] is not None else NULL
     cdef floating[:, ::1] yv = y
     cdef floating[::1] av = att
-    attention_forward(&yv[0, 0], &av[0], &q[0, 0], &k[0, 0], &v[0, 0], Pp, <int*>data_ptr(typ),
-                      <double*>data_ptr(mixa), <int*>data_ptr(off), <int*>data_ptr(n),
-                      <Py_ssize_t*>data_ptr(sq_off), SS, n_seq, H, d, T)
+    attention_forward(&yv[0, 0], &av[0], &av[H * SS], &q[0, 0], &k[0, 0], &v[0, 0], Pp,
+                      <int*>data_ptr(typ), <double*>data_ptr(mixa), <int*>data_ptr(off),
+                      <int*>data_ptr(n), <Py_ssize_t*>data_ptr(sq_off), SS, n_seq, H, d, T)
     free(Pp)
     return y, att
 
@@ -695,16 +769,16 @@ def _attention_backward_memview(floating[:, ::1] dy, floating[::1] att, floating
     typ = np.array([{"content": 0, "rrpram": 1, "hybrid": 2}[t] for t in head_types], dtype=np.intc)
     mixa = np.ascontiguousarray(mix, dtype=np.float64)
     n = np.ascontiguousarray(lengths, dtype=np.intc)
-    off = np.zeros_like(n); off[1:] = np.cumsum(n[:-1])
-    sq = n.astype(np.intp) ** 2
-    sq_off = np.zeros_like(sq); sq_off[1:] = np.cumsum(sq[:-1])
-    SS = int(sq.sum())
     n_seq = n.shape[0]
+    off = np.zeros_like(n); off[1:] = np.cumsum(n[:n_seq - 1])
+    sq = n.astype(np.intp) ** 2
+    sq_off = np.zeros_like(sq); sq_off[1:] = np.cumsum(sq[:n_seq - 1])
+    SS = int(sq.sum())
     dt = np.asarray(q).dtype
     dq, dk, dv = np.zeros((N, C), dt), np.zeros((N, C), dt), np.zeros((N, C), dt)
     dP = [np.zeros((N, T), dt) if P[h] is not None else None for h in range(H)]
     dalpha = np.zeros(H)
-    scratch = np.zeros(T, dt)
+    scratch = np.zeros(H * SS + 1, dt)
     cdef floating** Pp = <floating**>calloc(H, sizeof(void*))
     cdef floating** dPp = <floating**>calloc(H, sizeof(void*))
     for h in range(H):
@@ -715,9 +789,9 @@ def _attention_backward_memview(floating[:, ::1] dy, floating[::1] att, floating
     cdef floating[:, ::1] dvv = dv
     cdef floating[::1] sv = scratch
     attention_backward(&dqv[0, 0], &dkv[0, 0], &dvv[0, 0], dPp, <double*>data_ptr(dalpha), &sv[0],
-                       &dy[0, 0], &att[0], &q[0, 0], &k[0, 0], &v[0, 0], Pp, <int*>data_ptr(typ),
-                       <double*>data_ptr(mixa), <int*>data_ptr(off), <int*>data_ptr(n),
-                       <Py_ssize_t*>data_ptr(sq_off), SS, n_seq, H, d, T)
+                       &dy[0, 0], &att[0], &att[H * SS], &q[0, 0], &k[0, 0], &v[0, 0], Pp,
+                       <int*>data_ptr(typ), <double*>data_ptr(mixa), <int*>data_ptr(off),
+                       <int*>data_ptr(n), <Py_ssize_t*>data_ptr(sq_off), SS, n_seq, H, d, T)
     free(Pp)
     free(dPp)
     return dq, dk, dv, dP, dalpha

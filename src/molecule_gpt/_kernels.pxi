@@ -12,13 +12,29 @@
 # - Attention is plain loops per (sequence, head): its work is a few percent of the linears at
 #   the configs we target, and loops skip the masked upper triangle that a gemm would compute.
 
-from libc.math cimport exp, sqrt, log, INFINITY
+from libc.math cimport exp, sqrt, sqrtf, log, INFINITY
 from libc.string cimport memset
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 ctypedef fused floating:
     float
     double
+
+cdef inline floating fexp(floating x) noexcept nogil:
+    """exp in the buffer's precision: float32 uses the branch-free mg_expf (csrc/fastmath.h,
+    ~2 ulp, vectorizes); float64 uses libm so imported checkpoints reproduce the original."""
+    if floating is float:
+        return mg_expf(x)
+    else:
+        return exp(x)
+
+
+cdef inline floating fsqrt(floating x) noexcept nogil:
+    if floating is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
+
 
 cdef enum HeadType:
     HEAD_CONTENT = 0
@@ -52,22 +68,22 @@ cdef inline void gemm(char ta, char tb, int m, int n, int k, floating alpha,
         dgemm(&ta, &tb, &m, &n, &k, &alpha, <double*>A, &lda, <double*>B, &ldb, &beta, Cm, &ldc)
 
 
-cdef inline void mm_xwt(floating* Y, const floating* X, const floating* W, int N, int nout, int nin,
-                        int ldx, int ldy, floating alpha, floating beta) noexcept nogil:
-    """Y (N, nout) := alpha X (N, nin) W^T + beta Y;  W (nout, nin)."""
-    gemm(c'T', c'N', nout, N, nin, alpha, W, nin, X, ldx, beta, Y, ldy)
+cdef inline void mm_nt(floating* Cm, const floating* A, const floating* B, int M, int Nn, int K,
+                       int lda, int ldb, int ldc, floating alpha, floating beta) noexcept nogil:
+    """C (M, Nn) := alpha A (M, K) B^T + beta C;  B (Nn, K). Row-major with leading dims."""
+    gemm(c'T', c'N', Nn, M, K, alpha, B, ldb, A, lda, beta, Cm, ldc)
 
 
-cdef inline void mm_gw(floating* dX, const floating* G, const floating* W, int N, int nout, int nin,
-                       int ldg, int ldx, floating alpha, floating beta) noexcept nogil:
-    """dX (N, nin) := alpha G (N, nout) W (nout, nin) + beta dX."""
-    gemm(c'N', c'N', nin, N, nout, alpha, W, nin, G, ldg, beta, dX, ldx)
+cdef inline void mm_nn(floating* Cm, const floating* A, const floating* B, int M, int Nn, int K,
+                       int lda, int ldb, int ldc, floating alpha, floating beta) noexcept nogil:
+    """C (M, Nn) := alpha A (M, K) B (K, Nn) + beta C."""
+    gemm(c'N', c'N', Nn, M, K, alpha, B, ldb, A, lda, beta, Cm, ldc)
 
 
-cdef inline void mm_gtx(floating* dW, const floating* G, const floating* X, int N, int nout, int nin,
-                        int ldg, int ldx, floating alpha, floating beta) noexcept nogil:
-    """dW (nout, nin) := alpha G^T (nout, N) X (N, nin) + beta dW."""
-    gemm(c'N', c'T', nin, nout, N, alpha, X, ldx, G, ldg, beta, dW, nin)
+cdef inline void mm_tn(floating* Cm, const floating* A, const floating* B, int M, int Nn, int K,
+                       int lda, int ldb, int ldc, floating alpha, floating beta) noexcept nogil:
+    """C (M, Nn) := alpha A^T B + beta C;  A (K, M), B (K, Nn)."""
+    gemm(c'N', c'T', Nn, M, K, alpha, B, ldb, A, lda, beta, Cm, ldc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,14 +92,13 @@ cdef inline void mm_gtx(floating* dW, const floating* G, const floating* X, int 
 cdef void linear_forward(floating* Y, floating* U, const floating* X, const mg_linear* lin,
                          Py_ssize_t N, Py_ssize_t ldx, Py_ssize_t ldy) noexcept nogil:
     """Y (N, nout) = X (N, nin) W^T + sum_k alpha_k U_k A_k^T, caching U_k = X B_k^T in U (K, N, r)."""
-    cdef int k
-    cdef int r = lin.rank
+    cdef int k, r = lin.rank
     cdef floating* Uk
-    mm_xwt(Y, X, <const floating*>lin.W, <int>N, lin.nout, lin.nin, <int>ldx, <int>ldy, 1, 0)
+    mm_nt(Y, X, <const floating*>lin.W, <int>N, lin.nout, lin.nin, <int>ldx, lin.nin, <int>ldy, 1, 0)
     for k in range(lin.n_ad):
         Uk = U + k * N * r
-        mm_xwt(Uk, X, <const floating*>lin.B[k], <int>N, r, lin.nin, <int>ldx, r, 1, 0)
-        mm_xwt(Y, Uk, <const floating*>lin.A[k], <int>N, lin.nout, r, r, <int>ldy, <floating>lin.alpha[k], 1)
+        mm_nt(Uk, X, <const floating*>lin.B[k], <int>N, r, lin.nin, <int>ldx, lin.nin, r, 1, 0)
+        mm_nt(Y, Uk, <const floating*>lin.A[k], <int>N, lin.nout, r, r, r, <int>ldy, <floating>lin.alpha[k], 1)
 
 
 cdef void linear_backward(floating* dX, floating* dU, const floating* G, const floating* X,
@@ -91,26 +106,25 @@ cdef void linear_backward(floating* dX, floating* dU, const floating* G, const f
                           Py_ssize_t N, Py_ssize_t ldx, Py_ssize_t ldg) noexcept nogil:
     """dX += G W + sum_k dU_k B_k;  dW += G^T X;  dA_k += alpha_k G^T U_k;  dB_k += dU_k^T X,
     with dU_k = alpha_k G A_k (scratch, (K, N, r)). dX may be NULL (input needs no gradient)."""
-    cdef int k
-    cdef int r = lin.rank
+    cdef int k, r = lin.rank
     cdef floating alpha
     cdef floating* dUk
     if lin.dW != NULL:
-        mm_gtx(<floating*>lin.dW, G, X, <int>N, lin.nout, lin.nin, <int>ldg, <int>ldx, 1, 1)
+        mm_tn(<floating*>lin.dW, G, X, lin.nout, lin.nin, <int>N, <int>ldg, <int>ldx, lin.nin, 1, 1)
     if dX != NULL:
-        mm_gw(dX, G, <const floating*>lin.W, <int>N, lin.nout, lin.nin, <int>ldg, <int>ldx, 1, 1)
+        mm_nn(dX, G, <const floating*>lin.W, <int>N, lin.nin, lin.nout, <int>ldg, lin.nin, <int>ldx, 1, 1)
     for k in range(lin.n_ad):
         alpha = <floating>lin.alpha[k]
         dUk = dU + k * N * r
         if lin.dA[k] != NULL:
-            mm_gtx(<floating*>lin.dA[k], G, U + k * N * r, <int>N, lin.nout, r, <int>ldg, r, alpha, 1)
+            mm_tn(<floating*>lin.dA[k], G, U + k * N * r, lin.nout, r, <int>N, <int>ldg, r, r, alpha, 1)
         if lin.dB[k] == NULL and dX == NULL:
             continue
-        mm_gw(dUk, G, <const floating*>lin.A[k], <int>N, lin.nout, r, <int>ldg, r, alpha, 0)
+        mm_nn(dUk, G, <const floating*>lin.A[k], <int>N, r, lin.nout, <int>ldg, r, r, alpha, 0)
         if lin.dB[k] != NULL:
-            mm_gtx(<floating*>lin.dB[k], dUk, X, <int>N, r, lin.nin, r, <int>ldx, 1, 1)
+            mm_tn(<floating*>lin.dB[k], dUk, X, r, lin.nin, <int>N, r, <int>ldx, lin.nin, 1, 1)
         if dX != NULL:
-            mm_gw(dX, dUk, <const floating*>lin.B[k], <int>N, r, lin.nin, r, <int>ldx, 1, 1)
+            mm_nn(dX, dUk, <const floating*>lin.B[k], <int>N, lin.nin, r, r, lin.nin, <int>ldx, 1, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,129 +204,138 @@ cdef void rope_backward(floating* dx, const floating* dy, const int* pos, const 
 #   content  c = <q_t, k_j> / sqrt(d)          (q, k already rotated)
 #   rrpram   p = P_h[t, j]                      (P_h (N, T): the pattern linear's output)
 #   hybrid   l = (1 - a) c + a p,  a = sigmoid(alpha_h)
-# att = softmax_j(l);  y_t = sum_j att_j v_j.   att (per head, per sequence: n x n, row-major)
-# is cached at att + h * SS + sq_off[s].
+# att = softmax_j(l) (zero above the diagonal);  y_t = sum_j att_j v_j.
+# Each (head, sequence) is one task: an n x n block at h * SS + sq_off[s] of `att` (weights) and
+# of `cont` (scaled content logits), filled by gemm; tasks write disjoint memory, so they run
+# in parallel (Model runs whole sequences on separate workers instead: one fork per step).
 
-cdef void attention_forward(floating* y, floating* att, const floating* q, const floating* k,
-                            const floating* v, floating** P, const int* head_type,
+cdef void attention_task_forward(floating* y, floating* att, floating* cont, const floating* q,
+                                 const floating* k, const floating* v, floating** P,
+                                 const int* head_type, const double* mix, const int* off,
+                                 const int* n, const Py_ssize_t* sq_off, Py_ssize_t SS,
+                                 Py_ssize_t n_seq, Py_ssize_t H, Py_ssize_t d, Py_ssize_t T,
+                                 Py_ssize_t task) noexcept nogil:
+    cdef Py_ssize_t h = task // n_seq, s = task % n_seq, t, j, o = off[s], ns = n[s], C = H * d
+    cdef int kind = head_type[h]
+    cdef floating fa = <floating>mix[h], mx, total, inv
+    cdef floating* A = att + h * SS + sq_off[s]
+    cdef floating* S = cont + h * SS + sq_off[s]
+    cdef floating* row
+    cdef const floating* Prow
+    cdef floating scale = <floating>(1.0 / sqrt(<double>d))
+    if ns <= 0:
+        return
+    if kind != HEAD_RRPRAM:
+        mm_nt(S, q + o * C + h * d, k + o * C + h * d, <int>ns, <int>ns, <int>d, <int>C, <int>C,
+              <int>ns, scale, 0)
+    for t in range(ns):
+        row = A + t * ns
+        # logits of row t, one loop per head type so each vectorizes
+        if kind == HEAD_CONTENT:
+            for j in range(t + 1):
+                row[j] = S[t * ns + j]
+        elif kind == HEAD_RRPRAM:
+            Prow = P[h] + (o + t) * T
+            for j in range(t + 1):
+                row[j] = Prow[j]
+        else:
+            Prow = P[h] + (o + t) * T
+            for j in range(t + 1):
+                row[j] = (1 - fa) * S[t * ns + j] + fa * Prow[j]
+        mx = row[0]
+        for j in range(1, t + 1):
+            mx = row[j] if row[j] > mx else mx
+        total = 0
+        for j in range(t + 1):
+            row[j] = fexp(row[j] - mx)
+            total += row[j]
+        inv = 1 / total
+        for j in range(t + 1):
+            row[j] = row[j] * inv
+        for j in range(t + 1, ns):
+            row[j] = 0
+    mm_nn(y + o * C + h * d, A, v + o * C + h * d, <int>ns, <int>d, <int>ns, <int>ns, <int>C, <int>C, 1, 0)
+
+
+cdef void attention_forward(floating* y, floating* att, floating* cont, const floating* q,
+                            const floating* k, const floating* v, floating** P, const int* head_type,
                             const double* mix, const int* off, const int* n, const Py_ssize_t* sq_off,
                             Py_ssize_t SS, Py_ssize_t n_seq, Py_ssize_t H, Py_ssize_t d,
                             Py_ssize_t T) noexcept nogil:
-    """q, k, v, y (N, H*d); P[h] (N, T) for rrpram/hybrid heads; mix[h] = sigmoid(alpha_h)."""
-    cdef Py_ssize_t s, h, t, j, i, o, ns, C = H * d
-    cdef floating* row
-    cdef floating* yt
-    cdef const floating* qt
-    cdef const floating* kj
-    cdef const floating* vj
-    cdef double scale = 1.0 / sqrt(<double>d), a, c, l, mx, total, w
-    cdef int kind
-    for h in range(H):
-        kind = head_type[h]
-        a = mix[h]
-        for s in range(n_seq):
-            o = off[s]
-            ns = n[s]
-            for t in range(ns):
-                row = att + h * SS + sq_off[s] + t * ns
-                qt = q + (o + t) * C + h * d
-                mx = -INFINITY
-                for j in range(t + 1):
-                    l = 0
-                    if kind != HEAD_RRPRAM:
-                        kj = k + (o + j) * C + h * d
-                        c = 0
-                        for i in range(d):
-                            c += <double>qt[i] * kj[i]
-                        l = c * scale
-                    if kind == HEAD_RRPRAM:
-                        l = P[h][(o + t) * T + j]
-                    elif kind == HEAD_HYBRID:
-                        l = (1 - a) * l + a * P[h][(o + t) * T + j]
-                    row[j] = <floating>l
-                    if row[j] > mx:
-                        mx = row[j]
-                total = 0
-                for j in range(t + 1):
-                    w = exp(row[j] - mx)
-                    row[j] = <floating>w
-                    total += w
-                yt = y + (o + t) * C + h * d
-                for i in range(d):
-                    yt[i] = 0
-                for j in range(t + 1):
-                    row[j] = <floating>(row[j] / total)
-                    vj = v + (o + j) * C + h * d
-                    for i in range(d):
-                        yt[i] += row[j] * vj[i]
+    """q, k, v, y (N, H*d); P[h] (N, T) for rrpram/hybrid heads; mix[h] = sigmoid(alpha_h);
+    att, cont (H * SS) cached for backward."""
+    cdef Py_ssize_t task
+    for task in range(H * n_seq):
+        attention_task_forward(y, att, cont, q, k, v, P, head_type, mix, off, n, sq_off, SS,
+                               n_seq, H, d, T, task)
 
 
-cdef void attention_backward(floating* dq, floating* dk, floating* dv, floating** dP, double* dmix_logit,
+cdef double attention_task_backward(floating* dq, floating* dk, floating* dv, floating** dP,
+                                    floating* scratch, const floating* dy, const floating* att,
+                                    const floating* cont, const floating* q, const floating* k,
+                                    const floating* v, floating** P, const int* head_type,
+                                    const double* mix, const int* off, const int* n,
+                                    const Py_ssize_t* sq_off, Py_ssize_t SS, Py_ssize_t n_seq,
+                                    Py_ssize_t H, Py_ssize_t d, Py_ssize_t T,
+                                    Py_ssize_t task) noexcept nogil:
+    """One (head, sequence) block of attention_backward; returns its d loss / d alpha_h.
+    1. dA = dY V^T;  dV += A^T dY
+    2. dl = A (dA - rowsum(A dA))                  (softmax backward, per row)
+    3. rrpram part dp = dl (rrpram) or a dl (hybrid) into dP_h[t, j]
+    4. content part dc = dl (content) or (1 - a) dl (hybrid):
+       dQ += dc K / sqrt(d);  dK += dc^T Q / sqrt(d)
+    5. d alpha = sum dl (p - c) a (1 - a)   (hybrid)."""
+    cdef Py_ssize_t h = task // n_seq, s = task % n_seq, t, j, o = off[s], ns = n[s], C = H * d
+    cdef int kind = head_type[h]
+    cdef double a = mix[h], dot, dl, dalpha = 0
+    cdef const floating* A = att + h * SS + sq_off[s]
+    cdef const floating* S = cont + h * SS + sq_off[s]
+    cdef floating* dA = scratch + h * SS + sq_off[s]
+    cdef floating* dProw
+    cdef const floating* Prow
+    cdef floating scale = <floating>(1.0 / sqrt(<double>d))
+    if ns <= 0:
+        return 0
+    mm_nt(dA, dy + o * C + h * d, v + o * C + h * d, <int>ns, <int>ns, <int>d, <int>C, <int>C, <int>ns, 1, 0)
+    mm_tn(dv + o * C + h * d, A, dy + o * C + h * d, <int>ns, <int>d, <int>ns, <int>ns, <int>C, <int>C, 1, 1)
+    for t in range(ns):
+        dot = 0
+        for j in range(t + 1):
+            dot += <double>A[t * ns + j] * dA[t * ns + j]
+        if kind != HEAD_CONTENT:
+            Prow = P[h] + (o + t) * T
+            dProw = dP[h] + (o + t) * T
+        for j in range(t + 1):
+            dl = A[t * ns + j] * (dA[t * ns + j] - dot)
+            if kind == HEAD_CONTENT:
+                dA[t * ns + j] = <floating>dl
+            elif kind == HEAD_RRPRAM:
+                dProw[j] += <floating>dl
+            else:
+                dProw[j] += <floating>(a * dl)
+                dalpha += dl * (Prow[j] - S[t * ns + j])
+                dA[t * ns + j] = <floating>((1 - a) * dl)
+        for j in range(t + 1, ns):
+            dA[t * ns + j] = 0
+    if kind != HEAD_RRPRAM:
+        mm_nn(dq + o * C + h * d, dA, k + o * C + h * d, <int>ns, <int>d, <int>ns, <int>ns, <int>C, <int>C, scale, 1)
+        mm_tn(dk + o * C + h * d, dA, q + o * C + h * d, <int>ns, <int>d, <int>ns, <int>ns, <int>C, <int>C, scale, 1)
+    return dalpha * a * (1 - a)
+
+
+cdef void attention_backward(floating* dq, floating* dk, floating* dv, floating** dP, double* dalpha,
                              floating* scratch, const floating* dy, const floating* att,
-                             const floating* q, const floating* k, const floating* v, floating** P,
-                             const int* head_type, const double* mix, const int* off, const int* n,
-                             const Py_ssize_t* sq_off, Py_ssize_t SS, Py_ssize_t n_seq, Py_ssize_t H,
-                             Py_ssize_t d, Py_ssize_t T) noexcept nogil:
-    """Gradients of attention_forward into q, k, v, P and, per hybrid head, into alpha:
-    dmix_logit[h] += sum dl (p - c) a (1 - a)   (d/d alpha of the mixed logit).
-    1. dw_j = <dy_t, v_j>;  dv_j += att_j dy_t
-    2. dl_j = att_j (dw_j - sum_j att_j dw_j)        (softmax backward)
-    3. content part dc = dl (content) or (1 - a) dl (hybrid): dq_t += dc k_j / sqrt(d), dk_j += dc q_t / sqrt(d)
-    4. rrpram part dp = dl (rrpram) or a dl (hybrid) into dP_h[t, j].
-    scratch holds T floats."""
-    cdef Py_ssize_t s, h, t, j, i, o, ns, C = H * d
-    cdef const floating* row
-    cdef const floating* dyt
-    cdef const floating* qt
-    cdef const floating* kj
-    cdef const floating* vj
-    cdef floating* dqt
-    cdef floating* dkj
-    cdef floating* dvj
-    cdef double scale = 1.0 / sqrt(<double>d), a, c, dw, sum_adw, dl, dc, dalpha
-    cdef int kind
-    for h in range(H):
-        kind = head_type[h]
-        a = mix[h]
-        dalpha = 0
-        for s in range(n_seq):
-            o = off[s]
-            ns = n[s]
-            for t in range(ns):
-                row = att + h * SS + sq_off[s] + t * ns
-                dyt = dy + (o + t) * C + h * d
-                qt = q + (o + t) * C + h * d
-                dqt = dq + (o + t) * C + h * d
-                sum_adw = 0
-                for j in range(t + 1):
-                    vj = v + (o + j) * C + h * d
-                    dvj = dv + (o + j) * C + h * d
-                    dw = 0
-                    for i in range(d):
-                        dw += <double>dyt[i] * vj[i]
-                        dvj[i] += row[j] * dyt[i]
-                    scratch[j] = <floating>dw
-                    sum_adw += row[j] * dw
-                for j in range(t + 1):
-                    dl = row[j] * (scratch[j] - sum_adw)
-                    if kind == HEAD_RRPRAM:
-                        dP[h][(o + t) * T + j] += <floating>dl
-                        continue
-                    dc = dl
-                    kj = k + (o + j) * C + h * d
-                    if kind == HEAD_HYBRID:
-                        dP[h][(o + t) * T + j] += <floating>(a * dl)
-                        dc = (1 - a) * dl
-                        c = 0
-                        for i in range(d):
-                            c += <double>qt[i] * kj[i]
-                        dalpha += dl * (P[h][(o + t) * T + j] - c * scale) * a * (1 - a)
-                    dc *= scale
-                    dkj = dk + (o + j) * C + h * d
-                    for i in range(d):
-                        dqt[i] += <floating>(dc * kj[i])
-                        dkj[i] += <floating>(dc * qt[i])
-        dmix_logit[h] += dalpha
+                             const floating* cont, const floating* q, const floating* k,
+                             const floating* v, floating** P, const int* head_type, const double* mix,
+                             const int* off, const int* n, const Py_ssize_t* sq_off, Py_ssize_t SS,
+                             Py_ssize_t n_seq, Py_ssize_t H, Py_ssize_t d, Py_ssize_t T) noexcept nogil:
+    """Gradients of attention_forward into q, k, v, P and, per hybrid head, dalpha[h] +=
+    d loss / d alpha_h. scratch holds H * SS floats."""
+    cdef Py_ssize_t task
+    for task in range(H * n_seq):
+        dalpha[task // n_seq] += attention_task_backward(dq, dk, dv, dP, scratch, dy, att, cont, q, k, v, P,
+                                                         head_type, mix, off, n, sq_off, SS, n_seq, H, d,
+                                                         T, task)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,9 +349,11 @@ cdef void gate_forward(floating* out, const floating* g, const floating* u, Py_s
                        int act) noexcept nogil:
     """out, g, u (n,)."""
     cdef Py_ssize_t i
-    if act == ACT_RELU:
-        for i in range(n):
-            out[i] = g[i] * u[i] if g[i] > 0 else 0
+    if act == ACT_RELU:  # csrc/elementwise.h: restrict lets it vectorize
+        if floating is float:
+            mg_relu_gate_forward_f(out, g, u, n)
+        else:
+            mg_relu_gate_forward_d(out, g, u, n)
     else:
         for i in range(n):
             out[i] = <floating>(g[i] * sigmoid(g[i]) * u[i])
@@ -339,11 +364,11 @@ cdef void gate_backward(floating* dg, floating* du, const floating* dout, const 
     """dg += dout u act'(g);  du += dout act(g);  silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)."""
     cdef Py_ssize_t i
     cdef double sg
-    if act == ACT_RELU:
-        for i in range(n):
-            if g[i] > 0:
-                dg[i] += dout[i] * u[i]
-                du[i] += dout[i] * g[i]
+    if act == ACT_RELU:  # csrc/elementwise.h: restrict lets it vectorize
+        if floating is float:
+            mg_relu_gate_backward_f(dg, du, dout, g, u, n)
+        else:
+            mg_relu_gate_backward_d(dg, du, dout, g, u, n)
     else:
         for i in range(n):
             sg = sigmoid(g[i])
@@ -393,11 +418,11 @@ cdef void xent_forward(double* losses, floating* logits, const int* targets, Py_
                 mx = z[j]
         total = 0
         for j in range(V):
-            total += exp(z[j] - mx)
+            total += fexp(<floating>(z[j] - mx))
         lse = mx + log(total)
         losses[i] = lse - z[targets[i]]
         for j in range(V):
-            z[j] = <floating>exp(z[j] - lse)
+            z[j] = fexp(<floating>(z[j] - lse))
 
 
 cdef void xent_backward(floating* dlogits, const floating* probs, const int* targets,
@@ -435,17 +460,20 @@ cdef void adam_step(floating* p, const floating* g, floating* m, floating* v, Py
                     double lr, double beta1, double beta2, double eps, double clip,
                     double bias1, double bias2) noexcept nogil:
     """g' = clip(g, +-clip); m = b1 m + (1-b1) g'; v = b2 v + (1-b2) g'^2;
-    p -= lr (m / bias1) / (sqrt(v / bias2) + eps),  bias_i = 1 - beta_i^t."""
+    p -= lr (m / bias1) / (sqrt(v / bias2) + eps),  bias_i = 1 - beta_i^t.
+    Written in the buffer's precision with the bias terms folded into two constants, so the loop
+    vectorizes: p -= step m / (sqrt(v) c2 + eps), step = lr / bias1, c2 = 1 / sqrt(bias2)."""
     cdef Py_ssize_t i
-    cdef double gi, mi, vi
+    cdef floating gi, mi, vi
+    cdef floating b1 = <floating>beta1, b2 = <floating>beta2, hi = <floating>clip, lo = <floating>(-clip)
+    cdef floating one_b1 = <floating>(1 - beta1), one_b2 = <floating>(1 - beta2)
+    cdef floating step = <floating>(lr / bias1), c2 = <floating>(1.0 / sqrt(bias2)), e = <floating>eps
     for i in range(n):
         gi = g[i]
-        if gi > clip:
-            gi = clip
-        elif gi < -clip:
-            gi = -clip
-        mi = beta1 * m[i] + (1 - beta1) * gi
-        vi = beta2 * v[i] + (1 - beta2) * gi * gi
-        m[i] = <floating>mi
-        v[i] = <floating>vi
-        p[i] = <floating>(p[i] - lr * (mi / bias1) / (sqrt(vi / bias2) + eps))
+        gi = hi if gi > hi else gi
+        gi = lo if gi < lo else gi
+        mi = b1 * m[i] + one_b1 * gi
+        vi = b2 * v[i] + one_b2 * gi * gi
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] - step * mi / (fsqrt(vi) * c2 + e)

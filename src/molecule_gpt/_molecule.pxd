@@ -33,6 +33,7 @@ cdef extern from "molecule.h" nogil:
         void* c
         void* out
         void* aux
+        void* aux2
         void* ptrs
         const mg_linear* lin
         Py_ssize_t n
@@ -62,3 +63,14 @@ cdef extern from "molecule.h" nogil:
     void mg_arena_zero_grads(mg_arena* ar)
     size_t mg_arena_round(size_t nbytes)
     void* mg_grad_of(const mg_arena* ar, const void* value)
+
+
+cdef extern from "fastmath.h" nogil:
+    float mg_expf(float x)
+
+
+cdef extern from "elementwise.h" nogil:
+    void mg_relu_gate_forward_f(float* out, const float* g, const float* u, Py_ssize_t n)
+    void mg_relu_gate_forward_d(double* out, const double* g, const double* u, Py_ssize_t n)
+    void mg_relu_gate_backward_f(float* dg, float* du, const float* dout, const float* g, const float* u, Py_ssize_t n)
+    void mg_relu_gate_backward_d(double* dg, double* du, const double* dout, const double* g, const double* u, Py_ssize_t n)

