@@ -133,6 +133,15 @@ cdef inline int utf8_encode(uint32_t cp, uint8_t* out) noexcept nogil:
     return 4
 
 
+cdef inline bint same_u32(const uint32_t* a, const uint32_t* b, Py_ssize_t n) noexcept nogil:
+    """a[:n] == b[:n]; inline because words are short (a libc memcmp call costs more)."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if a[i] != b[i]:
+            return False
+    return True
+
+
 cdef inline size_t pow2_at_least(size_t n) noexcept nogil:
     cdef size_t p = 16
     while p < n:
@@ -667,8 +676,7 @@ cdef class BPECore:
                 if ei < 0:
                     break
                 e = &self.cache_entries[ei]
-                if e.hash == hash and e.klen == klen and \
-                        memcmp(self.cache_arena + e.off, key, klen * sizeof(uint32_t)) == 0:
+                if e.hash == hash and e.klen == klen and same_u32(self.cache_arena + e.off, key, klen):
                     self._ensure_out(e.nids)
                     memcpy(self.out + self.out_n, self.cache_arena + e.off + klen, e.nids * sizeof(int32_t))
                     self.out_n += e.nids

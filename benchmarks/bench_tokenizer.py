@@ -1,0 +1,274 @@
+"""Tokenizer benchmark: encode throughput and BPE training time, beside the competitors.
+
+One line per case, with its unit, and the ratio to each competitor measured in the same run.
+Single-threaded everywhere: HF `tokenizers` runs with TOKENIZERS_PARALLELISM=false (its
+trainer is also timed with parallelism on, for information); tiktoken's encode_ordinary is
+single-threaded; ours is single-threaded. Competitors that are not installed are skipped.
+
+  molecule_gpt (ext)   EvolvingTokenizer with the compiled _bpe core
+  pure-python          the same tokenizer on _PyCore (what MOLECULE_GPT_PUREPYTHON=1 runs)
+  HF tokenizers        models.BPE(end_of_word_suffix="</w>") + pre_tokenizers.WhitespaceSplit,
+                       trained by BpeTrainer on the same lines to the same number of merges
+  tiktoken             an Encoding built offline from our merges through mergeable_ranks
+                       (a merged token ending in </w> becomes the same bytes plus the space
+                       that follows the word; pattern r"\\S+\\s*|\\s+")
+
+Input: a text file of English, one sentence per line, >= 10 MB, e.g.
+  python /work/shared/tools/make_corpus.py /tmp/corpus10m.txt --min-bytes 10000000
+Usage:
+  python benchmarks/bench_tokenizer.py --corpus /tmp/corpus10m.txt [--repeats 5] [--full-reference]
+Encode input is " ".join(lines) as one str (HF gets the list of lines through encode_batch,
+its faster path). Results are checked after timing (roundtrip, ids vs the pure-Python path,
+merges vs the pure-Python trainer where it ran).
+"""
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"   # HF reads it at every parallel call
+
+from molecule_gpt.tokenizer import HAVE_EXTENSION, EvolvingTokenizer, _PyCore  # noqa: E402
+
+try:
+    import tokenizers as hf
+except ImportError:
+    hf = None
+try:
+    import tiktoken
+except ImportError:
+    tiktoken = None
+
+
+def median_time(fn, repeats):
+    """Median wall time of fn() and its last result. A result is freed only after its run's
+    clock stopped (freeing millions of ints is not part of encoding them)."""
+    times, result = [], None
+    for _ in range(repeats):
+        result = None
+        t0 = time.perf_counter()
+        r = fn()
+        times.append(time.perf_counter() - t0)
+        result = r
+        del r
+    return statistics.median(times), result
+
+
+def line(kind, merges, name, value, unit, extra=""):
+    print(f"{kind:<7} {merges:>5} merges  {name:<30} {value:>10.3f} {unit:<5} {extra}", flush=True)
+
+
+def pure_python(tok):
+    py = EvolvingTokenizer.from_dict(tok.to_dict())
+    py._core = _PyCore()
+    py._sync_core()
+    return py
+
+
+# ---------------------------------------------------------------------------------------------
+# competitors
+
+
+def hf_new():
+    tok = hf.Tokenizer(hf.models.BPE(end_of_word_suffix="</w>"))
+    tok.pre_tokenizer = hf.pre_tokenizers.WhitespaceSplit()
+    return tok
+
+
+def hf_alphabet_size(lines):
+    """Vocabulary of HF's BPE before any merge (characters and their </w> forms)."""
+    tok = hf_new()
+    tok.train_from_iterator(lines, hf.trainers.BpeTrainer(vocab_size=1, end_of_word_suffix="</w>", show_progress=False))
+    return tok.get_vocab_size()
+
+
+def hf_train(lines, n_merges, alphabet):
+    tok = hf_new()
+    trainer = hf.trainers.BpeTrainer(vocab_size=alphabet + n_merges, end_of_word_suffix="</w>",
+                                     show_progress=False, min_frequency=0)
+    tok.train_from_iterator(lines, trainer)
+    return tok
+
+
+def hf_merge_count(tok):
+    import json
+    return len(json.loads(tok.to_str())["model"]["merges"])
+
+
+def tiktoken_from(tok, n_merges):
+    """tiktoken Encoding whose ranks are all bytes, our one-character tokens, then our merges."""
+    ranks = {bytes([b]): b for b in range(256)}
+
+    def add(data):
+        if data not in ranks:
+            ranks[data] = len(ranks)
+
+    for i, kind in enumerate(tok._kind):
+        if kind == "c":
+            data = tok.token_bytes(i)
+            for k in range(2, len(data) + 1):
+                add(data[:k])
+    for _, _, m in tok.merges:
+        add(tok.token_bytes(m) + (b" " if tok._eow[m] else b""))
+    return tiktoken.Encoding(f"molecule_gpt_{n_merges}", pat_str=r"\S+\s*|\s+", mergeable_ranks=ranks,
+                             special_tokens={})
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def interleaved(cases, repeats):
+    """Median time per case, the cases run round-robin within each repeat so that load drift
+    on a shared machine hits every case alike. cases: {name: fn}; returns {name: (t, result)}."""
+    times = {name: [] for name in cases}
+    last = {}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            last[name] = None
+            t0 = time.perf_counter()
+            r = fn()
+            times[name].append(time.perf_counter() - t0)
+            last[name] = r        # the previous result is freed here, after the clock stopped
+            del r
+    return {name: (statistics.median(times[name]), last[name]) for name in cases}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", required=True, help="UTF-8 text, one sentence per line (>= 10 MB)")
+    ap.add_argument("--merges", default="384,4096")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per case (median reported)")
+    ap.add_argument("--reference-mb", type=float, default=1.0,
+                    help="MB of the text the pure-Python encoder runs on (it has no cache: throughput "
+                         "does not depend on size)")
+    ap.add_argument("--full-reference", action="store_true",
+                    help="also time the pure-Python trainer beyond 384 merges (minutes at 4096) and the "
+                         "pure-Python encoder on the whole text")
+    args = ap.parse_args()
+    if not HAVE_EXTENSION:
+        sys.exit("molecule_gpt._bpe is not built: MOLECULE_GPT_ONLY=_bpe python setup.py build_ext --inplace")
+
+    with open(args.corpus, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    text = " ".join(lines)
+    nbytes = len(text.encode("utf-8"))
+    mb = nbytes / 1e6
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    print(f"# machine: {cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start; "
+          f"Python {platform.python_version()}; tokenizers {hf.__version__ if hf else 'not installed'}; "
+          f"tiktoken {tiktoken.__version__ if tiktoken else 'not installed'}")
+    print(f"# corpus: {args.corpus}: {len(lines)} lines, {nbytes} bytes encoded as one str; "
+          f"median of {args.repeats} interleaved runs unless noted")
+    alphabet = hf_alphabet_size(lines) if hf else 0
+
+    for n in [int(x) for x in args.merges.split(",")]:
+        # ---- training: ours and HF (1 thread), interleaved
+        def train_ours():
+            tok = EvolvingTokenizer(lines)       # birth is not timed: only train_bpe
+            t0 = time.perf_counter()
+            tok.train_bpe(lines, n)
+            tok.train_time = time.perf_counter() - t0
+            return tok
+
+        runs = []
+        cases = {"ours": lambda: runs.append(train_ours()) or runs[-1]}
+        if hf:
+            cases["hf"] = lambda: hf_train(lines, n, alphabet)
+        res = interleaved(cases, args.repeats)
+        t_ours = statistics.median(r.train_time for r in runs)
+        tok = runs[-1]
+        runs.clear()
+        line("train", n, "molecule_gpt (ext)", t_ours, "s", f"({len(tok.merges)} merges, vocab {tok.vocab_size})")
+        if hf:
+            t_hf, hf_tok = res["hf"]
+            line("train", n, "HF tokenizers (1 thread)", t_hf, "s",
+                 f"ext is {t_hf / t_ours:.1f}x faster ({hf_merge_count(hf_tok)} merges)")
+            os.environ["TOKENIZERS_PARALLELISM"] = "true"
+            t_hf_mt = interleaved({"hf": lambda: hf_train(lines, n, alphabet)}, max(1, args.repeats // 2))["hf"][0]
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            line("train", n, f"HF tokenizers ({os.cpu_count()} threads)", t_hf_mt, "s",
+                 f"ext is {t_hf_mt / t_ours:.1f}x faster (information: ours is single-threaded)")
+        if args.full_reference or n <= 384:
+            py = EvolvingTokenizer(lines)
+            py._core = _PyCore()
+            py._sync_core()
+            t0 = time.perf_counter()
+            py.train_bpe(lines, n)
+            t_py = time.perf_counter() - t0
+            same = py.merges == tok.merges and py.tokens == tok.tokens
+            line("train", n, "pure-python (1 run)", t_py, "s",
+                 f"ext is {t_py / t_ours:.0f}x faster; merges identical: {same}")
+            assert same, "compiled and pure-Python trainers disagree"
+
+        # ---- encode: ours, tiktoken, HF interleaved
+        tok._core.clear_cache()
+        t0 = time.perf_counter()
+        ids = tok.encode(text)
+        t_cold = time.perf_counter() - t0
+        assert tok.decode(ids) == " ".join(text.split()), "roundtrip failed"
+        ids = None
+        cases = {"ours": lambda: tok.encode(text)}
+        if tiktoken:
+            enc_tt = tiktoken_from(tok, n)
+            cases["tiktoken"] = lambda: enc_tt.encode_ordinary(text)
+        if hf:
+            cases["hf"] = lambda: hf_tok.encode_batch(lines)
+        res = interleaved(cases, args.repeats)
+        t_enc, ids = res.pop("ours")
+        ours_mbs = mb / t_enc
+        line("encode", n, "molecule_gpt (ext)", ours_mbs, "MB/s",
+             f"({len(ids)} ids; first run, empty word cache: {mb / t_cold:.1f} MB/s)")
+        ids = None
+        if tiktoken:
+            t_tt, tt_ids = res.pop("tiktoken")
+            assert enc_tt.decode(tt_ids) == text
+            line("encode", n, "tiktoken (1 thread)", mb / t_tt, "MB/s",
+                 f"ext/tiktoken = {ours_mbs / (mb / t_tt):.2f}x ({len(tt_ids)} ids, spaces inside tokens)")
+            tt_ids = None
+        if hf:
+            t_hf, enc_hf = res.pop("hf")
+            n_hf = sum(len(e.ids) for e in enc_hf)
+            enc_hf = None
+            line("encode", n, "HF tokenizers (1 thread)", mb / t_hf, "MB/s",
+                 f"ext/HF = {ours_mbs / (mb / t_hf):.1f}x (encode_batch of the lines; {n_hf} ids, no space ids)")
+        t_lines, _ = median_time(lambda: [tok.encode(s) for s in lines], max(1, args.repeats // 2))
+        line("encode", n, "molecule_gpt (ext), per line", mb / t_lines, "MB/s",
+             f"({len(lines)} calls, BOS/EOS each, a list per line)")
+        py = pure_python(tok)
+        sub = text if args.full_reference else text[:int(args.reference_mb * 1e6)]
+        if sub is not text:
+            sub = sub[:sub.rfind(" ")]
+        t0 = time.perf_counter()
+        py_ids = py.encode(sub)
+        t_py = time.perf_counter() - t0
+        py_mbs = len(sub.encode()) / 1e6 / t_py
+        same = py_ids == tok.encode(sub)
+        line("encode", n, "pure-python (1 run)", py_mbs, "MB/s",
+             f"ext is {ours_mbs / py_mbs:.0f}x faster; on {len(sub.encode()) / 1e6:.1f} MB; ids identical: {same}")
+        assert same, "compiled and pure-Python encoders disagree"
+
+    # ---- adversarial inputs (time per call, ours)
+    tok = EvolvingTokenizer(lines)
+    tok.train_bpe(lines + ["a" * 1024 + " " + "😀" * 64 + " " + "👩\u200d👩\u200d👧" * 16] * 4, 4096)
+    import random
+    rng = random.Random(0)
+    letters = sorted(set(text) - set(" \n\t"))
+    cases = {
+        "'a' * 1_000_000": "a" * 1_000_000,
+        "one 100k-char word": "".join(rng.choice(letters) for _ in range(100_000)),
+        "emoji run (200k code points)": "😀" * 100_000 + "👩\u200d👩\u200d👧" * 20_000,
+        "100k short emoji words": " ".join("😀" * rng.randint(1, 5) for _ in range(100_000)),
+    }
+    for name, s in cases.items():
+        t, out = median_time(lambda: tok.encode(s), args.repeats)
+        assert tok.decode(out) == " ".join(s.split())
+        line("adverse", 4096, f"{name}", t * 1e3, "ms", f"({len(s.encode()) / 1e6:.2f} MB, {len(out)} ids)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Type stubs of the compiled tokenizer core (C types in trailing comments)."""
+from typing import Callable, Iterable, Sequence
+
+EOW_ID: int              # -1: the end-of-word marker </w> as a symbol (never a token)
+CACHE_KEY_LEN: int       # words longer than this (code points) bypass the word cache
+NAIVE_MAX_SYMBOLS: int   # words of up to this many symbols use the O(n^2) rank scan
+
+class BPECore:
+    cache_hits: int      # uint64_t
+    cache_misses: int    # uint64_t
+    cache_resets: int    # uint64_t
+    def __init__(self, cache_words: int = 65536) -> None: ...  # Py_ssize_t
+    @property
+    def cache_size(self) -> int: ...
+    def set_vocab(self, chars: dict[int, int], byte_ids: Sequence[int], surfaces: Sequence[bytes],
+                  space_id: int, bos_id: int, eos_id: int, pad_id: int) -> None: ...  # int32_t ids
+    def set_merges(self, merges: Iterable[tuple[int, int, int]]) -> None: ...  # (left, right, merged) int32_t
+    def clear_cache(self) -> None: ...
+    def merge_rank(self, a: int, b: int) -> tuple[int, int] | None: ...  # (rank, merged)
+    def _apply_merges_memview(self, symbols: Sequence[int], method: str = "auto") -> list[int]: ...
+    def encode(self, text: str, bpe: bool) -> list[int]: ...  # PyUnicode kind 1/2/4 read in place
+    def decode_bytes(self, ids: Iterable[int]) -> bytes: ...
+    def train(self, lines: Iterable[str], num_merges: int,
+              merged_id: Callable[[int, int], int]) -> list[tuple[int, int, int]]: ...
