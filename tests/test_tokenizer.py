@@ -468,3 +468,40 @@ def test_repr_and_eow_constant(bpe_tok):
     assert "bpe, 200 merges" in repr(bpe_tok)
     assert EOW == -1
     assert any(b == EOW for _, b, _ in bpe_tok.merges)
+
+
+def test_encode_decode_while_another_thread_retrains():
+    """Growth swaps the core's tables between calls; concurrent encode/decode stay lossless."""
+    import sys
+    import threading
+    lines = doc_lines()
+    tok = EvolvingTokenizer(lines[:40])
+    texts = lines[:60] + ["😀 naïve \ud800 déjà vu", "a" * 300]
+    failures, stop = [], threading.Event()
+
+    def worker(seed):
+        rng = random.Random(seed)
+        while not stop.is_set():
+            s = rng.choice(texts)
+            ids = tok.encode(s)
+            out = tok.decode(ids)
+            dec = tok.stream_decoder()
+            streamed = "".join(dec.feed(i) for i in ids) + dec.flush()
+            if out != collapse(s) or streamed != out:
+                failures.append(s)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        rng = random.Random(9)
+        for k in range(8):
+            tok.train_bpe(rng.sample(lines, 80) + ["ñandú 😀"] * k, 40 + 10 * k)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(old)
+    assert failures == []

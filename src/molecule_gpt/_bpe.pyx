@@ -14,8 +14,10 @@ inputs. A pure-Python twin of `BPECore` with the same methods lives in tokenizer
 
 Symbols are int32 token ids; the end-of-word marker `</w>` is the symbol EOW = -1, which is
 never a token and never emitted (a merged token that ends in `</w>`, like `the</w>`, is).
-Everything runs with the GIL held: one call is atomic with respect to other Python threads,
-and training calls back into Python once per merge to learn the merged token's id.
+Everything runs with the GIL held. encode and decode_bytes touch shared state only in stretches
+that run no Python code, so they are atomic with respect to other threads (one thread may
+encode while another trains: training works on its own _Trainer and calls back into Python
+once per merge to learn the merged token's id; set_vocab/set_merges swap the tables at once).
 
 Notes (alternatives considered and rejected):
 - Merge application. tiktoken rescans an array of ranks after every merge: O(n^2) on one long
@@ -640,22 +642,29 @@ cdef class BPECore:
         self._ensure_out(1)
         self.out[self.out_n] = self.eos_id
         self.out_n += 1
-        result = self._out_list()
-        if self.out_cap > (1 << 20):        # do not keep a huge buffer after a huge input
-            free(self.out)
-            self.out = NULL
-            self.out_cap = 0
-        return result
+        return self._take_out_list()
 
-    cdef object _out_list(self):
-        cdef Py_ssize_t i
+    cdef object _take_out_list(self):
+        """The output ids as a list. The buffer is detached first: creating the list may run a
+        garbage collection, hence finalizers, hence another thread's encode on this core."""
+        cdef int32_t* buf = self.out
+        cdef Py_ssize_t i, n = self.out_n, cap = self.out_cap
         cdef PyObject* item
-        lst = PyList_New(self.out_n)
-        for i in range(self.out_n):
-            item = PyLong_FromLong(self.out[i])
-            if item == NULL:
-                raise MemoryError()
-            PyList_SET_ITEM_STEAL(lst, i, item)
+        self.out = NULL
+        self.out_n = self.out_cap = 0
+        try:
+            lst = PyList_New(n)
+            for i in range(n):
+                item = PyLong_FromLong(buf[i])
+                if item == NULL:
+                    raise MemoryError()
+                PyList_SET_ITEM_STEAL(lst, i, item)
+        finally:
+            if self.out == NULL and cap <= (1 << 20):    # keep a modest buffer for the next call
+                self.out = buf
+                self.out_cap = cap
+            else:
+                free(buf)
         return lst
 
     cdef int emit_word(self, const uint32_t* key, Py_ssize_t klen, uint64_t hash) except -1:
@@ -714,29 +723,43 @@ cdef class BPECore:
     def decode_bytes(self, ids):
         """The concatenated surfaces of ids: <BOS>/<PAD> skipped, stop at <EOS>.
         Raises TokenizerError on an id outside the vocabulary."""
-        cdef Py_ssize_t total = 0, cap = 256, nb
+        cdef Py_ssize_t n = 0, cap = 256, total = 0, k, nb
         cdef long t
-        cdef uint8_t* buf = <uint8_t*>xrealloc(NULL, cap)
+        cdef int64_t* tids = <int64_t*>xrealloc(NULL, cap * sizeof(int64_t))
+        cdef uint8_t* buf = NULL
         try:
+            # 1. collect the ids: iterating may run Python code (a generator, __index__), so
+            #    nothing that set_vocab may replace is read here
             for obj in ids:
                 # exactly int (or anything with __index__, like numpy ints); never truncate a float
                 t = obj if PyLong_CheckExact(obj) else PyNumber_Index(obj)
+                if n == cap:
+                    cap *= 2
+                    tids = <int64_t*>xrealloc(tids, cap * sizeof(int64_t))
+                tids[n] = t
+                n += 1
+                if t == self.eos_id:
+                    break
+            # 2. no Python code from here on: atomic under the GIL
+            for k in range(n):
+                t = tids[k]
                 if t < 0 or t >= self.vocab_size:
                     raise TokenizerError(
                         f"token id {t} is outside the vocabulary (size {self.vocab_size}); "
                         f"decode only ids this tokenizer produced")
+                total += self.surf_off[t + 1] - self.surf_off[t]
+            buf = <uint8_t*>xrealloc(NULL, total)
+            total = 0
+            for k in range(n):
+                t = tids[k]
                 if t == self.eos_id:
                     break
-                if t == self.bos_id or t == self.pad_id:
-                    continue
-                nb = self.surf_off[t + 1] - self.surf_off[t]
-                if total + nb > cap:
-                    cap = max(2 * cap, total + nb)
-                    buf = <uint8_t*>xrealloc(buf, cap)
+                nb = self.surf_off[t + 1] - self.surf_off[t]   # <BOS>/<PAD> have none
                 memcpy(buf + total, self.surf + self.surf_off[t], nb)
                 total += nb
             return PyBytes_FromStringAndSize(<const char*>buf, total)
         finally:
+            free(tids)
             free(buf)
 
     # ---- training
