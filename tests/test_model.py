@@ -207,17 +207,22 @@ def test_train_step_returns_pre_update_loss_and_learns():
     assert model.loss(batch) < 0.6 * before
 
 
-def test_ten_step_trajectory_matches_the_numpy_reference():
+def numpy_reference(config, params, alphas):
+    """The independent plain-numpy implementation kept in benchmarks/ (no shared code)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
         from numpy_model import NumpyGPT
     finally:
         sys.path.remove(str(BENCHMARKS))
+    return NumpyGPT(config.to_dict(), {k: v.copy() for k, v in params.items()}, list(alphas), dtype=np.float64)
+
+
+def test_ten_step_trajectory_matches_the_numpy_reference():
     rng = np.random.default_rng(4)
     config = tiny_config()
     model = mg.Model(config, 11, dtype="float64", seed=8)
     model.add_delta_module(alpha=0.7)
-    ref = NumpyGPT(config.to_dict(), {k: v.copy() for k, v in model.params().items()}, [0.7], dtype=np.float64)
+    ref = numpy_reference(config, model.params(), [0.7])
     batches = [random_batch(rng, 11, [7, 5, 3]) for _ in range(10)]
     ours = [model.train_step(b, 0.01) for b in batches]
     theirs = [ref.train_step(b, 0.01) for b in batches]
@@ -356,3 +361,59 @@ def test_logits_rejects_bad_input():
     with pytest.raises(ValueError, match=r"\[0, 11\)"):
         model.logits([0, 11])
     assert model.logits([1, 2, 3]).shape == (3, 11)
+
+
+# --------------------------------------------------------------------------------------------- folding
+
+
+@pytest.mark.parametrize("base_trainable", [False, True])
+def test_frozen_modules_fold_without_changing_the_math(base_trainable):
+    rng = np.random.default_rng(21)
+    batch = random_batch(rng, 11, [7, 6, 5])
+    folded = mg.Model(tiny_config(), 11, dtype="float64", seed=9, n_threads=1)
+    plain = mg.Model(tiny_config(), 11, dtype="float64", seed=9, n_threads=1)
+    for m in (folded, plain):
+        for alpha in (1.0, 0.5, 0.25):
+            m.add_delta_module(alpha=alpha)
+    for name, value in plain.params().items():
+        value[...] = folded.params()[name]
+    for k in (0, 1):
+        folded.set_trainable(f"delta{k}", False)
+    folded.set_trainable("base", base_trainable)
+    plain.set_trainable("base", base_trainable)
+    before = {k: v.copy() for k, v in folded.params().items()}
+    assert folded.loss(batch) == pytest.approx(plain.loss(batch), rel=1e-13)
+    lf, gf = folded.loss_and_grads(batch)
+    lp, gp = plain.loss_and_grads(batch)
+    assert lf == pytest.approx(lp, rel=1e-13)
+    assert set(gf) == {k for k in gp if not k.startswith(("delta0.", "delta1."))}
+    for name in gf:
+        np.testing.assert_allclose(gf[name], gp[name], rtol=1e-10, atol=1e-14)
+    # training: only the live module (and the base, when it trains) moves; the numpy reference
+    # updates exactly those parameters without any folding
+    ref = numpy_reference(tiny_config(), before, [1.0, 0.5, 0.25])
+    live = [k for k in before if k.startswith("delta2.") or (base_trainable and not k.startswith("delta"))]
+    for _ in range(3):
+        ours = folded.train_step(batch, 0.01)
+        theirs = ref.train_step(batch, 0.01, trainable=live)
+        assert ours == pytest.approx(theirs, rel=1e-10)
+    for name, value in folded.params().items():
+        np.testing.assert_allclose(value, ref.params[name], rtol=1e-9, atol=1e-13)
+        if name not in live:  # fossils (and a frozen base) are bit-identical
+            assert np.array_equal(value, before[name]), name
+
+
+def test_folding_shrinks_the_arena_to_the_trainable_adapters():
+    model = mg.Model(tiny_config(), 11, n_threads=1)
+    for _ in range(6):
+        model.add_delta_module()
+    full = model.arena_capacity
+    for k in range(5):
+        model.set_trainable(f"delta{k}", False)
+    assert model.arena_capacity < full
+    one = mg.Model(tiny_config(), 11, n_threads=1)
+    one.add_delta_module()
+    assert model.arena_capacity == one.arena_capacity
+    model.set_trainable("delta0", True)  # unfreezing grows it back: no overflow on the next step
+    rng = np.random.default_rng(0)
+    assert np.isfinite(model.train_step(random_batch(rng, 11, [7, 7, 7]), 0.01))

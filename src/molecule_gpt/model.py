@@ -134,6 +134,7 @@ class Model:
         self.groups: dict[str, ParamGroup] = {}
         self._lock = threading.RLock()
         self._engines = []
+        self._folded_modules, self._fold_delta, self._fold_weight = [], {}, {}
         self._n_threads = default_threads() if n_threads is None else int(n_threads)
         self._arena_batch_size = config.batch_size
         self._shape_key = self._config_shape_key()
@@ -223,6 +224,7 @@ class Model:
             return k
 
     def set_delta_alpha(self, k: int, alpha: float) -> None:
+        """Set module k's mixing weight alpha_k (its output is alpha_k A_k B_k x)."""
         with self._lock:
             self.delta_alphas[k] = float(alpha)
             self._rebuild(reallocate=False)
@@ -265,8 +267,10 @@ class Model:
     # measured 20x slower when another process shared the cores).
 
     def _rebuild(self, reallocate: bool = True) -> None:
-        """(Re)bind every worker's engine to the current arrays; size the arenas from the config."""
+        """(Re)bind every worker's engine to the current arrays; size the arenas from the config.
+        reallocate=False keeps the engines (their arenas are still resized if the plan changed)."""
         c = self.config
+        self._prepare_folds()
         if reallocate or not self._engines:
             self._rope = _rope_tables(c.block_size, c.head_dim, self.dtype)
             self._engines = [
@@ -280,8 +284,45 @@ class Model:
             grads = {name: (g.grads if w == 0 else g._views(self._worker_grads[w][name]))
                      for name, g in self.groups.items()}
             self._bind(engine, grads)
-        if reallocate:
+        if reallocate or any(e.capacity != e.plan(*self._max_step()) for e in self._engines):
             self._allocate_arenas()
+
+    # Folding: a frozen delta module never changes, so its term alpha_k A_k B_k is added once
+    # into a cached effective weight W_eff = W + sum_{frozen k} alpha_k A_k B_k, and the engine
+    # carries only the trainable adapters (a step with 11 fossils and 1 live module costs what a
+    # step with 1 module costs). dW still accumulates into W's own gradient: d loss/dW equals
+    # d loss/dW_eff. While the base trains, W_eff is refreshed from W at every step.
+
+    def _prepare_folds(self) -> None:
+        frozen = [k for k in range(self.n_delta) if not self.trainable[f"delta{k}"]]
+        self._folded_modules = frozen
+        self._fold_delta, self._fold_weight = {}, {}
+        if not frozen:
+            return
+        base = self.groups["base"].params
+        for name in self.adapted_shapes():
+            total = np.zeros(self.adapted_shapes()[name])
+            for k in frozen:
+                group = self.groups[f"delta{k}"].params
+                total += self.delta_alphas[k] * (group[f"{name}.A"].astype(np.float64) @ group[f"{name}.B"])
+            self._fold_delta[name] = total
+            W = base["wte" if (name == "lm_head" and self.config.tie_embeddings) else name]
+            self._fold_weight[name] = (W + total).astype(self.dtype)
+
+    def _refresh_folds(self) -> None:
+        """W_eff = W + (frozen deltas), for steps where the base itself may have moved."""
+        if not self._folded_modules or not self.trainable["base"]:
+            return
+        base = self.groups["base"].params
+        for name, total in self._fold_delta.items():
+            W = base["wte" if (name == "lm_head" and self.config.tie_embeddings) else name]
+            np.add(W, total, out=self._fold_weight[name], casting="unsafe")
+
+    def refresh(self) -> None:
+        """Re-derive cached state from the parameters. Call it after writing into parameters
+        of frozen modules through params() (folded weights cache them)."""
+        with self._lock:
+            self._rebuild(reallocate=False)
 
     def _bind(self, engine, grads: dict[str, dict[str, np.ndarray]]) -> None:
         c = self.config
@@ -297,16 +338,18 @@ class Model:
             adapters = []
             for k in range(self.n_delta):
                 group = f"delta{k}"
-                dg = grads[group] if self.trainable[group] else None
+                if k in self._folded_modules:
+                    continue  # inside the folded weight
                 adapters.append((self.groups[group].params[f"{name}.A"], self.groups[group].params[f"{name}.B"],
-                                 grad_of(dg, f"{name}.A"), grad_of(dg, f"{name}.B"), self.delta_alphas[k]))
+                                 grads[group][f"{name}.A"], grads[group][f"{name}.B"], self.delta_alphas[k]))
+            W_forward = self._fold_weight.get(name, p[W_name])
             if name == "lm_head":
                 layer, slot, head = -1, "lm_head", -1
             else:
                 parts = name.split(".")
                 layer, slot = int(parts[0][1:]), parts[-1]
                 head = int(parts[1][1:]) if len(parts) == 3 else -1
-            engine.bind_linear(name, layer, slot, head, p[W_name], grad_of(g, W_name), adapters)
+            engine.bind_linear(name, layer, slot, head, W_forward, grad_of(g, W_name), adapters)
         for i in range(c.n_layer):
             for h, kind in enumerate(c.head_types):
                 if kind == "hybrid":
@@ -490,6 +533,7 @@ class Model:
         """Forward (with loss) and optionally backward of `seqs` on the workers. Returns one
         (sequence indices, packed batch, per-position losses) per worker used. With backward,
         the groups' gradients hold the batch gradient afterwards."""
+        self._refresh_folds()
         n_workers = min(len(self._engines), len(seqs))
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first, then dealt out
         parts = []
@@ -606,6 +650,7 @@ class Model:
         out = np.empty((N, self.vocab_size), self.dtype)
         with self._lock:
             self._sync_config()
+            self._refresh_folds()
             engine = self._engines[0]
             engine.set_batch(*packed, np.zeros(N))
             with _serial_blas:
