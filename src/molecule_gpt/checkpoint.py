@@ -72,6 +72,7 @@ _MODEL_DTYPES = {"float32": "F32", "float64": "F64"}
 _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
              "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 _MAX_DELTA_MODULES = 64  # the core's limit (model._core_max_delta)
+_MAX_LAYER_HEADS = 1_000_000  # Model's own shape tables loop over every (layer, head) pair too
 
 
 class CheckpointWarning(UserWarning):
@@ -343,6 +344,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             document, entries = _MIGRATIONS[v](document, entries)
         model, views, tokenizer = _build(path, document, entries)
         _read_tensors(path, fh, 8 + n_header, entries, views, checksums["tensors"])
+    # Bind the engines to the trainable flags and re-derive whatever Model caches from parameter
+    # values (folded frozen modules): only now do the arrays hold the file's values.
+    model._rebuild(reallocate=False)
     return Checkpoint(path=path, model=model, tokenizer=tokenizer, state=document.get("state"), metadata=document,
                       format_version=version)
 
@@ -555,10 +559,15 @@ def _build(path: str, document: Any, entries: dict[str, TensorEntry]):
                                f"{'bool' if kind is bool else 'non-negative int'}, got {table!r:.200}: the header is corrupt")
     if not optimizer_state and any(meta["adam_steps"].values()):
         raise _error(path, "the file holds no optimizer state but non-zero Adam step counters: the header is corrupt")
-    # A layer contributes at least 7 tensors, so n_layer beyond the table size cannot match; this
-    # bounds the shape computation below by the header size.
-    if config.n_layer > len(entries):
-        raise _error(path, f"config n_layer={config.n_layer} implies more tensors than the {len(entries)} in the file")
+    # The tensor count in closed form, before any per-layer loop: a hostile config (a million
+    # layers, 64 modules) must not make the shape tables below take hours or gigabytes.
+    count = _expected_count(config, len(alphas), optimizer_state)
+    if count > len(entries):
+        raise _error(path, f"the config (n_layer={config.n_layer}, n_head={config.n_head}) with {len(alphas)} delta "
+                           f"module(s) implies {count} tensors but the file holds {len(entries)}")
+    if config.n_layer * config.n_head > _MAX_LAYER_HEADS:
+        raise _error(path, f"the config has n_layer * n_head = {config.n_layer * config.n_head}, beyond the "
+                           f"{_MAX_LAYER_HEADS} this reader accepts")
 
     # ---- every expected tensor present with the right dtype and shape (before allocating)
     expected = _expected_shapes(config, vocab, len(alphas), optimizer_state)
@@ -597,7 +606,6 @@ def _build(path: str, document: Any, entries: dict[str, TensorEntry]):
     for name, group in model.groups.items():
         group.step = meta["adam_steps"][name]
         model.trainable[name] = meta["trainable"][name]
-    model._rebuild(reallocate=False)
     views = _state_views(model, optimizer_state)
     if set(views) != set(expected) or any(tuple(views[k].shape) != expected[k] for k in expected):
         # _expected_shapes mirrors Model's layout; tests pin the two together
@@ -617,6 +625,16 @@ def _config(path: str, raw: Any) -> Config:
         return Config.from_dict({k: v for k, v in raw.items() if k in names})
     except (ConfigError, TypeError, ValueError) as exc:
         raise _error(path, f"its config is invalid: {exc}") from None
+
+
+def _expected_count(config: Config, n_delta: int, optimizer_state: bool) -> int:
+    """len(_expected_shapes(...)) without building it (O(n_head))."""
+    n_pattern = sum(kind != "content" for kind in config.head_types)  # rrpram and hybrid heads
+    n_hybrid = sum(kind == "hybrid" for kind in config.head_types)
+    base = 2 + (0 if config.tie_embeddings else 1) + config.n_layer * (7 + n_pattern + n_hybrid)
+    adapted = config.n_layer * (7 + n_pattern) + 1  # + lm_head
+    params = base + n_delta * 2 * adapted
+    return params * (3 if optimizer_state else 1) + 1  # + init_embed_snapshot
 
 
 def _expected_shapes(config: Config, vocab_size: int, n_delta: int, optimizer_state: bool) -> dict[str, tuple]:
