@@ -8,7 +8,6 @@ import json
 import os
 import pathlib
 import random
-import select
 import signal
 import struct
 import subprocess
@@ -657,6 +656,10 @@ def test_older_versions_migrate(saved, monkeypatch):
     ckpt = load_checkpoint(path)
     assert ckpt.format_version == 0
     assert_same_model(model, ckpt.model)
+    # a version-0 file the migration cannot make sense of
+    edit_document(path, lambda doc: doc.pop("net"))
+    assert expect_error(path) == (f"{path}: it cannot be migrated from format_version 0 to 1 (KeyError: 'net'): the "
+                                  f"header is corrupt")
 
 
 # --------------------------------------------------------------------------------------------- crash safety

@@ -211,7 +211,6 @@ def _atomic_write(path: str, write: Callable[[str], None], min_data_bytes: int |
                 _fsync_path(prev_tmp)
             os.replace(prev_tmp, f"{path}.prev")
         os.replace(tmp, path)
-        _fsync_dir(directory)
     except BaseException as exc:
         shutil.rmtree(work, ignore_errors=True)
         if isinstance(exc, OSError):
@@ -220,6 +219,11 @@ def _atomic_write(path: str, write: Callable[[str], None], min_data_bytes: int |
             raise CheckpointError(f"{path}: not saved ({type(exc).__name__}: {exc}); the file at {path} is unchanged") from exc
         raise
     shutil.rmtree(work, ignore_errors=True)
+    try:
+        _fsync_dir(directory)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: saved, but the directory {directory} could not be synced ({exc}); the new "
+                              f"file may not survive a power loss") from exc
 
 
 def _remove_stale_temporaries(path: str) -> None:
@@ -341,7 +345,11 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if stray:
             raise _error(path, f"checksums name tensor(s) the file does not hold ({', '.join(stray[:5])}): the header is corrupt")
         for v in range(version, FORMAT_VERSION):
-            document, entries = _MIGRATIONS[v](document, entries)
+            try:
+                document, entries = _MIGRATIONS[v](document, entries)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise _error(path, f"it cannot be migrated from format_version {v} to {v + 1} "
+                                   f"({type(exc).__name__}: {exc}): the header is corrupt") from None
         model, views, tokenizer = _build(path, document, entries)
         _read_tensors(path, fh, 8 + n_header, entries, views, checksums["tensors"])
     # Bind the engines to the trainable flags and re-derive whatever Model caches from parameter
@@ -547,7 +555,7 @@ def _build(path: str, document: Any, entries: dict[str, TensorEntry]):
         raise _error(path, f"vocab_size is {vocab!r}, not a positive int: the header is corrupt")
     alphas = meta["delta_alphas"]
     if not isinstance(alphas, list) or not all(type(a) in (int, float) and math.isfinite(a) for a in alphas):
-        raise _error(path, f"delta_alphas is not a list of finite numbers: the header is corrupt")
+        raise _error(path, "delta_alphas is not a list of finite numbers: the header is corrupt")
     if len(alphas) > _MAX_DELTA_MODULES:
         raise _error(path, f"{len(alphas)} delta modules, more than the {_MAX_DELTA_MODULES} the core supports")
     groups = ["base"] + [f"delta{k}" for k in range(len(alphas))]
