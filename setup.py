@@ -42,9 +42,12 @@ C_SOURCES = {
 
 
 def compile_args():
-    # -fno-math-errno: sqrt/exp need not set errno, which lets loops over them vectorize; it
-    # changes no result
-    args = ["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno"]
+    # -fno-math-errno: sqrt/exp need not set errno; -fno-trapping-math: compares may be executed
+    # speculatively (nothing here enables FP traps). Both let branchy loops (clamps, relu) become
+    # vectorized selects and neither changes any computed value, unlike -ffast-math.
+    # -fopenmp-simd: honour `omp simd` pragmas (csrc/rows.h) even in a build without OpenMP
+    args = ["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    args.append("-fopenmp-simd")
     if os.environ.get("MOLECULE_GPT_NATIVE", "0") == "1":
         args.append("-march=native")
     if os.environ.get("MOLECULE_GPT_FAST_MATH", "0") == "1":

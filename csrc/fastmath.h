@@ -1,7 +1,7 @@
 /* fastmath.h: a float32 exp that vectorizes.
  *
  * Why C: it reinterprets float bits (2^n built in the exponent field), which C says plainly
- * with a union. Used only for float32 buffers (softmax and cross-entropy); float64 keeps libm's
+ * with a bit cast. Used only for float32 buffers (softmax and cross-entropy); float64 keeps libm's
  * exp so imported checkpoints reproduce the original's numbers to 1e-9.
  *
  * Method (Cephes expf): exp(x) = 2^n exp(g), n = round(x / ln 2), g = x - n ln 2 with ln 2 split
@@ -13,6 +13,7 @@
 #define MOLECULE_FASTMATH_H
 
 #include <stdint.h>
+#include <string.h>
 
 static inline float mg_expf(float x) {
     const float hi = 88.3762626647949f, lo = -87.3365447504f;
@@ -30,9 +31,10 @@ static inline float mg_expf(float x) {
     y = y * g + 1.6666665459e-1f;
     y = y * g + 5.0000001201e-1f;
     y = y * g * g + g + 1.0f;
-    union { int32_t i; float f; } pow2;
-    pow2.i = (n + 127) << 23;
-    return y * pow2.f;
+    int32_t bits = (n + 127) << 23; /* 2^n as float bits; memcpy is a plain bit cast that vectorizes */
+    float pow2;
+    memcpy(&pow2, &bits, sizeof pow2);
+    return y * pow2;
 }
 
 #endif

@@ -36,6 +36,28 @@ cdef inline floating fsqrt(floating x) noexcept nogil:
         return sqrt(x)
 
 
+cdef inline floating row_max(const floating* x, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        return mg_row_max_f(x, n)
+    else:
+        return mg_row_max_d(x, n)
+
+
+cdef inline floating row_exp_sum(floating* x, Py_ssize_t n, floating shift) noexcept nogil:
+    """x := exp(x - shift); returns the sum (csrc/rows.h: vectorized reductions)."""
+    if floating is float:
+        return mg_row_exp_sum_f(x, n, shift)
+    else:
+        return mg_row_exp_sum_d(x, n, shift)
+
+
+cdef inline floating row_dot(const floating* a, const floating* b, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        return mg_row_dot_f(a, b, n)
+    else:
+        return mg_row_dot_d(a, b, n)
+
+
 cdef enum HeadType:
     HEAD_CONTENT = 0
     HEAD_RRPRAM = 1
@@ -242,13 +264,8 @@ cdef void attention_task_forward(floating* y, floating* att, floating* cont, con
             Prow = P[h] + (o + t) * T
             for j in range(t + 1):
                 row[j] = (1 - fa) * S[t * ns + j] + fa * Prow[j]
-        mx = row[0]
-        for j in range(1, t + 1):
-            mx = row[j] if row[j] > mx else mx
-        total = 0
-        for j in range(t + 1):
-            row[j] = fexp(row[j] - mx)
-            total += row[j]
+        mx = row_max(row, t + 1)
+        total = row_exp_sum(row, t + 1, mx)
         inv = 1 / total
         for j in range(t + 1):
             row[j] = row[j] * inv
@@ -287,8 +304,11 @@ cdef double attention_task_backward(floating* dq, floating* dk, floating* dv, fl
     5. d alpha = sum dl (p - c) a (1 - a)   (hybrid)."""
     cdef Py_ssize_t h = task // n_seq, s = task % n_seq, t, j, o = off[s], ns = n[s], C = H * d
     cdef int kind = head_type[h]
-    cdef double a = mix[h], dot, dl, dalpha = 0
+    cdef double a = mix[h], dalpha = 0
+    cdef floating fa = <floating>a, dot
     cdef const floating* A = att + h * SS + sq_off[s]
+    cdef const floating* Arow
+    cdef floating* dArow
     cdef const floating* S = cont + h * SS + sq_off[s]
     cdef floating* dA = scratch + h * SS + sq_off[s]
     cdef floating* dProw
@@ -299,24 +319,24 @@ cdef double attention_task_backward(floating* dq, floating* dk, floating* dv, fl
     mm_nt(dA, dy + o * C + h * d, v + o * C + h * d, <int>ns, <int>ns, <int>d, <int>C, <int>C, <int>ns, 1, 0)
     mm_tn(dv + o * C + h * d, A, dy + o * C + h * d, <int>ns, <int>d, <int>ns, <int>ns, <int>C, <int>C, 1, 1)
     for t in range(ns):
-        dot = 0
-        for j in range(t + 1):
-            dot += <double>A[t * ns + j] * dA[t * ns + j]
+        Arow = A + t * ns
+        dArow = dA + t * ns
+        dot = row_dot(Arow, dArow, t + 1)
+        for j in range(t + 1):  # softmax backward: dl overwrites dA
+            dArow[j] = Arow[j] * (dArow[j] - dot)
         if kind != HEAD_CONTENT:
             Prow = P[h] + (o + t) * T
             dProw = dP[h] + (o + t) * T
-        for j in range(t + 1):
-            dl = A[t * ns + j] * (dA[t * ns + j] - dot)
-            if kind == HEAD_CONTENT:
-                dA[t * ns + j] = <floating>dl
-            elif kind == HEAD_RRPRAM:
-                dProw[j] += <floating>dl
-            else:
-                dProw[j] += <floating>(a * dl)
-                dalpha += dl * (Prow[j] - S[t * ns + j])
-                dA[t * ns + j] = <floating>((1 - a) * dl)
+        if kind == HEAD_RRPRAM:
+            for j in range(t + 1):
+                dProw[j] += dArow[j]
+        elif kind == HEAD_HYBRID:
+            dalpha += row_dot(dArow, Prow, t + 1) - row_dot(dArow, S + t * ns, t + 1)
+            for j in range(t + 1):
+                dProw[j] += fa * dArow[j]
+                dArow[j] = (1 - fa) * dArow[j]
         for j in range(t + 1, ns):
-            dA[t * ns + j] = 0
+            dArow[j] = 0
     if kind != HEAD_RRPRAM:
         mm_nn(dq + o * C + h * d, dA, k + o * C + h * d, <int>ns, <int>d, <int>ns, <int>ns, <int>C, <int>C, scale, 1)
         mm_tn(dk + o * C + h * d, dA, q + o * C + h * d, <int>ns, <int>d, <int>ns, <int>ns, <int>C, <int>C, scale, 1)
@@ -409,20 +429,17 @@ cdef void xent_forward(double* losses, floating* logits, const int* targets, Py_
     which is all backward needs."""
     cdef Py_ssize_t i, j
     cdef floating* z
-    cdef double mx, total, lse
+    cdef floating mx, target_logit, inv
+    cdef double total
     for i in range(N):
         z = logits + i * V
-        mx = -INFINITY
+        target_logit = z[targets[i]]
+        mx = row_max(z, V)
+        total = row_exp_sum(z, V, mx)   # z := exp(z - max)
+        losses[i] = mx + log(total) - target_logit
+        inv = <floating>(1.0 / total)
         for j in range(V):
-            if z[j] > mx:
-                mx = z[j]
-        total = 0
-        for j in range(V):
-            total += fexp(<floating>(z[j] - mx))
-        lse = mx + log(total)
-        losses[i] = lse - z[targets[i]]
-        for j in range(V):
-            z[j] = fexp(<floating>(z[j] - lse))
+            z[j] = z[j] * inv
 
 
 cdef void xent_backward(floating* dlogits, const floating* probs, const int* targets,

@@ -74,3 +74,12 @@ cdef extern from "elementwise.h" nogil:
     void mg_relu_gate_forward_d(double* out, const double* g, const double* u, Py_ssize_t n)
     void mg_relu_gate_backward_f(float* dg, float* du, const float* dout, const float* g, const float* u, Py_ssize_t n)
     void mg_relu_gate_backward_d(double* dg, double* du, const double* dout, const double* g, const double* u, Py_ssize_t n)
+
+
+cdef extern from "rows.h" nogil:
+    float mg_row_max_f(const float* x, Py_ssize_t n)
+    double mg_row_max_d(const double* x, Py_ssize_t n)
+    float mg_row_exp_sum_f(float* x, Py_ssize_t n, float shift)
+    double mg_row_exp_sum_d(double* x, Py_ssize_t n, double shift)
+    float mg_row_dot_f(const float* a, const float* b, Py_ssize_t n)
+    double mg_row_dot_d(const double* a, const double* b, Py_ssize_t n)
