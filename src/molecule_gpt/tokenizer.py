@@ -35,10 +35,34 @@ Decoding: skip <BOS>/<PAD>, stop at <EOS>, concatenate the tokens' bytes, decode
 `decode(encode(s)) == " ".join(s.split())` for every str s. Unlike the original, a literal
 "</w>" typed in the text survives (the marker is a symbol, not text).
 
-Growth events: `maybe_enable_bpe`, `maybe_retrain_bpe`, `train_bpe` and `enable_byte_fallback`
-return None when nothing changed, else a `TokenizerUpdate`: if it is returned the merges may
-have changed (re-encode cached ids); if `update.grew`, grow every vocabulary-sized matrix to
-`update.new_vocab_size` rows (existing rows untouched).
+Training (SPEC §1): words of the whitespace-split lines, each its base symbols plus </w>;
+repeatedly merge the most frequent adjacent pair (counted with word frequencies, overlapping
+occurrences included), bpe_num_merges times or until no pair is left. Ties between equal
+counts go to the pair met first when scanning the distinct words in first-occurrence order,
+symbols left to right: the original's rule, so a tokenizer imported with byte_fallback=False
+and retrained learns exactly the merges the original would have. A merge whose text (bytes
+and end-of-word flag) is already a token reuses that token; others are appended.
+
+Growth events: `maybe_enable_bpe`, `maybe_retrain_bpe` and `enable_byte_fallback` return None
+when nothing happened; they and `train_bpe` otherwise return a `TokenizerUpdate`. When one is
+returned the merges may have changed (re-encode cached ids); when `update.grew`, grow every
+vocabulary-sized matrix to `update.new_vocab_size` rows (existing rows untouched).
+
+Threads: encode, decode and stream decoders may run in other threads while one thread runs a
+growth event (the core's tables are swapped at once; ids stay valid since nothing is removed).
+Two growth events must not run at the same time.
+
+Serialized form (to_dict; JSON, format "molecule_gpt.tokenizer", format_version 1)
+    tokens          display string per id: the character, "<PAD>"/"<BOS>"/"<EOS>", "<0xNN>",
+                    or a merged token's text with "</w>" appended when it ends a word
+    token_bytes     per id, hex of the UTF-8 bytes it decodes to ("" for the specials)
+    token_kinds     one letter per id: c character, s special, b byte, m merged
+    token_eow       the ids of tokens that end a word
+    merges          [left, right, merged] ids in rank order; right is -1 for the </w> marker
+    bpe_enabled, byte_fallback, trained_chars, enable_bpe_after_chars, bpe_num_merges,
+    bpe_retrain_every_chars
+Only token_bytes, token_kinds and token_eow define the tokens; `tokens` is kept as written
+(an imported original's strings survive a round trip).
 """
 from __future__ import annotations
 
