@@ -24,3 +24,21 @@ class CheckpointError(MoleculeError, ValueError):
 
 class TokenizerError(MoleculeError, ValueError):
     """Tokenizer input or state is invalid."""
+
+
+class GenerationError(MoleculeError, ValueError):
+    """A generation request cannot be served: a sampling parameter or override is invalid, a
+    logits processor returned something unusable, or every token was filtered out."""
+
+
+class OrganismError(MoleculeError):
+    """Base class of the Organism's own errors (corpus, training state, background thread)."""
+
+
+class CorpusError(OrganismError, ValueError):
+    """The corpus given to an Organism is unusable (empty, wrong type, unreadable file)."""
+
+
+class TrainingError(OrganismError, RuntimeError):
+    """Training cannot proceed or failed: e.g. the background trainer died (the original
+    exception is chained), or a burst was requested before there is anything to train on."""

@@ -1,0 +1,1278 @@
+# _decode.pyx: the native half of generation (SPEC §4, §5, §8.9, §8.10).
+#
+# What it is:
+#   Weights   the effective weights of one model version, read-only and shareable between
+#             threads: every adapted matrix with its delta modules folded in
+#             (W + sum_k alpha_k A_k B_k, done once per version by generation.py), q/k/v stacked
+#             into one (3C, C) matrix and fc_g/fc_v into one (2F, C), so a token step is 13 gemv
+#             calls at the default config instead of 7 per layer plus 2 per delta module.
+#   Field     the corpus n-gram field: unigram counts, bigram and trigram counts as sorted
+#             int64 keys with parallel counts (binary search per context).
+#   Decoder   one generation: the key/value cache, scratch, the sampling stack and the loop
+#             with its stop rules. One per generating thread (it is not thread-safe); it holds
+#             the GIL only between tokens (and while calling Python logits processors).
+# What it is not: training (_core), policy (generation.py validates parameters and folds the
+# weights under the model lock; text, stream decoding and stop strings are Python).
+#
+# Positions (SPEC §8.10). The cache holds a window of at most T = block_size tokens whose
+# positions are 0..n-1 relative to the window's first token, exactly as in training (every
+# training sequence starts at position 0). A prompt longer than T keeps its last T tokens. When
+# the window is full and another token must be fed, the last T/2 tokens of the window and the
+# new token are re-run as one batched prefill at positions 0..T/2. Hence, at every step, the
+# logits equal Model.logits(window)[-1] for the current window: the defining test. The
+# original's `t mod block_size` (SPEC §2) is never reached, and the rrpram pattern row (T
+# entries) always covers every key (the crash of §8.10 cannot happen).
+#
+# Notes:
+# - Keys are rotated once, when they enter the cache (the original re-rotated every cached key
+#   at every step), and the prompt's last token is fed once (§8.9: the prefill's last logits
+#   give the first sampled token).
+# - Arithmetic mirrors _core's forward op for op (rmsnorm accumulated in double, float32 exp
+#   from fastmath.h, the hybrid mix written the same way), so float64 decoding agrees with
+#   Model.logits to ~1e-12; float32 agrees to rounding.
+# - Rejected: a hand-written matvec (without -march=native only SSE2 is available; OpenBLAS's
+#   dynamic-arch AVX2 sgemv is faster at every size we have); computing the pattern logits of
+#   all T keys each step (only the n cached ones are used, so the gemv takes n rows).
+
+from libc.stdlib cimport malloc, calloc, free
+from libc.string cimport memset, memcpy
+from libc.math cimport exp, log, sqrt, fabs, INFINITY, isnan
+from libc.stdint cimport uint64_t, int64_t, uint8_t
+from scipy.linalg.cython_blas cimport sgemv, dgemv, sgemm, dgemm
+
+import numpy as np
+
+cdef extern from "fastmath.h" nogil:
+    float mg_expf(float x)
+
+ctypedef fused floating:
+    float
+    double
+
+cdef enum:
+    HEAD_CONTENT = 0
+    HEAD_RRPRAM = 1
+    HEAD_HYBRID = 2
+    ACT_RELU = 0
+    ACT_SILU = 1
+
+# stop reasons returned by Decoder.run (names in STOP_REASONS)
+cdef enum:
+    STOP_NONE = 0
+    STOP_EOS = 1
+    STOP_MAX_TOKENS = 2
+    STOP_SENTENCE = 3
+    STOP_REPETITION = 4
+
+STOP_REASONS = (None, "eos", "max_tokens", "sentence", "repetition")
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+cdef inline floating fexp(floating x) noexcept nogil:
+    """exp in the buffer's precision (float32: the same mg_expf as the training core)."""
+    if floating is float:
+        return mg_expf(x)
+    else:
+        return exp(x)
+
+
+cdef inline void* data_ptr(object arr):
+    return <void*><size_t>arr.__array_interface__["data"][0]
+
+
+cdef inline void gemv_rm(floating* y, const floating* A, const floating* x, int M, int N, int lda,
+                         floating alpha, floating beta) noexcept nogil:
+    """y (M) := alpha A x + beta y;  A (M, N) row-major with leading dim lda, x (N)."""
+    cdef char t = b'T'
+    cdef int one = 1, i
+    if M <= 0:
+        return
+    if N <= 0:
+        for i in range(M):
+            y[i] = beta * y[i] if beta != 0 else 0
+        return
+    if floating is float:
+        sgemv(&t, &N, &M, &alpha, <float*>A, &lda, <float*>x, &one, &beta, y, &one)
+    else:
+        dgemv(&t, &N, &M, &alpha, <double*>A, &lda, <double*>x, &one, &beta, y, &one)
+
+
+cdef inline void gemv_rm_t(floating* y, const floating* A, const floating* x, int M, int N, int lda,
+                           floating alpha, floating beta) noexcept nogil:
+    """y (N) := alpha A^T x + beta y;  A (M, N) row-major with leading dim lda, x (M)."""
+    cdef char t = b'N'
+    cdef int one = 1, i
+    if N <= 0:
+        return
+    if M <= 0:
+        for i in range(N):
+            y[i] = beta * y[i] if beta != 0 else 0
+        return
+    if floating is float:
+        sgemv(&t, &N, &M, &alpha, <float*>A, &lda, <float*>x, &one, &beta, y, &one)
+    else:
+        dgemv(&t, &N, &M, &alpha, <double*>A, &lda, <double*>x, &one, &beta, y, &one)
+
+
+cdef inline void mm_nt(floating* Cm, const floating* A, const floating* B, int M, int N, int K,
+                       int lda, int ldb, int ldc, floating alpha, floating beta) noexcept nogil:
+    """C (M, N) := alpha A (M, K) B^T + beta C;  B (N, K). Row-major with leading dims."""
+    cdef char ta = b'T', tb = b'N'
+    if M <= 0 or N <= 0 or K <= 0:
+        return
+    if floating is float:
+        sgemm(&ta, &tb, &N, &M, &K, &alpha, <float*>B, &ldb, <float*>A, &lda, &beta, Cm, &ldc)
+    else:
+        dgemm(&ta, &tb, &N, &M, &K, &alpha, <double*>B, &ldb, <double*>A, &lda, &beta, Cm, &ldc)
+
+
+cdef inline void mm_nn(floating* Cm, const floating* A, const floating* B, int M, int N, int K,
+                       int lda, int ldb, int ldc, floating alpha, floating beta) noexcept nogil:
+    """C (M, N) := alpha A (M, K) B (K, N) + beta C."""
+    cdef char ta = b'N', tb = b'N'
+    if M <= 0 or N <= 0 or K <= 0:
+        return
+    if floating is float:
+        sgemm(&ta, &tb, &N, &M, &K, &alpha, <float*>B, &ldb, <float*>A, &lda, &beta, Cm, &ldc)
+    else:
+        dgemm(&ta, &tb, &N, &M, &K, &alpha, <double*>B, &ldb, <double*>A, &lda, &beta, Cm, &ldc)
+
+
+cdef inline void rmsnorm_row(floating* y, const floating* x, Py_ssize_t C) noexcept nogil:
+    """y = x (mean(x^2) + 1e-5)^(-1/2), accumulated in double (as _core)."""
+    cdef Py_ssize_t j
+    cdef double ss = 0, r
+    for j in range(C):
+        ss += <double>x[j] * x[j]
+    r = 1.0 / sqrt(ss / C + 1e-5)
+    for j in range(C):
+        y[j] = <floating>(x[j] * r)
+
+
+cdef inline void rope_row(floating* x, const floating* cos_t, const floating* sin_t, int pos,
+                          Py_ssize_t H, Py_ssize_t d) noexcept nogil:
+    """Rotate the interleaved pairs of every head of one row x (H*d) in place, at position pos."""
+    cdef Py_ssize_t h, j, half = d // 2, o
+    cdef floating a, b, c, s
+    for h in range(H):
+        o = h * d
+        for j in range(half):
+            c = cos_t[pos * half + j]
+            s = sin_t[pos * half + j]
+            a = x[o + 2 * j]
+            b = x[o + 2 * j + 1]
+            x[o + 2 * j] = a * c - b * s
+            x[o + 2 * j + 1] = a * s + b * c
+
+
+cdef inline void gate_row(floating* out, const floating* g, const floating* u, Py_ssize_t n,
+                          int act) noexcept nogil:
+    """out = act(g) * u (relu written as in csrc/elementwise.h; silu with a double sigmoid)."""
+    cdef Py_ssize_t i
+    cdef floating gi
+    if act == ACT_RELU:
+        for i in range(n):
+            gi = g[i]
+            out[i] = (gi if gi > 0 else <floating>0) * u[i]
+    else:
+        for i in range(n):
+            out[i] = <floating>(g[i] * (1.0 / (1.0 + exp(-<double>g[i]))) * u[i])
+
+
+cdef inline void softmax_row(floating* row, Py_ssize_t n) noexcept nogil:
+    """In-place softmax of row[0:n], written as _core's attention writes it."""
+    cdef Py_ssize_t j
+    cdef floating mx = row[0], total = 0, inv
+    for j in range(1, n):
+        mx = row[j] if row[j] > mx else mx
+    for j in range(n):
+        row[j] = fexp(row[j] - mx)
+        total += row[j]
+    inv = 1 / total
+    for j in range(n):
+        row[j] = row[j] * inv
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: effective weights of one model version
+
+ctypedef struct WLayer:
+    void* wqkv      # (3C, C)  wq; wk; wv stacked
+    void* wo        # (C, C)
+    void* fcgv      # (2F, C)  fc_g; fc_v stacked
+    void* fc2       # (C, F)
+    void** pat      # (H,) (T, d) pattern matrices of rrpram/hybrid heads, NULL for content
+    double* mix     # (H,) sigmoid(alpha) of hybrid heads
+
+ctypedef struct WNet:
+    int L, C, H, d, T, V, F, act
+    int* head_type  # (H,)
+    void* wte       # (V, C) input embedding (base)
+    void* wpe       # (T, C)
+    void* lm        # (V, C) effective output matrix
+    void* cos_t     # (T, d/2)
+    void* sin_t
+    WLayer* layers
+
+
+cdef class Weights:
+    """Effective weights of one model version (see the module docstring). Built by
+    generation.fold_weights; arrays are validated there and kept alive here."""
+    cdef WNet net
+    cdef readonly bint is_double
+    cdef readonly object dtype
+    cdef object keep
+
+    def __cinit__(self):
+        memset(&self.net, 0, sizeof(WNet))
+
+    def __init__(self, int n_layer, int n_embd, int n_head, int block_size, head_types, str activation,
+                 wte, wpe, lm, cos_t, sin_t, layers):
+        cdef int l, h
+        cdef WLayer* Lw
+        if n_layer < 1 or n_embd < 1 or n_head < 1 or block_size < 1 or n_embd % n_head or (n_embd // n_head) % 2:
+            raise ValueError("invalid model dimensions")
+        if len(head_types) != n_head or len(layers) != n_layer:
+            raise ValueError("head_types needs n_head entries and layers n_layer entries")
+        dt = np.asarray(wte).dtype
+        if dt != np.float32 and dt != np.float64:
+            raise TypeError(f"weights must be float32 or float64, got {dt}")
+        self.dtype = dt
+        self.is_double = dt == np.float64
+        C, T, d, F = n_embd, block_size, n_embd // n_head, 4 * n_embd
+        V = wte.shape[0]
+        keep = []
+
+        def check(a, shape, what):
+            if not isinstance(a, np.ndarray) or a.dtype != dt or not a.flags.c_contiguous or a.shape != shape:
+                raise ValueError(f"{what} must be a C-contiguous {dt} array of shape {shape}, got "
+                                 f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+            keep.append(a)
+            return a
+
+        self.net.L, self.net.C, self.net.H, self.net.d, self.net.T = n_layer, C, n_head, d, T
+        self.net.V, self.net.F = V, F
+        if activation not in ("relu", "silu"):
+            raise ValueError(f"activation must be 'relu' or 'silu', got {activation!r}")
+        self.net.act = ACT_RELU if activation == "relu" else ACT_SILU
+        self.net.wte = data_ptr(check(wte, (V, C), "wte"))
+        self.net.wpe = data_ptr(check(wpe, (T, C), "wpe"))
+        self.net.lm = data_ptr(check(lm, (V, C), "lm_head"))
+        self.net.cos_t = data_ptr(check(cos_t, (T, d // 2), "cos_t"))
+        self.net.sin_t = data_ptr(check(sin_t, (T, d // 2), "sin_t"))
+        self.net.head_type = <int*>calloc(n_head, sizeof(int))
+        self.net.layers = <WLayer*>calloc(n_layer, sizeof(WLayer))
+        if self.net.head_type == NULL or self.net.layers == NULL:
+            raise MemoryError()
+        for h in range(n_head):
+            kind = head_types[h]
+            if kind not in ("content", "rrpram", "hybrid"):
+                raise ValueError(f"unknown head type {kind!r}")
+            self.net.head_type[h] = HEAD_CONTENT if kind == "content" else (HEAD_RRPRAM if kind == "rrpram" else HEAD_HYBRID)
+        for l in range(n_layer):
+            Lw = &self.net.layers[l]
+            Lw.pat = <void**>calloc(n_head, sizeof(void*))
+            Lw.mix = <double*>calloc(n_head, sizeof(double))
+            if Lw.pat == NULL or Lw.mix == NULL:
+                raise MemoryError()
+            layer = layers[l]
+            Lw.wqkv = data_ptr(check(layer["wqkv"], (3 * C, C), f"layer {l} wqkv"))
+            Lw.wo = data_ptr(check(layer["wo"], (C, C), f"layer {l} wo"))
+            Lw.fcgv = data_ptr(check(layer["fcgv"], (2 * F, C), f"layer {l} fcgv"))
+            Lw.fc2 = data_ptr(check(layer["fc2"], (C, F), f"layer {l} fc2"))
+            for h in range(n_head):
+                if self.net.head_type[h] != HEAD_CONTENT:
+                    Lw.pat[h] = data_ptr(check(layer["pat"][h], (T, d), f"layer {l} head {h} w_pattern"))
+                if self.net.head_type[h] == HEAD_HYBRID:
+                    Lw.mix[h] = float(layer["mix"][h])
+        self.keep = keep
+
+    def __dealloc__(self):
+        cdef int l
+        if self.net.layers != NULL:
+            for l in range(self.net.L):
+                free(self.net.layers[l].pat)
+                free(self.net.layers[l].mix)
+            free(self.net.layers)
+        free(self.net.head_type)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.net.V
+
+    @property
+    def block_size(self) -> int:
+        return self.net.T
+
+
+# ---------------------------------------------------------------------------------------------
+# forward: one step over the cache, and a batched prefill
+
+ctypedef struct Buf:
+    void* X         # (T, C)     residual stream
+    void* Hn        # (T, C)     normalized input of the current block
+    void* QKV       # (T, 3C)
+    void* S         # (T, T)     attention logits/weights of one head
+    void* P         # (T, T)     pattern logits of one head
+    void* Y         # (T, C)     concatenated head outputs
+    void* O         # (T, C)     a block's output before the residual add
+    void* GU        # (T, 2F)    fc_g and fc_v outputs
+    void* A         # (T, F)     gated activation
+    void* kc        # (L, T, C)  rotated keys of the window
+    void* vc        # (L, T, C)  values of the window
+    void* logits    # (V,)
+
+
+cdef void attend_row(floating* y, floating* att, floating* pat_out, const floating* q,
+                     const floating* hrow, const floating* kc, const floating* vc, const WNet* net,
+                     const WLayer* Lw, int nk) noexcept nogil:
+    """y (C) = attention output of one query (q rotated, hrow its normalized input) over the
+    nk cached keys/values kc, vc (nk, C). att, pat_out: scratch of T entries."""
+    cdef Py_ssize_t hh, j, C = net.C, d = net.d
+    cdef int kind
+    cdef floating scale = <floating>(1.0 / sqrt(<double>d)), fa
+    for hh in range(net.H):
+        kind = net.head_type[hh]
+        if kind != HEAD_RRPRAM:
+            gemv_rm(att, kc + hh * d, q + hh * d, nk, <int>d, <int>C, scale, 0)
+        if kind != HEAD_CONTENT:
+            # pattern logits of the nk keys: rows 0..nk-1 of W_pattern (T, d) times h_h
+            gemv_rm(pat_out, <const floating*>Lw.pat[hh], hrow + hh * d, nk, <int>d, <int>d, 1, 0)
+            if kind == HEAD_RRPRAM:
+                for j in range(nk):
+                    att[j] = pat_out[j]
+            else:
+                fa = <floating>Lw.mix[hh]
+                for j in range(nk):
+                    att[j] = (1 - fa) * att[j] + fa * pat_out[j]
+        softmax_row(att, nk)
+        gemv_rm_t(y + hh * d, vc + hh * d, att, nk, <int>d, <int>C, 1, 0)
+
+
+cdef void step_forward(floating* tag, const WNet* net, Buf* b, int tok, int pos) noexcept nogil:
+    """Feed token tok at window position pos (< T, the cache holds positions 0..pos-1): write
+    its key/value into the cache and the next-token logits into b.logits."""
+    cdef Py_ssize_t l, j, C = net.C, F = net.F, T = net.T
+    cdef const WLayer* Lw
+    cdef floating* x = <floating*>b.X
+    cdef floating* h = <floating*>b.Hn
+    cdef floating* qkv = <floating*>b.QKV
+    cdef floating* y = <floating*>b.Y
+    cdef floating* o = <floating*>b.O
+    cdef floating* gu = <floating*>b.GU
+    cdef floating* a = <floating*>b.A
+    cdef floating* kc
+    cdef floating* vc
+    cdef const floating* wte = <const floating*>net.wte
+    cdef const floating* wpe = <const floating*>net.wpe
+    for j in range(C):
+        x[j] = wte[<Py_ssize_t>tok * C + j] + wpe[<Py_ssize_t>pos * C + j]
+    for l in range(net.L):
+        Lw = &net.layers[l]
+        kc = <floating*>b.kc + l * T * C
+        vc = <floating*>b.vc + l * T * C
+        rmsnorm_row(h, x, C)
+        gemv_rm(qkv, <const floating*>Lw.wqkv, h, <int>(3 * C), <int>C, <int>C, 1, 0)
+        rope_row(qkv, <const floating*>net.cos_t, <const floating*>net.sin_t, pos, net.H, net.d)
+        rope_row(qkv + C, <const floating*>net.cos_t, <const floating*>net.sin_t, pos, net.H, net.d)
+        memcpy(kc + pos * C, qkv + C, C * sizeof(floating))
+        memcpy(vc + pos * C, qkv + 2 * C, C * sizeof(floating))
+        attend_row(y, <floating*>b.S, <floating*>b.P, qkv, h, kc, vc, net, Lw, pos + 1)
+        gemv_rm(o, <const floating*>Lw.wo, y, <int>C, <int>C, <int>C, 1, 0)
+        for j in range(C):
+            x[j] = x[j] + o[j]
+        rmsnorm_row(h, x, C)
+        gemv_rm(gu, <const floating*>Lw.fcgv, h, <int>(2 * F), <int>C, <int>C, 1, 0)
+        gate_row(a, gu, gu + F, F, net.act)
+        gemv_rm(o, <const floating*>Lw.fc2, a, <int>C, <int>F, <int>F, 1, 0)
+        for j in range(C):
+            x[j] = x[j] + o[j]
+    rmsnorm_row(h, x, C)
+    gemv_rm(<floating*>b.logits, <const floating*>net.lm, h, net.V, <int>C, <int>C, 1, 0)
+
+
+cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids, int N) noexcept nogil:
+    """Run ids[0:N] (N <= T) at positions 0..N-1 as one batch: fill the cache rows 0..N-1 and
+    write the logits of the last position into b.logits."""
+    cdef Py_ssize_t l, i, j, t, hh, C = net.C, F = net.F, T = net.T, d = net.d, C3 = 3 * net.C
+    cdef int kind
+    cdef const WLayer* Lw
+    cdef floating* X = <floating*>b.X
+    cdef floating* Hn = <floating*>b.Hn
+    cdef floating* QKV = <floating*>b.QKV
+    cdef floating* S = <floating*>b.S
+    cdef floating* P = <floating*>b.P
+    cdef floating* Y = <floating*>b.Y
+    cdef floating* O = <floating*>b.O
+    cdef floating* GU = <floating*>b.GU
+    cdef floating* A = <floating*>b.A
+    cdef floating* kc
+    cdef floating* vc
+    cdef floating* row
+    cdef floating scale = <floating>(1.0 / sqrt(<double>d)), fa
+    cdef const floating* wte = <const floating*>net.wte
+    cdef const floating* wpe = <const floating*>net.wpe
+    for i in range(N):
+        for j in range(C):
+            X[i * C + j] = wte[<Py_ssize_t>ids[i] * C + j] + wpe[i * C + j]
+    for l in range(net.L):
+        Lw = &net.layers[l]
+        kc = <floating*>b.kc + l * T * C
+        vc = <floating*>b.vc + l * T * C
+        for i in range(N):
+            rmsnorm_row(Hn + i * C, X + i * C, C)
+        mm_nt(QKV, Hn, <const floating*>Lw.wqkv, N, <int>C3, <int>C, <int>C, <int>C, <int>C3, 1, 0)
+        for i in range(N):
+            rope_row(QKV + i * C3, <const floating*>net.cos_t, <const floating*>net.sin_t, <int>i, net.H, d)
+            rope_row(QKV + i * C3 + C, <const floating*>net.cos_t, <const floating*>net.sin_t, <int>i, net.H, d)
+            memcpy(kc + i * C, QKV + i * C3 + C, C * sizeof(floating))
+            memcpy(vc + i * C, QKV + i * C3 + 2 * C, C * sizeof(floating))
+        for hh in range(net.H):
+            kind = net.head_type[hh]
+            if kind != HEAD_RRPRAM:   # S (N, N) = scale Q_h K_h^T
+                mm_nt(S, QKV + hh * d, kc + hh * d, N, N, <int>d, <int>C3, <int>C, N, scale, 0)
+            if kind != HEAD_CONTENT:  # P (N, N) = H_h W_pattern[0:N]^T
+                mm_nt(P, Hn + hh * d, <const floating*>Lw.pat[hh], N, N, <int>d, <int>C, <int>d, N, 1, 0)
+            fa = <floating>Lw.mix[hh]
+            for t in range(N):
+                row = S + t * N
+                if kind == HEAD_RRPRAM:
+                    for j in range(t + 1):
+                        row[j] = P[t * N + j]
+                elif kind == HEAD_HYBRID:
+                    for j in range(t + 1):
+                        row[j] = (1 - fa) * row[j] + fa * P[t * N + j]
+                softmax_row(row, t + 1)
+                for j in range(t + 1, N):
+                    row[j] = 0
+            mm_nn(Y + hh * d, S, vc + hh * d, N, <int>d, N, N, <int>C, <int>C, 1, 0)
+        mm_nt(O, Y, <const floating*>Lw.wo, N, <int>C, <int>C, <int>C, <int>C, <int>C, 1, 0)
+        for i in range(N * C):
+            X[i] = X[i] + O[i]
+        for i in range(N):
+            rmsnorm_row(Hn + i * C, X + i * C, C)
+        mm_nt(GU, Hn, <const floating*>Lw.fcgv, N, <int>(2 * F), <int>C, <int>C, <int>C, <int>(2 * F), 1, 0)
+        for i in range(N):
+            gate_row(A + i * F, GU + i * 2 * F, GU + i * 2 * F + F, F, net.act)
+        mm_nt(O, A, <const floating*>Lw.fc2, N, <int>C, <int>F, <int>F, <int>F, <int>C, 1, 0)
+        for i in range(N * C):
+            X[i] = X[i] + O[i]
+    rmsnorm_row(Hn, X + (N - 1) * C, C)
+    gemv_rm(<floating*>b.logits, <const floating*>net.lm, Hn, net.V, <int>C, <int>C, 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# random numbers: xoshiro256** seeded by splitmix64 (per Decoder, so threads never share state)
+
+ctypedef struct Rng:
+    uint64_t s[4]
+
+cdef inline uint64_t rotl(uint64_t x, int k) noexcept nogil:
+    return (x << k) | (x >> (64 - k))
+
+cdef void rng_seed(Rng* r, uint64_t seed) noexcept nogil:
+    cdef int i
+    cdef uint64_t z
+    for i in range(4):
+        seed += <uint64_t>0x9E3779B97F4A7C15
+        z = seed
+        z = (z ^ (z >> 30)) * <uint64_t>0xBF58476D1CE4E5B9
+        z = (z ^ (z >> 27)) * <uint64_t>0x94D049BB133111EB
+        r.s[i] = z ^ (z >> 31)
+
+cdef inline double rng_uniform(Rng* r) noexcept nogil:
+    """Uniform double in [0, 1)."""
+    cdef uint64_t result = rotl(r.s[1] * 5, 7) * 9
+    cdef uint64_t t = r.s[1] << 17
+    r.s[2] ^= r.s[0]
+    r.s[3] ^= r.s[1]
+    r.s[1] ^= r.s[2]
+    r.s[0] ^= r.s[3]
+    r.s[2] ^= t
+    r.s[3] = rotl(r.s[3], 45)
+    return (result >> 11) * (1.0 / 9007199254740992.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling stack (SPEC §4)
+
+ctypedef struct Cand:
+    double p        # probability (full distribution, before renormalizing over candidates)
+    double key      # typical-p score |surprisal - H|
+    int i           # token id
+
+ctypedef struct SampleC:
+    double temperature      # 0 = greedy
+    double entropy_low
+    double entropy_high
+    double boost
+    double focus
+    double min_p
+    double typical_p
+    double top_p
+    double freq_penalty
+    double model_alpha      # weight of the model in the model/field blend (1 = model only)
+    int top_k               # 0 = off
+
+
+cdef inline bint cand_before(const Cand* a, const Cand* b, int by_key) noexcept nogil:
+    """Order: by_key=0 p descending; by_key=1 key ascending then p descending; ties by id."""
+    if by_key:
+        if a.key != b.key:
+            return a.key < b.key
+    if a.p != b.p:
+        return a.p > b.p
+    return a.i < b.i
+
+
+cdef void cand_sort(Cand* c, Py_ssize_t n, int by_key) noexcept nogil:
+    """In-place sort (quicksort, median of three, insertion sort below 16)."""
+    cdef Py_ssize_t i, j, lo = 0, hi = n - 1, mid
+    cdef Cand pivot, tmp
+    while hi - lo >= 16:
+        mid = lo + (hi - lo) // 2
+        if cand_before(&c[mid], &c[lo], by_key):
+            tmp = c[mid]; c[mid] = c[lo]; c[lo] = tmp
+        if cand_before(&c[hi], &c[lo], by_key):
+            tmp = c[hi]; c[hi] = c[lo]; c[lo] = tmp
+        if cand_before(&c[hi], &c[mid], by_key):
+            tmp = c[hi]; c[hi] = c[mid]; c[mid] = tmp
+        pivot = c[mid]
+        i = lo
+        j = hi
+        while i <= j:
+            while cand_before(&c[i], &pivot, by_key):
+                i += 1
+            while cand_before(&pivot, &c[j], by_key):
+                j -= 1
+            if i <= j:
+                tmp = c[i]; c[i] = c[j]; c[j] = tmp
+                i += 1
+                j -= 1
+        # recurse into the smaller side, loop on the larger (stack depth O(log n))
+        if j - lo < hi - i:
+            cand_sort(c + lo, j - lo + 1, by_key)
+            lo = i
+        else:
+            cand_sort(c + i, hi - i + 1, by_key)
+            hi = j
+    for i in range(lo + 1, hi + 1):
+        tmp = c[i]
+        j = i - 1
+        while j >= lo and cand_before(&tmp, &c[j], by_key):
+            c[j + 1] = c[j]
+            j -= 1
+        c[j + 1] = tmp
+
+
+cdef void cand_select(Cand* c, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
+    """Reorder c so that c[0:k] are the k highest-p candidates (in no particular order)."""
+    cdef Py_ssize_t lo = 0, hi = n - 1, i, j, mid
+    cdef Cand pivot, tmp
+    while hi > lo:
+        mid = lo + (hi - lo) // 2
+        if cand_before(&c[mid], &c[lo], 0):
+            tmp = c[mid]; c[mid] = c[lo]; c[lo] = tmp
+        if cand_before(&c[hi], &c[lo], 0):
+            tmp = c[hi]; c[hi] = c[lo]; c[lo] = tmp
+        if cand_before(&c[hi], &c[mid], 0):
+            tmp = c[hi]; c[hi] = c[mid]; c[mid] = tmp
+        pivot = c[mid]
+        i = lo
+        j = hi
+        while i <= j:
+            while cand_before(&c[i], &pivot, 0):
+                i += 1
+            while cand_before(&pivot, &c[j], 0):
+                j -= 1
+            if i <= j:
+                tmp = c[i]; c[i] = c[j]; c[j] = tmp
+                i += 1
+                j -= 1
+        if k - 1 <= j:
+            hi = j
+        elif k - 1 >= i:
+            lo = i
+        else:
+            return
+
+
+cdef double softmax_t(double* p, const double* z, Py_ssize_t V, double inv_t) noexcept nogil:
+    """p = softmax(z * inv_t) over V (z = -inf gives 0); returns the entropy of p in nats."""
+    cdef Py_ssize_t i
+    cdef double mx = -INFINITY, total = 0, H = 0, lt
+    for i in range(V):
+        if z[i] > mx:
+            mx = z[i]
+    for i in range(V):
+        p[i] = exp((z[i] - mx) * inv_t) if z[i] > -INFINITY else 0.0
+        total += p[i]
+    lt = log(total)
+    for i in range(V):
+        if p[i] > 0:
+            H -= p[i] / total * (log(p[i]) - lt)
+        p[i] /= total
+    return H
+
+
+cdef Py_ssize_t sample_stack(Cand* cand, double* p, const double* z, const double* q, Py_ssize_t V,
+                             const SampleC* sp) noexcept nogil:
+    """The built-in stack of SPEC §4 on logits z (banned tokens already -inf, penalty applied):
+    entropy H at the base temperature; temperature x boost when H < entropy_low, x focus when
+    H > entropy_high; blend with the field q (when q != NULL): a p + (1 - a) q; then min-p,
+    top-k, typical-p, top-p. Writes the surviving candidates to cand (sorted by p descending,
+    unnormalized) and returns their count (>= 1 unless every token is banned).
+    Note: min-p and top-k both keep a top set, so they commute; min-p runs first because its
+    threshold is one pass and leaves top-k fewer candidates to select from."""
+    cdef Py_ssize_t i, n = 0, m
+    cdef double H, t, pmax = 0, thr, mass, cum, a = sp.model_alpha
+    if sp.temperature <= 0:     # greedy: the most probable token of the (blended) distribution
+        softmax_t(p, z, V, 1.0)
+        if q != NULL:
+            for i in range(V):
+                p[i] = a * p[i] + (1 - a) * q[i]
+        m = -1
+        for i in range(V):
+            if p[i] > 0 and (m < 0 or p[i] > p[m]):
+                m = i
+        if m < 0:
+            return 0
+        cand[0].p = 1.0
+        cand[0].key = 0
+        cand[0].i = <int>m
+        return 1
+    H = softmax_t(p, z, V, 1.0 / sp.temperature)
+    t = sp.temperature
+    if H < sp.entropy_low:
+        t = t * sp.boost
+    elif H > sp.entropy_high:
+        t = t * sp.focus
+    if t != sp.temperature:
+        softmax_t(p, z, V, 1.0 / t)
+    if q != NULL:
+        for i in range(V):
+            p[i] = a * p[i] + (1 - a) * q[i]
+    for i in range(V):
+        if p[i] > pmax:
+            pmax = p[i]
+    if pmax <= 0:
+        return 0
+    thr = sp.min_p * pmax
+    for i in range(V):
+        if p[i] > 0 and p[i] >= thr:
+            cand[n].p = p[i]
+            cand[n].key = 0
+            cand[n].i = <int>i
+            n += 1
+    if sp.top_k > 0 and n > sp.top_k:
+        cand_select(cand, n, sp.top_k)
+        n = sp.top_k
+    cand_sort(cand, n, 0)
+    if sp.typical_p < 1 and n > 1:
+        mass = 0
+        for i in range(n):
+            mass += cand[i].p
+            cand[i].key = fabs(-log(cand[i].p) - H)
+        cand_sort(cand, n, 1)
+        cum = 0
+        m = n
+        for i in range(n):
+            cum += cand[i].p / mass
+            if cum >= sp.typical_p:
+                m = i + 1
+                break
+        n = m
+        cand_sort(cand, n, 0)
+    if sp.top_p < 1 and n > 1:
+        mass = 0
+        for i in range(n):
+            mass += cand[i].p
+        cum = 0
+        m = n
+        for i in range(n):
+            cum += cand[i].p / mass
+            if cum >= sp.top_p:
+                m = i + 1
+                break
+        n = m
+    return n
+
+
+cdef int cand_draw(const Cand* cand, Py_ssize_t n, Rng* rng) noexcept nogil:
+    """A token drawn with probability proportional to cand[j].p."""
+    cdef Py_ssize_t j
+    cdef double total = 0, u, cum = 0
+    for j in range(n):
+        total += cand[j].p
+    u = rng_uniform(rng) * total
+    for j in range(n):
+        cum += cand[j].p
+        if u < cum:
+            return cand[j].i
+    return cand[n - 1].i
+
+
+# ---------------------------------------------------------------------------------------------
+# the corpus field (SPEC §5): sorted n-gram keys, binary search per context
+
+ctypedef struct FieldC:
+    Py_ssize_t V
+    const double* uni           # (V,) counts
+    const int64_t* bi_keys      # (n_bi,) sorted a * V + b
+    const double* bi_counts
+    Py_ssize_t n_bi
+    const int64_t* tri_keys     # (n_tri,) sorted (a * V + b) * V + c
+    const double* tri_counts
+    Py_ssize_t n_tri
+
+
+cdef inline Py_ssize_t lower_bound(const int64_t* keys, Py_ssize_t n, int64_t key) noexcept nogil:
+    cdef Py_ssize_t lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if keys[mid] < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef int field_dist(double* q, const FieldC* f, const int* hist, Py_ssize_t nh, const double* z,
+                    double inv_t, int min_level) noexcept nogil:
+    """q (V) = the field's next-token distribution after hist[0:nh], proportional to
+    count^(1/T), from the most specific level (3 trigram, 2 bigram, 1 unigram) >= min_level
+    whose context was seen with at least one token allowed (z[i] > -inf; z may be NULL).
+    Returns the level used, or 0 (q untouched) when none qualifies."""
+    cdef Py_ssize_t V = f.V, lo, hi, j, i
+    cdef int level
+    cdef int64_t base
+    cdef double total
+    for level in range(3, min_level - 1, -1):
+        if level == 1:
+            total = 0
+            for j in range(V):
+                if f.uni[j] > 0 and (z == NULL or z[j] > -INFINITY):
+                    total += exp(log(f.uni[j]) * inv_t)
+            if total <= 0:
+                continue
+            for j in range(V):
+                q[j] = exp(log(f.uni[j]) * inv_t) / total if f.uni[j] > 0 and (z == NULL or z[j] > -INFINITY) else 0.0
+            return 1
+        if nh < level - 1:
+            continue
+        if level == 3:
+            base = (<int64_t>hist[nh - 2] * V + hist[nh - 1]) * V
+            lo = lower_bound(f.tri_keys, f.n_tri, base)
+            hi = lower_bound(f.tri_keys, f.n_tri, base + V)
+        else:
+            base = <int64_t>hist[nh - 1] * V
+            lo = lower_bound(f.bi_keys, f.n_bi, base)
+            hi = lower_bound(f.bi_keys, f.n_bi, base + V)
+        total = 0
+        for j in range(lo, hi):
+            if z == NULL or z[(f.tri_keys[j] if level == 3 else f.bi_keys[j]) - base] > -INFINITY:
+                total += exp(log((f.tri_counts if level == 3 else f.bi_counts)[j]) * inv_t)
+        if total <= 0:
+            continue
+        memset(q, 0, V * sizeof(double))
+        for j in range(lo, hi):
+            i = (f.tri_keys[j] if level == 3 else f.bi_keys[j]) - base
+            if z == NULL or z[i] > -INFINITY:
+                q[i] = exp(log((f.tri_counts if level == 3 else f.bi_counts)[j]) * inv_t) / total
+        return level
+    return 0
+
+
+cdef class Field:
+    """Native view of a corpus field's tables (built by field.CorpusField, which owns the arrays)."""
+    cdef FieldC f
+    cdef object keep
+
+    def __init__(self, Py_ssize_t vocab_size, uni, bi_keys, bi_counts, tri_keys, tri_counts):
+        arrays = []
+        for name, a, dt in (("uni", uni, np.float64), ("bi_keys", bi_keys, np.int64), ("bi_counts", bi_counts, np.float64),
+                            ("tri_keys", tri_keys, np.int64), ("tri_counts", tri_counts, np.float64)):
+            if not isinstance(a, np.ndarray) or a.dtype != dt or a.ndim != 1 or not a.flags.c_contiguous:
+                raise ValueError(f"{name} must be a 1-D C-contiguous {np.dtype(dt).name} array")
+            arrays.append(a if a.size else np.zeros(1, dt))
+        if uni.shape[0] != vocab_size:
+            raise ValueError(f"uni has {uni.shape[0]} entries, expected vocab_size={vocab_size}")
+        if bi_keys.shape[0] != bi_counts.shape[0] or tri_keys.shape[0] != tri_counts.shape[0]:
+            raise ValueError("keys and counts must have the same length")
+        self.f.V = vocab_size
+        self.f.uni = <const double*>data_ptr(arrays[0])
+        self.f.bi_keys = <const int64_t*>data_ptr(arrays[1])
+        self.f.bi_counts = <const double*>data_ptr(arrays[2])
+        self.f.n_bi = bi_keys.shape[0]
+        self.f.tri_keys = <const int64_t*>data_ptr(arrays[3])
+        self.f.tri_counts = <const double*>data_ptr(arrays[4])
+        self.f.n_tri = tri_keys.shape[0]
+        self.keep = arrays
+
+    @property
+    def vocab_size(self) -> int:
+        return self.f.V
+
+    def distribution(self, context, double temperature=1.0, int min_level=1):
+        """(q, level): the next-token distribution after `context` (ids) and the level used
+        (3 trigram, 2 bigram, 1 unigram, 0 none: q is all zero)."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        ctx = np.ascontiguousarray(context, dtype=np.intc)
+        if ctx.ndim != 1 or (ctx.size and (ctx.min() < 0 or ctx.max() >= self.f.V)):
+            raise ValueError(f"context must be a flat list of ids in [0, {self.f.V})")
+        q = np.zeros(self.f.V)
+        cdef double[::1] qv = q
+        cdef int[::1] cv = ctx if ctx.size else np.zeros(1, np.intc)
+        level = field_dist(&qv[0], &self.f, &cv[0], ctx.shape[0], NULL, 1.0 / temperature, min_level)
+        return q, level
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder: one generation
+
+cdef class Decoder:
+    """One generation's state: cache, window, scratch, random state, generated tokens.
+
+    Decoder(weights, vocab_size, block_size): `weights` may be None for field-only generation.
+    Low level (tests): prefill(ids), feed(token), logits, window. Generation: begin(...) then
+    run(limit, processors) until it reports a stop reason. Not thread-safe: one per thread."""
+    cdef Weights w
+    cdef const WNet* net
+    cdef Buf b
+    cdef void* block
+    cdef readonly bint is_double
+    cdef int V, T
+    cdef int n                  # tokens in the window (cache rows filled)
+    cdef int* win               # (T + 1,) token ids of the window
+    # generation state
+    cdef Rng rng
+    cdef SampleC sp
+    cdef Field field
+    cdef int* hist              # (cap,) prompt then generated ids
+    cdef Py_ssize_t nh, cap, n_prompt, max_new, min_new
+    cdef int rep_guard, eos, use_model, started, finished
+    cdef int* counts            # (V,) generated-token counts (frequency penalty)
+    cdef uint8_t* banned        # (V,) never sampled (BOS, PAD)
+    cdef uint8_t* sentence_end  # (V,) token ends with . ! or ?
+    cdef double* z              # (V,) working logits
+    cdef double* p              # (V,) probabilities
+    cdef double* q              # (V,) field distribution
+    cdef Cand* cand             # (V,)
+    cdef readonly object last_logits_array   # numpy view of b.logits
+
+    def __cinit__(self):
+        self.block = NULL
+        self.win = NULL
+        self.hist = NULL
+        self.counts = NULL
+        self.banned = NULL
+        self.sentence_end = NULL
+        self.z = NULL
+        self.p = NULL
+        self.q = NULL
+        self.cand = NULL
+
+    def __init__(self, Weights weights, int vocab_size, int block_size):
+        cdef size_t es, total = 0
+        cdef Py_ssize_t L, C, T, F, i
+        if vocab_size < 1 or block_size < 1:
+            raise ValueError("vocab_size and block_size must be positive")
+        if weights is not None and (weights.net.V != vocab_size or weights.net.T != block_size):
+            raise ValueError(f"weights are for vocab_size={weights.net.V}, block_size={weights.net.T}; "
+                             f"got vocab_size={vocab_size}, block_size={block_size}")
+        self.w = weights
+        self.V = vocab_size
+        self.T = block_size
+        self.win = <int*>calloc(block_size + 1, sizeof(int))
+        self.counts = <int*>calloc(vocab_size, sizeof(int))
+        self.banned = <uint8_t*>calloc(vocab_size, 1)
+        self.sentence_end = <uint8_t*>calloc(vocab_size, 1)
+        self.z = <double*>calloc(vocab_size, sizeof(double))
+        self.p = <double*>calloc(vocab_size, sizeof(double))
+        self.q = <double*>calloc(vocab_size, sizeof(double))
+        self.cand = <Cand*>calloc(vocab_size, sizeof(Cand))
+        if (self.win == NULL or self.counts == NULL or self.banned == NULL or self.sentence_end == NULL
+                or self.z == NULL or self.p == NULL or self.q == NULL or self.cand == NULL):
+            raise MemoryError()
+        if weights is None:
+            self.net = NULL
+            return
+        self.net = &weights.net
+        self.is_double = weights.is_double
+        es = sizeof(double) if self.is_double else sizeof(float)
+        L, C, T, F = weights.net.L, weights.net.C, weights.net.T, weights.net.F
+        cdef size_t sizes[12]
+        cdef void** slots[12]
+        sizes[:] = [T * C, T * C, T * 3 * C, T * T, T * T, T * C, T * C, T * 2 * F, T * F, L * T * C, L * T * C, vocab_size]
+        slots[:] = [&self.b.X, &self.b.Hn, &self.b.QKV, &self.b.S, &self.b.P, &self.b.Y, &self.b.O, &self.b.GU,
+                    &self.b.A, &self.b.kc, &self.b.vc, &self.b.logits]
+        for i in range(12):
+            total += sizes[i] * es
+        self.block = calloc(total, 1)
+        if self.block == NULL:
+            raise MemoryError(f"cannot allocate {total} bytes of decoding scratch")
+        cdef char* cur = <char*>self.block
+        for i in range(12):
+            slots[i][0] = <void*>cur
+            cur += sizes[i] * es
+        self.last_logits_array = _view(<size_t>self.b.logits, vocab_size, weights.dtype, self)
+
+    def __dealloc__(self):
+        free(self.block)
+        free(self.win)
+        free(self.hist)
+        free(self.counts)
+        free(self.banned)
+        free(self.sentence_end)
+        free(self.z)
+        free(self.p)
+        free(self.q)
+        free(self.cand)
+
+    # ---- forward over the window
+
+    cdef void _prefill(self, const int* ids, int N) noexcept nogil:
+        if self.is_double:
+            prefill_forward(<double*>NULL, self.net, &self.b, ids, N)
+        else:
+            prefill_forward(<float*>NULL, self.net, &self.b, ids, N)
+        if ids != self.win:
+            memcpy(self.win, ids, N * sizeof(int))
+        self.n = N
+
+    cdef void _feed(self, int tok) noexcept nogil:
+        """Append tok to the window (the window-full rule of the module docstring)."""
+        cdef int keep
+        if self.n < self.T:
+            if self.is_double:
+                step_forward(<double*>NULL, self.net, &self.b, tok, self.n)
+            else:
+                step_forward(<float*>NULL, self.net, &self.b, tok, self.n)
+            self.win[self.n] = tok
+            self.n += 1
+        else:
+            keep = self.T // 2
+            memmove_int(self.win, self.win + self.T - keep, keep)
+            self.win[keep] = tok
+            self._prefill(self.win, keep + 1)
+
+    def _check_model(self):
+        if self.net == NULL:
+            raise ValueError("this Decoder has no weights (field-only); it cannot run the model")
+
+    def prefill(self, ids):
+        """Start a window from ids (its last block_size tokens when longer); returns the logits
+        of the last position (a view, overwritten by the next call)."""
+        self._check_model()
+        arr = self._ids(ids, "ids")
+        if arr.shape[0] == 0:
+            raise ValueError("prefill needs at least one token")
+        if arr.shape[0] > self.T:
+            arr = np.ascontiguousarray(arr[-self.T:])
+        cdef int[::1] av = arr
+        with nogil:
+            self._prefill(&av[0], <int>av.shape[0])
+        return self.last_logits_array
+
+    def feed(self, int token):
+        """Feed one token after the window; returns the next-token logits (a view)."""
+        self._check_model()
+        if self.n == 0:
+            raise ValueError("feed() needs a window: call prefill() first")
+        if not 0 <= token < self.V:
+            raise ValueError(f"token {token} outside the vocabulary [0, {self.V})")
+        with nogil:
+            self._feed(token)
+        return self.last_logits_array
+
+    @property
+    def window(self):
+        """Token ids of the current window (the context whose last logits `logits` holds)."""
+        return [self.win[i] for i in range(self.n)]
+
+    @property
+    def logits(self):
+        self._check_model()
+        return self.last_logits_array
+
+    def _ids(self, ids, what):
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"{what} must be a flat sequence of int token ids")
+        if arr.size and (arr.min() < 0 or arr.max() >= self.V):
+            raise ValueError(f"{what} holds ids outside the vocabulary [0, {self.V})")
+        return np.ascontiguousarray(arr, dtype=np.intc)
+
+    # ---- generation
+
+    def begin(self, prompt_ids, *, double temperature, double entropy_low, double entropy_high,
+              double boost, double focus, double min_p, double typical_p, double top_p, int top_k,
+              double freq_penalty, double model_alpha, Field field, Py_ssize_t max_new,
+              Py_ssize_t min_new, int rep_guard, int eos, banned, sentence_end, seed):
+        """Prepare a generation after prompt_ids (validated by the caller): prefill the model
+        (unless model_alpha == 0: field only) and seed the random state."""
+        arr = self._ids(prompt_ids, "prompt_ids")
+        if arr.shape[0] == 0:
+            raise ValueError("the prompt must hold at least one token (<BOS>)")
+        if model_alpha > 0:
+            self._check_model()
+        if model_alpha < 1 and field is None:
+            raise ValueError("model_alpha < 1 blends with the corpus field; pass a field")
+        if field is not None and field.f.V != self.V:
+            raise ValueError(f"the field has vocab_size {field.f.V}, the decoder {self.V}")
+        self.sp.temperature = temperature
+        self.sp.entropy_low = entropy_low
+        self.sp.entropy_high = entropy_high
+        self.sp.boost = boost
+        self.sp.focus = focus
+        self.sp.min_p = min_p
+        self.sp.typical_p = typical_p
+        self.sp.top_p = top_p
+        self.sp.top_k = top_k
+        self.sp.freq_penalty = freq_penalty
+        self.sp.model_alpha = model_alpha
+        self.field = field
+        self.use_model = model_alpha > 0
+        self.max_new = max_new
+        self.min_new = min_new
+        self.rep_guard = rep_guard
+        self.eos = eos
+        free(self.hist)
+        self.cap = arr.shape[0] + max_new + 1
+        self.hist = <int*>malloc(self.cap * sizeof(int))
+        if self.hist == NULL:
+            raise MemoryError()
+        cdef int[::1] av = arr
+        memcpy(self.hist, &av[0], arr.shape[0] * sizeof(int))
+        self.nh = arr.shape[0]
+        self.n_prompt = arr.shape[0]
+        memset(self.counts, 0, self.V * sizeof(int))
+        cdef uint8_t[::1] bv = np.ascontiguousarray(banned, dtype=np.uint8)
+        cdef uint8_t[::1] sv = np.ascontiguousarray(sentence_end, dtype=np.uint8)
+        if bv.shape[0] != self.V or sv.shape[0] != self.V:
+            raise ValueError("banned and sentence_end need one entry per token")
+        memcpy(self.banned, &bv[0], self.V)
+        memcpy(self.sentence_end, &sv[0], self.V)
+        if seed is None:
+            seed = int.from_bytes(np.random.SeedSequence().generate_state(2, np.uint64).tobytes()[:8], "little")
+        rng_seed(&self.rng, <uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF))
+        self.finished = 0
+        self.started = 1
+        if self.use_model:
+            window = arr[-self.T:] if arr.shape[0] > self.T else arr
+            self.prefill(window)
+
+    cdef Py_ssize_t _distribution(self) noexcept nogil:
+        """Build the candidate set for the next token from the current logits; returns its size."""
+        cdef Py_ssize_t i, n, best, V = self.V, n_new = self.nh - self.n_prompt
+        cdef double* z = self.z
+        cdef const double* qp = NULL
+        cdef double inv_t
+        if self.use_model:
+            if self.is_double:
+                for i in range(V):
+                    z[i] = (<double*>self.b.logits)[i]
+            else:
+                for i in range(V):
+                    z[i] = (<float*>self.b.logits)[i]
+            for i in range(V):
+                z[i] -= self.sp.freq_penalty * self.counts[i]
+        else:
+            for i in range(V):
+                z[i] = 0
+        for i in range(V):
+            if self.banned[i]:
+                z[i] = -INFINITY
+        if n_new < self.min_new:    # <EOS> before min_gen_tokens is ignored: never sampled
+            z[self.eos] = -INFINITY
+        if not self.use_model:      # field alone: trigram -> bigram -> unigram, count^(1/T)
+            inv_t = 1.0 / self.sp.temperature if self.sp.temperature > 0 else 1.0
+            if field_dist(self.q, &self.field.f, self.hist, self.nh, z, inv_t, 1) == 0:
+                return 0
+            if self.sp.temperature <= 0:
+                best = 0
+                for i in range(V):
+                    if self.q[i] > self.q[best]:
+                        best = i
+                self.cand[0].p = 1.0
+                self.cand[0].i = <int>best
+                return 1
+            n = 0
+            for i in range(V):
+                if self.q[i] > 0:
+                    self.cand[n].p = self.q[i]
+                    self.cand[n].i = <int>i
+                    n += 1
+            return n
+        if self.sp.model_alpha < 1:  # blend with the field's trigram/bigram distribution
+            inv_t = 1.0 / self.sp.temperature if self.sp.temperature > 0 else 1.0
+            if field_dist(self.q, &self.field.f, self.hist, self.nh, z, inv_t, 2) > 0:
+                qp = self.q
+        return sample_stack(self.cand, self.p, z, qp, V, &self.sp)
+
+    def run(self, Py_ssize_t limit, processors=None):
+        """Generate up to `limit` more tokens; returns (new_ids, stop_reason or None).
+        processors: callables (ids, logits) -> logits applied to the final logits of the
+        built-in stack (log-probabilities, -inf where dropped), in order."""
+        cdef Py_ssize_t produced = 0, n, j, g, nn
+        cdef int tok, stop = STOP_NONE
+        cdef bint same
+        if not self.started:
+            raise ValueError("call begin() first")
+        if self.finished:
+            return [], None
+        start = self.nh
+        while produced < limit:
+            with nogil:
+                n = self._distribution()
+            if processors:
+                tok = self._apply_processors(n, processors)
+            else:
+                if n == 0:
+                    raise _no_token_error()
+                tok = cand_draw(self.cand, n, &self.rng)
+            if tok == self.eos:
+                stop = STOP_EOS
+                break
+            self.hist[self.nh] = tok
+            self.nh += 1
+            self.counts[tok] += 1
+            produced += 1
+            nn = self.nh - self.n_prompt
+            g = self.rep_guard
+            if g > 0 and nn >= 2 * g:
+                same = True
+                for j in range(g):
+                    if self.hist[self.nh - 1 - j] != self.hist[self.nh - 1 - g - j]:
+                        same = False
+                        break
+                if same:
+                    stop = STOP_REPETITION
+                    break
+            if nn >= self.min_new and self.sentence_end[tok]:
+                stop = STOP_SENTENCE
+                break
+            if nn >= self.max_new:
+                stop = STOP_MAX_TOKENS
+                break
+            if self.use_model:
+                with nogil:
+                    self._feed(tok)
+        if stop != STOP_NONE:
+            self.finished = 1
+        return [self.hist[j] for j in range(start, self.nh)], STOP_REASONS[stop]
+
+    cdef int _apply_processors(self, Py_ssize_t n, processors) except -1:
+        cdef Py_ssize_t j
+        cdef double mass = 0
+        logits = np.full(self.V, -np.inf)
+        cdef double[::1] lv = logits
+        for j in range(n):
+            mass += self.cand[j].p
+        for j in range(n):
+            lv[self.cand[j].i] = log(self.cand[j].p / mass)
+        ids = np.array([self.hist[j] for j in range(self.nh)], dtype=np.int64)
+        for proc in processors:
+            out = proc(ids, logits)
+            try:
+                logits = np.array(out, dtype=np.float64, copy=True, order="C")
+            except (TypeError, ValueError):
+                raise _processor_error(proc, f"returned {type(out).__name__}, not an array of logits") from None
+            if logits.shape != (self.V,):
+                raise _processor_error(proc, f"returned shape {logits.shape}, expected ({self.V},)")
+            if np.isnan(logits).any() or np.isposinf(logits).any():
+                raise _processor_error(proc, "returned NaN or +inf logits")
+        lv = logits
+        # the hard rules hold whatever a processor returns: BOS/PAD never, EOS not before min
+        for j in range(self.V):
+            if self.banned[j]:
+                lv[j] = -INFINITY
+        if self.nh - self.n_prompt < self.min_new:
+            lv[self.eos] = -INFINITY
+        if self.sp.temperature <= 0:
+            best = int(np.argmax(logits))
+            if lv[best] == -INFINITY:
+                raise _no_token_error()
+            return best
+        with nogil:
+            softmax_t(self.p, &lv[0], self.V, 1.0)
+        n = 0
+        for j in range(self.V):
+            if self.p[j] > 0:
+                self.cand[n].p = self.p[j]
+                self.cand[n].i = <int>j
+                n += 1
+        if n == 0:
+            raise _no_token_error()
+        return cand_draw(self.cand, n, &self.rng)
+
+    @property
+    def generated(self):
+        """Ids generated so far in this generation."""
+        return [self.hist[j] for j in range(self.n_prompt, self.nh)]
+
+
+cdef inline void memmove_int(int* dst, const int* src, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):     # dst < src: a forward copy is safe for overlapping ranges
+        dst[i] = src[i]
+
+
+def _view(size_t address, Py_ssize_t n, dtype, owner):
+    """A numpy array over n items at address, keeping owner alive."""
+    itemsize = np.dtype(dtype).itemsize
+
+    class _Holder:
+        pass
+    holder = _Holder()
+    holder.__array_interface__ = {"data": (address, False), "shape": (n,), "typestr": np.dtype(dtype).str,
+                                  "version": 3}
+    holder.owner = owner
+    return np.asarray(holder)
+
+
+def _no_token_error():
+    from .errors import GenerationError
+    return GenerationError("no token can be sampled: every token is banned or filtered out "
+                           "(check min_gen_tokens, logits processors and the sampling parameters)")
+
+
+def _processor_error(proc, what):
+    from .errors import GenerationError
+    return GenerationError(f"logits processor {proc!r} {what}; a processor takes (ids, logits) and returns "
+                           f"logits of the same shape")
+
+
+# ---------------------------------------------------------------------------------------------
+# test twins of the sampling kernels
+
+def _sample_stack_memview(double[::1] z, q, double temperature, double entropy_low, double entropy_high,
+                          double boost, double focus, double min_p, double typical_p, double top_p,
+                          int top_k, double model_alpha=1.0):
+    """(ids, probs) of the candidates the built-in stack keeps, sorted by probability
+    descending, probabilities renormalized over the candidates."""
+    cdef SampleC sp
+    cdef Py_ssize_t V = z.shape[0], n, j
+    sp.temperature, sp.entropy_low, sp.entropy_high = temperature, entropy_low, entropy_high
+    sp.boost, sp.focus, sp.min_p, sp.typical_p, sp.top_p = boost, focus, min_p, typical_p, top_p
+    sp.top_k, sp.freq_penalty, sp.model_alpha = top_k, 0.0, model_alpha
+    p = np.zeros(V)
+    cdef double[::1] pv = p
+    cdef double[::1] qv
+    cdef const double* qp = NULL
+    if q is not None:
+        qv = np.ascontiguousarray(q, dtype=np.float64)
+        qp = &qv[0]
+    cdef Cand* cand = <Cand*>calloc(V, sizeof(Cand))
+    if cand == NULL:
+        raise MemoryError()
+    n = sample_stack(cand, &pv[0], &z[0], qp, V, &sp)
+    ids = [cand[j].i for j in range(n)]
+    probs = np.array([cand[j].p for j in range(n)])
+    free(cand)
+    if n:
+        probs /= probs.sum()
+    return ids, probs

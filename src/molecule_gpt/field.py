@@ -1,0 +1,201 @@
+"""CorpusField: unigram, bigram and trigram counts of the corpus's token ids (SPEC §5).
+
+What it is: counts kept as sorted int64 keys with parallel counts (a bigram (a, b) is the key
+a*V + b, a trigram (a, b, c) is (a*V + b)*V + c), so a context's continuations are one
+contiguous range found by binary search, in numpy to build and merge and in `_decode.Field` to
+sample. The field can generate alone (trigram -> bigram -> unigram back-off, sampled
+∝ count^(1/T)) so an organism speaks before it has trained, and its trigram/bigram distribution
+is blended with the model's probabilities (generation.py).
+
+What it is not: a language model to train. `heldout_loss` scores it on held-out text with a
+fixed interpolation (below) only so the Organism can compare the model against it.
+
+Arrays are never modified in place: `add` builds new ones and swaps them in, so a native view
+handed to a generating thread stays valid while another thread adds text.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from . import _decode
+
+__all__ = ["CorpusField"]
+
+# Interpolation weights of heldout_loss (trigram, bigram, add-one unigram); a level whose
+# context was never seen passes its weight down.
+_LAMBDAS = (0.6, 0.3, 0.1)
+
+
+def _as_sequences(sequences: Iterable[Sequence[int]], V: int) -> list[np.ndarray]:
+    out = []
+    for i, seq in enumerate(sequences):
+        arr = np.asarray(seq)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"sequence {i} must be a flat list of int token ids")
+        if arr.size and (arr.min() < 0 or arr.max() >= V):
+            raise ValueError(f"sequence {i} holds ids outside the vocabulary [0, {V})")
+        if arr.size:
+            out.append(arr.astype(np.int64))
+    return out
+
+
+def _ngrams(seqs: list[np.ndarray], V: int) -> tuple:
+    """(unigram counts (V,), bigram keys, trigram keys) of seqs, keys not yet unique."""
+    if not seqs:
+        e = np.zeros(0, np.int64)
+        return np.zeros(V), e, e
+    flat = np.concatenate(seqs)
+    lens = np.array([len(s) for s in seqs])
+    seq_id = np.repeat(np.arange(len(seqs)), lens)
+    uni = np.bincount(flat, minlength=V).astype(np.float64)
+    same2 = seq_id[:-1] == seq_id[1:]
+    bi = (flat[:-1] * V + flat[1:])[same2]
+    same3 = seq_id[:-2] == seq_id[2:]
+    tri = ((flat[:-2] * V + flat[1:-1]) * V + flat[2:])[same3]
+    return uni, bi, tri
+
+
+def _merge(keys_a, counts_a, keys_b, counts_b) -> tuple[np.ndarray, np.ndarray]:
+    keys = np.concatenate([keys_a, keys_b])
+    counts = np.concatenate([counts_a, counts_b])
+    uniq, inv = np.unique(keys, return_inverse=True)
+    return uniq.astype(np.int64), np.bincount(inv, weights=counts, minlength=len(uniq)).astype(np.float64)
+
+
+class CorpusField:
+    """N-gram counts over token ids. `CorpusField(vocab_size, sequences=())`."""
+
+    def __init__(self, vocab_size: int, sequences: Iterable[Sequence[int]] = ()):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        if int(vocab_size) ** 3 >= 2 ** 62:
+            raise ValueError(f"vocab_size {vocab_size} is too large for int64 trigram keys (max about 1.6 million)")
+        self.vocab_size = int(vocab_size)
+        self._lock = threading.Lock()
+        e = np.zeros(0, np.int64)
+        self.unigrams = np.zeros(self.vocab_size)
+        self.bigram_keys, self.bigram_counts = e, np.zeros(0)
+        self.trigram_keys, self.trigram_counts = e, np.zeros(0)
+        self._native = None
+        self.add(sequences)
+
+    # ---- building
+
+    def add(self, sequences: Iterable[Sequence[int]]) -> None:
+        """Count the n-grams of more sequences (each e.g. an encoded line with BOS and EOS)."""
+        seqs = _as_sequences(sequences, self.vocab_size)
+        if not seqs:
+            return
+        uni, bi, tri = _ngrams(seqs, self.vocab_size)
+        with self._lock:
+            bk, bc = _merge(self.bigram_keys, self.bigram_counts, bi, np.ones(len(bi)))
+            tk, tc = _merge(self.trigram_keys, self.trigram_counts, tri, np.ones(len(tri)))
+            self.unigrams = self.unigrams + uni
+            self.bigram_keys, self.bigram_counts = bk, bc
+            self.trigram_keys, self.trigram_counts = tk, tc
+            self._native = None
+
+    def grow_vocab(self, new_vocab_size: int) -> None:
+        """Re-key the tables for a larger vocabulary (ids keep their meaning; new ids have no counts)."""
+        V, W = self.vocab_size, int(new_vocab_size)
+        if W < V:
+            raise ValueError(f"the vocabulary only grows: {W} < {V}")
+        if W == V:
+            return
+        if W ** 3 >= 2 ** 62:
+            raise ValueError(f"vocab_size {W} is too large for int64 trigram keys")
+        with self._lock:
+            a, b = np.divmod(self.bigram_keys, V)
+            t, c = np.divmod(self.trigram_keys, V)
+            ta, tb = np.divmod(t, V)
+            self.bigram_keys = a * W + b  # order is preserved: (a, b) lexicographic in both keyings
+            self.trigram_keys = (ta * W + tb) * W + c
+            self.unigrams = np.concatenate([self.unigrams, np.zeros(W - V)])
+            self.vocab_size = W
+            self._native = None
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.unigrams.sum())
+
+    # ---- using
+
+    def native(self) -> "_decode.Field | None":
+        """The native view used by the decoder (None while the field is empty)."""
+        with self._lock:
+            if self._native is None and self.unigrams.sum() > 0:
+                self._native = _decode.Field(self.vocab_size, self.unigrams, self.bigram_keys, self.bigram_counts,
+                                             self.trigram_keys, self.trigram_counts)
+            return self._native
+
+    def distribution(self, context: Sequence[int], temperature: float = 1.0, min_level: int = 1) -> tuple[np.ndarray, int]:
+        """(q, level): the next-token distribution after `context` ∝ count^(1/temperature), from
+        the most specific level >= min_level whose context was seen (3 trigram, 2 bigram,
+        1 unigram); level 0 and q all zero when none was."""
+        nat = self.native()
+        if nat is None:
+            return np.zeros(self.vocab_size), 0
+        return nat.distribution(list(context), float(temperature), int(min_level))
+
+    def heldout_loss(self, sequences: Iterable[Sequence[int]], block_size: int | None = None) -> float:
+        """Mean over sequences of the mean cross-entropy (nats) of predicting ids[t+1] from the
+        ids before it, t = 0..n-1 with n = min(block_size, L-1) (the model's loss positions),
+        under p = 0.6 p_tri + 0.3 p_bi + 0.1 p_uni, p_uni add-one smoothed; a level whose
+        context is unseen passes its weight to the next."""
+        V = self.vocab_size
+        seqs = [s for s in _as_sequences(sequences, V) if len(s) >= 2]
+        if not seqs:
+            raise ValueError("heldout_loss needs at least one sequence of 2 or more ids")
+        with self._lock:
+            uni, bk, bc, tk, tc = self.unigrams, self.bigram_keys, self.bigram_counts, self.trigram_keys, self.trigram_counts
+        p_uni_all = (uni + 1.0) / (uni.sum() + V)
+        ctx2, ctx2_tot = _context_totals(bk, bc, V)
+        ctx3, ctx3_tot = _context_totals(tk, tc, V)
+        losses = []
+        for s in seqs:
+            n = len(s) - 1 if block_size is None else min(block_size, len(s) - 1)
+            tgt = s[1:n + 1]
+            prev1 = s[:n]
+            prev2 = np.concatenate([[-1], s[:n - 1]])
+            p_uni = p_uni_all[tgt]
+            p_bi, seen_bi = _lookup(bk, bc, ctx2, ctx2_tot, prev1, tgt, V)
+            k3 = np.where(prev2 >= 0, prev2 * V + prev1, -1)
+            p_tri, seen_tri = _lookup(tk, tc, ctx3, ctx3_tot, k3, tgt, V)
+            l3, l2, l1 = _LAMBDAS
+            w3 = np.where(seen_tri, l3, 0.0)
+            w2 = np.where(seen_bi, l2 + (l3 - w3), 0.0)
+            w1 = 1.0 - w3 - w2
+            p = w3 * p_tri + w2 * p_bi + w1 * p_uni
+            losses.append(float(-np.log(p).mean()))
+        return float(np.mean(losses))
+
+
+def _context_totals(keys: np.ndarray, counts: np.ndarray, V: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unique contexts (key // V, sorted) and the total count of each."""
+    if not len(keys):
+        return np.zeros(0, np.int64), np.zeros(0)
+    ctx = keys // V
+    uniq, start = np.unique(ctx, return_index=True)
+    return uniq, np.add.reduceat(counts, start)
+
+
+def _lookup(keys, counts, ctx, ctx_tot, context_keys, targets, V) -> tuple[np.ndarray, np.ndarray]:
+    """p(target | context) by counts and whether the context was seen (context key < 0: unseen)."""
+    n = len(targets)
+    p = np.zeros(n)
+    seen = np.zeros(n, bool)
+    if not len(keys):
+        return p, seen
+    ci = np.searchsorted(ctx, context_keys)
+    ci_ok = (context_keys >= 0) & (ci < len(ctx))
+    ci_ok[ci_ok] = ctx[ci[ci_ok]] == context_keys[ci_ok]
+    seen[:] = ci_ok
+    full = context_keys * V + targets
+    ki = np.searchsorted(keys, full)
+    hit = ci_ok & (ki < len(keys))
+    hit[hit] = keys[ki[hit]] == full[hit]
+    p[hit] = counts[ki[hit]] / ctx_tot[ci[hit]]
+    return p, seen

@@ -1,0 +1,426 @@
+"""Generation: sampling parameters, effective weights per model version, and the Generator.
+
+What it is: the policy half of SPEC §4 (the arithmetic is in `_decode`). `Generator(model,
+tokenizer, field=None)` turns a prompt into text with a key/value cache; `SamplingParams`
+validates every knob (from the Config, overridable per call); `WeightCache` folds the delta
+modules into effective weights once per model version, under the model lock, so generation
+never sees a half-updated model and never holds the lock for more than a copy.
+
+What it is not: training, or the decision of how much to trust the corpus field (the Organism
+passes `model_alpha`).
+
+Sampling, per token (SPEC §4, in `_decode.sample_stack`):
+  1. logits z; BOS/PAD are never sampled; EOS is not sampled before `min_gen_tokens`;
+     z -= frequency_penalty * (times the token was generated in this call).
+  2. temperature 0: the most probable token (of the blend, below). Otherwise p = softmax(z/T0)
+     gives the entropy H (nats); T = T0 * entropy_temp_boost if H < entropy_low,
+     T0 * entropy_temp_focus if H > entropy_high; p = softmax(z/T).
+  3. blend with the corpus field when model_alpha < 1 and the field knows the context (a seen
+     trigram or bigram): p = model_alpha p + (1 - model_alpha) q, q ∝ count^(1/T).
+  4. min-p (drop p < min_p * max p), top-k (0 = off), typical-p (sort by |-log p - H|, keep
+     until the kept mass reaches typical_p; 1 = off), top-p (by p descending, keep until the
+     mass reaches top_p; 1 = off); sample from the kept tokens ∝ p with the call's own
+     xoshiro256** stream (seed=None: fresh entropy).
+  5. logits_processors, if any: each `f(ids, logits) -> logits` in order, on the stack's result
+     as logits (log of the kept, renormalized probabilities; -inf for dropped tokens); the
+     token is then drawn from softmax of what the last one returns (argmax at temperature 0).
+     `ids` is the prompt (without EOS) plus the tokens generated so far.
+With model_alpha == 0 the model is not run: tokens come from the field alone (trigram ->
+bigram -> unigram back-off, ∝ count^(1/T)), which is how an untrained organism speaks.
+
+Stop rules: EOS (not included in the output); max_gen_tokens; after min_gen_tokens, a token
+whose text ends in . ! or ?; a repetition (the last repetition_guard tokens equal the ones
+before them; the repeat is kept, so streamed and returned text always agree); a stop string
+(text is cut before it; only with `stop=`). `"".join(stream(...)) == generate(...)` for the
+same arguments and seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import _decode
+from .config import Config
+from .errors import GenerationError
+from .model import Model
+
+__all__ = ["GenerationResult", "Generator", "SamplingParams", "WeightCache", "fold_weights"]
+
+LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling parameters
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Every knob of one generation call. Defaults come from a Config (`from_config`); any field
+    can be overridden per call by keyword."""
+    temperature: float = 0.85  # 0 = greedy
+    top_k: int = 40  # 0 = off
+    top_p: float = 0.92  # 1 = off
+    min_p: float = 0.06  # 0 = off
+    typical_p: float = 0.95  # 1 = off
+    entropy_low: float = 0.5  # nats; below: temperature x entropy_temp_boost
+    entropy_high: float = 1.5  # nats; above: temperature x entropy_temp_focus
+    entropy_temp_boost: float = 1.2
+    entropy_temp_focus: float = 0.8
+    max_gen_tokens: int = 180  # hard cap on generated tokens
+    min_gen_tokens: int = 16  # no EOS and no sentence-end stop before this many tokens
+    repetition_guard: int = 4  # stop when the last n tokens repeat the n before them (0 = off)
+    frequency_penalty: float = 0.0  # subtracted from a token's logit per earlier occurrence
+    stop: tuple = ()  # stop strings: the text is cut before the first one that appears
+    seed: int | None = None  # same seed + same weights -> same text
+    model_alpha: float | None = None  # model weight in the field blend (None: the owner decides)
+    logits_processors: tuple = ()  # callables (ids, logits) -> logits, after the built-in stack
+
+    _CONFIG_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "entropy_low", "entropy_high",
+                      "entropy_temp_boost", "entropy_temp_focus", "max_gen_tokens", "min_gen_tokens",
+                      "repetition_guard", "frequency_penalty")
+
+    @classmethod
+    def from_config(cls, config: Config, **overrides) -> "SamplingParams":
+        """The config's sampling fields, then `overrides` (validated; unknown names raise)."""
+        base = {name: getattr(config, name) for name in cls._CONFIG_FIELDS if hasattr(config, name)}
+        return cls.make(base, overrides)
+
+    @classmethod
+    def make(cls, base: dict, overrides: dict) -> "SamplingParams":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise GenerationError(f"unknown generation parameter(s): {', '.join(unknown)}; "
+                                  f"valid ones are {', '.join(sorted(names))}")
+        values = dict(base)
+        values.update(overrides)
+        params = cls(**values)
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        """Raise GenerationError naming the first invalid parameter."""
+        def real(name, lo=-math.inf, hi=math.inf, lo_open=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise GenerationError(f"{name} must be a finite number, got {v!r}")
+            if v < lo or v > hi or (lo_open and v == lo):
+                rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
+                raise GenerationError(f"{name} must be in {rng}, got {v!r}")
+
+        def integer(name, lo=0):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+                raise GenerationError(f"{name} must be an int >= {lo}, got {v!r}")
+
+        real("temperature", 0.0)
+        for name in ("top_p", "min_p", "typical_p"):
+            real(name, 0.0, 1.0)
+        real("entropy_low")
+        real("entropy_high")
+        if self.entropy_low > self.entropy_high:
+            raise GenerationError(f"entropy_low ({self.entropy_low}) must not exceed entropy_high ({self.entropy_high})")
+        real("entropy_temp_boost", 0.0, lo_open=True)
+        real("entropy_temp_focus", 0.0, lo_open=True)
+        real("frequency_penalty")
+        for name in ("top_k", "max_gen_tokens", "min_gen_tokens", "repetition_guard"):
+            integer(name)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
+            raise GenerationError(f"seed must be an int or None, got {self.seed!r}")
+        if self.model_alpha is not None:
+            real("model_alpha", 0.0, 1.0)
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
+            raise GenerationError(f"stop must be a non-empty string or a sequence of them, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+        procs = self.logits_processors
+        if callable(procs):
+            procs = (procs,)
+        if not isinstance(procs, (tuple, list)) or not all(callable(p) for p in procs):
+            raise GenerationError(f"logits_processors must be a sequence of callables (ids, logits) -> logits, "
+                                  f"got {self.logits_processors!r}")
+        object.__setattr__(self, "logits_processors", tuple(procs))
+
+
+@dataclass
+class GenerationResult:
+    """ids: generated token ids (no EOS); text: their decoded text (cut before a stop string);
+    stop_reason: "eos", "max_tokens", "sentence", "repetition" or "stop_string"."""
+    ids: list
+    text: str
+    stop_reason: str
+
+
+# ---------------------------------------------------------------------------------------------
+# effective weights
+
+def _rope_tables(T: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (T, d/2) of angle pos / 10000^(2i/d) for pair i (as the training core)."""
+    inv = np.array([1.0 / (10000.0 ** (2 * i / d)) for i in range(d // 2)])
+    angles = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]
+    return np.ascontiguousarray(np.cos(angles), dtype), np.ascontiguousarray(np.sin(angles), dtype)
+
+
+def _copy_group(group) -> dict[str, np.ndarray]:
+    flat = group.flat.copy()
+    return {k: flat[o:o + int(np.prod(s))].reshape(s) for (k, s), o in zip(group.shapes.items(), group.offsets.values())}
+
+
+def _snapshot(model: Model) -> tuple:
+    """Copies of everything generation reads, taken under the model lock (one memcpy per group)."""
+    with model._lock:
+        base = _copy_group(model.groups["base"])
+        deltas = [(float(a), _copy_group(model.groups[f"delta{k}"])) for k, a in enumerate(model.delta_alphas) if a != 0.0]
+        return model.config, model.vocab_size, model.dtype, base, deltas
+
+
+def fold_weights(model: Model) -> _decode.Weights:
+    """Effective weights of `model` now: every adapted matrix W + sum_k alpha_k A_k B_k (modules
+    with alpha 0 skipped), ready for decoding. Holds the model lock only while copying."""
+    config, V, dtype, base, deltas = _snapshot(model)
+    return _build_weights(config, V, dtype, base, deltas)
+
+
+def _build_weights(config: Config, V: int, dtype, base: dict, deltas: list) -> _decode.Weights:
+    c = config
+
+    def eff(name: str) -> np.ndarray:
+        W = base["wte" if (name == "lm_head" and c.tie_embeddings) else name]
+        if not deltas:
+            return W
+        W = W.copy()
+        for alpha, g in deltas:
+            W += (alpha * (g[f"{name}.A"] @ g[f"{name}.B"])).astype(dtype, copy=False)
+        return W
+
+    layers = []
+    for i in range(c.n_layer):
+        pat, mix = [], []
+        for h, kind in enumerate(c.head_types):
+            pat.append(np.ascontiguousarray(eff(f"l{i}.h{h}.w_pattern")) if kind != "content" else None)
+            mix.append(1.0 / (1.0 + math.exp(-float(base[f"l{i}.h{h}.alpha"][0, 0]))) if kind == "hybrid" else 0.0)
+        layers.append({
+            "wqkv": np.concatenate([eff(f"l{i}.wq"), eff(f"l{i}.wk"), eff(f"l{i}.wv")]),
+            "wo": np.ascontiguousarray(eff(f"l{i}.wo")),
+            "fcgv": np.concatenate([eff(f"l{i}.fc_g"), eff(f"l{i}.fc_v")]),
+            "fc2": np.ascontiguousarray(eff(f"l{i}.fc2")),
+            "pat": pat,
+            "mix": mix,
+        })
+    cos_t, sin_t = _rope_tables(c.block_size, c.head_dim, dtype)
+    return _decode.Weights(c.n_layer, c.n_embd, c.n_head, c.block_size, list(c.head_types), c.mlp_activation,
+                           np.ascontiguousarray(base["wte"]), np.ascontiguousarray(base["wpe"]),
+                           np.ascontiguousarray(eff("lm_head")), cos_t, sin_t, layers)
+
+
+class WeightCache:
+    """The effective weights of one model, refolded only when the model changed.
+
+    The version key (read under the model lock, with the snapshot) is the explicit counter
+    bumped by `invalidate()`, the vocabulary size, the delta alphas and every group's Adam step
+    count and storage: any train_step, growth or alpha change refolds. Call `invalidate()` after
+    writing parameters in place (a rollback does; it takes no lock, so it may be called while
+    holding the model lock). Thread-safe; the returned Weights are read-only and shared."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self._version = 0
+        self._key = None
+        self._weights = None
+        self._lock = threading.Lock()
+        self.folds = 0  # how many times weights were (re)built
+
+    def invalidate(self) -> None:
+        self._version += 1
+
+    def _key_now(self) -> tuple:
+        m = self.model
+        return (self._version, m.vocab_size, tuple(m.delta_alphas),
+                tuple((name, g.step, id(g.flat)) for name, g in m.groups.items()))
+
+    def get(self) -> _decode.Weights:
+        with self._lock:
+            m = self.model
+            with m._lock:
+                key = self._key_now()
+                if key == self._key:
+                    return self._weights
+                snap = (m.config, m.vocab_size, m.dtype, _copy_group(m.groups["base"]),
+                        [(float(a), _copy_group(m.groups[f"delta{k}"])) for k, a in enumerate(m.delta_alphas) if a != 0.0])
+            self._weights = _build_weights(*snap)
+            self._key = key
+            self.folds += 1
+            return self._weights
+
+
+# ---------------------------------------------------------------------------------------------
+# the generator
+
+class Generator:
+    """Text generation for a Model and its tokenizer, optionally blended with a corpus field.
+
+    `generate(prompt, **overrides) -> str`, `stream(prompt, **overrides)` yielding text pieces,
+    `run(prompt, **overrides) -> GenerationResult`. Overrides are SamplingParams fields. Safe
+    to call from several threads at once (each call has its own cache and random state; the
+    effective weights are shared)."""
+
+    def __init__(self, model: Model, tokenizer, field=None, config: Config | None = None):
+        if not isinstance(model, Model):
+            raise TypeError(f"model must be a molecule_gpt.Model, got {type(model).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.field = field
+        self.config = config if config is not None else model.config
+        self.weights = WeightCache(model)
+        self._tables_key = None
+        self._tables = None
+
+    # ---- setup per call
+
+    def params(self, **overrides) -> SamplingParams:
+        return SamplingParams.from_config(self.config, **overrides)
+
+    def _token_tables(self, V: int) -> tuple[np.ndarray, np.ndarray]:
+        """banned (BOS, PAD) and sentence_end (text ends in . ! ?) flags per token id."""
+        tok = self.tokenizer
+        key = (id(tok), V)
+        tables = self._tables
+        if self._tables_key == key and tables is not None:
+            return tables
+        banned = np.zeros(V, np.uint8)
+        banned[[tok.bos_id, tok.pad_id]] = 1
+        ends = np.zeros(V, np.uint8)
+        for i in range(V):
+            surface = tok.token_bytes(i).rstrip()
+            if surface[-1:] in (b".", b"!", b"?"):
+                ends[i] = 1
+        self._tables = (banned, ends)
+        self._tables_key = key
+        return banned, ends
+
+    def encode_prompt(self, prompt) -> list[int]:
+        """Token ids of a prompt: a str is encoded without its EOS (SPEC §4); a list of ids is
+        used as is (validated against the vocabulary)."""
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            ids = tok.encode(prompt)
+            return ids[:-1] if ids and ids[-1] == tok.eos_id else ids
+        if isinstance(prompt, (bytes, bytearray)):
+            raise GenerationError("prompt must be str or a sequence of token ids, got bytes; decode it first")
+        try:
+            ids = [int(i) for i in prompt]
+        except (TypeError, ValueError):
+            raise GenerationError(f"prompt must be str or a sequence of token ids, got {type(prompt).__name__}") from None
+        V = self.model.vocab_size
+        bad = [i for i in ids if not 0 <= i < V]
+        if bad:
+            raise GenerationError(f"prompt holds token id {bad[0]}, outside the vocabulary [0, {V})")
+        if not ids:
+            raise GenerationError("a prompt of token ids must hold at least one id (e.g. [tokenizer.bos_id])")
+        return ids
+
+    def _begin(self, prompt, params: SamplingParams) -> _decode.Decoder:
+        ids = self.encode_prompt(prompt)
+        alpha = 1.0 if params.model_alpha is None else float(params.model_alpha)
+        field = self.field
+        native_field = field.native() if (field is not None and alpha < 1.0) else None
+        if alpha < 1.0 and native_field is None:
+            if alpha == 0.0:
+                raise GenerationError("model_alpha=0 generates from the corpus field alone, but this generator has none")
+            alpha = 1.0
+        if alpha > 0.0:
+            weights = self.weights.get()
+            V, T = weights.vocab_size, weights.block_size
+        else:
+            weights, V, T = None, native_field.vocab_size, self.config.block_size
+        if native_field is not None and native_field.vocab_size != V:
+            raise GenerationError(f"the corpus field has vocab_size {native_field.vocab_size} but the model has {V}; "
+                                  f"rebuild the field after growing the vocabulary")
+        if max(ids) >= V:
+            raise GenerationError(f"prompt holds token id {max(ids)}, outside the vocabulary [0, {V})")
+        banned, ends = self._token_tables(V)
+        dec = _decode.Decoder(weights, V, T)
+        p = params
+        dec.begin(ids, temperature=p.temperature, entropy_low=p.entropy_low, entropy_high=p.entropy_high,
+                  boost=p.entropy_temp_boost, focus=p.entropy_temp_focus, min_p=p.min_p, typical_p=p.typical_p,
+                  top_p=p.top_p, top_k=p.top_k, freq_penalty=p.frequency_penalty, model_alpha=alpha,
+                  field=native_field, max_new=p.max_gen_tokens, min_new=p.min_gen_tokens,
+                  rep_guard=p.repetition_guard, eos=self.tokenizer.eos_id, banned=banned, sentence_end=ends,
+                  seed=p.seed)
+        return dec
+
+    # ---- public calls
+
+    def run(self, prompt="", **overrides) -> GenerationResult:
+        """Generate and return ids, text and the stop reason."""
+        params = self.params(**overrides)
+        if params.stop:
+            pieces, box = [], {}
+            for piece in self._pieces(prompt, params, box):
+                pieces.append(piece)
+            return GenerationResult(box["ids"], "".join(pieces), box["reason"])
+        dec = self._begin(prompt, params)
+        if params.max_gen_tokens == 0:
+            return GenerationResult([], "", "max_tokens")
+        ids, reason = dec.run(params.max_gen_tokens, params.logits_processors or None)
+        return GenerationResult(ids, self.tokenizer.decode(ids), reason)
+
+    def generate(self, prompt="", **overrides) -> str:
+        """The generated text (without the prompt)."""
+        return self.run(prompt, **overrides).text
+
+    def stream(self, prompt="", **overrides) -> Iterator[str]:
+        """Yield the text as it is generated, one piece per token that completes text (pieces
+        never split a UTF-8 character; whitespace is collapsed as decode() does)."""
+        params = self.params(**overrides)
+        return self._pieces(prompt, params, {})
+
+    def _pieces(self, prompt, params: SamplingParams, box: dict) -> Iterator[str]:
+        dec = self._begin(prompt, params)
+        sd = self.tokenizer.stream_decoder()
+        stops = params.stop
+        longest = max((len(s) for s in stops), default=0)
+        held = ""  # text not yet yielded because it may be the start of a stop string
+        ids: list[int] = []
+        box["ids"], box["reason"] = ids, "max_tokens"
+        procs = params.logits_processors or None
+        if params.max_gen_tokens == 0:
+            return
+        while True:
+            new, reason = dec.run(1, procs)
+            ids.extend(new)
+            text = "".join(sd.feed(t) for t in new)
+            if reason is not None:
+                text += sd.flush()
+            if stops:
+                held += text
+                cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    if held[:cut]:
+                        yield held[:cut]
+                    box["reason"] = "stop_string"
+                    return
+                if reason is None:
+                    keep = _stop_prefix_len(held, stops, longest)
+                    text, held = held[:len(held) - keep], held[len(held) - keep:]
+                else:
+                    text, held = held, ""
+            if text:
+                yield text
+            if reason is not None:
+                box["reason"] = reason
+                return
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str], longest: int) -> int:
+    """Length of the longest suffix of text that is a proper prefix of some stop string."""
+    for k in range(min(len(text), longest - 1), 0, -1):
+        tail = text[-k:]
+        if any(s.startswith(tail) for s in stops):
+            return k
+    return 0
