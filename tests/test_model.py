@@ -70,7 +70,9 @@ def test_load_original_checkpoint_returns_model_and_char_tokenizer(original):
     model, tok = load_original_checkpoint(FIXTURE / "checkpoint.json")
     for text, ids in zip(expected["probe_texts"], expected["ids"]):
         assert tok.encode(text) == ids
-    assert tok.vocab_size >= model.vocab_size
+    assert tok.vocab_size == model.vocab_size  # the original's vocabulary, row for row
+    with pytest.raises(mg.TokenizerError):
+        tok.encode("Zebra!")  # 'Z' and '!' were never seen: an error, never a silent drop
 
 
 def test_original_checkpoint_errors_name_the_problem(tmp_path, original):

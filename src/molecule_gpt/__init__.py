@@ -2,8 +2,20 @@
 
 This is the public API; everything else is internal.
 """
+from .checkpoint import (
+    Checkpoint as Checkpoint,
+    CheckpointWarning as CheckpointWarning,
+    load_checkpoint as load_checkpoint,
+    save_checkpoint as save_checkpoint,
+)
 from .config import Config as Config
 from .model import Model as Model
+from .tokenizer import (
+    EvolvingTokenizer as EvolvingTokenizer,
+    StreamDecoder as StreamDecoder,
+    TokenizerUpdate as TokenizerUpdate,
+    read_corpus as read_corpus,
+)
 from .errors import (
     ArenaOverflowError as ArenaOverflowError,
     CheckpointError as CheckpointError,
@@ -16,10 +28,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArenaOverflowError",
+    "Checkpoint",
     "CheckpointError",
+    "CheckpointWarning",
     "Config",
     "ConfigError",
+    "EvolvingTokenizer",
     "Model",
     "MoleculeError",
+    "StreamDecoder",
     "TokenizerError",
+    "TokenizerUpdate",
+    "load_checkpoint",
+    "read_corpus",
+    "save_checkpoint",
 ]

@@ -31,7 +31,7 @@ Notes (measured on the 2-core benchmark machine, large config, 100 MB file):
   (about 25 ms, but a 32-bit sum is no content identifier and `sha256sum` cannot check it);
   blake2b (about 120 ms here); hashing on a worker thread while reading (232 ms vs 184 ms
   sequential: the two cores are shared, and per-tensor hand-off costs more than it overlaps).
-- Model construction skips the random init (every value comes from the file); see _empty_model.
+- Model construction skips the random init (every value comes from the file): Model.empty.
 """
 from __future__ import annotations
 
@@ -604,8 +604,11 @@ def _build(path: str, document: Any, entries: dict[str, TensorEntry]):
 
     # ---- the model: shapes are now known to match the file, so its memory is bounded by it
     try:
-        model = _empty_model(config, vocab, dtype, alphas)
+        model = Model.empty(config, vocab, dtype, alphas)
         model.rng.bit_generator.state = meta["rng"]
+        arena = model.planned_arena_bytes
+        if arena > _physical_memory():
+            raise MemoryError(f"its training arenas would need {arena} bytes, more than this machine has")
     except (ValueError, TypeError, KeyError) as exc:
         raise _error(path, f"the model cannot be rebuilt from its metadata ({type(exc).__name__}: {exc})") from None
     except (MemoryError, OverflowError) as exc:
@@ -619,6 +622,13 @@ def _build(path: str, document: Any, entries: dict[str, TensorEntry]):
         # _expected_shapes mirrors Model's layout; tests pin the two together
         raise _error(path, "internal layout mismatch between this checkpoint reader and Model; please report it")
     return model, views, tokenizer
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no bound beyond the allocator's
+        return 1 << 62
 
 
 def _config(path: str, raw: Any) -> Config:
@@ -646,53 +656,11 @@ def _expected_count(config: Config, n_delta: int, optimizer_state: bool) -> int:
 
 
 def _expected_shapes(config: Config, vocab_size: int, n_delta: int, optimizer_state: bool) -> dict[str, tuple]:
-    """Every tensor name -> shape the file must hold, from the config alone (no allocation).
-    Model's shape tables are instance methods that read only `config` and `vocab_size`, so they
-    run on a stand-in object; tests check the result equals a real Model's state_shapes()."""
-    stand_in = _ShapeStandIn(config, vocab_size)
-    base = Model._base_shapes(stand_in)
-    delta = Model._delta_shapes(stand_in)
-    params = dict(base)
-    for k in range(n_delta):
-        params.update({f"delta{k}.{key}": shape for key, shape in delta.items()})
-    shapes = {name: tuple(s) for name, s in params.items()}
-    if optimizer_state:
-        for name, s in params.items():
-            shapes["adam.m." + name] = tuple(s)
-            shapes["adam.v." + name] = tuple(s)
-    shapes["init_embed_snapshot"] = (vocab_size, config.n_embd)
+    """Every tensor name -> shape the file must hold, from the config alone (no allocation)."""
+    shapes = Model.expected_state_shapes(config, vocab_size, n_delta)
+    if not optimizer_state:
+        shapes = {k: v for k, v in shapes.items() if not k.startswith("adam.")}
     return shapes
-
-
-class _ShapeStandIn:
-    def __init__(self, config: Config, vocab_size: int):
-        self.config = config
-        self.vocab_size = vocab_size
-
-    def adapted_shapes(self):
-        return Model.adapted_shapes(self)
-
-
-def _empty_model(config: Config, vocab_size: int, dtype: str, alphas: list) -> Model:
-    """A Model of the right shapes with zero parameters, built without drawing its random init
-    (every value is overwritten from the file next). Model has no such constructor yet, so
-    instance attributes shadow its two init methods during construction and are then removed;
-    the object is a plain Model afterwards."""
-    model = Model.__new__(Model)
-    model._init_base = _zero_init
-    model._init_delta = _zero_init
-    try:
-        Model.__init__(model, config, vocab_size, dtype=dtype)
-        for alpha in alphas:
-            model.add_delta_module(alpha=float(alpha))
-    finally:
-        model.__dict__.pop("_init_base", None)
-        model.__dict__.pop("_init_delta", None)
-    return model
-
-
-def _zero_init(key, shape):
-    return 0.0
 
 
 def _state_views(model: Model, optimizer_state: bool) -> dict[str, np.ndarray]:

@@ -116,7 +116,10 @@ def tokenizer_from_original(doc: dict, source: str = "<checkpoint>"):
 
     tok = _require(doc, "tokenizer", dict, source)
     try:
-        return EvolvingTokenizer.from_original(tok)
+        # exactly the original's vocabulary, so the model's rows and the tokenizer agree and the
+        # math is the original's; an unknown character raises TokenizerError (never dropped).
+        # Adopting it for learning: tokenizer.enable_byte_fallback(), then model.grow_vocab(...)
+        return EvolvingTokenizer.from_original(tok, byte_fallback=False)
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{source}: its tokenizer cannot be imported: {exc}") from exc
 

@@ -13,6 +13,7 @@ from one to another.
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 from typing import Iterable, Sequence
@@ -76,7 +77,7 @@ class ParamGroup:
         total = 0
         for key, shape in self.shapes.items():
             self.offsets[key] = total
-            total += int(np.prod(shape))
+            total += math.prod(shape)
         self.size = total
         self.flat = np.zeros(total, dtype)
         self.grad = np.zeros(total, dtype)
@@ -87,7 +88,7 @@ class ParamGroup:
         self.grads = self._views(self.grad)
 
     def _views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: flat[o:o + int(np.prod(s))].reshape(s) for (k, s), o in zip(self.shapes.items(), self.offsets.values())}
+        return {k: flat[o:o + math.prod(s)].reshape(s) for (k, s), o in zip(self.shapes.items(), self.offsets.values())}
 
     def moments(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         return self._views(self.m), self._views(self.v)
@@ -117,7 +118,7 @@ class Model:
     """The transformer of SPEC §2. `Model(config, vocab_size, dtype="float32", seed=0)`."""
 
     def __init__(self, config: Config, vocab_size: int, dtype: str | np.dtype = "float32", seed: int = 0,
-                 n_threads: int | None = None):
+                 n_threads: int | None = None, *, _random_init: bool = True):
         if not isinstance(config, Config):
             raise TypeError(f"config must be a molecule_gpt.Config, got {type(config).__name__}")
         config.validate()
@@ -134,13 +135,16 @@ class Model:
         self.groups: dict[str, ParamGroup] = {}
         self._lock = threading.RLock()
         self._engines = []
+        self._arenas_ready = False
         self._folded_modules, self._fold_delta, self._fold_weight = [], {}, {}
         self._n_threads = default_threads() if n_threads is None else int(n_threads)
         self._arena_batch_size = config.batch_size
         self._shape_key = self._config_shape_key()
+        self._random_init = _random_init
         base = ParamGroup("base", self._base_shapes(), self.dtype)
-        for key, shape in base.shapes.items():
-            base.params[key][...] = self._init_base(key, shape)
+        if _random_init:
+            for key, shape in base.shapes.items():
+                base.params[key][...] = self._init_base(key, shape)
         self.groups["base"] = base
         self.init_embed_snapshot = base.params["wte"].copy()  # rows at birth (gamma's origin)
         self._rebuild()
@@ -155,47 +159,39 @@ class Model:
         return self.config.head_types[h]
 
     def _base_shapes(self) -> dict[str, tuple[int, int]]:
-        c = self.config
-        C, T, d, F = c.n_embd, c.block_size, c.head_dim, 4 * c.n_embd
-        shapes = {"wte": (self.vocab_size, C), "wpe": (T, C)}
-        if not c.tie_embeddings:
-            shapes["lm_head"] = (self.vocab_size, C)
-        for i in range(c.n_layer):
-            for m in ("wq", "wk", "wv", "wo"):
-                shapes[f"l{i}.{m}"] = (C, C)
-            shapes[f"l{i}.fc_g"] = (F, C)
-            shapes[f"l{i}.fc_v"] = (F, C)
-            shapes[f"l{i}.fc2"] = (C, F)
-            for h, kind in enumerate(c.head_types):
-                if kind != "content":
-                    shapes[f"l{i}.h{h}.w_pattern"] = (T, d)
-                if kind == "hybrid":
-                    shapes[f"l{i}.h{h}.alpha"] = (1, 1)
-        return shapes
+        return base_shapes(self.config, self.vocab_size)
 
     def adapted_shapes(self) -> dict[str, tuple[int, int]]:
         """(nout, nin) of every base matrix that carries delta adapters, in module order."""
-        c = self.config
-        C, T, d, F = c.n_embd, c.block_size, c.head_dim, 4 * c.n_embd
-        shapes = {}
-        for i in range(c.n_layer):
-            for m in ("wq", "wk", "wv", "wo"):
-                shapes[f"l{i}.{m}"] = (C, C)
-            shapes[f"l{i}.fc_g"] = (F, C)
-            shapes[f"l{i}.fc_v"] = (F, C)
-            shapes[f"l{i}.fc2"] = (C, F)
-            for h, kind in enumerate(c.head_types):
-                if kind != "content":
-                    shapes[f"l{i}.h{h}.w_pattern"] = (T, d)
-        shapes["lm_head"] = (self.vocab_size, C)
-        return shapes
+        return adapted_shapes(self.config, self.vocab_size)
 
     def _delta_shapes(self) -> dict[str, tuple[int, int]]:
-        r = self.config.delta_rank
+        return delta_shapes(self.config, self.vocab_size)
+
+    @classmethod
+    def empty(cls, config: Config, vocab_size: int, dtype: str | np.dtype = "float32",
+              delta_alphas: Sequence[float] = (), n_threads: int | None = None) -> "Model":
+        """A model of the given shapes whose parameters are all zero, built without drawing a
+        random init (for loaders that overwrite every value next)."""
+        model = cls(config, vocab_size, dtype=dtype, n_threads=n_threads, _random_init=False)
+        for alpha in delta_alphas:
+            model.add_delta_module(alpha=float(alpha))
+        model._random_init = True  # modules added later get the usual init
+        return model
+
+    @staticmethod
+    def expected_state_shapes(config: Config, vocab_size: int, n_delta: int) -> dict[str, tuple[int, ...]]:
+        """What state_shapes() of such a model returns, computed without building it."""
+        params = dict(base_shapes(config, vocab_size))
+        delta = delta_shapes(config, vocab_size)
+        for k in range(n_delta):
+            params.update({f"delta{k}.{key}": shape for key, shape in delta.items()})
         shapes = {}
-        for name, (nout, nin) in self.adapted_shapes().items():
-            shapes[f"{name}.A"] = (nout, r)
-            shapes[f"{name}.B"] = (r, nin)
+        for name, shape in params.items():
+            shapes[name] = tuple(shape)
+            shapes["adam.m." + name] = tuple(shape)
+            shapes["adam.v." + name] = tuple(shape)
+        shapes["init_embed_snapshot"] = (vocab_size, config.n_embd)
         return shapes
 
     def _init_base(self, key: str, shape) -> np.ndarray:
@@ -215,8 +211,9 @@ class Model:
             if k >= _core_max_delta():
                 raise ConfigError(f"at most {_core_max_delta()} delta modules are supported")
             group = ParamGroup(f"delta{k}", self._delta_shapes(), self.dtype)
-            for key, shape in group.shapes.items():
-                group.params[key][...] = 0.0 if (zero_output and key.endswith(".A")) else self._init_delta(key, shape)
+            if self._random_init:
+                for key, shape in group.shapes.items():
+                    group.params[key][...] = 0.0 if (zero_output and key.endswith(".A")) else self._init_delta(key, shape)
             self.groups[group.name] = group
             self.delta_alphas.append(float(alpha))
             self.trainable[group.name] = True
@@ -285,7 +282,7 @@ class Model:
                      for name, g in self.groups.items()}
             self._bind(engine, grads)
         if reallocate or any(e.capacity != e.plan(*self._max_step()) for e in self._engines):
-            self._allocate_arenas()
+            self._allocate_arenas()  # lazily: the memory is taken at the first step
 
     # Folding: a frozen delta module never changes, so its term alpha_k A_k B_k is added once
     # into a cached effective weight W_eff = W + sum_{frozen k} alpha_k A_k B_k, and the engine
@@ -357,9 +354,15 @@ class Model:
                     engine.bind_alpha(i, h, p[key], grad_of(g, key))
 
     def _allocate_arenas(self) -> None:
+        """Mark the arenas for (re)sizing; the allocation happens at the next step."""
         self._arena_batch_size = self.config.batch_size
-        for engine in self._engines:
-            engine.allocate(*engine.plan(*self._max_step()))
+        self._arenas_ready = False
+
+    def _ensure_arenas(self) -> None:
+        if not self._arenas_ready:
+            for engine in self._engines:
+                engine.allocate(*engine.plan(*self._max_step()))
+            self._arenas_ready = True
 
     _SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "block_size", "head_types", "mlp_activation",
                      "tie_embeddings", "delta_rank")
@@ -400,9 +403,16 @@ class Model:
             self._rebuild()
 
     @property
+    def planned_arena_bytes(self) -> int:
+        """Bytes the arenas will take (values plus gradients), computed without allocating."""
+        return sum(2 * e.plan(*self._max_step())[0] for e in self._engines)
+
+    @property
     def arena_capacity(self) -> int:
         """Bytes of the workers' arenas (values plus their gradients), sized from the config."""
-        return sum(2 * e.capacity[0] for e in self._engines)
+        with self._lock:
+            self._ensure_arenas()
+            return sum(2 * e.capacity[0] for e in self._engines)
 
     @property
     def arena_high_water(self) -> int:
@@ -534,6 +544,7 @@ class Model:
         (sequence indices, packed batch, per-position losses) per worker used. With backward,
         the groups' gradients hold the batch gradient afterwards."""
         self._refresh_folds()
+        self._ensure_arenas()
         n_workers = min(len(self._engines), len(seqs))
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first, then dealt out
         parts = []
@@ -651,6 +662,7 @@ class Model:
         with self._lock:
             self._sync_config()
             self._refresh_folds()
+            self._ensure_arenas()
             engine = self._engines[0]
             engine.set_batch(*packed, np.zeros(N))
             with _serial_blas:
@@ -659,6 +671,55 @@ class Model:
                 self._raise_overflow(1, N, 0, packed)
             engine.copy_logits(out)
         return out
+
+
+def base_shapes(config: Config, vocab_size: int) -> dict[str, tuple[int, int]]:
+    """Shape of every base parameter, in storage order (SPEC §2 names)."""
+    c = config
+    C, T, d, F = c.n_embd, c.block_size, c.head_dim, 4 * c.n_embd
+    shapes = {"wte": (vocab_size, C), "wpe": (T, C)}
+    if not c.tie_embeddings:
+        shapes["lm_head"] = (vocab_size, C)
+    for i in range(c.n_layer):
+        for m in ("wq", "wk", "wv", "wo"):
+            shapes[f"l{i}.{m}"] = (C, C)
+        shapes[f"l{i}.fc_g"] = (F, C)
+        shapes[f"l{i}.fc_v"] = (F, C)
+        shapes[f"l{i}.fc2"] = (C, F)
+        for h, kind in enumerate(c.head_types):
+            if kind != "content":
+                shapes[f"l{i}.h{h}.w_pattern"] = (T, d)
+            if kind == "hybrid":
+                shapes[f"l{i}.h{h}.alpha"] = (1, 1)
+    return shapes
+
+
+def adapted_shapes(config: Config, vocab_size: int) -> dict[str, tuple[int, int]]:
+    """(nout, nin) of every base matrix that carries delta adapters, in module order."""
+    c = config
+    C, T, d, F = c.n_embd, c.block_size, c.head_dim, 4 * c.n_embd
+    shapes = {}
+    for i in range(c.n_layer):
+        for m in ("wq", "wk", "wv", "wo"):
+            shapes[f"l{i}.{m}"] = (C, C)
+        shapes[f"l{i}.fc_g"] = (F, C)
+        shapes[f"l{i}.fc_v"] = (F, C)
+        shapes[f"l{i}.fc2"] = (C, F)
+        for h, kind in enumerate(c.head_types):
+            if kind != "content":
+                shapes[f"l{i}.h{h}.w_pattern"] = (T, d)
+    shapes["lm_head"] = (vocab_size, C)
+    return shapes
+
+
+def delta_shapes(config: Config, vocab_size: int) -> dict[str, tuple[int, int]]:
+    """Shape of each factor of one delta module: "<base name>.A" (nout, r), ".B" (r, nin)."""
+    r = config.delta_rank
+    shapes = {}
+    for name, (nout, nin) in adapted_shapes(config, vocab_size).items():
+        shapes[f"{name}.A"] = (nout, r)
+        shapes[f"{name}.B"] = (r, nin)
+    return shapes
 
 
 def _rope_tables(T: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray]:
