@@ -19,7 +19,7 @@
 #include <stdint.h>
 
 #define MG_ALIGN 64
-#define MG_MAX_DELTA 64 /* delta modules one linear can carry; Config validation enforces it */
+#define MG_MAX_ADAPTERS 192 /* adapters one linear carries: trainable modules x fused parts (3) */
 
 /* Op codes of tape nodes (micrograd's `_op`, as an int). */
 enum {
@@ -33,16 +33,20 @@ enum {
     MG_OP_XENT
 };
 
-/* A weight matrix W (nout, nin) with its low-rank adapters: y = W x + sum_k alpha_k A_k (B_k x).
- * dW / dA / dB are NULL when that part is frozen (no gradient is accumulated for it). */
+/* A weight matrix W (nout, nin) with its low-rank adapters:
+ *   y[:, off_k : off_k + rows_k] += alpha_k A_k (B_k x)
+ * A fused linear (q, k and v; or the MLP's gate and value) stacks its parts' weights in one W,
+ * each part's adapters writing their own block of output columns. dW / dA / dB are NULL when
+ * that part is frozen (no gradient is accumulated for it). */
 typedef struct {
     void *W, *dW;
     int nout, nin;
     int n_ad;
     int rank;
-    void *A[MG_MAX_DELTA], *B[MG_MAX_DELTA];   /* A (nout, r), B (r, nin) */
-    void *dA[MG_MAX_DELTA], *dB[MG_MAX_DELTA];
-    double alpha[MG_MAX_DELTA];
+    void *A[MG_MAX_ADAPTERS], *B[MG_MAX_ADAPTERS];   /* A (rows_k, r), B (r, nin) */
+    void *dA[MG_MAX_ADAPTERS], *dB[MG_MAX_ADAPTERS];
+    double alpha[MG_MAX_ADAPTERS];
+    int out_off[MG_MAX_ADAPTERS], out_rows[MG_MAX_ADAPTERS];
 } mg_linear;
 
 /* One tape node. Inputs/outputs are arena value buffers; the gradient of an arena buffer sits
@@ -52,12 +56,13 @@ typedef struct {
     int layer;
     void *a, *b, *c;      /* inputs */
     void *out;            /* output value */
+    size_t out_bytes;     /* its size: backward zeroes only output gradients */
     void *aux;            /* what backward needs beyond inputs (rstd, weights, U, probs) */
     void *aux2;           /* a second cache (attention: scaled content logits) */
     void *ptrs;           /* op-specific pointer table (attention: rrpram logits per head) */
     const mg_linear *lin; /* LINEAR: the weight and its adapters */
     ptrdiff_t n, m, k;    /* op-specific sizes */
-    ptrdiff_t ld_in, ld_out;
+    ptrdiff_t ld_in, ld_out;  /* row strides of input `a` (and `b`, `c`) and of `out` */
 } mg_node;
 
 /* The arena: one allocation split into a node array and two parallel float regions, values and

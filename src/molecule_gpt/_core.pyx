@@ -30,12 +30,9 @@ include "_kernels.pxi"
 # the model, as C pointers (set by Engine.bind_* from numpy arrays the Python Model owns)
 
 ctypedef struct LayerC:
-    mg_linear wq
-    mg_linear wk
-    mg_linear wv
+    mg_linear wqkv      # wq, wk, wv stacked (3C, C): one gemm for q, k and v
     mg_linear wo
-    mg_linear fc_g
-    mg_linear fc_v
+    mg_linear fc_gv     # fc_g, fc_v stacked (2F, C)
     mg_linear fc2
     mg_linear* pat      # (H,) pattern linears, used by rrpram/hybrid heads
     void** alpha        # (H,) the 1x1 hybrid alpha parameter, NULL for other heads
@@ -93,6 +90,7 @@ cdef floating* rec_linear(mg_arena* ar, const mg_linear* lin, floating* X, Py_ss
         return NULL
     node.a = X
     node.out = Y
+    node.out_bytes = N * lin.nout * sizeof(floating)
     node.aux = U
     node.lin = lin
     node.n = N
@@ -110,6 +108,7 @@ cdef floating* rec_rmsnorm(mg_arena* ar, floating* x, Py_ssize_t N, Py_ssize_t C
         return NULL
     node.a = x
     node.out = y
+    node.out_bytes = N * C * sizeof(floating)
     node.aux = rstd
     node.n = N
     node.m = C
@@ -126,8 +125,24 @@ cdef floating* rec_elementwise(mg_arena* ar, int op, floating* a, floating* b, P
     node.a = a
     node.b = b
     node.out = out
+    node.out_bytes = n * sizeof(floating)
     node.n = n
     return out
+
+
+cdef floating* rec_rope(mg_arena* ar, floating* x, Py_ssize_t ldx, Py_ssize_t N, Py_ssize_t C,
+                        bint* ok) noexcept nogil:
+    cdef floating* y = <floating*>take(ar, N * C * sizeof(floating), ok)
+    cdef mg_node* node = mg_arena_push(ar, MG_OP_ROPE)
+    if not ok[0] or node == NULL:
+        ok[0] = False
+        return NULL
+    node.a = x
+    node.ld_in = ldx
+    node.out = y
+    node.out_bytes = N * C * sizeof(floating)
+    node.n = N
+    return y
 
 
 cdef int record(NetC* net, mg_arena* ar, StepC* st, bint with_loss, floating* tag) noexcept nogil:
@@ -138,13 +153,13 @@ cdef int record(NetC* net, mg_arena* ar, StepC* st, bint with_loss, floating* ta
     cdef mg_node* node
     cdef floating* x
     cdef floating* hn
+    cdef floating* qkv
     cdef floating* q
     cdef floating* k
     cdef floating* v
     cdef floating* y
     cdef floating* o
     cdef floating* g
-    cdef floating* u
     cdef floating* a
     cdef floating** P
     cdef floating** dP
@@ -157,6 +172,7 @@ cdef int record(NetC* net, mg_arena* ar, StepC* st, bint with_loss, floating* ta
     node.a = <void*>st.ids
     node.b = <void*>st.pos
     node.out = x
+    node.out_bytes = N * C * sizeof(floating)
     node.n = N
     node.m = C
 
@@ -165,12 +181,11 @@ cdef int record(NetC* net, mg_arena* ar, StepC* st, bint with_loss, floating* ta
         # attention block
         hn = rec_rmsnorm(ar, x, N, C, &ok)
         if not ok: return -1
-        q = rec_linear(ar, &L.wq, hn, C, N, &ok)
-        k = rec_linear(ar, &L.wk, hn, C, N, &ok)
-        v = rec_linear(ar, &L.wv, hn, C, N, &ok)
+        qkv = rec_linear(ar, &L.wqkv, hn, C, N, &ok)          # (N, 3C): q | k | v
         if not ok: return -1
-        q = rec_elementwise(ar, MG_OP_ROPE, q, NULL, N * C, &ok)
-        k = rec_elementwise(ar, MG_OP_ROPE, k, NULL, N * C, &ok)
+        q = rec_rope(ar, qkv, 3 * C, N, C, &ok)
+        k = rec_rope(ar, qkv + C, 3 * C, N, C, &ok)
+        v = qkv + 2 * C                                        # read in place, row stride 3C
         P = <floating**>take(ar, net.H * sizeof(void*), &ok)
         dP = <floating**>take(ar, net.H * sizeof(void*), &ok)
         if not ok: return -1
@@ -190,7 +205,9 @@ cdef int record(NetC* net, mg_arena* ar, StepC* st, bint with_loss, floating* ta
         node.a = q
         node.b = k
         node.c = v
+        node.ld_in = 3 * C   # v's row stride
         node.out = y
+        node.out_bytes = N * C * sizeof(floating)
         node.aux = a
         node.aux2 = o
         node.ptrs = P
@@ -203,11 +220,19 @@ cdef int record(NetC* net, mg_arena* ar, StepC* st, bint with_loss, floating* ta
         # MLP block
         hn = rec_rmsnorm(ar, x, N, C, &ok)
         if not ok: return -1
-        g = rec_linear(ar, &L.fc_g, hn, C, N, &ok)
-        u = rec_linear(ar, &L.fc_v, hn, C, N, &ok)
+        g = rec_linear(ar, &L.fc_gv, hn, C, N, &ok)           # (N, 2F): gate | value
         if not ok: return -1
-        a = rec_elementwise(ar, MG_OP_GATE, g, u, N * F, &ok)
-        if not ok: return -1
+        a = <floating*>take(ar, N * F * sizeof(floating), &ok)
+        node = mg_arena_push(ar, MG_OP_GATE)
+        if not ok or node == NULL:
+            return -1
+        node.a = g
+        node.b = g + F
+        node.ld_in = 2 * F
+        node.out = a
+        node.out_bytes = N * F * sizeof(floating)
+        node.n = N
+        node.m = F
         o = rec_linear(ar, &L.fc2, a, F, N, &ok)
         if not ok: return -1
         x = rec_elementwise(ar, MG_OP_ADD, x, o, N * C, &ok)
@@ -242,8 +267,7 @@ cdef void plan(const NetC* net, Py_ssize_t N, Py_ssize_t SS, size_t es,
     for l in range(net.L):
         L = &net.layers[l]
         total += mg_arena_round(N * C * es) + mg_arena_round(N * es); nodes += 1   # rmsnorm
-        total += plan_linear(&L.wq, N, es) + plan_linear(&L.wk, N, es) + plan_linear(&L.wv, N, es)
-        nodes += 3
+        total += plan_linear(&L.wqkv, N, es); nodes += 1
         total += 2 * mg_arena_round(N * C * es); nodes += 2             # rope q, k
         total += 2 * mg_arena_round(net.H * sizeof(void*))              # pattern tables
         for h in range(net.H):
@@ -253,7 +277,7 @@ cdef void plan(const NetC* net, Py_ssize_t N, Py_ssize_t SS, size_t es,
         total += plan_linear(&L.wo, N, es); nodes += 1
         total += mg_arena_round(N * C * es); nodes += 1                 # residual add
         total += mg_arena_round(N * C * es) + mg_arena_round(N * es); nodes += 1   # rmsnorm
-        total += plan_linear(&L.fc_g, N, es) + plan_linear(&L.fc_v, N, es); nodes += 2
+        total += plan_linear(&L.fc_gv, N, es); nodes += 1
         total += mg_arena_round(N * F * es); nodes += 1                 # gate
         total += plan_linear(&L.fc2, N, es); nodes += 1
         total += mg_arena_round(N * C * es); nodes += 1                 # residual add
@@ -293,7 +317,7 @@ cdef void run_forward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexcep
                            node.n, node.ld_in, node.ld_out)
         elif node.op == MG_OP_ROPE:
             rope_forward(<floating*>node.out, <floating*>node.a, st.pos, <floating*>net.cos_t,
-                         <floating*>net.sin_t, st.N, net.H, net.d)
+                         <floating*>net.sin_t, st.N, net.H, net.d, node.ld_in)
         elif node.op == MG_OP_ATTN:
             L = &net.layers[node.layer]
             for h in range(net.H):
@@ -303,9 +327,10 @@ cdef void run_forward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexcep
             attention_forward(<floating*>node.out, <floating*>node.aux, <floating*>node.aux2,
                               <floating*>node.a, <floating*>node.b, <floating*>node.c,
                               <floating**>node.ptrs, net.head_type, L.mix, st.off, st.n, st.sq_off,
-                              st.SS, st.n_seq, net.H, net.d, net.T)
+                              st.SS, st.n_seq, net.H, net.d, net.T, node.ld_in)
         elif node.op == MG_OP_GATE:
-            gate_forward(<floating*>node.out, <floating*>node.a, <floating*>node.b, node.n, net.act)
+            gate_forward(<floating*>node.out, <floating*>node.a, <floating*>node.b, node.n, node.m,
+                         node.ld_in, net.act)
         elif node.op == MG_OP_ADD:
             add_forward(<floating*>node.out, <floating*>node.a, <floating*>node.b, node.n)
         elif node.op == MG_OP_XENT:
@@ -319,7 +344,12 @@ cdef void run_backward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexce
     cdef mg_node* node
     cdef LayerC* L
     cdef double t0 = now()
-    mg_arena_zero_grads(ar)
+    # Zero the gradients that backward accumulates into: node outputs only. Caches (attention
+    # weights, U, rstd) have gradient slots too, used as scratch that kernels overwrite.
+    for i in range(<Py_ssize_t>ar.n_nodes):
+        node = &ar.nodes[i]
+        if node.out_bytes:
+            memset(mg_grad_of(ar, node.out), 0, node.out_bytes)
     if net.profile:
         net.op_seconds[16] += now() - t0   # slot 0 of backward: zeroing the gradient arena
     for l in range(net.L):
@@ -338,7 +368,7 @@ cdef void run_backward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexce
         elif node.op == MG_OP_GATE:
             gate_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.b),
                           <floating*>mg_grad_of(ar, node.out), <floating*>node.a, <floating*>node.b,
-                          node.n, net.act)
+                          node.n, node.m, node.ld_in, net.act)
         elif node.op == MG_OP_LINEAR:
             linear_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.aux),
                             <floating*>mg_grad_of(ar, node.out), <floating*>node.a,
@@ -352,10 +382,12 @@ cdef void run_backward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexce
                                <floating*>mg_grad_of(ar, node.out), <floating*>node.aux,
                                <floating*>node.aux2, <floating*>node.a, <floating*>node.b,
                                <floating*>node.c, <floating**>node.ptrs, net.head_type, L.mix,
-                               st.off, st.n, st.sq_off, st.SS, st.n_seq, net.H, net.d, net.T)
+                               st.off, st.n, st.sq_off, st.SS, st.n_seq, net.H, net.d, net.T,
+                               node.ld_in)
         elif node.op == MG_OP_ROPE:
             rope_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.out),
-                          st.pos, <floating*>net.cos_t, <floating*>net.sin_t, st.N, net.H, net.d)
+                          st.pos, <floating*>net.cos_t, <floating*>net.sin_t, st.N, net.H, net.d,
+                          node.ld_in)
         elif node.op == MG_OP_RMSNORM:
             rmsnorm_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.out),
                              <floating*>node.out, <floating*>node.aux, node.n, node.m)
@@ -448,12 +480,9 @@ cdef class Engine:
         if not 0 <= layer < self.net.L:
             raise IndexError(f"layer {layer} out of range")
         L = &self.net.layers[layer]
-        if name == "wq": return &L.wq
-        if name == "wk": return &L.wk
-        if name == "wv": return &L.wv
+        if name == "wqkv": return &L.wqkv
         if name == "wo": return &L.wo
-        if name == "fc_g": return &L.fc_g
-        if name == "fc_v": return &L.fc_v
+        if name == "fc_gv": return &L.fc_gv
         if name == "fc2": return &L.fc2
         if name == "w_pattern" and 0 <= head < self.net.H:
             return &L.pat[head]
@@ -461,23 +490,26 @@ cdef class Engine:
 
     def bind_linear(self, key, int layer, str name, int head, W, dW, adapters):
         """Point a linear slot at W (nout, nin) and its grad (None = frozen); adapters is a list
-        of (A, B, dA or None, dB or None, alpha)."""
+        of (A, B, dA or None, dB or None, alpha, first output row of its part)."""
         cdef mg_linear* lin = self._slot(layer, name, head)
         cdef int k
-        if len(adapters) > MG_MAX_DELTA:
-            raise ValueError(f"at most {MG_MAX_DELTA} delta modules are supported, got {len(adapters)}")
+        if len(adapters) > MG_MAX_ADAPTERS:
+            raise ValueError(f"a linear carries at most {MG_MAX_ADAPTERS} adapters (trainable delta modules "
+                             f"x fused parts), got {len(adapters)}; freeze older modules to fold them")
         lin.W = data_ptr(W)
         lin.dW = data_ptr(dW) if dW is not None else NULL
         lin.nout = W.shape[0]
         lin.nin = W.shape[1]
         lin.n_ad = len(adapters)
         lin.rank = self.net.r
-        for k, (A, B, dA, dB, alpha) in enumerate(adapters):
+        for k, (A, B, dA, dB, alpha, row0) in enumerate(adapters):
             lin.A[k] = data_ptr(A)
             lin.B[k] = data_ptr(B)
             lin.dA[k] = data_ptr(dA) if dA is not None else NULL
             lin.dB[k] = data_ptr(dB) if dB is not None else NULL
             lin.alpha[k] = alpha
+            lin.out_off[k] = row0
+            lin.out_rows[k] = A.shape[0]
         self.keep[key] = (W, dW, adapters)
 
     def bind_embeddings(self, wte, dwte, wpe, dwpe, cos_t, sin_t):
@@ -684,14 +716,16 @@ def _rmsnorm_backward_memview(floating[:, ::1] dy, floating[:, ::1] y, floating[
 def _rope_forward_memview(floating[:, ::1] x, int[::1] pos, floating[:, ::1] cos_t, floating[:, ::1] sin_t, int H):
     y = np.empty_like(np.asarray(x))
     cdef floating[:, ::1] yv = y
-    rope_forward(&yv[0, 0], &x[0, 0], &pos[0], &cos_t[0, 0], &sin_t[0, 0], x.shape[0], H, x.shape[1] // H)
+    rope_forward(&yv[0, 0], &x[0, 0], &pos[0], &cos_t[0, 0], &sin_t[0, 0], x.shape[0], H, x.shape[1] // H,
+                 x.shape[1])
     return y
 
 
 def _rope_backward_memview(floating[:, ::1] dy, int[::1] pos, floating[:, ::1] cos_t, floating[:, ::1] sin_t, int H):
     dx = np.zeros_like(np.asarray(dy))
     cdef floating[:, ::1] dxv = dx
-    rope_backward(&dxv[0, 0], &dy[0, 0], &pos[0], &cos_t[0, 0], &sin_t[0, 0], dy.shape[0], H, dy.shape[1] // H)
+    rope_backward(&dxv[0, 0], &dy[0, 0], &pos[0], &cos_t[0, 0], &sin_t[0, 0], dy.shape[0], H, dy.shape[1] // H,
+                  dy.shape[1])
     return dx
 
 
@@ -708,6 +742,8 @@ cdef void _fill_linear(mg_linear* lin, W, dW, As, Bs, dAs, dBs, alphas):
         lin.dA[k] = data_ptr(dAs[k]) if dAs is not None else NULL
         lin.dB[k] = data_ptr(dBs[k]) if dBs is not None else NULL
         lin.alpha[k] = alphas[k]
+        lin.out_off[k] = 0
+        lin.out_rows[k] = lin.nout
 
 
 def _linear_forward_memview(floating[:, ::1] x, W, As, Bs, alphas):
@@ -760,7 +796,7 @@ def _attention_forward_memview(floating[:, ::1] q, floating[:, ::1] k, floating[
     cdef floating[::1] av = att
     attention_forward(&yv[0, 0], &av[0], &av[H * SS], &q[0, 0], &k[0, 0], &v[0, 0], Pp,
                       <int*>data_ptr(typ), <double*>data_ptr(mixa), <int*>data_ptr(off),
-                      <int*>data_ptr(n), <Py_ssize_t*>data_ptr(sq_off), SS, n_seq, H, d, T)
+                      <int*>data_ptr(n), <Py_ssize_t*>data_ptr(sq_off), SS, n_seq, H, d, T, C)
     free(Pp)
     return y, att
 
@@ -794,7 +830,7 @@ def _attention_backward_memview(floating[:, ::1] dy, floating[::1] att, floating
     attention_backward(&dqv[0, 0], &dkv[0, 0], &dvv[0, 0], dPp, <double*>data_ptr(dalpha), &sv[0],
                        &dy[0, 0], &att[0], &att[H * SS], &q[0, 0], &k[0, 0], &v[0, 0], Pp,
                        <int*>data_ptr(typ), <double*>data_ptr(mixa), <int*>data_ptr(off),
-                       <int*>data_ptr(n), <Py_ssize_t*>data_ptr(sq_off), SS, n_seq, H, d, T)
+                       <int*>data_ptr(n), <Py_ssize_t*>data_ptr(sq_off), SS, n_seq, H, d, T, C)
     free(Pp)
     free(dPp)
     return dq, dk, dv, dP, dalpha
@@ -803,7 +839,7 @@ def _attention_backward_memview(floating[:, ::1] dy, floating[::1] att, floating
 def _gate_forward_memview(floating[::1] g, floating[::1] u, str act):
     out = np.empty_like(np.asarray(g))
     cdef floating[::1] ov = out
-    gate_forward(&ov[0], &g[0], &u[0], g.shape[0], ACT_RELU if act == "relu" else ACT_SILU)
+    gate_forward(&ov[0], &g[0], &u[0], 1, g.shape[0], g.shape[0], ACT_RELU if act == "relu" else ACT_SILU)
     return out
 
 
@@ -812,7 +848,8 @@ def _gate_backward_memview(floating[::1] dout, floating[::1] g, floating[::1] u,
     du = np.zeros_like(np.asarray(u))
     cdef floating[::1] dgv = dg
     cdef floating[::1] duv = du
-    gate_backward(&dgv[0], &duv[0], &dout[0], &g[0], &u[0], g.shape[0], ACT_RELU if act == "relu" else ACT_SILU)
+    gate_backward(&dgv[0], &duv[0], &dout[0], &g[0], &u[0], 1, g.shape[0], g.shape[0],
+                  ACT_RELU if act == "relu" else ACT_SILU)
     return dg, du
 
 

@@ -113,24 +113,28 @@ cdef inline void mm_tn(floating* Cm, const floating* A, const floating* B, int M
 
 cdef void linear_forward(floating* Y, floating* U, const floating* X, const mg_linear* lin,
                          Py_ssize_t N, Py_ssize_t ldx, Py_ssize_t ldy) noexcept nogil:
-    """Y (N, nout) = X (N, nin) W^T + sum_k alpha_k U_k A_k^T, caching U_k = X B_k^T in U (K, N, r)."""
+    """Y (N, nout) = X (N, nin) W^T;  Y[:, off_k:off_k+rows_k] += alpha_k U_k A_k^T, caching
+    U_k = X B_k^T in U (n_ad, N, r)."""
     cdef int k, r = lin.rank
     cdef floating* Uk
     mm_nt(Y, X, <const floating*>lin.W, <int>N, lin.nout, lin.nin, <int>ldx, lin.nin, <int>ldy, 1, 0)
     for k in range(lin.n_ad):
         Uk = U + k * N * r
         mm_nt(Uk, X, <const floating*>lin.B[k], <int>N, r, lin.nin, <int>ldx, lin.nin, r, 1, 0)
-        mm_nt(Y, Uk, <const floating*>lin.A[k], <int>N, lin.nout, r, r, r, <int>ldy, <floating>lin.alpha[k], 1)
+        mm_nt(Y + lin.out_off[k], Uk, <const floating*>lin.A[k], <int>N, lin.out_rows[k], r, r, r, <int>ldy,
+              <floating>lin.alpha[k], 1)
 
 
 cdef void linear_backward(floating* dX, floating* dU, const floating* G, const floating* X,
                           const floating* U, const mg_linear* lin,
                           Py_ssize_t N, Py_ssize_t ldx, Py_ssize_t ldg) noexcept nogil:
-    """dX += G W + sum_k dU_k B_k;  dW += G^T X;  dA_k += alpha_k G^T U_k;  dB_k += dU_k^T X,
-    with dU_k = alpha_k G A_k (scratch, (K, N, r)). dX may be NULL (input needs no gradient)."""
+    """dX += G W + sum_k dU_k B_k;  dW += G^T X;  dA_k += alpha_k G_k^T U_k;  dB_k += dU_k^T X,
+    with G_k = G[:, off_k:off_k+rows_k] and dU_k = alpha_k G_k A_k (scratch, (n_ad, N, r)).
+    dX may be NULL (input needs no gradient)."""
     cdef int k, r = lin.rank
     cdef floating alpha
     cdef floating* dUk
+    cdef const floating* Gk
     if lin.dW != NULL:
         mm_tn(<floating*>lin.dW, G, X, lin.nout, lin.nin, <int>N, <int>ldg, <int>ldx, lin.nin, 1, 1)
     if dX != NULL:
@@ -138,11 +142,12 @@ cdef void linear_backward(floating* dX, floating* dU, const floating* G, const f
     for k in range(lin.n_ad):
         alpha = <floating>lin.alpha[k]
         dUk = dU + k * N * r
+        Gk = G + lin.out_off[k]
         if lin.dA[k] != NULL:
-            mm_tn(<floating*>lin.dA[k], G, U + k * N * r, lin.nout, r, <int>N, <int>ldg, r, r, alpha, 1)
+            mm_tn(<floating*>lin.dA[k], Gk, U + k * N * r, lin.out_rows[k], r, <int>N, <int>ldg, r, r, alpha, 1)
         if lin.dB[k] == NULL and dX == NULL:
             continue
-        mm_nn(dUk, G, <const floating*>lin.A[k], <int>N, r, lin.nout, <int>ldg, r, r, alpha, 0)
+        mm_nn(dUk, Gk, <const floating*>lin.A[k], <int>N, r, lin.out_rows[k], <int>ldg, r, r, alpha, 0)
         if lin.dB[k] != NULL:
             mm_tn(<floating*>lin.dB[k], dUk, X, r, lin.nin, <int>N, r, <int>ldx, lin.nin, 1, 1)
         if dX != NULL:
@@ -156,67 +161,66 @@ cdef void rmsnorm_forward(floating* y, floating* rstd, const floating* x,
                           Py_ssize_t N, Py_ssize_t C) noexcept nogil:
     """x, y (N, C); rstd (N,) cached for backward."""
     cdef Py_ssize_t i, j
-    cdef double ss, r
+    cdef floating r
     for i in range(N):
-        ss = 0
+        r = <floating>(1.0 / sqrt(<double>row_dot(x + i * C, x + i * C, C) / C + 1e-5))
+        rstd[i] = r
         for j in range(C):
-            ss += <double>x[i * C + j] * x[i * C + j]
-        r = 1.0 / sqrt(ss / C + 1e-5)
-        rstd[i] = <floating>r
-        for j in range(C):
-            y[i * C + j] = <floating>(x[i * C + j] * r)
+            y[i * C + j] = x[i * C + j] * r
 
 
 cdef void rmsnorm_backward(floating* dx, const floating* dy, const floating* y, const floating* rstd,
                            Py_ssize_t N, Py_ssize_t C) noexcept nogil:
     """dx += rstd (dy - y mean(dy y))   (d/dx of y_j = x_j r with dr/dx_j = -r^3 x_j / C)."""
     cdef Py_ssize_t i, j
-    cdef double dot, r
+    cdef floating dot, r
     for i in range(N):
-        dot = 0
-        for j in range(C):
-            dot += <double>dy[i * C + j] * y[i * C + j]
-        dot /= C
+        dot = row_dot(dy + i * C, y + i * C, C) / C
         r = rstd[i]
         for j in range(C):
-            dx[i * C + j] += <floating>(r * (dy[i * C + j] - y[i * C + j] * dot))
+            dx[i * C + j] += r * (dy[i * C + j] - y[i * C + j] * dot)
 
 
 # ---------------------------------------------------------------------------------------------
 # RoPE on interleaved pairs (2i, 2i+1) of every head, angle pos / 10000^(2i/d)
 
 cdef void rope_forward(floating* y, const floating* x, const int* pos, const floating* cos_t,
-                       const floating* sin_t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t d) noexcept nogil:
-    """x, y (N, H*d); cos_t, sin_t (T, d/2) at row pos[i]."""
-    cdef Py_ssize_t i, h, j, half = d // 2, C = H * d, o
+                       const floating* sin_t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t d,
+                       Py_ssize_t ldx) noexcept nogil:
+    """x (N, H*d) with row stride ldx, y (N, H*d) contiguous; cos_t, sin_t (T, d/2) at row pos[i]."""
+    cdef Py_ssize_t i, h, j, half = d // 2, C = H * d, o, ox
     cdef floating a, b, c, s
     for i in range(N):
         for h in range(H):
             o = i * C + h * d
+            ox = i * ldx + h * d
             for j in range(half):
                 c = cos_t[pos[i] * half + j]
                 s = sin_t[pos[i] * half + j]
-                a = x[o + 2 * j]
-                b = x[o + 2 * j + 1]
+                a = x[ox + 2 * j]
+                b = x[ox + 2 * j + 1]
                 y[o + 2 * j] = a * c - b * s
                 y[o + 2 * j + 1] = a * s + b * c
 
 
 cdef void rope_backward(floating* dx, const floating* dy, const int* pos, const floating* cos_t,
-                        const floating* sin_t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t d) noexcept nogil:
-    """dx += R(-theta) dy: the rotation is orthogonal, so its transpose is its inverse."""
-    cdef Py_ssize_t i, h, j, half = d // 2, C = H * d, o
+                        const floating* sin_t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t d,
+                        Py_ssize_t ldx) noexcept nogil:
+    """dx += R(-theta) dy: the rotation is orthogonal, so its transpose is its inverse
+    (dx has row stride ldx, dy is contiguous)."""
+    cdef Py_ssize_t i, h, j, half = d // 2, C = H * d, o, ox
     cdef floating a, b, c, s
     for i in range(N):
         for h in range(H):
             o = i * C + h * d
+            ox = i * ldx + h * d
             for j in range(half):
                 c = cos_t[pos[i] * half + j]
                 s = sin_t[pos[i] * half + j]
                 a = dy[o + 2 * j]
                 b = dy[o + 2 * j + 1]
-                dx[o + 2 * j] += a * c + b * s
-                dx[o + 2 * j + 1] += -a * s + b * c
+                dx[ox + 2 * j] += a * c + b * s
+                dx[ox + 2 * j + 1] += -a * s + b * c
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +240,7 @@ cdef void attention_task_forward(floating* y, floating* att, floating* cont, con
                                  const int* head_type, const double* mix, const int* off,
                                  const int* n, const Py_ssize_t* sq_off, Py_ssize_t SS,
                                  Py_ssize_t n_seq, Py_ssize_t H, Py_ssize_t d, Py_ssize_t T,
-                                 Py_ssize_t task) noexcept nogil:
+                                 Py_ssize_t ldv, Py_ssize_t task) noexcept nogil:
     cdef Py_ssize_t h = task // n_seq, s = task % n_seq, t, j, o = off[s], ns = n[s], C = H * d
     cdef int kind = head_type[h]
     cdef floating fa = <floating>mix[h], mx, total, inv
@@ -271,20 +275,20 @@ cdef void attention_task_forward(floating* y, floating* att, floating* cont, con
             row[j] = row[j] * inv
         for j in range(t + 1, ns):
             row[j] = 0
-    mm_nn(y + o * C + h * d, A, v + o * C + h * d, <int>ns, <int>d, <int>ns, <int>ns, <int>C, <int>C, 1, 0)
+    mm_nn(y + o * C + h * d, A, v + o * ldv + h * d, <int>ns, <int>d, <int>ns, <int>ns, <int>ldv, <int>C, 1, 0)
 
 
 cdef void attention_forward(floating* y, floating* att, floating* cont, const floating* q,
                             const floating* k, const floating* v, floating** P, const int* head_type,
                             const double* mix, const int* off, const int* n, const Py_ssize_t* sq_off,
                             Py_ssize_t SS, Py_ssize_t n_seq, Py_ssize_t H, Py_ssize_t d,
-                            Py_ssize_t T) noexcept nogil:
-    """q, k, v, y (N, H*d); P[h] (N, T) for rrpram/hybrid heads; mix[h] = sigmoid(alpha_h);
-    att, cont (H * SS) cached for backward."""
+                            Py_ssize_t T, Py_ssize_t ldv) noexcept nogil:
+    """q, k, y (N, H*d); v (N, H*d) with row stride ldv; P[h] (N, T) for rrpram/hybrid heads;
+    mix[h] = sigmoid(alpha_h); att, cont (H * SS) cached for backward."""
     cdef Py_ssize_t task
     for task in range(H * n_seq):
         attention_task_forward(y, att, cont, q, k, v, P, head_type, mix, off, n, sq_off, SS,
-                               n_seq, H, d, T, task)
+                               n_seq, H, d, T, ldv, task)
 
 
 cdef double attention_task_backward(floating* dq, floating* dk, floating* dv, floating** dP,
@@ -293,7 +297,7 @@ cdef double attention_task_backward(floating* dq, floating* dk, floating* dv, fl
                                     const floating* v, floating** P, const int* head_type,
                                     const double* mix, const int* off, const int* n,
                                     const Py_ssize_t* sq_off, Py_ssize_t SS, Py_ssize_t n_seq,
-                                    Py_ssize_t H, Py_ssize_t d, Py_ssize_t T,
+                                    Py_ssize_t H, Py_ssize_t d, Py_ssize_t T, Py_ssize_t ldv,
                                     Py_ssize_t task) noexcept nogil:
     """One (head, sequence) block of attention_backward; returns its d loss / d alpha_h.
     1. dA = dY V^T;  dV += A^T dY
@@ -316,8 +320,8 @@ cdef double attention_task_backward(floating* dq, floating* dk, floating* dv, fl
     cdef floating scale = <floating>(1.0 / sqrt(<double>d))
     if ns <= 0:
         return 0
-    mm_nt(dA, dy + o * C + h * d, v + o * C + h * d, <int>ns, <int>ns, <int>d, <int>C, <int>C, <int>ns, 1, 0)
-    mm_tn(dv + o * C + h * d, A, dy + o * C + h * d, <int>ns, <int>d, <int>ns, <int>ns, <int>C, <int>C, 1, 1)
+    mm_nt(dA, dy + o * C + h * d, v + o * ldv + h * d, <int>ns, <int>ns, <int>d, <int>C, <int>ldv, <int>ns, 1, 0)
+    mm_tn(dv + o * ldv + h * d, A, dy + o * C + h * d, <int>ns, <int>d, <int>ns, <int>ns, <int>C, <int>ldv, 1, 1)
     for t in range(ns):
         Arow = A + t * ns
         dArow = dA + t * ns
@@ -348,14 +352,15 @@ cdef void attention_backward(floating* dq, floating* dk, floating* dv, floating*
                              const floating* cont, const floating* q, const floating* k,
                              const floating* v, floating** P, const int* head_type, const double* mix,
                              const int* off, const int* n, const Py_ssize_t* sq_off, Py_ssize_t SS,
-                             Py_ssize_t n_seq, Py_ssize_t H, Py_ssize_t d, Py_ssize_t T) noexcept nogil:
-    """Gradients of attention_forward into q, k, v, P and, per hybrid head, dalpha[h] +=
-    d loss / d alpha_h. scratch holds H * SS floats."""
+                             Py_ssize_t n_seq, Py_ssize_t H, Py_ssize_t d, Py_ssize_t T,
+                             Py_ssize_t ldv) noexcept nogil:
+    """Gradients of attention_forward into q, k, v (dv with row stride ldv), P and, per hybrid
+    head, dalpha[h] += d loss / d alpha_h. scratch holds H * SS floats."""
     cdef Py_ssize_t task
     for task in range(H * n_seq):
         dalpha[task // n_seq] += attention_task_backward(dq, dk, dv, dP, scratch, dy, att, cont, q, k, v, P,
                                                          head_type, mix, off, n, sq_off, SS, n_seq, H, d,
-                                                         T, task)
+                                                         T, ldv, task)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,35 +370,53 @@ cdef inline double sigmoid(double x) noexcept nogil:
     return 1.0 / (1.0 + exp(-x))
 
 
-cdef void gate_forward(floating* out, const floating* g, const floating* u, Py_ssize_t n,
-                       int act) noexcept nogil:
-    """out, g, u (n,)."""
-    cdef Py_ssize_t i
-    if act == ACT_RELU:  # csrc/elementwise.h: restrict lets it vectorize
-        if floating is float:
-            mg_relu_gate_forward_f(out, g, u, n)
+cdef void gate_forward(floating* out, const floating* g, const floating* u, Py_ssize_t N,
+                       Py_ssize_t F, Py_ssize_t ld_in, int act) noexcept nogil:
+    """out (N, F) = act(g) * u;  g, u (N, F) with row stride ld_in (halves of the fused linear)."""
+    cdef Py_ssize_t i, j
+    cdef const floating* gi
+    cdef const floating* ui
+    for i in range(N):
+        gi = g + i * ld_in
+        ui = u + i * ld_in
+        if act == ACT_RELU:  # csrc/elementwise.h: restrict lets it vectorize
+            if floating is float:
+                mg_relu_gate_forward_f(out + i * F, gi, ui, F)
+            else:
+                mg_relu_gate_forward_d(out + i * F, gi, ui, F)
         else:
-            mg_relu_gate_forward_d(out, g, u, n)
-    else:
-        for i in range(n):
-            out[i] = <floating>(g[i] * sigmoid(g[i]) * u[i])
+            for j in range(F):
+                out[i * F + j] = <floating>(gi[j] * sigmoid(gi[j]) * ui[j])
 
 
 cdef void gate_backward(floating* dg, floating* du, const floating* dout, const floating* g,
-                        const floating* u, Py_ssize_t n, int act) noexcept nogil:
-    """dg += dout u act'(g);  du += dout act(g);  silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)."""
-    cdef Py_ssize_t i
+                        const floating* u, Py_ssize_t N, Py_ssize_t F, Py_ssize_t ld_in,
+                        int act) noexcept nogil:
+    """dg += dout u act'(g);  du += dout act(g);  silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
+    dg, du, g, u have row stride ld_in; dout is (N, F) contiguous."""
+    cdef Py_ssize_t i, j
     cdef double sg
-    if act == ACT_RELU:  # csrc/elementwise.h: restrict lets it vectorize
-        if floating is float:
-            mg_relu_gate_backward_f(dg, du, dout, g, u, n)
+    cdef floating* dgi
+    cdef floating* dui
+    cdef const floating* gi
+    cdef const floating* ui
+    cdef const floating* di
+    for i in range(N):
+        dgi = dg + i * ld_in
+        dui = du + i * ld_in
+        gi = g + i * ld_in
+        ui = u + i * ld_in
+        di = dout + i * F
+        if act == ACT_RELU:
+            if floating is float:
+                mg_relu_gate_backward_f(dgi, dui, di, gi, ui, F)
+            else:
+                mg_relu_gate_backward_d(dgi, dui, di, gi, ui, F)
         else:
-            mg_relu_gate_backward_d(dg, du, dout, g, u, n)
-    else:
-        for i in range(n):
-            sg = sigmoid(g[i])
-            dg[i] += <floating>(dout[i] * u[i] * sg * (1 + g[i] * (1 - sg)))
-            du[i] += <floating>(dout[i] * g[i] * sg)
+            for j in range(F):
+                sg = sigmoid(gi[j])
+                dgi[j] += <floating>(di[j] * ui[j] * sg * (1 + gi[j] * (1 - sg)))
+                dui[j] += <floating>(di[j] * gi[j] * sg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 cdef extern from "molecule.h" nogil:
     enum:
         MG_ALIGN
-        MG_MAX_DELTA
+        MG_MAX_ADAPTERS
         MG_OP_EMBED
         MG_OP_RMSNORM
         MG_OP_LINEAR
@@ -19,11 +19,13 @@ cdef extern from "molecule.h" nogil:
         int nin
         int n_ad
         int rank
-        void* A[MG_MAX_DELTA]
-        void* B[MG_MAX_DELTA]
-        void* dA[MG_MAX_DELTA]
-        void* dB[MG_MAX_DELTA]
-        double alpha[MG_MAX_DELTA]
+        void* A[MG_MAX_ADAPTERS]
+        void* B[MG_MAX_ADAPTERS]
+        void* dA[MG_MAX_ADAPTERS]
+        void* dB[MG_MAX_ADAPTERS]
+        double alpha[MG_MAX_ADAPTERS]
+        int out_off[MG_MAX_ADAPTERS]
+        int out_rows[MG_MAX_ADAPTERS]
 
     ctypedef struct mg_node:
         int op
@@ -32,6 +34,7 @@ cdef extern from "molecule.h" nogil:
         void* b
         void* c
         void* out
+        size_t out_bytes
         void* aux
         void* aux2
         void* ptrs

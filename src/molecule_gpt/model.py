@@ -136,7 +136,7 @@ class Model:
         self._lock = threading.RLock()
         self._engines = []
         self._arenas_ready = False
-        self._folded_modules, self._fold_delta, self._fold_weight = [], {}, {}
+        self._folded_modules, self._fold_delta, self._fold_weight, self._fold_views = [], {}, {}, {}
         self._n_threads = default_threads() if n_threads is None else int(n_threads)
         self._arena_batch_size = config.batch_size
         self._shape_key = self._config_shape_key()
@@ -278,9 +278,8 @@ class Model:
             self._worker_grads = [None] + [{name: np.zeros_like(g.grad) for name, g in self.groups.items()}
                                            for _ in range(self._n_threads - 1)]
         for w, engine in enumerate(self._engines):
-            grads = {name: (g.grads if w == 0 else g._views(self._worker_grads[w][name]))
-                     for name, g in self.groups.items()}
-            self._bind(engine, grads)
+            flats = {name: (g.grad if w == 0 else self._worker_grads[w][name]) for name, g in self.groups.items()}
+            self._bind(engine, flats)
         if reallocate or any(e.capacity != e.plan(*self._max_step()) for e in self._engines):
             self._allocate_arenas()  # lazily: the memory is taken at the first step
 
@@ -293,18 +292,26 @@ class Model:
     def _prepare_folds(self) -> None:
         frozen = [k for k in range(self.n_delta) if not self.trainable[f"delta{k}"]]
         self._folded_modules = frozen
-        self._fold_delta, self._fold_weight = {}, {}
+        self._fold_delta, self._fold_weight, self._fold_views = {}, {}, {}
         if not frozen:
             return
         base = self.groups["base"].params
-        for name in self.adapted_shapes():
-            total = np.zeros(self.adapted_shapes()[name])
-            for k in frozen:
-                group = self.groups[f"delta{k}"].params
-                total += self.delta_alphas[k] * (group[f"{name}.A"].astype(np.float64) @ group[f"{name}.B"])
-            self._fold_delta[name] = total
-            W = base["wte" if (name == "lm_head" and self.config.tie_embeddings) else name]
-            self._fold_weight[name] = (W + total).astype(self.dtype)
+        shapes = self.adapted_shapes()
+        for key, _, _, _, parts in self._linear_slots():
+            rows = sum(shapes[n][0] for n in parts)
+            stacked = np.empty((rows, shapes[parts[0]][1]), self.dtype)
+            row0 = 0
+            for name in parts:
+                total = np.zeros(shapes[name])
+                for k in frozen:
+                    group = self.groups[f"delta{k}"].params
+                    total += self.delta_alphas[k] * (group[f"{name}.A"].astype(np.float64) @ group[f"{name}.B"])
+                view = stacked[row0:row0 + shapes[name][0]]
+                view[...] = base[self._base_name(name)] + total
+                self._fold_delta[name] = total
+                self._fold_views[name] = view
+                row0 += shapes[name][0]
+            self._fold_weight[key] = stacked
 
     def _refresh_folds(self) -> None:
         """W_eff = W + (frozen deltas), for steps where the base itself may have moved."""
@@ -312,8 +319,7 @@ class Model:
             return
         base = self.groups["base"].params
         for name, total in self._fold_delta.items():
-            W = base["wte" if (name == "lm_head" and self.config.tie_embeddings) else name]
-            np.add(W, total, out=self._fold_weight[name], casting="unsafe")
+            np.add(base[self._base_name(name)], total, out=self._fold_views[name], casting="unsafe")
 
     def refresh(self) -> None:
         """Re-derive cached state from the parameters. Call it after writing into parameters
@@ -321,37 +327,75 @@ class Model:
         with self._lock:
             self._rebuild(reallocate=False)
 
-    def _bind(self, engine, grads: dict[str, dict[str, np.ndarray]]) -> None:
+    def _linear_slots(self) -> list[tuple[str, int, str, int, list[str]]]:
+        """(key, layer, engine slot, head, parameter names stacked in it) for every linear.
+        q/k/v and the MLP's gate/value are fused: their weights sit next to each other in the
+        base buffer, so one gemm computes all parts (larger products run faster)."""
         c = self.config
-        p = self.groups["base"].params
-        g = grads["base"] if self.trainable["base"] else None
+        slots = []
+        for i in range(c.n_layer):
+            slots.append((f"l{i}.wqkv", i, "wqkv", -1, [f"l{i}.wq", f"l{i}.wk", f"l{i}.wv"]))
+            slots.append((f"l{i}.wo", i, "wo", -1, [f"l{i}.wo"]))
+            slots.append((f"l{i}.fc_gv", i, "fc_gv", -1, [f"l{i}.fc_g", f"l{i}.fc_v"]))
+            slots.append((f"l{i}.fc2", i, "fc2", -1, [f"l{i}.fc2"]))
+            for h, kind in enumerate(c.head_types):
+                if kind != "content":
+                    slots.append((f"l{i}.h{h}.w_pattern", i, "w_pattern", h, [f"l{i}.h{h}.w_pattern"]))
+        slots.append(("lm_head", -1, "lm_head", -1, ["lm_head"]))
+        return slots
 
-        def grad_of(group_grads, key):
-            return None if group_grads is None else group_grads[key]
+    def _base_name(self, name: str) -> str:
+        """The base parameter holding adapted matrix `name` (lm_head is wte when tied)."""
+        return "wte" if (name == "lm_head" and self.config.tie_embeddings) else name
 
-        engine.bind_embeddings(p["wte"], grad_of(g, "wte"), p["wpe"], grad_of(g, "wpe"), *self._rope)
-        for name in self.adapted_shapes():
-            W_name = "wte" if (name == "lm_head" and c.tie_embeddings) else name
+    def _stacked(self, flat: np.ndarray, parts: list[str]) -> np.ndarray:
+        """The rows of `parts` as one (sum of rows, nin) view of a base-layout flat buffer."""
+        base = self.groups["base"]
+        names = [self._base_name(n) for n in parts]
+        start = base.offsets[names[0]]
+        rows, nin = 0, base.shapes[names[0]][1]
+        for n in names:
+            if base.offsets[n] != start + rows * nin or base.shapes[n][1] != nin:
+                raise AssertionError(f"{parts} are not adjacent in the base buffer")  # layout invariant
+            rows += base.shapes[n][0]
+        return flat[start:start + rows * nin].reshape(rows, nin)
+
+    def _bind(self, engine, grad_flats: dict[str, np.ndarray]) -> None:
+        """Point one engine at the parameters and at its gradient buffers (flat, per group)."""
+        c = self.config
+        base = self.groups["base"]
+        p = base.params
+        grads = {name: group._views(grad_flats[name]) for name, group in self.groups.items()}
+        train_base = self.trainable["base"]
+        g = grads["base"] if train_base else None
+        grad_flat = grad_flats["base"] if train_base else None
+
+        def grad_of(key):
+            return None if g is None else g[key]
+
+        engine.bind_embeddings(p["wte"], grad_of("wte"), p["wpe"], grad_of("wpe"), *self._rope)
+        for key, layer, slot, head, parts in self._linear_slots():
+            W = self._fold_weight.get(key)
+            if W is None:
+                W = self._stacked(base.flat, parts)
+            dW = None if grad_flat is None else self._stacked(grad_flat, parts)
             adapters = []
             for k in range(self.n_delta):
-                group = f"delta{k}"
                 if k in self._folded_modules:
                     continue  # inside the folded weight
-                adapters.append((self.groups[group].params[f"{name}.A"], self.groups[group].params[f"{name}.B"],
-                                 grads[group][f"{name}.A"], grads[group][f"{name}.B"], self.delta_alphas[k]))
-            W_forward = self._fold_weight.get(name, p[W_name])
-            if name == "lm_head":
-                layer, slot, head = -1, "lm_head", -1
-            else:
-                parts = name.split(".")
-                layer, slot = int(parts[0][1:]), parts[-1]
-                head = int(parts[1][1:]) if len(parts) == 3 else -1
-            engine.bind_linear(name, layer, slot, head, W_forward, grad_of(g, W_name), adapters)
+                group = f"delta{k}"
+                row0 = 0
+                for name in parts:
+                    A = self.groups[group].params[f"{name}.A"]
+                    adapters.append((A, self.groups[group].params[f"{name}.B"], grads[group][f"{name}.A"],
+                                     grads[group][f"{name}.B"], self.delta_alphas[k], row0))
+                    row0 += A.shape[0]
+            engine.bind_linear(key, layer, slot, head, W, dW, adapters)
         for i in range(c.n_layer):
             for h, kind in enumerate(c.head_types):
                 if kind == "hybrid":
-                    key = f"l{i}.h{h}.alpha"
-                    engine.bind_alpha(i, h, p[key], grad_of(g, key))
+                    k = f"l{i}.h{h}.alpha"
+                    engine.bind_alpha(i, h, p[k], grad_of(k))
 
     def _allocate_arenas(self) -> None:
         """Mark the arenas for (re)sizing; the allocation happens at the next step."""
