@@ -393,9 +393,23 @@ cdef void step_forward(floating* tag, const WNet* net, Buf* b, int tok, int pos)
     gemv_rm(<floating*>b.logits, <const floating*>net.lm, h, net.V, <int>C, <int>C, 1, 0)
 
 
-cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids, int N) noexcept nogil:
+cdef double std_of(const floating* x, Py_ssize_t n) noexcept nogil:
+    """Standard deviation of x[0:n] (two passes, double)."""
+    cdef Py_ssize_t i
+    cdef double mean = 0, var = 0
+    for i in range(n):
+        mean += x[i]
+    mean /= n
+    for i in range(n):
+        var += (x[i] - mean) * (x[i] - mean)
+    return sqrt(var / n)
+
+
+cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids, int N,
+                          double* stds) noexcept nogil:
     """Run ids[0:N] (N <= T) at positions 0..N-1 as one batch: fill the cache rows 0..N-1 and
-    write the logits of the last position into b.logits."""
+    write the logits of the last position into b.logits. stds (L + 1, may be NULL) receives
+    the std of the residual stream after the embedding and after each layer."""
     cdef Py_ssize_t l, i, j, t, hh, C = net.C, F = net.F, T = net.T, d = net.d, C3 = 3 * net.C
     cdef int kind
     cdef const WLayer* Lw
@@ -417,6 +431,8 @@ cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids
     for i in range(N):
         for j in range(C):
             X[i * C + j] = wte[<Py_ssize_t>ids[i] * C + j] + wpe[i * C + j]
+    if stds != NULL:
+        stds[0] = std_of(X, N * C)
     for l in range(net.L):
         Lw = &net.layers[l]
         kc = <floating*>b.kc + l * T * C
@@ -459,6 +475,8 @@ cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids
         mm_nt(O, A, <const floating*>Lw.fc2, N, <int>C, <int>F, <int>F, <int>F, <int>C, 1, 0)
         for i in range(N * C):
             X[i] = X[i] + O[i]
+        if stds != NULL:
+            stds[l + 1] = std_of(X, N * C)
     rmsnorm_row(Hn, X + (N - 1) * C, C)
     gemv_rm(<floating*>b.logits, <const floating*>net.lm, Hn, net.V, <int>C, <int>C, 1, 0)
 
@@ -934,11 +952,11 @@ cdef class Decoder:
 
     # ---- forward over the window
 
-    cdef void _prefill(self, const int* ids, int N) noexcept nogil:
+    cdef void _prefill(self, const int* ids, int N, double* stds=NULL) noexcept nogil:
         if self.is_double:
-            prefill_forward(<double*>NULL, self.net, &self.b, ids, N)
+            prefill_forward(<double*>NULL, self.net, &self.b, ids, N, stds)
         else:
-            prefill_forward(<float*>NULL, self.net, &self.b, ids, N)
+            prefill_forward(<float*>NULL, self.net, &self.b, ids, N, stds)
         if ids != self.win:
             memcpy(self.win, ids, N * sizeof(int))
         self.n = N
@@ -976,6 +994,22 @@ cdef class Decoder:
         with nogil:
             self._prefill(&av[0], <int>av.shape[0])
         return self.last_logits_array
+
+    def hidden_std(self, ids):
+        """Std of the residual stream over the window's positions after the embedding and after
+        each layer (L + 1 values) for a prefill of ids (which becomes the window)."""
+        self._check_model()
+        arr = self._ids(ids, "ids")
+        if arr.shape[0] == 0:
+            raise ValueError("hidden_std needs at least one token")
+        if arr.shape[0] > self.T:
+            arr = np.ascontiguousarray(arr[-self.T:])
+        out = np.zeros(self.net.L + 1)
+        cdef double[::1] ov = out
+        cdef int[::1] av = arr
+        with nogil:
+            self._prefill(&av[0], <int>av.shape[0], &ov[0])
+        return out
 
     def feed(self, int token):
         """Feed one token after the window; returns the next-token logits (a view)."""

@@ -78,6 +78,24 @@ class Config:
     qb_min_novelty: float = 0.15
     qb_cooldown_seconds: float = 60.0
 
+    # ---- organism: trainer, held-out split, immune system, delta lifecycle, threads
+    val_fraction: float = 0.1  # share of the birth corpus held out for val loss (none below 10 lines)
+    val_max_sequences: int = 32  # held-out lines scored per evaluation (a fixed subset, so values compare)
+    eval_interval: int = 100  # warmup steps between held-out evaluations (and telemetry "val_loss")
+    patience: int = 0  # evaluations without a min_delta improvement before warmup stops early (0: never)
+    min_delta: float = 1e-3  # val-loss improvement (nats) that resets the patience count
+    lr_warmup_steps: int = 50  # warmup's learning rate rises linearly over these steps, then cosine-decays
+    lr_min_ratio: float = 0.1  # the cosine decay ends at learning_rate * lr_min_ratio
+    replay_ratio: float = 0.5  # share of each burst's sequences drawn from the older corpus (replay)
+    immune_val_bound: float = 0.05  # a burst raising held-out loss by more than this (nats) is rolled back
+    max_consecutive_rollbacks: int = 3  # this many rollbacks in a row multiply the burst lr by rollback_lr_backoff
+    rollback_lr_backoff: float = 0.5  # lr factor after a rollback streak; each accepted burst divides it back out
+    delta_ramp_bursts: int = 4  # a new module's alpha rises linearly to 1 over its first bursts
+    collapse_std_bound: float = 1e-3  # a layer whose hidden-state std falls below this is reported as collapsed
+    field_blend: bool = True  # blend the corpus field into generation until the model beats it on held-out text
+    train_threads: int = 0  # training worker threads (0: all cores in warmup, all but one in the background)
+    blas_threads: int = 1  # BLAS threads while the background trainer runs (0: leave the process setting)
+
     def __post_init__(self):
         self.head_types = tuple(self.head_types)
         self.validate()
@@ -143,6 +161,31 @@ class Config:
             raise ConfigError(f"Config.delta_init_std must be >= 0, got {self.delta_init_std!r}")
         if self.entropy_low > self.entropy_high:
             raise ConfigError(f"Config.entropy_low ({self.entropy_low}) must not exceed entropy_high ({self.entropy_high})")
+        self._validate_organism_fields()
+
+    def _validate_organism_fields(self) -> None:
+        for name in ("val_max_sequences", "eval_interval", "delta_ramp_bursts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"Config.{name} must be a positive int, got {value!r}")
+        for name in ("patience", "lr_warmup_steps", "max_consecutive_rollbacks", "train_threads", "blas_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"Config.{name} must be a non-negative int, got {value!r}")
+        for name in ("val_fraction", "lr_min_ratio", "replay_ratio"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 <= value <= 1:
+                raise ConfigError(f"Config.{name} must be in [0, 1], got {value!r}")
+        if not _is_real(self.val_fraction) or self.val_fraction >= 1:
+            raise ConfigError(f"Config.val_fraction must be below 1 (some lines must train), got {self.val_fraction!r}")
+        for name in ("min_delta", "immune_val_bound", "collapse_std_bound"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 <= value < float("inf"):
+                raise ConfigError(f"Config.{name} must be a finite number >= 0, got {value!r}")
+        if not _is_real(self.rollback_lr_backoff) or not 0 < self.rollback_lr_backoff <= 1:
+            raise ConfigError(f"Config.rollback_lr_backoff must be in (0, 1], got {self.rollback_lr_backoff!r}")
+        if not isinstance(self.field_blend, bool):
+            raise ConfigError(f"Config.field_blend must be a bool, got {self.field_blend!r}")
 
     def replace(self, **changes) -> "Config":
         """A validated copy with some fields changed."""

@@ -324,6 +324,28 @@ class Generator:
             raise GenerationError("a prompt of token ids must hold at least one id (e.g. [tokenizer.bos_id])")
         return ids
 
+    def begin(self, prompt, params: SamplingParams) -> _decode.Decoder:
+        """Encode the prompt, take the current weights and prefill: the started generation, to
+        pass to run_begun/stream_begun. (Split from run so a caller can hold a lock for just
+        this part: after it, the generation uses its own snapshot.)"""
+        return self._begin(prompt, params)
+
+    def run_begun(self, dec: _decode.Decoder, params: SamplingParams) -> GenerationResult:
+        """Finish a generation started by begin()."""
+        if params.stop:
+            pieces, box = [], {}
+            for piece in self._pieces(dec, params, box):
+                pieces.append(piece)
+            return GenerationResult(box["ids"], "".join(pieces), box["reason"])
+        if params.max_gen_tokens == 0:
+            return GenerationResult([], "", "max_tokens")
+        ids, reason = dec.run(params.max_gen_tokens, params.logits_processors or None)
+        return GenerationResult(ids, self.tokenizer.decode(ids), reason)
+
+    def stream_begun(self, dec: _decode.Decoder, params: SamplingParams) -> Iterator[str]:
+        """Stream a generation started by begin()."""
+        return self._pieces(dec, params, {})
+
     def _begin(self, prompt, params: SamplingParams) -> _decode.Decoder:
         ids = self.encode_prompt(prompt)
         alpha = 1.0 if params.model_alpha is None else float(params.model_alpha)
@@ -359,16 +381,7 @@ class Generator:
     def run(self, prompt="", **overrides) -> GenerationResult:
         """Generate and return ids, text and the stop reason."""
         params = self.params(**overrides)
-        if params.stop:
-            pieces, box = [], {}
-            for piece in self._pieces(prompt, params, box):
-                pieces.append(piece)
-            return GenerationResult(box["ids"], "".join(pieces), box["reason"])
-        dec = self._begin(prompt, params)
-        if params.max_gen_tokens == 0:
-            return GenerationResult([], "", "max_tokens")
-        ids, reason = dec.run(params.max_gen_tokens, params.logits_processors or None)
-        return GenerationResult(ids, self.tokenizer.decode(ids), reason)
+        return self.run_begun(self._begin(prompt, params), params)
 
     def generate(self, prompt="", **overrides) -> str:
         """The generated text (without the prompt)."""
@@ -378,10 +391,9 @@ class Generator:
         """Yield the text as it is generated, one piece per token that completes text (pieces
         never split a UTF-8 character; whitespace is collapsed as decode() does)."""
         params = self.params(**overrides)
-        return self._pieces(prompt, params, {})
+        return self._pieces(self._begin(prompt, params), params, {})
 
-    def _pieces(self, prompt, params: SamplingParams, box: dict) -> Iterator[str]:
-        dec = self._begin(prompt, params)
+    def _pieces(self, dec: _decode.Decoder, params: SamplingParams, box: dict) -> Iterator[str]:
         sd = self.tokenizer.stream_decoder()
         stops = params.stop
         longest = max((len(s) for s in stops), default=0)

@@ -1,0 +1,812 @@
+"""Organism: the public face of molecule_gpt: a model, its tokenizer, its corpus and its memory,
+which speaks, listens and keeps learning (SPEC §4-§8).
+
+What it is: the facade that owns the data and the threads and delegates the rest:
+generation to `generation.Generator` (native KV-cache decoding, `_decode`), n-gram statistics to
+`field.CorpusField`, training policy to `trainer.Trainer`, files to `checkpoint`.
+
+    org = Organism(Config(), corpus="corpus.txt")   # or a list of lines
+    org.generate("hello")          # speaks from the corpus field before any training
+    org.warmup()                   # 1200 steps by default, with a schedule and held-out loss
+    org.observe("new text", speaker="H")   # reservoir + quantum buffer
+    org.train_burst()              # a checked, possibly rolled-back burst
+    with org.background():         # a trainer thread; generate() keeps working meanwhile
+        ...
+    org.save("org.ckpt"); Organism.load("org.ckpt")
+
+Data (SPEC §7): the birth corpus is split once into training lines (the reservoir) and held-out
+lines (`val_fraction`, none below 10 lines). `observe` adds sentences to the reservoir (tagged
+"H: "/"A: " when a speaker is given; case-insensitive dedup; when it exceeds max_corpus_lines
+the newest half is kept and older lines are sampled to fill it) and to the quantum buffer,
+which fires a burst in the background when new bytes >= qb_min_bytes or novelty (unique/total
+new tokens) >= qb_min_novelty, once qb_cooldown_seconds have passed since the last burst. A
+burst trains on the buffer's new lines mixed with replayed reservoir lines (replay_ratio).
+
+Field/model blend (SPEC §5), the curve: with L_model the model's last held-out loss, L_field the
+field's held-out loss (`CorpusField.heldout_loss`) and V the vocabulary size,
+    model_alpha = clip((ln V - L_model) / (ln V - L_field), 0, 1)
+i.e. the share of the way from a uniform guess (ln V) to the n-gram field's own quality that the
+model has covered: 0 before any training (the organism speaks from the field alone), 1 once the
+model predicts held-out text at least as well as the field (the field is then left out).
+Without a held-out split the last training loss stands in for L_model and L_field is measured
+on the training lines. `Config.field_blend = False` gives 0 before training and 1 after.
+
+Threads (SPEC §8.7): generate/stream may be called from any number of threads, also while the
+background trainer runs; the trainer takes the model lock per optimizer step, generation takes
+it only to copy the weights when they changed. Vocabulary growth (BPE) runs between bursts
+under a writer lock; generation holds it as a reader only while it encodes the prompt and starts.
+"""
+from __future__ import annotations
+
+import base64
+import collections
+import contextlib
+import json
+import math
+import os
+import re
+import sqlite3
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config
+from .errors import CorpusError, OrganismError, TrainingError
+from .field import CorpusField
+from .generation import GenerationResult, Generator
+from .model import Model, default_threads
+from .tokenizer import EvolvingTokenizer, read_corpus
+from .trainer import BurstReport, Projection, Trainer
+
+__all__ = ["Organism", "QuantumBuffer", "Reservoir", "Memory"]
+
+STATE_FORMAT = "molecule_gpt.organism"
+STATE_VERSION = 1
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+# ---------------------------------------------------------------------------------------------
+# corpus reservoir and quantum buffer
+
+
+class Reservoir:
+    """Bounded training corpus: lines appended with case-insensitive dedup; over `max_lines`,
+    the newest half is kept and older lines are sampled (in order) to fill the rest."""
+
+    def __init__(self, lines: Iterable[str], max_lines: int, rng: np.random.Generator):
+        self.max_lines = max_lines
+        self.rng = rng
+        self.lines: list[str] = []
+        self._seen: set[str] = set()
+        self.add(lines)
+
+    def add(self, lines: Iterable[str]) -> list[str]:
+        """Append new lines; returns the ones actually added (not duplicates)."""
+        added = []
+        for line in lines:
+            key = line.casefold()
+            if key in self._seen:
+                continue
+            self._seen.add(key)
+            self.lines.append(line)
+            added.append(line)
+        if len(self.lines) > self.max_lines:
+            newest = self.lines[len(self.lines) - self.max_lines // 2:]
+            older = self.lines[:len(self.lines) - len(newest)]
+            keep = np.sort(self.rng.choice(len(older), self.max_lines - len(newest), replace=False))
+            self.lines = [older[i] for i in keep] + newest
+            self._seen = {line.casefold() for line in self.lines}
+        return added
+
+    @property
+    def chars(self) -> int:
+        return sum(len(line) for line in self.lines)
+
+
+class QuantumBuffer:
+    """New text since the last burst: bytes, tokens, distinct tokens, lines (SPEC §7)."""
+
+    def __init__(self):
+        self.bytes = 0
+        self.tokens = 0
+        self.unique: set[int] = set()
+        self.lines: list[str] = []
+        self.last_burst = time.monotonic()
+
+    def feed(self, lines: Sequence[str], ids: Sequence[Sequence[int]]) -> None:
+        self.lines.extend(lines)
+        self.bytes += sum(len(line.encode("utf-8", "surrogatepass")) for line in lines)
+        for seq in ids:
+            self.tokens += len(seq)
+            self.unique.update(seq)
+
+    @property
+    def novelty(self) -> float:
+        return len(self.unique) / self.tokens if self.tokens else 0.0
+
+    def ready(self, config: Config, now: float | None = None) -> bool:
+        """New text is there, (bytes >= qb_min_bytes or novelty >= qb_min_novelty) and the
+        cooldown since the last burst has passed."""
+        now = time.monotonic() if now is None else now
+        if not self.lines:
+            return False
+        trigger = self.bytes >= config.qb_min_bytes or self.novelty >= config.qb_min_novelty
+        return trigger and now - self.last_burst >= config.qb_cooldown_seconds
+
+    def take(self) -> list[str]:
+        """The buffered lines; the buffer empties and the cooldown restarts."""
+        lines = self.lines
+        self.__init__()
+        return lines
+
+    def to_dict(self) -> dict:
+        return {"bytes": self.bytes, "tokens": self.tokens, "lines": list(self.lines)}
+
+
+# ---------------------------------------------------------------------------------------------
+# SQLite memory (SPEC §7)
+
+
+class Memory:
+    """SQLite log of messages, corpus events and growth snapshots. Thread-safe."""
+
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, ts REAL, role TEXT, text TEXT);
+    CREATE TABLE IF NOT EXISTS corpus_events (id INTEGER PRIMARY KEY, ts REAL, kind TEXT, lines INTEGER,
+        chars INTEGER, note TEXT);
+    CREATE TABLE IF NOT EXISTS growth (id INTEGER PRIMARY KEY, ts REAL, step INTEGER, vocab_size INTEGER,
+        n_params INTEGER, n_delta INTEGER, corpus_chars INTEGER, loss REAL, gamma_sparsity REAL,
+        gamma_magnitude REAL, note TEXT);
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False)
+            self._db.executescript(self.SCHEMA)
+        except sqlite3.Error as exc:
+            raise OrganismError(f"cannot open the SQLite memory {self.path!r}: {exc}") from exc
+
+    def _write(self, sql: str, args: tuple) -> None:
+        with self._lock:
+            self._db.execute(sql, args)
+            self._db.commit()
+
+    def message(self, role: str, text: str) -> None:
+        self._write("INSERT INTO messages (ts, role, text) VALUES (?, ?, ?)", (time.time(), role, text))
+
+    def corpus_event(self, kind: str, lines: int, chars: int, note: str = "") -> None:
+        self._write("INSERT INTO corpus_events (ts, kind, lines, chars, note) VALUES (?, ?, ?, ?, ?)",
+                    (time.time(), kind, lines, chars, note))
+
+    def growth(self, step: int, vocab_size: int, n_params: int, n_delta: int, corpus_chars: int,
+               loss: float | None, sparsity: float, magnitude: float, note: str = "") -> None:
+        self._write("INSERT INTO growth (ts, step, vocab_size, n_params, n_delta, corpus_chars, loss, gamma_sparsity, "
+                    "gamma_magnitude, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (time.time(), step, vocab_size, n_params, n_delta, corpus_chars, loss, sparsity, magnitude, note))
+
+    def rows(self, table: str) -> list[tuple]:
+        if table not in ("messages", "corpus_events", "growth"):
+            raise ValueError(f"no table {table!r}")
+        with self._lock:
+            return list(self._db.execute(f"SELECT * FROM {table} ORDER BY id"))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _jsonable(value: Any) -> Any:
+    """A copy JSON round-trips exactly: non-finite floats -> None, tuples -> lists, numpy -> Python."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _split_sentences(text: str, max_chars: int) -> list[str]:
+    out = []
+    for raw in text.splitlines():
+        for sentence in _SENTENCE.split(raw.strip()):
+            sentence = " ".join(sentence.split())
+            while sentence:
+                out.append(sentence[:max_chars])
+                sentence = sentence[max_chars:].strip()
+    return out
+
+
+def _cores() -> int:
+    return default_threads()
+
+
+class _RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no starvation)."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+
+    @contextlib.contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self):
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the organism
+
+
+class Organism:
+    """A continually learning language organism. See the module docstring.
+
+    Organism(config=None, corpus=None, *, seed=0, dtype="float32", memory=None, telemetry_path=None)
+      config          a Config (default Config()); fields may be changed between bursts
+      corpus          a list of lines or a path to a UTF-8 text file (one line per line)
+      seed            seeds the model init, the data sampling and the corpus split
+      dtype           "float32" or "float64"
+      memory          path of a SQLite file for the message/corpus/growth log (None: no log)
+      telemetry_path  path of a JSONL file receiving every telemetry record (None: memory only)
+    """
+
+    def __init__(self, config: Config | None = None, corpus: Sequence[str] | str | os.PathLike | None = None, *,
+                 seed: int = 0, dtype: str = "float32", memory: str | os.PathLike | None = None,
+                 telemetry_path: str | os.PathLike | None = None, _restore: dict | None = None):
+        config = Config() if config is None else config
+        if not isinstance(config, Config):
+            raise TypeError(f"config must be a molecule_gpt.Config, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.seed = int(seed)
+        # two streams: the organism's (corpus split, reservoir) and the trainer's (batches, growth),
+        # which run in different threads
+        seq_org, seq_train = np.random.SeedSequence(self.seed).spawn(2)
+        self._rng = np.random.default_rng(seq_org)
+        self._train_rng = np.random.default_rng(seq_train)
+        self._lock = threading.RLock()  # organism bookkeeping (reservoir, buffer, caches)
+        self._structure = _RWLock()  # vocabulary growth (writer) vs starting generations and saving (readers)
+        self._train_lock = threading.Lock()  # one warmup/burst at a time
+        self.telemetry: collections.deque = collections.deque(maxlen=2000)
+        self._telemetry_path = os.fspath(telemetry_path) if telemetry_path is not None else None
+        self._telemetry_file = None
+        self.memory = Memory(memory) if memory is not None else None
+        self._thread: threading.Thread | None = None
+        self._stop_event = threading.Event()
+        self._thread_error: BaseException | None = None
+        self._blas_limiter = None
+        self._saved_threads: int | None = None
+
+        if _restore is not None:
+            self._init_restored(_restore)
+            return
+        lines = self._read_corpus(corpus)
+        order = self._rng.permutation(len(lines))
+        n_val = int(round(len(lines) * config.val_fraction)) if len(lines) >= 10 else 0
+        self.val_lines = [lines[i] for i in sorted(order[:n_val])]
+        train = [lines[i] for i in sorted(order[n_val:])]
+        self.tokenizer = EvolvingTokenizer(lines, config)
+        self.tokenizer.maybe_enable_bpe(train)
+        self.model = Model(config, self.tokenizer.vocab_size, dtype=dtype, seed=self.seed,
+                           n_threads=self._train_threads(background=False))
+        self.reservoir = Reservoir(train, config.max_corpus_lines, self._rng)
+        self.buffer = QuantumBuffer()
+        self.birth_vocab = self.model.vocab_size
+        birth = self.model.init_embed_snapshot if config.tie_embeddings else self.model.params()["lm_head"]
+        self._birth_rows = np.array(birth, dtype=np.float64)
+        self.trainer = Trainer(self.model, config, self._train_rng, self._birth_rows, emit=self._emit)
+        self._ids_cache: dict[str, list] = {}
+        self._rebuild_data()
+        if self.memory is not None:
+            self.memory.corpus_event("birth", len(lines), sum(len(x) for x in lines),
+                                     f"{len(train)} train, {len(self.val_lines)} held out")
+            self._log_growth("birth")
+
+    # ---- construction helpers
+
+    def _read_corpus(self, corpus) -> list[str]:
+        if corpus is None:
+            return []
+        is_path = isinstance(corpus, os.PathLike) or (isinstance(corpus, str) and "\n" not in corpus
+                                                        and os.path.isfile(corpus))
+        if is_path:
+            try:
+                return read_corpus(corpus, max_line_chars=self.config.max_line_chars).lines
+            except OSError as exc:
+                raise CorpusError(f"cannot read the corpus file {os.fspath(corpus)!r}: {exc}") from exc
+        if isinstance(corpus, str):
+            raise CorpusError(f"corpus {corpus[:60]!r} is a string but not an existing file; pass a path to a "
+                              f"text file or a list of lines")
+        if isinstance(corpus, (bytes, bytearray)):
+            raise CorpusError("corpus must be a list of str lines or a path, got bytes; decode it first")
+        try:
+            items = list(corpus)
+        except TypeError:
+            raise CorpusError(f"corpus must be a list of lines or a path, got {type(corpus).__name__}") from None
+        lines = []
+        for i, line in enumerate(items):
+            if not isinstance(line, str):
+                raise CorpusError(f"corpus[{i}] is a {type(line).__name__}; every line must be str")
+            line = line.strip()
+            if line:
+                lines.append(line[:self.config.max_line_chars])
+        return lines
+
+    def _train_threads(self, background: bool) -> int:
+        c = self.config.train_threads
+        if c:
+            return c
+        cores = _cores()
+        return max(1, cores - 1) if background else cores
+
+    def _encode(self, line: str) -> list:
+        ids = self._ids_cache.get(line)
+        if ids is None:
+            ids = self.tokenizer.encode(line)
+            self._ids_cache[line] = ids
+        return ids
+
+    def _rebuild_data(self) -> None:
+        """Re-derive encoded sequences, the held-out subset and the field (after birth, growth,
+        loading). Holds the organism lock."""
+        with self._lock:
+            self._ids_cache = {}
+            self._train_ids = [self._encode(x) for x in self.reservoir.lines]
+            val = self.val_lines[:self.config.val_max_sequences]
+            self._val_ids = [self._encode(x) for x in val]
+            self._val_key = (self.tokenizer.vocab_size, len(self.tokenizer.merges), tuple(val))
+            self.field = CorpusField(self.tokenizer.vocab_size, self._train_ids)
+            self._field_loss = None
+            self._generator = Generator(self.model, self.tokenizer, self.field, self.config)
+
+    # ---- telemetry
+
+    def _emit(self, record: dict) -> None:
+        record = dict(record, time=time.time())
+        self.telemetry.append(record)
+        if self._telemetry_path is not None:
+            if self._telemetry_file is None:
+                self._telemetry_file = open(self._telemetry_path, "a", encoding="utf-8")
+            self._telemetry_file.write(json.dumps(_jsonable(record)) + "\n")
+            self._telemetry_file.flush()
+
+    def _log_growth(self, note: str) -> None:
+        if self.memory is None:
+            return
+        g = self.gamma_stats()
+        self.memory.growth(self.trainer.steps, self.model.vocab_size, self.model.num_params(), self.model.n_delta,
+                           self.reservoir.chars, self.trainer.last_loss, g["sparsity"], g["magnitude"], note)
+
+    # ---- generation
+
+    def model_alpha(self) -> float:
+        """The model's weight in the field blend now (see the module docstring for the curve)."""
+        t = self.trainer
+        if t.steps == 0:
+            return 0.0
+        if not self.config.field_blend:
+            return 1.0
+        L_model = t.last_val if (self._val_ids and t.last_val is not None) else t.last_loss
+        if L_model is None or not math.isfinite(L_model):
+            return 0.0
+        L_field = self._field_heldout_loss()
+        if L_field is None:
+            return 1.0
+        lnV = math.log(self.model.vocab_size)
+        if lnV - L_field <= 0:
+            return 1.0
+        return float(min(1.0, max(0.0, (lnV - L_model) / (lnV - L_field))))
+
+    def _field_heldout_loss(self) -> float | None:
+        with self._lock:
+            if self._field_loss is None:
+                seqs = self._val_ids or self._train_ids[:self.config.val_max_sequences]
+                seqs = [s for s in seqs if len(s) >= 2]
+                if not seqs or self.field.total_tokens == 0:
+                    return None
+                self._field_loss = self.field.heldout_loss(seqs, self.config.block_size)
+            return self._field_loss
+
+    def _overrides(self, overrides: dict) -> dict:
+        if overrides.get("model_alpha") is None:
+            overrides["model_alpha"] = self.model_alpha()
+        if overrides["model_alpha"] == 0.0 and "max_gen_tokens" not in overrides:
+            overrides["max_gen_tokens"] = min(self.config.max_gen_tokens, self.config.corpus_gen_max_tokens)
+        if overrides["model_alpha"] == 0.0 and self.field.total_tokens == 0:
+            overrides["model_alpha"] = 1.0  # nothing to say from: the (untrained) model speaks
+        return overrides
+
+    def generate(self, prompt: str | Sequence[int] = "", **overrides) -> str:
+        """Text generated after `prompt` (not including it). Overrides: any SamplingParams field
+        (temperature, top_k, top_p, min_p, typical_p, entropy_*, max_gen_tokens, min_gen_tokens,
+        repetition_guard, frequency_penalty, stop, seed, model_alpha, logits_processors)."""
+        return self.run(prompt, **overrides).text
+
+    def run(self, prompt: str | Sequence[int] = "", **overrides) -> GenerationResult:
+        """Like generate(), returning ids, text and the stop reason."""
+        gen, dec, params = self._begin(prompt, overrides)
+        result = gen.run_begun(dec, params)
+        if self.memory is not None and isinstance(prompt, str):
+            self.memory.message("prompt", prompt)
+            self.memory.message("reply", result.text)
+        return result
+
+    def stream(self, prompt: str | Sequence[int] = "", **overrides) -> Iterator[str]:
+        """Yield the reply in pieces as it is generated; "".join(pieces) == generate(...)."""
+        gen, dec, params = self._begin(prompt, overrides)
+        return gen.stream_begun(dec, params)
+
+    def _begin(self, prompt, overrides: dict):
+        with self._structure.read():
+            overrides = self._overrides(dict(overrides))
+            gen = self._generator
+            params = gen.params(**overrides)
+            return gen, gen.begin(prompt, params), params
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits (n, V) at every position of the last block_size ids of `ids` (full forward)."""
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"ids must be a non-empty flat sequence of int token ids, got shape {arr.shape}")
+        return self.model.logits(arr[-self.config.block_size:])
+
+    # ---- listening
+
+    def observe(self, text: str, speaker: str | None = None) -> int:
+        """Add text to the corpus: split into sentences (prefixed "H: "/"A: " etc. when a speaker
+        is given), deduplicated into the reservoir and the quantum buffer, counted by the field.
+        Returns the number of new lines."""
+        if not isinstance(text, str):
+            raise TypeError(f"observe() takes str, got {type(text).__name__}")
+        if speaker is not None and (not isinstance(speaker, str) or not speaker.strip()):
+            raise ValueError(f"speaker must be a non-empty str (e.g. 'H' or 'A') or None, got {speaker!r}")
+        prefix = f"{speaker.strip()}: " if speaker else ""
+        lines = [prefix + s for s in _split_sentences(text, self.config.max_line_chars - len(prefix))]
+        with self._lock:
+            added = self.reservoir.add(lines)
+            if not added:
+                return 0
+            ids = [self._encode(x) for x in added]
+            self._train_ids = [self._encode(x) for x in self.reservoir.lines]
+            self.buffer.feed(added, ids)
+            self.field.add(ids)
+            self._field_loss = None
+        if self.memory is not None:
+            self.memory.message(speaker or "text", text)
+            self.memory.corpus_event("observe", len(added), sum(len(x) for x in added))
+        return len(added)
+
+    def _maybe_grow_tokenizer(self) -> bool:
+        """Enable or retrain BPE when the reservoir has grown enough (SPEC §1); grows the model
+        and rebuilds the field and encodings. Returns True when the vocabulary changed."""
+        with self._structure.write():
+            lines = list(self.reservoir.lines)
+            update = self.tokenizer.maybe_enable_bpe(lines) or self.tokenizer.maybe_retrain_bpe(lines)
+            if update is None:
+                return False
+            if update.grew:
+                self.model.grow_vocab(update.new_vocab_size)
+            self._rebuild_data()
+        self._emit({"phase": "tokenizer", "event": update.event, "vocab_size": update.new_vocab_size,
+                    "merges": update.num_merges})
+        self._log_growth(f"tokenizer {update.event}")
+        return True
+
+    # ---- training
+
+    def warmup(self, steps: int | None = None, progress: Callable[[dict], None] | None = None, *,
+               _start: int = 0, _total: int | None = None, _finish: bool = True) -> dict:
+        """Train the base on the corpus: `steps` (default Config.warmup_steps) steps with linear
+        warmup then cosine decay, held-out loss every eval_interval steps, early stop on a plateau
+        (Config.patience). progress(record) is called after every step. Returns a summary."""
+        steps = self.config.warmup_steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        with self._train_lock:
+            self._sync_threads()
+            with self._lock:
+                train, val, key = list(self._train_ids), list(self._val_ids), self._val_key
+            if not train:
+                raise TrainingError("nothing to train on: give the organism a corpus or observe() text first")
+            summary = self.trainer.warmup(train, val, steps, progress, self._collapse_probe, key, start=_start,
+                                          total=_total, finish=_finish, should_stop=self._stop_requested)
+        self._log_growth("warmup")
+        return summary
+
+    def _collapse_probe(self) -> list:
+        """Layers whose hidden-state std on a held-out line is below Config.collapse_std_bound."""
+        from . import _decode
+        seqs = self._val_ids or self._train_ids
+        if not seqs:
+            return []
+        w = self._generator.weights.get()
+        dec = _decode.Decoder(w, w.vocab_size, w.block_size)
+        stds = dec.hidden_std(max(seqs[:8], key=len))
+        return [i for i in range(1, len(stds)) if stds[i] < self.config.collapse_std_bound]
+
+    def train_burst(self, lr: float | None = None) -> BurstReport:
+        """One burst (Config.micro_steps steps) on the quantum buffer's new lines mixed with
+        replayed reservoir lines, checked by the immune system (rolled back if it fails), then
+        maybe a new delta module. Works without new text too (replay only). lr overrides the
+        learning rate of this burst (default learning_rate times the rollback back-off)."""
+        with self._train_lock:
+            self._sync_threads()
+            self._maybe_grow_tokenizer()
+            with self._lock:
+                new_lines = self.buffer.take()
+                new = [self._encode(x) for x in new_lines]
+                replay = list(self._train_ids)
+                val, key = list(self._val_ids), self._val_key
+            if not replay and not new:
+                raise TrainingError("nothing to train on: give the organism a corpus or observe() text first")
+            if not self.trainer.warmed_up:
+                self.trainer.warmed_up = True  # a burst before warmup: from now on the base follows the config
+            report = self.trainer.burst(new, replay, val, key, lr=lr)
+        if self.memory is not None:
+            note = f"burst {'accepted' if report.accepted else 'rolled back: ' + report.reason}"
+            if report.grew_module is not None:
+                note += f"; module {report.retired_module} {report.retired_as}, module {report.grew_module} born"
+            self._log_growth(note)
+        return report
+
+    def _sync_threads(self) -> None:
+        want = self._train_threads(background=self._thread is not None and self._thread.is_alive())
+        if self.model.n_threads != want:
+            self.model.n_threads = want
+
+    # ---- identity
+
+    def gamma_stats(self) -> dict:
+        """Identity drift (SPEC §6, measured on the effective output embedding): sparsity
+        (fraction of |gamma| <= gamma_sparsity_threshold), magnitude (Frobenius norm), the 10
+        tokens whose rows moved most, and the contrastive projection's norm."""
+        g = self.trainer.gamma()
+        norms = np.linalg.norm(g, axis=1)
+        top = np.argsort(-norms, kind="stable")[:10]
+        proj = g.mean(axis=0)
+        return {"sparsity": float(np.mean(np.abs(g) <= self.config.gamma_sparsity_threshold)),
+                "magnitude": float(np.linalg.norm(g)),
+                "top_tokens": [(self.tokenizer.tokens[i], float(norms[i])) for i in top],
+                "projection_magnitude": float(np.linalg.norm(proj))}
+
+    def projection(self) -> Projection:
+        """The contrastive projection of the identity now (unit direction and magnitude)."""
+        return self.trainer.projection()
+
+    def immune_check(self, before: Projection | None = None) -> dict:
+        """The drift check of SPEC §6 between `before` (default: the projection at the end of the
+        last accepted burst or warmup, i.e. `last_projection`) and now:
+        {"passed", "cosine" (None when skipped), "magnitude_before", "magnitude_after"}."""
+        before = self.last_projection if before is None else before
+        after = self.projection()
+        ok, cos = self.trainer.drift_check(before, after)
+        return {"passed": ok, "cosine": cos, "magnitude_before": before.magnitude, "magnitude_after": after.magnitude}
+
+    @property
+    def last_projection(self) -> Projection:
+        proj = getattr(self.trainer, "accepted_projection", None)
+        return proj if proj is not None else Projection(np.zeros(self.config.n_embd), 0.0)
+
+    # ---- stats
+
+    def stats(self) -> dict:
+        """Counters and state: steps, losses, vocabulary, parameters, delta modules, arena use,
+        training throughput, blend weight, corpus and buffer sizes, background status."""
+        t, m = self.trainer, self.model
+        modules = []
+        for st in t.modules:
+            modules.append({"index": st.index, "state": st.state, "alpha": m.delta_alphas[st.index],
+                            "bursts": st.bursts, "steps": m.groups[f"delta{st.index}"].step,
+                            "trainable": m.trainable[f"delta{st.index}"], "counterfactual": st.counterfactual})
+        with self._lock:
+            buffer = {"bytes": self.buffer.bytes, "tokens": self.buffer.tokens, "novelty": self.buffer.novelty,
+                      "lines": len(self.buffer.lines)}
+            corpus = {"lines": len(self.reservoir.lines), "chars": self.reservoir.chars,
+                      "held_out_lines": len(self.val_lines)}
+        return {"steps": t.steps, "warmup_steps": t.warmup_steps_done, "warmed_up": t.warmed_up,
+                "bursts": t.bursts, "accepted_bursts": t.accepted, "rolled_back_bursts": t.rolled_back,
+                "lr_scale": t.lr_scale, "loss": t.last_loss, "val_loss": t.last_val, "best_val_loss": t.best_val,
+                "vocab_size": m.vocab_size, "bpe": self.tokenizer.bpe_enabled, "parameters": m.num_params(),
+                "delta_modules": modules, "base_trainable": m.trainable["base"],
+                "arena_high_water": m.arena_high_water, "arena_capacity": m.arena_capacity,
+                "tokens_per_second": t.tokens_per_second, "model_alpha": self.model_alpha(),
+                "corpus": corpus, "quantum_buffer": buffer,
+                "background": {"running": self._thread is not None and self._thread.is_alive(),
+                               "error": repr(self._thread_error) if self._thread_error else None}}
+
+    # ---- background training
+
+    def start_background(self) -> None:
+        """Start the trainer thread: it finishes the warmup if needed, then runs a burst whenever
+        the quantum buffer is ready (checked every train_tick_seconds). Raises OrganismError if
+        it already runs."""
+        if self._thread is not None and self._thread.is_alive():
+            raise OrganismError("the background trainer is already running; call stop() first")
+        self._stop_event.clear()
+        self._thread_error = None
+        if self.config.blas_threads and self._blas_limiter is None:
+            from threadpoolctl import threadpool_limits
+            self._blas_limiter = threadpool_limits(limits=self.config.blas_threads, user_api="blas")
+        self._thread = threading.Thread(target=self._background_loop, name="molecule-gpt-trainer", daemon=True)
+        self._thread.start()
+
+    def _background_loop(self) -> None:
+        try:
+            if not self.trainer.warmed_up:
+                self._warmup_interruptible(max(0, self.config.warmup_steps - self.trainer.warmup_steps_done))
+            while not self._stop_event.wait(self.config.train_tick_seconds):
+                with self._lock:
+                    ready = self.buffer.ready(self.config)
+                if ready:
+                    self.train_burst()
+        except BaseException as exc:  # reported by stop() and stats()
+            self._thread_error = exc
+
+    def _stop_requested(self) -> bool:
+        return self._stop_event.is_set() and threading.current_thread() is self._thread
+
+    def _warmup_interruptible(self, steps: int) -> None:
+        """The rest of the warmup schedule, in pieces of eval_interval steps (the train lock is
+        released between pieces, so a foreground burst or save can interleave)."""
+        total = self.config.warmup_steps
+        chunk = max(1, self.config.eval_interval)
+        while steps > 0 and not self._stop_event.is_set() and not self.trainer.warmed_up:
+            n = min(chunk, steps)
+            start = self.trainer.warmup_steps_done
+            self.warmup(n, _start=start, _total=total, _finish=n == steps)
+            steps -= n
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the trainer thread (it finishes the current step or burst first). Raises
+        TrainingError if the thread died with an exception (chained)."""
+        thread = self._thread
+        if thread is not None:
+            self._stop_event.set()
+            thread.join(timeout)
+            if thread.is_alive():
+                raise TrainingError(f"the background trainer did not stop within {timeout} s")
+            self._thread = None
+        if self._blas_limiter is not None:
+            self._blas_limiter.restore_original_limits()
+            self._blas_limiter = None
+        if self._train_lock.acquire(timeout=0 if timeout == 0 else -1):
+            try:
+                self._sync_threads()
+            finally:
+                self._train_lock.release()
+        err, self._thread_error = self._thread_error, None
+        if err is not None:
+            raise TrainingError(f"the background trainer failed: {err!r}") from err
+
+    @contextlib.contextmanager
+    def background(self) -> Iterator["Organism"]:
+        """`with organism.background():` runs the trainer thread for the block."""
+        self.start_background()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+    # ---- persistence
+
+    def state_dict(self) -> dict:
+        """Everything but the model and tokenizer (which the checkpoint stores itself), JSON-able."""
+        with self._lock:
+            state = {
+                "format": STATE_FORMAT, "format_version": STATE_VERSION, "seed": self.seed,
+                "config": self.config.to_dict(),
+                "trainer": self.trainer.state_dict(),
+                "organism_rng": self._rng.bit_generator.state,
+                "val_lines": list(self.val_lines),
+                "reservoir": list(self.reservoir.lines),
+                "buffer": self.buffer.to_dict(),
+                "birth_vocab": self.birth_vocab,
+                "birth_rows": None if self.config.tie_embeddings else
+                base64.b64encode(self._birth_rows.astype("<f8").tobytes()).decode("ascii"),
+            }
+        return _jsonable(state)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the organism to one checkpoint file, atomically (see molecule_gpt.checkpoint).
+        Safe while the background trainer runs (one consistent snapshot of the model)."""
+        with self._structure.read():
+            state = self.state_dict()
+            save_checkpoint(path, self.model, self.tokenizer, state)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, memory: str | os.PathLike | None = None,
+             telemetry_path: str | os.PathLike | None = None) -> "Organism":
+        """An organism from a file written by save(); it continues exactly where it stopped."""
+        ckpt = load_checkpoint(path)
+        state = ckpt.state
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise OrganismError(f"{os.fspath(path)}: this checkpoint holds a model but no organism state; load it with "
+                                f"molecule_gpt.checkpoint.load_checkpoint instead")
+        if state.get("format_version") != STATE_VERSION:
+            raise OrganismError(f"{os.fspath(path)}: organism state version {state.get('format_version')} is not "
+                                f"supported (this molecule-gpt reads version {STATE_VERSION})")
+        config = Config.from_dict(state["config"], strict=False)
+        return cls(config, seed=state["seed"], memory=memory, telemetry_path=telemetry_path,
+                   _restore={"ckpt": ckpt, "state": state})
+
+    def _init_restored(self, restore: dict) -> None:
+        ckpt, state = restore["ckpt"], restore["state"]
+        self.model = ckpt.model
+        self.model.config = self.config  # one Config object drives model and organism
+        if ckpt.tokenizer is None:
+            raise OrganismError("the checkpoint holds no tokenizer; an organism needs one")
+        self.tokenizer = ckpt.tokenizer
+        self._rng.bit_generator.state = state["organism_rng"]
+        self.val_lines = list(state["val_lines"])
+        self.reservoir = Reservoir([], self.config.max_corpus_lines, self._rng)
+        self.reservoir.lines = list(state["reservoir"])
+        self.reservoir._seen = {x.casefold() for x in self.reservoir.lines}
+        self.buffer = QuantumBuffer()
+        self.birth_vocab = int(state["birth_vocab"])
+        if state["birth_rows"] is None:
+            self._birth_rows = np.array(self.model.init_embed_snapshot[:self.birth_vocab], dtype=np.float64)
+        else:
+            raw = base64.b64decode(state["birth_rows"])
+            self._birth_rows = np.frombuffer(raw, "<f8").reshape(-1, self.config.n_embd).copy()
+        self.trainer = Trainer(self.model, self.config, self._train_rng, self._birth_rows, emit=self._emit)
+        self.trainer.load_state_dict(state["trainer"])
+        self._ids_cache = {}
+        self._rebuild_data()
+        buf = state["buffer"]
+        if buf["lines"]:
+            ids = [self._encode(x) for x in buf["lines"]]
+            self.buffer.feed(buf["lines"], ids)
+        self.model.n_threads = self._train_threads(background=False)
+
+    def close(self) -> None:
+        """Stop the background trainer (if running) and close the memory and telemetry files."""
+        self.stop()
+        if self.memory is not None:
+            self.memory.close()
+        if self._telemetry_file is not None:
+            self._telemetry_file.close()
+            self._telemetry_file = None
+
+    def __repr__(self) -> str:
+        t = self.trainer
+        return (f"Organism(vocab_size={self.model.vocab_size}, steps={t.steps}, bursts={t.bursts}, "
+                f"delta_modules={self.model.n_delta}, val_loss={t.last_val})")

@@ -1,0 +1,540 @@
+"""Trainer: warmup with a schedule, held-out evaluation, telemetry, and bursts with the delta
+module lifecycle, the immune system and exact rollback (SPEC §3, §6, §7, §8.3-§8.5, §8.7).
+
+What it is: the policy of continual learning over a `Model`. The arithmetic (forward, backward,
+Adam) is `Model.train_step`; this module decides what to train, when, with which learning rate,
+and whether to keep the result. The Organism owns the data (train and held-out sequences) and
+hands them in; the trainer never touches text.
+
+Delta-module lifecycle (SPEC §8.3): a module is born an exact no-op (its A factors are zero),
+is the only module that trains, and its alpha rises linearly to 1 over its first
+`delta_ramp_bursts` bursts. When a new module is grown (probability `delta_grow_prob` after a
+burst, up to `max_delta_modules`) the active one is retired: if held-out loss is lower with its
+alpha at 0 (the counterfactual check) it is dropped (alpha 0 for good), otherwise it becomes a
+fossil; either way it is frozen for good (`set_trainable(..., False)`, which lets the Model fold
+it into cached effective weights). The last allowed module keeps training.
+
+Immune system (SPEC §6, §8.4): around every burst, the contrastive projection of the effective
+output embedding (base output matrix plus the lm_head deltas, minus its rows at birth; rows of
+later-born tokens count whole) is taken before and after; the burst is rolled back when the
+cosine of the two directions is below `noise_drift_threshold` (skipped while either magnitude is
+below `gamma_min_magnitude`), when held-out loss rose by more than `immune_val_bound`, or when any
+loss or gradient was non-finite. A rollback copies the pre-burst parameters, Adam moments and
+step counters, alphas and trainable flags back in place: the model is bit-identical to before.
+`max_consecutive_rollbacks` rollbacks in a row multiply the burst learning rate by
+`rollback_lr_backoff`; each accepted burst divides one factor back out (up to 1).
+
+Locking (SPEC §8.7): every optimizer step takes the model lock (inside Model.train_step), never
+a whole burst, so a generating thread waits for at most one step. A rollback restores under the
+lock in one go; held-out evaluation releases it between batches. `train_lock` (owned by the
+Organism) serializes whole bursts and warmups against each other.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .config import Config
+from .errors import TrainingError
+from .model import Model
+
+__all__ = ["BurstReport", "ModuleState", "Projection", "Trainer", "lr_schedule"]
+
+
+# ---------------------------------------------------------------------------------------------
+# records
+
+
+@dataclass
+class BurstReport:
+    """What one burst did. loss_before/loss_after are held-out losses (None without a held-out
+    split); train_loss_first/last the first and last step's batch loss."""
+    steps: int
+    loss_before: float | None
+    loss_after: float | None
+    train_loss_first: float | None
+    train_loss_last: float | None
+    accepted: bool
+    reason: str  # "accepted", "non_finite", "val_loss_rose" or "identity_drift"
+    drift_cosine: float | None  # None when the identity check was skipped
+    lr: float
+    module: int  # index of the module that trained
+    grew_module: int | None = None  # index of the module appended after the burst
+    retired_module: int | None = None  # index of the module frozen after the burst
+    retired_as: str | None = None  # "fossil" or "dropped"
+    lr_backoff: bool = False  # this rollback completed a streak and lowered the learning rate
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ModuleState:
+    """Lifecycle of delta module `index`: "active" (training), "fossil" (frozen) or "dropped"
+    (frozen with alpha 0 after failing the counterfactual check)."""
+    index: int
+    state: str = "active"
+    bursts: int = 0  # accepted bursts it trained in
+    counterfactual: dict | None = None  # {"with": loss, "without": loss} at retirement
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Projection:
+    """Contrastive projection: unit vector of mean(current rows) - mean(birth rows), and its norm."""
+    direction: np.ndarray
+    magnitude: float
+
+
+def lr_schedule(step: int, total: int, base_lr: float, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warmup over the first `warmup_steps` steps (capped at half the run), then cosine
+    decay from base_lr to base_lr * min_ratio at the last step."""
+    warm = min(warmup_steps, total // 2)
+    if step < warm:
+        return base_lr * (step + 1) / warm
+    span = max(1, total - 1 - warm)
+    progress = min(1.0, (step - warm) / span)
+    return base_lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# exact snapshots
+
+
+class Snapshot:
+    """Copies of every trainable group's parameters, Adam moments and step counter, plus the
+    alphas and trainable flags. `restore` writes them back in place (bit-identical)."""
+
+    def __init__(self, model: Model):
+        with model._lock:
+            self.groups = {name: (g.flat.copy(), g.m.copy(), g.v.copy(), g.step, id(g.flat))
+                           for name, g in model.groups.items() if model.trainable[name]}
+            self.alphas = list(model.delta_alphas)
+            self.trainable = dict(model.trainable)
+
+    def restore(self, model: Model) -> None:
+        with model._lock:
+            for name, (flat, m, v, step, ident) in self.groups.items():
+                g = model.groups[name]
+                if id(g.flat) != ident:
+                    raise TrainingError(f"cannot roll back: parameter group {name!r} was reallocated during the burst")
+                g.flat[...] = flat
+                g.m[...] = m
+                g.v[...] = v
+                g.step = step
+            for k, a in enumerate(self.alphas):
+                if model.delta_alphas[k] != a:
+                    model.set_delta_alpha(k, a)
+            for name, flag in self.trainable.items():
+                if model.trainable.get(name) != flag:
+                    model.set_trainable(name, flag)
+            refresh = getattr(model, "refresh", None)
+            if refresh is not None:  # folded weights cache frozen parameters; re-derive them
+                refresh()
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer
+
+
+class Trainer:
+    """Training policy for one Model. Construct with the model, the organism's config, a numpy
+    Generator for sampling and the birth reference of the output embedding."""
+
+    def __init__(self, model: Model, config: Config, rng: np.random.Generator, birth_rows: np.ndarray,
+                 emit: Callable[[dict], None] | None = None):
+        self.model = model
+        self.config = config
+        self.rng = rng
+        self.birth_rows = birth_rows  # (V_birth, C) output embedding at birth
+        self.emit = emit or (lambda record: None)
+        self.steps = 0  # optimizer steps taken (warmup and bursts)
+        self.warmup_steps_done = 0
+        self.warmed_up = False
+        self.bursts = 0
+        self.accepted = 0
+        self.rolled_back = 0
+        self.consecutive_rollbacks = 0
+        self.lr_scale = 1.0
+        self.best_val: float | None = None
+        self.last_val: float | None = None
+        self.last_loss: float | None = None
+        self.tokens_per_second: float | None = None  # exponential average over steps
+        self.modules: list[ModuleState] = [ModuleState(k, "fossil") for k in range(model.n_delta)]
+        self.history: list[dict] = []  # immune decisions, newest last (bounded)
+        self._val_cache: tuple | None = None  # (key, loss)
+        self.accepted_projection: Projection | None = None  # after the last warmup / accepted burst
+        self._components = None  # (structure key, slices per component)
+
+    # ---- evaluation
+
+    def val_loss(self, val: Sequence[Sequence[int]]) -> float | None:
+        """Mean held-out loss over `val`, one batch per lock hold (generation can interleave)."""
+        if not val:
+            return None
+        B = self.config.batch_size
+        total = 0.0
+        for start in range(0, len(val), B):
+            chunk = list(val[start:start + B])
+            total += sum(self.model.sequence_losses(chunk))
+        return total / len(val)
+
+    def _weights_key(self) -> tuple:
+        m = self.model
+        return (m.vocab_size, tuple(m.delta_alphas), tuple((n, g.step, id(g.flat)) for n, g in m.groups.items()))
+
+    def cached_val_loss(self, val, val_key) -> float | None:
+        key = (val_key, self._weights_key())
+        if self._val_cache is not None and self._val_cache[0] == key:
+            return self._val_cache[1]
+        loss = self.val_loss(val)
+        self._val_cache = (key, loss)
+        return loss
+
+    # ---- identity
+
+    def output_rows(self) -> np.ndarray:
+        """The effective output embedding (V, C) in float64: the base output matrix (wte when
+        tied) plus every delta module's lm_head term."""
+        m = self.model
+        with m._lock:
+            p = m.groups["base"].params
+            E = np.array(p["wte"] if m.config.tie_embeddings else p["lm_head"], dtype=np.float64)
+            for k, a in enumerate(m.delta_alphas):
+                if a != 0.0:
+                    g = m.groups[f"delta{k}"].params
+                    E += a * (g["lm_head.A"].astype(np.float64) @ g["lm_head.B"])
+        return E
+
+    def gamma(self) -> np.ndarray:
+        """gamma = effective output rows - rows at birth (later-born rows count whole)."""
+        E = self.output_rows()
+        nb = min(len(self.birth_rows), len(E))
+        E[:nb] -= self.birth_rows[:nb]
+        return E
+
+    def projection(self) -> Projection:
+        g = self.gamma()
+        v = g.mean(axis=0)
+        norm = float(np.linalg.norm(v))
+        return Projection(v / norm if norm > 0 else v, norm)
+
+    def drift_check(self, before: Projection, after: Projection) -> tuple[bool, float | None]:
+        """(passes, cosine): fails when the cosine of the directions is below
+        noise_drift_threshold; the check is skipped (passes, None) while either magnitude is
+        below gamma_min_magnitude."""
+        c = self.config
+        if before.magnitude < c.gamma_min_magnitude or after.magnitude < c.gamma_min_magnitude:
+            return True, None
+        cos = float(np.dot(before.direction, after.direction))
+        return cos >= c.noise_drift_threshold, cos
+
+    # ---- telemetry helpers
+
+    def _component_slices(self):
+        m = self.model
+        key = (m.vocab_size, m.n_delta, id(m.groups["base"].flat))
+        if self._components is not None and self._components[0] == key:
+            return self._components[1]
+        c = m.config
+        base = m.groups["base"]
+        C, d = c.n_embd, c.head_dim
+
+        def rng(name, rows=None):
+            o = base.offsets[name]
+            shape = base.shapes[name]
+            width = int(np.prod(shape[1:]))
+            if rows is None:
+                return (o, o + int(np.prod(shape)))
+            return (o + rows[0] * width, o + rows[1] * width)
+
+        comps = {"embeddings": [rng("wte"), rng("wpe")] + ([rng("lm_head")] if "lm_head" in base.offsets else []),
+                 "content_heads": [], "rrpram_heads": [], "hybrid_heads": [], "hybrid_alphas": [],
+                 "attn_out": [], "mlp": []}
+        kinds = {"content": "content_heads", "rrpram": "rrpram_heads", "hybrid": "hybrid_heads"}
+        for i in range(c.n_layer):
+            for h, kind in enumerate(c.head_types):
+                comp = comps[kinds[kind]]
+                for w in ("wq", "wk", "wv"):
+                    comp.append(rng(f"l{i}.{w}", (h * d, (h + 1) * d)))
+                if kind != "content":
+                    comp.append(rng(f"l{i}.h{h}.w_pattern"))
+                if kind == "hybrid":
+                    comps["hybrid_alphas"].append(rng(f"l{i}.h{h}.alpha"))
+            comps["attn_out"].append(rng(f"l{i}.wo"))
+            comps["mlp"] += [rng(f"l{i}.fc_g"), rng(f"l{i}.fc_v"), rng(f"l{i}.fc2")]
+        self._components = (key, comps)
+        return comps
+
+    def grad_norms(self, active: str | None) -> dict:
+        """Gradient L2 norm per component of the last step (None for frozen parts)."""
+        m = self.model
+        out = {}
+        base_on = m.trainable["base"]
+        grad = m.groups["base"].grad
+        for name, slices in self._component_slices().items():
+            if not base_on or not slices:
+                out[name] = None if not base_on else 0.0
+                continue
+            out[name] = math.sqrt(sum(float(np.dot(grad[a:b], grad[a:b])) for a, b in slices))
+        if active is not None and m.trainable.get(active):
+            g = m.groups[active].grad
+            out["active_delta"] = float(np.sqrt(np.dot(g, g)))
+        else:
+            out["active_delta"] = None
+        return out
+
+    def _trainable_grads_finite(self) -> bool:
+        m = self.model
+        return all(bool(np.isfinite(g.grad).all()) for n, g in m.groups.items() if m.trainable[n])
+
+    def _sample(self, pool: Sequence[Sequence[int]], n: int) -> list:
+        """n sequences drawn uniformly with replacement; longer than block_size + 1 -> a random
+        window of block_size + 1 tokens."""
+        T = self.model.config.block_size
+        out = []
+        for i in self.rng.integers(0, len(pool), n):
+            seq = pool[int(i)]
+            if len(seq) > T + 1:
+                s = int(self.rng.integers(0, len(seq) - T))
+                seq = seq[s:s + T + 1]
+            out.append(seq)
+        return out
+
+    def _step(self, batch, lr: float, phase: str, active: str | None, extra: dict | None = None) -> float:
+        t0 = time.perf_counter()
+        loss = self.model.train_step(batch, lr)
+        dt = time.perf_counter() - t0
+        T = self.model.config.block_size
+        n_tok = sum(min(T, len(s) - 1) for s in batch)
+        tps = n_tok / dt if dt > 0 else float("inf")
+        self.tokens_per_second = tps if self.tokens_per_second is None else 0.9 * self.tokens_per_second + 0.1 * tps
+        self.steps += 1
+        self.last_loss = loss
+        record = {"phase": phase, "step": self.steps, "loss": loss, "lr": lr, "tokens_per_s": tps,
+                  "seconds": dt, "grad_norm": self.grad_norms(active)}
+        if extra:
+            record.update(extra)
+        self.emit(record)
+        return loss
+
+    # ---- warmup
+
+    def warmup(self, train: Sequence[Sequence[int]], val: Sequence[Sequence[int]], steps: int,
+               progress: Callable[[dict], None] | None = None, collapse_probe: Callable[[], list] | None = None,
+               val_key=None, start: int = 0, total: int | None = None, finish: bool = True,
+               should_stop: Callable[[], bool] | None = None) -> dict:
+        """`steps` steps of batch_size sequences drawn uniformly from `train` with the schedule
+        lr_schedule(start + s, total, learning_rate, lr_warmup_steps, lr_min_ratio) (total
+        defaults to steps; a warmup run in pieces passes start/total); held-out loss every
+        eval_interval steps and at the end; early stop when `patience` evaluations in a row do
+        not improve the best by min_delta, or when should_stop() says so. With finish, the
+        warmup is complete afterwards and the base is frozen when configured."""
+        c = self.config
+        total = steps if total is None else total
+        if not train:
+            raise TrainingError("no training sequences: give the organism a corpus (or observe() text) first")
+        m = self.model
+        if not m.trainable["base"]:
+            m.set_trainable("base", True)
+        for k in range(m.n_delta):  # warmup trains the base only; modules keep their state
+            if m.trainable[f"delta{k}"]:
+                m.set_trainable(f"delta{k}", False)
+        done, bad_evals, stopped_early = 0, 0, False
+        t_start = time.perf_counter()
+        for s in range(steps):
+            if should_stop is not None and should_stop():
+                break
+            lr = lr_schedule(start + s, total, c.learning_rate, c.lr_warmup_steps, c.lr_min_ratio)
+            batch = self._sample(train, c.batch_size)
+            extra = {}
+            last = s == steps - 1
+            evaluate = val and ((start + s + 1) % c.eval_interval == 0 or (last and finish))
+            loss = self._step(batch, lr, "warmup", None)
+            done += 1
+            self.warmup_steps_done += 1
+            if not math.isfinite(loss) or not self._trainable_grads_finite():
+                raise TrainingError(f"warmup diverged at step {self.steps} (loss {loss}); lower Config.learning_rate "
+                                    f"(now {c.learning_rate}) or Config.grad_clip")
+            if evaluate:
+                v = self.cached_val_loss(val, val_key)
+                self.last_val = v
+                extra["val_loss"] = v
+                if self.best_val is None or v < self.best_val - c.min_delta:
+                    self.best_val = v
+                    bad_evals = 0
+                else:
+                    bad_evals += 1
+                if collapse_probe is not None:
+                    extra["collapsed_layers"] = collapse_probe()
+                self.emit(dict({"phase": "warmup_eval", "step": self.steps}, **extra))
+                if c.patience and bad_evals >= c.patience:
+                    stopped_early = True
+            if progress is not None:
+                progress(dict({"step": start + s + 1, "of": total, "loss": loss, "lr": lr}, **extra))
+            if stopped_early:
+                break
+        if finish or stopped_early:
+            self.warmed_up = True
+            self.accepted_projection = self.projection()
+            if c.freeze_base_after_warmup:
+                m.set_trainable("base", False)
+        return {"steps": done, "stopped_early": stopped_early, "loss": self.last_loss, "val_loss": self.last_val,
+                "seconds": time.perf_counter() - t_start}
+
+    # ---- bursts
+
+    def active_module(self) -> int | None:
+        for st in self.modules:
+            if st.state == "active":
+                return st.index
+        return None
+
+    def _ensure_active(self) -> int:
+        m = self.model
+        k = self.active_module()
+        if k is None:
+            if m.n_delta >= self.config.max_delta_modules and m.n_delta > 0:
+                k = m.n_delta - 1  # at the cap, the newest module keeps training
+                self.modules[k].state = "active"
+            else:
+                k = m.add_delta_module(alpha=1.0 / self.config.delta_ramp_bursts, zero_output=True)
+                self.modules.append(ModuleState(k))
+        for j in range(m.n_delta):
+            flag = j == k
+            if m.trainable[f"delta{j}"] != flag:
+                m.set_trainable(f"delta{j}", flag)
+        want_base = not (self.warmed_up and self.config.freeze_base_after_warmup)
+        if m.trainable["base"] != want_base:
+            m.set_trainable("base", want_base)
+        return k
+
+    def burst(self, new: Sequence[Sequence[int]], replay: Sequence[Sequence[int]], val: Sequence[Sequence[int]],
+              val_key=None, lr: float | None = None) -> BurstReport:
+        """micro_steps steps on batches mixing `new` sequences with `replay` ones (each slot is
+        replay with probability replay_ratio, always when there is nothing new), checked by the
+        immune system, then maybe a new module. See the module docstring."""
+        c = self.config
+        m = self.model
+        if not new and not replay:
+            raise TrainingError("nothing to train on: the corpus is empty")
+        t0 = time.perf_counter()
+        k = self._ensure_active()
+        state = self.modules[k]
+        alpha = min(1.0, (state.bursts + 1) / c.delta_ramp_bursts)
+        if m.delta_alphas[k] != alpha:
+            m.set_delta_alpha(k, alpha)
+        loss_before = self.cached_val_loss(val, val_key) if val else None
+        proj_before = self.projection()
+        snap = Snapshot(m)
+        lr_used = (c.learning_rate * self.lr_scale) if lr is None else float(lr)
+        first = last = None
+        reason = "accepted"
+        steps = 0
+        active = f"delta{k}"
+        for _ in range(c.micro_steps):
+            n_replay = int(self.rng.binomial(c.batch_size, c.replay_ratio)) if new else c.batch_size
+            if not replay:
+                n_replay = 0
+            batch = self._sample(replay, n_replay) + self._sample(new, c.batch_size - n_replay)
+            loss = self._step(batch, lr_used, "burst", active)
+            steps += 1
+            first = loss if first is None else first
+            last = loss
+            if not math.isfinite(loss) or not self._trainable_grads_finite():
+                reason = "non_finite"
+                break
+        loss_after = None
+        cos = None
+        if reason == "accepted":
+            params_ok = all(bool(np.isfinite(g.flat).all()) for n, g in m.groups.items() if m.trainable[n])
+            if not params_ok:
+                reason = "non_finite"
+        if reason == "accepted" and val:
+            loss_after = self.cached_val_loss(val, val_key)
+            if not math.isfinite(loss_after):
+                reason = "non_finite"
+            elif loss_before is not None and loss_after - loss_before > c.immune_val_bound:
+                reason = "val_loss_rose"
+        if reason == "accepted":
+            ok, cos = self.drift_check(proj_before, self.projection())
+            if not ok:
+                reason = "identity_drift"
+        accepted = reason == "accepted"
+        backoff = False
+        self.bursts += 1
+        if accepted:
+            self.accepted += 1
+            self.consecutive_rollbacks = 0
+            self.lr_scale = min(1.0, self.lr_scale / c.rollback_lr_backoff)
+            state.bursts += 1
+            if loss_after is not None:
+                self.last_val = loss_after
+            self.accepted_projection = self.projection()
+        else:
+            snap.restore(m)
+            self._val_cache = None
+            self.rolled_back += 1
+            self.consecutive_rollbacks += 1
+            if self.consecutive_rollbacks >= max(1, c.max_consecutive_rollbacks):
+                self.lr_scale *= c.rollback_lr_backoff
+                self.consecutive_rollbacks = 0
+                backoff = True
+        report = BurstReport(steps=steps, loss_before=loss_before, loss_after=loss_after, train_loss_first=first,
+                             train_loss_last=last, accepted=accepted, reason=reason, drift_cosine=cos, lr=lr_used,
+                             module=k, lr_backoff=backoff)
+        if self.rng.random() < c.delta_grow_prob and m.n_delta < c.max_delta_modules:
+            report.retired_module, report.retired_as = k, self.retire(k, val, val_key)
+            report.grew_module = self._ensure_active()
+        report.seconds = time.perf_counter() - t0
+        self.history.append({"burst": self.bursts, "step": self.steps, "accepted": accepted, "reason": reason,
+                             "drift_cosine": cos, "loss_before": loss_before, "loss_after": loss_after})
+        del self.history[:-200]
+        self.emit(dict({"phase": "burst_end", "step": self.steps}, **report.to_dict()))
+        return report
+
+    def retire(self, k: int, val, val_key=None) -> str:
+        """Freeze module k for good after the counterfactual check: if held-out loss is lower
+        with its alpha at 0 it is dropped (alpha stays 0), otherwise it becomes a fossil."""
+        m = self.model
+        state = self.modules[k]
+        verdict = "fossil"
+        if val:
+            with m._lock:  # the model is briefly evaluated without the module: keep others out
+                alpha = m.delta_alphas[k]
+                with_it = self.cached_val_loss(val, val_key)
+                m.set_delta_alpha(k, 0.0)
+                without = self.val_loss(val)
+                state.counterfactual = {"with": with_it, "without": without, "alpha": alpha}
+                if without < with_it:
+                    verdict = "dropped"
+                else:
+                    m.set_delta_alpha(k, alpha)
+        m.set_trainable(f"delta{k}", False)
+        state.state = verdict
+        return verdict
+
+    # ---- state
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "warmup_steps_done": self.warmup_steps_done, "warmed_up": self.warmed_up,
+                "bursts": self.bursts, "accepted": self.accepted, "rolled_back": self.rolled_back,
+                "consecutive_rollbacks": self.consecutive_rollbacks, "lr_scale": self.lr_scale,
+                "best_val": self.best_val, "last_val": self.last_val, "last_loss": self.last_loss,
+                "modules": [s.to_dict() for s in self.modules], "history": self.history[-50:],
+                "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, d: dict) -> None:
+        for name in ("steps", "warmup_steps_done", "warmed_up", "bursts", "accepted", "rolled_back",
+                     "consecutive_rollbacks", "lr_scale", "best_val", "last_val", "last_loss"):
+            setattr(self, name, d[name])
+        self.modules = [ModuleState(**s) for s in d["modules"]]
+        self.history = list(d["history"])
+        self.rng.bit_generator.state = d["rng"]
