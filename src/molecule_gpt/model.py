@@ -174,8 +174,12 @@ class Model:
         """A model of the given shapes whose parameters are all zero, built without drawing a
         random init (for loaders that overwrite every value next)."""
         model = cls(config, vocab_size, dtype=dtype, n_threads=n_threads, _random_init=False)
-        for alpha in delta_alphas:
-            model.add_delta_module(alpha=float(alpha))
+        for k, alpha in enumerate(delta_alphas):  # all groups first, then one rebind
+            model.groups[f"delta{k}"] = ParamGroup(f"delta{k}", model._delta_shapes(), model.dtype)
+            model.delta_alphas.append(float(alpha))
+            model.trainable[f"delta{k}"] = True
+        if delta_alphas:
+            model._rebuild()
         model._random_init = True  # modules added later get the usual init
         return model
 
