@@ -428,12 +428,12 @@ class Trainer:
         t0 = time.perf_counter()
         k = self._ensure_active()
         state = self.modules[k]
+        snap = Snapshot(m)  # before the alpha ramp: a rollback undoes the whole burst
         alpha = min(1.0, (state.bursts + 1) / c.delta_ramp_bursts)
         if m.delta_alphas[k] != alpha:
             m.set_delta_alpha(k, alpha)
         loss_before = self.cached_val_loss(val, val_key) if val else None
         proj_before = self.projection()
-        snap = Snapshot(m)
         lr_used = (c.learning_rate * self.lr_scale) if lr is None else float(lr)
         first = last = None
         reason = "accepted"

@@ -1,0 +1,504 @@
+"""Organism through its public API: speaking before warmup, held-out loss, schedule and telemetry,
+bursts with exact rollback, fossils, growth, save/load, background training under concurrent
+generation."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import molecule_gpt as mg
+from molecule_gpt.errors import CorpusError, OrganismError, TrainingError
+from molecule_gpt.organism import Organism
+from molecule_gpt.trainer import lr_schedule
+
+
+def make_lines(n=240, seed=0) -> list[str]:
+    """Small synthetic English: a few templates over a small lexicon (learnable structure)."""
+    rng = random.Random(seed)
+    subjects = ["the cat", "a dog", "my friend", "the old man", "a small bird", "the teacher", "her brother"]
+    verbs = ["sees", "likes", "finds", "follows", "watches", "helps", "calls"]
+    objects = ["the ball", "a red car", "the garden", "a quiet river", "the market", "his sister", "the moon"]
+    ends = [".", ".", "!", "?"]
+    lines = []
+    for _ in range(n):
+        s = f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}"
+        if rng.random() < 0.4:
+            s += f" and {rng.choice(verbs)} {rng.choice(objects)}"
+        lines.append(s[0].upper() + s[1:] + rng.choice(ends))
+    return lines
+
+
+LINES = make_lines()
+
+
+def small_config(**kw) -> mg.Config:
+    base = dict(n_layer=1, n_embd=32, n_head=4, block_size=48, head_types=("content", "content", "hybrid", "rrpram"),
+                delta_rank=4, warmup_steps=120, eval_interval=40, micro_steps=8, batch_size=4, train_threads=1,
+                delta_grow_prob=0.0, qb_cooldown_seconds=0.0, learning_rate=0.01, lr_warmup_steps=10)
+    base.update(kw)
+    return mg.Config(**base)
+
+
+@pytest.fixture(scope="module")
+def warmed():
+    """An organism after a short warmup (shared read-only by several tests; they copy it via save/load)."""
+    org = Organism(small_config(), LINES, seed=1)
+    org.warmup()
+    return org
+
+
+def clone(org: Organism, tmp_path, name="clone.ckpt") -> Organism:
+    path = tmp_path / name
+    org.save(path)
+    return Organism.load(path)
+
+
+def all_state(org: Organism) -> dict:
+    """Every parameter, Adam moment and step counter, by name."""
+    out = {}
+    for name, g in org.model.groups.items():
+        out[name] = (g.flat.copy(), g.m.copy(), g.v.copy(), g.step)
+    out["alphas"] = list(org.model.delta_alphas)
+    out["trainable"] = dict(org.model.trainable)
+    return out
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], tuple):
+            for x, y in zip(a[k][:3], b[k][:3]):
+                assert x.dtype == y.dtype and x.shape == y.shape
+                assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), k
+            assert a[k][3] == b[k][3], k
+        else:
+            assert a[k] == b[k], k
+
+
+# ---------------------------------------------------------------------------------------------
+# construction and speaking
+
+
+def test_construct_from_lines_and_path(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(LINES[:50]) + "\n\n   \n", encoding="utf-8")
+    a = Organism(small_config(), str(path))
+    b = Organism(small_config(), path)
+    c = Organism(small_config(), LINES[:50])
+    assert a.stats()["corpus"] == b.stats()["corpus"] == c.stats()["corpus"]
+    assert a.stats()["corpus"]["lines"] + a.stats()["corpus"]["held_out_lines"] == 50
+    assert a.stats()["corpus"]["held_out_lines"] == 5
+    assert isinstance(a.model, mg.Model) and a.tokenizer.vocab_size == a.model.vocab_size
+    assert a.config is a.model.config
+
+
+def test_bad_corpus_raises_corpus_error(tmp_path):
+    with pytest.raises(CorpusError, match="not an existing file"):
+        Organism(small_config(), "no such file here.txt")
+    with pytest.raises(CorpusError, match=r"corpus\[1\]"):
+        Organism(small_config(), ["fine", 3])
+    with pytest.raises(CorpusError, match="bytes"):
+        Organism(small_config(), b"abc")
+    with pytest.raises(CorpusError):
+        Organism(small_config(), 42)
+    with pytest.raises(TypeError):
+        Organism("not a config", LINES)
+    assert issubclass(CorpusError, mg.MoleculeError) and issubclass(CorpusError, ValueError)
+
+
+def test_empty_organism_cannot_train_but_can_listen():
+    org = Organism(small_config())
+    with pytest.raises(TrainingError, match="nothing to train on"):
+        org.warmup(5)
+    with pytest.raises(TrainingError):
+        org.train_burst()
+    assert isinstance(org.generate("hi", max_gen_tokens=5, seed=0), str)
+    assert org.observe("The cat sees the moon. A dog helps the teacher!") == 2
+    org.warmup(3)
+    assert org.stats()["steps"] == 3
+
+
+def test_speaks_before_warmup():
+    org = Organism(small_config(), LINES, seed=2)
+    assert org.stats()["steps"] == 0 and org.model_alpha() == 0.0
+    texts = [org.generate("", seed=s) for s in range(5)]
+    assert all(t.strip() for t in texts)
+    # the field speaks corpus vocabulary: most generated words are corpus words
+    words = {w.strip(".!?").lower() for line in LINES for w in line.split()}
+    gen_words = [w.strip(".!?").lower() for t in texts for w in t.split()]
+    assert sum(w in words for w in gen_words) / len(gen_words) > 0.5
+    assert "".join(org.stream("The cat", seed=3)) == org.generate("The cat", seed=3)
+
+
+def test_heldout_loss_falls_and_blend_moves_to_model(warmed):
+    org = Organism(small_config(), LINES, seed=1)
+    val = org._val_ids
+    before = org.model.loss(val)
+    assert abs(before - math.log(org.model.vocab_size)) < 0.5  # untrained: about a uniform guess
+    org.warmup()
+    after = org.model.loss(val)
+    st = org.stats()
+    print(f"held-out loss {before:.3f} -> {after:.3f}, model_alpha {st['model_alpha']:.3f}")
+    assert after < before - 1.0
+    assert abs(st["val_loss"] - after) < 1e-4
+    assert 0.0 < st["model_alpha"] <= 1.0
+    assert st["warmed_up"] and not st["base_trainable"]  # freeze_base_after_warmup
+
+
+def test_warmup_schedule_telemetry_and_jsonl(tmp_path):
+    path = tmp_path / "telemetry.jsonl"
+    org = Organism(small_config(), LINES, seed=3, telemetry_path=path)
+    seen = []
+    summary = org.warmup(60, progress=seen.append)
+    assert summary["steps"] == 60 and len(seen) == 60
+    steps = [r for r in org.telemetry if r["phase"] == "warmup"]
+    assert len(steps) == 60
+    c = org.config
+    for i, r in enumerate(steps):
+        assert r["lr"] == pytest.approx(lr_schedule(i, 60, c.learning_rate, c.lr_warmup_steps, c.lr_min_ratio))
+        assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+        assert set(r["grad_norm"]) == {"embeddings", "content_heads", "rrpram_heads", "hybrid_heads",
+                                       "hybrid_alphas", "attn_out", "mlp", "active_delta"}
+        assert r["grad_norm"]["embeddings"] > 0 and r["grad_norm"]["active_delta"] is None
+    assert steps[0]["lr"] < steps[9]["lr"] and steps[10]["lr"] > steps[-1]["lr"]  # warmup, then decay
+    assert steps[-1]["lr"] == pytest.approx(c.learning_rate * c.lr_min_ratio)
+    evals = [r for r in org.telemetry if r["phase"] == "warmup_eval"]
+    assert [r["step"] for r in evals] == [40, 60]
+    assert all(isinstance(r["collapsed_layers"], list) and math.isfinite(r["val_loss"]) for r in evals)
+    lines = path.read_text().splitlines()
+    assert len(lines) == len(org.telemetry) and json.loads(lines[0])["phase"] == "warmup"
+    org.close()
+
+
+def test_early_stop_on_plateau():
+    org = Organism(small_config(patience=2, min_delta=100.0, eval_interval=10), LINES, seed=4)
+    summary = org.warmup(100)
+    # the first evaluation sets the best; two more without a 100-nat improvement stop it
+    assert summary["stopped_early"] and summary["steps"] == 30
+
+
+def test_collapse_probe_reports_dead_layers():
+    org = Organism(small_config(), LINES, seed=5)
+    assert org._collapse_probe() == []
+    org.config.collapse_std_bound = 1e9  # every layer is "collapsed" under this bound
+    assert org._collapse_probe() == list(range(1, org.config.n_layer + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# bursts, rollback, lifecycle
+
+
+def test_poisoned_burst_rolled_back_bit_identical_clean_burst_accepted(warmed, tmp_path):
+    org = clone(warmed, tmp_path)
+    clean = org.train_burst()
+    assert clean.accepted and clean.reason == "accepted" and clean.steps == org.config.micro_steps
+    snap = all_state(org)
+    poisoned = org.train_burst(lr=1e3)
+    assert not poisoned.accepted and poisoned.reason in ("val_loss_rose", "non_finite", "identity_drift")
+    assert_bit_identical(all_state(org), snap)
+    # the generation weights were refreshed: decoding matches the restored model
+    ids = org.tokenizer.encode("The cat")[:-1]
+    from molecule_gpt import _decode
+    w = org._generator.weights.get()
+    dec = _decode.Decoder(w, w.vocab_size, w.block_size)
+    assert np.abs(dec.prefill(ids) - org.model.logits(ids)[-1]).max() < 1e-4
+    again = org.train_burst()
+    assert again.accepted
+    st = org.stats()
+    assert (st["bursts"], st["accepted_bursts"], st["rolled_back_bursts"]) == (3, 2, 1)
+
+
+def test_shuffled_text_burst_is_rejected(warmed, tmp_path):
+    org = clone(warmed, tmp_path)
+    rng = random.Random(0)
+    noise = []
+    for line in LINES[:120]:
+        chars = list(line)
+        rng.shuffle(chars)
+        noise.append("".join(chars))
+    assert org.train_burst().accepted  # module 0 exists and has trained once
+    org.config.replay_ratio = 0.0
+    org.config.micro_steps = 24
+    org.observe("\n".join(noise))
+    snap = all_state(org)
+    report = org.train_burst(lr=0.05)
+    assert not report.accepted, report
+    assert_bit_identical(all_state(org), snap)
+
+
+def test_rollback_streak_backs_off_learning_rate(warmed, tmp_path):
+    org = clone(warmed, tmp_path)
+    org.config.learning_rate = 1e3
+    org.config.max_consecutive_rollbacks = 2
+    org.config.rollback_lr_backoff = 0.5
+    lrs = []
+    for _ in range(4):
+        r = org.train_burst()
+        assert not r.accepted
+        lrs.append(r.lr)
+    assert lrs == [1e3, 1e3, 500.0, 500.0]
+    org.config.learning_rate = 0.01
+    r = org.train_burst()
+    assert r.accepted and r.lr == pytest.approx(0.01 * 0.25) and org.stats()["lr_scale"] == 0.5
+
+
+def test_fossils_stay_bit_identical_and_new_modules_start_as_noops(warmed, tmp_path):
+    org = clone(warmed, tmp_path)
+    org.config.delta_grow_prob = 1.0
+    org.config.max_delta_modules = 4
+    r = org.train_burst()
+    assert r.module == 0 and r.retired_module == 0 and r.grew_module == 1
+    fossil = {k: v.copy() for k, v in org.model.groups["delta0"].params.items()}
+    fossil_alpha = org.model.delta_alphas[0]
+    # a freshly grown module is an exact no-op: its A factors are zero
+    assert all(not v.any() for k, v in org.model.groups["delta1"].params.items() if k.endswith(".A"))
+    for _ in range(4):
+        org.train_burst()
+    st = org.stats()
+    states = [m["state"] for m in st["delta_modules"]]
+    assert len(states) == 4 and states[-1] == "active" and all(s in ("fossil", "dropped") for s in states[:-1])
+    assert sum(m["trainable"] for m in st["delta_modules"]) == 1
+    for k, v in fossil.items():
+        assert np.array_equal(org.model.groups["delta0"].params[k], v), k
+    assert org.model.delta_alphas[0] in (fossil_alpha, 0.0)
+    # at the cap the last module keeps training
+    before = org.model.groups["delta3"].step
+    org.train_burst()
+    assert org.model.n_delta == 4 and org.model.groups["delta3"].step > before
+
+
+def test_counterfactual_drops_a_harmful_module(warmed, tmp_path):
+    org = clone(warmed, tmp_path)
+    org.train_burst()  # creates module 0 and trains it a little
+    params = org.model.groups["delta0"].params
+    rng = np.random.default_rng(0)
+    for k in params:
+        if k.startswith("lm_head"):
+            params[k][...] = rng.normal(0, 1.0, params[k].shape)  # garbage on the output layer
+    org._generator.weights.invalidate()
+    org.config.delta_grow_prob = 1.0
+    org.config.immune_val_bound = 1e9  # let the (zero-lr) burst pass so growth runs
+    r = org.train_burst(lr=0.0)
+    assert r.retired_module == 0 and r.retired_as == "dropped"
+    mod0 = org.stats()["delta_modules"][0]
+    assert mod0["state"] == "dropped" and mod0["alpha"] == 0.0
+    cf = mod0["counterfactual"]
+    assert cf["without"] < cf["with"]
+
+
+def test_alpha_ramps_in_over_bursts(warmed, tmp_path):
+    org = clone(warmed, tmp_path)
+    org.config.delta_ramp_bursts = 4
+    alphas = []
+    for _ in range(5):
+        r = org.train_burst()
+        assert r.accepted
+        alphas.append(org.model.delta_alphas[0])
+    assert alphas == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_config_changes_take_effect_between_bursts(warmed, tmp_path):
+    org = clone(warmed, tmp_path)
+    org.config.micro_steps = 3
+    assert org.train_burst().steps == 3
+    org.config.batch_size = 2
+    org.train_burst()
+    burst_steps = [r for r in org.telemetry if r["phase"] == "burst"]
+    assert burst_steps[-1]["grad_norm"]["active_delta"] > 0
+    assert burst_steps[-1]["grad_norm"]["embeddings"] is None  # base frozen
+
+
+def test_vocabulary_and_module_growth_mid_run():
+    cfg = small_config(enable_bpe_after_chars=10 ** 9, bpe_num_merges=40, delta_grow_prob=1.0, max_delta_modules=3)
+    org = Organism(cfg, LINES, seed=6)
+    org.warmup(40)
+    org.train_burst()
+    v0 = org.model.vocab_size
+    org.tokenizer.enable_bpe_after_chars = 1000  # the reservoir now qualifies: BPE turns on at the next burst
+    org.observe("The quiet river follows the moon. A small bird calls her brother!", speaker="H")
+    r = org.train_burst()
+    assert org.tokenizer.bpe_enabled and org.model.vocab_size > v0
+    assert org.field.vocab_size == org.model.vocab_size
+    assert math.isfinite(r.train_loss_last) and r.steps == org.config.micro_steps
+    for _ in range(2):
+        r = org.train_burst()
+        assert math.isfinite(r.train_loss_last)
+    assert org.model.n_delta == 3
+    for name, g in org.model.groups.items():  # optimizer state aligned with every group
+        assert g.m.shape == g.flat.shape == g.v.shape and np.isfinite(g.flat).all(), name
+    assert any(r["phase"] == "tokenizer" for r in org.telemetry)
+    text = org.generate("The cat", seed=0)
+    assert isinstance(text, str)
+
+
+def test_quantum_buffer_and_reservoir():
+    cfg = small_config(max_corpus_lines=60, qb_min_bytes=10 ** 6, qb_min_novelty=0.9, qb_cooldown_seconds=0.0)
+    org = Organism(cfg, LINES[:50], seed=7)
+    assert not org.buffer.ready(cfg)
+    n = org.observe("the cat sees the moon. THE CAT SEES THE MOON.")
+    assert n == 1  # case-insensitive dedup
+    assert org.buffer.novelty < 0.9 and not org.buffer.ready(cfg)
+    cfg.qb_min_novelty = 0.1
+    assert org.buffer.ready(cfg)
+    cfg.qb_cooldown_seconds = 3600
+    assert not org.buffer.ready(cfg)
+    for i in range(30):
+        org.observe(f"Line number {i} is new.", speaker="A")
+    lines = org.reservoir.lines
+    assert len(lines) == 60 and lines[-1] == "A: Line number 29 is new."
+    assert lines[-30:] == [f"A: Line number {i} is new." for i in range(30)]  # the newest half is kept
+
+
+def test_memory_log(tmp_path):
+    org = Organism(small_config(), LINES[:60], seed=8, memory=tmp_path / "memory.sqlite")
+    org.warmup(10)
+    org.observe("Hello there.", speaker="H")
+    org.generate("Hello", max_gen_tokens=5, seed=0)
+    org.train_burst()
+    mem = org.memory
+    roles = [r[2] for r in mem.rows("messages")]
+    assert roles == ["H", "prompt", "reply"]
+    kinds = [r[2] for r in mem.rows("corpus_events")]
+    assert kinds == ["birth", "observe"]
+    notes = [r[-1] for r in mem.rows("growth")]
+    assert notes[0] == "birth" and notes[1] == "warmup" and notes[2].startswith("burst")
+    org.close()
+
+
+def test_gamma_stats_and_immune_check(warmed):
+    g = warmed.gamma_stats()
+    assert 0.0 <= g["sparsity"] <= 1.0 and g["magnitude"] > 0 and len(g["top_tokens"]) == 10
+    assert all(isinstance(t, str) for t, _ in g["top_tokens"])
+    verdict = warmed.immune_check()
+    assert verdict["passed"] and verdict["cosine"] == pytest.approx(1.0)
+    flipped = warmed.projection()
+    flipped.direction = -flipped.direction
+    assert not warmed.immune_check(flipped)["passed"]
+
+
+def test_stats_fields(warmed):
+    st = warmed.stats()
+    for key in ("steps", "loss", "val_loss", "vocab_size", "parameters", "delta_modules", "arena_high_water",
+                "tokens_per_second", "model_alpha"):
+        assert key in st
+    assert st["parameters"] == warmed.model.num_params() and st["arena_high_water"] > 0
+
+
+def test_logits_keeps_last_window(warmed):
+    T = warmed.config.block_size
+    ids = (warmed.tokenizer.encode(" ".join(LINES[:10])))
+    assert len(ids) > T
+    out = warmed.logits(ids)
+    assert out.shape == (T, warmed.model.vocab_size)
+    assert np.array_equal(out, warmed.model.logits(ids[-T:]))
+    with pytest.raises(ValueError):
+        warmed.logits([])
+
+
+# ---------------------------------------------------------------------------------------------
+# persistence
+
+
+def test_save_load_continues_exactly(warmed, tmp_path):
+    a = clone(warmed, tmp_path, "a.ckpt")
+    a.train_burst()
+    a.observe("A small bird watches the moon.")
+    path = tmp_path / "org.ckpt"
+    a.save(path)
+    b = Organism.load(path)
+    assert_bit_identical(all_state(a), all_state(b))
+    assert b.stats()["steps"] == a.stats()["steps"] and b.reservoir.lines == a.reservoir.lines
+    assert b.generate("The cat", seed=5) == a.generate("The cat", seed=5)
+    ra, rb = a.train_burst(), b.train_burst()
+    assert ra.to_dict() | {"seconds": 0} == rb.to_dict() | {"seconds": 0}
+    assert_bit_identical(all_state(a), all_state(b))
+    with pytest.raises(OrganismError, match="no organism state"):
+        mg_path = tmp_path / "model_only.ckpt"
+        from molecule_gpt.checkpoint import save_checkpoint
+        save_checkpoint(mg_path, a.model, a.tokenizer)
+        Organism.load(mg_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# background training and concurrency
+
+
+def _concurrency_run(seconds: float, n_threads: int = 4):
+    cfg = small_config(warmup_steps=60, train_tick_seconds=0.01, micro_steps=6, qb_min_bytes=1, delta_grow_prob=0.3,
+                       max_delta_modules=4)
+    org = Organism(cfg, LINES, seed=9)
+    errors, outputs = [], []
+    stop = threading.Event()
+
+    def talk(i):
+        rng = random.Random(i)
+        try:
+            while not stop.is_set():
+                prompt = rng.choice(LINES)[:rng.randint(0, 30)]
+                pieces = list(org.stream(prompt, seed=rng.randint(0, 10 ** 6), max_gen_tokens=30))
+                text = org.generate(prompt, seed=rng.randint(0, 10 ** 6), max_gen_tokens=30)
+                assert isinstance(text, str) and all(isinstance(p, str) for p in pieces)
+                text.encode("utf-8")
+                outputs.append(text)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    def listen():
+        rng = random.Random(99)
+        try:
+            while not stop.is_set():
+                org.observe(rng.choice(LINES) + " " + rng.choice(LINES), speaker=rng.choice("HA"))
+                time.sleep(0.02)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with org.background():
+        threads = [threading.Thread(target=talk, args=(i,)) for i in range(n_threads)] + [threading.Thread(target=listen)]
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]
+    st = org.stats()
+    print(f"{seconds}s: {len(outputs)} generations, {st['steps']} steps, {st['bursts']} bursts, "
+          f"{len(st['delta_modules'])} modules")
+    assert outputs and st["warmed_up"] and st["bursts"] > 0
+    assert not st["background"]["running"] and st["background"]["error"] is None
+    return org
+
+
+def test_background_training_with_concurrent_generation():
+    _concurrency_run(3.0)
+
+
+@pytest.mark.slow
+def test_background_training_with_concurrent_generation_soak():
+    _concurrency_run(20.0)
+
+
+def test_background_errors_surface_on_stop(warmed, tmp_path):
+    org = clone(warmed, tmp_path)
+    org.config.qb_cooldown_seconds = 0.0
+    org.config.train_tick_seconds = 0.01
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    org.trainer.burst = broken
+    org.observe("Something new to learn from.")
+    org.start_background()
+    with pytest.raises(OrganismError):
+        org.start_background()
+    deadline = time.time() + 10
+    while org.stats()["background"]["error"] is None and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(TrainingError, match="boom"):
+        org.stop()
