@@ -419,3 +419,19 @@ def test_folding_shrinks_the_arena_to_the_trainable_adapters():
     model.set_trainable("delta0", True)  # unfreezing grows it back: no overflow on the next step
     rng = np.random.default_rng(0)
     assert np.isfinite(model.train_step(random_batch(rng, 11, [7, 7, 7]), 0.01))
+
+
+def test_many_modules_fold_but_trainable_ones_are_bounded():
+    model = mg.Model(tiny_config(), 11, n_threads=1)
+    limit = model.MAX_TRAINABLE_MODULES
+    for k in range(limit + 5):  # far more modules than can train at once: older ones fossilize
+        model.add_delta_module(zero_output=True)
+        if k >= 1:
+            model.set_trainable(f"delta{k - 1}", False)
+    rng = np.random.default_rng(0)
+    assert np.isfinite(model.train_step(random_batch(rng, 11, [7, 7]), 0.01))
+    for k in range(limit - 1):
+        model.set_trainable(f"delta{k}", True)
+    with pytest.raises(mg.ConfigError, match=f"at most {limit} delta modules can train at once"):
+        model.set_trainable(f"delta{limit}", True)
+    assert not model.trainable[f"delta{limit}"]  # refused before any change

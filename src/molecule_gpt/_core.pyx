@@ -406,6 +406,9 @@ cdef void run_backward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexce
 # ---------------------------------------------------------------------------------------------
 # Engine: the Python handle
 
+MAX_ADAPTERS = MG_MAX_ADAPTERS  # adapters one linear can carry (trainable modules x fused parts)
+
+
 cdef inline void* data_ptr(object arr):
     return <void*><size_t>arr.__array_interface__["data"][0]
 

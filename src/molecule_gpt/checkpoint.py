@@ -71,7 +71,7 @@ _MODEL_DTYPES = {"float32": "F32", "float64": "F64"}
 # warning; an unknown dtype makes the layout uncheckable, so it is an error).
 _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
              "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
-_MAX_DELTA_MODULES = 64  # the core's limit (model._core_max_delta)
+_MAX_DELTA_MODULES = 4096  # sanity bound checked before allocating (tensors are bounded by the file too)
 _MAX_LAYER_HEADS = 1_000_000  # Model's own shape tables loop over every (layer, head) pair too
 
 
@@ -604,7 +604,7 @@ def _build(path: str, document: Any, entries: dict[str, TensorEntry]):
 
     # ---- the model: shapes are now known to match the file, so its memory is bounded by it
     try:
-        model = Model.empty(config, vocab, dtype, alphas)
+        model = Model.empty(config, vocab, dtype, alphas, trainable=meta["trainable"])
         model.rng.bit_generator.state = meta["rng"]
         arena = model.planned_arena_bytes
         if arena > _physical_memory():

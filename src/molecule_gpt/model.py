@@ -170,15 +170,22 @@ class Model:
 
     @classmethod
     def empty(cls, config: Config, vocab_size: int, dtype: str | np.dtype = "float32",
-              delta_alphas: Sequence[float] = (), n_threads: int | None = None) -> "Model":
+              delta_alphas: Sequence[float] = (), n_threads: int | None = None,
+              trainable: dict[str, bool] | None = None) -> "Model":
         """A model of the given shapes whose parameters are all zero, built without drawing a
-        random init (for loaders that overwrite every value next)."""
+        random init (for loaders that overwrite every value next). trainable: flags by group
+        name (default: everything trains)."""
         model = cls(config, vocab_size, dtype=dtype, n_threads=n_threads, _random_init=False)
         for k, alpha in enumerate(delta_alphas):  # all groups first, then one rebind
             model.groups[f"delta{k}"] = ParamGroup(f"delta{k}", model._delta_shapes(), model.dtype)
             model.delta_alphas.append(float(alpha))
             model.trainable[f"delta{k}"] = True
-        if delta_alphas:
+        for name, flag in (trainable or {}).items():
+            if name not in model.groups:
+                raise KeyError(f"trainable names group {name!r}, which this model does not have")
+            model.trainable[name] = bool(flag)
+        model._check_trainable_modules(sum(model.trainable[f"delta{k}"] for k in range(model.n_delta)))
+        if delta_alphas or trainable:
             model._rebuild()
         model._random_init = True  # modules added later get the usual init
         return model
@@ -212,8 +219,7 @@ class Model:
         trains. Its Adam state starts fresh; every other group's state is untouched."""
         with self._lock:
             k = self.n_delta
-            if k >= _core_max_delta():
-                raise ConfigError(f"at most {_core_max_delta()} delta modules are supported")
+            self._check_trainable_modules(sum(self.trainable[f"delta{j}"] for j in range(k)) + 1)
             group = ParamGroup(f"delta{k}", self._delta_shapes(), self.dtype)
             if self._random_init:
                 for key, shape in group.shapes.items():
@@ -223,6 +229,16 @@ class Model:
             self.trainable[group.name] = True
             self._rebuild()
             return k
+
+    # a fused linear carries one adapter per trainable module and part (q, k, v); frozen modules
+    # are folded into the weight and cost nothing, so only the trainable ones are bounded
+    MAX_TRAINABLE_MODULES = _core.MAX_ADAPTERS // 3
+
+    def _check_trainable_modules(self, count: int) -> None:
+        if count > self.MAX_TRAINABLE_MODULES:
+            raise ConfigError(f"at most {self.MAX_TRAINABLE_MODULES} delta modules can train at once (this would "
+                              f"make {count}); freeze older ones with set_trainable('delta<k>', False) first: "
+                              f"frozen modules are folded into the weights and have no limit")
 
     def set_delta_alpha(self, k: int, alpha: float) -> None:
         """Set module k's mixing weight alpha_k (its output is alpha_k A_k B_k x)."""
@@ -235,6 +251,8 @@ class Model:
         with self._lock:
             if group not in self.groups:
                 raise KeyError(f"no parameter group {group!r}; groups are {', '.join(self.groups)}")
+            if flag and group != "base" and not self.trainable[group]:
+                self._check_trainable_modules(sum(self.trainable[f"delta{j}"] for j in range(self.n_delta)) + 1)
             self.trainable[group] = bool(flag)
             self._rebuild(reallocate=False)
 
@@ -776,6 +794,3 @@ def _rope_tables(T: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray]:
     angles = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]
     return np.ascontiguousarray(np.cos(angles), dtype), np.ascontiguousarray(np.sin(angles), dtype)
 
-
-def _core_max_delta() -> int:
-    return 64
