@@ -618,21 +618,32 @@ cdef void cand_select(Cand* c, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
 
 
 cdef double softmax_t(double* p, const double* z, Py_ssize_t V, double inv_t) noexcept nogil:
-    """p = softmax(z * inv_t) over V (z = -inf gives 0); returns the entropy of p in nats."""
+    """p = softmax(z * inv_t) over V (z = -inf gives exactly 0); returns the entropy of p in
+    nats, as H = log Z - inv_t sum_i p_i (z_i - max z), which needs no per-token log.
+    The exponentials are float32 (mg_expf, ~2 ulp): a sampling distribution needs no more, and
+    the loop vectorizes (libm's double exp was half of a token's sampling time). p is used as
+    float scratch for them first (the float32 values occupy its first half)."""
     cdef Py_ssize_t i
-    cdef double mx = -INFINITY, total = 0, H = 0, lt
+    cdef double mx = -INFINITY, total = 0, s = 0, inv
+    cdef float* e = <float*>p
+    cdef float ft = <float>inv_t, fmx
     for i in range(V):
         if z[i] > mx:
             mx = z[i]
+    if mx == -INFINITY:
+        memset(p, 0, V * sizeof(double))
+        return 0.0
+    fmx = <float>mx
+    for i in range(V):  # vectorizes: a select, no branch
+        e[i] = mg_expf((<float>z[i] - fmx) * ft) if z[i] > -INFINITY else <float>0
     for i in range(V):
-        p[i] = exp((z[i] - mx) * inv_t) if z[i] > -INFINITY else 0.0
-        total += p[i]
-    lt = log(total)
-    for i in range(V):
-        if p[i] > 0:
-            H -= p[i] / total * (log(p[i]) - lt)
-        p[i] /= total
-    return H
+        total += e[i]
+        if e[i] > 0:
+            s += e[i] * (z[i] - mx)
+    inv = 1.0 / total
+    for i in range(V - 1, -1, -1):  # widen in place, from the end (e[i] lives in the first half)
+        p[i] = e[i] * inv
+    return log(total) - inv_t * s * inv
 
 
 cdef Py_ssize_t sample_stack(Cand* cand, double* p, const double* z, const double* q, Py_ssize_t V,
@@ -646,7 +657,18 @@ cdef Py_ssize_t sample_stack(Cand* cand, double* p, const double* z, const doubl
     threshold is one pass and leaves top-k fewer candidates to select from."""
     cdef Py_ssize_t i, n = 0, m
     cdef double H, t, pmax = 0, thr, mass, cum, a = sp.model_alpha
-    if sp.temperature <= 0:     # greedy: the most probable token of the (blended) distribution
+    if sp.temperature <= 0 and q == NULL:   # greedy: the largest logit
+        m = -1
+        for i in range(V):
+            if z[i] > -INFINITY and (m < 0 or z[i] > z[m]):
+                m = i
+        if m < 0:
+            return 0
+        cand[0].p = 1.0
+        cand[0].key = 0
+        cand[0].i = <int>m
+        return 1
+    if sp.temperature <= 0:     # greedy: the most probable token of the blended distribution
         softmax_t(p, z, V, 1.0)
         if q != NULL:
             for i in range(V):
@@ -1021,6 +1043,15 @@ cdef class Decoder:
         with nogil:
             self._feed(token)
         return self.last_logits_array
+
+    @property
+    def weights(self):
+        """The Weights this decoder runs (None: field only)."""
+        return self.w
+
+    @property
+    def vocab_size(self) -> int:
+        return self.V
 
     @property
     def window(self):

@@ -1,0 +1,482 @@
+"""Generation tokens/s at batch 1: molecule_gpt beside plain numpy and PyTorch eager, same run.
+
+    python benchmarks/bench_generate.py --corpus CORPUS.txt [--repeats 7] [--tokens 180] [--quick]
+
+All three implementations decode with a key/value cache, the same window rule (keep the last
+half and re-prefill it when the window is full), the same effective weights (delta modules
+folded in) and the same sampling stack (SPEC §4: entropy-adaptive temperature, min-p, top-k,
+typical-p, top-p at the config's defaults); each generates `--tokens` tokens after a corpus
+prompt (EOS banned, no early stop) and is timed end to end (prompt encoding, prefill,
+sampling, detokenization for ours). Medians of interleaved repeats. One line per (case, impl).
+
+Cases: "default" (Config(), a BPE tokenizer trained on the corpus: V about 630, random init),
+"default-trained" (the same after `--train-steps` warmup steps: peaked distributions, the
+realistic sampling load), "larger" (6 layers, C 256, 8 heads, block 256, 4 content + 4 hybrid
+heads, V about 2000). Results are checked after timing: both baselines reproduce
+Model.logits(window) at every step of a decode that crosses window refills, and our greedy
+continuation equals the numpy baseline's.
+
+The numpy and torch decoders below are what a careful user would write: batched prefill,
+per-token matvecs, heads vectorized where the head type allows, float32, torch under no_grad
+with torch.set_num_threads(1) and BLAS limited to one thread for numpy (ours runs on one thread
+too; threads only slow batch-1 decoding down).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+import molecule_gpt as mg  # noqa: E402
+from molecule_gpt.generation import Generator  # noqa: E402
+from molecule_gpt.tokenizer import EvolvingTokenizer, read_corpus  # noqa: E402
+
+try:
+    import torch
+except ImportError:  # torch is optional: pip install torch==2.13.0
+    torch = None
+
+LARGER = dict(n_layer=6, n_embd=256, n_head=8, block_size=256, head_types=("content",) * 4 + ("hybrid",) * 4)
+TARGET_TOK_S = 20_000
+TARGET_VS_TORCH = 5.0
+
+
+# ---------------------------------------------------------------------------------------------
+# effective weights as plain arrays (what the baselines decode with)
+
+
+def effective(model: mg.Model) -> dict:
+    c = model.config
+    p = model.params()
+
+    def eff(name):
+        W = p["wte" if (name == "lm_head" and c.tie_embeddings) else name].astype(np.float64)
+        for k, a in enumerate(model.delta_alphas):
+            W = W + a * (p[f"delta{k}.{name}.A"].astype(np.float64) @ p[f"delta{k}.{name}.B"])
+        return W.astype(np.float32)
+
+    out = {"wte": p["wte"].astype(np.float32), "wpe": p["wpe"].astype(np.float32), "lm": eff("lm_head"), "layers": []}
+    for i in range(c.n_layer):
+        layer = {m: eff(f"l{i}.{m}") for m in ("wq", "wk", "wv", "wo", "fc_g", "fc_v", "fc2")}
+        layer["pat"] = {h: eff(f"l{i}.h{h}.w_pattern") for h, t in enumerate(c.head_types) if t != "content"}
+        layer["mix"] = {h: 1 / (1 + math.exp(-float(p[f"l{i}.h{h}.alpha"][0, 0])))
+                        for h, t in enumerate(c.head_types) if t == "hybrid"}
+        out["layers"].append(layer)
+    return out
+
+
+def rope_tables(T, d):
+    inv = np.array([1.0 / (10000.0 ** (2 * i / d)) for i in range(d // 2)])
+    ang = np.arange(T)[:, None] * inv[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# plain numpy decoding
+
+
+class NumpyDecoder:
+    """KV-cache decoding in numpy, float32."""
+
+    def __init__(self, config: mg.Config, W: dict):
+        self.c = config
+        self.W = W
+        C, T = config.n_embd, config.block_size
+        self.H, self.d = config.n_head, config.head_dim
+        self.cos, self.sin = rope_tables(T, self.d)
+        self.K = np.zeros((config.n_layer, T, C), np.float32)
+        self.V = np.zeros((config.n_layer, T, C), np.float32)
+        for layer in W["layers"]:
+            layer["wqkv"] = np.concatenate([layer["wq"], layer["wk"], layer["wv"]])
+            layer["fcgv"] = np.concatenate([layer["fc_g"], layer["fc_v"]])
+        self.content = [h for h, t in enumerate(config.head_types) if t != "rrpram"]
+        self.window = []
+
+    def _rms(self, x):
+        return x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + 1e-5).astype(np.float32)
+
+    def _rope(self, x, pos):  # x (N, H, d), pos (N,)
+        c, s = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
+        a, b = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = a * c - b * s
+        out[..., 1::2] = a * s + b * c
+        return out
+
+    def _act(self, g):
+        return np.maximum(g, 0) if self.c.mlp_activation == "relu" else g / (1 + np.exp(-g))
+
+    def prefill(self, ids):
+        ids = list(ids)[-self.c.block_size:]
+        N, C, H, d = len(ids), self.c.n_embd, self.H, self.d
+        pos = np.arange(N)
+        x = self.W["wte"][ids] + self.W["wpe"][:N]
+        mask = np.triu(np.full((N, N), -np.inf, np.float32), 1)
+        for l, L in enumerate(self.W["layers"]):
+            h = self._rms(x)
+            qkv = h @ L["wqkv"].T
+            q = self._rope(qkv[:, :C].reshape(N, H, d), pos)
+            k = self._rope(qkv[:, C:2 * C].reshape(N, H, d), pos)
+            v = qkv[:, 2 * C:].reshape(N, H, d)
+            self.K[l, :N] = k.reshape(N, C)
+            self.V[l, :N] = v.reshape(N, C)
+            scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(d)
+            for hh, Wp in L["pat"].items():
+                pat = h[:, hh * d:(hh + 1) * d] @ Wp[:N].T
+                a = L["mix"].get(hh, 1.0)
+                scores[hh] = (1 - a) * scores[hh] + a * pat if hh in L["mix"] else pat
+            scores = scores + mask
+            scores = np.exp(scores - scores.max(-1, keepdims=True))
+            att = scores / scores.sum(-1, keepdims=True)
+            y = np.einsum("hts,shd->thd", att, v).reshape(N, C)
+            x = x + y @ L["wo"].T
+            h = self._rms(x)
+            gv = h @ L["fcgv"].T
+            F = gv.shape[1] // 2
+            x = x + (self._act(gv[:, :F]) * gv[:, F:]) @ L["fc2"].T
+        self.window = ids
+        return self.W["lm"] @ self._rms(x[-1])
+
+    def step(self, tok):
+        pos = len(self.window)
+        C, H, d = self.c.n_embd, self.H, self.d
+        x = self.W["wte"][tok] + self.W["wpe"][pos]
+        n = pos + 1
+        for l, L in enumerate(self.W["layers"]):
+            h = self._rms(x)
+            qkv = L["wqkv"] @ h
+            q = self._rope(qkv[:C].reshape(1, H, d), [pos])[0]
+            k = self._rope(qkv[C:2 * C].reshape(1, H, d), [pos])[0]
+            self.K[l, pos] = k.reshape(C)
+            self.V[l, pos] = qkv[2 * C:]
+            Kh = self.K[l, :n].reshape(n, H, d)
+            Vh = self.V[l, :n].reshape(n, H, d)
+            scores = np.einsum("shd,hd->hs", Kh, q) / np.sqrt(d)
+            for hh, Wp in L["pat"].items():
+                pat = Wp[:n] @ h[hh * d:(hh + 1) * d]
+                scores[hh] = (1 - L["mix"][hh]) * scores[hh] + L["mix"][hh] * pat if hh in L["mix"] else pat
+            scores = np.exp(scores - scores.max(-1, keepdims=True))
+            att = scores / scores.sum(-1, keepdims=True)
+            y = np.einsum("hs,shd->hd", att, Vh).reshape(C)
+            x = x + L["wo"] @ y
+            h = self._rms(x)
+            gv = L["fcgv"] @ h
+            F = gv.shape[0] // 2
+            x = x + L["fc2"] @ (self._act(gv[:F]) * gv[F:])
+        self.window.append(tok)
+        return self.W["lm"] @ self._rms(x)
+
+    def feed(self, tok):
+        T = self.c.block_size
+        if len(self.window) < T:
+            return self.step(tok)
+        return self.prefill(self.window[T - T // 2:] + [tok])
+
+
+def numpy_sample(z, cfg: mg.Config, rng):
+    """SPEC §4 stack in numpy (z: float64 logits, banned = -inf)."""
+    def softmax(t):
+        e = np.exp((z - z.max()) / t)
+        return e / e.sum()
+
+    p = softmax(cfg.temperature)
+    nz = p > 0
+    H = float(-(p[nz] * np.log(p[nz])).sum())
+    t = cfg.temperature * (cfg.entropy_temp_boost if H < cfg.entropy_low else
+                           cfg.entropy_temp_focus if H > cfg.entropy_high else 1.0)
+    if t != cfg.temperature:
+        p = softmax(t)
+    idx = np.flatnonzero(p >= cfg.min_p * p.max())
+    if cfg.top_k and len(idx) > cfg.top_k:
+        idx = idx[np.argpartition(-p[idx], cfg.top_k - 1)[:cfg.top_k]]
+    idx = idx[np.argsort(-p[idx], kind="stable")]
+    if cfg.typical_p < 1 and len(idx) > 1:
+        q = p[idx] / p[idx].sum()
+        order = np.argsort(np.abs(-np.log(p[idx]) - H), kind="stable")
+        keep = np.searchsorted(np.cumsum(q[order]), cfg.typical_p) + 1
+        idx = idx[np.sort(order[:keep])]
+    if cfg.top_p < 1 and len(idx) > 1:
+        q = p[idx] / p[idx].sum()
+        idx = idx[:np.searchsorted(np.cumsum(q), cfg.top_p) + 1]
+    q = p[idx] / p[idx].sum()
+    return int(idx[rng.choice(len(idx), p=q)])
+
+
+def numpy_generate(dec: NumpyDecoder, tok: EvolvingTokenizer, prompt: str, n: int, cfg, seed: int, banned):
+    rng = np.random.default_rng(seed)
+    ids = tok.encode(prompt)[:-1]
+    logits = dec.prefill(ids)
+    out = []
+    for i in range(n):
+        z = logits.astype(np.float64)
+        z[banned] = -np.inf
+        t = numpy_sample(z, cfg, rng)
+        out.append(t)
+        if i + 1 < n:
+            logits = dec.feed(t)
+    return tok.decode(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch eager decoding
+
+
+class TorchDecoder(NumpyDecoder):
+    """The same decoder with torch tensors (float32, no_grad)."""
+
+    def __init__(self, config, W):
+        super().__init__(config, W)
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+        self.T = {"wte": t(W["wte"]), "wpe": t(W["wpe"]), "lm": t(W["lm"]), "layers": []}
+        for L in W["layers"]:
+            self.T["layers"].append({"wqkv": t(L["wqkv"]), "wo": t(L["wo"]), "fcgv": t(L["fcgv"]), "fc2": t(L["fc2"]),
+                                     "pat": {h: t(w) for h, w in L["pat"].items()}, "mix": dict(L["mix"])})
+        self.cos_t, self.sin_t = t(self.cos), t(self.sin)
+        self.Kt = torch.zeros(self.K.shape)
+        self.Vt = torch.zeros(self.V.shape)
+
+    def _trms(self, x):
+        return x * torch.rsqrt((x.double() ** 2).mean(-1, keepdim=True) + 1e-5).float()
+
+    def _trope(self, x, pos):  # x (N, H, d)
+        c, s = self.cos_t[pos][:, None, :], self.sin_t[pos][:, None, :]
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+
+    def _tact(self, g):
+        return torch.relu(g) if self.c.mlp_activation == "relu" else torch.nn.functional.silu(g)
+
+    @torch.no_grad()
+    def prefill(self, ids):
+        ids = list(ids)[-self.c.block_size:]
+        N, C, H, d = len(ids), self.c.n_embd, self.H, self.d
+        pos = torch.arange(N)
+        x = self.T["wte"][ids] + self.T["wpe"][:N]
+        mask = torch.triu(torch.full((N, N), float("-inf")), 1)
+        for l, L in enumerate(self.T["layers"]):
+            h = self._trms(x)
+            qkv = h @ L["wqkv"].T
+            q = self._trope(qkv[:, :C].reshape(N, H, d), pos)
+            k = self._trope(qkv[:, C:2 * C].reshape(N, H, d), pos)
+            v = qkv[:, 2 * C:].reshape(N, H, d)
+            self.Kt[l, :N] = k.reshape(N, C)
+            self.Vt[l, :N] = v.reshape(N, C)
+            scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(d)
+            for hh, Wp in L["pat"].items():
+                pat = h[:, hh * d:(hh + 1) * d] @ Wp[:N].T
+                scores[hh] = (1 - L["mix"][hh]) * scores[hh] + L["mix"][hh] * pat if hh in L["mix"] else pat
+            att = torch.softmax(scores + mask, dim=-1)
+            y = torch.einsum("hts,shd->thd", att, v).reshape(N, C)
+            x = x + y @ L["wo"].T
+            h = self._trms(x)
+            gv = h @ L["fcgv"].T
+            F = gv.shape[1] // 2
+            x = x + (self._tact(gv[:, :F]) * gv[:, F:]) @ L["fc2"].T
+        self.window = ids
+        return self.T["lm"] @ self._trms(x[-1])
+
+    @torch.no_grad()
+    def step(self, tok):
+        pos = len(self.window)
+        C, H, d = self.c.n_embd, self.H, self.d
+        x = self.T["wte"][tok] + self.T["wpe"][pos]
+        n = pos + 1
+        for l, L in enumerate(self.T["layers"]):
+            h = self._trms(x)
+            qkv = L["wqkv"] @ h
+            q = self._trope(qkv[:C].reshape(1, H, d), [pos])[0]
+            k = self._trope(qkv[C:2 * C].reshape(1, H, d), [pos])[0]
+            self.Kt[l, pos] = k.reshape(C)
+            self.Vt[l, pos] = qkv[2 * C:]
+            Kh = self.Kt[l, :n].reshape(n, H, d)
+            Vh = self.Vt[l, :n].reshape(n, H, d)
+            scores = torch.einsum("shd,hd->hs", Kh, q) / math.sqrt(d)
+            for hh, Wp in L["pat"].items():
+                pat = Wp[:n] @ h[hh * d:(hh + 1) * d]
+                scores[hh] = (1 - L["mix"][hh]) * scores[hh] + L["mix"][hh] * pat if hh in L["mix"] else pat
+            att = torch.softmax(scores, dim=-1)
+            y = torch.einsum("hs,shd->hd", att, Vh).reshape(C)
+            x = x + L["wo"] @ y
+            h = self._trms(x)
+            gv = L["fcgv"] @ h
+            F = gv.shape[0] // 2
+            x = x + L["fc2"] @ (self._tact(gv[:F]) * gv[F:])
+        self.window.append(tok)
+        return self.T["lm"] @ self._trms(x)
+
+
+def torch_sample(z, cfg: mg.Config, gen):
+    """SPEC §4 stack with torch ops (z: float64 tensor, banned = -inf)."""
+    p = torch.softmax(z / cfg.temperature, -1)
+    nz = p > 0
+    H = float(-(p[nz] * torch.log(p[nz])).sum())
+    t = cfg.temperature * (cfg.entropy_temp_boost if H < cfg.entropy_low else
+                           cfg.entropy_temp_focus if H > cfg.entropy_high else 1.0)
+    if t != cfg.temperature:
+        p = torch.softmax(z / t, -1)
+    idx = torch.nonzero(p >= cfg.min_p * p.max()).flatten()
+    if cfg.top_k and len(idx) > cfg.top_k:
+        idx = idx[torch.topk(p[idx], cfg.top_k).indices]
+    idx = idx[torch.argsort(-p[idx], stable=True)]
+    if cfg.typical_p < 1 and len(idx) > 1:
+        q = p[idx] / p[idx].sum()
+        order = torch.argsort(torch.abs(-torch.log(p[idx]) - H), stable=True)
+        keep = int(torch.searchsorted(torch.cumsum(q[order], 0), torch.tensor(cfg.typical_p, dtype=q.dtype))) + 1
+        idx = idx[torch.sort(order[:keep]).values]
+    if cfg.top_p < 1 and len(idx) > 1:
+        q = p[idx] / p[idx].sum()
+        idx = idx[:int(torch.searchsorted(torch.cumsum(q, 0), torch.tensor(cfg.top_p, dtype=q.dtype))) + 1]
+    q = p[idx] / p[idx].sum()
+    return int(idx[torch.multinomial(q, 1, generator=gen)])
+
+
+@torch.no_grad() if torch is not None else (lambda f: f)
+def torch_generate(dec: TorchDecoder, tok, prompt, n, cfg, seed, banned):
+    gen = torch.Generator().manual_seed(seed)
+    ids = tok.encode(prompt)[:-1]
+    logits = dec.prefill(ids)
+    banned_t = torch.tensor(banned)
+    out = []
+    for i in range(n):
+        z = logits.double()
+        z[banned_t] = float("-inf")
+        t = torch_sample(z, cfg, gen)
+        out.append(t)
+        if i + 1 < n:
+            logits = dec.feed(t)
+    return tok.decode(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# cases, checks, timing
+
+
+def synthetic_corpus(n=4000, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ("the a cat dog river moon garden teacher market quiet small old red runs sees likes finds calls "
+             "helps watches follows under over near with and but because when then later now").split()
+    return [" ".join(rng.choice(words, rng.integers(5, 16))).capitalize() + "." for _ in range(n)]
+
+
+def build_case(name, lines, train_steps):
+    cfg = mg.Config(**LARGER) if name == "larger" else mg.Config()
+    merges = 1536 if name == "larger" else cfg.bpe_num_merges
+    tok = EvolvingTokenizer(lines, cfg, bpe_num_merges=merges)
+    tok.maybe_enable_bpe(lines)
+    model = mg.Model(cfg, tok.vocab_size, seed=0, n_threads=1)
+    model.add_delta_module(alpha=1.0)
+    if name == "default-trained":
+        rng = np.random.default_rng(0)
+        data = [tok.encode(x) for x in lines]
+        for s in range(train_steps):
+            batch = [data[i][:cfg.block_size + 1] for i in rng.integers(0, len(data), cfg.batch_size)]
+            model.train_step(batch, cfg.learning_rate)
+    return cfg, tok, model
+
+
+def check(cfg, tok, model, prompt):
+    """Baselines reproduce Model.logits(window) at every step across window refills; our greedy
+    continuation equals the numpy one. Returns the worst relative logit difference."""
+    W = effective(model)
+    dec_np = NumpyDecoder(cfg, {**W, "layers": [dict(L) for L in W["layers"]]})
+    decs = [dec_np]
+    if torch is not None:
+        decs.append(TorchDecoder(cfg, {**W, "layers": [dict(L) for L in W["layers"]]}))
+    ids = tok.encode(prompt)[:-1]
+    steps = cfg.block_size + cfg.block_size // 2 + 4  # crosses at least one refill
+    rng = np.random.default_rng(1)
+    worst = 0.0
+    outs = [np.asarray(d.prefill(ids)) for d in decs]
+    window = list(ids)[-cfg.block_size:]
+    for s in range(steps):
+        ref = model.logits(window)[-1]
+        scale = max(1.0, np.abs(ref).max())
+        for o in outs:
+            worst = max(worst, float(np.abs(np.asarray(o, np.float64) - ref).max() / scale))
+        t = int(rng.integers(0, model.vocab_size))
+        outs = [np.asarray(d.feed(t)) for d in decs]
+        window = window + [t] if len(window) < cfg.block_size else window[cfg.block_size - cfg.block_size // 2:] + [t]
+    assert worst < 1e-3, f"baseline logits differ from Model.logits by {worst:.3g}"
+    g = Generator(model, tok)
+    ours = g.run(prompt, temperature=0.0, max_gen_tokens=40, min_gen_tokens=40, repetition_guard=0).ids
+    banned = [tok.bos_id, tok.pad_id, tok.eos_id]
+    dec = NumpyDecoder(cfg, {**W, "layers": [dict(L) for L in W["layers"]]})
+    logits = dec.prefill(ids)
+    theirs = []
+    for i in range(40):
+        z = logits.astype(np.float64)
+        z[banned] = -np.inf
+        theirs.append(int(np.argmax(z)))
+        logits = dec.feed(theirs[-1])
+    assert ours == theirs, "greedy continuations differ"
+    return worst
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--corpus", help="UTF-8 text, one line per line (default: a synthetic corpus)")
+    ap.add_argument("--tokens", type=int, default=180)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--train-steps", type=int, default=300)
+    ap.add_argument("--cases", default="default,default-trained,larger")
+    ap.add_argument("--quick", action="store_true", help="default case, 3 repeats")
+    args = ap.parse_args()
+    lines = read_corpus(args.corpus).lines if args.corpus else synthetic_corpus()
+    cases = ["default"] if args.quick else args.cases.split(",")
+    repeats = 3 if args.quick else args.repeats
+    if torch is not None:
+        torch.set_num_threads(1)
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(1, user_api="blas")  # numpy's matvecs too: BLAS threads only slow down batch-1 decoding
+    print(f"# machine: {platform.machine()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, python "
+          f"{platform.python_version()}, numpy {np.__version__}, torch {torch.__version__ if torch else 'not installed'}"
+          f" (1 thread); corpus {len(lines)} lines; {args.tokens} tokens per call, medians of {repeats}")
+    print(f"{'case':16} {'V':>5} {'impl':12} {'ms/call':>9} {'tok/s':>9} {'vs torch':>9} {'vs numpy':>9}")
+    summary = []
+    for name in cases:
+        cfg, tok, model = build_case(name, lines, args.train_steps)
+        prompts = [x[:60] for x in lines[1::max(1, len(lines) // 50)]][:50]
+        banned = [tok.bos_id, tok.pad_id, tok.eos_id]
+        gen = Generator(model, tok)
+        W = effective(model)
+        impls = {"molecule": lambda p, s: gen.generate(p, seed=s, max_gen_tokens=args.tokens,
+                                                       min_gen_tokens=args.tokens, repetition_guard=0)}
+        dnp = NumpyDecoder(cfg, {**W, "layers": [dict(L) for L in W["layers"]]})
+        impls["numpy"] = lambda p, s: numpy_generate(dnp, tok, p, args.tokens, cfg, s, banned)
+        if torch is not None:
+            dt = TorchDecoder(cfg, {**W, "layers": [dict(L) for L in W["layers"]]})
+            impls["torch-eager"] = lambda p, s: torch_generate(dt, tok, p, args.tokens, cfg, s, banned)
+        for fn in impls.values():  # warm-up
+            fn(prompts[0], 0)
+        times = {k: [] for k in impls}
+        for r in range(repeats):
+            for impl, fn in impls.items():
+                p = prompts[r % len(prompts)]
+                t0 = time.perf_counter()
+                fn(p, r)
+                times[impl].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        worst = check(cfg, tok, model, prompts[0])
+        for impl, sec in med.items():
+            vs_t = f"{med['torch-eager'] / sec:8.1f}x" if "torch-eager" in med else "        -"
+            print(f"{name:16} {model.vocab_size:5d} {impl:12} {sec * 1e3:9.2f} {args.tokens / sec:9.0f} {vs_t} "
+                  f"{med['numpy'] / sec:8.1f}x")
+        print(f"# {name}: baselines match Model.logits to {worst:.1e} (relative) at every step; greedy continuations equal")
+        summary.append((name, args.tokens / med["molecule"], med.get("torch-eager", float("nan")) / med["molecule"]))
+    for name, tps, vs in summary:
+        if name.startswith("default"):
+            print(f"# target {name}: >= {TARGET_TOK_S} tok/s -> {tps:.0f}; >= {TARGET_VS_TORCH}x torch eager -> {vs:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
