@@ -739,42 +739,39 @@ class Model:
         return out
 
 
+def _layer_matrices(config: Config, i: int) -> dict[str, tuple[int, int]]:
+    """(nout, nin) of layer i's matrices, in storage order: q, k, v adjacent and gate, value
+    adjacent (the engine runs each triple/pair as one fused product), then the patterns."""
+    C, T, d, F = config.n_embd, config.block_size, config.head_dim, 4 * config.n_embd
+    shapes = {f"l{i}.wq": (C, C), f"l{i}.wk": (C, C), f"l{i}.wv": (C, C), f"l{i}.wo": (C, C),
+              f"l{i}.fc_g": (F, C), f"l{i}.fc_v": (F, C), f"l{i}.fc2": (C, F)}
+    for h, kind in enumerate(config.head_types):
+        if kind != "content":
+            shapes[f"l{i}.h{h}.w_pattern"] = (T, d)
+    return shapes
+
+
 def base_shapes(config: Config, vocab_size: int) -> dict[str, tuple[int, int]]:
     """Shape of every base parameter, in storage order (SPEC §2 names)."""
-    c = config
-    C, T, d, F = c.n_embd, c.block_size, c.head_dim, 4 * c.n_embd
+    C, T = config.n_embd, config.block_size
     shapes = {"wte": (vocab_size, C), "wpe": (T, C)}
-    if not c.tie_embeddings:
+    if not config.tie_embeddings:
         shapes["lm_head"] = (vocab_size, C)
-    for i in range(c.n_layer):
-        for m in ("wq", "wk", "wv", "wo"):
-            shapes[f"l{i}.{m}"] = (C, C)
-        shapes[f"l{i}.fc_g"] = (F, C)
-        shapes[f"l{i}.fc_v"] = (F, C)
-        shapes[f"l{i}.fc2"] = (C, F)
-        for h, kind in enumerate(c.head_types):
-            if kind != "content":
-                shapes[f"l{i}.h{h}.w_pattern"] = (T, d)
-            if kind == "hybrid":
-                shapes[f"l{i}.h{h}.alpha"] = (1, 1)
+    for i in range(config.n_layer):
+        for name, shape in _layer_matrices(config, i).items():
+            shapes[name] = shape
+            head = name.split(".")[1] if name.endswith(".w_pattern") else None
+            if head is not None and config.head_types[int(head[1:])] == "hybrid":
+                shapes[f"l{i}.{head}.alpha"] = (1, 1)  # right after its pattern, as the original orders them
     return shapes
 
 
 def adapted_shapes(config: Config, vocab_size: int) -> dict[str, tuple[int, int]]:
     """(nout, nin) of every base matrix that carries delta adapters, in module order."""
-    c = config
-    C, T, d, F = c.n_embd, c.block_size, c.head_dim, 4 * c.n_embd
     shapes = {}
-    for i in range(c.n_layer):
-        for m in ("wq", "wk", "wv", "wo"):
-            shapes[f"l{i}.{m}"] = (C, C)
-        shapes[f"l{i}.fc_g"] = (F, C)
-        shapes[f"l{i}.fc_v"] = (F, C)
-        shapes[f"l{i}.fc2"] = (C, F)
-        for h, kind in enumerate(c.head_types):
-            if kind != "content":
-                shapes[f"l{i}.h{h}.w_pattern"] = (T, d)
-    shapes["lm_head"] = (vocab_size, C)
+    for i in range(config.n_layer):
+        shapes.update(_layer_matrices(config, i))
+    shapes["lm_head"] = (vocab_size, config.n_embd)
     return shapes
 
 
