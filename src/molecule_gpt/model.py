@@ -26,7 +26,7 @@ from .errors import ArenaOverflowError, ConfigError
 
 
 def default_threads() -> int:
-    """Cores this process may run on (the kernels' OpenMP thread count by default)."""
+    """Cores this process may run on (the default number of workers of a step)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
@@ -36,9 +36,9 @@ def default_threads() -> int:
 class _SerialBLAS:
     """Context: BLAS single-threaded while a step runs, restored after.
 
-    Our kernels split work across OpenMP threads and call BLAS inside each part; BLAS threads
-    on top would oversubscribe the cores (measured: 37% of a step spent in OpenBLAS threads
-    spinning). scikit-learn wraps its OpenMP loops the same way. Re-entrant across threads: the
+    Each worker of a step runs its share of the batch on its own OpenMP thread and calls BLAS
+    from there; BLAS threads on top would oversubscribe the cores (measured: 37% of a step spent
+    in OpenBLAS threads spinning). scikit-learn wraps its OpenMP loops the same way. Re-entrant across threads: the
     first step in sets the limit, the last one out restores it."""
 
     def __init__(self):
@@ -137,7 +137,9 @@ class Model:
         self._engines = []
         self._arenas_ready = False
         self._folded_modules, self._fold_delta, self._fold_weight, self._fold_views = [], {}, {}, {}
-        self._n_threads = default_threads() if n_threads is None else int(n_threads)
+        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
+            raise ConfigError(f"n_threads must be a positive int or None (one per core), got {n_threads!r}")
+        self._n_threads = default_threads() if n_threads is None else n_threads
         self._arena_batch_size = config.batch_size
         self._shape_key = self._config_shape_key()
         self._random_init = _random_init
@@ -154,9 +156,6 @@ class Model:
     @property
     def n_delta(self) -> int:
         return len(self.delta_alphas)
-
-    def head_type(self, h: int) -> str:
-        return self.config.head_types[h]
 
     def _base_shapes(self) -> dict[str, tuple[int, int]]:
         return base_shapes(self.config, self.vocab_size)
@@ -281,9 +280,9 @@ class Model:
     #
     # A step runs on `n_threads` workers: worker w gets every n_threads-th sequence (longest
     # first), its own engine (tape + arena) and, for w > 0, its own gradient buffers, which are
-    # summed into the model's after backward. One OpenMP region per forward and per backward,
-    # so a descheduled thread costs a wait, not a collapse (fine-grained per-kernel threading
-    # measured 20x slower when another process shared the cores).
+    # summed into the model's after backward. One OpenMP region per step (forward and backward
+    # together), so a descheduled thread costs a wait, not a collapse (fine-grained per-kernel
+    # threading measured 20x slower when another process shared the cores).
 
     def _rebuild(self, reallocate: bool = True) -> None:
         """(Re)bind every worker's engine to the current arrays; size the arenas from the config.
@@ -463,7 +462,7 @@ class Model:
     @n_threads.setter
     def n_threads(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"n_threads must be a positive int, got {value!r}")
+            raise ConfigError(f"n_threads must be a positive int, got {value!r}")
         with self._lock:
             self._n_threads = value
             self._rebuild()
@@ -525,9 +524,8 @@ class Model:
     def from_state(cls, meta: dict, tensors: dict[str, np.ndarray]) -> "Model":
         """Inverse of export_state. Raises KeyError/ValueError naming a missing or misshapen tensor."""
         config = Config.from_dict(meta["config"])
-        model = cls(config, int(meta["vocab_size"]), dtype=meta["dtype"])
-        for alpha in meta["delta_alphas"]:
-            model.add_delta_module(alpha=float(alpha))
+        model = cls.empty(config, int(meta["vocab_size"]), meta["dtype"], meta["delta_alphas"],
+                          trainable=meta["trainable"])
         expected = model.state_shapes()
         missing = sorted(set(expected) - set(tensors))
         if missing:
@@ -545,9 +543,7 @@ class Model:
             group.step = int(meta["adam_steps"][group.name])
         model.init_embed_snapshot[...] = tensors["init_embed_snapshot"]
         model.rng.bit_generator.state = meta["rng"]
-        for name, flag in meta["trainable"].items():
-            model.trainable[name] = bool(flag)
-        model._rebuild(reallocate=False)
+        model._rebuild(reallocate=False)  # folded weights come from the loaded values
         return model
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
