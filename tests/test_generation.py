@@ -177,7 +177,7 @@ def test_sampling_stack_matches_reference(case):
     ref_ids, ref_probs, _, _ = reference_stack(z, **kw, q=q, alpha=alpha)
     assert ids == ref_ids
     # the kernel's exponentials are float32 (see softmax_t): agreement to float32 precision
-    np.testing.assert_allclose(probs, ref_probs, rtol=2e-6, atol=1e-12)
+    np.testing.assert_allclose(probs, ref_probs, rtol=1e-5, atol=1e-12)
 
 
 def test_entropy_adaptive_temperature_hand_cases():
@@ -188,12 +188,12 @@ def test_entropy_adaptive_temperature_hand_cases():
     assert -(p0 * np.log(p0)).sum() < 0.5
     ids, probs = _decode._sample_stack_memview(z, None, 0.85, 0.5, 1.5, 1.2, 0.8, **off)
     want = np.exp(z / (0.85 * 1.2)) / np.exp(z / (0.85 * 1.2)).sum()
-    np.testing.assert_allclose(probs, want[ids], rtol=2e-6)
+    np.testing.assert_allclose(probs, want[ids], rtol=1e-5)
     # a flat distribution over 8 tokens (H = ln 8 > 1.5): focused by 0.8
     z = np.linspace(0, 0.5, 8)
     ids, probs = _decode._sample_stack_memview(z, None, 1.0, 0.5, 1.5, 1.2, 0.8, **off)
     want = np.exp(z / 0.8) / np.exp(z / 0.8).sum()
-    np.testing.assert_allclose(probs, want[ids], rtol=2e-6)
+    np.testing.assert_allclose(probs, want[ids], rtol=1e-5)
 
 
 def test_filters_hand_cases():
@@ -207,7 +207,7 @@ def test_filters_hand_cases():
     ids, _ = _decode._sample_stack_memview(z, None, **common, min_p=0.0, typical_p=1.0, top_p=0.8, top_k=0)
     assert ids == [0, 1, 2]  # 0.5 + 0.25 < 0.8 <= 0.9
     ids, probs = _decode._sample_stack_memview(z, None, **common, min_p=0.0, typical_p=1.0, top_p=1.0, top_k=0)
-    np.testing.assert_allclose(probs, p, rtol=2e-6)
+    np.testing.assert_allclose(probs, p, rtol=1e-5)
     # greedy
     ids, probs = _decode._sample_stack_memview(z, None, 0.0, 0.5, 1.5, 1.2, 0.8, 0.0, 1.0, 1.0, 0)
     assert ids == [0] and probs.tolist() == [1.0]

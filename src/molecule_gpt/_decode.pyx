@@ -45,6 +45,12 @@ import numpy as np
 cdef extern from "fastmath.h" nogil:
     float mg_expf(float x)
 
+cdef extern from "rows.h" nogil:   # omp-simd row reductions (shared with the training core)
+    float mg_row_max_f(const float* x, Py_ssize_t n)
+    float mg_row_exp_sum_f(float* x, Py_ssize_t n, float shift)
+    float mg_row_dot_f(const float* a, const float* b, Py_ssize_t n)
+    double mg_row_dot_d(const double* a, const double* b, Py_ssize_t n)
+
 ctypedef fused floating:
     float
     double
@@ -325,21 +331,36 @@ ctypedef struct Buf:
     void* logits    # (V,)
 
 
+cdef inline floating dot(const floating* a, const floating* b, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        return mg_row_dot_f(a, b, n)
+    else:
+        return mg_row_dot_d(a, b, n)
+
+
 cdef void attend_row(floating* y, floating* att, floating* pat_out, const floating* q,
                      const floating* hrow, const floating* kc, const floating* vc, const WNet* net,
                      const WLayer* Lw, int nk) noexcept nogil:
     """y (C) = attention output of one query (q rotated, hrow its normalized input) over the
-    nk cached keys/values kc, vc (nk, C). att, pat_out: scratch of T entries."""
-    cdef Py_ssize_t hh, j, C = net.C, d = net.d
+    nk cached keys/values kc, vc (nk, C). att, pat_out: scratch of T entries.
+    Plain loops (vectorized dots of d entries), not BLAS: these products are d x nk, and the
+    ~20 gemv calls per token they took cost more in call overhead than in arithmetic."""
+    cdef Py_ssize_t hh, j, i, C = net.C, d = net.d
     cdef int kind
-    cdef floating scale = <floating>(1.0 / sqrt(<double>d)), fa
+    cdef floating scale = <floating>(1.0 / sqrt(<double>d)), fa, w
+    cdef const floating* pat
+    cdef const floating* vrow
+    cdef floating* yh
     for hh in range(net.H):
         kind = net.head_type[hh]
         if kind != HEAD_RRPRAM:
-            gemv_rm(att, kc + hh * d, q + hh * d, nk, <int>d, <int>C, scale, 0)
+            for j in range(nk):
+                att[j] = scale * dot(kc + j * C + hh * d, q + hh * d, d)
         if kind != HEAD_CONTENT:
             # pattern logits of the nk keys: rows 0..nk-1 of W_pattern (T, d) times h_h
-            gemv_rm(pat_out, <const floating*>Lw.pat[hh], hrow + hh * d, nk, <int>d, <int>d, 1, 0)
+            pat = <const floating*>Lw.pat[hh]
+            for j in range(nk):
+                pat_out[j] = dot(pat + j * d, hrow + hh * d, d)
             if kind == HEAD_RRPRAM:
                 for j in range(nk):
                     att[j] = pat_out[j]
@@ -348,7 +369,14 @@ cdef void attend_row(floating* y, floating* att, floating* pat_out, const floati
                 for j in range(nk):
                     att[j] = (1 - fa) * att[j] + fa * pat_out[j]
         softmax_row(att, nk)
-        gemv_rm_t(y + hh * d, vc + hh * d, att, nk, <int>d, <int>C, 1, 0)
+        yh = y + hh * d
+        for i in range(d):
+            yh[i] = 0
+        for j in range(nk):
+            w = att[j]
+            vrow = vc + j * C + hh * d
+            for i in range(d):
+                yh[i] = yh[i] + w * vrow[i]
 
 
 cdef void step_forward(floating* tag, const WNet* net, Buf* b, int tok, int pos) noexcept nogil:
@@ -445,6 +473,22 @@ cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids
             rope_row(QKV + i * C3 + C, <const floating*>net.cos_t, <const floating*>net.sin_t, <int>i, net.H, d)
             memcpy(kc + i * C, QKV + i * C3 + C, C * sizeof(floating))
             memcpy(vc + i * C, QKV + i * C3 + 2 * C, C * sizeof(floating))
+        if l == net.L - 1 and stds == NULL:
+            # The last layer's keys and values are cached; the rest of it only matters for the
+            # last row (the logits): attention, wo and the MLP of that row alone (~40% of a
+            # 2-layer prefill saved, results identical up to summation order).
+            i = N - 1
+            attend_row(Y, S, P, QKV + i * C3, Hn + i * C, kc, vc, net, Lw, N)
+            gemv_rm(O, <const floating*>Lw.wo, Y, <int>C, <int>C, <int>C, 1, 0)
+            for j in range(C):
+                X[i * C + j] = X[i * C + j] + O[j]
+            rmsnorm_row(Hn, X + i * C, C)
+            gemv_rm(GU, <const floating*>Lw.fcgv, Hn, <int>(2 * F), <int>C, <int>C, 1, 0)
+            gate_row(A, GU, GU + F, F, net.act)
+            gemv_rm(O, <const floating*>Lw.fc2, A, <int>C, <int>F, <int>F, 1, 0)
+            for j in range(C):
+                X[i * C + j] = X[i * C + j] + O[j]
+            break
         for hh in range(net.H):
             kind = net.head_type[hh]
             if kind != HEAD_RRPRAM:   # S (N, N) = scale Q_h K_h^T
@@ -585,69 +629,59 @@ cdef void cand_sort(Cand* c, Py_ssize_t n, int by_key) noexcept nogil:
         c[j + 1] = tmp
 
 
-cdef void cand_select(Cand* c, Py_ssize_t n, Py_ssize_t k) noexcept nogil:
-    """Reorder c so that c[0:k] are the k highest-p candidates (in no particular order)."""
-    cdef Py_ssize_t lo = 0, hi = n - 1, i, j, mid
-    cdef Cand pivot, tmp
-    while hi > lo:
-        mid = lo + (hi - lo) // 2
-        if cand_before(&c[mid], &c[lo], 0):
-            tmp = c[mid]; c[mid] = c[lo]; c[lo] = tmp
-        if cand_before(&c[hi], &c[lo], 0):
-            tmp = c[hi]; c[hi] = c[lo]; c[lo] = tmp
-        if cand_before(&c[hi], &c[mid], 0):
-            tmp = c[hi]; c[hi] = c[mid]; c[mid] = tmp
-        pivot = c[mid]
-        i = lo
-        j = hi
-        while i <= j:
-            while cand_before(&c[i], &pivot, 0):
-                i += 1
-            while cand_before(&pivot, &c[j], 0):
-                j -= 1
-            if i <= j:
-                tmp = c[i]; c[i] = c[j]; c[j] = tmp
-                i += 1
-                j -= 1
-        if k - 1 <= j:
-            hi = j
-        elif k - 1 >= i:
-            lo = i
-        else:
-            return
-
-
-cdef double softmax_t(double* p, const double* z, Py_ssize_t V, double inv_t) noexcept nogil:
+cdef double softmax_t(double* p, const float* z, Py_ssize_t V, double inv_t, float* scratch,
+                      double* pmax=NULL) noexcept nogil:
     """p = softmax(z * inv_t) over V (z = -inf gives exactly 0); returns the entropy of p in
-    nats, as H = log Z - inv_t sum_i p_i (z_i - max z), which needs no per-token log.
-    The exponentials are float32 (mg_expf, ~2 ulp): a sampling distribution needs no more, and
-    the loop vectorizes (libm's double exp was half of a token's sampling time). p is used as
-    float scratch for them first (the float32 values occupy its first half)."""
+    nats as H = log Z - sum_i p_i x_i with x_i = (z_i - max z) inv_t, which needs no per-token
+    log; *pmax (if given) receives max p = 1 / Z. scratch: 2V floats.
+    Sampling works in float32: exponentials by mg_expf (~2 ulp) and the sums as omp-simd
+    reductions (csrc/rows.h), so every pass vectorizes; a sampling distribution needs no more
+    precision (libm's double exp alone was half of a token's sampling time)."""
     cdef Py_ssize_t i
-    cdef double mx = -INFINITY, total = 0, s = 0, inv
-    cdef float* e = <float*>p
-    cdef float ft = <float>inv_t, fmx
-    for i in range(V):
-        if z[i] > mx:
-            mx = z[i]
+    cdef float* x = scratch
+    cdef float* e = scratch + V
+    cdef float mx = mg_row_max_f(z, V), ft = <float>inv_t, shift, v
+    cdef float lo = -87.0   # exp(lo) ~ 1e-38: banned tokens stay finite in the sums, zeroed below
+    cdef double total, inv
     if mx == -INFINITY:
         memset(p, 0, V * sizeof(double))
+        if pmax != NULL:
+            pmax[0] = 0
         return 0.0
-    fmx = <float>mx
-    for i in range(V):  # vectorizes: a select, no branch
-        e[i] = mg_expf((<float>z[i] - fmx) * ft) if z[i] > -INFINITY else <float>0
+    shift = mx * ft
     for i in range(V):
-        total += e[i]
-        if e[i] > 0:
-            s += e[i] * (z[i] - mx)
+        v = z[i] * ft - shift
+        v = v if v > lo else lo
+        x[i] = v
+        e[i] = v
+    total = mg_row_exp_sum_f(e, V, 0)
     inv = 1.0 / total
-    for i in range(V - 1, -1, -1):  # widen in place, from the end (e[i] lives in the first half)
-        p[i] = e[i] * inv
-    return log(total) - inv_t * s * inv
+    for i in range(V):
+        p[i] = e[i] * inv if z[i] > -INFINITY else 0.0
+    if pmax != NULL:
+        pmax[0] = inv   # the largest logit has e = exp(0) = 1
+    return log(total) - mg_row_dot_f(e, x, V) * inv
 
 
-cdef Py_ssize_t sample_stack(Cand* cand, double* p, const double* z, const double* q, Py_ssize_t V,
-                             const SampleC* sp) noexcept nogil:
+cdef inline void heap_sift(Cand* h, Py_ssize_t n, Py_ssize_t i) noexcept nogil:
+    """Restore the heap below i: every parent comes after its children in cand order (the root
+    is the worst of the kept candidates)."""
+    cdef Py_ssize_t c
+    cdef Cand tmp
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            return
+        if c + 1 < n and cand_before(&h[c], &h[c + 1], 0):
+            c += 1  # the worse child
+        if not cand_before(&h[i], &h[c], 0):
+            return
+        tmp = h[i]; h[i] = h[c]; h[c] = tmp
+        i = c
+
+
+cdef Py_ssize_t sample_stack(Cand* cand, double* p, const float* z, const double* q, Py_ssize_t V,
+                             const SampleC* sp, float* scratch) noexcept nogil:
     """The built-in stack of SPEC §4 on logits z (banned tokens already -inf, penalty applied):
     entropy H at the base temperature; temperature x boost when H < entropy_low, x focus when
     H > entropy_high; blend with the field q (when q != NULL): a p + (1 - a) q; then min-p,
@@ -655,8 +689,8 @@ cdef Py_ssize_t sample_stack(Cand* cand, double* p, const double* z, const doubl
     unnormalized) and returns their count (>= 1 unless every token is banned).
     Note: min-p and top-k both keep a top set, so they commute; min-p runs first because its
     threshold is one pass and leaves top-k fewer candidates to select from."""
-    cdef Py_ssize_t i, n = 0, m
-    cdef double H, t, pmax = 0, thr, mass, cum, a = sp.model_alpha
+    cdef Py_ssize_t i, n = 0, m, k
+    cdef double H, t, pmax = 0, thr, mass, cum, pi, a = sp.model_alpha
     if sp.temperature <= 0 and q == NULL:   # greedy: the largest logit
         m = -1
         for i in range(V):
@@ -669,7 +703,7 @@ cdef Py_ssize_t sample_stack(Cand* cand, double* p, const double* z, const doubl
         cand[0].i = <int>m
         return 1
     if sp.temperature <= 0:     # greedy: the most probable token of the blended distribution
-        softmax_t(p, z, V, 1.0)
+        softmax_t(p, z, V, 1.0, scratch)
         if q != NULL:
             for i in range(V):
                 p[i] = a * p[i] + (1 - a) * q[i]
@@ -683,32 +717,39 @@ cdef Py_ssize_t sample_stack(Cand* cand, double* p, const double* z, const doubl
         cand[0].key = 0
         cand[0].i = <int>m
         return 1
-    H = softmax_t(p, z, V, 1.0 / sp.temperature)
+    H = softmax_t(p, z, V, 1.0 / sp.temperature, scratch, &pmax)
     t = sp.temperature
     if H < sp.entropy_low:
         t = t * sp.boost
     elif H > sp.entropy_high:
         t = t * sp.focus
     if t != sp.temperature:
-        softmax_t(p, z, V, 1.0 / t)
+        softmax_t(p, z, V, 1.0 / t, scratch, &pmax)
     if q != NULL:
+        pmax = 0
         for i in range(V):
             p[i] = a * p[i] + (1 - a) * q[i]
-    for i in range(V):
-        if p[i] > pmax:
-            pmax = p[i]
+            if p[i] > pmax:
+                pmax = p[i]
     if pmax <= 0:
         return 0
     thr = sp.min_p * pmax
+    k = sp.top_k if 0 < sp.top_k < V else V
     for i in range(V):
-        if p[i] > 0 and p[i] >= thr:
-            cand[n].p = p[i]
-            cand[n].key = 0
-            cand[n].i = <int>i
-            n += 1
-    if sp.top_k > 0 and n > sp.top_k:
-        cand_select(cand, n, sp.top_k)
-        n = sp.top_k
+        pi = p[i]
+        if pi > 0 and pi >= thr:
+            if n < k:
+                cand[n].p = pi
+                cand[n].key = 0
+                cand[n].i = <int>i
+                n += 1
+                if n == k and k < V:
+                    for m in range(k // 2 - 1, -1, -1):
+                        heap_sift(cand, k, m)
+            elif pi > cand[0].p:  # better than the worst kept (ids ascend, so ties keep the first)
+                cand[0].p = pi
+                cand[0].i = <int>i
+                heap_sift(cand, k, 0)
     cand_sort(cand, n, 0)
     if sp.typical_p < 1 and n > 1:
         mass = 0
@@ -779,7 +820,7 @@ cdef inline Py_ssize_t lower_bound(const int64_t* keys, Py_ssize_t n, int64_t ke
     return lo
 
 
-cdef int field_dist(double* q, const FieldC* f, const int* hist, Py_ssize_t nh, const double* z,
+cdef int field_dist(double* q, const FieldC* f, const int* hist, Py_ssize_t nh, const float* z,
                     double inv_t, int min_level) noexcept nogil:
     """q (V) = the field's next-token distribution after hist[0:nh], proportional to
     count^(1/T), from the most specific level (3 trigram, 2 bigram, 1 unigram) >= min_level
@@ -896,8 +937,11 @@ cdef class Decoder:
     cdef int rep_guard, eos, use_model, started, finished
     cdef int* counts            # (V,) generated-token counts (frequency penalty)
     cdef uint8_t* banned        # (V,) never sampled (BOS, PAD)
+    cdef int* banned_ids        # (V,) the same as a list
+    cdef Py_ssize_t n_banned
     cdef uint8_t* sentence_end  # (V,) token ends with . ! or ?
-    cdef double* z              # (V,) working logits
+    cdef float* z               # (V,) working logits
+    cdef float* fscratch        # (2V,) softmax scratch
     cdef double* p              # (V,) probabilities
     cdef double* q              # (V,) field distribution
     cdef Cand* cand             # (V,)
@@ -909,8 +953,10 @@ cdef class Decoder:
         self.hist = NULL
         self.counts = NULL
         self.banned = NULL
+        self.banned_ids = NULL
         self.sentence_end = NULL
         self.z = NULL
+        self.fscratch = NULL
         self.p = NULL
         self.q = NULL
         self.cand = NULL
@@ -929,13 +975,16 @@ cdef class Decoder:
         self.win = <int*>calloc(block_size + 1, sizeof(int))
         self.counts = <int*>calloc(vocab_size, sizeof(int))
         self.banned = <uint8_t*>calloc(vocab_size, 1)
+        self.banned_ids = <int*>calloc(vocab_size, sizeof(int))
         self.sentence_end = <uint8_t*>calloc(vocab_size, 1)
-        self.z = <double*>calloc(vocab_size, sizeof(double))
+        self.z = <float*>calloc(vocab_size, sizeof(float))
+        self.fscratch = <float*>calloc(2 * vocab_size, sizeof(float))
         self.p = <double*>calloc(vocab_size, sizeof(double))
         self.q = <double*>calloc(vocab_size, sizeof(double))
         self.cand = <Cand*>calloc(vocab_size, sizeof(Cand))
         if (self.win == NULL or self.counts == NULL or self.banned == NULL or self.sentence_end == NULL
-                or self.z == NULL or self.p == NULL or self.q == NULL or self.cand == NULL):
+                or self.z == NULL or self.p == NULL or self.q == NULL or self.cand == NULL or self.banned_ids == NULL
+                or self.fscratch == NULL):
             raise MemoryError()
         if weights is None:
             self.net = NULL
@@ -966,8 +1015,10 @@ cdef class Decoder:
         free(self.hist)
         free(self.counts)
         free(self.banned)
+        free(self.banned_ids)
         free(self.sentence_end)
         free(self.z)
+        free(self.fscratch)
         free(self.p)
         free(self.q)
         free(self.cand)
@@ -1079,6 +1130,7 @@ cdef class Decoder:
               Py_ssize_t min_new, int rep_guard, int eos, banned, sentence_end, seed):
         """Prepare a generation after prompt_ids (validated by the caller): prefill the model
         (unless model_alpha == 0: field only) and seed the random state."""
+        cdef Py_ssize_t j
         arr = self._ids(prompt_ids, "prompt_ids")
         if arr.shape[0] == 0:
             raise ValueError("the prompt must hold at least one token (<BOS>)")
@@ -1120,6 +1172,11 @@ cdef class Decoder:
         if bv.shape[0] != self.V or sv.shape[0] != self.V:
             raise ValueError("banned and sentence_end need one entry per token")
         memcpy(self.banned, &bv[0], self.V)
+        self.n_banned = 0
+        for j in range(self.V):
+            if self.banned[j]:
+                self.banned_ids[self.n_banned] = <int>j
+                self.n_banned += 1
         memcpy(self.sentence_end, &sv[0], self.V)
         if seed is None:
             seed = int.from_bytes(np.random.SeedSequence().generate_state(2, np.uint64).tobytes()[:8], "little")
@@ -1133,24 +1190,24 @@ cdef class Decoder:
     cdef Py_ssize_t _distribution(self) noexcept nogil:
         """Build the candidate set for the next token from the current logits; returns its size."""
         cdef Py_ssize_t i, n, best, V = self.V, n_new = self.nh - self.n_prompt
-        cdef double* z = self.z
+        cdef float* z = self.z
         cdef const double* qp = NULL
         cdef double inv_t
+        cdef double fp = self.sp.freq_penalty
         if self.use_model:
             if self.is_double:
                 for i in range(V):
-                    z[i] = (<double*>self.b.logits)[i]
+                    z[i] = <float>(<double*>self.b.logits)[i]
             else:
+                memcpy(z, self.b.logits, V * sizeof(float))
+            if fp != 0:
                 for i in range(V):
-                    z[i] = (<float*>self.b.logits)[i]
-            for i in range(V):
-                z[i] -= self.sp.freq_penalty * self.counts[i]
+                    z[i] = <float>(z[i] - fp * self.counts[i])
         else:
             for i in range(V):
                 z[i] = 0
-        for i in range(V):
-            if self.banned[i]:
-                z[i] = -INFINITY
+        for i in range(self.n_banned):
+            z[self.banned_ids[i]] = -INFINITY
         if n_new < self.min_new:    # <EOS> before min_gen_tokens is ignored: never sampled
             z[self.eos] = -INFINITY
         if not self.use_model:      # field alone: trigram -> bigram -> unigram, count^(1/T)
@@ -1176,7 +1233,7 @@ cdef class Decoder:
             inv_t = 1.0 / self.sp.temperature if self.sp.temperature > 0 else 1.0
             if field_dist(self.q, &self.field.f, self.hist, self.nh, z, inv_t, 2) > 0:
                 qp = self.q
-        return sample_stack(self.cand, self.p, z, qp, V, &self.sp)
+        return sample_stack(self.cand, self.p, z, qp, V, &self.sp, self.fscratch)
 
     def run(self, Py_ssize_t limit, processors=None):
         """Generate up to `limit` more tokens; returns (new_ids, stop_reason or None).
@@ -1262,8 +1319,10 @@ cdef class Decoder:
             if lv[best] == -INFINITY:
                 raise _no_token_error()
             return best
+        for j in range(self.V):
+            self.z[j] = <float>lv[j]
         with nogil:
-            softmax_t(self.p, &lv[0], self.V, 1.0)
+            softmax_t(self.p, self.z, self.V, 1.0, self.fscratch)
         n = 0
         for j in range(self.V):
             if self.p[j] > 0:
@@ -1314,18 +1373,23 @@ def _processor_error(proc, what):
 # ---------------------------------------------------------------------------------------------
 # test twins of the sampling kernels
 
-def _sample_stack_memview(double[::1] z, q, double temperature, double entropy_low, double entropy_high,
+def _sample_stack_memview(z, q, double temperature, double entropy_low, double entropy_high,
                           double boost, double focus, double min_p, double typical_p, double top_p,
                           int top_k, double model_alpha=1.0):
-    """(ids, probs) of the candidates the built-in stack keeps, sorted by probability
-    descending, probabilities renormalized over the candidates."""
+    """(ids, probs) of the candidates the built-in stack keeps for logits z (cast to float32,
+    as the decoder samples), sorted by probability descending, probabilities renormalized
+    over the candidates."""
     cdef SampleC sp
-    cdef Py_ssize_t V = z.shape[0], n, j
+    zf = np.ascontiguousarray(z, dtype=np.float32)
+    cdef float[::1] zv = zf
+    cdef Py_ssize_t V = zv.shape[0], n, j
     sp.temperature, sp.entropy_low, sp.entropy_high = temperature, entropy_low, entropy_high
     sp.boost, sp.focus, sp.min_p, sp.typical_p, sp.top_p = boost, focus, min_p, typical_p, top_p
     sp.top_k, sp.freq_penalty, sp.model_alpha = top_k, 0.0, model_alpha
     p = np.zeros(V)
+    scratch = np.zeros(2 * V, np.float32)
     cdef double[::1] pv = p
+    cdef float[::1] sv = scratch
     cdef double[::1] qv
     cdef const double* qp = NULL
     if q is not None:
@@ -1334,7 +1398,7 @@ def _sample_stack_memview(double[::1] z, q, double temperature, double entropy_l
     cdef Cand* cand = <Cand*>calloc(V, sizeof(Cand))
     if cand == NULL:
         raise MemoryError()
-    n = sample_stack(cand, &pv[0], &z[0], qp, V, &sp)
+    n = sample_stack(cand, &pv[0], &zv[0], qp, V, &sp, &sv[0])
     ids = [cand[j].i for j in range(n)]
     probs = np.array([cand[j].p for j in range(n)])
     free(cand)
