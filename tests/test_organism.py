@@ -214,6 +214,16 @@ def test_poisoned_burst_rolled_back_bit_identical_clean_burst_accepted(warmed, t
     assert (st["bursts"], st["accepted_bursts"], st["rolled_back_bursts"]) == (3, 2, 1)
 
 
+def test_non_finite_burst_is_rolled_back(warmed, tmp_path):
+    org = clone(warmed, tmp_path)
+    assert org.train_burst().accepted
+    snap = all_state(org)
+    report = org.train_burst(lr=1e30)  # parameters overflow to inf, then the loss is NaN
+    assert not report.accepted and report.reason == "non_finite" and report.steps < org.config.micro_steps
+    assert_bit_identical(all_state(org), snap)
+    assert org.train_burst().accepted
+
+
 def test_shuffled_text_burst_is_rejected(warmed, tmp_path):
     org = clone(warmed, tmp_path)
     rng = random.Random(0)
@@ -430,8 +440,10 @@ def test_save_load_continues_exactly(warmed, tmp_path):
 
 
 def _concurrency_run(seconds: float, n_threads: int = 4):
+    # BPE switches on (and retrains) while the threads run: vocabulary growth under load
     cfg = small_config(warmup_steps=60, train_tick_seconds=0.01, micro_steps=6, qb_min_bytes=1, delta_grow_prob=0.3,
-                       max_delta_modules=4)
+                       max_delta_modules=4, enable_bpe_after_chars=11000, bpe_retrain_every_chars=2000,
+                       bpe_num_merges=30)
     org = Organism(cfg, LINES, seed=9)
     errors, outputs = [], []
     stop = threading.Event()
@@ -470,7 +482,7 @@ def _concurrency_run(seconds: float, n_threads: int = 4):
     st = org.stats()
     print(f"{seconds}s: {len(outputs)} generations, {st['steps']} steps, {st['bursts']} bursts, "
           f"{len(st['delta_modules'])} modules")
-    assert outputs and st["warmed_up"] and st["bursts"] > 0
+    assert outputs and st["warmed_up"] and st["bursts"] > 0 and st["bpe"]
     assert not st["background"]["running"] and st["background"]["error"] is None
     return org
 

@@ -501,7 +501,7 @@ class Organism:
             raise ValueError(f"speaker must be a non-empty str (e.g. 'H' or 'A') or None, got {speaker!r}")
         prefix = f"{speaker.strip()}: " if speaker else ""
         lines = [prefix + s for s in _split_sentences(text, self.config.max_line_chars - len(prefix))]
-        with self._lock:
+        with self._structure.read(), self._lock:  # never between a tokenizer change and the rebuild
             added = self.reservoir.add(lines)
             if not added:
                 return 0

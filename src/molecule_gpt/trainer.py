@@ -270,6 +270,9 @@ class Trainer:
                     comps["hybrid_alphas"].append(rng(f"l{i}.h{h}.alpha"))
             comps["attn_out"].append(rng(f"l{i}.wo"))
             comps["mlp"] += [rng(f"l{i}.fc_g"), rng(f"l{i}.fc_v"), rng(f"l{i}.fc2")]
+        covered = sum(b - a for slices in comps.values() for a, b in slices)
+        if covered != base.size:  # the finiteness check relies on the components covering the base
+            raise AssertionError(f"gradient components cover {covered} of {base.size} base parameters")
         self._components = (key, comps)
         return comps
 
@@ -291,10 +294,6 @@ class Trainer:
             out["active_delta"] = None
         return out
 
-    def _trainable_grads_finite(self) -> bool:
-        m = self.model
-        return all(bool(np.isfinite(g.grad).all()) for n, g in m.groups.items() if m.trainable[n])
-
     def _sample(self, pool: Sequence[Sequence[int]], n: int) -> list:
         """n sequences drawn uniformly with replacement; longer than block_size + 1 -> a random
         window of block_size + 1 tokens."""
@@ -308,7 +307,10 @@ class Trainer:
             out.append(seq)
         return out
 
-    def _step(self, batch, lr: float, phase: str, active: str | None, extra: dict | None = None) -> float:
+    def _step(self, batch, lr: float, phase: str, active: str | None, extra: dict | None = None) -> tuple[float, bool]:
+        """One optimizer step with telemetry; returns (loss, every trainable gradient finite).
+        Finiteness comes from the per-component norms the telemetry computes anyway (a sum of
+        squares is finite only if every term is), so it costs no extra pass."""
         t0 = time.perf_counter()
         loss = self.model.train_step(batch, lr)
         dt = time.perf_counter() - t0
@@ -318,12 +320,14 @@ class Trainer:
         self.tokens_per_second = tps if self.tokens_per_second is None else 0.9 * self.tokens_per_second + 0.1 * tps
         self.steps += 1
         self.last_loss = loss
+        norms = self.grad_norms(active)
         record = {"phase": phase, "step": self.steps, "loss": loss, "lr": lr, "tokens_per_s": tps,
-                  "seconds": dt, "grad_norm": self.grad_norms(active)}
+                  "seconds": dt, "grad_norm": norms}
         if extra:
             record.update(extra)
         self.emit(record)
-        return loss
+        finite = all(v is None or math.isfinite(v) for v in norms.values())
+        return loss, finite
 
     # ---- warmup
 
@@ -357,10 +361,10 @@ class Trainer:
             extra = {}
             last = s == steps - 1
             evaluate = val and ((start + s + 1) % c.eval_interval == 0 or (last and finish))
-            loss = self._step(batch, lr, "warmup", None)
+            loss, finite = self._step(batch, lr, "warmup", None)
             done += 1
             self.warmup_steps_done += 1
-            if not math.isfinite(loss) or not self._trainable_grads_finite():
+            if not math.isfinite(loss) or not finite:
                 raise TrainingError(f"warmup diverged at step {self.steps} (loss {loss}); lower Config.learning_rate "
                                     f"(now {c.learning_rate}) or Config.grad_clip")
             if evaluate:
@@ -444,11 +448,11 @@ class Trainer:
             if not replay:
                 n_replay = 0
             batch = self._sample(replay, n_replay) + self._sample(new, c.batch_size - n_replay)
-            loss = self._step(batch, lr_used, "burst", active)
+            loss, finite = self._step(batch, lr_used, "burst", active)
             steps += 1
             first = loss if first is None else first
             last = loss
-            if not math.isfinite(loss) or not self._trainable_grads_finite():
+            if not math.isfinite(loss) or not finite:
                 reason = "non_finite"
                 break
         loss_after = None
