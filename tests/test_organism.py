@@ -439,7 +439,7 @@ def test_save_load_continues_exactly(warmed, tmp_path):
 # background training and concurrency
 
 
-def _concurrency_run(seconds: float, n_threads: int = 4):
+def _concurrency_run(seconds: float, n_threads: int = 4, save_to=None):
     # BPE switches on (and retrains) while the threads run: vocabulary growth under load
     cfg = small_config(warmup_steps=60, train_tick_seconds=0.01, micro_steps=6, qb_min_bytes=1, delta_grow_prob=0.3,
                        max_delta_modules=4, enable_bpe_after_chars=11000, bpe_retrain_every_chars=2000,
@@ -474,7 +474,12 @@ def _concurrency_run(seconds: float, n_threads: int = 4):
         threads = [threading.Thread(target=talk, args=(i,)) for i in range(n_threads)] + [threading.Thread(target=listen)]
         for t in threads:
             t.start()
-        time.sleep(seconds)
+        if save_to is not None:
+            time.sleep(seconds / 2)
+            org.save(save_to)  # while everything runs
+            time.sleep(seconds / 2)
+        else:
+            time.sleep(seconds)
         stop.set()
         for t in threads:
             t.join()
@@ -487,8 +492,14 @@ def _concurrency_run(seconds: float, n_threads: int = 4):
     return org
 
 
-def test_background_training_with_concurrent_generation():
-    _concurrency_run(3.0)
+def test_background_training_with_concurrent_generation(tmp_path):
+    _concurrency_run(3.0, save_to=tmp_path / "live.ckpt")
+    loaded = Organism.load(tmp_path / "live.ckpt")
+    # one consistent moment: the base trains only in warmup, so its Adam steps equal the
+    # trainer's warmup count, and every module the trainer knows exists in the model
+    assert loaded.model.groups["base"].step == loaded.trainer.warmup_steps_done
+    assert len(loaded.trainer.modules) == loaded.model.n_delta
+    assert isinstance(loaded.generate("The cat", seed=0), str)
 
 
 @pytest.mark.slow

@@ -506,6 +506,9 @@ class Organism:
             if not added:
                 return 0
             ids = [self._encode(x) for x in added]
+            if len(self._ids_cache) > 2 * (self.config.max_corpus_lines + len(self.val_lines)):
+                keep = set(self.reservoir.lines) | set(self.val_lines)  # forget evicted lines
+                self._ids_cache = {k: v for k, v in self._ids_cache.items() if k in keep}
             self._train_ids = [self._encode(x) for x in self.reservoir.lines]
             self.buffer.feed(added, ids)
             self.field.add(ids)
@@ -747,8 +750,10 @@ class Organism:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the organism to one checkpoint file, atomically (see molecule_gpt.checkpoint).
-        Safe while the background trainer runs (one consistent snapshot of the model)."""
-        with self._structure.read():
+        Safe while the background trainer runs: it waits for the current burst (or warmup
+        piece) to end, so the model, its optimizer state and the trainer's counters are one
+        consistent moment; generation is not blocked."""
+        with self._train_lock, self._structure.read():
             state = self.state_dict()
             save_checkpoint(path, self.model, self.tokenizer, state)
 
