@@ -42,3 +42,9 @@ class CorpusError(OrganismError, ValueError):
 class TrainingError(OrganismError, RuntimeError):
     """Training cannot proceed or failed: e.g. the background trainer died (the original
     exception is chained), or a burst was requested before there is anything to train on."""
+
+
+class MemoryStoreError(MoleculeError):
+    """The SQLite memory (messages, corpus events, growth snapshots) could not be opened, read or
+    written: the database is locked by another process, the file is corrupt or not a database,
+    or the disk is full. The message names the file and says what to do."""
