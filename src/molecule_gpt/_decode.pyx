@@ -30,20 +30,33 @@
 # - Arithmetic mirrors _core's forward op for op (rmsnorm accumulated in double, float32 exp
 #   from fastmath.h, the hybrid mix written the same way), so float64 decoding agrees with
 #   Model.logits to ~1e-12; float32 agrees to rounding.
-# - Rejected: a hand-written matvec (without -march=native only SSE2 is available; OpenBLAS's
-#   dynamic-arch AVX2 sgemv is faster at every size we have); computing the pattern logits of
-#   all T keys each step (only the n cached ones are used, so the gemv takes n rows).
+# - No BLAS: the products are csrc/decode_kernels.h (AVX2+FMA chosen at run time, portable
+#   loops otherwise). OpenBLAS was no faster on these shapes, cost a call path per product, and
+#   its threads had to be limited per call, which restarts them spinning at every restore
+#   (they then burned the core the background trainer needs).
+# - Keys are cached transposed per head (H, d, T), and pattern matrices are stored transposed
+#   (d, T): the logits of all cached keys are d contiguous axpys instead of one short dot per key.
+# - Rejected: computing the pattern logits of all T keys each step (only the n cached ones are
+#   used); a second softmax pass fused into the first (it would need three exponentials per
+#   token to cover the three possible temperatures).
 
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memset, memcpy
 from libc.math cimport exp, log, sqrt, fabs, INFINITY, isnan
 from libc.stdint cimport uint64_t, int64_t, uint8_t
-from scipy.linalg.cython_blas cimport sgemv, dgemv, sgemm, dgemm
 
 import numpy as np
 
 cdef extern from "fastmath.h" nogil:
     float mg_expf(float x)
+
+cdef extern from "decode_kernels.h" nogil:  # products without BLAS (see the file's notes)
+    void mg_matvec_f(float* y, const float* A, const float* x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t lda)
+    void mg_matvec_d(double* y, const double* A, const double* x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t lda)
+    void mg_gemm_nt_f(float* C, const float* A, const float* B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                      Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc)
+    void mg_gemm_nt_d(double* C, const double* A, const double* B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                      Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc)
 
 cdef extern from "rows.h" nogil:   # omp-simd row reductions (shared with the training core)
     float mg_row_max_f(const float* x, Py_ssize_t n)
@@ -88,62 +101,22 @@ cdef inline void* data_ptr(object arr):
     return <void*><size_t>arr.__array_interface__["data"][0]
 
 
-cdef inline void gemv_rm(floating* y, const floating* A, const floating* x, int M, int N, int lda,
-                         floating alpha, floating beta) noexcept nogil:
-    """y (M) := alpha A x + beta y;  A (M, N) row-major with leading dim lda, x (N)."""
-    cdef char t = b'T'
-    cdef int one = 1, i
-    if M <= 0:
-        return
-    if N <= 0:
-        for i in range(M):
-            y[i] = beta * y[i] if beta != 0 else 0
-        return
+cdef inline void matvec(floating* y, const floating* A, const floating* x, Py_ssize_t M, Py_ssize_t K,
+                        Py_ssize_t lda) noexcept nogil:
+    """y (M) = A (M, K; row-major, leading dim lda) x (K)."""
     if floating is float:
-        sgemv(&t, &N, &M, &alpha, <float*>A, &lda, <float*>x, &one, &beta, y, &one)
+        mg_matvec_f(y, A, x, M, K, lda)
     else:
-        dgemv(&t, &N, &M, &alpha, <double*>A, &lda, <double*>x, &one, &beta, y, &one)
+        mg_matvec_d(y, A, x, M, K, lda)
 
 
-cdef inline void gemv_rm_t(floating* y, const floating* A, const floating* x, int M, int N, int lda,
-                           floating alpha, floating beta) noexcept nogil:
-    """y (N) := alpha A^T x + beta y;  A (M, N) row-major with leading dim lda, x (M)."""
-    cdef char t = b'N'
-    cdef int one = 1, i
-    if N <= 0:
-        return
-    if M <= 0:
-        for i in range(N):
-            y[i] = beta * y[i] if beta != 0 else 0
-        return
+cdef inline void mm_nt(floating* Cm, const floating* A, const floating* B, Py_ssize_t M, Py_ssize_t N,
+                       Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc) noexcept nogil:
+    """C (M, N) = A (M, K) B^T;  B (N, K). Row-major with leading dims."""
     if floating is float:
-        sgemv(&t, &N, &M, &alpha, <float*>A, &lda, <float*>x, &one, &beta, y, &one)
+        mg_gemm_nt_f(Cm, A, B, M, N, K, lda, ldb, ldc)
     else:
-        dgemv(&t, &N, &M, &alpha, <double*>A, &lda, <double*>x, &one, &beta, y, &one)
-
-
-cdef inline void mm_nt(floating* Cm, const floating* A, const floating* B, int M, int N, int K,
-                       int lda, int ldb, int ldc, floating alpha, floating beta) noexcept nogil:
-    """C (M, N) := alpha A (M, K) B^T + beta C;  B (N, K). Row-major with leading dims."""
-    cdef char ta = b'T', tb = b'N'
-    if M <= 0 or N <= 0 or K <= 0:
-        return
-    if floating is float:
-        sgemm(&ta, &tb, &N, &M, &K, &alpha, <float*>B, &ldb, <float*>A, &lda, &beta, Cm, &ldc)
-    else:
-        dgemm(&ta, &tb, &N, &M, &K, &alpha, <double*>B, &ldb, <double*>A, &lda, &beta, Cm, &ldc)
-
-
-cdef inline void mm_nn(floating* Cm, const floating* A, const floating* B, int M, int N, int K,
-                       int lda, int ldb, int ldc, floating alpha, floating beta) noexcept nogil:
-    """C (M, N) := alpha A (M, K) B (K, N) + beta C."""
-    cdef char ta = b'N', tb = b'N'
-    if M <= 0 or N <= 0 or K <= 0:
-        return
-    if floating is float:
-        sgemm(&ta, &tb, &N, &M, &K, &alpha, <float*>B, &ldb, <float*>A, &lda, &beta, Cm, &ldc)
-    else:
-        dgemm(&ta, &tb, &N, &M, &K, &alpha, <double*>B, &ldb, <double*>A, &lda, &beta, Cm, &ldc)
+        mg_gemm_nt_d(Cm, A, B, M, N, K, lda, ldb, ldc)
 
 
 cdef inline void rmsnorm_row(floating* y, const floating* x, Py_ssize_t C) noexcept nogil:
@@ -209,7 +182,7 @@ ctypedef struct WLayer:
     void* wo        # (C, C)
     void* fcgv      # (2F, C)  fc_g; fc_v stacked
     void* fc2       # (C, F)
-    void** pat      # (H,) (T, d) pattern matrices of rrpram/hybrid heads, NULL for content
+    void** pat      # (H,) (d, T) pattern matrices of rrpram/hybrid heads, transposed; NULL for content
     double* mix     # (H,) sigmoid(alpha) of hybrid heads
 
 ctypedef struct WNet:
@@ -290,7 +263,7 @@ cdef class Weights:
             Lw.fc2 = data_ptr(check(layer["fc2"], (C, F), f"layer {l} fc2"))
             for h in range(n_head):
                 if self.net.head_type[h] != HEAD_CONTENT:
-                    Lw.pat[h] = data_ptr(check(layer["pat"][h], (T, d), f"layer {l} head {h} w_pattern"))
+                    Lw.pat[h] = data_ptr(check(layer["pat"][h], (d, T), f"layer {l} head {h} w_pattern^T"))
                 if self.net.head_type[h] == HEAD_HYBRID:
                     Lw.mix[h] = float(layer["mix"][h])
         self.keep = keep
@@ -320,13 +293,13 @@ ctypedef struct Buf:
     void* X         # (T, C)     residual stream
     void* Hn        # (T, C)     normalized input of the current block
     void* QKV       # (T, 3C)
-    void* S         # (T, T)     attention logits/weights of one head
-    void* P         # (T, T)     pattern logits of one head
+    void* S         # (T, T)     attention logits/weights of one query (row 0 used)
+    void* P         # (T, T)     pattern logits of one query (row 0 used)
     void* Y         # (T, C)     concatenated head outputs
     void* O         # (T, C)     a block's output before the residual add
     void* GU        # (T, 2F)    fc_g and fc_v outputs
     void* A         # (T, F)     gated activation
-    void* kc        # (L, T, C)  rotated keys of the window
+    void* kc        # (L, H, d, T) rotated keys of the window, transposed per head
     void* vc        # (L, T, C)  values of the window
     void* logits    # (V,)
 
@@ -339,28 +312,36 @@ cdef inline floating dot(const floating* a, const floating* b, Py_ssize_t n) noe
 
 
 cdef void attend_row(floating* y, floating* att, floating* pat_out, const floating* q,
-                     const floating* hrow, const floating* kc, const floating* vc, const WNet* net,
+                     const floating* hrow, const floating* kt, const floating* vc, const WNet* net,
                      const WLayer* Lw, int nk) noexcept nogil:
-    """y (C) = attention output of one query (q rotated, hrow its normalized input) over the
-    nk cached keys/values kc, vc (nk, C). att, pat_out: scratch of T entries.
-    Plain loops (vectorized dots of d entries), not BLAS: these products are d x nk, and the
-    ~20 gemv calls per token they took cost more in call overhead than in arithmetic."""
-    cdef Py_ssize_t hh, j, i, C = net.C, d = net.d
+    """y (C) = attention output of one query (q rotated, hrow its normalized input) over the nk
+    cached keys kt (H, d, T; transposed) and values vc (nk, C). att, pat_out: scratch of T.
+    Keys and pattern matrices are stored transposed so that the logits of all nk keys are d
+    vectorized axpys over contiguous memory (no per-key horizontal sums, no tiny BLAS calls)."""
+    cdef Py_ssize_t hh, j, i, C = net.C, d = net.d, T = net.T
     cdef int kind
     cdef floating scale = <floating>(1.0 / sqrt(<double>d)), fa, w
-    cdef const floating* pat
+    cdef const floating* row
     cdef const floating* vrow
     cdef floating* yh
     for hh in range(net.H):
         kind = net.head_type[hh]
-        if kind != HEAD_RRPRAM:
+        if kind != HEAD_RRPRAM:   # att[j] = scale q_h . k_j
             for j in range(nk):
-                att[j] = scale * dot(kc + j * C + hh * d, q + hh * d, d)
-        if kind != HEAD_CONTENT:
-            # pattern logits of the nk keys: rows 0..nk-1 of W_pattern (T, d) times h_h
-            pat = <const floating*>Lw.pat[hh]
+                att[j] = 0
+            for i in range(d):
+                w = scale * q[hh * d + i]
+                row = kt + (hh * d + i) * T
+                for j in range(nk):
+                    att[j] = att[j] + w * row[j]
+        if kind != HEAD_CONTENT:  # pattern logits of the nk keys: W_pattern[0:nk] h_h
             for j in range(nk):
-                pat_out[j] = dot(pat + j * d, hrow + hh * d, d)
+                pat_out[j] = 0
+            for i in range(d):
+                w = hrow[hh * d + i]
+                row = <const floating*>Lw.pat[hh] + i * T
+                for j in range(nk):
+                    pat_out[j] = pat_out[j] + w * row[j]
             if kind == HEAD_RRPRAM:
                 for j in range(nk):
                     att[j] = pat_out[j]
@@ -377,6 +358,13 @@ cdef void attend_row(floating* y, floating* att, floating* pat_out, const floati
             vrow = vc + j * C + hh * d
             for i in range(d):
                 yh[i] = yh[i] + w * vrow[i]
+
+
+cdef inline void store_key(floating* kt, const floating* k, Py_ssize_t pos, Py_ssize_t C, Py_ssize_t T) noexcept nogil:
+    """Write one rotated key row k (C = H*d) into column pos of the transposed cache kt."""
+    cdef Py_ssize_t c
+    for c in range(C):
+        kt[c * T + pos] = k[c]
 
 
 cdef void step_forward(floating* tag, const WNet* net, Buf* b, int tok, int pos) noexcept nogil:
@@ -399,26 +387,26 @@ cdef void step_forward(floating* tag, const WNet* net, Buf* b, int tok, int pos)
         x[j] = wte[<Py_ssize_t>tok * C + j] + wpe[<Py_ssize_t>pos * C + j]
     for l in range(net.L):
         Lw = &net.layers[l]
-        kc = <floating*>b.kc + l * T * C
+        kc = <floating*>b.kc + l * C * T
         vc = <floating*>b.vc + l * T * C
         rmsnorm_row(h, x, C)
-        gemv_rm(qkv, <const floating*>Lw.wqkv, h, <int>(3 * C), <int>C, <int>C, 1, 0)
+        matvec(qkv, <const floating*>Lw.wqkv, h, <int>(3 * C), <int>C, <int>C)
         rope_row(qkv, <const floating*>net.cos_t, <const floating*>net.sin_t, pos, net.H, net.d)
         rope_row(qkv + C, <const floating*>net.cos_t, <const floating*>net.sin_t, pos, net.H, net.d)
-        memcpy(kc + pos * C, qkv + C, C * sizeof(floating))
+        store_key(kc, qkv + C, pos, C, T)
         memcpy(vc + pos * C, qkv + 2 * C, C * sizeof(floating))
         attend_row(y, <floating*>b.S, <floating*>b.P, qkv, h, kc, vc, net, Lw, pos + 1)
-        gemv_rm(o, <const floating*>Lw.wo, y, <int>C, <int>C, <int>C, 1, 0)
+        matvec(o, <const floating*>Lw.wo, y, <int>C, <int>C, <int>C)
         for j in range(C):
             x[j] = x[j] + o[j]
         rmsnorm_row(h, x, C)
-        gemv_rm(gu, <const floating*>Lw.fcgv, h, <int>(2 * F), <int>C, <int>C, 1, 0)
+        matvec(gu, <const floating*>Lw.fcgv, h, <int>(2 * F), <int>C, <int>C)
         gate_row(a, gu, gu + F, F, net.act)
-        gemv_rm(o, <const floating*>Lw.fc2, a, <int>C, <int>F, <int>F, 1, 0)
+        matvec(o, <const floating*>Lw.fc2, a, <int>C, <int>F, <int>F)
         for j in range(C):
             x[j] = x[j] + o[j]
     rmsnorm_row(h, x, C)
-    gemv_rm(<floating*>b.logits, <const floating*>net.lm, h, net.V, <int>C, <int>C, 1, 0)
+    matvec(<floating*>b.logits, <const floating*>net.lm, h, net.V, <int>C, <int>C)
 
 
 cdef double std_of(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -463,15 +451,15 @@ cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids
         stds[0] = std_of(X, N * C)
     for l in range(net.L):
         Lw = &net.layers[l]
-        kc = <floating*>b.kc + l * T * C
+        kc = <floating*>b.kc + l * C * T
         vc = <floating*>b.vc + l * T * C
         for i in range(N):
             rmsnorm_row(Hn + i * C, X + i * C, C)
-        mm_nt(QKV, Hn, <const floating*>Lw.wqkv, N, <int>C3, <int>C, <int>C, <int>C, <int>C3, 1, 0)
+        mm_nt(QKV, Hn, <const floating*>Lw.wqkv, N, <int>C3, <int>C, <int>C, <int>C, <int>C3)
         for i in range(N):
             rope_row(QKV + i * C3, <const floating*>net.cos_t, <const floating*>net.sin_t, <int>i, net.H, d)
             rope_row(QKV + i * C3 + C, <const floating*>net.cos_t, <const floating*>net.sin_t, <int>i, net.H, d)
-            memcpy(kc + i * C, QKV + i * C3 + C, C * sizeof(floating))
+            store_key(kc, QKV + i * C3 + C, i, C, T)
             memcpy(vc + i * C, QKV + i * C3 + 2 * C, C * sizeof(floating))
         if l == net.L - 1 and stds == NULL:
             # The last layer's keys and values are cached; the rest of it only matters for the
@@ -479,50 +467,33 @@ cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids
             # 2-layer prefill saved, results identical up to summation order).
             i = N - 1
             attend_row(Y, S, P, QKV + i * C3, Hn + i * C, kc, vc, net, Lw, N)
-            gemv_rm(O, <const floating*>Lw.wo, Y, <int>C, <int>C, <int>C, 1, 0)
+            matvec(O, <const floating*>Lw.wo, Y, <int>C, <int>C, <int>C)
             for j in range(C):
                 X[i * C + j] = X[i * C + j] + O[j]
             rmsnorm_row(Hn, X + i * C, C)
-            gemv_rm(GU, <const floating*>Lw.fcgv, Hn, <int>(2 * F), <int>C, <int>C, 1, 0)
+            matvec(GU, <const floating*>Lw.fcgv, Hn, <int>(2 * F), <int>C, <int>C)
             gate_row(A, GU, GU + F, F, net.act)
-            gemv_rm(O, <const floating*>Lw.fc2, A, <int>C, <int>F, <int>F, 1, 0)
+            matvec(O, <const floating*>Lw.fc2, A, <int>C, <int>F, <int>F)
             for j in range(C):
                 X[i * C + j] = X[i * C + j] + O[j]
             break
-        for hh in range(net.H):
-            kind = net.head_type[hh]
-            if kind != HEAD_RRPRAM:   # S (N, N) = scale Q_h K_h^T
-                mm_nt(S, QKV + hh * d, kc + hh * d, N, N, <int>d, <int>C3, <int>C, N, scale, 0)
-            if kind != HEAD_CONTENT:  # P (N, N) = H_h W_pattern[0:N]^T
-                mm_nt(P, Hn + hh * d, <const floating*>Lw.pat[hh], N, N, <int>d, <int>C, <int>d, N, 1, 0)
-            fa = <floating>Lw.mix[hh]
-            for t in range(N):
-                row = S + t * N
-                if kind == HEAD_RRPRAM:
-                    for j in range(t + 1):
-                        row[j] = P[t * N + j]
-                elif kind == HEAD_HYBRID:
-                    for j in range(t + 1):
-                        row[j] = (1 - fa) * row[j] + fa * P[t * N + j]
-                softmax_row(row, t + 1)
-                for j in range(t + 1, N):
-                    row[j] = 0
-            mm_nn(Y + hh * d, S, vc + hh * d, N, <int>d, N, N, <int>C, <int>C, 1, 0)
-        mm_nt(O, Y, <const floating*>Lw.wo, N, <int>C, <int>C, <int>C, <int>C, <int>C, 1, 0)
+        for t in range(N):  # causal attention, one query at a time: only the t + 1 keys it sees
+            attend_row(Y + t * C, S, P, QKV + t * C3, Hn + t * C, kc, vc, net, Lw, <int>(t + 1))
+        mm_nt(O, Y, <const floating*>Lw.wo, N, <int>C, <int>C, <int>C, <int>C, <int>C)
         for i in range(N * C):
             X[i] = X[i] + O[i]
         for i in range(N):
             rmsnorm_row(Hn + i * C, X + i * C, C)
-        mm_nt(GU, Hn, <const floating*>Lw.fcgv, N, <int>(2 * F), <int>C, <int>C, <int>C, <int>(2 * F), 1, 0)
+        mm_nt(GU, Hn, <const floating*>Lw.fcgv, N, <int>(2 * F), <int>C, <int>C, <int>C, <int>(2 * F))
         for i in range(N):
             gate_row(A + i * F, GU + i * 2 * F, GU + i * 2 * F + F, F, net.act)
-        mm_nt(O, A, <const floating*>Lw.fc2, N, <int>C, <int>F, <int>F, <int>F, <int>C, 1, 0)
+        mm_nt(O, A, <const floating*>Lw.fc2, N, <int>C, <int>F, <int>F, <int>F, <int>C)
         for i in range(N * C):
             X[i] = X[i] + O[i]
         if stds != NULL:
             stds[l + 1] = std_of(X, N * C)
     rmsnorm_row(Hn, X + (N - 1) * C, C)
-    gemv_rm(<floating*>b.logits, <const floating*>net.lm, Hn, net.V, <int>C, <int>C, 1, 0)
+    matvec(<floating*>b.logits, <const floating*>net.lm, Hn, net.V, <int>C, <int>C)
 
 
 # ---------------------------------------------------------------------------------------------

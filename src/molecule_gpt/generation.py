@@ -48,7 +48,7 @@ import numpy as np
 from . import _decode
 from .config import Config
 from .errors import GenerationError
-from .model import Model, _serial_blas
+from .model import Model
 
 __all__ = ["GenerationResult", "Generator", "SamplingParams", "WeightCache", "fold_weights"]
 
@@ -202,7 +202,8 @@ def _build_weights(config: Config, V: int, dtype, base: dict, deltas: list) -> _
     for i in range(c.n_layer):
         pat, mix = [], []
         for h, kind in enumerate(c.head_types):
-            pat.append(np.ascontiguousarray(eff(f"l{i}.h{h}.w_pattern")) if kind != "content" else None)
+            # transposed (d, T): the decoder computes the pattern logits of all keys as axpys
+            pat.append(np.ascontiguousarray(eff(f"l{i}.h{h}.w_pattern").T) if kind != "content" else None)
             mix.append(1.0 / (1.0 + math.exp(-float(base[f"l{i}.h{h}.alpha"][0, 0]))) if kind == "hybrid" else 0.0)
         layers.append({
             "wqkv": np.concatenate([eff(f"l{i}.wq"), eff(f"l{i}.wk"), eff(f"l{i}.wv")]),
@@ -330,8 +331,7 @@ class Generator:
         """Encode the prompt, take the current weights and prefill: the started generation, to
         pass to run_begun/stream_begun. (Split from run so a caller can hold a lock for just
         this part: after it, the generation uses its own snapshot.)"""
-        with _serial_blas:
-            return self._begin(prompt, params)
+        return self._begin(prompt, params)
 
     def run_begun(self, dec: _decode.Decoder, params: SamplingParams) -> GenerationResult:
         """Finish a generation started by begin()."""
@@ -344,8 +344,7 @@ class Generator:
             self._release(dec)
             return GenerationResult([], "", "max_tokens")
         try:
-            with _serial_blas:
-                ids, reason = dec.run(params.max_gen_tokens, params.logits_processors or None)
+            ids, reason = dec.run(params.max_gen_tokens, params.logits_processors or None)
         finally:
             self._release(dec)
         return GenerationResult(ids, self.tokenizer.decode(ids), reason)
@@ -418,11 +417,8 @@ class Generator:
         return self._pieces(self.begin(prompt, params), params, {})
 
     def _pieces(self, dec: _decode.Decoder, params: SamplingParams, box: dict) -> Iterator[str]:
-        # BLAS stays single-threaded while the stream is open (entering costs ~20 us, too much
-        # per token; the decoder's gemv calls are far below what threads can speed up)
         try:
-            with _serial_blas:
-                yield from self._pieces_inner(dec, params, box)
+            yield from self._pieces_inner(dec, params, box)
         finally:
             self._release(dec)
 

@@ -1,0 +1,274 @@
+/* decode_kernels.h: the decoder's matrix products (float32 and float64), AVX2+FMA when the CPU has it.
+ *
+ * Why C: the fast path needs intrinsics and a runtime CPU check (wheels are built without
+ * -march=native), which Cython cannot express. Used only by _decode.pyx.
+ *
+ * Why not BLAS: a decoded token is ~11 matrix-vector products of at most a few hundred rows of
+ * 72..288 floats, and a re-prefill a few products of at most block_size rows. They are bound by
+ * streaming the weights, which OpenBLAS does no better than this; what this saves is BLAS's
+ * per-call path (wrapper, argument checks, packing) and, above all, its threads: decoding runs
+ * beside the trainer, and limiting BLAS per call (threadpoolctl) restarts OpenBLAS's worker
+ * threads at every restore, which then spin for ~0.1 s on the core the trainer needs.
+ *
+ * Dims: A (M, K) row-major with leading dimension lda (likewise B, C); x (K); y (M).
+ *   mg_matvec_f/d   y = A x
+ *   mg_gemm_nt_f/d  C = A B^T        (B (N, K): a weight matrix; rows of A are inputs)
+ * The AVX2 kernels keep one 8-lane accumulator per output and reduce it once at the end; four
+ * weight rows share each load of the input, and the gemm handles three inputs per pass over them.
+ */
+#ifndef MOLECULE_DECODE_KERNELS_H
+#define MOLECULE_DECODE_KERNELS_H
+
+#include <stddef.h>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define MG_HAVE_AVX2_PATH 1
+
+__attribute__((target("avx2,fma"))) static inline float mg_hsum256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+}
+
+/* (hsum s0, hsum s1, hsum s2, hsum s3) in one vector: three hadds and one add instead of
+ * four separate horizontal sums */
+__attribute__((target("avx2,fma"))) static inline __m128 mg_hsum4(__m256 s0, __m256 s1, __m256 s2, __m256 s3) {
+    __m256 a = _mm256_hadd_ps(s0, s1);  /* s0[01] s0[23] s1[01] s1[23] | upper halves alike */
+    __m256 b = _mm256_hadd_ps(s2, s3);
+    __m256 c = _mm256_hadd_ps(a, b);    /* s0[0..3] s1[0..3] s2[0..3] s3[0..3] | s0[4..7] ... */
+    return _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
+}
+
+/* y = A x, four rows of A per pass */
+__attribute__((target("avx2,fma"))) static void mg_matvec_f_avx2(float *restrict y, const float *restrict A,
+                                                                  const float *restrict x, ptrdiff_t M,
+                                                                  ptrdiff_t K, ptrdiff_t lda) {
+    ptrdiff_t i = 0, K8 = K & ~(ptrdiff_t)7;
+    for (; i + 4 <= M; i += 4) {
+        const float *a0 = A + i * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(),
+               s3 = _mm256_setzero_ps();
+        for (ptrdiff_t k = 0; k < K8; k += 8) {
+            __m256 xv = _mm256_loadu_ps(x + k);
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + k), xv, s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + k), xv, s1);
+            s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + k), xv, s2);
+            s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + k), xv, s3);
+        }
+        if (K8 == K) {
+            _mm_storeu_ps(y + i, mg_hsum4(s0, s1, s2, s3));
+            continue;
+        }
+        float r0 = mg_hsum256(s0), r1 = mg_hsum256(s1), r2 = mg_hsum256(s2), r3 = mg_hsum256(s3);
+        for (ptrdiff_t k = K8; k < K; k++) {
+            r0 += a0[k] * x[k];
+            r1 += a1[k] * x[k];
+            r2 += a2[k] * x[k];
+            r3 += a3[k] * x[k];
+        }
+        y[i] = r0;
+        y[i + 1] = r1;
+        y[i + 2] = r2;
+        y[i + 3] = r3;
+    }
+    for (; i < M; i++) {
+        const float *a = A + i * lda;
+        __m256 s = _mm256_setzero_ps();
+        for (ptrdiff_t k = 0; k < K8; k += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(x + k), s);
+        float r = mg_hsum256(s);
+        for (ptrdiff_t k = K8; k < K; k++) r += a[k] * x[k];
+        y[i] = r;
+    }
+}
+
+/* y0 = B x0 and y1 = B x1 in one pass over B (four rows of B at a time) */
+__attribute__((target("avx2,fma"))) static void mg_matvec2_f_avx2(float *restrict y0, float *restrict y1,
+                                                                   const float *restrict B,
+                                                                   const float *restrict x0,
+                                                                   const float *restrict x1, ptrdiff_t N,
+                                                                   ptrdiff_t K, ptrdiff_t ldb) {
+    ptrdiff_t j = 0, K8 = K & ~(ptrdiff_t)7;
+    for (; j + 4 <= N; j += 4) {
+        const float *b0 = B + j * ldb, *b1 = b0 + ldb, *b2 = b1 + ldb, *b3 = b2 + ldb;
+        __m256 s00 = _mm256_setzero_ps(), s01 = _mm256_setzero_ps(), s02 = _mm256_setzero_ps(),
+               s03 = _mm256_setzero_ps(), s10 = _mm256_setzero_ps(), s11 = _mm256_setzero_ps(),
+               s12 = _mm256_setzero_ps(), s13 = _mm256_setzero_ps();
+        for (ptrdiff_t k = 0; k < K8; k += 8) {
+            __m256 u = _mm256_loadu_ps(x0 + k), v = _mm256_loadu_ps(x1 + k), w;
+            w = _mm256_loadu_ps(b0 + k);
+            s00 = _mm256_fmadd_ps(w, u, s00);
+            s10 = _mm256_fmadd_ps(w, v, s10);
+            w = _mm256_loadu_ps(b1 + k);
+            s01 = _mm256_fmadd_ps(w, u, s01);
+            s11 = _mm256_fmadd_ps(w, v, s11);
+            w = _mm256_loadu_ps(b2 + k);
+            s02 = _mm256_fmadd_ps(w, u, s02);
+            s12 = _mm256_fmadd_ps(w, v, s12);
+            w = _mm256_loadu_ps(b3 + k);
+            s03 = _mm256_fmadd_ps(w, u, s03);
+            s13 = _mm256_fmadd_ps(w, v, s13);
+        }
+        if (K8 == K) {
+            _mm_storeu_ps(y0 + j, mg_hsum4(s00, s01, s02, s03));
+            _mm_storeu_ps(y1 + j, mg_hsum4(s10, s11, s12, s13));
+            continue;
+        }
+        float r00 = mg_hsum256(s00), r01 = mg_hsum256(s01), r02 = mg_hsum256(s02), r03 = mg_hsum256(s03);
+        float r10 = mg_hsum256(s10), r11 = mg_hsum256(s11), r12 = mg_hsum256(s12), r13 = mg_hsum256(s13);
+        for (ptrdiff_t k = K8; k < K; k++) {
+            r00 += b0[k] * x0[k];
+            r01 += b1[k] * x0[k];
+            r02 += b2[k] * x0[k];
+            r03 += b3[k] * x0[k];
+            r10 += b0[k] * x1[k];
+            r11 += b1[k] * x1[k];
+            r12 += b2[k] * x1[k];
+            r13 += b3[k] * x1[k];
+        }
+        y0[j] = r00;
+        y0[j + 1] = r01;
+        y0[j + 2] = r02;
+        y0[j + 3] = r03;
+        y1[j] = r10;
+        y1[j + 1] = r11;
+        y1[j + 2] = r12;
+        y1[j + 3] = r13;
+    }
+    for (; j < N; j++) {
+        const float *b = B + j * ldb;
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        for (ptrdiff_t k = 0; k < K8; k += 8) {
+            __m256 w = _mm256_loadu_ps(b + k);
+            s0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x0 + k), s0);
+            s1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x1 + k), s1);
+        }
+        float r0 = mg_hsum256(s0), r1 = mg_hsum256(s1);
+        for (ptrdiff_t k = K8; k < K; k++) {
+            r0 += b[k] * x0[k];
+            r1 += b[k] * x1[k];
+        }
+        y0[j] = r0;
+        y1[j] = r1;
+    }
+}
+
+/* y_r = B x_r for r = 0, 1, 2 in one pass over B (four rows of B at a time: 12 accumulators,
+ * 7 loads per 12 FMAs; the prefill's products are FMA-bound, not bandwidth-bound) */
+__attribute__((target("avx2,fma"))) static void mg_matvec3_f_avx2(float *restrict y0, float *restrict y1,
+                                                                   float *restrict y2, const float *restrict B,
+                                                                   const float *restrict x0,
+                                                                   const float *restrict x1,
+                                                                   const float *restrict x2, ptrdiff_t N,
+                                                                   ptrdiff_t K, ptrdiff_t ldb) {
+    ptrdiff_t j = 0, K8 = K & ~(ptrdiff_t)7;
+    for (; j + 4 <= N; j += 4) {
+        const float *b[4] = {B + j * ldb, B + (j + 1) * ldb, B + (j + 2) * ldb, B + (j + 3) * ldb};
+        __m256 s[3][4];
+        for (int r = 0; r < 3; r++)
+            for (int c = 0; c < 4; c++) s[r][c] = _mm256_setzero_ps();
+        for (ptrdiff_t k = 0; k < K8; k += 8) {
+            __m256 u = _mm256_loadu_ps(x0 + k), v = _mm256_loadu_ps(x1 + k), t = _mm256_loadu_ps(x2 + k);
+            for (int c = 0; c < 4; c++) {
+                __m256 w = _mm256_loadu_ps(b[c] + k);
+                s[0][c] = _mm256_fmadd_ps(w, u, s[0][c]);
+                s[1][c] = _mm256_fmadd_ps(w, v, s[1][c]);
+                s[2][c] = _mm256_fmadd_ps(w, t, s[2][c]);
+            }
+        }
+        float *y[3] = {y0, y1, y2};
+        const float *x[3] = {x0, x1, x2};
+        if (K8 == K) {
+            for (int r = 0; r < 3; r++) _mm_storeu_ps(y[r] + j, mg_hsum4(s[r][0], s[r][1], s[r][2], s[r][3]));
+            continue;
+        }
+        for (int r = 0; r < 3; r++)
+            for (int c = 0; c < 4; c++) {
+                float acc = mg_hsum256(s[r][c]);
+                for (ptrdiff_t k = K8; k < K; k++) acc += b[c][k] * x[r][k];
+                y[r][j + c] = acc;
+            }
+    }
+    if (j < N) {
+        mg_matvec2_f_avx2(y0 + j, y1 + j, B + j * ldb, x0, x1, N - j, K, ldb);
+        mg_matvec_f_avx2(y2 + j, B + j * ldb, x2, N - j, K, ldb);
+    }
+}
+#endif
+
+/* 1 when the AVX2+FMA path runs on this CPU (checked once; a racy first check is harmless). */
+static inline int mg_decode_has_avx2(void) {
+#ifdef MG_HAVE_AVX2_PATH
+    static int has = -1;
+    if (has < 0) {
+        __builtin_cpu_init();
+        has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    return has;
+#else
+    return 0;
+#endif
+}
+
+/* ---- portable paths (also the float64 kernels: used by tests, not for speed) */
+
+#define MG_DEFINE_DECODE_GENERIC(T, SUFFIX)                                                       \
+    static void mg_matvec_##SUFFIX##_generic(T *restrict y, const T *restrict A, const T *restrict x, \
+                                             ptrdiff_t M, ptrdiff_t K, ptrdiff_t lda) {          \
+        for (ptrdiff_t i = 0; i < M; i++) {                                                       \
+            const T *a = A + i * lda;                                                             \
+            T s = 0;                                                                              \
+            _Pragma("omp simd reduction(+ : s)")                                                  \
+            for (ptrdiff_t k = 0; k < K; k++) s += a[k] * x[k];                                   \
+            y[i] = s;                                                                             \
+        }                                                                                         \
+    }
+
+MG_DEFINE_DECODE_GENERIC(float, f)
+MG_DEFINE_DECODE_GENERIC(double, d)
+
+/* y (M) = A (M, K) x (K) */
+static inline void mg_matvec_f(float *restrict y, const float *restrict A, const float *restrict x, ptrdiff_t M,
+                               ptrdiff_t K, ptrdiff_t lda) {
+#ifdef MG_HAVE_AVX2_PATH
+    if (mg_decode_has_avx2()) {
+        mg_matvec_f_avx2(y, A, x, M, K, lda);
+        return;
+    }
+#endif
+    mg_matvec_f_generic(y, A, x, M, K, lda);
+}
+
+static inline void mg_matvec_d(double *restrict y, const double *restrict A, const double *restrict x, ptrdiff_t M,
+                               ptrdiff_t K, ptrdiff_t lda) {
+    mg_matvec_d_generic(y, A, x, M, K, lda);
+}
+
+/* C (M, N) = A (M, K) B^T, B (N, K): row i of C is B a_i */
+static inline void mg_gemm_nt_f(float *restrict C, const float *restrict A, const float *restrict B, ptrdiff_t M,
+                                ptrdiff_t N, ptrdiff_t K, ptrdiff_t lda, ptrdiff_t ldb, ptrdiff_t ldc) {
+    ptrdiff_t i = 0;
+#ifdef MG_HAVE_AVX2_PATH
+    if (mg_decode_has_avx2()) {
+        for (; i + 3 <= M; i += 3)
+            mg_matvec3_f_avx2(C + i * ldc, C + (i + 1) * ldc, C + (i + 2) * ldc, B, A + i * lda, A + (i + 1) * lda,
+                              A + (i + 2) * lda, N, K, ldb);
+        if (i + 2 <= M) {
+            mg_matvec2_f_avx2(C + i * ldc, C + (i + 1) * ldc, B, A + i * lda, A + (i + 1) * lda, N, K, ldb);
+            i += 2;
+        }
+        if (i < M) mg_matvec_f_avx2(C + i * ldc, B, A + i * lda, N, K, ldb);
+        return;
+    }
+#endif
+    for (; i < M; i++) mg_matvec_f_generic(C + i * ldc, B, A + i * lda, N, K, ldb);
+}
+
+static inline void mg_gemm_nt_d(double *restrict C, const double *restrict A, const double *restrict B, ptrdiff_t M,
+                                ptrdiff_t N, ptrdiff_t K, ptrdiff_t lda, ptrdiff_t ldb, ptrdiff_t ldc) {
+    for (ptrdiff_t i = 0; i < M; i++) mg_matvec_d_generic(C + i * ldc, B, A + i * lda, N, K, ldb);
+}
+
+#endif
