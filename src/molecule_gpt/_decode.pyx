@@ -63,6 +63,8 @@ cdef extern from "rows.h" nogil:   # omp-simd row reductions (shared with the tr
     float mg_row_exp_sum_f(float* x, Py_ssize_t n, float shift)
     float mg_row_dot_f(const float* a, const float* b, Py_ssize_t n)
     double mg_row_dot_d(const double* a, const double* b, Py_ssize_t n)
+    double mg_row_max_d(const double* x, Py_ssize_t n)
+    double mg_row_exp_sum_d(double* x, Py_ssize_t n, double shift)
 
 ctypedef fused floating:
     float
@@ -161,15 +163,16 @@ cdef inline void gate_row(floating* out, const floating* g, const floating* u, P
 
 
 cdef inline void softmax_row(floating* row, Py_ssize_t n) noexcept nogil:
-    """In-place softmax of row[0:n], written as _core's attention writes it."""
+    """In-place softmax of row[0:n] with the training core's row kernels (csrc/rows.h:
+    vectorized max and exp-sum; float32 exp is mg_expf, float64 libm's)."""
     cdef Py_ssize_t j
-    cdef floating mx = row[0], total = 0, inv
-    for j in range(1, n):
-        mx = row[j] if row[j] > mx else mx
-    for j in range(n):
-        row[j] = fexp(row[j] - mx)
-        total += row[j]
-    inv = 1 / total
+    cdef floating mx, inv
+    if floating is float:
+        mx = mg_row_max_f(row, n)
+        inv = 1 / mg_row_exp_sum_f(row, n, mx)
+    else:
+        mx = mg_row_max_d(row, n)
+        inv = 1 / mg_row_exp_sum_d(row, n, mx)
     for j in range(n):
         row[j] = row[j] * inv
 
