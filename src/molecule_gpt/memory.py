@@ -371,20 +371,19 @@ class Memory:
         edited = False
         with self._transaction("opening") as conn:
             present = conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (_FTS_TABLE,)).fetchone() is not None
-            if available:
-                if present and not self._index_consistent(conn):
-                    edited = self._drop_index(conn)
-                    present = False
-                if not present:
-                    conn.execute(_FTS_CREATE)
-                    conn.execute(f"INSERT INTO {_FTS_TABLE} (rowid, text) SELECT id, text FROM messages")
-            elif present:
-                # not maintained while FTS is off: drop it (rebuilt from messages at the next
-                # open with FTS), so it never holds text that forget() could not reach
+            if present and not (available and self._index_consistent(conn)):
+                # FTS off: the index would not be maintained, so it goes (rebuilt from messages at
+                # the next open with FTS) and never holds text that forget() cannot reach.
+                # FTS on but the index is inconsistent: it is rebuilt below.
                 edited = self._drop_index(conn)
+                present = False
         if edited:  # the writer's cached schema predates a writable_schema edit
             self._writer.close()
             self._writer = self._connect()
+        if available and not present:
+            with self._transaction("opening") as conn:
+                conn.execute(_FTS_CREATE)
+                conn.execute(f"INSERT INTO {_FTS_TABLE} (rowid, text) SELECT id, text FROM messages")
         self._fts = available
 
     @staticmethod
