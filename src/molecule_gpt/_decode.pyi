@@ -38,7 +38,8 @@ class Field:
 class Decoder:
     is_double: bool
     last_logits_array: np.ndarray  # floating[V] view of the scratch logits
-    def __init__(self, weights: Weights | None, vocab_size: int, block_size: int) -> None: ...
+    n_threads: int  # int: threads large products are split over
+    def __init__(self, weights: Weights | None, vocab_size: int, block_size: int, n_threads: int = 1) -> None: ...
     def prefill(self, ids: Sequence[int]) -> np.ndarray: ...  # int32 ids; returns floating[V] (a view)
     def feed(self, token: int) -> np.ndarray: ...
     def hidden_std(self, ids: Sequence[int]) -> np.ndarray: ...  # double[L + 1]

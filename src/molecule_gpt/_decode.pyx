@@ -44,6 +44,7 @@ from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memset, memcpy
 from libc.math cimport exp, log, sqrt, fabs, INFINITY, isnan
 from libc.stdint cimport uint64_t, int64_t, uint8_t
+from cython.parallel cimport prange
 
 import numpy as np
 
@@ -112,6 +113,26 @@ cdef inline void matvec(floating* y, const floating* A, const floating* x, Py_ss
         mg_matvec_d(y, A, x, M, K, lda)
 
 
+# Products of at least this many weights may be split across the decoder's threads (below it a
+# fork/join costs more than it saves; the default config's largest product has 41k).
+cdef Py_ssize_t PAR_MIN_WEIGHTS = 1 << 17
+
+
+cdef void matvec_par(floating* y, const floating* A, const floating* x, Py_ssize_t M, Py_ssize_t K,
+                     Py_ssize_t lda, int nt) noexcept nogil:
+    """matvec with the rows split over nt threads when the product is large enough."""
+    cdef Py_ssize_t chunk, t, r0, r1
+    if nt <= 1 or M * K < PAR_MIN_WEIGHTS or M < 8 * nt:
+        matvec(y, A, x, M, K, lda)
+        return
+    chunk = ((M + nt - 1) // nt + 3) & ~(<Py_ssize_t>3)
+    for t in prange(nt, num_threads=nt, schedule="static"):
+        r0 = t * chunk
+        r1 = min(M, r0 + chunk)
+        if r1 > r0:
+            matvec(y + r0, A + r0 * lda, x, r1 - r0, K, lda)
+
+
 cdef inline void mm_nt(floating* Cm, const floating* A, const floating* B, Py_ssize_t M, Py_ssize_t N,
                        Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc) noexcept nogil:
     """C (M, N) = A (M, K) B^T;  B (N, K). Row-major with leading dims."""
@@ -119,6 +140,21 @@ cdef inline void mm_nt(floating* Cm, const floating* A, const floating* B, Py_ss
         mg_gemm_nt_f(Cm, A, B, M, N, K, lda, ldb, ldc)
     else:
         mg_gemm_nt_d(Cm, A, B, M, N, K, lda, ldb, ldc)
+
+
+cdef void mm_nt_par(floating* Cm, const floating* A, const floating* B, Py_ssize_t M, Py_ssize_t N,
+                    Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc, int nt) noexcept nogil:
+    """mm_nt with the input rows split over nt threads when the product is large enough."""
+    cdef Py_ssize_t chunk, t, r0, r1
+    if nt <= 1 or N * K < PAR_MIN_WEIGHTS or M < 3 * nt:
+        mm_nt(Cm, A, B, M, N, K, lda, ldb, ldc)
+        return
+    chunk = ((M + nt - 1) // nt + 2) // 3 * 3
+    for t in prange(nt, num_threads=nt, schedule="static"):
+        r0 = t * chunk
+        r1 = min(M, r0 + chunk)
+        if r1 > r0:
+            mm_nt(Cm + r0 * ldc, A + r0 * lda, B, r1 - r0, N, K, lda, ldb, ldc)
 
 
 cdef inline void rmsnorm_row(floating* y, const floating* x, Py_ssize_t C) noexcept nogil:
@@ -305,6 +341,7 @@ ctypedef struct Buf:
     void* kc        # (L, H, d, T) rotated keys of the window, transposed per head
     void* vc        # (L, T, C)  values of the window
     void* logits    # (V,)
+    int nt          # threads for large products (matvec_par / mm_nt_par)
 
 
 cdef inline floating dot(const floating* a, const floating* b, Py_ssize_t n) noexcept nogil:
@@ -393,23 +430,23 @@ cdef void step_forward(floating* tag, const WNet* net, Buf* b, int tok, int pos)
         kc = <floating*>b.kc + l * C * T
         vc = <floating*>b.vc + l * T * C
         rmsnorm_row(h, x, C)
-        matvec(qkv, <const floating*>Lw.wqkv, h, <int>(3 * C), <int>C, <int>C)
+        matvec_par(qkv, <const floating*>Lw.wqkv, h, <int>(3 * C), <int>C, <int>C, b.nt)
         rope_row(qkv, <const floating*>net.cos_t, <const floating*>net.sin_t, pos, net.H, net.d)
         rope_row(qkv + C, <const floating*>net.cos_t, <const floating*>net.sin_t, pos, net.H, net.d)
         store_key(kc, qkv + C, pos, C, T)
         memcpy(vc + pos * C, qkv + 2 * C, C * sizeof(floating))
         attend_row(y, <floating*>b.S, <floating*>b.P, qkv, h, kc, vc, net, Lw, pos + 1)
-        matvec(o, <const floating*>Lw.wo, y, <int>C, <int>C, <int>C)
+        matvec_par(o, <const floating*>Lw.wo, y, <int>C, <int>C, <int>C, b.nt)
         for j in range(C):
             x[j] = x[j] + o[j]
         rmsnorm_row(h, x, C)
-        matvec(gu, <const floating*>Lw.fcgv, h, <int>(2 * F), <int>C, <int>C)
+        matvec_par(gu, <const floating*>Lw.fcgv, h, <int>(2 * F), <int>C, <int>C, b.nt)
         gate_row(a, gu, gu + F, F, net.act)
-        matvec(o, <const floating*>Lw.fc2, a, <int>C, <int>F, <int>F)
+        matvec_par(o, <const floating*>Lw.fc2, a, <int>C, <int>F, <int>F, b.nt)
         for j in range(C):
             x[j] = x[j] + o[j]
     rmsnorm_row(h, x, C)
-    matvec(<floating*>b.logits, <const floating*>net.lm, h, net.V, <int>C, <int>C)
+    matvec_par(<floating*>b.logits, <const floating*>net.lm, h, net.V, <int>C, <int>C, b.nt)
 
 
 cdef double std_of(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -458,7 +495,7 @@ cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids
         vc = <floating*>b.vc + l * T * C
         for i in range(N):
             rmsnorm_row(Hn + i * C, X + i * C, C)
-        mm_nt(QKV, Hn, <const floating*>Lw.wqkv, N, <int>C3, <int>C, <int>C, <int>C, <int>C3)
+        mm_nt_par(QKV, Hn, <const floating*>Lw.wqkv, N, <int>C3, <int>C, <int>C, <int>C, <int>C3, b.nt)
         for i in range(N):
             rope_row(QKV + i * C3, <const floating*>net.cos_t, <const floating*>net.sin_t, <int>i, net.H, d)
             rope_row(QKV + i * C3 + C, <const floating*>net.cos_t, <const floating*>net.sin_t, <int>i, net.H, d)
@@ -470,33 +507,33 @@ cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids
             # 2-layer prefill saved, results identical up to summation order).
             i = N - 1
             attend_row(Y, S, P, QKV + i * C3, Hn + i * C, kc, vc, net, Lw, N)
-            matvec(O, <const floating*>Lw.wo, Y, <int>C, <int>C, <int>C)
+            matvec_par(O, <const floating*>Lw.wo, Y, <int>C, <int>C, <int>C, b.nt)
             for j in range(C):
                 X[i * C + j] = X[i * C + j] + O[j]
             rmsnorm_row(Hn, X + i * C, C)
-            matvec(GU, <const floating*>Lw.fcgv, Hn, <int>(2 * F), <int>C, <int>C)
+            matvec_par(GU, <const floating*>Lw.fcgv, Hn, <int>(2 * F), <int>C, <int>C, b.nt)
             gate_row(A, GU, GU + F, F, net.act)
-            matvec(O, <const floating*>Lw.fc2, A, <int>C, <int>F, <int>F)
+            matvec_par(O, <const floating*>Lw.fc2, A, <int>C, <int>F, <int>F, b.nt)
             for j in range(C):
                 X[i * C + j] = X[i * C + j] + O[j]
             break
         for t in range(N):  # causal attention, one query at a time: only the t + 1 keys it sees
             attend_row(Y + t * C, S, P, QKV + t * C3, Hn + t * C, kc, vc, net, Lw, <int>(t + 1))
-        mm_nt(O, Y, <const floating*>Lw.wo, N, <int>C, <int>C, <int>C, <int>C, <int>C)
+        mm_nt_par(O, Y, <const floating*>Lw.wo, N, <int>C, <int>C, <int>C, <int>C, <int>C, b.nt)
         for i in range(N * C):
             X[i] = X[i] + O[i]
         for i in range(N):
             rmsnorm_row(Hn + i * C, X + i * C, C)
-        mm_nt(GU, Hn, <const floating*>Lw.fcgv, N, <int>(2 * F), <int>C, <int>C, <int>C, <int>(2 * F))
+        mm_nt_par(GU, Hn, <const floating*>Lw.fcgv, N, <int>(2 * F), <int>C, <int>C, <int>C, <int>(2 * F), b.nt)
         for i in range(N):
             gate_row(A + i * F, GU + i * 2 * F, GU + i * 2 * F + F, F, net.act)
-        mm_nt(O, A, <const floating*>Lw.fc2, N, <int>C, <int>F, <int>F, <int>F, <int>C)
+        mm_nt_par(O, A, <const floating*>Lw.fc2, N, <int>C, <int>F, <int>F, <int>F, <int>C, b.nt)
         for i in range(N * C):
             X[i] = X[i] + O[i]
         if stds != NULL:
             stds[l + 1] = std_of(X, N * C)
     rmsnorm_row(Hn, X + (N - 1) * C, C)
-    matvec(<floating*>b.logits, <const floating*>net.lm, Hn, net.V, <int>C, <int>C)
+    matvec_par(<floating*>b.logits, <const floating*>net.lm, Hn, net.V, <int>C, <int>C, b.nt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -935,7 +972,7 @@ cdef class Decoder:
         self.q = NULL
         self.cand = NULL
 
-    def __init__(self, Weights weights, int vocab_size, int block_size):
+    def __init__(self, Weights weights, int vocab_size, int block_size, int n_threads=1):
         cdef size_t es, total = 0
         cdef Py_ssize_t L, C, T, F, i
         if vocab_size < 1 or block_size < 1:
@@ -943,7 +980,10 @@ cdef class Decoder:
         if weights is not None and (weights.net.V != vocab_size or weights.net.T != block_size):
             raise ValueError(f"weights are for vocab_size={weights.net.V}, block_size={weights.net.T}; "
                              f"got vocab_size={vocab_size}, block_size={block_size}")
+        if n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
         self.w = weights
+        self.b.nt = n_threads
         self.V = vocab_size
         self.T = block_size
         self.win = <int*>calloc(block_size + 1, sizeof(int))
@@ -1068,6 +1108,17 @@ cdef class Decoder:
         with nogil:
             self._feed(token)
         return self.last_logits_array
+
+    @property
+    def n_threads(self) -> int:
+        """Threads that large matrix products are split over (1: none)."""
+        return self.b.nt
+
+    @n_threads.setter
+    def n_threads(self, int value):
+        if value < 1:
+            raise ValueError(f"n_threads must be >= 1, got {value}")
+        self.b.nt = value
 
     @property
     def weights(self):

@@ -95,6 +95,7 @@ class Config:
     field_blend: bool = True  # blend the corpus field into generation until the model beats it on held-out text
     train_threads: int = 0  # training worker threads (0: all cores in warmup, all but one in the background)
     blas_threads: int = 1  # BLAS threads while the background trainer runs (0: leave the process setting)
+    decode_threads: int = 1  # threads one generation splits products of >= 128k weights over (1: none)
 
     def __post_init__(self):
         self.head_types = tuple(self.head_types)
@@ -164,7 +165,7 @@ class Config:
         self._validate_organism_fields()
 
     def _validate_organism_fields(self) -> None:
-        for name in ("val_max_sequences", "eval_interval", "delta_ramp_bursts"):
+        for name in ("val_max_sequences", "eval_interval", "delta_ramp_bursts", "decode_threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"Config.{name} must be a positive int, got {value!r}")

@@ -387,12 +387,14 @@ class Generator:
     # saves the allocation and page faults of every call (~1 us per generated token)
 
     def _acquire(self, weights, V: int, T: int) -> _decode.Decoder:
+        threads = getattr(self.config, "decode_threads", 1)
         with self._pool_lock:
             while self._pool:
                 dec = self._pool.pop()
                 if dec.weights is weights and dec.vocab_size == V:
+                    dec.n_threads = threads
                     return dec
-        return _decode.Decoder(weights, V, T)
+        return _decode.Decoder(weights, V, T, threads)
 
     def _release(self, dec: _decode.Decoder) -> None:
         with self._pool_lock:
