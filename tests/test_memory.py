@@ -441,6 +441,10 @@ def test_reservoir_keeps_newest_half_and_samples_older_in_order():
     older = lines[:4]
     assert all(x.startswith("old ") for x in older)
     assert [int(x.split()[1]) for x in older] == sorted(int(x.split()[1]) for x in older)  # order kept
+    tiny = Reservoir(max_lines=1, rng=0)
+    for i in range(5):
+        tiny.add([f"line {i}"])
+        assert tiny.lines == [f"line {i}"]  # a cap of one keeps the newest line
 
 
 def test_reservoir_is_deterministic_with_a_seed_and_round_trips_through_json(tmp_path):

@@ -266,6 +266,12 @@ class Memory:
       busy_timeout       seconds to wait for another process's write lock before failing
       fts                None: FTS5 retrieval when available; False: recency only;
                          True: require FTS5 (MemoryStoreError without it)
+
+    Opening a file creates its directory, switches it to WAL (`journal_mode` says what SQLite
+    granted: "wal", or e.g. "delete" on a filesystem without shared memory; "memory" for an
+    in-memory database), runs `PRAGMA quick_check` (the stores are capped, so this is quick and
+    a damaged file is reported at once rather than mid-chat), upgrades the schema and checks or
+    rebuilds the search index.
     """
 
     def __init__(self, path: str | os.PathLike = ":memory:", *, max_messages: int = 10_000,

@@ -17,7 +17,8 @@ Rules, in the order `add` applies them:
   3. a line whose casefolded text is already held is skipped (dedup against what is held now:
      a line evicted earlier may come back);
   4. over `max_lines`, the newest `max_lines // 2` lines are kept and the older ones are
-     sampled uniformly without replacement (in their original order) to fill the rest.
+     sampled uniformly without replacement (in their original order) to fill the rest (with
+     max_lines = 1, the newest line is kept).
 
 Chat text enters through `add_message(role, text)`: split into sentences, each tagged "H: " or
 "A: ", each piece (tag included) within `max_line_chars`.
@@ -33,7 +34,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-__all__ = ["Reservoir", "RESERVOIR_FORMAT", "RESERVOIR_VERSION"]
+__all__ = ["Reservoir", "RESERVOIR_FORMAT", "RESERVOIR_VERSION", "is_chat_line"]
 
 RESERVOIR_FORMAT = "molecule_gpt.reservoir"
 RESERVOIR_VERSION = 1
@@ -149,8 +150,9 @@ class Reservoir:
         return self.add(lines)
 
     def _evict(self) -> None:
-        """Rule 4: keep the newest max_lines // 2, sample the older ones to fill max_lines."""
-        n_new = self.max_lines // 2
+        """Rule 4: keep the newest max_lines // 2 (at least the newest line), sample the older
+        ones to fill max_lines."""
+        n_new = max(1, self.max_lines // 2)
         split = len(self._lines) - n_new
         older, newest = self._lines[:split], self._lines[split:]
         keep = np.sort(self.rng.choice(len(older), self.max_lines - n_new, replace=False))
