@@ -9,7 +9,10 @@ from .checkpoint import (
     save_checkpoint as save_checkpoint,
 )
 from .config import Config as Config
+from .data import default_home as default_home, seed_corpus_lines as seed_corpus_lines
+from .memory import ForgetCounts as ForgetCounts, Memory as Memory, Recall as Recall
 from .model import Model as Model
+from .reservoir import Reservoir as Reservoir
 from .tokenizer import (
     EvolvingTokenizer as EvolvingTokenizer,
     StreamDecoder as StreamDecoder,
@@ -20,6 +23,7 @@ from .errors import (
     ArenaOverflowError as ArenaOverflowError,
     CheckpointError as CheckpointError,
     ConfigError as ConfigError,
+    MemoryStoreError as MemoryStoreError,
     MoleculeError as MoleculeError,
     TokenizerError as TokenizerError,
 )
@@ -34,12 +38,19 @@ __all__ = [
     "Config",
     "ConfigError",
     "EvolvingTokenizer",
+    "ForgetCounts",
+    "Memory",
+    "MemoryStoreError",
     "Model",
     "MoleculeError",
+    "Recall",
+    "Reservoir",
     "StreamDecoder",
     "TokenizerError",
     "TokenizerUpdate",
+    "default_home",
     "load_checkpoint",
     "read_corpus",
     "save_checkpoint",
+    "seed_corpus_lines",
 ]
