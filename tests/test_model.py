@@ -435,3 +435,15 @@ def test_many_modules_fold_but_trainable_ones_are_bounded():
     with pytest.raises(mg.ConfigError, match=f"at most {limit} delta modules can train at once"):
         model.set_trainable(f"delta{limit}", True)
     assert not model.trainable[f"delta{limit}"]  # refused before any change
+
+
+def test_tape_records_one_node_per_op_in_topological_order():
+    config = tiny_config(n_layer=2)
+    model = mg.Model(config, 11, n_threads=1)
+    model.loss_and_grads([[1, 2, 3, 4, 5]])
+    ops = model._engines[0].tape_ops()
+    n_pattern = sum(t != "content" for t in config.head_types)
+    layer = (["rmsnorm", "linear", "rope", "rope"] + ["linear"] * n_pattern
+             + ["attention", "linear", "add", "rmsnorm", "linear", "gate", "linear", "add"])
+    assert ops == ["embed"] + layer * config.n_layer + ["rmsnorm", "linear", "cross_entropy"]
+    assert len(ops) == model._engines[0].plan(4, 16)[1]  # the plan counts exactly these nodes

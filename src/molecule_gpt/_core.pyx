@@ -531,9 +531,6 @@ cdef class Engine:
         L.dalpha[head] = data_ptr(dalpha) if dalpha is not None else NULL
         self.keep[("alpha", layer, head)] = (alpha, dalpha)
 
-    def set_rank(self, int rank):
-        self.net.r = rank
-
     @property
     def profile(self):
         """CPU seconds (of the thread running it) per op since profiling was switched on: {"forward.linear": s, ...}."""
@@ -630,8 +627,10 @@ cdef class Engine:
         memcpy(data_ptr(out), self.st.logits, self.st.N * self.net.V * self.itemsize)
 
     def tape_ops(self):
-        """Op codes of the current tape, in creation order (for debugging and tests)."""
-        return [self.ar.nodes[i].op for i in range(self.ar.n_nodes)]
+        """Op names of the current tape, in creation order (for debugging and graph dumps)."""
+        names = {MG_OP_EMBED: "embed", MG_OP_RMSNORM: "rmsnorm", MG_OP_LINEAR: "linear", MG_OP_ROPE: "rope",
+                 MG_OP_ATTN: "attention", MG_OP_GATE: "gate", MG_OP_ADD: "add", MG_OP_XENT: "cross_entropy"}
+        return [names[self.ar.nodes[i].op] for i in range(self.ar.n_nodes)]
 
 
 def run(list engines, bint forward, bint with_loss, bint backward):
