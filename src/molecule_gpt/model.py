@@ -136,6 +136,7 @@ class Model:
         self._lock = threading.RLock()
         self._engines = []
         self._arenas_ready = False
+        self._rebind_pending, self._rebuild_engines = False, False
         self._folded_modules, self._fold_delta, self._fold_weight, self._fold_views = [], {}, {}, {}
         if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
             raise ConfigError(f"n_threads must be a positive int or None (one per core), got {n_threads!r}")
@@ -285,8 +286,25 @@ class Model:
     # threading measured 20x slower when another process shared the cores).
 
     def _rebuild(self, reallocate: bool = True) -> None:
-        """(Re)bind every worker's engine to the current arrays; size the arenas from the config.
-        reallocate=False keeps the engines (their arenas are still resized if the plan changed)."""
+        """Mark the engines for rebinding to the current arrays (reallocate: rebuild them too).
+        The work happens once, at the next use (_ensure_ready), however many structural changes
+        came before it: building a model, adding its modules and loading its values bind once."""
+        self._rebind_pending = True
+        self._rebuild_engines = self._rebuild_engines or reallocate
+
+    def _bind_pending(self) -> None:
+        """Bind the engines if a structural change is pending."""
+        if self._rebind_pending:
+            self._rebind_pending = False
+            reallocate, self._rebuild_engines = self._rebuild_engines, False
+            self._bind_all(reallocate)
+
+    def _ensure_ready(self) -> None:
+        """Engines bound and arenas sized: what a step needs."""
+        self._bind_pending()
+        self._ensure_arenas()
+
+    def _bind_all(self, reallocate: bool) -> None:
         c = self.config
         self._prepare_folds()
         if reallocate or not self._engines:
@@ -436,8 +454,8 @@ class Model:
         return tuple(getattr(self.config, f) for f in self._SHAPE_FIELDS)
 
     def _sync_config(self) -> None:
-        """Apply config edits made since the last step: batch_size resizes the arenas; fields that
-        fix parameter shapes cannot change on a built model."""
+        """Check config edits made since the last step: batch_size resizes the arenas (at the
+        next step); fields that fix parameter shapes cannot change on a built model."""
         c = self.config
         if self._config_shape_key() != self._shape_key:
             changed = [f for f, old in zip(self._SHAPE_FIELDS, self._shape_key) if getattr(c, f) != old]
@@ -470,19 +488,28 @@ class Model:
     @property
     def planned_arena_bytes(self) -> int:
         """Bytes the arenas will take (values plus gradients), computed without allocating."""
-        return sum(2 * e.plan(*self._max_step())[0] for e in self._engines)
+        with self._lock:
+            self._bind_pending()
+            return sum(2 * e.plan(*self._max_step())[0] for e in self._engines)
 
     @property
     def arena_capacity(self) -> int:
         """Bytes of the workers' arenas (values plus their gradients), sized from the config."""
         with self._lock:
-            self._ensure_arenas()
+            self._ensure_ready()
             return sum(2 * e.capacity[0] for e in self._engines)
 
     @property
     def arena_high_water(self) -> int:
         """Most bytes of the arenas (values plus gradients) steps used since they were sized."""
-        return sum(2 * e.high_water[0] for e in self._engines)
+        with self._lock:
+            return sum(2 * e.high_water[0] for e in self._engines)
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The model's lock. Every step holds it; hold it to read the parameters as one
+        consistent snapshot while another thread trains (a step never shows half an update)."""
+        return self._lock
 
     # ---------------------------------------------------------------------------- parameters
 
@@ -605,8 +632,8 @@ class Model:
         """Forward (with loss) and optionally backward of `seqs` on the workers. Returns one
         (sequence indices, packed batch, per-position losses) per worker used. With backward,
         the groups' gradients hold the batch gradient afterwards."""
+        self._ensure_ready()
         self._refresh_folds()
-        self._ensure_arenas()
         n_workers = min(len(self._engines), len(seqs))
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first, then dealt out
         parts = []
@@ -723,8 +750,8 @@ class Model:
         out = np.empty((N, self.vocab_size), self.dtype)
         with self._lock:
             self._sync_config()
+            self._ensure_ready()
             self._refresh_folds()
-            self._ensure_arenas()
             engine = self._engines[0]
             engine.set_batch(*packed, np.zeros(N))
             with _serial_blas:
