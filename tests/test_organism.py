@@ -369,16 +369,24 @@ def test_memory_log(tmp_path):
     org = Organism(small_config(), LINES[:60], seed=8, memory=tmp_path / "memory.sqlite")
     org.warmup(10)
     org.observe("Hello there.", speaker="H")
-    org.generate("Hello", max_gen_tokens=5, seed=0)
+    reply = org.generate("Hello", max_gen_tokens=5, seed=0)
+    org.observe(reply or "Hi.", speaker="A")
+    org.observe("Plain text, no speaker.")
     org.train_burst()
     mem = org.memory
-    roles = [r[2] for r in mem.rows("messages")]
-    assert roles == ["H", "prompt", "reply"]
-    kinds = [r[2] for r in mem.rows("corpus_events")]
-    assert kinds == ["birth", "observe"]
-    notes = [r[-1] for r in mem.rows("growth")]
+    assert [(m.role, m.text) for m in mem.messages()] == [("H", "Hello there."), ("A", reply or "Hi.")]
+    assert [e.kind for e in mem.corpus_events()] == ["birth", "observe", "observe", "observe"]
+    notes = [g.note for g in mem.snapshots()]
     assert notes[0] == "birth" and notes[1] == "warmup" and notes[2].startswith("burst")
+    assert mem.snapshots()[-1].n_delta == org.model.n_delta
     org.close()
+    assert mem.closed
+    shared = mg.Memory()
+    other = Organism(small_config(), LINES[:20], memory=shared)
+    other.close()
+    assert not shared.closed  # a Memory handed in belongs to the caller
+    with pytest.raises(ValueError, match="speaker"):
+        other.observe("x", speaker="B")
 
 
 def test_gamma_stats_and_immune_check(warmed):

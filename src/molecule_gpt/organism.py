@@ -45,7 +45,6 @@ import json
 import math
 import os
 import re
-import sqlite3
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -57,53 +56,21 @@ from .config import Config
 from .errors import CorpusError, OrganismError, TrainingError
 from .field import CorpusField
 from .generation import GenerationResult, Generator
+from .memory import Memory
 from .model import Model, default_threads
+from .reservoir import Reservoir
 from .tokenizer import EvolvingTokenizer, read_corpus
 from .trainer import BurstReport, Projection, Trainer
 
-__all__ = ["Organism", "QuantumBuffer", "Reservoir", "Memory"]
+__all__ = ["Organism", "QuantumBuffer"]
 
 STATE_FORMAT = "molecule_gpt.organism"
 STATE_VERSION = 1
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")  # the reservoir's sentence split, for untagged text
 
 
 # ---------------------------------------------------------------------------------------------
 # corpus reservoir and quantum buffer
-
-
-class Reservoir:
-    """Bounded training corpus: lines appended with case-insensitive dedup; over `max_lines`,
-    the newest half is kept and older lines are sampled (in order) to fill the rest."""
-
-    def __init__(self, lines: Iterable[str], max_lines: int, rng: np.random.Generator):
-        self.max_lines = max_lines
-        self.rng = rng
-        self.lines: list[str] = []
-        self._seen: set[str] = set()
-        self.add(lines)
-
-    def add(self, lines: Iterable[str]) -> list[str]:
-        """Append new lines; returns the ones actually added (not duplicates)."""
-        added = []
-        for line in lines:
-            key = line.casefold()
-            if key in self._seen:
-                continue
-            self._seen.add(key)
-            self.lines.append(line)
-            added.append(line)
-        if len(self.lines) > self.max_lines:
-            newest = self.lines[len(self.lines) - self.max_lines // 2:]
-            older = self.lines[:len(self.lines) - len(newest)]
-            keep = np.sort(self.rng.choice(len(older), self.max_lines - len(newest), replace=False))
-            self.lines = [older[i] for i in keep] + newest
-            self._seen = {line.casefold() for line in self.lines}
-        return added
-
-    @property
-    def chars(self) -> int:
-        return sum(len(line) for line in self.lines)
 
 
 class QuantumBuffer:
@@ -147,60 +114,6 @@ class QuantumBuffer:
 
 
 # ---------------------------------------------------------------------------------------------
-# SQLite memory (SPEC §7)
-
-
-class Memory:
-    """SQLite log of messages, corpus events and growth snapshots. Thread-safe."""
-
-    SCHEMA = """
-    CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY, ts REAL, role TEXT, text TEXT);
-    CREATE TABLE IF NOT EXISTS corpus_events (id INTEGER PRIMARY KEY, ts REAL, kind TEXT, lines INTEGER,
-        chars INTEGER, note TEXT);
-    CREATE TABLE IF NOT EXISTS growth (id INTEGER PRIMARY KEY, ts REAL, step INTEGER, vocab_size INTEGER,
-        n_params INTEGER, n_delta INTEGER, corpus_chars INTEGER, loss REAL, gamma_sparsity REAL,
-        gamma_magnitude REAL, note TEXT);
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False)
-            self._db.executescript(self.SCHEMA)
-        except sqlite3.Error as exc:
-            raise OrganismError(f"cannot open the SQLite memory {self.path!r}: {exc}") from exc
-
-    def _write(self, sql: str, args: tuple) -> None:
-        with self._lock:
-            self._db.execute(sql, args)
-            self._db.commit()
-
-    def message(self, role: str, text: str) -> None:
-        self._write("INSERT INTO messages (ts, role, text) VALUES (?, ?, ?)", (time.time(), role, text))
-
-    def corpus_event(self, kind: str, lines: int, chars: int, note: str = "") -> None:
-        self._write("INSERT INTO corpus_events (ts, kind, lines, chars, note) VALUES (?, ?, ?, ?, ?)",
-                    (time.time(), kind, lines, chars, note))
-
-    def growth(self, step: int, vocab_size: int, n_params: int, n_delta: int, corpus_chars: int,
-               loss: float | None, sparsity: float, magnitude: float, note: str = "") -> None:
-        self._write("INSERT INTO growth (ts, step, vocab_size, n_params, n_delta, corpus_chars, loss, gamma_sparsity, "
-                    "gamma_magnitude, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (time.time(), step, vocab_size, n_params, n_delta, corpus_chars, loss, sparsity, magnitude, note))
-
-    def rows(self, table: str) -> list[tuple]:
-        if table not in ("messages", "corpus_events", "growth"):
-            raise ValueError(f"no table {table!r}")
-        with self._lock:
-            return list(self._db.execute(f"SELECT * FROM {table} ORDER BY id"))
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-
-# ---------------------------------------------------------------------------------------------
 # helpers
 
 
@@ -219,15 +132,8 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _split_sentences(text: str, max_chars: int) -> list[str]:
-    out = []
-    for raw in text.splitlines():
-        for sentence in _SENTENCE.split(raw.strip()):
-            sentence = " ".join(sentence.split())
-            while sentence:
-                out.append(sentence[:max_chars])
-                sentence = sentence[max_chars:].strip()
-    return out
+def _split_sentences(text: str) -> list[str]:
+    return [sentence for raw in text.splitlines() for sentence in _SENTENCE.split(" ".join(raw.split())) if sentence]
 
 
 def _cores() -> int:
@@ -285,12 +191,13 @@ class Organism:
       corpus          a list of lines or a path to a UTF-8 text file (one line per line)
       seed            seeds the model init, the data sampling and the corpus split
       dtype           "float32" or "float64"
-      memory          path of a SQLite file for the message/corpus/growth log (None: no log)
+      memory          a molecule_gpt.Memory, or the path of its SQLite file, receiving observed chat
+                      messages, corpus events and growth snapshots (None: no log)
       telemetry_path  path of a JSONL file receiving every telemetry record (None: memory only)
     """
 
     def __init__(self, config: Config | None = None, corpus: Sequence[str] | str | os.PathLike | None = None, *,
-                 seed: int = 0, dtype: str = "float32", memory: str | os.PathLike | None = None,
+                 seed: int = 0, dtype: str = "float32", memory: "str | os.PathLike | Memory | None" = None,
                  telemetry_path: str | os.PathLike | None = None, _restore: dict | None = None):
         config = Config() if config is None else config
         if not isinstance(config, Config):
@@ -309,7 +216,8 @@ class Organism:
         self.telemetry: collections.deque = collections.deque(maxlen=2000)
         self._telemetry_path = os.fspath(telemetry_path) if telemetry_path is not None else None
         self._telemetry_file = None
-        self.memory = Memory(memory) if memory is not None else None
+        self._own_memory = memory is not None and not isinstance(memory, Memory)
+        self.memory = Memory(memory) if self._own_memory else memory
         self._thread: threading.Thread | None = None
         self._stop_event = threading.Event()
         self._thread_error: BaseException | None = None
@@ -328,7 +236,7 @@ class Organism:
         self.tokenizer.maybe_enable_bpe(train)
         self.model = Model(config, self.tokenizer.vocab_size, dtype=dtype, seed=self.seed,
                            n_threads=self._train_threads(background=False))
-        self.reservoir = Reservoir(train, config.max_corpus_lines, self._rng)
+        self.reservoir = Reservoir(train, config.max_corpus_lines, self._rng, max_line_chars=config.max_line_chars)
         self.buffer = QuantumBuffer()
         self.birth_vocab = self.model.vocab_size
         birth = self.model.init_embed_snapshot if config.tie_embeddings else self.model.params()["lm_head"]
@@ -337,8 +245,8 @@ class Organism:
         self._ids_cache: dict[str, list] = {}
         self._rebuild_data()
         if self.memory is not None:
-            self.memory.corpus_event("birth", len(lines), sum(len(x) for x in lines),
-                                     f"{len(train)} train, {len(self.val_lines)} held out")
+            self.memory.add_corpus_event("birth", len(lines), sum(len(x) for x in lines),
+                                         f"{len(train)} train, {len(self.val_lines)} held out")
             self._log_growth("birth")
 
     # ---- construction helpers
@@ -413,8 +321,8 @@ class Organism:
         if self.memory is None:
             return
         g = self.gamma_stats()
-        self.memory.growth(self.trainer.steps, self.model.vocab_size, self.model.num_params(), self.model.n_delta,
-                           self.reservoir.chars, self.trainer.last_loss, g["sparsity"], g["magnitude"], note)
+        self.memory.add_snapshot(self.trainer.steps, self.model.vocab_size, self.model.num_params(), self.model.n_delta,
+                                 self.reservoir.chars, self.trainer.last_loss, g["sparsity"], g["magnitude"], note)
 
     # ---- generation
 
@@ -464,11 +372,7 @@ class Organism:
     def run(self, prompt: str | Sequence[int] = "", **overrides) -> GenerationResult:
         """Like generate(), returning ids, text and the stop reason."""
         gen, dec, params = self._begin(prompt, overrides)
-        result = gen.run_begun(dec, params)
-        if self.memory is not None and isinstance(prompt, str):
-            self.memory.message("prompt", prompt)
-            self.memory.message("reply", result.text)
-        return result
+        return gen.run_begun(dec, params)
 
     def stream(self, prompt: str | Sequence[int] = "", **overrides) -> Iterator[str]:
         """Yield the reply in pieces as it is generated; "".join(pieces) == generate(...)."""
@@ -492,30 +396,35 @@ class Organism:
     # ---- listening
 
     def observe(self, text: str, speaker: str | None = None) -> int:
-        """Add text to the corpus: split into sentences (prefixed "H: "/"A: " etc. when a speaker
-        is given), deduplicated into the reservoir and the quantum buffer, counted by the field.
-        Returns the number of new lines."""
+        """Add text to the corpus: its sentences go into the reservoir (tagged "H: "/"A: " when
+        speaker is "H" (the person) or "A" (the organism); deduplicated case-insensitively) and
+        into the quantum buffer, and the field counts them. With a speaker the text is also a
+        chat message in the memory. A chat turn is observe(user, "H"), then
+        reply = generate(...), then observe(reply, "A"). Returns the number of new lines."""
         if not isinstance(text, str):
             raise TypeError(f"observe() takes str, got {type(text).__name__}")
-        if speaker is not None and (not isinstance(speaker, str) or not speaker.strip()):
-            raise ValueError(f"speaker must be a non-empty str (e.g. 'H' or 'A') or None, got {speaker!r}")
-        prefix = f"{speaker.strip()}: " if speaker else ""
-        lines = [prefix + s for s in _split_sentences(text, self.config.max_line_chars - len(prefix))]
+        if speaker not in (None, "H", "A"):
+            raise ValueError(f"speaker must be 'H' (the person), 'A' (the organism) or None, got {speaker!r}")
         with self._structure.read(), self._lock:  # never between a tokenizer change and the rebuild
-            added = self.reservoir.add(lines)
+            if speaker is None:
+                added = self.reservoir.add(_split_sentences(text))
+            else:
+                added = self.reservoir.add_message(speaker, text)
             if not added:
                 return 0
             ids = [self._encode(x) for x in added]
+            lines = self.reservoir.lines
             if len(self._ids_cache) > 2 * (self.config.max_corpus_lines + len(self.val_lines)):
-                keep = set(self.reservoir.lines) | set(self.val_lines)  # forget evicted lines
+                keep = set(lines) | set(self.val_lines)  # forget evicted lines
                 self._ids_cache = {k: v for k, v in self._ids_cache.items() if k in keep}
-            self._train_ids = [self._encode(x) for x in self.reservoir.lines]
+            self._train_ids = [self._encode(x) for x in lines]
             self.buffer.feed(added, ids)
             self.field.add(ids)
             self._field_loss = None
         if self.memory is not None:
-            self.memory.message(speaker or "text", text)
-            self.memory.corpus_event("observe", len(added), sum(len(x) for x in added))
+            if speaker is not None and text.strip():
+                self.memory.add_message(speaker, text)
+            self.memory.add_corpus_event("observe", len(added), sum(len(x) for x in added))
         return len(added)
 
     def _maybe_grow_tokenizer(self) -> bool:
@@ -740,7 +649,7 @@ class Organism:
                 "trainer": self.trainer.state_dict(),
                 "organism_rng": self._rng.bit_generator.state,
                 "val_lines": list(self.val_lines),
-                "reservoir": list(self.reservoir.lines),
+                "reservoir": self.reservoir.to_dict(),
                 "buffer": self.buffer.to_dict(),
                 "birth_vocab": self.birth_vocab,
                 "birth_rows": None if self.config.tie_embeddings else
@@ -758,7 +667,7 @@ class Organism:
             save_checkpoint(path, self.model, self.tokenizer, state)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, memory: str | os.PathLike | None = None,
+    def load(cls, path: str | os.PathLike, *, memory: "str | os.PathLike | Memory | None" = None,
              telemetry_path: str | os.PathLike | None = None) -> "Organism":
         """An organism from a file written by save(); it continues exactly where it stopped."""
         ckpt = load_checkpoint(path)
@@ -782,9 +691,7 @@ class Organism:
         self.tokenizer = ckpt.tokenizer
         self._rng.bit_generator.state = state["organism_rng"]
         self.val_lines = list(state["val_lines"])
-        self.reservoir = Reservoir([], self.config.max_corpus_lines, self._rng)
-        self.reservoir.lines = list(state["reservoir"])
-        self.reservoir._seen = {x.casefold() for x in self.reservoir.lines}
+        self.reservoir = Reservoir.from_dict(state["reservoir"], rng=self._rng)
         self.buffer = QuantumBuffer()
         self.birth_vocab = int(state["birth_vocab"])
         if state["birth_rows"] is None:
@@ -805,7 +712,7 @@ class Organism:
     def close(self) -> None:
         """Stop the background trainer (if running) and close the memory and telemetry files."""
         self.stop()
-        if self.memory is not None:
+        if self.memory is not None and self._own_memory:
             self.memory.close()
         if self._telemetry_file is not None:
             self._telemetry_file.close()
