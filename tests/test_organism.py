@@ -389,6 +389,47 @@ def test_memory_log(tmp_path):
         other.observe("x", speaker="B")
 
 
+def test_forget_removes_chat_lines_and_messages(tmp_path):
+    org = Organism(small_config(), LINES[:60], seed=10, memory=tmp_path / "m.sqlite")
+    org.observe("My cat is called Pixel. The weather is fine.", speaker="H")
+    org.observe("Pixel is a fine name.", speaker="A")
+    before = len(org.reservoir)
+    context = org.tokenizer.encode("Pi")[:-1]  # "Pi" occurs only in the chat lines
+    x_id = org.tokenizer.encode("x")[1]
+    q, level = org.field.distribution(context)
+    assert level == 3 and q[x_id] == 1.0
+    counts = org.forget("pixel")
+    assert (counts.messages, counts.reservoir_lines) == (2, 2)
+    assert len(org.reservoir) == before - 2 and not any("pixel" in x.lower() for x in org.reservoir.lines)
+    assert "H: The weather is fine." in org.reservoir.lines
+    q, level = org.field.distribution(context)
+    assert level < 3  # the field was recounted without the forgotten lines
+    assert org.forget(None).reservoir_lines == 1  # the remaining chat line; the corpus stays
+    assert len(org.reservoir) == before - 3
+    org.close()
+
+
+def test_interrupted_burst_leaves_the_model_as_before(warmed, tmp_path):
+    org = clone(warmed, tmp_path)
+    assert org.train_burst().accepted
+    snap = all_state(org)
+    calls = {"n": 0}
+    real = org.model.train_step
+
+    def interrupt_after_three(batch, lr):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(batch, lr)
+
+    org.model.train_step = interrupt_after_three
+    with pytest.raises(KeyboardInterrupt):
+        org.train_burst()
+    del org.model.train_step
+    assert_bit_identical(all_state(org), snap)
+    assert org.train_burst().accepted
+
+
 def test_gamma_stats_and_immune_check(warmed):
     g = warmed.gamma_stats()
     assert 0.0 <= g["sparsity"] <= 1.0 and g["magnitude"] > 0 and len(g["top_tokens"]) == 10

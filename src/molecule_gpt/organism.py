@@ -427,6 +427,26 @@ class Organism:
             self.memory.add_corpus_event("observe", len(added), sum(len(x) for x in added))
         return len(added)
 
+    def forget(self, phrase: str | None = None, *, chat_only: bool = True):
+        """Forget chat: reservoir lines (and, with a memory, messages and their search-index
+        rows) containing `phrase` (case-insensitive), or all of them with phrase=None. With
+        chat_only (the default) only chat lines ("H: ..."/"A: ...") are candidates, so the birth
+        corpus stays. The field is recounted from what remains; what the weights learned stays.
+        Returns a molecule_gpt.ForgetCounts (messages, index_rows, reservoir_lines, erased_from_disk)."""
+        from .memory import ForgetCounts
+        with self._structure.write(), self._lock:
+            if self.memory is not None:
+                counts = self.memory.forget(phrase, reservoir=self.reservoir, chat_only=chat_only)
+            else:
+                counts = ForgetCounts(0, 0, self.reservoir.forget(phrase, chat_only=chat_only), True)
+            if counts.reservoir_lines:
+                gone = set(self.buffer.lines) - set(self.reservoir.lines)
+                self.buffer.lines = [x for x in self.buffer.lines if x not in gone]
+                self._rebuild_data()
+        if self.memory is not None and counts.reservoir_lines:
+            self.memory.add_corpus_event("forget", counts.reservoir_lines, 0, "" if phrase is None else f"phrase of {len(phrase)} chars")
+        return counts
+
     def _maybe_grow_tokenizer(self) -> bool:
         """Enable or retrain BPE when the reservoir has grown enough (SPEC §1); grows the model
         and rebuilds the field and encodings. Returns True when the vocabulary changed."""

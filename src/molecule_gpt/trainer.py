@@ -438,6 +438,21 @@ class Trainer:
             m.set_delta_alpha(k, alpha)
         loss_before = self.cached_val_loss(val, val_key) if val else None
         proj_before = self.projection()
+        guard = {"settled": False}
+        try:
+            return self._burst(new, replay, val, val_key, lr, t0, k, state, snap, loss_before, proj_before, guard)
+        except BaseException:
+            # an exception or Ctrl-C before the burst's outcome is settled: leave the model as it
+            # was before the burst (afterwards the accepted or rolled-back state stands)
+            if not guard["settled"]:
+                snap.restore(m)
+                self._val_cache = None
+            raise
+
+    def _burst(self, new, replay, val, val_key, lr, t0, k, state, snap, loss_before, proj_before,
+               guard) -> BurstReport:
+        c = self.config
+        m = self.model
         lr_used = (c.learning_rate * self.lr_scale) if lr is None else float(lr)
         first = last = None
         reason = "accepted"
@@ -494,6 +509,7 @@ class Trainer:
         report = BurstReport(steps=steps, loss_before=loss_before, loss_after=loss_after, train_loss_first=first,
                              train_loss_last=last, accepted=accepted, reason=reason, drift_cosine=cos, lr=lr_used,
                              module=k, lr_backoff=backoff)
+        guard["settled"] = True
         if self.rng.random() < c.delta_grow_prob and m.n_delta < c.max_delta_modules:
             report.retired_module, report.retired_as = k, self.retire(k, val, val_key)
             report.grew_module = self._ensure_active()
