@@ -13,6 +13,8 @@
  * Dims: A (M, K) row-major with leading dimension lda (likewise B, C); x (K); y (M).
  *   mg_matvec_f/d   y = A x
  *   mg_gemm_nt_f/d  C = A B^T        (B (N, K): a weight matrix; rows of A are inputs)
+ *   mg_softmax_exp_f  the exponentials and sums of the sampling softmax
+ *   mg_attend_row_f   one query's attention over the key/value cache
  * The AVX2 kernels keep one 8-lane accumulator per output and reduce it once at the end; four
  * weight rows share each load of the input, and the gemm handles three inputs per pass over them.
  */
@@ -198,6 +200,175 @@ __attribute__((target("avx2,fma"))) static void mg_matvec3_f_avx2(float *restric
 }
 #endif
 
+/* Sampling softmax, one pass: x_i = max(z_i ft - shift, lo), e_i = exp(x_i); returns
+ * sum_i e_i and stores sum_i e_i x_i in *sx (for the entropy). exp is mg_expf's method
+ * (fastmath.h); the AVX2 path spells it with intrinsics, 8 lanes wide (GCC leaves the inlined
+ * scalar version unvectorized inside a target("avx2") function). */
+#include "fastmath.h"
+
+static float mg_softmax_exp_f_generic(float *restrict x, float *restrict e, const float *restrict z, ptrdiff_t n,
+                                      float ft, float shift, float lo, float *sx) {
+    for (ptrdiff_t i = 0; i < n; i++) {
+        float v = z[i] * ft - shift;
+        v = v > lo ? v : lo;
+        x[i] = v;
+        e[i] = mg_expf(v);
+    }
+    float t = 0, s = 0;
+    _Pragma("omp simd reduction(+ : t, s)")
+    for (ptrdiff_t i = 0; i < n; i++) {
+        t += e[i];
+        s += e[i] * x[i];
+    }
+    *sx = s;
+    return t;
+}
+
+#ifdef MG_HAVE_AVX2_PATH
+/* mg_expf on 8 lanes: exp(x) = 2^n exp(g), n = floor(x log2 e + 1/2), polynomial on g */
+__attribute__((target("avx2,fma"))) static inline __m256 mg_expf8(__m256 x) {
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365447504f));
+    __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+    __m256 n = _mm256_floor_ps(fx);
+    __m256 g = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    g = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), g);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, g, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, g, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, g, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, g, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, g, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(y, g), g, g), _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+__attribute__((target("avx2,fma"))) static float mg_softmax_exp_f_avx2(float *restrict x, float *restrict e,
+                                                                         const float *restrict z, ptrdiff_t n,
+                                                                         float ft, float shift, float lo, float *sx) {
+    __m256 vt = _mm256_setzero_ps(), vs = _mm256_setzero_ps();
+    __m256 vft = _mm256_set1_ps(ft), vshift = _mm256_set1_ps(shift), vlo = _mm256_set1_ps(lo);
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_max_ps(_mm256_fmsub_ps(_mm256_loadu_ps(z + i), vft, vshift), vlo);
+        __m256 w = mg_expf8(v);
+        _mm256_storeu_ps(x + i, v);
+        _mm256_storeu_ps(e + i, w);
+        vt = _mm256_add_ps(vt, w);
+        vs = _mm256_fmadd_ps(w, v, vs);
+    }
+    float t = mg_hsum256(vt), s = mg_hsum256(vs);
+    for (; i < n; i++) {
+        float v = z[i] * ft - shift;
+        v = v > lo ? v : lo;
+        float w = mg_expf(v);
+        x[i] = v;
+        e[i] = w;
+        t += w;
+        s += w * v;
+    }
+    *sx = s;
+    return t;
+}
+#endif
+
+/* One query's attention over nk cached keys (all heads), float32 (_decode.pyx attend_row):
+ *   content logits att_j = scale q_h . k_j from the transposed key cache kt (H, d, T);
+ *   pattern logits p_j = W_pattern[j] . h_h from the transposed pattern matrix pat[h] (d, T);
+ *   hybrid: (1 - mix) att + mix p; rrpram: p; softmax over j < nk; y_h = sum_j att_j v_j.
+ * head_type: 0 content, 1 rrpram, 2 hybrid. att, pat_out: scratch of nk floats. */
+#define MG_DEFINE_ATTEND_ROW(ATTR, NAME, AXPY, SOFTMAX)                                           \
+    ATTR static void NAME(float *restrict y, float *restrict att, float *restrict pat_out,         \
+                          const float *restrict q, const float *restrict hrow, const float *restrict kt, \
+                          const float *restrict vc, const float *const *pat, const int *head_type, \
+                          const double *mix, ptrdiff_t H, ptrdiff_t d, ptrdiff_t T, ptrdiff_t C,  \
+                          ptrdiff_t nk) {                                                         \
+        const float scale = (float)(1.0 / __builtin_sqrt((double)d));                            \
+        for (ptrdiff_t h = 0; h < H; h++) {                                                       \
+            int kind = head_type[h];                                                              \
+            if (kind != 1) {                                                                      \
+                for (ptrdiff_t j = 0; j < nk; j++) att[j] = 0;                                    \
+                for (ptrdiff_t i = 0; i < d; i++) AXPY(att, scale * q[h * d + i], kt + (h * d + i) * T, nk); \
+            }                                                                                     \
+            if (kind != 0) {                                                                      \
+                for (ptrdiff_t j = 0; j < nk; j++) pat_out[j] = 0;                                \
+                for (ptrdiff_t i = 0; i < d; i++) AXPY(pat_out, hrow[h * d + i], pat[h] + i * T, nk); \
+                if (kind == 1) {                                                                  \
+                    for (ptrdiff_t j = 0; j < nk; j++) att[j] = pat_out[j];                       \
+                } else {                                                                          \
+                    const float fa = (float)mix[h];                                               \
+                    for (ptrdiff_t j = 0; j < nk; j++) att[j] = (1 - fa) * att[j] + fa * pat_out[j]; \
+                }                                                                                 \
+            }                                                                                     \
+            SOFTMAX(att, nk);                                                                     \
+            float *yh = y + h * d;                                                                \
+            for (ptrdiff_t i = 0; i < d; i++) yh[i] = 0;                                          \
+            for (ptrdiff_t j = 0; j < nk; j++) AXPY(yh, att[j], vc + j * C + h * d, d);           \
+        }                                                                                         \
+    }
+
+/* y[0:n] += a x[0:n] */
+static inline void mg_axpy_f_generic(float *restrict y, float a, const float *restrict x, ptrdiff_t n) {
+    for (ptrdiff_t i = 0; i < n; i++) y[i] = y[i] + a * x[i];
+}
+
+static inline void mg_softmax_row_f_generic(float *restrict x, ptrdiff_t n) {
+    float m = x[0];
+    _Pragma("omp simd reduction(max : m)")
+    for (ptrdiff_t j = 1; j < n; j++) m = x[j] > m ? x[j] : m;
+    float s = 0;
+    for (ptrdiff_t j = 0; j < n; j++) x[j] = mg_expf(x[j] - m);
+    _Pragma("omp simd reduction(+ : s)")
+    for (ptrdiff_t j = 0; j < n; j++) s += x[j];
+    const float inv = 1 / s;
+    for (ptrdiff_t j = 0; j < n; j++) x[j] = x[j] * inv;
+}
+
+MG_DEFINE_ATTEND_ROW(, mg_attend_row_f_generic, mg_axpy_f_generic, mg_softmax_row_f_generic)
+
+#ifdef MG_HAVE_AVX2_PATH
+__attribute__((target("avx2,fma"))) static inline void mg_axpy_f_avx2(float *restrict y, float a,
+                                                                       const float *restrict x, ptrdiff_t n) {
+    __m256 va = _mm256_set1_ps(a);
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] = y[i] + a * x[i];
+}
+
+__attribute__((target("avx2,fma"))) static inline void mg_softmax_row_f_avx2(float *restrict x, ptrdiff_t n) {
+    ptrdiff_t j = 0;
+    float m = x[0];
+    if (n >= 8) {
+        __m256 vm = _mm256_loadu_ps(x);
+        for (j = 8; j + 8 <= n; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + j));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+        m = _mm_cvtss_f32(h);
+    }
+    for (; j < n; j++) m = x[j] > m ? x[j] : m;
+    __m256 vmx = _mm256_set1_ps(m), vs = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        __m256 w = mg_expf8(_mm256_sub_ps(_mm256_loadu_ps(x + j), vmx));
+        _mm256_storeu_ps(x + j, w);
+        vs = _mm256_add_ps(vs, w);
+    }
+    float s = mg_hsum256(vs);
+    for (; j < n; j++) {
+        x[j] = mg_expf(x[j] - m);
+        s += x[j];
+    }
+    const float inv = 1 / s;
+    __m256 vi = _mm256_set1_ps(inv);
+    for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), vi));
+    for (; j < n; j++) x[j] = x[j] * inv;
+}
+
+MG_DEFINE_ATTEND_ROW(__attribute__((target("avx2,fma"))), mg_attend_row_f_avx2, mg_axpy_f_avx2, mg_softmax_row_f_avx2)
+#endif
+
 /* 1 when the AVX2+FMA path runs on this CPU (checked once; a racy first check is harmless). */
 static inline int mg_decode_has_avx2(void) {
 #ifdef MG_HAVE_AVX2_PATH
@@ -228,6 +399,28 @@ static inline int mg_decode_has_avx2(void) {
 
 MG_DEFINE_DECODE_GENERIC(float, f)
 MG_DEFINE_DECODE_GENERIC(double, d)
+
+static inline float mg_softmax_exp_f(float *restrict x, float *restrict e, const float *restrict z, ptrdiff_t n,
+                                     float ft, float shift, float lo, float *sx) {
+#ifdef MG_HAVE_AVX2_PATH
+    if (mg_decode_has_avx2()) return mg_softmax_exp_f_avx2(x, e, z, n, ft, shift, lo, sx);
+#endif
+    return mg_softmax_exp_f_generic(x, e, z, n, ft, shift, lo, sx);
+}
+
+static inline void mg_attend_row_f(float *restrict y, float *restrict att, float *restrict pat_out,
+                                   const float *restrict q, const float *restrict hrow, const float *restrict kt,
+                                   const float *restrict vc, const float *const *pat, const int *head_type,
+                                   const double *mix, ptrdiff_t H, ptrdiff_t d, ptrdiff_t T, ptrdiff_t C,
+                                   ptrdiff_t nk) {
+#ifdef MG_HAVE_AVX2_PATH
+    if (mg_decode_has_avx2()) {
+        mg_attend_row_f_avx2(y, att, pat_out, q, hrow, kt, vc, pat, head_type, mix, H, d, T, C, nk);
+        return;
+    }
+#endif
+    mg_attend_row_f_generic(y, att, pat_out, q, hrow, kt, vc, pat, head_type, mix, H, d, T, C, nk);
+}
 
 /* y (M) = A (M, K) x (K) */
 static inline void mg_matvec_f(float *restrict y, const float *restrict A, const float *restrict x, ptrdiff_t M,

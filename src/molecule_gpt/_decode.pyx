@@ -58,6 +58,11 @@ cdef extern from "decode_kernels.h" nogil:  # products without BLAS (see the fil
                       Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc)
     void mg_gemm_nt_d(double* C, const double* A, const double* B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                       Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc)
+    float mg_softmax_exp_f(float* x, float* e, const float* z, Py_ssize_t n, float ft, float shift, float lo,
+                           float* sx)
+    void mg_attend_row_f(float* y, float* att, float* pat_out, const float* q, const float* hrow,
+                         const float* kt, const float* vc, const float* const* pat, const int* head_type,
+                         const double* mix, Py_ssize_t H, Py_ssize_t d, Py_ssize_t T, Py_ssize_t C, Py_ssize_t nk)
 
 cdef extern from "rows.h" nogil:   # omp-simd row reductions (shared with the training core)
     float mg_row_max_f(const float* x, Py_ssize_t n)
@@ -358,12 +363,24 @@ cdef void attend_row(floating* y, floating* att, floating* pat_out, const floati
     cached keys kt (H, d, T; transposed) and values vc (nk, C). att, pat_out: scratch of T.
     Keys and pattern matrices are stored transposed so that the logits of all nk keys are d
     vectorized axpys over contiguous memory (no per-key horizontal sums, no tiny BLAS calls)."""
+    cdef Py_ssize_t d = net.d, T = net.T, C = net.C
+    if floating is float:  # the same loops in C, AVX2+FMA when available
+        mg_attend_row_f(y, att, pat_out, q, hrow, kt, vc, <const float* const*>Lw.pat, net.head_type, Lw.mix,
+                        net.H, d, T, C, nk)
+    else:
+        attend_row_loops(y, att, pat_out, q, hrow, kt, vc, net, Lw, nk)
+
+
+cdef void attend_row_loops(double* y, double* att, double* pat_out, const double* q, const double* hrow,
+                           const double* kt, const double* vc, const WNet* net, const WLayer* Lw,
+                           int nk) noexcept nogil:
+    """attend_row in float64 (tests compare it with Model.logits at 1e-10)."""
     cdef Py_ssize_t hh, j, i, C = net.C, d = net.d, T = net.T
     cdef int kind
-    cdef floating scale = <floating>(1.0 / sqrt(<double>d)), fa, w
-    cdef const floating* row
-    cdef const floating* vrow
-    cdef floating* yh
+    cdef double scale = 1.0 / sqrt(<double>d), fa, w
+    cdef const double* row
+    cdef const double* vrow
+    cdef double* yh
     for hh in range(net.H):
         kind = net.head_type[hh]
         if kind != HEAD_RRPRAM:   # att[j] = scale q_h . k_j
@@ -379,14 +396,14 @@ cdef void attend_row(floating* y, floating* att, floating* pat_out, const floati
                 pat_out[j] = 0
             for i in range(d):
                 w = hrow[hh * d + i]
-                row = <const floating*>Lw.pat[hh] + i * T
+                row = <const double*>Lw.pat[hh] + i * T
                 for j in range(nk):
                     pat_out[j] = pat_out[j] + w * row[j]
             if kind == HEAD_RRPRAM:
                 for j in range(nk):
                     att[j] = pat_out[j]
             else:
-                fa = <floating>Lw.mix[hh]
+                fa = Lw.mix[hh]
                 for j in range(nk):
                     att[j] = (1 - fa) * att[j] + fa * pat_out[j]
         softmax_row(att, nk)
@@ -641,37 +658,35 @@ cdef void cand_sort(Cand* c, Py_ssize_t n, int by_key) noexcept nogil:
 
 
 cdef double softmax_t(double* p, const float* z, Py_ssize_t V, double inv_t, float* scratch,
-                      double* pmax=NULL) noexcept nogil:
-    """p = softmax(z * inv_t) over V (z = -inf gives exactly 0); returns the entropy of p in
-    nats as H = log Z - sum_i p_i x_i with x_i = (z_i - max z) inv_t, which needs no per-token
-    log; *pmax (if given) receives max p = 1 / Z. scratch: 2V floats.
-    Sampling works in float32: exponentials by mg_expf (~2 ulp) and the sums as omp-simd
-    reductions (csrc/rows.h), so every pass vectorizes; a sampling distribution needs no more
-    precision (libm's double exp alone was half of a token's sampling time)."""
+                      double* Z=NULL) noexcept nogil:
+    """Softmax of z * inv_t over V. Returns its entropy in nats, as H = log Z - sum_i p_i x_i
+    with x_i = (z_i - max z) inv_t (no per-token log). The unnormalized weights e_i = exp(x_i)
+    are left in scratch[V:2V] (e = 1 at the largest logit, so p_i / max p = e_i) and *Z (if
+    given) receives their sum; p (if not NULL) receives the probabilities, exactly 0 where
+    z = -inf. scratch: 2V floats.
+    Sampling works in float32: exponentials by mg_expf (~2 ulp), the pass and its sums
+    vectorized (csrc/decode_kernels.h, AVX2 when available); a sampling distribution needs no
+    more precision (libm's double exp alone was half of a token's sampling time)."""
     cdef Py_ssize_t i
     cdef float* x = scratch
     cdef float* e = scratch + V
-    cdef float mx = mg_row_max_f(z, V), ft = <float>inv_t, shift, v
-    cdef float lo = -87.0   # exp(lo) ~ 1e-38: banned tokens stay finite in the sums, zeroed below
+    cdef float mx = mg_row_max_f(z, V), ft = <float>inv_t, sx = 0
+    cdef float lo = -87.0   # exp(lo) ~ 1e-38: banned tokens stay finite in the sums
     cdef double total, inv
     if mx == -INFINITY:
-        memset(p, 0, V * sizeof(double))
-        if pmax != NULL:
-            pmax[0] = 0
+        if p != NULL:
+            memset(p, 0, V * sizeof(double))
+        if Z != NULL:
+            Z[0] = 0
         return 0.0
-    shift = mx * ft
-    for i in range(V):
-        v = z[i] * ft - shift
-        v = v if v > lo else lo
-        x[i] = v
-        e[i] = v
-    total = mg_row_exp_sum_f(e, V, 0)
+    total = mg_softmax_exp_f(x, e, z, V, ft, mx * ft, lo, &sx)
     inv = 1.0 / total
-    for i in range(V):
-        p[i] = e[i] * inv if z[i] > -INFINITY else 0.0
-    if pmax != NULL:
-        pmax[0] = inv   # the largest logit has e = exp(0) = 1
-    return log(total) - mg_row_dot_f(e, x, V) * inv
+    if p != NULL:
+        for i in range(V):
+            p[i] = e[i] * inv if z[i] > -INFINITY else 0.0
+    if Z != NULL:
+        Z[0] = total
+    return log(total) - sx * inv
 
 
 cdef inline void heap_sift(Cand* h, Py_ssize_t n, Py_ssize_t i) noexcept nogil:
@@ -691,6 +706,27 @@ cdef inline void heap_sift(Cand* h, Py_ssize_t n, Py_ssize_t i) noexcept nogil:
         i = c
 
 
+cdef inline Py_ssize_t heap_push(Cand* cand, Py_ssize_t n, Py_ssize_t k, double pi, int i) noexcept nogil:
+    """Offer candidate (pi, i) to the k best kept in cand[0:n] (ids arrive ascending); returns
+    the new count. Below k candidates are appended; at k they form a heap whose root is the
+    worst, replaced when the newcomer is better (a tie keeps the earlier id)."""
+    cdef Py_ssize_t m
+    if n < k:
+        cand[n].p = pi
+        cand[n].key = 0
+        cand[n].i = i
+        n += 1
+        if n == k:
+            for m in range(k // 2 - 1, -1, -1):
+                heap_sift(cand, k, m)
+        return n
+    if pi > cand[0].p:
+        cand[0].p = pi
+        cand[0].i = i
+        heap_sift(cand, k, 0)
+    return n
+
+
 cdef Py_ssize_t sample_stack(Cand* cand, double* p, const float* z, const double* q, Py_ssize_t V,
                              const SampleC* sp, float* scratch) noexcept nogil:
     """The built-in stack of SPEC §4 on logits z (banned tokens already -inf, penalty applied):
@@ -701,7 +737,9 @@ cdef Py_ssize_t sample_stack(Cand* cand, double* p, const float* z, const double
     Note: min-p and top-k both keep a top set, so they commute; min-p runs first because its
     threshold is one pass and leaves top-k fewer candidates to select from."""
     cdef Py_ssize_t i, n = 0, m, k
-    cdef double H, t, pmax = 0, thr, mass, cum, pi, a = sp.model_alpha
+    cdef double H, t, pmax = 0, thr, mass, cum, pi, Z = 0, inv, a = sp.model_alpha
+    cdef float w, thr_e
+    cdef const float* e
     if sp.temperature <= 0 and q == NULL:   # greedy: the largest logit
         m = -1
         for i in range(V):
@@ -728,39 +766,41 @@ cdef Py_ssize_t sample_stack(Cand* cand, double* p, const float* z, const double
         cand[0].key = 0
         cand[0].i = <int>m
         return 1
-    H = softmax_t(p, z, V, 1.0 / sp.temperature, scratch, &pmax)
+    H = softmax_t(NULL, z, V, 1.0 / sp.temperature, scratch, &Z)
     t = sp.temperature
     if H < sp.entropy_low:
         t = t * sp.boost
     elif H > sp.entropy_high:
         t = t * sp.focus
     if t != sp.temperature:
-        softmax_t(p, z, V, 1.0 / t, scratch, &pmax)
-    if q != NULL:
+        softmax_t(NULL, z, V, 1.0 / t, scratch, &Z)
+    if Z <= 0:
+        return 0
+    e = scratch + V
+    inv = 1.0 / Z
+    k = sp.top_k if 0 < sp.top_k < V else V
+    if q == NULL:
+        # p_i = e_i / Z and e = 1 at the largest logit, so min-p is e_i >= min_p: the
+        # candidates come straight from the float weights (no probability array)
+        thr_e = <float>sp.min_p
+        for i in range(V):
+            w = e[i]
+            if w >= thr_e and z[i] > -INFINITY:
+                n = heap_push(cand, n, k, w * inv, <int>i)
+    else:
         pmax = 0
         for i in range(V):
-            p[i] = a * p[i] + (1 - a) * q[i]
-            if p[i] > pmax:
-                pmax = p[i]
-    if pmax <= 0:
-        return 0
-    thr = sp.min_p * pmax
-    k = sp.top_k if 0 < sp.top_k < V else V
-    for i in range(V):
-        pi = p[i]
-        if pi > 0 and pi >= thr:
-            if n < k:
-                cand[n].p = pi
-                cand[n].key = 0
-                cand[n].i = <int>i
-                n += 1
-                if n == k and k < V:
-                    for m in range(k // 2 - 1, -1, -1):
-                        heap_sift(cand, k, m)
-            elif pi > cand[0].p:  # better than the worst kept (ids ascend, so ties keep the first)
-                cand[0].p = pi
-                cand[0].i = <int>i
-                heap_sift(cand, k, 0)
+            pi = a * (e[i] * inv if z[i] > -INFINITY else 0.0) + (1 - a) * q[i]
+            p[i] = pi
+            if pi > pmax:
+                pmax = pi
+        if pmax <= 0:
+            return 0
+        thr = sp.min_p * pmax
+        for i in range(V):
+            pi = p[i]
+            if pi > 0 and pi >= thr:
+                n = heap_push(cand, n, k, pi, <int>i)
     cand_sort(cand, n, 0)
     if sp.typical_p < 1 and n > 1:
         mass = 0
@@ -1339,6 +1379,7 @@ cdef class Decoder:
                 lv[j] = -INFINITY
         if self.nh - self.n_prompt < self.min_new:
             lv[self.eos] = -INFINITY
+        cdef Py_ssize_t best
         if self.sp.temperature <= 0:
             best = int(np.argmax(logits))
             if lv[best] == -INFINITY:

@@ -222,7 +222,6 @@ class Organism:
         self._stop_event = threading.Event()
         self._thread_error: BaseException | None = None
         self._blas_limiter = None
-        self._saved_threads: int | None = None
 
         if _restore is not None:
             self._init_restored(_restore)
@@ -465,22 +464,28 @@ class Organism:
 
     # ---- training
 
-    def warmup(self, steps: int | None = None, progress: Callable[[dict], None] | None = None, *,
-               _start: int = 0, _total: int | None = None, _finish: bool = True) -> dict:
+    def warmup(self, steps: int | None = None, progress: Callable[[dict], None] | None = None) -> dict:
         """Train the base on the corpus: `steps` (default Config.warmup_steps) steps with linear
         warmup then cosine decay, held-out loss every eval_interval steps, early stop on a plateau
-        (Config.patience). progress(record) is called after every step. Returns a summary."""
+        (Config.patience); the base is frozen afterwards when Config.freeze_base_after_warmup.
+        progress(record) is called after every step with {"step", "of", "loss", "lr"} (plus
+        "val_loss" and "collapsed_layers" at evaluations). Returns a summary: steps,
+        stopped_early, loss, val_loss, seconds."""
         steps = self.config.warmup_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        return self._warmup(steps, progress)
+
+    def _warmup(self, steps: int, progress=None, start: int = 0, total: int | None = None,
+                finish: bool = True) -> dict:
         with self._train_lock:
             self._sync_threads()
             with self._lock:
                 train, val, key = list(self._train_ids), list(self._val_ids), self._val_key
             if not train:
                 raise TrainingError("nothing to train on: give the organism a corpus or observe() text first")
-            summary = self.trainer.warmup(train, val, steps, progress, self._collapse_probe, key, start=_start,
-                                          total=_total, finish=_finish, should_stop=self._stop_requested)
+            summary = self.trainer.warmup(train, val, steps, progress, self._collapse_probe, key, start=start,
+                                          total=total, finish=finish, should_stop=self._stop_requested)
         self._log_growth("warmup")
         return summary
 
@@ -624,7 +629,7 @@ class Organism:
         while steps > 0 and not self._stop_event.is_set() and not self.trainer.warmed_up:
             n = min(chunk, steps)
             start = self.trainer.warmup_steps_done
-            self.warmup(n, _start=start, _total=total, _finish=n == steps)
+            self._warmup(n, start=start, total=total, finish=n == steps)
             steps -= n
 
     def stop(self, timeout: float | None = None) -> None:
