@@ -22,6 +22,7 @@
 #define MOLECULE_DECODE_KERNELS_H
 
 #include <stddef.h>
+#include <stdlib.h>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
@@ -369,13 +370,15 @@ __attribute__((target("avx2,fma"))) static inline void mg_softmax_row_f_avx2(flo
 MG_DEFINE_ATTEND_ROW(__attribute__((target("avx2,fma"))), mg_attend_row_f_avx2, mg_axpy_f_avx2, mg_softmax_row_f_avx2)
 #endif
 
-/* 1 when the AVX2+FMA path runs on this CPU (checked once; a racy first check is harmless). */
+/* 1 when the AVX2+FMA path runs on this CPU (checked once; a racy first check is harmless).
+ * MOLECULE_GPT_NO_AVX2=1 in the environment forces the portable path (tests use it). */
 static inline int mg_decode_has_avx2(void) {
 #ifdef MG_HAVE_AVX2_PATH
     static int has = -1;
     if (has < 0) {
+        const char *off = getenv("MOLECULE_GPT_NO_AVX2");
         __builtin_cpu_init();
-        has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !(off && *off && *off != '0');
     }
     return has;
 #else

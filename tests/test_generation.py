@@ -73,6 +73,40 @@ def test_cached_decoding_matches_full_forward_every_step(dtype, tol, activation)
     assert worst < tol
 
 
+PORTABLE_CHECK = """
+import numpy as np, molecule_gpt as mg
+from molecule_gpt import _decode
+from molecule_gpt.generation import fold_weights
+assert _decode.simd_path() == "portable"
+m = mg.Model(mg.Config(n_layer=2, n_embd=24, n_head=4, block_size=8, delta_rank=3,
+                       head_types=("content", "rrpram", "hybrid", "hybrid")), 23, n_threads=1)
+m.add_delta_module(alpha=0.5)
+dec = _decode.Decoder(fold_weights(m), 23, 8)
+seq = [int(t) for t in np.random.default_rng(2).integers(0, 23, 30)]
+window, worst = seq[:3], np.abs(dec.prefill(seq[:3]) - m.logits(seq[:3])[-1]).max()
+for t in seq[3:]:
+    window = window + [t] if len(window) < 8 else window[4:] + [t]
+    worst = max(worst, np.abs(dec.feed(t) - m.logits(window)[-1]).max())
+ids, p = _decode._sample_stack_memview(np.log([0.5, 0.25, 0.15, 0.06, 0.04]), None, 1.0, -1.0, 100.0, 1.0, 1.0,
+                                       0.0, 1.0, 0.8, 0)
+assert ids == [0, 1, 2], ids
+print(worst)
+"""
+
+
+def test_portable_kernels_match_when_avx2_is_off():
+    """The non-AVX2 kernels (what a CPU without AVX2 runs) decode the same logits."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, MOLECULE_GPT_NO_AVX2="1")
+    out = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 2e-4
+    if _decode.simd_path() == "avx2":
+        assert os.environ.get("MOLECULE_GPT_NO_AVX2") in (None, "", "0")
+
+
 def test_untied_embeddings_and_content_only_heads():
     m = make_model("float64", tie_embeddings=False, head_types=("content",) * 4)
     dec = _decode.Decoder(fold_weights(m), m.vocab_size, m.config.block_size)

@@ -5,6 +5,8 @@ import numpy as np
 
 STOP_REASONS: tuple  # (None, "eos", "max_tokens", "sentence", "repetition"), indexed by the C enum
 
+def simd_path() -> str: ...  # "avx2" or "portable" (MOLECULE_GPT_NO_AVX2=1 forces portable)
+
 class Weights:
     is_double: bool
     dtype: np.dtype

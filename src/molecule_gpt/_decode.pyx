@@ -58,6 +58,7 @@ cdef extern from "decode_kernels.h" nogil:  # products without BLAS (see the fil
                       Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc)
     void mg_gemm_nt_d(double* C, const double* A, const double* B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                       Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc)
+    int mg_decode_has_avx2()
     float mg_softmax_exp_f(float* x, float* e, const float* z, Py_ssize_t n, float ft, float shift, float lo,
                            float* sx)
     void mg_attend_row_f(float* y, float* att, float* pat_out, const float* q, const float* hrow,
@@ -92,6 +93,11 @@ cdef enum:
     STOP_REPETITION = 4
 
 STOP_REASONS = (None, "eos", "max_tokens", "sentence", "repetition")
+
+
+def simd_path() -> str:
+    """"avx2" when the float32 kernels run their AVX2+FMA versions, else "portable"."""
+    return "avx2" if mg_decode_has_avx2() else "portable"
 
 
 # ---------------------------------------------------------------------------------------------
