@@ -556,6 +556,25 @@ def test_background_training_with_concurrent_generation_soak():
     _concurrency_run(20.0)
 
 
+def test_generation_does_not_wait_for_a_burst(warmed, tmp_path):
+    """The trainer holds the model lock per step, not per burst: a generation started during a
+    long burst finishes (on consistent weights) while the burst is still running."""
+    org = clone(warmed, tmp_path)
+    org.config.micro_steps = 400
+    org.config.immune_val_bound = 1e9
+    burst = threading.Thread(target=org.train_burst)
+    burst.start()
+    deadline = time.time() + 30
+    while org.model.groups.get("delta0") is None or org.model.groups["delta0"].step < 5:
+        assert time.time() < deadline
+        time.sleep(0.001)
+    text = org.generate("The cat", seed=0, max_gen_tokens=20)
+    still_running = burst.is_alive()
+    burst.join()
+    assert isinstance(text, str) and still_running
+    assert org._generator.weights.folds >= 1
+
+
 def test_background_errors_surface_on_stop(warmed, tmp_path):
     org = clone(warmed, tmp_path)
     org.config.qb_cooldown_seconds = 0.0

@@ -173,7 +173,7 @@ def _copy_group(group) -> dict[str, np.ndarray]:
 
 def _snapshot(model: Model) -> tuple:
     """Copies of everything generation reads, taken under the model lock (one memcpy per group)."""
-    with model._lock:
+    with model.lock:
         base = _copy_group(model.groups["base"])
         deltas = [(float(a), _copy_group(model.groups[f"delta{k}"])) for k, a in enumerate(model.delta_alphas) if a != 0.0]
         return model.config, model.vocab_size, model.dtype, base, deltas
@@ -247,7 +247,7 @@ class WeightCache:
     def get(self) -> _decode.Weights:
         with self._lock:
             m = self.model
-            with m._lock:
+            with m.lock:
                 key = self._key_now()
                 if key == self._key:
                     return self._weights

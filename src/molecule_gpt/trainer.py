@@ -113,14 +113,14 @@ class Snapshot:
     alphas and trainable flags. `restore` writes them back in place (bit-identical)."""
 
     def __init__(self, model: Model):
-        with model._lock:
+        with model.lock:
             self.groups = {name: (g.flat.copy(), g.m.copy(), g.v.copy(), g.step, id(g.flat))
                            for name, g in model.groups.items() if model.trainable[name]}
             self.alphas = list(model.delta_alphas)
             self.trainable = dict(model.trainable)
 
     def restore(self, model: Model) -> None:
-        with model._lock:
+        with model.lock:
             for name, (flat, m, v, step, ident) in self.groups.items():
                 g = model.groups[name]
                 if id(g.flat) != ident:
@@ -204,7 +204,7 @@ class Trainer:
         """The effective output embedding (V, C) in float64: the base output matrix (wte when
         tied) plus every delta module's lm_head term."""
         m = self.model
-        with m._lock:
+        with m.lock:
             p = m.groups["base"].params
             E = np.array(p["wte"] if m.config.tie_embeddings else p["lm_head"], dtype=np.float64)
             for k, a in enumerate(m.delta_alphas):
@@ -527,7 +527,7 @@ class Trainer:
         state = self.modules[k]
         verdict = "fossil"
         if val:
-            with m._lock:  # the model is briefly evaluated without the module: keep others out
+            with m.lock:  # the model is briefly evaluated without the module: keep others out
                 alpha = m.delta_alphas[k]
                 with_it = self.cached_val_loss(val, val_key)
                 m.set_delta_alpha(k, 0.0)
