@@ -475,6 +475,36 @@ def test_weight_cache_refolds_only_when_the_model_changes(tok):
     assert cache.get() is not w3
 
 
+def test_weight_cache_keeps_the_fossils_term(tok):
+    """Frozen modules are folded once; refolds after steps reuse their summed term; decoding
+    matches the model at every stage."""
+    cfg = mg.Config(n_layer=1, n_embd=16, n_head=2, block_size=16, head_types=("content", "hybrid"), delta_rank=2)
+    m = mg.Model(cfg, tok.vocab_size, dtype="float64", n_threads=1)
+    for k in range(3):
+        m.add_delta_module(alpha=0.6 + 0.2 * k)
+    m.set_trainable("delta0", False)
+    m.set_trainable("delta1", False)
+    m.set_trainable("base", False)
+    cache = WeightCache(m)
+    ids = tok.encode("the cat sat")[:-1]
+
+    def check():
+        w = cache.get()
+        dec = _decode.Decoder(w, m.vocab_size, cfg.block_size)
+        assert np.abs(dec.prefill(ids) - m.logits(ids)[-1]).max() < 1e-10
+
+    check()
+    terms = cache._frozen_terms
+    data = [tok.encode(line) for line in LINES[:4]]
+    for _ in range(3):
+        m.train_step(data, 0.05)
+        check()
+        assert cache._frozen_terms is terms  # the fossils were not refolded
+    m.set_delta_alpha(0, 0.1)  # a frozen module's alpha changed: its term is recomputed
+    check()
+    assert cache._frozen_terms is not terms
+
+
 # ---------------------------------------------------------------------------------------------
 # corpus field
 

@@ -199,9 +199,13 @@ def test_poisoned_burst_rolled_back_bit_identical_clean_burst_accepted(warmed, t
     clean = org.train_burst()
     assert clean.accepted and clean.reason == "accepted" and clean.steps == org.config.micro_steps
     snap = all_state(org)
+    cached = org._generator.weights.get()
     poisoned = org.train_burst(lr=1e3)
     assert not poisoned.accepted and poisoned.reason in ("val_loss_rose", "non_finite", "identity_drift")
     assert_bit_identical(all_state(org), snap)
+    # the Adam step counts are back to their old values, but the rollback invalidated the
+    # decoder's weight cache anyway (a later burst could reach the same counts)
+    assert org._generator.weights.get() is not cached
     # the generation weights were refreshed: decoding matches the restored model
     ids = org.tokenizer.encode("The cat")[:-1]
     from molecule_gpt import _decode

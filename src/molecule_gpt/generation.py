@@ -186,16 +186,42 @@ def fold_weights(model: Model) -> _decode.Weights:
     return _build_weights(config, V, dtype, base, deltas)
 
 
-def _build_weights(config: Config, V: int, dtype, base: dict, deltas: list) -> _decode.Weights:
+def _delta_sum(config: Config, V: int, dtype, deltas: list) -> dict[str, np.ndarray]:
+    """sum_k alpha_k A_k B_k per adapted matrix (float64 accumulation, cast once)."""
+    out = {}
+    for name in _adapted_names(config):
+        total = None
+        for alpha, g in deltas:
+            term = alpha * (g[f"{name}.A"].astype(np.float64) @ g[f"{name}.B"])
+            total = term if total is None else total + term
+        if total is not None:
+            out[name] = total.astype(dtype)
+    return out
+
+
+def _adapted_names(config: Config) -> list[str]:
+    names = []
+    for i in range(config.n_layer):
+        names += [f"l{i}.{m}" for m in ("wq", "wk", "wv", "wo", "fc_g", "fc_v", "fc2")]
+        names += [f"l{i}.h{h}.w_pattern" for h, kind in enumerate(config.head_types) if kind != "content"]
+    return names + ["lm_head"]
+
+
+def _build_weights(config: Config, V: int, dtype, base: dict, deltas: list,
+                   frozen: dict[str, np.ndarray] | None = None) -> _decode.Weights:
+    """Decoder weights from copied parameters: W + (frozen, a precomputed sum of modules) +
+    sum over `deltas` of alpha A B."""
     c = config
+    live = _delta_sum(config, V, dtype, deltas) if deltas else {}
 
     def eff(name: str) -> np.ndarray:
         W = base["wte" if (name == "lm_head" and c.tie_embeddings) else name]
-        if not deltas:
+        extra = [t for t in ((frozen or {}).get(name), live.get(name)) if t is not None]
+        if not extra:
             return W
         W = W.copy()
-        for alpha, g in deltas:
-            W += (alpha * (g[f"{name}.A"] @ g[f"{name}.B"])).astype(dtype, copy=False)
+        for t in extra:
+            W += t
         return W
 
     layers = []
@@ -224,15 +250,21 @@ class WeightCache:
 
     The version key (read under the model lock, with the snapshot) is the explicit counter
     bumped by `invalidate()`, the vocabulary size, the delta alphas and every group's Adam step
-    count and storage: any train_step, growth or alpha change refolds. Call `invalidate()` after
-    writing parameters in place (a rollback does; it takes no lock, so it may be called while
-    holding the model lock). Thread-safe; the returned Weights are read-only and shared."""
+    count and storage: any train_step, growth or alpha change refolds. Frozen modules (fossils)
+    never change, so their summed term is kept and reused while the set of frozen modules, their
+    alphas and the version stay the same: a refold after a training step costs the base copy and
+    the active module only, however many fossils there are.
+    Call `invalidate()` after writing parameters in place (the trainer's rollback does, through
+    the Organism; it takes no lock, so it may be called while holding the model lock).
+    Thread-safe; the returned Weights are read-only and shared."""
 
     def __init__(self, model: Model):
         self.model = model
         self._version = 0
         self._key = None
         self._weights = None
+        self._frozen_key = None
+        self._frozen_terms: dict[str, np.ndarray] | None = None
         self._lock = threading.Lock()
         self.folds = 0  # how many times weights were (re)built
 
@@ -251,9 +283,19 @@ class WeightCache:
                 key = self._key_now()
                 if key == self._key:
                     return self._weights
-                snap = (m.config, m.vocab_size, m.dtype, _copy_group(m.groups["base"]),
-                        [(float(a), _copy_group(m.groups[f"delta{k}"])) for k, a in enumerate(m.delta_alphas) if a != 0.0])
-            self._weights = _build_weights(*snap)
+                frozen = [k for k, a in enumerate(m.delta_alphas) if a != 0.0 and not m.trainable[f"delta{k}"]]
+                frozen_key = (self._version, m.vocab_size,
+                              tuple((k, m.delta_alphas[k], id(m.groups[f"delta{k}"].flat)) for k in frozen))
+                need_frozen = frozen_key != self._frozen_key
+                frozen_copies = [(float(m.delta_alphas[k]), _copy_group(m.groups[f"delta{k}"])) for k in frozen] \
+                    if need_frozen else None
+                live = [(float(a), _copy_group(m.groups[f"delta{k}"])) for k, a in enumerate(m.delta_alphas)
+                        if a != 0.0 and m.trainable[f"delta{k}"]]
+                config, V, dtype, base = m.config, m.vocab_size, m.dtype, _copy_group(m.groups["base"])
+            if need_frozen:
+                self._frozen_terms = _delta_sum(config, V, dtype, frozen_copies) if frozen_copies else {}
+                self._frozen_key = frozen_key
+            self._weights = _build_weights(config, V, dtype, base, live, self._frozen_terms)
             self._key = key
             self.folds += 1
             return self._weights

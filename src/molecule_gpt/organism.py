@@ -240,7 +240,8 @@ class Organism:
         self.birth_vocab = self.model.vocab_size
         birth = self.model.init_embed_snapshot if config.tie_embeddings else self.model.params()["lm_head"]
         self._birth_rows = np.array(birth, dtype=np.float64)
-        self.trainer = Trainer(self.model, config, self._train_rng, self._birth_rows, emit=self._emit)
+        self.trainer = Trainer(self.model, config, self._train_rng, self._birth_rows, emit=self._emit,
+                               on_restore=self._weights_restored)
         self._ids_cache: dict[str, list] = {}
         self._rebuild_data()
         if self.memory is not None:
@@ -304,6 +305,11 @@ class Organism:
             self.field = CorpusField(self.tokenizer.vocab_size, self._train_ids)
             self._field_loss = None
             self._generator = Generator(self.model, self.tokenizer, self.field, self.config)
+
+    def _weights_restored(self) -> None:
+        """A rollback wrote parameters back in place: the decoder's cached weights are stale even
+        where the version key (Adam step counts) repeats an earlier value."""
+        self._generator.weights.invalidate()
 
     # ---- telemetry
 
@@ -724,7 +730,8 @@ class Organism:
         else:
             raw = base64.b64decode(state["birth_rows"])
             self._birth_rows = np.frombuffer(raw, "<f8").reshape(-1, self.config.n_embd).copy()
-        self.trainer = Trainer(self.model, self.config, self._train_rng, self._birth_rows, emit=self._emit)
+        self.trainer = Trainer(self.model, self.config, self._train_rng, self._birth_rows, emit=self._emit,
+                               on_restore=self._weights_restored)
         self.trainer.load_state_dict(state["trainer"])
         self._ids_cache = {}
         self._rebuild_data()

@@ -149,12 +149,13 @@ class Trainer:
     Generator for sampling and the birth reference of the output embedding."""
 
     def __init__(self, model: Model, config: Config, rng: np.random.Generator, birth_rows: np.ndarray,
-                 emit: Callable[[dict], None] | None = None):
+                 emit: Callable[[dict], None] | None = None, on_restore: Callable[[], None] | None = None):
         self.model = model
         self.config = config
         self.rng = rng
         self.birth_rows = birth_rows  # (V_birth, C) output embedding at birth
         self.emit = emit or (lambda record: None)
+        self.on_restore = on_restore or (lambda: None)  # parameters were written back in place
         self.steps = 0  # optimizer steps taken (warmup and bursts)
         self.warmup_steps_done = 0
         self.warmed_up = False
@@ -447,6 +448,7 @@ class Trainer:
             if not guard["settled"]:
                 snap.restore(m)
                 self._val_cache = None
+                self.on_restore()
             raise
 
     def _burst(self, new, replay, val, val_key, lr, t0, k, state, snap, loss_before, proj_before,
@@ -500,6 +502,7 @@ class Trainer:
         else:
             snap.restore(m)
             self._val_cache = None
+            self.on_restore()
             self.rolled_back += 1
             self.consecutive_rollbacks += 1
             if self.consecutive_rollbacks >= max(1, c.max_consecutive_rollbacks):
