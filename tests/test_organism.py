@@ -488,6 +488,19 @@ def test_save_load_continues_exactly(warmed, tmp_path):
         Organism.load(mg_path)
 
 
+def test_untied_embeddings_identity_and_round_trip(tmp_path):
+    org = Organism(small_config(tie_embeddings=False), LINES, seed=11)
+    assert org.gamma_stats()["magnitude"] == 0.0  # identity is measured from birth
+    org.warmup(30)
+    org.train_burst()
+    g = org.gamma_stats()
+    assert g["magnitude"] > 0
+    org.save(tmp_path / "untied.ckpt")
+    back = Organism.load(tmp_path / "untied.ckpt")
+    assert back.gamma_stats() == g
+    assert back.generate("The cat", seed=1) == org.generate("The cat", seed=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # background training and concurrency
 
