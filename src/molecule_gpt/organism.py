@@ -5,19 +5,24 @@ What it is: the facade that owns the data and the threads and delegates the rest
 generation to `generation.Generator` (native KV-cache decoding, `_decode`), n-gram statistics to
 `field.CorpusField`, training policy to `trainer.Trainer`, files to `checkpoint`.
 
-    org = Organism(Config(), corpus="corpus.txt")   # or a list of lines
+    org = Organism(Config(), corpus="corpus.txt", memory="memory.sqlite")  # or a list of lines
     org.generate("hello")          # speaks from the corpus field before any training
     org.warmup()                   # 1200 steps by default, with a schedule and held-out loss
-    org.observe("new text", speaker="H")   # reservoir + quantum buffer
+    org.observe("what is a river?", speaker="H")   # reservoir + quantum buffer + memory
+    reply = org.generate("what is a river?")
+    org.observe(reply, speaker="A")
     org.train_burst()              # a checked, possibly rolled-back burst
     with org.background():         # a trainer thread; generate() keeps working meanwhile
         ...
+    org.forget("river")            # chat lines and messages containing it
     org.save("org.ckpt"); Organism.load("org.ckpt")
 
-Data (SPEC §7): the birth corpus is split once into training lines (the reservoir) and held-out
-lines (`val_fraction`, none below 10 lines). `observe` adds sentences to the reservoir (tagged
-"H: "/"A: " when a speaker is given; case-insensitive dedup; when it exceeds max_corpus_lines
-the newest half is kept and older lines are sampled to fill it) and to the quantum buffer,
+Data (SPEC §7): the birth corpus is split once into training lines (the reservoir,
+molecule_gpt.Reservoir) and held-out lines (`val_fraction`, none below 10 lines). `observe`
+adds sentences to the reservoir (tagged "H: "/"A: " when a speaker is given; case-insensitive
+dedup; when it exceeds max_corpus_lines the newest half is kept and older lines are sampled to
+fill it), to the memory (molecule_gpt.Memory: messages, corpus events, growth snapshots) and
+to the quantum buffer,
 which fires a burst in the background when new bytes >= qb_min_bytes or novelty (unique/total
 new tokens) >= qb_min_novelty, once qb_cooldown_seconds have passed since the last burst. A
 burst trains on the buffer's new lines mixed with replayed reservoir lines (replay_ratio).
@@ -35,6 +40,15 @@ Threads (SPEC §8.7): generate/stream may be called from any number of threads, 
 background trainer runs; the trainer takes the model lock per optimizer step, generation takes
 it only to copy the weights when they changed. Vocabulary growth (BPE) runs between bursts
 under a writer lock; generation holds it as a reader only while it encodes the prompt and starts.
+Thread counts: training steps use Config.train_threads workers (0: every core for a foreground
+warmup or burst, all but one while the background trainer runs, so that chat keeps a core);
+BLAS is single-threaded inside steps (the Model) and, while the background trainer runs,
+process-wide (Config.blas_threads); one generation uses Config.decode_threads (1) and no BLAS.
+
+Persistence: `save` writes one checkpoint (molecule_gpt.checkpoint) holding the model with its
+optimizer state, the tokenizer and the organism's state (trainer counters and RNG, module
+lifecycle, immune history, reservoir with its RNG, held-out lines, quantum buffer); `load`
+continues bit for bit (the corpus field and encodings are recomputed from the lines).
 """
 from __future__ import annotations
 
