@@ -188,6 +188,10 @@ def test_collapse_probe_reports_dead_layers():
     assert org._collapse_probe() == []
     org.config.collapse_std_bound = 1e9  # every layer is "collapsed" under this bound
     assert org._collapse_probe() == list(range(1, org.config.n_layer + 1))
+    from molecule_gpt.trainer import ActivationCollapseWarning
+    with pytest.warns(ActivationCollapseWarning, match="layer"):
+        org.warmup(org.config.eval_interval)
+    assert [r["layers"] for r in org.telemetry if r["phase"] == "warning"] == [[1]]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -42,7 +43,13 @@ from .config import Config
 from .errors import TrainingError
 from .model import Model
 
-__all__ = ["BurstReport", "ModuleState", "Projection", "Trainer", "lr_schedule"]
+__all__ = ["ActivationCollapseWarning", "BurstReport", "ModuleState", "Projection", "Trainer", "lr_schedule"]
+
+
+class ActivationCollapseWarning(UserWarning):
+    """A layer's hidden-state std on held-out text fell below Config.collapse_std_bound: the
+    residual stream is dying (usually a too-high learning rate). Also in the telemetry record
+    {"phase": "warning", "kind": "activation_collapse", "layers": [...]}."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +386,13 @@ class Trainer:
                     bad_evals += 1
                 if collapse_probe is not None:
                     extra["collapsed_layers"] = collapse_probe()
+                    if extra["collapsed_layers"]:
+                        self.emit({"phase": "warning", "kind": "activation_collapse", "step": self.steps,
+                                   "layers": extra["collapsed_layers"]})
+                        warnings.warn(f"activation collapse at step {self.steps}: the hidden-state std of layer(s) "
+                                      f"{extra['collapsed_layers']} is below Config.collapse_std_bound="
+                                      f"{c.collapse_std_bound}; lower Config.learning_rate",
+                                      ActivationCollapseWarning, stacklevel=3)
                 self.emit(dict({"phase": "warmup_eval", "step": self.steps}, **extra))
                 if c.patience and bad_evals >= c.patience:
                     stopped_early = True
