@@ -246,6 +246,29 @@ def test_frozen_group_does_not_move():
         assert np.array_equal(v, base_before[k]), k
 
 
+def test_frozen_groups_keep_zero_gradients_across_workers():
+    """Steps zero and sum only trainable groups' gradients; a frozen group's buffer is cleared
+    on freezing and stays zero, and the trainable gradients match a one-worker model."""
+    rng = np.random.default_rng(13)
+    batch = random_batch(rng, 11, [7, 4, 6])
+    models = []
+    for n_threads in (1, 2):
+        model = mg.Model(tiny_config(), 11, dtype="float64", seed=3, n_threads=n_threads)
+        model.add_delta_module()
+        model.train_step(batch, 0.01)  # delta0 and base now hold nonzero gradients
+        model.set_trainable("delta0", False)
+        model.set_trainable("base", False)
+        model.add_delta_module()
+        models.append((model, model.loss_and_grads(batch)))
+        model.train_step(batch, 0.01)
+        assert not model.groups["delta0"].grad.any() and not model.groups["base"].grad.any()
+    (_, (loss1, grads1)), (_, (loss2, grads2)) = models
+    assert sorted(grads1) == sorted(grads2) and all(k.startswith("delta1.") for k in grads1)
+    assert loss2 == pytest.approx(loss1, rel=1e-13)
+    for name, g in grads1.items():
+        np.testing.assert_allclose(grads2[name], g, rtol=1e-11, atol=1e-15)
+
+
 def test_growth_mid_run_keeps_training_and_old_state():
     rng = np.random.default_rng(6)
     model = mg.Model(tiny_config(), 11, dtype="float32", seed=2)

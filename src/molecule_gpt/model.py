@@ -254,6 +254,8 @@ class Model:
             if flag and group != "base" and not self.trainable[group]:
                 self._check_trainable_modules(sum(self.trainable[f"delta{j}"] for j in range(self.n_delta)) + 1)
             self.trainable[group] = bool(flag)
+            if not flag:
+                self.groups[group].grad.fill(0.0)  # steps no longer touch it; leave no stale values
             self._rebuild(reallocate=False)
 
     def grow_vocab(self, new_vocab_size: int) -> None:
@@ -647,12 +649,15 @@ class Model:
             losses = np.zeros(len(packed[0]))
             engine.set_batch(*packed, losses)
             parts.append((idx, packed, losses))
+        # only trainable groups: the engines write no gradient into a frozen one (a frozen base
+        # is bound without dW, frozen modules are folded into the weights), so its buffer stays
+        # zero (set_trainable clears it on freezing) and zeroing or summing it is wasted time
+        trained = [name for name in self.groups if self.trainable[name]]
         if backward:
-            for group in self.groups.values():
-                group.grad.fill(0.0)
-            for w in range(1, n_workers):
-                for buf in self._worker_grads[w].values():
-                    buf.fill(0.0)
+            for name in trained:
+                self.groups[name].grad.fill(0.0)
+                for w in range(1, n_workers):
+                    self._worker_grads[w][name].fill(0.0)
         with _serial_blas:
             ok = _core.run(self._engines[:n_workers], True, True, backward)
         if not all(ok):  # the plan check above makes this unreachable; the C check is the guarantee
@@ -660,8 +665,8 @@ class Model:
             self._raise_overflow(len(seqs), len(parts[w][1][0]), w, parts[w][1])
         if backward:
             for w in range(1, n_workers):
-                for name, group in self.groups.items():
-                    group.grad += self._worker_grads[w][name]
+                for name in trained:
+                    self.groups[name].grad += self._worker_grads[w][name]
         return parts
 
     def _raise_overflow(self, n_seq: int, N: int, worker: int, packed):
