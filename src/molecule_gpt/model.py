@@ -261,7 +261,8 @@ class Model:
     def grow_vocab(self, new_vocab_size: int) -> None:
         """Grow every vocabulary-sized matrix to new_vocab_size rows; existing rows, their Adam
         moments and every other parameter are untouched. New embedding rows are drawn like at
-        init; new rows of delta A factors of lm_head start at zero (no-op for the new tokens)."""
+        init (their init_embed_snapshot rows are zero: gamma counts them whole); new rows of
+        delta A factors of lm_head start at zero (no-op for the new tokens)."""
         with self._lock:
             if new_vocab_size < self.vocab_size:
                 raise ValueError(f"the vocabulary only grows: {new_vocab_size} < {self.vocab_size}")
@@ -273,9 +274,11 @@ class Model:
             for k in range(self.n_delta):
                 name = f"delta{k}"
                 self.groups[name] = self.groups[name].regrown(self._delta_shapes(), lambda key, shape: np.zeros(shape))
-            snap = np.empty((self.vocab_size, self.config.n_embd), self.dtype)
+            # gamma = wte - snapshot, and SPEC §6 counts rows born after birth whole: their
+            # snapshot rows are zero (as in the original, whose snapshot has only the birth rows,
+            # and as compat's import leaves them), not their init values
+            snap = np.zeros((self.vocab_size, self.config.n_embd), self.dtype)
             snap[:old_v] = self.init_embed_snapshot
-            snap[old_v:] = self.groups["base"].params["wte"][old_v:]  # rows born later count whole
             self.init_embed_snapshot = snap
             self._rebuild()
 
