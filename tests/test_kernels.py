@@ -260,6 +260,24 @@ def test_adam_step_matches_formula(rng, dtype):
     assert rel_err(v, v_ref) < RTOL[dtype]
 
 
+def test_adam_update_groups_bumps_each_step_after_its_update(rng):
+    class Group:
+        def __init__(self, n, step):
+            self.flat, self.grad = rng.normal(size=n), rng.normal(size=n)
+            self.m, self.v = rng.normal(size=n) * 0.1, np.abs(rng.normal(size=n)) * 0.1
+            self.step = step
+    groups = [Group(7, 0), Group(5, 4)]
+    expected = []
+    for grp in groups:
+        p, m, v = grp.flat.copy(), grp.m.copy(), grp.v.copy()
+        _core.adam_update(p, grp.grad, m, v, 0.01, 0.9, 0.99, 1e-8, 1.0, grp.step + 1)
+        expected.append((p, m, v))
+    _core.adam_update_groups(groups, 0.01, 0.9, 0.99, 1e-8, 1.0)
+    assert [grp.step for grp in groups] == [1, 5]
+    for grp, (p, m, v) in zip(groups, expected):
+        assert np.array_equal(grp.flat, p) and np.array_equal(grp.m, m) and np.array_equal(grp.v, v)
+
+
 def test_float32_kernels_agree_with_float64(rng):
     x = rng.normal(size=(9, 16))
     W = rng.normal(size=(12, 16))

@@ -37,6 +37,8 @@ class Engine:
 def run(engines: list[Engine], forward: bool, with_loss: bool, backward: bool) -> list[bool]: ...
 def adam_update(params: np.ndarray, grads: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float, beta1: float,
                 beta2: float, eps: float, clip: float, step: int) -> None: ...  # 1-D, one dtype
+def adam_update_groups(groups: list, lr: float, beta1: float, beta2: float, eps: float,
+                       clip: float) -> None: ...  # each: .flat/.grad/.m/.v 1-D arrays, .step int (bumped)
 
 # kernel twins (tests and benchmarks): float32 or float64 C-contiguous arrays
 def _rmsnorm_forward_memview(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...

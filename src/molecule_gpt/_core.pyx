@@ -678,6 +678,25 @@ def run(list engines, bint forward, bint with_loss, bint backward):
 def adam_update(params, grads, m, v, double lr, double beta1, double beta2, double eps,
                 double clip, Py_ssize_t step):
     """One clipped Adam step on 1-D arrays of one dtype (a parameter group); step counts from 1."""
+    _adam_update(params, grads, m, v, lr, beta1, beta2, eps, clip, step)
+
+
+def adam_update_groups(groups, double lr, double beta1, double beta2, double eps, double clip):
+    """One clipped Adam step on every group (objects with 1-D arrays flat, grad, m, v and an int
+    step), each with bias correction at step + 1, then step += 1. All or nothing for Ctrl-C: no
+    Python bytecode runs between the first update and the last counter bump, so a
+    KeyboardInterrupt lands before or after the whole update, never inside it (a counter one
+    ahead of its moments would skew every later bias correction)."""
+    cdef list gs = list(groups)
+    cdef Py_ssize_t step
+    for g in gs:
+        step = g.step + 1
+        _adam_update(g.flat, g.grad, g.m, g.v, lr, beta1, beta2, eps, clip, step)
+        g.step = step
+
+
+cdef int _adam_update(params, grads, m, v, double lr, double beta1, double beta2, double eps,
+                      double clip, Py_ssize_t step) except -1:
     cdef double bias1 = 1.0 - beta1 ** step, bias2 = 1.0 - beta2 ** step
     cdef Py_ssize_t n = params.shape[0]
     cdef void* p = data_ptr(params)
@@ -690,6 +709,7 @@ def adam_update(params, grads, m, v, double lr, double beta1, double beta2, doub
             adam_step(<double*>p, <double*>g, <double*>mp, <double*>vp, n, lr, beta1, beta2, eps, clip, bias1, bias2)
         else:
             adam_step(<float*>p, <float*>g, <float*>mp, <float*>vp, n, lr, beta1, beta2, eps, clip, bias1, bias2)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

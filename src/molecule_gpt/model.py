@@ -734,12 +734,10 @@ class Model:
         c = self.config
         with self._lock:
             loss = self._loss_and_backward(batch_ids)
-            for group in self.groups.values():
-                if not self.trainable[group.name]:
-                    continue
-                group.step += 1
-                _core.adam_update(group.flat, group.grad, group.m, group.v, float(lr), c.beta1, c.beta2,
-                                  c.eps_adam, c.grad_clip, group.step)
+            # one call updates every trainable group and bumps its step counter after its update
+            # (bias correction uses the new count): a Ctrl-C lands before or after all of it
+            trained = [group for group in self.groups.values() if self.trainable[group.name]]
+            _core.adam_update_groups(trained, float(lr), c.beta1, c.beta2, c.eps_adam, c.grad_clip)
             return loss
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
