@@ -55,7 +55,6 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
-import json
 import math
 import os
 import re
@@ -72,7 +71,8 @@ from .field import CorpusField
 from .generation import GenerationResult, Generator
 from .memory import Memory
 from .model import Model, default_threads
-from .reservoir import Reservoir
+from .reservoir import Reservoir, _pieces
+from .telemetry import JsonlLog
 from .tokenizer import EvolvingTokenizer, read_corpus
 from .trainer import BurstReport, Projection, Trainer
 
@@ -200,7 +200,8 @@ class _RWLock:
 class Organism:
     """A continually learning language organism. See the module docstring.
 
-    Organism(config=None, corpus=None, *, seed=0, dtype="float32", memory=None, telemetry_path=None)
+    Organism(config=None, corpus=None, *, seed=0, dtype="float32", memory=None, telemetry_path=None,
+             telemetry_max_bytes=None)
       config          a Config (default Config()); fields may be changed between bursts
       corpus          a list of lines or a path to a UTF-8 text file (one line per line)
       seed            seeds the model init, the data sampling and the corpus split
@@ -208,11 +209,13 @@ class Organism:
       memory          a molecule_gpt.Memory, or the path of its SQLite file, receiving observed chat
                       messages, corpus events and growth snapshots (None: no log)
       telemetry_path  path of a JSONL file receiving every telemetry record (None: memory only)
+      telemetry_max_bytes  cap on that file: past it the older half is dropped (None: no cap)
     """
 
     def __init__(self, config: Config | None = None, corpus: Sequence[str] | str | os.PathLike | None = None, *,
                  seed: int = 0, dtype: str = "float32", memory: "str | os.PathLike | Memory | None" = None,
-                 telemetry_path: str | os.PathLike | None = None, _restore: dict | None = None):
+                 telemetry_path: str | os.PathLike | None = None, telemetry_max_bytes: int | None = None,
+                 _restore: dict | None = None):
         config = Config() if config is None else config
         if not isinstance(config, Config):
             raise TypeError(f"config must be a molecule_gpt.Config, got {type(config).__name__}")
@@ -228,8 +231,7 @@ class Organism:
         self._structure = _RWLock()  # vocabulary growth (writer) vs starting generations and saving (readers)
         self._train_lock = threading.Lock()  # one warmup/burst at a time
         self.telemetry: collections.deque = collections.deque(maxlen=2000)
-        self._telemetry_path = os.fspath(telemetry_path) if telemetry_path is not None else None
-        self._telemetry_file = None
+        self._telemetry_log = JsonlLog(telemetry_path, telemetry_max_bytes) if telemetry_path is not None else None
         self._own_memory = memory is not None and not isinstance(memory, Memory)
         self.memory = Memory(memory) if self._own_memory else memory
         self._thread: threading.Thread | None = None
@@ -272,7 +274,7 @@ class Organism:
                                                         and os.path.isfile(corpus))
         if is_path:
             try:
-                return read_corpus(corpus, max_line_chars=self.config.max_line_chars).lines
+                return self._fit_lines(read_corpus(corpus).lines)
             except OSError as exc:
                 raise CorpusError(f"cannot read the corpus file {os.fspath(corpus)!r}: {exc}") from exc
         if isinstance(corpus, str):
@@ -284,14 +286,18 @@ class Organism:
             items = list(corpus)
         except TypeError:
             raise CorpusError(f"corpus must be a list of lines or a path, got {type(corpus).__name__}") from None
-        lines = []
         for i, line in enumerate(items):
             if not isinstance(line, str):
                 raise CorpusError(f"corpus[{i}] is a {type(line).__name__}; every line must be str")
-            line = line.strip()
-            if line:
-                lines.append(line[:self.config.max_line_chars])
-        return lines
+        return self._fit_lines(items)
+
+    def _fit_lines(self, lines: Sequence[str]) -> list[str]:
+        """Whitespace-normalized, non-empty lines; one longer than max_line_chars becomes several
+        (as the reservoir splits them), so nothing of the corpus is dropped."""
+        out = []
+        for line in lines:
+            out.extend(_pieces(" ".join(line.split()), self.config.max_line_chars))
+        return out
 
     def _train_threads(self, background: bool) -> int:
         c = self.config.train_threads
@@ -330,11 +336,8 @@ class Organism:
     def _emit(self, record: dict) -> None:
         record = dict(record, time=time.time())
         self.telemetry.append(record)
-        if self._telemetry_path is not None:
-            if self._telemetry_file is None:
-                self._telemetry_file = open(self._telemetry_path, "a", encoding="utf-8")
-            self._telemetry_file.write(json.dumps(_jsonable(record)) + "\n")
-            self._telemetry_file.flush()
+        if self._telemetry_log is not None:
+            self._telemetry_log.write(_jsonable(record))
 
     def _log_growth(self, note: str) -> None:
         if self.memory is None:
@@ -414,18 +417,27 @@ class Organism:
 
     # ---- listening
 
-    def observe(self, text: str, speaker: str | None = None) -> int:
+    def observe(self, text: str | Sequence[str], speaker: str | None = None) -> int:
         """Add text to the corpus: its sentences go into the reservoir (tagged "H: "/"A: " when
         speaker is "H" (the person) or "A" (the organism); deduplicated case-insensitively) and
         into the quantum buffer, and the field counts them. With a speaker the text is also a
         chat message in the memory. A chat turn is observe(user, "H"), then
-        reply = generate(...), then observe(reply, "A"). Returns the number of new lines."""
-        if not isinstance(text, str):
-            raise TypeError(f"observe() takes str, got {type(text).__name__}")
+        reply = generate(...), then observe(reply, "A"). A list of str is a corpus: each item
+        is one line (not split into sentences; no speaker). Returns the number of new lines."""
+        if isinstance(text, str):
+            lines = None
+        elif isinstance(text, (list, tuple)) and all(isinstance(x, str) for x in text):
+            if speaker is not None:
+                raise ValueError("a list of lines is corpus text and takes no speaker; observe chat turns one at a time")
+            lines = list(text)
+        else:
+            raise TypeError(f"observe() takes str or a list of str, got {type(text).__name__}")
         if speaker not in (None, "H", "A"):
             raise ValueError(f"speaker must be 'H' (the person), 'A' (the organism) or None, got {speaker!r}")
         with self._structure.read(), self._lock:  # never between a tokenizer change and the rebuild
-            if speaker is None:
+            if lines is not None:
+                added = self.reservoir.add(lines)
+            elif speaker is None:
                 added = self.reservoir.add(_split_sentences(text))
             else:
                 added = self.reservoir.add_message(speaker, text)
@@ -484,20 +496,33 @@ class Organism:
 
     # ---- training
 
-    def warmup(self, steps: int | None = None, progress: Callable[[dict], None] | None = None) -> dict:
-        """Train the base on the corpus: `steps` (default Config.warmup_steps) steps with linear
-        warmup then cosine decay, held-out loss every eval_interval steps, early stop on a plateau
-        (Config.patience); the base is frozen afterwards when Config.freeze_base_after_warmup.
+    def warmup(self, steps: int | None = None, progress: Callable[[dict], None] | None = None,
+               should_stop: Callable[[], bool] | None = None) -> dict:
+        """Train the base on the corpus with linear warmup then cosine decay, held-out loss every
+        eval_interval steps, early stop on a plateau (Config.patience); the base is frozen
+        afterwards when Config.freeze_base_after_warmup.
+
+        steps=None runs the configured warmup (Config.warmup_steps), or the rest of it when an
+        earlier one was cut short (by should_stop or a stopped background trainer): the schedule
+        continues where it stopped. An int runs that many steps on a schedule of their own.
         progress(record) is called after every step with {"step", "of", "loss", "lr"} (plus
-        "val_loss" and "collapsed_layers" at evaluations). Returns a summary: steps,
-        stopped_early, loss, val_loss, seconds."""
-        steps = self.config.warmup_steps if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
-        return self._warmup(steps, progress)
+        "val_loss" and "collapsed_layers" at evaluations). should_stop() is asked before every
+        step; when it says True the warmup ends after the step in flight and stays unfinished
+        (steps=None resumes it). Returns a summary: steps, stopped_early, loss, val_loss,
+        seconds, finished."""
+        if steps is None:
+            total, start = self.config.warmup_steps, self.trainer.warmup_steps_done
+            if self.trainer.warmed_up or start >= total:
+                start = 0
+            summary = self._warmup(total - start, progress, start=start, total=total, should_stop=should_stop)
+        else:
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+                raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+            summary = self._warmup(steps, progress, should_stop=should_stop)
+        return summary
 
     def _warmup(self, steps: int, progress=None, start: int = 0, total: int | None = None,
-                finish: bool = True) -> dict:
+                finish: bool = True, should_stop: Callable[[], bool] | None = None) -> dict:
         with self._train_lock:
             self._sync_threads()
             with self._lock:
@@ -505,8 +530,10 @@ class Organism:
             if not train:
                 raise TrainingError("nothing to train on: give the organism a corpus or observe() text first")
             summary = self.trainer.warmup(train, val, steps, progress, self._collapse_probe, key, start=start,
-                                          total=total, finish=finish, should_stop=self._stop_requested)
-        self._log_growth("warmup")
+                                          total=total, finish=finish,
+                                          should_stop=self._stopper(should_stop))
+        summary["finished"] = self.trainer.warmed_up
+        self._log_growth("warmup" if summary["finished"] else "warmup interrupted")
         return summary
 
     def _collapse_probe(self) -> list:
@@ -641,6 +668,11 @@ class Organism:
     def _stop_requested(self) -> bool:
         return self._stop_event.is_set() and threading.current_thread() is self._thread
 
+    def _stopper(self, should_stop: Callable[[], bool] | None) -> Callable[[], bool]:
+        if should_stop is None:
+            return self._stop_requested
+        return lambda: self._stop_requested() or bool(should_stop())
+
     def _warmup_interruptible(self, steps: int) -> None:
         """The rest of the warmup schedule, in pieces of eval_interval steps (the train lock is
         released between pieces, so a foreground burst or save can interleave)."""
@@ -713,7 +745,8 @@ class Organism:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, memory: "str | os.PathLike | Memory | None" = None,
-             telemetry_path: str | os.PathLike | None = None) -> "Organism":
+             telemetry_path: str | os.PathLike | None = None,
+             telemetry_max_bytes: int | None = None) -> "Organism":
         """An organism from a file written by save(); it continues exactly where it stopped."""
         ckpt = load_checkpoint(path)
         state = ckpt.state
@@ -725,6 +758,7 @@ class Organism:
                                 f"supported (this molecule-gpt reads version {STATE_VERSION})")
         config = Config.from_dict(state["config"], strict=False)
         return cls(config, seed=state["seed"], memory=memory, telemetry_path=telemetry_path,
+                   telemetry_max_bytes=telemetry_max_bytes,
                    _restore={"ckpt": ckpt, "state": state})
 
     def _init_restored(self, restore: dict) -> None:
@@ -760,9 +794,8 @@ class Organism:
         self.stop()
         if self.memory is not None and self._own_memory:
             self.memory.close()
-        if self._telemetry_file is not None:
-            self._telemetry_file.close()
-            self._telemetry_file = None
+        if self._telemetry_log is not None:
+            self._telemetry_log.close()
 
     def __repr__(self) -> str:
         t = self.trainer

@@ -347,8 +347,9 @@ class Trainer:
         lr_schedule(start + s, total, learning_rate, lr_warmup_steps, lr_min_ratio) (total
         defaults to steps; a warmup run in pieces passes start/total); held-out loss every
         eval_interval steps and at the end; early stop when `patience` evaluations in a row do
-        not improve the best by min_delta, or when should_stop() says so. With finish, the
-        warmup is complete afterwards and the base is frozen when configured."""
+        not improve the best by min_delta. should_stop() is asked before each step; when it
+        says True the loop ends there and the warmup stays unfinished. Otherwise, with finish,
+        the warmup is complete afterwards and the base is frozen when configured."""
         c = self.config
         total = steps if total is None else total
         if not train:
@@ -359,10 +360,11 @@ class Trainer:
         for k in range(m.n_delta):  # warmup trains the base only; modules keep their state
             if m.trainable[f"delta{k}"]:
                 m.set_trainable(f"delta{k}", False)
-        done, bad_evals, stopped_early = 0, 0, False
+        done, bad_evals, stopped_early, interrupted = 0, 0, False, False
         t_start = time.perf_counter()
         for s in range(steps):
             if should_stop is not None and should_stop():
+                interrupted = True  # the warmup stays unfinished: a later call resumes the schedule
                 break
             lr = lr_schedule(start + s, total, c.learning_rate, c.lr_warmup_steps, c.lr_min_ratio)
             batch = self._sample(train, c.batch_size)
@@ -400,7 +402,7 @@ class Trainer:
                 progress(dict({"step": start + s + 1, "of": total, "loss": loss, "lr": lr}, **extra))
             if stopped_early:
                 break
-        if finish or stopped_early:
+        if (finish and not interrupted) or stopped_early:
             self.warmed_up = True
             self.accepted_projection = self.projection()
             if c.freeze_base_after_warmup:

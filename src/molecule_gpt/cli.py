@@ -1,0 +1,1108 @@
+"""The `molecule-gpt` command line: chat with the organism, train it, sample from it, look
+inside its checkpoint, plot its growth, make it forget, benchmark it.
+
+    molecule-gpt chat                     # first run: warm up on the seed corpus, then chat
+    molecule-gpt train notes.txt          # teach it a text file (warmup, or checked bursts)
+    molecule-gpt generate "the river" --temperature 0.7 --seed 1
+    molecule-gpt inspect                  # config, vocabulary, modules, gamma, checksum
+    molecule-gpt growth --plot growth.png
+    molecule-gpt forget "my address"      # or: molecule-gpt forget --all
+    molecule-gpt bench
+
+Home (`--home DIR`, default molecule_gpt.default_home()) holds one organism:
+
+    organism.ckpt        the checkpoint (molecule_gpt.checkpoint: model, optimizer, tokenizer,
+                         organism state, which includes the corpus reservoir); organism.ckpt.prev
+                         is the save before it
+    checkpoints/         older checkpoints, one per command that saved (keep_checkpoints kept)
+    memory.sqlite        messages, corpus events, growth snapshots (molecule_gpt.Memory)
+    telemetry.jsonl      one JSON record per training step or event (max_telemetry_mb)
+    .lock                held while a command that writes runs (chat, train, forget)
+
+Every store is capped: corpus lines (Config.max_corpus_lines), messages (max_messages),
+telemetry size (max_telemetry_mb), old checkpoints (keep_checkpoints).
+
+Options come from flags and from `--config FILE.json`: one JSON object whose keys are
+Config fields (molecule_gpt.Config, e.g. "warmup_steps", "temperature") or the settings in
+SETTINGS below. Flags override the file. Architecture fields (FIXED_AT_BIRTH) can only be set
+when an organism is born; the other Config fields also apply to an existing organism and are
+saved with it.
+
+Errors a person can hit print one line (and a hint) on stderr and exit non-zero: 1 for an
+error, 2 for bad usage, 130 for Ctrl-C. Ctrl-C during training stops after the step in flight
+and saves, so the checkpoint on disk is always a consistent moment. MOLECULE_GPT_TRACEBACK=1
+shows tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import difflib
+import errno
+import json
+import math
+import os
+import pathlib
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+from . import __version__
+from .checkpoint import load_checkpoint
+from .config import Config
+from .data import default_home, seed_corpus_lines
+from .errors import CheckpointError, MoleculeError
+from .memory import Memory
+from .organism import Organism
+from .telemetry import read_records, trim_jsonl
+from .tokenizer import read_corpus
+
+__all__ = ["main", "SETTINGS", "FIXED_AT_BIRTH"]
+
+CHECKPOINT = "organism.ckpt"
+MEMORY = "memory.sqlite"
+TELEMETRY = "telemetry.jsonl"
+ARCHIVE = "checkpoints"
+LOCK = ".lock"
+
+# Settings of the command line itself (not of the model), with their defaults; a config file
+# may set them too.
+SETTINGS: dict[str, Any] = {
+    "seed": 0,  # seeds a new organism (init, corpus split, sampling of batches)
+    "dtype": "float32",  # of a new organism's parameters: "float32" or "float64"
+    "corpus": None,  # a text file a new organism is born from (default: the shipped seed corpus)
+    "max_messages": 10_000,  # chat messages kept in memory.sqlite (oldest go first)
+    "max_telemetry_mb": 16.0,  # telemetry.jsonl is cut to its newer half past this size
+    "keep_checkpoints": 3,  # old checkpoints kept in checkpoints/
+    "autosave_turns": 4,  # chat saves the organism every this many turns (and at /save, /quit)
+    "recall_recent": 6,  # chat prompt: the newest messages ...
+    "recall_relevant": 4,  # ... plus this many earlier ones most relevant to what you said
+}
+_SETTING_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "seed": lambda v: _is_int(v) and v >= 0,
+    "dtype": lambda v: v in ("float32", "float64"),
+    "corpus": lambda v: v is None or isinstance(v, str),
+    "max_messages": lambda v: _is_int(v) and v >= 1,
+    "max_telemetry_mb": lambda v: _is_number(v) and 0.01 <= v < math.inf,
+    "keep_checkpoints": lambda v: _is_int(v) and v >= 0,
+    "autosave_turns": lambda v: _is_int(v) and v >= 1,
+    "recall_recent": lambda v: _is_int(v) and v >= 0,
+    "recall_relevant": lambda v: _is_int(v) and v >= 0,
+}
+_SETTING_HELP = {
+    "seed": "an int >= 0", "dtype": '"float32" or "float64"', "corpus": "a path or null",
+    "max_messages": "an int >= 1", "max_telemetry_mb": "a number >= 0.01", "keep_checkpoints": "an int >= 0",
+    "autosave_turns": "an int >= 1", "recall_recent": "an int >= 0", "recall_relevant": "an int >= 0",
+}
+# shapes of the parameters: an organism keeps them for life
+FIXED_AT_BIRTH = ("n_layer", "n_embd", "n_head", "block_size", "head_types", "mlp_activation", "tie_embeddings",
+                  "delta_rank", "hybrid_alpha_init", "init_std", "delta_init_std")
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class CLIError(Exception):
+    """An error a person can fix: one line, a hint, an exit code."""
+
+    def __init__(self, message: str, hint: str | None = None, code: int = 1):
+        super().__init__(message)
+        self.message, self.hint, self.code = message, hint, code
+
+
+class Interrupted(Exception):
+    """Ctrl-C arrived while training; the work done is saved."""
+
+
+# ---------------------------------------------------------------------------------------------
+# options: config file + flags
+
+
+@dataclasses.dataclass
+class Options:
+    config: dict  # Config fields from the file (validated against Config)
+    settings: dict  # SETTINGS, file values over defaults
+
+
+def load_options(path: str | None) -> Options:
+    """Read and validate `--config FILE.json`; no file gives the defaults."""
+    settings = dict(SETTINGS)
+    if path is None:
+        return Options({}, settings)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise CLIError(f"cannot read the config file {path}: {exc.strerror or exc}",
+                       "pass --config a readable JSON file") from None
+    except UnicodeDecodeError:
+        raise CLIError(f"the config file {path} is not UTF-8 text", "save it as UTF-8 JSON") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise CLIError(f"the config file {path} is not valid JSON: {exc}", "fix the JSON syntax at that place") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"the config file {path} must hold a JSON object ({{...}}), not a {type(data).__name__}")
+    config = {}
+    for key, value in data.items():
+        if key in SETTINGS:
+            if not _SETTING_CHECKS[key](value):
+                raise CLIError(f"{path}: {key!r} must be {_SETTING_HELP[key]}, got {value!r}")
+            settings[key] = value
+        elif key in CONFIG_FIELDS:
+            config[key] = value
+        else:
+            near = difflib.get_close_matches(key, list(CONFIG_FIELDS) + list(SETTINGS), n=1)
+            raise CLIError(f"{path}: unknown option {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""),
+                           "keys are molecule_gpt.Config fields or command-line settings; see `molecule-gpt --help`")
+    try:
+        Config.from_dict(config)
+    except (MoleculeError, TypeError) as exc:
+        raise CLIError(f"{path}: {exc}") from None
+    return Options(config, settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# the home directory
+
+
+class Home:
+    """One organism's directory: paths, the writer lock, opening and saving (see module doc)."""
+
+    def __init__(self, path: str | os.PathLike, options: Options):
+        self.path = pathlib.Path(path).expanduser()
+        self.options = options
+        self.settings = options.settings
+        self.checkpoint = self.path / CHECKPOINT
+        self.memory_path = self.path / MEMORY
+        self.telemetry = self.path / TELEMETRY
+        self.archive = self.path / ARCHIVE
+        self._lock_file = None
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def exists(self) -> bool:
+        return self.checkpoint.exists()
+
+    def create(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CLIError(f"cannot create the home directory {self.path}: {exc.strerror or exc}",
+                           "pick a writable place with --home DIR") from None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator["Home"]:
+        """Hold the writer lock: one command changes this home at a time."""
+        self.create()
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory lock; SQLite and atomic saves still hold
+            yield self
+            return
+        f = open(self.path / LOCK, "a+")
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise CLIError(f"{self.path} is in use by another molecule-gpt ({holder})",
+                               "close the other chat or training first, or use another --home") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()}")
+            f.flush()
+            yield self
+        finally:
+            f.close()  # closing releases the lock
+
+    def memory(self) -> Memory:
+        return Memory(self.memory_path, max_messages=self.settings["max_messages"])
+
+    def telemetry_bytes(self) -> int:
+        return max(1024, int(self.settings["max_telemetry_mb"] * (1 << 20)))
+
+    def open(self, *, memory: Memory | None = None, telemetry: bool = True, recover: bool = False) -> Organism:
+        """Load the organism of this home; a damaged checkpoint names its `.prev` (used with recover)."""
+        kwargs = {"memory": memory}
+        if telemetry:
+            kwargs.update(telemetry_path=self.telemetry, telemetry_max_bytes=self.telemetry_bytes())
+        try:
+            org = Organism.load(self.checkpoint, **kwargs)
+        except CheckpointError as exc:
+            prev = pathlib.Path(f"{self.checkpoint}.prev")
+            if not prev.exists():
+                raise CLIError(f"the checkpoint is damaged: {exc}",
+                               f"no previous save exists; move {self.checkpoint} away to start a new organism") from None
+            if not recover:
+                raise CLIError(f"the checkpoint is damaged: {exc}",
+                               f"the previous save {prev.name} is kept beside it: rerun with --recover to use it") from None
+            try:
+                org = Organism.load(prev, **kwargs)
+            except CheckpointError as exc2:
+                raise CLIError(f"both the checkpoint and its previous save are damaged: {exc2}",
+                               f"move {self.checkpoint} away to start a new organism") from None
+            print(f"molecule-gpt: the checkpoint was damaged; recovered the previous save (step {org.trainer.steps})",
+                  file=sys.stderr)
+        self.apply_config(org)
+        return org
+
+    def apply_config(self, org: Organism) -> None:
+        """Config fields from the file onto an existing organism (architecture fields must match)."""
+        changes = self.options.config
+        if not changes:
+            return
+        current = org.config.to_dict()
+        for key in FIXED_AT_BIRTH:
+            if key in changes and _normalized(changes[key]) != _normalized(current[key]):
+                raise CLIError(f"the config sets {key}={changes[key]!r} but the organism in {self.path} was born with "
+                               f"{key}={current[key]!r}; the shapes of its parameters are fixed for life",
+                               "remove it from the config, or use a new --home for a new organism")
+        try:
+            merged = Config.from_dict({**current, **changes})
+        except MoleculeError as exc:
+            raise CLIError(str(exc)) from None
+        for key in changes:
+            setattr(org.config, key, getattr(merged, key))
+
+    def birth(self, corpus_path: str | None = None, *, memory: Memory | None = None,
+              telemetry: bool = True) -> tuple[Organism, str]:
+        """A new organism from `corpus_path` (or the config's "corpus", or the seed corpus)."""
+        corpus_path = corpus_path or self.settings["corpus"]
+        if corpus_path is None:
+            lines, source = seed_corpus_lines(), "the seed corpus"
+        else:
+            lines = read_text_lines(corpus_path)
+            source = corpus_path
+        try:
+            config = Config.from_dict(self.options.config)
+        except MoleculeError as exc:
+            raise CLIError(str(exc)) from None
+        kwargs = {"memory": memory}
+        if telemetry:
+            kwargs.update(telemetry_path=self.telemetry, telemetry_max_bytes=self.telemetry_bytes())
+        org = Organism(config, lines, seed=self.settings["seed"], dtype=self.settings["dtype"], **kwargs)
+        return org, f"{len(lines)} lines of {source}"
+
+    def save(self, org: Organism) -> None:
+        self.create()
+        try:
+            org.save(self.checkpoint)
+        except OSError as exc:
+            raise _save_error(self.checkpoint, exc) from None
+        except CheckpointError as exc:
+            cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else None
+            if cause is not None:
+                raise _save_error(self.checkpoint, cause) from None
+            raise
+
+    def archive_current(self) -> None:
+        """Keep a copy of the current checkpoint in checkpoints/ (a hard link when the file system
+        allows: the next save replaces organism.ckpt with a new file, so the link stays intact);
+        prune to keep_checkpoints."""
+        keep = self.settings["keep_checkpoints"]
+        if keep == 0 or not self.checkpoint.exists():
+            return
+        self.archive.mkdir(exist_ok=True)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        target = self.archive / f"organism-{stamp}.ckpt"
+        try:
+            os.link(self.checkpoint, target)
+        except OSError:
+            import shutil
+            shutil.copyfile(self.checkpoint, target)
+        old = sorted(self.archive.glob("organism-*.ckpt"))
+        for path in old[:-keep]:
+            path.unlink(missing_ok=True)
+
+    def trim_telemetry(self) -> None:
+        if self.telemetry.exists() and self.telemetry.stat().st_size > self.telemetry_bytes():
+            trim_jsonl(self.telemetry, self.telemetry_bytes() // 2)
+
+
+def _normalized(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _save_error(path, exc: OSError) -> CLIError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CLIError(f"the disk is full: cannot save {path}",
+                        "free some space and save again; the previous checkpoint on disk is intact")
+    return CLIError(f"cannot save {path}: {exc.strerror or exc}",
+                    "check that the home directory is writable; the previous checkpoint on disk is intact")
+
+
+def read_text_lines(path: str) -> list[str]:
+    """A corpus file's non-empty lines; invalid UTF-8 is replaced (and said), an empty file refused."""
+    try:
+        corpus = read_corpus(path)
+    except FileNotFoundError:
+        raise CLIError(f"the corpus file {path} does not exist", "give the path of a UTF-8 text file") from None
+    except IsADirectoryError:
+        raise CLIError(f"the corpus {path} is a directory", "give the path of a UTF-8 text file") from None
+    except OSError as exc:
+        raise CLIError(f"cannot read the corpus file {path}: {exc.strerror or exc}") from None
+    if corpus.invalid_bytes:
+        print(f"molecule-gpt: {path}: {corpus.invalid_bytes} invalid UTF-8 byte(s) replaced by U+FFFD", file=sys.stderr)
+    if not corpus.lines:
+        raise CLIError(f"the corpus file {path} is empty (no non-blank line)", "give a text file with some lines in it")
+    return corpus.lines
+
+
+# ---------------------------------------------------------------------------------------------
+# terminal output
+
+
+class Progress:
+    """One progress line on stderr: a bar, step/of, loss, held-out loss, tokens/s, ETA. On a
+    terminal it redraws in place (at most 10 times a second); elsewhere it prints a line at
+    every tenth of the way."""
+
+    def __init__(self, label: str, total: int, stream=None, speed: Callable[[], float | None] | None = None):
+        self.label, self.total = label, max(1, total)
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.speed = speed
+        self.t0 = time.perf_counter()
+        self.first_step: int | None = None
+        self.val: float | None = None
+        self._last_draw = 0.0
+        self._last_tenth = -1
+        self._width = 0
+
+    def __call__(self, record: dict) -> None:
+        step, total = record["step"], record.get("of", self.total)
+        self.total = max(1, total)
+        if self.first_step is None:
+            self.first_step = step - 1
+        if record.get("val_loss") is not None:
+            self.val = record["val_loss"]
+        now = time.perf_counter()
+        done = step >= self.total
+        tenth = 10 * step // self.total
+        if self.tty and not done and now - self._last_draw < 0.1:
+            return
+        if not self.tty and not done and tenth == self._last_tenth:
+            return
+        self._last_draw, self._last_tenth = now, tenth
+        rate = (step - self.first_step) / max(1e-9, now - self.t0)
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        bar_n = 24 * step // self.total
+        parts = [f"{self.label} [{'#' * bar_n}{'.' * (24 - bar_n)}] {step}/{self.total}",
+                 f"loss {record['loss']:.3f}"]
+        if self.val is not None:
+            parts.append(f"val {self.val:.3f}")
+        speed = self.speed() if self.speed else None
+        if speed:
+            parts.append(f"{speed:,.0f} tok/s")
+        parts.append(f"ETA {_duration(eta)}")
+        line = "  ".join(parts)
+        if self.tty:
+            pad = max(0, self._width - len(line))
+            self.stream.write("\r" + line + " " * pad)
+            self._width = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    m, s = divmod(seconds, 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return format(value, spec)
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[threading.Event]:
+    """Within the block, the first Ctrl-C only sets the yielded event (training checks it between
+    steps and stops cleanly); a second one raises KeyboardInterrupt at once."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+
+    def handler(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+        sys.stderr.write("\nmolecule-gpt: stopping after the current step (Ctrl-C again to quit without saving)\n")
+        sys.stderr.flush()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_warmup(org: Organism, home: Home, steps: int | None = None, label: str = "warmup") -> dict:
+    """Warm up with a progress bar; Ctrl-C stops after the step in flight, saves and raises Interrupted."""
+    progress = Progress(label, steps or org.config.warmup_steps, speed=lambda: org.trainer.tokens_per_second)
+    with deferred_interrupt() as stop:
+        try:
+            summary = org.warmup(steps, progress=progress, should_stop=stop.is_set)
+        finally:
+            progress.close()
+    if stop.is_set():
+        home.save(org)
+        done, total = org.trainer.warmup_steps_done, org.config.warmup_steps
+        raise Interrupted(f"warmup stopped at step {min(done, total)}/{total}; the organism is saved and "
+                          f"the next `molecule-gpt chat` or `train` continues it")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_chat(args, home: Home) -> int:
+    with home.locked():
+        home.trim_telemetry()
+        memory = home.memory()
+        org = None
+        try:
+            if home.exists():
+                org = home.open(memory=memory, recover=args.recover)
+            else:
+                org, source = home.birth(args.corpus, memory=memory)
+                print(f"A new organism is born in {home} from {source}.")
+            if not org.trainer.warmed_up:
+                print(f"Warming up ({org.config.warmup_steps} steps; Ctrl-C stops and saves, the next run continues).")
+                summary = run_warmup(org, home)
+                print(f"Warm: loss {_fmt(summary['loss'])}, held-out {_fmt(summary['val_loss'])} "
+                      f"in {summary['seconds']:.1f} s.")
+            home.save(org)
+            _chat_loop(org, memory, home, args)
+            return 0
+        finally:
+            if org is not None:
+                _close_quietly(org)
+            memory.close()
+            home.archive_current()
+            home.trim_telemetry()
+
+
+CHAT_HELP = """commands:
+  /status          steps, losses, vocabulary, delta modules, memory
+  /growth          the latest growth snapshots
+  /save            save the organism now
+  /forget [TEXT]   forget messages and chat lines containing TEXT (all chat without TEXT)
+  /help            this list
+  /quit            save and leave (also Ctrl-D)"""
+
+
+def _chat_loop(org: Organism, memory: Memory, home: Home, args) -> None:
+    s = org.stats()
+    print(f"molecule-gpt {__version__}: vocabulary {s['vocab_size']}, {s['parameters']:,} parameters, "
+          f"held-out loss {_fmt(s['val_loss'])}, memory {memory.retrieval_mode}. "
+          f"Type /help for commands, /quit to leave.")
+    org.start_background()
+    turns = 0
+    settings = home.settings
+    try:
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                print()
+                break
+            except KeyboardInterrupt:
+                print()
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if _slash(line, org, memory, home) == "quit":
+                    break
+                continue
+            _chat_turn(org, memory, line, settings, args)
+            turns += 1
+            if turns % settings["autosave_turns"] == 0:
+                _save_reporting(org, home)
+    finally:
+        _stop_background(org)
+        home.save(org)
+        print(f"Saved to {home.checkpoint}.")
+
+
+def _chat_turn(org: Organism, memory: Memory, text: str, settings: dict, args) -> str:
+    recall = memory.recall(text, recent=settings["recall_recent"], k=settings["recall_relevant"])
+    org.observe(text, speaker="H")
+    prompt = " ".join(recall.lines() + [f"H: {text}", "A:"])
+    pieces = []
+    sys.stdout.write("molecule> ")
+    sys.stdout.flush()
+    try:
+        for piece in org.stream(prompt, stop=("H:", "A:")):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write(" [interrupted]")
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    reply = "".join(pieces).strip()
+    if reply:
+        org.observe(reply, speaker="A")
+    return reply
+
+
+def _slash(line: str, org: Organism, memory: Memory, home: Home) -> str | None:
+    command, _, rest = line.partition(" ")
+    rest = rest.strip()
+    if command in ("/quit", "/exit", "/q"):
+        return "quit"
+    if command == "/help":
+        print(CHAT_HELP)
+    elif command == "/status":
+        print(status_text(org, memory))
+    elif command == "/growth":
+        print(growth_table(memory.snapshots(limit=12)))
+    elif command == "/save":
+        if _save_reporting(org, home):
+            print(f"Saved to {home.checkpoint} ({home.checkpoint.stat().st_size / 1e6:.2f} MB).")
+    elif command == "/forget":
+        counts = org.forget(rest or None)
+        print(f"{str(counts).capitalize()}.")
+        _save_reporting(org, home)
+    else:
+        print(f"unknown command {command}; /help lists them")
+    return None
+
+
+def _save_reporting(org: Organism, home: Home) -> bool:
+    """Save; in a chat a failed save is reported and the chat goes on."""
+    try:
+        home.save(org)
+        return True
+    except CLIError as exc:
+        print(f"molecule-gpt: error: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
+        return False
+
+
+def _stop_background(org: Organism) -> None:
+    try:
+        org.stop()
+    except MoleculeError as exc:
+        print(f"molecule-gpt: the background trainer stopped with an error: {exc}", file=sys.stderr)
+
+
+def _close_quietly(org: Organism) -> None:
+    try:
+        org.close()
+    except MoleculeError as exc:
+        print(f"molecule-gpt: {exc}", file=sys.stderr)
+
+
+def status_text(org: Organism, memory: Memory | None = None) -> str:
+    s = org.stats()
+    mods = s["delta_modules"]
+    states = {}
+    for m in mods:
+        states[m["state"]] = states.get(m["state"], 0) + 1
+    lines = [
+        f"steps          {s['steps']} ({s['warmup_steps']} warmup{'' if s['warmed_up'] else ', unfinished'}), "
+        f"bursts {s['bursts']}: {s['accepted_bursts']} accepted, {s['rolled_back_bursts']} rolled back",
+        f"loss           {_fmt(s['loss'])} (held-out {_fmt(s['val_loss'])}, best {_fmt(s['best_val_loss'])})",
+        f"vocabulary     {s['vocab_size']} tokens ({'BPE' if s['bpe'] else 'characters'})",
+        f"parameters     {s['parameters']:,}",
+        f"delta modules  {len(mods)}" + (f" ({', '.join(f'{n} {k}' for k, n in sorted(states.items()))})" if mods else ""),
+        f"corpus         {s['corpus']['lines']} lines, {s['corpus']['chars']:,} chars; "
+        f"{s['corpus']['held_out_lines']} held out",
+        f"model weight   {s['model_alpha']:.2f} (the rest is the corpus field)",
+        f"trainer        {'running' if s['background']['running'] else 'idle'}"
+        + (f", {s['tokens_per_second']:,.0f} tok/s" if s["tokens_per_second"] else ""),
+    ]
+    if s["background"]["error"]:
+        lines.append(f"trainer error  {s['background']['error']}")
+    if memory is not None:
+        c = memory.counts()
+        lines.append(f"memory         {c['messages']} messages, {c['snapshots']} snapshots ({memory.retrieval_mode})")
+    return "\n".join(lines)
+
+
+def growth_table(snapshots) -> str:
+    if not snapshots:
+        return "no growth snapshots yet"
+    rows = [(datetime.datetime.fromtimestamp(g.time).strftime("%m-%d %H:%M:%S"), g.step, g.vocab_size,
+             f"{g.n_params:,}", g.n_delta, f"{g.corpus_chars:,}", _fmt(g.loss), _fmt(g.gamma_magnitude, ".4f"), g.note)
+            for g in snapshots]
+    return table(rows, ["time", "step", "vocab", "params", "deltas", "corpus chars", "loss", "gamma", "note"])
+
+
+def cmd_train(args, home: Home) -> int:
+    with home.locked():
+        home.trim_telemetry()
+        memory = home.memory()
+        org = None
+        try:
+            if home.exists():
+                org = home.open(memory=memory, recover=args.recover)
+                new_lines = 0
+                if args.corpus:
+                    lines = read_text_lines(args.corpus)
+                    new_lines = org.observe(lines)
+                    print(f"Read {len(lines)} lines of {args.corpus}: {new_lines} new to the corpus.")
+            else:
+                org, source = home.birth(args.corpus, memory=memory)
+                new_lines = 0
+                print(f"A new organism is born in {home} from {source}.")
+            if not org.trainer.warmed_up or args.steps is not None:
+                if org.trainer.warmed_up:
+                    print(f"{args.steps} more steps on the base (a schedule of their own).")
+                summary = run_warmup(org, home, args.steps, label="train")
+                print(f"Trained {summary['steps']} steps: loss {_fmt(summary['loss'])}, held-out "
+                      f"{_fmt(summary['val_loss'])}, {summary['seconds']:.1f} s.")
+            bursts = args.bursts if args.bursts is not None else (1 if new_lines and org.trainer.warmed_up else 0)
+            if bursts:
+                _run_bursts(org, home, bursts)
+            home.save(org)
+            print(f"Saved to {home.checkpoint}.")
+            return 0
+        finally:
+            if org is not None:
+                _close_quietly(org)
+            memory.close()
+            home.archive_current()
+            home.trim_telemetry()
+
+
+def _run_bursts(org: Organism, home: Home, n: int) -> None:
+    with deferred_interrupt() as stop:
+        for i in range(n):
+            if stop.is_set():
+                break
+            r = org.train_burst()
+            verdict = "accepted" if r.accepted else f"rolled back ({r.reason.replace('_', ' ')})"
+            extra = f", module {r.grew_module} born" if r.grew_module is not None else ""
+            tps = org.trainer.tokens_per_second
+            print(f"burst {i + 1}/{n}: {r.steps} steps, held-out {_fmt(r.loss_before)} -> {_fmt(r.loss_after)}, "
+                  f"{verdict}{extra}" + (f", {tps:,.0f} tok/s" if tps else ""))
+    if stop.is_set():
+        home.save(org)
+        raise Interrupted(f"stopped after {org.trainer.bursts} bursts; the organism is saved")
+
+
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "frequency_penalty", "seed")
+
+
+def cmd_generate(args, home: Home) -> int:
+    overrides = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    if args.greedy:
+        overrides["temperature"] = 0.0
+    if args.max_tokens is not None:
+        overrides["max_gen_tokens"] = args.max_tokens
+    if args.min_tokens is not None:
+        overrides["min_gen_tokens"] = args.min_tokens
+    if args.stop:
+        overrides["stop"] = tuple(args.stop)
+    if home.exists():
+        org = home.open(telemetry=False, recover=args.recover)
+    else:
+        org, source = home.birth(None, telemetry=False)
+        print(f"molecule-gpt: no organism in {home} yet: speaking from the statistics of {source} "
+              f"(`molecule-gpt chat` or `train` teaches it)", file=sys.stderr)
+    try:
+        for i in range(args.n):
+            if args.n > 1 and "seed" in overrides and i:
+                overrides["seed"] += 1
+            try:
+                pieces = org.stream(args.prompt, **overrides)
+            except (ValueError, TypeError) as exc:
+                raise CLIError(str(exc), "see `molecule-gpt generate --help` for the sampling options") from None
+            if args.echo:
+                sys.stdout.write(args.prompt + " ")
+            for piece in pieces:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    finally:
+        org.close()
+    return 0
+
+
+def cmd_inspect(args, home: Home) -> int:
+    path = pathlib.Path(args.checkpoint) if args.checkpoint else home.checkpoint
+    if not path.exists():
+        raise CLIError(f"no checkpoint at {path}", "give a checkpoint path, or --home DIR of an organism")
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as exc:
+        prev = pathlib.Path(f"{path}.prev")
+        print(f"file       {path} ({path.stat().st_size:,} bytes)")
+        print(f"checksum   FAILED: {exc}")
+        hint = f"the previous save {prev} is kept beside it" if prev.exists() else None
+        raise CLIError(f"{path} does not verify", hint) from None
+    doc = _inspect_document(path, ckpt)
+    if args.json:
+        print(json.dumps(doc, indent=2, default=str))
+        return 0
+    c = doc["config"]
+    print(f"file       {path} ({doc['bytes']:,} bytes, format version {doc['format_version']})")
+    print(f"checksum   ok (sha256 of every tensor verified)")
+    print(f"config     {c['n_layer']} layers, width {c['n_embd']}, {c['n_head']} heads "
+          f"({', '.join(c['head_types'])}), block {c['block_size']}, {doc['dtype']}"
+          + (f"; changed from defaults: {', '.join(f'{k}={v}' for k, v in doc['config_changed'].items())}"
+             if doc["config_changed"] else ""))
+    t = doc["tokenizer"]
+    if t:
+        print(f"vocabulary {t['vocab_size']} tokens, {'BPE with ' + str(t['merges']) + ' merges' if t['bpe'] else 'characters'}")
+    print(f"parameters {doc['parameters']:,}")
+    mods = doc["delta_modules"]
+    print(f"modules    {len(mods)}" + "".join(f"\n  delta{m['index']}: {m['state']}, alpha {m['alpha']:.3f}, "
+                                          f"{m['steps']} steps" for m in mods))
+    if doc.get("trainer"):
+        tr = doc["trainer"]
+        print(f"trainer    {tr['steps']} steps ({tr['warmup_steps']} warmup{'' if tr['warmed_up'] else ', unfinished'}), "
+              f"{tr['bursts']} bursts ({tr['accepted_bursts']} accepted, {tr['rolled_back_bursts']} rolled back), "
+              f"loss {_fmt(tr['loss'])}, held-out {_fmt(tr['val_loss'])}")
+    if doc.get("gamma"):
+        g = doc["gamma"]
+        tops = ", ".join(f"{tok!r} {n:.3f}" for tok, n in g["top_tokens"][:5])
+        print(f"gamma      sparsity {g['sparsity']:.3f}, magnitude {g['magnitude']:.4f}; moved most: {tops}")
+    if doc.get("last_telemetry"):
+        print(f"telemetry  {json.dumps(doc['last_telemetry'], default=str)}")
+    return 0
+
+
+def _inspect_document(path: pathlib.Path, ckpt) -> dict:
+    model = ckpt.model
+    cfg = model.config.to_dict()
+    defaults = Config().to_dict()
+    doc = {"path": str(path), "bytes": path.stat().st_size, "format_version": ckpt.format_version,
+           "dtype": str(model.dtype), "config": cfg,
+           "config_changed": {k: v for k, v in cfg.items() if v != defaults.get(k)},
+           "parameters": model.num_params(), "tokenizer": None, "delta_modules": []}
+    if ckpt.tokenizer is not None:
+        tok = ckpt.tokenizer
+        doc["tokenizer"] = {"vocab_size": tok.vocab_size, "bpe": tok.bpe_enabled, "merges": len(tok.merges)}
+    state = ckpt.state if isinstance(ckpt.state, dict) else None
+    if state is not None and state.get("format") == "molecule_gpt.organism":
+        org = Organism.load(path)
+        try:
+            s = org.stats()
+            doc["delta_modules"] = [{k: m[k] for k in ("index", "state", "alpha", "steps", "bursts")}
+                                    for m in s["delta_modules"]]
+            doc["trainer"] = {k: s[k] for k in ("steps", "warmup_steps", "warmed_up", "bursts", "accepted_bursts",
+                                                "rolled_back_bursts", "loss", "val_loss")}
+            doc["gamma"] = org.gamma_stats()
+        finally:
+            org.close()
+    else:
+        doc["delta_modules"] = [{"index": k, "state": "frozen" if not model.trainable[f"delta{k}"] else "trainable",
+                                 "alpha": model.delta_alphas[k], "steps": model.groups[f"delta{k}"].step, "bursts": None}
+                                for k in range(model.n_delta)]
+    last = None
+    for record in read_records(path.parent / TELEMETRY):
+        last = record
+    doc["last_telemetry"] = last
+    return doc
+
+
+def cmd_growth(args, home: Home) -> int:
+    if not home.memory_path.exists():
+        raise CLIError(f"no memory in {home} yet", "chat or train first (`molecule-gpt chat`)")
+    memory = Memory(home.memory_path)
+    try:
+        snapshots = memory.snapshots()
+    finally:
+        memory.close()
+    records = list(read_records(home.telemetry))
+    if args.plot:
+        plot_growth(args.plot, snapshots, records)
+        print(f"Wrote {args.plot} ({len(snapshots)} snapshots, {len(records)} telemetry records).")
+    else:
+        print(growth_table(snapshots[-args.last:] if args.last else snapshots))
+    return 0
+
+
+def plot_growth(out: str, snapshots, records) -> None:
+    """Six panels against the global step: loss and held-out loss, vocabulary size, delta
+    modules, gamma magnitude, accepted / rolled-back bursts (cumulative), tokens/s."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CLIError("growth --plot needs matplotlib, which is not installed",
+                       "pip install 'molecule-gpt[plot]'") from None
+    if not snapshots and not records:
+        raise CLIError("nothing to plot yet", "chat or train first (`molecule-gpt chat`)")
+    steps = [r for r in records if r.get("phase") in ("warmup", "burst") and "step" in r and "loss" in r]
+    evals = [r for r in records if r.get("val_loss") is not None and "step" in r]
+    bursts = [r for r in records if r.get("phase") == "burst_end"]
+    fig, axes = plt.subplots(3, 2, figsize=(11, 9), constrained_layout=True)
+    ax = axes[0][0]
+    if steps:
+        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.6, alpha=0.7, label="train loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="held-out loss")
+    ax.set_title("loss")
+    ax.legend(loc="upper right")
+    snap_steps = [g.step for g in snapshots]
+    for ax, values, title in ((axes[0][1], [g.vocab_size for g in snapshots], "vocabulary size"),
+                              (axes[1][0], [g.n_delta for g in snapshots], "delta modules"),
+                              (axes[1][1], [g.gamma_magnitude if g.gamma_magnitude is not None else float("nan")
+                                            for g in snapshots], "gamma magnitude")):
+        ax.step(snap_steps, values, where="post", marker=".")
+        ax.set_title(title)
+    ax = axes[2][0]
+    acc = rej = 0
+    xs, a_counts, r_counts = [], [], []
+    for r in bursts:
+        acc += bool(r.get("accepted"))
+        rej += not r.get("accepted")
+        xs.append(r["step"])
+        a_counts.append(acc)
+        r_counts.append(rej)
+    ax.step(xs, a_counts, where="post", label="accepted")
+    ax.step(xs, r_counts, where="post", label="rolled back")
+    ax.set_title("bursts (cumulative)")
+    ax.legend(loc="upper left")
+    ax = axes[2][1]
+    if steps:
+        ax.plot([r["step"] for r in steps], [r.get("tokens_per_s", float("nan")) for r in steps], lw=0.6)
+    ax.set_title("training tokens/s")
+    for row in axes:
+        for ax in row:
+            ax.set_xlabel("step")
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as exc:
+        raise CLIError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
+
+
+def cmd_forget(args, home: Home) -> int:
+    if not args.phrase and not args.all:
+        raise CLIError("say what to forget: a PHRASE, or --all for every chat message", code=2)
+    if args.phrase and args.all:
+        raise CLIError("give a PHRASE or --all, not both", code=2)
+    phrase = None if args.all else args.phrase
+    with home.locked():
+        memory = home.memory()
+        try:
+            if home.exists():
+                org = home.open(memory=memory, telemetry=False, recover=args.recover)
+                try:
+                    counts = org.forget(phrase)
+                    home.save(org)
+                finally:
+                    org.close()
+            else:
+                counts = memory.forget(phrase)
+        finally:
+            memory.close()
+    print(f"{str(counts).capitalize()}.")
+    if not counts.erased_from_disk:
+        print("(another process holds the database open: the freed pages are erased at its next checkpoint)")
+    return 0
+
+
+def cmd_bench(args, home: Home) -> int:
+    from .quickbench import run_quick_bench
+    rows = run_quick_bench(repeats=args.repeats, progress=lambda name: print(f"  {name} ...", file=sys.stderr))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(table([(r["case"], r["figure"], r["unit"], r["detail"]) for r in rows], ["case", "figure", "unit", "detail"]))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser and entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", metavar="DIR", default=argparse.SUPPRESS,
+                        help=f"the organism's directory (default: $MOLECULE_GPT_HOME or {default_home()})")
+    common.add_argument("--config", metavar="FILE.json", default=argparse.SUPPRESS,
+                        help="options from a JSON object: Config fields and command-line settings; flags override it")
+    common.add_argument("--recover", action="store_true", default=argparse.SUPPRESS,
+                        help="if the checkpoint is damaged, load the previous save (organism.ckpt.prev)")
+
+    parser = argparse.ArgumentParser(
+        prog="molecule-gpt", parents=[common],
+        description="A small GPT organism that keeps learning while it chats.",
+        epilog="`molecule-gpt COMMAND --help` describes each command. Settings a config file may set: "
+               + ", ".join(f"{k} (default {v!r})" for k, v in SETTINGS.items()) + ".")
+    parser.add_argument("--version", action="version", version=f"molecule-gpt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("chat", parents=[common], help="chat with the organism (it learns in the background)",
+                       description="Chat with the organism. The first run warms it up on the seed corpus (or "
+                                   "--corpus) with a progress bar; then it answers while a background trainer "
+                                   "learns from the conversation. Slash commands: /status /growth /save "
+                                   "/forget [TEXT] /help /quit.")
+    p.add_argument("--corpus", metavar="FILE", help="a text file to be born from (first run only)")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("train", parents=[common], help="warm up, or teach it a text file",
+                       description="Train the organism. A new or partly warmed-up organism runs (the rest of) its "
+                                   "warmup. CORPUS is born from, or, for an existing organism, added to its corpus and "
+                                   "learned in checked bursts (rolled back if they damage it).")
+    p.add_argument("corpus", nargs="?", metavar="CORPUS", help="a UTF-8 text file, one line per line")
+    p.add_argument("--steps", type=_positive_int, metavar="N",
+                   help="warmup steps to run now (default: the rest of the warmup; after warmup: N more base steps)")
+    p.add_argument("--bursts", type=_non_negative_int, metavar="N",
+                   help="training bursts after warmup (default: 1 when CORPUS brought new lines)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", parents=[common], help="continue a prompt",
+                       description="Print a continuation of PROMPT (without learning from it). Without an organism "
+                                   "in the home, a newborn speaks from the seed corpus statistics.")
+    p.add_argument("prompt", nargs="?", default="", metavar="PROMPT")
+    p.add_argument("--temperature", type=_non_negative_float, metavar="T", help="0 is greedy (default from config: 0.85)")
+    p.add_argument("--greedy", action="store_true", help="same as --temperature 0")
+    p.add_argument("--top-k", type=_non_negative_int, metavar="K", help="keep the K most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus mass (1: off)")
+    p.add_argument("--min-p", type=float, metavar="P", help="drop tokens below P x the most likely (0: off)")
+    p.add_argument("--typical-p", type=float, metavar="P", help="typical sampling mass (1: off)")
+    p.add_argument("--frequency-penalty", type=float, metavar="F", help="logit penalty per earlier occurrence")
+    p.add_argument("--max-tokens", type=_positive_int, metavar="N", help="at most N tokens")
+    p.add_argument("--min-tokens", type=_non_negative_int, metavar="N", help="no stop before N tokens")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop before TEXT (repeatable)")
+    p.add_argument("--seed", type=_non_negative_int, metavar="N", help="reproducible sampling")
+    p.add_argument("-n", type=_positive_int, default=1, metavar="N", help="N continuations, one per line")
+    p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", parents=[common], help="what a checkpoint holds, and whether it verifies",
+                       description="Config, vocabulary, delta modules, gamma, last telemetry and checksum status "
+                                   "of CHECKPOINT (default: the home's organism.ckpt). Exits 1 if it does not verify.")
+    p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("growth", parents=[common], help="the organism's growth over time (table or plot)",
+                       description="Growth snapshots (step, vocabulary, parameters, delta modules, loss, gamma) as a "
+                                   "table, or with --plot a PNG of loss, held-out loss, vocabulary size, delta "
+                                   "modules, gamma magnitude and accepted/rolled-back bursts over steps.")
+    p.add_argument("--plot", metavar="FILE.png", help="write the plot here (needs matplotlib)")
+    p.add_argument("--last", type=_positive_int, metavar="N", help="only the last N snapshots in the table")
+    p.set_defaults(func=cmd_growth)
+
+    p = sub.add_parser("forget", parents=[common], help="delete chat messages and what was learned into the corpus",
+                       description="Delete chat messages, their search-index rows and chat lines of the corpus "
+                                   "reservoir that contain PHRASE (case-insensitive), or all of them with --all, and "
+                                   "say how many went. The seed corpus stays; weights keep what they learned.")
+    p.add_argument("phrase", nargs="?", metavar="PHRASE")
+    p.add_argument("--all", action="store_true", help="forget every chat message")
+    p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("bench", parents=[common], help="quick benchmarks of this machine, as a table",
+                       description="Training steps, generation, tokenizer and checkpoint speed at the default config "
+                                   "(about 15 s). The full head-to-head suites are in the repository's benchmarks/.")
+    p.add_argument("--repeats", type=_positive_int, default=5, metavar="N", help="timings per case (median)")
+    p.add_argument("--json", action="store_true", help="print JSON rows")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _typed(convert, test, what):
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+_positive_int = _typed(int, lambda v: v > 0, "a positive int")
+_non_negative_int = _typed(int, lambda v: v >= 0, "an int >= 0")
+_non_negative_float = _typed(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (errors print one line, never a traceback)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, default in (("home", None), ("config", None), ("recover", False)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    show_traceback = os.environ.get("MOLECULE_GPT_TRACEBACK", "") not in ("", "0")
+    try:
+        options = load_options(args.config)
+        home = Home(args.home or default_home(), options)
+        return args.func(args, home)
+    except CLIError as exc:
+        _error(exc.message, exc.hint)
+        return exc.code
+    except Interrupted as exc:
+        print(f"molecule-gpt: interrupted: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\nmolecule-gpt: interrupted (the last saved checkpoint is intact)", file=sys.stderr)
+        return 130
+    except MoleculeError as exc:  # corpus, memory store, training, checkpoint: messages say the fix
+        if show_traceback:
+            raise
+        _error(str(exc))
+        return 1
+    except OSError as exc:
+        if show_traceback:
+            raise
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            _error(f"the disk is full ({exc.filename or 'while writing'})", "free some space and try again")
+        else:
+            _error(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+        return 1
+    except Exception as exc:  # a bug: still one line, with the way to the traceback
+        if show_traceback:
+            raise
+        _error(f"internal error: {type(exc).__name__}: {exc}",
+               "rerun with MOLECULE_GPT_TRACEBACK=1 and report the traceback")
+        return 70
+
+
+def _error(message: str, hint: str | None = None) -> None:
+    print(f"molecule-gpt: error: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
