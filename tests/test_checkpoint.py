@@ -217,6 +217,53 @@ def test_file_is_a_standard_safetensors_file(saved):
     assert (len(pathlib.Path(path).read_bytes()) - 8 - len(data)) % 8 == 0
 
 
+def test_data_is_stored_in_the_models_memory_order(saved):
+    """Each parameter group's parameters, then their m, then v, as the model lays them out, so a
+    load reads a group's array in one call (readers must not rely on it: see the next test)."""
+    path, model = saved
+    header, _ = read_parts(path)
+    by_offset = sorted((v["data_offsets"][0], k) for k, v in header.items() if k != "__metadata__")
+    assert [k for _, k in by_offset] == ck._layout_order(model)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_files_in_another_tensor_order_load(tmp_path, monkeypatch, dtype):
+    """Files written by safetensors' own writer (which sorts tensors by dtype and name, as
+    molecule-gpt 0.1.0 did) load to the same model, frozen modules' folded weights included."""
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    model, tok = organism(dtype)
+    monkeypatch.setattr(ck, "_write_safetensors",
+                        lambda tmp, tensors, metadata: safetensors_numpy.save_file(tensors, tmp, metadata=metadata))
+    path = tmp_path / "org.ckpt"
+    save_checkpoint(path, model, tok)
+    header, _ = read_parts(path)
+    by_offset = [k for _, k in sorted((v["data_offsets"][0], k) for k, v in header.items() if k != "__metadata__")]
+    assert by_offset != ck._layout_order(model)  # really another order
+    ckpt = load_checkpoint(path)
+    assert_same_model(model, ckpt.model)
+    ids = tok.encode("the cat sat")
+    assert ckpt.model.logits(ids).tobytes() == model.logits(ids).tobytes()
+
+
+def test_short_writes_are_resumed(tmp_path, monkeypatch):
+    """os.writev may write less than asked: the writer continues where it stopped."""
+    real = os.writev
+    calls = []
+
+    def dribble(fd, bufs):
+        calls.append(len(bufs))
+        first = memoryview(bufs[0]).cast("B") if len(bufs[0]) else b""
+        return real(fd, [first[:1000]] + ([] if len(first) else list(bufs[1:2])))
+
+    monkeypatch.setattr(os, "writev", dribble)
+    model, tok = organism()
+    path = tmp_path / "org.ckpt"
+    save_checkpoint(path, model, tok)
+    assert len(calls) > os.path.getsize(path) // 1000
+    monkeypatch.undo()
+    assert_same_model(model, load_checkpoint(path).model)
+
+
 def test_no_pickle_anywhere():
     source = pathlib.Path(ck.__file__).read_text()
     assert "pickle" not in source.replace("no pickle", "") and "np.load(" not in source
@@ -582,6 +629,43 @@ def test_hostile_headers(saved):
     edit_document(path, lambda doc: doc["model"]["config"].update(batch_size=1 << 40))
     msg = expect_error(path)
     assert "not enough memory to build its model (batch_size=1099511627776" in msg
+
+
+def test_arena_bound_is_above_the_exact_plan():
+    """_arena_bytes_bound lets a load skip the engine binding that the exact figure needs; it
+    must never be below Model.planned_arena_bytes (which plans what the first step allocates)."""
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for _ in range(60):
+        n_head = int(rng.choice([1, 2, 4]))
+        cfg = mg.Config(n_layer=int(rng.integers(1, 4)), n_embd=n_head * 2 * int(rng.integers(1, 5)), n_head=n_head,
+                        block_size=int(rng.integers(2, 40)), batch_size=int(rng.integers(1, 10)),
+                        head_types=tuple(rng.choice(["content", "rrpram", "hybrid"], size=n_head).tolist()),
+                        tie_embeddings=bool(rng.integers(2)), delta_rank=int(rng.integers(1, 5)),
+                        mlp_activation=str(rng.choice(["relu", "silu"])))
+        n_delta = int(rng.integers(0, 5))
+        trainable = {f"delta{k}": bool(rng.integers(2)) for k in range(n_delta)}
+        trainable["base"] = bool(rng.integers(2))
+        dtype = str(rng.choice(DTYPES))
+        model = mg.Model.empty(cfg, int(rng.integers(3, 80)), dtype, [1.0] * n_delta,
+                               n_threads=int(rng.integers(1, 4)), trainable=trainable)
+        exact = model.planned_arena_bytes
+        bound = ck._arena_bytes_bound(cfg, model.vocab_size, n_delta, model.dtype.itemsize, model.n_threads)
+        assert exact <= bound, (cfg, n_delta, trainable, dtype, model.n_threads)
+        worst = max(worst, bound / exact)
+    assert worst < 10  # a bound, but not a vacuous one
+
+
+def test_arenas_are_refused_exactly_above_memory(saved, monkeypatch):
+    """A load fails exactly when the planned arenas exceed memory, whether or not the cheap
+    bound let it skip the exact figure."""
+    path, model = saved
+    exact = load_checkpoint(path).model.planned_arena_bytes
+    monkeypatch.setattr(ck, "_physical_memory", lambda: exact)
+    load_checkpoint(path)
+    monkeypatch.setattr(ck, "_physical_memory", lambda: exact - 1)
+    msg = expect_error(path)
+    assert f"its training arenas would need {exact} bytes, more than this machine has" in msg
 
 
 def test_missing_file(tmp_path):
