@@ -17,8 +17,11 @@ Rows, one per format (times are medians over repeats, after one untimed warm-up)
     JSON         the original's way: json.dump of nested float64 lists into the file (no fsync,
                  as the original writes) / compat.load_original_checkpoint (json.load, arrays,
                  a ready Model and tokenizer)
-Ratios are JSON over ours, against the issue's targets: load >= 50x, file >= 4x smaller, save
->= 20x. They are printed for the same content (ckpt params vs JSON) and for the full resumable
+Two diagnostic columns: "no fsync" is the same save with os.fsync replaced by a no-op (the
+share of the two fsyncs; never how we save), "+1st" is the load followed by the loaded model's
+first forward pass (16 tokens), timed within the same runs: neither loader binds the model's
+engines, its first use does. Ratios are JSON over ours, against the issue's targets: load >= 50x,
+file >= 4x smaller, save >= 20x. They are printed for the same content (ckpt params vs JSON) and for the full resumable
 checkpoint, which holds three times the numbers the JSON form can hold. Results are checked
 after timing (the loaded models equal the saved ones; the JSON import gives identical logits).
 """
@@ -96,6 +99,32 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def median_load(load, ids, repeats: int) -> tuple[float, float]:
+    """Medians of (load time, load + first forward pass), from the same runs."""
+    def once():
+        t0 = time.perf_counter()
+        model = load()
+        t1 = time.perf_counter()
+        model.logits(ids)
+        return t1 - t0, time.perf_counter() - t0
+
+    once()  # warm-up
+    runs = [once() for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def without_fsync(fn):
+    """fn with os.fsync a no-op (diagnostic: how much of a save the fsyncs are)."""
+    def run():
+        real = os.fsync
+        os.fsync = lambda fd: None
+        try:
+            fn()
+        finally:
+            os.fsync = real
+    return run
+
+
 def json_save(path: str, model, tok) -> None:
     """The original's save: its object of nested lists, json.dump into the file."""
     doc = original_document(model, tok)
@@ -107,19 +136,25 @@ def bench_case(case: str, dtype: str, directory: str, repeats: int, json_repeats
     model, tok = make_organism(case, dtype)
     state = {"step": 1, "note": "benchmark"}
     full, lite, orig = (os.path.join(directory, f"{case}-{dtype}.{ext}") for ext in ("ckpt", "params.ckpt", "json"))
+    ids = tok.encode("the quick brown fox jumps")[:16]
+    save_full = lambda: save_checkpoint(full, model, tok, state)  # noqa: E731
+    save_lite = lambda: save_checkpoint(lite, model, tok, state, optimizer_state=False)  # noqa: E731
     r = {
-        "full_save": median_time(lambda: save_checkpoint(full, model, tok, state), repeats),
-        "full_load": median_time(lambda: load_checkpoint(full), repeats),
+        "full_save": median_time(save_full, repeats),
+        "full_save_nofsync": median_time(without_fsync(save_full), repeats),
         "full_size": os.path.getsize(full),
-        "lite_save": median_time(lambda: save_checkpoint(lite, model, tok, state, optimizer_state=False), repeats),
-        "lite_load": median_time(lambda: load_checkpoint(lite), repeats),
+        "lite_save": median_time(save_lite, repeats),
+        "lite_save_nofsync": median_time(without_fsync(save_lite), repeats),
         "lite_size": os.path.getsize(lite),
         "json_save": median_time(lambda: json_save(orig, model, tok), json_repeats),
-        "json_load": median_time(lambda: load_original_checkpoint(orig, dtype=dtype), json_repeats),
         "json_size": os.path.getsize(orig),
         "params": model.num_params(),
         "vocab": model.vocab_size,
     }
+    r["full_load"], r["full_first"] = median_load(lambda: load_checkpoint(full).model, ids, repeats)
+    r["lite_load"], r["lite_first"] = median_load(lambda: load_checkpoint(lite).model, ids, repeats)
+    r["json_load"], r["json_first"] = median_load(lambda: load_original_checkpoint(orig, dtype=dtype)[0], ids,
+                                                  json_repeats)
     # ---- check the results after timing
     meta, tensors = model.export_state()
     got_meta, got = load_checkpoint(full).model.export_state()
@@ -129,6 +164,7 @@ def bench_case(case: str, dtype: str, directory: str, repeats: int, json_repeats
     back, back_tok = load_original_checkpoint(orig, dtype=dtype)
     ids = tok.encode("the quick brown fox")[: model.config.block_size]
     assert back.logits(ids).tobytes() == model.logits(ids).tobytes(), "JSON import logits"
+    assert load_checkpoint(full).model.logits(ids).tobytes() == model.logits(ids).tobytes(), "checkpoint logits"
     for path in (full, lite, orig, full + ".prev", lite + ".prev"):
         if os.path.exists(path):
             os.unlink(path)
@@ -138,9 +174,11 @@ def bench_case(case: str, dtype: str, directory: str, repeats: int, json_repeats
 def report(case: str, dtype: str, r: dict) -> None:
     mb = 1e6
     print(f"\n{case} config, {dtype}: {r['params']:,} parameters, vocab {r['vocab']}")
-    print(f"  {'format':<12} {'save ms':>10} {'load ms':>10} {'file MB':>10}")
+    print(f"  {'format':<12} {'save ms':>10} {'no fsync':>10} {'load ms':>10} {'+1st ms':>10} {'file MB':>10}")
     for key, label in (("full", "ckpt full"), ("lite", "ckpt params"), ("json", "JSON")):
-        print(f"  {label:<12} {1e3 * r[key + '_save']:>10.1f} {1e3 * r[key + '_load']:>10.1f} {r[key + '_size'] / mb:>10.2f}")
+        nofsync = f"{1e3 * r[key + '_save_nofsync']:>10.1f}" if key + "_save_nofsync" in r else f"{'-':>10}"
+        print(f"  {label:<12} {1e3 * r[key + '_save']:>10.1f} {nofsync} {1e3 * r[key + '_load']:>10.1f} "
+              f"{1e3 * r[key + '_first']:>10.1f} {r[key + '_size'] / mb:>10.2f}")
     for key, label in (("lite", "same content (params)"), ("full", "full resumable ckpt")):
         ratios = {"load": r["json_load"] / r[key + "_load"], "size": r["json_size"] / r[key + "_size"],
                   "save": r["json_save"] / r[key + "_save"]}
