@@ -489,31 +489,40 @@ def run_warmup(org: Organism, home: Home, steps: int | None = None, label: str =
 # commands
 
 
-def cmd_chat(args, home: Home) -> int:
+@contextlib.contextmanager
+def writer_session(home: Home, args, corpus: str | None) -> Iterator[tuple[Organism, Memory, str | None]]:
+    """A command that changes the home: the lock, the memory, the organism (loaded, or born
+    from `corpus`); afterwards the organism is closed, the checkpoint archived and the telemetry
+    trimmed. Yields (organism, memory, what a newborn was born from or None)."""
     with home.locked():
         home.trim_telemetry()
         memory = home.memory()
         org = None
         try:
             if home.exists():
-                org = home.open(memory=memory, recover=args.recover)
+                org, source = home.open(memory=memory, recover=args.recover), None
             else:
-                org, source = home.birth(args.corpus, memory=memory)
+                org, source = home.birth(corpus, memory=memory)
                 print(f"A new organism is born in {home} from {source}.")
-            if not org.trainer.warmed_up:
-                print(f"Warming up ({org.config.warmup_steps} steps; Ctrl-C stops and saves, the next run continues).")
-                summary = run_warmup(org, home)
-                print(f"Warm: loss {_fmt(summary['loss'])}, held-out {_fmt(summary['val_loss'])} "
-                      f"in {summary['seconds']:.1f} s.")
-            home.save(org)
-            _chat_loop(org, memory, home, args)
-            return 0
+            yield org, memory, source
         finally:
             if org is not None:
                 _close_quietly(org)
             memory.close()
             home.archive_current()
             home.trim_telemetry()
+
+
+def cmd_chat(args, home: Home) -> int:
+    with writer_session(home, args, args.corpus) as (org, memory, _):
+        if not org.trainer.warmed_up:
+            print(f"Warming up ({org.config.warmup_steps} steps; Ctrl-C stops and saves, the next run continues).")
+            summary = run_warmup(org, home)
+            print(f"Warm: loss {_fmt(summary['loss'])}, held-out {_fmt(summary['val_loss'])} "
+                  f"in {summary['seconds']:.1f} s.")
+        home.save(org)
+        _chat_loop(org, memory, home)
+    return 0
 
 
 CHAT_HELP = """commands:
@@ -525,7 +534,7 @@ CHAT_HELP = """commands:
   /quit            save and leave (also Ctrl-D)"""
 
 
-def _chat_loop(org: Organism, memory: Memory, home: Home, args) -> None:
+def _chat_loop(org: Organism, memory: Memory, home: Home) -> None:
     s = org.stats()
     print(f"molecule-gpt {__version__}: vocabulary {s['vocab_size']}, {s['parameters']:,} parameters, "
           f"held-out loss {_fmt(s['val_loss'])}, memory {memory.retrieval_mode}. "
@@ -550,7 +559,7 @@ def _chat_loop(org: Organism, memory: Memory, home: Home, args) -> None:
                 if _slash(line, org, memory, home) == "quit":
                     break
                 continue
-            _chat_turn(org, memory, line, settings, args)
+            _chat_turn(org, memory, line, settings)
             turns += 1
             if turns % settings["autosave_turns"] == 0:
                 _save_reporting(org, home)
@@ -560,7 +569,7 @@ def _chat_loop(org: Organism, memory: Memory, home: Home, args) -> None:
         print(f"Saved to {home.checkpoint}.")
 
 
-def _chat_turn(org: Organism, memory: Memory, text: str, settings: dict, args) -> str:
+def _chat_turn(org: Organism, memory: Memory, text: str, settings: dict) -> str:
     recall = memory.recall(text, recent=settings["recall_recent"], k=settings["recall_relevant"])
     org.observe(text, speaker="H")
     prompt = " ".join(recall.lines() + [f"H: {text}", "A:"])
@@ -666,40 +675,24 @@ def growth_table(snapshots) -> str:
 
 
 def cmd_train(args, home: Home) -> int:
-    with home.locked():
-        home.trim_telemetry()
-        memory = home.memory()
-        org = None
-        try:
-            if home.exists():
-                org = home.open(memory=memory, recover=args.recover)
-                new_lines = 0
-                if args.corpus:
-                    lines = read_text_lines(args.corpus)
-                    new_lines = org.observe(lines)
-                    print(f"Read {len(lines)} lines of {args.corpus}: {new_lines} new to the corpus.")
-            else:
-                org, source = home.birth(args.corpus, memory=memory)
-                new_lines = 0
-                print(f"A new organism is born in {home} from {source}.")
-            if not org.trainer.warmed_up or args.steps is not None:
-                if org.trainer.warmed_up:
-                    print(f"{args.steps} more steps on the base (a schedule of their own).")
-                summary = run_warmup(org, home, args.steps, label="train")
-                print(f"Trained {summary['steps']} steps: loss {_fmt(summary['loss'])}, held-out "
-                      f"{_fmt(summary['val_loss'])}, {summary['seconds']:.1f} s.")
-            bursts = args.bursts if args.bursts is not None else (1 if new_lines and org.trainer.warmed_up else 0)
-            if bursts:
-                _run_bursts(org, home, bursts)
-            home.save(org)
-            print(f"Saved to {home.checkpoint}.")
-            return 0
-        finally:
-            if org is not None:
-                _close_quietly(org)
-            memory.close()
-            home.archive_current()
-            home.trim_telemetry()
+    with writer_session(home, args, args.corpus) as (org, memory, born_from):
+        new_lines = 0
+        if born_from is None and args.corpus:
+            lines = read_text_lines(args.corpus)
+            new_lines = org.observe(lines)
+            print(f"Read {len(lines)} lines of {args.corpus}: {new_lines} new to the corpus.")
+        if not org.trainer.warmed_up or args.steps is not None:
+            if org.trainer.warmed_up:
+                print(f"{args.steps} more steps on the base (a schedule of their own).")
+            summary = run_warmup(org, home, args.steps, label="train")
+            print(f"Trained {summary['steps']} steps: loss {_fmt(summary['loss'])}, held-out "
+                  f"{_fmt(summary['val_loss'])}, {summary['seconds']:.1f} s.")
+        bursts = args.bursts if args.bursts is not None else (1 if new_lines and org.trainer.warmed_up else 0)
+        if bursts:
+            _run_bursts(org, home, bursts)
+        home.save(org)
+        print(f"Saved to {home.checkpoint}.")
+    return 0
 
 
 def _run_bursts(org: Organism, home: Home, n: int) -> None:
