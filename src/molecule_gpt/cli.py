@@ -572,7 +572,12 @@ def _chat_loop(org: Organism, memory: Memory, home: Home) -> None:
 def _chat_turn(org: Organism, memory: Memory, text: str, settings: dict) -> str:
     recall = memory.recall(text, recent=settings["recall_recent"], k=settings["recall_relevant"])
     org.observe(text, speaker="H")
-    prompt = " ".join(recall.lines() + [f"H: {text}", "A:"])
+    # The prompt is plain text, as the seed corpus writes an exchange ("How are you? I am well."):
+    # earlier relevant turns, the recent ones, then yours; generation keeps its last window, so
+    # your words are always in it. (The "H: "/"A: " tags stay in the corpus, where they mark
+    # what `forget` may take.)
+    context = [m.text for m in sorted(recall.relevant, key=lambda m: m.id)] + [m.text for m in recall.recent]
+    prompt = " ".join(context + [text])
     pieces = []
     sys.stdout.write("molecule> ")
     sys.stdout.flush()
