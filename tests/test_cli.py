@@ -244,6 +244,41 @@ def test_chat_repl_end_to_end(tmp_path):
         org.close()
 
 
+def test_chat_learns_in_the_background(tmp_path):
+    """With a short cooldown the background trainer runs bursts on the conversation while the
+    REPL keeps answering; they show in /status and in the saved organism."""
+    pexpect = pytest.importorskip("pexpect")
+    home = tmp_path / "home"
+    config = write_config(tmp_path / "c.json", qb_cooldown_seconds=0.0, qb_min_bytes=20, train_tick_seconds=0.02,
+                          micro_steps=4, **SMALL)
+    child = pexpect.spawn(sys.executable, ["-m", "molecule_gpt", "--home", str(home), "--config", str(config), "chat"],
+                          encoding="utf-8", timeout=180, dimensions=(40, 200))
+    bursts = 0
+    try:
+        for i in range(40):
+            child.expect("you> ")
+            if i % 2:
+                child.sendline("/status")
+                child.expect(r"bursts (\d+)")
+                bursts = int(child.match.group(1))
+                if bursts >= 2:
+                    break
+            else:
+                child.sendline(f"tell me about the river number {i}, where does it go?")
+                child.expect("molecule> ")
+        child.expect("you> ")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0 and bursts >= 2
+    org = Organism.load(home / cli.CHECKPOINT)
+    try:
+        assert org.trainer.bursts >= 2 and org.model.n_delta >= 1
+    finally:
+        org.close()
+
+
 def test_ctrl_c_during_warmup_saves_a_resumable_organism(tmp_path):
     pexpect = pytest.importorskip("pexpect")
     home = tmp_path / "home"
