@@ -863,14 +863,17 @@ def plot_growth(out: str, snapshots, records) -> None:
     if not snapshots and not records:
         raise CLIError("nothing to plot yet", "chat or train first (`molecule-gpt chat`)")
     steps = [r for r in records if r.get("phase") in ("warmup", "burst") and "step" in r and "loss" in r]
-    evals = [r for r in records if r.get("val_loss") is not None and "step" in r]
-    bursts = [r for r in records if r.get("phase") == "burst_end"]
+    bursts = [r for r in records if r.get("phase") == "burst_end" and "step" in r]
+    # held-out loss: warmup evaluations, then the value each burst left (rolled-back bursts restore the one before)
+    evals = sorted([(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None and "step" in r]
+                   + [(r["step"], r["loss_after"] if r.get("accepted") else r.get("loss_before"))
+                      for r in bursts if r.get("loss_after") is not None])
     fig, axes = plt.subplots(3, 2, figsize=(11, 9), constrained_layout=True)
     ax = axes[0][0]
     if steps:
         ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.6, alpha=0.7, label="train loss")
     if evals:
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, label="held-out loss")
+        ax.plot([x for x, _ in evals], [y for _, y in evals], "o-", ms=3, label="held-out loss")
     ax.set_title("loss")
     ax.legend(loc="upper right")
     snap_steps = [g.step for g in snapshots]
