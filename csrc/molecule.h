@@ -60,6 +60,7 @@ typedef struct {
     void *aux;            /* what backward needs beyond inputs (rstd, weights, U, probs) */
     void *aux2;           /* a second cache (attention: scaled content logits) */
     void *ptrs;           /* op-specific pointer table (attention: rrpram logits per head) */
+    void *work;           /* op-specific scratch (attention: csrc/attention.h's) */
     const mg_linear *lin; /* LINEAR: the weight and its adapters */
     ptrdiff_t n, m, k;    /* op-specific sizes */
     ptrdiff_t ld_in, ld_out;  /* row strides of input `a` (and `b`, `c`) and of `out` */

@@ -192,6 +192,41 @@ def test_attention_never_crosses_sequences(rng):
     assert np.array_equal(y[3:], y2[3:])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("d", [6, 18])
+def test_attention_triangle_kernels_match_the_blas_twin(rng, dtype, portable, d):
+    """csrc/attention.h (lower-triangle products, padded softmax rows; AVX2 or baseline build)
+    against the BLAS path, on lengths that leave every kind of remainder (rows past a 4-row
+    block, columns past a vector)."""
+    types = ("content", "rrpram", "hybrid")
+    H, T = len(types), 37
+    lengths = [1, 2, 3, 5, 8, 9, 16, 17, 37]
+    N = sum(lengths)
+    q, k, v, R = (rng.normal(size=(N, H * d)).astype(dtype) for _ in range(4))
+    P = [rng.normal(size=(N, T)).astype(dtype) if t != "content" else None for t in types]
+    mix = [0.0, 0.0, 0.3]
+    out = {}
+    try:
+        _core._force_portable_attention(portable)
+        for blas in (False, True):
+            _core._blas_attention(blas)
+            y, att = _core._attention_forward_memview(q, k, v, P, types, mix, lengths, T)
+            out[blas] = (y,) + _core._attention_backward_memview(R, att, q, k, v, P, types, mix, lengths, T)
+    finally:
+        _core._blas_attention(False)
+        _core._force_portable_attention(False)
+    tol = 1e-13 if dtype == np.float64 else RTOL[dtype]
+    names = ("y", "dq", "dk", "dv", "dP", "dalpha")
+    for name, ours, twin in zip(names, out[False], out[True]):
+        if name == "dP":
+            for h in (1, 2):
+                assert rel_err(ours[h], twin[h]) < tol, (name, h)
+        else:
+            assert rel_err(ours, twin) < tol, name
+    assert _core.attention_simd_path() in ("avx2", "portable")
+
+
 @pytest.mark.parametrize("act", ["relu", "silu"])
 def test_gate_forward_and_gradients(rng, act):
     g = rng.normal(size=40)

@@ -161,6 +161,7 @@ cdef int record(NetC* net, mg_arena* ar, StepC* st, bint with_loss, floating* ta
     cdef floating* o
     cdef floating* g
     cdef floating* a
+    cdef floating* w
     cdef floating** P
     cdef floating** dP
     mg_arena_reset(ar)
@@ -199,6 +200,7 @@ cdef int record(NetC* net, mg_arena* ar, StepC* st, bint with_loss, floating* ta
         y = <floating*>take(ar, N * C * sizeof(floating), &ok)
         a = <floating*>take(ar, net.H * st.SS * sizeof(floating), &ok)       # weights
         o = <floating*>take(ar, net.H * st.SS * sizeof(floating), &ok)       # content logits
+        w = <floating*>take(ar, mg_tri_scratch(net.T, net.d) * sizeof(floating), &ok)  # kernels' scratch
         node = mg_arena_push(ar, MG_OP_ATTN)
         if not ok or node == NULL:
             return -1
@@ -211,6 +213,7 @@ cdef int record(NetC* net, mg_arena* ar, StepC* st, bint with_loss, floating* ta
         node.aux = a
         node.aux2 = o
         node.ptrs = P
+        node.work = w
         node.layer = <int>l
         node.n = N
         o = rec_linear(ar, &L.wo, y, C, N, &ok)
@@ -274,6 +277,7 @@ cdef void plan(const NetC* net, Py_ssize_t N, Py_ssize_t SS, size_t es,
             if net.head_type[h] != HEAD_CONTENT:
                 total += plan_linear(&L.pat[h], N, es); nodes += 1
         total += mg_arena_round(N * C * es) + 2 * mg_arena_round(net.H * SS * es); nodes += 1
+        total += mg_arena_round(mg_tri_scratch(net.T, net.d) * es)      # attention scratch
         total += plan_linear(&L.wo, N, es); nodes += 1
         total += mg_arena_round(N * C * es); nodes += 1                 # residual add
         total += mg_arena_round(N * C * es) + mg_arena_round(N * es); nodes += 1   # rmsnorm
@@ -327,7 +331,7 @@ cdef void run_forward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexcep
             attention_forward(<floating*>node.out, <floating*>node.aux, <floating*>node.aux2,
                               <floating*>node.a, <floating*>node.b, <floating*>node.c,
                               <floating**>node.ptrs, net.head_type, L.mix, st.off, st.n, st.sq_off,
-                              st.SS, st.n_seq, net.H, net.d, net.T, node.ld_in)
+                              st.SS, st.n_seq, net.H, net.d, net.T, node.ld_in, <floating*>node.work)
         elif node.op == MG_OP_GATE:
             gate_forward(<floating*>node.out, <floating*>node.a, <floating*>node.b, node.n, node.m,
                          node.ld_in, net.act)
@@ -383,7 +387,7 @@ cdef void run_backward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexce
                                <floating*>node.aux2, <floating*>node.a, <floating*>node.b,
                                <floating*>node.c, <floating**>node.ptrs, net.head_type, L.mix,
                                st.off, st.n, st.sq_off, st.SS, st.n_seq, net.H, net.d, net.T,
-                               node.ld_in)
+                               node.ld_in, <floating*>node.work)
         elif node.op == MG_OP_ROPE:
             rope_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.out),
                           st.pos, <floating*>net.cos_t, <floating*>net.sin_t, st.N, net.H, net.d,
@@ -672,6 +676,24 @@ def run(list engines, bint forward, bint with_loss, bint backward):
     return out
 
 
+def attention_simd_path() -> str:
+    """Which attention kernels steps run: "avx2" (AVX2+FMA, chosen at run time) or "portable"
+    (MOLECULE_GPT_NO_AVX2=1, or a CPU without AVX2)."""
+    return "avx2" if mg_tri_use_avx2() else "portable"
+
+
+def _blas_attention(bint on):
+    """Tests and benchmarks: run attention's products through BLAS (the naive twin) instead of
+    the lower-triangle kernels."""
+    global attention_blas
+    attention_blas = on
+
+
+def _force_portable_attention(bint on):
+    """Tests: run the baseline (SSE2) attention kernels even on an AVX2 CPU (off: decide again)."""
+    mg_tri_force_portable(on)
+
+
 # ---------------------------------------------------------------------------------------------
 # Adam over parameter segments
 
@@ -811,6 +833,7 @@ def _attention_forward_memview(floating[:, ::1] q, floating[:, ::1] k, floating[
     SS = int(sq.sum())
     y = np.zeros((N, C), dtype=np.asarray(q).dtype)
     att = np.zeros(2 * H * SS, dtype=y.dtype)  # weights, then content logits
+    work = np.empty(mg_tri_scratch(T, d), dtype=y.dtype)
     cdef floating** Pp = <floating**>calloc(H, sizeof(void*))
     for h in range(H):
         Pp[h] = <floating*>data_ptr(P[h]) if P[h] is not None else NULL
@@ -818,7 +841,8 @@ def _attention_forward_memview(floating[:, ::1] q, floating[:, ::1] k, floating[
     cdef floating[::1] av = att
     attention_forward(&yv[0, 0], &av[0], &av[H * SS], &q[0, 0], &k[0, 0], &v[0, 0], Pp,
                       <int*>data_ptr(typ), <double*>data_ptr(mixa), <int*>data_ptr(off),
-                      <int*>data_ptr(n), <Py_ssize_t*>data_ptr(sq_off), SS, n_seq, H, d, T, C)
+                      <int*>data_ptr(n), <Py_ssize_t*>data_ptr(sq_off), SS, n_seq, H, d, T, C,
+                      <floating*>data_ptr(work))
     free(Pp)
     return y, att
 
@@ -840,6 +864,7 @@ def _attention_backward_memview(floating[:, ::1] dy, floating[::1] att, floating
     dP = [np.zeros((N, T), dt) if P[h] is not None else None for h in range(H)]
     dalpha = np.zeros(H)
     scratch = np.zeros(H * SS + 1, dt)
+    work = np.empty(mg_tri_scratch(T, d), dtype=dt)
     cdef floating** Pp = <floating**>calloc(H, sizeof(void*))
     cdef floating** dPp = <floating**>calloc(H, sizeof(void*))
     for h in range(H):
@@ -852,7 +877,8 @@ def _attention_backward_memview(floating[:, ::1] dy, floating[::1] att, floating
     attention_backward(&dqv[0, 0], &dkv[0, 0], &dvv[0, 0], dPp, <double*>data_ptr(dalpha), &sv[0],
                        &dy[0, 0], &att[0], &att[H * SS], &q[0, 0], &k[0, 0], &v[0, 0], Pp,
                        <int*>data_ptr(typ), <double*>data_ptr(mixa), <int*>data_ptr(off),
-                       <int*>data_ptr(n), <Py_ssize_t*>data_ptr(sq_off), SS, n_seq, H, d, T, C)
+                       <int*>data_ptr(n), <Py_ssize_t*>data_ptr(sq_off), SS, n_seq, H, d, T, C,
+                       <floating*>data_ptr(work))
     free(Pp)
     free(dPp)
     return dq, dk, dv, dP, dalpha

@@ -9,8 +9,10 @@
 # - Matrix products go to BLAS (scipy.linalg.cython_blas): every linear of a packed batch is
 #   one gemm, the matvec backward "dW += G^T X, dX += G W" generalized to N positions.
 # - Reductions (norms, softmax sums, losses) accumulate in double even for float32 buffers.
-# - Attention is plain loops per (sequence, head): its work is a few percent of the linears at
-#   the configs we target, and loops skip the masked upper triangle that a gemm would compute.
+# - Attention runs per (sequence, head) block: its products (at most T x T x d) go to the
+#   lower-triangle kernels of csrc/attention.h, which skip the masked upper blocks a gemm would
+#   compute and BLAS's per-call path (measured at the default config, 96 x 96 x 18: BLAS 8 us
+#   per product, these 2.2-2.7 us). The BLAS path stays as their naive twin (tests compare them).
 
 from libc.math cimport exp, sqrt, sqrtf, log, INFINITY
 from libc.string cimport memset
@@ -56,6 +58,39 @@ cdef inline floating row_dot(const floating* a, const floating* b, Py_ssize_t n)
         return mg_row_dot_f(a, b, n)
     else:
         return mg_row_dot_d(a, b, n)
+
+
+cdef bint attention_blas = False  # tests and benchmarks: products through BLAS (the naive twin)
+
+
+cdef inline void tri_nt(floating* S, Py_ssize_t lds, const floating* A, Py_ssize_t lda, const floating* B,
+                        Py_ssize_t ldb, Py_ssize_t n, Py_ssize_t d, floating alpha,
+                        floating* scratch) noexcept nogil:
+    """S[t, j] = alpha <A_t, B_j> for j <= t (csrc/attention.h)."""
+    if floating is float:
+        mg_tri_nt_f(S, lds, A, lda, B, ldb, n, d, alpha, scratch)
+    else:
+        mg_tri_nt_d(S, lds, A, lda, B, ldb, n, d, alpha, scratch)
+
+
+cdef inline void tri_nn(floating* Y, Py_ssize_t ldy, const floating* P, Py_ssize_t ldp, const floating* B,
+                        Py_ssize_t ldb, Py_ssize_t n, Py_ssize_t d, floating alpha, int accumulate,
+                        floating* scratch) noexcept nogil:
+    """Y_t (+)= alpha sum_{j <= t} P[t, j] B_j (csrc/attention.h)."""
+    if floating is float:
+        mg_tri_nn_f(Y, ldy, P, ldp, B, ldb, n, d, alpha, accumulate, scratch)
+    else:
+        mg_tri_nn_d(Y, ldy, P, ldp, B, ldb, n, d, alpha, accumulate, scratch)
+
+
+cdef inline void tri_tn(floating* Y, Py_ssize_t ldy, const floating* P, Py_ssize_t ldp, const floating* B,
+                        Py_ssize_t ldb, Py_ssize_t n, Py_ssize_t d, floating alpha,
+                        floating* scratch) noexcept nogil:
+    """Y_j += alpha sum_{t >= j} P[t, j] B_t (csrc/attention.h)."""
+    if floating is float:
+        mg_tri_tn_f(Y, ldy, P, ldp, B, ldb, n, d, alpha, scratch)
+    else:
+        mg_tri_tn_d(Y, ldy, P, ldp, B, ldb, n, d, alpha, scratch)
 
 
 cdef enum HeadType:
@@ -240,55 +275,47 @@ cdef void attention_task_forward(floating* y, floating* att, floating* cont, con
                                  const int* head_type, const double* mix, const int* off,
                                  const int* n, const Py_ssize_t* sq_off, Py_ssize_t SS,
                                  Py_ssize_t n_seq, Py_ssize_t H, Py_ssize_t d, Py_ssize_t T,
-                                 Py_ssize_t ldv, Py_ssize_t task) noexcept nogil:
-    cdef Py_ssize_t h = task // n_seq, s = task % n_seq, t, j, o = off[s], ns = n[s], C = H * d
+                                 Py_ssize_t ldv, Py_ssize_t task, floating* work) noexcept nogil:
+    """One (head, sequence) block of attention_forward (work: csrc/attention.h's scratch)."""
+    cdef Py_ssize_t h = task // n_seq, s = task % n_seq, o = off[s], ns = n[s], C = H * d
     cdef int kind = head_type[h]
-    cdef floating fa = <floating>mix[h], mx, total, inv
+    cdef floating fa = <floating>mix[h]
     cdef floating* A = att + h * SS + sq_off[s]
     cdef floating* S = cont + h * SS + sq_off[s]
-    cdef floating* row
     cdef const floating* Prow
     cdef floating scale = <floating>(1.0 / sqrt(<double>d))
+    cdef floating* tri = NULL if attention_blas else work  # NULL: products through BLAS
     if ns <= 0:
         return
     if kind != HEAD_RRPRAM:
-        mm_nt(S, q + o * C + h * d, k + o * C + h * d, <int>ns, <int>ns, <int>d, <int>C, <int>C,
-              <int>ns, scale, 0)
-    for t in range(ns):
-        row = A + t * ns
-        # logits of row t, one loop per head type so each vectorizes
-        if kind == HEAD_CONTENT:
-            for j in range(t + 1):
-                row[j] = S[t * ns + j]
-        elif kind == HEAD_RRPRAM:
-            Prow = P[h] + (o + t) * T
-            for j in range(t + 1):
-                row[j] = Prow[j]
+        if tri != NULL:
+            tri_nt(S, ns, q + o * C + h * d, C, k + o * C + h * d, C, ns, d, scale, tri)
         else:
-            Prow = P[h] + (o + t) * T
-            for j in range(t + 1):
-                row[j] = (1 - fa) * S[t * ns + j] + fa * Prow[j]
-        mx = row_max(row, t + 1)
-        total = row_exp_sum(row, t + 1, mx)
-        inv = 1 / total
-        for j in range(t + 1):
-            row[j] = row[j] * inv
-        for j in range(t + 1, ns):
-            row[j] = 0
-    mm_nn(y + o * C + h * d, A, v + o * ldv + h * d, <int>ns, <int>d, <int>ns, <int>ns, <int>ldv, <int>C, 1, 0)
+            mm_nt(S, q + o * C + h * d, k + o * C + h * d, <int>ns, <int>ns, <int>d, <int>C, <int>C,
+                  <int>ns, scale, 0)
+    Prow = P[h] + o * T if kind != HEAD_CONTENT else NULL
+    if floating is float:  # csrc/attention.h: the rows with AVX2 exponentials when available
+        mg_causal_softmax_f(A, ns, S, Prow, T, fa, kind, work)
+    else:
+        mg_causal_softmax_d(A, ns, S, Prow, T, fa, kind, work)
+    if tri != NULL:
+        tri_nn(y + o * C + h * d, C, A, ns, v + o * ldv + h * d, ldv, ns, d, 1, 0, tri)
+    else:
+        mm_nn(y + o * C + h * d, A, v + o * ldv + h * d, <int>ns, <int>d, <int>ns, <int>ns, <int>ldv, <int>C, 1, 0)
 
 
 cdef void attention_forward(floating* y, floating* att, floating* cont, const floating* q,
                             const floating* k, const floating* v, floating** P, const int* head_type,
                             const double* mix, const int* off, const int* n, const Py_ssize_t* sq_off,
                             Py_ssize_t SS, Py_ssize_t n_seq, Py_ssize_t H, Py_ssize_t d,
-                            Py_ssize_t T, Py_ssize_t ldv) noexcept nogil:
+                            Py_ssize_t T, Py_ssize_t ldv, floating* work) noexcept nogil:
     """q, k, y (N, H*d); v (N, H*d) with row stride ldv; P[h] (N, T) for rrpram/hybrid heads;
-    mix[h] = sigmoid(alpha_h); att, cont (H * SS) cached for backward."""
+    mix[h] = sigmoid(alpha_h); att, cont (H * SS) cached for backward; work holds
+    mg_tri_scratch(T, d) elements."""
     cdef Py_ssize_t task
     for task in range(H * n_seq):
         attention_task_forward(y, att, cont, q, k, v, P, head_type, mix, off, n, sq_off, SS,
-                               n_seq, H, d, T, ldv, task)
+                               n_seq, H, d, T, ldv, task, work)
 
 
 cdef double attention_task_backward(floating* dq, floating* dk, floating* dv, floating** dP,
@@ -298,50 +325,44 @@ cdef double attention_task_backward(floating* dq, floating* dk, floating* dv, fl
                                     const double* mix, const int* off, const int* n,
                                     const Py_ssize_t* sq_off, Py_ssize_t SS, Py_ssize_t n_seq,
                                     Py_ssize_t H, Py_ssize_t d, Py_ssize_t T, Py_ssize_t ldv,
-                                    Py_ssize_t task) noexcept nogil:
-    """One (head, sequence) block of attention_backward; returns its d loss / d alpha_h.
+                                    Py_ssize_t task, floating* work) noexcept nogil:
+    """One (head, sequence) block of attention_backward; returns its d loss / d alpha_h (work:
+    csrc/attention.h's scratch).
     1. dA = dY V^T;  dV += A^T dY
     2. dl = A (dA - rowsum(A dA))                  (softmax backward, per row)
     3. rrpram part dp = dl (rrpram) or a dl (hybrid) into dP_h[t, j]
     4. content part dc = dl (content) or (1 - a) dl (hybrid):
        dQ += dc K / sqrt(d);  dK += dc^T Q / sqrt(d)
     5. d alpha = sum dl (p - c) a (1 - a)   (hybrid)."""
-    cdef Py_ssize_t h = task // n_seq, s = task % n_seq, t, j, o = off[s], ns = n[s], C = H * d
+    cdef Py_ssize_t h = task // n_seq, s = task % n_seq, o = off[s], ns = n[s], C = H * d
     cdef int kind = head_type[h]
     cdef double a = mix[h], dalpha = 0
-    cdef floating fa = <floating>a, dot
+    cdef floating fa = <floating>a
     cdef const floating* A = att + h * SS + sq_off[s]
-    cdef const floating* Arow
-    cdef floating* dArow
     cdef const floating* S = cont + h * SS + sq_off[s]
     cdef floating* dA = scratch + h * SS + sq_off[s]
     cdef floating* dProw
     cdef const floating* Prow
     cdef floating scale = <floating>(1.0 / sqrt(<double>d))
+    cdef floating* tri = NULL if attention_blas else work  # NULL: products through BLAS
     if ns <= 0:
         return 0
-    mm_nt(dA, dy + o * C + h * d, v + o * ldv + h * d, <int>ns, <int>ns, <int>d, <int>C, <int>ldv, <int>ns, 1, 0)
-    mm_tn(dv + o * ldv + h * d, A, dy + o * C + h * d, <int>ns, <int>d, <int>ns, <int>ns, <int>C, <int>ldv, 1, 1)
-    for t in range(ns):
-        Arow = A + t * ns
-        dArow = dA + t * ns
-        dot = row_dot(Arow, dArow, t + 1)
-        for j in range(t + 1):  # softmax backward: dl overwrites dA
-            dArow[j] = Arow[j] * (dArow[j] - dot)
-        if kind != HEAD_CONTENT:
-            Prow = P[h] + (o + t) * T
-            dProw = dP[h] + (o + t) * T
-        if kind == HEAD_RRPRAM:
-            for j in range(t + 1):
-                dProw[j] += dArow[j]
-        elif kind == HEAD_HYBRID:
-            dalpha += row_dot(dArow, Prow, t + 1) - row_dot(dArow, S + t * ns, t + 1)
-            for j in range(t + 1):
-                dProw[j] += fa * dArow[j]
-                dArow[j] = (1 - fa) * dArow[j]
-        for j in range(t + 1, ns):
-            dArow[j] = 0
-    if kind != HEAD_RRPRAM:
+    if tri != NULL:
+        tri_nt(dA, ns, dy + o * C + h * d, C, v + o * ldv + h * d, ldv, ns, d, 1, tri)
+        tri_tn(dv + o * ldv + h * d, ldv, A, ns, dy + o * C + h * d, C, ns, d, 1, tri)
+    else:
+        mm_nt(dA, dy + o * C + h * d, v + o * ldv + h * d, <int>ns, <int>ns, <int>d, <int>C, <int>ldv, <int>ns, 1, 0)
+        mm_tn(dv + o * ldv + h * d, A, dy + o * C + h * d, <int>ns, <int>d, <int>ns, <int>ns, <int>C, <int>ldv, 1, 1)
+    Prow = P[h] + o * T if kind != HEAD_CONTENT else NULL
+    dProw = dP[h] + o * T if kind != HEAD_CONTENT else NULL
+    if floating is float:  # steps 2, 3 and 5's sum (csrc/attention.h)
+        dalpha = mg_causal_softmax_backward_f(dA, A, ns, S, Prow, dProw, T, fa, kind)
+    else:
+        dalpha = mg_causal_softmax_backward_d(dA, A, ns, S, Prow, dProw, T, fa, kind)
+    if kind != HEAD_RRPRAM and tri != NULL:
+        tri_nn(dq + o * C + h * d, C, dA, ns, k + o * C + h * d, C, ns, d, scale, 1, tri)
+        tri_tn(dk + o * C + h * d, C, dA, ns, q + o * C + h * d, C, ns, d, scale, tri)
+    elif kind != HEAD_RRPRAM:
         mm_nn(dq + o * C + h * d, dA, k + o * C + h * d, <int>ns, <int>d, <int>ns, <int>ns, <int>C, <int>C, scale, 1)
         mm_tn(dk + o * C + h * d, dA, q + o * C + h * d, <int>ns, <int>d, <int>ns, <int>ns, <int>C, <int>C, scale, 1)
     return dalpha * a * (1 - a)
@@ -353,14 +374,15 @@ cdef void attention_backward(floating* dq, floating* dk, floating* dv, floating*
                              const floating* v, floating** P, const int* head_type, const double* mix,
                              const int* off, const int* n, const Py_ssize_t* sq_off, Py_ssize_t SS,
                              Py_ssize_t n_seq, Py_ssize_t H, Py_ssize_t d, Py_ssize_t T,
-                             Py_ssize_t ldv) noexcept nogil:
+                             Py_ssize_t ldv, floating* work) noexcept nogil:
     """Gradients of attention_forward into q, k, v (dv with row stride ldv), P and, per hybrid
-    head, dalpha[h] += d loss / d alpha_h. scratch holds H * SS floats."""
+    head, dalpha[h] += d loss / d alpha_h. scratch holds H * SS floats, work
+    mg_tri_scratch(T, d)."""
     cdef Py_ssize_t task
     for task in range(H * n_seq):
         dalpha[task // n_seq] += attention_task_backward(dq, dk, dv, dP, scratch, dy, att, cont, q, k, v, P,
                                                          head_type, mix, off, n, sq_off, SS, n_seq, H, d,
-                                                         T, ldv, task)
+                                                         T, ldv, task, work)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ cdef extern from "molecule.h" nogil:
         void* aux
         void* aux2
         void* ptrs
+        void* work
         const mg_linear* lin
         Py_ssize_t n
         Py_ssize_t m
@@ -86,3 +87,29 @@ cdef extern from "rows.h" nogil:
     double mg_row_exp_sum_d(double* x, Py_ssize_t n, double shift)
     float mg_row_dot_f(const float* a, const float* b, Py_ssize_t n)
     double mg_row_dot_d(const double* a, const double* b, Py_ssize_t n)
+
+
+cdef extern from "attention.h" nogil:
+    size_t mg_tri_scratch(Py_ssize_t n, Py_ssize_t d)
+    void mg_tri_force_portable(int on)
+    int mg_tri_use_avx2()
+    void mg_tri_nt_f(float* S, Py_ssize_t lds, const float* A, Py_ssize_t lda, const float* B, Py_ssize_t ldb,
+                     Py_ssize_t n, Py_ssize_t d, float alpha, float* scratch)
+    void mg_tri_nt_d(double* S, Py_ssize_t lds, const double* A, Py_ssize_t lda, const double* B, Py_ssize_t ldb,
+                     Py_ssize_t n, Py_ssize_t d, double alpha, double* scratch)
+    void mg_tri_nn_f(float* Y, Py_ssize_t ldy, const float* P, Py_ssize_t ldp, const float* B, Py_ssize_t ldb,
+                     Py_ssize_t n, Py_ssize_t d, float alpha, int accumulate, float* scratch)
+    void mg_tri_nn_d(double* Y, Py_ssize_t ldy, const double* P, Py_ssize_t ldp, const double* B, Py_ssize_t ldb,
+                     Py_ssize_t n, Py_ssize_t d, double alpha, int accumulate, double* scratch)
+    void mg_tri_tn_f(float* Y, Py_ssize_t ldy, const float* P, Py_ssize_t ldp, const float* B, Py_ssize_t ldb,
+                     Py_ssize_t n, Py_ssize_t d, float alpha, float* scratch)
+    void mg_tri_tn_d(double* Y, Py_ssize_t ldy, const double* P, Py_ssize_t ldp, const double* B, Py_ssize_t ldb,
+                     Py_ssize_t n, Py_ssize_t d, double alpha, double* scratch)
+    void mg_causal_softmax_f(float* A, Py_ssize_t n, const float* S, const float* P, Py_ssize_t ldp, float a, int kind,
+                             float* buf)
+    void mg_causal_softmax_d(double* A, Py_ssize_t n, const double* S, const double* P, Py_ssize_t ldp, double a,
+                             int kind, double* buf)
+    double mg_causal_softmax_backward_f(float* dA, const float* A, Py_ssize_t n, const float* S, const float* P,
+                                        float* dP, Py_ssize_t ldp, float a, int kind)
+    double mg_causal_softmax_backward_d(double* dA, const double* A, Py_ssize_t n, const double* S, const double* P,
+                                        double* dP, Py_ssize_t ldp, double a, int kind)

@@ -1,0 +1,405 @@
+/* attention.h: the products of causal attention for one (head, sequence) block, lower triangle only.
+ *
+ * Why C: these are products of at most block_size x block_size x head_dim (96 x 96 x 18 at the
+ * default config), where a BLAS call spends as long in its fixed path (argument checks, packing)
+ * as in arithmetic, and computes the masked upper triangle too. Here each product skips the
+ * blocks above the diagonal (about half the work) and runs register-blocked loops written with
+ * GCC vector extensions, compiled twice: for AVX2+FMA (chosen at run time when the CPU has it;
+ * wheels are built without -march=native) and for the baseline x86-64 (SSE2). Not the softmax:
+ * its rows stay in Cython (_kernels.pxi) with the reductions of rows.h.
+ *
+ * Dims: n = positions of the sequence (n <= T), d = head dim; row-major with leading dimensions.
+ *   mg_tri_nt   S[t, j]  = alpha sum_c A[t, c] B[j, c]            for j <= t   (Q K^T, dY V^T)
+ *   mg_tri_nn   Y[t, c] (+)= alpha sum_{j <= t} P[t, j] B[j, c]                 (A V, dL K)
+ *   mg_tri_tn   Y[j, c] += alpha sum_{t >= j} P[t, j] B[t, c]                   (A^T dY, dL^T Q)
+ *   mg_causal_softmax           A = causal softmax of the head's logits, row by row (n, n)
+ *   mg_causal_softmax_backward  dA := dl = A (dA - rowsum(A dA)) and its rrpram/hybrid parts
+ * mg_tri_nt may also write entries above the diagonal of S (up to column n - 1; they hold the
+ * same dot products, nobody reads them). mg_tri_nn and mg_tri_tn read P's entries above the
+ * diagonal inside each 4 x 4 diagonal block, which must be zero (the attention weights and
+ * their softmax gradient are zeroed there). `scratch` holds mg_tri_scratch(n, d) elements of
+ * the buffer's type (padded copies of B, so every vector load is whole; the softmax's row).
+ *
+ * The softmax rows live here too, for the same AVX2 build of their exponentials (float32:
+ * mg_expf, csrc/fastmath.h; float64: libm's exp, as everywhere).
+ *
+ * Numbers: the same products as the reference, summed in a different order (and with FMA on
+ * the AVX2 path): float64 results match the BLAS path to ~1e-15 relative.
+ */
+#ifndef MOLECULE_ATTENTION_H
+#define MOLECULE_ATTENTION_H
+
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#include "fastmath.h"
+
+#define MG_TRI_R 4 /* rows per register block */
+
+/* elements of scratch the mg_tri_* kernels need for n positions of head dim d (both types:
+ * sized for the narrower float lanes) */
+static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
+    size_t np = (size_t)(n + 15) / 16 * 16, dp = (size_t)(d + 15) / 16 * 16;
+    size_t a = (size_t)d * np, b = (size_t)n * dp;
+    return a > b ? a : b;
+}
+
+/* One family of kernels for element type T with W lanes per 32-byte vector VT; ATTR selects the
+ * target. Vector loads and stores go through memcpy (unaligned, and legal for any buffer). */
+#define MG_DEFINE_TRI(T, VT, W, ATTR, NT, NN, TN)                                                 \
+    ATTR static void NT(T *restrict S, ptrdiff_t lds, const T *restrict A, ptrdiff_t lda,        \
+                        const T *restrict B, ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, T alpha,     \
+                        T *restrict scratch) {                                                    \
+        ptrdiff_t np = (n + 2 * W - 1) / (2 * W) * (2 * W);                                       \
+        T *BT = scratch; /* (d, np): B transposed, zero columns past n */                         \
+        for (ptrdiff_t c = 0; c < d; c++) {                                                       \
+            for (ptrdiff_t j = 0; j < n; j++) BT[c * np + j] = B[j * ldb + c];                    \
+            for (ptrdiff_t j = n; j < np; j++) BT[c * np + j] = 0;                                \
+        }                                                                                         \
+        T out[MG_TRI_R][2 * W];                                                                   \
+        for (ptrdiff_t t0 = 0; t0 < n; t0 += MG_TRI_R) {                                          \
+            ptrdiff_t R = n - t0 < MG_TRI_R ? n - t0 : MG_TRI_R;                                  \
+            /* column blocks of 2 W up to the diagonal: 8 independent sums hide FMA latency */    \
+            for (ptrdiff_t jc = 0; jc < t0 + R; jc += 2 * W) {                                    \
+                VT s[MG_TRI_R][2];                                                                \
+                memset(s, 0, sizeof s);                                                           \
+                if (R == MG_TRI_R) {                                                              \
+                    const T *a0 = A + t0 * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;   \
+                    for (ptrdiff_t c = 0; c < d; c++) {                                           \
+                        VT b0, b1;                                                                \
+                        memcpy(&b0, BT + c * np + jc, sizeof b0);                                 \
+                        memcpy(&b1, BT + c * np + jc + W, sizeof b1);                             \
+                        T x0 = a0[c], x1 = a1[c], x2 = a2[c], x3 = a3[c];                         \
+                        s[0][0] += x0 * b0; s[0][1] += x0 * b1;                                   \
+                        s[1][0] += x1 * b0; s[1][1] += x1 * b1;                                   \
+                        s[2][0] += x2 * b0; s[2][1] += x2 * b1;                                   \
+                        s[3][0] += x3 * b0; s[3][1] += x3 * b1;                                   \
+                    }                                                                             \
+                } else {                                                                          \
+                    for (ptrdiff_t r = 0; r < R; r++)                                             \
+                        for (ptrdiff_t c = 0; c < d; c++) {                                       \
+                            VT b0, b1;                                                            \
+                            memcpy(&b0, BT + c * np + jc, sizeof b0);                             \
+                            memcpy(&b1, BT + c * np + jc + W, sizeof b1);                         \
+                            s[r][0] += A[(t0 + r) * lda + c] * b0;                                \
+                            s[r][1] += A[(t0 + r) * lda + c] * b1;                                \
+                        }                                                                         \
+                }                                                                                 \
+                ptrdiff_t m = n - jc < 2 * W ? n - jc : 2 * W;                                    \
+                for (ptrdiff_t r = 0; r < R; r++) {                                               \
+                    VT u0 = s[r][0] * alpha, u1 = s[r][1] * alpha;                                \
+                    T *row = S + (t0 + r) * lds + jc;                                             \
+                    if (m == 2 * W) {                                                             \
+                        memcpy(row, &u0, sizeof u0);                                              \
+                        memcpy(row + W, &u1, sizeof u1);                                          \
+                    } else {                                                                      \
+                        memcpy(out[r], &u0, sizeof u0);                                           \
+                        memcpy(out[r] + W, &u1, sizeof u1);                                       \
+                        for (ptrdiff_t l = 0; l < m; l++) row[l] = out[r][l];                     \
+                    }                                                                             \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
+    ATTR static void NN(T *restrict Y, ptrdiff_t ldy, const T *restrict P, ptrdiff_t ldp,        \
+                        const T *restrict B, ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, T alpha,     \
+                        int accumulate, T *restrict scratch) {                                    \
+        ptrdiff_t dp = (d + W - 1) / W * W;                                                       \
+        T *Bp = scratch; /* (n, dp): B with zero columns past d */                                \
+        for (ptrdiff_t j = 0; j < n; j++) {                                                       \
+            memcpy(Bp + j * dp, B + j * ldb, d * sizeof(T));                                      \
+            for (ptrdiff_t c = d; c < dp; c++) Bp[j * dp + c] = 0;                                \
+        }                                                                                         \
+        T out[MG_TRI_R][3 * W];                                                                   \
+        for (ptrdiff_t t0 = 0; t0 < n; t0 += MG_TRI_R) {                                          \
+            ptrdiff_t R = n - t0 < MG_TRI_R ? n - t0 : MG_TRI_R;                                  \
+            for (ptrdiff_t c0 = 0; c0 < dp; c0 += 3 * W) {                                        \
+                ptrdiff_t nv = (dp - c0) / W < 3 ? (dp - c0) / W : 3;                             \
+                VT acc[MG_TRI_R][3];                                                              \
+                memset(acc, 0, sizeof acc);                                                       \
+                if (R == MG_TRI_R && nv == 3) {                                                   \
+                    const T *p0 = P + t0 * ldp, *p1 = p0 + ldp, *p2 = p1 + ldp, *p3 = p2 + ldp;   \
+                    for (ptrdiff_t j = 0; j < t0 + MG_TRI_R; j++) {                               \
+                        VT b0, b1, b2;                                                            \
+                        const T *bj = Bp + j * dp + c0;                                           \
+                        memcpy(&b0, bj, sizeof b0);                                               \
+                        memcpy(&b1, bj + W, sizeof b1);                                           \
+                        memcpy(&b2, bj + 2 * W, sizeof b2);                                       \
+                        T q0 = p0[j], q1 = p1[j], q2 = p2[j], q3 = p3[j];                         \
+                        acc[0][0] += q0 * b0; acc[0][1] += q0 * b1; acc[0][2] += q0 * b2;         \
+                        acc[1][0] += q1 * b0; acc[1][1] += q1 * b1; acc[1][2] += q1 * b2;         \
+                        acc[2][0] += q2 * b0; acc[2][1] += q2 * b1; acc[2][2] += q2 * b2;         \
+                        acc[3][0] += q3 * b0; acc[3][1] += q3 * b1; acc[3][2] += q3 * b2;         \
+                    }                                                                             \
+                } else if (R == MG_TRI_R) {                                                       \
+                    const T *p0 = P + t0 * ldp, *p1 = p0 + ldp, *p2 = p1 + ldp, *p3 = p2 + ldp;   \
+                    for (ptrdiff_t v = 0; v < nv; v++)                                            \
+                        for (ptrdiff_t j = 0; j < t0 + MG_TRI_R; j++) {                           \
+                            VT b;                                                                 \
+                            memcpy(&b, Bp + j * dp + c0 + v * W, sizeof b);                       \
+                            acc[0][v] += p0[j] * b;                                               \
+                            acc[1][v] += p1[j] * b;                                               \
+                            acc[2][v] += p2[j] * b;                                               \
+                            acc[3][v] += p3[j] * b;                                               \
+                        }                                                                         \
+                } else {                                                                          \
+                    for (ptrdiff_t r = 0; r < R; r++)                                             \
+                        for (ptrdiff_t v = 0; v < nv; v++)                                        \
+                            for (ptrdiff_t j = 0; j <= t0 + r; j++) {                             \
+                                VT b;                                                             \
+                                memcpy(&b, Bp + j * dp + c0 + v * W, sizeof b);                   \
+                                acc[r][v] += P[(t0 + r) * ldp + j] * b;                           \
+                            }                                                                     \
+                }                                                                                 \
+                for (ptrdiff_t r = 0; r < R; r++) {                                               \
+                    for (ptrdiff_t v = 0; v < nv; v++) {                                          \
+                        VT s = acc[r][v] * alpha;                                                 \
+                        memcpy(out[r] + v * W, &s, sizeof s);                                     \
+                    }                                                                             \
+                    T *y = Y + (t0 + r) * ldy + c0;                                               \
+                    ptrdiff_t m = d - c0 < nv * W ? d - c0 : nv * W;                              \
+                    if (accumulate)                                                               \
+                        for (ptrdiff_t c = 0; c < m; c++) y[c] += out[r][c];                      \
+                    else                                                                          \
+                        for (ptrdiff_t c = 0; c < m; c++) y[c] = out[r][c];                       \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
+    ATTR static void TN(T *restrict Y, ptrdiff_t ldy, const T *restrict P, ptrdiff_t ldp,        \
+                        const T *restrict B, ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, T alpha,     \
+                        T *restrict scratch) {                                                    \
+        ptrdiff_t dp = (d + W - 1) / W * W;                                                       \
+        T *Bp = scratch;                                                                          \
+        for (ptrdiff_t t = 0; t < n; t++) {                                                       \
+            memcpy(Bp + t * dp, B + t * ldb, d * sizeof(T));                                      \
+            for (ptrdiff_t c = d; c < dp; c++) Bp[t * dp + c] = 0;                                \
+        }                                                                                         \
+        T out[MG_TRI_R][3 * W];                                                                   \
+        for (ptrdiff_t j0 = 0; j0 < n; j0 += MG_TRI_R) {                                          \
+            ptrdiff_t R = n - j0 < MG_TRI_R ? n - j0 : MG_TRI_R;                                  \
+            for (ptrdiff_t c0 = 0; c0 < dp; c0 += 3 * W) {                                        \
+                ptrdiff_t nv = (dp - c0) / W < 3 ? (dp - c0) / W : 3;                             \
+                VT acc[MG_TRI_R][3];                                                              \
+                memset(acc, 0, sizeof acc);                                                       \
+                if (R == MG_TRI_R && nv == 3) {                                                   \
+                    for (ptrdiff_t t = j0; t < n; t++) {                                          \
+                        VT b0, b1, b2;                                                            \
+                        const T *bt = Bp + t * dp + c0;                                           \
+                        const T *pt = P + t * ldp + j0;                                           \
+                        memcpy(&b0, bt, sizeof b0);                                               \
+                        memcpy(&b1, bt + W, sizeof b1);                                           \
+                        memcpy(&b2, bt + 2 * W, sizeof b2);                                       \
+                        T q0 = pt[0], q1 = pt[1], q2 = pt[2], q3 = pt[3];                         \
+                        acc[0][0] += q0 * b0; acc[0][1] += q0 * b1; acc[0][2] += q0 * b2;         \
+                        acc[1][0] += q1 * b0; acc[1][1] += q1 * b1; acc[1][2] += q1 * b2;         \
+                        acc[2][0] += q2 * b0; acc[2][1] += q2 * b1; acc[2][2] += q2 * b2;         \
+                        acc[3][0] += q3 * b0; acc[3][1] += q3 * b1; acc[3][2] += q3 * b2;         \
+                    }                                                                             \
+                } else if (R == MG_TRI_R) {                                                       \
+                    for (ptrdiff_t v = 0; v < nv; v++)                                            \
+                        for (ptrdiff_t t = j0; t < n; t++) {                                      \
+                            VT b;                                                                 \
+                            const T *pt = P + t * ldp + j0;                                       \
+                            memcpy(&b, Bp + t * dp + c0 + v * W, sizeof b);                       \
+                            acc[0][v] += pt[0] * b;                                               \
+                            acc[1][v] += pt[1] * b;                                               \
+                            acc[2][v] += pt[2] * b;                                               \
+                            acc[3][v] += pt[3] * b;                                               \
+                        }                                                                         \
+                } else {                                                                          \
+                    for (ptrdiff_t r = 0; r < R; r++)                                             \
+                        for (ptrdiff_t v = 0; v < nv; v++)                                        \
+                            for (ptrdiff_t t = j0 + r; t < n; t++) {                              \
+                                VT b;                                                             \
+                                memcpy(&b, Bp + t * dp + c0 + v * W, sizeof b);                   \
+                                acc[r][v] += P[t * ldp + j0 + r] * b;                             \
+                            }                                                                     \
+                }                                                                                 \
+                for (ptrdiff_t r = 0; r < R; r++) {                                               \
+                    for (ptrdiff_t v = 0; v < nv; v++) {                                          \
+                        VT s = acc[r][v] * alpha;                                                 \
+                        memcpy(out[r] + v * W, &s, sizeof s);                                     \
+                    }                                                                             \
+                    T *y = Y + (j0 + r) * ldy + c0;                                               \
+                    ptrdiff_t m = d - c0 < nv * W ? d - c0 : nv * W;                              \
+                    for (ptrdiff_t c = 0; c < m; c++) y[c] += out[r][c];                          \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+/* Head kinds, as _kernels.pxi's HeadType: the logits are the scaled content logits S
+ * (content), the pattern P (rrpram) or (1 - a) S + a P (hybrid). */
+#define MG_HEAD_CONTENT 0
+#define MG_HEAD_RRPRAM 1
+#define MG_HEAD_HYBRID 2
+
+#define MG_DEFINE_SOFTMAX(T, EXP, W, ATTR, FWD, BWD)                                              \
+    /* A (n, n): row t = softmax of its logits over j <= t, zero above the diagonal.             \
+     * S (n, n) scaled content logits; P rows of the pattern with stride ldp. buf holds          \
+     * round_up(n, W) elements: each row is built there padded to whole vectors (the pad as      \
+     * -inf, so exp gives 0 and the max is unchanged), so no loop runs a scalar remainder. */     \
+    ATTR static void FWD(T *restrict A, ptrdiff_t n, const T *restrict S, const T *restrict P,    \
+                         ptrdiff_t ldp, T a, int kind, T *restrict buf) {                         \
+        ptrdiff_t npad = (n + W - 1) / W * W;                                                     \
+        memset(buf, 0, npad * sizeof(T)); /* past each row's pad: zeros, read by the last pass */ \
+        for (ptrdiff_t t = 0; t < n; t++) {                                                       \
+            T *row = A + t * n;                                                                   \
+            const T *srow = S + t * n, *prow = P ? P + t * ldp : NULL;                            \
+            ptrdiff_t m = t + 1, mp = (m + W - 1) / W * W;                                        \
+            if (kind == MG_HEAD_CONTENT)                                                          \
+                for (ptrdiff_t j = 0; j < m; j++) buf[j] = srow[j];                               \
+            else if (kind == MG_HEAD_RRPRAM)                                                      \
+                for (ptrdiff_t j = 0; j < m; j++) buf[j] = prow[j];                               \
+            else                                                                                  \
+                for (ptrdiff_t j = 0; j < m; j++) buf[j] = (1 - a) * srow[j] + a * prow[j];       \
+            for (ptrdiff_t j = m; j < mp; j++) buf[j] = -INFINITY;                                \
+            T mx = buf[0];                                                                        \
+            _Pragma("omp simd reduction(max : mx)")                                               \
+            for (ptrdiff_t j = 0; j < mp; j++) mx = buf[j] > mx ? buf[j] : mx;                    \
+            for (ptrdiff_t j = 0; j < mp; j++) buf[j] = EXP(buf[j] - mx);                         \
+            for (ptrdiff_t j = m; j < mp; j++) buf[j] = 0; /* exact zeros (mg_expf clamps) */     \
+            T total = 0;                                                                          \
+            _Pragma("omp simd reduction(+ : total)")                                              \
+            for (ptrdiff_t j = 0; j < mp; j++) total += buf[j];                                   \
+            T inv = 1 / total;                                                                    \
+            for (ptrdiff_t j = 0; j < n; j++) row[j] = buf[j] * inv;                              \
+        }                                                                                         \
+    }                                                                                             \
+    /* dA (n, n) holds dY V^T on entry and the logit gradient on exit: dl = A (dA -              \
+     * rowsum(A dA)), zero above the diagonal; for rrpram heads dP += dl, for hybrid heads        \
+     * dP += a dl and dA = (1 - a) dl (the content part). Returns sum dl (P - S) over the rows of  \
+     * a hybrid head (d alpha before the sigmoid's derivative), else 0. Each row is processed up  \
+     * to mp = min(round_up(t + 1, W), n) columns: A is zero past the diagonal, so the extra      \
+     * columns add exact zeros, and dA must be finite there (mg_tri_nt computes them). */        \
+    ATTR static double BWD(T *restrict dA, const T *restrict A, ptrdiff_t n, const T *restrict S, \
+                           const T *restrict P, T *restrict dP, ptrdiff_t ldp, T a, int kind) {   \
+        double dalpha = 0;                                                                        \
+        for (ptrdiff_t t = 0; t < n; t++) {                                                       \
+            const T *arow = A + t * n, *srow = S + t * n, *prow = P ? P + t * ldp : NULL;         \
+            T *drow = dA + t * n, *dprow = dP ? dP + t * ldp : NULL;                              \
+            ptrdiff_t mp = (t + W) / W * W;                                                       \
+            mp = mp < n ? mp : n;                                                                 \
+            T dot = 0;                                                                            \
+            _Pragma("omp simd reduction(+ : dot)")                                                \
+            for (ptrdiff_t j = 0; j < mp; j++) dot += arow[j] * drow[j];                          \
+            for (ptrdiff_t j = 0; j < mp; j++) drow[j] = arow[j] * (drow[j] - dot);               \
+            if (kind == MG_HEAD_RRPRAM) {                                                         \
+                for (ptrdiff_t j = 0; j < mp; j++) dprow[j] += drow[j];                           \
+            } else if (kind == MG_HEAD_HYBRID) {                                                  \
+                T dps = 0, dss = 0;                                                               \
+                _Pragma("omp simd reduction(+ : dps, dss)")                                       \
+                for (ptrdiff_t j = 0; j < mp; j++) {                                              \
+                    dps += drow[j] * prow[j];                                                     \
+                    dss += drow[j] * srow[j];                                                     \
+                }                                                                                 \
+                dalpha += (double)dps - (double)dss;                                              \
+                for (ptrdiff_t j = 0; j < mp; j++) {                                              \
+                    dprow[j] += a * drow[j];                                                      \
+                    drow[j] = (1 - a) * drow[j];                                                  \
+                }                                                                                 \
+            }                                                                                     \
+            if (mp < n) memset(drow + mp, 0, (n - mp) * sizeof(T));                               \
+        }                                                                                         \
+        return dalpha;                                                                            \
+    }
+
+MG_DEFINE_SOFTMAX(float, mg_expf, 8, , mg_causal_softmax_f_base, mg_causal_softmax_backward_f_base)
+MG_DEFINE_SOFTMAX(double, exp, 4, , mg_causal_softmax_d_base, mg_causal_softmax_backward_d_base)
+
+typedef float mg_v8f __attribute__((vector_size(32)));
+typedef double mg_v4d __attribute__((vector_size(32)));
+
+MG_DEFINE_TRI(float, mg_v8f, 8, , mg_tri_nt_f_base, mg_tri_nn_f_base, mg_tri_tn_f_base)
+MG_DEFINE_TRI(double, mg_v4d, 4, , mg_tri_nt_d_base, mg_tri_nn_d_base, mg_tri_tn_d_base)
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define MG_TRI_AVX2 1
+MG_DEFINE_TRI(float, mg_v8f, 8, __attribute__((target("avx2,fma"))), mg_tri_nt_f_avx2, mg_tri_nn_f_avx2,
+              mg_tri_tn_f_avx2)
+MG_DEFINE_TRI(double, mg_v4d, 4, __attribute__((target("avx2,fma"))), mg_tri_nt_d_avx2, mg_tri_nn_d_avx2,
+              mg_tri_tn_d_avx2)
+MG_DEFINE_SOFTMAX(float, mg_expf_fl, 8, __attribute__((target("avx2,fma"))), mg_causal_softmax_f_avx2,
+                  mg_causal_softmax_backward_f_avx2)
+MG_DEFINE_SOFTMAX(double, exp, 4, __attribute__((target("avx2,fma"))), mg_causal_softmax_d_avx2,
+                  mg_causal_softmax_backward_d_avx2)
+#endif
+
+/* 1 when the AVX2+FMA kernels run (the CPU has them and MOLECULE_GPT_NO_AVX2 is not set);
+ * decided once per process. mg_tri_force_portable(1) switches to the baseline ones (tests). */
+static int mg_tri_mode = -1;
+
+static inline void mg_tri_force_portable(int on) {
+    mg_tri_mode = on ? 0 : -1;
+}
+
+static inline int mg_tri_use_avx2(void) {
+    if (mg_tri_mode < 0) {
+#ifdef MG_TRI_AVX2
+        const char *off = getenv("MOLECULE_GPT_NO_AVX2");
+        __builtin_cpu_init();
+        mg_tri_mode = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      !(off && *off && *off != '0');
+#else
+        mg_tri_mode = 0;
+#endif
+    }
+    return mg_tri_mode;
+}
+
+#ifdef MG_TRI_AVX2
+#define MG_TRI_DISPATCH(fn, ...) (mg_tri_use_avx2() ? fn##_avx2(__VA_ARGS__) : fn##_base(__VA_ARGS__))
+#else
+#define MG_TRI_DISPATCH(fn, ...) fn##_base(__VA_ARGS__)
+#endif
+
+static inline void mg_tri_nt_f(float *S, ptrdiff_t lds, const float *A, ptrdiff_t lda, const float *B,
+                               ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, float alpha, float *scratch) {
+    MG_TRI_DISPATCH(mg_tri_nt_f, S, lds, A, lda, B, ldb, n, d, alpha, scratch);
+}
+static inline void mg_tri_nt_d(double *S, ptrdiff_t lds, const double *A, ptrdiff_t lda, const double *B,
+                               ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, double alpha, double *scratch) {
+    MG_TRI_DISPATCH(mg_tri_nt_d, S, lds, A, lda, B, ldb, n, d, alpha, scratch);
+}
+static inline void mg_tri_nn_f(float *Y, ptrdiff_t ldy, const float *P, ptrdiff_t ldp, const float *B,
+                               ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, float alpha, int accumulate,
+                               float *scratch) {
+    MG_TRI_DISPATCH(mg_tri_nn_f, Y, ldy, P, ldp, B, ldb, n, d, alpha, accumulate, scratch);
+}
+static inline void mg_tri_nn_d(double *Y, ptrdiff_t ldy, const double *P, ptrdiff_t ldp, const double *B,
+                               ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, double alpha, int accumulate,
+                               double *scratch) {
+    MG_TRI_DISPATCH(mg_tri_nn_d, Y, ldy, P, ldp, B, ldb, n, d, alpha, accumulate, scratch);
+}
+static inline void mg_tri_tn_f(float *Y, ptrdiff_t ldy, const float *P, ptrdiff_t ldp, const float *B,
+                               ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, float alpha, float *scratch) {
+    MG_TRI_DISPATCH(mg_tri_tn_f, Y, ldy, P, ldp, B, ldb, n, d, alpha, scratch);
+}
+static inline void mg_tri_tn_d(double *Y, ptrdiff_t ldy, const double *P, ptrdiff_t ldp, const double *B,
+                               ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, double alpha, double *scratch) {
+    MG_TRI_DISPATCH(mg_tri_tn_d, Y, ldy, P, ldp, B, ldb, n, d, alpha, scratch);
+}
+
+static inline void mg_causal_softmax_f(float *A, ptrdiff_t n, const float *S, const float *P, ptrdiff_t ldp,
+                                       float a, int kind, float *buf) {
+    MG_TRI_DISPATCH(mg_causal_softmax_f, A, n, S, P, ldp, a, kind, buf);
+}
+static inline void mg_causal_softmax_d(double *A, ptrdiff_t n, const double *S, const double *P, ptrdiff_t ldp,
+                                       double a, int kind, double *buf) {
+    MG_TRI_DISPATCH(mg_causal_softmax_d, A, n, S, P, ldp, a, kind, buf);
+}
+static inline double mg_causal_softmax_backward_f(float *dA, const float *A, ptrdiff_t n, const float *S,
+                                                  const float *P, float *dP, ptrdiff_t ldp, float a, int kind) {
+    return MG_TRI_DISPATCH(mg_causal_softmax_backward_f, dA, A, n, S, P, dP, ldp, a, kind);
+}
+static inline double mg_causal_softmax_backward_d(double *dA, const double *A, ptrdiff_t n, const double *S,
+                                                  const double *P, double *dP, ptrdiff_t ldp, double a, int kind) {
+    return MG_TRI_DISPATCH(mg_causal_softmax_backward_d, dA, A, n, S, P, dP, ldp, a, kind);
+}
+
+#endif
