@@ -184,6 +184,28 @@ def test_worker_count_does_not_change_the_math():
             np.testing.assert_allclose(g, results[0][1][name], rtol=1e-11, atol=1e-15)
 
 
+def test_worker_count_does_not_change_training():
+    """train_step on 1, 2 and 3 workers (gradients zeroed by each worker, summed inside Adam):
+    same trajectory, and the groups' gradients hold the batch gradient afterwards."""
+    rng = np.random.default_rng(14)
+    batches = [random_batch(rng, 11, [9, 3, 7, 5, 2]) for _ in range(4)]
+    runs = []
+    for n_threads in (1, 2, 3):
+        model = mg.Model(tiny_config(batch_size=5), 11, dtype="float64", seed=6, n_threads=n_threads)
+        model.add_delta_module()
+        losses = [model.train_step(b, 0.01) for b in batches]
+        _, grads = model.loss_and_grads(batches[-1])
+        model.train_step(batches[-1], 0.0)
+        after = {k: v.copy() for k, v in model.groups["delta0"].grads.items()}
+        runs.append((losses, grads, after, {k: v.copy() for k, v in model.params().items()}))
+    for losses, grads, after, params in runs:
+        np.testing.assert_allclose(losses, runs[0][0], rtol=1e-12)
+        for k, v in params.items():
+            np.testing.assert_allclose(v, runs[0][3][k], rtol=1e-10, atol=1e-14)
+        for k, v in after.items():
+            np.testing.assert_allclose(v, grads["delta0." + k], rtol=1e-11, atol=1e-15)
+
+
 def test_batch_loss_is_mean_of_independent_sequence_losses():
     rng = np.random.default_rng(2)
     model = mg.Model(tiny_config(), 11, dtype="float64", seed=4)

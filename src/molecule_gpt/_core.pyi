@@ -16,6 +16,7 @@ class Engine:
     def bind_embeddings(self, wte: np.ndarray, dwte: np.ndarray | None, wpe: np.ndarray, dwpe: np.ndarray | None,
                         cos_t: np.ndarray, sin_t: np.ndarray) -> None: ...
     def bind_alpha(self, layer: int, head: int, alpha: np.ndarray, dalpha: np.ndarray | None) -> None: ...
+    def bind_zeroed(self, arrays: list[np.ndarray]) -> None: ...  # gradient buffers zeroed before each backward
     def plan(self, N: int, SS: int) -> tuple[int, int]: ...  # (value bytes, tape nodes)
     def allocate(self, value_bytes: int, node_cap: int) -> None: ...
     @property
@@ -37,8 +38,12 @@ class Engine:
 def run(engines: list[Engine], forward: bool, with_loss: bool, backward: bool) -> list[bool]: ...
 def adam_update(params: np.ndarray, grads: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float, beta1: float,
                 beta2: float, eps: float, clip: float, step: int) -> None: ...  # 1-D, one dtype
-def adam_update_groups(groups: list, lr: float, beta1: float, beta2: float, eps: float,
-                       clip: float) -> None: ...  # each: .flat/.grad/.m/.v 1-D arrays, .step int (bumped)
+def adam_update_groups(groups: list, lr: float, beta1: float, beta2: float, eps: float, clip: float,
+                       extra_grads: list[list[np.ndarray]] | None = None, n_threads: int = 1) -> None: ...
+    # each group: .flat/.grad/.m/.v 1-D arrays, .step int (bumped); extra_grads[i] summed into groups[i].grad
+def attention_simd_path() -> str: ...  # "avx2" or "portable": which csrc/attention.h kernels steps run
+def _blas_attention(on: bool) -> None: ...  # tests/benchmarks: attention products through BLAS
+def _force_portable_attention(on: bool) -> None: ...  # tests: the baseline (SSE2) attention kernels
 
 # kernel twins (tests and benchmarks): float32 or float64 C-contiguous arrays
 def _rmsnorm_forward_memview(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...

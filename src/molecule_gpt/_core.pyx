@@ -429,6 +429,10 @@ cdef class Engine:
     cdef bint tape_has_loss
     cdef object keep         # arrays whose memory the pointers reference
     cdef object step_arrays  # arrays backing the current StepC
+    cdef void** zero_ptrs    # parameter-gradient buffers this engine zeroes before its backward
+    cdef size_t* zero_bytes
+    cdef Py_ssize_t n_zero
+    cdef object zero_arrays
 
     def __cinit__(self, int n_layer, int n_embd, int n_head, int block_size, int vocab_size,
                   head_types, str activation, bint is_double, int rank):
@@ -468,6 +472,8 @@ cdef class Engine:
 
     def __dealloc__(self):
         cdef int l
+        free(self.zero_ptrs)
+        free(self.zero_bytes)
         mg_arena_free(&self.ar)
         if self.net.layers != NULL:
             for l in range(self.net.L):
@@ -534,6 +540,25 @@ cdef class Engine:
         L.alpha[head] = data_ptr(alpha)
         L.dalpha[head] = data_ptr(dalpha) if dalpha is not None else NULL
         self.keep[("alpha", layer, head)] = (alpha, dalpha)
+
+    def bind_zeroed(self, arrays):
+        """The parameter-gradient buffers (C-contiguous) this engine's backward accumulates into:
+        each step with backward zeroes them first, on the engine's own thread (so the workers
+        clear their buffers in parallel instead of the caller doing it serially)."""
+        cdef Py_ssize_t i, n = len(arrays)
+        cdef void** ptrs = <void**>calloc(max(n, 1), sizeof(void*))
+        cdef size_t* nbytes = <size_t*>calloc(max(n, 1), sizeof(size_t))
+        if ptrs == NULL or nbytes == NULL:
+            free(ptrs)
+            free(nbytes)
+            raise MemoryError()
+        for i in range(n):
+            ptrs[i] = data_ptr(arrays[i])
+            nbytes[i] = arrays[i].nbytes
+        free(self.zero_ptrs)
+        free(self.zero_bytes)
+        self.zero_ptrs, self.zero_bytes, self.n_zero = ptrs, nbytes, n
+        self.zero_arrays = list(arrays)
 
     @property
     def profile(self):
@@ -603,6 +628,7 @@ cdef class Engine:
     cdef int _step(self, bint forward, bint with_loss, bint backward) noexcept nogil:
         """Record + forward and/or backward; -1 when the arena is too small (nothing ran)."""
         cdef int status = 0
+        cdef Py_ssize_t i
         if forward:
             if self.ar.block == NULL:
                 return -1
@@ -618,6 +644,8 @@ cdef class Engine:
                 mg_arena_reset(&self.ar)
                 return -1
         if backward:
+            for i in range(self.n_zero):
+                memset(self.zero_ptrs[i], 0, self.zero_bytes[i])
             if self.is_double:
                 run_backward(&self.net, &self.ar, &self.st, <double*>NULL)
             else:
@@ -700,37 +728,62 @@ def _force_portable_attention(bint on):
 def adam_update(params, grads, m, v, double lr, double beta1, double beta2, double eps,
                 double clip, Py_ssize_t step):
     """One clipped Adam step on 1-D arrays of one dtype (a parameter group); step counts from 1."""
-    _adam_update(params, grads, m, v, lr, beta1, beta2, eps, clip, step)
+    _adam_update(params, grads, m, v, lr, beta1, beta2, eps, clip, step, (), 1)
 
 
-def adam_update_groups(groups, double lr, double beta1, double beta2, double eps, double clip):
+def adam_update_groups(groups, double lr, double beta1, double beta2, double eps, double clip,
+                       extra_grads=None, int n_threads=1):
     """One clipped Adam step on every group (objects with 1-D arrays flat, grad, m, v and an int
-    step), each with bias correction at step + 1, then step += 1. All or nothing for Ctrl-C: no
-    Python bytecode runs between the first update and the last counter bump, so a
-    KeyboardInterrupt lands before or after the whole update, never inside it (a counter one
-    ahead of its moments would skew every later bias correction)."""
+    step), each with bias correction at step + 1, then step += 1. extra_grads: per group, the
+    other workers' gradients of it, summed into group.grad in the same pass (grad keeps the
+    batch gradient). n_threads splits each large group's elements across threads.
+    All or nothing for Ctrl-C: no Python bytecode runs between the first update and the last
+    counter bump, so a KeyboardInterrupt lands before or after the whole update, never inside
+    it (a counter one ahead of its moments would skew every later bias correction)."""
     cdef list gs = list(groups)
-    cdef Py_ssize_t step
-    for g in gs:
+    cdef Py_ssize_t step, i
+    for i in range(len(gs)):
+        g = gs[i]
         step = g.step + 1
-        _adam_update(g.flat, g.grad, g.m, g.v, lr, beta1, beta2, eps, clip, step)
+        _adam_update(g.flat, g.grad, g.m, g.v, lr, beta1, beta2, eps, clip, step,
+                     extra_grads[i] if extra_grads is not None else (), n_threads)
         g.step = step
 
 
+ADAM_PARALLEL_MIN = 1 << 16  # elements below which a group's update stays on one thread
+
+
 cdef int _adam_update(params, grads, m, v, double lr, double beta1, double beta2, double eps,
-                      double clip, Py_ssize_t step) except -1:
+                      double clip, Py_ssize_t step, extras, int n_threads) except -1:
     cdef double bias1 = 1.0 - beta1 ** step, bias2 = 1.0 - beta2 ** step
-    cdef Py_ssize_t n = params.shape[0]
+    cdef Py_ssize_t n = params.shape[0], c, n_chunks
     cdef void* p = data_ptr(params)
     cdef void* g = data_ptr(grads)
     cdef void* mp = data_ptr(m)
     cdef void* vp = data_ptr(v)
+    cdef void* g2 = NULL
     cdef bint is_double = params.dtype.itemsize == 8
+    if len(extras):
+        for extra in extras[:len(extras) - 1]:  # more than two workers: all but the last, in order
+            grads += extra
+        g2 = data_ptr(extras[len(extras) - 1])
+    n_chunks = max(1, min(n_threads, n // ADAM_PARALLEL_MIN))
     with nogil:
-        if is_double:
-            adam_step(<double*>p, <double*>g, <double*>mp, <double*>vp, n, lr, beta1, beta2, eps, clip, bias1, bias2)
+        if n_chunks == 1:
+            if is_double:
+                adam_step(<double*>p, <double*>g, <double*>g2, <double*>mp, <double*>vp, 0, n, lr, beta1, beta2,
+                          eps, clip, bias1, bias2)
+            else:
+                adam_step(<float*>p, <float*>g, <float*>g2, <float*>mp, <float*>vp, 0, n, lr, beta1, beta2,
+                          eps, clip, bias1, bias2)
         else:
-            adam_step(<float*>p, <float*>g, <float*>mp, <float*>vp, n, lr, beta1, beta2, eps, clip, bias1, bias2)
+            for c in prange(n_chunks, num_threads=n_chunks, schedule='static'):
+                if is_double:
+                    adam_step(<double*>p, <double*>g, <double*>g2, <double*>mp, <double*>vp, c * n // n_chunks,
+                              (c + 1) * n // n_chunks, lr, beta1, beta2, eps, clip, bias1, bias2)
+                else:
+                    adam_step(<float*>p, <float*>g, <float*>g2, <float*>mp, <float*>vp, c * n // n_chunks,
+                              (c + 1) * n // n_chunks, lr, beta1, beta2, eps, clip, bias1, bias2)
     return 0
 
 

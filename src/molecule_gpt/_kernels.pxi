@@ -518,24 +518,37 @@ cdef void add_backward(floating* da, floating* db, const floating* dout, Py_ssiz
 # ---------------------------------------------------------------------------------------------
 # Adam with element-wise clipping
 
-cdef void adam_step(floating* p, const floating* g, floating* m, floating* v, Py_ssize_t n,
-                    double lr, double beta1, double beta2, double eps, double clip,
-                    double bias1, double bias2) noexcept nogil:
-    """g' = clip(g, +-clip); m = b1 m + (1-b1) g'; v = b2 v + (1-b2) g'^2;
+cdef void adam_step(floating* p, floating* g, const floating* g2, floating* m, floating* v,
+                    Py_ssize_t lo, Py_ssize_t hi, double lr, double beta1, double beta2, double eps,
+                    double clip, double bias1, double bias2) noexcept nogil:
+    """Elements lo..hi: g += g2 (when g2 is not NULL: another worker's gradient);
+    g' = clip(g, +-clip); m = b1 m + (1-b1) g'; v = b2 v + (1-b2) g'^2;
     p -= lr (m / bias1) / (sqrt(v / bias2) + eps),  bias_i = 1 - beta_i^t.
     Written in the buffer's precision with the bias terms folded into two constants, so the loop
     vectorizes: p -= step m / (sqrt(v) c2 + eps), step = lr / bias1, c2 = 1 / sqrt(bias2)."""
     cdef Py_ssize_t i
     cdef floating gi, mi, vi
-    cdef floating b1 = <floating>beta1, b2 = <floating>beta2, hi = <floating>clip, lo = <floating>(-clip)
+    cdef floating b1 = <floating>beta1, b2 = <floating>beta2, hi_c = <floating>clip, lo_c = <floating>(-clip)
     cdef floating one_b1 = <floating>(1 - beta1), one_b2 = <floating>(1 - beta2)
     cdef floating step = <floating>(lr / bias1), c2 = <floating>(1.0 / sqrt(bias2)), e = <floating>eps
-    for i in range(n):
-        gi = g[i]
-        gi = hi if gi > hi else gi
-        gi = lo if gi < lo else gi
-        mi = b1 * m[i] + one_b1 * gi
-        vi = b2 * v[i] + one_b2 * gi * gi
-        m[i] = mi
-        v[i] = vi
-        p[i] = p[i] - step * mi / (fsqrt(vi) * c2 + e)
+    if g2 != NULL:
+        for i in range(lo, hi):
+            gi = g[i] + g2[i]
+            g[i] = gi
+            gi = hi_c if gi > hi_c else gi
+            gi = lo_c if gi < lo_c else gi
+            mi = b1 * m[i] + one_b1 * gi
+            vi = b2 * v[i] + one_b2 * gi * gi
+            m[i] = mi
+            v[i] = vi
+            p[i] = p[i] - step * mi / (fsqrt(vi) * c2 + e)
+    else:
+        for i in range(lo, hi):
+            gi = g[i]
+            gi = hi_c if gi > hi_c else gi
+            gi = lo_c if gi < lo_c else gi
+            mi = b1 * m[i] + one_b1 * gi
+            vi = b2 * v[i] + one_b2 * gi * gi
+            m[i] = mi
+            v[i] = vi
+            p[i] = p[i] - step * mi / (fsqrt(vi) * c2 + e)

@@ -135,6 +135,7 @@ class Model:
         self.groups: dict[str, ParamGroup] = {}
         self._lock = threading.RLock()
         self._engines = []
+        self._last_workers = 1  # workers the last step ran on
         self._arenas_ready = False
         self._rebind_pending, self._rebuild_engines = False, False
         self._folded_modules, self._fold_delta, self._fold_weight, self._fold_views = [], {}, {}, {}
@@ -324,6 +325,10 @@ class Model:
         for w, engine in enumerate(self._engines):
             flats = {name: (g.grad if w == 0 else self._worker_grads[w][name]) for name, g in self.groups.items()}
             self._bind(engine, flats)
+            # each worker zeroes the gradients it accumulates into at the start of its backward, in
+            # parallel; only trainable groups (a frozen group's buffer is never written: a frozen
+            # base is bound without dW, frozen modules are folded into the weights)
+            engine.bind_zeroed([flats[name] for name in self.groups if self.trainable[name]])
         if reallocate or any(e.capacity != e.plan(*self._max_step()) for e in self._engines):
             self._allocate_arenas()  # lazily: the memory is taken at the first step
 
@@ -633,10 +638,12 @@ class Model:
         sq_off[1:] = np.cumsum(sq[:-1])
         return ids, pos, targets, weights, off, n, sq_off, int(sq.sum())
 
-    def _run(self, seqs: list[np.ndarray], total_sequences: int, backward: bool):
+    def _run(self, seqs: list[np.ndarray], total_sequences: int, backward: bool, sum_grads: bool = True):
         """Forward (with loss) and optionally backward of `seqs` on the workers. Returns one
         (sequence indices, packed batch, per-position losses) per worker used. With backward,
-        the groups' gradients hold the batch gradient afterwards."""
+        the groups' gradients hold the batch gradient afterwards (sum_grads=False: worker 0's
+        part only, the others' in self._worker_grads[1:self._last_workers], for the caller to
+        sum, as train_step's Adam does in its own pass)."""
         self._ensure_ready()
         self._refresh_folds()
         n_workers = min(len(self._engines), len(seqs))
@@ -652,24 +659,20 @@ class Model:
             losses = np.zeros(len(packed[0]))
             engine.set_batch(*packed, losses)
             parts.append((idx, packed, losses))
-        # only trainable groups: the engines write no gradient into a frozen one (a frozen base
-        # is bound without dW, frozen modules are folded into the weights), so its buffer stays
-        # zero (set_trainable clears it on freezing) and zeroing or summing it is wasted time
-        trained = [name for name in self.groups if self.trainable[name]]
-        if backward:
-            for name in trained:
-                self.groups[name].grad.fill(0.0)
-                for w in range(1, n_workers):
-                    self._worker_grads[w][name].fill(0.0)
+        # the engines zero their gradient buffers themselves (bind_zeroed) before backward
         with _serial_blas:
             ok = _core.run(self._engines[:n_workers], True, True, backward)
         if not all(ok):  # the plan check above makes this unreachable; the C check is the guarantee
             w = ok.index(False)
             self._raise_overflow(len(seqs), len(parts[w][1][0]), w, parts[w][1])
-        if backward:
+        self._last_workers = n_workers
+        if backward and sum_grads:
+            # only trainable groups: a frozen one is never written (see _bind_all), so its buffer
+            # stays zero (set_trainable clears it on freezing)
             for w in range(1, n_workers):
-                for name in trained:
-                    self.groups[name].grad += self._worker_grads[w][name]
+                for name in self.groups:
+                    if self.trainable[name]:
+                        self.groups[name].grad += self._worker_grads[w][name]
         return parts
 
     def _raise_overflow(self, n_seq: int, N: int, worker: int, packed):
@@ -707,10 +710,10 @@ class Model:
                         out[start + i] = float(losses[o:o + k].mean())
             return out
 
-    def _loss_and_backward(self, batch_ids) -> float:
+    def _loss_and_backward(self, batch_ids, sum_grads: bool = True) -> float:
         self._sync_config()
         seqs = self._validate(batch_ids)
-        parts = self._run(seqs, len(seqs), backward=True)
+        parts = self._run(seqs, len(seqs), backward=True, sum_grads=sum_grads)
         return float(sum(np.dot(losses, packed[3]) for _, packed, losses in parts))
 
     def loss_and_grads(self, batch_ids: Sequence[Sequence[int]]) -> tuple[float, dict[str, np.ndarray]]:
@@ -733,11 +736,15 @@ class Model:
             raise ValueError(f"lr must be a finite non-negative number, got {lr!r}")
         c = self.config
         with self._lock:
-            loss = self._loss_and_backward(batch_ids)
-            # one call updates every trainable group and bumps its step counter after its update
-            # (bias correction uses the new count): a Ctrl-C lands before or after all of it
+            loss = self._loss_and_backward(batch_ids, sum_grads=False)
+            # one call sums the workers' gradients into each trainable group's (in the same pass
+            # over memory as Adam, on n_threads threads), updates it and bumps its step counter
+            # after its update (bias correction uses the new count): a Ctrl-C lands before or
+            # after all of it
             trained = [group for group in self.groups.values() if self.trainable[group.name]]
-            _core.adam_update_groups(trained, float(lr), c.beta1, c.beta2, c.eps_adam, c.grad_clip)
+            extras = [[self._worker_grads[w][group.name] for w in range(1, self._last_workers)] for group in trained]
+            _core.adam_update_groups(trained, float(lr), c.beta1, c.beta2, c.eps_adam, c.grad_clip,
+                                     extras, self._n_threads)
             return loss
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
