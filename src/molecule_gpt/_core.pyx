@@ -200,7 +200,7 @@ cdef int record(NetC* net, mg_arena* ar, StepC* st, bint with_loss, floating* ta
         y = <floating*>take(ar, N * C * sizeof(floating), &ok)
         a = <floating*>take(ar, net.H * st.SS * sizeof(floating), &ok)       # weights
         o = <floating*>take(ar, net.H * st.SS * sizeof(floating), &ok)       # content logits
-        w = <floating*>take(ar, mg_tri_scratch(net.T, net.d) * sizeof(floating), &ok)  # kernels' scratch
+        w = <floating*>take(ar, attention_work(net.T, net.d) * sizeof(floating), &ok)  # kernels' scratch
         node = mg_arena_push(ar, MG_OP_ATTN)
         if not ok or node == NULL:
             return -1
@@ -277,7 +277,7 @@ cdef void plan(const NetC* net, Py_ssize_t N, Py_ssize_t SS, size_t es,
             if net.head_type[h] != HEAD_CONTENT:
                 total += plan_linear(&L.pat[h], N, es); nodes += 1
         total += mg_arena_round(N * C * es) + 2 * mg_arena_round(net.H * SS * es); nodes += 1
-        total += mg_arena_round(mg_tri_scratch(net.T, net.d) * es)      # attention scratch
+        total += mg_arena_round(attention_work(net.T, net.d) * es)      # attention scratch
         total += plan_linear(&L.wo, N, es); nodes += 1
         total += mg_arena_round(N * C * es); nodes += 1                 # residual add
         total += mg_arena_round(N * C * es) + mg_arena_round(N * es); nodes += 1   # rmsnorm
@@ -886,7 +886,7 @@ def _attention_forward_memview(floating[:, ::1] q, floating[:, ::1] k, floating[
     SS = int(sq.sum())
     y = np.zeros((N, C), dtype=np.asarray(q).dtype)
     att = np.zeros(2 * H * SS, dtype=y.dtype)  # weights, then content logits
-    work = np.empty(mg_tri_scratch(T, d), dtype=y.dtype)
+    work = np.empty(attention_work(T, d), dtype=y.dtype)
     cdef floating** Pp = <floating**>calloc(H, sizeof(void*))
     for h in range(H):
         Pp[h] = <floating*>data_ptr(P[h]) if P[h] is not None else NULL
@@ -917,7 +917,7 @@ def _attention_backward_memview(floating[:, ::1] dy, floating[::1] att, floating
     dP = [np.zeros((N, T), dt) if P[h] is not None else None for h in range(H)]
     dalpha = np.zeros(H)
     scratch = np.zeros(H * SS + 1, dt)
-    work = np.empty(mg_tri_scratch(T, d), dtype=dt)
+    work = np.empty(attention_work(T, d), dtype=dt)
     cdef floating** Pp = <floating**>calloc(H, sizeof(void*))
     cdef floating** dPp = <floating**>calloc(H, sizeof(void*))
     for h in range(H):

@@ -63,6 +63,12 @@ cdef inline floating row_dot(const floating* a, const floating* b, Py_ssize_t n)
 cdef bint attention_blas = False  # tests and benchmarks: products through BLAS (the naive twin)
 
 
+cdef inline size_t attention_work(Py_ssize_t T, Py_ssize_t d) noexcept nogil:
+    """Elements of an attention node's work buffer: the csrc/attention.h kernels' scratch, then one
+    (T, T) block (a content head's logits in forward, the weights' gradient in backward)."""
+    return mg_tri_scratch(T, d) + <size_t>T * T
+
+
 cdef inline void tri_nt(floating* S, Py_ssize_t lds, const floating* A, Py_ssize_t lda, const floating* B,
                         Py_ssize_t ldb, Py_ssize_t n, Py_ssize_t d, floating alpha,
                         floating* scratch) noexcept nogil:
@@ -281,7 +287,9 @@ cdef void attention_task_forward(floating* y, floating* att, floating* cont, con
     cdef int kind = head_type[h]
     cdef floating fa = <floating>mix[h]
     cdef floating* A = att + h * SS + sq_off[s]
-    cdef floating* S = cont + h * SS + sq_off[s]
+    # content logits: kept in `cont` only where backward reads them (hybrid heads' d alpha);
+    # a content head's go to the task's reused, cache-hot block of work
+    cdef floating* S = cont + h * SS + sq_off[s] if kind == HEAD_HYBRID else work + mg_tri_scratch(T, d)
     cdef const floating* Prow
     cdef floating scale = <floating>(1.0 / sqrt(<double>d))
     cdef floating* tri = NULL if attention_blas else work  # NULL: products through BLAS
@@ -310,8 +318,8 @@ cdef void attention_forward(floating* y, floating* att, floating* cont, const fl
                             Py_ssize_t SS, Py_ssize_t n_seq, Py_ssize_t H, Py_ssize_t d,
                             Py_ssize_t T, Py_ssize_t ldv, floating* work) noexcept nogil:
     """q, k, y (N, H*d); v (N, H*d) with row stride ldv; P[h] (N, T) for rrpram/hybrid heads;
-    mix[h] = sigmoid(alpha_h); att, cont (H * SS) cached for backward; work holds
-    mg_tri_scratch(T, d) elements."""
+    mix[h] = sigmoid(alpha_h); att, cont (H * SS) cached for backward (cont: hybrid heads'
+    blocks only); work holds attention_work(T, d) elements."""
     cdef Py_ssize_t task
     for task in range(H * n_seq):
         attention_task_forward(y, att, cont, q, k, v, P, head_type, mix, off, n, sq_off, SS,
@@ -339,8 +347,8 @@ cdef double attention_task_backward(floating* dq, floating* dk, floating* dv, fl
     cdef double a = mix[h], dalpha = 0
     cdef floating fa = <floating>a
     cdef const floating* A = att + h * SS + sq_off[s]
-    cdef const floating* S = cont + h * SS + sq_off[s]
-    cdef floating* dA = scratch + h * SS + sq_off[s]
+    cdef const floating* S = cont + h * SS + sq_off[s]  # read for hybrid heads only
+    cdef floating* dA = work + mg_tri_scratch(T, d)     # (ns, ns), reused by every task: cache-hot
     cdef floating* dProw
     cdef const floating* Prow
     cdef floating scale = <floating>(1.0 / sqrt(<double>d))
@@ -376,8 +384,8 @@ cdef void attention_backward(floating* dq, floating* dk, floating* dv, floating*
                              Py_ssize_t n_seq, Py_ssize_t H, Py_ssize_t d, Py_ssize_t T,
                              Py_ssize_t ldv, floating* work) noexcept nogil:
     """Gradients of attention_forward into q, k, v (dv with row stride ldv), P and, per hybrid
-    head, dalpha[h] += d loss / d alpha_h. scratch holds H * SS floats, work
-    mg_tri_scratch(T, d)."""
+    head, dalpha[h] += d loss / d alpha_h. work holds attention_work(T, d) elements (scratch
+    is unused: the weights' gradient block of each task lives in work)."""
     cdef Py_ssize_t task
     for task in range(H * n_seq):
         dalpha[task // n_seq] += attention_task_backward(dq, dk, dv, dP, scratch, dy, att, cont, q, k, v, P,
