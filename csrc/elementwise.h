@@ -6,6 +6,7 @@
  *
  *   gate forward : out = act(g) * u
  *   gate backward: dg += dout * u * act'(g);  du += dout * act(g)      act = relu
+ *   (the _set variant writes dg, du: the tape marks when they have no other contribution)
  * (silu stays in Cython: it is dominated by exp, not by aliasing.)
  */
 #ifndef MOLECULE_ELEMENTWISE_H
@@ -29,6 +30,18 @@
             T pass = dout[i] * on;                                                                \
             dg[i] += pass * u[i];                                                                 \
             du[i] += pass * g[i];                                                                 \
+        }                                                                                         \
+    }                                                                                             \
+    /* the same, writing dg and du (their only contribution: no zeroing before) */                \
+    static inline void mg_relu_gate_backward_set_##SUFFIX(T *restrict dg, T *restrict du,        \
+                                                          const T *restrict dout,                 \
+                                                          const T *restrict g,                    \
+                                                          const T *restrict u, ptrdiff_t n) {     \
+        for (ptrdiff_t i = 0; i < n; i++) {                                                       \
+            T on = (T)(g[i] > (T)0);                                                              \
+            T pass = dout[i] * on;                                                                \
+            dg[i] = pass * u[i];                                                                  \
+            du[i] = pass * g[i];                                                                  \
         }                                                                                         \
     }
 

@@ -33,6 +33,14 @@ enum {
     MG_OP_XENT
 };
 
+/* Node flags: where a node's output has one consumer that writes its whole gradient, backward
+ * skips zeroing that gradient and the consumer writes (=) instead of adding (+=). */
+enum {
+    MG_GRAD_SET_A = 1,    /* backward writes (not adds) the gradient of input a */
+    MG_GRAD_SET_B = 2,    /* ... of input b */
+    MG_OUT_GRAD_SET = 4   /* the output's gradient is written whole by its one consumer: not zeroed */
+};
+
 /* A weight matrix W (nout, nin) with its low-rank adapters:
  *   y[:, off_k : off_k + rows_k] += alpha_k A_k (B_k x)
  * A fused linear (q, k and v; or the MLP's gate and value) stacks its parts' weights in one W,
@@ -54,6 +62,7 @@ typedef struct {
 typedef struct {
     int op;
     int layer;
+    int flags;            /* MG_GRAD_SET_A | MG_GRAD_SET_B | MG_OUT_GRAD_SET */
     void *a, *b, *c;      /* inputs */
     void *out;            /* output value */
     size_t out_bytes;     /* its size: backward zeroes only output gradients */

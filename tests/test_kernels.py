@@ -243,6 +243,8 @@ def test_gate_forward_and_gradients(rng, act):
 
     assert_grad(dg, loss, g, f"{act} dg")
     assert_grad(du, loss, u, f"{act} du")
+    set_dg, set_du = _core._gate_backward_memview(R, g, u, act, True)  # writing form, over NaN
+    assert np.array_equal(set_dg, dg) and np.array_equal(set_du, du)
 
 
 def test_cross_entropy_forward_and_gradient(rng):

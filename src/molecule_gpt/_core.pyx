@@ -145,12 +145,25 @@ cdef floating* rec_rope(mg_arena* ar, floating* x, Py_ssize_t ldx, Py_ssize_t N,
     return y
 
 
+cdef inline mg_node* last(mg_arena* ar) noexcept nogil:
+    """The node pushed last."""
+    return &ar.nodes[ar.n_nodes - 1]
+
+
+cdef inline void sole_consumer(mg_node* producer, mg_node* consumer, int flag) noexcept nogil:
+    """consumer is the only reader of producer's output and writes its whole gradient (= for the
+    input named by flag), so backward skips zeroing that gradient."""
+    producer.flags |= MG_OUT_GRAD_SET
+    consumer.flags |= flag
+
+
 cdef int record(NetC* net, mg_arena* ar, StepC* st, bint with_loss, floating* tag) noexcept nogil:
     """Build the tape of one forward pass; 0 on success, -1 when the arena is too small."""
     cdef bint ok = True
     cdef Py_ssize_t N = st.N, C = net.C, F = net.F, l, h
     cdef LayerC* L
     cdef mg_node* node
+    cdef mg_node* prod
     cdef floating* x
     cdef floating* hn
     cdef floating* qkv
@@ -216,19 +229,30 @@ cdef int record(NetC* net, mg_arena* ar, StepC* st, bint with_loss, floating* ta
         node.work = w
         node.layer = <int>l
         node.n = N
+        # Single-consumer outputs: the consumer writes their whole gradient, so backward skips
+        # zeroing it (MG_OUT_GRAD_SET): y -> wo, wo -> add (as b), hn -> fc_gv, fc_gv -> gate,
+        # gate -> fc2, fc2 -> add (as b), the final hn -> lm_head, logits -> cross-entropy.
+        prod = node
         o = rec_linear(ar, &L.wo, y, C, N, &ok)
         if not ok: return -1
+        sole_consumer(prod, last(ar), MG_GRAD_SET_A)
+        prod = last(ar)
         x = rec_elementwise(ar, MG_OP_ADD, x, o, N * C, &ok)
         if not ok: return -1
+        sole_consumer(prod, last(ar), MG_GRAD_SET_B)
         # MLP block
         hn = rec_rmsnorm(ar, x, N, C, &ok)
         if not ok: return -1
+        prod = last(ar)
         g = rec_linear(ar, &L.fc_gv, hn, C, N, &ok)           # (N, 2F): gate | value
         if not ok: return -1
+        sole_consumer(prod, last(ar), MG_GRAD_SET_A)
+        prod = last(ar)
         a = <floating*>take(ar, N * F * sizeof(floating), &ok)
         node = mg_arena_push(ar, MG_OP_GATE)
         if not ok or node == NULL:
             return -1
+        sole_consumer(prod, node, MG_GRAD_SET_A)   # the gate writes dg and du: both halves
         node.a = g
         node.b = g + F
         node.ld_in = 2 * F
@@ -236,19 +260,27 @@ cdef int record(NetC* net, mg_arena* ar, StepC* st, bint with_loss, floating* ta
         node.out_bytes = N * F * sizeof(floating)
         node.n = N
         node.m = F
+        prod = node
         o = rec_linear(ar, &L.fc2, a, F, N, &ok)
         if not ok: return -1
+        sole_consumer(prod, last(ar), MG_GRAD_SET_A)
+        prod = last(ar)
         x = rec_elementwise(ar, MG_OP_ADD, x, o, N * C, &ok)
         if not ok: return -1
+        sole_consumer(prod, last(ar), MG_GRAD_SET_B)
 
     hn = rec_rmsnorm(ar, x, N, C, &ok)
     if not ok: return -1
+    prod = last(ar)
     st.logits = rec_linear(ar, &net.lm_head, hn, C, N, &ok)
     if not ok: return -1
+    sole_consumer(prod, last(ar), MG_GRAD_SET_A)
     if with_loss:
+        prod = last(ar)
         node = mg_arena_push(ar, MG_OP_XENT)
         if node == NULL:
             return -1
+        sole_consumer(prod, node, MG_GRAD_SET_A)
         node.a = st.logits
         node.n = N
         node.m = net.V
@@ -352,7 +384,7 @@ cdef void run_backward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexce
     # weights, U, rstd) have gradient slots too, used as scratch that kernels overwrite.
     for i in range(<Py_ssize_t>ar.n_nodes):
         node = &ar.nodes[i]
-        if node.out_bytes:
+        if node.out_bytes and not (node.flags & MG_OUT_GRAD_SET):
             memset(mg_grad_of(ar, node.out), 0, node.out_bytes)
     if net.profile:
         net.op_seconds[16] += now() - t0   # slot 0 of backward: zeroing the gradient arena
@@ -365,18 +397,20 @@ cdef void run_backward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexce
             t0 = now()
         if node.op == MG_OP_XENT:
             xent_backward(<floating*>mg_grad_of(ar, node.a), <floating*>node.a, st.targets,
-                          st.weights, node.n, node.m)
+                          st.weights, node.n, node.m, node.flags & MG_GRAD_SET_A)
         elif node.op == MG_OP_ADD:
             add_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.b),
-                         <floating*>mg_grad_of(ar, node.out), node.n)
+                         <floating*>mg_grad_of(ar, node.out), node.n, node.flags & MG_GRAD_SET_B)
         elif node.op == MG_OP_GATE:
             gate_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.b),
                           <floating*>mg_grad_of(ar, node.out), <floating*>node.a, <floating*>node.b,
-                          node.n, node.m, node.ld_in, net.act)
+                          node.n, node.m, node.ld_in, net.act,
+                          node.flags & MG_GRAD_SET_A)
         elif node.op == MG_OP_LINEAR:
             linear_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.aux),
                             <floating*>mg_grad_of(ar, node.out), <floating*>node.a,
-                            <floating*>node.aux, node.lin, node.n, node.ld_in, node.ld_out)
+                            <floating*>node.aux, node.lin, node.n, node.ld_in, node.ld_out,
+                            node.flags & MG_GRAD_SET_A)
         elif node.op == MG_OP_ATTN:
             L = &net.layers[node.layer]
             attention_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.b),
@@ -868,7 +902,7 @@ def _linear_backward_memview(floating[:, ::1] g, floating[:, ::1] x, W, As, Bs, 
     cdef floating[:, ::1] dxv = dx
     cdef floating[:, :, ::1] dUv = dU
     linear_backward(&dxv[0, 0], &dUv[0, 0, 0], &g[0, 0], &x[0, 0], &U[0, 0, 0], &lin,
-                    x.shape[0], x.shape[1], g.shape[1])
+                    x.shape[0], x.shape[1], g.shape[1], False)
     return dx, dW, dAs, dBs
 
 
@@ -944,13 +978,14 @@ def _gate_forward_memview(floating[::1] g, floating[::1] u, str act):
     return out
 
 
-def _gate_backward_memview(floating[::1] dout, floating[::1] g, floating[::1] u, str act):
-    dg = np.zeros_like(np.asarray(g))
-    du = np.zeros_like(np.asarray(u))
+def _gate_backward_memview(floating[::1] dout, floating[::1] g, floating[::1] u, str act, bint set_grads=False):
+    """(dg, du); set_grads: the kernel's writing form, run on buffers full of NaN."""
+    dg = np.full_like(np.asarray(g), np.nan) if set_grads else np.zeros_like(np.asarray(g))
+    du = np.full_like(np.asarray(u), np.nan) if set_grads else np.zeros_like(np.asarray(u))
     cdef floating[::1] dgv = dg
     cdef floating[::1] duv = du
     gate_backward(&dgv[0], &duv[0], &dout[0], &g[0], &u[0], 1, g.shape[0], g.shape[0],
-                  ACT_RELU if act == "relu" else ACT_SILU)
+                  ACT_RELU if act == "relu" else ACT_SILU, set_grads)
     return dg, du
 
 
@@ -967,7 +1002,7 @@ def _xent_forward_memview(floating[:, ::1] logits, int[::1] targets):
 def _xent_backward_memview(floating[:, ::1] probs, int[::1] targets, double[::1] weights):
     dlogits = np.zeros_like(np.asarray(probs))
     cdef floating[:, ::1] dv = dlogits
-    xent_backward(&dv[0, 0], &probs[0, 0], &targets[0], &weights[0], probs.shape[0], probs.shape[1])
+    xent_backward(&dv[0, 0], &probs[0, 0], &targets[0], &weights[0], probs.shape[0], probs.shape[1], False)
     return dlogits
 
 

@@ -168,10 +168,10 @@ cdef void linear_forward(floating* Y, floating* U, const floating* X, const mg_l
 
 cdef void linear_backward(floating* dX, floating* dU, const floating* G, const floating* X,
                           const floating* U, const mg_linear* lin,
-                          Py_ssize_t N, Py_ssize_t ldx, Py_ssize_t ldg) noexcept nogil:
+                          Py_ssize_t N, Py_ssize_t ldx, Py_ssize_t ldg, bint set_dx) noexcept nogil:
     """dX += G W + sum_k dU_k B_k;  dW += G^T X;  dA_k += alpha_k G_k^T U_k;  dB_k += dU_k^T X,
     with G_k = G[:, off_k:off_k+rows_k] and dU_k = alpha_k G_k A_k (scratch, (n_ad, N, r)).
-    dX may be NULL (input needs no gradient)."""
+    dX may be NULL (input needs no gradient); set_dx: dX = ... (its only contribution)."""
     cdef int k, r = lin.rank
     cdef floating alpha
     cdef floating* dUk
@@ -179,7 +179,8 @@ cdef void linear_backward(floating* dX, floating* dU, const floating* G, const f
     if lin.dW != NULL:
         mm_tn(<floating*>lin.dW, G, X, lin.nout, lin.nin, <int>N, <int>ldg, <int>ldx, lin.nin, 1, 1)
     if dX != NULL:
-        mm_nn(dX, G, <const floating*>lin.W, <int>N, lin.nin, lin.nout, <int>ldg, lin.nin, <int>ldx, 1, 1)
+        mm_nn(dX, G, <const floating*>lin.W, <int>N, lin.nin, lin.nout, <int>ldg, lin.nin, <int>ldx, 1,
+              0 if set_dx else 1)
     for k in range(lin.n_ad):
         alpha = <floating>lin.alpha[k]
         dUk = dU + k * N * r
@@ -421,9 +422,9 @@ cdef void gate_forward(floating* out, const floating* g, const floating* u, Py_s
 
 cdef void gate_backward(floating* dg, floating* du, const floating* dout, const floating* g,
                         const floating* u, Py_ssize_t N, Py_ssize_t F, Py_ssize_t ld_in,
-                        int act) noexcept nogil:
+                        int act, bint set_grads) noexcept nogil:
     """dg += dout u act'(g);  du += dout act(g);  silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
-    dg, du, g, u have row stride ld_in; dout is (N, F) contiguous."""
+    dg, du, g, u have row stride ld_in; dout is (N, F) contiguous. set_grads: = instead of +=."""
     cdef Py_ssize_t i, j
     cdef double sg
     cdef floating* dgi
@@ -437,12 +438,21 @@ cdef void gate_backward(floating* dg, floating* du, const floating* dout, const 
         gi = g + i * ld_in
         ui = u + i * ld_in
         di = dout + i * F
-        if act == ACT_RELU:
+        if act == ACT_RELU and set_grads:
+            if floating is float:
+                mg_relu_gate_backward_set_f(dgi, dui, di, gi, ui, F)
+            else:
+                mg_relu_gate_backward_set_d(dgi, dui, di, gi, ui, F)
+        elif act == ACT_RELU:
             if floating is float:
                 mg_relu_gate_backward_f(dgi, dui, di, gi, ui, F)
             else:
                 mg_relu_gate_backward_d(dgi, dui, di, gi, ui, F)
         else:
+            if set_grads:
+                for j in range(F):
+                    dgi[j] = 0
+                    dui[j] = 0
             for j in range(F):
                 sg = sigmoid(gi[j])
                 dgi[j] += <floating>(di[j] * ui[j] * sg * (1 + gi[j] * (1 - sg)))
@@ -496,14 +506,18 @@ cdef void xent_forward(double* losses, floating* logits, const int* targets, Py_
 
 
 cdef void xent_backward(floating* dlogits, const floating* probs, const int* targets,
-                        const double* weights, Py_ssize_t N, Py_ssize_t V) noexcept nogil:
-    """dlogits += w_i (p - onehot(target_i)), for loss = sum_i w_i loss_i."""
+                        const double* weights, Py_ssize_t N, Py_ssize_t V, bint set_grad) noexcept nogil:
+    """dlogits += w_i (p - onehot(target_i)), for loss = sum_i w_i loss_i (set_grad: =)."""
     cdef Py_ssize_t i, j
     cdef floating w
     for i in range(N):
         w = <floating>weights[i]
-        for j in range(V):
-            dlogits[i * V + j] += w * probs[i * V + j]
+        if set_grad:
+            for j in range(V):
+                dlogits[i * V + j] = w * probs[i * V + j]
+        else:
+            for j in range(V):
+                dlogits[i * V + j] += w * probs[i * V + j]
         dlogits[i * V + targets[i]] -= w
 
 
@@ -516,11 +530,18 @@ cdef void add_forward(floating* out, const floating* a, const floating* b, Py_ss
         out[i] = a[i] + b[i]
 
 
-cdef void add_backward(floating* da, floating* db, const floating* dout, Py_ssize_t n) noexcept nogil:
+cdef void add_backward(floating* da, floating* db, const floating* dout, Py_ssize_t n,
+                       bint set_b) noexcept nogil:
+    """da += dout;  db += dout (set_b: db = dout, its only contribution)."""
     cdef Py_ssize_t i
-    for i in range(n):
-        da[i] += dout[i]
-        db[i] += dout[i]
+    if set_b:
+        for i in range(n):
+            da[i] += dout[i]
+            db[i] = dout[i]
+    else:
+        for i in range(n):
+            da[i] += dout[i]
+            db[i] += dout[i]
 
 
 # ---------------------------------------------------------------------------------------------

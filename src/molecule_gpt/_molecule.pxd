@@ -11,6 +11,9 @@ cdef extern from "molecule.h" nogil:
         MG_OP_GATE
         MG_OP_ADD
         MG_OP_XENT
+        MG_GRAD_SET_A
+        MG_GRAD_SET_B
+        MG_OUT_GRAD_SET
 
     ctypedef struct mg_linear:
         void* W
@@ -30,6 +33,7 @@ cdef extern from "molecule.h" nogil:
     ctypedef struct mg_node:
         int op
         int layer
+        int flags
         void* a
         void* b
         void* c
@@ -78,6 +82,8 @@ cdef extern from "elementwise.h" nogil:
     void mg_relu_gate_forward_d(double* out, const double* g, const double* u, Py_ssize_t n)
     void mg_relu_gate_backward_f(float* dg, float* du, const float* dout, const float* g, const float* u, Py_ssize_t n)
     void mg_relu_gate_backward_d(double* dg, double* du, const double* dout, const double* g, const double* u, Py_ssize_t n)
+    void mg_relu_gate_backward_set_f(float* dg, float* du, const float* dout, const float* g, const float* u, Py_ssize_t n)
+    void mg_relu_gate_backward_set_d(double* dg, double* du, const double* dout, const double* g, const double* u, Py_ssize_t n)
 
 
 cdef extern from "rows.h" nogil:
