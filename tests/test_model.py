@@ -223,6 +223,20 @@ def test_leftover_gradients_of_a_previous_step_change_nothing(activation):
         assert np.array_equal(g, grads_b[name]), name
 
 
+def test_equal_length_fast_path_validates_like_the_general_one():
+    model = mg.Model(tiny_config(), 11, dtype="float64", seed=4)
+    rng = np.random.default_rng(16)
+    batch = random_batch(rng, 11, [7, 7, 7])
+    as_arrays = [np.array(s) for s in batch]  # not a list of lists: the general path
+    assert model.loss(batch) == model.loss(as_arrays)
+    with pytest.raises(ValueError, match=r"batch\[1\] holds token id 11"):
+        model.loss([[1, 2, 3], [4, 11, 5], [0, 1, 2]])
+    with pytest.raises(TypeError, match=r"batch\[0\] must be a flat list of ints"):
+        model.loss([[True, False], [1, 2]])
+    with pytest.raises(TypeError, match=r"batch\[0\] must be a flat list of ints"):
+        model.loss([[0.5, 1.0], [1.0, 2.0]])
+
+
 def test_batch_loss_is_mean_of_independent_sequence_losses():
     rng = np.random.default_rng(2)
     model = mg.Model(tiny_config(), 11, dtype="float64", seed=4)
