@@ -86,13 +86,21 @@ def test_attention_forward(benchmark, dtype, types):
     benchmark(_core._attention_forward_memview, q, k, v, P, types, [0.4] * H, [T] * (N // T), T)
 
 
-def test_attention_backward(benchmark, dtype):
+@pytest.mark.parametrize("path", ["triangle", "blas"])
+def test_attention_backward(benchmark, dtype, path):
+    """csrc/attention.h's lower-triangle kernels against the BLAS twin (full products)."""
     rng = np.random.default_rng(5)
     types = ("content", "content", "hybrid", "hybrid")
     q, k, v, dy = (rand(rng, N, C, dtype=dtype) for _ in range(4))
     P = [rand(rng, N, T, dtype=dtype) if t != "content" else None for t in types]
     _, att = _core._attention_forward_memview(q, k, v, P, types, [0.4] * H, [T] * (N // T), T)
-    benchmark(_core._attention_backward_memview, dy, att, q, k, v, P, types, [0.4] * H, [T] * (N // T), T)
+    try:
+        _core._blas_attention(path == "blas")
+        grads = benchmark(_core._attention_backward_memview, dy, att, q, k, v, P, types, [0.4] * H,
+                          [T] * (N // T), T)
+    finally:
+        _core._blas_attention(False)
+    assert np.all(np.isfinite(grads[0]))
 
 
 @pytest.mark.parametrize("act", ["relu", "silu"])

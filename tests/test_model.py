@@ -206,15 +206,19 @@ def test_worker_count_does_not_change_training():
             np.testing.assert_allclose(v, grads["delta0." + k], rtol=1e-11, atol=1e-15)
 
 
-@pytest.mark.parametrize("activation", ["relu", "silu"])
-def test_leftover_gradients_of_a_previous_step_change_nothing(activation):
-    """Backward zeroes only the gradients that are accumulated; single-consumer outputs are
-    written whole (no zeroing). A step after a different batch (its values left in the arena)
-    must give bit-identical results to the same step on a fresh model."""
+@pytest.mark.parametrize("activation,tied", [("relu", True), ("silu", True), ("relu", False)])
+def test_leftover_gradients_of_a_previous_step_change_nothing(activation, tied):
+    """Backward zeroes only the gradients that are accumulated; single-consumer outputs and
+    parameter gradients of linears are written whole (no zeroing). A step after a different
+    batch (its values left in the arena and the gradient buffers) must give bit-identical
+    results to the same step on a fresh model."""
     rng = np.random.default_rng(15)
     first, second = random_batch(rng, 11, [7, 4, 6]), random_batch(rng, 11, [5, 7, 3])
-    fresh = mg.Model(tiny_config(mlp_activation=activation), 11, dtype="float64", seed=4, n_threads=1)
-    used = mg.Model(tiny_config(mlp_activation=activation), 11, dtype="float64", seed=4, n_threads=1)
+    config = dict(mlp_activation=activation, tie_embeddings=tied)
+    fresh = mg.Model(tiny_config(**config), 11, dtype="float64", seed=4, n_threads=1)
+    used = mg.Model(tiny_config(**config), 11, dtype="float64", seed=4, n_threads=1)
+    fresh.add_delta_module()
+    used.add_delta_module()
     used.loss_and_grads(first)
     loss_a, grads_a = fresh.loss_and_grads(second)
     loss_b, grads_b = used.loss_and_grads(second)

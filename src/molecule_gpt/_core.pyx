@@ -410,7 +410,7 @@ cdef void run_backward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexce
             linear_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.aux),
                             <floating*>mg_grad_of(ar, node.out), <floating*>node.a,
                             <floating*>node.aux, node.lin, node.n, node.ld_in, node.ld_out,
-                            node.flags & MG_GRAD_SET_A)
+                            node.flags & MG_GRAD_SET_A, True)
         elif node.op == MG_OP_ATTN:
             L = &net.layers[node.layer]
             attention_backward(<floating*>mg_grad_of(ar, node.a), <floating*>mg_grad_of(ar, node.b),
@@ -437,8 +437,8 @@ cdef void run_backward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexce
     for l in range(net.L):
         L = &net.layers[l]
         for h in range(net.H):
-            if L.dalpha[h] != NULL:
-                (<floating*>L.dalpha[h])[0] += <floating>L.dalpha_acc[h]
+            if L.dalpha[h] != NULL:  # written, like every linear's parameter gradients
+                (<floating*>L.dalpha[h])[0] = <floating>L.dalpha_acc[h]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,9 +576,10 @@ cdef class Engine:
         self.keep[("alpha", layer, head)] = (alpha, dalpha)
 
     def bind_zeroed(self, arrays):
-        """The parameter-gradient buffers (C-contiguous) this engine's backward accumulates into:
-        each step with backward zeroes them first, on the engine's own thread (so the workers
-        clear their buffers in parallel instead of the caller doing it serially)."""
+        """The parameter-gradient buffers (C-contiguous) this engine's backward accumulates into
+        (the embeddings' scatter-adds; every linear's dW, dA, dB and each hybrid alpha's gradient
+        are written whole by their one node, first thing): each step with backward zeroes them
+        first, on the engine's own thread."""
         cdef Py_ssize_t i, n = len(arrays)
         cdef void** ptrs = <void**>calloc(max(n, 1), sizeof(void*))
         cdef size_t* nbytes = <size_t*>calloc(max(n, 1), sizeof(size_t))
@@ -902,7 +903,7 @@ def _linear_backward_memview(floating[:, ::1] g, floating[:, ::1] x, W, As, Bs, 
     cdef floating[:, ::1] dxv = dx
     cdef floating[:, :, ::1] dUv = dU
     linear_backward(&dxv[0, 0], &dUv[0, 0, 0], &g[0, 0], &x[0, 0], &U[0, 0, 0], &lin,
-                    x.shape[0], x.shape[1], g.shape[1], False)
+                    x.shape[0], x.shape[1], g.shape[1], False, False)
     return dx, dW, dAs, dBs
 
 

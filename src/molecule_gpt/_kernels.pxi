@@ -168,16 +168,19 @@ cdef void linear_forward(floating* Y, floating* U, const floating* X, const mg_l
 
 cdef void linear_backward(floating* dX, floating* dU, const floating* G, const floating* X,
                           const floating* U, const mg_linear* lin,
-                          Py_ssize_t N, Py_ssize_t ldx, Py_ssize_t ldg, bint set_dx) noexcept nogil:
+                          Py_ssize_t N, Py_ssize_t ldx, Py_ssize_t ldg, bint set_dx,
+                          bint set_params) noexcept nogil:
     """dX += G W + sum_k dU_k B_k;  dW += G^T X;  dA_k += alpha_k G_k^T U_k;  dB_k += dU_k^T X,
     with G_k = G[:, off_k:off_k+rows_k] and dU_k = alpha_k G_k A_k (scratch, (n_ad, N, r)).
-    dX may be NULL (input needs no gradient); set_dx: dX = ... (its only contribution)."""
+    dX may be NULL (input needs no gradient); set_dx: dX = ... (its only contribution);
+    set_params: dW, dA_k, dB_k = ... (a step's first contribution: no zeroing before)."""
     cdef int k, r = lin.rank
     cdef floating alpha
+    cdef floating pbeta = 0 if set_params else 1
     cdef floating* dUk
     cdef const floating* Gk
     if lin.dW != NULL:
-        mm_tn(<floating*>lin.dW, G, X, lin.nout, lin.nin, <int>N, <int>ldg, <int>ldx, lin.nin, 1, 1)
+        mm_tn(<floating*>lin.dW, G, X, lin.nout, lin.nin, <int>N, <int>ldg, <int>ldx, lin.nin, 1, pbeta)
     if dX != NULL:
         mm_nn(dX, G, <const floating*>lin.W, <int>N, lin.nin, lin.nout, <int>ldg, lin.nin, <int>ldx, 1,
               0 if set_dx else 1)
@@ -186,12 +189,12 @@ cdef void linear_backward(floating* dX, floating* dU, const floating* G, const f
         dUk = dU + k * N * r
         Gk = G + lin.out_off[k]
         if lin.dA[k] != NULL:
-            mm_tn(<floating*>lin.dA[k], Gk, U + k * N * r, lin.out_rows[k], r, <int>N, <int>ldg, r, r, alpha, 1)
+            mm_tn(<floating*>lin.dA[k], Gk, U + k * N * r, lin.out_rows[k], r, <int>N, <int>ldg, r, r, alpha, pbeta)
         if lin.dB[k] == NULL and dX == NULL:
             continue
         mm_nn(dUk, Gk, <const floating*>lin.A[k], <int>N, r, lin.out_rows[k], <int>ldg, r, r, alpha, 0)
         if lin.dB[k] != NULL:
-            mm_tn(<floating*>lin.dB[k], dUk, X, r, lin.nin, <int>N, r, <int>ldx, lin.nin, 1, 1)
+            mm_tn(<floating*>lin.dB[k], dUk, X, r, lin.nin, <int>N, r, <int>ldx, lin.nin, 1, pbeta)
         if dX != NULL:
             mm_nn(dX, dUk, <const floating*>lin.B[k], <int>N, lin.nin, r, r, lin.nin, <int>ldx, 1, 1)
 

@@ -331,10 +331,19 @@ class Model:
         for w, engine in enumerate(self._engines):
             flats = {name: (g.grad if w == 0 else self._worker_grads[w][name]) for name, g in self.groups.items()}
             self._bind(engine, flats)
-            # each worker zeroes the gradients it accumulates into at the start of its backward, in
-            # parallel; only trainable groups (a frozen group's buffer is never written: a frozen
-            # base is bound without dW, frozen modules are folded into the weights)
-            engine.bind_zeroed([flats[name] for name in self.groups if self.trainable[name]])
+            # A step writes every linear's parameter gradients (dW, dA, dB: beta-0 products) and
+            # the hybrid alphas' whole; only the embeddings' scatter-adds accumulate, into
+            # gradients each worker zeroes at the start of its backward (in parallel). With tied
+            # embeddings lm_head's product writes wte's gradient before the embedding adds to it.
+            # Frozen groups are never written (a frozen base is bound without dW, frozen modules
+            # are folded into the weights).
+            zeroed = []
+            if self.trainable["base"]:
+                views = self.groups["base"]._views(flats["base"])
+                zeroed.append(views["wpe"])
+                if not c.tie_embeddings:
+                    zeroed.append(views["wte"])
+            engine.bind_zeroed(zeroed)
         if reallocate or any(e.capacity != e.plan(*self._max_step()) for e in self._engines):
             self._allocate_arenas()  # lazily: the memory is taken at the first step
 
