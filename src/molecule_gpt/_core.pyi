@@ -4,6 +4,7 @@ from typing import Sequence
 import numpy as np
 
 MAX_ADAPTERS: int  # MG_MAX_ADAPTERS: adapters one linear carries (trainable modules x fused parts)
+ADAM_PARALLEL_MIN: int  # elements below which adam_update_groups keeps a group on one thread
 
 class Engine:
     is_double: bool
