@@ -84,13 +84,20 @@ class ParamGroup:
             self.offsets[key] = total
             total += math.prod(shape)
         self.size = total
-        self.flat = np.zeros(total, dtype)
-        self.grad = np.zeros(total, dtype)
-        self.m = np.zeros(total, dtype)
-        self.v = np.zeros(total, dtype)
+        # one allocation for the four arrays (a fresh large block costs an mmap, whatever its
+        # size), in the order a checkpoint stores a group: parameters, m, v, then the gradient
+        block = np.zeros(4 * total, dtype)
+        self.flat, self.m, self.v, self.grad = (block[i * total:(i + 1) * total] for i in range(4))
         self.step = 0  # Adam steps taken by this group
         self.params = self._views(self.flat)
-        self.grads = self._views(self.grad)
+        self._grads: dict[str, np.ndarray] | None = None
+
+    @property
+    def grads(self) -> dict[str, np.ndarray]:
+        """Views of the gradient by name (built on first use: most groups never need them)."""
+        if self._grads is None:
+            self._grads = self._views(self.grad)
+        return self._grads
 
     def _views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         return {k: flat[o:o + math.prod(s)].reshape(s) for (k, s), o in zip(self.shapes.items(), self.offsets.values())}
