@@ -412,15 +412,27 @@ def test_locked_database(home_copy):
 def test_disk_full_on_save_keeps_the_previous_checkpoint(home_copy, monkeypatch, capsys):
     home, config = home_copy
     before = (home / cli.CHECKPOINT).read_bytes()
+    archived = sorted(p.name for p in (home / cli.ARCHIVE).iterdir())
 
-    def full(self, path):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def full(fd, buffers):  # the checkpoint writer's gathered write hits a full disk
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Organism, "save", full)
+    monkeypatch.setattr(os, "writev", full)
     code = cli.main(["--home", str(home), "--config", str(config), "train", "--steps", "2"])
     err = capsys.readouterr().err
     assert code == 1 and "disk is full" in err and "intact" in err and "Traceback" not in err
     assert (home / cli.CHECKPOINT).read_bytes() == before
+    assert sorted(p.name for p in (home / cli.ARCHIVE).iterdir()) == archived  # nothing archived
+    assert not [p for p in home.iterdir() if ".tmp-" in p.name]  # no temporaries left behind
+
+
+def test_a_failed_command_archives_nothing(home_copy):
+    home, _ = home_copy
+    archived = sorted(p.name for p in (home / cli.ARCHIVE).iterdir())
+    ckpt = home / cli.CHECKPOINT
+    ckpt.write_bytes(ckpt.read_bytes()[:500])
+    assert_clean_error(run_cli("--home", home, "train", "--steps", 1), 1, "damaged")
+    assert sorted(p.name for p in (home / cli.ARCHIVE).iterdir()) == archived
 
 
 def test_usage_errors_exit_2():

@@ -187,7 +187,7 @@ class Home:
         self.memory_path = self.path / MEMORY
         self.telemetry = self.path / TELEMETRY
         self.archive = self.path / ARCHIVE
-        self._lock_file = None
+        self.saved = False  # whether this command saved the organism (then it is archived)
 
     def __str__(self) -> str:
         return str(self.path)
@@ -300,6 +300,7 @@ class Home:
         self.create()
         try:
             org.save(self.checkpoint)
+            self.saved = True
         except OSError as exc:
             raise _save_error(self.checkpoint, exc) from None
         except CheckpointError as exc:
@@ -309,11 +310,11 @@ class Home:
             raise
 
     def archive_current(self) -> None:
-        """Keep a copy of the current checkpoint in checkpoints/ (a hard link when the file system
-        allows: the next save replaces organism.ckpt with a new file, so the link stays intact);
-        prune to keep_checkpoints."""
+        """After a command that saved, keep a copy of the checkpoint in checkpoints/ (a hard link
+        when the file system allows: the next save replaces organism.ckpt with a new file, so the
+        link stays intact); prune to keep_checkpoints."""
         keep = self.settings["keep_checkpoints"]
-        if keep == 0 or not self.checkpoint.exists():
+        if keep == 0 or not self.saved or not self.checkpoint.exists():
             return
         self.archive.mkdir(exist_ok=True)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
