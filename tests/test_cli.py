@@ -85,6 +85,22 @@ def test_train_warms_up_and_saves_a_consistent_organism(trained):
     assert len(list((home / cli.ARCHIVE).glob("organism-*.ckpt"))) == 1
 
 
+def test_train_steps_runs_part_of_the_warmup_and_the_next_train_continues_it(tmp_path):
+    home = tmp_path / "home"
+    config = write_config(tmp_path / "c.json", warmup_steps=30, eval_interval=10)
+    proc = run_cli("--home", home, "--config", config, "train", "--steps", 12)
+    assert proc.returncode == 0, proc.stderr
+    assert "warmup is at step 12/30" in proc.stdout
+    proc = run_cli("--home", home, "--config", config, "train")
+    assert proc.returncode == 0, proc.stderr
+    assert "Trained 18 steps" in proc.stdout
+    org = Organism.load(home / cli.CHECKPOINT)
+    try:
+        assert org.trainer.warmed_up and org.trainer.warmup_steps_done == 30
+    finally:
+        org.close()
+
+
 def test_train_corpus_into_a_warm_organism_runs_checked_bursts(home_copy, tmp_path):
     home, config = home_copy
     corpus = tmp_path / "notes.txt"

@@ -471,18 +471,36 @@ def deferred_interrupt() -> Iterator[threading.Event]:
 
 
 def run_warmup(org: Organism, home: Home, steps: int | None = None, label: str = "warmup") -> dict:
-    """Warm up with a progress bar; Ctrl-C stops after the step in flight, saves and raises Interrupted."""
-    progress = Progress(label, steps or org.config.warmup_steps, speed=lambda: org.trainer.tokens_per_second)
+    """(The rest of) the organism's warmup with a progress bar; with `steps`, only that many of
+    its steps (the schedule continues at the next call). A warm organism takes `steps` more base
+    steps on a schedule of their own. Ctrl-C stops after the step in flight, saves and raises
+    Interrupted."""
+    resume = not org.trainer.warmed_up
+    progress = Progress(label, org.config.warmup_steps if resume else steps,
+                        speed=lambda: org.trainer.tokens_per_second)
+    taken = 0
+
+    def on_step(record: dict) -> None:
+        nonlocal taken
+        taken += 1
+        progress(record)
+
     with deferred_interrupt() as stop:
+        if resume and steps is not None:
+            should_stop = lambda: stop.is_set() or taken >= steps  # noqa: E731
+        else:
+            should_stop = stop.is_set
         try:
-            summary = org.warmup(steps, progress=progress, should_stop=stop.is_set)
+            summary = org.warmup(None if resume else steps, progress=on_step, should_stop=should_stop)
         finally:
             progress.close()
     if stop.is_set():
         home.save(org)
+        if org.trainer.warmed_up:
+            raise Interrupted("training stopped after the step in flight; the organism is saved")
         done, total = org.trainer.warmup_steps_done, org.config.warmup_steps
-        raise Interrupted(f"warmup stopped at step {min(done, total)}/{total}; the organism is saved and "
-                          f"the next `molecule-gpt chat` or `train` continues it")
+        raise Interrupted(f"warmup stopped at step {done}/{total}; the organism is saved and the next "
+                          f"`molecule-gpt chat` or `train` continues it")
     return summary
 
 
@@ -693,6 +711,9 @@ def cmd_train(args, home: Home) -> int:
             summary = run_warmup(org, home, args.steps, label="train")
             print(f"Trained {summary['steps']} steps: loss {_fmt(summary['loss'])}, held-out "
                   f"{_fmt(summary['val_loss'])}, {summary['seconds']:.1f} s.")
+            if not org.trainer.warmed_up:
+                print(f"The warmup is at step {org.trainer.warmup_steps_done}/{org.config.warmup_steps}; "
+                      f"`molecule-gpt train` continues it.")
         bursts = args.bursts if args.bursts is not None else (1 if new_lines and org.trainer.warmed_up else 0)
         if bursts:
             _run_bursts(org, home, bursts)
@@ -984,7 +1005,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "learned in checked bursts (rolled back if they damage it).")
     p.add_argument("corpus", nargs="?", metavar="CORPUS", help="a UTF-8 text file, one line per line")
     p.add_argument("--steps", type=_positive_int, metavar="N",
-                   help="warmup steps to run now (default: the rest of the warmup; after warmup: N more base steps)")
+                   help="run N steps of the warmup now (default: all that remain); once warm, N more base steps")
     p.add_argument("--bursts", type=_non_negative_int, metavar="N",
                    help="training bursts after warmup (default: 1 when CORPUS brought new lines)")
     p.set_defaults(func=cmd_train)
