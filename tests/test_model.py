@@ -241,6 +241,21 @@ def test_equal_length_fast_path_validates_like_the_general_one():
         model.loss([[0.5, 1.0], [1.0, 2.0]])
 
 
+def test_rows_to_ids_takes_only_plain_int_rows():
+    """The Cython fast path: equal-length lists of plain ints in range become one int32 array;
+    anything else is None (the general checks then accept it or name the problem)."""
+    from molecule_gpt import _core
+    arr = _core.rows_to_ids([[0, 1, 10], [3, 4, 5]], 11)
+    assert arr.dtype == np.intc and arr.tolist() == [[0, 1, 10], [3, 4, 5]]
+    for batch in ([], [[1]], [[1, 2], [3]], [[1, 2], (3, 4)], ([1, 2],), [[1, 11]], [[-1, 2]],
+                  [[1, True]], [[1, np.int64(2)]], [[1, 2.0]], [[1, 2 ** 70]], [np.array([1, 2])]):
+        assert _core.rows_to_ids(batch, 11) is None, batch
+    # bools and numpy ints inside rows still train, through the general path
+    model = mg.Model(tiny_config(), 11, dtype="float64", seed=4)
+    assert model.loss([[1, True, 3], [4, 5, 6]]) == model.loss([[1, 1, 3], [4, 5, 6]])
+    assert model.loss([[1, np.int64(2), 3]]) == model.loss([[1, 2, 3]])
+
+
 def test_batch_loss_is_mean_of_independent_sequence_losses():
     rng = np.random.default_rng(2)
     model = mg.Model(tiny_config(), 11, dtype="float64", seed=4)

@@ -37,6 +37,8 @@ class Engine:
     def tape_ops(self) -> list[str]: ...  # op names of the current tape, in creation order
 
 def run(engines: list[Engine], forward: bool, with_loss: bool, backward: bool) -> list[bool]: ...
+def rows_to_ids(batch: object, vocab_size: int) -> np.ndarray | None: ...
+    # equal-length lists of plain ints in [0, vocab_size) -> (S, L) int32; None otherwise
 def adam_update(params: np.ndarray, grads: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float, beta1: float,
                 beta2: float, eps: float, clip: float, step: int) -> None: ...  # 1-D, one dtype
 def adam_update_groups(groups: list, lr: float, beta1: float, beta2: float, eps: float, clip: float,

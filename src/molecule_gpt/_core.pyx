@@ -23,6 +23,9 @@ from cython.parallel cimport prange
 
 from ._molecule cimport *
 
+cimport numpy as cnp
+cnp.import_array()
+
 include "_kernels.pxi"
 
 
@@ -448,6 +451,10 @@ MAX_ADAPTERS = MG_MAX_ADAPTERS  # adapters one linear can carry (trainable modul
 
 
 cdef inline void* data_ptr(object arr):
+    # ndarrays through the C API (a step passes a few dozen: __array_interface__ builds a dict
+    # each time, about 1 us apiece); anything else exporting the interface as before
+    if cnp.PyArray_Check(arr):
+        return cnp.PyArray_DATA(<cnp.ndarray>arr)
     return <void*><size_t>arr.__array_interface__["data"][0]
 
 
@@ -737,6 +744,43 @@ def run(list engines, bint forward, bint with_loss, bint backward):
     free(status)
     free(handles)
     return out
+
+
+def rows_to_ids(batch, Py_ssize_t vocab_size):
+    """The common training batch, a non-empty list of equal-length (>= 2) lists of plain ints in
+    [0, vocab_size), as one (S, L) int32 array; None for anything else (the caller's general
+    checks then accept it or name the problem). One pass over the ints, no temporaries."""
+    cdef Py_ssize_t S, L, s, j
+    cdef long long val
+    cdef list row
+    cdef int[:, ::1] out
+    if type(batch) is not list or len(<list>batch) == 0:
+        return None
+    S = len(<list>batch)
+    if type((<list>batch)[0]) is not list:
+        return None
+    L = len(<list>(<list>batch)[0])
+    if L < 2:
+        return None
+    arr = np.empty((S, L), dtype=np.intc)
+    out = arr
+    for s in range(S):
+        item = (<list>batch)[s]
+        if type(item) is not list or len(<list>item) != L:
+            return None
+        row = <list>item
+        for j in range(L):
+            x = row[j]
+            if type(x) is not int:  # bools, numpy scalars, floats: the general path decides
+                return None
+            try:
+                val = x
+            except OverflowError:
+                return None
+            if val < 0 or val >= vocab_size:
+                return None
+            out[s, j] = <int>val
+    return arr
 
 
 def attention_simd_path() -> str:

@@ -651,19 +651,10 @@ class Model:
         """The common training batch (a list of equal-length lists of valid ids) converted and
         checked in one go: one array, one min and one max instead of a few calls per sequence.
         None when anything differs; the per-sequence checks then name the problem."""
-        if not isinstance(batch, list) or not batch or not isinstance(batch[0], list):
-            return None
-        if any(not isinstance(row, list) or (row and type(row[0]) is bool) for row in batch):
-            return None  # bools upcast to ints in one array; the general path rejects all-bool rows
-        try:
-            arr = np.array(batch)
-        except (TypeError, ValueError):
-            return None
-        if arr.ndim != 2 or arr.shape[1] < 2 or arr.dtype.kind not in "iu":
-            return None
-        if int(arr.min()) < 0 or int(arr.max()) >= self.vocab_size:
-            return None
-        return list(arr)
+        # one Cython pass over the ints (plain ints only: bools, numpy scalars and the rest take
+        # the general path, which rejects all-bool rows) instead of np.array + min + max
+        arr = _core.rows_to_ids(batch, self.vocab_size)
+        return None if arr is None else list(arr)
 
     def _pack(self, seqs: list[np.ndarray], total_sequences: int):
         """Pack sequences back to back: (ids, pos, targets, weights, off, n, sq_off, SS), with
