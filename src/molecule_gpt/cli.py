@@ -1054,7 +1054,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", parents=[common], help="quick benchmarks of this machine, as a table",
                        description="Training steps, generation, tokenizer and checkpoint speed at the default config "
-                                   "(about 15 s). The full head-to-head suites are in the repository's benchmarks/.")
+                                   "(a few seconds). The full head-to-head suites are in the repository's benchmarks/.")
     p.add_argument("--repeats", type=_positive_int, default=5, metavar="N", help="timings per case (median)")
     p.add_argument("--json", action="store_true", help="print JSON rows")
     p.set_defaults(func=cmd_bench)

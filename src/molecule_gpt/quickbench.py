@@ -1,4 +1,4 @@
-"""`molecule-gpt bench`: a quick look at how fast this machine runs the organism (about 15 s).
+"""`molecule-gpt bench`: a quick look at how fast this machine runs the organism (a few seconds).
 
 Each case is timed `repeats` times after one untimed run and reported as the median; the
 organism and the model are built from the shipped seed corpus at the default config, so the
@@ -73,9 +73,9 @@ def run_quick_bench(repeats: int = 5, progress: Callable[[str], None] | None = N
     tok.encode(text)
     t_enc = _median_time(lambda: tok.encode(text), repeats)
     rows.append({"case": "BPE encode (384 merges)", "figure": round(mb / t_enc, 1), "unit": "MB/s",
-                 "detail": f"{mb:.1f} MB of seed-corpus text, one thread"})
+                 "detail": f"the seed corpus repeated to {mb:.1f} MB, one thread"})
     rows.append({"case": "BPE training (384 merges)", "figure": round(t_train * 1e3, 1), "unit": "ms",
-                 "detail": f"on {mb:.1f} MB (birth included)"})
+                 "detail": f"on the same {mb:.1f} MB (birth included)"})
 
     note("checkpoint")
     with tempfile.TemporaryDirectory() as tmp:
