@@ -231,14 +231,18 @@ class Home:
     def memory(self) -> Memory:
         return Memory(self.memory_path, max_messages=self.settings["max_messages"])
 
+    def _organism_kwargs(self, memory: Memory | None, telemetry: bool) -> dict:
+        """The memory and (unless telemetry is off) the capped telemetry log of this home."""
+        if not telemetry:
+            return {"memory": memory}
+        return {"memory": memory, "telemetry_path": self.telemetry, "telemetry_max_bytes": self.telemetry_bytes()}
+
     def telemetry_bytes(self) -> int:
         return max(1024, int(self.settings["max_telemetry_mb"] * (1 << 20)))
 
     def open(self, *, memory: Memory | None = None, telemetry: bool = True, recover: bool = False) -> Organism:
         """Load the organism of this home; a damaged checkpoint names its `.prev` (used with recover)."""
-        kwargs = {"memory": memory}
-        if telemetry:
-            kwargs.update(telemetry_path=self.telemetry, telemetry_max_bytes=self.telemetry_bytes())
+        kwargs = self._organism_kwargs(memory, telemetry)
         try:
             org = Organism.load(self.checkpoint, **kwargs)
         except CheckpointError as exc:
@@ -290,10 +294,8 @@ class Home:
             config = Config.from_dict(self.options.config)
         except MoleculeError as exc:
             raise CLIError(str(exc)) from None
-        kwargs = {"memory": memory}
-        if telemetry:
-            kwargs.update(telemetry_path=self.telemetry, telemetry_max_bytes=self.telemetry_bytes())
-        org = Organism(config, lines, seed=self.settings["seed"], dtype=self.settings["dtype"], **kwargs)
+        org = Organism(config, lines, seed=self.settings["seed"], dtype=self.settings["dtype"],
+                       **self._organism_kwargs(memory, telemetry))
         return org, f"{len(lines)} lines of {source}"
 
     def save(self, org: Organism) -> None:
@@ -834,7 +836,7 @@ def _inspect_document(path: pathlib.Path, ckpt) -> dict:
         doc["tokenizer"] = {"vocab_size": tok.vocab_size, "bpe": tok.bpe_enabled, "merges": len(tok.merges)}
     state = ckpt.state if isinstance(ckpt.state, dict) else None
     if state is not None and state.get("format") == "molecule_gpt.organism":
-        org = Organism.load(path)
+        org = Organism.from_checkpoint(ckpt)  # takes over ckpt.model: read what the model says first
         try:
             s = org.stats()
             doc["delta_modules"] = [{k: m[k] for k in ("index", "state", "alpha", "steps", "bursts")}

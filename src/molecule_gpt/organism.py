@@ -64,7 +64,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .errors import CorpusError, OrganismError, TrainingError
 from .field import CorpusField
@@ -748,13 +748,21 @@ class Organism:
              telemetry_path: str | os.PathLike | None = None,
              telemetry_max_bytes: int | None = None) -> "Organism":
         """An organism from a file written by save(); it continues exactly where it stopped."""
-        ckpt = load_checkpoint(path)
-        state = ckpt.state
+        return cls.from_checkpoint(load_checkpoint(path), memory=memory, telemetry_path=telemetry_path,
+                                   telemetry_max_bytes=telemetry_max_bytes)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: "Checkpoint", *, memory: "str | os.PathLike | Memory | None" = None,
+                        telemetry_path: str | os.PathLike | None = None,
+                        telemetry_max_bytes: int | None = None) -> "Organism":
+        """An organism from a Checkpoint already loaded by molecule_gpt.load_checkpoint (which
+        it takes over: its model becomes the organism's)."""
+        state, path = ckpt.state, ckpt.path
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise OrganismError(f"{os.fspath(path)}: this checkpoint holds a model but no organism state; load it with "
+            raise OrganismError(f"{path}: this checkpoint holds a model but no organism state; load it with "
                                 f"molecule_gpt.checkpoint.load_checkpoint instead")
         if state.get("format_version") != STATE_VERSION:
-            raise OrganismError(f"{os.fspath(path)}: organism state version {state.get('format_version')} is not "
+            raise OrganismError(f"{path}: organism state version {state.get('format_version')} is not "
                                 f"supported (this molecule-gpt reads version {STATE_VERSION})")
         config = Config.from_dict(state["config"], strict=False)
         return cls(config, seed=state["seed"], memory=memory, telemetry_path=telemetry_path,
