@@ -345,3 +345,56 @@ def test_float32_kernels_agree_with_float64(rng):
     n64, _ = _core._rmsnorm_forward_memview(x)
     n32, _ = _core._rmsnorm_forward_memview(x.astype(np.float32))
     assert rel_err(n32, n64) < RTOL[np.float32]
+
+
+# ---- the linear layers' products (csrc/gemm.h) against numpy and against their BLAS twin
+
+GEMM_SHAPES = [  # (M, N, K): register-block tails in every dimension, K past one 256 pass, empty K
+    (192, 216, 72), (192, 72, 576), (576, 72, 192), (7, 5, 3), (1, 1, 1), (13, 47, 300),
+    (6, 16, 1), (4, 24, 257), (25, 8, 72), (192, 96, 18), (3, 40, 0),
+]
+
+
+def _product(form, A, B):
+    return {"nt": lambda: A @ B.T, "nn": lambda: A @ B, "tn": lambda: A.T @ B}[form]()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("form", ["nt", "nn", "tn"])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_linear_products_match_numpy_and_blas(rng, dtype, form, accumulate):
+    for M, N, K in GEMM_SHAPES:
+        a_shape = (K, M) if form == "tn" else (M, K)
+        b_shape = (N, K) if form == "nt" else (K, N)
+        # operands are views into wider arrays: leading dimensions differ from their widths
+        A = rng.normal(size=(a_shape[0], a_shape[1] + 3)).astype(dtype)[:, 1:a_shape[1] + 1]
+        B = rng.normal(size=(b_shape[0], b_shape[1] + 5)).astype(dtype)[:, 2:b_shape[1] + 2]
+        C0 = rng.normal(size=(M, N + 2)).astype(dtype)
+        if not accumulate:
+            C0[:] = np.nan  # a write-only output must never be read
+        want = 0.75 * _product(form, A.astype(np.float64), B.astype(np.float64))
+        if accumulate:
+            want = want + C0[:, :N]
+        outs = {}
+        for blas in (False, True):
+            C = C0.copy()
+            _core._blas_linear(blas)
+            try:
+                _core._matmul_memview(form, A, B, C[:, :N], 0.75, accumulate)
+            finally:
+                _core._blas_linear(False)
+            assert np.array_equal(C[:, N:], C0[:, N:], equal_nan=True), "wrote past the view"
+            outs[blas] = C[:, :N]
+        tol = 1e-13 if dtype == np.float64 else 1e-5
+        assert rel_err(outs[False], want) < tol, (M, N, K)
+        assert rel_err(outs[False], outs[True]) < tol, (M, N, K)
+
+
+def test_linear_products_refuse_bad_operands():
+    A, B = np.ones((4, 3)), np.ones((5, 3))
+    with pytest.raises(ValueError, match="nt: A"):
+        _core._matmul_memview("nt", A, B, np.zeros((4, 6)), 1.0, False)
+    with pytest.raises(ValueError, match="form must be"):
+        _core._matmul_memview("tt", A, B, np.zeros((4, 5)), 1.0, False)
+    with pytest.raises(ValueError, match="unit stride"):
+        _core._matmul_memview("nt", A[:, ::2], B[:, ::2], np.zeros((4, 5)), 1.0, False)

@@ -95,6 +95,21 @@ cdef extern from "rows.h" nogil:
     double mg_row_dot_d(const double* a, const double* b, Py_ssize_t n)
 
 
+cdef extern from "gemm.h" nogil:
+    int mg_gemm_tn_f(float* C, Py_ssize_t ldc, const float* A, Py_ssize_t lda, const float* B, Py_ssize_t ldb,
+                     Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, float alpha, int accumulate)
+    int mg_gemm_tn_d(double* C, Py_ssize_t ldc, const double* A, Py_ssize_t lda, const double* B, Py_ssize_t ldb,
+                     Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, double alpha, int accumulate)
+    int mg_gemm_nn_f(float* C, Py_ssize_t ldc, const float* A, Py_ssize_t lda, const float* B, Py_ssize_t ldb,
+                     Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, float alpha, int accumulate)
+    int mg_gemm_nn_d(double* C, Py_ssize_t ldc, const double* A, Py_ssize_t lda, const double* B, Py_ssize_t ldb,
+                     Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, double alpha, int accumulate)
+    int mg_gemm_nt_f(float* C, Py_ssize_t ldc, const float* A, Py_ssize_t lda, const float* B, Py_ssize_t ldb,
+                     Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, float alpha, int accumulate)
+    int mg_gemm_nt_d(double* C, Py_ssize_t ldc, const double* A, Py_ssize_t lda, const double* B, Py_ssize_t ldb,
+                     Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, double alpha, int accumulate)
+
+
 cdef extern from "attention.h" nogil:
     size_t mg_tri_scratch(Py_ssize_t n, Py_ssize_t d)
     void mg_tri_force_portable(int on)

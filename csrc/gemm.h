@@ -1,0 +1,222 @@
+/* gemm.h: the linear layers' matrix products for the small shapes of a training step.
+ *
+ * Why not BLAS: at the default config a product is a few hundred positions by 72-576 by 72-576
+ * (a worker's share of the batch), where OpenBLAS spends ~30% of its time outside its kernel:
+ * packing both operands into panels and zeroing C before a beta-0 product (perf, default step:
+ * sgemm_kernel 37% of samples, the copies and memset 15%). Here the operands are used where
+ * they lie: a 6 x 16 register block of C is summed over K from broadcasts of A's elements times
+ * rows of B, so A may be read transposed at no cost (dW = G^T X) and only B = W^T (forward,
+ * y = x W^T) needs a copy, a transposition of the weight (nout x nin, 1/M of the product's
+ * work). Blocking: K in chunks of MG_GEMM_KC (a K x 16 panel of B stays in L1), M in chunks of
+ * MG_GEMM_MC (their rows of A stay in L2).
+ *
+ * Compiled for AVX2+FMA only (GCC vector extensions under a target attribute; chosen at run time
+ * with attention.h's switch); without it, or when the scratch for B^T cannot be had, the
+ * functions return 0 and the caller uses BLAS, which stays the tested twin.
+ *
+ * Dims, row-major with leading dimensions:
+ *   mg_gemm_tn  C (M, N) (+)= alpha A^T B    A (K, M) lda, B (K, N) ldb    (dW = G^T X)
+ *   mg_gemm_nn  C (M, N) (+)= alpha A B      A (M, K) lda, B (K, N) ldb    (dX = G W)
+ *   mg_gemm_nt  C (M, N) (+)= alpha A B^T    A (M, K) lda, B (N, K) ldb    (Y = X W^T)
+ * accumulate = 0 writes C (never reads it: C may hold anything, NaN included); 1 adds to it.
+ *
+ * Numbers: the same sums as BLAS in another order, with FMA: float64 agrees with the BLAS path
+ * to ~1e-15 relative (tests compare the two on every shape class and on whole steps).
+ */
+#ifndef MOLECULE_GEMM_H
+#define MOLECULE_GEMM_H
+
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attention.h" /* mg_tri_use_avx2: one switch for every AVX2 kernel */
+
+#define MG_GEMM_MR 6   /* rows of C per register block */
+#define MG_GEMM_KC 256 /* K per pass: a K x 16-float (K x 8-double) panel of B is 16 KB */
+#define MG_GEMM_MC 120 /* rows of A per pass, a multiple of MG_GEMM_MR */
+
+/* grow-only scratch for B^T, one per thread (workers run products concurrently) */
+static _Thread_local void *mg_gemm_scratch = NULL;
+static _Thread_local size_t mg_gemm_scratch_bytes = 0;
+
+static inline void *mg_gemm_scratch_get(size_t nbytes) {
+    if (nbytes > mg_gemm_scratch_bytes) {
+        void *p = NULL;
+        if (posix_memalign(&p, 64, nbytes) != 0) return NULL;
+        free(mg_gemm_scratch);
+        mg_gemm_scratch = p;
+        mg_gemm_scratch_bytes = nbytes;
+    }
+    return mg_gemm_scratch;
+}
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define MG_GEMM_AVX2 1
+#define MG_GEMM_ATTR __attribute__((target("avx2,fma")))
+#define MG_GEMM_INLINE __attribute__((always_inline, target("avx2,fma"))) static inline
+
+/* One register block: C[0:MR, 0:NV W] (+)= alpha sum_k A(r, k) P[k, 0:NV W] for k < kc, with
+ * A(r, k) at A[r * sam + k * sak] and P a packed panel of B (rows of NV W, zero-padded). TAIL:
+ * only nc < NV W columns of C exist. MR x NV <= 12 accumulators + NV loads + 1 broadcast fit
+ * the 16 vector registers. */
+#define MG_DEFINE_GEMM_BLOCK(T, VT, W, NAME)                                                      \
+    MG_GEMM_INLINE void NAME(const int MR, const int NV, const int TAIL, ptrdiff_t kc,            \
+                             const T *restrict A, ptrdiff_t sam, ptrdiff_t sak,                   \
+                             const T *restrict P, T *restrict C, ptrdiff_t ldc, T alpha,          \
+                             int accumulate, ptrdiff_t nc) {                                      \
+        VT c[MG_GEMM_MR][3];                                                                      \
+        _Pragma("GCC unroll 6") for (int r = 0; r < MR; r++)                                      \
+            _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) c[r][v] = (VT){0};               \
+        for (ptrdiff_t k = 0; k < kc; k++) {                                                      \
+            VT b[3];                                                                              \
+            _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++)                                  \
+                memcpy(&b[v], P + k * NV * W + v * W, sizeof(VT));                                \
+            const T *a = A + k * sak;                                                             \
+            _Pragma("GCC unroll 6") for (int r = 0; r < MR; r++) {                                \
+                T x = a[r * sam];                                                                 \
+                _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) c[r][v] += x * b[v];         \
+            }                                                                                     \
+        }                                                                                         \
+        _Pragma("GCC unroll 6") for (int r = 0; r < MR; r++) {                                    \
+            T *row = C + r * ldc;                                                                 \
+            if (!TAIL) {                                                                          \
+                _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) {                            \
+                    VT u = c[r][v] * alpha;                                                       \
+                    if (accumulate) {                                                             \
+                        VT o;                                                                     \
+                        memcpy(&o, row + v * W, sizeof o);                                        \
+                        u += o;                                                                   \
+                    }                                                                             \
+                    memcpy(row + v * W, &u, sizeof u);                                            \
+                }                                                                                 \
+            } else {                                                                              \
+                T out[3 * W];                                                                     \
+                _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) {                            \
+                    VT u = c[r][v] * alpha;                                                       \
+                    memcpy(out + v * W, &u, sizeof u);                                            \
+                }                                                                                 \
+                for (ptrdiff_t l = 0; l < nc; l++) row[l] = accumulate ? row[l] + out[l] : out[l]; \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+/* all row counts 1..MR of one block shape, full or tail */
+#define MG_GEMM_CASES(BLOCK, MRMAX, NV, TAIL, mr, ...)                                            \
+    switch (mr) {                                                                                 \
+    case 6: if (MRMAX >= 6) { BLOCK(6, NV, TAIL, __VA_ARGS__); break; } /* fall through */        \
+    case 5: if (MRMAX >= 5) { BLOCK(5, NV, TAIL, __VA_ARGS__); break; } /* fall through */        \
+    case 4: BLOCK(4, NV, TAIL, __VA_ARGS__); break;                                               \
+    case 3: BLOCK(3, NV, TAIL, __VA_ARGS__); break;                                               \
+    case 2: BLOCK(2, NV, TAIL, __VA_ARGS__); break;                                               \
+    default: BLOCK(1, NV, TAIL, __VA_ARGS__);                                                     \
+    }
+
+/* C (M, N) (+)= alpha opA(A) B, A(i, k) at A[i * sam + k * sak]; B(k, j) at B[k * sbk + j * sbj]
+ * (row-major B: sbk = ldb, sbj = 1; B given transposed: sbk = 1, sbj = ldb). Per pass of
+ * kc <= MG_GEMM_KC rows of B, B is first packed into column panels of NV W (zero-padded: the
+ * kernel's loads are whole and contiguous); every row block of A reuses them. Blocks are MR x
+ * NV W with (MR, NV) = (6, 2) or (4, 3): the caller picks the one that wastes fewer columns. */
+#define MG_DEFINE_GEMM_CORE(T, W, BLOCK, CORE, MR, NV)                                            \
+    MG_GEMM_ATTR static void CORE(T *restrict C, ptrdiff_t ldc, const T *restrict A, ptrdiff_t sam, \
+                                  ptrdiff_t sak, const T *restrict B, ptrdiff_t sbk, ptrdiff_t sbj, \
+                                  ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, T alpha, int accumulate, \
+                                  T *restrict panels) {                                           \
+        const ptrdiff_t PW = NV * W, np = (N + PW - 1) / PW;                                      \
+        if (K <= 0 && !accumulate) /* an empty sum: C = 0 */                                      \
+            for (ptrdiff_t i = 0; i < M; i++) memset(C + i * ldc, 0, N * sizeof(T));             \
+        for (ptrdiff_t k0 = 0; k0 < K; k0 += MG_GEMM_KC) {                                        \
+            ptrdiff_t kc = K - k0 < MG_GEMM_KC ? K - k0 : MG_GEMM_KC;                             \
+            int acc = accumulate || k0 > 0;                                                       \
+            for (ptrdiff_t p = 0; p < np; p++) {                                                  \
+                T *dst = panels + p * kc * PW;                                                    \
+                ptrdiff_t j0 = p * PW, nc = N - j0 < PW ? N - j0 : PW;                            \
+                if (sbj == 1) {                                                                   \
+                    for (ptrdiff_t k = 0; k < kc; k++) {                                          \
+                        memcpy(dst + k * PW, B + (k0 + k) * sbk + j0, nc * sizeof(T));            \
+                        for (ptrdiff_t j = nc; j < PW; j++) dst[k * PW + j] = 0;                  \
+                    }                                                                             \
+                } else {                                                                          \
+                    for (ptrdiff_t j = 0; j < PW; j++) {                                          \
+                        const T *src = B + (j0 + j) * sbj + k0 * sbk;                             \
+                        if (j < nc)                                                               \
+                            for (ptrdiff_t k = 0; k < kc; k++) dst[k * PW + j] = src[k * sbk];    \
+                        else                                                                      \
+                            for (ptrdiff_t k = 0; k < kc; k++) dst[k * PW + j] = 0;               \
+                    }                                                                             \
+                }                                                                                 \
+            }                                                                                     \
+            for (ptrdiff_t i0 = 0; i0 < M; i0 += MG_GEMM_MC) {                                    \
+                ptrdiff_t mc = M - i0 < MG_GEMM_MC ? M - i0 : MG_GEMM_MC;                         \
+                for (ptrdiff_t p = 0; p < np; p++) {                                              \
+                    const T *Pp = panels + p * kc * PW;                                           \
+                    ptrdiff_t j0 = p * PW, nc = N - j0 < PW ? N - j0 : PW;                        \
+                    for (ptrdiff_t i = i0; i < i0 + mc; i += MR) {                                \
+                        int mr = i0 + mc - i < MR ? (int)(i0 + mc - i) : MR;                      \
+                        const T *Ai = A + i * sam + k0 * sak;                                     \
+                        T *Ci = C + i * ldc + j0;                                                 \
+                        if (nc == PW) {                                                           \
+                            MG_GEMM_CASES(BLOCK, MR, NV, 0, mr, kc, Ai, sam, sak, Pp, Ci, ldc, alpha, acc, nc) \
+                        } else {                                                                  \
+                            MG_GEMM_CASES(BLOCK, MR, NV, 1, mr, kc, Ai, sam, sak, Pp, Ci, ldc, alpha, acc, nc) \
+                        }                                                                         \
+                    }                                                                             \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+/* the core for C = alpha opA(A) B (+ C): the block shape wasting fewer padded columns */
+#define MG_DEFINE_GEMM(T, VT, W, SFX)                                                             \
+    MG_DEFINE_GEMM_BLOCK(T, VT, W, mg_gemm_block_##SFX)                                           \
+    MG_DEFINE_GEMM_CORE(T, W, mg_gemm_block_##SFX, mg_gemm_core2_##SFX, 6, 2)                     \
+    MG_DEFINE_GEMM_CORE(T, W, mg_gemm_block_##SFX, mg_gemm_core3_##SFX, 4, 3)                     \
+    static inline int mg_gemm_wide_##SFX(ptrdiff_t N) {                                           \
+        ptrdiff_t pad2 = (N + 2 * W - 1) / (2 * W) * 2 * W, pad3 = (N + 3 * W - 1) / (3 * W) * 3 * W; \
+        return pad3 < pad2;                                                                       \
+    }
+
+MG_DEFINE_GEMM(float, mg_v8f, 8, f)
+MG_DEFINE_GEMM(double, mg_v4d, 4, d)
+#endif
+
+/* The public entry points: 1 when the product was computed here, 0 when the caller must use
+ * BLAS (no AVX2+FMA, or no memory for B^T). */
+#define MG_DEFINE_GEMM_API(T, SFX, W)                                                             \
+    static inline T *mg_gemm_panels_##SFX(ptrdiff_t N, ptrdiff_t K) {                             \
+        ptrdiff_t kc = K < MG_GEMM_KC ? K : MG_GEMM_KC;                                           \
+        return (T *)mg_gemm_scratch_get((size_t)((N + 3 * W - 1) / (2 * W)) * 2 * W * kc * sizeof(T)); \
+    }                                                                                             \
+    static inline int mg_gemm_tn_##SFX(T *C, ptrdiff_t ldc, const T *A, ptrdiff_t lda, const T *B, \
+                                       ptrdiff_t ldb, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, T alpha, \
+                                       int accumulate) {                                          \
+        MG_GEMM_BODY(T, SFX, C, ldc, A, 1, lda, B, ldb, 1, M, N, K, alpha, accumulate)            \
+    }                                                                                             \
+    static inline int mg_gemm_nn_##SFX(T *C, ptrdiff_t ldc, const T *A, ptrdiff_t lda, const T *B, \
+                                       ptrdiff_t ldb, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, T alpha, \
+                                       int accumulate) {                                          \
+        MG_GEMM_BODY(T, SFX, C, ldc, A, lda, 1, B, ldb, 1, M, N, K, alpha, accumulate)            \
+    }                                                                                             \
+    static inline int mg_gemm_nt_##SFX(T *C, ptrdiff_t ldc, const T *A, ptrdiff_t lda, const T *B, \
+                                       ptrdiff_t ldb, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, T alpha, \
+                                       int accumulate) {                                          \
+        MG_GEMM_BODY(T, SFX, C, ldc, A, lda, 1, B, 1, ldb, M, N, K, alpha, accumulate)            \
+    }
+
+#ifdef MG_GEMM_AVX2
+#define MG_GEMM_BODY(T, SFX, C, ldc, A, sam, sak, B, sbk, sbj, M, N, K, alpha, accumulate)        \
+    T *panels;                                                                                    \
+    if (!mg_tri_use_avx2() || (panels = mg_gemm_panels_##SFX(N, K)) == NULL) return 0;            \
+    if (mg_gemm_wide_##SFX(N))                                                                    \
+        mg_gemm_core3_##SFX(C, ldc, A, sam, sak, B, sbk, sbj, M, N, K, alpha, accumulate, panels);\
+    else                                                                                          \
+        mg_gemm_core2_##SFX(C, ldc, A, sam, sak, B, sbk, sbj, M, N, K, alpha, accumulate, panels);\
+    return 1;
+#else
+#define MG_GEMM_BODY(...) return 0;
+#endif
+
+MG_DEFINE_GEMM_API(float, f, 8)
+MG_DEFINE_GEMM_API(double, d, 4)
+
+#endif
