@@ -6,7 +6,14 @@ PyTorch eager and the achieved GFLOP/s as a fraction of what numpy.matmul reache
     python benchmarks/train_throughput.py [--steps 20] [--repeats 5] [--quick]
 
 FLOPs per trained token = 6 x (parameters used in matrix products) + attention (QK^T and AV
-over the causal keys: 2 d per key per head, forward 2 of them, backward 4). Medians of repeats.
+over the causal keys: 2 d per key per head, forward 2 of them, backward 4).
+
+Timing: the implementations take turns, round by round (each round, for each implementation: a
+pause of IDLE_SECONDS, two untimed steps, then `steps` timed ones), so a drift in the machine's
+speed (it is shared) lands on all of them alike; the pause lets the worker threads of the
+previous implementation's libraries stop spinning (OpenBLAS's wait about 0.1 s before they
+sleep: without it, PyTorch timed right after the numpy baseline lost a core). ms/step is the median over rounds; "vs torch" is the
+median over rounds of that round's ratio (a paired comparison).
 """
 from __future__ import annotations
 
@@ -73,16 +80,23 @@ def batches(vocab, batch, seq_len, n, seed=0):
     return [[rng.integers(0, vocab, size=seq_len + 1).tolist() for _ in range(batch)] for _ in range(n)]
 
 
-def time_steps(step, data, steps, repeats):
-    """Median seconds per step over `repeats` runs of `steps` steps (after one warm-up step)."""
-    step(data[0])
-    per_step = []
+IDLE_SECONDS = 0.3
+
+
+def time_rounds(impls, data, steps, repeats):
+    """Per implementation, seconds per step in each of `repeats` rounds; in every round each
+    implementation idles, runs two untimed steps, then `steps` timed ones (impl -> count)."""
+    per_step = {impl: [] for impl in impls}
     for r in range(repeats):
-        t0 = time.perf_counter()
-        for i in range(steps):
-            step(data[(r * steps + i) % len(data)])
-        per_step.append((time.perf_counter() - t0) / steps)
-    return statistics.median(per_step)
+        for impl, step in impls.items():
+            time.sleep(IDLE_SECONDS)
+            for i in range(2):
+                step(data[i])
+            t0 = time.perf_counter()
+            for i in range(steps[impl]):
+                step(data[(r * steps[impl] + i) % len(data)])
+            per_step[impl].append((time.perf_counter() - t0) / steps[impl])
+    return per_step
 
 
 def main():
@@ -120,13 +134,15 @@ def main():
             if torch is not None:
                 tm = TorchGPT(cfg, {k: v.copy() for k, v in init.items()}, [], dtype=np.dtype(dtype))
                 impls["torch-eager"] = lambda b, m=tm: m.train_step(b, 1e-3)
-            results = {}
-            for impl, step in impls.items():
-                n_steps = max(1, steps // 4) if (impl == "numpy" and name == "larger") else steps
-                results[impl] = time_steps(step, data, n_steps, repeats)
+            n_steps = {impl: max(1, steps // 4) if (impl == "numpy" and name == "larger") else steps
+                       for impl in impls}
+            rounds = time_rounds(impls, data, n_steps, repeats)
+            results = {impl: statistics.median(secs) for impl, secs in rounds.items()}
+            ratio = {impl: statistics.median(t / s for t, s in zip(rounds["torch-eager"], secs))
+                     for impl, secs in rounds.items()} if "torch-eager" in rounds else {}
             for impl, sec in results.items():
                 gflops = fpt * tokens / sec / 1e9
-                vs = f"{results['torch-eager'] / sec:8.2f}x" if "torch-eager" in results else "       -"
+                vs = f"{ratio[impl]:8.2f}x" if ratio else "       -"
                 print(f"{name:8} {dtype:8} {impl:12} {sec * 1e3:9.2f} {tokens / sec:10.0f} {gflops:8.1f} "
                       f"{100 * gflops / mm1:5.0f}% {vs}")
             if dtype == "float32":
@@ -134,7 +150,7 @@ def main():
                 frac = fpt * tokens / results["molecule"] / 1e9 / mm1
                 line = f"# target {name}: >= {want_frac:.0%} of matmul -> {frac:.0%}"
                 if "torch-eager" in results:
-                    line += f"; >= {want_torch}x torch eager -> {results['torch-eager'] / results['molecule']:.2f}x"
+                    line += f"; >= {want_torch}x torch eager -> {ratio['molecule']:.2f}x"
                 print(line)
 
 

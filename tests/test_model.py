@@ -206,6 +206,32 @@ def test_worker_count_does_not_change_training():
             np.testing.assert_allclose(v, grads["delta0." + k], rtol=1e-11, atol=1e-15)
 
 
+def test_own_products_train_like_the_blas_twin():
+    """csrc/gemm.h's products (adapters, tails, patterns included) against BLAS over whole
+    training steps: the same trajectory in float64; BLAS's thread count is restored after each."""
+    from threadpoolctl import threadpool_info
+    from molecule_gpt import _core
+
+    rng = np.random.default_rng(21)
+    batches = [random_batch(rng, 37, [97, 40, 97, 13]) for _ in range(3)]
+    threads_before = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    runs = []
+    for blas in (False, True):
+        _core._blas_linear(blas)
+        try:
+            model = mg.Model(mg.Config(), 37, dtype="float64", seed=8)
+            model.add_delta_module()
+            model.add_delta_module()
+            runs.append(([model.train_step(b, 0.01) for b in batches], model.params()))
+            assert _core.step_uses_blas() == blas or _core.attention_simd_path() == "portable"
+        finally:
+            _core._blas_linear(False)
+        assert [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"] == threads_before
+    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-12)
+    for name, value in runs[0][1].items():
+        np.testing.assert_allclose(value, runs[1][1][name], rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("activation,tied", [("relu", True), ("silu", True), ("relu", False)])
 def test_leftover_gradients_of_a_previous_step_change_nothing(activation, tied):
     """Backward zeroes only the gradients that are accumulated; single-consumer outputs and

@@ -45,6 +45,7 @@ def adam_update_groups(groups: list, lr: float, beta1: float, beta2: float, eps:
                        extra_grads: list[list[np.ndarray]] | None = None, n_threads: int = 1) -> None: ...
     # each group: .flat/.grad/.m/.v 1-D arrays, .step int (bumped); extra_grads[i] summed into groups[i].grad
 def attention_simd_path() -> str: ...  # "avx2" or "portable": which csrc/attention.h kernels steps run
+def step_uses_blas() -> bool: ...
 def _blas_attention(on: bool) -> None: ...  # tests/benchmarks: attention products through BLAS
 def _blas_linear(on: bool) -> None: ...  # tests/benchmarks: linear products through BLAS
 def _force_portable_attention(on: bool) -> None: ...  # tests: the baseline (SSE2) attention kernels

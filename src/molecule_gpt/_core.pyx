@@ -789,6 +789,12 @@ def attention_simd_path() -> str:
     return "avx2" if mg_tri_use_avx2() else "portable"
 
 
+def step_uses_blas() -> bool:
+    """Whether a training step calls BLAS: on a CPU without AVX2+FMA (or with MOLECULE_GPT_NO_AVX2
+    set) the products go to BLAS; otherwise only the tests' naive twins do."""
+    return linear_blas or attention_blas or not mg_tri_use_avx2()
+
+
 def _blas_attention(bint on):
     """Tests and benchmarks: run attention's products through BLAS (the naive twin) instead of
     the lower-triangle kernels."""
