@@ -21,7 +21,8 @@
  * the buffer's type (padded copies of B, so every vector load is whole; the softmax's row).
  *
  * The softmax rows live here too, for the same AVX2 build of their exponentials (float32:
- * mg_expf, csrc/fastmath.h; float64: libm's exp, as everywhere).
+ * mg_expf's method, csrc/fastmath.h, 8 lanes at a time on the AVX2 path; float64: libm's exp,
+ * as everywhere).
  *
  * Numbers: the same products as the reference, summed in a different order (and with FMA on
  * the AVX2 path): float64 results match the BLAS path to ~1e-15 relative.
@@ -239,7 +240,7 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
 #define MG_HEAD_RRPRAM 1
 #define MG_HEAD_HYBRID 2
 
-#define MG_DEFINE_SOFTMAX(T, EXP, W, ATTR, FWD, BWD)                                              \
+#define MG_DEFINE_SOFTMAX_FWD(T, EXP, W, ATTR, FWD)                                               \
     /* A (n, n): row t = softmax of its logits over j <= t, zero above the diagonal.             \
      * S (n, n) scaled content logits; P rows of the pattern with stride ldp. buf holds          \
      * round_up(n, W) elements: each row is built there padded to whole vectors (the pad as      \
@@ -270,7 +271,9 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
             T inv = 1 / total;                                                                    \
             for (ptrdiff_t j = 0; j < n; j++) row[j] = buf[j] * inv;                              \
         }                                                                                         \
-    }                                                                                             \
+    }
+
+#define MG_DEFINE_SOFTMAX_BWD(T, W, ATTR, BWD)                                                    \
     /* dA (n, n) holds dY V^T on entry and the logit gradient on exit: dl = A (dA -              \
      * rowsum(A dA)), zero above the diagonal; for rrpram heads dP += dl, for hybrid heads        \
      * dP += a dl and dA = (1 - a) dl (the content part). Returns sum dl (P - S) over the rows of  \
@@ -309,8 +312,10 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
         return dalpha;                                                                            \
     }
 
-MG_DEFINE_SOFTMAX(float, mg_expf, 8, , mg_causal_softmax_f_base, mg_causal_softmax_backward_f_base)
-MG_DEFINE_SOFTMAX(double, exp, 4, , mg_causal_softmax_d_base, mg_causal_softmax_backward_d_base)
+MG_DEFINE_SOFTMAX_FWD(float, mg_expf, 8, , mg_causal_softmax_f_base)
+MG_DEFINE_SOFTMAX_FWD(double, exp, 4, , mg_causal_softmax_d_base)
+MG_DEFINE_SOFTMAX_BWD(float, 8, , mg_causal_softmax_backward_f_base)
+MG_DEFINE_SOFTMAX_BWD(double, 4, , mg_causal_softmax_backward_d_base)
 
 typedef float mg_v8f __attribute__((vector_size(32)));
 typedef double mg_v4d __attribute__((vector_size(32)));
@@ -324,10 +329,66 @@ MG_DEFINE_TRI(float, mg_v8f, 8, __attribute__((target("avx2,fma"))), mg_tri_nt_f
               mg_tri_tn_f_avx2)
 MG_DEFINE_TRI(double, mg_v4d, 4, __attribute__((target("avx2,fma"))), mg_tri_nt_d_avx2, mg_tri_nn_d_avx2,
               mg_tri_tn_d_avx2)
-MG_DEFINE_SOFTMAX(float, mg_expf_fl, 8, __attribute__((target("avx2,fma"))), mg_causal_softmax_f_avx2,
-                  mg_causal_softmax_backward_f_avx2)
-MG_DEFINE_SOFTMAX(double, exp, 4, __attribute__((target("avx2,fma"))), mg_causal_softmax_d_avx2,
-                  mg_causal_softmax_backward_d_avx2)
+MG_DEFINE_SOFTMAX_FWD(double, exp, 4, __attribute__((target("avx2,fma"))), mg_causal_softmax_d_avx2)
+MG_DEFINE_SOFTMAX_BWD(float, 8, __attribute__((target("avx2,fma"))), mg_causal_softmax_backward_f_avx2)
+MG_DEFINE_SOFTMAX_BWD(double, 4, __attribute__((target("avx2,fma"))), mg_causal_softmax_backward_d_avx2)
+
+/* The float32 forward rows in intrinsics: three passes over whole vectors of the row (logits and
+ * their max; exp and sum; scale and store), the last vector of a row masked to j <= t. The
+ * generic rows above spend ~5 passes and scalar loop tails on each row (measured, one 96 x 96
+ * block: 7.0 us there, see the note in fastmath.h on why GCC's own vectorization falls short). */
+__attribute__((target("avx2,fma"))) static void mg_causal_softmax_f_avx2(float *restrict A, ptrdiff_t n,
+                                                                         const float *restrict S,
+                                                                         const float *restrict P,
+                                                                         ptrdiff_t ldp, float a, int kind,
+                                                                         float *restrict buf) {
+    static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(1 - a), ninf = _mm256_set1_ps(-INFINITY);
+    for (ptrdiff_t t = 0; t < n; t++) {
+        float *row = A + t * n;
+        const float *srow = S + t * n, *prow = P ? P + t * ldp : NULL;
+        ptrdiff_t m = t + 1, nv = (m + 7) / 8, last = (nv - 1) * 8;
+        /* lanes j < m of the last vector: loads there read no element past the row's end */
+        __m256i keep = _mm256_loadu_si256((const __m256i *)(lanes + 8 - (m - last)));
+        __m256 vmax = ninf;
+        for (ptrdiff_t v = 0; v < nv; v++) {
+            ptrdiff_t j = v * 8;
+            __m256 x;
+            if (j < last) {
+                x = kind == MG_HEAD_CONTENT ? _mm256_loadu_ps(srow + j)
+                    : kind == MG_HEAD_RRPRAM ? _mm256_loadu_ps(prow + j)
+                    : _mm256_fmadd_ps(vb, _mm256_loadu_ps(srow + j), _mm256_mul_ps(va, _mm256_loadu_ps(prow + j)));
+            } else {
+                x = kind == MG_HEAD_CONTENT ? _mm256_maskload_ps(srow + j, keep)
+                    : kind == MG_HEAD_RRPRAM ? _mm256_maskload_ps(prow + j, keep)
+                    : _mm256_fmadd_ps(vb, _mm256_maskload_ps(srow + j, keep),
+                                      _mm256_mul_ps(va, _mm256_maskload_ps(prow + j, keep)));
+                x = _mm256_blendv_ps(ninf, x, _mm256_castsi256_ps(keep));
+            }
+            _mm256_storeu_ps(buf + j, x);
+            vmax = _mm256_max_ps(vmax, x);
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+        const __m256 vmx = _mm256_set1_ps(_mm_cvtss_f32(h));
+        __m256 vsum = _mm256_setzero_ps();
+        for (ptrdiff_t v = 0; v < nv; v++) {
+            __m256 e = mg_expf8(_mm256_sub_ps(_mm256_loadu_ps(buf + v * 8), vmx));
+            if (v == nv - 1) e = _mm256_and_ps(e, _mm256_castsi256_ps(keep)); /* exact zeros past t */
+            _mm256_storeu_ps(buf + v * 8, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(vsum), _mm256_extractf128_ps(vsum, 1));
+        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
+        const __m256 inv = _mm256_set1_ps(1.0f / _mm_cvtss_f32(s4));
+        ptrdiff_t j = 0;
+        for (; j + 8 <= n; j += 8)  /* the whole row: weights, then zeros above the diagonal */
+            _mm256_storeu_ps(row + j, j < nv * 8 ? _mm256_mul_ps(_mm256_loadu_ps(buf + j), inv) : _mm256_setzero_ps());
+        for (; j < n; j++) row[j] = j < m ? buf[j] * _mm256_cvtss_f32(inv) : 0;
+    }
+}
 #endif
 
 /* 1 when the AVX2+FMA kernels run (the CPU has them and MOLECULE_GPT_NO_AVX2 is not set);

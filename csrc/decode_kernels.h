@@ -226,25 +226,6 @@ static float mg_softmax_exp_f_generic(float *restrict x, float *restrict e, cons
 }
 
 #ifdef MG_HAVE_AVX2_PATH
-/* mg_expf on 8 lanes: exp(x) = 2^n exp(g), n = floor(x log2 e + 1/2), polynomial on g */
-__attribute__((target("avx2,fma"))) static inline __m256 mg_expf8(__m256 x) {
-    x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365447504f));
-    __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
-    __m256 n = _mm256_floor_ps(fx);
-    __m256 g = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    g = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), g);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, g, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, g, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, g, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, g, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, g, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(y, g), g, g), _mm256_set1_ps(1.0f));
-    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
-}
-
 __attribute__((target("avx2,fma"))) static float mg_softmax_exp_f_avx2(float *restrict x, float *restrict e,
                                                                          const float *restrict z, ptrdiff_t n,
                                                                          float ft, float shift, float lo, float *sx) {
