@@ -47,6 +47,15 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
     return a > b ? a : b;
 }
 
+/* dst[0:n] = src[0:n] for short rows: whole vectors of VT, then single elements (a variable-size
+ * memcpy is a libc call per row, which cost more than the copy itself for rows of 18 floats) */
+#define MG_COPY_ROW(T, VT, W, dst, src, n)                                                        \
+    do {                                                                                          \
+        ptrdiff_t c_ = 0;                                                                         \
+        for (; c_ + W <= (n); c_ += W) memcpy((dst) + c_, (src) + c_, sizeof(VT));                \
+        for (; c_ < (n); c_++) (dst)[c_] = (src)[c_];                                             \
+    } while (0)
+
 /* One family of kernels for element type T with W lanes per 32-byte vector VT; ATTR selects the
  * target. Vector loads and stores go through memcpy (unaligned, and legal for any buffer). */
 #define MG_DEFINE_TRI(T, VT, W, ATTR, NT, NN, TN)                                                 \
@@ -111,7 +120,7 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
         ptrdiff_t dp = (d + W - 1) / W * W;                                                       \
         T *Bp = scratch; /* (n, dp): B with zero columns past d */                                \
         for (ptrdiff_t j = 0; j < n; j++) {                                                       \
-            memcpy(Bp + j * dp, B + j * ldb, d * sizeof(T));                                      \
+            MG_COPY_ROW(T, VT, W, Bp + j * dp, B + j * ldb, d);                                   \
             for (ptrdiff_t c = d; c < dp; c++) Bp[j * dp + c] = 0;                                \
         }                                                                                         \
         T out[MG_TRI_R][3 * W];                                                                   \
@@ -177,7 +186,7 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
         ptrdiff_t dp = (d + W - 1) / W * W;                                                       \
         T *Bp = scratch;                                                                          \
         for (ptrdiff_t t = 0; t < n; t++) {                                                       \
-            memcpy(Bp + t * dp, B + t * ldb, d * sizeof(T));                                      \
+            MG_COPY_ROW(T, VT, W, Bp + t * dp, B + t * ldb, d);                                   \
             for (ptrdiff_t c = d; c < dp; c++) Bp[t * dp + c] = 0;                                \
         }                                                                                         \
         T out[MG_TRI_R][3 * W];                                                                   \

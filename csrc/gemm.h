@@ -117,7 +117,7 @@ static inline void *mg_gemm_scratch_get(size_t nbytes) {
  * kc <= MG_GEMM_KC rows of B, B is first packed into column panels of NV W (zero-padded: the
  * kernel's loads are whole and contiguous); every row block of A reuses them. Blocks are MR x
  * NV W with (MR, NV) = (6, 2) or (4, 3): the caller picks the one that wastes fewer columns. */
-#define MG_DEFINE_GEMM_CORE(T, W, BLOCK, CORE, MR, NV)                                            \
+#define MG_DEFINE_GEMM_CORE(T, VT, W, BLOCK, CORE, MR, NV)                                            \
     MG_GEMM_ATTR static void CORE(T *restrict C, ptrdiff_t ldc, const T *restrict A, ptrdiff_t sam, \
                                   ptrdiff_t sak, const T *restrict B, ptrdiff_t sbk, ptrdiff_t sbj, \
                                   ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, T alpha, int accumulate, \
@@ -133,7 +133,7 @@ static inline void *mg_gemm_scratch_get(size_t nbytes) {
                 ptrdiff_t j0 = p * PW, nc = N - j0 < PW ? N - j0 : PW;                            \
                 if (sbj == 1) {                                                                   \
                     for (ptrdiff_t k = 0; k < kc; k++) {                                          \
-                        memcpy(dst + k * PW, B + (k0 + k) * sbk + j0, nc * sizeof(T));            \
+                        MG_COPY_ROW(T, VT, W, dst + k * PW, B + (k0 + k) * sbk + j0, nc);         \
                         for (ptrdiff_t j = nc; j < PW; j++) dst[k * PW + j] = 0;                  \
                     }                                                                             \
                 } else {                                                                          \
@@ -169,8 +169,8 @@ static inline void *mg_gemm_scratch_get(size_t nbytes) {
 /* the core for C = alpha opA(A) B (+ C): the block shape wasting fewer padded columns */
 #define MG_DEFINE_GEMM(T, VT, W, SFX)                                                             \
     MG_DEFINE_GEMM_BLOCK(T, VT, W, mg_gemm_block_##SFX)                                           \
-    MG_DEFINE_GEMM_CORE(T, W, mg_gemm_block_##SFX, mg_gemm_core2_##SFX, 6, 2)                     \
-    MG_DEFINE_GEMM_CORE(T, W, mg_gemm_block_##SFX, mg_gemm_core3_##SFX, 4, 3)                     \
+    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm_block_##SFX, mg_gemm_core2_##SFX, 6, 2)                     \
+    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm_block_##SFX, mg_gemm_core3_##SFX, 4, 3)                     \
     static inline int mg_gemm_wide_##SFX(ptrdiff_t N) {                                           \
         ptrdiff_t pad2 = (N + 2 * W - 1) / (2 * W) * 2 * W, pad3 = (N + 3 * W - 1) / (3 * W) * 3 * W; \
         return pad3 < pad2;                                                                       \
