@@ -48,4 +48,31 @@
 MG_DEFINE_RELU_GATE(float, f)
 MG_DEFINE_RELU_GATE(double, d)
 
+/* RoPE on one row of all heads: pair p = (x[2p], x[2p+1]), p < np (= H d/2), turned by the angle
+ * whose cosine and sine are c[p], s[p] (the position's table repeated once per head, so one
+ * loop runs the whole row and vectorizes, instead of d/2 = 9 pairs at a time).
+ *   forward : y = R x
+ *   backward: dx += R^T dy   (the rotation is orthogonal) */
+#define MG_DEFINE_ROPE_ROW(T, SUFFIX)                                                             \
+    static inline void mg_rope_row_##SUFFIX(T *restrict y, const T *restrict x, const T *restrict c, \
+                                            const T *restrict s, ptrdiff_t np) {                  \
+        for (ptrdiff_t p = 0; p < np; p++) {                                                      \
+            T a = x[2 * p], b = x[2 * p + 1];                                                     \
+            y[2 * p] = a * c[p] - b * s[p];                                                       \
+            y[2 * p + 1] = a * s[p] + b * c[p];                                                   \
+        }                                                                                         \
+    }                                                                                             \
+    static inline void mg_rope_row_back_##SUFFIX(T *restrict dx, const T *restrict dy,             \
+                                                 const T *restrict c, const T *restrict s,         \
+                                                 ptrdiff_t np) {                                  \
+        for (ptrdiff_t p = 0; p < np; p++) {                                                      \
+            T a = dy[2 * p], b = dy[2 * p + 1];                                                   \
+            dx[2 * p] += a * c[p] + b * s[p];                                                     \
+            dx[2 * p + 1] += b * c[p] - a * s[p];                                                 \
+        }                                                                                         \
+    }
+
+MG_DEFINE_ROPE_ROW(float, f)
+MG_DEFINE_ROPE_ROW(double, d)
+
 #endif

@@ -272,40 +272,27 @@ cdef void rmsnorm_backward(floating* dx, const floating* dy, const floating* y, 
 cdef void rope_forward(floating* y, const floating* x, const int* pos, const floating* cos_t,
                        const floating* sin_t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t d,
                        Py_ssize_t ldx) noexcept nogil:
-    """x (N, H*d) with row stride ldx, y (N, H*d) contiguous; cos_t, sin_t (T, d/2) at row pos[i]."""
-    cdef Py_ssize_t i, h, j, half = d // 2, C = H * d, o, ox
-    cdef floating a, b, c, s
+    """x (N, H*d) with row stride ldx, y (N, H*d) contiguous; cos_t, sin_t (T, H*d/2): each
+    position's angles repeated once per head, at row pos[i] (csrc/elementwise.h)."""
+    cdef Py_ssize_t i, C = H * d, np2 = C // 2
     for i in range(N):
-        for h in range(H):
-            o = i * C + h * d
-            ox = i * ldx + h * d
-            for j in range(half):
-                c = cos_t[pos[i] * half + j]
-                s = sin_t[pos[i] * half + j]
-                a = x[ox + 2 * j]
-                b = x[ox + 2 * j + 1]
-                y[o + 2 * j] = a * c - b * s
-                y[o + 2 * j + 1] = a * s + b * c
+        if floating is float:
+            mg_rope_row_f(y + i * C, x + i * ldx, cos_t + pos[i] * np2, sin_t + pos[i] * np2, np2)
+        else:
+            mg_rope_row_d(y + i * C, x + i * ldx, cos_t + pos[i] * np2, sin_t + pos[i] * np2, np2)
 
 
 cdef void rope_backward(floating* dx, const floating* dy, const int* pos, const floating* cos_t,
                         const floating* sin_t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t d,
                         Py_ssize_t ldx) noexcept nogil:
     """dx += R(-theta) dy: the rotation is orthogonal, so its transpose is its inverse
-    (dx has row stride ldx, dy is contiguous)."""
-    cdef Py_ssize_t i, h, j, half = d // 2, C = H * d, o, ox
-    cdef floating a, b, c, s
+    (dx has row stride ldx, dy is contiguous; tables as in rope_forward)."""
+    cdef Py_ssize_t i, C = H * d, np2 = C // 2
     for i in range(N):
-        for h in range(H):
-            o = i * C + h * d
-            ox = i * ldx + h * d
-            for j in range(half):
-                c = cos_t[pos[i] * half + j]
-                s = sin_t[pos[i] * half + j]
-                a = dy[o + 2 * j]
-                b = dy[o + 2 * j + 1]
-                dx[ox + 2 * j] += a * c + b * s
-                dx[ox + 2 * j + 1] += -a * s + b * c
+        if floating is float:
+            mg_rope_row_back_f(dx + i * ldx, dy + i * C, cos_t + pos[i] * np2, sin_t + pos[i] * np2, np2)
+        else:
+            mg_rope_row_back_d(dx + i * ldx, dy + i * C, cos_t + pos[i] * np2, sin_t + pos[i] * np2, np2)
 
 
 # ---------------------------------------------------------------------------------------------

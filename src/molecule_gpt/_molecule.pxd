@@ -84,6 +84,10 @@ cdef extern from "elementwise.h" nogil:
     void mg_relu_gate_backward_d(double* dg, double* du, const double* dout, const double* g, const double* u, Py_ssize_t n)
     void mg_relu_gate_backward_set_f(float* dg, float* du, const float* dout, const float* g, const float* u, Py_ssize_t n)
     void mg_relu_gate_backward_set_d(double* dg, double* du, const double* dout, const double* g, const double* u, Py_ssize_t n)
+    void mg_rope_row_f(float* y, const float* x, const float* c, const float* s, Py_ssize_t np)
+    void mg_rope_row_d(double* y, const double* x, const double* c, const double* s, Py_ssize_t np)
+    void mg_rope_row_back_f(float* dx, const float* dy, const float* c, const float* s, Py_ssize_t np)
+    void mg_rope_row_back_d(double* dx, const double* dy, const double* c, const double* s, Py_ssize_t np)
 
 
 cdef extern from "rows.h" nogil:
