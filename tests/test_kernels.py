@@ -352,6 +352,7 @@ def test_float32_kernels_agree_with_float64(rng):
 GEMM_SHAPES = [  # (M, N, K): register-block tails in every dimension, K past one 256 pass, empty K
     (192, 216, 72), (192, 72, 576), (576, 72, 192), (7, 5, 3), (1, 1, 1), (13, 47, 300),
     (6, 16, 1), (4, 24, 257), (25, 8, 72), (192, 96, 18), (3, 40, 0),
+    (601, 40, 300),  # a transposed A spanning > 512 KB: copied into tiles first (csrc/gemm.h)
 ]
 
 
