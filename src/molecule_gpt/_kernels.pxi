@@ -6,8 +6,9 @@
 # gradients of their inputs and read what forward cached. Dims legend: csrc/molecule.h.
 #
 # Notes on choices:
-# - Matrix products go to BLAS (scipy.linalg.cython_blas): every linear of a packed batch is
-#   one gemm, the matvec backward "dW += G^T X, dX += G W" generalized to N positions.
+# - Every linear of a packed batch is one matrix product, the matvec backward "dW += G^T X,
+#   dX += G W" generalized to N positions: csrc/gemm.h's AVX2 kernels where the CPU has them,
+#   else BLAS (scipy.linalg.cython_blas), which stays the twin tests compare against.
 # - Reductions (norms, softmax sums, losses) accumulate in double even for float32 buffers.
 # - Attention runs per (sequence, head) block: its products (at most T x T x d) go to the
 #   lower-triangle kernels of csrc/attention.h, which skip the masked upper blocks a gemm would
