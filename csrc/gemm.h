@@ -31,6 +31,7 @@
 #include <string.h>
 
 #include "attention.h" /* mg_tri_use_avx2: one switch for every AVX2 kernel */
+#include "fastmath.h"  /* immintrin.h on x86 */
 
 #define MG_GEMM_MR 6   /* rows of C per register block */
 #define MG_GEMM_KC 256 /* K per pass: a K x 16-float (K x 8-double) panel of B is 16 KB */
@@ -102,6 +103,50 @@ static inline void *mg_gemm_scratch_get(size_t nbytes) {
         }                                                                                         \
     }
 
+/* dst[k PW + j] = src[j lds + k] for j < nc (zero for nc <= j < PW), k < kc: a panel of B^T.
+ * float: 8 x 8 tiles transposed in registers (the scalar loop cost as much as the product of a
+ * weight with a few dozen rows); double (float64 is not a speed target): element by element. */
+MG_GEMM_INLINE void mg_pack_t_f(float *restrict dst, const float *restrict src, ptrdiff_t lds,
+                                ptrdiff_t kc, ptrdiff_t nc, ptrdiff_t PW) {
+    for (ptrdiff_t jb = 0; jb < PW; jb += 8) {
+        ptrdiff_t k = 0;
+        if (nc - jb >= 8) {
+            const float *s = src + jb * lds;
+            for (; k + 8 <= kc; k += 8) {
+                __m256 r0 = _mm256_loadu_ps(s + k), r1 = _mm256_loadu_ps(s + lds + k);
+                __m256 r2 = _mm256_loadu_ps(s + 2 * lds + k), r3 = _mm256_loadu_ps(s + 3 * lds + k);
+                __m256 r4 = _mm256_loadu_ps(s + 4 * lds + k), r5 = _mm256_loadu_ps(s + 5 * lds + k);
+                __m256 r6 = _mm256_loadu_ps(s + 6 * lds + k), r7 = _mm256_loadu_ps(s + 7 * lds + k);
+                __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+                __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+                __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+                __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+                __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+                __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+                __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+                __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+                float *d = dst + k * PW + jb;
+                _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
+                _mm256_storeu_ps(d + PW, _mm256_permute2f128_ps(u1, u5, 0x20));
+                _mm256_storeu_ps(d + 2 * PW, _mm256_permute2f128_ps(u2, u6, 0x20));
+                _mm256_storeu_ps(d + 3 * PW, _mm256_permute2f128_ps(u3, u7, 0x20));
+                _mm256_storeu_ps(d + 4 * PW, _mm256_permute2f128_ps(u0, u4, 0x31));
+                _mm256_storeu_ps(d + 5 * PW, _mm256_permute2f128_ps(u1, u5, 0x31));
+                _mm256_storeu_ps(d + 6 * PW, _mm256_permute2f128_ps(u2, u6, 0x31));
+                _mm256_storeu_ps(d + 7 * PW, _mm256_permute2f128_ps(u3, u7, 0x31));
+            }
+        }
+        for (; k < kc; k++)
+            for (ptrdiff_t r = 0; r < 8; r++) dst[k * PW + jb + r] = jb + r < nc ? src[(jb + r) * lds + k] : 0;
+    }
+}
+
+MG_GEMM_INLINE void mg_pack_t_d(double *restrict dst, const double *restrict src, ptrdiff_t lds,
+                                ptrdiff_t kc, ptrdiff_t nc, ptrdiff_t PW) {
+    for (ptrdiff_t j = 0; j < PW; j++)
+        for (ptrdiff_t k = 0; k < kc; k++) dst[k * PW + j] = j < nc ? src[j * lds + k] : 0;
+}
+
 /* all row counts 1..MR of one block shape, full or tail */
 #define MG_GEMM_CASES(BLOCK, MRMAX, NV, TAIL, mr, ...)                                            \
     switch (mr) {                                                                                 \
@@ -118,7 +163,7 @@ static inline void *mg_gemm_scratch_get(size_t nbytes) {
  * kc <= MG_GEMM_KC rows of B, B is first packed into column panels of NV W (zero-padded: the
  * kernel's loads are whole and contiguous); every row block of A reuses them. Blocks are MR x
  * NV W with (MR, NV) = (6, 2) or (4, 3): the caller picks the one that wastes fewer columns. */
-#define MG_DEFINE_GEMM_CORE(T, VT, W, BLOCK, CORE, MR, NV)                                            \
+#define MG_DEFINE_GEMM_CORE(T, VT, W, BLOCK, PACKT, CORE, MR, NV)                                            \
     MG_GEMM_ATTR static void CORE(T *restrict C, ptrdiff_t ldc, const T *restrict A, ptrdiff_t sam, \
                                   ptrdiff_t sak, const T *restrict B, ptrdiff_t sbk, ptrdiff_t sbj, \
                                   ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, T alpha, int accumulate, \
@@ -141,14 +186,8 @@ static inline void *mg_gemm_scratch_get(size_t nbytes) {
                         MG_COPY_ROW(T, VT, W, dst + k * PW, B + (k0 + k) * sbk + j0, nc);         \
                         for (ptrdiff_t j = nc; j < PW; j++) dst[k * PW + j] = 0;                  \
                     }                                                                             \
-                } else {                                                                          \
-                    for (ptrdiff_t j = 0; j < PW; j++) {                                          \
-                        const T *src = B + (j0 + j) * sbj + k0 * sbk;                             \
-                        if (j < nc)                                                               \
-                            for (ptrdiff_t k = 0; k < kc; k++) dst[k * PW + j] = src[k * sbk];    \
-                        else                                                                      \
-                            for (ptrdiff_t k = 0; k < kc; k++) dst[k * PW + j] = 0;               \
-                    }                                                                             \
+                } else { /* B given transposed (sbk == 1: y = x W^T): transpose into the panel */ \
+                    PACKT(dst, B + j0 * sbj + k0, sbj, kc, nc, PW);                               \
                 }                                                                                 \
             }                                                                                     \
             for (ptrdiff_t i0 = 0; i0 < M; i0 += MG_GEMM_MC) {                                    \
@@ -195,8 +234,8 @@ static inline void *mg_gemm_scratch_get(size_t nbytes) {
 /* the core for C = alpha opA(A) B (+ C): the block shape wasting fewer padded columns */
 #define MG_DEFINE_GEMM(T, VT, W, SFX)                                                             \
     MG_DEFINE_GEMM_BLOCK(T, VT, W, mg_gemm_block_##SFX)                                           \
-    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm_block_##SFX, mg_gemm_core2_##SFX, 6, 2)                     \
-    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm_block_##SFX, mg_gemm_core3_##SFX, 4, 3)                     \
+    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm_block_##SFX, mg_pack_t_##SFX, mg_gemm_core2_##SFX, 6, 2)                     \
+    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm_block_##SFX, mg_pack_t_##SFX, mg_gemm_core3_##SFX, 4, 3)                     \
     static inline int mg_gemm_wide_##SFX(ptrdiff_t N) {                                           \
         ptrdiff_t pad2 = (N + 2 * W - 1) / (2 * W) * 2 * W, pad3 = (N + 3 * W - 1) / (3 * W) * 3 * W; \
         return pad3 < pad2;                                                                       \
