@@ -1,18 +1,22 @@
-/* gemm.h: the linear layers' matrix products for the small shapes of a training step.
+/* gemm.h: the linear layers' matrix products for the shapes of a training step.
  *
  * Why not BLAS: at the default config a product is a few hundred positions by 72-576 by 72-576
- * (a worker's share of the batch), where OpenBLAS spends ~30% of its time outside its kernel:
- * packing both operands into panels and zeroing C before a beta-0 product (perf, default step:
- * sgemm_kernel 37% of samples, the copies and memset 15%). Here the operands are used where
- * they lie: a 6 x 16 register block of C is summed over K from broadcasts of A's elements times
- * rows of B, so A may be read transposed at no cost (dW = G^T X) and only B = W^T (forward,
- * y = x W^T) needs a copy, a transposition of the weight (nout x nin, 1/M of the product's
- * work). Blocking: K in chunks of MG_GEMM_KC (a K x 16 panel of B stays in L1), M in chunks of
- * MG_GEMM_MC (their rows of A stay in L2).
+ * (a worker's share of the batch), where OpenBLAS spent ~30% of its time outside its kernel:
+ * packing both operands and zeroing C before a beta-0 product (perf, default step:
+ * sgemm_kernel 37% of samples, the copies and memset 15%). Here a 6 x 16 or 4 x 24 register
+ * block of C is summed over K from broadcasts of A's elements times rows of a packed panel of
+ * B. A is read where it lies, plain or transposed (dW = G^T X needs no copy), except a
+ * transposed A spanning more than MG_GEMM_PACK_A_SPAN bytes (rows a page or more apart, the
+ * larger config's weight gradients), which is copied block by block into tiles first. B is
+ * packed once per pass of MG_GEMM_KC rows into zero-padded column panels (for y = x W^T that
+ * is a transposition of the weight, in 8 x 8 register tiles): 1/M of the product's work, and
+ * the kernel's loads become whole and contiguous. A is taken MG_GEMM_MC rows at a time, so its
+ * rows stay in L2 while every panel passes over them.
  *
- * Compiled for AVX2+FMA only (GCC vector extensions under a target attribute; chosen at run time
- * with attention.h's switch); without it, or when the scratch for B^T cannot be had, the
- * functions return 0 and the caller uses BLAS, which stays the tested twin.
+ * Compiled for AVX2+FMA only (GCC vector extensions and a few intrinsics under a target
+ * attribute, chosen at run time with attention.h's switch); without it, or when the scratch
+ * cannot be allocated, the functions return 0 and the caller uses BLAS, which stays the tested
+ * twin. The scratch is one grow-only buffer per thread, a few hundred KB at the default config.
  *
  * Dims, row-major with leading dimensions:
  *   mg_gemm_tn  C (M, N) (+)= alpha A^T B    A (K, M) lda, B (K, N) ldb    (dW = G^T X)
@@ -29,6 +33,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 
 #include "attention.h" /* mg_tri_use_avx2: one switch for every AVX2 kernel */
 #include "fastmath.h"  /* immintrin.h on x86 */
@@ -38,19 +43,46 @@
 #define MG_GEMM_MC 120 /* rows of A per pass, a multiple of MG_GEMM_MR */
 #define MG_GEMM_PACK_A_SPAN ((size_t)1 << 19) /* bytes a transposed A spans before it is copied */
 
-/* grow-only scratch for B^T, one per thread (workers run products concurrently) */
-static _Thread_local void *mg_gemm_scratch = NULL;
-static _Thread_local size_t mg_gemm_scratch_bytes = 0;
+/* grow-only scratch for the packed panels (and tiles of A), one per thread (the workers run
+ * products concurrently), freed when its thread ends (a thread-specific key's destructor: the
+ * organism's trainer threads come and go) */
+typedef struct {
+    void *data;
+    size_t bytes;
+} mg_gemm_buffer;
+
+static pthread_key_t mg_gemm_key;
+static pthread_once_t mg_gemm_key_once = PTHREAD_ONCE_INIT;
+static int mg_gemm_key_ok = 0;
+
+static void mg_gemm_buffer_free(void *b) {
+    free(((mg_gemm_buffer *)b)->data);
+    free(b);
+}
+
+static void mg_gemm_make_key(void) {
+    mg_gemm_key_ok = pthread_key_create(&mg_gemm_key, mg_gemm_buffer_free) == 0;
+}
 
 static inline void *mg_gemm_scratch_get(size_t nbytes) {
-    if (nbytes > mg_gemm_scratch_bytes) {
+    pthread_once(&mg_gemm_key_once, mg_gemm_make_key);
+    if (!mg_gemm_key_ok) return NULL;
+    mg_gemm_buffer *b = (mg_gemm_buffer *)pthread_getspecific(mg_gemm_key);
+    if (b == NULL) {
+        if ((b = (mg_gemm_buffer *)calloc(1, sizeof *b)) == NULL) return NULL;
+        if (pthread_setspecific(mg_gemm_key, b) != 0) {
+            free(b);
+            return NULL;
+        }
+    }
+    if (nbytes > b->bytes) {
         void *p = NULL;
         if (posix_memalign(&p, 64, nbytes) != 0) return NULL;
-        free(mg_gemm_scratch);
-        mg_gemm_scratch = p;
-        mg_gemm_scratch_bytes = nbytes;
+        free(b->data);
+        b->data = p;
+        b->bytes = nbytes;
     }
-    return mg_gemm_scratch;
+    return b->data;
 }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -251,7 +283,7 @@ MG_DEFINE_GEMM(double, mg_v4d, 4, d)
     static inline T *mg_gemm_panels_##SFX(ptrdiff_t N, ptrdiff_t K) {                             \
         ptrdiff_t kc = K < MG_GEMM_KC ? K : MG_GEMM_KC;                                           \
         size_t panel_elems = (size_t)((N + 3 * W - 1) / (2 * W)) * 2 * W * kc;                    \
-        return (T *)mg_gemm_scratch_get((panel_elems + (size_t)(MG_GEMM_MC + 6) * kc) * sizeof(T)); \
+        return (T *)mg_gemm_scratch_get((panel_elems + (size_t)(MG_GEMM_MC + MG_GEMM_MR) * kc) * sizeof(T)); \
     }                                                                                             \
     static inline int mg_gemm_tn_##SFX(T *C, ptrdiff_t ldc, const T *A, ptrdiff_t lda, const T *B, \
                                        ptrdiff_t ldb, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, T alpha, \

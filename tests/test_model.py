@@ -232,6 +232,31 @@ def test_own_products_train_like_the_blas_twin():
         np.testing.assert_allclose(value, runs[1][1][name], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.skipif(not pathlib.Path("/proc/self/statm").exists(), reason="reads the RSS from /proc")
+def test_threads_that_end_leave_no_scratch_behind():
+    """Each thread that runs a step gets its own product scratch (csrc/gemm.h); it must go with
+    the thread (the organism's trainer threads come and go). It used to stay: ~0.3 MB each."""
+    import os
+    import threading
+
+    def rss_mb():
+        return int(pathlib.Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    batch = random_batch(np.random.default_rng(3), 96, [97] * 4)
+    model = mg.Model(mg.Config(), 96, dtype="float32", seed=0, n_threads=1)
+
+    def in_new_threads(n):
+        for _ in range(n):
+            t = threading.Thread(target=model.loss_and_grads, args=(batch,))
+            t.start()
+            t.join()
+
+    in_new_threads(20)
+    before = rss_mb()
+    in_new_threads(200)
+    assert rss_mb() - before < 20  # leaking, 200 threads held about 57 MB
+
+
 @pytest.mark.parametrize("activation,tied", [("relu", True), ("silu", True), ("relu", False)])
 def test_leftover_gradients_of_a_previous_step_change_nothing(activation, tied):
     """Backward zeroes only the gradients that are accumulated; single-consumer outputs and
