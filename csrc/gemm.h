@@ -18,10 +18,10 @@
  * cannot be allocated, the functions return 0 and the caller uses BLAS, which stays the tested
  * twin. The scratch is one grow-only buffer per thread, a few hundred KB at the default config.
  *
- * Dims, row-major with leading dimensions:
- *   mg_gemm_tn  C (M, N) (+)= alpha A^T B    A (K, M) lda, B (K, N) ldb    (dW = G^T X)
- *   mg_gemm_nn  C (M, N) (+)= alpha A B      A (M, K) lda, B (K, N) ldb    (dX = G W)
- *   mg_gemm_nt  C (M, N) (+)= alpha A B^T    A (M, K) lda, B (N, K) ldb    (Y = X W^T)
+ * Dims of mg_gemm_f / mg_gemm_d's three forms, row-major with leading dimensions:
+ *   MG_GEMM_TN  C (M, N) (+)= alpha A^T B    A (K, M) lda, B (K, N) ldb    (dW = G^T X)
+ *   MG_GEMM_NN  C (M, N) (+)= alpha A B      A (M, K) lda, B (K, N) ldb    (dX = G W)
+ *   MG_GEMM_NT  C (M, N) (+)= alpha A B^T    A (M, K) lda, B (N, K) ldb    (Y = X W^T)
  * accumulate = 0 writes C (never reads it: C may hold anything, NaN included); 1 adds to it.
  *
  * Numbers: the same sums as BLAS in another order, with FMA: float64 agrees with the BLAS path
@@ -279,26 +279,24 @@ MG_DEFINE_GEMM(double, mg_v4d, 4, d)
 
 /* The public entry points: 1 when the product was computed here, 0 when the caller must use
  * BLAS (no AVX2+FMA, or no memory for B^T). */
+/* The entry point: C (+)= alpha op(A) op(B) in the form MG_GEMM_NT, _NN or _TN (see the top).
+ * Returns 1 when the product was computed here, 0 when the caller must use BLAS (no AVX2+FMA,
+ * or no memory for the scratch). */
+enum { MG_GEMM_NT = 0, MG_GEMM_NN = 1, MG_GEMM_TN = 2 };
+
 #define MG_DEFINE_GEMM_API(T, SFX, W)                                                             \
     static inline T *mg_gemm_panels_##SFX(ptrdiff_t N, ptrdiff_t K) {                             \
         ptrdiff_t kc = K < MG_GEMM_KC ? K : MG_GEMM_KC;                                           \
         size_t panel_elems = (size_t)((N + 3 * W - 1) / (2 * W)) * 2 * W * kc;                    \
         return (T *)mg_gemm_scratch_get((panel_elems + (size_t)(MG_GEMM_MC + MG_GEMM_MR) * kc) * sizeof(T)); \
     }                                                                                             \
-    static inline int mg_gemm_tn_##SFX(T *C, ptrdiff_t ldc, const T *A, ptrdiff_t lda, const T *B, \
-                                       ptrdiff_t ldb, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, T alpha, \
-                                       int accumulate) {                                          \
-        MG_GEMM_BODY(T, SFX, C, ldc, A, 1, lda, B, ldb, 1, M, N, K, alpha, accumulate)            \
-    }                                                                                             \
-    static inline int mg_gemm_nn_##SFX(T *C, ptrdiff_t ldc, const T *A, ptrdiff_t lda, const T *B, \
-                                       ptrdiff_t ldb, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, T alpha, \
-                                       int accumulate) {                                          \
-        MG_GEMM_BODY(T, SFX, C, ldc, A, lda, 1, B, ldb, 1, M, N, K, alpha, accumulate)            \
-    }                                                                                             \
-    static inline int mg_gemm_nt_##SFX(T *C, ptrdiff_t ldc, const T *A, ptrdiff_t lda, const T *B, \
-                                       ptrdiff_t ldb, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, T alpha, \
-                                       int accumulate) {                                          \
-        MG_GEMM_BODY(T, SFX, C, ldc, A, lda, 1, B, 1, ldb, M, N, K, alpha, accumulate)            \
+    static inline int mg_gemm_##SFX(int form, T *C, ptrdiff_t ldc, const T *A, ptrdiff_t lda,     \
+                                    const T *B, ptrdiff_t ldb, ptrdiff_t M, ptrdiff_t N,          \
+                                    ptrdiff_t K, T alpha, int accumulate) {                       \
+        /* strides of A(i, k) and B(k, j) */                                                      \
+        ptrdiff_t sam = form == MG_GEMM_TN ? 1 : lda, sak = form == MG_GEMM_TN ? lda : 1;        \
+        ptrdiff_t sbk = form == MG_GEMM_NT ? 1 : ldb, sbj = form == MG_GEMM_NT ? ldb : 1;        \
+        MG_GEMM_BODY(T, SFX, C, ldc, A, sam, sak, B, sbk, sbj, M, N, K, alpha, accumulate)        \
     }
 
 #ifdef MG_GEMM_AVX2
@@ -311,7 +309,10 @@ MG_DEFINE_GEMM(double, mg_v4d, 4, d)
         mg_gemm_core2_##SFX(C, ldc, A, sam, sak, B, sbk, sbj, M, N, K, alpha, accumulate, panels);\
     return 1;
 #else
-#define MG_GEMM_BODY(...) return 0;
+#define MG_GEMM_BODY(T, SFX, C, ldc, A, sam, sak, B, sbk, sbj, M, N, K, alpha, accumulate)        \
+    (void)C, (void)ldc, (void)A, (void)sam, (void)sak, (void)B, (void)sbk, (void)sbj, (void)M,    \
+        (void)N, (void)K, (void)alpha, (void)accumulate;                                          \
+    return 0;
 #endif
 
 MG_DEFINE_GEMM_API(float, f, 8)

@@ -135,41 +135,22 @@ cdef inline void gemm(char ta, char tb, int m, int n, int k, floating alpha,
 cdef bint linear_blas = False  # tests and benchmarks: every product through BLAS (the naive twin)
 
 
-cdef inline bint own_gemm_nt(floating* Cm, const floating* A, const floating* B, int M, int Nn, int K,
-                             int lda, int ldb, int ldc, floating alpha, floating beta) noexcept nogil:
-    """csrc/gemm.h for beta 0 or 1 (all the model uses); False: the caller uses BLAS."""
-    if beta != 0 and beta != 1:
+cdef inline bint own_gemm(int form, floating* Cm, const floating* A, const floating* B, int M, int Nn,
+                          int K, int lda, int ldb, int ldc, floating alpha, floating beta) noexcept nogil:
+    """csrc/gemm.h (form MG_GEMM_NT, _NN or _TN) for beta 0 or 1, all the model uses; False: the
+    caller uses BLAS."""
+    if linear_blas or (beta != 0 and beta != 1):
         return False
     if floating is float:
-        return mg_gemm_nt_f(Cm, ldc, A, lda, B, ldb, M, Nn, K, alpha, beta != 0)
+        return mg_gemm_f(form, Cm, ldc, A, lda, B, ldb, M, Nn, K, alpha, beta != 0)
     else:
-        return mg_gemm_nt_d(Cm, ldc, A, lda, B, ldb, M, Nn, K, alpha, beta != 0)
-
-
-cdef inline bint own_gemm_nn(floating* Cm, const floating* A, const floating* B, int M, int Nn, int K,
-                             int lda, int ldb, int ldc, floating alpha, floating beta) noexcept nogil:
-    if beta != 0 and beta != 1:
-        return False
-    if floating is float:
-        return mg_gemm_nn_f(Cm, ldc, A, lda, B, ldb, M, Nn, K, alpha, beta != 0)
-    else:
-        return mg_gemm_nn_d(Cm, ldc, A, lda, B, ldb, M, Nn, K, alpha, beta != 0)
-
-
-cdef inline bint own_gemm_tn(floating* Cm, const floating* A, const floating* B, int M, int Nn, int K,
-                             int lda, int ldb, int ldc, floating alpha, floating beta) noexcept nogil:
-    if beta != 0 and beta != 1:
-        return False
-    if floating is float:
-        return mg_gemm_tn_f(Cm, ldc, A, lda, B, ldb, M, Nn, K, alpha, beta != 0)
-    else:
-        return mg_gemm_tn_d(Cm, ldc, A, lda, B, ldb, M, Nn, K, alpha, beta != 0)
+        return mg_gemm_d(form, Cm, ldc, A, lda, B, ldb, M, Nn, K, alpha, beta != 0)
 
 
 cdef inline void mm_nt(floating* Cm, const floating* A, const floating* B, int M, int Nn, int K,
                        int lda, int ldb, int ldc, floating alpha, floating beta) noexcept nogil:
     """C (M, Nn) := alpha A (M, K) B^T + beta C;  B (Nn, K). Row-major with leading dims."""
-    if not linear_blas and own_gemm_nt(Cm, A, B, M, Nn, K, lda, ldb, ldc, alpha, beta):
+    if own_gemm(MG_GEMM_NT, Cm, A, B, M, Nn, K, lda, ldb, ldc, alpha, beta):
         return
     gemm(c'T', c'N', Nn, M, K, alpha, B, ldb, A, lda, beta, Cm, ldc)
 
@@ -177,7 +158,7 @@ cdef inline void mm_nt(floating* Cm, const floating* A, const floating* B, int M
 cdef inline void mm_nn(floating* Cm, const floating* A, const floating* B, int M, int Nn, int K,
                        int lda, int ldb, int ldc, floating alpha, floating beta) noexcept nogil:
     """C (M, Nn) := alpha A (M, K) B (K, Nn) + beta C."""
-    if not linear_blas and own_gemm_nn(Cm, A, B, M, Nn, K, lda, ldb, ldc, alpha, beta):
+    if own_gemm(MG_GEMM_NN, Cm, A, B, M, Nn, K, lda, ldb, ldc, alpha, beta):
         return
     gemm(c'N', c'N', Nn, M, K, alpha, B, ldb, A, lda, beta, Cm, ldc)
 
@@ -185,7 +166,7 @@ cdef inline void mm_nn(floating* Cm, const floating* A, const floating* B, int M
 cdef inline void mm_tn(floating* Cm, const floating* A, const floating* B, int M, int Nn, int K,
                        int lda, int ldb, int ldc, floating alpha, floating beta) noexcept nogil:
     """C (M, Nn) := alpha A^T B + beta C;  A (K, M), B (K, Nn)."""
-    if not linear_blas and own_gemm_tn(Cm, A, B, M, Nn, K, lda, ldb, ldc, alpha, beta):
+    if own_gemm(MG_GEMM_TN, Cm, A, B, M, Nn, K, lda, ldb, ldc, alpha, beta):
         return
     gemm(c'N', c'T', Nn, M, K, alpha, B, ldb, A, lda, beta, Cm, ldc)
 

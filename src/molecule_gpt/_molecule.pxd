@@ -100,18 +100,14 @@ cdef extern from "rows.h" nogil:
 
 
 cdef extern from "gemm.h" nogil:
-    int mg_gemm_tn_f(float* C, Py_ssize_t ldc, const float* A, Py_ssize_t lda, const float* B, Py_ssize_t ldb,
-                     Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, float alpha, int accumulate)
-    int mg_gemm_tn_d(double* C, Py_ssize_t ldc, const double* A, Py_ssize_t lda, const double* B, Py_ssize_t ldb,
-                     Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, double alpha, int accumulate)
-    int mg_gemm_nn_f(float* C, Py_ssize_t ldc, const float* A, Py_ssize_t lda, const float* B, Py_ssize_t ldb,
-                     Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, float alpha, int accumulate)
-    int mg_gemm_nn_d(double* C, Py_ssize_t ldc, const double* A, Py_ssize_t lda, const double* B, Py_ssize_t ldb,
-                     Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, double alpha, int accumulate)
-    int mg_gemm_nt_f(float* C, Py_ssize_t ldc, const float* A, Py_ssize_t lda, const float* B, Py_ssize_t ldb,
-                     Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, float alpha, int accumulate)
-    int mg_gemm_nt_d(double* C, Py_ssize_t ldc, const double* A, Py_ssize_t lda, const double* B, Py_ssize_t ldb,
-                     Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, double alpha, int accumulate)
+    enum:
+        MG_GEMM_NT
+        MG_GEMM_NN
+        MG_GEMM_TN
+    int mg_gemm_f(int form, float* C, Py_ssize_t ldc, const float* A, Py_ssize_t lda, const float* B,
+                  Py_ssize_t ldb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, float alpha, int accumulate)
+    int mg_gemm_d(int form, double* C, Py_ssize_t ldc, const double* A, Py_ssize_t lda, const double* B,
+                  Py_ssize_t ldb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, double alpha, int accumulate)
 
 
 cdef extern from "attention.h" nogil:
