@@ -34,7 +34,15 @@ def rand(rng, *shape, dtype=np.float64):
     return rng.normal(size=shape).astype(dtype)
 
 
-def test_linear_forward(benchmark, dtype):
+@pytest.fixture(params=["own", "blas"])
+def products(request):
+    """The linear layers' products: csrc/gemm.h (the default on AVX2 CPUs) or their BLAS twin."""
+    _core._blas_linear(request.param == "blas")
+    yield request.param
+    _core._blas_linear(False)
+
+
+def test_linear_forward(benchmark, dtype, products):
     rng = np.random.default_rng(0)
     x, W = rand(rng, N, C, dtype=dtype), rand(rng, F, C, dtype=dtype)
     A, B = rand(rng, F, R, dtype=dtype), rand(rng, R, C, dtype=dtype)
@@ -43,7 +51,7 @@ def test_linear_forward(benchmark, dtype):
     np.testing.assert_allclose(y, ref, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-4)
 
 
-def test_linear_backward(benchmark, dtype):
+def test_linear_backward(benchmark, dtype, products):
     rng = np.random.default_rng(1)
     x, W, g = rand(rng, N, C, dtype=dtype), rand(rng, F, C, dtype=dtype), rand(rng, N, F, dtype=dtype)
     A, B = rand(rng, F, R, dtype=dtype), rand(rng, R, C, dtype=dtype)
