@@ -393,7 +393,7 @@ def test_linear_products_match_numpy_and_blas(rng, dtype, form, accumulate):
 
 def test_linear_products_refuse_bad_operands():
     A, B = np.ones((4, 3)), np.ones((5, 3))
-    with pytest.raises(ValueError, match="nt: A"):
+    with pytest.raises(ValueError, match=r"nt: A must be \(4, 3\) and B \(6, 3\)"):
         _core._matmul_memview("nt", A, B, np.zeros((4, 6)), 1.0, False)
     with pytest.raises(ValueError, match="form must be"):
         _core._matmul_memview("tt", A, B, np.zeros((4, 5)), 1.0, False)

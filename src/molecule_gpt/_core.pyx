@@ -941,43 +941,40 @@ cdef void _fill_linear(mg_linear* lin, W, dW, As, Bs, dAs, dBs, alphas):
         lin.out_rows[k] = lin.nout
 
 
+_MATMUL_FORMS = {"nt": 0, "nn": 1, "tn": 2}
+
+
 def _matmul_memview(str form, floating[:, :] A, floating[:, :] B, floating[:, :] C, double alpha,
                     bint accumulate):
     """C (+)= alpha op(A) op(B) through the linear layers' product helpers (csrc/gemm.h, or BLAS
     after _blas_linear(True)): form "nt" is A B^T, "nn" A B, "tn" A^T B. Each operand may be a
     row-strided view (unit stride along its rows: the leading dimension is its row stride)."""
+    if form not in _MATMUL_FORMS:
+        raise ValueError(f"form must be 'nt', 'nn' or 'tn', got {form!r}")
     for name, m in (("A", A), ("B", B), ("C", C)):
         if m.strides[1] != m.itemsize or m.strides[0] % m.itemsize:
             raise ValueError(f"{name} must have unit stride along its rows")
-    cdef int lda = A.strides[0] // A.itemsize, ldb = B.strides[0] // B.itemsize, ldc = C.strides[0] // C.itemsize
-    cdef int M = C.shape[0], Nn = C.shape[1], K, code = ("nt", "nn", "tn").index(form) if form in ("nt", "nn", "tn") else -1
-    if form == "nt":
-        K = A.shape[1]
-        if A.shape[0] != M or B.shape[0] != Nn or B.shape[1] != K:
-            raise ValueError("nt: A (M, K), B (N, K), C (M, N)")
-    elif form == "nn":
-        K = A.shape[1]
-        if A.shape[0] != M or B.shape[0] != K or B.shape[1] != Nn:
-            raise ValueError("nn: A (M, K), B (K, N), C (M, N)")
-    elif form == "tn":
-        K = A.shape[0]
-        if A.shape[1] != M or B.shape[0] != K or B.shape[1] != Nn:
-            raise ValueError("tn: A (K, M), B (K, N), C (M, N)")
-    else:
-        raise ValueError(f"form must be 'nt', 'nn' or 'tn', got {form!r}")
+    cdef int code = _MATMUL_FORMS[form], M = C.shape[0], Nn = C.shape[1]
+    cdef int K = A.shape[0] if form == "tn" else A.shape[1]
+    want_a = (K, M) if form == "tn" else (M, K)
+    want_b = (Nn, K) if form == "nt" else (K, Nn)
+    if (A.shape[0], A.shape[1]) != want_a or (B.shape[0], B.shape[1]) != want_b:
+        raise ValueError(f"{form}: A must be {want_a} and B {want_b} for C {(M, Nn)}, got "
+                         f"{(A.shape[0], A.shape[1])} and {(B.shape[0], B.shape[1])}")
     if M == 0 or Nn == 0:
         return
     cdef const floating* pa = &A[0, 0] if A.shape[0] and A.shape[1] else NULL
     cdef const floating* pb = &B[0, 0] if B.shape[0] and B.shape[1] else NULL
-    lda = max(lda, 1)
-    ldb = max(ldb, 1)
+    cdef int lda = max(A.strides[0] // A.itemsize, 1), ldb = max(B.strides[0] // B.itemsize, 1)
+    cdef int ldc = C.strides[0] // C.itemsize
+    cdef floating beta = 1 if accumulate else 0
     with nogil:
         if code == 0:
-            mm_nt(&C[0, 0], pa, pb, M, Nn, K, lda, ldb, ldc, <floating>alpha, 1 if accumulate else 0)
+            mm_nt(&C[0, 0], pa, pb, M, Nn, K, lda, ldb, ldc, <floating>alpha, beta)
         elif code == 1:
-            mm_nn(&C[0, 0], pa, pb, M, Nn, K, lda, ldb, ldc, <floating>alpha, 1 if accumulate else 0)
+            mm_nn(&C[0, 0], pa, pb, M, Nn, K, lda, ldb, ldc, <floating>alpha, beta)
         else:
-            mm_tn(&C[0, 0], pa, pb, M, Nn, K, lda, ldb, ldc, <floating>alpha, 1 if accumulate else 0)
+            mm_tn(&C[0, 0], pa, pb, M, Nn, K, lda, ldb, ldc, <floating>alpha, beta)
 
 
 def _linear_forward_memview(floating[:, ::1] x, W, As, Bs, alphas):
