@@ -56,6 +56,13 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
         for (; c_ < (n); c_++) (dst)[c_] = (src)[c_];                                             \
     } while (0)
 
+/* the same, then zeros up to `width` (a row of a zero-padded copy: whole vector loads later) */
+#define MG_COPY_ROW_PADDED(T, VT, W, dst, src, n, width)                                          \
+    do {                                                                                          \
+        MG_COPY_ROW(T, VT, W, dst, src, n);                                                       \
+        for (ptrdiff_t z_ = (n); z_ < (width); z_++) (dst)[z_] = 0;                               \
+    } while (0)
+
 /* One family of kernels for element type T with W lanes per 32-byte vector VT; ATTR selects the
  * target. Vector loads and stores go through memcpy (unaligned, and legal for any buffer). */
 #define MG_DEFINE_TRI(T, VT, W, ATTR, NT, NN, TN)                                                 \
@@ -120,8 +127,7 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
         ptrdiff_t dp = (d + W - 1) / W * W;                                                       \
         T *Bp = scratch; /* (n, dp): B with zero columns past d */                                \
         for (ptrdiff_t j = 0; j < n; j++) {                                                       \
-            MG_COPY_ROW(T, VT, W, Bp + j * dp, B + j * ldb, d);                                   \
-            for (ptrdiff_t c = d; c < dp; c++) Bp[j * dp + c] = 0;                                \
+            MG_COPY_ROW_PADDED(T, VT, W, Bp + j * dp, B + j * ldb, d, dp);                    \
         }                                                                                         \
         T out[MG_TRI_R][3 * W];                                                                   \
         for (ptrdiff_t t0 = 0; t0 < n; t0 += MG_TRI_R) {                                          \
@@ -186,8 +192,7 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
         ptrdiff_t dp = (d + W - 1) / W * W;                                                       \
         T *Bp = scratch;                                                                          \
         for (ptrdiff_t t = 0; t < n; t++) {                                                       \
-            MG_COPY_ROW(T, VT, W, Bp + t * dp, B + t * ldb, d);                                   \
-            for (ptrdiff_t c = d; c < dp; c++) Bp[t * dp + c] = 0;                                \
+            MG_COPY_ROW_PADDED(T, VT, W, Bp + t * dp, B + t * ldb, d, dp);                    \
         }                                                                                         \
         T out[MG_TRI_R][3 * W];                                                                   \
         for (ptrdiff_t j0 = 0; j0 < n; j0 += MG_TRI_R) {                                          \
