@@ -146,9 +146,9 @@ def test_heldout_loss_falls_and_blend_moves_to_model(warmed):
     st = org.stats()
     print(f"held-out loss {before:.3f} -> {after:.3f}, model_alpha {st['model_alpha']:.3f}")
     assert after < before - 1.0
-    assert abs(st["val_loss"] - after) < 1e-4
+    assert st["val_loss"] == org.heldout_loss()  # nats per character of the held-out lines
     assert 0.0 < st["model_alpha"] <= 1.0
-    assert st["warmed_up"] and not st["base_trainable"]  # freeze_base_after_warmup
+    assert st["warmed_up"] and st["base_trainable"]  # bursts train the base too (freeze_base_after_warmup off)
 
 
 def test_warmup_schedule_telemetry_and_jsonl(tmp_path):
@@ -252,7 +252,7 @@ def test_shuffled_text_burst_is_rejected(warmed, tmp_path):
 
 def test_rollback_streak_backs_off_learning_rate(warmed, tmp_path):
     org = clone(warmed, tmp_path)
-    org.config.learning_rate = 1e3
+    org.config.burst_learning_rate = 1e3
     org.config.max_consecutive_rollbacks = 2
     org.config.rollback_lr_backoff = 0.5
     lrs = []
@@ -261,7 +261,7 @@ def test_rollback_streak_backs_off_learning_rate(warmed, tmp_path):
         assert not r.accepted
         lrs.append(r.lr)
     assert lrs == [1e3, 1e3, 500.0, 500.0]
-    org.config.learning_rate = 0.01
+    org.config.burst_learning_rate = 0.01
     r = org.train_burst()
     assert r.accepted and r.lr == pytest.approx(0.01 * 0.25) and org.stats()["lr_scale"] == 0.5
 
@@ -301,7 +301,7 @@ def test_counterfactual_drops_a_harmful_module(warmed, tmp_path):
             params[k][...] = rng.normal(0, 1.0, params[k].shape)  # garbage on the output layer
     org._generator.weights.invalidate()
     org.config.delta_grow_prob = 1.0
-    org.config.immune_val_bound = 1e9  # let the (zero-lr) burst pass so growth runs
+    org.config.immune_max_rise = 1e9  # let the (zero-lr) burst pass so growth runs
     r = org.train_burst(lr=0.0)
     assert r.retired_module == 0 and r.retired_as == "dropped"
     mod0 = org.stats()["delta_modules"][0]
@@ -323,6 +323,7 @@ def test_alpha_ramps_in_over_bursts(warmed, tmp_path):
 
 def test_config_changes_take_effect_between_bursts(warmed, tmp_path):
     org = clone(warmed, tmp_path)
+    org.config.freeze_base_after_warmup = True
     org.config.micro_steps = 3
     assert org.train_burst().steps == 3
     org.config.batch_size = 2
@@ -333,12 +334,14 @@ def test_config_changes_take_effect_between_bursts(warmed, tmp_path):
 
 
 def test_vocabulary_and_module_growth_mid_run():
-    cfg = small_config(enable_bpe_after_chars=10 ** 9, bpe_num_merges=40, delta_grow_prob=1.0, max_delta_modules=3)
+    # the growth check is switched off here: this test is about the mechanics of growing mid-run
+    cfg = small_config(enable_bpe_after_chars=10 ** 9, bpe_num_merges=40, delta_grow_prob=1.0, max_delta_modules=3,
+                       bpe_growth_max_rise=1e9)
     org = Organism(cfg, LINES, seed=6)
     org.warmup(40)
     org.train_burst()
     v0 = org.model.vocab_size
-    org.tokenizer.enable_bpe_after_chars = 1000  # the reservoir now qualifies: BPE turns on at the next burst
+    org.config.enable_bpe_after_chars = 1000  # the reservoir now qualifies: BPE turns on at the next burst
     org.observe("The quiet river follows the moon. A small bird calls her brother!", speaker="H")
     r = org.train_burst()
     assert org.tokenizer.bpe_enabled and org.model.vocab_size > v0
@@ -356,7 +359,8 @@ def test_vocabulary_and_module_growth_mid_run():
 
 
 def test_quantum_buffer_and_reservoir():
-    cfg = small_config(max_corpus_lines=60, qb_min_bytes=10 ** 6, qb_min_novelty=0.9, qb_cooldown_seconds=0.0)
+    cfg = small_config(max_corpus_lines=60, qb_min_bytes=10 ** 6, qb_min_novelty=0.9, qb_cooldown_seconds=0.0,
+                       heard_val_fraction=0.0)
     org = Organism(cfg, LINES[:50], seed=7)
     assert not org.buffer.ready(cfg)
     n = org.observe("the cat sees the moon. THE CAT SEES THE MOON.")
@@ -513,7 +517,8 @@ def _concurrency_run(seconds: float, n_threads: int = 4, save_to=None):
     # BPE switches on (and retrains) while the threads run: vocabulary growth under load
     cfg = small_config(warmup_steps=60, train_tick_seconds=0.01, micro_steps=6, qb_min_bytes=1, delta_grow_prob=0.3,
                        max_delta_modules=4, enable_bpe_after_chars=11000, bpe_retrain_every_chars=2000,
-                       bpe_num_merges=30)
+                       bpe_num_merges=30, bpe_growth_max_rise=1e9,  # growth unchecked: it must happen here
+                       freeze_base_after_warmup=True)  # so a save's base Adam steps equal the warmup's
     org = Organism(cfg, LINES, seed=9)
     errors, outputs = [], []
     stop = threading.Event()
@@ -582,7 +587,7 @@ def test_generation_does_not_wait_for_a_burst(warmed, tmp_path):
     long burst finishes (on consistent weights) while the burst is still running."""
     org = clone(warmed, tmp_path)
     org.config.micro_steps = 400
-    org.config.immune_val_bound = 1e9
+    org.config.immune_max_rise = 1e9
     burst = threading.Thread(target=org.train_burst)
     burst.start()
     deadline = time.time() + 30

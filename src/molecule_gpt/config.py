@@ -36,12 +36,13 @@ class Config:
     # ---- training
     warmup_steps: int = 1200  # steps on the seed corpus before chatting
     micro_steps: int = 32  # optimizer steps per background burst
-    learning_rate: float = 0.01
+    learning_rate: float = 0.01  # peak learning rate of the warmup schedule
+    burst_learning_rate: float = 0.001  # learning rate of a burst (times the rollback back-off)
     beta1: float = 0.9
     beta2: float = 0.99
     eps_adam: float = 1e-8
     grad_clip: float = 1.0  # each gradient element is clipped to +-grad_clip before Adam
-    freeze_base_after_warmup: bool = True  # after warmup only delta modules train
+    freeze_base_after_warmup: bool = False  # True: after warmup only delta modules train (bursts then learn less)
     batch_size: int = 4  # sequences per step; sizes the training arena
     train_tick_seconds: float = 0.25
     min_new_chars_to_train: int = 480
@@ -80,17 +81,21 @@ class Config:
 
     # ---- organism: trainer, held-out split, immune system, delta lifecycle, threads
     val_fraction: float = 0.1  # share of the birth corpus held out for val loss (none below 10 lines)
-    val_max_sequences: int = 32  # held-out lines scored per evaluation (a fixed subset, so values compare)
+    val_max_sequences: int = 96  # held-out lines of the old text scored per evaluation (a fixed subset, so values compare)
     eval_interval: int = 100  # warmup steps between held-out evaluations (and telemetry "val_loss")
     patience: int = 0  # evaluations without a min_delta improvement before warmup stops early (0: never)
     min_delta: float = 1e-3  # val-loss improvement (nats) that resets the patience count
     lr_warmup_steps: int = 50  # warmup's learning rate rises linearly over these steps, then cosine-decays
     lr_min_ratio: float = 0.1  # the cosine decay ends at learning_rate * lr_min_ratio
     replay_ratio: float = 0.5  # share of each burst's sequences drawn from the older corpus (replay)
-    immune_val_bound: float = 0.05  # a burst raising held-out loss by more than this (nats) is rolled back
+    immune_max_rise: float = 0.01  # a burst raising held-out loss on the old text by more than this fraction is rolled back
+    bpe_growth_max_rise: float = 0.005  # a tokenizer growth after training is kept only if old held-out loss rises less
+    heard_val_fraction: float = 0.1  # share of newly heard lines held out (not trained) to measure learning
+    heard_val_max_lines: int = 32  # newest held-out heard lines kept and scored
+    max_quarantine_lines: int = 2000  # lines of rolled-back bursts kept aside (not trained) until released
     max_consecutive_rollbacks: int = 3  # this many rollbacks in a row multiply the burst lr by rollback_lr_backoff
     rollback_lr_backoff: float = 0.5  # lr factor after a rollback streak; each accepted burst divides it back out
-    delta_ramp_bursts: int = 4  # a new module's alpha rises linearly to 1 over its first bursts
+    delta_ramp_bursts: int = 1  # a new module's alpha rises linearly to 1 over its first bursts (1: at once)
     collapse_std_bound: float = 1e-3  # a layer whose hidden-state std falls below this is reported as collapsed
     field_blend: bool = True  # blend the corpus field into generation until the model beats it on held-out text
     train_threads: int = 0  # training worker threads (0: all cores in warmup, all but one in the background)
@@ -138,7 +143,7 @@ class Config:
                 raise ConfigError(f"Config.head_types[{i}] is {kind!r}; use one of {', '.join(HEAD_TYPES)}")
         if self.mlp_activation not in MLP_ACTIVATIONS:
             raise ConfigError(f"Config.mlp_activation is {self.mlp_activation!r}; use 'relu' or 'silu'")
-        positive_floats = ("learning_rate", "eps_adam", "grad_clip", "init_std", "temperature",
+        positive_floats = ("learning_rate", "burst_learning_rate", "eps_adam", "grad_clip", "init_std", "temperature",
                            "entropy_temp_boost", "entropy_temp_focus")
         for name in positive_floats:
             value = getattr(self, name)
@@ -165,21 +170,22 @@ class Config:
         self._validate_organism_fields()
 
     def _validate_organism_fields(self) -> None:
-        for name in ("val_max_sequences", "eval_interval", "delta_ramp_bursts", "decode_threads"):
+        for name in ("val_max_sequences", "eval_interval", "delta_ramp_bursts", "decode_threads", "heard_val_max_lines"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"Config.{name} must be a positive int, got {value!r}")
-        for name in ("patience", "lr_warmup_steps", "max_consecutive_rollbacks", "train_threads", "blas_threads"):
+        for name in ("patience", "lr_warmup_steps", "max_consecutive_rollbacks", "train_threads", "blas_threads",
+                     "max_quarantine_lines"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"Config.{name} must be a non-negative int, got {value!r}")
-        for name in ("val_fraction", "lr_min_ratio", "replay_ratio"):
+        for name in ("val_fraction", "lr_min_ratio", "replay_ratio", "heard_val_fraction"):
             value = getattr(self, name)
             if not _is_real(value) or not 0 <= value <= 1:
                 raise ConfigError(f"Config.{name} must be in [0, 1], got {value!r}")
         if not _is_real(self.val_fraction) or self.val_fraction >= 1:
             raise ConfigError(f"Config.val_fraction must be below 1 (some lines must train), got {self.val_fraction!r}")
-        for name in ("min_delta", "immune_val_bound", "collapse_std_bound"):
+        for name in ("min_delta", "immune_max_rise", "bpe_growth_max_rise", "collapse_std_bound"):
             value = getattr(self, name)
             if not _is_real(value) or not 0 <= value < float("inf"):
                 raise ConfigError(f"Config.{name} must be a finite number >= 0, got {value!r}")

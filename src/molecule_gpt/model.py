@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -750,14 +750,35 @@ class Model:
             self._sync_config()
             seqs = self._validate(batch_ids)
             out = [0.0] * len(seqs)
-            B = self.config.batch_size
-            for start in range(0, len(seqs), B):
-                chunk = seqs[start:start + B]
+            self._ensure_ready()  # the engines the chunks are dealt to
+            for start, stop in self._arena_chunks(seqs):
+                chunk = seqs[start:stop]
                 for idx, packed, losses in self._run(chunk, len(chunk), backward=False):
                     off, n = packed[4], packed[5]
                     for i, o, k in zip(idx, off, n):
                         out[start + i] = float(losses[o:o + k].mean())
             return out
+
+    def _arena_chunks(self, seqs: list[np.ndarray]) -> Iterator[tuple[int, int]]:
+        """Consecutive (start, stop) ranges of `seqs` that each fit the arenas in one run: as
+        many sequences as fit, not just batch_size (short held-out lines pack several times
+        more per run). A range is cut when one worker's share, dealt as _run deals it (longest
+        first, round robin), would exceed the positions or squared lengths it is sized for."""
+        T = self.config.block_size
+        cap_n, cap_sq = self._max_step()
+        workers = len(self._engines)
+        start = 0
+        while start < len(seqs):
+            stop = start + 1
+            while stop < len(seqs):
+                lengths = sorted((min(T, len(a) - 1) for a in seqs[start:stop + 1]), reverse=True)
+                used = min(workers, len(lengths))
+                if any(sum(lengths[w::used]) > cap_n or sum(k * k for k in lengths[w::used]) > cap_sq
+                       for w in range(used)):
+                    break
+                stop += 1
+            yield start, stop
+            start = stop
 
     def _loss_and_backward(self, batch_ids, sum_grads: bool = True) -> float:
         self._sync_config()

@@ -69,6 +69,7 @@ from .config import Config
 from .errors import CorpusError, OrganismError, TrainingError
 from .field import CorpusField
 from .generation import GenerationResult, Generator
+from .heldout import HeldOut
 from .memory import Memory
 from .model import Model, default_threads
 from .reservoir import Reservoir, _pieces
@@ -79,7 +80,7 @@ from .trainer import BurstReport, Projection, Trainer
 __all__ = ["Organism", "QuantumBuffer"]
 
 STATE_FORMAT = "molecule_gpt.organism"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2 adds heard_val_lines and quarantine; version 1 loads with both empty
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")  # the reservoir's sentence split, for untagged text
 
 
@@ -116,6 +117,23 @@ class QuantumBuffer:
             return False
         trigger = self.bytes >= config.qb_min_bytes or self.novelty >= config.qb_min_novelty
         return trigger and now - self.last_burst >= config.qb_cooldown_seconds
+
+    def trigger(self, config: Config, now: float | None = None) -> str:
+        """What starts the next background burst, in words (for /status)."""
+        now = time.monotonic() if now is None else now
+        if not self.lines:
+            return "new text: nothing heard since the last burst"
+        wait = config.qb_cooldown_seconds - (now - self.last_burst)
+        need = []
+        if self.bytes < config.qb_min_bytes:
+            need.append(f"{config.qb_min_bytes - self.bytes} more bytes")
+        if self.novelty < config.qb_min_novelty:
+            need.append(f"novelty {config.qb_min_novelty:.2f} (now {self.novelty:.2f})")
+        if len(need) == 2:
+            return f"{need[0]} or {need[1]}"
+        if wait > 0:
+            return f"the cooldown: {wait:.0f} s"
+        return "ready: the next tick"
 
     def take(self) -> list[str]:
         """The buffered lines; the buffer empties and the cooldown restarts."""
@@ -246,6 +264,8 @@ class Organism:
         order = self._rng.permutation(len(lines))
         n_val = int(round(len(lines) * config.val_fraction)) if len(lines) >= 10 else 0
         self.val_lines = [lines[i] for i in sorted(order[:n_val])]
+        self.heard_val_lines: list[str] = []  # held out of what it heard since birth, newest last
+        self.quarantine: list[str] = []  # lines of rolled-back bursts, kept out of training
         train = [lines[i] for i in sorted(order[n_val:])]
         self.tokenizer = EvolvingTokenizer(lines, config)
         self.tokenizer.maybe_enable_bpe(train)
@@ -321,10 +341,21 @@ class Organism:
             self._train_ids = [self._encode(x) for x in self.reservoir.lines]
             val = self.val_lines[:self.config.val_max_sequences]
             self._val_ids = [self._encode(x) for x in val]
-            self._val_key = (self.tokenizer.vocab_size, len(self.tokenizer.merges), tuple(val))
+            self._old_heldout = self._heldout(val)
+            self._heard_heldout = self._heldout(self.heard_val_lines)
             self.field = CorpusField(self.tokenizer.vocab_size, self._train_ids)
             self._field_loss = None
             self._generator = Generator(self.model, self.tokenizer, self.field, self.config)
+
+    def _heldout(self, lines: Sequence[str]) -> HeldOut:
+        return HeldOut(lines, lambda line: self.tokenizer.encode(line), lambda: self.tokenizer.version)
+
+    def heldout_loss(self, lines: Sequence[str] | None = None) -> float | None:
+        """Held-out loss of the model now, in nats per character (molecule_gpt.heldout): on
+        `lines` when given, else on the organism's held-out slice of its birth corpus. None
+        without lines."""
+        held = self._old_heldout if lines is None else self._heldout(list(lines))
+        return held.loss(self.model) if len(held) else None
 
     def _weights_restored(self) -> None:
         """A rollback wrote parameters back in place: the decoder's cached weights are stale even
@@ -355,25 +386,41 @@ class Organism:
             return 0.0
         if not self.config.field_blend:
             return 1.0
-        L_model = t.last_val if (self._val_ids and t.last_val is not None) else t.last_loss
+        held = self._old_heldout
+        if len(held) and t.last_val is not None:
+            L_model = t.last_val  # nats per character of the held-out lines
+        else:  # no held-out split: the last training loss (per token) against the field on training lines
+            held = None
+            L_model = t.last_loss
         if L_model is None or not math.isfinite(L_model):
             return 0.0
-        L_field = self._field_heldout_loss()
-        if L_field is None:
+        scores = self._field_heldout_loss(held)
+        if scores is None:
             return 1.0
-        lnV = math.log(self.model.vocab_size)
-        if lnV - L_field <= 0:
+        L_field, uniform = scores
+        if uniform - L_field <= 0:
             return 1.0
-        return float(min(1.0, max(0.0, (lnV - L_model) / (lnV - L_field))))
+        return float(min(1.0, max(0.0, (uniform - L_model) / (uniform - L_field))))
 
-    def _field_heldout_loss(self) -> float | None:
+    def _field_heldout_loss(self, held: HeldOut | None) -> tuple[float, float] | None:
+        """(the field's held-out loss, a uniform guess's), in the units of the model's: nats
+        per character of `held`'s lines (scored on the same windows), or per token of the first
+        training lines when held is None."""
         with self._lock:
             if self._field_loss is None:
-                seqs = self._val_ids or self._train_ids[:self.config.val_max_sequences]
-                seqs = [s for s in seqs if len(s) >= 2]
-                if not seqs or self.field.total_tokens == 0:
+                lnV = math.log(self.model.vocab_size)
+                if self.field.total_tokens == 0:
                     return None
-                self._field_loss = self.field.heldout_loss(seqs, self.config.block_size)
+                if held is not None:
+                    ws = [w for w in held.windows(self.config.block_size) if len(w) >= 2]
+                    nats = sum(self.field.heldout_loss([w]) * (len(w) - 1) for w in ws)
+                    targets = sum(len(w) - 1 for w in ws)
+                    self._field_loss = (nats / held.chars, lnV * targets / held.chars)
+                else:
+                    seqs = [s for s in self._train_ids[:self.config.val_max_sequences] if len(s) >= 2]
+                    if not seqs:
+                        return None
+                    self._field_loss = (self.field.heldout_loss(seqs, self.config.block_size), lnV)
             return self._field_loss
 
     def _overrides(self, overrides: dict) -> dict:
@@ -443,13 +490,15 @@ class Organism:
                 added = self.reservoir.add_message(speaker, text)
             if not added:
                 return 0
-            ids = [self._encode(x) for x in added]
+            held = self._hold_out(added)
+            trained = [x for x in added if x not in held] if held else added
+            ids = [self._encode(x) for x in trained]
             lines = self.reservoir.lines
             if len(self._ids_cache) > 2 * (self.config.max_corpus_lines + len(self.val_lines)):
                 keep = set(lines) | set(self.val_lines)  # forget evicted lines
                 self._ids_cache = {k: v for k, v in self._ids_cache.items() if k in keep}
             self._train_ids = [self._encode(x) for x in lines]
-            self.buffer.feed(added, ids)
+            self.buffer.feed(trained, ids)
             self.field.add(ids)
             self._field_loss = None
         if self.memory is not None:
@@ -457,6 +506,28 @@ class Organism:
                 self.memory.add_message(speaker, text)
             self.memory.add_corpus_event("observe", len(added), sum(len(x) for x in added))
         return len(added)
+
+    def _hold_out(self, added: list[str]) -> set:
+        """Hold out a slice (Config.heard_val_fraction) of newly heard lines: they leave the
+        reservoir and join the held-out set of heard text (the newest heard_val_max_lines),
+        which measures what bursts learn. Holds the organism lock."""
+        frac = self.config.heard_val_fraction
+        if frac <= 0:
+            return set()
+        held = {x for x in added if self._rng.random() < frac}
+        if held:
+            self.reservoir.remove(held)
+            keep = self.config.heard_val_max_lines
+            self.heard_val_lines = (self.heard_val_lines + [x for x in added if x in held])[-keep:]
+            self._heard_heldout = self._heldout(self.heard_val_lines)
+        return held
+
+    def release_quarantine(self) -> int:
+        """Give the lines of rolled-back bursts (see stats()["quarantine"]) back to the organism:
+        they are observed again, as new text for the next burst. Returns how many came back."""
+        with self._lock:
+            lines, self.quarantine = self.quarantine, []
+        return self.observe(lines) if lines else 0
 
     def forget(self, phrase: str | None = None, *, chat_only: bool = True):
         """Forget chat: reservoir lines (and, with a memory, messages and their search-index
@@ -480,19 +551,63 @@ class Organism:
 
     def _maybe_grow_tokenizer(self) -> bool:
         """Enable or retrain BPE when the reservoir has grown enough (SPEC §1); grows the model
-        and rebuilds the field and encodings. Returns True when the vocabulary changed."""
+        and rebuilds the field and encodings. Returns True when the tokenizer changed.
+
+        Before any training the change is free. Afterwards it is checked: the retrained
+        tokenizer is tried on a copy of the model (new rows initialized from the tokens they
+        merge, see `_init_merged_rows`) and kept only if held-out loss on the old text rises
+        by at most Config.bpe_growth_max_rise; otherwise it is declined (the next try waits
+        for bpe_retrain_every_chars more characters)."""
         with self._structure.write():
             lines = list(self.reservoir.lines)
-            update = self.tokenizer.maybe_enable_bpe(lines) or self.tokenizer.maybe_retrain_bpe(lines)
+            tok = self.tokenizer
+            checked = self.trainer.steps > 0 and len(self._old_heldout) > 0
+            candidate = EvolvingTokenizer.from_dict(tok.to_dict()) if checked else tok
+            update = candidate.maybe_enable_bpe(lines) or candidate.maybe_retrain_bpe(lines)
             if update is None:
                 return False
-            if update.grew:
-                self.model.grow_vocab(update.new_vocab_size)
+            record = {"phase": "tokenizer", "event": update.event, "vocab_size": update.new_vocab_size,
+                      "merges": update.num_merges}
+            if checked:
+                before = self.trainer.evaluate(self._old_heldout)
+                trial = Model.from_state(*self.model.export_state())
+                self._grow_model(trial, candidate, update)
+                after = self._heldout(self._old_heldout.lines).loss(trial)
+                record.update(loss_before=before, loss_after=after)
+                if not after <= before * (1.0 + self.config.bpe_growth_max_rise):
+                    tok.trained_chars = candidate.trained_chars  # wait for more text before trying again
+                    record["event"] = f"{update.event} declined"
+                    record["vocab_size"] = tok.vocab_size
+                    self._emit(record)
+                    return False
+                self.tokenizer = candidate
+            self._grow_model(self.model, self.tokenizer, update)
             self._rebuild_data()
-        self._emit({"phase": "tokenizer", "event": update.event, "vocab_size": update.new_vocab_size,
-                    "merges": update.num_merges})
+        self._emit(record)
         self._log_growth(f"tokenizer {update.event}")
         return True
+
+    @staticmethod
+    def _grow_model(model: Model, tokenizer: EvolvingTokenizer, update) -> None:
+        if update.grew:
+            model.grow_vocab(update.new_vocab_size)
+            Organism._init_merged_rows(model, tokenizer, update.old_vocab_size)
+
+    @staticmethod
+    def _init_merged_rows(model: Model, tokenizer: EvolvingTokenizer, first_new: int) -> None:
+        """Embedding rows of merged tokens born at ids >= first_new start as the mean of the
+        rows of the two tokens they merge (the token alone for an end-of-word merge), in
+        rank order so that parts born in the same growth are set first: the model reads a
+        new token roughly as it read its parts, instead of as noise."""
+        with model.lock:
+            params = model.groups["base"].params
+            mats = [params["wte"]] + ([params["lm_head"]] if "lm_head" in params else [])
+            for a, b, m in tokenizer.merges:
+                if m < first_new:
+                    continue
+                for E in mats:
+                    E[m] = E[a] if b < 0 else 0.5 * (E[a] + E[b])
+            model.refresh()
 
     # ---- training
 
@@ -526,10 +641,10 @@ class Organism:
         with self._train_lock:
             self._sync_threads()
             with self._lock:
-                train, val, key = list(self._train_ids), list(self._val_ids), self._val_key
+                train, val = list(self._train_ids), self._old_heldout
             if not train:
                 raise TrainingError("nothing to train on: give the organism a corpus or observe() text first")
-            summary = self.trainer.warmup(train, val, steps, progress, self._collapse_probe, key, start=start,
+            summary = self.trainer.warmup(train, val, steps, progress, self._collapse_probe, start=start,
                                           total=total, finish=finish,
                                           should_stop=self._stopper(should_stop))
         summary["finished"] = self.trainer.warmed_up
@@ -554,23 +669,48 @@ class Organism:
         learning rate of this burst (default learning_rate times the rollback back-off)."""
         with self._train_lock:
             self._sync_threads()
+            self._sync_config()
             self._maybe_grow_tokenizer()
             with self._lock:
                 new_lines = self.buffer.take()
                 new = [self._encode(x) for x in new_lines]
-                replay = list(self._train_ids)
-                val, key = list(self._val_ids), self._val_key
+                fresh = set(new_lines)  # replay draws from what the organism knew before this text
+                replay = [ids for line, ids in zip(self.reservoir.lines, self._train_ids) if line not in fresh]
+                old, heard = self._old_heldout, self._heard_heldout
             if not replay and not new:
                 raise TrainingError("nothing to train on: give the organism a corpus or observe() text first")
             if not self.trainer.warmed_up:
                 self.trainer.warmed_up = True  # a burst before warmup: from now on the base follows the config
-            report = self.trainer.burst(new, replay, val, key, lr=lr)
+            report = self.trainer.burst(new, replay, old, heard, lr=lr)
+            if not report.accepted and new_lines:
+                self._quarantine(new_lines)
         if self.memory is not None:
             note = f"burst {'accepted' if report.accepted else 'rolled back: ' + report.reason}"
             if report.grew_module is not None:
                 note += f"; module {report.retired_module} {report.retired_as}, module {report.grew_module} born"
             self._log_growth(note)
         return report
+
+    def _quarantine(self, lines: list[str]) -> None:
+        """Take a rolled-back burst's lines out of the reservoir and the field: replay never
+        draws them again. Kept aside (newest max_quarantine_lines) until release_quarantine()."""
+        with self._structure.write(), self._lock:
+            self.reservoir.remove(lines)
+            self.quarantine = (self.quarantine + list(lines))[-self.config.max_quarantine_lines:] \
+                if self.config.max_quarantine_lines else []
+            self._rebuild_data()
+        self._emit({"phase": "quarantine", "lines": len(lines), "held": len(self.quarantine)})
+
+    def _sync_config(self) -> None:
+        """Config fields that live in the tokenizer and the reservoir follow the config (they
+        may be changed between bursts, also on a loaded organism)."""
+        c, tok = self.config, self.tokenizer
+        tok.enable_bpe_after_chars = c.enable_bpe_after_chars
+        tok.bpe_num_merges = c.bpe_num_merges
+        tok.bpe_retrain_every_chars = c.bpe_retrain_every_chars
+        if (self.reservoir.max_lines, self.reservoir.max_line_chars) != (c.max_corpus_lines, c.max_line_chars):
+            with self._lock:
+                self.reservoir.set_limits(c.max_corpus_lines, c.max_line_chars)
 
     def _sync_threads(self) -> None:
         want = self._train_threads(background=self._thread is not None and self._thread.is_alive())
@@ -621,14 +761,17 @@ class Organism:
             modules.append({"index": st.index, "state": st.state, "alpha": m.delta_alphas[st.index],
                             "bursts": st.bursts, "steps": m.groups[f"delta{st.index}"].step,
                             "trainable": m.trainable[f"delta{st.index}"], "counterfactual": st.counterfactual})
+        c = self.config
         with self._lock:
             buffer = {"bytes": self.buffer.bytes, "tokens": self.buffer.tokens, "novelty": self.buffer.novelty,
-                      "lines": len(self.buffer.lines)}
+                      "lines": len(self.buffer.lines), "next_burst": self.buffer.trigger(c)}
             corpus = {"lines": len(self.reservoir.lines), "chars": self.reservoir.chars,
-                      "held_out_lines": len(self.val_lines)}
+                      "held_out_lines": len(self.val_lines), "heard_held_out_lines": len(self.heard_val_lines),
+                      "quarantine_lines": len(self.quarantine)}
         return {"steps": t.steps, "warmup_steps": t.warmup_steps_done, "warmed_up": t.warmed_up,
                 "bursts": t.bursts, "accepted_bursts": t.accepted, "rolled_back_bursts": t.rolled_back,
                 "lr_scale": t.lr_scale, "loss": t.last_loss, "val_loss": t.last_val, "best_val_loss": t.best_val,
+                "heard_val_loss": t.last_new_val,
                 "vocab_size": m.vocab_size, "bpe": self.tokenizer.bpe_enabled, "parameters": m.num_params(),
                 "delta_modules": modules, "base_trainable": m.trainable["base"],
                 "arena_high_water": m.arena_high_water, "arena_capacity": m.arena_capacity,
@@ -726,6 +869,8 @@ class Organism:
                 "trainer": self.trainer.state_dict(),
                 "organism_rng": self._rng.bit_generator.state,
                 "val_lines": list(self.val_lines),
+                "heard_val_lines": list(self.heard_val_lines),
+                "quarantine": list(self.quarantine),
                 "reservoir": self.reservoir.to_dict(),
                 "buffer": self.buffer.to_dict(),
                 "birth_vocab": self.birth_vocab,
@@ -761,7 +906,7 @@ class Organism:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise OrganismError(f"{path}: this checkpoint holds a model but no organism state; load it with "
                                 f"molecule_gpt.checkpoint.load_checkpoint instead")
-        if state.get("format_version") != STATE_VERSION:
+        if state.get("format_version") not in (1, STATE_VERSION):
             raise OrganismError(f"{path}: organism state version {state.get('format_version')} is not "
                                 f"supported (this molecule-gpt reads version {STATE_VERSION})")
         config = Config.from_dict(state["config"], strict=False)
@@ -778,6 +923,8 @@ class Organism:
         self.tokenizer = ckpt.tokenizer
         self._rng.bit_generator.state = state["organism_rng"]
         self.val_lines = list(state["val_lines"])
+        self.heard_val_lines = list(state.get("heard_val_lines", []))  # absent in version 1
+        self.quarantine = list(state.get("quarantine", []))
         self.reservoir = Reservoir.from_dict(state["reservoir"], rng=self._rng)
         self.buffer = QuantumBuffer()
         self.birth_vocab = int(state["birth_vocab"])
@@ -789,6 +936,7 @@ class Organism:
         self.trainer = Trainer(self.model, self.config, self._train_rng, self._birth_rows, emit=self._emit,
                                on_restore=self._weights_restored)
         self.trainer.load_state_dict(state["trainer"])
+        self.trainer.accepted_projection = self.trainer.projection()  # the weights are the last accepted ones
         self._ids_cache = {}
         self._rebuild_data()
         buf = state["buffer"]

@@ -159,6 +159,24 @@ class Reservoir:
         self._lines = [older[i] for i in keep] + newest
         self._seen = {line.casefold() for line in self._lines}
 
+    def remove(self, lines: Iterable[str]) -> int:
+        """Remove these exact lines (as held: normalized); returns how many were held."""
+        gone = {line for line in lines if isinstance(line, str)}
+        keep = [line for line in self._lines if line not in gone]
+        removed = len(self._lines) - len(keep)
+        if removed:
+            self._lines = keep
+            self._seen = {line.casefold() for line in keep}
+        return removed
+
+    def set_limits(self, max_lines: int, max_line_chars: int) -> None:
+        """Apply new caps (Config.max_corpus_lines, max_line_chars) from now on; lines held over
+        the new count cap are evicted by rule 4 at once."""
+        self.max_lines = int(max_lines)
+        self.max_line_chars = int(max_line_chars)
+        if len(self._lines) > self.max_lines:
+            self._evict()
+
     def forget(self, phrase: str | None = None, *, chat_only: bool = True) -> int:
         """Remove lines: those containing `phrase` (case-insensitive), or all when phrase is
         None. With chat_only (the default) only chat lines ("H: ..."/"A: ...") are candidates,

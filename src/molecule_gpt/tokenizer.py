@@ -229,6 +229,7 @@ class EvolvingTokenizer:
         self.bpe_enabled = False
         self.byte_fallback = False
         self.trained_chars = 0
+        self.version = 0                     # bumped whenever encode's results may change
         self.pad_id = self.bos_id = self.eos_id = -1
         self._core = _Core() if _Core is not None else _PyCore()
 
@@ -262,6 +263,7 @@ class EvolvingTokenizer:
         space_id = self._index.get((b" ", False), -1)
         self._core.set_vocab(chars, byte_ids, self._surface, space_id, self.bos_id, self.eos_id, self.pad_id)
         self._core.set_merges(self._merges)
+        self.version += 1
 
     # ------------------------------------------------------------------------------------------
     # the API the organism uses
@@ -321,6 +323,7 @@ class EvolvingTokenizer:
             return None
         update = self._train(lines, self.bpe_num_merges, "enable_bpe")
         self.bpe_enabled = True
+        self.version += 1
         self.trained_chars = total
         return update
 
@@ -345,6 +348,7 @@ class EvolvingTokenizer:
             raise TokenizerError(f"num_merges must be a non-negative int, got {n!r}")
         update = self._train(lines, n, "train_bpe")
         self.bpe_enabled = True
+        self.version += 1
         self.trained_chars = sum(len(x) for x in lines)
         return update
 

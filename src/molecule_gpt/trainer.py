@@ -6,23 +6,31 @@ Adam) is `Model.train_step`; this module decides what to train, when, with which
 and whether to keep the result. The Organism owns the data (train and held-out sequences) and
 hands them in; the trainer never touches text.
 
+Held-out loss is molecule_gpt.heldout's: nats per character of lines never trained on, so a
+value before and after a tokenizer change compare. The organism hands in two sets: the old
+text (held out of the birth corpus) and the new (a slice held out of what it heard lately).
+
 Delta-module lifecycle (SPEC §8.3): a module is born an exact no-op (its A factors are zero),
 is the only module that trains, and its alpha rises linearly to 1 over its first
-`delta_ramp_bursts` bursts. When a new module is grown (probability `delta_grow_prob` after a
-burst, up to `max_delta_modules`) the active one is retired: if held-out loss is lower with its
-alpha at 0 (the counterfactual check) it is dropped (alpha 0 for good), otherwise it becomes a
-fossil; either way it is frozen for good (`set_trainable(..., False)`, which lets the Model fold
-it into cached effective weights). The last allowed module keeps training.
+`delta_ramp_bursts` bursts (1 by default: a module born a no-op needs no ramp, and a ramp
+changes what the model computes between two checked bursts). When a new module is grown
+(probability `delta_grow_prob` after a burst, up to `max_delta_modules`) the active one is
+retired: it is dropped (alpha 0 for good) only when setting its alpha to 0 lowers held-out
+loss on the old text and on the new text alike (it helped neither), otherwise it becomes a
+fossil; either way it is frozen for good (`set_trainable(..., False)`, which lets the Model
+fold it into cached effective weights). The last allowed module keeps training.
 
-Immune system (SPEC §6, §8.4): around every burst, the contrastive projection of the effective
-output embedding (base output matrix plus the lm_head deltas, minus its rows at birth; rows of
-later-born tokens count whole) is taken before and after; the burst is rolled back when the
-cosine of the two directions is below `noise_drift_threshold` (skipped while either magnitude is
-below `gamma_min_magnitude`), when held-out loss rose by more than `immune_val_bound`, or when any
-loss or gradient was non-finite. A rollback copies the pre-burst parameters, Adam moments and
-step counters, alphas and trainable flags back in place: the model is bit-identical to before.
-`max_consecutive_rollbacks` rollbacks in a row multiply the burst learning rate by
-`rollback_lr_backoff`; each accepted burst divides one factor back out (up to 1).
+Immune system (SPEC §6, §8.4): a burst is one checked unit. Held-out loss on the old text is
+measured before anything of the burst changes the model (alpha ramp included) and after its
+steps; the burst is rolled back when that loss rose by more than `immune_max_rise` (a
+fraction), or when any loss, gradient or parameter was non-finite. Harm is judged by effect on
+what the organism knew, not by the kind of text: new-domain text that leaves the old loss in
+place is learned, whatever its style. A rollback copies the pre-burst parameters, Adam moments
+and step counters, alphas and trainable flags back in place: the model is bit-identical to
+before. `max_consecutive_rollbacks` rollbacks in a row multiply the burst learning rate by
+`rollback_lr_backoff`; each accepted burst divides one factor back out (up to 1). The identity
+drift (`projection`, `drift_check`) is measured and reported, but decides nothing: on every
+attack tried it never caught a burst the loss check let through.
 
 Locking (SPEC §8.7): every optimizer step takes the model lock (inside Model.train_step), never
 a whole burst, so a generating thread waits for at most one step. A rollback restores under the
@@ -58,16 +66,17 @@ class ActivationCollapseWarning(UserWarning):
 
 @dataclass
 class BurstReport:
-    """What one burst did. loss_before/loss_after are held-out losses (None without a held-out
-    split); train_loss_first/last the first and last step's batch loss."""
+    """What one burst did. loss_before/loss_after are held-out losses on the old text and
+    new_loss_before/new_loss_after on the newly heard text, in nats per character (None
+    without such lines); train_loss_first/last the first and last step's batch loss."""
     steps: int
     loss_before: float | None
     loss_after: float | None
     train_loss_first: float | None
     train_loss_last: float | None
     accepted: bool
-    reason: str  # "accepted", "non_finite", "val_loss_rose" or "identity_drift"
-    drift_cosine: float | None  # None when the identity check was skipped
+    reason: str  # "accepted", "non_finite" or "val_loss_rose" (held-out loss on the old text)
+    drift_cosine: float | None  # identity drift, reported only (None when not measurable)
     lr: float
     module: int  # index of the module that trained
     grew_module: int | None = None  # index of the module appended after the burst
@@ -75,6 +84,8 @@ class BurstReport:
     retired_as: str | None = None  # "fossil" or "dropped"
     lr_backoff: bool = False  # this rollback completed a streak and lowered the learning rate
     seconds: float = 0.0
+    new_loss_before: float | None = None
+    new_loss_after: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +98,7 @@ class ModuleState:
     index: int
     state: str = "active"
     bursts: int = 0  # accepted bursts it trained in
-    counterfactual: dict | None = None  # {"with": loss, "without": loss} at retirement
+    counterfactual: dict | None = None  # {"with", "without", "new_with", "new_without", "alpha"} at retirement
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -172,38 +183,35 @@ class Trainer:
         self.consecutive_rollbacks = 0
         self.lr_scale = 1.0
         self.best_val: float | None = None
-        self.last_val: float | None = None
+        self.last_val: float | None = None  # held-out loss on the old text (nats per character)
+        self.last_new_val: float | None = None  # held-out loss on recently heard text, after the last accepted burst
         self.last_loss: float | None = None
         self.tokens_per_second: float | None = None  # exponential average over steps
         self.modules: list[ModuleState] = [ModuleState(k, "fossil") for k in range(model.n_delta)]
         self.history: list[dict] = []  # immune decisions, newest last (bounded)
-        self._val_cache: tuple | None = None  # (key, loss)
+        self._val_cache: dict = {}  # id(held-out set) -> (key, loss)
         self.accepted_projection: Projection | None = None  # after the last warmup / accepted burst
         self._components = None  # (structure key, slices per component)
 
     # ---- evaluation
 
-    def val_loss(self, val: Sequence[Sequence[int]]) -> float | None:
-        """Mean held-out loss over `val`, one batch per lock hold (generation can interleave)."""
-        if not val:
-            return None
-        B = self.config.batch_size
-        total = 0.0
-        for start in range(0, len(val), B):
-            chunk = list(val[start:start + B])
-            total += sum(self.model.sequence_losses(chunk))
-        return total / len(val)
-
     def _weights_key(self) -> tuple:
         m = self.model
         return (m.vocab_size, tuple(m.delta_alphas), tuple((n, g.step, id(g.flat)) for n, g in m.groups.items()))
 
-    def cached_val_loss(self, val, val_key) -> float | None:
-        key = (val_key, self._weights_key())
-        if self._val_cache is not None and self._val_cache[0] == key:
-            return self._val_cache[1]
-        loss = self.val_loss(val)
-        self._val_cache = (key, loss)
+    def evaluate(self, held) -> float | None:
+        """Held-out loss (nats per character) of a molecule_gpt.heldout.HeldOut set, cached
+        while neither the weights, nor the set, nor the tokenizer changed. None without lines."""
+        if held is None or not len(held):
+            return None
+        key = (held.key(), self._weights_key())
+        cached = self._val_cache.get(id(held))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        loss = held.loss(self.model)
+        if len(self._val_cache) >= 8:
+            self._val_cache.clear()
+        self._val_cache[id(held)] = (key, loss)
         return loss
 
     # ---- identity
@@ -339,9 +347,9 @@ class Trainer:
 
     # ---- warmup
 
-    def warmup(self, train: Sequence[Sequence[int]], val: Sequence[Sequence[int]], steps: int,
+    def warmup(self, train: Sequence[Sequence[int]], val, steps: int,
                progress: Callable[[dict], None] | None = None, collapse_probe: Callable[[], list] | None = None,
-               val_key=None, start: int = 0, total: int | None = None, finish: bool = True,
+               start: int = 0, total: int | None = None, finish: bool = True,
                should_stop: Callable[[], bool] | None = None) -> dict:
         """`steps` steps of batch_size sequences drawn uniformly from `train` with the schedule
         lr_schedule(start + s, total, learning_rate, lr_warmup_steps, lr_min_ratio) (total
@@ -370,7 +378,7 @@ class Trainer:
             batch = self._sample(train, c.batch_size)
             extra = {}
             last = s == steps - 1
-            evaluate = val and ((start + s + 1) % c.eval_interval == 0 or (last and finish))
+            evaluate = val is not None and len(val) and ((start + s + 1) % c.eval_interval == 0 or (last and finish))
             loss, finite = self._step(batch, lr, "warmup", None)
             done += 1
             self.warmup_steps_done += 1
@@ -378,7 +386,7 @@ class Trainer:
                 raise TrainingError(f"warmup diverged at step {self.steps} (loss {loss}); lower Config.learning_rate "
                                     f"(now {c.learning_rate}) or Config.grad_clip")
             if evaluate:
-                v = self.cached_val_loss(val, val_key)
+                v = self.evaluate(val)
                 self.last_val = v
                 extra["val_loss"] = v
                 if self.best_val is None or v < self.best_val - c.min_delta:
@@ -437,12 +445,13 @@ class Trainer:
             m.set_trainable("base", want_base)
         return k
 
-    def burst(self, new: Sequence[Sequence[int]], replay: Sequence[Sequence[int]], val: Sequence[Sequence[int]],
-              val_key=None, lr: float | None = None) -> BurstReport:
+    def burst(self, new: Sequence[Sequence[int]], replay: Sequence[Sequence[int]], old=None, heard=None,
+              lr: float | None = None) -> BurstReport:
         """micro_steps steps on batches mixing `new` sequences with `replay` ones (each slot is
         replay with probability replay_ratio, always when there is nothing new), checked by the
-        immune system, then maybe a new module. See the module docstring."""
-        c = self.config
+        immune system on `old` (a HeldOut set of the old text), then maybe a new module;
+        `heard` (a HeldOut set of recently heard text) is measured for the report and judges
+        retirement. See the module docstring."""
         m = self.model
         if not new and not replay:
             raise TrainingError("nothing to train on: the corpus is empty")
@@ -450,32 +459,34 @@ class Trainer:
         k = self._ensure_active()
         state = self.modules[k]
         snap = Snapshot(m)  # before the alpha ramp: a rollback undoes the whole burst
-        alpha = min(1.0, (state.bursts + 1) / c.delta_ramp_bursts)
-        if m.delta_alphas[k] != alpha:
-            m.set_delta_alpha(k, alpha)
-        loss_before = self.cached_val_loss(val, val_key) if val else None
-        proj_before = self.projection()
+        # measured before anything of the burst changes what the model computes
+        loss_before = self.evaluate(old)
+        new_before = self.evaluate(heard)
         guard = {"settled": False}
         try:
-            return self._burst(new, replay, val, val_key, lr, t0, k, state, snap, loss_before, proj_before, guard)
+            alpha = min(1.0, (state.bursts + 1) / self.config.delta_ramp_bursts)
+            if m.delta_alphas[k] != alpha:
+                m.set_delta_alpha(k, alpha)
+            return self._burst(new, replay, old, heard, lr, t0, k, state, snap, loss_before, new_before, guard)
         except BaseException:
             # an exception or Ctrl-C before the burst's outcome is settled: leave the model as it
             # was before the burst (afterwards the accepted or rolled-back state stands)
             if not guard["settled"]:
                 snap.restore(m)
-                self._val_cache = None
+                self._val_cache = {}
                 self.on_restore()
             raise
 
-    def _burst(self, new, replay, val, val_key, lr, t0, k, state, snap, loss_before, proj_before,
+    def _burst(self, new, replay, old, heard, lr, t0, k, state, snap, loss_before, new_before,
                guard) -> BurstReport:
         c = self.config
         m = self.model
-        lr_used = (c.learning_rate * self.lr_scale) if lr is None else float(lr)
+        lr_used = (c.burst_learning_rate * self.lr_scale) if lr is None else float(lr)
         first = last = None
         reason = "accepted"
         steps = 0
         active = f"delta{k}"
+        proj_before = self.accepted_projection
         for _ in range(c.micro_steps):
             n_replay = int(self.rng.binomial(c.batch_size, c.replay_ratio)) if new else c.batch_size
             if not replay:
@@ -488,22 +499,23 @@ class Trainer:
             if not math.isfinite(loss) or not finite:
                 reason = "non_finite"
                 break
-        loss_after = None
-        cos = None
+        loss_after = new_after = cos = None
         if reason == "accepted":
             params_ok = all(bool(np.isfinite(g.flat).all()) for n, g in m.groups.items() if m.trainable[n])
             if not params_ok:
                 reason = "non_finite"
-        if reason == "accepted" and val:
-            loss_after = self.cached_val_loss(val, val_key)
+        if reason == "accepted" and loss_before is not None:
+            loss_after = self.evaluate(old)
             if not math.isfinite(loss_after):
                 reason = "non_finite"
-            elif loss_before is not None and loss_after - loss_before > c.immune_val_bound:
+            elif loss_after > loss_before * (1.0 + c.immune_max_rise):
                 reason = "val_loss_rose"
+        proj_after = None
         if reason == "accepted":
-            ok, cos = self.drift_check(proj_before, self.projection())
-            if not ok:
-                reason = "identity_drift"
+            new_after = self.evaluate(heard)
+            proj_after = self.projection()
+            if proj_before is not None:
+                cos = self.drift_check(proj_before, proj_after)[1]
         accepted = reason == "accepted"
         backoff = False
         self.bursts += 1
@@ -514,10 +526,12 @@ class Trainer:
             state.bursts += 1
             if loss_after is not None:
                 self.last_val = loss_after
-            self.accepted_projection = self.projection()
+            if new_after is not None:
+                self.last_new_val = new_after
+            self.accepted_projection = proj_after
         else:
             snap.restore(m)
-            self._val_cache = None
+            self._val_cache = {}
             self.on_restore()
             self.rolled_back += 1
             self.consecutive_rollbacks += 1
@@ -527,32 +541,36 @@ class Trainer:
                 backoff = True
         report = BurstReport(steps=steps, loss_before=loss_before, loss_after=loss_after, train_loss_first=first,
                              train_loss_last=last, accepted=accepted, reason=reason, drift_cosine=cos, lr=lr_used,
-                             module=k, lr_backoff=backoff)
+                             module=k, lr_backoff=backoff, new_loss_before=new_before, new_loss_after=new_after)
         guard["settled"] = True
         if self.rng.random() < c.delta_grow_prob and m.n_delta < c.max_delta_modules:
-            report.retired_module, report.retired_as = k, self.retire(k, val, val_key)
+            report.retired_module, report.retired_as = k, self.retire(k, old, heard)
             report.grew_module = self._ensure_active()
         report.seconds = time.perf_counter() - t0
         self.history.append({"burst": self.bursts, "step": self.steps, "accepted": accepted, "reason": reason,
-                             "drift_cosine": cos, "loss_before": loss_before, "loss_after": loss_after})
+                             "drift_cosine": cos, "loss_before": loss_before, "loss_after": loss_after,
+                             "new_loss_before": new_before, "new_loss_after": new_after})
         del self.history[:-200]
         self.emit(dict({"phase": "burst_end", "step": self.steps}, **report.to_dict()))
         return report
 
-    def retire(self, k: int, val, val_key=None) -> str:
-        """Freeze module k for good after the counterfactual check: if held-out loss is lower
-        with its alpha at 0 it is dropped (alpha stays 0), otherwise it becomes a fossil."""
+    def retire(self, k: int, old=None, heard=None) -> str:
+        """Freeze module k for good. It is dropped (alpha stays 0) only when held-out loss
+        without it is no higher on the old text (`old`) and on the recently heard text
+        (`heard`) alike: a module that learned the new text is kept even when the old text
+        alone would not miss it. Otherwise it becomes a fossil."""
         m = self.model
         state = self.modules[k]
         verdict = "fossil"
-        if val:
+        if old is not None and len(old):
             with m.lock:  # the model is briefly evaluated without the module: keep others out
                 alpha = m.delta_alphas[k]
-                with_it = self.cached_val_loss(val, val_key)
+                with_old, with_new = self.evaluate(old), self.evaluate(heard)
                 m.set_delta_alpha(k, 0.0)
-                without = self.val_loss(val)
-                state.counterfactual = {"with": with_it, "without": without, "alpha": alpha}
-                if without < with_it:
+                without_old, without_new = self.evaluate(old), self.evaluate(heard)
+                state.counterfactual = {"with": with_old, "without": without_old, "new_with": with_new,
+                                        "new_without": without_new, "alpha": alpha}
+                if without_old <= with_old and (with_new is None or without_new <= with_new):
                     verdict = "dropped"
                 else:
                     m.set_delta_alpha(k, alpha)
@@ -566,7 +584,8 @@ class Trainer:
         return {"steps": self.steps, "warmup_steps_done": self.warmup_steps_done, "warmed_up": self.warmed_up,
                 "bursts": self.bursts, "accepted": self.accepted, "rolled_back": self.rolled_back,
                 "consecutive_rollbacks": self.consecutive_rollbacks, "lr_scale": self.lr_scale,
-                "best_val": self.best_val, "last_val": self.last_val, "last_loss": self.last_loss,
+                "best_val": self.best_val, "last_val": self.last_val, "last_new_val": self.last_new_val,
+                "last_loss": self.last_loss,
                 "modules": [s.to_dict() for s in self.modules], "history": self.history[-50:],
                 "rng": self.rng.bit_generator.state}
 
@@ -574,6 +593,7 @@ class Trainer:
         for name in ("steps", "warmup_steps_done", "warmed_up", "bursts", "accepted", "rolled_back",
                      "consecutive_rollbacks", "lr_scale", "best_val", "last_val", "last_loss"):
             setattr(self, name, d[name])
+        self.last_new_val = d.get("last_new_val")
         self.modules = [ModuleState(**s) for s in d["modules"]]
         self.history = list(d["history"])
         self.rng.bit_generator.state = d["rng"]

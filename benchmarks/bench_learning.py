@@ -1,0 +1,317 @@
+"""Continual learning: does the organism learn a new domain without forgetting the old one?
+
+    python benchmarks/bench_learning.py [--domain-a A.txt --domain-b B.txt] [--seeds 3]
+        [--bursts 50] [--json OUT.json] [--plots DIR] [--quick] [--skip immune,heads,baselines]
+
+The experiment, per seed:
+1. Domain A (default: sentences of the stdlib's documentation) is shuffled and split into a
+   birth corpus (`--birth-lines`, 2,000) and held-out test lines never trained on; domain B
+   (default: lines of the stdlib's Python source) into 50 equal chunks and held-out test lines.
+2. An organism is born on A's birth corpus with the default Config and warms up.
+3. B is fed in `--bursts` chunks: observe(chunk), then train_burst(). After each burst: held-out
+   loss of A and of B (nats per character, molecule_gpt.heldout: comparable across tokenizer
+   changes), accepted or rolled back and why, vocabulary size, delta modules.
+4. Baselines from the same warmed-up weights and tokenizer (frozen), the same steps, learning
+   rate, batch and tokens per chunk as the organism's bursts: plain full fine-tuning of every
+   weight without replay, and with 50% replay of A's birth corpus.
+
+Figures (medians over seeds): forgetting = held-out A after the last burst / after warmup - 1;
+learning = held-out B after / before - 1. Targets: forgetting <= 2%, learning <= -35% and at
+least 90% of the full fine-tuning with 50% replay in the same run.
+
+Immune system (`immune`): from the organism after 10 clean bursts, candidate bursts of clean
+text (new lines of A, lines of B) and of harmful kinds (shuffled characters of real text,
+random symbols, a phrase repeated with a counter, the learning rate raised 1,000x, random
+characters of a foreign script). Harm is judged by effect: each candidate is also run with the
+immune system off, and it is harmful when, accepted, it raises held-out A by more than 1%. The
+confusion matrix counts harmful/harmless x rejected/accepted; after every rejected burst the
+next three clean bursts must be accepted and leave held-out A within 1% of where clean bursts
+alone leave it (the damage left).
+
+Head types (`heads`): held-out A loss after the default warmup for all-content, all-rrpram,
+all-hybrid and the default mix, and the corpus field's held-out loss on the same lines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))
+
+import corpora  # noqa: E402
+import molecule_gpt as mg  # noqa: E402
+from molecule_gpt.heldout import HeldOut  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def load_domains(args) -> tuple[list[str], list[str]]:
+    def read(path):
+        return mg.read_corpus(path).lines
+    a = read(args.domain_a) if args.domain_a else corpora.doc_sentences()
+    b = read(args.domain_b) if args.domain_b else corpora.code_lines()
+    return a, b
+
+
+class Split:
+    """One seed's split of the two domains."""
+
+    def __init__(self, a: list[str], b: list[str], seed: int, args):
+        rng = np.random.default_rng(1000 + seed)
+        a = [a[i] for i in rng.permutation(len(a))]
+        b = [b[i] for i in rng.permutation(len(b))]
+        n_test = args.test_lines
+        self.a_test, rest = a[:n_test], a[n_test:]
+        self.a_birth, self.a_more = rest[:args.birth_lines], rest[args.birth_lines:]
+        self.b_test, rest = b[:n_test], b[n_test:]
+        per = args.chunk_lines
+        self.b_chunks = [rest[i * per:(i + 1) * per] for i in range(args.bursts)]
+        self.b_more = rest[args.bursts * per:]
+        if len(self.b_chunks[-1]) < per or len(self.a_birth) < args.birth_lines:
+            raise SystemExit(f"not enough text: domain A needs {n_test + args.birth_lines} lines, domain B "
+                             f"{n_test + args.bursts * per}")
+
+
+def heldout(org_or_tok, lines):
+    tok = org_or_tok.tokenizer if hasattr(org_or_tok, "tokenizer") else org_or_tok
+    return HeldOut(lines, tok.encode, lambda: tok.version)
+
+
+def losses(org, split) -> tuple[float, float]:
+    return heldout(org, split.a_test).loss(org.model), heldout(org, split.b_test).loss(org.model)
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+
+def config_for(args, **changes) -> mg.Config:
+    c = mg.Config(**dict(args.set, **changes))
+    if args.quick:
+        c = c.replace(warmup_steps=min(c.warmup_steps, 300))
+    return c
+
+
+def warmed_organism(split, seed, args, **changes) -> tuple[mg.Organism, dict]:
+    org = mg.Organism(config_for(args, **changes), list(split.a_birth), seed=seed)
+    t0 = time.perf_counter()
+    summary = org.warmup()
+    summary["wall_seconds"] = time.perf_counter() - t0
+    return org, summary
+
+
+def organism_run(org, split, args) -> dict:
+    a0, b0 = losses(org, split)
+    per_burst = []
+    for i, chunk in enumerate(split.b_chunks):
+        org.observe(list(chunk))
+        t0 = time.perf_counter()
+        rep = org.train_burst()
+        dt = time.perf_counter() - t0
+        a, b = losses(org, split)
+        per_burst.append({"burst": i + 1, "a": a, "b": b, "accepted": rep.accepted, "reason": rep.reason,
+                          "vocab": org.model.vocab_size, "modules": org.model.n_delta, "seconds": dt})
+    a1, b1 = losses(org, split)
+    return {"a_before": a0, "b_before": b0, "a_after": a1, "b_after": b1,
+            "forgetting": a1 / a0 - 1, "learning": b1 / b0 - 1, "per_burst": per_burst,
+            "accepted": sum(r["accepted"] for r in per_burst),
+            "burst_seconds": statistics.median(r["seconds"] for r in per_burst)}
+
+
+def finetune_run(org, split, args, replay_ratio: float, seed: int) -> dict:
+    """Plain full fine-tuning of the warmed-up weights (every base weight trains, no modules,
+    the tokenizer frozen): per chunk, micro_steps steps of batch_size sequences, each slot a
+    line of A's birth corpus with probability replay_ratio, else a line of the chunk."""
+    c = org.config
+    model = org.model
+    for k in range(model.n_delta):
+        model.set_trainable(f"delta{k}", False)
+    model.set_trainable("base", True)
+    enc = org.tokenizer.encode
+    T = c.block_size
+    rng = np.random.default_rng(seed)
+    a_ids = [enc(x) for x in split.a_birth]
+    a0, b0 = losses(org, split)
+    per_burst = []
+
+    def window(seq):
+        if len(seq) > T + 1:
+            s = int(rng.integers(0, len(seq) - T))
+            return seq[s:s + T + 1]
+        return seq
+
+    for i, chunk in enumerate(split.b_chunks):
+        new = [enc(x) for x in chunk]
+        for _ in range(c.micro_steps):
+            n_replay = int(rng.binomial(c.batch_size, replay_ratio))
+            batch = [window(a_ids[j]) for j in rng.integers(0, len(a_ids), n_replay)]
+            batch += [window(new[j]) for j in rng.integers(0, len(new), c.batch_size - n_replay)]
+            model.train_step(batch, c.burst_learning_rate)
+        a, b = losses(org, split)
+        per_burst.append({"burst": i + 1, "a": a, "b": b})
+    a1, b1 = per_burst[-1]["a"], per_burst[-1]["b"]
+    return {"a_before": a0, "b_before": b0, "a_after": a1, "b_after": b1,
+            "forgetting": a1 / a0 - 1, "learning": b1 / b0 - 1, "per_burst": per_burst}
+
+
+def clone(org) -> mg.Organism:
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "o.ckpt")
+        org.save(path)
+        return mg.Organism.load(path)
+
+
+def learning_experiment(a_lines, b_lines, seed, args) -> dict:
+    split = Split(a_lines, b_lines, seed, args)
+    org, summary = warmed_organism(split, seed, args)
+    out = {"seed": seed, "warmup": {k: summary[k] for k in ("steps", "val_loss", "wall_seconds")},
+           "model_alpha": org.model_alpha()}
+    base = clone(org) if "baselines" not in args.skip else None
+    out["organism"] = organism_run(org, split, args)
+    if base is not None:
+        for name, ratio in (("finetune_no_replay", 0.0), ("finetune_replay50", 0.5)):
+            out[name] = finetune_run(clone(base), split, args, ratio, seed)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# immune system
+
+
+def harmful_texts(split, rng, n_lines: int) -> dict:
+    """Candidate bursts that are not a language: name -> (lines, lr factor)."""
+    real = list(split.a_more[:n_lines])
+    shuffled = ["".join(rng.permutation(list(x))) for x in real]
+    symbols = "!@#$%^&*()_+-=[]{};:,.<>/?|~`"
+    sym = ["".join(rng.choice(list(symbols), int(rng.integers(30, 90)))) for _ in range(n_lines)]
+    phrase = [f"buy cheap pills now number {i} buy cheap pills now" for i in range(n_lines)]
+    script = [chr(c) for c in range(0x0900, 0x097F)]  # Devanagari letters, drawn at random
+    foreign = ["".join(rng.choice(script, int(rng.integers(30, 90)))) for _ in range(n_lines)]
+    return {"shuffled_chars": (shuffled, 1.0), "random_symbols": (sym, 1.0), "repeated_phrase": (phrase, 1.0),
+            "lr_x1000": (list(split.b_more[n_lines:2 * n_lines]), 1000.0), "foreign_noise": (foreign, 1.0)}
+
+
+def run_candidate(base_path, split, lines, lr_factor, immune: bool, follow: list[list[str]]) -> dict:
+    """Load the organism, run one burst on `lines`, then the clean bursts of `follow`;
+    held-out A after each (and the decision of each burst)."""
+    org = mg.Organism.load(base_path)
+    if not immune:
+        org.config.immune_max_rise = float("inf")
+    a0 = heldout(org, split.a_test).loss(org.model)
+    org.observe(list(lines))
+    rep = org.train_burst(lr=org.config.burst_learning_rate * lr_factor)
+    out = {"a_before": a0, "a_after": heldout(org, split.a_test).loss(org.model), "accepted": rep.accepted,
+           "reason": rep.reason, "follow": []}
+    for chunk in follow:
+        org.observe(list(chunk))
+        r = org.train_burst()
+        out["follow"].append({"accepted": r.accepted, "a": heldout(org, split.a_test).loss(org.model)})
+    return out
+
+
+def immune_experiment(a_lines, b_lines, seed, args) -> dict:
+    """The confusion matrix of the immune system over clean and harmful candidate bursts, harm
+    judged by effect (held-out A +1% with the immune system off)."""
+    split = Split(a_lines, b_lines, seed, args)
+    org, _ = warmed_organism(split, seed, args)
+    for chunk in split.b_chunks[:10]:
+        org.observe(list(chunk))
+        org.train_burst()
+    rng = np.random.default_rng(seed)
+    n = args.chunk_lines
+    candidates = {"clean_a": (list(split.a_more[n:2 * n]), 1.0), "clean_b": (list(split.b_chunks[10]), 1.0),
+                  "clean_b2": (list(split.b_chunks[11]), 1.0)}
+    candidates.update(harmful_texts(split, rng, n))
+    follow = [list(c) for c in split.b_chunks[12:15]]
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "base.ckpt")
+        org.save(path)
+        clean_only = run_candidate(path, split, [], 1.0, True, follow)
+        for name, (lines, lr_factor) in candidates.items():
+            on = run_candidate(path, split, lines, lr_factor, True, follow)
+            off = run_candidate(path, split, lines, lr_factor, False, [])
+            effect = off["a_after"] / off["a_before"] - 1
+            harmful = effect > 0.01
+            left = on["follow"][-1]["a"] / clean_only["follow"][-1]["a"] - 1
+            rows.append({"candidate": name, "effect": effect, "harmful": harmful, "accepted": on["accepted"],
+                         "reason": on["reason"], "follow_accepted": [f["accepted"] for f in on["follow"]],
+                         "damage_left": left})
+    matrix = {"harmful_rejected": 0, "harmful_accepted": 0, "harmless_accepted": 0, "harmless_rejected": 0}
+    for r in rows:
+        matrix[("harmful_" if r["harmful"] else "harmless_") + ("accepted" if r["accepted"] else "rejected")] += 1
+    return {"seed": seed, "rows": rows, "matrix": matrix}
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def pct(x):
+    return f"{100 * x:+.1f}%"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--domain-a", help="old domain, UTF-8 text, one line per line (default: stdlib docs)")
+    ap.add_argument("--domain-b", help="new domain (default: stdlib source lines)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--bursts", type=int, default=50)
+    ap.add_argument("--chunk-lines", type=int, default=24, help="lines of B per burst")
+    ap.add_argument("--birth-lines", type=int, default=2000)
+    ap.add_argument("--test-lines", type=int, default=200)
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: baselines,immune,heads")
+    ap.add_argument("--quick", action="store_true", help="a 300-step warmup (for tests)")
+    ap.add_argument("--json", help="write every figure to this file")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                    help="a Config field for every organism, e.g. --set burst_learning_rate=0.003")
+    args = ap.parse_args(argv)
+    args.set = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    args.skip = set(filter(None, args.skip.split(",")))
+    a_lines, b_lines = load_domains(args)
+    print(f"# machine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}; "
+          f"domain A {len(a_lines)} lines, domain B {len(b_lines)} lines")
+    results = {"args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()}, "seeds": []}
+    for seed in range(args.seeds):
+        r = learning_experiment(a_lines, b_lines, seed, args)
+        results["seeds"].append(r)
+        o = r["organism"]
+        line = (f"seed {seed}: warmup {r['warmup']['wall_seconds']:.1f} s, model_alpha {r['model_alpha']:.3f}; "
+                f"organism A {pct(o['forgetting'])} B {pct(o['learning'])} ({o['accepted']}/{len(o['per_burst'])} "
+                f"accepted, burst {o['burst_seconds'] * 1000:.0f} ms)")
+        for name in ("finetune_no_replay", "finetune_replay50"):
+            if name in r:
+                line += f"; {name} A {pct(r[name]['forgetting'])} B {pct(r[name]['learning'])}"
+        print(line, flush=True)
+    if "immune" not in args.skip:
+        results["immune"] = []
+        for seed in range(args.seeds):
+            im = immune_experiment(a_lines, b_lines, seed, args)
+            results["immune"].append(im)
+            print(f"immune, seed {seed}: {im['matrix']}")
+            for r in im["rows"]:
+                print(f"  {r['candidate']:<16} effect {pct(r['effect']):>8} {'harmful' if r['harmful'] else 'harmless':<8} "
+                      f"{'accepted' if r['accepted'] else 'rejected (' + r['reason'] + ')'}; next clean bursts "
+                      f"{''.join('+' if x else '-' for x in r['follow_accepted'])}, damage left {pct(r['damage_left'])}",
+                      flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
