@@ -80,9 +80,9 @@ class Split:
         per = args.chunk_lines
         self.b_chunks = [rest[i * per:(i + 1) * per] for i in range(args.bursts)]
         self.b_more = rest[args.bursts * per:]
-        if len(self.b_chunks[-1]) < per or len(self.a_birth) < args.birth_lines:
+        if len(self.b_chunks[-1]) < per or len(self.a_birth) < args.birth_lines or len(self.b_more) < 6 * per:
             raise SystemExit(f"not enough text: domain A needs {n_test + args.birth_lines} lines, domain B "
-                             f"{n_test + args.bursts * per}")
+                             f"{n_test + (args.bursts + 6) * per}")
 
 
 def heldout(org_or_tok, lines):
@@ -201,7 +201,7 @@ def harmful_texts(split, rng, n_lines: int) -> dict:
     script = [chr(c) for c in range(0x0900, 0x097F)]  # Devanagari letters, drawn at random
     foreign = ["".join(rng.choice(script, int(rng.integers(30, 90)))) for _ in range(n_lines)]
     return {"shuffled_chars": (shuffled, 1.0), "random_symbols": (sym, 1.0), "repeated_phrase": (phrase, 1.0),
-            "lr_x1000": (list(split.b_more[n_lines:2 * n_lines]), 1000.0), "foreign_noise": (foreign, 1.0)}
+            "lr_x1000": (list(split.b_more[5 * n_lines:6 * n_lines]), 1000.0), "foreign_noise": (foreign, 1.0)}
 
 
 def run_candidate(base_path, split, lines, lr_factor, immune: bool, follow: list[list[str]]) -> dict:
@@ -209,7 +209,7 @@ def run_candidate(base_path, split, lines, lr_factor, immune: bool, follow: list
     held-out A after each (and the decision of each burst)."""
     org = mg.Organism.load(base_path)
     if not immune:
-        org.config.immune_max_rise = float("inf")
+        org.config.immune_max_rise = 1e9
     a0 = heldout(org, split.a_test).loss(org.model)
     org.observe(list(lines))
     rep = org.train_burst(lr=org.config.burst_learning_rate * lr_factor)
@@ -232,10 +232,11 @@ def immune_experiment(a_lines, b_lines, seed, args) -> dict:
         org.train_burst()
     rng = np.random.default_rng(seed)
     n = args.chunk_lines
-    candidates = {"clean_a": (list(split.a_more[n:2 * n]), 1.0), "clean_b": (list(split.b_chunks[10]), 1.0),
-                  "clean_b2": (list(split.b_chunks[11]), 1.0)}
+    more = split.b_more
+    candidates = {"clean_a": (list(split.a_more[n:2 * n]), 1.0), "clean_b": (list(more[:n]), 1.0),
+                  "clean_b2": (list(more[n:2 * n]), 1.0)}
     candidates.update(harmful_texts(split, rng, n))
-    follow = [list(c) for c in split.b_chunks[12:15]]
+    follow = [list(more[i * n:(i + 1) * n]) for i in (2, 3, 4)]
     rows = []
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "base.ckpt")

@@ -1,0 +1,164 @@
+"""Continual learning: the held-out measure, the checked tokenizer growth, quarantine of
+rolled-back text, the ramp inside the check, config reaching the tokenizer and reservoir, and a
+short run of benchmarks/bench_learning.py."""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+import molecule_gpt as mg
+from molecule_gpt.heldout import HeldOut, line_chars, windows
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LINES = [f"The {a} {v} the {b} near the {c}." for a in ("cat", "dog", "bird", "river", "teacher")
+         for v in ("sees", "follows", "likes", "calls") for b in ("moon", "garden", "market")
+         for c in ("old tree", "quiet road", "red house")]
+
+
+def small_config(**kw) -> mg.Config:
+    base = dict(n_layer=1, n_embd=32, n_head=4, block_size=48, head_types=("content", "content", "hybrid", "rrpram"),
+                delta_rank=4, warmup_steps=80, eval_interval=40, micro_steps=6, batch_size=4, train_threads=1,
+                delta_grow_prob=0.0, qb_cooldown_seconds=0.0, lr_warmup_steps=10, val_max_sequences=24)
+    base.update(kw)
+    return mg.Config(**base)
+
+
+@pytest.fixture(scope="module")
+def warmed(tmp_path_factory):
+    org = mg.Organism(small_config(), LINES, seed=3)
+    org.warmup()
+    path = tmp_path_factory.mktemp("learning") / "warm.ckpt"
+    org.save(path)
+    return path
+
+
+def test_heldout_loss_is_nats_per_character_over_every_target_once(warmed):
+    org = mg.Organism.load(warmed)
+    T = org.config.block_size
+    long_line = " ".join(LINES[:6])  # longer than the block: scored in windows
+    lines = [LINES[0], "  spaced   out  line ", long_line]
+    ids = [org.tokenizer.encode(x) for x in lines]
+    assert len(ids[2]) > 2 * T
+    ws = [w for seq in ids for w in windows(seq, T)]
+    # every target of every line exactly once
+    assert sum(len(w) - 1 for w in ws) == sum(len(s) - 1 for s in ids)
+    assert all(len(w) <= T + 1 for w in ws)
+    total = 0.0
+    for w in ws:  # one window at a time: -ln p summed from the logits
+        logits = org.model.logits(w[:-1]).astype(np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+        total -= sum(logp[t, w[t + 1]] for t in range(len(w) - 1))
+    chars = sum(len(" ".join(x.split())) + 1 for x in lines)
+    assert line_chars("  spaced   out  line ") == len("spaced out line") + 1
+    got = org.heldout_loss(lines)
+    assert got == pytest.approx(total / chars, rel=1e-5)
+    held = HeldOut(lines, org.tokenizer.encode, lambda: org.tokenizer.version)
+    assert held.loss(org.model) == got
+
+
+def test_tokenizer_growth_after_training_is_checked(warmed):
+    # a growth that would raise old held-out loss by more than the bound is declined
+    org = mg.Organism.load(warmed)
+    org.config.enable_bpe_after_chars = 100
+    org.config.bpe_num_merges = 60
+    org.config.bpe_growth_max_rise = 0.0
+    v0, version0, before = org.model.vocab_size, org.tokenizer.version, org.heldout_loss()
+    org.train_burst(lr=0.0)
+    events = [r for r in org.telemetry if r["phase"] == "tokenizer"]
+    assert events and events[-1]["event"] == "enable_bpe declined", events
+    assert events[-1]["loss_after"] > events[-1]["loss_before"]
+    assert org.model.vocab_size == v0 and org.tokenizer.version == version0 and not org.tokenizer.bpe_enabled
+    assert org.heldout_loss() == before
+    # allowed: the tokenizer grows, and each new merged row starts as the mean of its parts
+    org = mg.Organism.load(warmed)
+    org.config.enable_bpe_after_chars = 100
+    org.config.bpe_num_merges = 60
+    org.config.bpe_growth_max_rise = 1e9
+    org.train_burst(lr=0.0)
+    assert org.tokenizer.bpe_enabled and org.model.vocab_size > v0
+    wte = org.model.params()["wte"]
+    new = [(a, b, m) for a, b, m in org.tokenizer.merges if m >= v0]
+    assert new
+    for a, b, m in new:
+        want = wte[a] if b < 0 else 0.5 * (wte[a] + wte[b])
+        np.testing.assert_allclose(wte[m], want, rtol=1e-6)
+    assert org.field.vocab_size == org.model.vocab_size
+
+
+def test_rolled_back_lines_are_quarantined_and_can_be_released(warmed):
+    org = mg.Organism.load(warmed)
+    spam = [f"buy cheap pills now number {i} buy cheap pills" for i in range(12)]
+    org.config.heard_val_fraction = 0.0
+    org.observe(spam)
+    assert all(x in org.reservoir.lines for x in spam)
+    r = org.train_burst(lr=50.0)
+    assert not r.accepted and r.reason in ("val_loss_rose", "non_finite")
+    assert not any(x in org.reservoir.lines for x in spam)  # replay never draws them again
+    assert org.quarantine == spam and org.stats()["corpus"]["quarantine_lines"] == len(spam)
+    r2 = org.train_burst()
+    assert r2.accepted  # nothing of the rejected burst is left to damage the next one
+    assert org.release_quarantine() == len(spam)
+    assert org.quarantine == [] and org.buffer.lines == spam
+
+
+def test_loss_before_is_measured_before_the_alpha_ramp(warmed):
+    org = mg.Organism.load(warmed)
+    org.config.delta_ramp_bursts = 4
+    org.config.freeze_base_after_warmup = True
+    org.observe([f"the river number {i} follows the moon" for i in range(10)])
+    first = org.train_burst()
+    assert first.accepted
+    before = org.heldout_loss()
+    second = org.train_burst()
+    assert second.loss_before == before  # the ramp 0.25 -> 0.5 is inside the checked burst
+    assert org.model.delta_alphas[0] == (0.5 if second.accepted else 0.25)
+
+
+def test_heard_text_is_partly_held_out_and_measured(warmed):
+    org = mg.Organism.load(warmed)
+    org.config.heard_val_fraction = 0.5
+    lines = [f"a new line of text number {i} about the sea" for i in range(40)]
+    assert org.observe(lines) == 40
+    held = org.heard_val_lines
+    assert 5 < len(held) <= org.config.heard_val_max_lines
+    assert not set(held) & set(org.reservoir.lines) and not set(held) & set(org.buffer.lines)
+    r = org.train_burst()
+    assert r.new_loss_before is not None and r.new_loss_before == pytest.approx(org.heldout_loss(held), rel=0.2)
+    assert org.stats()["corpus"]["heard_held_out_lines"] == len(held)
+
+
+def test_config_reaches_tokenizer_and_reservoir_of_a_loaded_organism(warmed):
+    org = mg.Organism.load(warmed)
+    org.config.max_corpus_lines = 50
+    org.config.bpe_retrain_every_chars = 123
+    org.config.enable_bpe_after_chars = 10 ** 8
+    org.train_burst()
+    assert len(org.reservoir) == 50 and org.reservoir.max_lines == 50
+    assert org.tokenizer.bpe_retrain_every_chars == 123 and org.tokenizer.enable_bpe_after_chars == 10 ** 8
+
+
+def test_bench_learning_short_run(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_learning
+        import corpora
+    finally:
+        sys.path.pop(0)
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n".join(corpora.doc_sentences(max_lines=700)), encoding="utf-8")
+    b.write_text("\n".join(corpora.code_lines(max_lines=700)), encoding="utf-8")
+    out = tmp_path / "r.json"
+    res = bench_learning.main(["--domain-a", str(a), "--domain-b", str(b), "--seeds", "1", "--bursts", "3",
+                               "--birth-lines", "400", "--test-lines", "40", "--quick", "--json", str(out),
+                               "--set", "warmup_steps=60", "--skip", "heads"])
+    saved = json.loads(out.read_text())
+    r = saved["seeds"][0]
+    assert len(r["organism"]["per_burst"]) == 3 and r == json.loads(json.dumps(res["seeds"][0]))
+    for name in ("organism", "finetune_no_replay", "finetune_replay50"):
+        assert math.isfinite(r[name]["forgetting"]) and math.isfinite(r[name]["learning"])
+    assert saved["immune"][0]["rows"] and sum(saved["immune"][0]["matrix"].values()) == len(saved["immune"][0]["rows"])
