@@ -2,7 +2,9 @@
 rules, streaming, overrides, the corpus field and the effective-weight cache."""
 from __future__ import annotations
 
+import gc
 import math
+import os
 import threading
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 import molecule_gpt as mg
 from molecule_gpt import _decode
 from molecule_gpt.errors import GenerationError
+from molecule_gpt.data import seed_corpus_lines
 from molecule_gpt.field import CorpusField
 from molecule_gpt.generation import Generator, SamplingParams, WeightCache, fold_weights
 from molecule_gpt.tokenizer import EvolvingTokenizer
@@ -572,3 +575,66 @@ def test_generator_field_only_and_blend(tok):
         ctx.append(t)
     blended = g.run("the", model_alpha=0.5, seed=1)
     assert blended.text == g.run("the", model_alpha=0.5, seed=1).text
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: decoders dropped from the pool are freed
+
+
+def _live_decoders() -> int:
+    return sum(type(o) is _decode.Decoder for o in gc.get_objects())
+
+
+def test_a_dropped_decoder_is_freed_and_its_logits_stay_valid():
+    """Regression: the logits array was a view whose base held the decoder (a reference cycle
+    numpy hides from the collector), so no Decoder was ever freed. Now dropping the last
+    reference frees it at once, without gc, and a logits array kept by the caller stays valid."""
+    m = make_model()
+    w = fold_weights(m)
+    ids = [1, 2, 3]
+    gc.collect()
+    before = _live_decoders()
+    gc.disable()
+    try:
+        dec = _decode.Decoder(w, m.vocab_size, m.config.block_size)
+        logits = dec.prefill(ids)
+        want = logits.copy()
+        assert _live_decoders() == before + 1
+        del dec
+        assert _live_decoders() == before  # refcounting alone freed it: no cycle
+    finally:
+        gc.enable()
+    assert logits.tobytes() == want.tobytes()
+    assert np.abs(logits - m.logits(ids)[-1]).max() < 1e-10
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident set size from /proc")
+def test_chat_turns_do_not_leak_decoders():
+    """Regression (the chat loop): every generate() after a training burst folds new weights,
+    so the pooled decoders are stale and dropped; each used to stay alive with its weights and
+    scratch (101 decoders and about 216 MB after 100 turns at the default config)."""
+    org = mg.Organism(mg.Config(warmup_steps=20), corpus=seed_corpus_lines())
+    org.warmup()
+
+    def turn(i: int) -> None:
+        org.generate("hello")
+        org.observe(f"line {i} about rivers and trees", speaker="H")
+        org.train_burst()
+
+    for i in range(5):  # warm-up turns: pools, caches and allocator arenas reach their size
+        turn(i)
+    gc.collect()
+    rss_before = _rss_bytes()
+    for i in range(5, 105):
+        turn(i)
+    gc.collect()
+    pooled = len(org._generator._pool)
+    assert pooled <= 8
+    assert _live_decoders() <= pooled
+    grown = (_rss_bytes() - rss_before) / 1e6
+    assert grown < 25, f"resident memory grew by {grown:.1f} MB over 100 chat turns"

@@ -39,10 +39,10 @@ class Field:
 
 class Decoder:
     is_double: bool
-    last_logits_array: np.ndarray  # floating[V] view of the scratch logits
+    last_logits_array: np.ndarray  # floating[V]: the forward writes the logits here (it owns its memory)
     n_threads: int  # int: threads large products are split over
     def __init__(self, weights: Weights | None, vocab_size: int, block_size: int, n_threads: int = 1) -> None: ...
-    def prefill(self, ids: Sequence[int]) -> np.ndarray: ...  # int32 ids; returns floating[V] (a view)
+    def prefill(self, ids: Sequence[int]) -> np.ndarray: ...  # int32 ids; returns last_logits_array (overwritten by the next call)
     def feed(self, token: int) -> np.ndarray: ...
     def hidden_std(self, ids: Sequence[int]) -> np.ndarray: ...  # double[L + 1]
     @property

@@ -1002,7 +1002,12 @@ cdef class Decoder:
     cdef double* p              # (V,) probabilities
     cdef double* q              # (V,) field distribution
     cdef Cand* cand             # (V,)
-    cdef readonly object last_logits_array   # numpy view of b.logits
+    # b.logits is this array's own buffer, not part of the scratch block: the array owns its
+    # memory and does not reference the decoder. (It used to be a view over the block whose
+    # base kept the decoder alive; numpy arrays do not expose their base to the cycle
+    # collector, so decoder -> array -> decoder was never freed: every decoder dropped from
+    # a Generator's pool for stale weights leaked with its weights and scratch.)
+    cdef readonly object last_logits_array
 
     def __cinit__(self):
         self.block = NULL
@@ -1053,21 +1058,25 @@ cdef class Decoder:
         self.is_double = weights.is_double
         es = sizeof(double) if self.is_double else sizeof(float)
         L, C, T, F = weights.net.L, weights.net.C, weights.net.T, weights.net.F
-        cdef size_t sizes[12]
-        cdef void** slots[12]
-        sizes[:] = [T * C, T * C, T * 3 * C, T * T, T * T, T * C, T * C, T * 2 * F, T * F, L * T * C, L * T * C, vocab_size]
+        cdef size_t sizes[11]
+        cdef void** slots[11]
+        sizes[:] = [T * C, T * C, T * 3 * C, T * T, T * T, T * C, T * C, T * 2 * F, T * F, L * T * C, L * T * C]
         slots[:] = [&self.b.X, &self.b.Hn, &self.b.QKV, &self.b.S, &self.b.P, &self.b.Y, &self.b.O, &self.b.GU,
-                    &self.b.A, &self.b.kc, &self.b.vc, &self.b.logits]
-        for i in range(12):
+                    &self.b.A, &self.b.kc, &self.b.vc]
+        for i in range(11):
             total += sizes[i] * es
         self.block = calloc(total, 1)
         if self.block == NULL:
             raise MemoryError(f"cannot allocate {total} bytes of decoding scratch")
         cdef char* cur = <char*>self.block
-        for i in range(12):
+        for i in range(11):
             slots[i][0] = <void*>cur
             cur += sizes[i] * es
-        self.last_logits_array = _view(<size_t>self.b.logits, vocab_size, weights.dtype, self)
+        # the logits live in a numpy array of their own (see last_logits_array): the arrays
+        # prefill/feed/logits return stay valid even after the decoder is gone
+        self.last_logits_array = np.zeros(vocab_size, dtype=weights.dtype)
+        cdef unsigned char[::1] logits_bytes = self.last_logits_array.view(np.uint8)
+        self.b.logits = <void*>&logits_bytes[0]
 
     def __dealloc__(self):
         free(self.block)
@@ -1116,7 +1125,7 @@ cdef class Decoder:
 
     def prefill(self, ids):
         """Start a window from ids (its last block_size tokens when longer); returns the logits
-        of the last position (a view, overwritten by the next call)."""
+        of the last position (the decoder's last_logits_array, overwritten by the next call)."""
         self._check_model()
         arr = self._ids(ids, "ids")
         if arr.shape[0] == 0:
@@ -1145,7 +1154,8 @@ cdef class Decoder:
         return out
 
     def feed(self, int token):
-        """Feed one token after the window; returns the next-token logits (a view)."""
+        """Feed one token after the window; returns the next-token logits (last_logits_array,
+        overwritten by the next call)."""
         self._check_model()
         if self.n == 0:
             raise ValueError("feed() needs a window: call prefill() first")
@@ -1415,19 +1425,6 @@ cdef inline void memmove_int(int* dst, const int* src, Py_ssize_t n) noexcept no
     cdef Py_ssize_t i
     for i in range(n):     # dst < src: a forward copy is safe for overlapping ranges
         dst[i] = src[i]
-
-
-def _view(size_t address, Py_ssize_t n, dtype, owner):
-    """A numpy array over n items at address, keeping owner alive."""
-    itemsize = np.dtype(dtype).itemsize
-
-    class _Holder:
-        pass
-    holder = _Holder()
-    holder.__array_interface__ = {"data": (address, False), "shape": (n,), "typestr": np.dtype(dtype).str,
-                                  "version": 3}
-    holder.owner = owner
-    return np.asarray(holder)
 
 
 def _no_token_error():
