@@ -407,21 +407,23 @@ class Organism:
         per character of `held`'s lines (scored on the same windows), or per token of the first
         training lines when held is None."""
         with self._lock:
-            if self._field_loss is None:
+            per_char = held is not None
+            if self._field_loss is None or self._field_loss[0] != per_char:
                 lnV = math.log(self.model.vocab_size)
                 if self.field.total_tokens == 0:
                     return None
-                if held is not None:
+                if per_char:
                     ws = [w for w in held.windows(self.config.block_size) if len(w) >= 2]
                     nats = sum(self.field.heldout_loss([w]) * (len(w) - 1) for w in ws)
                     targets = sum(len(w) - 1 for w in ws)
-                    self._field_loss = (nats / held.chars, lnV * targets / held.chars)
+                    scores = (nats / held.chars, lnV * targets / held.chars)
                 else:
                     seqs = [s for s in self._train_ids[:self.config.val_max_sequences] if len(s) >= 2]
                     if not seqs:
                         return None
-                    self._field_loss = (self.field.heldout_loss(seqs, self.config.block_size), lnV)
-            return self._field_loss
+                    scores = (self.field.heldout_loss(seqs, self.config.block_size), lnV)
+                self._field_loss = (per_char, scores)
+            return self._field_loss[1]
 
     def _overrides(self, overrides: dict) -> dict:
         if overrides.get("model_alpha") is None:
