@@ -14,7 +14,7 @@ single-threaded; ours is single-threaded. Competitors that are not installed are
                        that follows the word; pattern r"\\S+\\s*|\\s+")
 
 Input: a text file of English, one sentence per line, >= 10 MB, e.g.
-  python /work/shared/tools/make_corpus.py /tmp/corpus10m.txt --min-bytes 10000000
+  python benchmarks/corpora.py docs /tmp/corpus10m.txt --min-bytes 10000000
 Usage:
   python benchmarks/bench_tokenizer.py --corpus /tmp/corpus10m.txt [--repeats 5] [--full-reference]
 Encode input is " ".join(lines) as one str (HF gets the list of lines through encode_batch,

@@ -23,11 +23,7 @@ from original_ckpt import init_params, load_original  # noqa: E402
 
 
 def _fixture_dir():
-    for cand in (ROOT.parent / "shared" / "fixtures" / "anchor-small",
-                 ROOT / "fixtures" / "anchor-small"):
-        if (cand / "expected.json").exists():
-            return cand
-    pytest.skip("fixture anchor-small not found")
+    return ROOT / "tests" / "fixtures" / "anchor-small"  # see tests/fixtures/README.md
 
 
 def rel(a, b):

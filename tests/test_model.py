@@ -10,9 +10,7 @@ import pytest
 import molecule_gpt as mg
 from molecule_gpt.compat import load_original_checkpoint, model_from_original
 
-FIXTURE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "anchor-small"
-if not FIXTURE.exists():  # CI clones the repo beside shared/
-    FIXTURE = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures" / "anchor-small"
+FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "anchor-small"  # see fixtures/README.md
 BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 
 

@@ -20,9 +20,7 @@ from molecule_gpt.errors import TokenizerError
 from molecule_gpt.tokenizer import (EOW, EvolvingTokenizer, StreamDecoder, TokenizerUpdate, _PyCore,
                                     read_corpus)
 
-FIXTURE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "anchor-small"
-if not FIXTURE.exists():
-    FIXTURE = pathlib.Path("/work/shared/fixtures/anchor-small")
+FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "anchor-small"  # see fixtures/README.md
 EXAMPLES = int(os.environ.get("MOLECULE_GPT_HYPOTHESIS_EXAMPLES", "150"))
 HYP = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
