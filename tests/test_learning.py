@@ -162,3 +162,33 @@ def test_bench_learning_short_run(tmp_path):
     for name in ("organism", "finetune_no_replay", "finetune_replay50"):
         assert math.isfinite(r[name]["forgetting"]) and math.isfinite(r[name]["learning"])
     assert saved["immune"][0]["rows"] and sum(saved["immune"][0]["matrix"].values()) == len(saved["immune"][0]["rows"])
+
+
+def test_learn_takes_every_line_in_checked_bursts(warmed):
+    org = mg.Organism.load(warmed)
+    text = [f"note {i}: the lantern number {i} hangs over the harbour wall." for i in range(150)]
+    records = []
+    summary = org.learn(text, max_passes=2, patience=1, progress=records.append)
+    c = org.config
+    per_burst = int(c.micro_steps * c.batch_size * (1 - c.replay_ratio))
+    held = set(org.heard_val_lines)
+    trained = [x for x in text if x not in held]
+    assert summary["lines"] == len(text) - len([x for x in text if x in held])
+    # every line was taken by a burst before the stop rule could end it: a full pass at least
+    assert summary["bursts"] >= -(-len(trained) // per_burst)
+    assert summary["bursts"] == len(records) and records[-1]["of"] == 2 * -(-len(trained) // per_burst)
+    assert summary["accepted"] + summary["rolled_back"] == summary["bursts"]
+    h0, h1 = summary["heard_val_loss"]
+    assert h1 < h0  # it learned the held-out slice of the text
+    kept = set(org.reservoir.lines) | set(org.quarantine) | held
+    assert all(x in kept for x in text) and org.buffer.lines == []
+
+
+def test_learn_stops_on_request_and_keeps_the_rest_for_later(warmed):
+    org = mg.Organism.load(warmed)
+    text = [f"row {i} of the table lists a small blue cup" for i in range(120)]
+    calls = []
+    summary = org.learn(text, should_stop=lambda: len(calls) >= 2, progress=calls.append)
+    assert summary["stopped"] and summary["bursts"] == 2
+    assert org.buffer.lines  # what no burst took waits for the next bursts
+    assert not set(org.buffer.lines) & set(org.heard_val_lines)

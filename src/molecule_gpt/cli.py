@@ -673,12 +673,15 @@ def status_text(org: Organism, memory: Memory | None = None) -> str:
     lines = [
         f"steps          {s['steps']} ({s['warmup_steps']} warmup{'' if s['warmed_up'] else ', unfinished'}), "
         f"bursts {s['bursts']}: {s['accepted_bursts']} accepted, {s['rolled_back_bursts']} rolled back",
-        f"loss           {_fmt(s['loss'])} (held-out {_fmt(s['val_loss'])}, best {_fmt(s['best_val_loss'])})",
+        f"loss           {_fmt(s['loss'])} per token in training; held-out {_fmt(s['val_loss'])} nats/char on "
+        f"the birth text, {_fmt(s['heard_val_loss'])} on text heard lately",
         f"vocabulary     {s['vocab_size']} tokens ({'BPE' if s['bpe'] else 'characters'})",
         f"parameters     {s['parameters']:,}",
         f"delta modules  {len(mods)}" + (f" ({', '.join(f'{n} {k}' for k, n in sorted(states.items()))})" if mods else ""),
         f"corpus         {s['corpus']['lines']} lines, {s['corpus']['chars']:,} chars; "
-        f"{s['corpus']['held_out_lines']} held out",
+        f"{s['corpus']['held_out_lines']} + {s['corpus']['heard_held_out_lines']} held out; "
+        f"{s['corpus']['quarantine_lines']} quarantined (rolled back)",
+        f"next burst     {s['quantum_buffer']['next_burst']}",
         f"model weight   {s['model_alpha']:.2f} (the rest is the corpus field)",
         f"trainer        {'running' if s['background']['running'] else 'idle'}"
         + (f", {s['tokens_per_second']:,.0f} tok/s" if s["tokens_per_second"] else ""),
@@ -702,11 +705,14 @@ def growth_table(snapshots) -> str:
 
 def cmd_train(args, home: Home) -> int:
     with writer_session(home, args, args.corpus) as (org, memory, born_from):
-        new_lines = 0
+        learn_lines = None
         if born_from is None and args.corpus:
             lines = read_text_lines(args.corpus)
-            new_lines = org.observe(lines)
-            print(f"Read {len(lines)} lines of {args.corpus}: {new_lines} new to the corpus.")
+            if org.trainer.warmed_up and args.bursts is None and args.steps is None:
+                learn_lines = lines  # learned whole below, in checked bursts
+                print(f"Read {len(lines)} lines of {args.corpus}.")
+            else:
+                print(f"Read {len(lines)} lines of {args.corpus}: {org.observe(lines)} new to the corpus.")
         if not org.trainer.warmed_up or args.steps is not None:
             if org.trainer.warmed_up:
                 print(f"{args.steps} more steps on the base (a schedule of their own).")
@@ -716,12 +722,36 @@ def cmd_train(args, home: Home) -> int:
             if not org.trainer.warmed_up:
                 print(f"The warmup is at step {org.trainer.warmup_steps_done}/{org.config.warmup_steps}; "
                       f"`molecule-gpt train` continues it.")
-        bursts = args.bursts if args.bursts is not None else (1 if new_lines and org.trainer.warmed_up else 0)
-        if bursts:
-            _run_bursts(org, home, bursts)
+        if learn_lines and args.bursts is None:
+            _learn(org, home, learn_lines)
+        elif args.bursts:
+            _run_bursts(org, home, args.bursts)
         home.save(org)
         print(f"Saved to {home.checkpoint}.")
     return 0
+
+
+def _learn(org: Organism, home: Home, lines: list[str]) -> None:
+    """Organism.learn with a progress line; Ctrl-C ends it after the burst in flight (the
+    lines not taken yet wait in the quantum buffer) and saves."""
+    with deferred_interrupt() as stop:
+        bar = Progress("learn", 1, speed=lambda: org.trainer.tokens_per_second)
+
+        def on_burst(record: dict) -> None:
+            bar({"step": record["burst"], "of": record["of"], "loss": org.trainer.last_loss or float("nan"),
+                 "val_loss": record["heard_val_loss"]})
+
+        summary = org.learn(lines, progress=on_burst, should_stop=stop.is_set)
+        bar.close()
+    h0, h1 = summary["heard_val_loss"]
+    v0, v1 = summary["val_loss"]
+    print(f"{summary['lines']} new lines: {summary['bursts']} bursts ({summary['accepted']} accepted, "
+          f"{summary['rolled_back']} rolled back) in {summary['seconds']:.1f} s; held-out nats/char: new text "
+          f"{_fmt(h0)} -> {_fmt(h1)}, old text {_fmt(v0)} -> {_fmt(v1)}.")
+    if summary["stopped"]:
+        home.save(org)
+        raise Interrupted(f"stopped after {summary['bursts']} bursts; the organism is saved and the rest of "
+                          f"the text waits for the next bursts")
 
 
 def _run_bursts(org: Organism, home: Home, n: int) -> None:
@@ -1009,7 +1039,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, metavar="N",
                    help="run N steps of the warmup now (default: all that remain); once warm, N more base steps")
     p.add_argument("--bursts", type=_non_negative_int, metavar="N",
-                   help="training bursts after warmup (default: 1 when CORPUS brought new lines)")
+                   help="run N checked bursts (default, on a warm organism: learn CORPUS whole, bursts until "
+                        "its held-out slice stops improving)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", parents=[common], help="continue a prompt",

@@ -666,32 +666,95 @@ class Organism:
 
     def train_burst(self, lr: float | None = None) -> BurstReport:
         """One burst (Config.micro_steps steps) on the quantum buffer's new lines mixed with
-        replayed reservoir lines, checked by the immune system (rolled back if it fails), then
-        maybe a new delta module. Works without new text too (replay only). lr overrides the
-        learning rate of this burst (default learning_rate times the rollback back-off)."""
+        replayed lines the organism knew before them, checked by the immune system (rolled back
+        if it fails: its lines then go to the quarantine), then maybe a new delta module. Works
+        without new text too (replay only). lr overrides the learning rate of this burst
+        (default Config.burst_learning_rate times the rollback back-off)."""
         with self._train_lock:
-            self._sync_threads()
-            self._sync_config()
-            self._maybe_grow_tokenizer()
             with self._lock:
                 new_lines = self.buffer.take()
-                new = [self._encode(x) for x in new_lines]
-                fresh = set(new_lines)  # replay draws from what the organism knew before this text
-                replay = [ids for line, ids in zip(self.reservoir.lines, self._train_ids) if line not in fresh]
-                old, heard = self._old_heldout, self._heard_heldout
-            if not replay and not new:
-                raise TrainingError("nothing to train on: give the organism a corpus or observe() text first")
-            if not self.trainer.warmed_up:
-                self.trainer.warmed_up = True  # a burst before warmup: from now on the base follows the config
-            report = self.trainer.burst(new, replay, old, heard, lr=lr)
-            if not report.accepted and new_lines:
-                self._quarantine(new_lines)
+            return self._checked_burst(new_lines, lr)
+
+    def _checked_burst(self, new_lines: list[str], lr: float | None = None) -> BurstReport:
+        """A burst on `new_lines` (already in the reservoir or held out; not in the buffer).
+        The caller holds the train lock."""
+        self._sync_threads()
+        self._sync_config()
+        self._maybe_grow_tokenizer()
+        with self._lock:
+            new = [self._encode(x) for x in new_lines]
+            fresh = set(new_lines)  # replay draws from what the organism knew before this text
+            replay = [ids for line, ids in zip(self.reservoir.lines, self._train_ids) if line not in fresh]
+            old, heard = self._old_heldout, self._heard_heldout
+        if not replay and not new:
+            raise TrainingError("nothing to train on: give the organism a corpus or observe() text first")
+        if not self.trainer.warmed_up:
+            self.trainer.warmed_up = True  # a burst before warmup: from now on the base follows the config
+        report = self.trainer.burst(new, replay, old, heard, lr=lr)
+        if not report.accepted and new_lines:
+            self._quarantine(new_lines)
         if self.memory is not None:
             note = f"burst {'accepted' if report.accepted else 'rolled back: ' + report.reason}"
             if report.grew_module is not None:
                 note += f"; module {report.retired_module} {report.retired_as}, module {report.grew_module} born"
             self._log_growth(note)
         return report
+
+    def learn(self, lines: Sequence[str], *, max_passes: int = 3, patience: int = 2,
+              progress: Callable[[dict], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> dict:
+        """Learn a whole text: its lines join the corpus (a slice held out, as observe() does),
+        then checked bursts take them in turn, each on as many new lines as its batches draw
+        (micro_steps * batch_size * (1 - replay_ratio)), until held-out loss on the held-out
+        slice of recently heard text has not improved in `patience` bursts in a row (judged once
+        every line was taken), or after `max_passes` passes over the text.
+        progress(record) is called after every burst with {"burst", "of", "accepted",
+        "heard_val_loss", "val_loss"}; should_stop() is asked before every burst (the text not
+        yet taken stays in the corpus for later bursts). Returns a summary: bursts, accepted,
+        rolled_back, heard_val_loss (first, last), val_loss (first, last), lines, seconds,
+        stopped."""
+        if isinstance(lines, str):
+            raise TypeError("learn() takes a list of lines; use text.splitlines()")
+        t0 = time.perf_counter()
+        self.observe(list(lines))
+        c = self.config
+        per_burst = max(1, int(c.micro_steps * c.batch_size * (1.0 - c.replay_ratio)))
+        with self._train_lock:
+            with self._lock:
+                pending = self.buffer.take()
+            chunks = [pending[i:i + per_burst] for i in range(0, len(pending), per_burst)]
+            total = len(chunks) * max_passes
+            first_heard = self.trainer.evaluate(self._heard_heldout)
+            first_old = self.trainer.evaluate(self._old_heldout)
+            best, stale, done, accepted, stopped = first_heard, 0, 0, 0, False
+            for i in range(total):
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
+                quarantined = set(self.quarantine)
+                chunk = [x for x in chunks[i % len(chunks)] if x not in quarantined]
+                report = self._checked_burst(chunk)
+                done += 1
+                accepted += report.accepted
+                heard = self.trainer.evaluate(self._heard_heldout)
+                if progress is not None:
+                    progress({"burst": done, "of": total, "accepted": report.accepted, "reason": report.reason,
+                              "heard_val_loss": heard, "val_loss": self.trainer.last_val})
+                if heard is None or best is None or heard < best * (1.0 - 1e-3):
+                    best, stale = heard, 0
+                elif done >= len(chunks):  # judged once every line was taken at least once
+                    stale += 1
+                    if stale >= patience:
+                        break
+            if stopped:  # what no burst took yet waits in the buffer for the next bursts
+                rest = [x for chunk in chunks[done:] for x in chunk] if done < len(chunks) else []
+                with self._lock:
+                    ids = [self._encode(x) for x in rest]
+                    self.buffer.feed(rest, ids)
+        return {"bursts": done, "accepted": accepted, "rolled_back": done - accepted, "lines": len(pending),
+                "heard_val_loss": (first_heard, self.trainer.evaluate(self._heard_heldout)),
+                "val_loss": (first_old, self.trainer.evaluate(self._old_heldout)),
+                "seconds": time.perf_counter() - t0, "stopped": stopped}
 
     def _quarantine(self, lines: list[str]) -> None:
         """Take a rolled-back burst's lines out of the reservoir and the field: replay never
