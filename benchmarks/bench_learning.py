@@ -211,10 +211,11 @@ def run_candidate(base_path, split, lines, lr_factor, immune: bool, follow: list
     if not immune:
         org.config.immune_max_rise = 1e9
     a0 = heldout(org, split.a_test).loss(org.model)
-    org.observe(list(lines))
-    rep = org.train_burst(lr=org.config.burst_learning_rate * lr_factor)
-    out = {"a_before": a0, "a_after": heldout(org, split.a_test).loss(org.model), "accepted": rep.accepted,
-           "reason": rep.reason, "follow": []}
+    out = {"a_before": a0, "a_after": a0, "accepted": None, "reason": None, "follow": []}
+    if lines:
+        org.observe(list(lines))
+        rep = org.train_burst(lr=org.config.burst_learning_rate * lr_factor)
+        out.update(a_after=heldout(org, split.a_test).loss(org.model), accepted=rep.accepted, reason=rep.reason)
     for chunk in follow:
         org.observe(list(chunk))
         r = org.train_burst()
@@ -247,7 +248,9 @@ def immune_experiment(a_lines, b_lines, seed, args) -> dict:
             off = run_candidate(path, split, lines, lr_factor, False, [])
             effect = off["a_after"] / off["a_before"] - 1
             harmful = effect > 0.01
-            left = on["follow"][-1]["a"] / clean_only["follow"][-1]["a"] - 1
+            # what a rejected burst leaves: held-out A after the next clean bursts, against those
+            # clean bursts alone (an accepted burst's change is its effect, not damage left)
+            left = on["follow"][-1]["a"] / clean_only["follow"][-1]["a"] - 1 if not on["accepted"] else None
             rows.append({"candidate": name, "effect": effect, "harmful": harmful, "accepted": on["accepted"],
                          "reason": on["reason"], "follow_accepted": [f["accepted"] for f in on["follow"]],
                          "damage_left": left})
@@ -306,7 +309,8 @@ def main(argv=None):
             for r in im["rows"]:
                 print(f"  {r['candidate']:<16} effect {pct(r['effect']):>8} {'harmful' if r['harmful'] else 'harmless':<8} "
                       f"{'accepted' if r['accepted'] else 'rejected (' + r['reason'] + ')'}; next clean bursts "
-                      f"{''.join('+' if x else '-' for x in r['follow_accepted'])}, damage left {pct(r['damage_left'])}",
+                      f"{''.join('+' if x else '-' for x in r['follow_accepted'])}"
+                      + (f", damage left {pct(r['damage_left'])}" if r["damage_left"] is not None else ""),
                       flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -192,3 +192,22 @@ def test_learn_stops_on_request_and_keeps_the_rest_for_later(warmed):
     assert summary["stopped"] and summary["bursts"] == 2
     assert org.buffer.lines  # what no burst took waits for the next bursts
     assert not set(org.buffer.lines) & set(org.heard_val_lines)
+
+
+def test_a_rejected_burst_leaves_no_trace(warmed):
+    """After a rolled-back burst the organism trains on as if it never ran: same batches, same
+    weights as an organism that never saw the rejected text."""
+    clean = [f"the harbour lamp number {i} shines on the water" for i in range(16)]
+    a, b = mg.Organism.load(warmed), mg.Organism.load(warmed)
+    for org in (a, b):
+        org.config.heard_val_fraction = 0.0
+    a.observe([f"zz{i}qq !!## ~~ {i * 7919 % 1000} zz" for i in range(16)])
+    assert not a.train_burst(lr=50.0).accepted
+    reports = []
+    for org in (a, b):
+        org.observe(clean)
+        reports.append(org.train_burst().to_dict() | {"seconds": 0})
+    assert reports[0] == reports[1]
+    for name, g in a.model.groups.items():
+        np.testing.assert_array_equal(g.flat, b.model.groups[name].flat, err_msg=name)
+    assert a.reservoir.lines == b.reservoir.lines

@@ -459,6 +459,7 @@ class Trainer:
         k = self._ensure_active()
         state = self.modules[k]
         snap = Snapshot(m)  # before the alpha ramp: a rollback undoes the whole burst
+        rng_state = self.rng.bit_generator.state  # and the batches it drew: the next burst draws as if it never ran
         # measured before anything of the burst changes what the model computes
         loss_before = self.evaluate(old)
         new_before = self.evaluate(heard)
@@ -467,7 +468,8 @@ class Trainer:
             alpha = min(1.0, (state.bursts + 1) / self.config.delta_ramp_bursts)
             if m.delta_alphas[k] != alpha:
                 m.set_delta_alpha(k, alpha)
-            return self._burst(new, replay, old, heard, lr, t0, k, state, snap, loss_before, new_before, guard)
+            return self._burst(new, replay, old, heard, lr, t0, k, state, (snap, rng_state), loss_before,
+                               new_before, guard)
         except BaseException:
             # an exception or Ctrl-C before the burst's outcome is settled: leave the model as it
             # was before the burst (afterwards the accepted or rolled-back state stands)
@@ -477,9 +479,10 @@ class Trainer:
                 self.on_restore()
             raise
 
-    def _burst(self, new, replay, old, heard, lr, t0, k, state, snap, loss_before, new_before,
+    def _burst(self, new, replay, old, heard, lr, t0, k, state, before, loss_before, new_before,
                guard) -> BurstReport:
         c = self.config
+        snap, rng_state = before
         m = self.model
         lr_used = (c.burst_learning_rate * self.lr_scale) if lr is None else float(lr)
         first = last = None
@@ -531,6 +534,7 @@ class Trainer:
             self.accepted_projection = proj_after
         else:
             snap.restore(m)
+            self.rng.bit_generator.state = rng_state
             self._val_cache = {}
             self.on_restore()
             self.rolled_back += 1
@@ -543,7 +547,7 @@ class Trainer:
                              train_loss_last=last, accepted=accepted, reason=reason, drift_cosine=cos, lr=lr_used,
                              module=k, lr_backoff=backoff, new_loss_before=new_before, new_loss_after=new_after)
         guard["settled"] = True
-        if self.rng.random() < c.delta_grow_prob and m.n_delta < c.max_delta_modules:
+        if accepted and self.rng.random() < c.delta_grow_prob and m.n_delta < c.max_delta_modules:
             report.retired_module, report.retired_as = k, self.retire(k, old, heard)
             report.grew_module = self._ensure_active()
         report.seconds = time.perf_counter() - t0
