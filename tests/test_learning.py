@@ -127,8 +127,8 @@ def test_heard_text_is_partly_held_out_and_measured(warmed):
     held = org.heard_val_lines
     assert 5 < len(held) <= org.config.heard_val_max_lines
     assert not set(held) & set(org.reservoir.lines) and not set(held) & set(org.buffer.lines)
-    r = org.train_burst()
-    assert r.new_loss_before is not None and r.new_loss_before == pytest.approx(org.heldout_loss(held), rel=0.2)
+    r = org.train_burst(lr=0.0)  # accepted: nothing changes
+    assert r.accepted and r.new_loss_before == r.new_loss_after == org.heldout_loss(held)
     assert org.stats()["corpus"]["heard_held_out_lines"] == len(held)
 
 
@@ -211,3 +211,20 @@ def test_a_rejected_burst_leaves_no_trace(warmed):
     for name, g in a.model.groups.items():
         np.testing.assert_array_equal(g.flat, b.model.groups[name].flat, err_msg=name)
     assert a.reservoir.lines == b.reservoir.lines
+
+
+def test_held_out_lines_of_rejected_text_are_quarantined_and_forget_reaches_every_store(warmed):
+    org = mg.Organism.load(warmed)
+    org.config.heard_val_fraction = 0.5
+    spam = [f"buy cheap pills now number {i} buy cheap pills" for i in range(16)]
+    org.observe(spam)
+    assert any(x in spam for x in org.heard_val_lines)
+    assert not org.train_burst(lr=50.0).accepted
+    assert not set(org.heard_val_lines) & set(spam) and sorted(org.quarantine) == sorted(spam)
+    # forget reaches the held-out lines and the quarantine too (chat lines only by default)
+    org.observe("the secret word is marmalade. nothing else.", speaker="H")
+    org.quarantine.append("H: marmalade again")
+    org.forget("marmalade")
+    everywhere = org.reservoir.lines + org.heard_val_lines + org.quarantine + org.buffer.lines + org.buffer.held
+    assert not any("marmalade" in x for x in everywhere)
+    assert org.forget("cheap pills", chat_only=False).reservoir_lines == 0 and org.quarantine == []

@@ -72,7 +72,7 @@ from .generation import GenerationResult, Generator
 from .heldout import HeldOut
 from .memory import Memory
 from .model import Model, default_threads
-from .reservoir import Reservoir, _pieces
+from .reservoir import Reservoir, _check_phrase, _pieces, is_chat_line
 from .telemetry import JsonlLog
 from .tokenizer import EvolvingTokenizer, read_corpus
 from .trainer import BurstReport, Projection, Trainer
@@ -96,6 +96,7 @@ class QuantumBuffer:
         self.tokens = 0
         self.unique: set[int] = set()
         self.lines: list[str] = []
+        self.held: list[str] = []  # lines heard since the last burst but held out (not trained)
         self.last_burst = time.monotonic()
 
     def feed(self, lines: Sequence[str], ids: Sequence[Sequence[int]]) -> None:
@@ -495,6 +496,7 @@ class Organism:
             held = self._hold_out(added)
             trained = [x for x in added if x not in held] if held else added
             ids = [self._encode(x) for x in trained]
+            self.buffer.held.extend(x for x in added if x in held)
             lines = self.reservoir.lines
             if len(self._ids_cache) > 2 * (self.config.max_corpus_lines + len(self.val_lines)):
                 keep = set(lines) | set(self.val_lines)  # forget evicted lines
@@ -543,7 +545,16 @@ class Organism:
                 counts = self.memory.forget(phrase, reservoir=self.reservoir, chat_only=chat_only)
             else:
                 counts = ForgetCounts(0, 0, self.reservoir.forget(phrase, chat_only=chat_only), True)
-            if counts.reservoir_lines:
+            # the lines kept beside the reservoir (held out, quarantined) forget the same way
+            needle = _check_phrase(phrase)
+
+            def keep(line: str) -> bool:
+                return not ((not chat_only or is_chat_line(line)) and (needle is None or needle in line.casefold()))
+
+            aside = (self.heard_val_lines, self.quarantine, self.buffer.held)
+            self.heard_val_lines, self.quarantine, self.buffer.held = ([x for x in lines if keep(x)] for lines in aside)
+            dropped_aside = sum(map(len, aside)) - len(self.heard_val_lines) - len(self.quarantine) - len(self.buffer.held)
+            if counts.reservoir_lines or dropped_aside:
                 gone = set(self.buffer.lines) - set(self.reservoir.lines)
                 self.buffer.lines = [x for x in self.buffer.lines if x not in gone]
                 self._rebuild_data()
@@ -672,12 +683,14 @@ class Organism:
         (default Config.burst_learning_rate times the rollback back-off)."""
         with self._train_lock:
             with self._lock:
+                held = self.buffer.held
                 new_lines = self.buffer.take()
-            return self._checked_burst(new_lines, lr)
+            return self._checked_burst(new_lines, lr, held)
 
-    def _checked_burst(self, new_lines: list[str], lr: float | None = None) -> BurstReport:
-        """A burst on `new_lines` (already in the reservoir or held out; not in the buffer).
-        The caller holds the train lock."""
+    def _checked_burst(self, new_lines: list[str], lr: float | None = None, held: Sequence[str] = ()) -> BurstReport:
+        """A burst on `new_lines` (in the reservoir, no longer in the buffer); `held` are the
+        lines held out of the same text, quarantined with it on a rollback. The caller holds the
+        train lock."""
         self._sync_threads()
         self._sync_config()
         self._maybe_grow_tokenizer()
@@ -691,8 +704,8 @@ class Organism:
         if not self.trainer.warmed_up:
             self.trainer.warmed_up = True  # a burst before warmup: from now on the base follows the config
         report = self.trainer.burst(new, replay, old, heard, lr=lr)
-        if not report.accepted and new_lines:
-            self._quarantine(new_lines)
+        if not report.accepted and (new_lines or held):
+            self._quarantine(list(new_lines), list(held))
         if self.memory is not None:
             note = f"burst {'accepted' if report.accepted else 'rolled back: ' + report.reason}"
             if report.grew_module is not None:
@@ -756,15 +769,20 @@ class Organism:
                 "val_loss": (first_old, self.trainer.evaluate(self._old_heldout)),
                 "seconds": time.perf_counter() - t0, "stopped": stopped}
 
-    def _quarantine(self, lines: list[str]) -> None:
-        """Take a rolled-back burst's lines out of the reservoir and the field: replay never
-        draws them again. Kept aside (newest max_quarantine_lines) until release_quarantine()."""
+    def _quarantine(self, lines: list[str], held: list[str]) -> None:
+        """Take a rolled-back burst's lines out of the reservoir and the field (replay never
+        draws them again), and the lines held out of the same text out of the held-out set of
+        heard text (they do not measure learning). Kept aside (the newest max_quarantine_lines)
+        until release_quarantine()."""
         with self._structure.write(), self._lock:
             self.reservoir.remove(lines)
-            self.quarantine = (self.quarantine + list(lines))[-self.config.max_quarantine_lines:] \
-                if self.config.max_quarantine_lines else []
+            if held:
+                gone = set(held)
+                self.heard_val_lines = [x for x in self.heard_val_lines if x not in gone]
+            cap = self.config.max_quarantine_lines
+            self.quarantine = (self.quarantine + lines + held)[-cap:] if cap else []
             self._rebuild_data()
-        self._emit({"phase": "quarantine", "lines": len(lines), "held": len(self.quarantine)})
+        self._emit({"phase": "quarantine", "lines": len(lines) + len(held), "held": len(self.quarantine)})
 
     def _sync_config(self) -> None:
         """Config fields that live in the tokenizer and the reservoir follow the config (they
