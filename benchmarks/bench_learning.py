@@ -2,6 +2,7 @@
 
     python benchmarks/bench_learning.py [--domain-a A.txt --domain-b B.txt] [--seeds 3]
         [--bursts 50] [--json OUT.json] [--plots DIR] [--quick] [--skip immune,heads,baselines]
+        [--set FIELD=JSON ...]
 
 The experiment, per seed:
 1. Domain A (default: sentences of the stdlib's documentation) is shuffled and split into a
@@ -228,7 +229,7 @@ def immune_experiment(a_lines, b_lines, seed, args) -> dict:
     judged by effect (held-out A +1% with the immune system off)."""
     split = Split(a_lines, b_lines, seed, args)
     org, _ = warmed_organism(split, seed, args)
-    for chunk in split.b_chunks[:10]:
+    for chunk in split.b_chunks[:min(10, args.bursts)]:
         org.observe(list(chunk))
         org.train_burst()
     rng = np.random.default_rng(seed)
@@ -261,6 +262,95 @@ def immune_experiment(a_lines, b_lines, seed, args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# head types
+
+
+HEAD_MIXES = {"default": None, "all_content": ("content",) * 4, "all_rrpram": ("rrpram",) * 4,
+              "all_hybrid": ("hybrid",) * 4}
+
+
+def heads_experiment(a_lines, b_lines, seed, args) -> dict:
+    """Held-out A (nats/char) after the default warmup per head mix, beside the corpus field's
+    loss on the same lines (model_alpha 1 means the model beats the field)."""
+    split = Split(a_lines, b_lines, seed, args)
+    out = {}
+    for name, heads in HEAD_MIXES.items():
+        changes = {} if heads is None else {"head_types": heads, "n_head": len(heads)}
+        org, summary = warmed_organism(split, seed, args, **changes)
+        out[name] = {"a": heldout(org, split.a_test).loss(org.model), "model_alpha": org.model_alpha(),
+                     "warmup_seconds": summary["wall_seconds"], "head_types": list(org.config.head_types)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def write_plots(results: dict, out_dir: str) -> list[str]:
+    """PNG files: learning and forgetting curves (per burst, every seed and run), forgetting
+    against learning, and the immune system's confusion matrix."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    runs = ("organism", "finetune_no_replay", "finetune_replay50")
+    colors = dict(zip(runs, ("tab:blue", "tab:red", "tab:green")))
+    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for r in results["seeds"]:
+        for name in runs:
+            if name not in r:
+                continue
+            pb = r[name]["per_burst"]
+            xs = [0] + [p["burst"] for p in pb]
+            label = name if r["seed"] == 0 else None
+            ax_a.plot(xs, [100 * (v / r[name]["a_before"] - 1) for v in [r[name]["a_before"]] + [p["a"] for p in pb]],
+                      color=colors[name], lw=1, alpha=0.8, label=label)
+            ax_b.plot(xs, [100 * (v / r[name]["b_before"] - 1) for v in [r[name]["b_before"]] + [p["b"] for p in pb]],
+                      color=colors[name], lw=1, alpha=0.8, label=label)
+    ax_a.axhline(2, color="gray", ls="--", lw=0.8)
+    ax_a.set(title="old domain A: forgetting", xlabel="burst", ylabel="held-out loss change (%)")
+    ax_b.axhline(-35, color="gray", ls="--", lw=0.8)
+    ax_b.set(title="new domain B: learning", xlabel="burst", ylabel="held-out loss change (%)")
+    ax_a.legend(fontsize=8)
+    path = os.path.join(out_dir, "learning_curves.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), constrained_layout=True)
+    for name in runs:
+        pts = [(100 * r[name]["learning"], 100 * r[name]["forgetting"]) for r in results["seeds"] if name in r]
+        if pts:
+            ax.scatter([x for x, _ in pts], [y for _, y in pts], color=colors[name], label=name)
+    ax.axhline(2, color="gray", ls="--", lw=0.8)
+    ax.set(title="forgetting vs learning (each point a seed)", xlabel="held-out B change (%)",
+           ylabel="held-out A change (%)")
+    ax.legend(fontsize=8)
+    path = os.path.join(out_dir, "forgetting_vs_learning.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
+
+    if results.get("immune"):
+        m = {k: sum(im["matrix"][k] for im in results["immune"]) for k in results["immune"][0]["matrix"]}
+        grid = np.array([[m["harmful_rejected"], m["harmful_accepted"]], [m["harmless_rejected"], m["harmless_accepted"]]])
+        fig, ax = plt.subplots(figsize=(4.5, 3.8), constrained_layout=True)
+        ax.imshow(grid, cmap="Blues")
+        for i in range(2):
+            for j in range(2):
+                ax.text(j, i, str(grid[i, j]), ha="center", va="center", fontsize=14)
+        ax.set_xticks([0, 1], ["rejected", "accepted"])
+        ax.set_yticks([0, 1], ["harmful (A +1%)", "harmless"])
+        ax.set_title(f"immune system, {len(results['immune'])} seed(s)")
+        path = os.path.join(out_dir, "immune_matrix.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
 # report
 
 
@@ -280,6 +370,7 @@ def main(argv=None):
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: baselines,immune,heads")
     ap.add_argument("--quick", action="store_true", help="a 300-step warmup (for tests)")
     ap.add_argument("--json", help="write every figure to this file")
+    ap.add_argument("--plots", metavar="DIR", help="write PNG plots (needs matplotlib) into DIR")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                     help="a Config field for every organism, e.g. --set burst_learning_rate=0.003")
     args = ap.parse_args(argv)
@@ -312,6 +403,27 @@ def main(argv=None):
                       f"{''.join('+' if x else '-' for x in r['follow_accepted'])}"
                       + (f", damage left {pct(r['damage_left'])}" if r["damage_left"] is not None else ""),
                       flush=True)
+    if "heads" not in args.skip:
+        results["heads"] = [heads_experiment(a_lines, b_lines, seed, args) for seed in range(args.seeds)]
+        for name in HEAD_MIXES:
+            a = statistics.median(h[name]["a"] for h in results["heads"])
+            alpha = statistics.median(h[name]["model_alpha"] for h in results["heads"])
+            print(f"heads {name:<12} held-out A {a:.4f} nats/char, model_alpha {alpha:.3f} (median over seeds)")
+    summary = {}
+    for name in ("organism", "finetune_no_replay", "finetune_replay50"):
+        runs = [r[name] for r in results["seeds"] if name in r]
+        if runs:
+            summary[name] = {"forgetting": statistics.median(r["forgetting"] for r in runs),
+                             "learning": statistics.median(r["learning"] for r in runs)}
+    results["summary"] = summary
+    for name, v in summary.items():
+        print(f"median over {args.seeds} seed(s): {name:<20} A {pct(v['forgetting'])}  B {pct(v['learning'])}")
+    if "finetune_replay50" in summary:
+        share = summary["organism"]["learning"] / summary["finetune_replay50"]["learning"]
+        print(f"organism learns {100 * share:.0f}% of what full fine-tuning with 50% replay learns")
+    if args.plots:
+        for path in write_plots(results, args.plots):
+            print(f"wrote {path}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

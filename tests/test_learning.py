@@ -155,13 +155,18 @@ def test_bench_learning_short_run(tmp_path):
     out = tmp_path / "r.json"
     res = bench_learning.main(["--domain-a", str(a), "--domain-b", str(b), "--seeds", "1", "--bursts", "3",
                                "--birth-lines", "400", "--test-lines", "40", "--quick", "--json", str(out),
-                               "--set", "warmup_steps=60", "--skip", "heads"])
+                               "--set", "warmup_steps=60", "--set", "micro_steps=8", "--set", "val_max_sequences=24",
+                               "--chunk-lines", "12", "--plots", str(tmp_path / "plots")])
     saved = json.loads(out.read_text())
     r = saved["seeds"][0]
     assert len(r["organism"]["per_burst"]) == 3 and r == json.loads(json.dumps(res["seeds"][0]))
     for name in ("organism", "finetune_no_replay", "finetune_replay50"):
         assert math.isfinite(r[name]["forgetting"]) and math.isfinite(r[name]["learning"])
     assert saved["immune"][0]["rows"] and sum(saved["immune"][0]["matrix"].values()) == len(saved["immune"][0]["rows"])
+    assert set(saved["heads"][0]) == {"default", "all_content", "all_rrpram", "all_hybrid"}
+    assert saved["heads"][0]["all_rrpram"]["head_types"] == ["rrpram"] * 4
+    for name in ("learning_curves.png", "forgetting_vs_learning.png", "immune_matrix.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_learn_takes_every_line_in_checked_bursts(warmed):
