@@ -435,21 +435,25 @@ def test_arena_is_exactly_full_at_the_largest_batch(n_threads):
     assert model.arena_high_water == model.arena_capacity
 
 
-def test_arena_overflow_raises_documented_error_and_model_survives():
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_batch_larger_than_the_arena_runs_in_chunks_with_the_same_numbers(n_threads):
+    """More sequences than Config.batch_size: loss, gradients and the Adam step are those of one
+    run with arenas large enough (float64, up to the order of the additions)."""
     rng = np.random.default_rng(0)
-    config = tiny_config(batch_size=2)
-    model = mg.Model(config, 11, dtype="float64")
-    ok = random_batch(rng, 11, [7, 7])
-    before = model.loss(ok)
-    lying = random_batch(rng, 11, [7, 7, 7])  # more sequences than the config's batch_size
-    with pytest.raises(mg.ArenaOverflowError, match=r"batch_size=2.*block_size=6") as info:
-        model.loss_and_grads(lying)
-    assert isinstance(info.value, ValueError)
-    with pytest.raises(mg.ArenaOverflowError):
-        model.train_step(lying, 0.01)
-    assert model.loss(ok) == before  # nothing was half-updated
-    model.config.batch_size = 3  # the documented fix, effective at the next step
-    assert np.isfinite(model.train_step(lying, 0.01))
+    small = mg.Model(tiny_config(batch_size=2), 11, dtype="float64", seed=3, n_threads=n_threads)
+    big = mg.Model(tiny_config(batch_size=5), 11, dtype="float64", seed=3, n_threads=n_threads)
+    for m in (small, big):
+        m.add_delta_module()
+    batch = random_batch(rng, 11, [7, 5, 7, 3, 6])
+    (l1, g1), (l2, g2) = small.loss_and_grads(batch), big.loss_and_grads(batch)
+    assert l1 == pytest.approx(l2, rel=1e-13)
+    assert g1.keys() == g2.keys()
+    for k in g2:
+        np.testing.assert_allclose(g1[k], g2[k], rtol=1e-10, atol=1e-15, err_msg=k)
+    assert small.train_step(batch, 0.01) == pytest.approx(big.train_step(batch, 0.01), rel=1e-13)
+    for name, group in big.groups.items():
+        np.testing.assert_allclose(small.groups[name].flat, group.flat, rtol=1e-10, atol=1e-15, err_msg=name)
+    assert small.loss(batch) == pytest.approx(big.loss(batch), rel=1e-13)
 
 
 def test_arena_grows_with_vocabulary_and_modules():

@@ -781,10 +781,31 @@ class Model:
             start = stop
 
     def _loss_and_backward(self, batch_ids, sum_grads: bool = True) -> float:
+        """Batch loss; the trainable groups' gradients hold the batch gradient afterwards. A
+        batch larger than the arenas hold runs in arena-sized chunks whose gradients are summed
+        (each sequence weighted by 1 / len(batch) as in one run: the same loss and gradient up
+        to the order of the additions)."""
         self._sync_config()
         seqs = self._validate(batch_ids)
-        parts = self._run(seqs, len(seqs), backward=True, sum_grads=sum_grads)
-        return float(sum(np.dot(losses, packed[3]) for _, packed, losses in parts))
+        self._ensure_ready()
+        chunks = list(self._arena_chunks(seqs))
+        if len(chunks) == 1:
+            parts = self._run(seqs, len(seqs), backward=True, sum_grads=sum_grads)
+            return float(sum(np.dot(losses, packed[3]) for _, packed, losses in parts))
+        loss, summed = 0.0, {}
+        for start, stop in chunks:
+            parts = self._run(seqs[start:stop], len(seqs), backward=True, sum_grads=True)
+            loss += float(sum(np.dot(losses, packed[3]) for _, packed, losses in parts))
+            for name, group in self.groups.items():
+                if self.trainable[name]:
+                    if name in summed:
+                        summed[name] += group.grad
+                    else:
+                        summed[name] = group.grad.copy()
+        for name, grad in summed.items():
+            self.groups[name].grad[...] = grad
+        self._last_workers = 1  # the workers' parts are already in the groups' gradients
+        return loss
 
     def loss_and_grads(self, batch_ids: Sequence[Sequence[int]]) -> tuple[float, dict[str, np.ndarray]]:
         """Batch loss and the gradient of every trainable parameter (copies, by SPEC name).
