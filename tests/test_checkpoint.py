@@ -17,6 +17,8 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import molecule_gpt as mg
 from molecule_gpt import checkpoint as ck
@@ -630,6 +632,238 @@ def test_hostile_headers(saved):
     msg = expect_error(path)
     assert "not enough memory to build its model (batch_size=1099511627776" in msg
 
+
+
+# --------------------------------------------------------------------------------------------- hostile sizes
+# Files whose framing is valid (length, magic, checksums) so the loader reaches its JSON parsers,
+# filled with cheap-to-write structure that is expensive to parse: before the structural
+# limits, a 100 MB header of empty objects took 2.5 GB and 6.4 s to reject.
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+HOSTILE_SHAPES = ["objects", "lists", "strings", "deep", "tensors"]
+
+
+def hostile_json(shape, size):
+    """JSON text of about `size` bytes: millions of empty objects, empty lists or short strings
+    in an array, or one array nested size/2 levels deep."""
+    if shape == "deep":
+        return "[" * (size // 2) + "]" * (size // 2)
+    item = {"objects": "{}", "lists": "[]", "strings": '"ab"'}[shape]
+    return "[" + ",".join([item] * (size // (len(item) + 1))) + "]"
+
+
+def write_hostile(path, where, shape, size):
+    """Rewrite the checkpoint at `path` (valid framing and checksums) with about `size` bytes of
+    hostile structure in the header itself ("header") or in the document's state ("state");
+    shape "tensors" adds size/150 zero-size tensors with valid checksums to the header."""
+    header, data = read_parts(path)
+    meta = header["__metadata__"]
+    if where == "state":
+        doc = json.loads(meta["document"])
+        doc["state"] = "\0"  # a placeholder, replaced by the hostile text below
+        if shape == "tensors":  # the same shape as a tensor table, inside the state
+            junk = "{" + ",".join(f'"z{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'
+                                  for i in range(size // 70)) + "}"
+        else:  # stored in a JSON string, each quote takes two bytes
+            junk = hostile_json(shape, size * 5 // 7 if shape == "strings" else size)
+        meta["document"] = json.dumps(doc, separators=(",", ":")).replace('"\\u0000"', junk)
+        sums = json.loads(meta["checksums"])
+        sums["document"] = hashlib.sha256(meta["document"].encode()).hexdigest()
+        meta["checksums"] = json.dumps(sums)
+        text = json.dumps(header, separators=(",", ":"))
+    elif shape == "tensors":
+        n = size // 150
+        sums = json.loads(meta["checksums"])
+        sums["tensors"].update({f"z{i}": EMPTY_SHA256 for i in range(n)})
+        meta["checksums"] = json.dumps(sums, separators=(",", ":"))
+        text = json.dumps(header, separators=(",", ":"))[:-1] + "," + ",".join(
+            f'"z{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(n)) + "}"
+    else:
+        text = json.dumps(header, separators=(",", ":"))[:-1] + ',"junk":' + hostile_json(shape, size) + "}"
+    raw = text.encode()
+    raw += b" " * (-len(raw) % 8)
+    assert len(raw) <= ck.MAX_HEADER_BYTES
+    pathlib.Path(path).write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return len(raw)
+
+
+_MEASURE = """
+import resource, sys, time
+sys.path[:0] = [{src!r}]
+from molecule_gpt.checkpoint import load_checkpoint
+from molecule_gpt.errors import CheckpointError
+wall, cpu = time.perf_counter(), time.process_time()
+try:
+    load_checkpoint(sys.argv[1])
+    outcome = "loaded"
+except CheckpointError as exc:
+    outcome = "CheckpointError: " + str(exc)[:300]
+cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+print(repr((outcome, cpu, wall, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))
+"""
+
+
+def measure_load(path):
+    """(outcome, cpu seconds, wall seconds, peak RSS bytes) of load_checkpoint(path) in a fresh
+    interpreter (the peak is the whole process's, imports included). It is started by a small
+    intermediate interpreter: on Linux, ru_maxrss survives execve, so a child forked straight
+    from this (large) test process would report this process's size as its own peak."""
+    child = [sys.executable, "-c", _MEASURE.format(src=str(SRC)), str(path)]
+    out = subprocess.run([sys.executable, "-c", f"import subprocess, sys; sys.exit(subprocess.call({child!r}))"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return eval(out.stdout.strip().splitlines()[-1])
+
+
+def check_hostile(saved, where, shape, size):
+    path, _ = saved
+    n = write_hostile(path, where, shape, size)
+    outcome, cpu, wall, peak = measure_load(path)
+    assert outcome.startswith("CheckpointError: "), outcome
+    # CPU time, not wall time: the test machine may be shared; the target is 1 s either way
+    assert cpu <= 1.0, f"{where} {shape} ({n} bytes of header): {cpu:.2f} s CPU ({wall:.2f} s wall) to reject"
+    assert peak <= 400e6, f"{where} {shape} ({n} bytes of header): {peak / 1e6:.0f} MB peak RSS to reject"
+    return outcome
+
+
+@pytest.mark.parametrize("where", ["header", "state"])
+@pytest.mark.parametrize("shape", HOSTILE_SHAPES)
+def test_hostile_structure_is_rejected_cheaply(saved, where, shape):
+    check_hostile(saved, where, shape, 60_000_000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["header", "state"])
+@pytest.mark.parametrize("shape", HOSTILE_SHAPES)
+def test_hostile_structure_at_the_header_limit_is_rejected_cheaply(saved, where, shape):
+    check_hostile(saved, where, shape, 99_000_000)
+
+
+
+def test_non_ascii_headers_are_bounded(saved):
+    """Decoded, a header with one character beyond U+FFFF takes 4 bytes per character: such a
+    header may be a quarter of the limit (molecule-gpt writes ASCII headers)."""
+    path, _ = saved
+    header, data = read_parts(path)
+    header["__metadata__"]["note"] = "\U0001d11e" + "a" * (ck.MAX_HEADER_BYTES // 4)
+    text = json.dumps(header, ensure_ascii=False).encode()
+    pathlib.Path(path).write_bytes(struct.pack("<Q", len(text)) + text + data)
+    assert expect_error(path) == (f"{path}: the header is {len(text)} bytes and not ASCII; a header with non-ASCII "
+                                  f"bytes may be at most {ck.MAX_HEADER_BYTES // 4} bytes (molecule-gpt writes ASCII): "
+                                  f"not a molecule-gpt checkpoint")
+
+
+def add_tensors(path, n, nbytes):
+    """Append n unknown F32 tensors of nbytes each (zeros) with valid checksums."""
+    header, data = read_parts(path)
+    sums = json.loads(header["__metadata__"]["checksums"])
+    digest = hashlib.sha256(bytes(nbytes)).hexdigest()
+    for i in range(n):
+        header[f"future.{i}"] = {"dtype": "F32", "shape": [nbytes // 4],
+                                 "data_offsets": [len(data) + i * nbytes, len(data) + (i + 1) * nbytes]}
+        sums["tensors"][f"future.{i}"] = digest
+    header["__metadata__"]["checksums"] = json.dumps(sums)
+    write_parts(path, header, data + bytes(n * nbytes))
+
+
+def test_tensor_counts_are_bounded_before_per_entry_work(saved):
+    path, model = saved
+    raw = pathlib.Path(path).read_bytes()
+    header, data = read_parts(path)
+    n_model = len(header) - 1
+    # unknown tensors are ignored with a warning, up to a limit
+    add_tensors(path, ck._MAX_UNKNOWN_TENSORS, 4)
+    with pytest.warns(CheckpointWarning, match=f"ignoring {ck._MAX_UNKNOWN_TENSORS} unknown tensor"):
+        assert_same_model(model, load_checkpoint(path).model)
+    pathlib.Path(path).write_bytes(raw)
+    add_tensors(path, ck._MAX_UNKNOWN_TENSORS + 1, 4)
+    assert expect_error(path) == (f"{path}: the file holds {n_model + ck._MAX_UNKNOWN_TENSORS + 1} tensors, "
+                                  f"{ck._MAX_UNKNOWN_TENSORS + 1} more than the config implies; this reader ignores at "
+                                  f"most {ck._MAX_UNKNOWN_TENSORS} unknown tensors: the header is corrupt")
+    # empty tensors do not count as data: the header may list data_size // 4 + 1024 tensors,
+    # which the structure scan sees before json.loads builds them
+    max_tensors = len(data) // 4 + ck._MAX_UNKNOWN_TENSORS
+    why = (f"a file with {len(data)} bytes of data lists at most {max_tensors} tensors, as every tensor a model "
+           f"needs holds 4 bytes or more")
+    pathlib.Path(path).write_bytes(raw)
+    add_tensors(path, max_tensors - n_model + 1, 0)
+    assert expect_error(path) == (f"{path}: the header is not valid JSON for this format (over {2 + 3 * max_tensors} "
+                                  f"objects and arrays, more than a checkpoint holds: {why}): the header is corrupt")
+    # members that are not objects pass the scan (they are cheap to parse) and are counted after it
+    text = json.dumps(header, separators=(",", ":"))[:-1] + "".join(f',"z{i}":0' for i in range(max_tensors)) + "}"
+    pathlib.Path(path).write_bytes(struct.pack("<Q", len(text)) + text.encode() + data)
+    assert expect_error(path) == (f"{path}: the header lists {n_model + max_tensors} tensors, more than the "
+                                  f"{max_tensors}: {why}: the header is corrupt")
+
+
+def reservoir_lines(n, seed=0):
+    """Lines like an organism's reservoir (up to 240 chars), with the characters JSON escapes or
+    that look like structure: commas, brackets, quotes, backslashes, non-ASCII."""
+    rng = random.Random(seed)
+    words = 'the river runs past trees, and [birds] {sing} "loudly" at dawn; é ✓ \\ ok.'.split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 40)))[:239] + "." for _ in range(n)]
+
+
+def test_a_full_organism_reservoir_loads(tmp_path):
+    """The structural limits leave room for real states: an organism with its 8000 reservoir
+    lines saves and loads."""
+    org = mg.Organism(mg.Config(max_corpus_lines=8000), corpus=reservoir_lines(9000))
+    assert len(org.reservoir.lines) == 8000
+    org.save(tmp_path / "org.ckpt")
+    back = mg.Organism.load(tmp_path / "org.ckpt")
+    assert back.reservoir.lines == org.reservoir.lines
+    assert back.state_dict() == org.state_dict()
+
+
+def test_a_state_of_tens_of_megabytes_loads(tmp_path):
+    """100k reservoir-like lines (about 14 MB of state, in a file whose small model makes the
+    header's tensor bounds tight, so both scans count exactly) load unchanged."""
+    model, tok = organism()
+    lines = reservoir_lines(100_000)
+    state = {"reservoir": {"lines": lines}, "val_lines": lines[:800], "counters": {"steps": 12}}
+    save_checkpoint(tmp_path / "org.ckpt", model, tok, state=state)
+    assert load_checkpoint(tmp_path / "org.ckpt").state == state
+
+def json_shape(value, level=0):
+    """(containers, containers + commas, depth) of a JSON value, from the value itself."""
+    if isinstance(value, (dict, list)):
+        items = list(value.values()) if isinstance(value, dict) else value
+        shapes = [json_shape(v, level + 1) for v in items]
+        return (1 + sum(s[0] for s in shapes), 1 + max(len(items) - 1, 0) + sum(s[1] for s in shapes),
+                max([level + 1] + [s[2] for s in shapes]))
+    return 0, 0, level
+
+
+TRICKY_TEXT = st.text(st.sampled_from('ab"\\{}[],:\n é✓'), max_size=12)
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | TRICKY_TEXT,
+                           lambda inner: st.lists(inner, max_size=5) | st.dictionaries(TRICKY_TEXT, inner, max_size=5),
+                           max_leaves=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES, st.integers(1, 9), st.booleans(), st.booleans())
+def test_structure_scan_counts_exactly_what_json_holds(value, chunk, ascii, nested):
+    """The exact scan (strings skipped, escapes followed, chunk boundaries anywhere) finds the
+    containers, values and depth of the value, and the limits reject one less of each."""
+    if nested:  # as the document is stored in the header: JSON text inside a JSON string
+        value = {"__metadata__": {"document": json.dumps(value, ensure_ascii=ascii)}, "x": value}
+    data = json.dumps(value, ensure_ascii=ascii).encode()
+    containers, elements, depth = json_shape(value)
+    old = ck._SCAN_CHUNK
+    ck._SCAN_CHUNK = chunk
+    try:
+        ck._check_structure_exactly("f", data, "it", containers, elements, depth)
+        if containers:
+            with pytest.raises(CheckpointError, match="objects and arrays, more than"):
+                ck._check_structure_exactly("f", data, "it", containers - 1, elements, depth)
+            with pytest.raises(CheckpointError, match="values in objects and arrays"):
+                ck._check_structure_exactly("f", data, "it", containers, elements - 1, depth)
+            with pytest.raises(CheckpointError, match=f"nested {depth} deep, more than the {depth - 1}"):
+                ck._check_structure_exactly("f", data, "it", containers, elements, depth - 1)
+        # the quick upper bounds never pass what the exact count rejects
+        ck._check_structure("f", data, "it", containers=containers, elements=elements)
+    finally:
+        ck._SCAN_CHUNK = old
 
 def test_arena_bound_is_above_the_exact_plan():
     """_arena_bytes_bound lets a load skip the engine binding that the exact figure needs; it

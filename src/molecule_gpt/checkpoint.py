@@ -12,7 +12,9 @@ What it is not: no pickle, no code execution, no in-place writes, no partial loa
 read only after its header has been checked against itself and the config it carries (every
 size bounded by the file size, every shape implied by the config), so a truncated, corrupt or
 hostile file raises `CheckpointError` (a ValueError) naming the file, the cause and, where a
-`<path>.prev` exists, how to fall back to it; it never allocates what the header claims first.
+`<path>.prev` exists, how to fall back to it; it never allocates what the header claims first,
+and it counts the structure of every JSON text before parsing it (docs/checkpoint-format.md,
+"Limits"), so a hostile 100 MB header costs a bounded scan, not gigabytes of Python objects.
 
 Write path (atomic): tensors and document -> a file inside the directory
 `<path>.tmp-<pid>-<token>` next to `path` (our own safetensors writer, in the model's memory
@@ -87,6 +89,18 @@ _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, 
              "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 _MAX_DELTA_MODULES = 4096  # sanity bound checked before allocating (tensors are bounded by the file too)
 _MAX_LAYER_HEADS = 1_000_000  # Model's own shape tables loop over every (layer, head) pair too
+# Structural limits of the JSON texts, checked by a scan of the raw bytes before json.loads
+# builds anything (docs/checkpoint-format.md, "Limits"): the header may be 100 MB, and parsing
+# 100 MB of "{}," took 2.5 GB and 6.4 s before anything could be checked. Every tensor a model
+# needs holds at least one 4-byte element, so data_size // 4 bounds those; others (ignored with
+# a warning) are capped. The document's bounds are far above an organism's (its state is mostly
+# a few long lists of strings: 8000 reservoir lines are 8000 elements) and bound what json
+# builds (3 million short strings are about 200 MB).
+_MAX_TENSORS = 200_000  # tensor entries in a header, whatever the data size
+_MAX_UNKNOWN_TENSORS = 1024  # tensors the config does not imply (a newer writer's), any size
+_HEADER_DEPTH = 3  # {name: {"shape": [...]}}: the header nests no deeper
+_DOCUMENT_CONTAINERS = 500_000  # objects + arrays
+_DOCUMENT_ELEMENTS = 3_000_000  # values in objects and arrays
 
 
 class CheckpointWarning(UserWarning):
@@ -408,10 +422,17 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         meta_strs = _check_metadata(path, header)
         version = meta_strs["__version"]
         # checksums of what is stored come before everything that interprets it
+        n_entries = len(header) - 1  # tensors (the header scan bounded them)
+        _check_structure(path, meta_strs["checksums"].encode("utf-8", "surrogatepass"), "the checksums entry",
+                         containers=16, elements=n_entries + 64, depth=2)
         checksums = _parse_checksums(path, meta_strs["checksums"])
         doc_text = meta_strs["document"]
-        if hashlib.sha256(doc_text.encode("utf-8", "surrogatepass")).hexdigest() != checksums["document"]:
+        doc_bytes = doc_text.encode("utf-8", "surrogatepass")
+        if hashlib.sha256(doc_bytes).hexdigest() != checksums["document"]:
             raise _error(path, "the metadata document does not match its sha256 checksum: the header is corrupt")
+        _check_structure(path, doc_bytes, "the metadata document", containers=_DOCUMENT_CONTAINERS,
+                         elements=_DOCUMENT_ELEMENTS)
+        del doc_bytes  # a copy as large as the document: not kept while json builds it
         document = _loads(path, doc_text, "the metadata document")
         data_size = file_size - 8 - n_header
         entries = _check_tensor_table(path, header, data_size)
@@ -465,6 +486,107 @@ def _loads(path: str, text: str, what: str):
         raise _error(path, f"{what} is not valid JSON ({exc}): the header is corrupt") from None
 
 
+# The structure scan (no Python per token, chunks of 1 MB, stopping at the first chunk over a
+# limit, so a hostile text costs one chunk, not the file):
+# 1. upper bounds: every "{", "[" and "," counted, inside strings too (numpy compares, about
+#    0.2 ms per MB); a real document passes here (its text holds few of them);
+# 2. otherwise the exact count: quotes after an odd run of backslashes are escaped, the others
+#    pair up into strings, and only the brackets and commas outside them count (2.5-4 ms per
+#    MB; chunks inside one long string, a document in a header, are skipped faster); it also
+#    gives the nesting depth.
+# Where this reading and json.loads could disagree the text is not JSON, and json.loads fails
+# at the first such byte, having built no more than was counted before it. Nesting the scan
+# does not check is bounded by json.loads itself (RecursionError past Python's limit).
+_SCAN_CHUNK = 1 << 20
+_BACKSLASHES = re.compile(rb"\\*")
+_OPEN, _CLOSE = (0x7B, 0x5B), (0x7D, 0x5D)  # { [   } ]
+_COMMA, _QUOTE, _BACKSLASH = 0x2C, 0x22, 0x5C
+
+
+def _check_structure(path: str, data: bytes, what: str, *, containers: int, elements: int,
+                     depth: int | None = None, why: str = "") -> None:
+    """Raise CheckpointError unless the JSON text `data` has at most `containers` objects and
+    arrays and `elements` values in them (counted as containers + commas). Strings are
+    skipped: their content never counts. `depth` (None: any) is checked when the exact count
+    runs: a text within the upper bounds is cheap to parse at any depth (json.loads stops at
+    Python's recursion limit), and what reads it checks its shape. `why`, if given, says in
+    the error where the limits come from."""
+    opens = commas = 0
+    for start in range(0, len(data), _SCAN_CHUNK):
+        a = np.frombuffer(data, np.uint8, min(_SCAN_CHUNK, len(data) - start), start)
+        opens += int(np.count_nonzero(a == _OPEN[0])) + int(np.count_nonzero(a == _OPEN[1]))
+        commas += int(np.count_nonzero(a == _COMMA))
+        if opens > containers or opens + commas > elements:
+            break
+    else:
+        return
+    _check_structure_exactly(path, data, what, containers, elements, depth, why)
+
+
+def _check_structure_exactly(path: str, data: bytes, what: str, containers: int, elements: int,
+                             depth: int | None, why: str = "") -> None:
+    why = f": {why}" if why else ""
+    n, start = len(data), 0
+    opened = closed = values = 0
+    in_string = False  # the chunks so far ended inside a string
+    outside = []  # per chunk, the brackets and commas outside strings (bounded by the limits once kept)
+    while start < n:
+        stop = min(start + _SCAN_CHUNK, n)
+        if data[stop - 1] == _BACKSLASH:  # never split a run of backslashes from the byte it escapes
+            stop = min(_BACKSLASHES.match(data, stop).end() + 1, n)
+        a = np.frombuffer(data, np.uint8, stop - start, start)
+        start = stop
+        quote = a == _QUOTE
+        if in_string and a.size > 2:
+            # inside a long string (a document in a header): skip the chunk if every quote in it
+            # follows exactly one backslash (bool arrays only, no positions)
+            slash = a == _BACKSLASH
+            one = slash[1:-1] & ~slash[:-2]
+            if not (quote[0] or (quote[1] and not slash[0]) or np.any(quote[2:] & ~one)):
+                continue
+        quotes = np.flatnonzero(quote)
+        if quotes.size:
+            # a quote is escaped when the run of backslashes before it is odd (a chunk never starts
+            # inside a run, so a quote at 0 is not escaped and every run starts in the chunk)
+            escaped = (a.take(quotes - 1, mode="clip") == _BACKSLASH) & (quotes > 0)
+            longer = escaped & (a.take(quotes - 2, mode="clip") == _BACKSLASH) & (quotes > 1)  # runs of 2+: rare
+            if longer.any():
+                cand = quotes[longer]
+                slash = a == _BACKSLASH
+                runs = np.flatnonzero(slash[1:] & ~slash[:-1]) + 1  # where runs start (but at 0)
+                if slash[0]:
+                    runs = np.concatenate(([0], runs))
+                first = runs[np.searchsorted(runs, cand - 1, side="right") - 1]
+                escaped[longer] = (cand - first) % 2 == 1
+            quotes = quotes[~escaped]
+        if in_string and not quotes.size:
+            continue  # the whole chunk lies inside one string (a long document string in a header)
+        marks = np.flatnonzero((a == _OPEN[0]) | (a == _OPEN[1]) | (a == _CLOSE[0]) | (a == _CLOSE[1]) | (a == _COMMA))
+        if in_string or quotes.size:
+            if in_string:  # the string open at the chunk's start: a quote just before it
+                quotes = np.concatenate(([-1], quotes))
+            in_string = bool(quotes.size % 2)
+            marks = marks[np.searchsorted(quotes, marks) % 2 == 0]  # after an odd number of quotes: in a string
+        codes = a[marks]
+        opens = int(np.count_nonzero(codes == _OPEN[0])) + int(np.count_nonzero(codes == _OPEN[1]))
+        opened += opens
+        closed += int(np.count_nonzero(codes == _CLOSE[0])) + int(np.count_nonzero(codes == _CLOSE[1]))
+        values += opens + int(np.count_nonzero(codes == _COMMA))
+        if opened > containers or closed > containers:
+            raise _error(path, f"{what} is not valid JSON for this format (over {containers} objects and arrays, "
+                               f"more than a checkpoint holds{why}): the header is corrupt")
+        if values > elements:
+            raise _error(path, f"{what} is not valid JSON for this format (over {elements} values in objects and "
+                               f"arrays, more than a checkpoint holds{why}): the header is corrupt")
+        outside.append(codes)
+    codes = np.concatenate(outside) if outside else np.zeros(0, np.uint8)
+    level = np.cumsum(np.isin(codes, _OPEN).view(np.int8) - np.isin(codes, _CLOSE).view(np.int8), dtype=np.int32)
+    deepest = int(level.max()) if level.size else 0
+    if depth is not None and deepest > depth:
+        raise _error(path, f"{what} is not valid JSON for this format (objects and arrays nested {deepest} deep, more "
+                           f"than the {depth} a checkpoint needs): the header is corrupt")
+
+
 def _read_header(path: str, fh, file_size: int) -> tuple[dict, int]:
     if file_size == 0:
         raise _error(path, "the file is empty (a save that never completed?)")
@@ -486,13 +608,29 @@ def _read_header(path: str, fh, file_size: int) -> tuple[dict, int]:
         raise _error(path, f"the file ended inside the header ({len(raw)} of {n} bytes): it is truncated")
     if raw[:1] != b"{":
         raise _error(path, "the header does not start with '{': not a safetensors file")
+    if not raw.isascii() and n > MAX_HEADER_BYTES // 4:
+        # decoded, a character beyond U+FFFF takes 4 bytes: this bounds the text by 100 MB too
+        raise _error(path, f"the header is {n} bytes and not ASCII; a header with non-ASCII bytes may be at most "
+                           f"{MAX_HEADER_BYTES // 4} bytes (molecule-gpt writes ASCII): not a molecule-gpt checkpoint")
+    # Every tensor the model needs holds at least 4 bytes of data (unknown ones may hold none):
+    # the header's size in tensor entries, each an object with two arrays and about 8 values.
+    data_size = max(file_size - 8 - n, 0)
+    max_tensors = min(_MAX_TENSORS, data_size // 4 + _MAX_UNKNOWN_TENSORS)
+    why = (f"a file with {data_size} bytes of data lists at most {max_tensors} tensors, as every tensor a model needs "
+           f"holds 4 bytes or more" if max_tensors < _MAX_TENSORS else f"a file lists at most {_MAX_TENSORS} tensors")
+    _check_structure(path, raw, "the header", containers=2 + 3 * max_tensors, elements=10 * max_tensors + 64,
+                     depth=_HEADER_DEPTH, why=why)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _error(path, f"the header is not UTF-8 ({exc}): the header is corrupt") from None
+    del raw  # json.loads gets the text: the bytes are not kept while it builds the header
     header = _loads(path, text, "the header")
     if not isinstance(header, dict):
         raise _error(path, f"the header is a JSON {type(header).__name__}, not an object: not a safetensors file")
+    if len(header) - 1 > max_tensors:  # before any per-entry work
+        raise _error(path, f"the header lists {len(header) - 1} tensors, more than the {max_tensors}: {why}: "
+                           f"the header is corrupt")
     return header, n
 
 
@@ -664,6 +802,9 @@ def _build(path: str, document: Any, entries: dict[str, TensorEntry]):
     if count > len(entries):
         raise _error(path, f"the config (n_layer={config.n_layer}, n_head={config.n_head}) with {len(alphas)} delta "
                            f"module(s) implies {count} tensors but the file holds {len(entries)}")
+    if len(entries) - count > _MAX_UNKNOWN_TENSORS:
+        raise _error(path, f"the file holds {len(entries)} tensors, {len(entries) - count} more than the config implies; "
+                           f"this reader ignores at most {_MAX_UNKNOWN_TENSORS} unknown tensors: the header is corrupt")
     if config.n_layer * config.n_head > _MAX_LAYER_HEADS:
         raise _error(path, f"the config has n_layer * n_head = {config.n_layer * config.n_head}, beyond the "
                            f"{_MAX_LAYER_HEADS} this reader accepts")
