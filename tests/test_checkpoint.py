@@ -394,6 +394,7 @@ def test_corrupt_tokenizer_document(tmp_path):
         t = doc["tokenizer"]
         t["tokens"], t["token_bytes"], t["token_kinds"] = t["tokens"][:-1], t["token_bytes"][:-1], t["token_kinds"][:-1]
         t["merges"] = [m for m in t["merges"] if max(m) < len(t["tokens"])]
+        t["token_eow"] = [i for i in t["token_eow"] if i < len(t["tokens"])]  # ids in range (from_dict checks)
     edit_document(path, shrink)
     assert expect_error(str(path)) == (f"{path}: its tokenizer has {tok.vocab_size - 1} tokens but the model's "
                                        f"vocab_size is {model.vocab_size}: the header is corrupt")

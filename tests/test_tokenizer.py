@@ -5,10 +5,12 @@ Expected values come from the fixture (ids the original computed) or from the pu
 references in tests/bpe_reference.py, never from the code under test.
 Hypothesis examples per property: MOLECULE_GPT_HYPOTHESIS_EXAMPLES (default 150).
 """
+import contextlib
 import json
 import os
 import pathlib
 import random
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -390,6 +392,165 @@ def test_from_dict_rejects_bad_input(bpe_tok):
     with pytest.raises(TokenizerError, match="differ in length"):
         EvolvingTokenizer.from_dict({**d, "token_kinds": d["token_kinds"][:-1]})
 
+
+
+_FROM_ORIG_EXACT = EvolvingTokenizer.from_original(_ORIG_HISTORY[0].checkpoint_object(), byte_fallback=False)
+_DOCS = [t.to_dict() for t in (_BPE, _BYTE_BPE, _FROM_ORIG, _FROM_ORIG_EXACT, _CHAR)]
+
+def test_from_dict_rejects_inconsistent_documents(bpe_tok):
+    """Each fault to_dict() cannot write is a TokenizerError naming it (it used to be a
+    TypeError from the core, or a tokenizer whose round trips silently broke)."""
+    d = bpe_tok.to_dict()
+    n = len(d["tokens"])
+    merged = next(i for i, k in enumerate(d["token_kinds"]) if k == "m" and i not in d["token_eow"])
+    a, b, m = next(t for t in d["merges"] if t[1] != EOW)
+    other = next(t[2] for t in d["merges"] if t[2] != m)
+
+    def kinds(i, letter):
+        return d["token_kinds"][:i] + letter + d["token_kinds"][i + 1:]
+    cases = [
+        ({"token_kinds": list(d["token_kinds"][:-1]) + [7]}, "'token_kinds' must be a str"),
+        ({"token_kinds": kinds(merged, "c")}, "must be one character whose UTF-8 is its bytes"),
+        ({"token_kinds": kinds(merged, "b")}, "must have exactly one byte"),
+        ({"token_kinds": kinds(merged, "x")}, "unknown kind 'x'"),
+        ({"token_kinds": kinds(bpe_tok.pad_id, "m")}, f"merged token {bpe_tok.pad_id} ('<PAD>') has no bytes"),
+        ({"tokens": [t if i != bpe_tok.bos_id else "<PAD>" for i, t in enumerate(d["tokens"])]},
+         "special token <PAD> exactly once, found 2"),
+        ({"token_kinds": kinds(0, "s")}, "special token 0 must be <PAD>, <BOS> or <EOS>"),
+        ({"tokens": d["tokens"][:-1] + [None]}, "'tokens' must be a list of str"),
+        ({"token_bytes": d["token_bytes"][:merged] + ["zz"] + d["token_bytes"][merged + 1:]}, "are not hex"),
+        ({"token_bytes": d["token_bytes"][:merged] + [d["token_bytes"][0]] + d["token_bytes"][merged + 1:]},
+         f"tokens 0 and {merged} both spell"),
+        ({"token_eow": d["token_eow"] + [0]}, "only merged tokens end a word"),
+        ({"token_eow": d["token_eow"] + [n]}, "'token_eow' must be a list of token ids"),
+        ({"merges": d["merges"] + [[a, b, other]]}, f"joining token {a} and token {b} gives"),
+        ({"merges": d["merges"] + [[a, EOW, m]]}, "joining token"),
+        ({"merges": d["merges"] + [[a, b]]}, "not a [left, right, merged] triple"),
+        ({"merges": d["merges"] + [[a, True, m]]}, "not a [left, right, merged] triple"),
+        ({"merges": d["merges"] + [[a, bpe_tok.bos_id, m]]}, "uses the special token <BOS>"),
+        ({"merges": d["merges"] + [[a, b, 2 ** 63]]}, "outside the vocabulary"),
+        ({"byte_fallback": 1}, "'byte_fallback' must be true or false"),
+        ({"byte_fallback": False}, "byte_fallback is False but the vocabulary holds byte tokens"),
+        ({"trained_chars": "12"}, "'trained_chars' must be a non-negative int"),
+    ]
+    for change, message in cases:
+        with pytest.raises(TokenizerError, match=re.escape(message)):
+            EvolvingTokenizer.from_dict({**d, **change})
+    with pytest.raises(TokenizerError, match="byte_fallback is True but the vocabulary has no byte tokens"):
+        EvolvingTokenizer.from_dict({**_FROM_ORIG_EXACT.to_dict(), "byte_fallback": True})
+    # a byte tokenizer missing one of its byte tokens could not spell every character
+    byte_doc = EvolvingTokenizer(["ab"]).to_dict()
+    i = byte_doc["tokens"].index("<0xE9>")
+    for key in ("tokens", "token_bytes"):
+        byte_doc[key] = byte_doc[key][:i] + byte_doc[key][i + 1:]
+    byte_doc["token_kinds"] = byte_doc["token_kinds"][:i] + byte_doc["token_kinds"][i + 1:]
+    with pytest.raises(TokenizerError, match="no token spells the byte\\(s\\) 0xE9"):
+        EvolvingTokenizer.from_dict(byte_doc)
+
+
+def _mutate(doc: dict, data) -> dict:
+    """One random corruption of a to_dict() document: an id of a merge, a token's bytes or kind,
+    the end-of-word list, an element of a list field, a whole field, or a missing field."""
+    d = json.loads(json.dumps(doc))
+    n = len(d["tokens"])
+    junk = st.sampled_from([None, -1, 0, 1, n, 2 ** 63, -2 ** 63 - 1, True, 1.5, "0", "", "c", "zz", [], {}, [1, 2]])
+    index = st.integers(0, n - 1)
+    how = data.draw(st.sampled_from(["merge", "bytes", "kind", "eow", "element", "field", "delete"]))
+    if how == "merge" and d["merges"]:
+        triple = d["merges"][data.draw(st.integers(0, len(d["merges"]) - 1))]
+        triple[data.draw(st.integers(0, 2))] = data.draw(st.integers(-2, n + 1) | junk)
+    elif how == "bytes":  # another token's bytes, any bytes, or not hex
+        d["token_bytes"][data.draw(index)] = data.draw(
+            st.sampled_from(d["token_bytes"]) | st.binary(max_size=4).map(bytes.hex) | junk)
+    elif how == "kind":
+        i, letter = data.draw(index), data.draw(st.sampled_from("csbmx") | junk)
+        kinds = list(d["token_kinds"])
+        kinds[i] = letter
+        d["token_kinds"] = "".join(kinds) if isinstance(letter, str) and len(letter) == 1 and data.draw(st.booleans()) \
+            else kinds
+    elif how == "eow":
+        if d["token_eow"] and data.draw(st.booleans()):
+            d["token_eow"].remove(data.draw(st.sampled_from(d["token_eow"])))
+        else:
+            d["token_eow"].append(data.draw(st.integers(-1, n) | junk))
+    elif how == "element":
+        field = data.draw(st.sampled_from(["tokens", "token_bytes", "token_eow", "merges"]))
+        if d[field]:
+            i = data.draw(st.integers(0, len(d[field]) - 1))
+            change = data.draw(st.sampled_from(["junk", "other", "drop"]))
+            if change == "drop":
+                del d[field][i]
+            else:
+                d[field][i] = data.draw(junk) if change == "junk" else data.draw(st.sampled_from(d[field]))
+    elif how == "field":
+        d[data.draw(st.sampled_from(sorted(d)))] = data.draw(junk | st.booleans() | st.integers(-3, 3))
+    elif how == "delete":
+        del d[data.draw(st.sampled_from(sorted(d)))]
+    return d
+
+
+def _roundtrip_strings(tok) -> list:
+    """A few strings every loaded tokenizer must round-trip: any text when it has byte tokens,
+    else text over its own characters (one word unless it has a space)."""
+    if tok.byte_fallback:
+        return ["the river runs", "naïve 😀 über \ud800", "  a  </w> <EOS>  "]
+    chars = [t for t, k in zip(tok.tokens, tok.to_dict()["token_kinds"]) if k == "c" and not t.isspace()]
+    words = ["".join(chars[:12]), "".join(chars[::-1][:7]), "".join(chars[3:5] * 3)]
+    return words if " " not in tok.tokens else words + [" ".join(words)]
+
+
+
+
+@contextlib.contextmanager
+def _core(core):
+    """New tokenizers get the compiled core (when built) or the pure-Python twin inside."""
+    import molecule_gpt.tokenizer as module
+    compiled = module._Core
+    if core == "compiled" and compiled is None:
+        pytest.skip("the compiled core is not built")
+    module._Core = compiled if core == "compiled" else None
+    try:
+        yield
+    finally:
+        module._Core = compiled
+
+
+@pytest.mark.parametrize("core", ["compiled", "pure-python"])
+@settings(max_examples=max(EXAMPLES, 400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mutated_documents_load_consistently_or_raise_tokenizer_error(core, data):
+    """Any corruption of a to_dict() document either loads to a tokenizer that round-trips or
+    raises TokenizerError; never another exception (before: TypeError from the core), never a
+    tokenizer whose merges spell other bytes (before: accepted, round trips broke)."""
+    doc = _DOCS[data.draw(st.integers(0, len(_DOCS) - 1))]
+    mutated = _mutate(doc, data)
+    with _core(core):
+        try:
+            tok = EvolvingTokenizer.from_dict(mutated)
+        except TokenizerError:
+            return
+    assert type(tok._core).__name__ == ("BPECore" if core == "compiled" else "_PyCore")
+    for s in _roundtrip_strings(tok):
+        assert tok.decode(tok.encode(s)) == collapse(s)
+        assert "".join(_stream(tok, tok.encode(s))[1]) == collapse(s)
+
+
+@pytest.mark.parametrize("pure_python", [False, True])
+def test_decode_of_any_int_is_tokenizer_error(char_tok, pure_python):
+    """Ids beyond a C long used to raise OverflowError from the compiled decode."""
+    import numpy as np
+    tok = EvolvingTokenizer.from_dict(char_tok.to_dict())
+    if pure_python:
+        tok._core = _PyCore()
+        tok._sync_core()
+    for bad in (2 ** 63, 2 ** 64, -2 ** 63 - 1, 10 ** 100, np.uint64(2 ** 63), -1, tok.vocab_size):
+        with pytest.raises(TokenizerError, match="outside the vocabulary"):
+            tok.decode([bad])
+        with pytest.raises(TokenizerError, match="outside the vocabulary"):
+            tok.decode(tok.encode("river")[:-1] + [bad])
+        with pytest.raises(TokenizerError, match="outside the vocabulary"):
+            tok.stream_decoder().feed(bad)
+    assert tok.decode(tok.encode("river")) == "river"
 
 def test_merge_strings_round_trip_through_from_original(bpe_tok):
     """Our state exported in the original's format imports back to the same ids."""

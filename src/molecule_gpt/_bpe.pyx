@@ -750,7 +750,12 @@ cdef class BPECore:
             #    nothing that set_vocab may replace is read here
             for obj in ids:
                 # exactly int (or anything with __index__, like numpy ints); never truncate a float
-                t = obj if PyLong_CheckExact(obj) else PyNumber_Index(obj)
+                try:
+                    t = obj if PyLong_CheckExact(obj) else PyNumber_Index(obj)
+                except OverflowError:  # beyond a C long: outside any vocabulary, not an overflow
+                    raise TokenizerError(
+                        f"token id {PyNumber_Index(obj)} is outside the vocabulary (size {self.vocab_size}); "
+                        f"decode only ids this tokenizer produced") from None
                 if n == cap:
                     cap *= 2
                     tids = <int64_t*>xrealloc(tids, cap * sizeof(int64_t))

@@ -62,7 +62,10 @@ Serialized form (to_dict; JSON, format "molecule_gpt.tokenizer", format_version 
     bpe_enabled, byte_fallback, trained_chars, enable_bpe_after_chars, bpe_num_merges,
     bpe_retrain_every_chars
 Only token_bytes, token_kinds and token_eow define the tokens; `tokens` is kept as written
-(an imported original's strings survive a round trip).
+(an imported original's strings survive a round trip). from_dict checks the document against
+itself before using it (specials, character and byte tokens, no two tokens alike, byte tokens
+iff byte_fallback, every merge's token its parts' bytes joined): a loaded tokenizer round-trips
+or the document is rejected with TokenizerError.
 """
 from __future__ import annotations
 
@@ -126,6 +129,45 @@ def _display(surface: bytes, eow: bool) -> str:
         text = surface.decode("utf-8", "backslashreplace")
     return text + (MARKER if eow else "")
 
+
+
+_DICT_FIELDS = ("tokens", "token_bytes", "token_kinds", "token_eow", "merges", "bpe_enabled", "byte_fallback",
+                "trained_chars", "enable_bpe_after_chars", "bpe_num_merges", "bpe_retrain_every_chars")
+
+
+def _corrupt(what: str) -> TokenizerError:
+    return TokenizerError(f"corrupt tokenizer dict: {what}; from_dict() reads only what to_dict() writes "
+                          f"(load an intact copy, e.g. the previous checkpoint)")
+
+
+def _token_surface(i: int, display: str, hx: str, kind: str, eow: bool, index: dict) -> bytes:
+    """The bytes of token i of a dict, checked against its kind (what _append and the core
+    rely on), or TokenizerError."""
+    try:
+        surface = bytes.fromhex(hx)
+    except ValueError:
+        raise _corrupt(f"token {i}'s bytes {hx[:40]!r} are not hex") from None
+    if kind not in (CHAR, SPECIAL, BYTE, MERGED):
+        raise _corrupt(f"token {i} has unknown kind {kind!r} (one of {CHAR} character, {SPECIAL} special, "
+                       f"{BYTE} byte, {MERGED} merged)")
+    if eow and kind != MERGED:
+        raise _corrupt(f"token {i} ({display!r}) is listed in token_eow but only merged tokens end a word")
+    if kind == SPECIAL:
+        if display not in (PAD, BOS, EOS) or surface:
+            raise _corrupt(f"special token {i} must be {PAD}, {BOS} or {EOS} with no bytes, got {display!r} "
+                           f"with {len(surface)} byte(s)")
+        return surface
+    if kind == CHAR and (len(display) != 1 or display.encode("utf-8", "surrogatepass") != surface):
+        raise _corrupt(f"character token {i} ({display!r}) must be one character whose UTF-8 is its bytes "
+                       f"({surface!r})")
+    if kind == BYTE and len(surface) != 1:
+        raise _corrupt(f"byte token {i} ({display!r}) must have exactly one byte, has {len(surface)}")
+    if kind == MERGED and not surface:
+        raise _corrupt(f"merged token {i} ({display!r}) has no bytes")
+    if (surface, eow) in index:
+        raise _corrupt(f"tokens {index[(surface, eow)]} and {i} both spell {surface!r}"
+                       f"{' ending a word' if eow else ''}")
+    return surface
 
 def _check_lines(lines, what="lines") -> list:
     if isinstance(lines, (str, bytes)):
@@ -406,6 +448,13 @@ class EvolvingTokenizer:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EvolvingTokenizer":
+        """The tokenizer to_dict() wrote. Everything is checked before it is used, so a loaded
+        tokenizer encodes and decodes consistently or is not loaded: a dict to_dict() could
+        not have written (a field of the wrong type, a special token missing or doubled, a
+        character token whose bytes are not its character's UTF-8, a byte token of more than
+        one byte, two tokens with the same bytes and end-of-word flag, byte tokens that do not
+        match byte_fallback, a merge whose token is not its two parts joined, an id out of
+        range) raises TokenizerError naming the first fault."""
         if not isinstance(d, dict):
             raise TypeError(f"from_dict() expects a dict, got {type(d).__name__}")
         if d.get("format") != FORMAT:
@@ -414,33 +463,86 @@ class EvolvingTokenizer:
         if d.get("format_version") != FORMAT_VERSION:
             raise TokenizerError(f"tokenizer format_version {d.get('format_version')!r} is not supported "
                                  f"(this molecule_gpt reads version {FORMAT_VERSION}); upgrade molecule_gpt")
-        try:
-            tokens, hexes, kinds = d["tokens"], d["token_bytes"], d["token_kinds"]
-            eow_ids = set(d["token_eow"])
-            self = cls.__new__(cls)
-            self._init_empty(None, d["enable_bpe_after_chars"], d["bpe_num_merges"], d["bpe_retrain_every_chars"])
-            if not (len(tokens) == len(hexes) == len(kinds)):
-                raise TokenizerError("tokens, token_bytes and token_kinds differ in length")
-            for i, (display, hx, kind) in enumerate(zip(tokens, hexes, kinds)):
-                if kind not in (CHAR, SPECIAL, BYTE, MERGED):
-                    raise TokenizerError(f"token {i} has unknown kind {kind!r}")
-                self._append(display, bytes.fromhex(hx), i in eow_ids, kind)
-            specials = {t: i for i, t in enumerate(tokens) if kinds[i] == SPECIAL}
-            self.pad_id, self.bos_id, self.eos_id = specials[PAD], specials[BOS], specials[EOS]
-            n = len(tokens)
-            for a, b, m in d["merges"]:
-                if not (0 <= a < n and (b == EOW or 0 <= b < n) and 0 <= m < n):
-                    raise TokenizerError(f"merge {[a, b, m]} refers to a token outside the vocabulary")
-                self._merges.append((a, b, m))
-            self.bpe_enabled = bool(d["bpe_enabled"])
-            self.byte_fallback = bool(d["byte_fallback"])
-            self.trained_chars = int(d["trained_chars"])
-        except (KeyError, ValueError, TypeError) as e:
-            if isinstance(e, TokenizerError):
-                raise
-            raise TokenizerError(f"corrupt tokenizer dict: {type(e).__name__}: {e}") from None
+        missing = [k for k in _DICT_FIELDS if k not in d]
+        if missing:
+            raise _corrupt(f"it lacks the field(s) {', '.join(missing)}")
+        tokens, hexes, kinds = d["tokens"], d["token_bytes"], d["token_kinds"]
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise _corrupt("'tokens' must be a list of str (the display string of each id)")
+        if not isinstance(hexes, list) or not all(isinstance(h, str) for h in hexes):
+            raise _corrupt("'token_bytes' must be a list of str (the hex of each id's bytes)")
+        if isinstance(kinds, list) and all(isinstance(k, str) and len(k) == 1 for k in kinds):
+            kinds = "".join(kinds)
+        if not isinstance(kinds, str):
+            raise _corrupt(f"'token_kinds' must be a str of one letter per id ({CHAR}, {SPECIAL}, {BYTE} or {MERGED}), "
+                           f"got {type(kinds).__name__}")
+        if not (len(tokens) == len(hexes) == len(kinds)):
+            raise TokenizerError("tokens, token_bytes and token_kinds differ in length")
+        n = len(tokens)
+        eow_list = d["token_eow"]
+        if not isinstance(eow_list, list) or not all(type(i) is int and 0 <= i < n for i in eow_list):
+            raise _corrupt(f"'token_eow' must be a list of token ids in [0, {n})")
+        for name in ("bpe_enabled", "byte_fallback"):
+            if not isinstance(d[name], bool):
+                raise _corrupt(f"{name!r} must be true or false, got {d[name]!r}")
+        trained = d["trained_chars"]
+        if type(trained) is not int or trained < 0:
+            raise _corrupt(f"'trained_chars' must be a non-negative int, got {trained!r}")
+        self = cls.__new__(cls)
+        self._init_empty(None, d["enable_bpe_after_chars"], d["bpe_num_merges"], d["bpe_retrain_every_chars"])
+        eow_ids = set(eow_list)
+        for i, (display, hx, kind) in enumerate(zip(tokens, hexes, kinds)):
+            self._append(display, _token_surface(i, display, hx, kind, i in eow_ids, self._index), i in eow_ids, kind)
+        specials = [(t, i) for i, (t, k) in enumerate(zip(tokens, kinds)) if k == SPECIAL]
+        for name in (PAD, BOS, EOS):
+            found = sum(t == name for t, _ in specials)
+            if found != 1:
+                raise _corrupt(f"it must hold the special token {name} exactly once, found {found}")
+        ids = dict(specials)  # (a merged token may display as "<PAD>": only special ones count)
+        self.pad_id, self.bos_id, self.eos_id = ids[PAD], ids[BOS], ids[EOS]
+        byte_tokens = BYTE in kinds
+        if d["byte_fallback"] != byte_tokens:
+            raise _corrupt(f"byte_fallback is {d['byte_fallback']} but the vocabulary "
+                           f"{'holds' if byte_tokens else 'has no'} byte tokens")
+        if byte_tokens:
+            absent = [b for b in _UTF8_BYTES if (bytes([b]), False) not in self._index]
+            if absent:
+                raise _corrupt(f"byte_fallback is true but no token spells the byte(s) "
+                               f"{', '.join(f'0x{b:02X}' for b in absent[:5])}{' ...' if len(absent) > 5 else ''}")
+        merges = d["merges"]
+        if not isinstance(merges, list):
+            raise _corrupt("'merges' must be a list of [left, right, merged] id triples")
+        for k, triple in enumerate(merges):
+            self._merges.append(self._checked_merge(k, triple))
+        self.bpe_enabled = d["bpe_enabled"]
+        self.byte_fallback = d["byte_fallback"]
+        self.trained_chars = trained
         self._sync_core()
         return self
+
+    def _checked_merge(self, k: int, triple) -> tuple:
+        """Merge number k of a dict as (left, right, merged), or TokenizerError: the merged
+        token's bytes are the left token's then the right token's and it ends a word as the
+        right one does (right EOW: the left token's bytes, ending a word)."""
+        if not (isinstance(triple, (list, tuple)) and len(triple) == 3 and all(type(x) is int for x in triple)):
+            raise _corrupt(f"merge {k} is {triple!r}, not a [left, right, merged] triple of int ids")
+        a, b, m = triple
+        n = len(self.tokens)
+        if not (0 <= a < n and (b == EOW or 0 <= b < n) and 0 <= m < n):
+            raise _corrupt(f"merge {k} {[a, b, m]} refers to a token outside the vocabulary (size {n})")
+        for t in (a, b, m):
+            if t != EOW and self._kind[t] == SPECIAL:
+                raise _corrupt(f"merge {k} {[a, b, m]} uses the special token {self.tokens[t]}")
+        if self._eow[a]:
+            raise _corrupt(f"merge {k} {[a, b, m]}: its left token {a} ({self.tokens[a]!r}) ends a word, so no pair "
+                           f"starts with it")
+        want = (self._surface[a], True) if b == EOW else (self._surface[a] + self._surface[b], self._eow[b])
+        if (self._surface[m], self._eow[m]) != want:
+            raise _corrupt(f"merge {k} {[a, b, m]}: token {m} is {self._surface[m]!r}"
+                           f"{' ending a word' if self._eow[m] else ''}, but joining token {a} and "
+                           f"{'the end-of-word marker' if b == EOW else f'token {b}'} gives {want[0]!r}"
+                           f"{' ending a word' if want[1] else ''}")
+        return a, b, m
 
     @classmethod
     def from_original(cls, obj: dict, config: Config | None = None, *, byte_fallback: bool = True,
