@@ -90,7 +90,7 @@ def main():
 
     # ---- 1 vs 12 delta modules
     bursts = 3 if quick else args.repeats
-    cfg = mg.Config(delta_grow_prob=0.0, immune_val_bound=1e9, noise_drift_threshold=-2.0)  # every burst is kept
+    cfg = mg.Config(delta_grow_prob=0.0, immune_max_rise=1e9, freeze_base_after_warmup=True)  # every burst is kept
     one = Organism(cfg, lines, seed=0)
     one.warmup(40)
     one.train_burst()  # module 0 is born

@@ -70,6 +70,7 @@ or the document is rejected with TokenizerError.
 from __future__ import annotations
 
 import codecs
+import itertools
 import operator
 import os
 import re
@@ -114,6 +115,7 @@ def _lenient(exc):
 
 
 codecs.register_error("molecule_gpt.lenient", _lenient)
+_VERSIONS = itertools.count(1)  # tokenizer versions, unique in the process (copies never share one)
 _WS_RUNS = re.compile(r"(\s+)")  # re's \s is exactly str.isspace()
 
 
@@ -271,7 +273,7 @@ class EvolvingTokenizer:
         self.bpe_enabled = False
         self.byte_fallback = False
         self.trained_chars = 0
-        self.version = 0                     # bumped whenever encode's results may change
+        self.version = 0                     # renewed whenever encode's results may change
         self.pad_id = self.bos_id = self.eos_id = -1
         self._core = _Core() if _Core is not None else _PyCore()
 
@@ -305,7 +307,7 @@ class EvolvingTokenizer:
         space_id = self._index.get((b" ", False), -1)
         self._core.set_vocab(chars, byte_ids, self._surface, space_id, self.bos_id, self.eos_id, self.pad_id)
         self._core.set_merges(self._merges)
-        self.version += 1
+        self.version = next(_VERSIONS)
 
     # ------------------------------------------------------------------------------------------
     # the API the organism uses
@@ -365,7 +367,7 @@ class EvolvingTokenizer:
             return None
         update = self._train(lines, self.bpe_num_merges, "enable_bpe")
         self.bpe_enabled = True
-        self.version += 1
+        self.version = next(_VERSIONS)
         self.trained_chars = total
         return update
 
@@ -390,7 +392,7 @@ class EvolvingTokenizer:
             raise TokenizerError(f"num_merges must be a non-negative int, got {n!r}")
         update = self._train(lines, n, "train_bpe")
         self.bpe_enabled = True
-        self.version += 1
+        self.version = next(_VERSIONS)
         self.trained_chars = sum(len(x) for x in lines)
         return update
 
