@@ -233,3 +233,21 @@ def test_held_out_lines_of_rejected_text_are_quarantined_and_forget_reaches_ever
     everywhere = org.reservoir.lines + org.heard_val_lines + org.quarantine + org.buffer.lines + org.buffer.held
     assert not any("marmalade" in x for x in everywhere)
     assert org.forget("cheap pills", chat_only=False).reservoir_lines == 0 and org.quarantine == []
+
+
+def test_an_organism_saved_by_the_previous_format_loads_and_learns_on(tmp_path, recwarn):
+    """tests/fixtures/organism-v1.ckpt was written by the previous release (state version 1)."""
+    path = ROOT / "tests" / "fixtures" / "organism-v1.ckpt"
+    org = mg.Organism.load(path)
+    assert not [w for w in recwarn.list if "molecule_gpt" in str(w.filename) or "Config" in str(w.message)]
+    st = org.stats()
+    assert st["warmed_up"] and st["bursts"] == 1 and st["corpus"]["quarantine_lines"] == 0
+    assert org.heard_val_lines == [] and org.quarantine == []
+    assert org.config.freeze_base_after_warmup  # its saved config keeps the policy it was born with
+    assert "A: A small bird watches the quiet road." in org.buffer.lines
+    assert isinstance(org.generate("The cat", seed=1), str)
+    assert org.heldout_loss() is not None and math.isfinite(org.heldout_loss())
+    org.train_burst()
+    org.save(tmp_path / "v2.ckpt")
+    back = mg.Organism.load(tmp_path / "v2.ckpt")
+    assert back.state_dict()["format_version"] == 2 and back.stats()["bursts"] == 2
