@@ -363,6 +363,7 @@ def main(argv=None):
     ap.add_argument("--domain-a", help="old domain, UTF-8 text, one line per line (default: stdlib docs)")
     ap.add_argument("--domain-b", help="new domain (default: stdlib source lines)")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--bursts", type=int, default=50)
     ap.add_argument("--chunk-lines", type=int, default=24, help="lines of B per burst")
     ap.add_argument("--birth-lines", type=int, default=2000)
@@ -380,7 +381,8 @@ def main(argv=None):
     print(f"# machine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}; "
           f"domain A {len(a_lines)} lines, domain B {len(b_lines)} lines")
     results = {"args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()}, "seeds": []}
-    for seed in range(args.seeds):
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    for seed in seeds:
         r = learning_experiment(a_lines, b_lines, seed, args)
         results["seeds"].append(r)
         o = r["organism"]
@@ -393,7 +395,7 @@ def main(argv=None):
         print(line, flush=True)
     if "immune" not in args.skip:
         results["immune"] = []
-        for seed in range(args.seeds):
+        for seed in seeds:
             im = immune_experiment(a_lines, b_lines, seed, args)
             results["immune"].append(im)
             print(f"immune, seed {seed}: {im['matrix']}")
@@ -404,7 +406,7 @@ def main(argv=None):
                       + (f", damage left {pct(r['damage_left'])}" if r["damage_left"] is not None else ""),
                       flush=True)
     if "heads" not in args.skip:
-        results["heads"] = [heads_experiment(a_lines, b_lines, seed, args) for seed in range(args.seeds)]
+        results["heads"] = [heads_experiment(a_lines, b_lines, seed, args) for seed in seeds]
         for name in HEAD_MIXES:
             a = statistics.median(h[name]["a"] for h in results["heads"])
             alpha = statistics.median(h[name]["model_alpha"] for h in results["heads"])

@@ -905,7 +905,8 @@ def cmd_growth(args, home: Home) -> int:
 
 
 def plot_growth(out: str, snapshots, records) -> None:
-    """Six panels against the global step: loss and held-out loss, vocabulary size, delta
+    """Six panels against the global step: training loss and the held-out losses (old text and
+    text heard lately, per character, after every burst), vocabulary size, delta
     modules, gamma magnitude, accepted / rolled-back bursts (cumulative), tokens/s."""
     try:
         import matplotlib
@@ -922,14 +923,18 @@ def plot_growth(out: str, snapshots, records) -> None:
     evals = sorted([(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None and "step" in r]
                    + [(r["step"], r["loss_after"] if r.get("accepted") else r.get("loss_before"))
                       for r in bursts if r.get("loss_after") is not None])
+    heard = [(r["step"], r["new_loss_after"] if r.get("accepted") else r.get("new_loss_before"))
+             for r in bursts if r.get("new_loss_before") is not None]
     fig, axes = plt.subplots(3, 2, figsize=(11, 9), constrained_layout=True)
     ax = axes[0][0]
     if steps:
-        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.6, alpha=0.7, label="train loss")
+        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.6, alpha=0.7, label="train loss (nats/token)")
     if evals:
-        ax.plot([x for x, _ in evals], [y for _, y in evals], "o-", ms=3, label="held-out loss")
+        ax.plot([x for x, _ in evals], [y for _, y in evals], "o-", ms=3, label="held-out, birth text (nats/char)")
+    if heard:
+        ax.plot([x for x, _ in heard], [y for _, y in heard], "s-", ms=3, label="held-out, text heard lately (nats/char)")
     ax.set_title("loss")
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper right", fontsize=8)
     snap_steps = [g.step for g in snapshots]
     for ax, values, title in ((axes[0][1], [g.vocab_size for g in snapshots], "vocabulary size"),
                               (axes[1][0], [g.n_delta for g in snapshots], "delta modules"),

@@ -60,6 +60,7 @@ import os
 import re
 import threading
 import time
+import zlib
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -512,13 +513,16 @@ class Organism:
         return len(added)
 
     def _hold_out(self, added: list[str]) -> set:
-        """Hold out a slice (Config.heard_val_fraction) of newly heard lines: they leave the
+        """Hold out a slice (about Config.heard_val_fraction) of newly heard lines: they leave the
         reservoir and join the held-out set of heard text (the newest heard_val_max_lines),
         which measures what bursts learn. Holds the organism lock."""
         frac = self.config.heard_val_fraction
         if frac <= 0:
             return set()
-        held = {x for x in added if self._rng.random() < frac}
+        # chosen by the line's text, not by a random draw: the same line is always held out or
+        # always trained, and what one observe() holds out does not shift the next one's choice
+        # (a rolled-back burst leaves no trace in what later text trains)
+        held = {x for x in added if zlib.crc32(x.encode("utf-8", "surrogatepass")) < frac * 2 ** 32}
         if held:
             self.reservoir.remove(held)
             keep = self.config.heard_val_max_lines
@@ -571,6 +575,10 @@ class Organism:
         merge, see `_init_merged_rows`) and kept only if held-out loss on the old text rises
         by at most Config.bpe_growth_max_rise; otherwise it is declined (the next try waits
         for bpe_retrain_every_chars more characters)."""
+        with self._lock:
+            lines = self.reservoir.lines
+        if not self.tokenizer.growth_due(lines):
+            return False
         with self._structure.write():
             lines = list(self.reservoir.lines)
             tok = self.tokenizer

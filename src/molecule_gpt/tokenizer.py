@@ -358,6 +358,14 @@ class EvolvingTokenizer:
     # ------------------------------------------------------------------------------------------
     # growth
 
+    def growth_due(self, lines) -> bool:
+        """Whether maybe_enable_bpe or maybe_retrain_bpe would train on `lines` now (cheap: it
+        only counts characters)."""
+        total = sum(len(x) for x in _check_lines(lines))
+        if not self.bpe_enabled:
+            return total >= self.enable_bpe_after_chars
+        return total - self.trained_chars >= self.bpe_retrain_every_chars
+
     def maybe_enable_bpe(self, lines) -> TokenizerUpdate | None:
         """Train BPE and switch to BPE mode once the corpus has enable_bpe_after_chars characters
         (counted as sum(len(line)), as the original does). None when nothing happened."""
