@@ -216,7 +216,8 @@ def run_candidate(base_path, split, lines, lr_factor, immune: bool, follow: list
     if lines:
         org.observe(list(lines))
         rep = org.train_burst(lr=org.config.burst_learning_rate * lr_factor)
-        out.update(a_after=heldout(org, split.a_test).loss(org.model), accepted=rep.accepted, reason=rep.reason)
+        out.update(a_after=heldout(org, split.a_test).loss(org.model), accepted=rep.accepted, reason=rep.reason,
+                   drift_cosine=rep.drift_cosine)
     for chunk in follow:
         org.observe(list(chunk))
         r = org.train_burst()
@@ -252,7 +253,10 @@ def immune_experiment(a_lines, b_lines, seed, args) -> dict:
             # what a rejected burst leaves: held-out A after the next clean bursts, against those
             # clean bursts alone (an accepted burst's change is its effect, not damage left)
             left = on["follow"][-1]["a"] / clean_only["follow"][-1]["a"] - 1 if not on["accepted"] else None
+            # the identity-drift check, measured on the burst as accepted: would it have caught it?
+            cos = off.get("drift_cosine")
             rows.append({"candidate": name, "effect": effect, "harmful": harmful, "accepted": on["accepted"],
+                         "drift_cosine": cos, "drift_check_fails": cos is not None and cos < org.config.noise_drift_threshold,
                          "reason": on["reason"], "follow_accepted": [f["accepted"] for f in on["follow"]],
                          "damage_left": left})
     matrix = {"harmful_rejected": 0, "harmful_accepted": 0, "harmless_accepted": 0, "harmless_rejected": 0}
@@ -403,7 +407,8 @@ def main(argv=None):
                 print(f"  {r['candidate']:<16} effect {pct(r['effect']):>8} {'harmful' if r['harmful'] else 'harmless':<8} "
                       f"{'accepted' if r['accepted'] else 'rejected (' + r['reason'] + ')'}; next clean bursts "
                       f"{''.join('+' if x else '-' for x in r['follow_accepted'])}"
-                      + (f", damage left {pct(r['damage_left'])}" if r["damage_left"] is not None else ""),
+                      + (f", damage left {pct(r['damage_left'])}" if r["damage_left"] is not None else "")
+                      + (f"; drift cosine {r['drift_cosine']:.2f}" if r["drift_cosine"] is not None else ""),
                       flush=True)
     if "heads" not in args.skip:
         results["heads"] = [heads_experiment(a_lines, b_lines, seed, args) for seed in seeds]

@@ -402,7 +402,8 @@ def test_memory_log(tmp_path):
 
 
 def test_forget_removes_chat_lines_and_messages(tmp_path):
-    org = Organism(small_config(), LINES[:60], seed=10, memory=tmp_path / "m.sqlite")
+    # nothing held out, so every chat line is in the reservoir
+    org = Organism(small_config(heard_val_fraction=0.0), LINES[:60], seed=10, memory=tmp_path / "m.sqlite")
     org.observe("My cat is called Pixel. The weather is fine.", speaker="H")
     org.observe("Pixel is a fine name.", speaker="A")
     before = len(org.reservoir)

@@ -67,10 +67,10 @@ class Config:
     bpe_num_merges: int = 384
     bpe_retrain_every_chars: int = 4000
 
-    # ---- identity and immune system
-    gamma_sparsity_threshold: float = 0.01
-    noise_drift_threshold: float = -0.1
-    gamma_min_magnitude: float = 1e-6
+    # ---- identity (measured and reported; bursts are judged by held-out loss, see immune_max_rise)
+    gamma_sparsity_threshold: float = 0.01  # |gamma| at or below this counts as sparse in gamma_stats()
+    noise_drift_threshold: float = -0.1  # immune_check() fails below this cosine of identity directions
+    gamma_min_magnitude: float = 1e-6  # the drift cosine is not measured while either magnitude is below this
 
     # ---- corpus and quantum buffer
     max_corpus_lines: int = 8000

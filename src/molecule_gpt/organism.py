@@ -828,8 +828,10 @@ class Organism:
         return self.trainer.projection()
 
     def immune_check(self, before: Projection | None = None) -> dict:
-        """The drift check of SPEC §6 between `before` (default: the projection at the end of the
-        last accepted burst or warmup, i.e. `last_projection`) and now:
+        """The identity-drift check of SPEC §6 between `before` (default: the projection at the
+        end of the last accepted burst or warmup, i.e. `last_projection`) and now. A diagnostic:
+        bursts are accepted or rolled back by held-out loss alone (on every attack measured the
+        drift check never caught a burst the loss check let through). Returns
         {"passed", "cosine" (None when skipped), "magnitude_before", "magnitude_after"}."""
         before = self.last_projection if before is None else before
         after = self.projection()

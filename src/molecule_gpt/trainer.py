@@ -39,6 +39,7 @@ Organism) serializes whole bursts and warmups against each other.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import warnings
@@ -109,6 +110,9 @@ class Projection:
     """Contrastive projection: unit vector of mean(current rows) - mean(birth rows), and its norm."""
     direction: np.ndarray
     magnitude: float
+
+
+_WEIGHT_VERSIONS = itertools.count(1)
 
 
 def lr_schedule(step: int, total: int, base_lr: float, warmup_steps: int, min_ratio: float) -> float:
@@ -189,15 +193,23 @@ class Trainer:
         self.tokens_per_second: float | None = None  # exponential average over steps
         self.modules: list[ModuleState] = [ModuleState(k, "fossil") for k in range(model.n_delta)]
         self.history: list[dict] = []  # immune decisions, newest last (bounded)
-        self._val_cache: dict = {}  # id(held-out set) -> (key, loss)
+        # (held-out set and tokenizer, weights) -> loss; a rollback restores weights whose key is
+        # still here, so the next burst's "before" costs nothing
+        self._val_cache: dict = {}
+        self._weights_version = next(_WEIGHT_VERSIONS)
         self.accepted_projection: Projection | None = None  # after the last warmup / accepted burst
         self._components = None  # (structure key, slices per component)
 
     # ---- evaluation
 
     def _weights_key(self) -> tuple:
+        """Changes whenever the weights may have: every optimizer step takes a new version from a
+        process-wide counter, and a rollback puts the pre-burst version back (so a value cached
+        before the burst is valid again, and one cached during it never matches later weights
+        that reach the same step counts)."""
         m = self.model
-        return (m.vocab_size, tuple(m.delta_alphas), tuple((n, g.step, id(g.flat)) for n, g in m.groups.items()))
+        return (self._weights_version, m.vocab_size, tuple(m.delta_alphas),
+                tuple((n, id(g.flat)) for n, g in m.groups.items()))
 
     def evaluate(self, held) -> float | None:
         """Held-out loss (nats per character) of a molecule_gpt.heldout.HeldOut set, cached
@@ -205,13 +217,12 @@ class Trainer:
         if held is None or not len(held):
             return None
         key = (held.key(), self._weights_key())
-        cached = self._val_cache.get(id(held))
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        loss = held.loss(self.model)
-        if len(self._val_cache) >= 8:
-            self._val_cache.clear()
-        self._val_cache[id(held)] = (key, loss)
+        loss = self._val_cache.get(key)
+        if loss is None:
+            loss = held.loss(self.model)
+            if len(self._val_cache) >= 16:
+                del self._val_cache[next(iter(self._val_cache))]  # the oldest
+            self._val_cache[key] = loss
         return loss
 
     # ---- identity
@@ -329,6 +340,7 @@ class Trainer:
         squares is finite only if every term is), so it costs no extra pass."""
         t0 = time.perf_counter()
         loss = self.model.train_step(batch, lr)
+        self._weights_version = next(_WEIGHT_VERSIONS)
         dt = time.perf_counter() - t0
         T = self.model.config.block_size
         n_tok = sum(min(T, len(s) - 1) for s in batch)
@@ -460,6 +472,7 @@ class Trainer:
         state = self.modules[k]
         snap = Snapshot(m)  # before the alpha ramp: a rollback undoes the whole burst
         rng_state = self.rng.bit_generator.state  # and the batches it drew: the next burst draws as if it never ran
+        version = self._weights_version
         # measured before anything of the burst changes what the model computes
         loss_before = self.evaluate(old)
         new_before = self.evaluate(heard)
@@ -468,21 +481,21 @@ class Trainer:
             alpha = min(1.0, (state.bursts + 1) / self.config.delta_ramp_bursts)
             if m.delta_alphas[k] != alpha:
                 m.set_delta_alpha(k, alpha)
-            return self._burst(new, replay, old, heard, lr, t0, k, state, (snap, rng_state), loss_before,
+            return self._burst(new, replay, old, heard, lr, t0, k, state, (snap, rng_state, version), loss_before,
                                new_before, guard)
         except BaseException:
             # an exception or Ctrl-C before the burst's outcome is settled: leave the model as it
             # was before the burst (afterwards the accepted or rolled-back state stands)
             if not guard["settled"]:
                 snap.restore(m)
-                self._val_cache = {}
+                self._weights_version = version
                 self.on_restore()
             raise
 
     def _burst(self, new, replay, old, heard, lr, t0, k, state, before, loss_before, new_before,
                guard) -> BurstReport:
         c = self.config
-        snap, rng_state = before
+        snap, rng_state, version = before
         m = self.model
         lr_used = (c.burst_learning_rate * self.lr_scale) if lr is None else float(lr)
         first = last = None
@@ -535,7 +548,7 @@ class Trainer:
         else:
             snap.restore(m)
             self.rng.bit_generator.state = rng_state
-            self._val_cache = {}
+            self._weights_version = version
             self.on_restore()
             self.rolled_back += 1
             self.consecutive_rollbacks += 1
