@@ -87,7 +87,7 @@ class Config:
     min_delta: float = 1e-3  # val-loss improvement (nats) that resets the patience count
     lr_warmup_steps: int = 50  # warmup's learning rate rises linearly over these steps, then cosine-decays
     lr_min_ratio: float = 0.1  # the cosine decay ends at learning_rate * lr_min_ratio
-    replay_ratio: float = 0.5  # share of each burst's sequences drawn from the older corpus (replay)
+    replay_ratio: float = 0.75  # share of each burst's sequences drawn from what the organism knew before it (replay)
     immune_max_rise: float = 0.01  # a burst raising held-out loss on the old text by more than this fraction is rolled back
     bpe_growth_max_rise: float = 0.005  # a tokenizer growth after training is kept only if old held-out loss rises less
     heard_val_fraction: float = 0.1  # share of newly heard lines held out (not trained) to measure learning

@@ -366,6 +366,7 @@ class Model:
     def _prepare_folds(self) -> None:
         frozen = [k for k in range(self.n_delta) if not self.trainable[f"delta{k}"]]
         self._folded_modules = frozen
+        self._folded_at_step = self.groups["base"].step
         self._fold_delta, self._fold_weight, self._fold_views = {}, {}, {}
         if not frozen:
             return
@@ -388,12 +389,17 @@ class Model:
             self._fold_weight[key] = stacked
 
     def _refresh_folds(self) -> None:
-        """W_eff = W + (frozen deltas), for steps where the base itself may have moved."""
+        """W_eff = W + (frozen deltas), when the base has taken an optimizer step since the
+        last fold (a rollback or a write through params() calls refresh(), which refolds)."""
         if not self._folded_modules or not self.trainable["base"]:
+            return
+        step = self.groups["base"].step
+        if step == self._folded_at_step:
             return
         base = self.groups["base"].params
         for name, total in self._fold_delta.items():
             np.add(base[self._base_name(name)], total, out=self._fold_views[name], casting="unsafe")
+        self._folded_at_step = step
 
     def refresh(self) -> None:
         """Re-derive cached state from the parameters. Call it after writing into parameters
