@@ -492,3 +492,20 @@ def test_console_script_is_installed_when_the_package_is():
         pytest.skip("molecule-gpt is not installed as a console script here (source tree run)")
     proc = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("molecule-gpt ")
+
+
+def test_chat_takes_bytes_that_are_not_utf8_and_stores_the_turn(tmp_path):
+    home = tmp_path / "home"
+    config = write_config(tmp_path / "c.json", **SMALL)
+    proc = subprocess.run([sys.executable, "-m", "molecule_gpt", "--home", str(home), "--config", str(config), "chat"],
+                          input=b"caf\xe9 au lait\n\xff\xfe\n/quit\n", capture_output=True, timeout=300,
+                          env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    out, err = proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 0, err
+    assert "internal error" not in err and "replaced with U+FFFD" in out
+    memory = Memory(home / cli.MEMORY)
+    try:
+        texts = [m.text for m in memory.messages() if m.role == "H"]
+    finally:
+        memory.close()
+    assert texts == ["caf\ufffd au lait", "\ufffd\ufffd"]

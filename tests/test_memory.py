@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 
+import molecule_gpt as mg
 from molecule_gpt.errors import MemoryStoreError, MoleculeError
 from molecule_gpt.memory import SCHEMA_VERSION, ForgetCounts, Memory, fts5_available
 from molecule_gpt.reservoir import Reservoir
@@ -491,3 +492,38 @@ def test_reservoir_caps_line_length_without_dropping_text():
         res.add("a single string")
     with pytest.raises(ValueError, match="max_lines"):
         Reservoir(max_lines=0)
+
+
+def test_text_that_is_not_valid_unicode_is_replaced_and_the_turn_stored(tmp_path):
+    """Lone surrogates (undecodable bytes read with surrogateescape) at every entrance: replaced
+    with U+FFFD, an InvalidTextWarning, the turn stored whole in memory and corpus."""
+    org = mg.Organism(mg.Config(n_layer=1, n_embd=16, n_head=2, block_size=16, head_types=("content", "hybrid"),
+                                warmup_steps=0),
+                      ["a first line of text.", "a second line of text."], memory=tmp_path / "m.sqlite")
+    with pytest.warns(mg.InvalidTextWarning, match=r"observe\(\): 1 character"):
+        assert org.observe("hello \udcff world", speaker="H") == 1
+    assert org.memory.messages()[-1].text == "hello \ufffd world"
+    assert "H: hello \ufffd world" in org.reservoir.lines + org.heard_val_lines
+    with pytest.warns(mg.InvalidTextWarning, match="2 character"):
+        org.observe(["caf\udce9 one", "caf\udce9 two"])
+    with pytest.warns(mg.InvalidTextWarning):
+        org.forget("caf\udce9")
+    with pytest.warns(mg.InvalidTextWarning):
+        org.memory.add_message("A", "\ud800 alone")
+    with pytest.warns(mg.InvalidTextWarning, match="the corpus"):
+        mg.Organism(mg.Config(n_layer=1, n_embd=16, n_head=2, block_size=16, head_types=("content", "hybrid")),
+                    ["x\udcff y"])
+    org.save(tmp_path / "o.ckpt")  # everything stored is writable
+    org.close()
+
+
+def test_repeated_chat_turns_all_reach_the_memory(tmp_path):
+    """Deduplication is the corpus's policy; every turn is a message."""
+    org = mg.Organism(mg.Config(n_layer=1, n_embd=16, n_head=2, block_size=16, head_types=("content", "hybrid")),
+                      ["some corpus line here.", "another corpus line."], memory=tmp_path / "m.sqlite")
+    turns = ["yes", "ok then", "yes", "Yes", "ok then"]
+    for t in turns:
+        org.observe(t, speaker="H")
+    assert [m.text for m in org.memory.messages()] == turns
+    assert sum(1 for x in org.reservoir.lines + org.heard_val_lines if x.lower() in ("h: yes", "h: ok then")) == 2
+    org.close()

@@ -59,6 +59,7 @@ from .errors import CheckpointError, MoleculeError
 from .memory import Memory
 from .organism import Organism
 from .telemetry import read_records, trim_jsonl
+from .text import replace_invalid
 from .tokenizer import read_corpus
 
 __all__ = ["main", "SETTINGS", "FIXED_AT_BIRTH"]
@@ -563,6 +564,8 @@ def _chat_loop(org: Organism, memory: Memory, home: Home) -> None:
     org.start_background()
     turns = 0
     settings = home.settings
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 arrive as surrogates, replaced below
+        sys.stdin.reconfigure(errors="surrogateescape")
     try:
         while True:
             try:
@@ -573,7 +576,9 @@ def _chat_loop(org: Organism, memory: Memory, home: Home) -> None:
             except KeyboardInterrupt:
                 print()
                 break
-            line = line.strip()
+            line, replaced = replace_invalid(line.strip())
+            if replaced:
+                print(f"note: {replaced} character(s) that were not valid UTF-8 text were replaced with U+FFFD")
             if not line:
                 continue
             if line.startswith("/"):

@@ -10,12 +10,12 @@ class ConfigError(MoleculeError, ValueError):
 
 
 class ArenaOverflowError(MoleculeError, ValueError):
-    """A training step needs more tape memory than the arena sized from the config holds.
+    """A run needs more tape memory than the arena sized from the config holds.
 
     The arena is sized for `batch_size` sequences of up to `block_size` positions (plus the
-    vocabulary and delta modules); passing a larger batch to `loss_and_grads`/`train_step`
-    raises this instead of overflowing. The fix is a larger `Config.batch_size`, or splitting
-    the batch."""
+    vocabulary and delta modules). Larger batches are split into runs that fit, so this is
+    the guard behind that split (a run that would overflow raises instead of writing past
+    the arena), not something a valid batch meets."""
 
 
 class CheckpointError(MoleculeError, ValueError):
@@ -48,3 +48,9 @@ class MemoryStoreError(MoleculeError):
     """The SQLite memory (messages, corpus events, growth snapshots) could not be opened, read or
     written: the database is locked by another process, the file is corrupt or not a database,
     or the disk is full. The message names the file and says what to do."""
+
+
+class InvalidTextWarning(UserWarning):
+    """Text given to the organism held characters that are not valid Unicode (undecodable bytes
+    read with "surrogateescape", or lone surrogates); they were replaced with U+FFFD and the
+    rest was stored (see molecule_gpt.text)."""

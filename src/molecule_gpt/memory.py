@@ -70,6 +70,7 @@ import numpy as np
 
 from .errors import MemoryStoreError
 from .reservoir import Reservoir, _check_phrase, _check_role
+from .text import valid_text
 
 __all__ = ["Memory", "Message", "Recall", "ForgetCounts", "CorpusEvent", "GrowthSnapshot", "SCHEMA_VERSION",
            "fts5_available"]
@@ -539,11 +540,12 @@ class Memory:
 
     def add_message(self, role: str, text: str, *, time: float | None = None) -> int:
         """Store one chat turn (role "H" or "A"); returns its id. Whitespace at the ends is
-        stripped and text beyond max_message_chars is cut; empty text is refused."""
+        stripped and text beyond max_message_chars is cut; empty text is refused; what is not
+        valid Unicode becomes U+FFFD (InvalidTextWarning, see molecule_gpt.text)."""
         role = _check_role(role)
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
-        text = text.strip()[:self.max_message_chars]
+        text = valid_text(text, "Memory.add_message()", stacklevel=3).strip()[:self.max_message_chars]
         if not text:
             raise ValueError("text is empty; there is nothing to remember")
         stamp = _time.time() if time is None else float(time)

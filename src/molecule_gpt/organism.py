@@ -75,6 +75,7 @@ from .memory import Memory
 from .model import Model, default_threads
 from .reservoir import Reservoir, _check_phrase, _pieces, is_chat_line
 from .telemetry import JsonlLog
+from .text import valid_lines, valid_text
 from .tokenizer import EvolvingTokenizer, read_corpus
 from .trainer import BurstReport, Projection, Trainer
 
@@ -311,7 +312,7 @@ class Organism:
         for i, line in enumerate(items):
             if not isinstance(line, str):
                 raise CorpusError(f"corpus[{i}] is a {type(line).__name__}; every line must be str")
-        return self._fit_lines(items)
+        return self._fit_lines(valid_lines(items, "the corpus", stacklevel=4))
 
     def _fit_lines(self, lines: Sequence[str]) -> list[str]:
         """Whitespace-normalized, non-empty lines; one longer than max_line_chars becomes several
@@ -474,17 +475,24 @@ class Organism:
         into the quantum buffer, and the field counts them. With a speaker the text is also a
         chat message in the memory. A chat turn is observe(user, "H"), then
         reply = generate(...), then observe(reply, "A"). A list of str is a corpus: each item
-        is one line (not split into sentences; no speaker). Returns the number of new lines."""
+        is one line (not split into sentences; no speaker). Returns the number of new lines.
+
+        What is not valid Unicode (lone surrogates) becomes U+FFFD, with an InvalidTextWarning.
+        Every chat turn is stored in the memory, also one whose lines the corpus already holds
+        (deduplication is a corpus policy); the memory is written first, so a turn it refuses
+        (MemoryStoreError) is not half-stored in the corpus."""
         if isinstance(text, str):
-            lines = None
+            text, lines = valid_text(text, "observe()", stacklevel=3), None
         elif isinstance(text, (list, tuple)) and all(isinstance(x, str) for x in text):
             if speaker is not None:
                 raise ValueError("a list of lines is corpus text and takes no speaker; observe chat turns one at a time")
-            lines = list(text)
+            lines = valid_lines(text, "observe()", stacklevel=3)
         else:
             raise TypeError(f"observe() takes str or a list of str, got {type(text).__name__}")
         if speaker not in (None, "H", "A"):
             raise ValueError(f"speaker must be 'H' (the person), 'A' (the organism) or None, got {speaker!r}")
+        if self.memory is not None and speaker is not None and text.strip():
+            self.memory.add_message(speaker, text)
         with self._structure.read(), self._lock:  # never between a tokenizer change and the rebuild
             if lines is not None:
                 added = self.reservoir.add(lines)
@@ -507,8 +515,6 @@ class Organism:
             self.field.add(ids)
             self._field_loss = None
         if self.memory is not None:
-            if speaker is not None and text.strip():
-                self.memory.add_message(speaker, text)
             self.memory.add_corpus_event("observe", len(added), sum(len(x) for x in added))
         return len(added)
 
@@ -544,6 +550,8 @@ class Organism:
         corpus stays. The field is recounted from what remains; what the weights learned stays.
         Returns a molecule_gpt.ForgetCounts (messages, index_rows, reservoir_lines, erased_from_disk)."""
         from .memory import ForgetCounts
+        if isinstance(phrase, str):
+            phrase = valid_text(phrase, "forget()", stacklevel=3)
         with self._structure.write(), self._lock:
             if self.memory is not None:
                 counts = self.memory.forget(phrase, reservoir=self.reservoir, chat_only=chat_only)
