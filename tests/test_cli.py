@@ -509,3 +509,33 @@ def test_chat_takes_bytes_that_are_not_utf8_and_stores_the_turn(tmp_path):
     finally:
         memory.close()
     assert texts == ["caf\ufffd au lait", "\ufffd\ufffd"]
+
+
+def test_chat_shows_and_releases_the_quarantine(tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    home = tmp_path / "home"
+    config = write_config(tmp_path / "c.json", burst_learning_rate=1000.0, qb_cooldown_seconds=0.0, qb_min_bytes=1,
+                          train_tick_seconds=0.02, micro_steps=4, heard_val_fraction=0.0, **SMALL)
+    child = pexpect.spawn(sys.executable, ["-m", "molecule_gpt", "--home", str(home), "--config", str(config), "chat"],
+                          encoding="utf-8", timeout=180, dimensions=(40, 200))
+    try:
+        child.expect("you> ")
+        child.sendline("zebra crossing number nine is closed today")
+        child.expect("molecule> ")
+        for _ in range(200):  # the background burst at lr 1000 is rolled back and its lines set aside
+            child.expect("you> ")
+            child.sendline("/quarantine")
+            child.expect(r"(\d+) line\(s\) set aside")
+            if int(child.match.group(1)) >= 1:
+                break
+        child.expect("zebra crossing number nine")
+        child.expect("you> ")
+        child.sendline("/release")
+        child.expect(r"(\d+) line\(s\) back in the corpus")
+        assert int(child.match.group(1)) >= 1
+        child.expect("you> ")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0

@@ -552,6 +552,8 @@ CHAT_HELP = """commands:
   /growth          the latest growth snapshots
   /save            save the organism now
   /forget [TEXT]   forget messages and chat lines containing TEXT (all chat without TEXT)
+  /quarantine      the lines rolled-back bursts set aside (the newest 10)
+  /release         give those lines back to the organism (the next burst is checked again)
   /help            this list
   /quit            save and leave (also Ctrl-D)"""
 
@@ -640,6 +642,12 @@ def _slash(line: str, org: Organism, memory: Memory, home: Home) -> str | None:
         counts = org.forget(rest or None)
         print(f"{str(counts).capitalize()}.")
         _save_reporting(org, home)
+    elif command == "/quarantine":
+        lines = list(org.quarantine)
+        print(f"{len(lines)} line(s) set aside by rolled-back bursts (not trained; /release gives them back)"
+              + "".join(f"\n  {x}" for x in lines[-10:]))
+    elif command == "/release":
+        print(f"{org.release_quarantine()} line(s) back in the corpus; the next burst trains on them, checked again.")
     else:
         print(f"unknown command {command}; /help lists them")
     return None
