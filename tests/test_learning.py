@@ -251,3 +251,41 @@ def test_an_organism_saved_by_the_previous_format_loads_and_learns_on(tmp_path, 
     org.save(tmp_path / "v2.ckpt")
     back = mg.Organism.load(tmp_path / "v2.ckpt")
     assert back.state_dict()["format_version"] == 2 and back.stats()["bursts"] == 2
+
+
+def _resave(tmp_path, org, name, **state_changes):
+    """A validly signed checkpoint of `org` whose organism state was changed (the checksums
+    cover what is written, so only validation at load can catch the disagreement)."""
+    from molecule_gpt.checkpoint import save_checkpoint
+    state = org.state_dict()
+    for key, value in state_changes.items():
+        target = state
+        *parents, last = key.split(".")
+        for p in parents:
+            target = target[p]
+        if value is _DELETE:
+            del target[last]
+        else:
+            target[last] = value
+    path = tmp_path / name
+    save_checkpoint(path, org.model, org.tokenizer, state)
+    return path
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("change", [
+    {"config.block_size": 64}, {"config.n_layer": 2}, {"config.head_types": ["content"] * 4},
+    {"config.mlp_activation": "silu"}, {"config.tie_embeddings": False}, {"trainer.last_val": _DELETE},
+    {"trainer.modules": []}, {"val_lines": [1, 2]}, {"birth_vocab": 10 ** 6}, {"reservoir.lines": "x"},
+    {"buffer": None}, {"seed": _DELETE},
+])
+def test_a_state_that_disagrees_with_its_model_is_a_checkpoint_error(warmed, tmp_path, change):
+    org = mg.Organism.load(warmed)
+    org.train_burst()  # a module exists
+    path = _resave(tmp_path, org, "bad.ckpt", **change)
+    with pytest.raises(mg.CheckpointError, match="intact copy"):
+        mg.Organism.load(path, memory=tmp_path / "m.sqlite")
+    # the memory it opened was closed again: another process (or this one) can take it
+    mg.Memory(tmp_path / "m.sqlite").close()

@@ -67,7 +67,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
-from .errors import CorpusError, OrganismError, TrainingError
+from .errors import CheckpointError, CorpusError, OrganismError, TrainingError
 from .field import CorpusField
 from .generation import GenerationResult, Generator
 from .heldout import HeldOut
@@ -261,7 +261,14 @@ class Organism:
         self._blas_limiter = None
 
         if _restore is not None:
-            self._init_restored(_restore)
+            try:
+                self._init_restored(_restore)
+            except BaseException:
+                if self._own_memory:
+                    self.memory.close()
+                if self._telemetry_log is not None:
+                    self._telemetry_log.close()
+                raise
             return
         lines = self._read_corpus(corpus)
         order = self._rng.permutation(len(lines))
@@ -1010,10 +1017,22 @@ class Organism:
         if state.get("format_version") not in (1, STATE_VERSION):
             raise OrganismError(f"{path}: organism state version {state.get('format_version')} is not "
                                 f"supported (this molecule-gpt reads version {STATE_VERSION})")
-        config = Config.from_dict(state["config"], strict=False)
-        return cls(config, seed=state["seed"], memory=memory, telemetry_path=telemetry_path,
-                   telemetry_max_bytes=telemetry_max_bytes,
-                   _restore={"ckpt": ckpt, "state": state})
+        damaged = (f"{path}: the organism state in this checkpoint is damaged or does not match its model; "
+                   f"load an intact copy (organism.ckpt.prev, or one in checkpoints/)")
+        try:
+            config = Config.from_dict(state["config"], strict=False)
+            differ = [f for f in Model._SHAPE_FIELDS if getattr(config, f) != getattr(ckpt.model.config, f)]
+            if differ:
+                raise CheckpointError(f"{damaged}: its config says {', '.join(f'{f}={getattr(config, f)!r}' for f in differ)} "
+                                      f"but the model was built with "
+                                      f"{', '.join(f'{f}={getattr(ckpt.model.config, f)!r}' for f in differ)}")
+            return cls(config, seed=state["seed"], memory=memory, telemetry_path=telemetry_path,
+                       telemetry_max_bytes=telemetry_max_bytes,
+                       _restore={"ckpt": ckpt, "state": state})
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"{damaged} ({type(exc).__name__}: {exc})") from exc
 
     def _init_restored(self, restore: dict) -> None:
         ckpt, state = restore["ckpt"], restore["state"]
@@ -1022,6 +1041,13 @@ class Organism:
         if ckpt.tokenizer is None:
             raise OrganismError("the checkpoint holds no tokenizer; an organism needs one")
         self.tokenizer = ckpt.tokenizer
+        if self.tokenizer.vocab_size != self.model.vocab_size:
+            raise CheckpointError(f"{ckpt.path}: the tokenizer has {self.tokenizer.vocab_size} tokens but the model "
+                                  f"{self.model.vocab_size} rows; load an intact copy")
+        for key in ("val_lines", "heard_val_lines", "quarantine"):
+            value = state.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                raise CheckpointError(f"{ckpt.path}: organism state {key!r} must be a list of str; load an intact copy")
         self._rng.bit_generator.state = state["organism_rng"]
         self.val_lines = list(state["val_lines"])
         self.heard_val_lines = list(state.get("heard_val_lines", []))  # absent in version 1
@@ -1037,6 +1063,11 @@ class Organism:
         self.trainer = Trainer(self.model, self.config, self._train_rng, self._birth_rows, emit=self._emit,
                                on_restore=self._weights_restored)
         self.trainer.load_state_dict(state["trainer"])
+        if len(self.trainer.modules) != self.model.n_delta or self._birth_rows.shape != (self.birth_vocab, self.config.n_embd) \
+                or not 0 < self.birth_vocab <= self.model.vocab_size:
+            raise CheckpointError(f"{ckpt.path}: the organism state's delta modules or birth rows do not match the "
+                                  f"model ({len(self.trainer.modules)} modules for {self.model.n_delta}, birth rows "
+                                  f"{self._birth_rows.shape} for vocabulary {self.birth_vocab}); load an intact copy")
         self.trainer.accepted_projection = self.trainer.projection()  # the weights are the last accepted ones
         self._ids_cache = {}
         self._rebuild_data()
