@@ -216,8 +216,9 @@ def run_candidate(base_path, split, lines, lr_factor, immune: bool, follow: list
     if lines:
         org.observe(list(lines))
         rep = org.train_burst(lr=org.config.burst_learning_rate * lr_factor)
+        seen = rep.loss_after / rep.loss_before - 1 if rep.loss_after is not None and rep.loss_before else None
         out.update(a_after=heldout(org, split.a_test).loss(org.model), accepted=rep.accepted, reason=rep.reason,
-                   drift_cosine=rep.drift_cosine)
+                   drift_cosine=rep.drift_cosine, organism_saw=seen)
     for chunk in follow:
         org.observe(list(chunk))
         r = org.train_burst()
@@ -255,7 +256,8 @@ def immune_experiment(a_lines, b_lines, seed, args) -> dict:
             left = on["follow"][-1]["a"] / clean_only["follow"][-1]["a"] - 1 if not on["accepted"] else None
             # the identity-drift check, measured on the burst as accepted: would it have caught it?
             cos = off.get("drift_cosine")
-            rows.append({"candidate": name, "effect": effect, "harmful": harmful, "accepted": on["accepted"],
+            rows.append({"candidate": name, "effect": effect, "organism_saw": on["organism_saw"],
+                         "harmful": harmful, "accepted": on["accepted"],
                          "drift_cosine": cos, "drift_check_fails": cos is not None and cos < org.config.noise_drift_threshold,
                          "reason": on["reason"], "follow_accepted": [f["accepted"] for f in on["follow"]],
                          "damage_left": left})
@@ -404,7 +406,8 @@ def main(argv=None):
             results["immune"].append(im)
             print(f"immune, seed {seed}: {im['matrix']}")
             for r in im["rows"]:
-                print(f"  {r['candidate']:<16} effect {pct(r['effect']):>8} {'harmful' if r['harmful'] else 'harmless':<8} "
+                saw = f" (its own held-out: {pct(r['organism_saw'])})" if r["organism_saw"] is not None else ""
+                print(f"  {r['candidate']:<16} effect {pct(r['effect']):>8}{saw} {'harmful' if r['harmful'] else 'harmless':<8} "
                       f"{'accepted' if r['accepted'] else 'rejected (' + r['reason'] + ')'}; next clean bursts "
                       f"{''.join('+' if x else '-' for x in r['follow_accepted'])}"
                       + (f", damage left {pct(r['damage_left'])}" if r["damage_left"] is not None else "")
