@@ -320,7 +320,7 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
     ax_b.set(title="new domain B: learning", xlabel="burst", ylabel="held-out loss change (%)")
     ax_a.legend(fontsize=8)
     path = os.path.join(out_dir, "learning_curves.png")
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     written.append(path)
 
@@ -334,7 +334,7 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
            ylabel="held-out A change (%)")
     ax.legend(fontsize=8)
     path = os.path.join(out_dir, "forgetting_vs_learning.png")
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     written.append(path)
 
@@ -350,7 +350,7 @@ def write_plots(results: dict, out_dir: str) -> list[str]:
         ax.set_yticks([0, 1], ["harmful (A +1%)", "harmless"])
         ax.set_title(f"immune system, {len(results['immune'])} seed(s)")
         path = os.path.join(out_dir, "immune_matrix.png")
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     return written

@@ -247,6 +247,7 @@ def test_an_organism_saved_by_the_previous_format_loads_and_learns_on(tmp_path, 
     assert "A: A small bird watches the quiet road." in org.buffer.lines
     assert isinstance(org.generate("The cat", seed=1), str)
     assert org.heldout_loss() is not None and math.isfinite(org.heldout_loss())
+    assert st["val_loss"] == org.heldout_loss()  # version 1 stored it per token: measured again per character
     org.train_burst()
     org.save(tmp_path / "v2.ckpt")
     back = mg.Organism.load(tmp_path / "v2.ckpt")

@@ -88,7 +88,9 @@ class Config:
     lr_warmup_steps: int = 50  # warmup's learning rate rises linearly over these steps, then cosine-decays
     lr_min_ratio: float = 0.1  # the cosine decay ends at learning_rate * lr_min_ratio
     replay_ratio: float = 0.75  # share of each burst's sequences drawn from what the organism knew before it (replay)
-    immune_max_rise: float = 0.0075  # a burst raising held-out loss on the old text by more than this fraction is rolled back (harm is +1%; the margin covers the estimate's sampling noise)
+    # a burst raising held-out loss on the old text by more than this fraction is rolled back
+    # (harm is a 1% rise; the margin covers the sampling noise of a 96-line estimate)
+    immune_max_rise: float = 0.0075
     bpe_growth_max_rise: float = 0.005  # a tokenizer growth after training is kept only if old held-out loss rises less
     heard_val_fraction: float = 0.1  # share of newly heard lines held out (not trained) to measure learning
     heard_val_max_lines: int = 32  # newest held-out heard lines kept and scored

@@ -1071,6 +1071,9 @@ class Organism:
         self.trainer.accepted_projection = self.trainer.projection()  # the weights are the last accepted ones
         self._ids_cache = {}
         self._rebuild_data()
+        if state["format_version"] == 1 and self.trainer.last_val is not None:
+            # version 1 kept held-out losses per token: measure once in today's unit (per character)
+            self.trainer.last_val = self.trainer.best_val = self.trainer.evaluate(self._old_heldout)
         buf = state["buffer"]
         if buf["lines"]:
             ids = [self._encode(x) for x in buf["lines"]]
