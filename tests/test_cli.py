@@ -539,3 +539,30 @@ def test_chat_shows_and_releases_the_quarantine(tmp_path):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_command_line_edges(tmp_path, home_copy):
+    home, config = home_copy
+    # a reader that goes away: quiet, no "Broken pipe" error
+    proc = subprocess.run(f"{sys.executable} -m molecule_gpt --home {home} --config {config} generate -n 40 "
+                          f"--max-tokens 8 | head -c 1", shell=True, capture_output=True, text=True, timeout=300)
+    assert "rror" not in proc.stderr and "Broken pipe" not in proc.stderr, proc.stderr
+    # "temperature": 0 in a config file means greedy, as --temperature 0 does
+    greedy = write_config(tmp_path / "g.json", temperature=0, **SMALL)
+    a = run_cli("--home", home, "--config", greedy, "generate", "--max-tokens", 12, "--seed", 1)
+    b = run_cli("--home", home, "--config", greedy, "generate", "--max-tokens", 12, "--seed", 2)
+    assert a.returncode == 0 and a.stdout == b.stdout, (a.stderr, b.stderr)
+    # every bad key of a config file is named, not only the first
+    bad = write_config(tmp_path / "bad.json", temprature=1, top_p=7, learning_rate=-1)
+    proc = run_cli("--home", home, "--config", bad, "inspect")
+    assert_clean_error(proc, 1)
+    assert "temprature" in proc.stderr and "top_p" in proc.stderr and "learning_rate" in proc.stderr
+    # chat --corpus on an existing organism: a missing file is an error, an existing one a note
+    proc = run_cli("--home", home, "--config", config, "chat", "--corpus", tmp_path / "missing.txt", input="/quit\n")
+    assert_clean_error(proc, 1, "missing.txt")
+    extra = tmp_path / "extra.txt"
+    extra.write_text("a line\n")
+    long_line = "word " * 2000
+    proc = run_cli("--home", home, "--config", config, "chat", "--corpus", extra, input=long_line + "\n/quit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "read only at birth" in proc.stdout and "the conversation memory keeps the first 8,000" in proc.stdout

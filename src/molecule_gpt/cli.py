@@ -45,6 +45,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
 import sys
 import threading
@@ -154,22 +155,32 @@ def load_options(path: str | None) -> Options:
         raise CLIError(f"the config file {path} is not valid JSON: {exc}", "fix the JSON syntax at that place") from None
     if not isinstance(data, dict):
         raise CLIError(f"the config file {path} must hold a JSON object ({{...}}), not a {type(data).__name__}")
-    config = {}
+    config, problems = {}, []
     for key, value in data.items():
         if key in SETTINGS:
             if not _SETTING_CHECKS[key](value):
-                raise CLIError(f"{path}: {key!r} must be {_SETTING_HELP[key]}, got {value!r}")
+                problems.append(f"{key!r} must be {_SETTING_HELP[key]}, got {value!r}")
             settings[key] = value
         elif key in CONFIG_FIELDS:
             config[key] = value
         else:
             near = difflib.get_close_matches(key, list(CONFIG_FIELDS) + list(SETTINGS), n=1)
-            raise CLIError(f"{path}: unknown option {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""),
-                           "keys are molecule_gpt.Config fields or command-line settings; see `molecule-gpt --help`")
-    try:
-        Config.from_dict(config)
-    except (MoleculeError, TypeError) as exc:
-        raise CLIError(f"{path}: {exc}") from None
+            problems.append(f"unknown option {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    # Config names the first bad field; set it aside and validate again, so every one is named
+    trial = dict(config)
+    while True:
+        try:
+            Config.from_dict(trial)
+            break
+        except (MoleculeError, TypeError) as exc:
+            problems.append(str(exc))
+            named = [k for k in re.findall(r"Config\.(\w+)", str(exc)) if k in trial]
+            if not named:
+                break
+            del trial[named[0]]
+    if problems:
+        raise CLIError(f"{path}: " + "; ".join(problems),
+                       "keys are molecule_gpt.Config fields or command-line settings; see `molecule-gpt --help`")
     return Options(config, settings)
 
 
@@ -536,6 +547,11 @@ def writer_session(home: Home, args, corpus: str | None) -> Iterator[tuple[Organ
 
 
 def cmd_chat(args, home: Home) -> int:
+    if args.corpus and home.exists():
+        if not os.path.isfile(args.corpus):
+            raise CLIError(f"--corpus {args.corpus}: no such file", "give an existing text file, or leave --corpus out")
+        print(f"note: the organism in {home} already exists; --corpus is read only at birth (teach it "
+              f"{args.corpus} with `molecule-gpt train {args.corpus}`)")
     with writer_session(home, args, args.corpus) as (org, memory, _):
         if not org.trainer.warmed_up:
             print(f"Warming up ({org.config.warmup_steps} steps; Ctrl-C stops and saves, the next run continues).")
@@ -568,6 +584,9 @@ def _chat_loop(org: Organism, memory: Memory, home: Home) -> None:
     settings = home.settings
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 arrive as surrogates, replaced below
         sys.stdin.reconfigure(errors="surrogateescape")
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
     try:
         while True:
             try:
@@ -581,6 +600,9 @@ def _chat_loop(org: Organism, memory: Memory, home: Home) -> None:
             line, replaced = replace_invalid(line.strip())
             if replaced:
                 print(f"note: {replaced} character(s) that were not valid UTF-8 text were replaced with U+FFFD")
+            if len(line) > memory.max_message_chars:
+                print(f"note: your message has {len(line):,} characters; the conversation memory keeps the first "
+                      f"{memory.max_message_chars:,} (the corpus keeps all of it)")
             if not line:
                 continue
             if line.startswith("/"):
@@ -1151,6 +1173,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nmolecule-gpt: interrupted (the last saved checkpoint is intact)", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`... | head -1`): stop quietly, as Unix tools do; what is still
+        # buffered for stdout goes to /dev/null so the interpreter's exit does not complain again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
     except MoleculeError as exc:  # corpus, memory store, training, checkpoint: messages say the fix
         if show_traceback:
             raise

@@ -48,7 +48,7 @@ class Config:
     min_new_chars_to_train: int = 480
 
     # ---- generation
-    temperature: float = 0.85
+    temperature: float = 0.85  # sampling temperature; 0 picks the most likely token (greedy)
     top_k: int = 40
     top_p: float = 0.92
     min_p: float = 0.06
@@ -145,12 +145,14 @@ class Config:
                 raise ConfigError(f"Config.head_types[{i}] is {kind!r}; use one of {', '.join(HEAD_TYPES)}")
         if self.mlp_activation not in MLP_ACTIVATIONS:
             raise ConfigError(f"Config.mlp_activation is {self.mlp_activation!r}; use 'relu' or 'silu'")
-        positive_floats = ("learning_rate", "burst_learning_rate", "eps_adam", "grad_clip", "init_std", "temperature",
+        positive_floats = ("learning_rate", "burst_learning_rate", "eps_adam", "grad_clip", "init_std",
                            "entropy_temp_boost", "entropy_temp_focus")
         for name in positive_floats:
             value = getattr(self, name)
             if not _is_real(value) or not value > 0:
                 raise ConfigError(f"Config.{name} must be a positive number, got {value!r}")
+        if not _is_real(self.temperature) or not 0 <= self.temperature < float("inf"):
+            raise ConfigError(f"Config.temperature must be a number >= 0 (0: greedy), got {self.temperature!r}")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             if not _is_real(value) or not 0 <= value < 1:
