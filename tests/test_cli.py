@@ -380,10 +380,31 @@ def test_corrupt_checkpoint_offers_the_previous_save(home_copy):
     ckpt = home / cli.CHECKPOINT
     assert pathlib.Path(f"{ckpt}.prev").exists()
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
-    assert_clean_error(run_cli("--home", home, "generate", "x"), 1, "damaged", "--recover", ".prev")
+    proc = run_cli("--home", home, "generate", "x")
+    assert_clean_error(proc, 1, "damaged", "--recover", ".prev")
+    assert "load_checkpoint(" not in proc.stderr  # no Python call offered to a command-line user
     proc = run_cli("--home", home, "--recover", "generate", "x", "--seed", 1)
     assert proc.returncode == 0, proc.stderr
-    assert "recovered the previous save" in proc.stderr and proc.stdout.strip()
+    assert f"recovered {ckpt}.prev" in proc.stderr and proc.stdout.strip()
+
+
+def test_recover_takes_the_newest_intact_save_of_all_places(home_copy):
+    """organism.ckpt and organism.ckpt.prev both damaged: an intact archive in checkpoints/ is used."""
+    home, config = home_copy
+    for _ in range(2):
+        assert run_cli("--home", home, "--config", config, "train", "--steps", 2).returncode == 0
+    ckpt, prev = home / cli.CHECKPOINT, pathlib.Path(f"{home / cli.CHECKPOINT}.prev")
+    archives = sorted((home / cli.ARCHIVE).glob("organism-*.ckpt"))
+    assert archives
+    for path in (ckpt, prev):  # a new file each (the archives are hard links of earlier saves)
+        data = path.read_bytes()
+        path.unlink()
+        path.write_bytes(data[:1000])
+    proc = run_cli("--home", home, "generate", "x")
+    assert_clean_error(proc, 1, "damaged", "--recover", "earlier save")
+    proc = run_cli("--home", home, "--recover", "generate", "x", "--seed", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert "recovered" in proc.stderr and str(home / cli.ARCHIVE) in proc.stderr
 
 
 def test_bad_config_files(home_copy, tmp_path):

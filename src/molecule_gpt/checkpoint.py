@@ -461,11 +461,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 def _error(path: str, what: str) -> CheckpointError:
     """CheckpointError naming the file, the cause and the fallback when `<path>.prev` exists."""
-    msg = f"{path}: {what}"
+    msg = reason = f"{path}: {what}"
     prev = f"{path}.prev"
     if not path.endswith(".prev") and os.path.isfile(prev):
         msg += f". The previous checkpoint {prev} exists: load_checkpoint({prev!r}) gets the organism as of the save before"
-    return CheckpointError(msg)
+    error = CheckpointError(msg)
+    error.reason = reason  # without the Python hint (the command line gives its own)
+    return error
 
 
 def _no_duplicates(pairs):

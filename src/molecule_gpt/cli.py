@@ -258,19 +258,26 @@ class Home:
         try:
             org = Organism.load(self.checkpoint, **kwargs)
         except CheckpointError as exc:
-            prev = pathlib.Path(f"{self.checkpoint}.prev")
-            if not prev.exists():
-                raise CLIError(f"the checkpoint is damaged: {exc}",
-                               f"no previous save exists; move {self.checkpoint} away to start a new organism") from None
+            damage = getattr(exc, "reason", str(exc))
+            saves = self.earlier_saves()
+            if not saves:
+                raise CLIError(f"the checkpoint is damaged: {damage}",
+                               f"no earlier save exists; move {self.checkpoint} away to start a new organism") from None
             if not recover:
-                raise CLIError(f"the checkpoint is damaged: {exc}",
-                               f"the previous save {prev.name} is kept beside it: rerun with --recover to use it") from None
-            try:
-                org = Organism.load(prev, **kwargs)
-            except CheckpointError as exc2:
-                raise CLIError(f"both the checkpoint and its previous save are damaged: {exc2}",
+                raise CLIError(f"the checkpoint is damaged: {damage}",
+                               f"{len(saves)} earlier save(s) exist ({saves[0].name} is the newest): rerun with "
+                               f"--recover to load the newest intact one") from None
+            org = None
+            for path in saves:
+                try:
+                    org = Organism.load(path, **kwargs)
+                    break
+                except CheckpointError:
+                    continue
+            if org is None:
+                raise CLIError(f"the checkpoint and its {len(saves)} earlier save(s) are all damaged: {damage}",
                                f"move {self.checkpoint} away to start a new organism") from None
-            print(f"molecule-gpt: the checkpoint was damaged; recovered the previous save (step {org.trainer.steps})",
+            print(f"molecule-gpt: the checkpoint was damaged; recovered {path} (step {org.trainer.steps})",
                   file=sys.stderr)
         self.apply_config(org)
         return org
@@ -322,6 +329,20 @@ class Home:
             if cause is not None:
                 raise _save_error(self.checkpoint, cause) from None
             raise
+
+    def earlier_saves(self) -> list[pathlib.Path]:
+        """organism.ckpt.prev and the archived checkpoints, newest first (by modification time),
+        leaving out hard links of organism.ckpt itself."""
+        found = [pathlib.Path(f"{self.checkpoint}.prev")] + (sorted(self.archive.glob("organism-*.ckpt"))
+                                                              if self.archive.is_dir() else [])
+        current = self.checkpoint.stat() if self.checkpoint.exists() else None
+
+        def same_file(p: pathlib.Path) -> bool:  # a hard link of the checkpoint holds the same bytes
+            st = p.stat()
+            return current is not None and (st.st_dev, st.st_ino) == (current.st_dev, current.st_ino)
+
+        found = [p for p in found if p.is_file() and not same_file(p)]
+        return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
 
     def archive_current(self) -> None:
         """After a command that saved, keep a copy of the checkpoint in checkpoints/ (a hard link
