@@ -63,7 +63,8 @@ def home_copy(trained, tmp_path):
 # every command
 
 
-@pytest.mark.parametrize("command", [None, "chat", "train", "generate", "inspect", "growth", "forget", "bench"])
+@pytest.mark.parametrize("command", [None, "chat", "train", "import", "generate", "inspect", "growth", "forget",
+                                     "bench"])
 def test_help_for_every_command(command):
     proc = run_cli(*([command] if command else []), "--help")
     assert proc.returncode == 0, proc.stderr
@@ -141,6 +142,48 @@ def test_generate_on_a_fresh_home_speaks_from_the_seed_corpus_and_writes_nothing
     assert proc.stdout.strip()
     assert "no organism" in proc.stderr
     assert not (home / cli.CHECKPOINT).exists()
+
+
+ORIGINAL = pathlib.Path(__file__).resolve().parent / "fixtures" / "anchor-small"  # see fixtures/README.md
+
+
+def test_import_adopts_an_original_organism_into_a_new_home_and_refuses_an_existing_one(tmp_path):
+    home = tmp_path / "adopted"
+    proc = run_cli("--home", home, "import", ORIGINAL / "checkpoint.json", "--corpus", ORIGINAL / "corpus.txt")
+    assert proc.returncode == 0, proc.stderr
+    assert "adopted" in proc.stdout and "Saved to" in proc.stdout
+    org = Organism.load(home / cli.CHECKPOINT)
+    try:
+        assert org.trainer.warmed_up and org.tokenizer.byte_fallback and org.birth_vocab == 34
+        assert org.model.vocab_size == org.tokenizer.vocab_size > 34 and len(org.reservoir.lines) == 8
+        assert str(org.model.dtype) == "float64"  # the original's precision: its weights exactly
+    finally:
+        org.close()
+    mem = Memory(home / cli.MEMORY)
+    try:
+        assert [e.kind for e in mem.corpus_events()] == ["adopt"]
+    finally:
+        mem.close()
+    # a chat-ready home: generate speaks from it, growth shows the adoption
+    proc = run_cli("--home", home, "generate", "The river", "--seed", 1)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+    assert "no organism" not in proc.stderr
+    proc = run_cli("--home", home, "growth")
+    assert proc.returncode == 0 and "adopted from the original" in proc.stdout, proc.stderr
+    # a home that holds an organism is refused, and left as it was
+    before = (home / cli.CHECKPOINT).read_bytes()
+    proc = run_cli("--home", home, "import", ORIGINAL / "checkpoint.json")
+    assert_clean_error(proc, 1, "already holds an organism", "--home")
+    assert (home / cli.CHECKPOINT).read_bytes() == before
+    # a file that is missing or not an original checkpoint: one line, no home left behind
+    proc = run_cli("--home", tmp_path / "none", "import", tmp_path / "missing.json")
+    assert_clean_error(proc, 1, "missing.json", "original program")
+    assert not (tmp_path / "none").exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"cfg": {}}')
+    proc = run_cli("--home", tmp_path / "bad", "import", bad)
+    assert_clean_error(proc, 1, "bad.json")
+    assert not (tmp_path / "bad" / cli.CHECKPOINT).exists()
 
 
 def test_generate_rejects_bad_sampling_values(trained):

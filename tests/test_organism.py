@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 import random
 import threading
 import time
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 import molecule_gpt as mg
-from molecule_gpt.errors import CorpusError, OrganismError, TrainingError
+from molecule_gpt.compat import load_original_checkpoint
+from molecule_gpt.errors import CheckpointError, ConfigError, CorpusError, OrganismError, TrainingError
 from molecule_gpt.organism import Organism
 from molecule_gpt.trainer import lr_schedule
 
@@ -656,3 +658,73 @@ def test_observe_a_list_of_lines_and_long_corpus_lines_are_split_not_cut():
         org.observe(["x"], speaker="H")
     with pytest.raises(TypeError, match="list of str"):
         org.observe(["ok", 3])
+
+
+# ---------------------------------------------------------------------------------------------
+# adopting an organism of the original program
+
+ORIGINAL = pathlib.Path(__file__).resolve().parent / "fixtures" / "anchor-small"  # see fixtures/README.md
+
+
+def test_adopted_original_has_its_weights_speaks_learns_and_round_trips(tmp_path):
+    ckpt, corpus = ORIGINAL / "checkpoint.json", ORIGINAL / "corpus.txt"
+    expected = json.loads((ORIGINAL / "expected.json").read_text())
+    org = Organism.from_original(ckpt, corpus=corpus, seed=3, memory=tmp_path / "memory.sqlite")
+    model, tok = load_original_checkpoint(ckpt)  # compat's import: the original's numbers
+    V = model.vocab_size
+    # its weights exactly: the original's rows, modules and alphas; rows for the byte tokens after them
+    assert org.model.dtype == np.float64 and org.model.delta_alphas == model.delta_alphas
+    assert org.tokenizer.byte_fallback and org.tokenizer.vocab_size == org.model.vocab_size > V
+    for name, value in model.params().items():
+        np.testing.assert_array_equal(org.model.params()[name][:len(value)], value, err_msg=name)
+    for text, ids in zip(expected["probe_texts"], expected["ids"]):
+        assert org.tokenizer.encode(text) == ids  # the original's ids for the text it knew
+        n = min(org.config.block_size, len(ids) - 1)
+        np.testing.assert_allclose(org.model.logits(ids[:n])[:, :V], model.logits(ids[:n]), rtol=1e-12, atol=1e-13)
+    text = "Zebra! naïve ünïcode"  # characters the original never had: spelled in bytes, not dropped
+    assert org.tokenizer.decode(org.tokenizer.encode(text)) == text
+    # ready to chat: warmed up, the model has its share of the blend, its corpus is the file's
+    assert org.trainer.warmed_up and org.model_alpha() > 0.0
+    assert sorted(org.reservoir.lines) == sorted(corpus.read_text().splitlines())  # 8 lines: none held out
+    assert isinstance(org.generate("The river", seed=1), str)
+    assert "".join(org.stream("The lamp", seed=2)) == org.generate("The lamp", seed=2)
+    # and to learn: what it hears (new characters too) trains in a checked burst
+    assert org.observe("Zebras drink from the river at dawn!", speaker="H") == 1
+    report = org.train_burst()
+    assert report.steps == org.config.micro_steps and org.trainer.bursts == 1
+    assert org.model.n_delta == model.n_delta + 1  # the original's modules are fossils; a new one learns
+    assert [e.kind for e in org.memory.corpus_events()][:1] == ["adopt"]
+    assert org.memory.snapshots()[0].note == "adopted from the original"
+    # save/load round-trips: same weights, state and speech
+    org.save(tmp_path / "adopted.ckpt")
+    back = Organism.load(tmp_path / "adopted.ckpt")
+    assert back.trainer.warmed_up and back.birth_vocab == org.birth_vocab == V
+    assert back.tokenizer.to_dict() == org.tokenizer.to_dict()
+    for name, value in org.model.params().items():
+        np.testing.assert_array_equal(back.model.params()[name], value, err_msg=name)
+    assert back.generate("The river", seed=4) == org.generate("The river", seed=4)
+    a, b = back.train_burst().to_dict(), org.train_burst().to_dict()  # and learns on exactly as it would have
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    org.close()
+
+
+def test_adopted_original_splits_its_corpus_as_a_newborn_and_takes_config_changes(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(LINES[:40]) + "\n", encoding="utf-8")
+    org = Organism.from_original(ORIGINAL / "checkpoint.json", corpus=path, seed=5,
+                                 config={"micro_steps": 3, "val_fraction": 0.25})
+    newborn = Organism(small_config(val_fraction=0.25), path, seed=5)
+    assert len(org.val_lines) == 10 and org.val_lines == newborn.val_lines
+    assert org.reservoir.lines == newborn.reservoir.lines
+    assert org.config.micro_steps == 3 and org.config.n_embd == 16  # the original's architecture, our change
+    assert org.stats()["val_loss"] is not None  # measured at adoption: the first burst's check has its reference
+    assert org.train_burst().steps == 3
+    # no corpus: it starts empty and learns what it hears
+    bare = Organism.from_original(ORIGINAL / "checkpoint.json", dtype="float32")
+    assert bare.model.dtype == np.float32 and not bare.reservoir.lines and isinstance(bare.generate("A lamp"), str)
+    with pytest.raises(ConfigError, match="n_embd"):
+        Organism.from_original(ORIGINAL / "checkpoint.json", config={"n_embd": 32, "n_head": 4,
+                                                                      "head_types": ("content",) * 4})
+    with pytest.raises(CheckpointError, match="cannot read"):
+        Organism.from_original(tmp_path / "missing.json")

@@ -4,6 +4,7 @@ inside its checkpoint, plot its growth, make it forget, benchmark it.
     molecule-gpt chat                     # first run: warm up on the seed corpus, then chat
     molecule-gpt train notes.txt          # teach it a text file (warmup, or checked bursts)
     molecule-gpt generate "the river" --temperature 0.7 --seed 1
+    molecule-gpt import molecule_ckpt.json --corpus nonames.txt   # adopt the original program's organism
     molecule-gpt inspect                  # config, vocabulary, modules, gamma, checksum
     molecule-gpt growth --plot growth.png
     molecule-gpt forget "my address"      # or: molecule-gpt forget --all
@@ -17,7 +18,7 @@ Home (`--home DIR`, default molecule_gpt.default_home()) holds one organism:
     checkpoints/         older checkpoints, one per command that saved (keep_checkpoints kept)
     memory.sqlite        messages, corpus events, growth snapshots (molecule_gpt.Memory)
     telemetry.jsonl      one JSON record per training step or event (max_telemetry_mb)
-    .lock                held while a command that writes runs (chat, train, forget)
+    .lock                held while a command that writes runs (chat, train, import, forget)
 
 Every store is capped: corpus lines (Config.max_corpus_lines), messages (max_messages),
 telemetry size (max_telemetry_mb), old checkpoints (keep_checkpoints).
@@ -56,7 +57,7 @@ from . import __version__
 from .checkpoint import load_checkpoint
 from .config import Config
 from .data import default_home, seed_corpus_lines
-from .errors import CheckpointError, MoleculeError
+from .errors import CheckpointError, ConfigError, MoleculeError
 from .memory import Memory
 from .organism import Organism
 from .telemetry import read_records, trim_jsonl
@@ -75,7 +76,7 @@ LOCK = ".lock"
 # may set them too.
 SETTINGS: dict[str, Any] = {
     "seed": 0,  # seeds a new organism (init, corpus split, sampling of batches)
-    "dtype": "float32",  # of a new organism's parameters: "float32" or "float64"
+    "dtype": "float32",  # of a new organism's parameters: "float32" or "float64" (import: float64 unless set)
     "corpus": None,  # a text file a new organism is born from (default: the shipped seed corpus)
     "max_messages": 10_000,  # chat messages kept in memory.sqlite (oldest go first)
     "max_telemetry_mb": 16.0,  # telemetry.jsonl is cut to its newer half past this size
@@ -134,6 +135,7 @@ class Interrupted(Exception):
 class Options:
     config: dict  # Config fields from the file (validated against Config)
     settings: dict  # SETTINGS, file values over defaults
+    given: frozenset = frozenset()  # the SETTINGS the file set (the rest are defaults)
 
 
 def load_options(path: str | None) -> Options:
@@ -181,7 +183,7 @@ def load_options(path: str | None) -> Options:
     if problems:
         raise CLIError(f"{path}: " + "; ".join(problems),
                        "keys are molecule_gpt.Config fields or command-line settings; see `molecule-gpt --help`")
-    return Options(config, settings)
+    return Options(config, settings, frozenset(k for k in data if k in SETTINGS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +318,24 @@ class Home:
         org = Organism(config, lines, seed=self.settings["seed"], dtype=self.settings["dtype"],
                        **self._organism_kwargs(memory, telemetry))
         return org, f"{len(lines)} lines of {source}"
+
+    def adopt(self, original: str, corpus_path: str | None = None, *, memory: Memory | None = None,
+              telemetry: bool = True) -> tuple[Organism, str]:
+        """An organism adopted from the original program's JSON checkpoint `original`, with the
+        corpus `corpus_path` (or the config's "corpus"; none: it starts with an empty corpus).
+        Config fields of the config file change the original's (not its architecture); the
+        parameters stay float64, the original's precision, unless the config file sets dtype."""
+        corpus_path = corpus_path or self.settings["corpus"]
+        lines = read_text_lines(corpus_path) if corpus_path is not None else None
+        dtype = self.settings["dtype"] if "dtype" in self.options.given else "float64"
+        try:
+            org = Organism.from_original(original, corpus=lines, seed=self.settings["seed"], dtype=dtype,
+                                         config=dict(self.options.config), **self._organism_kwargs(memory, telemetry))
+        except ConfigError as exc:  # a bad field, or one the original's architecture fixes
+            raise CLIError(str(exc), "fix or remove that field in the config file (an adopted organism keeps the "
+                                     "original's architecture)") from None
+        source = f"{original}" + (f" with {len(lines)} lines of {corpus_path}" if lines else " without a corpus")
+        return org, source
 
     def save(self, org: Organism) -> None:
         self.create()
@@ -544,16 +564,25 @@ def run_warmup(org: Organism, home: Home, steps: int | None = None, label: str =
 
 
 @contextlib.contextmanager
-def writer_session(home: Home, args, corpus: str | None) -> Iterator[tuple[Organism, Memory, str | None]]:
+def writer_session(home: Home, args, corpus: str | None,
+                   original: str | None = None) -> Iterator[tuple[Organism, Memory, str | None]]:
     """A command that changes the home: the lock, the memory, the organism (loaded, or born
-    from `corpus`); afterwards the organism is closed, the checkpoint archived and the telemetry
-    trimmed. Yields (organism, memory, what a newborn was born from or None)."""
+    from `corpus`, or with `original` adopted from the original program's checkpoint, which
+    needs a home without an organism); afterwards the organism is closed, the checkpoint
+    archived and the telemetry trimmed. Yields (organism, memory, what a newborn was born
+    from or None)."""
     with home.locked():
+        if original is not None and home.exists():  # checked under the lock: no one creates it meanwhile
+            raise CLIError(f"{home} already holds an organism ({home.checkpoint}); importing would replace it",
+                           "import into a new home with --home DIR (or move this home's organism.ckpt away first)")
         home.trim_telemetry()
         memory = home.memory()
         org = None
         try:
-            if home.exists():
+            if original is not None:
+                org, source = home.adopt(original, corpus, memory=memory)
+                print(f"An organism of the original program is adopted in {home} from {source}.")
+            elif home.exists():
                 org, source = home.open(memory=memory, recover=args.recover), None
             else:
                 org, source = home.birth(corpus, memory=memory)
@@ -824,6 +853,28 @@ def _run_bursts(org: Organism, home: Home, n: int) -> None:
     if stop.is_set():
         home.save(org)
         raise Interrupted(f"stopped after {org.trainer.bursts} bursts; the organism is saved")
+
+
+def cmd_import(args, home: Home) -> int:
+    # what can be checked before the home is created (writer_session checks the home again under the lock)
+    if home.exists():
+        raise CLIError(f"{home} already holds an organism ({home.checkpoint}); importing would replace it",
+                       "import into a new home with --home DIR (or move this home's organism.ckpt away first)")
+    if not os.path.isfile(args.file):
+        raise CLIError(f"the original checkpoint {args.file} does not exist or is not a file",
+                       "give the JSON checkpoint the original program wrote (molecule_ckpt.json)")
+    if args.corpus and not os.path.isfile(args.corpus):
+        raise CLIError(f"the corpus file {args.corpus} does not exist or is not a file",
+                       "give the text the original was trained on (one line per line), or leave --corpus out")
+    with writer_session(home, args, args.corpus, original=args.file) as (org, memory, _):
+        home.save(org)
+        s = org.stats()
+        print(f"Vocabulary {s['vocab_size']} tokens ({org.birth_vocab} of the original, the rest byte fallback), "
+              f"{s['parameters']:,} parameters, {org.model.n_delta} delta module(s), "
+              f"{s['corpus']['lines']} corpus lines + {s['corpus']['held_out_lines']} held out.")
+        print(f"Saved to {home.checkpoint}; `molecule-gpt chat"
+              + (f" --home {home}" if args.home else "") + "` talks to it.")
+    return 0
 
 
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "frequency_penalty", "seed")
@@ -1103,6 +1154,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run N checked bursts (default, on a warm organism: learn CORPUS whole, bursts until "
                         "its held-out slice stops improving)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("import", parents=[common], help="adopt an organism of the original single-file program",
+                       description="Adopt the organism saved by the original single-file program (its JSON "
+                                   "checkpoint) into a new home: its weights exactly, its tokenizer with byte "
+                                   "fallback (no character is dropped), and the corpus given with --corpus (split "
+                                   "into training and held-out lines). It counts as warmed up: `chat` talks to it "
+                                   "and it keeps learning. Refuses a home that already holds an organism.")
+    p.add_argument("file", metavar="FILE.json", help="the original program's checkpoint (e.g. molecule_ckpt.json)")
+    p.add_argument("--corpus", metavar="FILE", help="the text it was trained on (e.g. nonames.txt), one line per line")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("generate", parents=[common], help="continue a prompt",
                        description="Print a continuation of PROMPT (without learning from it). Without an organism "

@@ -24,13 +24,23 @@ from .model import Model
 
 
 def load_original_checkpoint(path: str | os.PathLike, dtype: str = "float64"):
-    """Read the original implementation's JSON checkpoint; returns (model, tokenizer)."""
+    """Read the original implementation's JSON checkpoint; returns (model, tokenizer).
+    (Organism.from_original adopts one as a living organism.)"""
+    doc = read_original(path)
+    return model_from_original(doc, dtype=dtype, source=str(path)), tokenizer_from_original(doc, source=str(path))
+
+
+def read_original(path: str | os.PathLike) -> dict:
+    """The original's JSON checkpoint as a document (checked field by field by
+    model_from_original and tokenizer_from_original); CheckpointError if it cannot be read."""
     try:
         with open(path, "r", encoding="utf-8") as fh:
             doc = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: cannot read the original JSON checkpoint: {exc}") from exc
-    return model_from_original(doc, dtype=dtype, source=str(path)), tokenizer_from_original(doc, source=str(path))
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(doc).__name__}, not the original checkpoint's object")
+    return doc
 
 
 def _require(doc: dict, key: str, kind, source: str):
@@ -110,16 +120,19 @@ def model_from_original(doc: dict, dtype: str = "float64", source: str = "<check
     return model
 
 
-def tokenizer_from_original(doc: dict, source: str = "<checkpoint>"):
-    """The original's "tokenizer" object as an EvolvingTokenizer (same ids for known text)."""
+def tokenizer_from_original(doc: dict, source: str = "<checkpoint>", *, config: Config | None = None,
+                            byte_fallback: bool = False):
+    """The original's "tokenizer" object as an EvolvingTokenizer (same ids for known text).
+    `config` gives its BPE thresholds (default Config()'s)."""
     from .tokenizer import EvolvingTokenizer
 
     tok = _require(doc, "tokenizer", dict, source)
     try:
-        # exactly the original's vocabulary, so the model's rows and the tokenizer agree and the
-        # math is the original's; an unknown character raises TokenizerError (never dropped).
-        # Adopting it for learning: tokenizer.enable_byte_fallback(), then model.grow_vocab(...)
-        return EvolvingTokenizer.from_original(tok, byte_fallback=False)
+        # byte_fallback=False: exactly the original's vocabulary, so the model's rows and the
+        # tokenizer agree and the math is the original's; an unknown character raises
+        # TokenizerError (never dropped). byte_fallback=True (adopting it for learning, see
+        # Organism.from_original) appends the byte tokens: grow the model's rows to match
+        return EvolvingTokenizer.from_original(tok, config, byte_fallback=byte_fallback)
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{source}: its tokenizer cannot be imported: {exc}") from exc
 

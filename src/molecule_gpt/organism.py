@@ -16,6 +16,7 @@ generation to `generation.Generator` (native KV-cache decoding, `_decode`), n-gr
         ...
     org.forget("river")            # chat lines and messages containing it
     org.save("org.ckpt"); Organism.load("org.ckpt")
+    Organism.from_original("molecule_ckpt.json", corpus="nonames.txt")  # adopt the original program's
 
 Data (SPEC §7): the birth corpus is split once into training lines (the reservoir,
 molecule_gpt.Reservoir) and held-out lines (`val_fraction`, none below 10 lines). `observe`
@@ -31,7 +32,8 @@ Field/model blend (SPEC §5), the curve: with L_model the model's last held-out 
 field's held-out loss (`CorpusField.heldout_loss`) and V the vocabulary size,
     model_alpha = clip((ln V - L_model) / (ln V - L_field), 0, 1)
 i.e. the share of the way from a uniform guess (ln V) to the n-gram field's own quality that the
-model has covered: 0 before any training (the organism speaks from the field alone), 1 once the
+model has covered: 0 before any training (the organism speaks from the field alone; an organism
+adopted from the original program counts as trained), 1 once the
 model predicts held-out text at least as well as the field (the field is then left out).
 Without a held-out split the last training loss stands in for L_model and L_field is measured
 on the training lines. `Config.field_blend = False` gives 0 before training and 1 after.
@@ -236,7 +238,7 @@ class Organism:
     def __init__(self, config: Config | None = None, corpus: Sequence[str] | str | os.PathLike | None = None, *,
                  seed: int = 0, dtype: str = "float32", memory: "str | os.PathLike | Memory | None" = None,
                  telemetry_path: str | os.PathLike | None = None, telemetry_max_bytes: int | None = None,
-                 _restore: dict | None = None):
+                 _restore: dict | None = None, _adopt: dict | None = None):
         config = Config() if config is None else config
         if not isinstance(config, Config):
             raise TypeError(f"config must be a molecule_gpt.Config, got {type(config).__name__}")
@@ -260,35 +262,33 @@ class Organism:
         self._thread_error: BaseException | None = None
         self._blas_limiter = None
 
-        if _restore is not None:
-            try:
+        # three ways to come about, built from the same pieces (_split_corpus, _attach): born
+        # from a corpus, restored from a checkpoint, or adopted from the original program
+        try:
+            if _restore is not None:
                 self._init_restored(_restore)
-            except BaseException:
-                if self._own_memory:
-                    self.memory.close()
-                if self._telemetry_log is not None:
-                    self._telemetry_log.close()
-                raise
-            return
+            elif _adopt is not None:
+                self._init_adopted(_adopt, corpus)
+            else:
+                self._init_born(corpus, dtype)
+        except BaseException:
+            if self._own_memory:
+                self.memory.close()
+            if self._telemetry_log is not None:
+                self._telemetry_log.close()
+            raise
+
+    def _init_born(self, corpus, dtype: str) -> None:
+        config = self.config
         lines = self._read_corpus(corpus)
-        order = self._rng.permutation(len(lines))
-        n_val = int(round(len(lines) * config.val_fraction)) if len(lines) >= 10 else 0
-        self.val_lines = [lines[i] for i in sorted(order[:n_val])]
-        self.heard_val_lines: list[str] = []  # held out of what it heard since birth, newest last
-        self.quarantine: list[str] = []  # lines of rolled-back bursts, kept out of training
-        train = [lines[i] for i in sorted(order[n_val:])]
+        train = self._split_corpus(lines)
         self.tokenizer = EvolvingTokenizer(lines, config)
         self.tokenizer.maybe_enable_bpe(train)
         self.model = Model(config, self.tokenizer.vocab_size, dtype=dtype, seed=self.seed,
                            n_threads=self._train_threads(background=False))
-        self.reservoir = Reservoir(train, config.max_corpus_lines, self._rng, max_line_chars=config.max_line_chars)
-        self.buffer = QuantumBuffer()
-        self.birth_vocab = self.model.vocab_size
         birth = self.model.init_embed_snapshot if config.tie_embeddings else self.model.params()["lm_head"]
-        self._birth_rows = np.array(birth, dtype=np.float64)
-        self.trainer = Trainer(self.model, config, self._train_rng, self._birth_rows, emit=self._emit,
-                               on_restore=self._weights_restored)
-        self._ids_cache: dict[str, list] = {}
+        self._attach(Reservoir(train, config.max_corpus_lines, self._rng, max_line_chars=config.max_line_chars),
+                     self.model.vocab_size, np.array(birth, dtype=np.float64))
         self._rebuild_data()
         if self.memory is not None:
             self.memory.add_corpus_event("birth", len(lines), sum(len(x) for x in lines),
@@ -296,6 +296,29 @@ class Organism:
             self._log_growth("birth")
 
     # ---- construction helpers
+
+    def _split_corpus(self, lines: list[str]) -> list[str]:
+        """Split a new organism's corpus once: the held-out lines (val_fraction of them, none
+        below 10 lines) become val_lines, the rest is returned for training; nothing heard or
+        quarantined yet. Draws the permutation from the organism's RNG (first, at birth)."""
+        order = self._rng.permutation(len(lines))
+        n_val = int(round(len(lines) * self.config.val_fraction)) if len(lines) >= 10 else 0
+        self.val_lines = [lines[i] for i in sorted(order[:n_val])]
+        self.heard_val_lines: list[str] = []  # held out of what it heard since birth, newest last
+        self.quarantine: list[str] = []  # lines of rolled-back bursts, kept out of training
+        return [lines[i] for i in sorted(order[n_val:])]
+
+    def _attach(self, reservoir: Reservoir, birth_vocab: int, birth_rows: np.ndarray) -> None:
+        """The parts every organism has around its model and tokenizer (set before): the
+        reservoir, an empty quantum buffer, the birth reference of the output embedding and a
+        trainer (fresh counters; a restored organism loads its own next)."""
+        self.reservoir = reservoir
+        self.buffer = QuantumBuffer()
+        self.birth_vocab = int(birth_vocab)
+        self._birth_rows = birth_rows
+        self.trainer = Trainer(self.model, self.config, self._train_rng, self._birth_rows, emit=self._emit,
+                               on_restore=self._weights_restored)
+        self._ids_cache: dict[str, list] = {}
 
     def _read_corpus(self, corpus) -> list[str]:
         if corpus is None:
@@ -367,6 +390,11 @@ class Organism:
         held = self._old_heldout if lines is None else self._heldout(list(lines))
         return held.loss(self.model) if len(held) else None
 
+    def _trained(self) -> bool:
+        """Whether the weights carry training: steps taken here, or a finished warmup (an
+        organism adopted from the original program counts as warmed up: the original trained it)."""
+        return self.trainer.steps > 0 or self.trainer.warmed_up
+
     def _weights_restored(self) -> None:
         """A rollback wrote parameters back in place: the decoder's cached weights are stale even
         where the version key (Adam step counts) repeats an earlier value."""
@@ -392,7 +420,7 @@ class Organism:
     def model_alpha(self) -> float:
         """The model's weight in the field blend now (see the module docstring for the curve)."""
         t = self.trainer
-        if t.steps == 0:
+        if not self._trained():
             return 0.0
         if not self.config.field_blend:
             return 1.0
@@ -597,7 +625,7 @@ class Organism:
         with self._structure.write():
             lines = list(self.reservoir.lines)
             tok = self.tokenizer
-            checked = self.trainer.steps > 0 and len(self._old_heldout) > 0
+            checked = self._trained() and len(self._old_heldout) > 0
             candidate = EvolvingTokenizer.from_dict(tok.to_dict()) if checked else tok
             update = candidate.maybe_enable_bpe(lines) or candidate.maybe_retrain_bpe(lines)
             if update is None:
@@ -1034,6 +1062,86 @@ class Organism:
                 raise
             raise CheckpointError(f"{damaged} ({type(exc).__name__}: {exc})") from exc
 
+    @classmethod
+    def from_original(cls, path: str | os.PathLike, *, corpus: Sequence[str] | str | os.PathLike | None = None,
+                      seed: int = 0, memory: "str | os.PathLike | Memory | None" = None,
+                      config: "Config | dict | None" = None, dtype: str = "float64",
+                      telemetry_path: str | os.PathLike | None = None,
+                      telemetry_max_bytes: int | None = None) -> "Organism":
+        """Adopt an organism of the original single-file program from its JSON checkpoint
+        (molecule_gpt.compat): a living organism that chats and keeps learning from there.
+
+        It gets the original's model, weights exactly (its delta modules become fossils; bursts
+        train a new module beside the base, as Config.freeze_base_after_warmup says), and its
+        tokenizer with byte fallback enabled, so that no character is ever dropped: the byte
+        tokens are appended after the original's ids and the model grows rows for them. It
+        counts as warmed up (the original trained it). With a corpus (a list of lines or a
+        path, as for Organism()), the corpus is split into training and held-out lines as a
+        new organism's is; without one it starts with an empty corpus and learns what it hears.
+
+          config  None: the original's cfg; a dict: the original's cfg with these Config fields
+                  changed; a Config: used as is. Its architecture fields must be the
+                  original's (ConfigError names those that differ).
+          dtype   "float64" (default: the original's precision, so the weights are exactly its
+                  own) or "float32" (rounded, faster)
+          seed, memory, telemetry_path, telemetry_max_bytes  as for Organism()
+        Raises CheckpointError when the file is not an original checkpoint."""
+        from . import compat
+        from .errors import ConfigError
+        source = os.fspath(path)
+        doc = compat.read_original(source)
+        model = compat.model_from_original(doc, dtype=dtype, source=source)
+        if config is None:
+            config = model.config
+        elif isinstance(config, dict):
+            config = Config.from_dict({**model.config.to_dict(), **config})
+        elif not isinstance(config, Config):
+            raise TypeError(f"config must be None, a dict of Config fields or a molecule_gpt.Config, "
+                            f"got {type(config).__name__}")
+        differ = [f for f in Model._SHAPE_FIELDS if getattr(config, f) != getattr(model.config, f)]
+        if differ:
+            raise ConfigError(f"{source}: the config sets {', '.join(f'{f}={getattr(config, f)!r}' for f in differ)} "
+                              f"but the original's model has "
+                              f"{', '.join(f'{f}={getattr(model.config, f)!r}' for f in differ)}; an adopted "
+                              f"organism keeps the original's architecture: leave these fields out")
+        tokenizer = compat.tokenizer_from_original(doc, source=source, config=config, byte_fallback=True)
+        return cls(config, corpus, seed=seed, memory=memory, telemetry_path=telemetry_path,
+                   telemetry_max_bytes=telemetry_max_bytes,
+                   _adopt={"model": model, "tokenizer": tokenizer, "source": source})
+
+    def _init_adopted(self, adopt: dict, corpus) -> None:
+        self.model, self.tokenizer = adopt["model"], adopt["tokenizer"]
+        self.model.config = self.config  # one Config object drives model and organism
+        birth_vocab = self.model.vocab_size  # the original's tokens; the byte tokens came after
+        # the birth reference: the original's snapshot (rows born later in the original are
+        # zero there, and count whole, as they do here)
+        birth_rows = np.array(self.model.init_embed_snapshot[:birth_vocab], dtype=np.float64)
+        self.model.grow_vocab(self.tokenizer.vocab_size)  # rows for the byte tokens
+        self.model.n_threads = self._train_threads(background=False)
+        lines = self._read_corpus(corpus)
+        train = self._split_corpus(lines)
+        c = self.config
+        self._attach(Reservoir(train, c.max_corpus_lines, self._rng, max_line_chars=c.max_line_chars),
+                     birth_vocab, birth_rows)
+        self._rebuild_data()
+        t = self.trainer
+        t.warmed_up = True  # the original trained it: chat and bursts go on from here
+        t.accepted_projection = t.projection()  # its weights stand as accepted
+        # what the model's share of the field blend and the first burst's check compare with:
+        # held-out loss on the held-out lines, and (standing in for a training loss) its loss
+        # on the training lines the field is scored on when there are none held out
+        t.last_val = t.best_val = t.evaluate(self._old_heldout)
+        seqs = [ids for ids in self._train_ids[:c.val_max_sequences] if len(ids) >= 2]
+        if seqs:
+            t.last_loss = float(np.mean(self.model.sequence_losses(seqs)))
+        self._emit({"phase": "adopt", "source": adopt["source"], "vocab_size": self.model.vocab_size,
+                    "original_vocab_size": birth_vocab, "val_loss": t.last_val, "loss": t.last_loss})
+        if self.memory is not None:
+            self.memory.add_corpus_event("adopt", len(lines), sum(len(x) for x in lines),
+                                         f"original {os.path.basename(adopt['source'])}: {len(train)} train, "
+                                         f"{len(self.val_lines)} held out")
+            self._log_growth("adopted from the original")
+
     def _init_restored(self, restore: dict) -> None:
         ckpt, state = restore["ckpt"], restore["state"]
         self.model = ckpt.model
@@ -1052,16 +1160,13 @@ class Organism:
         self.val_lines = list(state["val_lines"])
         self.heard_val_lines = list(state.get("heard_val_lines", []))  # absent in version 1
         self.quarantine = list(state.get("quarantine", []))
-        self.reservoir = Reservoir.from_dict(state["reservoir"], rng=self._rng)
-        self.buffer = QuantumBuffer()
-        self.birth_vocab = int(state["birth_vocab"])
+        birth_vocab = int(state["birth_vocab"])
         if state["birth_rows"] is None:
-            self._birth_rows = np.array(self.model.init_embed_snapshot[:self.birth_vocab], dtype=np.float64)
+            birth_rows = np.array(self.model.init_embed_snapshot[:birth_vocab], dtype=np.float64)
         else:
             raw = base64.b64decode(state["birth_rows"])
-            self._birth_rows = np.frombuffer(raw, "<f8").reshape(-1, self.config.n_embd).copy()
-        self.trainer = Trainer(self.model, self.config, self._train_rng, self._birth_rows, emit=self._emit,
-                               on_restore=self._weights_restored)
+            birth_rows = np.frombuffer(raw, "<f8").reshape(-1, self.config.n_embd).copy()
+        self._attach(Reservoir.from_dict(state["reservoir"], rng=self._rng), birth_vocab, birth_rows)
         self.trainer.load_state_dict(state["trainer"])
         if len(self.trainer.modules) != self.model.n_delta or self._birth_rows.shape != (self.birth_vocab, self.config.n_embd) \
                 or not 0 < self.birth_vocab <= self.model.vocab_size:
@@ -1069,7 +1174,6 @@ class Organism:
                                   f"model ({len(self.trainer.modules)} modules for {self.model.n_delta}, birth rows "
                                   f"{self._birth_rows.shape} for vocabulary {self.birth_vocab}); load an intact copy")
         self.trainer.accepted_projection = self.trainer.projection()  # the weights are the last accepted ones
-        self._ids_cache = {}
         self._rebuild_data()
         if state["format_version"] == 1 and self.trainer.last_val is not None:
             # version 1 kept held-out losses per token: measure once in today's unit (per character)
