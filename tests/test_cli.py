@@ -228,6 +228,37 @@ def test_growth_table_and_plot(trained, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def _without_dac_override():
+    """In the child, before exec: give up CAP_DAC_OVERRIDE (root's power to write what file
+    permissions forbid), so that a read-only home is read-only for a test running as root too.
+    Only dropped from the bounding set: root's capabilities at exec come from it."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(24, 1, 0, 0, 0) != 0:  # PR_CAPBSET_DROP, CAP_DAC_OVERRIDE
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_DAC_OVERRIDE) failed")
+
+
+def test_growth_reads_a_read_only_home(home_copy):
+    home, _ = home_copy
+    (home / cli.LOCK).unlink(missing_ok=True)
+    before = {p.name: p.read_bytes() for p in home.iterdir() if p.is_file()}
+    for p in [home, *home.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~0o222)  # chmod -R a-w
+    try:
+        preexec = _without_dac_override if os.geteuid() == 0 else None
+        try:
+            proc = subprocess.run([sys.executable, "-m", "molecule_gpt", "--home", str(home), "growth"],
+                                  capture_output=True, text=True, timeout=120, preexec_fn=preexec)
+        except subprocess.SubprocessError as exc:
+            pytest.skip(f"cannot run a child without CAP_DAC_OVERRIDE here: {exc}")
+        assert proc.returncode == 0, proc.stderr
+        assert "birth" in proc.stdout and "warmup" in proc.stdout
+        assert {p.name: p.read_bytes() for p in home.iterdir() if p.is_file()} == before  # nothing written
+    finally:
+        for p in [home, *home.rglob("*")]:
+            p.chmod(p.stat().st_mode | 0o200)
+
+
 def test_forget_a_phrase_and_everything(home_copy):
     home, _ = home_copy
     mem = Memory(home / cli.MEMORY)

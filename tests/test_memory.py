@@ -408,6 +408,61 @@ def test_unwritable_location_gives_the_typed_error(tmp_path):
         Memory(blocker / "sub" / "memory.sqlite")
 
 
+@needs_fts5
+def test_read_only_memory_reads_everything_and_never_writes(tmp_path):
+    path = tmp_path / "memory.sqlite"
+    mem = Memory(path)
+    fill(mem, 12)
+    mem.add_message("H", "my cat is called Pixel")
+    mem.add_corpus_event("birth", 10, 300)
+    mem.add_snapshot(5, 40, 1000, 1, 300, 2.5, 0.1, 0.3, "warmup")
+    want = (mem.messages(), mem.corpus_events(), mem.snapshots(), mem.counts(),
+            mem.recall("what is my cat called?", recent=2, k=2))
+    mem.close()
+    before = path.read_bytes()
+    ro = Memory(path, read_only=True)
+    assert ro.read_only and ro.fts_enabled and "read-only" in repr(ro)
+    got = (ro.messages(), ro.corpus_events(), ro.snapshots(), ro.counts(),
+           ro.recall("what is my cat called?", recent=2, k=2))
+    assert got == want
+    for write in (lambda: ro.add_message("H", "hello"), lambda: ro.add_corpus_event("observe", 1, 5),
+                  lambda: ro.add_snapshot(6, 40, 1000, 1, 300, 2.4, 0.1, 0.3), lambda: ro.forget("pixel")):
+        with pytest.raises(MemoryStoreError, match="read-only.*without read_only"):
+            write()
+    # the connection itself is SQLite's read-only mode (mode=ro), not just a Python-side refusal
+    conn = ro._reader
+    conn.execute("PRAGMA query_only=OFF")
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        conn.execute("INSERT INTO messages (role, text, time) VALUES ('H', 'sneaked in', 0)")
+    ro.close()
+    assert path.read_bytes() == before
+    assert [m.text for m in Memory(path).messages()][-1] == "my cat is called Pixel"
+
+
+def test_read_only_memory_creates_nothing_and_refuses_what_it_cannot_read(tmp_path):
+    missing = tmp_path / "no" / "such" / "memory.sqlite"
+    with pytest.raises(MemoryStoreError, match="no memory database there"):
+        Memory(missing, read_only=True)
+    assert not (tmp_path / "no").exists()  # no directory, no file
+    empty = tmp_path / "empty.sqlite"
+    sqlite3.connect(empty).close()  # an SQLite file without our schema: not created or migrated here
+    with pytest.raises(MemoryStoreError, match="open it once for writing"):
+        Memory(empty, read_only=True)
+    assert empty.stat().st_size == 0
+    newer = tmp_path / "newer.sqlite"
+    Memory(newer).close()
+    raw = sqlite3.connect(newer)
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.commit()
+    raw.close()
+    with pytest.raises(MemoryStoreError, match="newer molecule-gpt"):
+        Memory(newer, read_only=True)
+    with pytest.raises(ValueError, match="in-memory"):
+        Memory(read_only=True)
+    with pytest.raises(ValueError, match="read_only"):
+        Memory(empty, read_only="yes")
+
+
 # ---------------------------------------------------------------------------------------------
 # the corpus reservoir
 

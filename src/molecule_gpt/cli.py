@@ -997,7 +997,7 @@ def _inspect_document(path: pathlib.Path, ckpt) -> dict:
 def cmd_growth(args, home: Home) -> int:
     if not home.memory_path.exists():
         raise CLIError(f"no memory in {home} yet", "chat or train first (`molecule-gpt chat`)")
-    memory = Memory(home.memory_path)
+    memory = Memory(home.memory_path, read_only=True)  # a reader: works on a home it cannot write
     try:
         snapshots = memory.snapshots()
     finally:

@@ -50,6 +50,14 @@ re-merged (`optimize`) so no old segment still holds the words, and the WAL is c
 and truncated. `ForgetCounts.erased_from_disk` is False when another connection's open read
 kept the checkpoint from finishing (the next checkpoint completes the erasure).
 
+Readers. `Memory(path, read_only=True)` opens an existing file for reading only (SQLite
+`mode=ro`): it creates no directory, file or table, switches no journal mode, migrates
+nothing, and every write method raises MemoryStoreError; it is what commands that only look
+(`molecule-gpt growth`) use, so they work on a home they cannot write. A WAL-mode file needs
+its shared-memory index (`-shm`) to be read; where that cannot be created (a read-only
+directory) the file is opened `immutable`, as a snapshot of what is in the database file
+itself (a writer could not be working there either).
+
 Errors a person can hit (locked by another process, corrupt or foreign file, disk full,
 read-only or missing directory) raise MemoryStoreError naming the file and the fix; a failed
 write leaves the database as it was (the transaction is rolled back).
@@ -59,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pathlib
 import re
 import sqlite3
 import threading
@@ -260,24 +269,27 @@ class Memory:
     Thread-safe. See the module docstring.
 
     Memory(path=":memory:", *, max_messages=10000, max_events=10000, max_snapshots=10000,
-           max_message_chars=8000, busy_timeout=5.0, fts=None)
+           max_message_chars=8000, busy_timeout=5.0, fts=None, read_only=False)
       path               database file (its directory is created), or ":memory:"
       max_messages       messages kept (oldest go first); likewise max_events, max_snapshots
       max_message_chars  longer message texts are cut to this length
       busy_timeout       seconds to wait for another process's write lock before failing
       fts                None: FTS5 retrieval when available; False: recency only;
                          True: require FTS5 (MemoryStoreError without it)
+      read_only          open an existing file for reading only; writes raise MemoryStoreError
+                         (see "Readers" in the module docstring)
 
     Opening a file creates its directory, switches it to WAL (`journal_mode` says what SQLite
     granted: "wal", or e.g. "delete" on a filesystem without shared memory; "memory" for an
     in-memory database), runs `PRAGMA quick_check` (the stores are capped, so this is quick and
     a damaged file is reported at once rather than mid-chat), upgrades the schema and checks or
-    rebuilds the search index.
+    rebuilds the search index. Opened read_only it only checks: the file must exist and hold
+    this schema version, and recall uses the search index only if it is there and consistent.
     """
 
     def __init__(self, path: str | os.PathLike = ":memory:", *, max_messages: int = 10_000,
                  max_events: int = 10_000, max_snapshots: int = 10_000, max_message_chars: int = 8000,
-                 busy_timeout: float = 5.0, fts: bool | None = None):
+                 busy_timeout: float = 5.0, fts: bool | None = None, read_only: bool = False):
         for name, value in (("max_messages", max_messages), ("max_events", max_events),
                             ("max_snapshots", max_snapshots), ("max_message_chars", max_message_chars)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -287,13 +299,18 @@ class Memory:
             raise ValueError(f"busy_timeout must be a number of seconds >= 0, got {busy_timeout!r}")
         if fts not in (None, True, False):
             raise ValueError(f"fts must be None (auto), True or False, got {fts!r}")
+        if not isinstance(read_only, bool):
+            raise ValueError(f"read_only must be True or False, got {read_only!r}")
         self.path = os.fspath(path)
+        self.read_only = read_only
         self.max_messages = int(max_messages)
         self.max_events = int(max_events)
         self.max_snapshots = int(max_snapshots)
         self.max_message_chars = int(max_message_chars)
         self.busy_timeout = float(busy_timeout)
         self._in_memory = self.path == ":memory:" or self.path == ""
+        if read_only and self._in_memory:
+            raise ValueError("a read-only in-memory database would always be empty; give the path of a memory file")
         self._where = "the in-memory database" if self._in_memory else self.path
         self._write_lock = threading.RLock()
         self._read_lock = self._write_lock if self._in_memory else threading.RLock()
@@ -302,7 +319,10 @@ class Memory:
         self._closed = False
         self._fts = False
         try:
-            self._open(fts)
+            if read_only:
+                self._open_read_only(fts)
+            else:
+                self._open(fts)
         except BaseException:
             self._close_connections()
             raise
@@ -334,10 +354,67 @@ class Memory:
         else:
             self._reader = self._writer
 
-    def _connect(self) -> sqlite3.Connection:
+    def _open_read_only(self, fts: bool | None) -> None:
+        """Open the file with a read-only connection: check it, never change it."""
+        if not os.path.isfile(self.path):
+            raise MemoryStoreError(f"{self.path}: no memory database there (a read-only Memory never creates one); "
+                                   f"check the path, or let a command that writes (e.g. molecule-gpt chat) create it")
+        conn = self._reader = self._connect(mode="ro")
         try:
-            conn = sqlite3.connect(self.path or ":memory:", timeout=self.busy_timeout, isolation_level=None,
-                                   check_same_thread=False)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            low = str(exc).lower()
+            if not (code is not None and code & 0xFF in (_READONLY, _CANTOPEN)) and "readonly" not in low \
+                    and "unable to open" not in low:
+                raise self._error(exc, "opening") from exc
+            # a WAL file whose -shm index cannot be created here (read-only directory): read the
+            # database file as it is
+            conn.close()
+            conn = self._reader = self._connect(mode="ro&immutable=1")
+        with self._guard("opening"):
+            conn.execute("PRAGMA query_only=ON")
+            self.journal_mode = conn.execute("PRAGMA journal_mode").fetchone()[0].lower()
+            problem = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if problem != "ok":
+                raise self._corrupt(problem)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise self._newer(version)
+            if version < SCHEMA_VERSION:
+                tables = self._user_tables(conn)
+                if version == 0 and tables:
+                    raise self._foreign(tables)
+                raise MemoryStoreError(f"{self._where} holds no molecule-gpt memory of this version yet (schema "
+                                       f"{version}; this molecule-gpt reads {SCHEMA_VERSION}) and was opened "
+                                       f"read-only, which cannot create or upgrade it; open it once for writing "
+                                       f"(any command that writes, e.g. molecule-gpt chat)")
+            present = conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (_FTS_TABLE,)).fetchone() is not None
+            available = fts is not False and fts5_available()
+            if fts is True and not available:
+                raise MemoryStoreError(f"this Python's SQLite {sqlite3.sqlite_version} has no FTS5, which fts=True "
+                                       f"requires; pass fts=None to fall back to recency retrieval")
+            consistent = False
+            if available and present:
+                with contextlib.suppress(sqlite3.Error):  # an index FTS5 cannot read: recency instead
+                    ours = conn.execute("SELECT count(*), coalesce(sum(id), 0) FROM messages").fetchone()
+                    theirs = conn.execute(f"SELECT count(*), coalesce(sum(rowid), 0) FROM {_FTS_TABLE}").fetchone()
+                    consistent = tuple(ours) == tuple(theirs)
+            if fts is True and not consistent:
+                raise MemoryStoreError(f"{self._where} has no consistent search index, and a read-only Memory cannot "
+                                       f"build one; pass fts=None for recency retrieval, or open it once for writing")
+            self._fts = consistent
+
+    def _connect(self, mode: str | None = None) -> sqlite3.Connection:
+        """A connection with this Memory's settings; `mode` ("ro", "ro&immutable=1") opens the
+        file through a URI with that mode (read-only connections)."""
+        if mode is None:
+            target, uri = self.path or ":memory:", False
+        else:
+            target, uri = pathlib.Path(os.path.abspath(self.path)).as_uri() + f"?mode={mode}", True
+        try:
+            conn = sqlite3.connect(target, timeout=self.busy_timeout, isolation_level=None,
+                                   check_same_thread=False, uri=uri)
         except sqlite3.Error as exc:
             raise self._error(exc, "opening") from exc
         try:
@@ -353,22 +430,32 @@ class Memory:
         with self._transaction("opening") as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise MemoryStoreError(f"{self._where} was written by a newer molecule-gpt (memory schema "
-                                       f"{version}; this version reads up to {SCHEMA_VERSION}); upgrade "
-                                       f"molecule-gpt, or choose another home directory (--home)")
+                raise self._newer(version)
             if version == 0:
-                tables = [r[0] for r in conn.execute(
-                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+                tables = self._user_tables(conn)
                 if tables:
-                    raise MemoryStoreError(f"{self._where} is an SQLite database but not a molecule-gpt memory "
-                                           f"(it has tables {', '.join(sorted(tables)[:5])} and no schema version); "
-                                           f"move it aside or choose another file")
+                    raise self._foreign(tables)
             for target, statements in _MIGRATIONS:
                 if version < target:
                     for statement in statements:
                         conn.execute(statement)
                     version = target
             conn.execute(f"PRAGMA user_version = {version}")
+
+    @staticmethod
+    def _user_tables(conn: sqlite3.Connection) -> list[str]:
+        return [r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+
+    def _newer(self, version: int) -> MemoryStoreError:
+        return MemoryStoreError(f"{self._where} was written by a newer molecule-gpt (memory schema {version}; this "
+                                f"version reads up to {SCHEMA_VERSION}); upgrade molecule-gpt, or choose another "
+                                f"home directory (--home)")
+
+    def _foreign(self, tables: list[str]) -> MemoryStoreError:
+        return MemoryStoreError(f"{self._where} is an SQLite database but not a molecule-gpt memory (it has tables "
+                                f"{', '.join(sorted(tables)[:5])} and no schema version); move it aside or choose "
+                                f"another file")
 
     def _setup_index(self, fts: bool | None) -> None:
         available = fts is not False and fts5_available(self._writer)
@@ -447,6 +534,9 @@ class Memory:
         on any exception (a KeyboardInterrupt included)."""
         with self._write_lock:
             self._check_open()
+            if self.read_only:
+                raise MemoryStoreError(f"{self._where} was opened read-only (Memory(read_only=True)), so "
+                                       f"{action} is not possible; open it without read_only to write")
             conn = self._writer
             with self._guard(action):
                 try:
@@ -534,6 +624,8 @@ class Memory:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"retrieval={self.retrieval_mode}"
+        if self.read_only and not self._closed:
+            state += ", read-only"
         return f"Memory({self.path!r}, {state})"
 
     # ---- messages
