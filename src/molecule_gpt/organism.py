@@ -29,14 +29,17 @@ new tokens) >= qb_min_novelty, once qb_cooldown_seconds have passed since the la
 burst trains on the buffer's new lines mixed with replayed reservoir lines (replay_ratio).
 
 Field/model blend (SPEC §5), the curve: with L_model the model's last held-out loss, L_field the
-field's held-out loss (`CorpusField.heldout_loss`) and V the vocabulary size,
-    model_alpha = clip((ln V - L_model) / (ln V - L_field), 0, 1)
-i.e. the share of the way from a uniform guess (ln V) to the n-gram field's own quality that the
+field's held-out loss (`CorpusField.heldout_loss`) on the same windows and U a uniform guess's
+(ln V per predicted token, V the vocabulary size), all in nats per character of the held-out
+lines (molecule_gpt.heldout),
+    model_alpha = clip((U - L_model) / (U - L_field), 0, 1)
+i.e. the share of the way from a uniform guess to the n-gram field's own quality that the
 model has covered: 0 before any training (the organism speaks from the field alone; an organism
 adopted from the original program counts as trained), 1 once the
 model predicts held-out text at least as well as the field (the field is then left out).
-Without a held-out split the last training loss stands in for L_model and L_field is measured
-on the training lines. `Config.field_blend = False` gives 0 before training and 1 after.
+Without a held-out split the last training loss (per token) stands in for L_model, and L_field
+and U are per token on the training lines. `Config.field_blend = False` gives 0 before
+training and 1 after.
 
 Threads (SPEC §8.7): generate/stream may be called from any number of threads, also while the
 background trainer runs; the trainer takes the model lock per optimizer step, generation takes
