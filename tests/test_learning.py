@@ -72,6 +72,15 @@ def test_tokenizer_growth_after_training_is_checked(warmed):
     events = [r for r in org.telemetry if r["phase"] == "tokenizer"]
     assert events and events[-1]["event"] == "enable_bpe declined", events
     assert events[-1]["loss_after"] > events[-1]["loss_before"]
+    # the trial was scored with the candidate's segmentation on the grown copy of the model
+    trial_tok = mg.EvolvingTokenizer.from_dict(org.tokenizer.to_dict())
+    trial_tok.enable_bpe_after_chars = 100
+    trial_tok.bpe_num_merges = 60
+    update = trial_tok.maybe_enable_bpe(org.reservoir.lines)
+    trial = mg.Model.from_state(*org.model.export_state())
+    org._grow_model(trial, trial_tok, update)
+    assert events[-1]["loss_after"] == HeldOut(org._old_heldout.lines, trial_tok.encode,
+                                               lambda: trial_tok.version).loss(trial)
     assert org.model.vocab_size == v0 and org.tokenizer.version == version0 and not org.tokenizer.bpe_enabled
     assert org.heldout_loss() == before
     # allowed: the tokenizer grows, and each new merged row starts as the mean of its parts

@@ -377,13 +377,18 @@ class Organism:
             self._train_ids = [self._encode(x) for x in self.reservoir.lines]
             val = self.val_lines[:self.config.val_max_sequences]
             self._val_ids = [self._encode(x) for x in val]
-            self._old_heldout = self._heldout(val)
-            self._heard_heldout = self._heldout(self.heard_val_lines)
+            self._old_heldout = self._heldout(val, getattr(self, "_old_heldout", None))
+            self._heard_heldout = self._heldout(self.heard_val_lines, getattr(self, "_heard_heldout", None))
             self.field = CorpusField(self.tokenizer.vocab_size, self._train_ids)
             self._field_loss = None
             self._generator = Generator(self.model, self.tokenizer, self.field, self.config)
 
-    def _heldout(self, lines: Sequence[str]) -> HeldOut:
+    def _heldout(self, lines: Sequence[str], current: HeldOut | None = None) -> HeldOut:
+        """A held-out set of `lines` scored with the tokenizer of the moment; `current` is kept
+        when it holds the same lines (its cached losses stay valid: it re-encodes by itself
+        when the tokenizer changes)."""
+        if current is not None and current.lines == [x for x in lines if x.split()]:
+            return current
         return HeldOut(lines, lambda line: self.tokenizer.encode(line), lambda: self.tokenizer.version)
 
     def heldout_loss(self, lines: Sequence[str] | None = None) -> float | None:
@@ -639,7 +644,8 @@ class Organism:
                 before = self.trainer.evaluate(self._old_heldout)
                 trial = Model.from_state(*self.model.export_state())
                 self._grow_model(trial, candidate, update)
-                after = self._heldout(self._old_heldout.lines).loss(trial)
+                # the same lines, segmented by the candidate tokenizer, scored by the grown copy
+                after = HeldOut(self._old_heldout.lines, candidate.encode, lambda: candidate.version).loss(trial)
                 record.update(loss_before=before, loss_after=after)
                 if not after <= before * (1.0 + self.config.bpe_growth_max_rise):
                     tok.trained_chars = candidate.trained_chars  # wait for more text before trying again
