@@ -290,6 +290,8 @@ _DELETE = object()
     {"config.mlp_activation": "silu"}, {"config.tie_embeddings": False}, {"trainer.last_val": _DELETE},
     {"trainer.modules": []}, {"val_lines": [1, 2]}, {"birth_vocab": 10 ** 6}, {"reservoir.lines": "x"},
     {"buffer": None}, {"seed": _DELETE},
+    # numpy raises OverflowError for a generator state out of its integer range (found by tests/fuzz)
+    {"trainer.rng.state.state": -1}, {"organism_rng.uinteger": 2 ** 40},
 ])
 def test_a_state_that_disagrees_with_its_model_is_a_checkpoint_error(warmed, tmp_path, change):
     org = mg.Organism.load(warmed)

@@ -1066,7 +1066,8 @@ class Organism:
             return cls(config, seed=state["seed"], memory=memory, telemetry_path=telemetry_path,
                        telemetry_max_bytes=telemetry_max_bytes,
                        _restore={"ckpt": ckpt, "state": state})
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        # OverflowError: numpy's generators refuse a state integer outside their C range with it
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
             if isinstance(exc, CheckpointError):
                 raise
             raise CheckpointError(f"{damaged} ({type(exc).__name__}: {exc})") from exc
