@@ -52,8 +52,34 @@ def instrumented():
     """Context manager for a target's imports of molecule_gpt: atheris instruments the package's
     Python bytecode (not its compiled _core/_bpe/_decode extensions) when it drives the run."""
     if _atheris_wanted():
+        _compare_arrays_in_python()
         return atheris.instrument_imports(include=["molecule_gpt"])
     return contextlib.nullcontext()
+
+
+def _compare_arrays_in_python() -> None:
+    """Instrumented code calls atheris._trace_cmp(a, b, op, counter, is_const) for every
+    comparison. atheris 3.0's native one keeps the result alive when it is not a bool: each
+    `array == value` in checkpoint.py's structure scan leaked its boolean array (tracemalloc:
+    about 250 KB per input, 6 GB and libFuzzer's out-of-memory stop after 20,000 inputs). Numpy
+    operands are compared here instead (nothing to learn from them for libFuzzer's value
+    profile anyway); everything else still goes to the native hook. The instrumented bytecode
+    looks the hook up on the atheris module at each call, so replacing it there is enough."""
+    import operator
+
+    import numpy as np
+    from atheris.instrument_bytecode import CMP_OP_SHIFT_AMOUNT
+
+    native = atheris._trace_cmp
+    ops = (operator.lt, operator.le, operator.eq, operator.ne, operator.gt, operator.ge)
+
+    def trace_cmp(obj1, obj2, op, counter, is_const):
+        if isinstance(obj1, np.ndarray) or isinstance(obj2, np.ndarray):
+            # op is dis.cmp_op's index, shifted on Python >= 3.12 except for reversed constants
+            return ops[op if op < len(ops) else op >> CMP_OP_SHIFT_AMOUNT](obj1, obj2)
+        return native(obj1, obj2, op, counter, is_const)
+
+    atheris._trace_cmp = trace_cmp
 
 
 # ---------------------------------------------------------------------------------------------
