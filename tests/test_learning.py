@@ -227,7 +227,7 @@ def test_a_rejected_burst_leaves_no_trace(warmed):
     assert a.reservoir.lines == b.reservoir.lines
 
 
-def test_held_out_lines_of_rejected_text_are_quarantined_and_forget_reaches_every_store(warmed):
+def test_held_out_lines_of_rejected_text_are_quarantined_and_forget_reaches_every_store(warmed, tmp_path):
     org = mg.Organism.load(warmed)
     org.config.heard_val_fraction = 0.5
     spam = [f"buy cheap pills now number {i} buy cheap pills" for i in range(16)]
@@ -235,6 +235,14 @@ def test_held_out_lines_of_rejected_text_are_quarantined_and_forget_reaches_ever
     assert any(x in spam for x in org.heard_val_lines)
     assert not org.train_burst(lr=50.0).accepted
     assert not set(org.heard_val_lines) & set(spam) and sorted(org.quarantine) == sorted(spam)
+    # the same after a save and load between hearing and the burst
+    again = mg.Organism.load(warmed)
+    again.config.heard_val_fraction = 0.5
+    again.observe(spam)
+    again.save(tmp_path / "mid.ckpt")
+    again = mg.Organism.load(tmp_path / "mid.ckpt")
+    assert not again.train_burst(lr=50.0).accepted
+    assert not set(again.heard_val_lines) & set(spam) and sorted(again.quarantine) == sorted(spam)
     # forget reaches the held-out lines and the quarantine too (chat lines only by default)
     org.observe("the secret word is marmalade. nothing else.", speaker="H")
     org.quarantine.append("H: marmalade again")

@@ -150,7 +150,7 @@ class QuantumBuffer:
         return lines
 
     def to_dict(self) -> dict:
-        return {"bytes": self.bytes, "tokens": self.tokens, "lines": list(self.lines)}
+        return {"bytes": self.bytes, "tokens": self.tokens, "lines": list(self.lines), "held": list(self.held)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1192,6 +1192,10 @@ class Organism:
         if buf["lines"]:
             ids = [self._encode(x) for x in buf["lines"]]
             self.buffer.feed(buf["lines"], ids)
+        held = buf.get("held", [])  # absent in version 1
+        if not isinstance(held, list) or not all(isinstance(x, str) for x in held):
+            raise CheckpointError(f"{ckpt.path}: organism state 'buffer.held' must be a list of str; load an intact copy")
+        self.buffer.held = list(held)
         self.model.n_threads = self._train_threads(background=False)
 
     def close(self) -> None:
