@@ -10,6 +10,13 @@ reference bit for bit):
   MOLECULE_GPT_FAST_MATH=1      -ffast-math
   MOLECULE_GPT_NO_OPENMP=1      build without OpenMP even when the compiler has it
   MOLECULE_GPT_ONLY=_core,_bpe  build only these extensions (development convenience)
+  MOLECULE_GPT_SANITIZE=1       AddressSanitizer + UndefinedBehaviorSanitizer (gcc/clang):
+                                -fsanitize=address,undefined,float-cast-overflow -fno-wrapv
+                                -fno-omit-frame-pointer -g -O1 on compile and link. Python is
+                                not instrumented, so the runtimes must be preloaded to import
+                                it (see .ci/sanitize). It builds under build/sanitize/ and
+                                always from scratch, so no object is shared with a normal build
+                                (after `build_ext --inplace` with it, rebuild with --force)
 """
 import os
 import pathlib
@@ -24,6 +31,11 @@ from setuptools.command.build_ext import build_ext
 ROOT = pathlib.Path(__file__).parent
 PKG = ROOT / "src" / "molecule_gpt"
 DEBUG = os.environ.get("MOLECULE_GPT_DEBUG_CYTHON", "0") == "1"
+SANITIZE = os.environ.get("MOLECULE_GPT_SANITIZE", "0") == "1"
+# float-cast-overflow (a float out of an integer's range converted to it) is UB that gcc leaves
+# out of `undefined`; -fno-wrapv undoes the -fwrapv of Python's CFLAGS, which makes signed
+# overflow defined and so switches UBSan's check of it off (a wrapped index is a bug here)
+SANITIZE_FLAGS = ["-fsanitize=address,undefined,float-cast-overflow", "-fno-wrapv", "-fno-omit-frame-pointer", "-g"]
 
 DIRECTIVES = {
     "language_level": 3,
@@ -47,6 +59,9 @@ def compile_args():
     # vectorized selects and neither changes any computed value, unlike -ffast-math.
     # -fopenmp-simd: honour `omp simd` pragmas (csrc/rows.h) even in a build without OpenMP
     args = ["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    if SANITIZE:
+        # -O1 (last -O wins): keeps reports close to the source and the run fast enough for CI
+        args += SANITIZE_FLAGS + ([] if DEBUG else ["-O1"])
     args.append("-fopenmp-simd")
     if os.environ.get("MOLECULE_GPT_NATIVE", "0") == "1":
         args.append("-march=native")
@@ -70,6 +85,7 @@ def extensions():
                 include_dirs=["csrc", numpy.get_include()],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")],
                 extra_compile_args=compile_args(),
+                extra_link_args=SANITIZE_FLAGS if SANITIZE else [],
             )
         )
     return exts
@@ -77,6 +93,13 @@ def extensions():
 
 class BuildExtOpenMP(build_ext):
     """Add -fopenmp where the compiler accepts it; warn and build serial otherwise."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if SANITIZE:
+            # build_ext skips extensions whose output is newer than their sources: never reuse
+            # an object or library built with other flags (an in-place build shares src/)
+            self.force = True
 
     def build_extensions(self):
         use_openmp = os.environ.get("MOLECULE_GPT_NO_OPENMP", "0") != "1" and self._has_openmp()
@@ -105,4 +128,6 @@ class BuildExtOpenMP(build_ext):
 setup(
     ext_modules=cythonize(extensions(), compiler_directives=DIRECTIVES),
     cmdclass={"build_ext": BuildExtOpenMP},
+    # a sanitized build keeps its objects and libraries apart from the normal build's build/lib*
+    options={"build": {"build_base": "build/sanitize"}} if SANITIZE else {},
 )
