@@ -8,6 +8,27 @@
 
 #include "molecule.h"
 
+/* Under AddressSanitizer (MOLECULE_GPT_SANITIZE=1) the arena says what is allocated: to ASan
+ * the whole tape is one malloc, so a kernel running past its buffer into the next one, or a read
+ * of a buffer from before the last reset, would go unseen. The value and gradient regions and the
+ * node array are poisoned except what was handed out since the last reset, each buffer exactly
+ * its requested size (the rounding padding stays poisoned). Elsewhere these are no-ops. */
+#if defined(__SANITIZE_ADDRESS__)
+#define MG_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define MG_ASAN 1
+#endif
+#endif
+#ifdef MG_ASAN
+#include <sanitizer/asan_interface.h>
+#define MG_POISON(p, n) ASAN_POISON_MEMORY_REGION((p), (n))
+#define MG_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#else
+#define MG_POISON(p, n) ((void)(p), (void)(n))
+#define MG_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 size_t mg_arena_round(size_t bytes) {
     return (bytes + (MG_ALIGN - 1)) & ~(size_t)(MG_ALIGN - 1);
 }
@@ -28,15 +49,20 @@ int mg_arena_init(mg_arena *ar, size_t value_bytes, size_t node_cap) {
     ar->vals = aligned + node_bytes;
     ar->grads = ar->vals + value_bytes;
     ar->cap_bytes = value_bytes;
+    MG_POISON(ar->nodes, node_bytes + 2 * value_bytes);
     return 0;
 }
 
 void mg_arena_free(mg_arena *ar) {
+    if (ar->block) MG_UNPOISON(ar->nodes, mg_arena_round(ar->node_cap * sizeof(mg_node)) + 2 * ar->cap_bytes);
     free(ar->block);
     memset(ar, 0, sizeof(*ar));
 }
 
 void mg_arena_reset(mg_arena *ar) {
+    MG_POISON(ar->nodes, ar->n_nodes * sizeof(mg_node));
+    MG_POISON(ar->vals, ar->used);
+    MG_POISON(ar->grads, ar->used);
     ar->used = 0;
     ar->n_nodes = 0;
     ar->overflowed = 0;
@@ -49,6 +75,8 @@ void *mg_arena_alloc(mg_arena *ar, size_t bytes) {
         return NULL;
     }
     void *p = ar->vals + ar->used;
+    MG_UNPOISON(p, bytes);
+    MG_UNPOISON(ar->grads + ar->used, bytes);
     ar->used += need;
     if (ar->used > ar->high_water) ar->high_water = ar->used;
     return p;
@@ -60,6 +88,7 @@ mg_node *mg_arena_push(mg_arena *ar, int op) {
         return NULL;
     }
     mg_node *node = &ar->nodes[ar->n_nodes++];
+    MG_UNPOISON(node, sizeof(*node));
     memset(node, 0, sizeof(*node));
     node->op = op;
     if (ar->n_nodes > ar->node_high_water) ar->node_high_water = ar->n_nodes;
@@ -67,5 +96,6 @@ mg_node *mg_arena_push(mg_arena *ar, int op) {
 }
 
 void mg_arena_zero_grads(mg_arena *ar) {
+    MG_UNPOISON(ar->grads, ar->used); /* the padding between buffers too: this zeroes it */
     memset(ar->grads, 0, ar->used);
 }
