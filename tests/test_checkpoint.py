@@ -661,7 +661,7 @@ def write_hostile(path, where, shape, size):
     meta = header["__metadata__"]
     if where == "state":
         doc = json.loads(meta["document"])
-        doc["state"] = "\0"  # a placeholder, replaced by the hostile text below
+        doc["state"] = "\0"  # a stand-in, replaced by the hostile text below
         if shape == "tensors":  # the same shape as a tensor table, inside the state
             junk = "{" + ",".join(f'"z{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'
                                   for i in range(size // 70)) + "}"

@@ -305,13 +305,18 @@ def test_caps_are_enforced_on_insert(tmp_path):
 # schema versions and the errors a person can hit
 
 
-def test_newer_or_foreign_database_is_refused(tmp_path):
-    newer = tmp_path / "newer.sqlite"
-    Memory(newer).close()
-    raw = sqlite3.connect(newer)
+def _newer_database(path):
+    """A memory file whose schema version is from a molecule-gpt newer than this one."""
+    Memory(path).close()
+    raw = sqlite3.connect(path)
     raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     raw.commit()
     raw.close()
+    return path
+
+
+def test_newer_or_foreign_database_is_refused(tmp_path):
+    newer = _newer_database(tmp_path / "newer.sqlite")
     with pytest.raises(MemoryStoreError, match="newer molecule-gpt.*upgrade"):
         Memory(newer)
     foreign = tmp_path / "foreign.sqlite"
@@ -449,12 +454,7 @@ def test_read_only_memory_creates_nothing_and_refuses_what_it_cannot_read(tmp_pa
     with pytest.raises(MemoryStoreError, match="open it once for writing"):
         Memory(empty, read_only=True)
     assert empty.stat().st_size == 0
-    newer = tmp_path / "newer.sqlite"
-    Memory(newer).close()
-    raw = sqlite3.connect(newer)
-    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    raw.commit()
-    raw.close()
+    newer = _newer_database(tmp_path / "newer.sqlite")
     with pytest.raises(MemoryStoreError, match="newer molecule-gpt"):
         Memory(newer, read_only=True)
     with pytest.raises(ValueError, match="in-memory"):
