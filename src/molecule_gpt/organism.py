@@ -127,21 +127,17 @@ class QuantumBuffer:
         return trigger and now - self.last_burst >= config.qb_cooldown_seconds
 
     def trigger(self, config: Config, now: float | None = None) -> str:
-        """What starts the next background burst, in words (for /status)."""
+        """What starts the next background burst, in words (for /status): ready() decides, this
+        says what it waits for."""
         now = time.monotonic() if now is None else now
+        if self.ready(config, now):
+            return "ready: the next tick"
         if not self.lines:
             return "new text: nothing heard since the last burst"
-        wait = config.qb_cooldown_seconds - (now - self.last_burst)
-        need = []
-        if self.bytes < config.qb_min_bytes:
-            need.append(f"{config.qb_min_bytes - self.bytes} more bytes")
-        if self.novelty < config.qb_min_novelty:
-            need.append(f"novelty {config.qb_min_novelty:.2f} (now {self.novelty:.2f})")
-        if len(need) == 2:
-            return f"{need[0]} or {need[1]}"
-        if wait > 0:
-            return f"the cooldown: {wait:.0f} s"
-        return "ready: the next tick"
+        if self.bytes < config.qb_min_bytes and self.novelty < config.qb_min_novelty:
+            return (f"{config.qb_min_bytes - self.bytes} more bytes or novelty {config.qb_min_novelty:.2f} "
+                    f"(now {self.novelty:.2f})")
+        return f"the cooldown: {config.qb_cooldown_seconds - (now - self.last_burst):.0f} s"
 
     def take(self) -> list[str]:
         """The buffered lines; the buffer empties and the cooldown restarts."""
