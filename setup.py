@@ -49,7 +49,7 @@ DIRECTIVES = {
 
 # extension stem -> C files from csrc/ compiled into it
 C_SOURCES = {
-    "_core": ["csrc/arena.c"],
+    "_core": ["csrc/arena.c", "csrc/pool.c"],
 }
 
 

@@ -37,6 +37,8 @@ class Engine:
     def tape_ops(self) -> list[str]: ...  # op names of the current tape, in creation order
 
 def run(engines: list[Engine], forward: bool, with_loss: bool, backward: bool) -> list[bool]: ...
+def pool_threads() -> int: ...  # worker threads csrc/pool.c has started in this process
+def _pool_busy(n_parts: int, slow_part: int, seconds: float) -> int: ...  # tests: a job of n_parts parts
 def rows_to_ids(batch: object, vocab_size: int) -> np.ndarray | None: ...
     # equal-length lists of plain ints in [0, vocab_size) -> (S, L) int32; None otherwise
 def adam_update(params: np.ndarray, grads: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float, beta1: float,

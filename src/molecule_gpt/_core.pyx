@@ -9,7 +9,8 @@
 #   backward - zero the gradient half of the arena, run the nodes in reverse (creation order is
 #              already topological), accumulate parameter gradients.
 # All three run without the GIL, and `run` drives several engines (one per worker thread, each
-# with its own sequences, arena and gradient buffers) in one OpenMP region. What it is not: policy. Validation, packing a batch, sizes,
+# with its own sequences, arena and gradient buffers) at once on the worker threads of csrc/pool.c.
+# What it is not: policy. Validation, packing a batch, sizes,
 # parameter allocation and the optimizer schedule live in model.py.
 
 from libc.stdlib cimport malloc, calloc, free
@@ -19,7 +20,10 @@ from posix.time cimport clock_gettime, timespec
 cdef extern from "<time.h>" nogil:
     enum: CLOCK_THREAD_CPUTIME_ID
 
-from cython.parallel cimport prange
+cdef extern from "pool.h" nogil:
+    ctypedef void (*mg_pool_fn)(void* ctx, int part) noexcept nogil
+    int mg_pool_run(mg_pool_fn fn, void* ctx, int n)
+    int mg_pool_threads()
 
 from ._molecule cimport *
 
@@ -710,12 +714,24 @@ cdef class Engine:
         return [names[self.ar.nodes[i].op] for i in range(self.ar.n_nodes)]
 
 
+ctypedef struct RunJob:
+    void** engines
+    int* status
+    bint forward, with_loss, backward
+
+
+cdef void _run_part(void* ctx, int i) noexcept nogil:
+    cdef RunJob* job = <RunJob*>ctx
+    job.status[i] = (<Engine>job.engines[i])._step(job.forward, job.with_loss, job.backward)
+
+
 def run(list engines, bint forward, bint with_loss, bint backward):
-    """Run a step on every engine, engine i on thread i (one OpenMP region; each engine has its
-    own batch, arena and gradient buffers, so they share nothing writable). Returns one bool per
-    engine: False when its arena was too small (that engine ran nothing)."""
+    """Run a step on every engine, engine i on worker thread i of csrc/pool.c (each engine has
+    its own batch, arena and gradient buffers, so they share nothing writable). Returns one bool
+    per engine: False when its arena was too small (that engine ran nothing)."""
     cdef Py_ssize_t i, n = len(engines)
     cdef Engine e
+    cdef RunJob job
     cdef int* status = <int*>calloc(max(n, 1), sizeof(int))
     cdef void** handles = <void**>calloc(max(n, 1), sizeof(void*))
     if status == NULL or handles == NULL:
@@ -729,12 +745,13 @@ def run(list engines, bint forward, bint with_loss, bint backward):
             free(handles)
             raise RuntimeError("backward needs a forward pass with a loss first")
         handles[i] = <void*>e
-    if n == 1:
-        with nogil:
-            status[0] = (<Engine>handles[0])._step(forward, with_loss, backward)
-    else:
-        for i in prange(n, nogil=True, num_threads=n, schedule='static'):
-            status[i] = (<Engine>handles[i])._step(forward, with_loss, backward)
+    job.engines = handles
+    job.status = status
+    job.forward = forward
+    job.with_loss = with_loss
+    job.backward = backward
+    with nogil:
+        mg_pool_run(_run_part, &job, <int>n)
     out = []
     for i in range(n):
         e = engines[i]
@@ -747,6 +764,40 @@ def run(list engines, bint forward, bint with_loss, bint backward):
     free(status)
     free(handles)
     return out
+
+
+def pool_threads() -> int:
+    """Worker threads the step pool (csrc/pool.c) has started so far in this process."""
+    return mg_pool_threads()
+
+
+ctypedef struct BusyJob:
+    int slow_part
+    double seconds
+
+
+cdef void _busy_part(void* ctx, int i) noexcept nogil:
+    cdef BusyJob* job = <BusyJob*>ctx
+    cdef timespec t0, t
+    cdef double spent = 0
+    if i != job.slow_part:
+        return
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0)
+    while spent < job.seconds:
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t)
+        spent = (t.tv_sec - t0.tv_sec) + (t.tv_nsec - t0.tv_nsec) * 1e-9
+
+
+def _pool_busy(int n_parts, int slow_part, double seconds) -> int:
+    """Tests: run n_parts parts on the step pool, part slow_part computing for `seconds` of its
+    thread's CPU time and the others returning at once. Returns the parts run on workers."""
+    cdef BusyJob job
+    cdef int on_workers
+    job.slow_part = slow_part
+    job.seconds = seconds
+    with nogil:
+        on_workers = mg_pool_run(_busy_part, &job, n_parts)
+    return on_workers
 
 
 def rows_to_ids(batch, Py_ssize_t vocab_size):
@@ -848,37 +899,49 @@ def adam_update_groups(groups, double lr, double beta1, double beta2, double eps
 ADAM_PARALLEL_MIN = 1 << 16  # elements below which a group's update stays on one thread
 
 
+ctypedef struct AdamJob:
+    void* p
+    void* g
+    void* g2
+    void* m
+    void* v
+    Py_ssize_t n
+    int n_chunks
+    bint is_double
+    double lr, beta1, beta2, eps, clip, bias1, bias2
+
+
+cdef void _adam_part(void* ctx, int c) noexcept nogil:
+    cdef AdamJob* j = <AdamJob*>ctx
+    cdef Py_ssize_t lo = c * j.n // j.n_chunks, hi = (c + 1) * j.n // j.n_chunks
+    if j.is_double:
+        adam_step(<double*>j.p, <double*>j.g, <double*>j.g2, <double*>j.m, <double*>j.v, lo, hi, j.lr,
+                  j.beta1, j.beta2, j.eps, j.clip, j.bias1, j.bias2)
+    else:
+        adam_step(<float*>j.p, <float*>j.g, <float*>j.g2, <float*>j.m, <float*>j.v, lo, hi, j.lr,
+                  j.beta1, j.beta2, j.eps, j.clip, j.bias1, j.bias2)
+
+
 cdef int _adam_update(params, grads, m, v, double lr, double beta1, double beta2, double eps,
                       double clip, Py_ssize_t step, extras, int n_threads) except -1:
-    cdef double bias1 = 1.0 - beta1 ** step, bias2 = 1.0 - beta2 ** step
-    cdef Py_ssize_t n = params.shape[0], c, n_chunks
-    cdef void* p = data_ptr(params)
-    cdef void* g = data_ptr(grads)
-    cdef void* mp = data_ptr(m)
-    cdef void* vp = data_ptr(v)
-    cdef void* g2 = NULL
-    cdef bint is_double = params.dtype.itemsize == 8
+    cdef AdamJob job
     if len(extras):
         for extra in extras[:len(extras) - 1]:  # more than two workers: all but the last, in order
             grads += extra
-        g2 = data_ptr(extras[len(extras) - 1])
-    n_chunks = max(1, min(n_threads, n // ADAM_PARALLEL_MIN))
+    job.p = data_ptr(params)
+    job.g = data_ptr(grads)
+    job.g2 = data_ptr(extras[len(extras) - 1]) if len(extras) else NULL
+    job.m = data_ptr(m)
+    job.v = data_ptr(v)
+    job.n = params.shape[0]
+    job.is_double = params.dtype.itemsize == 8
+    job.lr, job.beta1, job.beta2, job.eps, job.clip = lr, beta1, beta2, eps, clip
+    job.bias1 = 1.0 - beta1 ** step
+    job.bias2 = 1.0 - beta2 ** step
+    # chunk boundaries depend only on n and n_threads, so results do not depend on timing
+    job.n_chunks = <int>max(1, min(n_threads, job.n // ADAM_PARALLEL_MIN))
     with nogil:
-        if n_chunks == 1:
-            if is_double:
-                adam_step(<double*>p, <double*>g, <double*>g2, <double*>mp, <double*>vp, 0, n, lr, beta1, beta2,
-                          eps, clip, bias1, bias2)
-            else:
-                adam_step(<float*>p, <float*>g, <float*>g2, <float*>mp, <float*>vp, 0, n, lr, beta1, beta2,
-                          eps, clip, bias1, bias2)
-        else:
-            for c in prange(n_chunks, num_threads=n_chunks, schedule='static'):
-                if is_double:
-                    adam_step(<double*>p, <double*>g, <double*>g2, <double*>mp, <double*>vp, c * n // n_chunks,
-                              (c + 1) * n // n_chunks, lr, beta1, beta2, eps, clip, bias1, bias2)
-                else:
-                    adam_step(<float*>p, <float*>g, <float*>g2, <float*>mp, <float*>vp, c * n // n_chunks,
-                              (c + 1) * n // n_chunks, lr, beta1, beta2, eps, clip, bias1, bias2)
+        mg_pool_run(_adam_part, &job, job.n_chunks)
     return 0
 
 

@@ -36,7 +36,7 @@ def default_threads() -> int:
 class _SerialBLAS:
     """Context: BLAS single-threaded while a step runs, restored after.
 
-    Each worker of a step runs its share of the batch on its own OpenMP thread and calls BLAS
+    Each worker of a step runs its share of the batch on its own pool thread and calls BLAS
     from there; BLAS threads on top would oversubscribe the cores (measured: 37% of a step spent
     in OpenBLAS threads spinning). scikit-learn wraps its OpenMP loops the same way. A step that
     calls no BLAS (the AVX2 kernels of csrc/gemm.h and attention.h) leaves the libraries alone:
@@ -303,9 +303,9 @@ class Model:
     #
     # A step runs on `n_threads` workers: worker w gets every n_threads-th sequence (longest
     # first), its own engine (tape + arena) and, for w > 0, its own gradient buffers, which are
-    # summed into the model's after backward. One OpenMP region per step (forward and backward
-    # together), so a descheduled thread costs a wait, not a collapse (fine-grained per-kernel
-    # threading measured 20x slower when another process shared the cores).
+    # summed into the model's after backward. One parallel region per step (forward and backward
+    # together, on csrc/pool.c's threads), so a descheduled thread costs a wait, not a collapse
+    # (fine-grained per-kernel threading measured 20x slower when another process shared the cores).
 
     def _rebuild(self, reallocate: bool = True) -> None:
         """Mark the engines for rebinding to the current arrays (reallocate: rebuild them too).

@@ -1,0 +1,124 @@
+"""Training step time on a quiet machine and beside one busy process, in the same run.
+
+    python benchmarks/bench_contention.py [--rounds 5] [--steps 150] [--warmup-steps 300]
+                                          [--python OTHER/bin/python ...]
+
+The hog is one single-threaded busy loop (a second Python process), same priority, not pinned.
+Each round times `--steps` default-config training steps quiet, then the same beside the hog,
+then the organism's warmup (`--warmup-steps` steps of Organism.warmup on the shipped seed
+corpus) quiet and beside the hog. The figure: p90 of the steps beside the hog over the median
+of the quiet steps (target <= 2). With `--python`, each round runs every interpreter in turn
+(order alternating between rounds) in a fresh process, so two builds are compared paired: the
+quiet medians give the A/B of quiet-machine speed. Run it with the machine otherwise quiet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+CHILD = r"""
+import json, statistics, subprocess, sys, time
+import numpy as np
+import molecule_gpt as mg
+from molecule_gpt.model import Model
+
+n_steps, warmup_steps = int(sys.argv[1]), int(sys.argv[2])
+cfg = mg.Config()
+rng = np.random.default_rng(0)
+model = Model(cfg, 96, seed=0)
+batch = [rng.integers(0, 96, cfg.block_size + 1).tolist() for _ in range(cfg.batch_size)]
+
+def steps(n):
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        model.train_step(batch, 1e-3)
+        out.append(time.perf_counter() - t0)
+    return out
+
+def warmup():
+    org = mg.Organism(cfg, mg.seed_corpus_lines(), seed=0)
+    t0 = time.perf_counter()
+    org.warmup(warmup_steps)
+    seconds = time.perf_counter() - t0
+    org.close()
+    return seconds
+
+def hog():
+    p = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(0.3)  # let it reach full speed
+    return p
+
+steps(20)
+quiet = steps(n_steps)
+h = hog()
+try:
+    busy = steps(n_steps)
+finally:
+    h.kill(); h.wait()
+quiet_warmup = warmup() if warmup_steps else None
+h = hog()
+try:
+    busy_warmup = warmup() if warmup_steps else None
+finally:
+    h.kill(); h.wait()
+print(json.dumps({"quiet": quiet, "busy": busy, "quiet_warmup": quiet_warmup, "busy_warmup": busy_warmup,
+                  "threads": model.n_threads, "version": mg.__version__}))
+"""
+
+
+def p90(xs):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(0.9 * len(xs)))]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--warmup-steps", type=int, default=300, help="0 skips the warmup timing")
+    ap.add_argument("--python", nargs="*", default=[], help="other interpreters to compare, paired")
+    args = ap.parse_args(argv)
+    pythons = [sys.executable] + args.python
+    rows = {p: [] for p in pythons}
+    print(f"# {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; {args.rounds} rounds of {args.steps} steps")
+    for r in range(args.rounds):
+        order = pythons if r % 2 == 0 else pythons[::-1]
+        for py in order:
+            out = subprocess.run([py, "-c", CHILD, str(args.steps), str(args.warmup_steps)],
+                                 capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+            if out.returncode:
+                sys.exit(f"{py} failed:\n{out.stderr}")
+            d = json.loads(out.stdout.strip().splitlines()[-1])
+            q, b = statistics.median(d["quiet"]), p90(d["busy"])
+            rows[py].append({"quiet_median": q, "busy_median": statistics.median(d["busy"]), "busy_p90": b,
+                             "ratio": b / q, "quiet_warmup": d["quiet_warmup"], "busy_warmup": d["busy_warmup"]})
+            w = (f"; warmup {d['quiet_warmup']:.2f} s quiet, {d['busy_warmup']:.2f} s beside the hog"
+                 if d["quiet_warmup"] is not None else "")
+            print(f"round {r} {py}: step quiet median {q * 1e3:.2f} ms, beside the hog median "
+                  f"{statistics.median(d['busy']) * 1e3:.2f} p90 {b * 1e3:.2f} ms: p90/quiet {b / q:.2f}{w}",
+                  flush=True)
+    print("\nsummary (median over rounds)")
+    base = statistics.median(r["quiet_median"] for r in rows[pythons[0]])
+    for py in pythons:
+        rs = rows[py]
+        med = lambda k: statistics.median(r[k] for r in rs if r[k] is not None)  # noqa: E731
+        line = (f"{py}: quiet step {med('quiet_median') * 1e3:.2f} ms ({med('quiet_median') / base:.3f}x the "
+                f"first), beside the hog p90 {med('busy_p90') * 1e3:.2f} ms, p90/quiet {med('ratio'):.2f} "
+                f"(worst round {max(r['ratio'] for r in rs):.2f})")
+        if args.warmup_steps:
+            line += f"; warmup {med('quiet_warmup'):.2f} s quiet, {med('busy_warmup'):.2f} s beside the hog"
+        print(line)
+    if len(pythons) > 1:
+        for py in pythons[1:]:
+            pairs = [a["quiet_median"] / b["quiet_median"] for a, b in zip(rows[pythons[0]], rows[py])]
+            print(f"paired quiet-step ratio {pythons[0]} / {py}: median {statistics.median(pairs):.3f} "
+                  f"(rounds: {', '.join(f'{x:.3f}' for x in pairs)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The step's worker pool (csrc/pool.c): waiting threads sleep, results do not depend on timing,
+concurrent callers and fork() are safe."""
+import multiprocessing
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import molecule_gpt as mg
+from molecule_gpt import _core
+
+
+def small_batch(rng, vocab, n_seq, length):
+    return [rng.integers(0, vocab, length).tolist() for _ in range(n_seq)]
+
+
+@pytest.mark.parametrize("slow_part", [0, 1])
+def test_a_waiting_thread_sleeps_instead_of_spinning(slow_part):
+    """One part computes for 0.3 s of CPU time while the other returns at once: the process
+    spends about 0.3 s of CPU in all, because the thread with nothing to do (the caller waiting
+    for the worker, or the worker waiting for the next job) sleeps after a short spin. A pool
+    that spins while it waits (OpenMP's active policy) spends about twice that."""
+    _core._pool_busy(2, 1, 0.001)  # start the worker
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    on_workers = _core._pool_busy(2, slow_part, 0.3)
+    time.sleep(0.2)  # the worker, idle again, must not burn this either
+    cpu = time.process_time() - cpu0
+    assert on_workers == 1 and _core.pool_threads() >= 1
+    assert cpu < 0.3 + 0.08, f"{cpu:.3f} s of CPU for 0.3 s of work in {time.perf_counter() - wall0:.3f} s"
+
+
+def test_more_parts_than_threads_and_nested_calls_run_every_part():
+    """Parts without a worker and calls from inside a part run on the calling thread."""
+    assert _core._pool_busy(1, 0, 0.0) == 0
+    assert _core._pool_busy(3, 2, 0.01) >= 1
+
+
+def run_steps(n_threads, batches, results, key):
+    model = mg.Model(mg.Config(n_layer=1, n_embd=32, n_head=4, block_size=16, batch_size=4), 29,
+                     dtype="float64", seed=3, n_threads=n_threads)
+    losses = [model.train_step(b, 0.01) for b in batches]
+    results[key] = (losses, {k: v.copy() for k, v in model.params().items()})
+
+
+def test_steps_from_two_threads_at_once_equal_steps_run_alone():
+    """Two models training in two Python threads share the pool (one of them runs its parts
+    on its own thread while the pool is busy): each ends bit-identical to a run alone."""
+    rng = np.random.default_rng(5)
+    batches = [small_batch(rng, 29, 4, 17) for _ in range(30)]
+    alone = {}
+    run_steps(2, batches, alone, "a")
+    together = {}
+    threads = [threading.Thread(target=run_steps, args=(2, batches, together, k)) for k in "xy"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for key in "xy":
+        assert together[key][0] == alone["a"][0]
+        for name, value in alone["a"][1].items():
+            assert np.array_equal(together[key][1][name], value), name
+
+
+def _train_in_child(queue):
+    rng = np.random.default_rng(5)
+    out = {}
+    run_steps(2, [small_batch(rng, 29, 4, 17) for _ in range(3)], out, "c")
+    queue.put(out["c"][0])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_a_forked_child_starts_its_own_workers():
+    """fork() copies only the forking thread: the child must not wait for the parent's workers."""
+    rng = np.random.default_rng(5)
+    out = {}
+    run_steps(2, [small_batch(rng, 29, 4, 17) for _ in range(3)], out, "parent")
+    assert _core.pool_threads() >= 1
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_train_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == out["parent"][0]
+
+
+def test_training_is_bit_reproducible_on_the_pool():
+    rng = np.random.default_rng(8)
+    batches = [small_batch(rng, 29, 4, 17) for _ in range(20)]
+    a, b = {}, {}
+    run_steps(2, batches, a, "r")
+    run_steps(2, batches, b, "r")
+    assert a["r"][0] == b["r"][0]
+    for name, value in a["r"][1].items():
+        assert np.array_equal(b["r"][1][name], value)
+
+
+@pytest.mark.skipif(os.cpu_count() is None, reason="needs the core count")
+def test_the_pool_starts_no_more_workers_than_asked():
+    n = _core.pool_threads()
+    _core._pool_busy(2, 0, 0.0)
+    assert _core.pool_threads() == max(n, 1)
