@@ -4,7 +4,7 @@
 
 All three implementations decode with a key/value cache, the same window rule (keep the last
 half and re-prefill it when the window is full), the same effective weights (delta modules
-folded in) and the same sampling stack (SPEC §4: entropy-adaptive temperature, min-p, top-k,
+folded in) and the same sampling stack (design.md §4: entropy-adaptive temperature, min-p, top-k,
 typical-p, top-p at the config's defaults); each generates `--tokens` tokens after a corpus
 prompt (EOS banned, no early stop) and is timed end to end (prompt encoding, prefill,
 sampling, detokenization for ours). Medians of interleaved repeats. One line per (case, impl).
@@ -185,7 +185,7 @@ class NumpyDecoder:
 
 
 def numpy_sample(z, cfg: mg.Config, rng):
-    """SPEC §4 stack in numpy (z: float64 logits, banned = -inf)."""
+    """design.md §4 stack in numpy (z: float64 logits, banned = -inf)."""
     def softmax(t):
         e = np.exp((z - z.max()) / t)
         return e / e.sum()
@@ -317,7 +317,7 @@ class TorchDecoder(NumpyDecoder):
 
 
 def torch_sample(z, cfg: mg.Config, gen):
-    """SPEC §4 stack with torch ops (z: float64 tensor, banned = -inf)."""
+    """design.md §4 stack with torch ops (z: float64 tensor, banned = -inf)."""
     p = torch.softmax(z / cfg.temperature, -1)
     nz = p > 0
     H = float(-(p[nz] * torch.log(p[nz])).sum())

@@ -1,4 +1,4 @@
-"""Plain-numpy reference of the SPEC §2 model: forward, manual backward, clipped Adam.
+"""Plain-numpy reference of the design.md §2 model: forward, manual backward, clipped Adam.
 
 This is the fair baseline of the training benchmarks and an independent cross-check of the
 Cython core. It is NOT part of the package and does not import it: numpy only. A batch is
@@ -10,7 +10,7 @@ Dims legend: B sequences, T padded positions (<= block_size), C n_embd, H n_head
 dim, F = 4C MLP width, V vocabulary, P heads with a pattern (rrpram + hybrid), r delta rank,
 N = B*T rows.
 
-The math (SPEC §2), confirmed against fixtures/anchor-small/expected.json:
+The math (design.md §2), confirmed against tests/fixtures/anchor-small/expected.json:
   x = wte[tok] + wpe[t]
   per layer: h = rmsnorm(x) (no gain, eps 1e-5 inside the root)
              q, k, v = Wq h, Wk h, Wv h                                  (all with deltas)
@@ -85,11 +85,11 @@ def _sigmoid(z):
 
 
 class NumpyGPT:
-    """SPEC §2 model over a dict of named numpy parameters (see original_ckpt for the names).
+    """design.md §2 model over a dict of named numpy parameters (see original_ckpt for the names).
 
     cfg: dict with n_layer, n_embd, n_head, block_size, head_types, tie_embeddings and
     optionally mlp_activation ("relu" default | "silu"), grad_clip, beta1, beta2, eps_adam.
-    params: SPEC names -> arrays (copied to `dtype`); delta_alphas[k] scales module k.
+    params: parameter names (design.md §2) -> arrays (copied to `dtype`); delta_alphas[k] scales module k.
     """
 
     def __init__(self, cfg: dict, params: dict, delta_alphas, dtype=np.float64):
@@ -382,7 +382,7 @@ class NumpyGPT:
         return float(np.sum(nll * w.ravel())), z, lse
 
     def loss(self, batch_ids) -> float:
-        """Mean over sequences of the mean next-token cross-entropy (SPEC §2)."""
+        """Mean over sequences of the mean next-token cross-entropy (design.md §2)."""
         inp, tgt, w = self._prepare(batch_ids)
         logits, _ = self._forward(inp)
         return self._loss_from_logits(logits, tgt, w)[0]

@@ -1,10 +1,10 @@
-"""Read the original program's JSON checkpoint, and make SPEC §2 initial parameters.
+"""Read the original program's JSON checkpoint, and make design.md §2 initial parameters.
 
 Shared by the two reference baselines (`numpy_model.py`, `torch_model.py`). Needs only numpy
 and the standard library; it does not import the molecule_gpt package, so the baselines keep
 working (and keep cross-checking it) even where the extension is not built.
 
-Parameter names are the SPEC §2 names:
+Parameter names are the design.md §2 names:
   wte (V, C)  wpe (block_size, C)  lm_head (V, C; absent when cfg["tie_embeddings"])
   l{i}.wq l{i}.wk l{i}.wv l{i}.wo (C, C)  l{i}.fc_g l{i}.fc_v (4C, C)  l{i}.fc2 (C, 4C)
   l{i}.h{h}.w_pattern (block_size, d)     for rrpram and hybrid heads
@@ -73,7 +73,7 @@ def load_original(path) -> tuple[dict, dict[str, np.ndarray], list[float]]:
     """Read the original program's JSON checkpoint.
 
     Returns (cfg, params, delta_alphas): cfg is the file's "cfg" dict (with "mlp_activation"
-    set to "relu", the original's activation, when absent); params maps SPEC names to float64
+    set to "relu", the original's activation, when absent); params maps parameter names (design.md §2) to float64
     arrays; delta_alphas[k] is module k's scalar alpha (file field "alpha").
 
     Tied embeddings: the original unties wte/lm_head on load, but the file stores both; when
@@ -117,12 +117,12 @@ def load_original(path) -> tuple[dict, dict[str, np.ndarray], list[float]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# SPEC §2 initialisation
+# design.md §2 initialisation
 
 
 def init_params(cfg: dict, vocab_size: int, n_delta: int, seed: int,
                 dtype=np.float64) -> dict[str, np.ndarray]:
-    """Fresh parameters with the SPEC init.
+    """Fresh parameters with the init of design.md §2.
 
     Base matrices N(0, cfg init_std = 0.08), hybrid alphas cfg hybrid_alpha_init (0.5), delta
     factors A (nout, r) and B (r, nin) N(0, cfg delta_init_std = 0.02), r = cfg delta_rank, for

@@ -1,4 +1,4 @@
-"""PyTorch eager reference of the SPEC §2 model (autograd backward, clipped Adam).
+"""PyTorch eager reference of the design.md §2 model (autograd backward, clipped Adam).
 
 The "what a user would write" baseline of the training benchmarks and a second, independent
 cross-check (its backward is torch autograd, not a hand derivation). Not part of the package:
@@ -37,7 +37,7 @@ def rope(x, cos, sin):
 
 
 class TorchGPT:
-    """SPEC §2 model in PyTorch eager; params are numpy arrays (copied into torch tensors)."""
+    """design.md §2 model in PyTorch eager; params are numpy arrays (copied into torch tensors)."""
 
     def __init__(self, cfg: dict, params: dict, delta_alphas, dtype=np.float64):
         self.cfg = dict(cfg)

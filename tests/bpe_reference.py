@@ -1,15 +1,15 @@
-"""Pure-Python references for the tokenizer tests: SPEC §1 written plainly, no molecule_gpt import.
+"""Pure-Python references for the tokenizer tests: design.md §1 written plainly, no molecule_gpt import.
 
 Two references, each as short and literal as possible (speed is irrelevant):
 
-- `OriginalTokenizer`: SPEC §1 exactly as the original implementation behaves, on strings:
+- `OriginalTokenizer`: design.md §1 exactly as the original implementation behaves, on strings:
   symbols are strings, `</w>` is a string, characters never seen at birth are dropped by
   `encode` (the §8.2 defect), and its state exports to the original checkpoint's "tokenizer"
   object. Used to check that `EvolvingTokenizer.from_original` reproduces the original's ids,
   and that our trainer picks the same merges (same tie rule) on text of known characters.
 
 - `ReferenceTokenizer`: the design molecule_gpt implements (module docstring of
-  molecule_gpt/tokenizer.py): the same SPEC §1 over token ids, plus byte fallback, so nothing is
+  molecule_gpt/tokenizer.py): the same design.md §1 over token ids, plus byte fallback, so nothing is
   dropped. A token is identified by (bytes it decodes to, ends-a-word flag). Training recounts
   every pair every round; ties go to the pair met first when scanning the distinct words in
   first-occurrence order, symbols left to right (a dict's insertion order + max(), as the
@@ -23,7 +23,7 @@ EOW = -1  # the end-of-word marker as a symbol id in ReferenceTokenizer
 
 
 # ----------------------------------------------------------------------------------------------
-# SPEC §1 on strings, as the original does it
+# design.md §1 on strings, as the original does it
 
 
 class OriginalTokenizer:

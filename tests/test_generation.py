@@ -155,7 +155,7 @@ def test_fold_weights_skips_zero_alpha_modules_exactly():
 
 
 def reference_stack(z, temperature, lo, hi, boost, focus, min_p, typical_p, top_p, top_k, q=None, alpha=1.0):
-    """SPEC §4 as documented in generation.py, written plainly."""
+    """design.md §4 as documented in generation.py, written plainly."""
     z = np.asarray(z, float)
     ok = np.isfinite(z)
 

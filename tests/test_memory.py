@@ -1,4 +1,4 @@
-"""SQLite memory and corpus reservoir (SPEC §7): WAL and one writer under concurrent threads and
+"""SQLite memory and corpus reservoir (design.md §7): WAL and one writer under concurrent threads and
 connections, FTS5/bm25 recall against the recency fallback, exact forget counts (and erasure
 from the file), caps, schema versioning, the typed errors a person can hit (corrupt, locked,
 disk full), and the reservoir's rules (bound, dedup, newest half, seeded determinism, JSON)."""

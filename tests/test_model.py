@@ -405,7 +405,7 @@ def test_growth_mid_run_keeps_training_and_old_state():
     assert np.array_equal(model.groups["base"].moments()[0]["wte"][:11], m_before)
     assert not model.groups["base"].moments()[0]["wte"][11:].any()
     assert model.init_embed_snapshot.shape == (15, 8)
-    assert not model.init_embed_snapshot[11:].any()  # rows born later count whole in gamma (SPEC §6)
+    assert not model.init_embed_snapshot[11:].any()  # rows born later count whole in gamma (design.md §6)
     batch = random_batch(rng, 15, [7, 7, 5])
     losses = [model.train_step(batch, 0.01) for _ in range(5)]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]

@@ -1,4 +1,4 @@
-"""EvolvingTokenizer through its public API: SPEC §1 behaviour, §8.2 losslessness, the original
+"""EvolvingTokenizer through its public API: design.md §1 behaviour, §8.2 losslessness, the original
 checkpoint's ids, growth events, serialization, streaming decode, bad input.
 
 Expected values come from the fixture (ids the original computed) or from the pure-Python

@@ -1,7 +1,7 @@
 """Checkpoint: one safetensors file per organism, written atomically, validated before it is read.
 
 What it is: `save_checkpoint(path, model, tokenizer=None, state=None)` writes the whole organism
-(every parameter under its SPEC name, the Adam moments and step counters, the birth embedding
+(every parameter under its name (design.md §2), the Adam moments and step counters, the birth embedding
 snapshot, the model's RNG, the delta modules' alphas and trainable flags, the tokenizer and a
 caller-owned JSON `state`) to ONE file that standard tools read: a safetensors container whose
 `__metadata__` carries a JSON document. `load_checkpoint(path)` returns a `Checkpoint` whose

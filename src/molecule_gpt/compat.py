@@ -152,7 +152,7 @@ def _array(value, what: str, source: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # Export back to the original's JSON format
 
-# The original's "cfg" keys, in its order (fixtures/anchor-small/checkpoint.json). The first
+# The original's "cfg" keys, in its order (tests/fixtures/anchor-small/checkpoint.json). The first
 # three are its runtime paths, which Config does not carry: they are written with the
 # original's defaults. Config fields the original lacks (mlp_activation, init_std,
 # delta_init_std) are not written; the importer fills them with Config's defaults.

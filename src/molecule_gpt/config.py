@@ -1,6 +1,6 @@
 """Config: every hyperparameter of the organism, validated at construction.
 
-Defaults follow SPEC §7. Field names match the original implementation's "cfg" object so an
+Defaults follow design.md §7. Field names match the original implementation's "cfg" object so an
 imported checkpoint maps one to one (runtime paths such as corpus_path are not config here).
 """
 from __future__ import annotations

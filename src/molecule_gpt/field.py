@@ -1,4 +1,4 @@
-"""CorpusField: unigram, bigram and trigram counts of the corpus's token ids (SPEC §5).
+"""CorpusField: unigram, bigram and trigram counts of the corpus's token ids (design.md §5).
 
 What it is: counts kept as sorted int64 keys with parallel counts (a bigram (a, b) is the key
 a*V + b, a trigram (a, b, c) is (a*V + b)*V + c), so a context's continuations are one

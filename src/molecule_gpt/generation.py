@@ -1,6 +1,6 @@
 """Generation: sampling parameters, effective weights per model version, and the Generator.
 
-What it is: the policy half of SPEC §4 (the arithmetic is in `_decode`). `Generator(model,
+What it is: the policy half of design.md §4 (the arithmetic is in `_decode`). `Generator(model,
 tokenizer, field=None)` turns a prompt into text with a key/value cache; `SamplingParams`
 validates every knob (from the Config, overridable per call); `WeightCache` folds the delta
 modules into effective weights once per model version, under the model lock, so generation
@@ -9,7 +9,7 @@ never sees a half-updated model and never holds the lock for more than a copy.
 What it is not: training, or the decision of how much to trust the corpus field (the Organism
 passes `model_alpha`).
 
-Sampling, per token (SPEC §4, in `_decode.sample_stack`):
+Sampling, per token (design.md §4, in `_decode.sample_stack`):
   1. logits z; BOS/PAD are never sampled; EOS is not sampled before `min_gen_tokens`;
      z -= frequency_penalty * (times the token was generated in this call).
   2. temperature 0: the most probable token (of the blend, below). Otherwise p = softmax(z/T0)
@@ -349,7 +349,7 @@ class Generator:
         return banned, ends
 
     def encode_prompt(self, prompt) -> list[int]:
-        """Token ids of a prompt: a str is encoded without its EOS (SPEC §4); a list of ids is
+        """Token ids of a prompt: a str is encoded without its EOS (design.md §4); a list of ids is
         used as is (validated against the vocabulary)."""
         tok = self.tokenizer
         if isinstance(prompt, str):

@@ -1,4 +1,4 @@
-"""The organism's SQLite memory (SPEC §7): chat messages, corpus events and growth snapshots,
+"""The organism's SQLite memory (design.md §7): chat messages, corpus events and growth snapshots,
 plus the retrieval that fills the chat prompt and the `forget` that takes things back.
 
 What it is: one `Memory` object per database file, safe to share between the chat thread and
@@ -720,7 +720,7 @@ class Memory:
     def add_snapshot(self, step: int, vocab_size: int, n_params: int, n_delta: int, corpus_chars: int,
                      loss: float | None, gamma_sparsity: float | None, gamma_magnitude: float | None,
                      note: str = "", *, time: float | None = None) -> int:
-        """Record a growth snapshot (SPEC §7); returns its id. None or non-finite floats are
+        """Record a growth snapshot (design.md §7); returns its id. None or non-finite floats are
         stored as NULL."""
         row = (_time.time() if time is None else float(time), _count("step", step), _count("vocab_size", vocab_size),
                _count("n_params", n_params), _count("n_delta", n_delta), _count("corpus_chars", corpus_chars),

@@ -1,4 +1,4 @@
-"""Model: the GPT of SPEC §2 on the native core, with growable vocabulary and delta modules.
+"""Model: the GPT of design.md §2 on the native core, with growable vocabulary and delta modules.
 
 Policy lives here (validation, packing a batch, sizing the arena, parameter storage, Adam
 bookkeeping); the arithmetic is in `_core` (kernels + tape). Parameters are grouped: "base"
@@ -130,7 +130,7 @@ class ParamGroup:
 
 
 class Model:
-    """The transformer of SPEC §2. `Model(config, vocab_size, dtype="float32", seed=0)`."""
+    """The transformer of design.md §2. `Model(config, vocab_size, dtype="float32", seed=0)`."""
 
     def __init__(self, config: Config, vocab_size: int, dtype: str | np.dtype = "float32", seed: int = 0,
                  n_threads: int | None = None, *, _random_init: bool = True):
@@ -291,7 +291,7 @@ class Model:
             for k in range(self.n_delta):
                 name = f"delta{k}"
                 self.groups[name] = self.groups[name].regrown(self._delta_shapes(), lambda key, shape: np.zeros(shape))
-            # gamma = wte - snapshot, and SPEC §6 counts rows born after birth whole: their
+            # gamma = wte - snapshot, and design.md §6 counts rows born after birth whole: their
             # snapshot rows are zero (as in the original, whose snapshot has only the birth rows,
             # and as compat's import leaves them), not their init values
             snap = np.zeros((self.vocab_size, self.config.n_embd), self.dtype)
@@ -555,7 +555,7 @@ class Model:
     # ---------------------------------------------------------------------------- parameters
 
     def params(self) -> dict[str, np.ndarray]:
-        """Every parameter by SPEC name (live views: writes change the model; valid until the
+        """Every parameter by name (design.md §2) (live views: writes change the model; valid until the
         next growth). With tied embeddings lm_head is wte and appears once, as "wte"."""
         out = {}
         for group in self.groups.values():
@@ -565,7 +565,7 @@ class Model:
 
     def export_state(self) -> tuple[dict, dict[str, np.ndarray]]:
         """Everything needed to rebuild this model exactly: (JSON-able meta, tensors by name).
-        Tensors: every parameter by SPEC name, Adam moments as "adam.m.<name>"/"adam.v.<name>",
+        Tensors: every parameter by name (design.md §2), Adam moments as "adam.m.<name>"/"adam.v.<name>",
         and "init_embed_snapshot". Gradients are not state (each step recomputes them)."""
         with self._lock:
             meta = {
@@ -814,7 +814,7 @@ class Model:
         return loss
 
     def loss_and_grads(self, batch_ids: Sequence[Sequence[int]]) -> tuple[float, dict[str, np.ndarray]]:
-        """Batch loss and the gradient of every trainable parameter (copies, by SPEC name).
+        """Batch loss and the gradient of every trainable parameter (copies, by name (design.md §2)).
         With tied embeddings the one wte/lm_head matrix has one summed gradient, under "wte"."""
         with self._lock:
             loss = self._loss_and_backward(batch_ids)
@@ -885,7 +885,7 @@ def _layer_matrices(config: Config, i: int) -> dict[str, tuple[int, int]]:
 
 
 def base_shapes(config: Config, vocab_size: int) -> dict[str, tuple[int, int]]:
-    """Shape of every base parameter, in storage order (SPEC §2 names)."""
+    """Shape of every base parameter, in storage order (design.md §2 names)."""
     C, T = config.n_embd, config.block_size
     shapes = {"wte": (vocab_size, C), "wpe": (T, C)}
     if not config.tie_embeddings:

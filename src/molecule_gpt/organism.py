@@ -1,5 +1,5 @@
 """Organism: the public face of molecule_gpt: a model, its tokenizer, its corpus and its memory,
-which speaks, listens and keeps learning (SPEC §4-§8).
+which speaks, listens and keeps learning (design.md §4-§8).
 
 What it is: the facade that owns the data and the threads and delegates the rest:
 generation to `generation.Generator` (native KV-cache decoding, `_decode`), n-gram statistics to
@@ -18,7 +18,7 @@ generation to `generation.Generator` (native KV-cache decoding, `_decode`), n-gr
     org.save("org.ckpt"); Organism.load("org.ckpt")
     Organism.from_original("molecule_ckpt.json", corpus="nonames.txt")  # adopt the original program's
 
-Data (SPEC §7): the birth corpus is split once into training lines (the reservoir,
+Data (design.md §7): the birth corpus is split once into training lines (the reservoir,
 molecule_gpt.Reservoir) and held-out lines (`val_fraction`, none below 10 lines). `observe`
 adds sentences to the reservoir (tagged "H: "/"A: " when a speaker is given; case-insensitive
 dedup; when it exceeds max_corpus_lines the newest half is kept and older lines are sampled to
@@ -28,7 +28,7 @@ which fires a burst in the background when new bytes >= qb_min_bytes or novelty 
 new tokens) >= qb_min_novelty, once qb_cooldown_seconds have passed since the last burst. A
 burst trains on the buffer's new lines mixed with replayed reservoir lines (replay_ratio).
 
-Field/model blend (SPEC §5), the curve: with L_model the model's last held-out loss, L_field the
+Field/model blend (design.md §5), the curve: with L_model the model's last held-out loss, L_field the
 field's held-out loss (`CorpusField.heldout_loss`) on the same windows and U a uniform guess's
 (ln V per predicted token, V the vocabulary size), all in nats per character of the held-out
 lines (molecule_gpt.heldout),
@@ -41,7 +41,7 @@ Without a held-out split the last training loss (per token) stands in for L_mode
 and U are per token on the training lines. `Config.field_blend = False` gives 0 before
 training and 1 after.
 
-Threads (SPEC §8.7): generate/stream may be called from any number of threads, also while the
+Threads (design.md §8.7): generate/stream may be called from any number of threads, also while the
 background trainer runs; the trainer takes the model lock per optimizer step, generation takes
 it only to copy the weights when they changed. Vocabulary growth (BPE) runs between bursts
 under a writer lock; generation holds it as a reader only while it encodes the prompt and starts.
@@ -96,7 +96,7 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+")  # the reservoir's sentence split, for 
 
 
 class QuantumBuffer:
-    """New text since the last burst: bytes, tokens, distinct tokens, lines (SPEC §7)."""
+    """New text since the last burst: bytes, tokens, distinct tokens, lines (design.md §7)."""
 
     def __init__(self):
         self.bytes = 0
@@ -614,7 +614,7 @@ class Organism:
         return counts
 
     def _maybe_grow_tokenizer(self) -> bool:
-        """Enable or retrain BPE when the reservoir has grown enough (SPEC §1); grows the model
+        """Enable or retrain BPE when the reservoir has grown enough (design.md §1); grows the model
         and rebuilds the field and encodings. Returns True when the tokenizer changed.
 
         Before any training the change is free. Afterwards it is checked: the retrained
@@ -859,7 +859,7 @@ class Organism:
     # ---- identity
 
     def gamma_stats(self) -> dict:
-        """Identity drift (SPEC §6, measured on the effective output embedding): sparsity
+        """Identity drift (design.md §6, measured on the effective output embedding): sparsity
         (fraction of |gamma| <= gamma_sparsity_threshold), magnitude (Frobenius norm), the 10
         tokens whose rows moved most, and the contrastive projection's norm."""
         g = self.trainer.gamma()
@@ -876,7 +876,7 @@ class Organism:
         return self.trainer.projection()
 
     def immune_check(self, before: Projection | None = None) -> dict:
-        """The identity-drift check of SPEC §6 between `before` (default: the projection at the
+        """The identity-drift check of design.md §6 between `before` (default: the projection at the
         end of the last accepted burst or warmup, i.e. `last_projection`) and now. A diagnostic:
         bursts are accepted or rolled back by held-out loss alone (on every attack measured the
         drift check never caught a burst the loss check let through). Returns

@@ -1,4 +1,4 @@
-"""The bounded corpus reservoir of SPEC §7: the lines the organism trains on, capped in count
+"""The bounded corpus reservoir of design.md §7: the lines the organism trains on, capped in count
 and in line length, deduplicated case-insensitively, renewed by chat.
 
 What it is: a plain, single-threaded container with a seedable RNG and an exact JSON round
@@ -67,7 +67,7 @@ def _make_rng(rng) -> np.random.Generator:
 
 
 class Reservoir:
-    """Bounded, deduplicated training lines (SPEC §7). See the module docstring for the rules.
+    """Bounded, deduplicated training lines (design.md §7). See the module docstring for the rules.
 
     Reservoir(lines=(), max_lines=8000, rng=None, *, max_line_chars=240)
       lines           initial lines (the birth corpus), added with the same rules as `add`

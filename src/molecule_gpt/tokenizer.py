@@ -1,6 +1,6 @@
 """EvolvingTokenizer: characters at birth, grow-only BPE later, and nothing is ever dropped.
 
-This is the tokenizer of SPEC §1 with the defect of §8.2 fixed. It is the policy layer: the
+This is the tokenizer of design.md §1 with the defect of §8.2 fixed. It is the policy layer: the
 vocabulary, when it grows, what a merge creates, serialization, the original-checkpoint import.
 The hot loops (word scanning, merge application with a per-word cache, BPE training with
 incremental pair counts) are in the Cython extension `_bpe`; `_PyCore` below is its pure-Python
@@ -26,7 +26,7 @@ are their own byte); at most 243. They are appended after the existing tokens, s
 checkpoint's ids are unchanged; `from_original(..., byte_fallback=False)` keeps its exact
 vocabulary instead, and then a character outside it raises TokenizerError instead of vanishing.
 
-Encoding (SPEC §1): strip; <BOS>; char mode: one token per character; BPE mode: per
+Encoding (design.md §1): strip; <BOS>; char mode: one token per character; BPE mode: per
 whitespace-separated word, its characters plus the end-of-word marker </w>, merges applied
 lowest rank first, leftmost on ties (a pair listed twice keeps its last rank, like the
 original's dict), the bare </w> not emitted, the space token between words; <EOS>.
@@ -35,7 +35,7 @@ Decoding: skip <BOS>/<PAD>, stop at <EOS>, concatenate the tokens' bytes, decode
 `decode(encode(s)) == " ".join(s.split())` for every str s. Unlike the original, a literal
 "</w>" typed in the text survives (the marker is a symbol, not text).
 
-Training (SPEC §1): words of the whitespace-split lines, each its base symbols plus </w>;
+Training (design.md §1): words of the whitespace-split lines, each its base symbols plus </w>;
 repeatedly merge the most frequent adjacent pair (counted with word frequencies, overlapping
 occurrences included), bpe_num_merges times or until no pair is left. Ties between equal
 counts go to the pair met first when scanning the distinct words in first-occurrence order,
@@ -791,7 +791,7 @@ class _PyCore:
         return b"".join(parts)
 
     def train(self, lines, num_merges, merged_id):
-        """SPEC §1 as written: recount all pairs each round (ties: first met in word order)."""
+        """design.md §1 as written: recount all pairs each round (ties: first met in word order)."""
         vocab: Counter = Counter()
         for line in lines:
             for word in line.split():

@@ -1,5 +1,5 @@
 """Trainer: warmup with a schedule, held-out evaluation, telemetry, and bursts with the delta
-module lifecycle, the immune system and exact rollback (SPEC §3, §6, §7, §8.3-§8.5, §8.7).
+module lifecycle, the immune system and exact rollback (design.md §3, §6, §7, §8.3-§8.5, §8.7).
 
 What it is: the policy of continual learning over a `Model`. The arithmetic (forward, backward,
 Adam) is `Model.train_step`; this module decides what to train, when, with which learning rate,
@@ -10,7 +10,7 @@ Held-out loss is molecule_gpt.heldout's: nats per character of lines never train
 value before and after a tokenizer change compare. The organism hands in two sets: the old
 text (held out of the birth corpus) and the new (a slice held out of what it heard lately).
 
-Delta-module lifecycle (SPEC §8.3): a module is born an exact no-op (its A factors are zero),
+Delta-module lifecycle (design.md §8.3): a module is born an exact no-op (its A factors are zero),
 is the only module that trains, and its alpha rises linearly to 1 over its first
 `delta_ramp_bursts` bursts (1 by default: a module born a no-op needs no ramp, and a ramp
 changes what the model computes between two checked bursts). When a new module is grown
@@ -20,7 +20,7 @@ loss on the old text and on the new text alike (it helped neither), otherwise it
 fossil; either way it is frozen for good (`set_trainable(..., False)`, which lets the Model
 fold it into cached effective weights). The last allowed module keeps training.
 
-Immune system (SPEC §6, §8.4): a burst is one checked unit. Held-out loss on the old text is
+Immune system (design.md §6, §8.4): a burst is one checked unit. Held-out loss on the old text is
 measured before anything of the burst changes the model (alpha ramp included) and after its
 steps; the burst is rolled back when that loss rose by more than `immune_max_rise` (a
 fraction), or when any loss, gradient or parameter was non-finite. Harm is judged by effect on
@@ -32,7 +32,7 @@ before. `max_consecutive_rollbacks` rollbacks in a row multiply the burst learni
 drift (`projection`, `drift_check`) is measured and reported, but decides nothing: on every
 attack tried it never caught a burst the loss check let through.
 
-Locking (SPEC §8.7): every optimizer step takes the model lock (inside Model.train_step), never
+Locking (design.md §8.7): every optimizer step takes the model lock (inside Model.train_step), never
 a whole burst, so a generating thread waits for at most one step. A rollback restores under the
 lock in one go; held-out evaluation releases it between batches. `train_lock` (owned by the
 Organism) serializes whole bursts and warmups against each other.
