@@ -661,3 +661,17 @@ def test_command_line_edges(tmp_path, home_copy):
     proc = run_cli("--home", home, "--config", config, "chat", "--corpus", extra, input=long_line + "\n/quit\n")
     assert proc.returncode == 0, proc.stderr
     assert "read only at birth" in proc.stdout and "the conversation memory keeps the first 8,000" in proc.stdout
+
+
+def test_home_module_holds_the_home_and_cli_reexports_it(tmp_path):
+    """The home's storage layer lives in molecule_gpt.home; the command line re-exports the names
+    it used to define (other front ends import them from either)."""
+    from molecule_gpt import home
+    for name in ("Home", "Options", "load_options", "read_text_lines", "SETTINGS", "FIXED_AT_BIRTH",
+                 "CONFIG_FIELDS", "CHECKPOINT", "MEMORY", "TELEMETRY", "ARCHIVE", "LOCK"):
+        assert getattr(cli, name) is getattr(home, name), name
+    assert cli.CLIError is home.HomeError
+    h = home.Home(tmp_path / "h", home.load_options(None))
+    assert h.checkpoint == tmp_path / "h" / home.CHECKPOINT and not h.exists()
+    with h.locked():
+        assert (tmp_path / "h" / home.LOCK).read_text().startswith("pid ")
