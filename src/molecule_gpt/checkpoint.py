@@ -66,7 +66,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .config import Config
+from .config import RETIRED_FIELDS, Config
 from .errors import CheckpointError, ConfigError
 from .model import Model
 
@@ -910,7 +910,7 @@ def _config(path: str, raw: Any) -> Config:
     if not isinstance(raw, dict):
         raise _error(path, "the model config is not an object: the header is corrupt")
     names = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(set(raw) - names - set(RETIRED_FIELDS))  # retired ones: written by an older version
     if unknown:
         warnings.warn(f"{path}: ignoring unknown config field(s) {', '.join(unknown)} (written by a newer molecule-gpt?)",
                       CheckpointWarning, stacklevel=5)

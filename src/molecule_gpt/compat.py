@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config
+from .config import RETIRED_FIELDS, Config
 from .errors import CheckpointError
 from .model import Model
 
@@ -154,7 +154,8 @@ def _array(value, what: str, source: str) -> np.ndarray:
 
 # The original's "cfg" keys, in its order (tests/fixtures/anchor-small/checkpoint.json). The first
 # three are its runtime paths, which Config does not carry: they are written with the
-# original's defaults. Config fields the original lacks (mlp_activation, init_std,
+# original's defaults; fields Config no longer has (RETIRED_FIELDS) are written with the values
+# they had. Config fields the original lacks (mlp_activation, init_std,
 # delta_init_std) are not written; the importer fills them with Config's defaults.
 _ORIGINAL_RUNTIME = {"corpus_path": "nonames.txt", "db_path": "memory.sqlite3", "ckpt_path": "molecule_ckpt.json"}
 _ORIGINAL_CFG_KEYS = (
@@ -204,7 +205,7 @@ def original_document(model: Model, tokenizer, source: str = "<checkpoint>") -> 
         raise CheckpointError(f"{source}: not exported: the original format needs the tokenizer (its tokens fix the "
                               f"vocabulary); pass the EvolvingTokenizer")
     tok = _original_tokenizer(tokenizer, model.vocab_size, source)
-    values = c.to_dict()
+    values = {**RETIRED_FIELDS, **c.to_dict()}
     cfg = {key: _ORIGINAL_RUNTIME[key] if key in _ORIGINAL_RUNTIME else values[key] for key in _ORIGINAL_CFG_KEYS}
     with model._lock:  # one consistent snapshot
         params = {name: arr.astype(np.float64).tolist() for name, arr in model.params().items()}

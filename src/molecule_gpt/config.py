@@ -1,7 +1,15 @@
 """Config: every hyperparameter of the organism, validated at construction.
 
-Defaults follow design.md §7. Field names match the original implementation's "cfg" object so an
-imported checkpoint maps one to one (runtime paths such as corpus_path are not config here).
+Fields are grouped by concern (MODEL, DELTA, TRAINING, BURSTS, HELDOUT, IMMUNE, SAMPLING, FIELD,
+TOKENIZER, CORPUS, THREADS below); each carries its group, a one-line description and, for the
+fields fixed at birth, how it is fixed, in its dataclass metadata: `Config.fields_of(group)`,
+`Config.describe(name)`, `Config.shape_fields()` and `Config.fixed_at_birth()` read them, so
+what is fixed at birth is said in this one place (Model and the command line derive from it).
+The names stay flat: `Config(n_layer=...)`, config-file keys and a checkpoint's
+`model.config` use them as they are. Defaults are those of design.md §7. Field names match the
+original implementation's "cfg" object so an imported checkpoint maps one to one (runtime
+paths such as corpus_path are not config here). Retired fields (RETIRED_FIELDS) are accepted
+and ignored when read from a file or a checkpoint.
 """
 from __future__ import annotations
 
@@ -13,96 +21,163 @@ from .errors import ConfigError
 HEAD_TYPES = ("content", "rrpram", "hybrid")
 MLP_ACTIVATIONS = ("relu", "silu")
 
+# How a field is fixed at birth (metadata "fixed"):
+SHAPE = "shape"  # fixes parameter shapes: a built Model refuses a change (Model._SHAPE_FIELDS)
+INIT = "init"  # how parameters are drawn: an organism keeps it for life, like the shapes
+
+GROUPS = ("model", "delta", "training", "bursts", "heldout", "immune", "sampling", "field", "tokenizer", "corpus",
+          "threads")
+
+# Fields earlier versions had, with the value they had; old config files and checkpoints that
+# name them still load (silently, the value ignored). The original program's JSON has them too.
+RETIRED_FIELDS = {"min_new_chars_to_train": 480,  # never read by anything
+                  "immune_val_bound": 0.05}  # replaced by immune_max_rise (a fraction, per character)
+
+
+def _group(name: str):
+    assert name in GROUPS
+
+    def make(default, doc: str, *, fixed: str | None = None):
+        return field(default=default, metadata={"group": name, "doc": doc, "fixed": fixed})
+    return make
+
+
+MODEL, DELTA, TRAINING, BURSTS, HELDOUT, IMMUNE, SAMPLING, FIELD, TOKENIZER, CORPUS, THREADS = map(_group, GROUPS)
+
 
 @dataclass
 class Config:
-    # ---- model shape
-    n_layer: int = 2  # transformer blocks
-    n_embd: int = 72  # residual width C
-    n_head: int = 4  # heads per layer; head dim d = n_embd / n_head (must be even for RoPE)
-    block_size: int = 96  # context window, also the rows of wpe and of each w_pattern
-    head_types: tuple = ("content", "content", "hybrid", "hybrid")  # one per head
-    mlp_activation: str = "relu"  # gate of the MLP: "relu" (original) or "silu"
-    tie_embeddings: bool = True  # lm_head is the wte matrix itself (one array, one gradient)
-    hybrid_alpha_init: float = 0.5  # raw alpha of hybrid heads; the mix is sigmoid(alpha)
-    init_std: float = 0.08  # std of base matrices at init
-    delta_init_std: float = 0.02  # std of delta factors A and B at init (original)
+    # ---- model: shapes and init (design.md §2); fixed at birth
+    n_layer: int = MODEL(2, "transformer blocks", fixed=SHAPE)
+    n_embd: int = MODEL(72, "residual width C", fixed=SHAPE)
+    n_head: int = MODEL(4, "heads per layer; head dim d = n_embd / n_head (must be even for RoPE)", fixed=SHAPE)
+    block_size: int = MODEL(96, "context window T, also the rows of wpe and of each w_pattern", fixed=SHAPE)
+    head_types: tuple = MODEL(("content", "content", "hybrid", "hybrid"),
+                              "one per head: content, rrpram or hybrid", fixed=SHAPE)
+    mlp_activation: str = MODEL("relu", 'gate of the MLP: "relu" (original) or "silu"', fixed=SHAPE)
+    tie_embeddings: bool = MODEL(True, "lm_head is the wte matrix itself (one array, one gradient)", fixed=SHAPE)
+    hybrid_alpha_init: float = MODEL(0.5, "raw alpha of hybrid heads at init; the mix is sigmoid(alpha)", fixed=INIT)
+    init_std: float = MODEL(0.08, "std of base matrices at init (and of vocabulary rows grown later)", fixed=INIT)
+    delta_init_std: float = MODEL(0.02, "std of delta factors A and B at init (original)", fixed=INIT)
 
-    # ---- delta modules
-    delta_rank: int = 8  # rank r of each low-rank adapter
-    max_delta_modules: int = 12  # modules an organism may accumulate
-    delta_grow_prob: float = 0.08  # chance of appending a module after a burst
+    # ---- delta modules (design.md §8.3)
+    delta_rank: int = DELTA(8, "rank r of each low-rank adapter", fixed=SHAPE)
+    max_delta_modules: int = DELTA(12, "modules an organism may accumulate")
+    delta_grow_prob: float = DELTA(0.08, "chance of appending a module after an accepted burst")
+    delta_ramp_bursts: int = DELTA(1, "a new module's alpha rises linearly to 1 over its first bursts (1: at once)")
 
-    # ---- training
-    warmup_steps: int = 1200  # steps on the seed corpus before chatting
-    micro_steps: int = 32  # optimizer steps per background burst
-    learning_rate: float = 0.01  # peak learning rate of the warmup schedule
-    burst_learning_rate: float = 0.001  # learning rate of a burst (times the rollback back-off)
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps_adam: float = 1e-8
-    grad_clip: float = 1.0  # each gradient element is clipped to +-grad_clip before Adam
-    freeze_base_after_warmup: bool = False  # True: after warmup only delta modules train (bursts then learn less)
-    batch_size: int = 4  # sequences per step; sizes the training arena
-    train_tick_seconds: float = 0.25
-    min_new_chars_to_train: int = 480
+    # ---- training: optimizer and warmup (design.md §3)
+    warmup_steps: int = TRAINING(1200, "steps on the seed corpus before chatting")
+    learning_rate: float = TRAINING(0.01, "peak learning rate of the warmup schedule")
+    lr_warmup_steps: int = TRAINING(50, "warmup's learning rate rises linearly over these steps, then cosine-decays")
+    lr_min_ratio: float = TRAINING(0.1, "the cosine decay ends at learning_rate * lr_min_ratio")
+    beta1: float = TRAINING(0.9, "Adam's first-moment decay")
+    beta2: float = TRAINING(0.99, "Adam's second-moment decay")
+    eps_adam: float = TRAINING(1e-8, "Adam's epsilon")
+    grad_clip: float = TRAINING(1.0, "each gradient element is clipped to +-grad_clip before Adam")
+    batch_size: int = TRAINING(4, "sequences per step; sizes the training arena")
+    freeze_base_after_warmup: bool = TRAINING(False, "True: after warmup only delta modules train "
+                                                     "(bursts then learn less)")
+    eval_interval: int = TRAINING(100, "warmup steps between held-out evaluations (and telemetry val_loss)")
+    patience: int = TRAINING(0, "evaluations without a min_delta improvement before warmup stops early (0: never)")
+    min_delta: float = TRAINING(1e-3, "held-out improvement (nats per character) that resets the patience count")
 
-    # ---- generation
-    temperature: float = 0.85  # sampling temperature; 0 picks the most likely token (greedy)
-    top_k: int = 40
-    top_p: float = 0.92
-    min_p: float = 0.06
-    typical_p: float = 0.95
-    max_gen_tokens: int = 180
-    min_gen_tokens: int = 16
-    repetition_guard: int = 4
-    entropy_low: float = 0.5
-    entropy_high: float = 1.5
-    entropy_temp_boost: float = 1.2
-    entropy_temp_focus: float = 0.8
-    corpus_gen_max_tokens: int = 120
+    # ---- bursts: continual learning after warmup (design.md §3, §7)
+    micro_steps: int = BURSTS(32, "optimizer steps per burst")
+    burst_learning_rate: float = BURSTS(0.001, "learning rate of a burst (times the rollback back-off)")
+    replay_ratio: float = BURSTS(0.75, "share of each burst's sequences drawn from what the organism knew before "
+                                       "it (replay)")
+    train_tick_seconds: float = BURSTS(0.25, "the background trainer checks the quantum buffer this often")
 
-    # ---- tokenizer
-    enable_bpe_after_chars: int = 25000
-    bpe_num_merges: int = 384
-    bpe_retrain_every_chars: int = 4000
+    # ---- held-out text (design.md §3)
+    val_fraction: float = HELDOUT(0.1, "share of the birth corpus held out (none below 10 lines)")
+    val_max_sequences: int = HELDOUT(96, "held-out lines of the old text scored per evaluation (a fixed subset, "
+                                         "so values compare)")
+    heard_val_fraction: float = HELDOUT(0.1, "share of newly heard lines held out (not trained) to measure learning")
+    heard_val_max_lines: int = HELDOUT(32, "newest held-out heard lines kept and scored")
 
-    # ---- identity (measured and reported; bursts are judged by held-out loss, see immune_max_rise)
-    gamma_sparsity_threshold: float = 0.01  # |gamma| at or below this counts as sparse in gamma_stats()
-    noise_drift_threshold: float = -0.1  # immune_check() fails below this cosine of identity directions
-    gamma_min_magnitude: float = 1e-6  # the drift cosine is not measured while either magnitude is below this
-
-    # ---- corpus and quantum buffer
-    max_corpus_lines: int = 8000
-    max_line_chars: int = 240
-    qb_min_bytes: int = 1024
-    qb_min_novelty: float = 0.15
-    qb_cooldown_seconds: float = 60.0
-
-    # ---- organism: trainer, held-out split, immune system, delta lifecycle, threads
-    val_fraction: float = 0.1  # share of the birth corpus held out for val loss (none below 10 lines)
-    val_max_sequences: int = 96  # held-out lines of the old text scored per evaluation (a fixed subset, so values compare)
-    eval_interval: int = 100  # warmup steps between held-out evaluations (and telemetry "val_loss")
-    patience: int = 0  # evaluations without a min_delta improvement before warmup stops early (0: never)
-    min_delta: float = 1e-3  # val-loss improvement (nats) that resets the patience count
-    lr_warmup_steps: int = 50  # warmup's learning rate rises linearly over these steps, then cosine-decays
-    lr_min_ratio: float = 0.1  # the cosine decay ends at learning_rate * lr_min_ratio
-    replay_ratio: float = 0.75  # share of each burst's sequences drawn from what the organism knew before it (replay)
+    # ---- immune system and identity (design.md §6)
     # a burst raising held-out loss on the old text by more than this fraction is rolled back
     # (harm is a 1% rise; the margin covers the sampling noise of a 96-line estimate)
-    immune_max_rise: float = 0.0075
-    bpe_growth_max_rise: float = 0.005  # a tokenizer growth after training is kept only if old held-out loss rises less
-    heard_val_fraction: float = 0.1  # share of newly heard lines held out (not trained) to measure learning
-    heard_val_max_lines: int = 32  # newest held-out heard lines kept and scored
-    max_quarantine_lines: int = 2000  # lines of rolled-back bursts kept aside (not trained) until released
-    max_consecutive_rollbacks: int = 3  # this many rollbacks in a row multiply the burst lr by rollback_lr_backoff
-    rollback_lr_backoff: float = 0.5  # lr factor after a rollback streak; each accepted burst divides it back out
-    delta_ramp_bursts: int = 1  # a new module's alpha rises linearly to 1 over its first bursts (1: at once)
-    collapse_std_bound: float = 1e-3  # a layer whose hidden-state std falls below this is reported as collapsed
-    field_blend: bool = True  # blend the corpus field into generation until the model beats it on held-out text
-    train_threads: int = 0  # training worker threads (0: all cores in warmup, all but one in the background)
-    blas_threads: int = 1  # BLAS threads while the background trainer runs (0: leave the process setting)
-    decode_threads: int = 1  # threads one generation splits products of >= 128k weights over (1: none)
+    immune_max_rise: float = IMMUNE(0.0075, "largest accepted relative rise of old held-out loss in a burst")
+    max_consecutive_rollbacks: int = IMMUNE(3, "this many rollbacks in a row multiply the burst lr by "
+                                               "rollback_lr_backoff")
+    rollback_lr_backoff: float = IMMUNE(0.5, "lr factor after a rollback streak; each accepted burst divides it "
+                                             "back out")
+    max_quarantine_lines: int = IMMUNE(2000, "lines of rolled-back bursts kept aside (not trained) until released")
+    gamma_sparsity_threshold: float = IMMUNE(0.01, "|gamma| at or below this counts as sparse in gamma_stats()")
+    noise_drift_threshold: float = IMMUNE(-0.1, "immune_check() fails below this cosine of identity directions "
+                                                "(reported, decides nothing)")
+    gamma_min_magnitude: float = IMMUNE(1e-6, "the drift cosine is not measured while either magnitude is below this")
+    collapse_std_bound: float = IMMUNE(1e-3, "a layer whose hidden-state std falls below this is reported as "
+                                             "collapsed")
+
+    # ---- sampling (design.md §4); generate() overrides any of them per call
+    temperature: float = SAMPLING(0.85, "sampling temperature; 0 picks the most likely token (greedy)")
+    top_k: int = SAMPLING(40, "keep the k most likely tokens (0: off)")
+    top_p: float = SAMPLING(0.92, "keep the most likely tokens until their mass reaches top_p (1: off)")
+    min_p: float = SAMPLING(0.06, "drop tokens with p < min_p * max p (0: off)")
+    typical_p: float = SAMPLING(0.95, "keep the tokens whose surprisal is nearest the entropy until their mass "
+                                      "reaches typical_p (1: off)")
+    max_gen_tokens: int = SAMPLING(180, "hard cap on generated tokens")
+    min_gen_tokens: int = SAMPLING(16, "no EOS and no sentence-end stop before this many tokens")
+    repetition_guard: int = SAMPLING(4, "stop when the last n tokens repeat the n before them (0: off)")
+    entropy_low: float = SAMPLING(0.5, "nats; below it the temperature is multiplied by entropy_temp_boost")
+    entropy_high: float = SAMPLING(1.5, "nats; above it the temperature is multiplied by entropy_temp_focus")
+    entropy_temp_boost: float = SAMPLING(1.2, "temperature factor when the distribution is peaked")
+    entropy_temp_focus: float = SAMPLING(0.8, "temperature factor when the distribution is flat")
+
+    # ---- corpus field (design.md §5)
+    corpus_gen_max_tokens: int = FIELD(120, "token cap when the field speaks alone (model_alpha 0)")
+    field_blend: bool = FIELD(True, "blend the corpus field into generation until the model beats it on "
+                                    "held-out text")
+
+    # ---- tokenizer (design.md §1)
+    enable_bpe_after_chars: int = TOKENIZER(25000, "BPE is enabled once the corpus holds this many characters")
+    bpe_num_merges: int = TOKENIZER(384, "merges learned per BPE training")
+    bpe_retrain_every_chars: int = TOKENIZER(4000, "BPE is retrained after this many new characters")
+    bpe_growth_max_rise: float = TOKENIZER(0.005, "a tokenizer growth after training is kept only if old held-out "
+                                                  "loss rises less than this fraction")
+
+    # ---- corpus reservoir and quantum buffer (design.md §7)
+    max_corpus_lines: int = CORPUS(8000, "lines the reservoir keeps (the newest half, then a sample of older ones)")
+    max_line_chars: int = CORPUS(240, "longer lines are split into pieces of at most this many characters")
+    qb_min_bytes: int = CORPUS(1024, "new bytes that make the quantum buffer fire a burst")
+    qb_min_novelty: float = CORPUS(0.15, "or: distinct / total new tokens at which it fires")
+    qb_cooldown_seconds: float = CORPUS(60.0, "seconds between background bursts at least")
+
+    # ---- threads
+    train_threads: int = THREADS(0, "training worker threads (0: all cores in warmup, all but one in the "
+                                    "background)")
+    blas_threads: int = THREADS(1, "BLAS threads while the background trainer runs (0: leave the process setting)")
+    decode_threads: int = THREADS(1, "threads one generation splits products of >= 128k weights over (1: none)")
+
+    # ---- reading the metadata
+
+    @classmethod
+    def fields_of(cls, group: str) -> tuple[str, ...]:
+        """The names of the fields of one group (one of GROUPS), in order."""
+        if group not in GROUPS:
+            raise KeyError(f"no Config group {group!r}; groups are {', '.join(GROUPS)}")
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["group"] == group)
+
+    @classmethod
+    def describe(cls, name: str) -> str:
+        """One line saying what a field is (its group, fixed at birth or not, and what it does)."""
+        f = {f.name: f for f in dataclasses.fields(cls)}[name]
+        fixed = {SHAPE: ", fixed at birth (a parameter shape)", INIT: ", fixed at birth (the init)"}.get(
+            f.metadata["fixed"], "")
+        return f"{name} ({f.metadata['group']}{fixed}): {f.metadata['doc']}"
+
+    @classmethod
+    def shape_fields(cls) -> tuple[str, ...]:
+        """Fields that fix the parameters' shapes: a built Model cannot change them."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["fixed"] == SHAPE)
+
+    @classmethod
+    def fixed_at_birth(cls) -> tuple[str, ...]:
+        """Fields an organism keeps for life: the shapes and how the parameters are drawn."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["fixed"] is not None)
 
     def __post_init__(self):
         self.head_types = tuple(self.head_types)
@@ -123,7 +198,7 @@ class Config:
                 raise ConfigError(f"Config.{name} must be a positive int, got {value!r}")
         non_negative_ints = ("warmup_steps", "max_delta_modules", "min_gen_tokens", "repetition_guard",
                              "top_k", "corpus_gen_max_tokens", "enable_bpe_after_chars",
-                             "bpe_retrain_every_chars", "qb_min_bytes", "min_new_chars_to_train")
+                             "bpe_retrain_every_chars", "qb_min_bytes")
         for name in non_negative_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -209,9 +284,10 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict, *, strict: bool = True) -> "Config":
-        """Build from a mapping; unknown keys raise ConfigError when strict, are dropped otherwise."""
+        """Build from a mapping; unknown keys raise ConfigError when strict, are dropped otherwise.
+        Retired fields (RETIRED_FIELDS) are dropped silently either way."""
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - names - set(RETIRED_FIELDS))
         if unknown and strict:
             raise ConfigError(f"unknown Config field(s): {', '.join(unknown)}")
         return cls(**{k: v for k, v in data.items() if k in names})

@@ -80,9 +80,7 @@ class SamplingParams:
     model_alpha: float | None = None  # model weight in the field blend (None: the owner decides)
     logits_processors: tuple = ()  # callables (ids, logits) -> logits, after the built-in stack
 
-    _CONFIG_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "entropy_low", "entropy_high",
-                      "entropy_temp_boost", "entropy_temp_focus", "max_gen_tokens", "min_gen_tokens",
-                      "repetition_guard", "frequency_penalty")
+    _CONFIG_FIELDS = Config.fields_of("sampling")  # the knobs a Config gives defaults for
 
     @classmethod
     def from_config(cls, config: Config, **overrides) -> "SamplingParams":

@@ -41,7 +41,7 @@ import re
 import sys
 from typing import Any, Callable, Iterator
 
-from .config import Config
+from .config import RETIRED_FIELDS, Config
 from .data import seed_corpus_lines
 from .errors import CheckpointError, ConfigError, MoleculeError
 from .memory import Memory
@@ -87,9 +87,9 @@ _SETTING_HELP = {
     "max_messages": "an int >= 1", "max_telemetry_mb": "a number >= 0.01", "keep_checkpoints": "an int >= 0",
     "autosave_turns": "an int >= 1", "recall_recent": "an int >= 0", "recall_relevant": "an int >= 0",
 }
-# shapes of the parameters: an organism keeps them for life
-FIXED_AT_BIRTH = ("n_layer", "n_embd", "n_head", "block_size", "head_types", "mlp_activation", "tie_embeddings",
-                  "delta_rank", "hybrid_alpha_init", "init_std", "delta_init_std")
+# the shapes of the parameters and how they were drawn: an organism keeps them for life (marked
+# on Config itself)
+FIXED_AT_BIRTH = Config.fixed_at_birth()
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(Config))
 
 
@@ -148,6 +148,8 @@ def load_options(path: str | None) -> Options:
             settings[key] = value
         elif key in CONFIG_FIELDS:
             config[key] = value
+        elif key in RETIRED_FIELDS:
+            pass  # a field earlier versions had: accepted, ignored
         else:
             near = difflib.get_close_matches(key, list(CONFIG_FIELDS) + list(SETTINGS), n=1)
             problems.append(f"unknown option {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))

@@ -488,8 +488,7 @@ class Model:
                 engine.allocate(*engine.plan(*self._max_step()))
             self._arenas_ready = True
 
-    _SHAPE_FIELDS = ("n_layer", "n_embd", "n_head", "block_size", "head_types", "mlp_activation",
-                     "tie_embeddings", "delta_rank")
+    _SHAPE_FIELDS = Config.shape_fields()  # marked on Config (fixed=SHAPE)
 
     def _config_shape_key(self) -> tuple:
         return tuple(getattr(self.config, f) for f in self._SHAPE_FIELDS)
