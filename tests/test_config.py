@@ -95,3 +95,16 @@ def test_sampling_params_take_the_sampling_group():
     p = SamplingParams.from_config(c)
     for name in mg.Config.fields_of("sampling"):
         assert getattr(p, name) == getattr(c, name), name
+
+
+def test_home_settings_are_one_table(tmp_path):
+    """The home's own settings (not Config fields) are one row each: default, test, words, doc;
+    the dicts the command line exports are views of it."""
+    assert not set(home.SETTING_TABLE) & set(home.CONFIG_FIELDS)
+    for name, s in home.SETTING_TABLE.items():
+        assert s.valid(s.default) and s.doc, name
+        assert cli.SETTINGS[name] == s.default and cli._SETTING_HELP[name] == s.takes
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"keep_checkpoints": -1, "seed": "x"}))
+    with pytest.raises(home.HomeError, match=r"'keep_checkpoints' must be an int >= 0.*'seed' must be an int >= 0"):
+        home.load_options(str(path))

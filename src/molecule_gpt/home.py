@@ -39,7 +39,7 @@ import os
 import pathlib
 import re
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from .config import RETIRED_FIELDS, Config
 from .data import seed_corpus_lines
@@ -50,7 +50,8 @@ from .telemetry import trim_jsonl
 from .tokenizer import read_corpus
 
 __all__ = ["ARCHIVE", "CHECKPOINT", "CONFIG_FIELDS", "FIXED_AT_BIRTH", "LOCK", "MEMORY", "SETTINGS", "TELEMETRY",
-           "Home", "HomeError", "Options", "load_options", "read_text_lines"]
+           "SETTING_TABLE", "Home", "HomeError", "Options", "Setting", "load_options",
+           "read_text_lines"]
 
 CHECKPOINT = "organism.ckpt"
 MEMORY = "memory.sqlite"
@@ -58,35 +59,38 @@ TELEMETRY = "telemetry.jsonl"
 ARCHIVE = "checkpoints"
 LOCK = ".lock"
 
-# Settings of the command line itself (not of the model), with their defaults; a config file
-# may set them too.
-SETTINGS: dict[str, Any] = {
-    "seed": 0,  # seeds a new organism (init, corpus split, sampling of batches)
-    "dtype": "float32",  # of a new organism's parameters: "float32" or "float64" (import: float64 unless set)
-    "corpus": None,  # a text file a new organism is born from (default: the shipped seed corpus)
-    "max_messages": 10_000,  # chat messages kept in memory.sqlite (oldest go first)
-    "max_telemetry_mb": 16.0,  # telemetry.jsonl is cut to its newer half past this size
-    "keep_checkpoints": 3,  # old checkpoints kept in checkpoints/
-    "autosave_turns": 4,  # chat saves the organism every this many turns (and at /save, /quit)
-    "recall_recent": 6,  # chat prompt: the newest messages ...
-    "recall_relevant": 4,  # ... plus this many earlier ones most relevant to what you said
+class Setting(NamedTuple):
+    """A setting of the home (not of the model): its default, what values it takes (a test and
+    the words for it) and what it does."""
+    default: Any
+    valid: Callable[[Any], bool]
+    takes: str
+    doc: str
+
+
+# The settings of a home, one row each; a config file may set them beside Config fields.
+SETTING_TABLE: dict[str, Setting] = {
+    "seed": Setting(0, lambda v: _is_int(v) and v >= 0, "an int >= 0",
+                    "seeds a new organism (init, corpus split, sampling of batches)"),
+    "dtype": Setting("float32", lambda v: v in ("float32", "float64"), '"float32" or "float64"',
+                     "of a new organism's parameters (import: float64 unless set)"),
+    "corpus": Setting(None, lambda v: v is None or isinstance(v, str), "a path or null",
+                      "a text file a new organism is born from (default: the shipped seed corpus)"),
+    "max_messages": Setting(10_000, lambda v: _is_int(v) and v >= 1, "an int >= 1",
+                            "chat messages kept in memory.sqlite (oldest go first)"),
+    "max_telemetry_mb": Setting(16.0, lambda v: _is_number(v) and 0.01 <= v < math.inf, "a number >= 0.01",
+                                "telemetry.jsonl is cut to its newer half past this size"),
+    "keep_checkpoints": Setting(3, lambda v: _is_int(v) and v >= 0, "an int >= 0", "old checkpoints kept in checkpoints/"),
+    "autosave_turns": Setting(4, lambda v: _is_int(v) and v >= 1, "an int >= 1",
+                              "chat saves the organism every this many turns (and at /save, /quit)"),
+    "recall_recent": Setting(6, lambda v: _is_int(v) and v >= 0, "an int >= 0", "chat prompt: the newest messages ..."),
+    "recall_relevant": Setting(4, lambda v: _is_int(v) and v >= 0, "an int >= 0",
+                               "... plus this many earlier ones most relevant to what you said"),
 }
-_SETTING_CHECKS: dict[str, Callable[[Any], bool]] = {
-    "seed": lambda v: _is_int(v) and v >= 0,
-    "dtype": lambda v: v in ("float32", "float64"),
-    "corpus": lambda v: v is None or isinstance(v, str),
-    "max_messages": lambda v: _is_int(v) and v >= 1,
-    "max_telemetry_mb": lambda v: _is_number(v) and 0.01 <= v < math.inf,
-    "keep_checkpoints": lambda v: _is_int(v) and v >= 0,
-    "autosave_turns": lambda v: _is_int(v) and v >= 1,
-    "recall_recent": lambda v: _is_int(v) and v >= 0,
-    "recall_relevant": lambda v: _is_int(v) and v >= 0,
-}
-_SETTING_HELP = {
-    "seed": "an int >= 0", "dtype": '"float32" or "float64"', "corpus": "a path or null",
-    "max_messages": "an int >= 1", "max_telemetry_mb": "a number >= 0.01", "keep_checkpoints": "an int >= 0",
-    "autosave_turns": "an int >= 1", "recall_recent": "an int >= 0", "recall_relevant": "an int >= 0",
-}
+# views of the table by column (the names the command line has always exported)
+SETTINGS: dict[str, Any] = {name: s.default for name, s in SETTING_TABLE.items()}
+_SETTING_CHECKS: dict[str, Callable[[Any], bool]] = {name: s.valid for name, s in SETTING_TABLE.items()}
+_SETTING_HELP: dict[str, str] = {name: s.takes for name, s in SETTING_TABLE.items()}
 # the shapes of the parameters and how they were drawn: an organism keeps them for life (marked
 # on Config itself)
 FIXED_AT_BIRTH = Config.fixed_at_birth()
