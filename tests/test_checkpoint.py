@@ -225,7 +225,7 @@ def test_data_is_stored_in_the_models_memory_order(saved):
     path, model = saved
     header, _ = read_parts(path)
     by_offset = sorted((v["data_offsets"][0], k) for k, v in header.items() if k != "__metadata__")
-    assert [k for _, k in by_offset] == ck._layout_order(model)
+    assert [k for _, k in by_offset] == model.state_layout()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -240,7 +240,7 @@ def test_files_in_another_tensor_order_load(tmp_path, monkeypatch, dtype):
     save_checkpoint(path, model, tok)
     header, _ = read_parts(path)
     by_offset = [k for _, k in sorted((v["data_offsets"][0], k) for k, v in header.items() if k != "__metadata__")]
-    assert by_offset != ck._layout_order(model)  # really another order
+    assert by_offset != model.state_layout()  # really another order
     ckpt = load_checkpoint(path)
     assert_same_model(model, ckpt.model)
     ids = tok.encode("the cat sat")

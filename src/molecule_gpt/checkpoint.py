@@ -68,7 +68,7 @@ import numpy as np
 
 from .config import RETIRED_FIELDS, Config
 from .errors import CheckpointError, ConfigError
-from .model import Model
+from .model import Model, delta_group
 
 __all__ = ["Checkpoint", "CheckpointWarning", "FORMAT_NAME", "FORMAT_VERSION", "load_checkpoint", "save_checkpoint"]
 
@@ -170,13 +170,13 @@ def save_checkpoint(path: str | os.PathLike, model: Model, tokenizer=None, state
         _check_json(tok_doc, "tokenizer.to_dict()", path)
     _check_json(state, "state", path)
 
-    with model._lock:  # one consistent snapshot even while another thread trains
+    with model.lock:  # one consistent snapshot even while another thread trains
         if tokenizer is not None and tokenizer.vocab_size != model.vocab_size:
             raise CheckpointError(
                 f"{path}: not saved: the tokenizer has {tokenizer.vocab_size} tokens but the model has vocab_size "
                 f"{model.vocab_size}; grow the model (model.grow_vocab(tokenizer.vocab_size)) before saving")
         meta, tensors = model.export_state()
-        layout = _layout_order(model)
+        layout = model.state_layout()
     # the model's memory order: a load then reads each parameter group's arrays in one call
     tensors = {**{k: tensors[k] for k in layout if k in tensors}, **tensors}
     if not optimizer_state:
@@ -198,18 +198,6 @@ def save_checkpoint(path: str | os.PathLike, model: Model, tokenizer=None, state
                 "checksums": json.dumps(checksums, separators=(",", ":"))}
     data_bytes = sum(a.nbytes for a in tensors.values())
     _atomic_write(path, lambda tmp: _write_safetensors(tmp, tensors, metadata), data_bytes)
-
-
-def _layout_order(model: Model) -> list[str]:
-    """Tensor names in the order of the model's memory: per group its parameters, then their
-    Adam m, then v (each one flat array, laid out in group.shapes order); the snapshot last."""
-    names = []
-    for group in model.groups.values():
-        prefix = "" if group.name == "base" else group.name + "."
-        for kind in ("", "adam.m.", "adam.v."):
-            names.extend(kind + prefix + key for key in group.shapes)
-    names.append("init_embed_snapshot")
-    return names
 
 
 _ST_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<f8"): "F64"}
@@ -789,7 +777,7 @@ def _build(path: str, document: Any, entries: dict[str, TensorEntry]):
         raise _error(path, "delta_alphas is not a list of finite numbers: the header is corrupt")
     if len(alphas) > _MAX_DELTA_MODULES:
         raise _error(path, f"{len(alphas)} delta modules, more than the {_MAX_DELTA_MODULES} the core supports")
-    groups = ["base"] + [f"delta{k}" for k in range(len(alphas))]
+    groups = ["base"] + [delta_group(k) for k in range(len(alphas))]
     for key, kind in (("trainable", bool), ("adam_steps", int)):
         table = meta[key]
         if not isinstance(table, dict) or sorted(table) != sorted(groups) or \

@@ -50,6 +50,7 @@ from .home import (ARCHIVE, CHECKPOINT, CONFIG_FIELDS, FIXED_AT_BIRTH, LOCK, MEM
                    TELEMETRY, Home, HomeError, Options, _is_int, _is_number, _normalized,  # noqa: F401
                    _save_error, _SETTING_CHECKS, _SETTING_HELP, load_options, read_text_lines)  # noqa: F401
 from .memory import Memory
+from .model import delta_group
 from .organism import Organism
 from .telemetry import read_records
 from .text import replace_invalid
@@ -590,7 +591,7 @@ def cmd_inspect(args, home: Home) -> int:
         print(f"vocabulary {t['vocab_size']} tokens, {'BPE with ' + str(t['merges']) + ' merges' if t['bpe'] else 'characters'}")
     print(f"parameters {doc['parameters']:,}")
     mods = doc["delta_modules"]
-    print(f"modules    {len(mods)}" + "".join(f"\n  delta{m['index']}: {m['state']}, alpha {m['alpha']:.3f}, "
+    print(f"modules    {len(mods)}" + "".join(f"\n  {delta_group(m['index'])}: {m['state']}, alpha {m['alpha']:.3f}, "
                                           f"{m['steps']} steps" for m in mods))
     if doc.get("trainer"):
         tr = doc["trainer"]
@@ -630,8 +631,8 @@ def _inspect_document(path: pathlib.Path, ckpt) -> dict:
         finally:
             org.close()
     else:
-        doc["delta_modules"] = [{"index": k, "state": "frozen" if not model.trainable[f"delta{k}"] else "trainable",
-                                 "alpha": model.delta_alphas[k], "steps": model.groups[f"delta{k}"].step, "bursts": None}
+        doc["delta_modules"] = [{"index": k, "state": "frozen" if not model.trainable[delta_group(k)] else "trainable",
+                                 "alpha": model.delta_alphas[k], "steps": model.groups[delta_group(k)].step, "bursts": None}
                                 for k in range(model.n_delta)]
     last = None
     for record in read_records(path.parent / TELEMETRY):

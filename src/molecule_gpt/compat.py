@@ -20,7 +20,7 @@ import numpy as np
 
 from .config import RETIRED_FIELDS, Config
 from .errors import CheckpointError
-from .model import Model
+from .model import Model, delta_group
 
 
 def load_original_checkpoint(path: str | os.PathLike, dtype: str = "float64"):
@@ -111,7 +111,7 @@ def model_from_original(doc: dict, dtype: str = "float64", source: str = "<check
                 arr = _array(_require(module[name], part, list, source), f"deltas[{k}].{name}.{part}", source)
                 if arr.shape != shape:
                     raise CheckpointError(f"{source}: deltas[{k}].{name}.{part} has shape {arr.shape}, expected {shape}")
-                params[f"delta{k}.{name}.{part}"][...] = arr
+                params[f"{delta_group(k)}.{name}.{part}"][...] = arr
     if "init_embed_snapshot" in doc:
         snap = _array(doc["init_embed_snapshot"], "init_embed_snapshot", source)
         if snap.ndim != 2 or snap.shape[1] != config.n_embd or snap.shape[0] > vocab:
@@ -207,7 +207,7 @@ def original_document(model: Model, tokenizer, source: str = "<checkpoint>") -> 
     tok = _original_tokenizer(tokenizer, model.vocab_size, source)
     values = {**RETIRED_FIELDS, **c.to_dict()}
     cfg = {key: _ORIGINAL_RUNTIME[key] if key in _ORIGINAL_RUNTIME else values[key] for key in _ORIGINAL_CFG_KEYS}
-    with model._lock:  # one consistent snapshot
+    with model.lock:  # one consistent snapshot
         params = {name: arr.astype(np.float64).tolist() for name, arr in model.params().items()}
         snapshot = model.init_embed_snapshot.astype(np.float64).tolist()
         alphas = [float(a) for a in model.delta_alphas]

@@ -48,7 +48,7 @@ import numpy as np
 from . import _decode
 from .config import Config
 from .errors import GenerationError
-from .model import Model
+from .model import Model, _rope_tables, delta_group, fold_delta_terms
 
 __all__ = ["GenerationResult", "Generator", "SamplingParams", "WeightCache", "fold_weights"]
 
@@ -157,13 +157,6 @@ class GenerationResult:
 # ---------------------------------------------------------------------------------------------
 # effective weights
 
-def _rope_tables(T: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin (T, d/2) of angle pos / 10000^(2i/d) for pair i (as the training core)."""
-    inv = np.array([1.0 / (10000.0 ** (2 * i / d)) for i in range(d // 2)])
-    angles = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]
-    return np.ascontiguousarray(np.cos(angles), dtype), np.ascontiguousarray(np.sin(angles), dtype)
-
-
 def _copy_group(group) -> dict[str, np.ndarray]:
     flat = group.flat.copy()
     return {k: flat[o:o + int(np.prod(s))].reshape(s) for (k, s), o in zip(group.shapes.items(), group.offsets.values())}
@@ -173,7 +166,8 @@ def _snapshot(model: Model) -> tuple:
     """Copies of everything generation reads, taken under the model lock (one memcpy per group)."""
     with model.lock:
         base = _copy_group(model.groups["base"])
-        deltas = [(float(a), _copy_group(model.groups[f"delta{k}"])) for k, a in enumerate(model.delta_alphas) if a != 0.0]
+        deltas = [(float(a), _copy_group(model.groups[delta_group(k)])) for k, a in enumerate(model.delta_alphas)
+                  if a != 0.0]
         return model.config, model.vocab_size, model.dtype, base, deltas
 
 
@@ -186,15 +180,7 @@ def fold_weights(model: Model) -> _decode.Weights:
 
 def _delta_sum(config: Config, V: int, dtype, deltas: list) -> dict[str, np.ndarray]:
     """sum_k alpha_k A_k B_k per adapted matrix (float64 accumulation, cast once)."""
-    out = {}
-    for name in _adapted_names(config):
-        total = None
-        for alpha, g in deltas:
-            term = alpha * (g[f"{name}.A"].astype(np.float64) @ g[f"{name}.B"])
-            total = term if total is None else total + term
-        if total is not None:
-            out[name] = total.astype(dtype)
-    return out
+    return {name: total.astype(dtype) for name, total in fold_delta_terms(deltas, _adapted_names(config)).items()}
 
 
 def _adapted_names(config: Config) -> list[str]:
@@ -246,14 +232,13 @@ def _build_weights(config: Config, V: int, dtype, base: dict, deltas: list,
 class WeightCache:
     """The effective weights of one model, refolded only when the model changed.
 
-    The version key (read under the model lock, with the snapshot) is the explicit counter
-    bumped by `invalidate()`, the vocabulary size, the delta alphas and every group's Adam step
-    count and storage: any train_step, growth or alpha change refolds. Frozen modules (fossils)
-    never change, so their summed term is kept and reused while the set of frozen modules, their
-    alphas and the version stay the same: a refold after a training step costs the base copy and
-    the active module only, however many fossils there are.
-    Call `invalidate()` after writing parameters in place (the trainer's rollback does, through
-    the Organism; it takes no lock, so it may be called while holding the model lock).
+    The key (read under the model lock, with the snapshot) is `Model.version` and the counter
+    bumped by `invalidate()`: any train_step, growth, alpha change or refresh refolds. Frozen
+    modules (fossils) never change, so their summed term is kept and reused while the set of
+    frozen modules, their alphas and their groups' versions stay the same: a refold after a
+    training step costs the base copy and the active module only, however many fossils there are.
+    Call `invalidate()` (or `Model.refresh()`) after writing parameters in place (the Organism
+    does after a rollback; it takes no lock, so it may be called while holding the model lock).
     Thread-safe; the returned Weights are read-only and shared."""
 
     def __init__(self, model: Model):
@@ -270,9 +255,7 @@ class WeightCache:
         self._version += 1
 
     def _key_now(self) -> tuple:
-        m = self.model
-        return (self._version, m.vocab_size, tuple(m.delta_alphas),
-                tuple((name, g.step, id(g.flat)) for name, g in m.groups.items()))
+        return (self._version, self.model.version)
 
     def get(self) -> _decode.Weights:
         with self._lock:
@@ -281,14 +264,14 @@ class WeightCache:
                 key = self._key_now()
                 if key == self._key:
                     return self._weights
-                frozen = [k for k, a in enumerate(m.delta_alphas) if a != 0.0 and not m.trainable[f"delta{k}"]]
+                frozen = [k for k, a in enumerate(m.delta_alphas) if a != 0.0 and not m.trainable[delta_group(k)]]
                 frozen_key = (self._version, m.vocab_size,
-                              tuple((k, m.delta_alphas[k], id(m.groups[f"delta{k}"].flat)) for k in frozen))
+                              tuple((k, m.delta_alphas[k], m.groups[delta_group(k)].version) for k in frozen))
                 need_frozen = frozen_key != self._frozen_key
-                frozen_copies = [(float(m.delta_alphas[k]), _copy_group(m.groups[f"delta{k}"])) for k in frozen] \
+                frozen_copies = [(float(m.delta_alphas[k]), _copy_group(m.groups[delta_group(k)])) for k in frozen] \
                     if need_frozen else None
-                live = [(float(a), _copy_group(m.groups[f"delta{k}"])) for k, a in enumerate(m.delta_alphas)
-                        if a != 0.0 and m.trainable[f"delta{k}"]]
+                live = [(float(a), _copy_group(m.groups[delta_group(k)])) for k, a in enumerate(m.delta_alphas)
+                        if a != 0.0 and m.trainable[delta_group(k)]]
                 config, V, dtype, base = m.config, m.vocab_size, m.dtype, _copy_group(m.groups["base"])
             if need_frozen:
                 self._frozen_terms = _delta_sum(config, V, dtype, frozen_copies) if frozen_copies else {}

@@ -13,6 +13,7 @@ from one to another.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -74,6 +75,38 @@ class _SerialBLAS:
 
 _serial_blas = _SerialBLAS()
 
+# Weights versions: one process-wide counter, so a version names one state of one model's
+# weights (a value cached under it is valid exactly while the model still has that version).
+_VERSIONS = itertools.count(1)
+
+
+def delta_group(k: int) -> str:
+    """The name of delta module k's parameter group ("delta{k}"), also the prefix of its
+    parameters' names ("delta{k}.l0.wq.A"); design.md §2."""
+    return f"delta{k}"
+
+
+def fold_delta_terms(modules, names) -> dict[str, np.ndarray]:
+    """The delta modules' contribution to the effective weights, written once (design.md §2):
+    {name: sum_k alpha_k A_k B_k} in float64 for every adapted matrix in `names`, over `modules`,
+    (alpha_k, parameters of module k by name) pairs. A module with alpha 0 adds nothing; a name
+    no module contributes to is left out. Used by the Model (frozen modules folded into the
+    training weights), generation (the decoder's weights) and the trainer (identity)."""
+    out = {}
+    for name in names:
+        total = None
+        for alpha, params in modules:
+            if alpha == 0.0:
+                continue
+            term = alpha * (params[f"{name}.A"].astype(np.float64) @ params[f"{name}.B"])
+            if total is None:
+                total = term
+            else:
+                total += term
+        if total is not None:
+            out[name] = total
+    return out
+
 
 class ParamGroup:
     """Named parameters stored in one flat array, with gradient and Adam moments alike."""
@@ -92,6 +125,7 @@ class ParamGroup:
         block = np.zeros(4 * total, dtype)
         self.flat, self.m, self.v, self.grad = (block[i * total:(i + 1) * total] for i in range(4))
         self.step = 0  # Adam steps taken by this group
+        self.version = next(_VERSIONS)  # changes when the values may have (see Model.version)
         self.params = self._views(self.flat)
         self._grads: dict[str, np.ndarray] | None = None
 
@@ -194,14 +228,14 @@ class Model:
         name (default: everything trains)."""
         model = cls(config, vocab_size, dtype=dtype, n_threads=n_threads, _random_init=False)
         for k, alpha in enumerate(delta_alphas):  # all groups first, then one rebind
-            model.groups[f"delta{k}"] = ParamGroup(f"delta{k}", model._delta_shapes(), model.dtype)
+            model.groups[delta_group(k)] = ParamGroup(delta_group(k), model._delta_shapes(), model.dtype)
             model.delta_alphas.append(float(alpha))
-            model.trainable[f"delta{k}"] = True
+            model.trainable[delta_group(k)] = True
         for name, flag in (trainable or {}).items():
             if name not in model.groups:
                 raise KeyError(f"trainable names group {name!r}, which this model does not have")
             model.trainable[name] = bool(flag)
-        model._check_trainable_modules(sum(model.trainable[f"delta{k}"] for k in range(model.n_delta)))
+        model._check_trainable_modules(sum(model.trainable[delta_group(k)] for k in range(model.n_delta)))
         if delta_alphas or trainable:
             model._rebuild()
         model._random_init = True  # modules added later get the usual init
@@ -213,7 +247,7 @@ class Model:
         params = dict(base_shapes(config, vocab_size))
         delta = delta_shapes(config, vocab_size)
         for k in range(n_delta):
-            params.update({f"delta{k}.{key}": shape for key, shape in delta.items()})
+            params.update({f"{delta_group(k)}.{key}": shape for key, shape in delta.items()})
         shapes = {}
         for name, shape in params.items():
             shapes[name] = tuple(shape)
@@ -236,8 +270,8 @@ class Model:
         trains. Its Adam state starts fresh; every other group's state is untouched."""
         with self._lock:
             k = self.n_delta
-            self._check_trainable_modules(sum(self.trainable[f"delta{j}"] for j in range(k)) + 1)
-            group = ParamGroup(f"delta{k}", self._delta_shapes(), self.dtype)
+            self._check_trainable_modules(sum(self.trainable[delta_group(j)] for j in range(k)) + 1)
+            group = ParamGroup(delta_group(k), self._delta_shapes(), self.dtype)
             if self._random_init:
                 for key, shape in group.shapes.items():
                     group.params[key][...] = 0.0 if (zero_output and key.endswith(".A")) else self._init_delta(key, shape)
@@ -269,7 +303,7 @@ class Model:
             if group not in self.groups:
                 raise KeyError(f"no parameter group {group!r}; groups are {', '.join(self.groups)}")
             if flag and group != "base" and not self.trainable[group]:
-                self._check_trainable_modules(sum(self.trainable[f"delta{j}"] for j in range(self.n_delta)) + 1)
+                self._check_trainable_modules(sum(self.trainable[delta_group(j)] for j in range(self.n_delta)) + 1)
             self.trainable[group] = bool(flag)
             if not flag:
                 self.groups[group].grad.fill(0.0)  # steps no longer touch it; leave no stale values
@@ -289,7 +323,7 @@ class Model:
             self.vocab_size = int(new_vocab_size)
             self.groups["base"] = self.groups["base"].regrown(self._base_shapes(), self._init_base)
             for k in range(self.n_delta):
-                name = f"delta{k}"
+                name = delta_group(k)
                 self.groups[name] = self.groups[name].regrown(self._delta_shapes(), lambda key, shape: np.zeros(shape))
             # gamma = wte - snapshot, and design.md §6 counts rows born after birth whole: their
             # snapshot rows are zero (as in the original, whose snapshot has only the birth rows,
@@ -310,7 +344,9 @@ class Model:
     def _rebuild(self, reallocate: bool = True) -> None:
         """Mark the engines for rebinding to the current arrays (reallocate: rebuild them too).
         The work happens once, at the next use (_ensure_ready), however many structural changes
-        came before it: building a model, adding its modules and loading its values bind once."""
+        came before it: building a model, adding its modules and loading its values bind once.
+        Every such change may change what the model computes: the weights version changes."""
+        self._version = next(_VERSIONS)
         self._rebind_pending = True
         self._rebuild_engines = self._rebuild_engines or reallocate
 
@@ -364,7 +400,7 @@ class Model:
     # d loss/dW_eff. While the base trains, W_eff is refreshed from W at every step.
 
     def _prepare_folds(self) -> None:
-        frozen = [k for k in range(self.n_delta) if not self.trainable[f"delta{k}"]]
+        frozen = [k for k in range(self.n_delta) if not self.trainable[delta_group(k)]]
         self._folded_modules = frozen
         self._folded_at_step = self.groups["base"].step
         self._fold_delta, self._fold_weight, self._fold_views = {}, {}, {}
@@ -372,15 +408,15 @@ class Model:
             return
         base = self.groups["base"].params
         shapes = self.adapted_shapes()
+        terms = fold_delta_terms([(self.delta_alphas[k], self.groups[delta_group(k)].params) for k in frozen], shapes)
         for key, _, _, _, parts in self._linear_slots():
             rows = sum(shapes[n][0] for n in parts)
             stacked = np.empty((rows, shapes[parts[0]][1]), self.dtype)
             row0 = 0
             for name in parts:
-                total = np.zeros(shapes[name])
-                for k in frozen:
-                    group = self.groups[f"delta{k}"].params
-                    total += self.delta_alphas[k] * (group[f"{name}.A"].astype(np.float64) @ group[f"{name}.B"])
+                total = terms.get(name)
+                if total is None:  # every frozen module has alpha 0
+                    total = np.zeros(shapes[name])
                 view = stacked[row0:row0 + shapes[name][0]]
                 view[...] = base[self._base_name(name)] + total
                 self._fold_delta[name] = total
@@ -403,8 +439,11 @@ class Model:
 
     def refresh(self) -> None:
         """Re-derive cached state from the parameters. Call it after writing into parameters
-        of frozen modules through params() (folded weights cache them)."""
+        of frozen modules through params() (folded weights cache them). The version of every
+        group and of the model changes."""
         with self._lock:
+            for group in self.groups.values():
+                group.version = next(_VERSIONS)
             self._rebuild(reallocate=False)
 
     def _linear_slots(self) -> list[tuple[str, int, str, int, list[str]]]:
@@ -463,7 +502,7 @@ class Model:
             for k in range(self.n_delta):
                 if k in self._folded_modules:
                     continue  # inside the folded weight
-                group = f"delta{k}"
+                group = delta_group(k)
                 row0 = 0
                 for name in parts:
                     A = self.groups[group].params[f"{name}.A"]
@@ -546,6 +585,32 @@ class Model:
             return sum(2 * e.high_water[0] for e in self._engines)
 
     @property
+    def version(self) -> int:
+        """The weights version: changes whenever what the model computes may have changed (an
+        optimizer step, growth, an alpha or trainable flag, refresh(), loading), never repeats in
+        the process except through restore_versions. Key caches of anything derived from the
+        weights (held-out losses, the decoder's effective weights) by it. Each parameter group
+        has its own (`model.groups[name].version`), which changes when its values may have."""
+        return self._version
+
+    def versions(self) -> tuple[int, dict[str, int]]:
+        """(the model's version, every group's version), for restore_versions."""
+        with self._lock:
+            return self._version, {name: g.version for name, g in self.groups.items()}
+
+    def restore_versions(self, saved: tuple[int, dict[str, int]]) -> None:
+        """Put back versions taken by versions(), after writing back, bit for bit, the weights,
+        alphas and trainable flags the model had then (the trainer's rollback): what was cached
+        under them is valid again, and what was cached in between never matches later weights."""
+        version, groups = saved
+        with self._lock:
+            if set(groups) != set(self.groups):
+                raise ValueError(f"the saved versions name groups {sorted(groups)}, the model has {sorted(self.groups)}")
+            for name, v in groups.items():
+                self.groups[name].version = v
+            self._version = version
+
+    @property
     def lock(self) -> threading.RLock:
         """The model's lock. Every step holds it; hold it to read the parameters as one
         consistent snapshot while another thread trains (a step never shows half an update)."""
@@ -612,6 +677,19 @@ class Model:
         model.rng.bit_generator.state = meta["rng"]
         model._rebuild(reallocate=False)  # folded weights come from the loaded values
         return model
+
+    def state_layout(self) -> list[str]:
+        """The names export_state produces, in the order of the model's memory: per group its
+        parameters, then their Adam m, then v (each one flat array, laid out in group.shapes
+        order); the snapshot last. A checkpoint written in this order loads each group's arrays
+        in one read."""
+        names = []
+        for group in self.groups.values():
+            prefix = "" if group.name == "base" else group.name + "."
+            for kind in ("", "adam.m.", "adam.v."):
+                names.extend(kind + prefix + key for key in group.shapes)
+        names.append("init_embed_snapshot")
+        return names
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of every tensor export_state produces (for validating a file before reading it)."""
@@ -841,6 +919,9 @@ class Model:
             extras = [[self._worker_grads[w][group.name] for w in range(1, self._last_workers)] for group in trained]
             _core.adam_update_groups(trained, float(lr), c.beta1, c.beta2, c.eps_adam, c.grad_clip,
                                      extras, self._n_threads)
+            for group in trained:
+                group.version = next(_VERSIONS)
+            self._version = next(_VERSIONS)
             return loss
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:

@@ -77,7 +77,7 @@ from .field import CorpusField
 from .generation import GenerationResult, Generator
 from .heldout import HeldOut
 from .memory import Memory
-from .model import Model, default_threads
+from .model import Model, default_threads, delta_group
 from .reservoir import Reservoir, _check_phrase, _pieces, is_chat_line
 from .telemetry import JsonlLog
 from .text import valid_lines, valid_text
@@ -900,8 +900,8 @@ class Organism:
         modules = []
         for st in t.modules:
             modules.append({"index": st.index, "state": st.state, "alpha": m.delta_alphas[st.index],
-                            "bursts": st.bursts, "steps": m.groups[f"delta{st.index}"].step,
-                            "trainable": m.trainable[f"delta{st.index}"], "counterfactual": st.counterfactual})
+                            "bursts": st.bursts, "steps": m.groups[delta_group(st.index)].step,
+                            "trainable": m.trainable[delta_group(st.index)], "counterfactual": st.counterfactual})
         c = self.config
         with self._lock:
             buffer = {"bytes": self.buffer.bytes, "tokens": self.buffer.tokens, "novelty": self.buffer.novelty,

@@ -39,7 +39,6 @@ Organism) serializes whole bursts and warmups against each other.
 """
 from __future__ import annotations
 
-import itertools
 import math
 import time
 import warnings
@@ -50,7 +49,7 @@ import numpy as np
 
 from .config import Config
 from .errors import TrainingError
-from .model import Model
+from .model import Model, delta_group, fold_delta_terms
 
 __all__ = ["ActivationCollapseWarning", "BurstReport", "ModuleState", "Projection", "Trainer", "lr_schedule"]
 
@@ -112,9 +111,6 @@ class Projection:
     magnitude: float
 
 
-_WEIGHT_VERSIONS = itertools.count(1)
-
-
 def lr_schedule(step: int, total: int, base_lr: float, warmup_steps: int, min_ratio: float) -> float:
     """Linear warmup over the first `warmup_steps` steps (capped at half the run), then cosine
     decay from base_lr to base_lr * min_ratio at the last step."""
@@ -132,20 +128,23 @@ def lr_schedule(step: int, total: int, base_lr: float, warmup_steps: int, min_ra
 
 class Snapshot:
     """Copies of every trainable group's parameters, Adam moments and step counter, plus the
-    alphas and trainable flags. `restore` writes them back in place (bit-identical)."""
+    alphas, trainable flags and weights versions. `restore` writes them back in place
+    (bit-identical) and puts the versions back (Model.restore_versions): a held-out loss cached
+    before the burst is valid again, one cached during it never matches later weights."""
 
     def __init__(self, model: Model):
         with model.lock:
-            self.groups = {name: (g.flat.copy(), g.m.copy(), g.v.copy(), g.step, id(g.flat))
+            self.groups = {name: (g.flat.copy(), g.m.copy(), g.v.copy(), g.step, g)
                            for name, g in model.groups.items() if model.trainable[name]}
             self.alphas = list(model.delta_alphas)
             self.trainable = dict(model.trainable)
+            self.versions = model.versions()
 
     def restore(self, model: Model) -> None:
         with model.lock:
-            for name, (flat, m, v, step, ident) in self.groups.items():
+            for name, (flat, m, v, step, group) in self.groups.items():
                 g = model.groups[name]
-                if id(g.flat) != ident:
+                if g is not group:
                     raise TrainingError(f"cannot roll back: parameter group {name!r} was reallocated during the burst")
                 g.flat[...] = flat
                 g.m[...] = m
@@ -157,9 +156,8 @@ class Snapshot:
             for name, flag in self.trainable.items():
                 if model.trainable.get(name) != flag:
                     model.set_trainable(name, flag)
-            refresh = getattr(model, "refresh", None)
-            if refresh is not None:  # folded weights cache frozen parameters; re-derive them
-                refresh()
+            model.refresh()  # folded weights cache frozen parameters; re-derive them
+            model.restore_versions(self.versions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,30 +191,20 @@ class Trainer:
         self.tokens_per_second: float | None = None  # exponential average over steps
         self.modules: list[ModuleState] = [ModuleState(k, "fossil") for k in range(model.n_delta)]
         self.history: list[dict] = []  # immune decisions, newest last (bounded)
-        # (held-out set and tokenizer, weights) -> loss; a rollback restores weights whose key is
-        # still here, so the next burst's "before" costs nothing
+        # (held-out set and tokenizer, Model.version) -> loss; a rollback restores the version
+        # of weights whose key is still here, so the next burst's "before" costs nothing
         self._val_cache: dict = {}
-        self._weights_version = next(_WEIGHT_VERSIONS)
         self.accepted_projection: Projection | None = None  # after the last warmup / accepted burst
         self._components = None  # (structure key, slices per component)
 
     # ---- evaluation
-
-    def _weights_key(self) -> tuple:
-        """Changes whenever the weights may have: every optimizer step takes a new version from a
-        process-wide counter, and a rollback puts the pre-burst version back (so a value cached
-        before the burst is valid again, and one cached during it never matches later weights
-        that reach the same step counts)."""
-        m = self.model
-        return (self._weights_version, m.vocab_size, tuple(m.delta_alphas),
-                tuple((n, id(g.flat)) for n, g in m.groups.items()))
 
     def evaluate(self, held) -> float | None:
         """Held-out loss (nats per character) of a molecule_gpt.heldout.HeldOut set, cached
         while neither the weights, nor the set, nor the tokenizer changed. None without lines."""
         if held is None or not len(held):
             return None
-        key = (held.key(), self._weights_key())
+        key = (held.key(), self.model.version)
         loss = self._val_cache.get(key)
         if loss is None:
             loss = held.loss(self.model)
@@ -234,10 +222,10 @@ class Trainer:
         with m.lock:
             p = m.groups["base"].params
             E = np.array(p["wte"] if m.config.tie_embeddings else p["lm_head"], dtype=np.float64)
-            for k, a in enumerate(m.delta_alphas):
-                if a != 0.0:
-                    g = m.groups[f"delta{k}"].params
-                    E += a * (g["lm_head.A"].astype(np.float64) @ g["lm_head.B"])
+            modules = [(a, m.groups[delta_group(k)].params) for k, a in enumerate(m.delta_alphas)]
+            term = fold_delta_terms(modules, ["lm_head"]).get("lm_head")
+            if term is not None:
+                E += term
         return E
 
     def gamma(self) -> np.ndarray:
@@ -267,7 +255,7 @@ class Trainer:
 
     def _component_slices(self):
         m = self.model
-        key = (m.vocab_size, m.n_delta, id(m.groups["base"].flat))
+        key = (m.vocab_size, m.groups["base"])  # the slices follow the base group (a growth makes a new one)
         if self._components is not None and self._components[0] == key:
             return self._components[1]
         c = m.config
@@ -339,8 +327,7 @@ class Trainer:
         Finiteness comes from the per-component norms the telemetry computes anyway (a sum of
         squares is finite only if every term is), so it costs no extra pass."""
         t0 = time.perf_counter()
-        loss = self.model.train_step(batch, lr)
-        self._weights_version = next(_WEIGHT_VERSIONS)
+        loss = self.model.train_step(batch, lr)  # a new Model.version
         dt = time.perf_counter() - t0
         T = self.model.config.block_size
         n_tok = sum(min(T, len(s) - 1) for s in batch)
@@ -378,8 +365,8 @@ class Trainer:
         if not m.trainable["base"]:
             m.set_trainable("base", True)
         for k in range(m.n_delta):  # warmup trains the base only; modules keep their state
-            if m.trainable[f"delta{k}"]:
-                m.set_trainable(f"delta{k}", False)
+            if m.trainable[delta_group(k)]:
+                m.set_trainable(delta_group(k), False)
         done, bad_evals, stopped_early, interrupted = 0, 0, False, False
         t_start = time.perf_counter()
         for s in range(steps):
@@ -450,8 +437,8 @@ class Trainer:
                 self.modules.append(ModuleState(k))
         for j in range(m.n_delta):
             flag = j == k
-            if m.trainable[f"delta{j}"] != flag:
-                m.set_trainable(f"delta{j}", flag)
+            if m.trainable[delta_group(j)] != flag:
+                m.set_trainable(delta_group(j), flag)
         want_base = not (self.warmed_up and self.config.freeze_base_after_warmup)
         if m.trainable["base"] != want_base:
             m.set_trainable("base", want_base)
@@ -472,7 +459,6 @@ class Trainer:
         state = self.modules[k]
         snap = Snapshot(m)  # before the alpha ramp: a rollback undoes the whole burst
         rng_state = self.rng.bit_generator.state  # and the batches it drew: the next burst draws as if it never ran
-        version = self._weights_version
         # measured before anything of the burst changes what the model computes
         loss_before = self.evaluate(old)
         new_before = self.evaluate(heard)
@@ -481,27 +467,26 @@ class Trainer:
             alpha = min(1.0, (state.bursts + 1) / self.config.delta_ramp_bursts)
             if m.delta_alphas[k] != alpha:
                 m.set_delta_alpha(k, alpha)
-            return self._burst(new, replay, old, heard, lr, t0, k, state, (snap, rng_state, version), loss_before,
+            return self._burst(new, replay, old, heard, lr, t0, k, state, (snap, rng_state), loss_before,
                                new_before, guard)
         except BaseException:
             # an exception or Ctrl-C before the burst's outcome is settled: leave the model as it
             # was before the burst (afterwards the accepted or rolled-back state stands)
             if not guard["settled"]:
                 snap.restore(m)
-                self._weights_version = version
                 self.on_restore()
             raise
 
     def _burst(self, new, replay, old, heard, lr, t0, k, state, before, loss_before, new_before,
                guard) -> BurstReport:
         c = self.config
-        snap, rng_state, version = before
+        snap, rng_state = before
         m = self.model
         lr_used = (c.burst_learning_rate * self.lr_scale) if lr is None else float(lr)
         first = last = None
         reason = "accepted"
         steps = 0
-        active = f"delta{k}"
+        active = delta_group(k)
         proj_before = self.accepted_projection
         for _ in range(c.micro_steps):
             n_replay = int(self.rng.binomial(c.batch_size, c.replay_ratio)) if new else c.batch_size
@@ -548,7 +533,6 @@ class Trainer:
         else:
             snap.restore(m)
             self.rng.bit_generator.state = rng_state
-            self._weights_version = version
             self.on_restore()
             self.rolled_back += 1
             self.consecutive_rollbacks += 1
@@ -591,7 +575,7 @@ class Trainer:
                     verdict = "dropped"
                 else:
                     m.set_delta_alpha(k, alpha)
-        m.set_trainable(f"delta{k}", False)
+        m.set_trainable(delta_group(k), False)
         state.state = verdict
         return verdict
 
