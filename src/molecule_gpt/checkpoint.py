@@ -24,30 +24,21 @@ current file is hard-linked to `<path>.prev` (atomically, through the same direc
 previous file or the complete new one; a killed saver leaves only its temporary directory, which
 the next save removes once its pid is gone.
 
-Notes (measured on the 2-core benchmark machine, large config, 100 MB file):
+Notes (the figures and the alternatives measured: benchmarks/RESULTS.md, "Design measurements"):
 - Reading: tensors are read with readinto() straight into the Model's arrays, from the one file
   descriptor whose header was validated; tensors stored next to each other whose destinations
   are adjacent too are read in one call (files we write keep each group's parameters, then m,
-  then v, in memory order: 13 reads instead of 415 at the default config). Rejected:
-  safetensors' own loaders (they take a path, so a concurrent save could swap the file between
-  validation and reading, and they copy twice); mmap + copy (about 5% faster, 170 vs 180 ms,
-  but a file truncated by someone else while mapped kills the process with SIGBUS, and loading
-  must never crash).
-- Checksums: sha256 per tensor (about 65 ms per 100 MB with SHA-NI). Rejected: zlib.crc32
-  (about 25 ms, but a 32-bit sum is no content identifier and `sha256sum` cannot check it);
-  blake2b (about 120 ms here); hashing on a worker thread while reading (232 ms vs 184 ms
-  sequential: the two cores are shared, and per-tensor hand-off costs more than it overlaps);
-  one sha256 over the whole buffer instead of one per tensor (default config, 3.5 MB: 1.87 vs
-  2.05 ms, so 0.2 ms for a format version bump and a migration: not worth it).
+  then v, in memory order: Model.state_layout). Not safetensors' own loaders (they take a path,
+  so a concurrent save could swap the file between validation and reading, and they copy
+  twice); not mmap (a file truncated by someone else while mapped kills the process with
+  SIGBUS, and loading must never crash).
+- Checksums: sha256 per tensor: a content identifier that `sha256sum` can check, fast with
+  SHA-NI, computed on the reading thread (a worker thread costs more than it overlaps on two
+  shared cores).
 - Model construction skips the random init (every value comes from the file): Model.empty.
   The engines are not bound at load (the first step binds them, as for a new Model): the
   arena check uses a bound from the shapes and asks Model for the exact plan, which binds,
-  only when that bound does not fit in memory. Rejected: caching the plan per config across
-  loads (it would only make repeated loads of one file, i.e. benchmarks, faster).
-- Default config (280k parameters, files of 1-3.5 MB), what is left of a params-only load of
-  about 3 ms: Model.empty 0.8 ms (its four zeroed arrays per group), sha256 0.6 ms, header
-  JSON and table checks 0.4 ms, tokenizer 0.1 ms. Of a save: fsyncs 1-1.5 ms, sha256, the
-  export copies (Model.export_state copies 415 arrays one by one), the gathered write.
+  only when that bound does not fit in memory.
 """
 from __future__ import annotations
 
@@ -90,8 +81,9 @@ _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, 
 _MAX_DELTA_MODULES = 4096  # sanity bound checked before allocating (tensors are bounded by the file too)
 _MAX_LAYER_HEADS = 1_000_000  # Model's own shape tables loop over every (layer, head) pair too
 # Structural limits of the JSON texts, checked by a scan of the raw bytes before json.loads
-# builds anything (docs/checkpoint-format.md, "Limits"): the header may be 100 MB, and parsing
-# 100 MB of "{}," took 2.5 GB and 6.4 s before anything could be checked. Every tensor a model
+# builds anything (docs/checkpoint-format.md, "Limits"): the header may be 100 MB, and json.loads
+# of a hostile 100 MB text builds gigabytes of objects before anything could be checked
+# (benchmarks/RESULTS.md). Every tensor a model
 # needs holds at least one 4-byte element, so data_size // 4 bounds those; others (ignored with
 # a warning) are capped. The document's bounds are far above an organism's (its state is mostly
 # a few long lists of strings: 8000 reservoir lines are 8000 elements) and bound what json
@@ -206,8 +198,8 @@ _ST_DTYPES = {np.dtype("<f4"): "F32", np.dtype("<f8"): "F64"}
 def _write_safetensors(tmp: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     """A safetensors file with the tensors' data in the dict's order (the format leaves the
     order to the writer; safetensors.numpy.save_file sorts by dtype and name, which scatters a
-    group's arrays, and took 3.2 ms for the default config's 415 tensors where this takes 1.4,
-    same run). The header is padded with spaces to a multiple of 8 bytes, as save_file does."""
+    group's arrays and is slower, benchmarks/RESULTS.md). The header is padded with spaces to a
+    multiple of 8 bytes, as save_file does."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for name, arr in tensors.items():
@@ -225,8 +217,7 @@ def _write_safetensors(tmp: str, tensors: dict[str, np.ndarray], metadata: dict[
 
 def _write_all(fd: int, bufs: list) -> None:
     """Write the buffers in order with gathered writes (os.writev: one system call per up to
-    IOV_MAX buffers instead of one per tensor; 1.4 vs 3.0 ms through a buffered file on the
-    default config), resuming after a short write."""
+    IOV_MAX buffers instead of one per tensor), resuming after a short write."""
     if not hasattr(os, "writev"):  # not POSIX
         for b in bufs:
             view = memoryview(b)
@@ -479,10 +470,10 @@ def _loads(path: str, text: str, what: str):
 # The structure scan (no Python per token, chunks of 1 MB, stopping at the first chunk over a
 # limit, so a hostile text costs one chunk, not the file):
 # 1. upper bounds: every "{", "[" and "," counted, inside strings too (numpy compares, about
-#    0.2 ms per MB); a real document passes here (its text holds few of them);
+#    the cheap pass); a real document passes here (its text holds few of them);
 # 2. otherwise the exact count: quotes after an odd run of backslashes are escaped, the others
-#    pair up into strings, and only the brackets and commas outside them count (2.5-4 ms per
-#    MB; chunks inside one long string, a document in a header, are skipped faster); it also
+#    pair up into strings, and only the brackets and commas outside them count (over ten
+#    times the cost; chunks inside one long string, a document in a header, are skipped); it also
 #    gives the nesting depth.
 # Where this reading and json.loads could disagree the text is not JSON, and json.loads fails
 # at the first such byte, having built no more than was counted before it. Nesting the scan

@@ -406,8 +406,8 @@ class Generator:
                   seed=p.seed)
         return dec
 
-    # ---- decoder pool: a Decoder's scratch is ~1 MB at the default config; reusing idle ones
-    # saves the allocation and page faults of every call (~1 us per generated token)
+    # ---- decoder pool: a Decoder's scratch is large (its KV cache and buffers); reusing idle
+    # ones saves the allocation and page faults of every call (benchmarks/RESULTS.md)
 
     def _acquire(self, weights, V: int, T: int) -> _decode.Decoder:
         threads = getattr(self.config, "decode_threads", 1)

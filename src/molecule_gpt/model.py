@@ -38,11 +38,11 @@ class _SerialBLAS:
     """Context: BLAS single-threaded while a step runs, restored after.
 
     Each worker of a step runs its share of the batch on its own pool thread and calls BLAS
-    from there; BLAS threads on top would oversubscribe the cores (measured: 37% of a step spent
-    in OpenBLAS threads spinning). scikit-learn wraps its OpenMP loops the same way. A step that
-    calls no BLAS (the AVX2 kernels of csrc/gemm.h and attention.h) leaves the libraries alone:
-    the four setter calls cost ~0.045 ms, 1.3% of a default-config step. Re-entrant across threads: the
-    first step in sets the limit, the last one out restores it."""
+    from there; BLAS threads on top would oversubscribe the cores (their threads spin). scikit-learn
+    wraps its OpenMP loops the same way. A step that calls no BLAS (the AVX2 kernels of
+    csrc/gemm.h and attention.h) leaves the libraries alone (the setter calls would cost a
+    noticeable share of a small step). Re-entrant across threads: the first step in sets the
+    limit, the last one out restores it. Figures: benchmarks/RESULTS.md, "Design measurements"."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -57,8 +57,7 @@ class _SerialBLAS:
                     from threadpoolctl import ThreadpoolController
                     self._libs = ThreadpoolController().select(user_api="blas").lib_controllers
                 # the libraries' own setters, not ThreadpoolController.limit: same effect, and a
-                # step pays two C calls per library instead of building a limiter (measured
-                # 0.08 ms per step inside the training loop, about 2% of a default-config step)
+                # step pays two C calls per library instead of building a limiter
                 self._saved = [lib.num_threads for lib in self._libs]
                 for lib in self._libs:
                     lib.set_num_threads(1)
@@ -339,7 +338,8 @@ class Model:
     # first), its own engine (tape + arena) and, for w > 0, its own gradient buffers, which are
     # summed into the model's after backward. One parallel region per step (forward and backward
     # together, on csrc/pool.c's threads), so a descheduled thread costs a wait, not a collapse
-    # (fine-grained per-kernel threading measured 20x slower when another process shared the cores).
+    # (fine-grained per-kernel threading collapses when another process shares the cores;
+    # benchmarks/RESULTS.md).
 
     def _rebuild(self, reallocate: bool = True) -> None:
         """Mark the engines for rebinding to the current arrays (reallocate: rebuild them too).
