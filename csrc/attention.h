@@ -35,6 +35,7 @@
 #include <string.h>
 #include <math.h>
 
+#include "codes.h"    /* MG_HEAD_* */
 #include "fastmath.h"
 
 #define MG_TRI_R 4 /* rows per register block */
@@ -247,12 +248,6 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
             }                                                                                     \
         }                                                                                         \
     }
-
-/* Head kinds, as _kernels.pxi's HeadType: the logits are the scaled content logits S
- * (content), the pattern P (rrpram) or (1 - a) S + a P (hybrid). */
-#define MG_HEAD_CONTENT 0
-#define MG_HEAD_RRPRAM 1
-#define MG_HEAD_HYBRID 2
 
 #define MG_DEFINE_SOFTMAX_FWD(T, EXP, W, ATTR, FWD)                                               \
     /* A (n, n): row t = softmax of its logits over j <= t, zero above the diagonal.             \

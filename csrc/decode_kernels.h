@@ -24,6 +24,8 @@
 #include <stddef.h>
 #include <stdlib.h>
 
+#include "codes.h" /* MG_HEAD_* */
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
 #define MG_HAVE_AVX2_PATH 1
@@ -259,7 +261,7 @@ __attribute__((target("avx2,fma"))) static float mg_softmax_exp_f_avx2(float *re
  *   content logits att_j = scale q_h . k_j from the transposed key cache kt (H, d, T);
  *   pattern logits p_j = W_pattern[j] . h_h from the transposed pattern matrix pat[h] (d, T);
  *   hybrid: (1 - mix) att + mix p; rrpram: p; softmax over j < nk; y_h = sum_j att_j v_j.
- * head_type: 0 content, 1 rrpram, 2 hybrid. att, pat_out: scratch of nk floats. */
+ * head_type: MG_HEAD_* codes (codes.h). att, pat_out: scratch of nk floats. */
 #define MG_DEFINE_ATTEND_ROW(ATTR, NAME, AXPY, SOFTMAX)                                           \
     ATTR static void NAME(float *restrict y, float *restrict att, float *restrict pat_out,         \
                           const float *restrict q, const float *restrict hrow, const float *restrict kt, \
@@ -269,14 +271,14 @@ __attribute__((target("avx2,fma"))) static float mg_softmax_exp_f_avx2(float *re
         const float scale = (float)(1.0 / __builtin_sqrt((double)d));                            \
         for (ptrdiff_t h = 0; h < H; h++) {                                                       \
             int kind = head_type[h];                                                              \
-            if (kind != 1) {                                                                      \
+            if (kind != MG_HEAD_RRPRAM) {                                                         \
                 for (ptrdiff_t j = 0; j < nk; j++) att[j] = 0;                                    \
                 for (ptrdiff_t i = 0; i < d; i++) AXPY(att, scale * q[h * d + i], kt + (h * d + i) * T, nk); \
             }                                                                                     \
-            if (kind != 0) {                                                                      \
+            if (kind != MG_HEAD_CONTENT) {                                                        \
                 for (ptrdiff_t j = 0; j < nk; j++) pat_out[j] = 0;                                \
                 for (ptrdiff_t i = 0; i < d; i++) AXPY(pat_out, hrow[h * d + i], pat[h] + i * T, nk); \
-                if (kind == 1) {                                                                  \
+                if (kind == MG_HEAD_RRPRAM) {                                                     \
                     for (ptrdiff_t j = 0; j < nk; j++) att[j] = pat_out[j];                       \
                 } else {                                                                          \
                     const float fa = (float)mix[h];                                               \

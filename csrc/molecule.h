@@ -18,20 +18,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "codes.h" /* op codes (and head types, activations) */
+
 #define MG_ALIGN 64
 #define MG_MAX_ADAPTERS 192 /* adapters one linear carries: trainable modules x fused parts (3) */
-
-/* Op codes of tape nodes (micrograd's `_op`, as an int). */
-enum {
-    MG_OP_EMBED = 1,
-    MG_OP_RMSNORM,
-    MG_OP_LINEAR,
-    MG_OP_ROPE,
-    MG_OP_ATTN,
-    MG_OP_GATE,
-    MG_OP_ADD,
-    MG_OP_XENT
-};
 
 /* Node flags: where a node's output has one consumer that writes its whole gradient, backward
  * skips zeroing that gradient and the consumer writes (=) instead of adding (+=). */

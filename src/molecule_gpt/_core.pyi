@@ -4,6 +4,9 @@ from typing import Sequence
 import numpy as np
 
 MAX_ADAPTERS: int  # MG_MAX_ADAPTERS: adapters one linear carries (trainable modules x fused parts)
+HEAD_TYPES: dict[str, int]  # csrc/codes.h MG_HEAD_*: {"content": 0, "rrpram": 1, "hybrid": 2}
+ACTIVATIONS: dict[str, int]  # csrc/codes.h MG_ACT_*: {"relu": 0, "silu": 1}
+OP_CODES: dict[str, int]  # csrc/codes.h MG_OP_*: tape node op codes by name
 ADAM_PARALLEL_MIN: int  # elements below which adam_update_groups keeps a group on one thread
 
 class Engine:

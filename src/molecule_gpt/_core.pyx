@@ -50,7 +50,7 @@ ctypedef struct LayerC:
 ctypedef struct NetC:
     int L, C, H, d, T, V, F, act, K, r, n_pattern
     int profile         # accumulate wall time per op code into op_seconds
-    double op_seconds[2 * 16]   # [0:16] forward, [16:32] backward, by op code
+    double op_seconds[2 * MG_OP_SLOTS]   # forward, then backward, by op code
     int* head_type      # (H,)
     void* wte
     void* dwte
@@ -394,7 +394,7 @@ cdef void run_backward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexce
         if node.out_bytes and not (node.flags & MG_OUT_GRAD_SET):
             memset(mg_grad_of(ar, node.out), 0, node.out_bytes)
     if net.profile:
-        net.op_seconds[16] += now() - t0   # slot 0 of backward: zeroing the gradient arena
+        net.op_seconds[MG_OP_SLOTS] += now() - t0   # slot 0 of backward: zeroing the gradient arena
     for l in range(net.L):
         for h in range(net.H):
             net.layers[l].dalpha_acc[h] = 0
@@ -440,7 +440,7 @@ cdef void run_backward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexce
             embed_backward(<floating*>net.dwte, <floating*>net.dwpe, <floating*>mg_grad_of(ar, node.out),
                            <int*>node.a, <int*>node.b, node.n, node.m)
         if net.profile:
-            net.op_seconds[16 + node.op] += now() - t0
+            net.op_seconds[MG_OP_SLOTS + node.op] += now() - t0
     for l in range(net.L):
         L = &net.layers[l]
         for h in range(net.H):
@@ -452,6 +452,10 @@ cdef void run_backward(NetC* net, mg_arena* ar, StepC* st, floating* tag) noexce
 # Engine: the Python handle
 
 MAX_ADAPTERS = MG_MAX_ADAPTERS  # adapters one linear can carry (trainable modules x fused parts)
+# the codes of csrc/codes.h by name (the same tables as _decode's: one definition)
+HEAD_TYPES = code_table(mg_head_type_names, N_HEAD_TYPES)
+ACTIVATIONS = code_table(mg_activation_names, N_ACTIVATIONS)
+OP_CODES = code_table(mg_op_names, MG_OP_SLOTS)
 
 
 cdef inline void* data_ptr(object arr):
@@ -494,14 +498,13 @@ cdef class Engine:
         self.net.V = vocab_size
         self.net.F = 4 * n_embd
         self.net.r = rank
-        self.net.act = ACT_RELU if activation == "relu" else ACT_SILU
+        self.net.act = code_of(ACTIVATIONS, activation, "activation")
         self.net.head_type = <int*>calloc(n_head, sizeof(int))
         self.net.layers = <LayerC*>calloc(n_layer, sizeof(LayerC))
         if self.net.head_type == NULL or self.net.layers == NULL:
             raise MemoryError()
         for h in range(n_head):
-            kind = head_types[h]
-            self.net.head_type[h] = HEAD_CONTENT if kind == "content" else (HEAD_RRPRAM if kind == "rrpram" else HEAD_HYBRID)
+            self.net.head_type[h] = code_of(HEAD_TYPES, head_types[h], "head type")
             if self.net.head_type[h] != HEAD_CONTENT:
                 self.net.n_pattern += 1
         for l in range(n_layer):
@@ -612,12 +615,10 @@ cdef class Engine:
     @property
     def profile(self):
         """CPU seconds (of the thread running it) per op since profiling was switched on: {"forward.linear": s, ...}."""
-        names = {MG_OP_EMBED: "embed", MG_OP_RMSNORM: "rmsnorm", MG_OP_LINEAR: "linear", MG_OP_ROPE: "rope",
-                 MG_OP_ATTN: "attention", MG_OP_GATE: "gate", MG_OP_ADD: "add", MG_OP_XENT: "cross_entropy"}
-        out = {"backward.zero_grads": self.net.op_seconds[16]}
-        for code, name in names.items():
+        out = {"backward.zero_grads": self.net.op_seconds[MG_OP_SLOTS]}
+        for name, code in OP_CODES.items():
             out["forward." + name] = self.net.op_seconds[code]
-            out["backward." + name] = self.net.op_seconds[16 + code]
+            out["backward." + name] = self.net.op_seconds[MG_OP_SLOTS + code]
         return out
 
     @profile.setter
@@ -709,9 +710,7 @@ cdef class Engine:
 
     def tape_ops(self):
         """Op names of the current tape, in creation order (for debugging and graph dumps)."""
-        names = {MG_OP_EMBED: "embed", MG_OP_RMSNORM: "rmsnorm", MG_OP_LINEAR: "linear", MG_OP_ROPE: "rope",
-                 MG_OP_ATTN: "attention", MG_OP_GATE: "gate", MG_OP_ADD: "add", MG_OP_XENT: "cross_entropy"}
-        return [names[self.ar.nodes[i].op] for i in range(self.ar.n_nodes)]
+        return [mg_op_names[self.ar.nodes[i].op].decode("ascii") for i in range(self.ar.n_nodes)]
 
 
 ctypedef struct RunJob:
@@ -1073,7 +1072,7 @@ def _attention_forward_memview(floating[:, ::1] q, floating[:, ::1] k, floating[
                                head_types, mix, lengths, int T):
     """y and the cached weights for packed sequences of the given lengths; P[h] (N, T) or None."""
     cdef Py_ssize_t H = len(head_types), N = q.shape[0], C = q.shape[1], d = C // H, SS, n_seq
-    typ = np.array([{"content": 0, "rrpram": 1, "hybrid": 2}[t] for t in head_types], dtype=np.intc)
+    typ = np.array([code_of(HEAD_TYPES, t, "head type") for t in head_types], dtype=np.intc)
     mixa = np.ascontiguousarray(mix, dtype=np.float64)
     n = np.ascontiguousarray(lengths, dtype=np.intc)
     n_seq = n.shape[0]
@@ -1101,7 +1100,7 @@ def _attention_backward_memview(floating[:, ::1] dy, floating[::1] att, floating
                                 floating[:, ::1] k, floating[:, ::1] v, P, head_types, mix, lengths, int T):
     """(dq, dk, dv, dP, dalpha) where dalpha[h] = d loss / d alpha_h of hybrid heads."""
     cdef Py_ssize_t H = len(head_types), N = q.shape[0], C = q.shape[1], d = C // H, SS, n_seq
-    typ = np.array([{"content": 0, "rrpram": 1, "hybrid": 2}[t] for t in head_types], dtype=np.intc)
+    typ = np.array([code_of(HEAD_TYPES, t, "head type") for t in head_types], dtype=np.intc)
     mixa = np.ascontiguousarray(mix, dtype=np.float64)
     n = np.ascontiguousarray(lengths, dtype=np.intc)
     n_seq = n.shape[0]
@@ -1137,7 +1136,7 @@ def _attention_backward_memview(floating[:, ::1] dy, floating[::1] att, floating
 def _gate_forward_memview(floating[::1] g, floating[::1] u, str act):
     out = np.empty_like(np.asarray(g))
     cdef floating[::1] ov = out
-    gate_forward(&ov[0], &g[0], &u[0], 1, g.shape[0], g.shape[0], ACT_RELU if act == "relu" else ACT_SILU)
+    gate_forward(&ov[0], &g[0], &u[0], 1, g.shape[0], g.shape[0], code_of(ACTIVATIONS, act, "activation"))
     return out
 
 
@@ -1148,7 +1147,7 @@ def _gate_backward_memview(floating[::1] dout, floating[::1] g, floating[::1] u,
     cdef floating[::1] dgv = dg
     cdef floating[::1] duv = du
     gate_backward(&dgv[0], &duv[0], &dout[0], &g[0], &u[0], 1, g.shape[0], g.shape[0],
-                  ACT_RELU if act == "relu" else ACT_SILU, set_grads)
+                  code_of(ACTIVATIONS, act, "activation"), set_grads)
     return dg, du
 
 

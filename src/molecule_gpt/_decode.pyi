@@ -3,6 +3,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+HEAD_TYPES: dict[str, int]  # csrc/codes.h MG_HEAD_* (the same table as _core.HEAD_TYPES)
+ACTIVATIONS: dict[str, int]  # csrc/codes.h MG_ACT_* (the same table as _core.ACTIVATIONS)
 STOP_REASONS: tuple  # (None, "eos", "max_tokens", "sentence", "repetition"), indexed by the C enum
 
 def simd_path() -> str: ...  # "avx2" or "portable" (MOLECULE_GPT_NO_AVX2=1 forces portable)

@@ -48,8 +48,10 @@ from cython.parallel cimport prange
 
 import numpy as np
 
-cdef extern from "fastmath.h" nogil:
-    float mg_expf(float x)
+from ._molecule cimport (floating, HEAD_CONTENT, HEAD_RRPRAM, HEAD_HYBRID, N_HEAD_TYPES, ACT_RELU,
+                         N_ACTIVATIONS, mg_head_type_names, mg_activation_names, code_table, code_of,
+                         mg_expf, mg_row_max_f, mg_row_exp_sum_f, mg_row_dot_f, mg_row_dot_d, mg_row_max_d,
+                         mg_row_exp_sum_d)
 
 cdef extern from "decode_kernels.h" nogil:  # products without BLAS (see the file's notes)
     void mg_matvec_f(float* y, const float* A, const float* x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t lda)
@@ -65,25 +67,6 @@ cdef extern from "decode_kernels.h" nogil:  # products without BLAS (see the fil
                          const float* kt, const float* vc, const float* const* pat, const int* head_type,
                          const double* mix, Py_ssize_t H, Py_ssize_t d, Py_ssize_t T, Py_ssize_t C, Py_ssize_t nk)
 
-cdef extern from "rows.h" nogil:   # omp-simd row reductions (shared with the training core)
-    float mg_row_max_f(const float* x, Py_ssize_t n)
-    float mg_row_exp_sum_f(float* x, Py_ssize_t n, float shift)
-    float mg_row_dot_f(const float* a, const float* b, Py_ssize_t n)
-    double mg_row_dot_d(const double* a, const double* b, Py_ssize_t n)
-    double mg_row_max_d(const double* x, Py_ssize_t n)
-    double mg_row_exp_sum_d(double* x, Py_ssize_t n, double shift)
-
-ctypedef fused floating:
-    float
-    double
-
-cdef enum:
-    HEAD_CONTENT = 0
-    HEAD_RRPRAM = 1
-    HEAD_HYBRID = 2
-    ACT_RELU = 0
-    ACT_SILU = 1
-
 # stop reasons returned by Decoder.run (names in STOP_REASONS)
 cdef enum:
     STOP_NONE = 0
@@ -93,6 +76,10 @@ cdef enum:
     STOP_REPETITION = 4
 
 STOP_REASONS = (None, "eos", "max_tokens", "sentence", "repetition")
+
+# the codes of csrc/codes.h by name (the same tables as _core's: one definition)
+HEAD_TYPES = code_table(mg_head_type_names, N_HEAD_TYPES)
+ACTIVATIONS = code_table(mg_activation_names, N_ACTIVATIONS)
 
 
 def simd_path() -> str:
@@ -283,9 +270,7 @@ cdef class Weights:
 
         self.net.L, self.net.C, self.net.H, self.net.d, self.net.T = n_layer, C, n_head, d, T
         self.net.V, self.net.F = V, F
-        if activation not in ("relu", "silu"):
-            raise ValueError(f"activation must be 'relu' or 'silu', got {activation!r}")
-        self.net.act = ACT_RELU if activation == "relu" else ACT_SILU
+        self.net.act = code_of(ACTIVATIONS, activation, "activation")
         self.net.wte = data_ptr(check(wte, (V, C), "wte"))
         self.net.wpe = data_ptr(check(wpe, (T, C), "wpe"))
         self.net.lm = data_ptr(check(lm, (V, C), "lm_head"))
@@ -296,10 +281,7 @@ cdef class Weights:
         if self.net.head_type == NULL or self.net.layers == NULL:
             raise MemoryError()
         for h in range(n_head):
-            kind = head_types[h]
-            if kind not in ("content", "rrpram", "hybrid"):
-                raise ValueError(f"unknown head type {kind!r}")
-            self.net.head_type[h] = HEAD_CONTENT if kind == "content" else (HEAD_RRPRAM if kind == "rrpram" else HEAD_HYBRID)
+            self.net.head_type[h] = code_of(HEAD_TYPES, head_types[h], "head type")
         for l in range(n_layer):
             Lw = &self.net.layers[l]
             Lw.pat = <void**>calloc(n_head, sizeof(void*))

@@ -19,10 +19,6 @@ from libc.math cimport exp, sqrt, sqrtf, log, INFINITY
 from libc.string cimport memset
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
-ctypedef fused floating:
-    float
-    double
-
 cdef inline floating fexp(floating x) noexcept nogil:
     """exp in the buffer's precision: float32 uses the branch-free mg_expf (csrc/fastmath.h,
     ~2 ulp, vectorizes); float64 uses libm so imported checkpoints reproduce the original."""
@@ -98,16 +94,6 @@ cdef inline void tri_tn(floating* Y, Py_ssize_t ldy, const floating* P, Py_ssize
         mg_tri_tn_f(Y, ldy, P, ldp, B, ldb, n, d, alpha, scratch)
     else:
         mg_tri_tn_d(Y, ldy, P, ldp, B, ldb, n, d, alpha, scratch)
-
-
-cdef enum HeadType:
-    HEAD_CONTENT = 0
-    HEAD_RRPRAM = 1
-    HEAD_HYBRID = 2
-
-cdef enum Activation:
-    ACT_RELU = 0
-    ACT_SILU = 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,22 @@
-# The C API of csrc/ (arena and tape node types), declared once and cimported by the core.
-cdef extern from "molecule.h" nogil:
+# The shared native declarations of molecule_gpt, cimported by both extensions (_core, _decode):
+# the C API of csrc/ (codes, arena and tape node types, kernels) and the one `floating`.
+# Declared here once; neither extension re-declares any of it.
+
+ctypedef fused floating:
+    float
+    double
+
+
+cdef extern from "codes.h" nogil:
+    # csrc/codes.h is the one definition of these codes; the Cython names are its MG_ names
     enum:
-        MG_ALIGN
-        MG_MAX_ADAPTERS
+        HEAD_CONTENT "MG_HEAD_CONTENT"
+        HEAD_RRPRAM "MG_HEAD_RRPRAM"
+        HEAD_HYBRID "MG_HEAD_HYBRID"
+        N_HEAD_TYPES "MG_N_HEAD_TYPES"
+        ACT_RELU "MG_ACT_RELU"
+        ACT_SILU "MG_ACT_SILU"
+        N_ACTIVATIONS "MG_N_ACTIVATIONS"
         MG_OP_EMBED
         MG_OP_RMSNORM
         MG_OP_LINEAR
@@ -11,6 +25,29 @@ cdef extern from "molecule.h" nogil:
         MG_OP_GATE
         MG_OP_ADD
         MG_OP_XENT
+        MG_OP_SLOTS
+    const char* const mg_head_type_names[]
+    const char* const mg_activation_names[]
+    const char* const mg_op_names[]
+
+
+cdef inline dict code_table(const char* const* names, int n):
+    """{name: code} of a codes.h name table (entries without a name left out): each extension's
+    Python-visible HEAD_TYPES, ACTIVATIONS and OP_CODES, built from the one definition."""
+    return {names[i].decode("ascii"): i for i in range(n) if names[i] != NULL}
+
+
+cdef inline int code_of(dict table, name, str what) except -1:
+    """The code of `name` in a code_table; ValueError naming the choices for anything else."""
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r} (one of {', '.join(map(repr, table))})")
+    return table[name]
+
+
+cdef extern from "molecule.h" nogil:
+    enum:
+        MG_ALIGN
+        MG_MAX_ADAPTERS
         MG_GRAD_SET_A
         MG_GRAD_SET_B
         MG_OUT_GRAD_SET
