@@ -27,7 +27,7 @@
 # - Keys are rotated once, when they enter the cache (the original re-rotated every cached key
 #   at every step), and the prompt's last token is fed once (§8.9: the prefill's last logits
 #   give the first sampled token).
-# - Arithmetic mirrors _core's forward op for op (rmsnorm accumulated in double, float32 exp
+# - Arithmetic mirrors _core's forward op for op (the ops of _ops.pxd, float32 exp
 #   from fastmath.h, the hybrid mix written the same way), so float64 decoding agrees with
 #   Model.logits to ~1e-12; float32 agrees to rounding.
 # - No BLAS: the products are csrc/decode_kernels.h (AVX2+FMA chosen at run time, portable
@@ -52,6 +52,7 @@ from ._molecule cimport (floating, HEAD_CONTENT, HEAD_RRPRAM, HEAD_HYBRID, N_HEA
                          N_ACTIVATIONS, mg_head_type_names, mg_activation_names, code_table, code_of,
                          mg_expf, mg_row_max_f, mg_row_exp_sum_f, mg_row_dot_f, mg_row_dot_d, mg_row_max_d,
                          mg_row_exp_sum_d)
+from ._ops cimport rmsnorm_forward
 
 cdef extern from "decode_kernels.h" nogil:  # products without BLAS (see the file's notes)
     void mg_matvec_f(float* y, const float* A, const float* x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t lda)
@@ -89,14 +90,6 @@ def simd_path() -> str:
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
-
-cdef inline floating fexp(floating x) noexcept nogil:
-    """exp in the buffer's precision (float32: the same mg_expf as the training core)."""
-    if floating is float:
-        return mg_expf(x)
-    else:
-        return exp(x)
-
 
 cdef inline void* data_ptr(object arr):
     return <void*><size_t>arr.__array_interface__["data"][0]
@@ -153,17 +146,6 @@ cdef void mm_nt_par(floating* Cm, const floating* A, const floating* B, Py_ssize
         r1 = min(M, r0 + chunk)
         if r1 > r0:
             mm_nt(Cm + r0 * ldc, A + r0 * lda, B, r1 - r0, N, K, lda, ldb, ldc)
-
-
-cdef inline void rmsnorm_row(floating* y, const floating* x, Py_ssize_t C) noexcept nogil:
-    """y = x (mean(x^2) + 1e-5)^(-1/2), accumulated in double (as _core)."""
-    cdef Py_ssize_t j
-    cdef double ss = 0, r
-    for j in range(C):
-        ss += <double>x[j] * x[j]
-    r = 1.0 / sqrt(ss / C + 1e-5)
-    for j in range(C):
-        y[j] = <floating>(x[j] * r)
 
 
 cdef inline void rope_row(floating* x, const floating* cos_t, const floating* sin_t, int pos,
@@ -337,13 +319,6 @@ ctypedef struct Buf:
     int nt          # threads for large products (matvec_par / mm_nt_par)
 
 
-cdef inline floating dot(const floating* a, const floating* b, Py_ssize_t n) noexcept nogil:
-    if floating is float:
-        return mg_row_dot_f(a, b, n)
-    else:
-        return mg_row_dot_d(a, b, n)
-
-
 cdef void attend_row(floating* y, floating* att, floating* pat_out, const floating* q,
                      const floating* hrow, const floating* kt, const floating* vc, const WNet* net,
                      const WLayer* Lw, int nk) noexcept nogil:
@@ -434,7 +409,7 @@ cdef void step_forward(floating* tag, const WNet* net, Buf* b, int tok, int pos)
         Lw = &net.layers[l]
         kc = <floating*>b.kc + l * C * T
         vc = <floating*>b.vc + l * T * C
-        rmsnorm_row(h, x, C)
+        rmsnorm_forward(h, <floating*>NULL, x, 1, C)
         matvec_par(qkv, <const floating*>Lw.wqkv, h, <int>(3 * C), <int>C, <int>C, b.nt)
         rope_row(qkv, <const floating*>net.cos_t, <const floating*>net.sin_t, pos, net.H, net.d)
         rope_row(qkv + C, <const floating*>net.cos_t, <const floating*>net.sin_t, pos, net.H, net.d)
@@ -444,13 +419,13 @@ cdef void step_forward(floating* tag, const WNet* net, Buf* b, int tok, int pos)
         matvec_par(o, <const floating*>Lw.wo, y, <int>C, <int>C, <int>C, b.nt)
         for j in range(C):
             x[j] = x[j] + o[j]
-        rmsnorm_row(h, x, C)
+        rmsnorm_forward(h, <floating*>NULL, x, 1, C)
         matvec_par(gu, <const floating*>Lw.fcgv, h, <int>(2 * F), <int>C, <int>C, b.nt)
         gate_row(a, gu, gu + F, F, net.act)
         matvec_par(o, <const floating*>Lw.fc2, a, <int>C, <int>F, <int>F, b.nt)
         for j in range(C):
             x[j] = x[j] + o[j]
-    rmsnorm_row(h, x, C)
+    rmsnorm_forward(h, <floating*>NULL, x, 1, C)
     matvec_par(<floating*>b.logits, <const floating*>net.lm, h, net.V, <int>C, <int>C, b.nt)
 
 
@@ -498,8 +473,7 @@ cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids
         Lw = &net.layers[l]
         kc = <floating*>b.kc + l * C * T
         vc = <floating*>b.vc + l * T * C
-        for i in range(N):
-            rmsnorm_row(Hn + i * C, X + i * C, C)
+        rmsnorm_forward(Hn, <floating*>NULL, X, N, C)
         mm_nt_par(QKV, Hn, <const floating*>Lw.wqkv, N, <int>C3, <int>C, <int>C, <int>C, <int>C3, b.nt)
         for i in range(N):
             rope_row(QKV + i * C3, <const floating*>net.cos_t, <const floating*>net.sin_t, <int>i, net.H, d)
@@ -515,7 +489,7 @@ cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids
             matvec_par(O, <const floating*>Lw.wo, Y, <int>C, <int>C, <int>C, b.nt)
             for j in range(C):
                 X[i * C + j] = X[i * C + j] + O[j]
-            rmsnorm_row(Hn, X + i * C, C)
+            rmsnorm_forward(Hn, <floating*>NULL, X + i * C, 1, C)
             matvec_par(GU, <const floating*>Lw.fcgv, Hn, <int>(2 * F), <int>C, <int>C, b.nt)
             gate_row(A, GU, GU + F, F, net.act)
             matvec_par(O, <const floating*>Lw.fc2, A, <int>C, <int>F, <int>F, b.nt)
@@ -527,8 +501,7 @@ cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids
         mm_nt_par(O, Y, <const floating*>Lw.wo, N, <int>C, <int>C, <int>C, <int>C, <int>C, b.nt)
         for i in range(N * C):
             X[i] = X[i] + O[i]
-        for i in range(N):
-            rmsnorm_row(Hn + i * C, X + i * C, C)
+        rmsnorm_forward(Hn, <floating*>NULL, X, N, C)
         mm_nt_par(GU, Hn, <const floating*>Lw.fcgv, N, <int>(2 * F), <int>C, <int>C, <int>C, <int>(2 * F), b.nt)
         for i in range(N):
             gate_row(A + i * F, GU + i * 2 * F, GU + i * 2 * F + F, F, net.act)
@@ -537,7 +510,7 @@ cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids
             X[i] = X[i] + O[i]
         if stds != NULL:
             stds[l + 1] = std_of(X, N * C)
-    rmsnorm_row(Hn, X + (N - 1) * C, C)
+    rmsnorm_forward(Hn, <floating*>NULL, X + (N - 1) * C, 1, C)
     matvec_par(<floating*>b.logits, <const floating*>net.lm, Hn, net.V, <int>C, <int>C, b.nt)
 
 

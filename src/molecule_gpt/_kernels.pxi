@@ -19,43 +19,7 @@ from libc.math cimport exp, sqrt, sqrtf, log, INFINITY
 from libc.string cimport memset
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
-cdef inline floating fexp(floating x) noexcept nogil:
-    """exp in the buffer's precision: float32 uses the branch-free mg_expf (csrc/fastmath.h,
-    ~2 ulp, vectorizes); float64 uses libm so imported checkpoints reproduce the original."""
-    if floating is float:
-        return mg_expf(x)
-    else:
-        return exp(x)
-
-
-cdef inline floating fsqrt(floating x) noexcept nogil:
-    if floating is float:
-        return sqrtf(x)
-    else:
-        return sqrt(x)
-
-
-cdef inline floating row_max(const floating* x, Py_ssize_t n) noexcept nogil:
-    if floating is float:
-        return mg_row_max_f(x, n)
-    else:
-        return mg_row_max_d(x, n)
-
-
-cdef inline floating row_exp_sum(floating* x, Py_ssize_t n, floating shift) noexcept nogil:
-    """x := exp(x - shift); returns the sum (csrc/rows.h: vectorized reductions)."""
-    if floating is float:
-        return mg_row_exp_sum_f(x, n, shift)
-    else:
-        return mg_row_exp_sum_d(x, n, shift)
-
-
-cdef inline floating row_dot(const floating* a, const floating* b, Py_ssize_t n) noexcept nogil:
-    if floating is float:
-        return mg_row_dot_f(a, b, n)
-    else:
-        return mg_row_dot_d(a, b, n)
-
+from ._ops cimport *   # the forward ops (one definition each, shared with _decode) and row helpers
 
 cdef bint attention_blas = False  # tests and benchmarks: products through BLAS (the naive twin)
 
@@ -208,19 +172,7 @@ cdef void linear_backward(floating* dX, floating* dU, const floating* G, const f
 
 
 # ---------------------------------------------------------------------------------------------
-# RMSNorm without gain:  y = x (mean(x^2) + 1e-5)^(-1/2)
-
-cdef void rmsnorm_forward(floating* y, floating* rstd, const floating* x,
-                          Py_ssize_t N, Py_ssize_t C) noexcept nogil:
-    """x, y (N, C); rstd (N,) cached for backward."""
-    cdef Py_ssize_t i, j
-    cdef floating r
-    for i in range(N):
-        r = <floating>(1.0 / sqrt(<double>row_dot(x + i * C, x + i * C, C) / C + 1e-5))
-        rstd[i] = r
-        for j in range(C):
-            y[i * C + j] = x[i * C + j] * r
-
+# RMSNorm: forward in _ops.pxd
 
 cdef void rmsnorm_backward(floating* dx, const floating* dy, const floating* y, const floating* rstd,
                            Py_ssize_t N, Py_ssize_t C) noexcept nogil:
@@ -394,10 +346,6 @@ cdef void attention_backward(floating* dq, floating* dk, floating* dv, floating*
 
 # ---------------------------------------------------------------------------------------------
 # gated MLP activation:  out = act(g) * u,  act = relu or silu
-
-cdef inline double sigmoid(double x) noexcept nogil:
-    return 1.0 / (1.0 + exp(-x))
-
 
 cdef void gate_forward(floating* out, const floating* g, const floating* u, Py_ssize_t N,
                        Py_ssize_t F, Py_ssize_t ld_in, int act) noexcept nogil:
