@@ -575,8 +575,8 @@ cdef class Engine:
 
     def bind_embeddings(self, wte, dwte, wpe, dwpe, cos_t, sin_t):
         """cos_t, sin_t (T, d/2): RoPE's tables (kept here repeated once per head)."""
-        cos_t = np.ascontiguousarray(np.tile(cos_t, (1, self.net.H)))
-        sin_t = np.ascontiguousarray(np.tile(sin_t, (1, self.net.H)))
+        cos_t = rope_tables_per_head(cos_t, self.net.H)
+        sin_t = rope_tables_per_head(sin_t, self.net.H)
         self.net.wte = data_ptr(wte)
         self.net.dwte = data_ptr(dwte) if dwte is not None else NULL
         self.net.wpe = data_ptr(wpe)
@@ -969,7 +969,7 @@ def _rmsnorm_backward_memview(floating[:, ::1] dy, floating[:, ::1] y, floating[
 
 def _rope_forward_memview(floating[:, ::1] x, int[::1] pos, cos_t, sin_t, int H):
     """cos_t, sin_t (T, d/2) of x's dtype."""
-    cdef floating[:, ::1] ct = np.tile(cos_t, (1, H)), st = np.tile(sin_t, (1, H))
+    cdef floating[:, ::1] ct = rope_tables_per_head(cos_t, H), st = rope_tables_per_head(sin_t, H)
     y = np.empty_like(np.asarray(x))
     cdef floating[:, ::1] yv = y
     rope_forward(&yv[0, 0], &x[0, 0], &pos[0], &ct[0, 0], &st[0, 0], x.shape[0], H, x.shape[1] // H,
@@ -978,7 +978,7 @@ def _rope_forward_memview(floating[:, ::1] x, int[::1] pos, cos_t, sin_t, int H)
 
 
 def _rope_backward_memview(floating[:, ::1] dy, int[::1] pos, cos_t, sin_t, int H):
-    cdef floating[:, ::1] ct = np.tile(cos_t, (1, H)), st = np.tile(sin_t, (1, H))
+    cdef floating[:, ::1] ct = rope_tables_per_head(cos_t, H), st = rope_tables_per_head(sin_t, H)
     dx = np.zeros_like(np.asarray(dy))
     cdef floating[:, ::1] dxv = dx
     rope_backward(&dxv[0, 0], &dy[0, 0], &pos[0], &ct[0, 0], &st[0, 0], dy.shape[0], H, dy.shape[1] // H,

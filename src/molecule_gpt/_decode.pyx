@@ -52,7 +52,7 @@ from ._molecule cimport (floating, HEAD_CONTENT, HEAD_RRPRAM, HEAD_HYBRID, N_HEA
                          N_ACTIVATIONS, mg_head_type_names, mg_activation_names, code_table, code_of,
                          mg_expf, mg_row_max_f, mg_row_exp_sum_f, mg_row_dot_f, mg_row_dot_d, mg_row_max_d,
                          mg_row_exp_sum_d)
-from ._ops cimport rmsnorm_forward
+from ._ops cimport rmsnorm_forward, rope_forward, rope_tables_per_head
 
 cdef extern from "decode_kernels.h" nogil:  # products without BLAS (see the file's notes)
     void mg_matvec_f(float* y, const float* A, const float* x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t lda)
@@ -148,22 +148,6 @@ cdef void mm_nt_par(floating* Cm, const floating* A, const floating* B, Py_ssize
             mm_nt(Cm + r0 * ldc, A + r0 * lda, B, r1 - r0, N, K, lda, ldb, ldc)
 
 
-cdef inline void rope_row(floating* x, const floating* cos_t, const floating* sin_t, int pos,
-                          Py_ssize_t H, Py_ssize_t d) noexcept nogil:
-    """Rotate the interleaved pairs of every head of one row x (H*d) in place, at position pos."""
-    cdef Py_ssize_t h, j, half = d // 2, o
-    cdef floating a, b, c, s
-    for h in range(H):
-        o = h * d
-        for j in range(half):
-            c = cos_t[pos * half + j]
-            s = sin_t[pos * half + j]
-            a = x[o + 2 * j]
-            b = x[o + 2 * j + 1]
-            x[o + 2 * j] = a * c - b * s
-            x[o + 2 * j + 1] = a * s + b * c
-
-
 cdef inline void gate_row(floating* out, const floating* g, const floating* u, Py_ssize_t n,
                           int act) noexcept nogil:
     """out = act(g) * u (relu written as in csrc/elementwise.h; silu with a double sigmoid)."""
@@ -210,8 +194,9 @@ ctypedef struct WNet:
     void* wte       # (V, C) input embedding (base)
     void* wpe       # (T, C)
     void* lm        # (V, C) effective output matrix
-    void* cos_t     # (T, d/2)
+    void* cos_t     # (T, C/2) RoPE's tables, each position's row repeated per head (rope_forward)
     void* sin_t
+    int* pos        # (T,) window positions 0..T-1 (the ops take a position per row)
     WLayer* layers
 
 
@@ -256,8 +241,16 @@ cdef class Weights:
         self.net.wte = data_ptr(check(wte, (V, C), "wte"))
         self.net.wpe = data_ptr(check(wpe, (T, C), "wpe"))
         self.net.lm = data_ptr(check(lm, (V, C), "lm_head"))
-        self.net.cos_t = data_ptr(check(cos_t, (T, d // 2), "cos_t"))
-        self.net.sin_t = data_ptr(check(sin_t, (T, d // 2), "sin_t"))
+        cos_t = rope_tables_per_head(check(cos_t, (T, d // 2), "cos_t"), n_head)
+        sin_t = rope_tables_per_head(check(sin_t, (T, d // 2), "sin_t"), n_head)
+        keep += [cos_t, sin_t]
+        self.net.cos_t = data_ptr(cos_t)
+        self.net.sin_t = data_ptr(sin_t)
+        self.net.pos = <int*>calloc(T, sizeof(int))
+        if self.net.pos == NULL:
+            raise MemoryError()
+        for l in range(T):
+            self.net.pos[l] = l
         self.net.head_type = <int*>calloc(n_head, sizeof(int))
         self.net.layers = <WLayer*>calloc(n_layer, sizeof(WLayer))
         if self.net.head_type == NULL or self.net.layers == NULL:
@@ -290,6 +283,7 @@ cdef class Weights:
                 free(self.net.layers[l].mix)
             free(self.net.layers)
         free(self.net.head_type)
+        free(self.net.pos)
 
     @property
     def vocab_size(self) -> int:
@@ -306,9 +300,11 @@ cdef class Weights:
 ctypedef struct Buf:
     void* X         # (T, C)     residual stream
     void* Hn        # (T, C)     normalized input of the current block
-    void* QKV       # (T, 3C)
-    void* S         # (T, T)     attention logits/weights of one query (row 0 used)
-    void* P         # (T, T)     pattern logits of one query (row 0 used)
+    void* QKV       # (T, 3C)    q | k | v before rotation
+    void* Q         # (T, C)     rotated queries
+    void* K         # (T, C)     rotated keys (then stored transposed in kc)
+    void* S         # (T,)       attention logits/weights of one query
+    void* P         # (T,)       pattern logits of one query
     void* Y         # (T, C)     concatenated head outputs
     void* O         # (T, C)     a block's output before the residual add
     void* GU        # (T, 2F)    fc_g and fc_v outputs
@@ -395,6 +391,8 @@ cdef void step_forward(floating* tag, const WNet* net, Buf* b, int tok, int pos)
     cdef floating* x = <floating*>b.X
     cdef floating* h = <floating*>b.Hn
     cdef floating* qkv = <floating*>b.QKV
+    cdef floating* q = <floating*>b.Q
+    cdef floating* k = <floating*>b.K
     cdef floating* y = <floating*>b.Y
     cdef floating* o = <floating*>b.O
     cdef floating* gu = <floating*>b.GU
@@ -411,11 +409,13 @@ cdef void step_forward(floating* tag, const WNet* net, Buf* b, int tok, int pos)
         vc = <floating*>b.vc + l * T * C
         rmsnorm_forward(h, <floating*>NULL, x, 1, C)
         matvec_par(qkv, <const floating*>Lw.wqkv, h, <int>(3 * C), <int>C, <int>C, b.nt)
-        rope_row(qkv, <const floating*>net.cos_t, <const floating*>net.sin_t, pos, net.H, net.d)
-        rope_row(qkv + C, <const floating*>net.cos_t, <const floating*>net.sin_t, pos, net.H, net.d)
-        store_key(kc, qkv + C, pos, C, T)
+        rope_forward(q, qkv, net.pos + pos, <const floating*>net.cos_t, <const floating*>net.sin_t, 1, net.H,
+                     net.d, 3 * C)
+        rope_forward(k, qkv + C, net.pos + pos, <const floating*>net.cos_t, <const floating*>net.sin_t, 1,
+                     net.H, net.d, 3 * C)
+        store_key(kc, k, pos, C, T)
         memcpy(vc + pos * C, qkv + 2 * C, C * sizeof(floating))
-        attend_row(y, <floating*>b.S, <floating*>b.P, qkv, h, kc, vc, net, Lw, pos + 1)
+        attend_row(y, <floating*>b.S, <floating*>b.P, q, h, kc, vc, net, Lw, pos + 1)
         matvec_par(o, <const floating*>Lw.wo, y, <int>C, <int>C, <int>C, b.nt)
         for j in range(C):
             x[j] = x[j] + o[j]
@@ -452,6 +452,8 @@ cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids
     cdef floating* X = <floating*>b.X
     cdef floating* Hn = <floating*>b.Hn
     cdef floating* QKV = <floating*>b.QKV
+    cdef floating* Q = <floating*>b.Q
+    cdef floating* K = <floating*>b.K
     cdef floating* S = <floating*>b.S
     cdef floating* P = <floating*>b.P
     cdef floating* Y = <floating*>b.Y
@@ -475,17 +477,17 @@ cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids
         vc = <floating*>b.vc + l * T * C
         rmsnorm_forward(Hn, <floating*>NULL, X, N, C)
         mm_nt_par(QKV, Hn, <const floating*>Lw.wqkv, N, <int>C3, <int>C, <int>C, <int>C, <int>C3, b.nt)
+        rope_forward(Q, QKV, net.pos, <const floating*>net.cos_t, <const floating*>net.sin_t, N, net.H, d, C3)
+        rope_forward(K, QKV + C, net.pos, <const floating*>net.cos_t, <const floating*>net.sin_t, N, net.H, d, C3)
         for i in range(N):
-            rope_row(QKV + i * C3, <const floating*>net.cos_t, <const floating*>net.sin_t, <int>i, net.H, d)
-            rope_row(QKV + i * C3 + C, <const floating*>net.cos_t, <const floating*>net.sin_t, <int>i, net.H, d)
-            store_key(kc, QKV + i * C3 + C, i, C, T)
+            store_key(kc, K + i * C, i, C, T)
             memcpy(vc + i * C, QKV + i * C3 + 2 * C, C * sizeof(floating))
         if l == net.L - 1 and stds == NULL:
             # The last layer's keys and values are cached; the rest of it only matters for the
             # last row (the logits): attention, wo and the MLP of that row alone (~40% of a
             # 2-layer prefill saved, results identical up to summation order).
             i = N - 1
-            attend_row(Y, S, P, QKV + i * C3, Hn + i * C, kc, vc, net, Lw, N)
+            attend_row(Y, S, P, Q + i * C, Hn + i * C, kc, vc, net, Lw, N)
             matvec_par(O, <const floating*>Lw.wo, Y, <int>C, <int>C, <int>C, b.nt)
             for j in range(C):
                 X[i * C + j] = X[i * C + j] + O[j]
@@ -497,7 +499,7 @@ cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids
                 X[i * C + j] = X[i * C + j] + O[j]
             break
         for t in range(N):  # causal attention, one query at a time: only the t + 1 keys it sees
-            attend_row(Y + t * C, S, P, QKV + t * C3, Hn + t * C, kc, vc, net, Lw, <int>(t + 1))
+            attend_row(Y + t * C, S, P, Q + t * C, Hn + t * C, kc, vc, net, Lw, <int>(t + 1))
         mm_nt_par(O, Y, <const floating*>Lw.wo, N, <int>C, <int>C, <int>C, <int>C, <int>C, b.nt)
         for i in range(N * C):
             X[i] = X[i] + O[i]
@@ -1013,18 +1015,18 @@ cdef class Decoder:
         self.is_double = weights.is_double
         es = sizeof(double) if self.is_double else sizeof(float)
         L, C, T, F = weights.net.L, weights.net.C, weights.net.T, weights.net.F
-        cdef size_t sizes[11]
-        cdef void** slots[11]
-        sizes[:] = [T * C, T * C, T * 3 * C, T * T, T * T, T * C, T * C, T * 2 * F, T * F, L * T * C, L * T * C]
-        slots[:] = [&self.b.X, &self.b.Hn, &self.b.QKV, &self.b.S, &self.b.P, &self.b.Y, &self.b.O, &self.b.GU,
-                    &self.b.A, &self.b.kc, &self.b.vc]
-        for i in range(11):
+        cdef size_t sizes[13]
+        cdef void** slots[13]
+        sizes[:] = [T * C, T * C, T * 3 * C, T * C, T * C, T, T, T * C, T * C, T * 2 * F, T * F, L * T * C, L * T * C]
+        slots[:] = [&self.b.X, &self.b.Hn, &self.b.QKV, &self.b.Q, &self.b.K, &self.b.S, &self.b.P, &self.b.Y,
+                    &self.b.O, &self.b.GU, &self.b.A, &self.b.kc, &self.b.vc]
+        for i in range(13):
             total += sizes[i] * es
         self.block = calloc(total, 1)
         if self.block == NULL:
             raise MemoryError(f"cannot allocate {total} bytes of decoding scratch")
         cdef char* cur = <char*>self.block
-        for i in range(11):
+        for i in range(13):
             slots[i][0] = <void*>cur
             cur += sizes[i] * es
         # the logits live in a numpy array of their own (see last_logits_array): the arrays

@@ -187,20 +187,7 @@ cdef void rmsnorm_backward(floating* dx, const floating* dy, const floating* y, 
 
 
 # ---------------------------------------------------------------------------------------------
-# RoPE on interleaved pairs (2i, 2i+1) of every head, angle pos / 10000^(2i/d)
-
-cdef void rope_forward(floating* y, const floating* x, const int* pos, const floating* cos_t,
-                       const floating* sin_t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t d,
-                       Py_ssize_t ldx) noexcept nogil:
-    """x (N, H*d) with row stride ldx, y (N, H*d) contiguous; cos_t, sin_t (T, H*d/2): each
-    position's angles repeated once per head, at row pos[i] (csrc/elementwise.h)."""
-    cdef Py_ssize_t i, C = H * d, np2 = C // 2
-    for i in range(N):
-        if floating is float:
-            mg_rope_row_f(y + i * C, x + i * ldx, cos_t + pos[i] * np2, sin_t + pos[i] * np2, np2)
-        else:
-            mg_rope_row_d(y + i * C, x + i * ldx, cos_t + pos[i] * np2, sin_t + pos[i] * np2, np2)
-
+# RoPE: forward in _ops.pxd
 
 cdef void rope_backward(floating* dx, const floating* dy, const int* pos, const floating* cos_t,
                         const floating* sin_t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t d,

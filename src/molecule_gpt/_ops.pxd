@@ -13,7 +13,7 @@
 from libc.math cimport exp, sqrt, sqrtf
 
 from ._molecule cimport (floating, mg_expf, mg_row_max_f, mg_row_max_d, mg_row_exp_sum_f, mg_row_exp_sum_d,
-                         mg_row_dot_f, mg_row_dot_d)
+                         mg_row_dot_f, mg_row_dot_d, mg_rope_row_f, mg_rope_row_d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,3 +75,26 @@ cdef inline void rmsnorm_forward(floating* y, floating* rstd, const floating* x,
             rstd[i] = r
         for j in range(C):
             y[i * C + j] = x[i * C + j] * r
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE on interleaved pairs (2i, 2i+1) of every head, angle pos / 10000^(2i/d)
+
+cdef inline object rope_tables_per_head(table, int H):
+    """rope_forward's layout of a (T, d/2) cosine or sine table: each position's row repeated
+    once per head, (T, H*d/2) C-contiguous, so one loop turns a whole row."""
+    import numpy
+    return numpy.ascontiguousarray(numpy.tile(table, (1, H)))
+
+
+cdef inline void rope_forward(floating* y, const floating* x, const int* pos, const floating* cos_t,
+                              const floating* sin_t, Py_ssize_t N, Py_ssize_t H, Py_ssize_t d,
+                              Py_ssize_t ldx) noexcept nogil:
+    """x (N, H*d) with row stride ldx, y (N, H*d) contiguous; cos_t, sin_t (T, H*d/2) from
+    rope_tables_per_head, at row pos[i] (csrc/elementwise.h)."""
+    cdef Py_ssize_t i, C = H * d, np2 = C // 2
+    for i in range(N):
+        if floating is float:
+            mg_rope_row_f(y + i * C, x + i * ldx, cos_t + pos[i] * np2, sin_t + pos[i] * np2, np2)
+        else:
+            mg_rope_row_d(y + i * C, x + i * ldx, cos_t + pos[i] * np2, sin_t + pos[i] * np2, np2)
