@@ -52,7 +52,7 @@ from ._molecule cimport (floating, HEAD_CONTENT, HEAD_RRPRAM, HEAD_HYBRID, N_HEA
                          N_ACTIVATIONS, mg_head_type_names, mg_activation_names, code_table, code_of,
                          mg_expf, mg_row_max_f, mg_row_exp_sum_f, mg_row_dot_f, mg_row_dot_d, mg_row_max_d,
                          mg_row_exp_sum_d)
-from ._ops cimport rmsnorm_forward, rope_forward, rope_tables_per_head
+from ._ops cimport embed_forward, rmsnorm_forward, rope_forward, rope_tables_per_head, gate_forward, add_forward
 
 cdef extern from "decode_kernels.h" nogil:  # products without BLAS (see the file's notes)
     void mg_matvec_f(float* y, const float* A, const float* x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t lda)
@@ -146,20 +146,6 @@ cdef void mm_nt_par(floating* Cm, const floating* A, const floating* B, Py_ssize
         r1 = min(M, r0 + chunk)
         if r1 > r0:
             mm_nt(Cm + r0 * ldc, A + r0 * lda, B, r1 - r0, N, K, lda, ldb, ldc)
-
-
-cdef inline void gate_row(floating* out, const floating* g, const floating* u, Py_ssize_t n,
-                          int act) noexcept nogil:
-    """out = act(g) * u (relu written as in csrc/elementwise.h; silu with a double sigmoid)."""
-    cdef Py_ssize_t i
-    cdef floating gi
-    if act == ACT_RELU:
-        for i in range(n):
-            gi = g[i]
-            out[i] = (gi if gi > 0 else <floating>0) * u[i]
-    else:
-        for i in range(n):
-            out[i] = <floating>(g[i] * (1.0 / (1.0 + exp(-<double>g[i]))) * u[i])
 
 
 cdef inline void softmax_row(floating* row, Py_ssize_t n) noexcept nogil:
@@ -295,7 +281,7 @@ cdef class Weights:
 
 
 # ---------------------------------------------------------------------------------------------
-# forward: one step over the cache, and a batched prefill
+# forward: rows after the cache (a batched prefill, or one decode step)
 
 ctypedef struct Buf:
     void* X         # (T, C)     residual stream
@@ -383,52 +369,6 @@ cdef inline void store_key(floating* kt, const floating* k, Py_ssize_t pos, Py_s
         kt[c * T + pos] = k[c]
 
 
-cdef void step_forward(floating* tag, const WNet* net, Buf* b, int tok, int pos) noexcept nogil:
-    """Feed token tok at window position pos (< T, the cache holds positions 0..pos-1): write
-    its key/value into the cache and the next-token logits into b.logits."""
-    cdef Py_ssize_t l, j, C = net.C, F = net.F, T = net.T
-    cdef const WLayer* Lw
-    cdef floating* x = <floating*>b.X
-    cdef floating* h = <floating*>b.Hn
-    cdef floating* qkv = <floating*>b.QKV
-    cdef floating* q = <floating*>b.Q
-    cdef floating* k = <floating*>b.K
-    cdef floating* y = <floating*>b.Y
-    cdef floating* o = <floating*>b.O
-    cdef floating* gu = <floating*>b.GU
-    cdef floating* a = <floating*>b.A
-    cdef floating* kc
-    cdef floating* vc
-    cdef const floating* wte = <const floating*>net.wte
-    cdef const floating* wpe = <const floating*>net.wpe
-    for j in range(C):
-        x[j] = wte[<Py_ssize_t>tok * C + j] + wpe[<Py_ssize_t>pos * C + j]
-    for l in range(net.L):
-        Lw = &net.layers[l]
-        kc = <floating*>b.kc + l * C * T
-        vc = <floating*>b.vc + l * T * C
-        rmsnorm_forward(h, <floating*>NULL, x, 1, C)
-        matvec_par(qkv, <const floating*>Lw.wqkv, h, <int>(3 * C), <int>C, <int>C, b.nt)
-        rope_forward(q, qkv, net.pos + pos, <const floating*>net.cos_t, <const floating*>net.sin_t, 1, net.H,
-                     net.d, 3 * C)
-        rope_forward(k, qkv + C, net.pos + pos, <const floating*>net.cos_t, <const floating*>net.sin_t, 1,
-                     net.H, net.d, 3 * C)
-        store_key(kc, k, pos, C, T)
-        memcpy(vc + pos * C, qkv + 2 * C, C * sizeof(floating))
-        attend_row(y, <floating*>b.S, <floating*>b.P, q, h, kc, vc, net, Lw, pos + 1)
-        matvec_par(o, <const floating*>Lw.wo, y, <int>C, <int>C, <int>C, b.nt)
-        for j in range(C):
-            x[j] = x[j] + o[j]
-        rmsnorm_forward(h, <floating*>NULL, x, 1, C)
-        matvec_par(gu, <const floating*>Lw.fcgv, h, <int>(2 * F), <int>C, <int>C, b.nt)
-        gate_row(a, gu, gu + F, F, net.act)
-        matvec_par(o, <const floating*>Lw.fc2, a, <int>C, <int>F, <int>F, b.nt)
-        for j in range(C):
-            x[j] = x[j] + o[j]
-    rmsnorm_forward(h, <floating*>NULL, x, 1, C)
-    matvec_par(<floating*>b.logits, <const floating*>net.lm, h, net.V, <int>C, <int>C, b.nt)
-
-
 cdef double std_of(const floating* x, Py_ssize_t n) noexcept nogil:
     """Standard deviation of x[0:n] (two passes, double)."""
     cdef Py_ssize_t i
@@ -441,34 +381,42 @@ cdef double std_of(const floating* x, Py_ssize_t n) noexcept nogil:
     return sqrt(var / n)
 
 
-cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids, int N,
-                          double* stds) noexcept nogil:
-    """Run ids[0:N] (N <= T) at positions 0..N-1 as one batch: fill the cache rows 0..N-1 and
-    write the logits of the last position into b.logits. stds (L + 1, may be NULL) receives
-    the std of the residual stream after the embedding and after each layer."""
-    cdef Py_ssize_t l, i, j, t, hh, C = net.C, F = net.F, T = net.T, d = net.d, C3 = 3 * net.C
-    cdef int kind
+cdef inline void linear_rows(floating* Y, const floating* W, const floating* X, Py_ssize_t N, Py_ssize_t nout,
+                             Py_ssize_t nin, int nt) noexcept nogil:
+    """Y (N, nout) = X (N, nin) W^T for a folded weight W (nout, nin): one row is a matvec (its
+    output rows split over the threads), more rows a gemm (its input rows split)."""
+    if N == 1:
+        matvec_par(Y, W, X, nout, nin, nin, nt)
+    else:
+        mm_nt_par(Y, X, W, N, nout, nin, nin, nin, nout, nt)
+
+
+cdef void forward_rows(floating* tag, const WNet* net, Buf* b, const int* ids, int N, int p0,
+                       double* stds) noexcept nogil:
+    """Run ids[0:N] at window positions p0 .. p0+N-1 (p0 + N <= T) after the p0 positions the
+    cache holds: write their keys and values into the cache and the logits of the last one into
+    b.logits. A prefill is p0 = 0; a decode step is N = 1 at p0 = the window's length. Each op
+    is the training forward's (_ops.pxd); attention reads the cache (attend_row), one query at
+    a time over the keys it sees. stds (L + 1, may be NULL) receives the std of the residual
+    stream after the embedding and after each layer."""
+    cdef Py_ssize_t l, i, t, r0, n, C = net.C, F = net.F, T = net.T, d = net.d, C3 = 3 * net.C
     cdef const WLayer* Lw
+    cdef const int* pos = net.pos + p0
     cdef floating* X = <floating*>b.X
     cdef floating* Hn = <floating*>b.Hn
     cdef floating* QKV = <floating*>b.QKV
     cdef floating* Q = <floating*>b.Q
     cdef floating* K = <floating*>b.K
-    cdef floating* S = <floating*>b.S
-    cdef floating* P = <floating*>b.P
     cdef floating* Y = <floating*>b.Y
     cdef floating* O = <floating*>b.O
     cdef floating* GU = <floating*>b.GU
     cdef floating* A = <floating*>b.A
+    cdef floating* x
     cdef floating* kc
     cdef floating* vc
-    cdef floating* row
-    cdef floating scale = <floating>(1.0 / sqrt(<double>d)), fa
-    cdef const floating* wte = <const floating*>net.wte
-    cdef const floating* wpe = <const floating*>net.wpe
-    for i in range(N):
-        for j in range(C):
-            X[i * C + j] = wte[<Py_ssize_t>ids[i] * C + j] + wpe[i * C + j]
+    cdef const floating* cos_t = <const floating*>net.cos_t
+    cdef const floating* sin_t = <const floating*>net.sin_t
+    embed_forward(X, <const floating*>net.wte, <const floating*>net.wpe, ids, pos, N, C)
     if stds != NULL:
         stds[0] = std_of(X, N * C)
     for l in range(net.L):
@@ -476,44 +424,32 @@ cdef void prefill_forward(floating* tag, const WNet* net, Buf* b, const int* ids
         kc = <floating*>b.kc + l * C * T
         vc = <floating*>b.vc + l * T * C
         rmsnorm_forward(Hn, <floating*>NULL, X, N, C)
-        mm_nt_par(QKV, Hn, <const floating*>Lw.wqkv, N, <int>C3, <int>C, <int>C, <int>C, <int>C3, b.nt)
-        rope_forward(Q, QKV, net.pos, <const floating*>net.cos_t, <const floating*>net.sin_t, N, net.H, d, C3)
-        rope_forward(K, QKV + C, net.pos, <const floating*>net.cos_t, <const floating*>net.sin_t, N, net.H, d, C3)
+        linear_rows(QKV, <const floating*>Lw.wqkv, Hn, N, C3, C, b.nt)
+        rope_forward(Q, QKV, pos, cos_t, sin_t, N, net.H, d, C3)
+        rope_forward(K, QKV + C, pos, cos_t, sin_t, N, net.H, d, C3)
         for i in range(N):
-            store_key(kc, K + i * C, i, C, T)
-            memcpy(vc + i * C, QKV + i * C3 + 2 * C, C * sizeof(floating))
-        if l == net.L - 1 and stds == NULL:
-            # The last layer's keys and values are cached; the rest of it only matters for the
-            # last row (the logits): attention, wo and the MLP of that row alone (~40% of a
-            # 2-layer prefill saved, results identical up to summation order).
-            i = N - 1
-            attend_row(Y, S, P, Q + i * C, Hn + i * C, kc, vc, net, Lw, N)
-            matvec_par(O, <const floating*>Lw.wo, Y, <int>C, <int>C, <int>C, b.nt)
-            for j in range(C):
-                X[i * C + j] = X[i * C + j] + O[j]
-            rmsnorm_forward(Hn, <floating*>NULL, X + i * C, 1, C)
-            matvec_par(GU, <const floating*>Lw.fcgv, Hn, <int>(2 * F), <int>C, <int>C, b.nt)
-            gate_row(A, GU, GU + F, F, net.act)
-            matvec_par(O, <const floating*>Lw.fc2, A, <int>C, <int>F, <int>F, b.nt)
-            for j in range(C):
-                X[i * C + j] = X[i * C + j] + O[j]
-            break
-        for t in range(N):  # causal attention, one query at a time: only the t + 1 keys it sees
-            attend_row(Y + t * C, S, P, Q + t * C, Hn + t * C, kc, vc, net, Lw, <int>(t + 1))
-        mm_nt_par(O, Y, <const floating*>Lw.wo, N, <int>C, <int>C, <int>C, <int>C, <int>C, b.nt)
-        for i in range(N * C):
-            X[i] = X[i] + O[i]
-        rmsnorm_forward(Hn, <floating*>NULL, X, N, C)
-        mm_nt_par(GU, Hn, <const floating*>Lw.fcgv, N, <int>(2 * F), <int>C, <int>C, <int>C, <int>(2 * F), b.nt)
-        for i in range(N):
-            gate_row(A + i * F, GU + i * 2 * F, GU + i * 2 * F + F, F, net.act)
-        mm_nt_par(O, A, <const floating*>Lw.fc2, N, <int>C, <int>F, <int>F, <int>F, <int>C, b.nt)
-        for i in range(N * C):
-            X[i] = X[i] + O[i]
+            store_key(kc, K + i * C, p0 + i, C, T)
+            memcpy(vc + (p0 + i) * C, QKV + i * C3 + 2 * C, C * sizeof(floating))
+        # Rows r0 .. N-1 go on through the layer. In the last layer only the last row does: its
+        # keys and values are cached, and the rest of it only matters for the logits (~40% of a
+        # 2-layer prefill saved) -- unless every row's residual stream is wanted (stds).
+        r0 = N - 1 if l == net.L - 1 and stds == NULL else 0
+        n = N - r0
+        for t in range(r0, N):
+            attend_row(Y + (t - r0) * C, <floating*>b.S, <floating*>b.P, Q + t * C, Hn + t * C, kc, vc, net, Lw,
+                       <int>(p0 + t + 1))
+        x = X + r0 * C
+        linear_rows(O, <const floating*>Lw.wo, Y, n, C, C, b.nt)
+        add_forward(x, x, O, n * C)
+        rmsnorm_forward(Hn, <floating*>NULL, x, n, C)
+        linear_rows(GU, <const floating*>Lw.fcgv, Hn, n, 2 * F, C, b.nt)
+        gate_forward(A, GU, GU + F, n, F, 2 * F, net.act)
+        linear_rows(O, <const floating*>Lw.fc2, A, n, C, F, b.nt)
+        add_forward(x, x, O, n * C)
         if stds != NULL:
             stds[l + 1] = std_of(X, N * C)
     rmsnorm_forward(Hn, <floating*>NULL, X + (N - 1) * C, 1, C)
-    matvec_par(<floating*>b.logits, <const floating*>net.lm, Hn, net.V, <int>C, <int>C, b.nt)
+    linear_rows(<floating*>b.logits, <const floating*>net.lm, Hn, 1, net.V, C, b.nt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1053,9 +989,9 @@ cdef class Decoder:
 
     cdef void _prefill(self, const int* ids, int N, double* stds=NULL) noexcept nogil:
         if self.is_double:
-            prefill_forward(<double*>NULL, self.net, &self.b, ids, N, stds)
+            forward_rows(<double*>NULL, self.net, &self.b, ids, N, 0, stds)
         else:
-            prefill_forward(<float*>NULL, self.net, &self.b, ids, N, stds)
+            forward_rows(<float*>NULL, self.net, &self.b, ids, N, 0, stds)
         if ids != self.win:
             memcpy(self.win, ids, N * sizeof(int))
         self.n = N
@@ -1065,9 +1001,9 @@ cdef class Decoder:
         cdef int keep
         if self.n < self.T:
             if self.is_double:
-                step_forward(<double*>NULL, self.net, &self.b, tok, self.n)
+                forward_rows(<double*>NULL, self.net, &self.b, &tok, 1, self.n, NULL)
             else:
-                step_forward(<float*>NULL, self.net, &self.b, tok, self.n)
+                forward_rows(<float*>NULL, self.net, &self.b, &tok, 1, self.n, NULL)
             self.win[self.n] = tok
             self.n += 1
         else:

@@ -334,25 +334,6 @@ cdef void attention_backward(floating* dq, floating* dk, floating* dv, floating*
 # ---------------------------------------------------------------------------------------------
 # gated MLP activation:  out = act(g) * u,  act = relu or silu
 
-cdef void gate_forward(floating* out, const floating* g, const floating* u, Py_ssize_t N,
-                       Py_ssize_t F, Py_ssize_t ld_in, int act) noexcept nogil:
-    """out (N, F) = act(g) * u;  g, u (N, F) with row stride ld_in (halves of the fused linear)."""
-    cdef Py_ssize_t i, j
-    cdef const floating* gi
-    cdef const floating* ui
-    for i in range(N):
-        gi = g + i * ld_in
-        ui = u + i * ld_in
-        if act == ACT_RELU:  # csrc/elementwise.h: restrict lets it vectorize
-            if floating is float:
-                mg_relu_gate_forward_f(out + i * F, gi, ui, F)
-            else:
-                mg_relu_gate_forward_d(out + i * F, gi, ui, F)
-        else:
-            for j in range(F):
-                out[i * F + j] = <floating>(gi[j] * sigmoid(gi[j]) * ui[j])
-
-
 cdef void gate_backward(floating* dg, floating* du, const floating* dout, const floating* g,
                         const floating* u, Py_ssize_t N, Py_ssize_t F, Py_ssize_t ld_in,
                         int act, bint set_grads) noexcept nogil:
@@ -393,16 +374,7 @@ cdef void gate_backward(floating* dg, floating* du, const floating* dout, const 
 
 
 # ---------------------------------------------------------------------------------------------
-# embedding gather / scatter-add
-
-cdef void embed_forward(floating* x, const floating* wte, const floating* wpe, const int* ids,
-                        const int* pos, Py_ssize_t N, Py_ssize_t C) noexcept nogil:
-    """x (N, C) = wte[ids] + wpe[pos]."""
-    cdef Py_ssize_t i, j
-    for i in range(N):
-        for j in range(C):
-            x[i * C + j] = wte[<Py_ssize_t>ids[i] * C + j] + wpe[<Py_ssize_t>pos[i] * C + j]
-
+# embedding gather / scatter-add (forward in _ops.pxd)
 
 cdef void embed_backward(floating* dwte, floating* dwpe, const floating* dx, const int* ids,
                          const int* pos, Py_ssize_t N, Py_ssize_t C) noexcept nogil:
@@ -455,13 +427,7 @@ cdef void xent_backward(floating* dlogits, const floating* probs, const int* tar
 
 
 # ---------------------------------------------------------------------------------------------
-# elementwise add (residual)
-
-cdef void add_forward(floating* out, const floating* a, const floating* b, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        out[i] = a[i] + b[i]
-
+# elementwise add (residual; forward in _ops.pxd)
 
 cdef void add_backward(floating* da, floating* db, const floating* dout, Py_ssize_t n,
                        bint set_b) noexcept nogil:

@@ -13,7 +13,8 @@
 from libc.math cimport exp, sqrt, sqrtf
 
 from ._molecule cimport (floating, mg_expf, mg_row_max_f, mg_row_max_d, mg_row_exp_sum_f, mg_row_exp_sum_d,
-                         mg_row_dot_f, mg_row_dot_d, mg_rope_row_f, mg_rope_row_d)
+                         mg_row_dot_f, mg_row_dot_d, mg_rope_row_f, mg_rope_row_d,
+                         mg_relu_gate_forward_f, mg_relu_gate_forward_d, ACT_RELU)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,3 +99,46 @@ cdef inline void rope_forward(floating* y, const floating* x, const int* pos, co
             mg_rope_row_f(y + i * C, x + i * ldx, cos_t + pos[i] * np2, sin_t + pos[i] * np2, np2)
         else:
             mg_rope_row_d(y + i * C, x + i * ldx, cos_t + pos[i] * np2, sin_t + pos[i] * np2, np2)
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding gather
+
+cdef inline void embed_forward(floating* x, const floating* wte, const floating* wpe, const int* ids,
+                               const int* pos, Py_ssize_t N, Py_ssize_t C) noexcept nogil:
+    """x (N, C) = wte[ids] + wpe[pos]."""
+    cdef Py_ssize_t i, j
+    for i in range(N):
+        for j in range(C):
+            x[i * C + j] = wte[<Py_ssize_t>ids[i] * C + j] + wpe[<Py_ssize_t>pos[i] * C + j]
+
+
+# ---------------------------------------------------------------------------------------------
+# gated MLP activation:  out = act(g) * u,  act = relu or silu
+
+cdef inline void gate_forward(floating* out, const floating* g, const floating* u, Py_ssize_t N,
+                              Py_ssize_t F, Py_ssize_t ld_in, int act) noexcept nogil:
+    """out (N, F) = act(g) * u;  g, u (N, F) with row stride ld_in (halves of the fused linear)."""
+    cdef Py_ssize_t i, j
+    cdef const floating* gi
+    cdef const floating* ui
+    for i in range(N):
+        gi = g + i * ld_in
+        ui = u + i * ld_in
+        if act == ACT_RELU:  # csrc/elementwise.h: restrict lets it vectorize
+            if floating is float:
+                mg_relu_gate_forward_f(out + i * F, gi, ui, F)
+            else:
+                mg_relu_gate_forward_d(out + i * F, gi, ui, F)
+        else:
+            for j in range(F):
+                out[i * F + j] = <floating>(gi[j] * sigmoid(gi[j]) * ui[j])
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise add (residual)
+
+cdef inline void add_forward(floating* out, const floating* a, const floating* b, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        out[i] = a[i] + b[i]
