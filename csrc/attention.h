@@ -37,6 +37,7 @@
 
 #include "codes.h"    /* MG_HEAD_* */
 #include "fastmath.h"
+#include "heads.h"    /* a head's logits and the softmax row, shared with decoding */
 
 #define MG_TRI_R 4 /* rows per register block */
 
@@ -249,36 +250,20 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
         }                                                                                         \
     }
 
-#define MG_DEFINE_SOFTMAX_FWD(T, EXP, W, ATTR, FWD)                                               \
+#define MG_DEFINE_SOFTMAX_FWD(T, SUFFIX, ATTR, FWD)                                               \
     /* A (n, n): row t = softmax of its logits over j <= t, zero above the diagonal.             \
-     * S (n, n) scaled content logits; P rows of the pattern with stride ldp. buf holds          \
-     * round_up(n, W) elements: each row is built there padded to whole vectors (the pad as      \
-     * -inf, so exp gives 0 and the max is unchanged), so no loop runs a scalar remainder. */     \
+     * S (n, n) scaled content logits; P rows of the pattern with stride ldp. The head's logits   \
+     * and the softmax are heads.h's, as in decoding. buf is unused (the AVX2 float32 rows use    \
+     * it). */                                                                                    \
     ATTR static void FWD(T *restrict A, ptrdiff_t n, const T *restrict S, const T *restrict P,    \
                          ptrdiff_t ldp, T a, int kind, T *restrict buf) {                         \
-        ptrdiff_t npad = (n + W - 1) / W * W;                                                     \
-        memset(buf, 0, npad * sizeof(T)); /* past each row's pad: zeros, read by the last pass */ \
+        (void)buf;                                                                                \
         for (ptrdiff_t t = 0; t < n; t++) {                                                       \
             T *row = A + t * n;                                                                   \
-            const T *srow = S + t * n, *prow = P ? P + t * ldp : NULL;                            \
-            ptrdiff_t m = t + 1, mp = (m + W - 1) / W * W;                                        \
-            if (kind == MG_HEAD_CONTENT)                                                          \
-                for (ptrdiff_t j = 0; j < m; j++) buf[j] = srow[j];                               \
-            else if (kind == MG_HEAD_RRPRAM)                                                      \
-                for (ptrdiff_t j = 0; j < m; j++) buf[j] = prow[j];                               \
-            else                                                                                  \
-                for (ptrdiff_t j = 0; j < m; j++) buf[j] = (1 - a) * srow[j] + a * prow[j];       \
-            for (ptrdiff_t j = m; j < mp; j++) buf[j] = -INFINITY;                                \
-            T mx = buf[0];                                                                        \
-            _Pragma("omp simd reduction(max : mx)")                                               \
-            for (ptrdiff_t j = 0; j < mp; j++) mx = buf[j] > mx ? buf[j] : mx;                    \
-            for (ptrdiff_t j = 0; j < mp; j++) buf[j] = EXP(buf[j] - mx);                         \
-            for (ptrdiff_t j = m; j < mp; j++) buf[j] = 0; /* exact zeros (mg_expf clamps) */     \
-            T total = 0;                                                                          \
-            _Pragma("omp simd reduction(+ : total)")                                              \
-            for (ptrdiff_t j = 0; j < mp; j++) total += buf[j];                                   \
-            T inv = 1 / total;                                                                    \
-            for (ptrdiff_t j = 0; j < n; j++) row[j] = buf[j] * inv;                              \
+            ptrdiff_t m = t + 1;                                                                  \
+            mg_head_logits_##SUFFIX(row, S + t * n, P ? P + t * ldp : NULL, m, a, kind);          \
+            mg_softmax_row_##SUFFIX(row, m);                                                      \
+            memset(row + m, 0, (n - m) * sizeof(T));                                              \
         }                                                                                         \
     }
 
@@ -321,8 +306,8 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
         return dalpha;                                                                            \
     }
 
-MG_DEFINE_SOFTMAX_FWD(float, mg_expf, 8, , mg_causal_softmax_f_base)
-MG_DEFINE_SOFTMAX_FWD(double, exp, 4, , mg_causal_softmax_d_base)
+MG_DEFINE_SOFTMAX_FWD(float, f, , mg_causal_softmax_f_base)
+MG_DEFINE_SOFTMAX_FWD(double, d, , mg_causal_softmax_d_base)
 MG_DEFINE_SOFTMAX_BWD(float, 8, , mg_causal_softmax_backward_f_base)
 MG_DEFINE_SOFTMAX_BWD(double, 4, , mg_causal_softmax_backward_d_base)
 
@@ -338,7 +323,7 @@ MG_DEFINE_TRI(float, mg_v8f, 8, __attribute__((target("avx2,fma"))), mg_tri_nt_f
               mg_tri_tn_f_avx2)
 MG_DEFINE_TRI(double, mg_v4d, 4, __attribute__((target("avx2,fma"))), mg_tri_nt_d_avx2, mg_tri_nn_d_avx2,
               mg_tri_tn_d_avx2)
-MG_DEFINE_SOFTMAX_FWD(double, exp, 4, __attribute__((target("avx2,fma"))), mg_causal_softmax_d_avx2)
+MG_DEFINE_SOFTMAX_FWD(double, d, __attribute__((target("avx2,fma"))), mg_causal_softmax_d_avx2)
 MG_DEFINE_SOFTMAX_BWD(float, 8, __attribute__((target("avx2,fma"))), mg_causal_softmax_backward_f_avx2)
 MG_DEFINE_SOFTMAX_BWD(double, 4, __attribute__((target("avx2,fma"))), mg_causal_softmax_backward_d_avx2)
 
@@ -366,12 +351,11 @@ __attribute__((target("avx2,fma"))) static void mg_causal_softmax_f_avx2(float *
             if (j < last) {
                 x = kind == MG_HEAD_CONTENT ? _mm256_loadu_ps(srow + j)
                     : kind == MG_HEAD_RRPRAM ? _mm256_loadu_ps(prow + j)
-                    : _mm256_fmadd_ps(vb, _mm256_loadu_ps(srow + j), _mm256_mul_ps(va, _mm256_loadu_ps(prow + j)));
+                    : mg_mix8(va, vb, _mm256_loadu_ps(srow + j), _mm256_loadu_ps(prow + j));
             } else {
                 x = kind == MG_HEAD_CONTENT ? _mm256_maskload_ps(srow + j, keep)
                     : kind == MG_HEAD_RRPRAM ? _mm256_maskload_ps(prow + j, keep)
-                    : _mm256_fmadd_ps(vb, _mm256_maskload_ps(srow + j, keep),
-                                      _mm256_mul_ps(va, _mm256_maskload_ps(prow + j, keep)));
+                    : mg_mix8(va, vb, _mm256_maskload_ps(srow + j, keep), _mm256_maskload_ps(prow + j, keep));
                 x = _mm256_blendv_ps(ninf, x, _mm256_castsi256_ps(keep));
             }
             _mm256_storeu_ps(buf + j, x);

@@ -14,7 +14,7 @@
  *   mg_matvec_f/d   y = A x
  *   mg_gemm_nt_f/d  C = A B^T        (B (N, K): a weight matrix; rows of A are inputs)
  *   mg_softmax_exp_f  the exponentials and sums of the sampling softmax
- *   mg_attend_row_f   one query's attention over the key/value cache
+ *   mg_attend_row_f/d one query's attention over the key/value cache
  * The AVX2 kernels keep one 8-lane accumulator per output and reduce it once at the end; four
  * weight rows share each load of the input, and the gemm handles three inputs per pass over them.
  */
@@ -25,18 +25,11 @@
 #include <stdlib.h>
 
 #include "codes.h" /* MG_HEAD_* */
+#include "heads.h" /* a head's logits, the softmax row, mg_hsum256 */
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
 #define MG_HAVE_AVX2_PATH 1
-
-__attribute__((target("avx2,fma"))) static inline float mg_hsum256(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-    return _mm_cvtss_f32(lo);
-}
 
 /* (hsum s0, hsum s1, hsum s2, hsum s3) in one vector: three hadds and one add instead of
  * four separate horizontal sums */
@@ -257,59 +250,46 @@ __attribute__((target("avx2,fma"))) static float mg_softmax_exp_f_avx2(float *re
 }
 #endif
 
-/* One query's attention over nk cached keys (all heads), float32 (_decode.pyx attend_row):
- *   content logits att_j = scale q_h . k_j from the transposed key cache kt (H, d, T);
+/* One query's attention over nk cached keys (all heads), _decode.pyx's attend_row:
+ *   content logits c_j = scale q_h . k_j from the transposed key cache kt (H, d, T);
  *   pattern logits p_j = W_pattern[j] . h_h from the transposed pattern matrix pat[h] (d, T);
- *   hybrid: (1 - mix) att + mix p; rrpram: p; softmax over j < nk; y_h = sum_j att_j v_j.
- * head_type: MG_HEAD_* codes (codes.h). att, pat_out: scratch of nk floats. */
-#define MG_DEFINE_ATTEND_ROW(ATTR, NAME, AXPY, SOFTMAX)                                           \
-    ATTR static void NAME(float *restrict y, float *restrict att, float *restrict pat_out,         \
-                          const float *restrict q, const float *restrict hrow, const float *restrict kt, \
-                          const float *restrict vc, const float *const *pat, const int *head_type, \
-                          const double *mix, ptrdiff_t H, ptrdiff_t d, ptrdiff_t T, ptrdiff_t C,  \
-                          ptrdiff_t nk) {                                                         \
-        const float scale = (float)(1.0 / __builtin_sqrt((double)d));                            \
+ *   the head's logits and their softmax over j < nk (heads.h, as in training); y_h = sum_j att_j v_j.
+ * head_type: MG_HEAD_* codes (codes.h). att, pat_out: scratch of nk elements. One body for
+ * both element types and both instruction sets (AXPY and SOFTMAX are the row kernels). */
+#define MG_DEFINE_ATTEND_ROW(T, SUFFIX, ATTR, NAME, AXPY, SOFTMAX)                                 \
+    ATTR static void NAME(T *restrict y, T *restrict att, T *restrict pat_out, const T *restrict q, \
+                          const T *restrict hrow, const T *restrict kt, const T *restrict vc,      \
+                          const T *const *pat, const int *head_type, const double *mix,            \
+                          ptrdiff_t H, ptrdiff_t d, ptrdiff_t TT, ptrdiff_t C, ptrdiff_t nk) {     \
+        const T scale = (T)(1.0 / __builtin_sqrt((double)d));                                     \
         for (ptrdiff_t h = 0; h < H; h++) {                                                       \
             int kind = head_type[h];                                                              \
             if (kind != MG_HEAD_RRPRAM) {                                                         \
                 for (ptrdiff_t j = 0; j < nk; j++) att[j] = 0;                                    \
-                for (ptrdiff_t i = 0; i < d; i++) AXPY(att, scale * q[h * d + i], kt + (h * d + i) * T, nk); \
+                for (ptrdiff_t i = 0; i < d; i++) AXPY(att, scale * q[h * d + i], kt + (h * d + i) * TT, nk); \
             }                                                                                     \
             if (kind != MG_HEAD_CONTENT) {                                                        \
                 for (ptrdiff_t j = 0; j < nk; j++) pat_out[j] = 0;                                \
-                for (ptrdiff_t i = 0; i < d; i++) AXPY(pat_out, hrow[h * d + i], pat[h] + i * T, nk); \
-                if (kind == MG_HEAD_RRPRAM) {                                                     \
-                    for (ptrdiff_t j = 0; j < nk; j++) att[j] = pat_out[j];                       \
-                } else {                                                                          \
-                    const float fa = (float)mix[h];                                               \
-                    for (ptrdiff_t j = 0; j < nk; j++) att[j] = (1 - fa) * att[j] + fa * pat_out[j]; \
-                }                                                                                 \
+                for (ptrdiff_t i = 0; i < d; i++) AXPY(pat_out, hrow[h * d + i], pat[h] + i * TT, nk); \
             }                                                                                     \
+            mg_head_logits_##SUFFIX(att, att, pat_out, nk, (T)mix[h], kind);                      \
             SOFTMAX(att, nk);                                                                     \
-            float *yh = y + h * d;                                                                \
+            T *yh = y + h * d;                                                                    \
             for (ptrdiff_t i = 0; i < d; i++) yh[i] = 0;                                          \
             for (ptrdiff_t j = 0; j < nk; j++) AXPY(yh, att[j], vc + j * C + h * d, d);           \
         }                                                                                         \
     }
 
 /* y[0:n] += a x[0:n] */
-static inline void mg_axpy_f_generic(float *restrict y, float a, const float *restrict x, ptrdiff_t n) {
-    for (ptrdiff_t i = 0; i < n; i++) y[i] = y[i] + a * x[i];
-}
+#define MG_DEFINE_AXPY(T, SUFFIX)                                                                 \
+    static inline void mg_axpy_##SUFFIX##_generic(T *restrict y, T a, const T *restrict x, ptrdiff_t n) { \
+        for (ptrdiff_t i = 0; i < n; i++) y[i] = y[i] + a * x[i];                                 \
+    }
 
-static inline void mg_softmax_row_f_generic(float *restrict x, ptrdiff_t n) {
-    float m = x[0];
-    _Pragma("omp simd reduction(max : m)")
-    for (ptrdiff_t j = 1; j < n; j++) m = x[j] > m ? x[j] : m;
-    float s = 0;
-    for (ptrdiff_t j = 0; j < n; j++) x[j] = mg_expf(x[j] - m);
-    _Pragma("omp simd reduction(+ : s)")
-    for (ptrdiff_t j = 0; j < n; j++) s += x[j];
-    const float inv = 1 / s;
-    for (ptrdiff_t j = 0; j < n; j++) x[j] = x[j] * inv;
-}
-
-MG_DEFINE_ATTEND_ROW(, mg_attend_row_f_generic, mg_axpy_f_generic, mg_softmax_row_f_generic)
+MG_DEFINE_AXPY(float, f)
+MG_DEFINE_AXPY(double, d)
+MG_DEFINE_ATTEND_ROW(float, f, , mg_attend_row_f_generic, mg_axpy_f_generic, mg_softmax_row_f)
+MG_DEFINE_ATTEND_ROW(double, d, , mg_attend_row_d, mg_axpy_d_generic, mg_softmax_row_d)
 
 #ifdef MG_HAVE_AVX2_PATH
 __attribute__((target("avx2,fma"))) static inline void mg_axpy_f_avx2(float *restrict y, float a,
@@ -321,36 +301,8 @@ __attribute__((target("avx2,fma"))) static inline void mg_axpy_f_avx2(float *res
     for (; i < n; i++) y[i] = y[i] + a * x[i];
 }
 
-__attribute__((target("avx2,fma"))) static inline void mg_softmax_row_f_avx2(float *restrict x, ptrdiff_t n) {
-    ptrdiff_t j = 0;
-    float m = x[0];
-    if (n >= 8) {
-        __m256 vm = _mm256_loadu_ps(x);
-        for (j = 8; j + 8 <= n; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + j));
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
-        m = _mm_cvtss_f32(h);
-    }
-    for (; j < n; j++) m = x[j] > m ? x[j] : m;
-    __m256 vmx = _mm256_set1_ps(m), vs = _mm256_setzero_ps();
-    for (j = 0; j + 8 <= n; j += 8) {
-        __m256 w = mg_expf8(_mm256_sub_ps(_mm256_loadu_ps(x + j), vmx));
-        _mm256_storeu_ps(x + j, w);
-        vs = _mm256_add_ps(vs, w);
-    }
-    float s = mg_hsum256(vs);
-    for (; j < n; j++) {
-        x[j] = mg_expf(x[j] - m);
-        s += x[j];
-    }
-    const float inv = 1 / s;
-    __m256 vi = _mm256_set1_ps(inv);
-    for (j = 0; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, _mm256_mul_ps(_mm256_loadu_ps(x + j), vi));
-    for (; j < n; j++) x[j] = x[j] * inv;
-}
-
-MG_DEFINE_ATTEND_ROW(__attribute__((target("avx2,fma"))), mg_attend_row_f_avx2, mg_axpy_f_avx2, mg_softmax_row_f_avx2)
+MG_DEFINE_ATTEND_ROW(float, f, __attribute__((target("avx2,fma"))), mg_attend_row_f_avx2, mg_axpy_f_avx2,
+                     mg_softmax_row_f_avx2)
 #endif
 
 /* 1 when the AVX2+FMA path runs on this CPU (checked once; a racy first check is harmless).

@@ -48,10 +48,8 @@ from cython.parallel cimport prange
 
 import numpy as np
 
-from ._molecule cimport (floating, HEAD_CONTENT, HEAD_RRPRAM, HEAD_HYBRID, N_HEAD_TYPES, ACT_RELU,
-                         N_ACTIVATIONS, mg_head_type_names, mg_activation_names, code_table, code_of,
-                         mg_expf, mg_row_max_f, mg_row_exp_sum_f, mg_row_dot_f, mg_row_dot_d, mg_row_max_d,
-                         mg_row_exp_sum_d)
+from ._molecule cimport (floating, HEAD_CONTENT, HEAD_HYBRID, N_HEAD_TYPES, N_ACTIVATIONS, mg_head_type_names,
+                         mg_activation_names, code_table, code_of, mg_row_max_f)
 from ._ops cimport embed_forward, rmsnorm_forward, rope_forward, rope_tables_per_head, gate_forward, add_forward
 
 cdef extern from "decode_kernels.h" nogil:  # products without BLAS (see the file's notes)
@@ -66,6 +64,9 @@ cdef extern from "decode_kernels.h" nogil:  # products without BLAS (see the fil
                            float* sx)
     void mg_attend_row_f(float* y, float* att, float* pat_out, const float* q, const float* hrow,
                          const float* kt, const float* vc, const float* const* pat, const int* head_type,
+                         const double* mix, Py_ssize_t H, Py_ssize_t d, Py_ssize_t T, Py_ssize_t C, Py_ssize_t nk)
+    void mg_attend_row_d(double* y, double* att, double* pat_out, const double* q, const double* hrow,
+                         const double* kt, const double* vc, const double* const* pat, const int* head_type,
                          const double* mix, Py_ssize_t H, Py_ssize_t d, Py_ssize_t T, Py_ssize_t C, Py_ssize_t nk)
 
 # stop reasons returned by Decoder.run (names in STOP_REASONS)
@@ -146,21 +147,6 @@ cdef void mm_nt_par(floating* Cm, const floating* A, const floating* B, Py_ssize
         r1 = min(M, r0 + chunk)
         if r1 > r0:
             mm_nt(Cm + r0 * ldc, A + r0 * lda, B, r1 - r0, N, K, lda, ldb, ldc)
-
-
-cdef inline void softmax_row(floating* row, Py_ssize_t n) noexcept nogil:
-    """In-place softmax of row[0:n] with the training core's row kernels (csrc/rows.h:
-    vectorized max and exp-sum; float32 exp is mg_expf, float64 libm's)."""
-    cdef Py_ssize_t j
-    cdef floating mx, inv
-    if floating is float:
-        mx = mg_row_max_f(row, n)
-        inv = 1 / mg_row_exp_sum_f(row, n, mx)
-    else:
-        mx = mg_row_max_d(row, n)
-        inv = 1 / mg_row_exp_sum_d(row, n, mx)
-    for j in range(n):
-        row[j] = row[j] * inv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,65 +287,20 @@ ctypedef struct Buf:
     int nt          # threads for large products (matvec_par / mm_nt_par)
 
 
-cdef void attend_row(floating* y, floating* att, floating* pat_out, const floating* q,
-                     const floating* hrow, const floating* kt, const floating* vc, const WNet* net,
-                     const WLayer* Lw, int nk) noexcept nogil:
+cdef inline void attend_row(floating* y, floating* att, floating* pat_out, const floating* q,
+                            const floating* hrow, const floating* kt, const floating* vc, const WNet* net,
+                            const WLayer* Lw, int nk) noexcept nogil:
     """y (C) = attention output of one query (q rotated, hrow its normalized input) over the nk
     cached keys kt (H, d, T; transposed) and values vc (nk, C). att, pat_out: scratch of T.
     Keys and pattern matrices are stored transposed so that the logits of all nk keys are d
-    vectorized axpys over contiguous memory (no per-key horizontal sums, no tiny BLAS calls)."""
-    cdef Py_ssize_t d = net.d, T = net.T, C = net.C
-    if floating is float:  # the same loops in C, AVX2+FMA when available
+    vectorized axpys over contiguous memory (no per-key horizontal sums, no tiny BLAS calls).
+    The head's logits and the softmax row are the training kernels' (csrc/heads.h)."""
+    if floating is float:  # AVX2+FMA when available
         mg_attend_row_f(y, att, pat_out, q, hrow, kt, vc, <const float* const*>Lw.pat, net.head_type, Lw.mix,
-                        net.H, d, T, C, nk)
+                        net.H, net.d, net.T, net.C, nk)
     else:
-        attend_row_loops(y, att, pat_out, q, hrow, kt, vc, net, Lw, nk)
-
-
-cdef void attend_row_loops(double* y, double* att, double* pat_out, const double* q, const double* hrow,
-                           const double* kt, const double* vc, const WNet* net, const WLayer* Lw,
-                           int nk) noexcept nogil:
-    """attend_row in float64 (tests compare it with Model.logits at 1e-10)."""
-    cdef Py_ssize_t hh, j, i, C = net.C, d = net.d, T = net.T
-    cdef int kind
-    cdef double scale = 1.0 / sqrt(<double>d), fa, w
-    cdef const double* row
-    cdef const double* vrow
-    cdef double* yh
-    for hh in range(net.H):
-        kind = net.head_type[hh]
-        if kind != HEAD_RRPRAM:   # att[j] = scale q_h . k_j
-            for j in range(nk):
-                att[j] = 0
-            for i in range(d):
-                w = scale * q[hh * d + i]
-                row = kt + (hh * d + i) * T
-                for j in range(nk):
-                    att[j] = att[j] + w * row[j]
-        if kind != HEAD_CONTENT:  # pattern logits of the nk keys: W_pattern[0:nk] h_h
-            for j in range(nk):
-                pat_out[j] = 0
-            for i in range(d):
-                w = hrow[hh * d + i]
-                row = <const double*>Lw.pat[hh] + i * T
-                for j in range(nk):
-                    pat_out[j] = pat_out[j] + w * row[j]
-            if kind == HEAD_RRPRAM:
-                for j in range(nk):
-                    att[j] = pat_out[j]
-            else:
-                fa = Lw.mix[hh]
-                for j in range(nk):
-                    att[j] = (1 - fa) * att[j] + fa * pat_out[j]
-        softmax_row(att, nk)
-        yh = y + hh * d
-        for i in range(d):
-            yh[i] = 0
-        for j in range(nk):
-            w = att[j]
-            vrow = vc + j * C + hh * d
-            for i in range(d):
-                yh[i] = yh[i] + w * vrow[i]
+        mg_attend_row_d(y, att, pat_out, q, hrow, kt, vc, <const double* const*>Lw.pat, net.head_type, Lw.mix,
+                        net.H, net.d, net.T, net.C, nk)
 
 
 cdef inline void store_key(floating* kt, const floating* k, Py_ssize_t pos, Py_ssize_t C, Py_ssize_t T) noexcept nogil:
