@@ -59,3 +59,78 @@ def test_unknown_codes_are_named():
         _core.Engine(1, 8, 2, 4, 10, ["content", "sideways"], "relu", False, 2)
     with pytest.raises(ValueError, match="unknown activation 'gelu'"):
         _core.Engine(1, 8, 2, 4, 10, ["content", "content"], "gelu", False, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# one definition of each op
+
+# op -> the one function (src/molecule_gpt/_ops.pxd) the tape, the prefill and a decode step call
+FORWARD_OPS = {"embed": "embed_forward", "rmsnorm": "rmsnorm_forward", "rope": "rope_forward",
+               "gate": "gate_forward", "add": "add_forward"}
+# C helpers of attention (csrc/heads.h) that the training kernels and the decoder's both use
+HEAD_HELPERS = ("mg_head_logits_", "mg_softmax_row_")
+
+
+def function_body(text, header):
+    """The source of the function starting at `header` (up to the next top-level definition)."""
+    start = text.index(header)
+    rest = text[start + len(header):]
+    end = re.search(r"\n(cdef |def |cpdef |ctypedef |# -{20})", rest)
+    return text[start:start + len(header) + (end.start() if end else len(rest))]
+
+
+def defined_in(name):
+    """Files (native sources) that define a Cython function `name`."""
+    pattern = re.compile(r"^cdef\b[^\n(]*\b" + name + r"\(", re.M)
+    return [p.name for p, text in native_sources() if pattern.search(text)]
+
+
+@pytest.mark.parametrize("op", sorted(FORWARD_OPS))
+def test_each_forward_op_is_one_function_that_every_path_calls(op):
+    fn = FORWARD_OPS[op]
+    assert defined_in(fn) == ["_ops.pxd"]
+    core = (SRC / "_core.pyx").read_text()
+    decode = (SRC / "_decode.pyx").read_text()
+    tape = function_body(core, "cdef void run_forward(")
+    rows = function_body(decode, "cdef void forward_rows(")
+    assert fn + "(" in tape, f"the training tape does not call {fn}"
+    assert fn + "(" in rows, f"the decoder's forward does not call {fn}"
+
+
+def test_prefill_and_step_are_one_forward():
+    """A prefill and a decode step both run forward_rows (rows after the cache): there is no
+    second forward in the decoder."""
+    decode = (SRC / "_decode.pyx").read_text()
+    prefill = function_body(decode, "cdef void _prefill(")
+    feed = function_body(decode, "cdef void _feed(")
+    assert "forward_rows(" in prefill and "forward_rows(" in feed
+    assert "step_forward" not in decode and "prefill_forward" not in decode
+    forwards = re.findall(r"^cdef void (\w+_forward\w*|forward\w*)\(", decode, re.M)
+    assert forwards == ["forward_rows"]
+
+
+def test_formulas_are_written_once():
+    """RMSNorm's epsilon, the hybrid mix and the attention row each appear in one file; the
+    training softmax and the decoder's attention row reach the head's logits and the softmax
+    row through csrc/heads.h."""
+    eps = [p.name for p, text in native_sources() if re.search(r"\b1e-5\b", text)]
+    assert eps == ["_ops.pxd"]
+    mix = re.compile(r"\(1 - \w+\) \* \w+(\[j\])? \+ \w+ \* \w+")
+    assert [p.name for p, text in native_sources() if mix.search(text)] == ["heads.h"]
+    attention = (CSRC / "attention.h").read_text()
+    decoder = (CSRC / "decode_kernels.h").read_text()
+    for helper in HEAD_HELPERS:
+        defs = [p.name for p, text in native_sources() if re.search(r"static inline \w+ " + helper + r"##", text)]
+        assert defs == ["heads.h"], helper
+        assert helper in attention and helper in decoder
+    # the decoder's attention row: one macro body for every type and instruction set
+    assert decoder.count("#define MG_DEFINE_ATTEND_ROW") == 1
+    assert "attend_row_loops" not in (SRC / "_decode.pyx").read_text()
+
+
+def test_rope_tables_have_one_layout():
+    """Both extensions lay RoPE's tables out per head with the same function."""
+    for name in ("_core.pyx", "_decode.pyx"):
+        text = (SRC / name).read_text()
+        assert "rope_tables_per_head(" in text
+        assert "np.tile(" not in text
