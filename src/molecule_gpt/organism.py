@@ -400,8 +400,9 @@ class Organism:
         return self.trainer.steps > 0 or self.trainer.warmed_up
 
     def _weights_restored(self) -> None:
-        """A rollback wrote parameters back in place: the decoder's cached weights are stale even
-        where the version key (Adam step counts) repeats an earlier value."""
+        """A rollback wrote parameters back in place and put Model.version back, so the decoder's
+        cache (keyed by it) is right either way; it is dropped all the same, so that weights
+        written in place without Model.refresh() before the burst are not served from it."""
         self._generator.weights.invalidate()
 
     # ---- telemetry
