@@ -105,7 +105,7 @@ def test_tie_rule_first_occurrence():
 
 
 def test_training_counts_with_word_frequencies():
-    """Counts are word frequency times occurrences (overlapping), as SPEC §1 counts them."""
+    """Counts are word frequency times occurrences (overlapping), as design.md §1 counts them."""
     tok = EvolvingTokenizer(["ab"])
     a, b = tok.tokens.index("a"), tok.tokens.index("b")
     tok.train_bpe(["aaa b b b"], 1)      # (a,a): 2 overlapping in one word; (b,</w>): 3
