@@ -158,3 +158,31 @@ def test_the_decoder_cache_follows_the_model_version():
     assert cache.get() is w
     m.refresh()  # after writing parameters in place: refolds without invalidate()
     assert cache.get() is not w
+
+
+# --------------------------------------------------------------------------------------------- the checkpoint's side
+
+
+def test_the_checkpoint_uses_the_model_boundary_not_its_internals():
+    text = (SRC / "checkpoint.py").read_text()
+    assert not re.search(r"model\._|\.groups\b|\._lock", text)
+
+
+def test_state_spans_are_the_model_memory_of_export_state():
+    m = small_model()
+    m.add_delta_module()
+    m.train_step(batch(), 0.01)
+    meta, tensors = m.export_state()
+    spans = m.state_spans()
+    assert set(spans) == set(tensors) == set(m.state_layout())
+    for name, (flat, start, shape) in spans.items():
+        n = int(np.prod(shape))
+        np.testing.assert_array_equal(flat[start:start + n].reshape(shape), tensors[name], err_msg=name)
+    assert set(m.state_spans(optimizer_state=False)) == {k for k in tensors if not k.startswith("adam.")}
+    flat, start, shape = spans["l0.wq"]
+    flat[start] += 1.0  # spans are the model's memory, not copies
+    assert m.params()["l0.wq"].flat[0] == tensors["l0.wq"].flat[0] + 1.0
+    m.set_adam_steps({name: 7 for name in meta["adam_steps"]})
+    assert set(m.export_state()[0]["adam_steps"].values()) == {7}
+    with pytest.raises(KeyError):
+        m.set_adam_steps({"base": 1})

@@ -823,9 +823,7 @@ def _build(path: str, document: Any, entries: dict[str, TensorEntry]):
         raise _error(path, f"the model cannot be rebuilt from its metadata ({type(exc).__name__}: {exc})") from None
     except (MemoryError, OverflowError) as exc:
         raise _error(path, _memory_message(config, vocab, exc)) from None
-    for name, group in model.groups.items():
-        group.step = meta["adam_steps"][name]
-        model.trainable[name] = meta["trainable"][name]
+    model.set_adam_steps(meta["adam_steps"])  # trainable flags: Model.empty set them
     dests = _state_destinations(model, optimizer_state)
     if set(dests) != set(expected) or any(dests[k].shape != expected[k] for k in expected):
         # _expected_shapes mirrors Model's layout; tests pin the two together
@@ -928,15 +926,8 @@ class _Dest:
 def _state_destinations(model: Model, optimizer_state: bool) -> dict[str, _Dest]:
     """Every tensor export_state() produces, by the same names, as a span of the model's flat
     arrays (no views built: consecutive spans of one array are read in one call)."""
-    dests = {}
-    for group in model.groups.values():
-        prefix = "" if group.name == "base" else group.name + "."
-        arrays = [("", group.flat)] + ([("adam.m.", group.m), ("adam.v.", group.v)] if optimizer_state else [])
-        for kind, flat in arrays:
-            for key, shape in group.shapes.items():
-                dests[kind + prefix + key] = _Dest(flat, group.offsets[key], tuple(shape))
+    dests = {name: _Dest(*span) for name, span in model.state_spans(optimizer_state).items()}
     snap = model.init_embed_snapshot
-    dests["init_embed_snapshot"] = _Dest(snap.reshape(-1), 0, tuple(snap.shape))
     for d in dests.values():  # the spans must be the model's memory, not copies
         if d.flat.ndim != 1 or not d.flat.flags.c_contiguous or d.start + math.prod(d.shape) > d.flat.size:
             raise AssertionError("checkpoint reader and Model disagree on the memory layout")

@@ -691,6 +691,31 @@ class Model:
         names.append("init_embed_snapshot")
         return names
 
+    def state_spans(self, optimizer_state: bool = True) -> dict[str, tuple[np.ndarray, int, tuple[int, ...]]]:
+        """Where each tensor of export_state lives in the model's memory, by the same names:
+        (flat array, start element, shape), so a loader can write straight into the model
+        (optimizer_state=False: parameters and the snapshot only). Writing through these
+        spans is writing parameters in place: call refresh() afterwards on a model in use."""
+        spans = {}
+        for group in self.groups.values():
+            prefix = "" if group.name == "base" else group.name + "."
+            arrays = [("", group.flat)] + ([("adam.m.", group.m), ("adam.v.", group.v)] if optimizer_state else [])
+            for kind, flat in arrays:
+                for key, shape in group.shapes.items():
+                    spans[kind + prefix + key] = (flat, group.offsets[key], tuple(shape))
+        snap = self.init_embed_snapshot
+        spans["init_embed_snapshot"] = (snap.reshape(-1), 0, tuple(snap.shape))
+        return spans
+
+    def set_adam_steps(self, steps: dict[str, int]) -> None:
+        """Set every parameter group's Adam step counter (by group name, as export_state's
+        meta["adam_steps"] gives them)."""
+        with self._lock:
+            if set(steps) != set(self.groups):
+                raise KeyError(f"adam steps name groups {sorted(steps)}, the model has {sorted(self.groups)}")
+            for name, step in steps.items():
+                self.groups[name].step = int(step)
+
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of every tensor export_state produces (for validating a file before reading it)."""
         shapes = {}
