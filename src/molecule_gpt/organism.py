@@ -670,7 +670,7 @@ class Organism:
         rank order so that parts born in the same growth are set first: the model reads a
         new token roughly as it read its parts, instead of as noise."""
         with model.lock:
-            params = model.groups["base"].params
+            params = model.params()  # live views; with tied embeddings lm_head is wte
             mats = [params["wte"]] + ([params["lm_head"]] if "lm_head" in params else [])
             for a, b, m in tokenizer.merges:
                 if m < first_new:
