@@ -113,7 +113,6 @@ class HomeError(Exception):
         self.message, self.hint, self.code = message, hint, code
 
 
-
 # ---------------------------------------------------------------------------------------------
 # options: config file + flags
 
