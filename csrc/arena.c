@@ -1,5 +1,8 @@
 /* arena.c: the bump allocator behind the training tape (see molecule.h).
  *
+ * Why C: plain memory management with AddressSanitizer's poisoning interface (a C header), kept
+ * apart from the Cython that uses it.
+ *
  * One malloc holds the node array, the value region and the gradient region. Allocation past
  * capacity returns NULL and sets `overflowed`; the caller turns that into a Python exception.
  */

@@ -5,8 +5,7 @@
  * as in arithmetic, and computes the masked upper triangle too. Here each product skips the
  * blocks above the diagonal (about half the work) and runs register-blocked loops written with
  * GCC vector extensions, compiled twice: for AVX2+FMA (chosen at run time when the CPU has it;
- * wheels are built without -march=native) and for the baseline x86-64 (SSE2). Not the softmax:
- * its rows stay in Cython (_kernels.pxi) with the reductions of rows.h.
+ * wheels are built without -march=native) and for the baseline x86-64 (SSE2).
  *
  * Dims: n = positions of the sequence (n <= T), d = head dim; row-major with leading dimensions.
  *   mg_tri_nt   S[t, j]  = alpha sum_c A[t, c] B[j, c]            for j <= t   (Q K^T, dY V^T)
@@ -20,9 +19,10 @@
  * their softmax gradient are zeroed there). `scratch` holds mg_tri_scratch(n, d) elements of
  * the buffer's type (padded copies of B, so every vector load is whole; the softmax's row).
  *
- * The softmax rows live here too, for the same AVX2 build of their exponentials (float32:
- * mg_expf's method, csrc/fastmath.h, 8 lanes at a time on the AVX2 path; float64: libm's exp,
- * as everywhere).
+ * The causal softmax of a block lives here too, for the same AVX2 build of its exponentials
+ * (float32: mg_expf's method, csrc/fastmath.h, 8 lanes at a time on the AVX2 path; float64:
+ * libm's exp, as everywhere). Its rows are heads.h's (a head's logits, the softmax row), which
+ * the decoder's attention row uses too; the AVX2 float32 forward fuses them into three passes.
  *
  * Numbers: the same products as the reference, summed in a different order (and with FMA on
  * the AVX2 path): float64 results match the BLAS path to ~1e-15 relative.
@@ -327,10 +327,11 @@ MG_DEFINE_SOFTMAX_FWD(double, d, __attribute__((target("avx2,fma"))), mg_causal_
 MG_DEFINE_SOFTMAX_BWD(float, 8, __attribute__((target("avx2,fma"))), mg_causal_softmax_backward_f_avx2)
 MG_DEFINE_SOFTMAX_BWD(double, 4, __attribute__((target("avx2,fma"))), mg_causal_softmax_backward_d_avx2)
 
-/* The float32 forward rows in intrinsics: three passes over whole vectors of the row (logits and
- * their max; exp and sum; scale and store), the last vector of a row masked to j <= t. The
- * generic rows above spend ~5 passes and scalar loop tails on each row (measured, one 96 x 96
- * block: 7.0 us there, see the note in fastmath.h on why GCC's own vectorization falls short). */
+/* The float32 forward rows in intrinsics: heads.h's head logits (mg_mix8 for hybrid heads) and
+ * softmax row fused into three passes over whole vectors of the row (logits and their max; exp
+ * and sum; scale and store), the last vector of a row masked to j <= t, where the generic rows
+ * take more passes and scalar loop tails (figures: benchmarks/RESULTS.md; fastmath.h says why
+ * GCC's own vectorization falls short). */
 __attribute__((target("avx2,fma"))) static void mg_causal_softmax_f_avx2(float *restrict A, ptrdiff_t n,
                                                                          const float *restrict S,
                                                                          const float *restrict P,

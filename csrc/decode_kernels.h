@@ -8,7 +8,8 @@
  * streaming the weights, which OpenBLAS does no better than this; what this saves is BLAS's
  * per-call path (wrapper, argument checks, packing) and, above all, its threads: decoding runs
  * beside the trainer, and limiting BLAS per call (threadpoolctl) restarts OpenBLAS's worker
- * threads at every restore, which then spin for ~0.1 s on the core the trainer needs.
+ * threads at every restore, which then spin on the core the trainer needs (figures:
+ * benchmarks/RESULTS.md).
  *
  * Dims: A (M, K) row-major with leading dimension lda (likewise B, C); x (K); y (M).
  *   mg_matvec_f/d   y = A x

@@ -1,8 +1,9 @@
-/* elementwise.h: the MLP gate's elementwise loops, in C for `restrict`.
+/* elementwise.h: the MLP gate's and RoPE's row loops, in C for `restrict`.
  *
- * Why C: these loops touch five arrays; without `restrict` (which Cython cannot write) GCC must
- * assume they alias, keeps a branch per element and does not vectorize. With it they become
- * compare + mask + multiply over SSE2 vectors (measured: relu backward 9 ns -> 0.5 ns per element).
+ * Why C: these loops touch up to five arrays; without `restrict` (which Cython cannot write) GCC
+ * must assume they alias, keeps a branch per element and does not vectorize. With it they become
+ * compare + mask + multiply over SSE2 vectors (figures: benchmarks/RESULTS.md). The ops that
+ * call them are _ops.pxd's (forward) and _kernels.pxi's (backward).
  *
  *   gate forward : out = act(g) * u
  *   gate backward: dg += dout * u * act'(g);  du += dout * act(g)      act = relu

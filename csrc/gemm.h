@@ -1,9 +1,13 @@
 /* gemm.h: the linear layers' matrix products for the shapes of a training step.
  *
+ * Why C: register-blocked kernels in GCC vector extensions and intrinsics under a target
+ * attribute, chosen at run time (wheels are built without -march=native), which Cython cannot
+ * express.
+ *
  * Why not BLAS: at the default config a product is a few hundred positions by 72-576 by 72-576
- * (a worker's share of the batch), where OpenBLAS spent ~30% of its time outside its kernel:
- * packing both operands and zeroing C before a beta-0 product (perf, default step:
- * sgemm_kernel 37% of samples, the copies and memset 15%). Here a 6 x 16 or 4 x 24 register
+ * (a worker's share of the batch), where OpenBLAS spent a large share of its time outside its
+ * kernel: packing both operands and zeroing C before a beta-0 product (profile figures:
+ * benchmarks/RESULTS.md). Here a 6 x 16 or 4 x 24 register
  * block of C is summed over K from broadcasts of A's elements times rows of a packed panel of
  * B. A is read where it lies, plain or transposed (dW = G^T X needs no copy), except a
  * transposed A spanning more than MG_GEMM_PACK_A_SPAN bytes (rows a page or more apart, the
@@ -225,8 +229,9 @@ MG_GEMM_INLINE void mg_pack_t_d(double *restrict dst, const double *restrict src
                 ptrdiff_t mc = M - i0 < MG_GEMM_MC ? M - i0 : MG_GEMM_MC;                         \
                 /* a transposed A with rows far apart (a page each at the larger config) is copied \
                  * into MR-wide tiles, contiguous along k, which every panel then reads from L1/L2 \
-                 * (measured, 1024 x 2048 x 256 products: 77 -> 95 GFLOP/s; at the default       \
-                 * config's sizes the copy costs more than it saves, hence the span threshold) */ \
+                 * (faster on the larger config's products, see benchmarks/RESULTS.md; at the     \
+                 * default config's sizes the copy costs more than it saves, hence the span       \
+                 * threshold) */                                                                  \
                 const T *Ab = A + i0 * sam + k0 * sak;                                            \
                 if (apack != NULL) {                                                              \
                     for (ptrdiff_t b = 0; b * MR < mc; b++) {                                     \

@@ -1,9 +1,10 @@
-/* molecule.h: the C side of molecule_gpt's training core.
+/* molecule.h: the C side of molecule_gpt's training core: the arena and the tape's node types.
  *
- * What lives in C: the arena that holds one training step's tape (nodes plus every activation
- * and activation-gradient buffer), because it is plain memory management that wants to be
- * obviously correct and reusable from any Cython module. The math kernels are Cython, written
- * once over `floating` (see src/molecule_gpt/_core.pyx).
+ * Why C: the arena that holds one training step's tape (nodes plus every activation and
+ * activation-gradient buffer) is plain memory management that wants to be obviously correct,
+ * reusable from any Cython module, and visible to AddressSanitizer buffer by buffer (arena.c).
+ * The math is Cython over `floating` (the forward ops in src/molecule_gpt/_ops.pxd, the tape's
+ * kernels in _kernels.pxi), calling the other csrc/ headers where C does better.
  *
  * Dimension legend (used by every kernel):
  *   N  = packed positions of a batch (sum over sequences of n_s, n_s <= T)

@@ -27,10 +27,9 @@ Notes (alternatives considered and rejected):
 - Word cache. An open-addressing table of up to `cache_words` words (key: the word's code
   points; value: its ids, both in one arena), emptied at once when full. Bounded memory, no
   eviction bookkeeping, no allocation per word, and a hit rate near 100% on natural text (a
-  direct-mapped table of 16K fixed slots missed 11% of the words of our 10 MB benchmark through
-  collisions alone). With it, encoding English runs about 2.7x faster than without. Words
-  longer than CACHE_KEY code points are never cached (0.2% of the words of that text;
-  adversarial words must not flush the table).
+  direct-mapped table of fixed slots lost words to collisions alone). Words longer than
+  CACHE_KEY code points are never cached (a small share of natural text; adversarial words must
+  not flush the table). Figures: benchmarks/RESULTS.md.
 - Training. One round = pop the best pair from a lazy max-heap, rewrite only the words that
   contain it (pair -> word list), subtract the old pair counts of those words and add the new
   ones. Recounting everything every round (the original) is O(rounds * corpus).

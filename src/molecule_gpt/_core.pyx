@@ -78,7 +78,7 @@ ctypedef struct StepC:
 
 
 # ---------------------------------------------------------------------------------------------
-# record: push nodes and carve buffers. Kept next to `plan_bytes`, which must mirror it.
+# record: push nodes and carve buffers. Kept next to `plan`, which must mirror it.
 
 cdef inline void* take(mg_arena* ar, size_t nbytes, bint* ok) noexcept nogil:
     cdef void* p = mg_arena_alloc(ar, nbytes)
@@ -459,8 +459,8 @@ OP_CODES = code_table(mg_op_names, MG_OP_SLOTS)
 
 
 cdef inline void* data_ptr(object arr):
-    # ndarrays through the C API (a step passes a few dozen: __array_interface__ builds a dict
-    # each time, about 1 us apiece); anything else exporting the interface as before
+    # ndarrays through the C API (a step passes a few dozen, and __array_interface__ builds a
+    # dict each time); anything else exporting the interface as before
     if cnp.PyArray_Check(arr):
         return cnp.PyArray_DATA(<cnp.ndarray>arr)
     return <void*><size_t>arr.__array_interface__["data"][0]

@@ -1,4 +1,4 @@
-# _decode.pyx: the native half of generation (SPEC §4, §5, §8.9, §8.10).
+# _decode.pyx: the native half of generation (design.md §4, §5, §8.9, §8.10).
 #
 # What it is:
 #   Weights   the effective weights of one model version, read-only and shareable between
@@ -14,22 +14,23 @@
 # What it is not: training (_core), policy (generation.py validates parameters and folds the
 # weights under the model lock; text, stream decoding and stop strings are Python).
 #
-# Positions (SPEC §8.10). The cache holds a window of at most T = block_size tokens whose
+# Positions (design.md §8.10). The cache holds a window of at most T = block_size tokens whose
 # positions are 0..n-1 relative to the window's first token, exactly as in training (every
 # training sequence starts at position 0). A prompt longer than T keeps its last T tokens. When
 # the window is full and another token must be fed, the last T/2 tokens of the window and the
 # new token are re-run as one batched prefill at positions 0..T/2. Hence, at every step, the
 # logits equal Model.logits(window)[-1] for the current window: the defining test. The
-# original's `t mod block_size` (SPEC §2) is never reached, and the rrpram pattern row (T
+# original's `t mod block_size` (design.md §2) is never reached, and the rrpram pattern row (T
 # entries) always covers every key (the crash of §8.10 cannot happen).
 #
 # Notes:
 # - Keys are rotated once, when they enter the cache (the original re-rotated every cached key
 #   at every step), and the prompt's last token is fed once (§8.9: the prefill's last logits
 #   give the first sampled token).
-# - Arithmetic mirrors _core's forward op for op (the ops of _ops.pxd, float32 exp
-#   from fastmath.h, the hybrid mix written the same way), so float64 decoding agrees with
-#   Model.logits to ~1e-12; float32 agrees to rounding.
+# - The ops are the training forward's (_ops.pxd: embedding, RMSNorm, RoPE, gate, residual add;
+#   csrc/heads.h: a head's logits and the softmax row), so float64 decoding agrees with
+#   Model.logits to ~1e-12; float32 agrees to rounding. What differs is the shape: attention
+#   reads the cache one query at a time, and the products use folded weights without BLAS.
 # - No BLAS: the products are csrc/decode_kernels.h (AVX2+FMA chosen at run time, portable
 #   loops otherwise). OpenBLAS was no faster on these shapes, cost a call path per product, and
 #   its threads had to be limited per call, which restarts them spinning at every restore
@@ -372,8 +373,8 @@ cdef void forward_rows(floating* tag, const WNet* net, Buf* b, const int* ids, i
             store_key(kc, K + i * C, p0 + i, C, T)
             memcpy(vc + (p0 + i) * C, QKV + i * C3 + 2 * C, C * sizeof(floating))
         # Rows r0 .. N-1 go on through the layer. In the last layer only the last row does: its
-        # keys and values are cached, and the rest of it only matters for the logits (~40% of a
-        # 2-layer prefill saved) -- unless every row's residual stream is wanted (stds).
+        # keys and values are cached, and the rest of it only matters for the logits (a large
+        # share of a shallow model's prefill) -- unless every row's residual stream is wanted (stds).
         r0 = N - 1 if l == net.L - 1 and stds == NULL else 0
         n = N - r0
         for t in range(r0, N):
@@ -426,7 +427,7 @@ cdef inline double rng_uniform(Rng* r) noexcept nogil:
 
 
 # ---------------------------------------------------------------------------------------------
-# sampling stack (SPEC §4)
+# sampling stack (design.md §4)
 
 ctypedef struct Cand:
     double p        # probability (full distribution, before renormalizing over candidates)
@@ -506,7 +507,8 @@ cdef double softmax_t(double* p, const float* z, Py_ssize_t V, double inv_t, flo
     z = -inf. scratch: 2V floats.
     Sampling works in float32: exponentials by mg_expf (~2 ulp), the pass and its sums
     vectorized (csrc/decode_kernels.h, AVX2 when available); a sampling distribution needs no
-    more precision (libm's double exp alone was half of a token's sampling time)."""
+    more precision (libm's double exp was a large share of a token's sampling time: figures in
+    benchmarks/RESULTS.md)."""
     cdef Py_ssize_t i
     cdef float* x = scratch
     cdef float* e = scratch + V
@@ -569,7 +571,7 @@ cdef inline Py_ssize_t heap_push(Cand* cand, Py_ssize_t n, Py_ssize_t k, double 
 
 cdef Py_ssize_t sample_stack(Cand* cand, double* p, const float* z, const double* q, Py_ssize_t V,
                              const SampleC* sp, float* scratch) noexcept nogil:
-    """The built-in stack of SPEC §4 on logits z (banned tokens already -inf, penalty applied):
+    """The built-in stack of design.md §4 on logits z (banned tokens already -inf, penalty applied):
     entropy H at the base temperature; temperature x boost when H < entropy_low, x focus when
     H > entropy_high; blend with the field q (when q != NULL): a p + (1 - a) q; then min-p,
     top-k, typical-p, top-p. Writes the surviving candidates to cand (sorted by p descending,
@@ -687,7 +689,7 @@ cdef int cand_draw(const Cand* cand, Py_ssize_t n, Rng* rng) noexcept nogil:
 
 
 # ---------------------------------------------------------------------------------------------
-# the corpus field (SPEC §5): sorted n-gram keys, binary search per context
+# the corpus field (design.md §5): sorted n-gram keys, binary search per context
 
 ctypedef struct FieldC:
     Py_ssize_t V

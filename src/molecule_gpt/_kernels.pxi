@@ -1,8 +1,10 @@
 # _kernels.pxi: the math of one training step, written once over `floating`.
 #
 # Included by _core.pyx (one extension, so the tape can call kernels without a cross-module
-# function-pointer hop). Every kernel is a plain function over raw row-major buffers: outputs
-# first, sizes last, shapes in the docstring, `noexcept nogil`. Backward kernels `+=` into the
+# function-pointer hop). The forward ops the decoder shares (embedding, RMSNorm, RoPE, gate,
+# residual add) are in _ops.pxd; here are the tape's own: the linear with adapters, attention
+# over packed sequences, cross-entropy, every backward, Adam. Every kernel is a plain function
+# over raw row-major buffers: outputs first, sizes last, shapes in the docstring, `noexcept nogil`. Backward kernels `+=` into the
 # gradients of their inputs and read what forward cached. Dims legend: csrc/molecule.h.
 #
 # Notes on choices:
@@ -12,8 +14,8 @@
 # - Reductions (norms, softmax sums, losses) accumulate in double even for float32 buffers.
 # - Attention runs per (sequence, head) block: its products (at most T x T x d) go to the
 #   lower-triangle kernels of csrc/attention.h, which skip the masked upper blocks a gemm would
-#   compute and BLAS's per-call path (measured at the default config, 96 x 96 x 18: BLAS 8 us
-#   per product, these 2.2-2.7 us). The BLAS path stays as their naive twin (tests compare them).
+#   compute and BLAS's per-call path (figures: benchmarks/RESULTS.md). The BLAS path stays as
+#   their naive twin (tests compare them).
 
 from libc.math cimport exp, sqrt, sqrtf, log, INFINITY
 from libc.string cimport memset
