@@ -56,6 +56,12 @@ int mg_arena_init(mg_arena *ar, size_t value_bytes, size_t node_cap) {
     return 0;
 }
 
+int mg_arena_init_plan(mg_arena *ar, size_t scratch_bytes) {
+    if (mg_arena_init(ar, scratch_bytes, 1) != 0) return -1;
+    ar->planning = 1;
+    return 0;
+}
+
 void mg_arena_free(mg_arena *ar) {
     if (ar->block) MG_UNPOISON(ar->nodes, mg_arena_round(ar->node_cap * sizeof(mg_node)) + 2 * ar->cap_bytes);
     free(ar->block);
@@ -63,9 +69,12 @@ void mg_arena_free(mg_arena *ar) {
 }
 
 void mg_arena_reset(mg_arena *ar) {
-    MG_POISON(ar->nodes, ar->n_nodes * sizeof(mg_node));
-    MG_POISON(ar->vals, ar->used);
-    MG_POISON(ar->grads, ar->used);
+    if (!ar->planning) { /* a planning arena's counts run past its memory: nothing to poison */
+        MG_POISON(ar->nodes, ar->n_nodes * sizeof(mg_node));
+        MG_POISON(ar->vals, ar->used);
+        MG_POISON(ar->grads, ar->used);
+    }
+    ar->last = NULL;
     ar->used = 0;
     ar->n_nodes = 0;
     ar->overflowed = 0;
@@ -73,6 +82,19 @@ void mg_arena_reset(mg_arena *ar) {
 
 void *mg_arena_alloc(mg_arena *ar, size_t bytes) {
     size_t need = mg_arena_round(bytes);
+    if (ar->planning) {
+        if (need < bytes || need > (size_t)-1 - ar->used) { /* the sum does not fit a size_t */
+            ar->overflowed = 1;
+            ar->used = (size_t)-1;
+            return NULL;
+        }
+        size_t usable = bytes < ar->cap_bytes ? bytes : ar->cap_bytes;
+        MG_UNPOISON(ar->vals, usable);
+        MG_UNPOISON(ar->grads, usable);
+        ar->used += need;
+        if (ar->used > ar->high_water) ar->high_water = ar->used;
+        return ar->vals;
+    }
     if (need > ar->cap_bytes - ar->used) {
         ar->overflowed = 1;
         return NULL;
@@ -86,11 +108,13 @@ void *mg_arena_alloc(mg_arena *ar, size_t bytes) {
 }
 
 mg_node *mg_arena_push(mg_arena *ar, int op) {
-    if (ar->n_nodes >= ar->node_cap) {
+    if (ar->n_nodes >= ar->node_cap && !ar->planning) {
         ar->overflowed = 1;
         return NULL;
     }
-    mg_node *node = &ar->nodes[ar->n_nodes++];
+    mg_node *node = ar->planning ? &ar->nodes[0] : &ar->nodes[ar->n_nodes];
+    ar->n_nodes++;
+    ar->last = node;
     MG_UNPOISON(node, sizeof(*node));
     memset(node, 0, sizeof(*node));
     node->op = op;

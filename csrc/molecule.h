@@ -68,7 +68,14 @@ typedef struct {
 
 /* The arena: one allocation split into a node array and two parallel float regions, values and
  * their gradients (same offsets). Reset is O(1); the gradient region is zeroed up to `used`
- * before backward. */
+ * before backward.
+ *
+ * A planning arena (mg_arena_init_plan) measures a recording instead of holding it: allocations
+ * add up their rounded sizes in `used` (saturating, with `overflowed`) and all get the same
+ * scratch of the size it was made with; pushes count nodes and all get the same node. The tape's
+ * `record` writes nothing into the buffers it takes but its pointer tables, so running it on a
+ * planning arena with a scratch that holds one table gives exactly the bytes and nodes it takes
+ * from a real one: the arena's plan is `record` itself, not a second description of it. */
 typedef struct {
     char *block;
     mg_node *nodes;
@@ -76,9 +83,12 @@ typedef struct {
     char *vals, *grads;
     size_t cap_bytes, used, high_water;
     int overflowed; /* set by an allocation past capacity, cleared by reset */
+    int planning;   /* a planning arena (see above) */
+    mg_node *last;  /* the node pushed last */
 } mg_arena;
 
 int mg_arena_init(mg_arena *ar, size_t value_bytes, size_t node_cap);
+int mg_arena_init_plan(mg_arena *ar, size_t scratch_bytes);
 void mg_arena_free(mg_arena *ar);
 void mg_arena_reset(mg_arena *ar);
 void *mg_arena_alloc(mg_arena *ar, size_t bytes);

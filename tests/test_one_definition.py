@@ -134,3 +134,48 @@ def test_rope_tables_have_one_layout():
         text = (SRC / name).read_text()
         assert "rope_tables_per_head(" in text
         assert "np.tile(" not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# one description of the arena's sizes
+
+def arena_figures(cfg, vocab_size, n_delta):
+    """(bytes a full step's tape took, Engine.plan's bytes, the checkpoint's bound / 2) for a
+    model of cfg with n_delta delta modules, one worker."""
+    import molecule_gpt as mg
+    from molecule_gpt import checkpoint as ck
+    model = mg.Model(cfg, vocab_size, n_threads=1)
+    for _ in range(n_delta):
+        model.add_delta_module(alpha=0.5)
+    T = cfg.block_size
+    batch = [[(7 * i + 3 * j) % vocab_size for j in range(T + 1)] for i in range(cfg.batch_size)]
+    model.loss_and_grads(batch)  # the largest step the arena is planned for
+    engine = model._engines[0]
+    used = engine.high_water[0]
+    planned = engine.plan(*model._max_step())[0]
+    assert model.planned_arena_bytes == 2 * planned
+    bound = ck._arena_bytes_bound(cfg, vocab_size, n_delta, model.dtype.itemsize, 1)
+    return used, planned, bound // 2
+
+
+def test_record_plan_and_checkpoint_bound_read_one_description():
+    """record (what a step takes), plan (what the arena is sized to) and the checkpoint's bound
+    are one computation: change any one size and all three follow, equal."""
+    import molecule_gpt as mg
+    base = dict(n_layer=1, n_embd=16, n_head=2, block_size=6, batch_size=2, delta_rank=2,
+                head_types=("content", "hybrid"))
+    changes = [{}, {"block_size": 7}, {"n_embd": 20}, {"batch_size": 3}, {"n_layer": 2}, {"delta_rank": 3},
+               {"head_types": ("rrpram", "hybrid")}, {"n_head": 4, "head_types": ("content", "rrpram", "hybrid", "hybrid")}]
+    seen = set()
+    for change in changes:
+        for n_delta in (0, 2):
+            cfg = mg.Config(**{**base, **change})
+            used, planned, bound = arena_figures(cfg, 13, n_delta)
+            assert used == planned == bound, (change, n_delta, used, planned, bound)
+            seen.add((n_delta, planned))
+    assert len({p for n, p in seen if n == 2}) == len(changes)  # every size moved the figure
+
+
+def test_a_plan_too_large_for_size_t_is_refused():
+    with pytest.raises(OverflowError, match="too large to plan"):
+        _core.plan_arena(2, 72, 4, 96, 600, ("content",) * 4, 4, 1, False, 1 << 50, 1 << 60)

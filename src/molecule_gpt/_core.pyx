@@ -78,7 +78,8 @@ ctypedef struct StepC:
 
 
 # ---------------------------------------------------------------------------------------------
-# record: push nodes and carve buffers. Kept next to `plan`, which must mirror it.
+# record: push nodes and carve buffers. The one description of a step's sizes: `plan` runs it
+# on a planning arena to size the real one.
 
 cdef inline void* take(mg_arena* ar, size_t nbytes, bint* ok) noexcept nogil:
     cdef void* p = mg_arena_alloc(ar, nbytes)
@@ -154,7 +155,7 @@ cdef floating* rec_rope(mg_arena* ar, floating* x, Py_ssize_t ldx, Py_ssize_t N,
 
 cdef inline mg_node* last(mg_arena* ar) noexcept nogil:
     """The node pushed last."""
-    return &ar.nodes[ar.n_nodes - 1]
+    return ar.last
 
 
 cdef inline void sole_consumer(mg_node* producer, mg_node* consumer, int flag) noexcept nogil:
@@ -294,41 +295,54 @@ cdef int record(NetC* net, mg_arena* ar, StepC* st, bint with_loss, floating* ta
     return 0
 
 
-cdef size_t plan_linear(const mg_linear* lin, Py_ssize_t N, size_t es) noexcept nogil:
-    return mg_arena_round(N * lin.nout * es) + mg_arena_round(lin.n_ad * N * lin.rank * es)
-
-
-cdef void plan(const NetC* net, Py_ssize_t N, Py_ssize_t SS, size_t es,
-               size_t* value_bytes, size_t* n_nodes) noexcept nogil:
+cdef int plan(NetC* net, Py_ssize_t N, Py_ssize_t SS, bint is_double, size_t* value_bytes,
+              size_t* n_nodes) noexcept nogil:
     """The exact bytes and nodes `record` takes for N positions whose squared sequence lengths
-    sum to SS (mirrors record, allocation for allocation)."""
-    cdef size_t total = 0, nodes = 0
-    cdef Py_ssize_t l, h, C = net.C, F = net.F
-    cdef const LayerC* L
-    total += mg_arena_round(N * C * es); nodes += 1                      # embed
+    sum to SS (with the loss node: the most a step takes): record itself, run on a planning
+    arena (csrc/molecule.h), so there is no second description of the tape's sizes to keep in
+    step with it. -1: the plan does not fit a size_t, or no memory for the planning arena."""
+    cdef mg_arena ar
+    cdef StepC st
+    cdef int status
+    memset(&st, 0, sizeof(StepC))
+    st.N = N
+    st.SS = SS
+    if mg_arena_init_plan(&ar, net.H * sizeof(void*)) != 0:  # scratch for one pointer table
+        return -1
+    if is_double:
+        status = record(net, &ar, &st, True, <double*>NULL)
+    else:
+        status = record(net, &ar, &st, True, <float*>NULL)
+    value_bytes[0] = ar.used
+    n_nodes[0] = ar.n_nodes
+    if ar.overflowed:
+        status = -1
+    mg_arena_free(&ar)
+    return status
+
+
+cdef object plan_checked(NetC* net, Py_ssize_t N, Py_ssize_t SS, bint is_double):
+    """plan() as (value_bytes, nodes); OverflowError when the sizes are too large for record's
+    arithmetic (a crude product of every size, checked in Python ints first)."""
+    cdef size_t nbytes = 0, nodes = 0
+    cdef int status, l, h, k
+    cdef const mg_linear* lins[4]
+    widest = net.lm_head.n_ad   # Python ints from here: the check itself cannot overflow
     for l in range(net.L):
-        L = &net.layers[l]
-        total += mg_arena_round(N * C * es) + mg_arena_round(N * es); nodes += 1   # rmsnorm
-        total += plan_linear(&L.wqkv, N, es); nodes += 1
-        total += 2 * mg_arena_round(N * C * es); nodes += 2             # rope q, k
-        total += 2 * mg_arena_round(net.H * sizeof(void*))              # pattern tables
+        lins[0], lins[1], lins[2], lins[3] = &net.layers[l].wqkv, &net.layers[l].wo, &net.layers[l].fc_gv, &net.layers[l].fc2
+        for k in range(4):
+            widest = max(widest, lins[k].n_ad)
         for h in range(net.H):
-            if net.head_type[h] != HEAD_CONTENT:
-                total += plan_linear(&L.pat[h], N, es); nodes += 1
-        total += mg_arena_round(N * C * es) + 2 * mg_arena_round(net.H * SS * es); nodes += 1
-        total += mg_arena_round(attention_work(net.T, net.d) * es)      # attention scratch
-        total += plan_linear(&L.wo, N, es); nodes += 1
-        total += mg_arena_round(N * C * es); nodes += 1                 # residual add
-        total += mg_arena_round(N * C * es) + mg_arena_round(N * es); nodes += 1   # rmsnorm
-        total += plan_linear(&L.fc_gv, N, es); nodes += 1
-        total += mg_arena_round(N * F * es); nodes += 1                 # gate
-        total += plan_linear(&L.fc2, N, es); nodes += 1
-        total += mg_arena_round(N * C * es); nodes += 1                 # residual add
-    total += mg_arena_round(N * C * es) + mg_arena_round(N * es); nodes += 1
-    total += plan_linear(&net.lm_head, N, es); nodes += 1
-    nodes += 1                                                          # cross-entropy
-    value_bytes[0] = total
-    n_nodes[0] = nodes
+            widest = max(widest, net.layers[l].pat[h].n_ad)
+    n, ss, L, H, T, C, F, V, r = N, SS, net.L, net.H, net.T, net.C, net.F, net.V, net.r
+    crude = ((n + 1) * (V + 4 * F + 4 * C + (H + 3) * T + widest * (r + 1) + 64) + (2 * H + 1) * ss) * 8 * (L + 2) * (H + 2)
+    if n < 0 or ss < 0 or crude >= 2 ** 62:
+        raise OverflowError(f"a step of {N} positions is too large to plan an arena for")
+    with nogil:
+        status = plan(net, N, SS, is_double, &nbytes, &nodes)
+    if status != 0:
+        raise MemoryError("cannot plan the training arena")
+    return nbytes, nodes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,10 +643,26 @@ cdef class Engine:
     # ---- arena
 
     def plan(self, Py_ssize_t N, Py_ssize_t SS):
-        """(value_bytes, nodes) one step over N positions with sum of squared lengths SS takes."""
-        cdef size_t nbytes, nodes
-        plan(&self.net, N, SS, self.itemsize, &nbytes, &nodes)
-        return nbytes, nodes
+        """(value_bytes, nodes) one step over N positions with sum of squared lengths SS takes
+        (record's own sizes, see plan)."""
+        return plan_checked(&self.net, N, SS, self.is_double)
+
+    cdef void _shape_only(self, int modules):
+        """Give every linear slot its shapes and `modules` delta modules on each of its parts,
+        bound to no array: enough for plan (which reads only shapes), nothing else."""
+        cdef NetC* net = &self.net
+        cdef int l, h
+        cdef LayerC* L
+        _shape_linear(&net.lm_head, net.V, net.C, modules, net.r)
+        for l in range(net.L):
+            L = &net.layers[l]
+            _shape_linear(&L.wqkv, 3 * net.C, net.C, 3 * modules, net.r)
+            _shape_linear(&L.wo, net.C, net.C, modules, net.r)
+            _shape_linear(&L.fc_gv, 2 * net.F, net.C, 2 * modules, net.r)
+            _shape_linear(&L.fc2, net.C, net.F, modules, net.r)
+            for h in range(net.H):
+                if net.head_type[h] != HEAD_CONTENT:
+                    _shape_linear(&L.pat[h], net.T, net.d, modules, net.r)
 
     def allocate(self, size_t value_bytes, size_t node_cap):
         """(Re)allocate the arena; the previous tape is discarded."""
@@ -711,6 +741,31 @@ cdef class Engine:
     def tape_ops(self):
         """Op names of the current tape, in creation order (for debugging and graph dumps)."""
         return [mg_op_names[self.ar.nodes[i].op].decode("ascii") for i in range(self.ar.n_nodes)]
+
+
+cdef inline void _shape_linear(mg_linear* lin, int nout, int nin, int n_ad, int rank) noexcept nogil:
+    lin.nout = nout
+    lin.nin = nin
+    lin.n_ad = n_ad
+    lin.rank = rank
+
+
+def worker_step(Py_ssize_t batch_size, Py_ssize_t block_size, Py_ssize_t n_threads):
+    """(positions, sum of squared lengths) of one worker's share of the largest batch: the step
+    every worker's arena is planned for (batch_size sequences of block_size positions, split
+    over n_threads workers)."""
+    per_worker = -(-batch_size // n_threads)
+    return per_worker * block_size, per_worker * block_size * block_size
+
+
+def plan_arena(int n_layer, int n_embd, int n_head, int block_size, int vocab_size, head_types, int rank,
+               int modules, bint is_double, Py_ssize_t N, Py_ssize_t SS):
+    """(value_bytes, nodes) Engine.plan(N, SS) gives an engine of these shapes whose every
+    linear carries `modules` delta modules on each of its parts (none folded), without building
+    or binding any array: record's own sizes (see plan)."""
+    e = Engine(n_layer, n_embd, n_head, block_size, vocab_size, head_types, "relu", is_double, rank)
+    e._shape_only(modules)
+    return e.plan(N, SS)
 
 
 ctypedef struct RunJob:

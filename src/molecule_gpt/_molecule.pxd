@@ -99,8 +99,11 @@ cdef extern from "molecule.h" nogil:
         size_t used
         size_t high_water
         int overflowed
+        int planning
+        mg_node* last
 
     int mg_arena_init(mg_arena* ar, size_t value_bytes, size_t node_cap)
+    int mg_arena_init_plan(mg_arena* ar, size_t scratch_bytes)
     void mg_arena_free(mg_arena* ar)
     void mg_arena_reset(mg_arena* ar)
     void* mg_arena_alloc(mg_arena* ar, size_t nbytes)

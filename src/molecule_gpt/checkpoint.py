@@ -840,10 +840,11 @@ def _check_arenas(path: str, model: Model) -> None:
     """The training arenas the config plans (allocated lazily, at the first step) must fit in
     this machine's memory: a header claiming batch_size 2^40 fails here, not at the first step.
 
-    The exact figure, Model.planned_arena_bytes, binds the engines to plan them (about 1.4 ms
-    at the default config, a third of its load). So it is asked only when a cheap upper bound
-    does not already fit: a file is refused exactly when the exact figure exceeds memory, and
-    an ordinary model stays lazily bound (its first step binds, as a freshly built one does)."""
+    The exact figure, Model.planned_arena_bytes, binds the engines to plan them (a good part of
+    a load's time at the default config: benchmarks/RESULTS.md). So it is asked only when an
+    upper bound from the shapes alone does not already fit: a file is refused exactly when the
+    exact figure exceeds memory, and an ordinary model stays lazily bound (its first step binds,
+    as a freshly built one does)."""
     memory = _physical_memory()
     if _arena_bytes_bound(model.config, model.vocab_size, model.n_delta, model.dtype.itemsize,
                           model.n_threads) <= memory:
@@ -859,21 +860,17 @@ def _check_arenas(path: str, model: Model) -> None:
 
 
 def _arena_bytes_bound(config: Config, vocab_size: int, n_delta: int, itemsize: int, n_threads: int) -> int:
-    """An upper bound of Model.planned_arena_bytes, from shapes alone (no engine): twice the sum
-    of what _core's plan() allocates per worker, counting every delta module as trainable on
-    every part of a fused linear. tests/test_checkpoint.py pins bound >= planned over many
-    configs; a static plan in Model would replace it."""
-    C, T, H, L, r = config.n_embd, config.block_size, config.n_head, config.n_layer, config.delta_rank
-    F = 4 * C
-    n_pat = sum(kind != "content" for kind in config.head_types)
-    per_worker = -(-config.batch_size // n_threads)
-    N, SS = per_worker * T, per_worker * T * T
-    adapters = 3 * n_delta  # on one linear: modules x fused parts (q, k, v), folded or not
-    per_layer = N * (12 * C + 3 * F + n_pat * T + 2) + 2 * H * SS + adapters * N * r * (4 + n_pat)
-    elements = L * per_layer + N * (2 * C + 1 + vocab_size) + adapters * N * r
-    allocations = 8 + L * (24 + 2 * n_pat + 2 * H)  # each rounded up to 64 bytes; pointer tables
-    per_worker_bytes = itemsize * elements + (64 + 8) * allocations + 16 * L * H
-    return 2 * (2 * n_threads * per_worker_bytes)  # values + gradients, every worker, 2x slack
+    """An upper bound of Model.planned_arena_bytes, from shapes alone (no arrays, no binding):
+    the arena _core plans for the same shapes with every delta module unfolded on every part of
+    every linear (a bound engine carries only the unfolded ones), values plus gradients, for
+    every worker. It is the tape's own plan (_core.plan_arena runs `record`, as Engine.plan
+    does), so it follows every change of the tape's sizes."""
+    from . import _core
+
+    N, SS = _core.worker_step(config.batch_size, config.block_size, n_threads)
+    value_bytes, _ = _core.plan_arena(config.n_layer, config.n_embd, config.n_head, config.block_size, vocab_size,
+                                      config.head_types, config.delta_rank, n_delta, itemsize == 8, N, SS)
+    return 2 * n_threads * value_bytes
 
 
 def _physical_memory() -> int:

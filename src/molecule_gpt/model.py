@@ -546,9 +546,7 @@ class Model:
 
     def _max_step(self) -> tuple[int, int]:
         """(positions, sum of squared lengths) of one worker's share of the largest batch."""
-        per_worker = -(-self.config.batch_size // self._n_threads)
-        T = self.config.block_size
-        return per_worker * T, per_worker * T * T
+        return _core.worker_step(self.config.batch_size, self.config.block_size, self._n_threads)
 
     @property
     def n_threads(self) -> int:
