@@ -560,7 +560,9 @@ class Model:
             raise ConfigError(f"n_threads must be a positive int, got {value!r}")
         with self._lock:
             self._n_threads = value
+            version = self._version
             self._rebuild()
+            self._version = version  # the same weights (results agree across thread counts up to rounding)
 
     @property
     def planned_arena_bytes(self) -> int:
