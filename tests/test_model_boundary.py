@@ -165,8 +165,8 @@ def test_the_decoder_cache_follows_the_model_version():
 
 
 def test_the_checkpoint_uses_the_model_boundary_not_its_internals():
-    text = (SRC / "checkpoint.py").read_text()
-    assert not re.search(r"model\._|\.groups\b|\._lock", text)
+    for name in ("checkpoint.py", "compat.py"):
+        assert not re.search(r"model\._|\.groups\b|\._lock", (SRC / name).read_text()), name
 
 
 def test_state_spans_are_the_model_memory_of_export_state():

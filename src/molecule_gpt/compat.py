@@ -20,7 +20,7 @@ import numpy as np
 
 from .config import RETIRED_FIELDS, Config
 from .errors import CheckpointError
-from .model import Model, delta_group
+from .model import Model, base_shapes, delta_group
 
 
 def load_original_checkpoint(path: str | os.PathLike, dtype: str = "float64"):
@@ -88,7 +88,7 @@ def model_from_original(doc: dict, dtype: str = "float64", source: str = "<check
     for k, alpha in enumerate(alphas):
         model.set_delta_alpha(k, float(alpha))
     params = model.params()
-    expected = dict(model.groups["base"].shapes)
+    expected = dict(base_shapes(config, vocab))
     if tie:
         expected["lm_head"] = expected["wte"]
     for name, shape in expected.items():
@@ -117,6 +117,7 @@ def model_from_original(doc: dict, dtype: str = "float64", source: str = "<check
         if snap.ndim != 2 or snap.shape[1] != config.n_embd or snap.shape[0] > vocab:
             raise CheckpointError(f"{source}: init_embed_snapshot has shape {snap.shape}, expected (<= {vocab}, {config.n_embd})")
         model.init_embed_snapshot[: snap.shape[0]] = snap
+    model.refresh()  # the values were written in place
     return model
 
 
