@@ -619,7 +619,7 @@ class Model:
     # ---------------------------------------------------------------------------- parameters
 
     def params(self) -> dict[str, np.ndarray]:
-        """Every parameter by name (design.md §2) (live views: writes change the model; valid until the
+        """Every parameter by its design.md §2 name (live views: writes change the model; valid until the
         next growth). With tied embeddings lm_head is wte and appears once, as "wte"."""
         out = {}
         for group in self.groups.values():
@@ -916,7 +916,7 @@ class Model:
         return loss
 
     def loss_and_grads(self, batch_ids: Sequence[Sequence[int]]) -> tuple[float, dict[str, np.ndarray]]:
-        """Batch loss and the gradient of every trainable parameter (copies, by name (design.md §2)).
+        """Batch loss and the gradient of every trainable parameter (copies, by design.md §2 name).
         With tied embeddings the one wte/lm_head matrix has one summed gradient, under "wte"."""
         with self._lock:
             loss = self._loss_and_backward(batch_ids)
