@@ -80,7 +80,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .errors import MoleculeError
+from .errors import GenerationError, MoleculeError
 from .organism import Organism
 from .status import history_records, status_document
 
@@ -617,8 +617,12 @@ class _App:
         if sampling.stream:
             return self._stream(request, s, [prompt], sampling, chat=True,
                                 on_done=lambda reply: s.learn_turns(turns, messages, reply if learn_reply else None))
-        results, prompt_tokens = await anyio.to_thread.run_sync(self._run_all, s.org, [prompt], sampling)
-        s.learn_turns(turns, messages, results[0].text if learn_reply else None)
+        reply = None
+        try:
+            results, prompt_tokens = await anyio.to_thread.run_sync(self._run_all, s.org, [prompt], sampling)
+            reply = results[0].text if learn_reply else None
+        finally:  # the new turns are learned also when no reply came (their keys are marked already)
+            s.learn_turns(turns, messages, reply)
         usage = self._usage(results, prompt_tokens)
         request.state.tokens = usage["completion_tokens"]
         return JSONResponse({
@@ -663,7 +667,10 @@ class _App:
         results, prompt_tokens = [], 0
         for prompt in prompts:
             prompt_tokens += _prompt_tokens(org, prompt)
-            results += [org.run(prompt, **_choice_overrides(s, i)) for i in range(s.n)]
+            try:
+                results += [org.run(prompt, **_choice_overrides(s, i)) for i in range(s.n)]
+            except GenerationError as exc:  # sampling settings the organism refuses: the request's fault
+                raise _bad(str(exc)) from None
         return results, prompt_tokens
 
     @staticmethod
@@ -694,6 +701,7 @@ class _App:
         async def events():
             prompt_tokens = completion_tokens = 0
             replies = []
+            finished = False
             try:
                 for p, prompt in enumerate(prompts):
                     prompt_tokens += await anyio.to_thread.run_sync(_prompt_tokens, s.org, prompt)
@@ -720,14 +728,17 @@ class _App:
                                 "system_fingerprint": None, "choices": [],
                                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                           "total_tokens": prompt_tokens + completion_tokens}})
-                yield b"data: [DONE]\n\n"
+                finished = True
                 request.state.tokens = completion_tokens
-                if on_done is not None:
-                    on_done(replies[0])
+                yield b"data: [DONE]\n\n"
             except (MoleculeError, ValueError, TypeError) as exc:  # a generation that cannot start or go on
                 log.error("%s: generation failed: %s", s.name, exc)
                 yield _sse(ApiError(500, f"generation failed: {exc}").body())
                 yield b"data: [DONE]\n\n"
+            finally:
+                # the reply is learned only when it was streamed whole; the client's new turns always
+                if on_done is not None:
+                    on_done(replies[0] if finished else None)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
