@@ -483,6 +483,59 @@ def _stream_pieces(org: Organism, prompt: str, overrides: dict) -> tuple[Iterato
     return gen._pieces(dec, params, box), box
 
 
+_END = object()
+
+
+async def _generated(org: Organism, prompt: str, overrides: dict, box: dict):
+    """Stream one generation from a thread of its own, yielding its text as it comes; pieces
+    that arrived while the event loop was busy are joined into one (so a loaded server sends
+    fewer, longer events instead of falling behind). When the stream ends, `box` holds
+    "prompt_tokens", "ids" and "reason". A consumer that stops early (the client went away)
+    stops the generation at its next token."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+
+    def post(item) -> None:
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            cancel.set()
+
+    def produce() -> None:
+        try:
+            count = _prompt_tokens(org, prompt)
+            pieces, result = _stream_pieces(org, prompt, overrides)
+            try:
+                for piece in pieces:
+                    post(piece)
+                    if cancel.is_set():
+                        break
+            finally:
+                pieces.close()  # releases the decoder
+            box.update(result, prompt_tokens=count)
+            post(_END)
+        except BaseException as exc:  # handed to the consumer, which raises it in the request
+            post(exc)
+
+    threading.Thread(target=produce, name="molecule-gpt-stream", daemon=True).start()
+    try:
+        while True:
+            item = await q.get()
+            text = []
+            while isinstance(item, str):
+                text.append(item)
+                item = q.get_nowait() if not q.empty() else None
+            if text:
+                yield "".join(text)
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+    finally:
+        cancel.set()
+
+
 def _sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
@@ -704,25 +757,21 @@ class _App:
             finished = False
             try:
                 for p, prompt in enumerate(prompts):
-                    prompt_tokens += await anyio.to_thread.run_sync(_prompt_tokens, s.org, prompt)
                     for i in range(sampling.n):
                         index = p * sampling.n + i
-                        pieces, box = await anyio.to_thread.run_sync(_stream_pieces, s.org, prompt,
-                                                                      _choice_overrides(sampling, i))
                         if chat:
                             yield _sse(chunk(index, role=True))
                         elif echo:
                             yield _sse(chunk(index, prompt))
-                        text = []
-                        try:
-                            while (piece := await anyio.to_thread.run_sync(next, pieces, None)) is not None:
-                                text.append(piece)
-                                yield _sse(chunk(index, piece))
-                        finally:
-                            pieces.close()  # releases the decoder also when the client went away
-                        completion_tokens += len(box.get("ids", ()))
+                        text, box = [], {}
+                        async for piece in _generated(s.org, prompt, _choice_overrides(sampling, i), box):
+                            text.append(piece)
+                            yield _sse(chunk(index, piece))
+                        if i == 0:
+                            prompt_tokens += box["prompt_tokens"]
+                        completion_tokens += len(box["ids"])
                         replies.append("".join(text))
-                        yield _sse(chunk(index, finish=_finish(box.get("reason"))))
+                        yield _sse(chunk(index, finish=_finish(box["reason"])))
                 if sampling.include_usage:
                     yield _sse({"id": cid, "object": obj, "created": created, "model": s.name,
                                 "system_fingerprint": None, "choices": [],
