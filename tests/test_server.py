@@ -508,3 +508,18 @@ def test_serve_command_end_to_end(tmp_path):
         assert any(line.endswith("good morning") for line in org.reservoir.lines + org.heard_val_lines)
     finally:
         org.close()
+
+
+def test_mounted_in_another_app(frozen_org):
+    """create_app's application under a prefix of the user's own app (its lifespan run by theirs)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    inner = create_app(organisms={"pet": frozen_org}, learn=False)
+    outer = Starlette(routes=[Mount("/pet", app=inner)], lifespan=lambda app: inner.router.lifespan_context(inner))
+    with LiveServer(outer) as srv:
+        page = httpx.get(srv.url + "/pet/", timeout=30)
+        assert page.status_code == 200 and 'href="static/style.css"' in page.text  # relative: under the prefix
+        assert httpx.get(srv.url + "/pet/static/app.js").status_code == 200
+        c = openai.OpenAI(base_url=srv.url + "/pet/v1", api_key="x", max_retries=0)
+        assert c.chat.completions.create(model="pet", messages=[{"role": "user", "content": "hi"}],
+                                         max_tokens=4).model == "pet"

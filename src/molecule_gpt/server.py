@@ -344,19 +344,21 @@ def _norm(text: str) -> str:
     return " ".join(text.split())
 
 
+_ROOT = hashlib.sha256(b"molecule-gpt conversation").digest()
+
+
+def _extend(key: bytes, role: str, text: str) -> bytes:
+    """The key of a conversation one message longer: hash(previous key, role, text)."""
+    return hashlib.sha256(key + role.encode() + b"\0" + _norm(text).encode("utf-8", "surrogatepass")).digest()
+
+
 def _chain(messages: list[tuple[str, str]]) -> list[bytes]:
-    """The key of every prefix of a conversation: hash(previous key, role, text)."""
-    h = hashlib.sha256(b"molecule-gpt conversation").digest()
-    keys = []
+    """The key of every prefix of a conversation."""
+    keys, key = [], _ROOT
     for role, text in messages:
-        h = hashlib.sha256(h + role.encode() + b"\0" + _norm(text).encode("utf-8", "surrogatepass")).digest()
-        keys.append(h)
+        key = _extend(key, role, text)
+        keys.append(key)
     return keys
-
-
-def _extend(key: bytes | None, role: str, text: str) -> bytes:
-    h = key if key is not None else hashlib.sha256(b"molecule-gpt conversation").digest()
-    return hashlib.sha256(h + role.encode() + b"\0" + _norm(text).encode("utf-8", "surrogatepass")).digest()
 
 
 # ---------------------------------------------------------------------------------------------
