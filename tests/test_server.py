@@ -22,7 +22,7 @@ import molecule_gpt as mg  # noqa: E402
 from molecule_gpt import cli, server  # noqa: E402
 from molecule_gpt.server import Limits, chat_prompt, create_app  # noqa: E402
 
-from live_server import LiveServer  # noqa: E402
+from live_server import LiveServer, pace_streams  # noqa: E402
 
 SMALL = {"warmup_steps": 40, "eval_interval": 20}
 
@@ -126,7 +126,8 @@ def test_temperature_zero_is_greedy(frozen):
     assert len(warm) > 1
 
 
-def test_streamed_equals_plain_for_the_same_seed(frozen):
+def test_streamed_equals_plain_for_the_same_seed(frozen, monkeypatch):
+    pace_streams(monkeypatch)  # so that the pieces do not queue up into one event (see there)
     c = client(frozen)
     messages = [{"role": "user", "content": "tell me about the sea"}]
     plain = c.chat.completions.create(model="pet", messages=messages, seed=11, max_tokens=40, temperature=0.9)
