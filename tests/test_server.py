@@ -524,3 +524,15 @@ def test_mounted_in_another_app(frozen_org):
         c = openai.OpenAI(base_url=srv.url + "/pet/v1", api_key="x", max_retries=0)
         assert c.chat.completions.create(model="pet", messages=[{"role": "user", "content": "hi"}],
                                          max_tokens=4).model == "pet"
+
+
+def test_the_page_loads_nothing_from_elsewhere():
+    """Everything the page needs ships in the package: no absolute URL in what it loads."""
+    web = pathlib.Path(server.__file__).parent / "web"
+    assert sorted(p.name for p in web.iterdir()) == ["app.js", "index.html", "style.css"]
+    for path in web.iterdir():
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//|url\(\s*["']?(?:https?:)?//|@import|"""
+                             r"""fetch\(\s*["'](?:https?:)?//""", text), path.name
+    page = (web / "index.html").read_text(encoding="utf-8")
+    assert 'href="static/style.css"' in page and 'src="static/app.js"' in page
