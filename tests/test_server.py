@@ -536,3 +536,26 @@ def test_the_page_loads_nothing_from_elsewhere():
                              r"""fetch\(\s*["'](?:https?:)?//""", text), path.name
     page = (web / "index.html").read_text(encoding="utf-8")
     assert 'href="static/style.css"' in page and 'src="static/app.js"' in page
+
+
+def test_a_client_that_leaves_mid_stream(monkeypatch):
+    """Its new turn is learned, the reply it did not wait for is not; the server goes on."""
+    pace_streams(monkeypatch, 0.02)  # the reply takes over a second: the client leaves in the middle
+    org = small_organism(min_gen_tokens=60)
+    try:
+        with LiveServer(create_app(organisms={"pet": org}, learn=True)) as srv:
+            body = {"model": "pet", "messages": [{"role": "user", "content": "a long story please"}],
+                    "stream": True, "max_tokens": 60}
+            with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as resp:
+                events = resp.iter_lines()
+                first = [next(events) for _ in range(4)]  # the role chunk and some pieces, then away
+            assert all(e.startswith("data: ") or e == "" for e in first)
+            wait_for(lambda: [(m.role, m.text) for m in org.memory.messages()] == [("H", "a long story please")],
+                     30, "the user's turn")
+            time.sleep(1.5)  # longer than the whole reply would have taken: it is not learned later
+            assert [(m.role, m.text) for m in org.memory.messages()] == [("H", "a long story please")]
+            r = client(srv).chat.completions.create(model="pet", messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=5)
+            assert r.choices[0].message.content is not None
+    finally:
+        org.close()
