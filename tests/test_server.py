@@ -559,3 +559,31 @@ def test_a_client_that_leaves_mid_stream(monkeypatch):
             assert r.choices[0].message.content is not None
     finally:
         org.close()
+
+
+def test_an_organism_whose_trainer_runs_already(frozen_org):
+    """create_app(organisms=...) with the caller's background trainer running: left to them."""
+    org = small_organism()
+    try:
+        org.start_background()
+        with LiveServer(create_app(organisms={"pet": org}, learn=True)) as srv:
+            assert client(srv).chat.completions.create(
+                model="pet", messages=[{"role": "user", "content": "hi"}], max_tokens=4).model == "pet"
+        assert org.stats()["background"]["running"]  # the server did not stop what it did not start
+    finally:
+        org.close()
+
+
+def test_a_home_that_cannot_load_says_why(tmp_path):
+    home = tmp_path / "pet"
+    home.mkdir()
+    (home / "organism.ckpt").write_bytes(b"not a checkpoint at all")
+    with LiveServer(create_app(home=home)) as srv:
+        doc = wait_for(lambda: (d := httpx.get(srv.url + "/v1/organisms/pet/status").json())["state"] != "loading"
+                       and d, 60, "the load to end")
+        assert doc["state"] == "failed" and "damaged" in doc["error"]
+        resp = httpx.post(srv.url + "/v1/chat/completions",
+                          json={"model": "pet", "messages": [{"role": "user", "content": "hi"}]})
+        err = assert_error_object(resp, 503, code="model_failed")
+        assert "damaged" in err["message"]
+    assert (home / "organism.ckpt").read_bytes() == b"not a checkpoint at all"  # nothing overwritten
