@@ -9,6 +9,7 @@ inside its checkpoint, plot its growth, make it forget, benchmark it.
     molecule-gpt growth --plot growth.png
     molecule-gpt forget "my address"      # or: molecule-gpt forget --all
     molecule-gpt bench
+    molecule-gpt serve                    # OpenAI-compatible HTTP API + chat page (extra 'serve')
 
 Home (`--home DIR`, default molecule_gpt.default_home()) holds one organism; its layout, lock,
 archives and recovery are molecule_gpt.home (whose names this module re-exports).
@@ -397,33 +398,9 @@ def _close_quietly(org: Organism) -> None:
 
 
 def status_text(org: Organism, memory: Memory | None = None) -> str:
-    s = org.stats()
-    mods = s["delta_modules"]
-    states = {}
-    for m in mods:
-        states[m["state"]] = states.get(m["state"], 0) + 1
-    lines = [
-        f"steps          {s['steps']} ({s['warmup_steps']} warmup{'' if s['warmed_up'] else ', unfinished'}), "
-        f"bursts {s['bursts']}: {s['accepted_bursts']} accepted, {s['rolled_back_bursts']} rolled back",
-        f"loss           {_fmt(s['loss'])} per token in training; held-out {_fmt(s['val_loss'])} nats/char on "
-        f"the birth text, {_fmt(s['heard_val_loss'])} on text heard lately",
-        f"vocabulary     {s['vocab_size']} tokens ({'BPE' if s['bpe'] else 'characters'})",
-        f"parameters     {s['parameters']:,}",
-        f"delta modules  {len(mods)}" + (f" ({', '.join(f'{n} {k}' for k, n in sorted(states.items()))})" if mods else ""),
-        f"corpus         {s['corpus']['lines']} lines, {s['corpus']['chars']:,} chars; "
-        f"{s['corpus']['held_out_lines']} + {s['corpus']['heard_held_out_lines']} held out; "
-        f"{s['corpus']['quarantine_lines']} quarantined (rolled back)",
-        f"next burst     {s['quantum_buffer']['next_burst']}",
-        f"model weight   {s['model_alpha']:.2f} (the rest is the corpus field)",
-        f"trainer        {'running' if s['background']['running'] else 'idle'}"
-        + (f", {s['tokens_per_second']:,.0f} tok/s" if s["tokens_per_second"] else ""),
-    ]
-    if s["background"]["error"]:
-        lines.append(f"trainer error  {s['background']['error']}")
-    if memory is not None:
-        c = memory.counts()
-        lines.append(f"memory         {c['messages']} messages, {c['snapshots']} snapshots ({memory.retrieval_mode})")
-    return "\n".join(lines)
+    """`/status`: the status document (molecule_gpt.status, shared with the server) as lines."""
+    from .status import status_document, status_text as render
+    return render(status_document(org, memory))
 
 
 def growth_table(snapshots) -> str:
@@ -750,6 +727,36 @@ def cmd_forget(args, home: Home) -> int:
     return 0
 
 
+def cmd_serve(args, home: Home) -> int:
+    """`molecule-gpt serve`: the OpenAI-compatible API and the chat page (molecule_gpt.server)."""
+    try:
+        import uvicorn
+        from .server import create_app, is_loopback
+    except ImportError as exc:
+        raise CLIError(f"serve needs the 'serve' extra ({exc.name} is not installed)",
+                       "pip install 'molecule-gpt[serve]'") from None
+    api_key = args.api_key or os.environ.get("MOLECULE_GPT_API_KEY") or None
+    if not is_loopback(args.host) and not api_key:
+        raise CLIError(f"--host {args.host} would let other machines reach the organism without a key",
+                       "give --api-key KEY (or MOLECULE_GPT_API_KEY), or serve on 127.0.0.1", code=2)
+    if args.homes and args.home:
+        raise CLIError("give --home DIR (one organism) or --homes DIR (one per sub-folder), not both", code=2)
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        app = create_app(home=None if args.homes else home.path, homes=args.homes, api_key=api_key,
+                         learn=not args.no_learn, config=args.config, recover=args.recover)
+    except ValueError as exc:
+        raise CLIError(str(exc), code=2) from None
+    names = ", ".join(app.state.served)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"Serving {names} on http://{shown}:{args.port}/ (OpenAI base_url http://{shown}:{args.port}/v1"
+          f"{', API key required' if api_key else ''}; learning {'off' if args.no_learn else 'on'}). "
+          f"Ctrl-C stops and saves.", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info", timeout_graceful_shutdown=10)
+    return 0
+
+
 def cmd_bench(args, home: Home) -> int:
     from .quickbench import run_quick_bench
     rows = run_quick_bench(repeats=args.repeats, progress=lambda name: print(f"  {name} ...", file=sys.stderr))
@@ -854,6 +861,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="forget every chat message")
     p.set_defaults(func=cmd_forget)
 
+    p = sub.add_parser("serve", parents=[common], help="an OpenAI-compatible HTTP API and a chat page",
+                       description="Serve the organism over HTTP: the OpenAI API (/v1/models, /v1/chat/completions, "
+                                   "/v1/completions, streaming) and a chat page at /, while it learns from the "
+                                   "conversations (unless --no-learn). A new home is born and warmed up first. "
+                                   "Needs the 'serve' extra: pip install 'molecule-gpt[serve]'.")
+    p.add_argument("--homes", metavar="DIR", help="serve every home in DIR, one organism per sub-folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; another needs --api-key)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (default: "
+                                                    "$MOLECULE_GPT_API_KEY, else none)")
+    p.add_argument("--no-learn", action="store_true", help="serve without learning from the conversations")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("bench", parents=[common], help="quick benchmarks of this machine, as a table",
                        description="Training steps, generation, tokenizer and checkpoint speed at the default config "
                                    "(a few seconds). The full head-to-head suites are in the repository's benchmarks/.")
@@ -878,6 +898,7 @@ def _typed(convert, test, what):
 
 _positive_int = _typed(int, lambda v: v > 0, "a positive int")
 _non_negative_int = _typed(int, lambda v: v >= 0, "an int >= 0")
+_port = _typed(int, lambda v: 0 < v < 65536, "a TCP port (1-65535)")
 _non_negative_float = _typed(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 
 
