@@ -562,12 +562,15 @@ class OrganismHost:
         return await self._run(work)
 
     async def memory_and_corpus(self, name: str) -> dict:
-        """The chat messages of the memory and the chat lines of the corpus ("H: "/"A: ")."""
+        """The chat messages of the memory and the chat lines of the corpus ("H: "/"A: "): the
+        reservoir's, those held out to measure learning, and those quarantined by a rollback."""
         def work():
             with self._using(name) as h, h.state_lock:
                 messages = [(m.role, m.text) for m in h.memory.messages()]
-                with h.org._lock:
-                    lines = [x for x in h.org.reservoir.lines if x[:3] in ("H: ", "A: ")]
+                org = h.org
+                with org._lock:
+                    lines = [x for x in org.reservoir.lines + org.heard_val_lines + org.quarantine
+                             if x[:3] in ("H: ", "A: ")]
                 return {"messages": messages, "chat_lines": lines}
         return await self._run(work)
 

@@ -98,11 +98,11 @@ class Store:
         if self.local:
             try:
                 return sorted(os.listdir(path))
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 return []
         try:
             return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
 
     def _read(self, path: str) -> bytes:
@@ -234,6 +234,15 @@ class Store:
         if "organism.ckpt" not in paths:
             raise FileNotFoundError(f"{name}: generation {gen.number} has no organism.ckpt in {src}")
         return paths
+
+    def read(self, name: str, file: str = "organism.ckpt") -> bytes:
+        """The bytes of `file` in the newest save of `name` (KeyError: no save)."""
+        if file not in FILES:
+            raise ValueError(f"a save holds {FILES}, not {file!r}")
+        gen = self.current(name)
+        if gen is None:
+            raise KeyError(name)
+        return self._read(self._join(self._files_dir(name, gen.dir), file))
 
     def commit(self, name: str, base: int, files: dict, owner: str, reason: str = "save") -> Generation:
         """Ship `files` ({file name: local path}) as the save after generation `base` (the one
