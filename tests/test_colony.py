@@ -290,3 +290,39 @@ def test_idle_organism_is_released_and_returns_the_same(idle_colony):
         colony.get("nobody")
     colony.remove("pet")
     assert colony.list() == []
+
+
+def test_bench_learning_trials_as_ray_tasks_give_the_same_report(ray_instance, tmp_path):
+    """benchmarks/bench_learning.py --ray: its trials run as Ray tasks and gather the report a
+    local run gives, figure for figure (same seeds, one training thread in both)."""
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import bench_learning
+        import corpora
+    finally:
+        sys.path.pop(0)
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n".join(corpora.doc_sentences(max_lines=500)), encoding="utf-8")
+    b.write_text("\n".join(corpora.code_lines(max_lines=500)), encoding="utf-8")
+    common = ["--domain-a", str(a), "--domain-b", str(b), "--seeds", "2", "--bursts", "2", "--birth-lines", "300",
+              "--test-lines", "30", "--quick", "--chunk-lines", "10", "--skip", "immune,baselines",
+              "--set", "warmup_steps=30", "--set", "micro_steps=6", "--set", "val_max_sequences=16",
+              "--set", "n_embd=32", "--set", "train_threads=1"]
+    local = bench_learning.main(common)
+    remote = bench_learning.main(common + ["--ray", "--ray-cpus", "0.5"])
+
+    def figures(res):  # everything but wall-clock times
+        out = json.loads(json.dumps({"seeds": res["seeds"], "heads": res["heads"], "summary": res["summary"]}))
+        for r in out["seeds"]:
+            r["warmup"].pop("wall_seconds")
+            r["organism"].pop("burst_seconds")
+            for p in r["organism"]["per_burst"]:
+                p.pop("seconds")
+        for h in out["heads"]:
+            for v in h.values():
+                v.pop("warmup_seconds")
+        return out
+    assert [r["seed"] for r in remote["seeds"]] == [0, 1]
+    assert figures(remote) == figures(local)
