@@ -210,6 +210,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a short warmup (200 steps) for the template home")
     p.add_argument("--json", metavar="FILE", help="also write every figure here")
     args = p.parse_args(argv)
+    # a SIGTERM ends the run like Ctrl-C: the servers are stopped and the temporary homes removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     lines = mg.seed_corpus_lines()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:

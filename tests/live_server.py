@@ -39,3 +39,26 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(60)
         assert not self.thread.is_alive(), "the test server did not stop"
+
+
+def pace_streams(monkeypatch, delay: float = 0.01) -> None:
+    """Make every streamed generation of molecule_gpt.server pause `delay` seconds before each
+    piece. A small test organism writes a reply in about a millisecond, faster than the event
+    loop sends it (the server then joins the pieces that queued up into one event); paced, a
+    test sees the reply arrive piece by piece, as it does from a larger model."""
+    from molecule_gpt import server
+    real = server._stream_pieces
+
+    def paced(org, prompt, overrides):
+        pieces, box = real(org, prompt, overrides)
+
+        def gen():
+            try:
+                for piece in pieces:
+                    time.sleep(delay)
+                    yield piece
+            finally:
+                pieces.close()
+        return gen(), box
+
+    monkeypatch.setattr(server, "_stream_pieces", paced)

@@ -22,7 +22,7 @@ import molecule_gpt as mg  # noqa: E402
 from molecule_gpt import cli, server  # noqa: E402
 from molecule_gpt.server import Limits, chat_prompt, create_app  # noqa: E402
 
-from live_server import LiveServer  # noqa: E402
+from live_server import LiveServer, pace_streams  # noqa: E402
 
 SMALL = {"warmup_steps": 40, "eval_interval": 20}
 
@@ -126,7 +126,8 @@ def test_temperature_zero_is_greedy(frozen):
     assert len(warm) > 1
 
 
-def test_streamed_equals_plain_for_the_same_seed(frozen):
+def test_streamed_equals_plain_for_the_same_seed(frozen, monkeypatch):
+    pace_streams(monkeypatch)  # so that the pieces do not queue up into one event (see there)
     c = client(frozen)
     messages = [{"role": "user", "content": "tell me about the sea"}]
     plain = c.chat.completions.create(model="pet", messages=messages, seed=11, max_tokens=40, temperature=0.9)
@@ -508,3 +509,18 @@ def test_serve_command_end_to_end(tmp_path):
         assert any(line.endswith("good morning") for line in org.reservoir.lines + org.heard_val_lines)
     finally:
         org.close()
+
+
+def test_mounted_in_another_app(frozen_org):
+    """create_app's application under a prefix of the user's own app (its lifespan run by theirs)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    inner = create_app(organisms={"pet": frozen_org}, learn=False)
+    outer = Starlette(routes=[Mount("/pet", app=inner)], lifespan=lambda app: inner.router.lifespan_context(inner))
+    with LiveServer(outer) as srv:
+        page = httpx.get(srv.url + "/pet/", timeout=30)
+        assert page.status_code == 200 and 'href="static/style.css"' in page.text  # relative: under the prefix
+        assert httpx.get(srv.url + "/pet/static/app.js").status_code == 200
+        c = openai.OpenAI(base_url=srv.url + "/pet/v1", api_key="x", max_retries=0)
+        assert c.chat.completions.create(model="pet", messages=[{"role": "user", "content": "hi"}],
+                                         max_tokens=4).model == "pet"

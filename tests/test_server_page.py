@@ -17,7 +17,7 @@ import molecule_gpt as mg  # noqa: E402
 from molecule_gpt import server  # noqa: E402
 from molecule_gpt.server import create_app  # noqa: E402
 
-from live_server import LiveServer  # noqa: E402
+from live_server import LiveServer, pace_streams  # noqa: E402
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
                              shutil.which("google-chrome")) if p), None)
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
 ARTIFACTS = pathlib.Path(os.environ.get("MOLECULE_GPT_ARTIFACTS",
                                         pathlib.Path(__file__).resolve().parents[1] / "build" / "test-artifacts"))
 WINDOWS = {"desktop": (1280, 860), "phone": (390, 844)}
-PIECE_DELAY = 0.02  # seconds between streamed pieces (see slow_stream)
+PIECE_DELAY = 0.02  # seconds between streamed pieces (see live_server.pace_streams)
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +42,7 @@ def organism():
 
 @pytest.fixture
 def slow_stream(monkeypatch):
-    """The tiny test organism writes a whole reply in about a millisecond, faster than a browser
-    paints; a pause between pieces lets the test see the reply arrive piece by piece."""
-    real = server._stream_pieces
-
-    def paced(org, prompt, overrides):
-        pieces, box = real(org, prompt, overrides)
-
-        def gen():
-            try:
-                for piece in pieces:
-                    time.sleep(PIECE_DELAY)
-                    yield piece
-            finally:
-                pieces.close()
-        return gen(), box
-
-    monkeypatch.setattr(server, "_stream_pieces", paced)
+    pace_streams(monkeypatch, PIECE_DELAY)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ inside its checkpoint, plot its growth, make it forget, benchmark it.
     molecule-gpt growth --plot growth.png
     molecule-gpt forget "my address"      # or: molecule-gpt forget --all
     molecule-gpt bench
+    molecule-gpt serve                    # OpenAI-compatible HTTP API + chat page (extra 'serve')
 
 Home (`--home DIR`, default molecule_gpt.default_home()) holds one organism:
 

@@ -36,6 +36,7 @@ same arguments and seed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -245,6 +246,17 @@ def _build_weights(config: Config, V: int, dtype, base: dict, deltas: list,
                            np.ascontiguousarray(eff("lm_head")), cos_t, sin_t, layers)
 
 
+@contextlib.contextmanager
+def _unless_busy(lock, wait: bool) -> Iterator[bool]:
+    """Hold `lock` for the block if it is free (or, with wait, once it is); yields whether it is held."""
+    held = lock.acquire(blocking=wait)
+    try:
+        yield held
+    finally:
+        if held:
+            lock.release()
+
+
 class WeightCache:
     """The effective weights of one model, refolded only when the model changed.
 
@@ -279,7 +291,11 @@ class WeightCache:
     def get(self) -> _decode.Weights:
         with self._lock:
             m = self.model
-            with m.lock:
+            # a generation does not wait for a training step: while one holds the model lock,
+            # the weights folded before it serve (only a cache that has none waits)
+            with _unless_busy(m.lock, wait=self._weights is None) as held:
+                if not held:
+                    return self._weights
                 key = self._key_now()
                 if key == self._key:
                     return self._weights

@@ -81,6 +81,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .errors import GenerationError, MoleculeError
+from .generation import SamplingParams
 from .organism import Organism
 from .status import history_records, status_document
 
@@ -344,19 +345,21 @@ def _norm(text: str) -> str:
     return " ".join(text.split())
 
 
+_ROOT = hashlib.sha256(b"molecule-gpt conversation").digest()
+
+
+def _extend(key: bytes, role: str, text: str) -> bytes:
+    """The key of a conversation one message longer: hash(previous key, role, text)."""
+    return hashlib.sha256(key + role.encode() + b"\0" + _norm(text).encode("utf-8", "surrogatepass")).digest()
+
+
 def _chain(messages: list[tuple[str, str]]) -> list[bytes]:
-    """The key of every prefix of a conversation: hash(previous key, role, text)."""
-    h = hashlib.sha256(b"molecule-gpt conversation").digest()
-    keys = []
+    """The key of every prefix of a conversation."""
+    keys, key = [], _ROOT
     for role, text in messages:
-        h = hashlib.sha256(h + role.encode() + b"\0" + _norm(text).encode("utf-8", "surrogatepass")).digest()
-        keys.append(h)
+        key = _extend(key, role, text)
+        keys.append(key)
     return keys
-
-
-def _extend(key: bytes | None, role: str, text: str) -> bytes:
-    h = key if key is not None else hashlib.sha256(b"molecule-gpt conversation").digest()
-    return hashlib.sha256(h + role.encode() + b"\0" + _norm(text).encode("utf-8", "surrogatepass")).digest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,14 +408,20 @@ class Served:
 
     def _learn_loop(self) -> None:
         while True:
-            turns = self._queue.get()
-            if turns is None:
+            batch = [self._queue.get()]
+            while not self._queue.empty():  # what queued up meanwhile, in one go
+                batch.append(self._queue.get_nowait())
+            for turns in batch:
+                for speaker, text in turns or ():
+                    try:
+                        self.org.observe(text, speaker=speaker)
+                    except Exception as exc:  # a refused store must not end learning for everyone
+                        log.error("%s: could not learn a message: %s", self.name, exc)
+            # new text changes the corpus field, whose held-out loss sets the model's share of the
+            # blend: measure it here, once, instead of in the next request's way
+            self.org.model_alpha()
+            if None in batch:
                 return
-            for speaker, text in turns:
-                try:
-                    self.org.observe(text, speaker=speaker)
-                except Exception as exc:  # a refused store must not end learning for everyone
-                    log.error("%s: could not learn a message: %s", self.name, exc)
 
     def new_turns(self, messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """The chat messages of this conversation not learned before (marked as learned now)."""
@@ -466,6 +475,15 @@ class Served:
 
 # ---------------------------------------------------------------------------------------------
 # generation in worker threads
+
+
+def _check_sampling(org: Organism, s: Sampling) -> None:
+    """The organism's own check of the request's sampling settings (SamplingParams), before
+    anything is sent: what it refuses is a 400."""
+    try:
+        SamplingParams.from_config(org.config, **s.overrides)
+    except GenerationError as exc:
+        raise _bad(str(exc)) from None
 
 
 def _finish(reason: str | None) -> str:
@@ -675,6 +693,7 @@ class _App:
         messages = _messages(body, self.limits)
         s = self._organism(body.get("model"))
         request.state.model = s.name
+        _check_sampling(s.org, sampling)
         prompt = chat_prompt(messages, s.settings.get("recall_recent", 6), s.settings.get("recall_relevant", 4))
         turns = s.new_turns(messages)
         learn_reply = sampling.n == 1 and messages[-1][0] != "assistant"
@@ -710,6 +729,7 @@ class _App:
             raise _bad(f"echo must be a boolean, got {echo!r}", "echo")
         s = self._organism(body.get("model"))
         request.state.model = s.name
+        _check_sampling(s.org, sampling)
         if sampling.stream:
             return self._stream(request, s, prompts, sampling, chat=False, echo=bool(echo))
         results, prompt_tokens = await s.run_all(prompts, sampling)
