@@ -477,6 +477,19 @@ class OrganismHost:
                 return {"results": results, "prompt_tokens": tokens}
         return await self._run(work)
 
+    async def check_sampling(self, name: str, sampling) -> dict | None:
+        """None when the organism takes these sampling settings, else {"error", "status"} (a 400)."""
+        from .server import ApiError, _check_sampling
+
+        def work():
+            with self._using(name) as h:
+                try:
+                    _check_sampling(h.org, sampling)
+                except ApiError as exc:
+                    return {"error": exc.body(), "status": exc.status}
+                return None
+        return await self._run(work)
+
     async def stream(self, name: str, prompt: str, overrides: dict):
         """The server's streamed generation on `name`: text pieces (joined when they came
         together), then {"box": {...}} (prompt_tokens, ids, reason), or {"error": message}."""
@@ -514,6 +527,7 @@ class OrganismHost:
                     except Exception as exc:  # a refused store must not end learning (as the server)
                         log.error("host %d: %s: could not learn a message: %s", self.index, name, exc)
                 if turns:
+                    h.org.model_alpha()  # measured here once, not in the next request's way (as the server)
                     h.dirty = True
                     h.turns_since_save += 1
                     if h.turns_since_save >= self.options.settings["autosave_turns"]:
@@ -861,6 +875,19 @@ def _served_class():
         def learn_turns(self, turns, messages=None, reply=None) -> None:
             if self.learn and messages:
                 self._host().learn.remote(self.name, list(messages), reply)  # after the reply; not awaited
+
+        async def check_sampling(self, sampling) -> None:
+            ray = _ray()
+            try:
+                out = await self._host().check_sampling.remote(self.name, sampling)
+            except ray.exceptions.RayActorError:
+                raise ApiError(503, f"the host of '{self.name}' died; it restarts from the organism's last save, "
+                                    f"retry", code="model_restarting", headers={"Retry-After": "2"}) from None
+            except ray.exceptions.RayTaskError as exc:
+                raise ApiError(503, f"'{self.name}': {_cause(exc)}", code="model_failed") from None
+            if out is not None:
+                e = out["error"]["error"]
+                raise ApiError(out["status"], e["message"], param=e.get("param"), code=e.get("code"))
 
         async def run_all(self, prompts, sampling):
             ray = _ray()

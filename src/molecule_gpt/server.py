@@ -459,6 +459,10 @@ class Served:
     # ---- generation: hooks that molecule_gpt.colony's RemoteServed overrides to generate on the
     # Ray actor holding the organism (the routes call these, never the organism directly)
 
+    async def check_sampling(self, sampling: "Sampling") -> None:
+        """The organism's own check of the sampling settings (see _check_sampling)."""
+        _check_sampling(self.org, sampling)
+
     async def run_all(self, prompts: list[str], sampling: "Sampling") -> tuple[list, int]:
         """Every choice of every prompt and the prompt tokens (see _App._run_all), in a thread."""
         return await anyio.to_thread.run_sync(_App._run_all, self.org, prompts, sampling)
@@ -693,7 +697,7 @@ class _App:
         messages = _messages(body, self.limits)
         s = self._organism(body.get("model"))
         request.state.model = s.name
-        _check_sampling(s.org, sampling)
+        await s.check_sampling(sampling)
         prompt = chat_prompt(messages, s.settings.get("recall_recent", 6), s.settings.get("recall_relevant", 4))
         turns = s.new_turns(messages)
         learn_reply = sampling.n == 1 and messages[-1][0] != "assistant"
@@ -729,7 +733,7 @@ class _App:
             raise _bad(f"echo must be a boolean, got {echo!r}", "echo")
         s = self._organism(body.get("model"))
         request.state.model = s.name
-        _check_sampling(s.org, sampling)
+        await s.check_sampling(sampling)
         if sampling.stream:
             return self._stream(request, s, prompts, sampling, chat=False, echo=bool(echo))
         results, prompt_tokens = await s.run_all(prompts, sampling)
