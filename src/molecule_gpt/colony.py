@@ -386,7 +386,9 @@ class OrganismHost:
     # ---- the actor's methods
 
     async def ping(self) -> dict:
-        return {"index": self.index, "owner": self.owner, "pid": os.getpid(), "node": socket.gethostname()}
+        import ray
+        return {"index": self.index, "owner": self.owner, "pid": os.getpid(), "node": socket.gethostname(),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     async def create(self, name: str, corpus: list[str] | None, config: dict | None, seed: int,
                      checkpoint: bytes | None, warm: bool) -> dict:
@@ -773,6 +775,10 @@ class Colony:
 
     def _host(self, name: str):
         return self._handles[host_for(valid_name(name), self.hosts)]
+
+    def hosts_info(self) -> list[dict]:
+        """Each host's index, process, machine and Ray node id."""
+        return self._get([h.ping.remote() for h in self._handles])
 
     def host_handle(self, index: int):
         """The Ray actor handle of host `index` (for tests and operations: ray.kill restarts it)."""
