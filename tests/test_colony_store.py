@@ -133,3 +133,13 @@ def test_a_save_needs_its_checkpoint(tmp_path):
         store.commit("pet", 0, {"memory.sqlite": files(tmp_path, "a")["memory.sqlite"]}, "h")
     with pytest.raises(ValueError):
         store.commit("pet", 0, {**files(tmp_path, "a"), "evil.sh": "/bin/sh"}, "h")
+
+
+def test_nothing_of_ray_is_imported_unless_used():
+    import subprocess
+    import sys
+    code = ("import sys, molecule_gpt, molecule_gpt.cli, molecule_gpt.server, molecule_gpt.colony, "
+            "molecule_gpt.colony_store; print(sorted(m for m in ('ray', 'fsspec') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
