@@ -172,11 +172,16 @@ class OrganismHost:
         self._stop = threading.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=int(spec.get("threads", 64)),
                                                            thread_name_prefix="molecule-gpt-host")
+        self._start_threads()
+        log.info("host %d (%s) up, local directory %s", self.index, self.owner, self.local)
+
+    def _start_threads(self) -> None:
+        """The trainer (the host's training slot) and the reaper (idle release)."""
+        self._stop.clear()
         self._trainer = threading.Thread(target=self._train_loop, name="molecule-gpt-host-trainer", daemon=True)
         self._trainer.start()
         self._reaper = threading.Thread(target=self._reap_loop, name="molecule-gpt-host-reaper", daemon=True)
         self._reaper.start()
-        log.info("host %d (%s) up, local directory %s", self.index, self.owner, self.local)
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -194,27 +199,28 @@ class OrganismHost:
                     h.users += 1
                     h.last_used = time.monotonic()
                     return h
-                if h is not None and h.state == "failed":
-                    del self.hosted[name]  # a failed load is retried by the next request
-                    raise ColonyError(f"organism {name!r} failed to load: {h.error}")
                 mine = h is None
                 if mine:
                     h = self.hosted[name] = _Hosted(name)
             if not mine:
                 h.event.wait()
-                continue
+                if h.state == "failed":  # the load this request waited for failed: say why
+                    raise ColonyError(f"organism {name!r} failed to load: {h.error}")
+                continue  # loaded (or released meanwhile): look again
             try:
                 self._load(h)
             except BaseException as exc:
-                h.error = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+                missing = isinstance(exc, KeyError)
+                h.error = "it has no save" if missing else (getattr(exc, "message", None)
+                                                            or f"{type(exc).__name__}: {exc}")
+                h.stack.close()
+                if h.dir:
+                    shutil.rmtree(h.dir, ignore_errors=True)
                 with self._lock:
                     h.state = "failed"
-                    if isinstance(exc, KeyError):
-                        del self.hosted[name]
+                    del self.hosted[name]  # the next request tries again
                 h.event.set()
-                h.stack.close()
-                shutil.rmtree(h.dir, ignore_errors=True) if h.dir else None
-                if isinstance(exc, KeyError):
+                if missing:
                     raise ColonyError(f"no organism named {name!r} in {self.store.url}") from None
                 raise
             with self._lock:
@@ -388,7 +394,8 @@ class OrganismHost:
     async def ping(self) -> dict:
         import ray
         return {"index": self.index, "owner": self.owner, "pid": os.getpid(), "node": socket.gethostname(),
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(), "store": self.store.url,
+                "learn": self.learn}
 
     async def create(self, name: str, corpus: list[str] | None, config: dict | None, seed: int,
                      checkpoint: bytes | None, warm: bool) -> dict:
@@ -626,10 +633,12 @@ class OrganismHost:
         return await self._run(work)
 
     async def shutdown(self) -> list[str]:
-        """Save every loaded organism that changed and release it; the trainer stops."""
+        """Save every loaded organism that changed and release it. The host goes on serving:
+        organisms load again at their next call, and its trainer and reaper start again."""
         def work():
             self._stop.set()
             self._trainer.join()
+            self._reaper.join()
             saved = []
             with self._lock:
                 entries = list(self.hosted.values())
@@ -640,6 +649,7 @@ class OrganismHost:
                     time.sleep(0.05)
                 if dirty:
                     saved.append(h.name)
+            self._start_threads()
             return saved
         return await self._run(work)
 
@@ -758,7 +768,12 @@ class Colony:
                 num_cpus=host_cpus, max_restarts=-1, max_task_retries=0, max_concurrency=1000,
                 scheduling_strategy="SPREAD", runtime_env={"env_vars": THREAD_ENV},
             ).remote({**self.spec, "index": i}))
-        self._get([h.ping.remote() for h in self._handles])  # up (or an error now, not at the first request)
+        # up (or an error now, not at the first request); hosts of this name that exist already
+        # (get_if_exists) must be serving the same storage
+        for info in self._get([h.ping.remote() for h in self._handles]):
+            if (info["store"], info["learn"]) != (self.store.url, learn):
+                raise ColonyError(f"the hosts named {name!r} in this Ray cluster serve {info['store']} (learning "
+                                  f"{'on' if info['learn'] else 'off'}); give this colony another name=")
 
     def _get(self, ref):
         ray = _ray()
@@ -827,7 +842,8 @@ class Colony:
         return dict(enumerate(self._get([h.loaded.remote() for h in self._handles])))
 
     def shutdown(self) -> list[str]:
-        """Save every changed organism and release it (the hosts stay up, idle)."""
+        """Save every changed organism and release it; returns their names. The hosts stay up
+        (and the colony usable: organisms load again at their next call)."""
         saved = []
         for names in self._get([h.shutdown.remote() for h in self._handles]):
             saved += names
