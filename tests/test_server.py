@@ -524,3 +524,66 @@ def test_mounted_in_another_app(frozen_org):
         c = openai.OpenAI(base_url=srv.url + "/pet/v1", api_key="x", max_retries=0)
         assert c.chat.completions.create(model="pet", messages=[{"role": "user", "content": "hi"}],
                                          max_tokens=4).model == "pet"
+
+
+def test_the_page_loads_nothing_from_elsewhere():
+    """Everything the page needs ships in the package: no absolute URL in what it loads."""
+    web = pathlib.Path(server.__file__).parent / "web"
+    assert sorted(p.name for p in web.iterdir()) == ["app.js", "index.html", "style.css"]
+    for path in web.iterdir():
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//|url\(\s*["']?(?:https?:)?//|@import|"""
+                             r"""fetch\(\s*["'](?:https?:)?//""", text), path.name
+    page = (web / "index.html").read_text(encoding="utf-8")
+    assert 'href="static/style.css"' in page and 'src="static/app.js"' in page
+
+
+def test_a_client_that_leaves_mid_stream(monkeypatch):
+    """Its new turn is learned, the reply it did not wait for is not; the server goes on."""
+    pace_streams(monkeypatch, 0.02)  # the reply takes over a second: the client leaves in the middle
+    org = small_organism(min_gen_tokens=60)
+    try:
+        with LiveServer(create_app(organisms={"pet": org}, learn=True)) as srv:
+            body = {"model": "pet", "messages": [{"role": "user", "content": "a long story please"}],
+                    "stream": True, "max_tokens": 60}
+            with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as resp:
+                events = resp.iter_lines()
+                first = [next(events) for _ in range(4)]  # the role chunk and some pieces, then away
+            assert all(e.startswith("data: ") or e == "" for e in first)
+            wait_for(lambda: [(m.role, m.text) for m in org.memory.messages()] == [("H", "a long story please")],
+                     30, "the user's turn")
+            time.sleep(1.5)  # longer than the whole reply would have taken: it is not learned later
+            assert [(m.role, m.text) for m in org.memory.messages()] == [("H", "a long story please")]
+            r = client(srv).chat.completions.create(model="pet", messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=5)
+            assert r.choices[0].message.content is not None
+    finally:
+        org.close()
+
+
+def test_an_organism_whose_trainer_runs_already(frozen_org):
+    """create_app(organisms=...) with the caller's background trainer running: left to them."""
+    org = small_organism()
+    try:
+        org.start_background()
+        with LiveServer(create_app(organisms={"pet": org}, learn=True)) as srv:
+            assert client(srv).chat.completions.create(
+                model="pet", messages=[{"role": "user", "content": "hi"}], max_tokens=4).model == "pet"
+        assert org.stats()["background"]["running"]  # the server did not stop what it did not start
+    finally:
+        org.close()
+
+
+def test_a_home_that_cannot_load_says_why(tmp_path):
+    home = tmp_path / "pet"
+    home.mkdir()
+    (home / "organism.ckpt").write_bytes(b"not a checkpoint at all")
+    with LiveServer(create_app(home=home)) as srv:
+        doc = wait_for(lambda: (d := httpx.get(srv.url + "/v1/organisms/pet/status").json())["state"] != "loading"
+                       and d, 60, "the load to end")
+        assert doc["state"] == "failed" and "damaged" in doc["error"]
+        resp = httpx.post(srv.url + "/v1/chat/completions",
+                          json={"model": "pet", "messages": [{"role": "user", "content": "hi"}]})
+        err = assert_error_object(resp, 503, code="model_failed")
+        assert "damaged" in err["message"]
+    assert (home / "organism.ckpt").read_bytes() == b"not a checkpoint at all"  # nothing overwritten

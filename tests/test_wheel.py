@@ -35,6 +35,9 @@ def test_wheel_installs_into_fresh_venv_without_compiler(tmp_path):
     wheel = next(wheels.glob("molecule_gpt-*.whl"))
     names = subprocess.run([sys.executable, "-m", "zipfile", "-l", str(wheel)], capture_output=True, text=True).stdout
     assert "_core" in names and ".pyx" not in names and ".c " not in names
+    # the chat page of `molecule-gpt serve` ships whole: it loads nothing from elsewhere
+    for page_file in ("index.html", "app.js", "style.css"):
+        assert f"molecule_gpt/web/{page_file}" in names, page_file
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)

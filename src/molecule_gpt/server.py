@@ -80,7 +80,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .errors import GenerationError, MoleculeError
+from .errors import GenerationError, MoleculeError, OrganismError
 from .generation import SamplingParams
 from .organism import Organism
 from .status import history_records, status_document
@@ -385,6 +385,7 @@ class Served:
         self._seen_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self._learner: threading.Thread | None = None
+        self._own_trainer = False  # whether start_learning started the background trainer
 
     # ---- learning
 
@@ -393,14 +394,20 @@ class Served:
             self._learner = threading.Thread(target=self._learn_loop, name=f"molecule-gpt-learn-{self.name}",
                                              daemon=True)
             self._learner.start()
-            self.org.start_background()
+            try:
+                self.org.start_background()
+                self._own_trainer = True
+            except OrganismError:  # the caller runs its trainer already: theirs to stop
+                self._own_trainer = False
 
     def stop_learning(self) -> None:
-        """Learn what is queued, then stop the learner and the background trainer."""
+        """Learn what is queued, then stop the learner and the background trainer (if it started it)."""
         if self._learner is not None:
             self._queue.put(None)
             self._learner.join()
             self._learner = None
+            if not self._own_trainer:
+                return
             try:
                 self.org.stop()
             except MoleculeError as exc:
