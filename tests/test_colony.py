@@ -194,12 +194,13 @@ def test_killing_a_host_mid_conversation_loses_only_the_turns_since_its_save(col
     assert info["turns_since_save"] == 1, info
     saved_generation = info["generation"]
 
-    # kill the host while a reply streams to a client of this conversation
+    # kill the host in the middle of this conversation, while a reply streams to another client
+    # (a conversation of its own: what its request learns after the restart is not this one's)
     errors = []
 
     def stream():
         try:
-            for _ in client.chat.completions.create(model=name, messages=history + [
+            for _ in client.chat.completions.create(model=name, messages=[
                     {"role": "user", "content": "and the lamp?"}], max_tokens=400, stream=True):
                 time.sleep(0.01)
         except Exception as exc:
