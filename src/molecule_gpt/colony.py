@@ -67,7 +67,7 @@ import time
 import uuid
 from typing import Any, Iterable, Sequence
 
-from .colony_store import Generation, StaleGeneration, Store, valid_name
+from .colony_store import StaleGeneration, Store, valid_name
 from .errors import MoleculeError
 
 __all__ = ["Colony", "OrganismHandle", "ColonyError", "init_ray", "host_for", "colony_app", "NAMESPACE"]
