@@ -2,7 +2,13 @@
 
     python benchmarks/bench_learning.py [--domain-a A.txt --domain-b B.txt] [--seeds 3]
         [--bursts 50] [--json OUT.json] [--plots DIR] [--quick] [--skip immune,heads,baselines]
-        [--set FIELD=JSON ...]
+        [--set FIELD=JSON ...] [--ray [ADDRESS] [--ray-cpus N]]
+
+With --ray (pip install "molecule-gpt[ray]"), every trial (one seed's learning run, immune
+matrix or head types) is a Ray task on a local Ray instance (no ADDRESS) or a cluster
+("HOST:PORT", "auto", "ray://HOST:10001"); all are submitted at once and the same report is
+gathered in the same order. Each task reserves --ray-cpus CPUs (default 1) and trains with
+that many threads (Config.train_threads, unless --set gives it).
 
 The experiment, per seed:
 1. Domain A (default: sentences of the stdlib's documentation) is shuffled and split into a
@@ -364,6 +370,40 @@ def pct(x):
     return f"{100 * x:+.1f}%"
 
 
+# ---------------------------------------------------------------------------------------------
+# trials: one after the other here, or as Ray tasks (--ray)
+
+
+class Trials:
+    """Runs fn(a_lines, b_lines, seed, args) for each seed of each part. Without --ray, lazily
+    in this process (results stream as each finishes); with --ray, every part's tasks are
+    submitted when added, so all trials run at once across the cluster, and results are
+    gathered in seed order."""
+
+    def __init__(self, args, a_lines, b_lines):
+        self.args = args
+        self.lines = (a_lines, b_lines)
+        self.ray = None
+        if args.ray is not None:
+            from molecule_gpt.colony import init_ray
+            import ray
+            from ray import cloudpickle
+            init_ray(args.ray or None)
+            # this script and its helper module are not installed on the workers: ship them by value
+            cloudpickle.register_pickle_by_value(sys.modules[__name__])
+            cloudpickle.register_pickle_by_value(corpora)
+            self.ray = ray
+            self.lines = (ray.put(a_lines), ray.put(b_lines))
+            args.set.setdefault("train_threads", max(1, int(args.ray_cpus)))
+
+    def run(self, fn, seeds):
+        if self.ray is None:
+            return (fn(*self.lines, seed, self.args) for seed in seeds)
+        task = self.ray.remote(num_cpus=self.args.ray_cpus, max_retries=1)(fn)
+        refs = [task.remote(*self.lines, seed, self.args) for seed in seeds]
+        return (self.ray.get(ref) for ref in refs)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--domain-a", help="old domain, UTF-8 text, one line per line (default: stdlib docs)")
@@ -380,16 +420,30 @@ def main(argv=None):
     ap.add_argument("--plots", metavar="DIR", help="write PNG plots (needs matplotlib) into DIR")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                     help="a Config field for every organism, e.g. --set burst_learning_rate=0.003")
+    ap.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="run the trials as Ray tasks: a local Ray instance, or the cluster at ADDRESS")
+    ap.add_argument("--ray-cpus", type=float, default=1.0, metavar="N", help="CPUs each Ray task reserves")
     args = ap.parse_args(argv)
+    if args.ray is None and args.ray_cpus != 1.0:
+        ap.error("--ray-cpus needs --ray")
+    if not args.ray_cpus > 0:
+        ap.error("--ray-cpus must be > 0")
     args.set = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     args.skip = set(filter(None, args.skip.split(",")))
     a_lines, b_lines = load_domains(args)
     print(f"# machine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}; "
           f"domain A {len(a_lines)} lines, domain B {len(b_lines)} lines")
+    trials = Trials(args, a_lines, b_lines)
+    if trials.ray is not None:
+        print(f"# trials as Ray tasks of {args.ray_cpus:g} CPU(s) on {trials.ray.cluster_resources().get('CPU', 0):g} "
+              f"CPUs in {len(trials.ray.nodes())} node(s)")
     results = {"args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()}, "seeds": []}
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    for seed in seeds:
-        r = learning_experiment(a_lines, b_lines, seed, args)
+    # with --ray, every part is submitted now (all trials run at once); locally they run as read
+    learning = trials.run(learning_experiment, seeds)
+    immune = trials.run(immune_experiment, seeds) if "immune" not in args.skip else None
+    heads = trials.run(heads_experiment, seeds) if "heads" not in args.skip else None
+    for seed, r in zip(seeds, learning):
         results["seeds"].append(r)
         o = r["organism"]
         line = (f"seed {seed}: warmup {r['warmup']['wall_seconds']:.1f} s, model_alpha {r['model_alpha']:.3f}; "
@@ -399,10 +453,9 @@ def main(argv=None):
             if name in r:
                 line += f"; {name} A {pct(r[name]['forgetting'])} B {pct(r[name]['learning'])}"
         print(line, flush=True)
-    if "immune" not in args.skip:
+    if immune is not None:
         results["immune"] = []
-        for seed in seeds:
-            im = immune_experiment(a_lines, b_lines, seed, args)
+        for seed, im in zip(seeds, immune):
             results["immune"].append(im)
             print(f"immune, seed {seed}: {im['matrix']}")
             for r in im["rows"]:
@@ -413,8 +466,8 @@ def main(argv=None):
                       + (f", damage left {pct(r['damage_left'])}" if r["damage_left"] is not None else "")
                       + (f"; drift cosine {r['drift_cosine']:.2f}" if r["drift_cosine"] is not None else ""),
                       flush=True)
-    if "heads" not in args.skip:
-        results["heads"] = [heads_experiment(a_lines, b_lines, seed, args) for seed in seeds]
+    if heads is not None:
+        results["heads"] = list(heads)
         for name in HEAD_MIXES:
             a = statistics.median(h[name]["a"] for h in results["heads"])
             alpha = statistics.median(h[name]["model_alpha"] for h in results["heads"])

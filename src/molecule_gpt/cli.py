@@ -743,6 +743,10 @@ def cmd_serve(args, home: Home) -> int:
         raise CLIError("give --home DIR (one organism) or --homes DIR (one per sub-folder), not both", code=2)
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if getattr(args, "ray", None) is not None:
+        return _serve_ray(args, home, api_key)
+    if getattr(args, "hosts", None) is not None:
+        raise CLIError("--hosts is for --ray (the number of host actors)", code=2)
     try:
         app = create_app(home=None if args.homes else home.path, homes=args.homes, api_key=api_key,
                          learn=not args.no_learn, config=args.config, recover=args.recover)
@@ -754,6 +758,69 @@ def cmd_serve(args, home: Home) -> int:
           f"{', API key required' if api_key else ''}; learning {'off' if args.no_learn else 'on'}). "
           f"Ctrl-C stops and saves.", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info", timeout_graceful_shutdown=10)
+    return 0
+
+
+def _serve_ray(args, home: Home, api_key: str | None) -> int:
+    """`molecule-gpt serve --ray [ADDRESS]`: the organisms of --homes DIR (or the one of --home)
+    on Ray actors (molecule_gpt.colony), served through Ray Serve until Ctrl-C, then saved."""
+    try:
+        import ray  # noqa: F401
+        from ray import serve
+        from .colony import Colony, ColonyError
+        from .colony_store import valid_name
+    except ImportError as exc:
+        raise CLIError(f"serve --ray needs the 'ray' extra ({exc.name} is not installed)",
+                       "pip install 'molecule-gpt[serve,ray]'") from None
+    if args.recover:
+        raise CLIError("--recover is for a single-process home; with --ray every save is kept under its "
+                       "generation in the shared storage", code=2)
+    if args.homes:
+        root, only = args.homes, None
+        if "://" not in root and not os.path.isdir(os.path.expanduser(root)):
+            raise CLIError(f"--homes {root}: not a directory", "create it, or give the shared storage's URL", code=2)
+    else:
+        root, only = str(home.path.parent), [home.path.name]
+        try:
+            valid_name(home.path.name)
+        except ValueError as exc:
+            raise CLIError(f"the home folder's name is the model id: {exc}", code=2) from None
+    where = f"the Ray cluster at {args.ray}" if args.ray else "a local Ray instance (127.0.0.1)"
+    print(f"Starting the colony on {where}; shared storage {root}.", flush=True)
+    try:
+        colony = Colony(root, address=args.ray or None, hosts=args.hosts, config=args.config,
+                        learn=not args.no_learn)
+    except (ValueError, ColonyError) as exc:
+        raise CLIError(str(exc), code=2) from None
+    names = colony.list()
+    if only is not None and only[0] not in names:
+        print(f"A new organism {only[0]} is born in {root} and warms up on its host "
+              f"({colony.spec['config'].get('warmup_steps', 'the default')} warmup steps).", flush=True)
+        colony.create(only[0])
+        names = [only[0]]
+    elif only is not None:
+        names = only
+    if not names:
+        raise CLIError(f"--homes {root} holds no organisms", "create one with `molecule-gpt serve --ray --home "
+                                                              f"{os.path.join(root, 'pet')}` or copy homes into it")
+    url = colony.serve(host=args.host, port=args.port, api_key=api_key, only=only)
+    print(f"Serving {', '.join(names)} on {url}/ through Ray Serve (OpenAI base_url {url}/v1"
+          f"{', API key required' if api_key else ''}; learning {'off' if args.no_learn else 'on'}; "
+          f"{colony.hosts} host(s)). Ctrl-C stops and saves.", flush=True)
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        try:
+            serve.shutdown()
+            saved = colony.shutdown()
+            print(f"Saved {', '.join(saved) if saved else 'nothing (no changes)'} to {root}.", flush=True)
+        finally:
+            ray.shutdown()
     return 0
 
 
@@ -872,6 +939,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (default: "
                                                     "$MOLECULE_GPT_API_KEY, else none)")
     p.add_argument("--no-learn", action="store_true", help="serve without learning from the conversations")
+    # --- Ray (molecule_gpt.colony): the same API and page, organisms on Ray actors behind Ray Serve
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="serve through Ray: a local Ray instance without ADDRESS, else a cluster ('HOST:PORT', "
+                        "'auto' or 'ray://HOST:10001'); --homes DIR (or --home's parent) is then the shared storage "
+                        "every node reaches (a mounted directory or an fsspec URL). Needs the 'ray' extra")
+    p.add_argument("--hosts", type=_positive_int, metavar="N",
+                   help="with --ray: host actors, one training slot each (default: one per CPU of the cluster)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", parents=[common], help="quick benchmarks of this machine, as a table",

@@ -463,6 +463,21 @@ class Served:
         if turns:
             self._queue.put(turns)
 
+    # ---- generation: hooks that molecule_gpt.colony's RemoteServed overrides to generate on the
+    # Ray actor holding the organism (the routes call these, never the organism directly)
+
+    async def check_sampling(self, sampling: "Sampling") -> None:
+        """The organism's own check of the sampling settings (see _check_sampling)."""
+        _check_sampling(self.org, sampling)
+
+    async def run_all(self, prompts: list[str], sampling: "Sampling") -> tuple[list, int]:
+        """Every choice of every prompt and the prompt tokens (see _App._run_all), in a thread."""
+        return await anyio.to_thread.run_sync(_App._run_all, self.org, prompts, sampling)
+
+    def generated(self, prompt: str, overrides: dict, box: dict):
+        """One streamed generation's text pieces (see _generated)."""
+        return _generated(self.org, prompt, overrides, box)
+
     def status(self) -> dict:
         doc = status_document(self.org, earlier=self.earlier)
         doc.update({"object": "organism.status", "name": self.name, "learning": self.learn})
@@ -689,7 +704,7 @@ class _App:
         messages = _messages(body, self.limits)
         s = self._organism(body.get("model"))
         request.state.model = s.name
-        _check_sampling(s.org, sampling)
+        await s.check_sampling(sampling)
         prompt = chat_prompt(messages, s.settings.get("recall_recent", 6), s.settings.get("recall_relevant", 4))
         turns = s.new_turns(messages)
         learn_reply = sampling.n == 1 and messages[-1][0] != "assistant"
@@ -698,7 +713,7 @@ class _App:
                                 on_done=lambda reply: s.learn_turns(turns, messages, reply if learn_reply else None))
         reply = None
         try:
-            results, prompt_tokens = await anyio.to_thread.run_sync(self._run_all, s.org, [prompt], sampling)
+            results, prompt_tokens = await s.run_all([prompt], sampling)
             reply = results[0].text if learn_reply else None
         finally:  # the new turns are learned also when no reply came (their keys are marked already)
             s.learn_turns(turns, messages, reply)
@@ -725,10 +740,10 @@ class _App:
             raise _bad(f"echo must be a boolean, got {echo!r}", "echo")
         s = self._organism(body.get("model"))
         request.state.model = s.name
-        _check_sampling(s.org, sampling)
+        await s.check_sampling(sampling)
         if sampling.stream:
             return self._stream(request, s, prompts, sampling, chat=False, echo=bool(echo))
-        results, prompt_tokens = await anyio.to_thread.run_sync(self._run_all, s.org, prompts, sampling)
+        results, prompt_tokens = await s.run_all(prompts, sampling)
         usage = self._usage(results, prompt_tokens)
         request.state.tokens = usage["completion_tokens"]
         return JSONResponse({
@@ -791,7 +806,7 @@ class _App:
                         elif echo:
                             yield _sse(chunk(index, prompt))
                         text, box = [], {}
-                        async for piece in _generated(s.org, prompt, _choice_overrides(sampling, i), box):
+                        async for piece in s.generated(prompt, _choice_overrides(sampling, i), box):
                             text.append(piece)
                             yield _sse(chunk(index, piece))
                         if i == 0:
