@@ -21,9 +21,14 @@ once per merge to learn the merged token's id; set_vocab/set_merges swap the tab
 
 Notes (alternatives considered and rejected):
 - Merge application. tiktoken rescans an array of ranks after every merge: O(n^2) on one long
-  word. We do the same for words of up to NAIVE_MAX symbols (it is the fastest there) and switch
-  to a min-heap of (rank, position) over a linked list above it, so "a" * 1_000_000 is
-  O(n log n). Both are kept and tested against each other (`_apply_merges_memview`).
+  word. We do the same for words of up to NAIVE_MAX symbols (it is the fastest there). A longer
+  word is first cut between base symbols that no merge can join across (set_merges computes
+  these junctions; random letters fall apart into short pieces); pieces of up to HEAP_MAX
+  symbols use a min-heap of (rank, position) over a linked list, O(n log n); longer ones, when
+  the table is monotone (always, for tables our trainer makes), rank buckets: O(n + ranks), so
+  "a" * 1_000_000 or "the" * 300_000 is linear. A table that is not monotone (a hand-made or
+  imported one) keeps the heap. All kernels are tested against the reference and each other
+  (`_apply_merges_memview`).
 - Word cache. An open-addressing table of up to `cache_words` words (key: the word's code
   points; value: its ids, both in one arena), emptied at once when full. Bounded memory, no
   eviction bookkeeping, no allocation per word, and a hit rate near 100% on natural text (a
@@ -39,6 +44,8 @@ from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, INT32_MAX
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove, memset
+
+import numpy as _np
 
 from molecule_gpt.errors import TokenizerError
 
@@ -82,11 +89,14 @@ cdef enum:
     NO_RANK = 2147483647  # (INT32_MAX) rank of a pair that has no merge
     CACHE_KEY = 32        # longest word (in code points) the per-word cache holds
     NAIVE_MAX = 48        # words of up to this many symbols use the O(n^2) rank scan
+    HEAP_MAX = 1024       # longer segments use the rank buckets (monotone merge tables)
+    MAX_JUNCTIONS = 1 << 22  # more junction pairs than this: long words are not cut
     NOT_FOUND = -2        # map lookups: absent (distinct from EOW)
 
 EOW_ID = EOW  # exported for the facade and the tests
 CACHE_KEY_LEN = CACHE_KEY
 NAIVE_MAX_SYMBOLS = NAIVE_MAX
+HEAP_MAX_SYMBOLS = HEAP_MAX
 
 # Python's own whitespace (str.isspace / str.split) for code points < 256; above, the C API.
 cdef uint8_t SPACE_LATIN1[256]
@@ -190,6 +200,60 @@ cdef inline int32_t merge_rank(const MergeMap* m, int32_t a, int32_t b, int32_t*
     return s.rank
 
 
+cdef bint _map_put(MergeMap* m, int32_t a, int32_t b, int32_t rank, int32_t merged) noexcept nogil:
+    """Insert or overwrite (a, b); True when the pair was new."""
+    cdef uint64_t key = pair_key(a, b)
+    cdef uint64_t i = mix64(key) & m.mask
+    cdef bint new
+    while m.slots[i].key != EMPTY64 and m.slots[i].key != key:
+        i = (i + 1) & m.mask
+    new = m.slots[i].key == EMPTY64
+    m.slots[i].key = key
+    m.slots[i].rank = rank
+    m.slots[i].merged = merged
+    return new
+
+
+def _junction_pairs(eff, bint monotone):
+    """The base-symbol pairs some merge can join across, or None when there are too many.
+
+    eff: the effective merges as (rank, left, right, merged), in rank order. first(t) / last(t):
+    the base symbols a symbol t can start / end with: t itself (it may be a base symbol) and
+    those of the left / right part of every merge producing t (a fixed point; one pass in rank
+    order when the table is monotone). A merge (x, y) joins across last(x) x first(y). If the two
+    base symbols on either side of a boundary are not such a pair, the first merge that would
+    cross that boundary cannot exist, so BPE on the two sides separately gives the same ids."""
+    first, last = {}, {}
+    changed = True
+    while changed:
+        changed = False
+        for _, a, b, m in eff:
+            for table, part in ((first, a), (last, b)):
+                dst = table.get(m)
+                if dst is None:
+                    dst = table[m] = {m}
+                src = table.get(part)
+                n0 = len(dst)
+                if src is None:
+                    dst.add(part)
+                else:
+                    dst.update(src)
+                if len(dst) != n0:
+                    changed = True
+        if monotone:
+            break
+    out = set()
+    for _, a, b, m in eff:
+        la = last.get(a) or (a,)
+        fb = first.get(b) or (b,)
+        if len(out) + len(la) * len(fb) > MAX_JUNCTIONS:
+            return None
+        for u in la:
+            for v in fb:
+                out.add((u, v))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Code point map for characters >= U+0100 (those below live in a flat table).
 
@@ -232,6 +296,18 @@ cdef class BPECore:
     cdef CpMap cpmap                 # code point >= 256 -> char token id
     cdef MergeMap merges
     cdef Py_ssize_t n_merges
+    # rank -> (left, right, merged) of that listing, and the rank buckets' heads (-1 = empty
+    # between calls); only used when the table is monotone (see set_merges)
+    cdef int32_t* rank_a
+    cdef int32_t* rank_b
+    cdef int32_t* rank_m
+    cdef int32_t* bucket_head
+    cdef Py_ssize_t n_ranks
+    cdef bint monotone
+    # junctions: base-symbol pairs (u, v) that some merge can join across; a long word is cut
+    # between two base symbols that are not a junction (no token ever spans that boundary)
+    cdef MergeMap junctions
+    cdef bint cut_ok
     cdef int32_t space_id, bos_id, eos_id, pad_id
     # decoding: surfaces of every token, concatenated
     cdef uint8_t* surf
@@ -260,6 +336,11 @@ cdef class BPECore:
     def __cinit__(self):
         self.cpmap.slots = NULL
         self.merges.slots = NULL
+        self.junctions.slots = NULL
+        self.rank_a = self.rank_b = self.rank_m = self.bucket_head = NULL
+        self.n_ranks = 0
+        self.monotone = True
+        self.cut_ok = False
         self.surf = NULL
         self.surf_off = NULL
         self.cache_slots = NULL
@@ -288,6 +369,11 @@ cdef class BPECore:
     def __dealloc__(self):
         free(self.cpmap.slots)
         free(self.merges.slots)
+        free(self.junctions.slots)
+        free(self.rank_a)
+        free(self.rank_b)
+        free(self.rank_m)
+        free(self.bucket_head)
         free(self.surf)
         free(self.surf_off)
         free(self.cache_slots)
@@ -367,24 +453,89 @@ cdef class BPECore:
 
     def set_merges(self, merges):
         """merges: (left, right, merged) triples in rank order; a pair listed twice keeps its
-        last rank (as the original's {pair: i for i, pair in enumerate(merges)})."""
-        cdef MergeSlot* s
-        cdef uint64_t key, i
-        cdef int32_t a, b, m, rank = 0
-        self._alloc_merges(len(merges))
-        for triple in merges:
-            a, b, m = triple
-            key = pair_key(a, b)
-            i = mix64(key) & self.merges.mask
-            while self.merges.slots[i].key != EMPTY64 and self.merges.slots[i].key != key:
-                i = (i + 1) & self.merges.mask
-            if self.merges.slots[i].key == EMPTY64:
-                self.n_merges += 1
-            self.merges.slots[i].key = key
-            self.merges.slots[i].rank = rank
-            self.merges.slots[i].merged = m
-            rank += 1
+        last rank (as the original's {pair: i for i, pair in enumerate(merges)}).
+
+        Also derived here, for long words: whether the table is monotone (every pair that
+        contains a merge's product ranks after that merge, as in a freshly trained table; then
+        BPE takes the ranks in increasing order and the rank buckets apply), and the junctions
+        (every base-symbol pair (last base symbol of a left part, first base symbol of a right
+        part) some merge can join). Everything is computed before the tables are swapped."""
+        cdef Py_ssize_t nr, r, cap
+        cdef MergeMap mm, jm
+        cdef int32_t* ra = NULL
+        cdef int32_t* rb = NULL
+        cdef int32_t* rm = NULL
+        cdef int32_t* bh = NULL
+        cdef Py_ssize_t n_eff = 0
+        triples = [(int(t[0]), int(t[1]), int(t[2])) for t in merges]
+        nr = len(triples)
+        eff = {}                                   # (left, right) -> (rank, merged), last listing
+        for r in range(nr):
+            a, b, m = triples[r]
+            eff[(a, b)] = (r, m)
+        produced = {}                              # token -> highest rank that produces it
+        for (a, b), (r, m) in eff.items():
+            if r > produced.get(m, -1):
+                produced[m] = r
+        monotone = all(r > produced.get(a, -1) and r > produced.get(b, -1) for (a, b), (r, m) in eff.items())
+        junctions = _junction_pairs(sorted((r, a, b, m) for (a, b), (r, m) in eff.items()), monotone)
+        mm.slots = jm.slots = NULL
+        try:
+            cap = pow2_at_least(2 * nr + 2)
+            mm.slots = <MergeSlot*>xrealloc(NULL, cap * sizeof(MergeSlot))
+            memset(mm.slots, 0xFF, cap * sizeof(MergeSlot))
+            mm.mask = cap - 1
+            cap = pow2_at_least(2 * (len(junctions) if junctions is not None else 0) + 2)
+            jm.slots = <MergeSlot*>xrealloc(NULL, cap * sizeof(MergeSlot))
+            memset(jm.slots, 0xFF, cap * sizeof(MergeSlot))
+            jm.mask = cap - 1
+            ra = <int32_t*>xrealloc(NULL, (nr + 1) * sizeof(int32_t))
+            rb = <int32_t*>xrealloc(NULL, (nr + 1) * sizeof(int32_t))
+            rm = <int32_t*>xrealloc(NULL, (nr + 1) * sizeof(int32_t))
+            bh = <int32_t*>xrealloc(NULL, (nr + 1) * sizeof(int32_t))
+            memset(bh, 0xFF, (nr + 1) * sizeof(int32_t))
+            for r in range(nr):
+                a, b, m = triples[r]
+                ra[r], rb[r], rm[r] = a, b, m
+                if _map_put(&mm, a, b, r, m):
+                    n_eff += 1
+            if junctions is not None:
+                for a, b in junctions:
+                    _map_put(&jm, a, b, 0, 0)
+        except BaseException:
+            free(mm.slots)
+            free(jm.slots)
+            free(ra)
+            free(rb)
+            free(rm)
+            free(bh)
+            raise
+        # swap (no Python code from here on)
+        free(self.merges.slots)
+        free(self.junctions.slots)
+        free(self.rank_a)
+        free(self.rank_b)
+        free(self.rank_m)
+        free(self.bucket_head)
+        self.merges = mm
+        self.junctions = jm
+        self.rank_a, self.rank_b, self.rank_m, self.bucket_head = ra, rb, rm, bh
+        self.n_ranks = nr
+        self.n_merges = n_eff
+        self.monotone = monotone
+        self.cut_ok = junctions is not None
         self.clear_cache()
+
+    @property
+    def monotone_merges(self):
+        """Whether the merge table is monotone (long words then use the rank buckets)."""
+        return bool(self.monotone)
+
+    def is_junction(self, int a, int b):
+        """Whether some merge can join a token ending in base symbol a to one starting with b
+        (a long word is never cut there). True for every pair when cutting is off."""
+        cdef int32_t merged = 0
+        return (not self.cut_ok) or merge_rank(&self.junctions, a, b, &merged) != NO_RANK
 
     def clear_cache(self):
         """Forget every cached word and zero the counters."""
@@ -602,27 +753,158 @@ cdef class BPECore:
             i = nxt[i]
         return j
 
+    cdef Py_ssize_t apply_bucket(self, int32_t* s, Py_ssize_t n) noexcept:
+        """The same greedy BPE in O(n + ranks), for a monotone table: BPE then takes the ranks in
+        increasing order, and rank r merges every occurrence of its one pair (a, b), leftmost
+        first. Positions of pairs go to a bucket per rank (a linked list in a pool: each merge
+        adds at most two entries, so the pool holds at most 3n); rank r's bucket is read once,
+        skipping stale entries. For a != b its occurrences are disjoint, so their order does not
+        matter; for a == b a run of a's pairs from its left end, so only the entry at a run's
+        start walks the run. Merges at rank r create pairs of higher rank only (monotone)."""
+        cdef int32_t* nxt = self.aux1
+        cdef int32_t* prv = self.aux2
+        cdef uint64_t* pool = self.heap
+        cdef int32_t* head = self.bucket_head
+        cdef Py_ssize_t i, j
+        cdef uint32_t pk = 0, k
+        cdef int32_t r, lo = NO_RANK, hi = -1, rk, a, b, m, p, q, nq, pp, merged = 0
+        cdef uint64_t e
+        for i in range(n):
+            nxt[i] = <int32_t>(i + 1) if i + 1 < n else -1
+            prv[i] = <int32_t>(i - 1)
+        for i in range(n - 1):
+            rk = merge_rank(&self.merges, s[i], s[i + 1], &merged)
+            if rk != NO_RANK:
+                pool[pk] = ((<uint64_t>i) << 32) | <uint32_t>head[rk]
+                head[rk] = <int32_t>pk
+                pk += 1
+                if rk < lo:
+                    lo = rk
+                if rk > hi:
+                    hi = rk
+        r = lo
+        while r <= hi:
+            if head[r] < 0:
+                r += 1
+                continue
+            k = <uint32_t>head[r]
+            head[r] = -1
+            a = self.rank_a[r]
+            b = self.rank_b[r]
+            m = self.rank_m[r]
+            while k != 0xFFFFFFFFu:
+                e = pool[k]
+                p = <int32_t>(e >> 32)
+                k = <uint32_t>(e & 0xFFFFFFFFu)
+                if s[p] != a:
+                    continue
+                q = nxt[p]
+                if q < 0 or s[q] != b:
+                    continue
+                if a == b:
+                    pp = prv[p]
+                    if pp >= 0 and s[pp] == a:
+                        continue          # not the run's start: that entry walks this run
+                while True:
+                    s[p] = m
+                    s[q] = NOT_FOUND      # dead
+                    nq = nxt[q]
+                    nxt[p] = nq
+                    if nq >= 0:
+                        prv[nq] = p
+                    pp = prv[p]
+                    if pp >= 0:
+                        rk = merge_rank(&self.merges, s[pp], m, &merged)
+                        if rk != NO_RANK:
+                            pool[pk] = ((<uint64_t>pp) << 32) | <uint32_t>head[rk]
+                            head[rk] = <int32_t>pk
+                            pk += 1
+                            if rk > hi:
+                                hi = rk
+                    if nq >= 0:
+                        rk = merge_rank(&self.merges, m, s[nq], &merged)
+                        if rk != NO_RANK:
+                            pool[pk] = ((<uint64_t>p) << 32) | <uint32_t>head[rk]
+                            head[rk] = <int32_t>pk
+                            pk += 1
+                            if rk > hi:
+                                hi = rk
+                    if a != b:
+                        break
+                    # the run goes on: pair the next two a's
+                    p = nq
+                    if p < 0 or s[p] != a:
+                        break
+                    q = nxt[p]
+                    if q < 0 or s[q] != a:
+                        break
+            r += 1
+        j = 0
+        i = 0
+        while i >= 0:
+            s[j] = s[i]
+            j += 1
+            i = nxt[i]
+        return j
+
+    cdef inline Py_ssize_t apply_segment(self, int32_t* s, Py_ssize_t n) noexcept:
+        if n < 2:
+            return n
+        if n <= NAIVE_MAX:
+            return self.apply_naive(s, n)
+        if n <= HEAP_MAX or not self.monotone:
+            return self.apply_heap(s, n)
+        return self.apply_bucket(s, n)
+
+    cdef Py_ssize_t apply_long(self, int32_t* s, Py_ssize_t n) noexcept:
+        """A long word: cut it between base symbols that no merge can join across (see
+        _junction_pairs), apply the merges to each piece, and close up the pieces."""
+        cdef Py_ssize_t i, start = 0, w = 0, got
+        cdef int32_t merged = 0
+        if not self.cut_ok:
+            return self.apply_segment(s, n)
+        for i in range(n - 1):
+            if merge_rank(&self.junctions, s[i], s[i + 1], &merged) == NO_RANK:
+                got = self.apply_segment(s + start, i + 1 - start)
+                if w != start:
+                    memmove(s + w, s + start, got * sizeof(int32_t))
+                w += got
+                start = i + 1
+        got = self.apply_segment(s + start, n - start)
+        if w != start:
+            memmove(s + w, s + start, got * sizeof(int32_t))
+        return w + got
+
     cdef inline Py_ssize_t apply(self, int32_t* s, Py_ssize_t n) noexcept:
         if n < 2 or self.n_merges == 0:
             return n
         if n <= NAIVE_MAX:
             return self.apply_naive(s, n)
-        return self.apply_heap(s, n)
+        return self.apply_long(s, n)
 
     def _apply_merges_memview(self, symbols, str method="auto"):
-        """Test twin: apply the merges to a list of symbol ids with 'naive', 'heap' or 'auto'."""
+        """Test twin: apply the merges to a list of symbol ids with 'naive', 'heap', 'bucket'
+        (monotone tables only), 'cut' (pieces between non-junctions, each by 'auto' rules) or
+        'auto' (what encode does)."""
         cdef Py_ssize_t n = len(symbols), i
+        if method not in ("naive", "heap", "bucket", "cut", "auto"):
+            raise ValueError(f"method must be 'naive', 'heap', 'bucket', 'cut' or 'auto', got {method!r}")
+        if method == "bucket" and not self.monotone:
+            raise ValueError("method 'bucket' needs a monotone merge table")
         self._ensure_sym(n + 1)
         for i in range(n):
             self.sym[i] = symbols[i]
-        if method == "naive":
-            n = self.apply_naive(self.sym, n) if n > 1 else n
-        elif method == "heap":
-            n = self.apply_heap(self.sym, n) if n > 1 else n
-        elif method == "auto":
-            n = self.apply(self.sym, n)
-        else:
-            raise ValueError(f"method must be 'naive', 'heap' or 'auto', got {method!r}")
+        if n > 1 and self.n_merges > 0:
+            if method == "naive":
+                n = self.apply_naive(self.sym, n)
+            elif method == "heap":
+                n = self.apply_heap(self.sym, n)
+            elif method == "bucket":
+                n = self.apply_bucket(self.sym, n)
+            elif method == "cut":
+                n = self.apply_long(self.sym, n)
+            else:
+                n = self.apply(self.sym, n)
         return [self.sym[i] for i in range(n)]
 
     # ---- encode
@@ -630,6 +912,16 @@ cdef class BPECore:
     def encode(self, str text, bint bpe):
         """Ids of text: <BOS>, tokens, <EOS>. Raises TokenizerError on a character with no
         token and no byte tokens to fall back to."""
+        self._encode_into(text, bpe)
+        return self._take_out_list()
+
+    def encode_array(self, str text, bint bpe):
+        """encode() as a numpy int32 array (one memcpy; no Python int per id)."""
+        self._encode_into(text, bpe)
+        return self._take_out_array()
+
+    cdef int _encode_into(self, str text, bint bpe) except -1:
+        """Encode into self.out[:self.out_n]."""
         cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
         cdef unsigned int kind = PyUnicode_KIND(text)
         cdef void* data = PyUnicode_DATA(text)
@@ -657,7 +949,28 @@ cdef class BPECore:
         self._ensure_out(1)
         self.out[self.out_n] = self.eos_id
         self.out_n += 1
-        return self._take_out_list()
+        return 0
+
+    cdef object _take_out_array(self):
+        """The output ids as a numpy int32 array; the buffer is detached while the array is
+        created (as in _take_out_list)."""
+        cdef int32_t* buf = self.out
+        cdef Py_ssize_t n = self.out_n, cap = self.out_cap
+        cdef int32_t[::1] view
+        self.out = NULL
+        self.out_n = self.out_cap = 0
+        try:
+            arr = _np.empty(n, dtype=_np.int32)
+            if n:
+                view = arr
+                memcpy(&view[0], buf, n * sizeof(int32_t))
+        finally:
+            if self.out == NULL and cap <= (1 << 20):
+                self.out = buf
+                self.out_cap = cap
+            else:
+                free(buf)
+        return arr
 
     cdef object _take_out_list(self):
         """The output ids as a list. The buffer is detached first: creating the list may run a

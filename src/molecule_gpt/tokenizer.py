@@ -335,6 +335,13 @@ class EvolvingTokenizer:
             raise TypeError(f"encode() expects str, got {type(s).__name__}")
         return self._core.encode(s, self.bpe_enabled)
 
+    def encode_array(self, s: str):
+        """encode(s) as a numpy int32 array: the same ids, without a Python int per id (for long
+        texts that is most of the time a list costs)."""
+        if not isinstance(s, str):
+            raise TypeError(f"encode_array() expects str, got {type(s).__name__}")
+        return self._core.encode_array(s, self.bpe_enabled)
+
     def decode(self, ids) -> str:
         """Text of ids: <BOS>/<PAD> skipped, stop at <EOS>, whitespace runs collapsed, stripped."""
         if isinstance(ids, (str, bytes)):
@@ -775,6 +782,10 @@ class _PyCore:
                 out.extend(t for t in self._apply_merges_memview(syms) if t != EOW)
         out.append(self._eos)
         return out
+
+    def encode_array(self, text: str, bpe: bool):
+        import numpy as np
+        return np.asarray(self.encode(text, bpe), dtype=np.int32)
 
     def decode_bytes(self, ids) -> bytes:
         parts = []

@@ -1,0 +1,280 @@
+"""Long words in linear time: the rank buckets (monotone merge tables) and the cuts between base
+symbols no merge can join, against the reference (merges applied in rank order, lowest rank
+first, leftmost on ties) and against the heap kernel (itself checked against the reference in
+test_tokenizer_bpe.py) where the reference is too slow; adversarial no-space input; tokenizer
+growth; the numpy encode.
+
+Hypothesis examples per property: MOLECULE_GPT_HYPOTHESIS_EXAMPLES (default 150).
+"""
+import os
+import random
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bpe_reference import ReferenceTokenizer
+from molecule_gpt.tokenizer import EOW, HAVE_EXTENSION, EvolvingTokenizer, _PyCore
+
+EXAMPLES = int(os.environ.get("MOLECULE_GPT_HYPOTHESIS_EXAMPLES", "150"))
+HYP = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+needs_ext = pytest.mark.skipif(not HAVE_EXTENSION, reason="molecule_gpt._bpe is not built (or MOLECULE_GPT_PUREPYTHON=1)")
+
+
+def doc_lines():
+    import argparse, collections, json, pathlib, re, string, textwrap
+    out = []
+    for mod in (collections, json, re, string, textwrap, argparse, pathlib):
+        out += [ln for ln in (mod.__doc__ or "").splitlines() if ln.strip()]
+    return out
+
+
+def monotone_table(rng, n_base, n_merges, eow=True):
+    """A merge table as training makes them: each merge's token is new, built from symbols
+    that exist before it (so every pair containing it ranks later). Pairs of equal symbols
+    (runs) and the end-of-word marker are frequent on purpose."""
+    merges, symbols, nxt, used = [], list(range(n_base)), n_base, set()
+    for _ in range(n_merges):
+        for _ in range(20):
+            a = rng.choice(symbols[-6:] if rng.random() < 0.5 else symbols)
+            b = a if rng.random() < 0.25 else (EOW if eow and rng.random() < 0.15 else rng.choice(symbols))
+            if (a, b) not in used:
+                break
+        else:
+            continue
+        used.add((a, b))
+        merges.append((a, b, nxt))
+        symbols.append(nxt)
+        nxt += 1
+    return merges
+
+
+def any_table(rng, n_base, n_merges):
+    """Any table: pairs listed twice (the last rank wins), products reused by several pairs,
+    products that are base symbols or that appear in earlier merges (not monotone)."""
+    merges = []
+    symbols = list(range(n_base))
+    nxt = n_base
+    for _ in range(n_merges):
+        a = rng.choice(symbols)
+        b = rng.choice(symbols + [EOW])
+        r = rng.random()
+        m = rng.choice(symbols) if r < 0.2 else nxt
+        merges.append((a, b, m))
+        if rng.random() < 0.15:
+            merges.append(rng.choice(merges))
+        if m == nxt:
+            symbols.append(nxt)
+            nxt += 1
+    return merges
+
+
+def reference_apply(merges, syms):
+    ref = ReferenceTokenizer([])
+    ref.merges = merges
+    return ref.apply_merges(syms)
+
+
+def core_with(merges):
+    from molecule_gpt._bpe import BPECore
+    core = BPECore()
+    core.set_merges(merges)
+    return core
+
+
+def word(rng, n_base, length, mode):
+    if mode == "run":
+        return [rng.randrange(n_base)] * length
+    if mode == "period":
+        unit = [rng.randrange(n_base) for _ in range(rng.randint(2, 5))]
+        return (unit * (length // len(unit) + 1))[:length]
+    return [rng.randrange(n_base) for _ in range(length)]
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels == reference
+
+
+@needs_ext
+@HYP
+@given(st.integers(0, 2 ** 32 - 1), st.integers(0, 160), st.sampled_from(["random", "run", "period"]))
+def test_bucket_kernel_equals_reference_on_monotone_tables(seed, length, mode):
+    rng = random.Random(seed)
+    n_base = rng.randint(1, 4)
+    merges = monotone_table(rng, n_base, rng.randint(0, 40))
+    core = core_with(merges)
+    assert core.monotone_merges
+    syms = word(rng, n_base, length, mode) + ([EOW] if rng.random() < 0.7 else [])
+    expected = reference_apply(merges, syms)
+    assert core._apply_merges_memview(syms, "bucket") == expected
+    assert core._apply_merges_memview(syms, "cut") == expected
+    assert core._apply_merges_memview(syms, "auto") == expected
+
+
+@needs_ext
+@HYP
+@given(st.integers(0, 2 ** 32 - 1), st.integers(0, 160), st.sampled_from(["random", "run", "period"]))
+def test_cuts_equal_reference_on_any_table(seed, length, mode):
+    rng = random.Random(seed)
+    n_base = rng.randint(1, 6)
+    merges = any_table(rng, n_base, rng.randint(0, 30))
+    core = core_with(merges)
+    syms = word(rng, n_base, length, mode) + ([EOW] if rng.random() < 0.7 else [])
+    expected = reference_apply(merges, syms)
+    assert core._apply_merges_memview(syms, "cut") == expected
+    assert core._apply_merges_memview(syms, "auto") == expected
+    if core.monotone_merges:
+        assert core._apply_merges_memview(syms, "bucket") == expected
+    else:
+        with pytest.raises(ValueError, match="monotone"):
+            core._apply_merges_memview(syms, "bucket")
+
+
+@needs_ext
+def test_non_monotone_tables_are_detected():
+    # the product of rank 1 is used by the pair of rank 0: BPE may go back to a lower rank
+    assert not core_with([(0, 3, 4), (1, 2, 3)]).monotone_merges
+    # a pair listed again later: its product now appears after the merges that use it
+    assert not core_with([(0, 1, 5), (5, 2, 6), (0, 1, 5)]).monotone_merges
+    # a product that is one of its own parts
+    assert not core_with([(0, 1, 0)]).monotone_merges
+    assert core_with([(0, 1, 5), (5, 2, 6), (5, 5, 7), (7, EOW, 8)]).monotone_merges
+    assert core_with([]).monotone_merges
+
+
+@needs_ext
+def test_junctions():
+    core = core_with([(0, 1, 5), (5, 2, 6), (2, 2, 7), (6, EOW, 8)])
+    # joined: 0|1, 1|2 (last of 5 is 1, first of 2 is 2), 2|2, 2|</w> (last of 6 is 2)
+    for a, b in [(0, 1), (1, 2), (2, 2), (2, EOW), (6, EOW), (5, 2)]:
+        assert core.is_junction(a, b), (a, b)
+    for a, b in [(1, 0), (2, 0), (0, 2), (1, EOW), (0, 0), (3, 1)]:
+        assert not core.is_junction(a, b), (a, b)
+    # a product reused by another pair: its parts' end symbols count too
+    core = core_with([(0, 1, 5), (3, 4, 5), (5, 2, 6)])
+    assert core.is_junction(1, 2) and core.is_junction(4, 2) and not core.is_junction(0, 2)
+
+
+@needs_ext
+@HYP
+@given(st.integers(0, 2 ** 32 - 1), st.sampled_from(["random", "run", "period"]), st.booleans())
+def test_long_words_all_kernels_agree(seed, mode, monotone):
+    """Words far beyond the naive and heap sizes: the reference is too slow there; the heap
+    kernel (checked against it elsewhere) is the judge."""
+    rng = random.Random(seed)
+    n_base = rng.randint(1, 5)
+    merges = monotone_table(rng, n_base, rng.randint(1, 60)) if monotone else any_table(rng, n_base, 40)
+    core = core_with(merges)
+    syms = word(rng, n_base, rng.randint(1025, 6000), mode) + [EOW]
+    expected = core._apply_merges_memview(syms, "heap")
+    assert core._apply_merges_memview(syms, "auto") == expected
+    assert core._apply_merges_memview(syms, "cut") == expected
+    if core.monotone_merges:
+        assert core._apply_merges_memview(syms, "bucket") == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# a trained tokenizer on adversarial text without spaces, and after growth
+
+
+def _english():
+    lines = doc_lines()
+    tok = EvolvingTokenizer(lines)
+    tok.train_bpe(lines, 300)
+    ref = ReferenceTokenizer(lines)
+    ref.train_bpe(lines, 300)
+    return lines, tok, ref
+
+
+_LINES, _TOK, _REF = _english()
+_LETTERS = sorted(set("".join(_LINES)) - set(" \t\n"))
+NO_SPACE = st.one_of(
+    st.text(st.sampled_from(_LETTERS), min_size=1, max_size=400),
+    st.tuples(st.sampled_from(_LETTERS), st.integers(1, 400)).map(lambda t: t[0] * t[1]),
+    st.tuples(st.sampled_from(["the", "of", "and", "ing", "tion", "aab", "😀", "é"]), st.integers(1, 120))
+      .map(lambda t: t[0] * t[1]),
+    st.text(st.sampled_from("ab"), min_size=1, max_size=400),
+)
+
+
+@needs_ext
+def test_trained_table_is_monotone_and_cuts():
+    assert _TOK._core.monotone_merges
+    # random letters are cut into short pieces: most letter pairs are never joined
+    x, q = _TOK.tokens.index("x"), _TOK.tokens.index("q")
+    assert not _TOK._core.is_junction(x, q)
+
+
+@needs_ext
+@HYP
+@given(NO_SPACE)
+def test_no_space_text_equals_reference(s):
+    assert _TOK.encode(s) == _REF.encode(s)
+    assert _TOK.encode(s + " " + s[::-1]) == _REF.encode(s + " " + s[::-1])
+
+
+@needs_ext
+@HYP
+@given(st.integers(0, 2 ** 32 - 1), st.sampled_from(["letters", "letter", "word", "ab"]))
+def test_long_no_space_text_all_kernels_agree(seed, mode):
+    rng = random.Random(seed)
+    n = rng.randint(1100, 20000)
+    if mode == "letters":
+        s = "".join(rng.choice(_LETTERS) for _ in range(n))
+    elif mode == "letter":
+        s = rng.choice(_LETTERS) * n
+    elif mode == "word":
+        s = rng.choice(["the", "and", "ation", "ing", "ss"]) * (n // 3)
+    else:
+        s = "".join(rng.choice("ab") for _ in range(n))
+    core = _TOK._core
+    syms = _TOK.encode(s)            # BPE applied by encode (auto)
+    base = EvolvingTokenizer.from_dict(_TOK.to_dict())
+    base.bpe_enabled = False
+    chars = base.encode(s)[1:-1] + [EOW]
+    expected = [t for t in core._apply_merges_memview(chars, "heap") if t != EOW]
+    assert syms == [_TOK.bos_id] + expected + [_TOK.eos_id]
+
+
+@needs_ext
+def test_growth_changes_long_word_ids_like_the_reference():
+    lines = doc_lines()
+    tok, ref = EvolvingTokenizer(lines[:50]), ReferenceTokenizer(lines[:50])
+    s = "thethethe" * 40 + "aaaa" * 100 + "".join(random.Random(3).choice("etaoinshr") for _ in range(300))
+    for k, corpus in enumerate([lines[:60], lines[30:] + [s[:200]] * 5, lines[::3] + ["aaaa aaaaaaaa"] * 20]):
+        tok.train_bpe(corpus, 60 + 40 * k)
+        ref.train_bpe(corpus, 60 + 40 * k)
+        assert tok.encode(s) == ref.encode(s)
+        assert tok.encode(s[:1500] + " " + s) == ref.encode(s[:1500] + " " + s)
+
+
+# ----------------------------------------------------------------------------------------------
+# time: linear in the length of a word without spaces
+
+
+def _cpu_time(fn, repeats=3):
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t0)
+    return best
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["letter", "word", "letters"])
+def test_no_space_time_is_linear(kind):
+    """8x the input costs at most 8x * 2 the CPU time (a quadratic kernel: 64x)."""
+    rng = random.Random(1)
+    unit = {"letter": "e", "word": "the", "letters": "".join(rng.choice("abcdefghijklmnopqrstuvwxyz")
+                                                            for _ in range(1000))}[kind]
+    small = (unit * (125_000 // len(unit) + 1))[:125_000]
+    big = (unit * (1_000_000 // len(unit) + 1))[:1_000_000]
+    if kind == "letters":
+        big = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(1_000_000))
+    t_small = _cpu_time(lambda: _TOK.encode_array(small))
+    t_big = _cpu_time(lambda: _TOK.encode_array(big))
+    assert t_big < 16 * t_small + 0.01, f"{t_small * 1e3:.1f} ms -> {t_big * 1e3:.1f} ms"
