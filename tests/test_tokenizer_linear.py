@@ -278,3 +278,65 @@ def test_no_space_time_is_linear(kind):
     t_small = _cpu_time(lambda: _TOK.encode_array(small))
     t_big = _cpu_time(lambda: _TOK.encode_array(big))
     assert t_big < 16 * t_small + 0.01, f"{t_small * 1e3:.1f} ms -> {t_big * 1e3:.1f} ms"
+
+
+# ----------------------------------------------------------------------------------------------
+# the word caches (short-word table and general cache) never change ids
+
+
+_BYTE_LINES = ["ab abc aab ba", "cab cabbage a b c", "ÿé é ée"]
+_BYTE_TOK = EvolvingTokenizer(_BYTE_LINES[:2])        # ÿ, é, \x00 ... are spelled in bytes
+_BYTE_TOK.train_bpe(_BYTE_LINES * 3 + ["\x00a\x00 ÿÿ"] * 4, 40)
+_BYTE_REF = ReferenceTokenizer(_BYTE_LINES[:2])
+_BYTE_REF.train_bpe(_BYTE_LINES * 3 + ["\x00a\x00 ÿÿ"] * 4, 40)
+CACHE_TEXT = st.lists(st.sampled_from(["a", "b", "c", "ab", "é", "ÿ", "\x00", " ", "  ", "\n", "😀", "\u0100",
+                                       "abcabcab", "abcabcabc", "ÿÿÿÿ", "\u3000"]), max_size=40).map("".join)
+
+
+@needs_ext
+@HYP
+@given(st.lists(CACHE_TEXT, min_size=1, max_size=6), st.sampled_from([0, 1, 2, 7, 65536]))
+def test_caches_never_change_ids(texts, cache_words):
+    from molecule_gpt._bpe import BPECore
+    tok = EvolvingTokenizer.from_dict(_BYTE_TOK.to_dict())
+    tok._core = BPECore(cache_words=cache_words)
+    tok._sync_core()
+    for _ in range(2):                       # second pass: from the caches where the words fit
+        for s in texts:
+            expected = _BYTE_REF.encode(s)
+            assert tok.encode(s) == expected
+            assert tok.encode_array(s).tolist() == expected
+        assert tok._core.cache_size <= cache_words
+    if cache_words == 0:
+        assert tok._core.cache_hits == tok._core.cache_size == 0
+
+
+@needs_ext
+def test_short_and_long_words_are_cached_and_dropped_on_growth():
+    tok = EvolvingTokenizer.from_dict(_BYTE_TOK.to_dict())
+    tok._core.clear_cache()
+    s = "ab cabbage abcabcabcabc ab cabbage abcabcabcabc 😀ab 😀ab"
+    ids = tok.encode(s)
+    assert tok._core.cache_size == 4 and tok._core.cache_hits == 4
+    tok.train_bpe(_BYTE_LINES, 5)            # fewer merges: other ids, the caches are emptied
+    assert tok._core.cache_size == 0
+    ref = ReferenceTokenizer(_BYTE_LINES[:2])          # the same history: same ids for new tokens
+    ref.train_bpe(_BYTE_LINES * 3 + ["\x00a\x00 ÿÿ"] * 4, 40)
+    ref.train_bpe(_BYTE_LINES, 5)
+    assert tok.encode(s) == ref.encode(s) != ids
+
+
+def test_encode_array_matches_encode_on_every_core():
+    for core in ("ext", "py"):
+        if core == "ext" and not HAVE_EXTENSION:
+            continue
+        tok = EvolvingTokenizer.from_dict(_TOK.to_dict())
+        if core == "py":
+            tok._core = _PyCore()
+            tok._sync_core()
+        for s in ["", "   ", "the river", " ".join(_LINES[:50]), "😀 \ud800 x" * 3]:
+            arr = tok.encode_array(s)
+            assert isinstance(arr, np.ndarray) and arr.dtype == np.int32 and arr.ndim == 1
+            assert arr.tolist() == tok.encode(s)
+        with pytest.raises(TypeError, match="str"):
+            tok.encode_array(b"bytes")

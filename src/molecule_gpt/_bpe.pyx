@@ -88,9 +88,12 @@ cdef enum:
     EOW = -1              # the end-of-word marker </w> as a symbol
     NO_RANK = 2147483647  # (INT32_MAX) rank of a pair that has no merge
     CACHE_KEY = 32        # longest word (in code points) the per-word cache holds
+    SHORT_KEY = 8         # words of up to this many code points < 256 go to the short-word table
+    SHORT_IDS = 5         # ... when they encode to at most this many ids
     NAIVE_MAX = 48        # words of up to this many symbols use the O(n^2) rank scan
     HEAP_MAX = 1024       # longer segments use the rank buckets (monotone merge tables)
     MAX_JUNCTIONS = 1 << 22  # more junction pairs than this: long words are not cut
+    JBITS = 512           # junction bitmap side (32 KB): covers the base symbols of most vocabularies
     NOT_FOUND = -2        # map lookups: absent (distinct from EOW)
 
 EOW_ID = EOW  # exported for the facade and the tests
@@ -200,6 +203,17 @@ cdef inline int32_t merge_rank(const MergeMap* m, int32_t a, int32_t b, int32_t*
     return s.rank
 
 
+cdef inline Py_ssize_t _jbit(int32_t a, int32_t b) noexcept nogil:
+    """The junction bitmap's bit of (a, b), or -1 when it is not covered."""
+    if <uint32_t>a >= JBITS - 1:
+        return -1
+    if b == EOW:
+        b = JBITS - 1
+    elif <uint32_t>b >= JBITS - 1:
+        return -1
+    return a * JBITS + b
+
+
 cdef bint _map_put(MergeMap* m, int32_t a, int32_t b, int32_t rank, int32_t merged) noexcept nogil:
     """Insert or overwrite (a, b); True when the pair was new."""
     cdef uint64_t key = pair_key(a, b)
@@ -285,6 +299,12 @@ cdef struct CacheEntry:
     int32_t nids
 
 
+cdef struct ShortSlot:
+    uint64_t key     # the word's code points (each < 256), one byte each, first in the low byte
+    uint32_t meta    # klen | nids << 8; 0 = free
+    int32_t ids[SHORT_IDS]
+
+
 @cython.final
 cdef class BPECore:
     """Encoding state: base-symbol maps, merges, surfaces for decoding, scratch buffers.
@@ -307,6 +327,7 @@ cdef class BPECore:
     # junctions: base-symbol pairs (u, v) that some merge can join across; a long word is cut
     # between two base symbols that are not a junction (no token ever spans that boundary)
     cdef MergeMap junctions
+    cdef uint8_t* jbits              # the junctions between symbols < JBITS - 1 (EOW as JBITS - 1), a bitmap
     cdef bint cut_ok
     cdef int32_t space_id, bos_id, eos_id, pad_id
     # decoding: surfaces of every token, concatenated
@@ -321,6 +342,9 @@ cdef class BPECore:
     cdef uint32_t* cache_arena
     cdef Py_ssize_t cache_arena_n, cache_arena_cap
     cdef public uint64_t cache_hits, cache_misses, cache_resets
+    cdef ShortSlot* swt              # short-word table: key and ids in one 32-byte slot
+    cdef uint64_t swt_mask
+    cdef Py_ssize_t swt_n
     # scratch: output ids and one word's symbols
     cdef int32_t* out
     cdef Py_ssize_t out_n, out_cap
@@ -329,14 +353,13 @@ cdef class BPECore:
     cdef int32_t* aux2
     cdef uint64_t* heap
     cdef Py_ssize_t sym_cap
-    cdef uint32_t* keybuf            # one word's code points, widened to uint32
-    cdef Py_ssize_t keybuf_cap
     cdef uint32_t err_cp
 
     def __cinit__(self):
         self.cpmap.slots = NULL
         self.merges.slots = NULL
         self.junctions.slots = NULL
+        self.jbits = NULL
         self.rank_a = self.rank_b = self.rank_m = self.bucket_head = NULL
         self.n_ranks = 0
         self.monotone = True
@@ -346,12 +369,13 @@ cdef class BPECore:
         self.cache_slots = NULL
         self.cache_entries = NULL
         self.cache_arena = NULL
+        self.swt = NULL
+        self.swt_n = 0
         self.out = NULL
         self.sym = NULL
         self.aux1 = NULL
         self.aux2 = NULL
         self.heap = NULL
-        self.keybuf = NULL
 
     def __init__(self, Py_ssize_t cache_words=65536):
         """cache_words: the per-word cache holds up to this many words (0 disables it)."""
@@ -370,6 +394,7 @@ cdef class BPECore:
         free(self.cpmap.slots)
         free(self.merges.slots)
         free(self.junctions.slots)
+        free(self.jbits)
         free(self.rank_a)
         free(self.rank_b)
         free(self.rank_m)
@@ -379,12 +404,12 @@ cdef class BPECore:
         free(self.cache_slots)
         free(self.cache_entries)
         free(self.cache_arena)
+        free(self.swt)
         free(self.out)
         free(self.sym)
         free(self.aux1)
         free(self.aux2)
         free(self.heap)
-        free(self.keybuf)
 
     cdef int _alloc_cpmap(self, size_t n) except -1:
         cdef size_t cap = pow2_at_least(2 * n + 2)
@@ -466,7 +491,8 @@ cdef class BPECore:
         cdef int32_t* rb = NULL
         cdef int32_t* rm = NULL
         cdef int32_t* bh = NULL
-        cdef Py_ssize_t n_eff = 0
+        cdef uint8_t* jb = NULL
+        cdef Py_ssize_t n_eff = 0, bit
         triples = [(int(t[0]), int(t[1]), int(t[2])) for t in merges]
         nr = len(triples)
         eff = {}                                   # (left, right) -> (rank, merged), last listing
@@ -499,10 +525,16 @@ cdef class BPECore:
                 ra[r], rb[r], rm[r] = a, b, m
                 if _map_put(&mm, a, b, r, m):
                     n_eff += 1
+            jb = <uint8_t*>xrealloc(NULL, JBITS * JBITS // 8)
+            memset(jb, 0, JBITS * JBITS // 8)
             if junctions is not None:
                 for a, b in junctions:
                     _map_put(&jm, a, b, 0, 0)
+                    bit = _jbit(a, b)
+                    if bit >= 0:
+                        jb[bit >> 3] |= <uint8_t>(1 << (bit & 7))
         except BaseException:
+            free(jb)
             free(mm.slots)
             free(jm.slots)
             free(ra)
@@ -513,12 +545,14 @@ cdef class BPECore:
         # swap (no Python code from here on)
         free(self.merges.slots)
         free(self.junctions.slots)
+        free(self.jbits)
         free(self.rank_a)
         free(self.rank_b)
         free(self.rank_m)
         free(self.bucket_head)
         self.merges = mm
         self.junctions = jm
+        self.jbits = jb
         self.rank_a, self.rank_b, self.rank_m, self.bucket_head = ra, rb, rm, bh
         self.n_ranks = nr
         self.n_merges = n_eff
@@ -534,8 +568,14 @@ cdef class BPECore:
     def is_junction(self, int a, int b):
         """Whether some merge can join a token ending in base symbol a to one starting with b
         (a long word is never cut there). True for every pair when cutting is off."""
+        return (not self.cut_ok) or self.junction(a, b)
+
+    cdef inline bint junction(self, int32_t a, int32_t b) noexcept:
         cdef int32_t merged = 0
-        return (not self.cut_ok) or merge_rank(&self.junctions, a, b, &merged) != NO_RANK
+        cdef Py_ssize_t bit = _jbit(a, b)
+        if bit >= 0:
+            return (self.jbits[bit >> 3] >> (bit & 7)) & 1
+        return merge_rank(&self.junctions, a, b, &merged) != NO_RANK
 
     def clear_cache(self):
         """Forget every cached word and zero the counters."""
@@ -549,11 +589,33 @@ cdef class BPECore:
             memset(self.cache_slots, 0xFF, (self.cache_mask + 1) * sizeof(int32_t))
         self.cache_n = 0
         self.cache_arena_n = 0
+        if self.swt != NULL:
+            memset(self.swt, 0, (self.swt_mask + 1) * sizeof(ShortSlot))
+        self.swt_n = 0
 
     @property
     def cache_size(self):
-        """Words in the cache now."""
-        return self.cache_n
+        """Words in the cache now (both tables)."""
+        return self.cache_n + self.swt_n
+
+    cdef int _swt_grow(self) except -1:
+        """Create the short-word table, or double it (rehashing) when half full."""
+        cdef size_t cap = 1024 if self.swt == NULL else 2 * (self.swt_mask + 1), i
+        cdef ShortSlot* old = self.swt
+        cdef ShortSlot* t = <ShortSlot*>xrealloc(NULL, cap * sizeof(ShortSlot))
+        cdef uint64_t j, mask = cap - 1
+        memset(t, 0, cap * sizeof(ShortSlot))
+        if old != NULL:
+            for i in range(self.swt_mask + 1):
+                if old[i].meta:
+                    j = _short_hash(old[i].key, old[i].meta & 0xFF) & mask
+                    while t[j].meta:
+                        j = (j + 1) & mask
+                    t[j] = old[i]
+            free(old)
+        self.swt = t
+        self.swt_mask = mask
+        return 0
 
     def merge_rank(self, int a, int b):
         """(rank, merged id) of the pair, or None."""
@@ -571,24 +633,14 @@ cdef class BPECore:
             self.out_cap = cap
         return 0
 
-    cdef int _ensure_keybuf(self, Py_ssize_t n) except -1:
-        cdef Py_ssize_t cap
-        if n > self.keybuf_cap:
-            cap = max(n, 2 * self.keybuf_cap, 64)
-            self.keybuf = <uint32_t*>xrealloc(self.keybuf, cap * sizeof(uint32_t))
-            self.keybuf_cap = cap
-        return 0
-
     cdef void _free_sym(self) noexcept:
         free(self.sym)
         free(self.aux1)
         free(self.aux2)
         free(self.heap)
-        free(self.keybuf)
         self.sym = self.aux1 = self.aux2 = NULL
         self.heap = NULL
-        self.keybuf = NULL
-        self.sym_cap = self.keybuf_cap = 0
+        self.sym_cap = 0
 
     cdef int _ensure_sym(self, Py_ssize_t n) except -1:
         cdef Py_ssize_t cap
@@ -608,28 +660,18 @@ cdef class BPECore:
             self.cache_slots = <int32_t*>xrealloc(NULL, n * sizeof(int32_t))
             self.cache_mask = n - 1
             self.cache_entries = <CacheEntry*>xrealloc(NULL, self.cache_max * sizeof(CacheEntry))
-            self._reset_cache()
+            memset(self.cache_slots, 0xFF, n * sizeof(int32_t))     # (the short-word table stays)
+            self.cache_n = 0
+            self.cache_arena_n = 0
         return 0
 
-    cdef int _cache_put(self, uint64_t slot, uint64_t hash, const uint32_t* key, Py_ssize_t klen,
-                        const int32_t* ids, Py_ssize_t nids) except -1:
-        """Store a word at a free table slot (found by the failed lookup)."""
-        cdef Py_ssize_t need = self.cache_arena_n + klen + nids, cap
-        cdef CacheEntry* e
-        if need > self.cache_arena_cap:
-            cap = max(need, 2 * self.cache_arena_cap, 4096)
+    cdef int _cache_reserve(self, Py_ssize_t need) except -1:
+        """Room for need more uint32 in the cache arena."""
+        cdef Py_ssize_t cap
+        if self.cache_arena_n + need > self.cache_arena_cap:
+            cap = max(self.cache_arena_n + need, 2 * self.cache_arena_cap, 4096)
             self.cache_arena = <uint32_t*>xrealloc(self.cache_arena, cap * sizeof(uint32_t))
             self.cache_arena_cap = cap
-        e = &self.cache_entries[self.cache_n]
-        e.hash = hash
-        e.off = self.cache_arena_n
-        e.klen = <int32_t>klen
-        e.nids = <int32_t>nids
-        memcpy(self.cache_arena + e.off, key, klen * sizeof(uint32_t))
-        memcpy(self.cache_arena + e.off + klen, ids, nids * sizeof(int32_t))
-        self.cache_arena_n = need
-        self.cache_slots[slot] = <int32_t>self.cache_n
-        self.cache_n += 1
         return 0
 
     # ---- base symbols
@@ -859,21 +901,22 @@ cdef class BPECore:
     cdef Py_ssize_t apply_long(self, int32_t* s, Py_ssize_t n) noexcept:
         """A long word: cut it between base symbols that no merge can join across (see
         _junction_pairs), apply the merges to each piece, and close up the pieces."""
-        cdef Py_ssize_t i, start = 0, w = 0, got
-        cdef int32_t merged = 0
+        cdef Py_ssize_t i, k, start = 0, w = 0, got
         if not self.cut_ok:
             return self.apply_segment(s, n)
-        for i in range(n - 1):
-            if merge_rank(&self.junctions, s[i], s[i + 1], &merged) == NO_RANK:
-                got = self.apply_segment(s + start, i + 1 - start)
-                if w != start:
-                    memmove(s + w, s + start, got * sizeof(int32_t))
-                w += got
-                start = i + 1
-        got = self.apply_segment(s + start, n - start)
-        if w != start:
-            memmove(s + w, s + start, got * sizeof(int32_t))
-        return w + got
+        for i in range(n):
+            if i + 1 < n and self.junction(s[i], s[i + 1]):
+                continue
+            # a piece ends at i
+            got = i + 1 - start
+            if got > 1:
+                got = self.apply_segment(s + start, got)
+            if w != start:
+                for k in range(got):
+                    s[w + k] = s[start + k]
+            w += got
+            start = i + 1
+        return w
 
     cdef inline Py_ssize_t apply(self, int32_t* s, Py_ssize_t n) noexcept:
         if n < 2 or self.n_merges == 0:
@@ -995,59 +1038,6 @@ cdef class BPECore:
                 free(buf)
         return lst
 
-    cdef int emit_word(self, const uint32_t* key, Py_ssize_t klen, uint64_t hash) except -1:
-        """Append the ids of one word (its code points in key) to out, through the cache."""
-        cdef Py_ssize_t i, k, n = 0, nout
-        cdef uint64_t slot = 0
-        cdef int32_t ei
-        cdef CacheEntry* e
-        cdef bint cacheable = klen <= CACHE_KEY and self.cache_max > 0
-        cdef int c
-        cdef int32_t* s
-        if cacheable:
-            if self.cache_slots == NULL:
-                self._ensure_cache()
-            slot = hash & self.cache_mask
-            while True:
-                ei = self.cache_slots[slot]
-                if ei < 0:
-                    break
-                e = &self.cache_entries[ei]
-                if e.hash == hash and e.klen == klen and same_u32(self.cache_arena + e.off, key, klen):
-                    self._ensure_out(e.nids)
-                    memcpy(self.out + self.out_n, self.cache_arena + e.off + klen, e.nids * sizeof(int32_t))
-                    self.out_n += e.nids
-                    self.cache_hits += 1
-                    return 0
-                slot = (slot + 1) & self.cache_mask
-            self.cache_misses += 1
-        self._ensure_sym(klen + 1)
-        for i in range(klen):
-            if n + 5 > self.sym_cap:            # a character takes up to 4 byte symbols
-                self._ensure_sym(n + 5)
-            c = self.base_symbols(key[i], self.sym + n)
-            if c == 0:
-                return -2
-            n += c
-        s = self.sym
-        s[n] = EOW
-        n += 1
-        n = self.apply(s, n)
-        self._ensure_out(n)
-        nout = 0
-        for i in range(n):
-            if s[i] != EOW:
-                self.out[self.out_n + nout] = s[i]
-                nout += 1
-        if cacheable:
-            if self.cache_n == self.cache_max:      # full: start over (the slot is free then)
-                self._reset_cache()
-                self.cache_resets += 1
-                slot = hash & self.cache_mask
-            self._cache_put(slot, hash, key, klen, self.out + self.out_n, nout)
-        self.out_n += nout
-        return 0
-
     # ---- decode
 
     def decode_bytes(self, ids):
@@ -1146,10 +1136,11 @@ cdef inline void _sift_up(uint64_t* h, Py_ssize_t i) noexcept nogil:
 cdef int _encode_text(BPECore c, const char_t* data, Py_ssize_t n, bint bpe) except -1:
     """Strip, then char mode (one token per character) or BPE mode (words, space between).
     Returns 0, or -2 when a character has no base symbols (its code point in c.err_cp)."""
-    cdef Py_ssize_t start = 0, end = n, i, j, k
-    cdef uint32_t cp
-    cdef uint64_t hash
-    cdef uint32_t* key
+    cdef Py_ssize_t start = 0, end = n, i, j, k, klen, before, nids
+    cdef uint32_t cp, meta
+    cdef uint64_t hash, key, slot
+    cdef ShortSlot* ss = NULL
+    cdef int32_t* dst
     cdef bint first = True
     cdef int got
     while start < end and is_space(data[start]):
@@ -1172,29 +1163,165 @@ cdef int _encode_text(BPECore c, const char_t* data, Py_ssize_t n, bint bpe) exc
         if i >= end:
             break
         j = i
-        hash = FNV_SEED
         while j < end and not is_space(data[j]):
-            hash = (hash ^ data[j]) * FNV_PRIME
             j += 1
+        if c.out_n + SHORT_IDS + 1 > c.out_cap:
+            c._ensure_out(SHORT_IDS + 1)
         if not first:
             if c.space_id < 0:
                 c.err_cp = 0x20
                 return -2
-            c._ensure_out(1)
             c.out[c.out_n] = c.space_id
             c.out_n += 1
         first = False
-        # the word's code points as uint32 (the cache key)
-        if char_t is uint32_t:
-            key = <uint32_t*>&data[i]
-        else:
-            c._ensure_keybuf(j - i)
-            key = c.keybuf
-            for k in range(j - i):
-                key[k] = data[i + k]
-        if c.emit_word(key, j - i, mix64(hash) | 1) == -2:
+        klen = j - i
+        if klen <= SHORT_KEY and c.cache_max > 0:
+            # the short-word table: one 32-byte slot holds the key and the ids
+            key = 0
+            for k in range(klen):
+                if data[i + k] > 0xFF:
+                    break
+                key |= (<uint64_t>data[i + k]) << (8 * k)
+            else:
+                meta = <uint32_t>klen
+                if c.swt == NULL:
+                    c._swt_grow()
+                slot = _short_hash(key, meta) & c.swt_mask
+                while True:
+                    ss = &c.swt[slot]
+                    if ss.meta == 0:
+                        break
+                    if ss.key == key and (ss.meta & 0xFF) == meta:
+                        dst = c.out + c.out_n
+                        nids = ss.meta >> 8
+                        for k in range(SHORT_IDS):   # fixed count: the slot has room for it
+                            dst[k] = ss.ids[k]
+                        c.out_n += nids
+                        c.cache_hits += 1
+                        break
+                    slot = (slot + 1) & c.swt_mask
+                if ss.meta != 0:
+                    i = j
+                    continue
+                c.cache_misses += 1
+                before = c.out_n
+                if _emit_word(c, data + i, klen, 0, False) == -2:
+                    return -2
+                nids = c.out_n - before
+                if nids <= SHORT_IDS:
+                    if c.swt_n + c.cache_n >= c.cache_max:     # full: start over
+                        c._reset_cache()
+                        c.cache_resets += 1
+                    if 2 * (c.swt_n + 1) > <Py_ssize_t>(c.swt_mask + 1):
+                        c._swt_grow()
+                    slot = _short_hash(key, meta) & c.swt_mask
+                    while c.swt[slot].meta:
+                        slot = (slot + 1) & c.swt_mask
+                    ss = &c.swt[slot]
+                    ss.key = key
+                    ss.meta = meta | (<uint32_t>nids << 8)
+                    for k in range(nids):
+                        ss.ids[k] = c.out[before + k]
+                    for k in range(nids, SHORT_IDS):
+                        ss.ids[k] = 0
+                    c.swt_n += 1
+                i = j
+                continue
+        hash = FNV_SEED
+        for k in range(i, j):
+            hash = (hash ^ data[k]) * FNV_PRIME
+        if _emit_word(c, data + i, klen, mix64(hash) | 1, True) == -2:
             return -2
         i = j
+    return 0
+
+
+cdef inline uint64_t _short_hash(uint64_t key, uint32_t klen) noexcept nogil:
+    return mix64(key ^ (<uint64_t>klen << 59))
+
+
+cdef inline bint _same_key(const uint32_t* key, const char_t* w, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if key[i] != w[i]:
+            return False
+    return True
+
+
+cdef int _emit_word(BPECore c, const char_t* w, Py_ssize_t klen, uint64_t hash, bint use_cache) except -1:
+    """Append the ids of one word (code points w[:klen], read in place) to c.out, through the
+    cache when use_cache (key: the code points as uint32, whatever the str's kind). Returns -2
+    when a character has no base symbols."""
+    cdef Py_ssize_t i, n = 0, nout
+    cdef uint64_t slot = 0
+    cdef int32_t ei
+    cdef CacheEntry* e
+    cdef bint cacheable = use_cache and klen <= CACHE_KEY and c.cache_max > 0
+    cdef int got
+    cdef int32_t* s
+    cdef int32_t* dst
+    cdef const uint32_t* src
+    cdef uint32_t* key
+    if cacheable:
+        if c.cache_slots == NULL:
+            c._ensure_cache()
+        slot = hash & c.cache_mask
+        while True:
+            ei = c.cache_slots[slot]
+            if ei < 0:
+                break
+            e = &c.cache_entries[ei]
+            if e.hash == hash and e.klen == klen and _same_key(c.cache_arena + e.off, w, klen):
+                if c.out_n + e.nids > c.out_cap:
+                    c._ensure_out(e.nids)
+                dst = c.out + c.out_n
+                src = c.cache_arena + e.off + klen
+                for i in range(e.nids):
+                    dst[i] = <int32_t>src[i]
+                c.out_n += e.nids
+                c.cache_hits += 1
+                return 0
+            slot = (slot + 1) & c.cache_mask
+        c.cache_misses += 1
+    c._ensure_sym(klen + 1)
+    for i in range(klen):
+        if n + 5 > c.sym_cap:            # a character takes up to 4 byte symbols
+            c._ensure_sym(n + 5)
+        got = c.base_symbols(w[i], c.sym + n)
+        if got == 0:
+            return -2
+        n += got
+    s = c.sym
+    s[n] = EOW
+    n += 1
+    n = c.apply(s, n)
+    if c.out_n + n > c.out_cap:
+        c._ensure_out(n)
+    dst = c.out + c.out_n
+    nout = 0
+    for i in range(n):
+        if s[i] != EOW:
+            dst[nout] = s[i]
+            nout += 1
+    if cacheable:
+        if c.cache_n + c.swt_n >= c.cache_max:      # full: start over (the slot is free then)
+            c._reset_cache()
+            c.cache_resets += 1
+            slot = hash & c.cache_mask
+        c._cache_reserve(klen + nout)
+        e = &c.cache_entries[c.cache_n]
+        e.hash = hash
+        e.off = c.cache_arena_n
+        e.klen = <int32_t>klen
+        e.nids = <int32_t>nout
+        key = c.cache_arena + e.off
+        for i in range(klen):
+            key[i] = w[i]
+        memcpy(key + klen, c.out + c.out_n, nout * sizeof(int32_t))
+        c.cache_arena_n += klen + nout
+        c.cache_slots[slot] = <int32_t>c.cache_n
+        c.cache_n += 1
+    c.out_n += nout
     return 0
 
 
