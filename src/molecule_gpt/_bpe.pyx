@@ -182,12 +182,25 @@ cdef struct MergeSlot:
 cdef struct MergeMap:
     MergeSlot* slots
     uint64_t mask
+    uint32_t shift   # 64 - log2(capacity): Fibonacci hashing takes the product's top bits
+
+
+cdef inline uint64_t map_slot(const MergeMap* m, uint64_t key) noexcept nogil:
+    # one multiply (the lookup is on the path of every merge step); its top bits mix all of key
+    return (key * <uint64_t>0x9E3779B97F4A7C15ULL) >> m.shift
+
+
+cdef inline uint32_t map_shift(uint64_t cap) noexcept nogil:
+    cdef uint32_t k = 0
+    while (<uint64_t>1 << k) < cap:
+        k += 1
+    return 64 - k
 
 
 cdef inline MergeSlot* merge_find(const MergeMap* m, int32_t a, int32_t b) noexcept nogil:
     """The slot of (a, b), or NULL when the pair has no merge."""
     cdef uint64_t key = pair_key(a, b)
-    cdef uint64_t i = mix64(key) & m.mask
+    cdef uint64_t i = map_slot(m, key)
     while m.slots[i].key != EMPTY64:
         if m.slots[i].key == key:
             return &m.slots[i]
@@ -217,7 +230,7 @@ cdef inline Py_ssize_t _jbit(int32_t a, int32_t b) noexcept nogil:
 cdef bint _map_put(MergeMap* m, int32_t a, int32_t b, int32_t rank, int32_t merged) noexcept nogil:
     """Insert or overwrite (a, b); True when the pair was new."""
     cdef uint64_t key = pair_key(a, b)
-    cdef uint64_t i = mix64(key) & m.mask
+    cdef uint64_t i = map_slot(m, key)
     cdef bint new
     while m.slots[i].key != EMPTY64 and m.slots[i].key != key:
         i = (i + 1) & m.mask
@@ -427,6 +440,7 @@ cdef class BPECore:
         self.merges.slots = <MergeSlot*>xrealloc(NULL, cap * sizeof(MergeSlot))
         memset(self.merges.slots, 0xFF, cap * sizeof(MergeSlot))
         self.merges.mask = cap - 1
+        self.merges.shift = map_shift(cap)
         self.n_merges = 0
         return 0
 
@@ -511,10 +525,12 @@ cdef class BPECore:
             mm.slots = <MergeSlot*>xrealloc(NULL, cap * sizeof(MergeSlot))
             memset(mm.slots, 0xFF, cap * sizeof(MergeSlot))
             mm.mask = cap - 1
+            mm.shift = map_shift(cap)
             cap = pow2_at_least(2 * (len(junctions) if junctions is not None else 0) + 2)
             jm.slots = <MergeSlot*>xrealloc(NULL, cap * sizeof(MergeSlot))
             memset(jm.slots, 0xFF, cap * sizeof(MergeSlot))
             jm.mask = cap - 1
+            jm.shift = map_shift(cap)
             ra = <int32_t*>xrealloc(NULL, (nr + 1) * sizeof(int32_t))
             rb = <int32_t*>xrealloc(NULL, (nr + 1) * sizeof(int32_t))
             rm = <int32_t*>xrealloc(NULL, (nr + 1) * sizeof(int32_t))
@@ -704,23 +720,26 @@ cdef class BPECore:
         cdef int32_t* ranks = self.aux1
         cdef int32_t* mids = self.aux2
         cdef Py_ssize_t i, bi
-        cdef int32_t best
+        cdef uint64_t best, v
         for i in range(n - 1):
             ranks[i] = merge_rank(&self.merges, s[i], s[i + 1], &mids[i])
         while n > 1:
-            best = NO_RANK
-            bi = -1
+            # (rank, position) packed in one integer: a branch-free minimum (the comparisons
+            # are unpredictable), lowest rank first, leftmost on ties
+            best = (<uint64_t>NO_RANK) << 32
             for i in range(n - 1):
-                if ranks[i] < best:
-                    best = ranks[i]
-                    bi = i
-            if bi < 0:
+                v = ((<uint64_t><uint32_t>ranks[i]) << 32) | <uint64_t>i
+                best = v if v < best else best
+            if (best >> 32) == <uint64_t>NO_RANK:
                 break
+            bi = <Py_ssize_t>(best & 0xFFFFFFFFu)
             s[bi] = mids[bi]
             # drop symbol bi+1 and the pair that started at it
-            memmove(s + bi + 1, s + bi + 2, (n - bi - 2) * sizeof(int32_t))
-            memmove(ranks + bi + 1, ranks + bi + 2, (n - bi - 3) * sizeof(int32_t) if n - bi - 3 > 0 else 0)
-            memmove(mids + bi + 1, mids + bi + 2, (n - bi - 3) * sizeof(int32_t) if n - bi - 3 > 0 else 0)
+            for i in range(bi + 1, n - 1):     # a loop: a libc call costs more for a few ints
+                s[i] = s[i + 1]
+            for i in range(bi + 1, n - 2):
+                ranks[i] = ranks[i + 1]
+                mids[i] = mids[i + 1]
             n -= 1
             if bi > 0:
                 ranks[bi - 1] = merge_rank(&self.merges, s[bi - 1], s[bi], &mids[bi - 1])
