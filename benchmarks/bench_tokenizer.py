@@ -146,6 +146,9 @@ def main():
     ap.add_argument("--full-reference", action="store_true",
                     help="also time the pure-Python trainer beyond 384 merges (minutes at 4096) and the "
                          "pure-Python encoder on the whole text")
+    ap.add_argument("--array-only", action="store_true",
+                    help="only the encode-to-array cases (warm and cold word cache, text without spaces at "
+                         "1 MB and 8 MB) beside tiktoken and HF tokenizers, at the first --merges value")
     args = ap.parse_args()
     if not HAVE_EXTENSION:
         sys.exit("molecule_gpt._bpe is not built: MOLECULE_GPT_ONLY=_bpe python setup.py build_ext --inplace")
@@ -165,6 +168,9 @@ def main():
     print(f"# corpus: {args.corpus}: {len(lines)} lines, {nbytes} bytes encoded as one str; "
           f"median of {args.repeats} interleaved runs unless noted")
     alphabet = hf_alphabet_size(lines) if hf else 0
+    if args.array_only:
+        encode_to_array(lines, text, int(args.merges.split(",")[0]), alphabet, args.repeats)
+        return
 
     for n in [int(x) for x in args.merges.split(",")]:
         # ---- training: ours and HF (1 thread), interleaved
@@ -268,6 +274,118 @@ def main():
         t, out = median_time(lambda: tok.encode(s), args.repeats)
         assert tok.decode(out) == " ".join(s.split())
         line("adverse", 4096, f"{name}", t * 1e3, "ms", f"({len(s.encode()) / 1e6:.2f} MB, {len(out)} ids)")
+
+
+def rounds(cases, repeats):
+    """Round-robin timing with two clocks: wall (perf_counter) and this process's CPU time
+    (process_time, which on a shared machine leaves out the time other jobs hold the core).
+    A case may set fn.t / fn.cpu itself to leave setup out. Returns {name: (wall, cpu, result)}
+    with medians over the rounds."""
+    wall = {name: [] for name in cases}
+    cpu = {name: [] for name in cases}
+    last = {}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            last[name] = None
+            c0, t0 = time.process_time(), time.perf_counter()
+            r = fn()
+            t, c = time.perf_counter() - t0, time.process_time() - c0
+            wall[name].append(getattr(fn, "t", t))
+            cpu[name].append(getattr(fn, "cpu", c))
+            last[name] = r
+            del r
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name]), last[name]) for name in cases}
+
+
+def encode_to_array(lines, text, n, alphabet, repeats):
+    """Encode to an array of ids, one thread, everything timed round-robin in the same run.
+
+    prose, warm: the word cache holds the text's words (one encode before timing);
+    prose, cold: the cache is emptied before every timed run (text it has not seen; the words
+    that repeat inside the text are still served from the cache after their first time);
+    no space: 1 MB and 8 MB of one letter repeated, a frequent word repeated, random letters
+    (a-z, seed 0): each one word, never cached. tiktoken: encode_to_numpy and encode_ordinary
+    (the faster is its figure); HF: encode_batch_fast of the lines (ids left in its objects).
+    Each line gives wall-clock and CPU-time figures (medians of the same rounds)."""
+    import random
+    nbytes = len(text.encode("utf-8"))
+    mb = nbytes / 1e6
+    tok = EvolvingTokenizer(lines)
+    tok.train_bpe(lines, n)
+    core = tok._core
+    enc_tt = tiktoken_from(tok, n) if tiktoken else None
+    hf_tok = hf_train(lines, n, alphabet) if hf else None
+
+    def cold():
+        core.clear_cache()
+        c0, t0 = time.process_time(), time.perf_counter()
+        ids = tok.encode_array(text)
+        cold.t, cold.cpu = time.perf_counter() - t0, time.process_time() - c0
+        return ids
+
+    tok.encode_array(text)
+    cases = {"warm": lambda: tok.encode_array(text), "cold": cold}
+    if enc_tt:
+        cases["tt_numpy"] = lambda: enc_tt.encode_to_numpy(text)
+        cases["tt_list"] = lambda: enc_tt.encode_ordinary(text)
+    if hf_tok:
+        cases["hf"] = lambda: hf_tok.encode_batch_fast(lines)
+    res = rounds(cases, repeats)
+    ids = tok.encode_array(text)
+    assert ids.tolist() == tok.encode(text) and tok.decode(ids) == " ".join(text.split())
+
+    def fig(name):
+        w, c = res[name][0], res[name][1]
+        return f"{mb / w:8.1f} MB/s wall {mb / c:8.1f} MB/s cpu"
+
+    print(f"array   {n:>5} merges  molecule_gpt warm cache   {fig('warm')}  ({len(ids)} ids, int32)")
+    print(f"array   {n:>5} merges  molecule_gpt cold cache   {fig('cold')}  (cache emptied before each run)")
+    if enc_tt:
+        best = "tt_numpy" if res["tt_numpy"][0] < res["tt_list"][0] else "tt_list"
+        print(f"array   {n:>5} merges  tiktoken (1 thread)       {fig(best)}  "
+              f"({'encode_to_numpy' if best == 'tt_numpy' else 'encode_ordinary'}, the faster of the two; "
+              f"the other {mb / res['tt_list' if best == 'tt_numpy' else 'tt_numpy'][0]:.1f} MB/s wall); "
+              f"warm {res[best][0] / res['warm'][0]:.1f}x, cold {res[best][0] / res['cold'][0]:.1f}x tiktoken (wall)")
+    if hf_tok:
+        print(f"array   {n:>5} merges  HF tokenizers (1 thread)  {fig('hf')}  (encode_batch_fast of the lines); "
+              f"warm {res['hf'][0] / res['warm'][0]:.1f}x, cold {res['hf'][0] / res['cold'][0]:.1f}x HF (wall)")
+    prose = {k: (res[k][0] / nbytes * 1e9, res[k][1] / nbytes * 1e9) for k in ("warm", "cold")}
+    print(f"# prose ns/byte (wall, cpu): warm {prose['warm'][0]:.2f}, {prose['warm'][1]:.2f}; "
+          f"cold {prose['cold'][0]:.2f}, {prose['cold'][1]:.2f}")
+
+    rng = random.Random(0)
+    letters = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(8_000_000))
+    inputs = {"one letter": lambda size: "e" * size, "a frequent word": lambda size: ("the" * (size // 3 + 1))[:size],
+              "random letters": lambda size: letters[:size]}
+    peer_limit = 5.0          # a peer that needs longer than this for 1 MB is not run at 8 MB
+    for name, make in inputs.items():
+        per_byte = {}
+        for size in (1_000_000, 8_000_000):
+            s = make(size)
+            cases = {"ours": lambda: tok.encode_array(s)}
+            if enc_tt and (size == 1_000_000 or per_byte.get("tt", 0) * 1e6 < peer_limit):
+                cases["tt"] = lambda: enc_tt.encode_to_numpy(s)
+            if hf_tok and (size == 1_000_000 or per_byte.get("hf", 0) * 1e6 < peer_limit):
+                cases["hf"] = lambda: hf_tok.encode_batch_fast([s])
+            r = rounds(cases, repeats if size == 1_000_000 else max(3, repeats // 2))
+            out = r["ours"][2]
+            assert tok.decode(out) == s and out.tolist() == tok.encode(s)
+            peers = []
+            for key, label in (("tt", "tiktoken"), ("hf", "HF")):
+                if key in r:
+                    peers.append(f"{label} {r[key][0] / size * 1e9:.0f}")
+                    per_byte[key] = r[key][0] / size
+                else:
+                    peers.append(f"{label} not run (over {peer_limit:.0f} s at 1 MB)")
+            w, c = r["ours"][0] / size * 1e9, r["ours"][1] / size * 1e9
+            extra = ""
+            if size == 8_000_000:
+                extra = f"; per byte 8 MB / 1 MB = {w / per_byte['ours'][0]:.2f}x wall, {c / per_byte['ours'][1]:.2f}x cpu"
+            per_byte["ours"] = (w, c)
+            print(f"nospace {n:>5} merges  {name + ', ' + str(size // 1_000_000) + ' MB':<26}{w:8.2f} ns/B wall {c:8.2f} ns/B cpu"
+                  f"  = {w / prose['cold'][0]:.2f}x / {c / prose['cold'][1]:.2f}x cold prose, "
+                  f"{w / prose['warm'][0]:.2f}x / {c / prose['warm'][1]:.2f}x warm prose (wall / cpu){extra}; "
+                  f"peers ns/B wall: {', '.join(peers)}", flush=True)
 
 
 if __name__ == "__main__":
