@@ -88,8 +88,8 @@ cdef enum:
     EOW = -1              # the end-of-word marker </w> as a symbol
     NO_RANK = 2147483647  # (INT32_MAX) rank of a pair that has no merge
     CACHE_KEY = 32        # longest word (in code points) the per-word cache holds
-    SHORT_KEY = 8         # words of up to this many code points < 256 go to the short-word table
-    SHORT_IDS = 5         # ... when they encode to at most this many ids
+    SHORT_KEY = 16        # words of up to this many code points < 256 go to the short-word table
+    SHORT_IDS = 11        # ... when they encode to at most this many ids
     NAIVE_MAX = 48        # words of up to this many symbols use the O(n^2) rank scan
     HEAP_MAX = 1024       # longer segments use the rank buckets (monotone merge tables)
     MAX_JUNCTIONS = 1 << 22  # more junction pairs than this: long words are not cut
@@ -313,7 +313,8 @@ cdef struct CacheEntry:
 
 
 cdef struct ShortSlot:
-    uint64_t key     # the word's code points (each < 256), one byte each, first in the low byte
+    uint64_t key0    # the word's code points (each < 256), one byte each, first in the low byte
+    uint64_t key1    # code points 8-15
     uint32_t meta    # klen | nids << 8; 0 = free
     int32_t ids[SHORT_IDS]
 
@@ -355,7 +356,7 @@ cdef class BPECore:
     cdef uint32_t* cache_arena
     cdef Py_ssize_t cache_arena_n, cache_arena_cap
     cdef public uint64_t cache_hits, cache_misses, cache_resets
-    cdef ShortSlot* swt              # short-word table: key and ids in one 32-byte slot
+    cdef ShortSlot* swt              # short-word table: key and ids in one 64-byte slot
     cdef uint64_t swt_mask
     cdef Py_ssize_t swt_n
     # scratch: output ids and one word's symbols
@@ -624,7 +625,7 @@ cdef class BPECore:
         if old != NULL:
             for i in range(self.swt_mask + 1):
                 if old[i].meta:
-                    j = _short_hash(old[i].key, old[i].meta & 0xFF) & mask
+                    j = _short_hash(old[i].key0, old[i].key1, old[i].meta & 0xFF) & mask
                     while t[j].meta:
                         j = (j + 1) & mask
                     t[j] = old[i]
@@ -1157,7 +1158,7 @@ cdef int _encode_text(BPECore c, const char_t* data, Py_ssize_t n, bint bpe) exc
     Returns 0, or -2 when a character has no base symbols (its code point in c.err_cp)."""
     cdef Py_ssize_t start = 0, end = n, i, j, k, klen, before, nids
     cdef uint32_t cp, meta
-    cdef uint64_t hash, key, slot
+    cdef uint64_t hash, key, key1, slot
     cdef ShortSlot* ss = NULL
     cdef int32_t* dst
     cdef bint first = True
@@ -1195,25 +1196,29 @@ cdef int _encode_text(BPECore c, const char_t* data, Py_ssize_t n, bint bpe) exc
         first = False
         klen = j - i
         if klen <= SHORT_KEY and c.cache_max > 0:
-            # the short-word table: one 32-byte slot holds the key and the ids
+            # the short-word table: one 64-byte slot (a cache line) holds the key and the ids
             key = 0
+            key1 = 0
             for k in range(klen):
                 if data[i + k] > 0xFF:
                     break
-                key |= (<uint64_t>data[i + k]) << (8 * k)
+                if k < 8:
+                    key |= (<uint64_t>data[i + k]) << (8 * k)
+                else:
+                    key1 |= (<uint64_t>data[i + k]) << (8 * (k - 8))
             else:
                 meta = <uint32_t>klen
                 if c.swt == NULL:
                     c._swt_grow()
-                slot = _short_hash(key, meta) & c.swt_mask
+                slot = _short_hash(key, key1, meta) & c.swt_mask
                 while True:
                     ss = &c.swt[slot]
                     if ss.meta == 0:
                         break
-                    if ss.key == key and (ss.meta & 0xFF) == meta:
+                    if ss.key0 == key and ss.key1 == key1 and (ss.meta & 0xFF) == meta:
                         dst = c.out + c.out_n
                         nids = ss.meta >> 8
-                        for k in range(SHORT_IDS):   # fixed count: the slot has room for it
+                        for k in range(SHORT_IDS):   # fixed count: the out buffer has room for it
                             dst[k] = ss.ids[k]
                         c.out_n += nids
                         c.cache_hits += 1
@@ -1233,11 +1238,12 @@ cdef int _encode_text(BPECore c, const char_t* data, Py_ssize_t n, bint bpe) exc
                         c.cache_resets += 1
                     if 2 * (c.swt_n + 1) > <Py_ssize_t>(c.swt_mask + 1):
                         c._swt_grow()
-                    slot = _short_hash(key, meta) & c.swt_mask
+                    slot = _short_hash(key, key1, meta) & c.swt_mask
                     while c.swt[slot].meta:
                         slot = (slot + 1) & c.swt_mask
                     ss = &c.swt[slot]
-                    ss.key = key
+                    ss.key0 = key
+                    ss.key1 = key1
                     ss.meta = meta | (<uint32_t>nids << 8)
                     for k in range(nids):
                         ss.ids[k] = c.out[before + k]
@@ -1255,8 +1261,8 @@ cdef int _encode_text(BPECore c, const char_t* data, Py_ssize_t n, bint bpe) exc
     return 0
 
 
-cdef inline uint64_t _short_hash(uint64_t key, uint32_t klen) noexcept nogil:
-    return mix64(key ^ (<uint64_t>klen << 59))
+cdef inline uint64_t _short_hash(uint64_t key0, uint64_t key1, uint32_t klen) noexcept nogil:
+    return mix64(key0 ^ (key1 * <uint64_t>0x9E3779B97F4A7C15ULL) ^ (<uint64_t>klen << 59))
 
 
 cdef inline bint _same_key(const uint32_t* key, const char_t* w, Py_ssize_t n) noexcept nogil:
