@@ -65,6 +65,19 @@ cdef extern from "Python.h":
 
 cdef extern from *:
     """
+    /* Moves of a few ints: a plain loop. gcc would turn such a loop into a memmove call, which
+       costs more than the move itself at these sizes. */
+    #if defined(__GNUC__) && !defined(__clang__)
+    __attribute__((optimize("no-tree-loop-distribute-patterns")))
+    #endif
+    static void mgpt_move_i32(int32_t* dst, const int32_t* src, Py_ssize_t n) {
+        for (Py_ssize_t i = 0; i < n; i++) dst[i] = src[i];
+    }
+    """
+    void move_i32 "mgpt_move_i32"(int32_t* dst, const int32_t* src, Py_ssize_t n) noexcept nogil
+
+cdef extern from *:
+    """
     #define MGPT_EMPTY64 0xFFFFFFFFFFFFFFFFULL
     #define MGPT_EMPTY32 0xFFFFFFFFu
     #define MGPT_MIX1 0xff51afd7ed558ccdULL
@@ -736,11 +749,10 @@ cdef class BPECore:
             bi = <Py_ssize_t>(best & 0xFFFFFFFFu)
             s[bi] = mids[bi]
             # drop symbol bi+1 and the pair that started at it
-            for i in range(bi + 1, n - 1):     # a loop: a libc call costs more for a few ints
-                s[i] = s[i + 1]
-            for i in range(bi + 1, n - 2):
-                ranks[i] = ranks[i + 1]
-                mids[i] = mids[i + 1]
+            move_i32(s + bi + 1, s + bi + 2, n - bi - 2)
+            if n - bi - 3 > 0:
+                move_i32(ranks + bi + 1, ranks + bi + 2, n - bi - 3)
+                move_i32(mids + bi + 1, mids + bi + 2, n - bi - 3)
             n -= 1
             if bi > 0:
                 ranks[bi - 1] = merge_rank(&self.merges, s[bi - 1], s[bi], &mids[bi - 1])
@@ -831,9 +843,6 @@ cdef class BPECore:
         cdef uint32_t pk = 0, k
         cdef int32_t r, lo = NO_RANK, hi = -1, rk, a, b, m, p, q, nq, pp, merged = 0
         cdef uint64_t e
-        for i in range(n):
-            nxt[i] = <int32_t>(i + 1) if i + 1 < n else -1
-            prv[i] = <int32_t>(i - 1)
         for i in range(n - 1):
             rk = merge_rank(&self.merges, s[i], s[i + 1], &merged)
             if rk != NO_RANK:
@@ -844,6 +853,11 @@ cdef class BPECore:
                     lo = rk
                 if rk > hi:
                     hi = rk
+        if pk == 0:
+            return n                      # nothing merges: leave the lists unbuilt
+        for i in range(n):
+            nxt[i] = <int32_t>(i + 1) if i + 1 < n else -1
+            prv[i] = <int32_t>(i - 1)
         r = lo
         while r <= hi:
             if head[r] < 0:
@@ -932,8 +946,10 @@ cdef class BPECore:
             if got > 1:
                 got = self.apply_segment(s + start, got)
             if w != start:
-                for k in range(got):
-                    s[w + k] = s[start + k]
+                if got == 1:
+                    s[w] = s[start]
+                else:
+                    move_i32(s + w, s + start, got)
             w += got
             start = i + 1
         return w
