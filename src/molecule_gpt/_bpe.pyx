@@ -955,7 +955,8 @@ cdef class BPECore:
                             pk += 1
                             if rk > hi:
                                 hi = rk
-                    if nq >= 0:
+                    if nq >= 0 and not (a == b and s[nq] == a and nxt[nq] >= 0 and s[nxt[nq]] == a):
+                        # (in a run the next two a's merge right away: that pair would be stale)
                         rk = merge_rank(&self.merges, m, s[nq], &merged)
                         if rk != NO_RANK:
                             pool[pk] = ((<uint64_t>p) << 32) | <uint32_t>head[rk]
