@@ -289,15 +289,16 @@ cdef bint _map_put(MergeMap* m, int32_t a, int32_t b, int32_t rank, int32_t merg
     return new
 
 
-def _junction_pairs(eff, bint monotone):
+def _junction_pairs(eff, bint monotone, base):
     """The base-symbol pairs some merge can join across, or None when there are too many.
 
-    eff: the effective merges as (rank, left, right, merged), in rank order. first(t) / last(t):
-    the base symbols a symbol t can start / end with: t itself (it may be a base symbol) and
-    those of the left / right part of every merge producing t (a fixed point; one pass in rank
-    order when the table is monotone). A merge (x, y) joins across last(x) x first(y). If the two
-    base symbols on either side of a boundary are not such a pair, the first merge that would
-    cross that boundary cannot exist, so BPE on the two sides separately gives the same ids."""
+    eff: the effective merges as (rank, left, right, merged), in rank order; base: the set of
+    ids that can be base symbols (None: any id). first(t) / last(t): the base symbols a symbol
+    t can start / end with: t itself if it may be a base symbol, and those of the left / right
+    part of every merge producing t (a fixed point; one pass in rank order when the table is
+    monotone). A merge (x, y) joins across last(x) x first(y). If the two base symbols on
+    either side of a boundary are not such a pair, the first merge that would cross that
+    boundary cannot exist, so BPE on the two sides separately gives the same ids."""
     first, last = {}, {}
     changed = True
     while changed:
@@ -306,7 +307,7 @@ def _junction_pairs(eff, bint monotone):
             for table, part in ((first, a), (last, b)):
                 dst = table.get(m)
                 if dst is None:
-                    dst = table[m] = {m}
+                    dst = table[m] = {m} if base is None or m in base else set()
                 src = table.get(part)
                 n0 = len(dst)
                 if src is None:
@@ -567,7 +568,10 @@ cdef class BPECore:
             if r > produced.get(m, -1):
                 produced[m] = r
         monotone = all(r > produced.get(a, -1) and r > produced.get(b, -1) for (a, b), (r, m) in eff.items())
-        junctions = _junction_pairs(sorted((r, a, b, m) for (a, b), (r, m) in eff.items()), monotone)
+        ordered = sorted((r, a, b, m) for (a, b), (r, m) in eff.items())
+        junctions = self._junctions_simple(ordered) if monotone else None
+        if junctions is None:
+            junctions = _junction_pairs(ordered, monotone, self._base_symbol_set())
         mm.slots = jm.slots = NULL
         try:
             cap = pow2_at_least(2 * nr + 2)
@@ -624,6 +628,72 @@ cdef class BPECore:
         self.monotone = monotone
         self.cut_ok = junctions is not None
         self.clear_cache()
+
+    cdef object _junctions_simple(self, list ordered):
+        """_junction_pairs for the common case, in C arrays: a monotone table over this
+        vocabulary in which no merge produces a base symbol and every symbol starts and ends
+        with one base symbol only (first/last are single ids; true of trained tables). None
+        when the table is not of that kind (then _junction_pairs decides)."""
+        cdef Py_ssize_t V = self.vocab_size, v
+        cdef uint64_t i
+        cdef int32_t a, b, m, la, fb
+        cdef int32_t* first = NULL
+        cdef int32_t* last = NULL
+        cdef uint8_t* isbase = NULL
+        if V == 0:
+            return None
+        try:
+            first = <int32_t*>xrealloc(NULL, V * sizeof(int32_t))
+            last = <int32_t*>xrealloc(NULL, V * sizeof(int32_t))
+            isbase = <uint8_t*>xrealloc(NULL, V)
+            memset(isbase, 0, V)
+            for v in range(256):
+                if 0 <= self.latin1[v] < V:
+                    isbase[self.latin1[v]] = 1
+                if 0 <= self.byte_id[v] < V:
+                    isbase[self.byte_id[v]] = 1
+            for i in range(self.cpmap.mask + 1):
+                if self.cpmap.slots[i].cp != EMPTY32 and 0 <= self.cpmap.slots[i].id < V:
+                    isbase[self.cpmap.slots[i].id] = 1
+            for v in range(V):
+                first[v] = last[v] = <int32_t>v if isbase[v] else NOT_FOUND
+            out = []
+            for _, a, b, m in ordered:
+                if not (0 <= a < V and (b == EOW or 0 <= b < V) and 0 <= m < V) or isbase[m]:
+                    return None
+                la = last[a]
+                fb = EOW if b == EOW else first[b]
+                if la == NOT_FOUND or fb == NOT_FOUND:
+                    return None
+                if first[m] == NOT_FOUND:
+                    first[m] = first[a]
+                    last[m] = EOW if b == EOW else last[b]
+                elif first[m] != first[a] or last[m] != (EOW if b == EOW else last[b]):
+                    return None
+                out.append((la, fb))
+            return out
+        finally:
+            free(first)
+            free(last)
+            free(isbase)
+
+    cdef object _base_symbol_set(self):
+        """The ids encode can put in a word before merging (character and byte tokens, EOW), or
+        None before set_vocab (then any id may be one)."""
+        cdef Py_ssize_t v
+        cdef uint64_t i
+        if self.vocab_size == 0:
+            return None
+        out = {EOW}
+        for v in range(256):
+            if self.latin1[v] >= 0:
+                out.add(self.latin1[v])
+            if self.byte_id[v] >= 0:
+                out.add(self.byte_id[v])
+        for i in range(self.cpmap.mask + 1):
+            if self.cpmap.slots[i].cp != EMPTY32:
+                out.add(self.cpmap.slots[i].id)
+        return out
 
     @property
     def monotone_merges(self):
