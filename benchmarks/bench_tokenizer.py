@@ -355,7 +355,12 @@ def encode_to_array(lines, text, n, alphabet, repeats):
 
     rng = random.Random(0)
     letters = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(8_000_000))
-    inputs = {"one letter": lambda size: "e" * size, "a frequent word": lambda size: ("the" * (size // 3 + 1))[:size],
+    # the letter whose doubled pair merges earliest (a run of it really merges), else "e"
+    doubled = [(core.merge_rank(tok.tokens.index(ch), tok.tokens.index(ch))[0], ch) for ch in "abcdefghijklmnopqrstuvwxyz"
+               if ch in tok.tokens and core.merge_rank(tok.tokens.index(ch), tok.tokens.index(ch))]
+    letter = min(doubled)[1] if doubled else "e"
+    print(f"# no space: one letter = {letter!r} repeated, a frequent word = 'the' repeated, random letters a-z")
+    inputs = {"one letter": lambda size: letter * size, "a frequent word": lambda size: ("the" * (size // 3 + 1))[:size],
               "random letters": lambda size: letters[:size]}
     peer_limit = 5.0          # a peer that needs longer than this for 1 MB is not run at 8 MB
     for name, make in inputs.items():
