@@ -38,6 +38,12 @@ Notes (alternatives considered and rejected):
 - Training. One round = pop the best pair from a lazy max-heap, rewrite only the words that
   contain it (pair -> word list), subtract the old pair counts of those words and add the new
   ones. Recounting everything every round (the original) is O(rounds * corpus).
+- Short-word table, in front of the word cache. Words of up to SHORT_KEY code points, all
+  below 256, that encode to at most SHORT_IDS ids (most English words) live in a table of
+  64-byte slots holding the key bytes and the ids: a hit reads one cache line, where the word
+  cache reads a table slot, an entry and the arena one after the other. It grows by doubling
+  and shares the `cache_words` bound (both are emptied together). Words are read in place from
+  the str (1, 2 or 4 bytes a code point); nothing is copied to look them up.
 """
 cimport cython
 from cpython.ref cimport PyObject
