@@ -2,6 +2,7 @@
 #include "pool.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <time.h>
@@ -13,19 +14,24 @@
 #endif
 
 static struct {
-    pthread_mutex_t mu;     /* guards the job fields, gen and the sleeps */
-    pthread_cond_t wake;    /* workers sleep here until gen changes */
-    pthread_cond_t done;    /* the caller sleeps here until pending reaches 0 */
+    pthread_mutex_t mu;     /* guards the sleeps (never taken on the spinning paths) */
+    pthread_cond_t wake;    /* sleeping workers wait here for their ticket */
+    pthread_cond_t done;    /* a sleeping caller waits here for pending to reach 0 */
     pthread_mutex_t busy;   /* held by the caller whose job is running */
-    unsigned long gen;      /* job number: bumped under mu when a job is posted */
-    mg_pool_fn fn;          /* the job: parts 1 .. n_parts-1 run on workers 1 .. n_parts-1 */
+    mg_pool_fn fn;          /* the job; written only while no worker runs a part */
     void* ctx;
-    int n_parts;
+    unsigned long job;      /* jobs posted */
     int pending;            /* worker parts not finished yet */
-    int n_threads;          /* workers started */
-    unsigned long start_gen[MG_POOL_MAX_THREADS];
+    int sleepers;           /* workers asleep on wake (or about to be) */
+    int caller_sleeping;    /* the caller is asleep on done (or about to be) */
+    int n_threads;          /* workers started; worker w runs part w (w >= 1) */
+    /* ticket[w]: the job worker w must run part w of. Only the workers a job needs get a
+     * ticket, and a job ends only when they are done, so fn and ctx are stable while read. */
+    unsigned long ticket[MG_POOL_MAX_THREADS];
 } P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-       PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0, 0, {0}};
+       PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0, 0, 0, {0}};
+
+#define MG_POOL_HOT_SPIN_NS 20000L   /* the first part of a spin, without yielding */
 
 static __thread int in_part;   /* this thread is running a part: a nested call runs serially */
 
@@ -35,8 +41,11 @@ static long elapsed_ns(const struct timespec* t0) {
     return (t.tv_sec - t0->tv_sec) * 1000000000L + (t.tv_nsec - t0->tv_nsec);
 }
 
-/* Spin until *word != value or MG_POOL_SPIN_NS have passed; 1 if it changed. */
-static int spin_while_ulong(const unsigned long* word, unsigned long value) {
+/* Spin until *word != value or spin_ns have passed; 1 if it changed. After MG_POOL_HOT_SPIN_NS
+ * the spinner yields every 64 polls: when more threads want the cores than there are (another
+ * process, or this job's own threads while one is descheduled), the one that has work runs
+ * instead of waiting for the spinner's time slice; on a quiet machine nobody takes the core. */
+static int spin_while_equal(const unsigned long* word, unsigned long value, long spin_ns) {
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (;;) {
@@ -44,11 +53,13 @@ static int spin_while_ulong(const unsigned long* word, unsigned long value) {
             if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != value) return 1;
             MG_CPU_RELAX();
         }
-        if (elapsed_ns(&t0) > MG_POOL_SPIN_NS) return 0;
+        long ns = elapsed_ns(&t0);
+        if (ns > spin_ns) return 0;
+        if (ns > MG_POOL_HOT_SPIN_NS) sched_yield();
     }
 }
 
-static int spin_while_nonzero(const int* word) {
+static int spin_while_nonzero(const int* word, long spin_ns) {
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (;;) {
@@ -56,31 +67,32 @@ static int spin_while_nonzero(const int* word) {
             if (__atomic_load_n(word, __ATOMIC_ACQUIRE) == 0) return 1;
             MG_CPU_RELAX();
         }
-        if (elapsed_ns(&t0) > MG_POOL_SPIN_NS) return 0;
+        long ns = elapsed_ns(&t0);
+        if (ns > spin_ns) return 0;
+        if (ns > MG_POOL_HOT_SPIN_NS) sched_yield();
     }
 }
 
+/* The sleeps pair a flag with the condition each side checks after setting its own (sequentially
+ * consistent on both sides): either the sleeper sees the change, or the waker sees the sleeper
+ * and signals under mu, which the sleeper holds until it waits. */
 static void* worker_main(void* arg) {
     int w = (int)(intptr_t)arg;
-    unsigned long seen = P.start_gen[w];
+    unsigned long seen = 0;
     for (;;) {
-        mg_pool_fn fn;
-        void* ctx;
-        int n_parts;
-        spin_while_ulong(&P.gen, seen);
-        /* the job is read under mu, so fn, ctx and n_parts belong to the gen read with them */
-        pthread_mutex_lock(&P.mu);
-        while (P.gen == seen) pthread_cond_wait(&P.wake, &P.mu);
-        seen = P.gen;
-        fn = P.fn;
-        ctx = P.ctx;
-        n_parts = P.n_parts;
-        pthread_mutex_unlock(&P.mu);
-        if (w >= n_parts) continue;
+        if (!spin_while_equal(&P.ticket[w], seen, MG_POOL_WORKER_SPIN_NS)) {
+            pthread_mutex_lock(&P.mu);
+            __atomic_add_fetch(&P.sleepers, 1, __ATOMIC_SEQ_CST);
+            while (__atomic_load_n(&P.ticket[w], __ATOMIC_SEQ_CST) == seen) pthread_cond_wait(&P.wake, &P.mu);
+            __atomic_sub_fetch(&P.sleepers, 1, __ATOMIC_SEQ_CST);
+            pthread_mutex_unlock(&P.mu);
+        }
+        seen = __atomic_load_n(&P.ticket[w], __ATOMIC_ACQUIRE);
         in_part = 1;
-        fn(ctx, w);
+        P.fn(P.ctx, w);
         in_part = 0;
-        if (__atomic_sub_fetch(&P.pending, 1, __ATOMIC_ACQ_REL) == 0) {
+        if (__atomic_sub_fetch(&P.pending, 1, __ATOMIC_SEQ_CST) == 0 &&
+            __atomic_load_n(&P.caller_sleeping, __ATOMIC_SEQ_CST)) {
             pthread_mutex_lock(&P.mu);
             pthread_cond_signal(&P.done);
             pthread_mutex_unlock(&P.mu);
@@ -97,56 +109,64 @@ static void reset_in_child(void) {
     pthread_mutex_init(&P.busy, NULL);
     P.n_threads = 0;
     P.pending = 0;
+    P.sleepers = 0;
+    P.caller_sleeping = 0;
+    for (int w = 0; w < MG_POOL_MAX_THREADS; w++) P.ticket[w] = 0;
     in_part = 0;
 }
 
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 static void register_atfork(void) { pthread_atfork(NULL, NULL, reset_in_child); }
 
-/* Start workers until n - 1 exist (called under mu, before gen is bumped). Workers block every
- * signal, so signals reach the interpreter's threads. */
+/* Start workers until n - 1 exist (by the caller holding busy). Workers block every signal, so
+ * signals reach the interpreter's threads. */
 static void start_workers(int n) {
     sigset_t all, old;
+    if (P.n_threads >= n - 1) return;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     while (P.n_threads < n - 1) {
         int w = P.n_threads + 1;
         pthread_t t;
-        P.start_gen[w] = P.gen;
+        __atomic_store_n(&P.ticket[w], 0, __ATOMIC_RELAXED);
         if (pthread_create(&t, NULL, worker_main, (void*)(intptr_t)w) != 0) break;
         pthread_detach(t);
-        P.n_threads = w;
+        __atomic_store_n(&P.n_threads, w, __ATOMIC_RELAXED);
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
 int mg_pool_run(mg_pool_fn fn, void* ctx, int n) {
-    int i, m;
+    int i, m, w;
     if (n > MG_POOL_MAX_THREADS) n = MG_POOL_MAX_THREADS;
     if (n <= 1 || in_part || pthread_mutex_trylock(&P.busy) != 0) {
         for (i = 0; i < n; i++) fn(ctx, i);
         return 0;
     }
     pthread_once(&atfork_once, register_atfork);
-    pthread_mutex_lock(&P.mu);
     start_workers(n);
     m = n < P.n_threads + 1 ? n : P.n_threads + 1;
     P.fn = fn;
     P.ctx = ctx;
-    P.n_parts = m;
-    __atomic_store_n(&P.pending, m - 1, __ATOMIC_RELAXED);
-    __atomic_store_n(&P.gen, P.gen + 1, __ATOMIC_RELEASE);
-    pthread_cond_broadcast(&P.wake);
-    pthread_mutex_unlock(&P.mu);
+    P.job++;
+    __atomic_store_n(&P.pending, m - 1, __ATOMIC_SEQ_CST);
+    for (w = 1; w < m; w++) __atomic_store_n(&P.ticket[w], P.job, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&P.sleepers, __ATOMIC_SEQ_CST)) {
+        pthread_mutex_lock(&P.mu);
+        pthread_cond_broadcast(&P.wake);
+        pthread_mutex_unlock(&P.mu);
+    }
 
     in_part = 1;
     fn(ctx, 0);
     for (i = m; i < n; i++) fn(ctx, i);   /* parts without a worker thread */
     in_part = 0;
 
-    if (!spin_while_nonzero(&P.pending)) {
+    if (!spin_while_nonzero(&P.pending, MG_POOL_CALLER_SPIN_NS)) {
         pthread_mutex_lock(&P.mu);
-        while (__atomic_load_n(&P.pending, __ATOMIC_ACQUIRE) != 0) pthread_cond_wait(&P.done, &P.mu);
+        __atomic_store_n(&P.caller_sleeping, 1, __ATOMIC_SEQ_CST);
+        while (__atomic_load_n(&P.pending, __ATOMIC_SEQ_CST) != 0) pthread_cond_wait(&P.done, &P.mu);
+        __atomic_store_n(&P.caller_sleeping, 0, __ATOMIC_SEQ_CST);
         pthread_mutex_unlock(&P.mu);
     }
     pthread_mutex_unlock(&P.busy);
@@ -154,9 +174,5 @@ int mg_pool_run(mg_pool_fn fn, void* ctx, int n) {
 }
 
 int mg_pool_threads(void) {
-    int n;
-    pthread_mutex_lock(&P.mu);
-    n = P.n_threads;
-    pthread_mutex_unlock(&P.mu);
-    return n;
+    return __atomic_load_n(&P.n_threads, __ATOMIC_RELAXED);
 }

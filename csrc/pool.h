@@ -3,9 +3,9 @@
  * mg_pool_run(fn, ctx, n) calls fn(ctx, i) for every i in [0, n) and returns when all calls
  * have returned: part 0 on the calling thread, part i on worker thread i (the same thread for
  * the same i every time, so which thread computes what never depends on timing and results are
- * bit-reproducible). A waiting thread spins for a short while (MG_POOL_SPIN_NS) and then sleeps
- * on a condition variable: on a quiet machine the next step's wake-up is a spin away; beside
- * another busy process a waiting thread gives its core away instead of burning its time slice.
+ * bit-reproducible). A waiting thread spins for a short while (below) and then sleeps on a
+ * condition variable: on a quiet machine the next region's wake-up is a spin away; beside
+ * another busy process a waiting thread soon gives its core away instead of burning it.
  *
  * Why C: threads, atomics with explicit memory order and pthread_atfork are not expressible in
  * portable Cython. OpenMP's runtime spins for a fixed count (and forever under
@@ -24,8 +24,17 @@ extern "C" {
 #endif
 
 #define MG_POOL_MAX_THREADS 256
-#ifndef MG_POOL_SPIN_NS
-#define MG_POOL_SPIN_NS 50000L /* how long a waiting thread spins before it sleeps */
+/* How long a waiting thread spins before it sleeps. A worker waits between the parallel
+ * regions of consecutive steps (the step's Python and serial parts: well under a millisecond at
+ * the default config), so it spins that long; waking a sleeping thread costs tens of
+ * microseconds (on a virtual machine, an idle vCPU's wake-up). The caller waits only for the
+ * other parts of its own job, which take as long as its own unless a core is busy: a short spin,
+ * then it sleeps and gives its core to the thread that still works. */
+#ifndef MG_POOL_WORKER_SPIN_NS
+#define MG_POOL_WORKER_SPIN_NS 1000000L
+#endif
+#ifndef MG_POOL_CALLER_SPIN_NS
+#define MG_POOL_CALLER_SPIN_NS 200000L
 #endif
 
 typedef void (*mg_pool_fn)(void* ctx, int part);
