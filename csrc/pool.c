@@ -122,10 +122,10 @@ static void register_atfork(void) { pthread_atfork(NULL, NULL, reset_in_child); 
  * signals reach the interpreter's threads. */
 static void start_workers(int n) {
     sigset_t all, old;
-    if (P.n_threads >= n - 1) return;
+    if (P.n_threads >= n - 1 || P.n_threads >= MG_POOL_MAX_THREADS - 1) return;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    while (P.n_threads < n - 1) {
+    while (P.n_threads < n - 1 && P.n_threads < MG_POOL_MAX_THREADS - 1) {
         int w = P.n_threads + 1;
         pthread_t t;
         __atomic_store_n(&P.ticket[w], 0, __ATOMIC_RELAXED);
@@ -138,7 +138,6 @@ static void start_workers(int n) {
 
 int mg_pool_run(mg_pool_fn fn, void* ctx, int n) {
     int i, m, w;
-    if (n > MG_POOL_MAX_THREADS) n = MG_POOL_MAX_THREADS;
     if (n <= 1 || in_part || pthread_mutex_trylock(&P.busy) != 0) {
         for (i = 0; i < n; i++) fn(ctx, i);
         return 0;

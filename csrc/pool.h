@@ -39,8 +39,8 @@ extern "C" {
 
 typedef void (*mg_pool_fn)(void* ctx, int part);
 
-/* Run fn(ctx, i) for i in [0, n); n <= MG_POOL_MAX_THREADS. Returns how many parts ran on
- * worker threads (the rest ran on the caller). Callable without the GIL. */
+/* Run fn(ctx, i) for i in [0, n). Returns how many parts ran on worker threads (at most
+ * MG_POOL_MAX_THREADS - 1; the rest ran on the caller). Callable without the GIL. */
 int mg_pool_run(mg_pool_fn fn, void* ctx, int n);
 
 /* Worker threads started so far (tests). */

@@ -25,17 +25,20 @@ def test_a_waiting_thread_sleeps_instead_of_spinning(slow_part):
     that spins while it waits (OpenMP's active policy) spends about twice that."""
     _core._pool_busy(2, 1, 0.001)  # start the worker
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    on_workers = _core._pool_busy(2, slow_part, 0.3)
+    on_workers, ran = _core._pool_busy(2, slow_part, 0.3)
     time.sleep(0.2)  # the worker, idle again, must not burn this either
     cpu = time.process_time() - cpu0
-    assert on_workers == 1 and _core.pool_threads() >= 1
+    assert on_workers == 1 and ran == 2 and _core.pool_threads() >= 1
     assert cpu < 0.3 + 0.08, f"{cpu:.3f} s of CPU for 0.3 s of work in {time.perf_counter() - wall0:.3f} s"
 
 
-def test_more_parts_than_threads_and_nested_calls_run_every_part():
-    """Parts without a worker and calls from inside a part run on the calling thread."""
-    assert _core._pool_busy(1, 0, 0.0) == 0
-    assert _core._pool_busy(3, 2, 0.01) >= 1
+def test_every_part_runs_however_many_are_asked():
+    """One part runs on the caller; parts beyond the pool's thread limit run there too."""
+    assert _core._pool_busy(1, 0, 0.0) == (0, 1)
+    on_workers, ran = _core._pool_busy(3, 2, 0.01)
+    assert ran == 3 and 1 <= on_workers <= 2
+    on_workers, ran = _core._pool_busy(300, 299, 0.0)
+    assert ran == 300 and on_workers <= 255
 
 
 def run_steps(n_threads, batches, results, key):
@@ -101,5 +104,5 @@ def test_training_is_bit_reproducible_on_the_pool():
 @pytest.mark.skipif(os.cpu_count() is None, reason="needs the core count")
 def test_the_pool_starts_no_more_workers_than_asked():
     n = _core.pool_threads()
-    _core._pool_busy(2, 0, 0.0)
+    assert _core._pool_busy(2, 0, 0.0) == (1, 2)
     assert _core.pool_threads() == max(n, 1)

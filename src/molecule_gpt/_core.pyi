@@ -46,7 +46,7 @@ def plan_arena(n_layer: int, n_embd: int, n_head: int, block_size: int, vocab_si
     # Engine.plan of an engine of these shapes, every linear carrying `modules` delta modules per part
 def run(engines: list[Engine], forward: bool, with_loss: bool, backward: bool) -> list[bool]: ...
 def pool_threads() -> int: ...  # worker threads csrc/pool.c has started in this process
-def _pool_busy(n_parts: int, slow_part: int, seconds: float) -> int: ...  # tests: a job of n_parts parts
+def _pool_busy(n_parts: int, slow_part: int, seconds: float) -> tuple[int, int]: ...  # tests: (on workers, parts run)
 def rows_to_ids(batch: object, vocab_size: int) -> np.ndarray | None: ...
     # equal-length lists of plain ints in [0, vocab_size) -> (S, L) int32; None otherwise
 def adam_update(params: np.ndarray, grads: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float, beta1: float,

@@ -828,12 +828,14 @@ def pool_threads() -> int:
 ctypedef struct BusyJob:
     int slow_part
     double seconds
+    char* ran       # ran[i] = 1 once part i has run
 
 
 cdef void _busy_part(void* ctx, int i) noexcept nogil:
     cdef BusyJob* job = <BusyJob*>ctx
     cdef timespec t0, t
     cdef double spent = 0
+    job.ran[i] = 1
     if i != job.slow_part:
         return
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0)
@@ -842,16 +844,23 @@ cdef void _busy_part(void* ctx, int i) noexcept nogil:
         spent = (t.tv_sec - t0.tv_sec) + (t.tv_nsec - t0.tv_nsec) * 1e-9
 
 
-def _pool_busy(int n_parts, int slow_part, double seconds) -> int:
+def _pool_busy(int n_parts, int slow_part, double seconds):
     """Tests: run n_parts parts on the step pool, part slow_part computing for `seconds` of its
-    thread's CPU time and the others returning at once. Returns the parts run on workers."""
+    thread's CPU time and the others returning at once. Returns (parts run on workers, parts
+    that ran)."""
     cdef BusyJob job
-    cdef int on_workers
+    cdef int on_workers, i, n_ran = 0
     job.slow_part = slow_part
     job.seconds = seconds
+    job.ran = <char*>calloc(max(n_parts, 1), 1)
+    if job.ran == NULL:
+        raise MemoryError()
     with nogil:
         on_workers = mg_pool_run(_busy_part, &job, n_parts)
-    return on_workers
+    for i in range(n_parts):
+        n_ran += job.ran[i]
+    free(job.ran)
+    return on_workers, n_ran
 
 
 def rows_to_ids(batch, Py_ssize_t vocab_size):
