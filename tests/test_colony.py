@@ -182,7 +182,16 @@ def test_killing_a_host_mid_conversation_loses_only_the_turns_since_its_save(col
     url, client = served
     name = "o6"
     h = colony.get(name)
-    base = len(h.memory_and_corpus()["messages"])
+    # earlier tests chatted with o6 and their learning is not awaited: let it land, then save, so
+    # this test's count of turns since the save starts at 0
+    counts = [len(h.memory_and_corpus()["messages"])]
+    for _ in range(120):
+        time.sleep(1.0)
+        counts.append(len(h.memory_and_corpus()["messages"]))
+        if counts[-1] == counts[-2]:
+            break
+    assert h.save()["turns_since_save"] == 0
+    base = counts[-1]
     history = []
     for i in range(5):  # 5 turns; a save every 2 learned turns: turn 5 is not saved yet
         history.append({"role": "user", "content": f"turn {i}: remember the buoy number {i * 7}."})
