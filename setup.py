@@ -8,7 +8,6 @@ reference bit for bit):
   MOLECULE_GPT_DEBUG_CYTHON=1   boundscheck on, -O0 -g
   MOLECULE_GPT_NATIVE=1         -march=native
   MOLECULE_GPT_FAST_MATH=1      -ffast-math
-  MOLECULE_GPT_NO_OPENMP=1      build without OpenMP even when the compiler has it
   MOLECULE_GPT_ONLY=_core,_bpe  build only these extensions (development convenience)
   MOLECULE_GPT_SANITIZE=1       AddressSanitizer + UndefinedBehaviorSanitizer (gcc/clang):
                                 -fsanitize=address,undefined,float-cast-overflow -fno-wrapv
@@ -20,8 +19,6 @@ reference bit for bit):
 """
 import os
 import pathlib
-import sys
-import tempfile
 
 import numpy
 from Cython.Build import cythonize
@@ -50,6 +47,7 @@ DIRECTIVES = {
 # extension stem -> C files from csrc/ compiled into it
 C_SOURCES = {
     "_core": ["csrc/arena.c", "csrc/pool.c"],
+    "_decode": ["csrc/pool.c"],
 }
 
 
@@ -91,8 +89,10 @@ def extensions():
     return exts
 
 
-class BuildExtOpenMP(build_ext):
-    """Add -fopenmp where the compiler accepts it; warn and build serial otherwise."""
+class BuildExt(build_ext):
+    """build_ext that never reuses an object built with other flags under MOLECULE_GPT_SANITIZE.
+    No OpenMP runtime is linked: threads come from csrc/pool.c; `omp simd` needs only
+    -fopenmp-simd (compile_args)."""
 
     def finalize_options(self):
         super().finalize_options()
@@ -101,33 +101,10 @@ class BuildExtOpenMP(build_ext):
             # an object or library built with other flags (an in-place build shares src/)
             self.force = True
 
-    def build_extensions(self):
-        use_openmp = os.environ.get("MOLECULE_GPT_NO_OPENMP", "0") != "1" and self._has_openmp()
-        if not use_openmp:
-            print("molecule-gpt: building without OpenMP (kernels run serial)", file=sys.stderr)
-        for ext in self.extensions:
-            if use_openmp:
-                ext.extra_compile_args.append("-fopenmp")
-                ext.extra_link_args.append("-fopenmp")
-        super().build_extensions()
-
-    def _has_openmp(self):
-        if self.compiler.compiler_type == "msvc":
-            return False
-        with tempfile.TemporaryDirectory() as tmp:
-            src = pathlib.Path(tmp) / "omp.c"
-            src.write_text("#include <omp.h>\nint main(void){return omp_get_max_threads()<1;}\n")
-            try:
-                objs = self.compiler.compile([str(src)], output_dir=tmp, extra_postargs=["-fopenmp"])
-                self.compiler.link_executable(objs, str(pathlib.Path(tmp) / "omp"), extra_postargs=["-fopenmp"])
-            except Exception:
-                return False
-        return True
-
 
 setup(
     ext_modules=cythonize(extensions(), compiler_directives=DIRECTIVES),
-    cmdclass={"build_ext": BuildExtOpenMP},
+    cmdclass={"build_ext": BuildExt},
     # a sanitized build keeps its objects and libraries apart from the normal build's build/lib*
     options={"build": {"build_base": "build/sanitize"}} if SANITIZE else {},
 )

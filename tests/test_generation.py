@@ -141,6 +141,22 @@ def test_prefill_equals_stepwise_feeding():
     assert np.abs(a - b).max() < 1e-12
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_decoder_threads_split_large_products_with_the_same_numbers(dtype):
+    """Products of >= 128k weights are split by rows over the worker pool (csrc/pool.c): each
+    row's sum is computed as on one thread, so prefill and every step agree bit for bit."""
+    m = make_model(dtype, n_delta=1, V=301, n_embd=256, n_head=4, head_types=("content", "rrpram", "hybrid", "hybrid"),
+                   block_size=16)
+    w = fold_weights(m)
+    one = _decode.Decoder(w, m.vocab_size, m.config.block_size, 1)
+    two = _decode.Decoder(w, m.vocab_size, m.config.block_size, 2)
+    ids = [5, 17, 200, 3, 99, 42]
+    assert np.array_equal(one.prefill(ids), two.prefill(ids))
+    for t in [7, 250, 1, 300, 12, 8, 64, 9, 10, 11, 150, 13, 14]:  # past block_size: a re-prefill too
+        assert np.array_equal(one.feed(t), two.feed(t))
+    assert np.abs(two.prefill(ids) - m.logits(ids)[-1]).max() < (1e-10 if dtype == "float64" else 2e-4)
+
+
 def test_fold_weights_skips_zero_alpha_modules_exactly():
     m = make_model("float64", n_delta=3)
     m.set_delta_alpha(1, 0.0)

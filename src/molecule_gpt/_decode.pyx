@@ -45,7 +45,9 @@ from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memset, memcpy
 from libc.math cimport exp, log, sqrt, fabs, INFINITY, isnan
 from libc.stdint cimport uint64_t, int64_t, uint8_t
-from cython.parallel cimport prange
+cdef extern from "pool.h" nogil:  # the worker pool the training step runs on (csrc/pool.c)
+    ctypedef void (*mg_pool_fn)(void* ctx, int part) noexcept nogil
+    int mg_pool_run(mg_pool_fn fn, void* ctx, int n)
 
 import numpy as np
 
@@ -111,19 +113,37 @@ cdef inline void matvec(floating* y, const floating* A, const floating* x, Py_ss
 cdef Py_ssize_t PAR_MIN_WEIGHTS = 1 << 17
 
 
+ctypedef struct ProductJob:  # one product split by rows over the pool's parts
+    void* C
+    const void* A
+    const void* B
+    Py_ssize_t M, N, K, lda, ldb, ldc, chunk
+    bint is_double
+
+
+cdef void _matvec_part(void* ctx, int t) noexcept nogil:
+    cdef ProductJob* j = <ProductJob*>ctx
+    cdef Py_ssize_t r0 = t * j.chunk, r1 = min(j.M, r0 + j.chunk)
+    if r1 <= r0:
+        return
+    if j.is_double:
+        matvec(<double*>j.C + r0, <const double*>j.A + r0 * j.lda, <const double*>j.B, r1 - r0, j.K, j.lda)
+    else:
+        matvec(<float*>j.C + r0, <const float*>j.A + r0 * j.lda, <const float*>j.B, r1 - r0, j.K, j.lda)
+
+
 cdef void matvec_par(floating* y, const floating* A, const floating* x, Py_ssize_t M, Py_ssize_t K,
                      Py_ssize_t lda, int nt) noexcept nogil:
-    """matvec with the rows split over nt threads when the product is large enough."""
-    cdef Py_ssize_t chunk, t, r0, r1
+    """matvec with the rows split over nt parts of the worker pool when the product is large enough."""
+    cdef ProductJob job
     if nt <= 1 or M * K < PAR_MIN_WEIGHTS or M < 8 * nt:
         matvec(y, A, x, M, K, lda)
         return
-    chunk = ((M + nt - 1) // nt + 3) & ~(<Py_ssize_t>3)
-    for t in prange(nt, num_threads=nt, schedule="static"):
-        r0 = t * chunk
-        r1 = min(M, r0 + chunk)
-        if r1 > r0:
-            matvec(y + r0, A + r0 * lda, x, r1 - r0, K, lda)
+    job.C, job.A, job.B = <void*>y, <const void*>A, <const void*>x
+    job.M, job.K, job.lda = M, K, lda
+    job.chunk = ((M + nt - 1) // nt + 3) & ~(<Py_ssize_t>3)
+    job.is_double = floating is double
+    mg_pool_run(_matvec_part, &job, nt)
 
 
 cdef inline void mm_nt(floating* Cm, const floating* A, const floating* B, Py_ssize_t M, Py_ssize_t N,
@@ -135,19 +155,31 @@ cdef inline void mm_nt(floating* Cm, const floating* A, const floating* B, Py_ss
         mg_gemm_nt_d(Cm, A, B, M, N, K, lda, ldb, ldc)
 
 
+cdef void _mm_nt_part(void* ctx, int t) noexcept nogil:
+    cdef ProductJob* j = <ProductJob*>ctx
+    cdef Py_ssize_t r0 = t * j.chunk, r1 = min(j.M, r0 + j.chunk)
+    if r1 <= r0:
+        return
+    if j.is_double:
+        mm_nt(<double*>j.C + r0 * j.ldc, <const double*>j.A + r0 * j.lda, <const double*>j.B, r1 - r0, j.N, j.K,
+              j.lda, j.ldb, j.ldc)
+    else:
+        mm_nt(<float*>j.C + r0 * j.ldc, <const float*>j.A + r0 * j.lda, <const float*>j.B, r1 - r0, j.N, j.K,
+              j.lda, j.ldb, j.ldc)
+
+
 cdef void mm_nt_par(floating* Cm, const floating* A, const floating* B, Py_ssize_t M, Py_ssize_t N,
                     Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc, int nt) noexcept nogil:
-    """mm_nt with the input rows split over nt threads when the product is large enough."""
-    cdef Py_ssize_t chunk, t, r0, r1
+    """mm_nt with the input rows split over nt parts of the worker pool when the product is large enough."""
+    cdef ProductJob job
     if nt <= 1 or N * K < PAR_MIN_WEIGHTS or M < 3 * nt:
         mm_nt(Cm, A, B, M, N, K, lda, ldb, ldc)
         return
-    chunk = ((M + nt - 1) // nt + 2) // 3 * 3
-    for t in prange(nt, num_threads=nt, schedule="static"):
-        r0 = t * chunk
-        r1 = min(M, r0 + chunk)
-        if r1 > r0:
-            mm_nt(Cm + r0 * ldc, A + r0 * lda, B, r1 - r0, N, K, lda, ldb, ldc)
+    job.C, job.A, job.B = <void*>Cm, <const void*>A, <const void*>B
+    job.M, job.N, job.K, job.lda, job.ldb, job.ldc = M, N, K, lda, ldb, ldc
+    job.chunk = ((M + nt - 1) // nt + 2) // 3 * 3
+    job.is_double = floating is double
+    mg_pool_run(_mm_nt_part, &job, nt)
 
 
 # ---------------------------------------------------------------------------------------------
