@@ -1,11 +1,15 @@
 /* pool.h: the worker threads that run the parts of one training step at once.
  *
- * mg_pool_run(fn, ctx, n) calls fn(ctx, i) for every i in [0, n) and returns when all calls
- * have returned: part 0 on the calling thread, part i on worker thread i (the same thread for
- * the same i every time, so which thread computes what never depends on timing and results are
- * bit-reproducible). A waiting thread spins for a short while (below) and then sleeps on a
- * condition variable: on a quiet machine the next region's wake-up is a spin away; beside
- * another busy process a waiting thread soon gives its core away instead of burning it.
+ * mg_pool_run_on(fn, ctx, n, n_threads) calls fn(ctx, i) for every i in [0, n) on up to n_threads
+ * threads (the caller and n_threads - 1 workers) and returns when all calls have returned.
+ * Parts are taken in order by whichever of those threads is free, so fn(ctx, i) must compute
+ * the same whichever thread runs it (each part writes its own outputs): results are then
+ * bit-reproducible, and a thread that lost its core to another process does not hold the job
+ * up, since the others take the parts it has not started. A worker that wakes after every part
+ * was taken goes back to waiting; nobody waits for it. A waiting thread spins for a short
+ * while (below) and then sleeps on a condition variable: on a quiet machine the next region's
+ * wake-up is a spin away; beside another busy process a waiting thread soon gives its core
+ * away instead of burning it.
  *
  * Why C: threads, atomics with explicit memory order and pthread_atfork are not expressible in
  * portable Cython. OpenMP's runtime spins for a fixed count (and forever under
@@ -24,6 +28,7 @@ extern "C" {
 #endif
 
 #define MG_POOL_MAX_THREADS 256
+#define MG_POOL_MAX_PARTS 0xffff   /* a job of more parts runs serially on the caller */
 /* How long a waiting thread spins before it sleeps. A worker waits between the parallel
  * regions of consecutive steps (the step's Python and serial parts: well under a millisecond at
  * the default config), so it spins that long; waking a sleeping thread costs tens of
@@ -39,8 +44,12 @@ extern "C" {
 
 typedef void (*mg_pool_fn)(void* ctx, int part);
 
-/* Run fn(ctx, i) for i in [0, n). Returns how many parts ran on worker threads (at most
- * MG_POOL_MAX_THREADS - 1; the rest ran on the caller). Callable without the GIL. */
+/* Run fn(ctx, i) for i in [0, n) on at most n_threads threads (at most MG_POOL_MAX_THREADS).
+ * Returns how many parts ran on worker threads (the rest ran on the caller). Callable without
+ * the GIL. */
+int mg_pool_run_on(mg_pool_fn fn, void* ctx, int n, int n_threads);
+
+/* mg_pool_run_on with as many threads as parts (a product split into one part per thread). */
 int mg_pool_run(mg_pool_fn fn, void* ctx, int n);
 
 /* Worker threads started so far (tests). */

@@ -315,18 +315,18 @@ def test_adam_update_groups_bumps_each_step_after_its_update(rng):
         assert np.array_equal(grp.flat, p) and np.array_equal(grp.m, m) and np.array_equal(grp.v, v)
 
 
-@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
 def test_adam_update_groups_sums_other_workers_gradients(rng, n_threads):
     """extra_grads are summed into grad in Adam's pass (grad keeps the sum), threads split a
     large group: both give exactly what summing first and one plain update give."""
     class Group:
         pass
-    n = 3 * _core.ADAM_PARALLEL_MIN + 5  # large enough to split across threads
+    n = 3 * _core.ADAM_CHUNK_MIN + 5  # large enough to split across threads
     grp = Group()
     grp.flat, grp.grad = rng.normal(size=n), rng.normal(size=n)
     grp.m, grp.v, grp.step = rng.normal(size=n) * 0.1, np.abs(rng.normal(size=n)) * 0.1, 2
-    extras = [rng.normal(size=n), rng.normal(size=n)]
-    total = grp.grad + extras[0] + extras[1]
+    extras = [rng.normal(size=n), rng.normal(size=n), rng.normal(size=n)]
+    total = grp.grad + extras[0] + extras[1] + extras[2]
     p, m, v = grp.flat.copy(), grp.m.copy(), grp.v.copy()
     _core.adam_update(p, total, m, v, 0.01, 0.9, 0.99, 1e-8, 1.0, 3)
     _core.adam_update_groups([grp], 0.01, 0.9, 0.99, 1e-8, 1.0, [extras], n_threads)

@@ -8,21 +8,21 @@
 #   forward  - run the nodes in order;
 #   backward - zero the gradient half of the arena, run the nodes in reverse (creation order is
 #              already topological), accumulate parameter gradients.
-# All three run without the GIL, and `run` drives several engines (one per worker thread, each
+# All three run without the GIL, and `run` drives several engines (one per part of the batch, each
 # with its own sequences, arena and gradient buffers) at once on the worker threads of csrc/pool.c.
 # What it is not: policy. Validation, packing a batch, sizes,
 # parameter allocation and the optimizer schedule live in model.py.
 
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memset, memcpy
-from posix.time cimport clock_gettime, timespec
+from posix.time cimport clock_gettime, nanosleep, timespec
 
 cdef extern from "<time.h>" nogil:
     enum: CLOCK_THREAD_CPUTIME_ID
 
 cdef extern from "pool.h" nogil:
     ctypedef void (*mg_pool_fn)(void* ctx, int part) noexcept nogil
-    int mg_pool_run(mg_pool_fn fn, void* ctx, int n)
+    int mg_pool_run_on(mg_pool_fn fn, void* ctx, int n, int n_threads)
     int mg_pool_threads()
 
 from ._molecule cimport *
@@ -750,11 +750,11 @@ cdef inline void _shape_linear(mg_linear* lin, int nout, int nin, int n_ad, int 
     lin.rank = rank
 
 
-def worker_step(Py_ssize_t batch_size, Py_ssize_t block_size, Py_ssize_t n_threads):
-    """(positions, sum of squared lengths) of one worker's share of the largest batch: the step
-    every worker's arena is planned for (batch_size sequences of block_size positions, split
-    over n_threads workers)."""
-    per_worker = -(-batch_size // n_threads)
+def worker_step(Py_ssize_t batch_size, Py_ssize_t block_size, Py_ssize_t n_parts):
+    """(positions, sum of squared lengths) of one part's share of the largest batch: the step
+    every part's arena is planned for (batch_size sequences of block_size positions, dealt
+    into n_parts parts)."""
+    per_worker = (batch_size + n_parts - 1) // n_parts  # ceil
     return per_worker * block_size, per_worker * block_size * block_size
 
 
@@ -779,10 +779,12 @@ cdef void _run_part(void* ctx, int i) noexcept nogil:
     job.status[i] = (<Engine>job.engines[i])._step(job.forward, job.with_loss, job.backward)
 
 
-def run(list engines, bint forward, bint with_loss, bint backward):
-    """Run a step on every engine, engine i on worker thread i of csrc/pool.c (each engine has
-    its own batch, arena and gradient buffers, so they share nothing writable). Returns one bool
-    per engine: False when its arena was too small (that engine ran nothing)."""
+def run(list engines, bint forward, bint with_loss, bint backward, int n_threads):
+    """Run a step on every engine, on at most n_threads threads of csrc/pool.c, each engine
+    taken by whichever thread is free (each engine has its own batch, arena and gradient
+    buffers, so they share nothing writable and what one computes does not depend on the
+    thread). Returns one bool per engine: False when its arena was too small (that engine ran
+    nothing)."""
     cdef Py_ssize_t i, n = len(engines)
     cdef Engine e
     cdef RunJob job
@@ -805,7 +807,7 @@ def run(list engines, bint forward, bint with_loss, bint backward):
     job.with_loss = with_loss
     job.backward = backward
     with nogil:
-        mg_pool_run(_run_part, &job, <int>n)
+        mg_pool_run_on(_run_part, &job, <int>n, n_threads)
     out = []
     for i in range(n):
         e = engines[i]
@@ -827,36 +829,48 @@ def pool_threads() -> int:
 
 ctypedef struct BusyJob:
     int slow_part
-    double seconds
+    double seconds, others, nap
     char* ran       # ran[i] = 1 once part i has run
 
 
-cdef void _busy_part(void* ctx, int i) noexcept nogil:
-    cdef BusyJob* job = <BusyJob*>ctx
+cdef void _compute_for(double seconds) noexcept nogil:
+    """Burn `seconds` of this thread's CPU time."""
     cdef timespec t0, t
     cdef double spent = 0
-    job.ran[i] = 1
-    if i != job.slow_part:
-        return
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0)
-    while spent < job.seconds:
+    while spent < seconds:
         clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t)
         spent = (t.tv_sec - t0.tv_sec) + (t.tv_nsec - t0.tv_nsec) * 1e-9
 
 
-def _pool_busy(int n_parts, int slow_part, double seconds):
-    """Tests: run n_parts parts on the step pool, part slow_part computing for `seconds` of its
-    thread's CPU time and the others returning at once. Returns (parts run on workers, parts
-    that ran)."""
+cdef void _busy_part(void* ctx, int i) noexcept nogil:
+    cdef BusyJob* job = <BusyJob*>ctx
+    cdef timespec nap
+    job.ran[i] = 1
+    if i != job.slow_part:
+        _compute_for(job.others)
+        return
+    if job.nap > 0:
+        nap.tv_sec = <long>job.nap
+        nap.tv_nsec = <long>((job.nap - nap.tv_sec) * 1e9)
+        nanosleep(&nap, NULL)
+    _compute_for(job.seconds)
+
+
+def _pool_busy(int n_parts, int slow_part, double seconds, int n_threads=0, double others=0.0, double nap=0.0):
+    """Tests: run n_parts parts on at most n_threads threads of the step pool (0: as many as
+    parts). Part slow_part sleeps `nap` seconds and then computes for `seconds` of its thread's
+    CPU time; every other part computes for `others`. Returns (parts run on workers, parts that
+    ran)."""
     cdef BusyJob job
     cdef int on_workers, i, n_ran = 0
     job.slow_part = slow_part
-    job.seconds = seconds
+    job.seconds, job.others, job.nap = seconds, others, nap
     job.ran = <char*>calloc(max(n_parts, 1), 1)
     if job.ran == NULL:
         raise MemoryError()
     with nogil:
-        on_workers = mg_pool_run(_busy_part, &job, n_parts)
+        on_workers = mg_pool_run_on(_busy_part, &job, n_parts, n_threads if n_threads > 0 else n_parts)
     for i in range(n_parts):
         n_ran += job.ran[i]
     free(job.ran)
@@ -944,8 +958,8 @@ def adam_update_groups(groups, double lr, double beta1, double beta2, double eps
                        extra_grads=None, int n_threads=1):
     """One clipped Adam step on every group (objects with 1-D arrays flat, grad, m, v and an int
     step), each with bias correction at step + 1, then step += 1. extra_grads: per group, the
-    other workers' gradients of it, summed into group.grad in the same pass (grad keeps the
-    batch gradient). n_threads splits each large group's elements across threads.
+    other parts' gradients of it, added into group.grad in order in the same pass (grad keeps
+    the batch gradient). n_threads splits each large group's elements across threads.
     All or nothing for Ctrl-C: no Python bytecode runs between the first update and the last
     counter bump, so a KeyboardInterrupt lands before or after the whole update, never inside
     it (a counter one ahead of its moments would skew every later bias correction)."""
@@ -959,13 +973,15 @@ def adam_update_groups(groups, double lr, double beta1, double beta2, double eps
         g.step = step
 
 
-ADAM_PARALLEL_MIN = 1 << 16  # elements below which a group's update stays on one thread
+ADAM_CHUNK_MIN = 1 << 15  # elements below which a group's update is one piece
+ADAM_CHUNKS_PER_THREAD = 4   # pieces per thread: a thread that lost its core holds up a quarter
 
 
 ctypedef struct AdamJob:
     void* p
     void* g
-    void* g2
+    void** extra
+    int n_extra
     void* m
     void* v
     Py_ssize_t n
@@ -978,22 +994,25 @@ cdef void _adam_part(void* ctx, int c) noexcept nogil:
     cdef AdamJob* j = <AdamJob*>ctx
     cdef Py_ssize_t lo = c * j.n // j.n_chunks, hi = (c + 1) * j.n // j.n_chunks
     if j.is_double:
-        adam_step(<double*>j.p, <double*>j.g, <double*>j.g2, <double*>j.m, <double*>j.v, lo, hi, j.lr,
-                  j.beta1, j.beta2, j.eps, j.clip, j.bias1, j.bias2)
+        adam_step(<double*>j.p, <double*>j.g, <const double**>j.extra, j.n_extra, <double*>j.m, <double*>j.v,
+                  lo, hi, j.lr, j.beta1, j.beta2, j.eps, j.clip, j.bias1, j.bias2)
     else:
-        adam_step(<float*>j.p, <float*>j.g, <float*>j.g2, <float*>j.m, <float*>j.v, lo, hi, j.lr,
-                  j.beta1, j.beta2, j.eps, j.clip, j.bias1, j.bias2)
+        adam_step(<float*>j.p, <float*>j.g, <const float**>j.extra, j.n_extra, <float*>j.m, <float*>j.v,
+                  lo, hi, j.lr, j.beta1, j.beta2, j.eps, j.clip, j.bias1, j.bias2)
 
 
 cdef int _adam_update(params, grads, m, v, double lr, double beta1, double beta2, double eps,
                       double clip, Py_ssize_t step, extras, int n_threads) except -1:
     cdef AdamJob job
-    if len(extras):
-        for extra in extras[:len(extras) - 1]:  # more than two workers: all but the last, in order
-            grads += extra
+    cdef Py_ssize_t k
+    job.n_extra = len(extras)
+    job.extra = <void**>malloc(max(job.n_extra, 1) * sizeof(void*))
+    if job.extra == NULL:
+        raise MemoryError()
+    for k in range(job.n_extra):
+        job.extra[k] = data_ptr(extras[k])
     job.p = data_ptr(params)
     job.g = data_ptr(grads)
-    job.g2 = data_ptr(extras[len(extras) - 1]) if len(extras) else NULL
     job.m = data_ptr(m)
     job.v = data_ptr(v)
     job.n = params.shape[0]
@@ -1001,10 +1020,11 @@ cdef int _adam_update(params, grads, m, v, double lr, double beta1, double beta2
     job.lr, job.beta1, job.beta2, job.eps, job.clip = lr, beta1, beta2, eps, clip
     job.bias1 = 1.0 - beta1 ** step
     job.bias2 = 1.0 - beta2 ** step
-    # chunk boundaries depend only on n and n_threads, so results do not depend on timing
-    job.n_chunks = <int>max(1, min(n_threads, job.n // ADAM_PARALLEL_MIN))
+    # element-wise: pieces give the same numbers whoever computes them and however many there are
+    job.n_chunks = <int>max(1, min(ADAM_CHUNKS_PER_THREAD * n_threads, job.n // ADAM_CHUNK_MIN))
     with nogil:
-        mg_pool_run(_adam_part, &job, job.n_chunks)
+        mg_pool_run_on(_adam_part, &job, job.n_chunks, n_threads)
+    free(job.extra)
     return 0
 
 

@@ -448,37 +448,32 @@ cdef void add_backward(floating* da, floating* db, const floating* dout, Py_ssiz
 # ---------------------------------------------------------------------------------------------
 # Adam with element-wise clipping
 
-cdef void adam_step(floating* p, floating* g, const floating* g2, floating* m, floating* v,
+cdef void adam_step(floating* p, floating* g, const floating** extra, int n_extra, floating* m, floating* v,
                     Py_ssize_t lo, Py_ssize_t hi, double lr, double beta1, double beta2, double eps,
                     double clip, double bias1, double bias2) noexcept nogil:
-    """Elements lo..hi: g += g2 (when g2 is not NULL: another worker's gradient);
+    """Elements lo..hi: g += extra[0]; g += extra[1]; ... (the other parts' gradients, in order);
     g' = clip(g, +-clip); m = b1 m + (1-b1) g'; v = b2 v + (1-b2) g'^2;
     p -= lr (m / bias1) / (sqrt(v / bias2) + eps),  bias_i = 1 - beta_i^t.
     Written in the buffer's precision with the bias terms folded into two constants, so the loop
-    vectorizes: p -= step m / (sqrt(v) c2 + eps), step = lr / bias1, c2 = 1 / sqrt(bias2)."""
+    vectorizes: p -= step m / (sqrt(v) c2 + eps), step = lr / bias1, c2 = 1 / sqrt(bias2). The
+    additions run over the piece before the update, while it is in cache."""
     cdef Py_ssize_t i
+    cdef int k
+    cdef const floating* e_k
     cdef floating gi, mi, vi
     cdef floating b1 = <floating>beta1, b2 = <floating>beta2, hi_c = <floating>clip, lo_c = <floating>(-clip)
     cdef floating one_b1 = <floating>(1 - beta1), one_b2 = <floating>(1 - beta2)
     cdef floating step = <floating>(lr / bias1), c2 = <floating>(1.0 / sqrt(bias2)), e = <floating>eps
-    if g2 != NULL:
+    for k in range(n_extra):
+        e_k = extra[k]
         for i in range(lo, hi):
-            gi = g[i] + g2[i]
-            g[i] = gi
-            gi = hi_c if gi > hi_c else gi
-            gi = lo_c if gi < lo_c else gi
-            mi = b1 * m[i] + one_b1 * gi
-            vi = b2 * v[i] + one_b2 * gi * gi
-            m[i] = mi
-            v[i] = vi
-            p[i] = p[i] - step * mi / (fsqrt(vi) * c2 + e)
-    else:
-        for i in range(lo, hi):
-            gi = g[i]
-            gi = hi_c if gi > hi_c else gi
-            gi = lo_c if gi < lo_c else gi
-            mi = b1 * m[i] + one_b1 * gi
-            vi = b2 * v[i] + one_b2 * gi * gi
-            m[i] = mi
-            v[i] = vi
-            p[i] = p[i] - step * mi / (fsqrt(vi) * c2 + e)
+            g[i] = g[i] + e_k[i]
+    for i in range(lo, hi):
+        gi = g[i]
+        gi = hi_c if gi > hi_c else gi
+        gi = lo_c if gi < lo_c else gi
+        mi = b1 * m[i] + one_b1 * gi
+        vi = b2 * v[i] + one_b2 * gi * gi
+        m[i] = mi
+        v[i] = vi
+        p[i] = p[i] - step * mi / (fsqrt(vi) * c2 + e)

@@ -34,6 +34,18 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+PARTS_PER_THREAD = 2
+
+
+def step_parts(n_threads: int) -> int:
+    """Parts a step's batch is dealt into on n_threads threads: one on one thread; otherwise
+    PARTS_PER_THREAD per thread, each taken by whichever thread is free (csrc/pool.h), so a
+    thread that loses its core to another process holds up only the part it is in, not a whole
+    thread's share. What a step computes depends on the number of parts, never on which
+    thread ran which part."""
+    return 1 if n_threads <= 1 else PARTS_PER_THREAD * n_threads
+
+
 class _SerialBLAS:
     """Context: BLAS single-threaded while a step runs, restored after.
 
@@ -334,12 +346,12 @@ class Model:
 
     # ---------------------------------------------------------------------------- engine
     #
-    # A step runs on `n_threads` workers: worker w gets every n_threads-th sequence (longest
-    # first), its own engine (tape + arena) and, for w > 0, its own gradient buffers, which are
-    # summed into the model's after backward. One parallel region per step (forward and backward
-    # together, on csrc/pool.c's threads), so a descheduled thread costs a wait, not a collapse
-    # (fine-grained per-kernel threading collapses when another process shares the cores;
-    # benchmarks/RESULTS.md).
+    # A step is dealt into step_parts(n_threads) parts: part w gets every n_parts-th sequence
+    # (longest first), its own engine (tape + arena) and, for w > 0, its own gradient buffers,
+    # which are added into the model's in part order after backward. One parallel region per step
+    # (forward and backward together, each part on whichever of n_threads pool threads is free),
+    # so a descheduled thread costs at most the part it is in, not a collapse (fine-grained
+    # per-kernel threading collapses when another process shares the cores; benchmarks/RESULTS.md).
 
     def _rebuild(self, reallocate: bool = True) -> None:
         """Mark the engines for rebinding to the current arrays (reallocate: rebuild them too).
@@ -370,10 +382,10 @@ class Model:
             self._engines = [
                 _core.Engine(c.n_layer, c.n_embd, c.n_head, c.block_size, self.vocab_size, list(c.head_types),
                              c.mlp_activation, self.dtype == np.float64, c.delta_rank)
-                for _ in range(self._n_threads)]
-            # worker 0 accumulates into the groups' own gradients; the others into private copies
+                for _ in range(step_parts(self._n_threads))]
+            # part 0 accumulates into the groups' own gradients; the others into private copies
             self._worker_grads = [None] + [{name: np.zeros_like(g.grad) for name, g in self.groups.items()}
-                                           for _ in range(self._n_threads - 1)]
+                                           for _ in range(len(self._engines) - 1)]
         for w, engine in enumerate(self._engines):
             flats = {name: (g.grad if w == 0 else self._worker_grads[w][name]) for name, g in self.groups.items()}
             self._bind(engine, flats)
@@ -545,8 +557,8 @@ class Model:
             self._allocate_arenas()
 
     def _max_step(self) -> tuple[int, int]:
-        """(positions, sum of squared lengths) of one worker's share of the largest batch."""
-        return _core.worker_step(self.config.batch_size, self.config.block_size, self._n_threads)
+        """(positions, sum of squared lengths) of one part's share of the largest batch."""
+        return _core.worker_step(self.config.batch_size, self.config.block_size, step_parts(self._n_threads))
 
     @property
     def n_threads(self) -> int:
@@ -818,7 +830,7 @@ class Model:
             parts.append((idx, packed, losses))
         # the engines zero their gradient buffers themselves (bind_zeroed) before backward
         with _serial_blas:
-            ok = _core.run(self._engines[:n_workers], True, True, backward)
+            ok = _core.run(self._engines[:n_workers], True, True, backward, self._n_threads)
         if not all(ok):  # the plan check above makes this unreachable; the C check is the guarantee
             w = ok.index(False)
             self._raise_overflow(len(seqs), len(parts[w][1][0]), w, parts[w][1])
@@ -970,7 +982,7 @@ class Model:
             engine = self._engines[0]
             engine.set_batch(*packed, np.zeros(N))
             with _serial_blas:
-                ok = _core.run([engine], True, False, False)
+                ok = _core.run([engine], True, False, False, 1)
             if not ok[0]:
                 self._raise_overflow(1, N, 0, packed)
             engine.copy_logits(out)
