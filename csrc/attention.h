@@ -387,24 +387,123 @@ __attribute__((target("avx2,fma"))) static void mg_causal_softmax_f_avx2(float *
 
 /* 1 when the AVX2+FMA kernels run (the CPU has them and MOLECULE_GPT_NO_AVX2 is not set);
  * decided once per process. mg_tri_force_portable(1) switches to the baseline ones (tests). */
-static int mg_tri_mode = -1;
-
-static inline void mg_tri_force_portable(int on) {
-    mg_tri_mode = on ? 0 : -1;
+/* FMA throughput probe: GFLOP/s of 12 independent float32 FMA chains on 512-bit (zmm) or 256-bit
+ * (ymm) vectors, the best of `trials` runs of about 0.1 ms each on this thread. Some cores run
+ * 512-bit FMAs at twice the 256-bit rate, others split them in two halves (same rate). */
+#ifdef MG_TRI_AVX2
+#include <time.h>
+static inline double mg_now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-static inline int mg_tri_use_avx2(void) {
+#define MG_DEFINE_FMA_CHAINS(NAME, VT, W, FMADD, SET1, ATTR)                                      \
+    ATTR static double NAME(long n) {                                                             \
+        VT a[12], b = SET1(1.0000001f), c = SET1(1e-7f);                                          \
+        for (int i = 0; i < 12; i++) a[i] = SET1((float)i);                                       \
+        for (long k = 0; k < n; k++) {                                                            \
+            _Pragma("GCC unroll 12") for (int i = 0; i < 12; i++) a[i] = FMADD(a[i], b, c);       \
+        }                                                                                         \
+        float out[W];                                                                             \
+        double s = 0;                                                                             \
+        for (int i = 0; i < 12; i++) {                                                            \
+            memcpy(out, &a[i], sizeof out);                                                       \
+            for (int l = 0; l < W; l++) s += out[l];                                              \
+        }                                                                                         \
+        return s;                                                                                 \
+    }
+MG_DEFINE_FMA_CHAINS(mg_fma_chains_zmm, __m512, 16, _mm512_fmadd_ps, _mm512_set1_ps, __attribute__((target("avx512f,fma"))))
+MG_DEFINE_FMA_CHAINS(mg_fma_chains_ymm, __m256, 8, _mm256_fmadd_ps, _mm256_set1_ps, __attribute__((target("avx2,fma"))))
+
+static volatile double mg_fma_sink;
+
+/* wide: 1 for zmm (the CPU must have AVX-512F), 0 for ymm (AVX2+FMA) */
+static inline double mg_fma_probe(int wide, int trials) {
+    const long n = 20000;
+    double best = 0;
+    for (int t = 0; t < trials; t++) {
+        double t0 = mg_now_s();
+        mg_fma_sink = wide ? mg_fma_chains_zmm(n) : mg_fma_chains_ymm(n);
+        double dt = mg_now_s() - t0;
+        double rate = 12.0 * n * (wide ? 16 : 8) * 2 / dt / 1e9;
+        if (rate > best) best = rate;
+    }
+    return best;
+}
+#endif
+
+/* The vector width a step's products use, chosen once at run time: 2 AVX-512 (csrc/gemm.h's
+ * products; attention stays AVX2), 1 AVX2+FMA, 0 portable C or BLAS. AVX-512 is chosen only on
+ * cores that run it at least 1.5x as fast as AVX2 (the probe above, ~3 ms once): on cores that
+ * split 512-bit FMAs its wider padding makes the products slower. Both widths give the same
+ * bits (every element is the same FMA chain over k), so the choice never changes a result.
+ * MOLECULE_GPT_AVX512=1 or 0 skips the probe; MOLECULE_GPT_NO_AVX2=1 makes it portable;
+ * tests force a level to compare paths. */
+static int mg_tri_mode = -1;
+
+static inline int mg_env_on(const char *name) {
+    const char *v = getenv(name);
+    return v && *v && *v != '0';
+}
+
+static inline int mg_simd_level(void) {
     if (mg_tri_mode < 0) {
 #ifdef MG_TRI_AVX2
-        const char *off = getenv("MOLECULE_GPT_NO_AVX2");
         __builtin_cpu_init();
-        mg_tri_mode = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                      !(off && *off && *off != '0');
+        int level = 0;
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !mg_env_on("MOLECULE_GPT_NO_AVX2")) {
+            level = 1;
+            if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) {
+                const char *force = getenv("MOLECULE_GPT_AVX512");
+                if (force && *force)
+                    level = *force != '0' ? 2 : 1;
+                else {
+                    double zmm = 0, ymm = 0;
+                    for (int r = 0; r < 3; r++) { /* alternated, best of each: robust to a busy core */
+                        double z = mg_fma_probe(1, 3), y = mg_fma_probe(0, 3);
+                        zmm = z > zmm ? z : zmm;
+                        ymm = y > ymm ? y : ymm;
+                    }
+                    if (zmm >= 1.5 * ymm) level = 2;
+                }
+            }
+        }
+        mg_tri_mode = level;
 #else
         mg_tri_mode = 0;
 #endif
     }
     return mg_tri_mode;
+}
+
+/* The CPU's best level, ignoring the probe and any forcing (tests) */
+static inline int mg_simd_supported(void) {
+#ifdef MG_TRI_AVX2
+    __builtin_cpu_init();
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return 0;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") ? 2 : 1;
+#else
+    return 0;
+#endif
+}
+
+/* level -1: back to the automatic choice; otherwise `level` (at most what the CPU supports) */
+static inline void mg_simd_force(int level) {
+    int top = mg_simd_supported();
+    mg_tri_mode = level < 0 ? -1 : (level < top ? level : top);
+}
+
+static inline void mg_tri_force_portable(int on) {
+    mg_simd_force(on ? 0 : -1);
+}
+
+static inline int mg_tri_use_avx2(void) {
+    return mg_simd_level() >= 1;
+}
+
+static inline int mg_use_avx512(void) {
+    return mg_simd_level() >= 2;
 }
 
 #ifdef MG_TRI_AVX2

@@ -42,9 +42,8 @@
 #include "attention.h" /* mg_tri_use_avx2: one switch for every AVX2 kernel */
 #include "fastmath.h"  /* immintrin.h on x86 */
 
-#define MG_GEMM_MR 6   /* rows of C per register block */
 #define MG_GEMM_KC 256 /* K per pass: a K x 16-float (K x 8-double) panel of B is 16 KB */
-#define MG_GEMM_MC 120 /* rows of A per pass, a multiple of MG_GEMM_MR */
+#define MG_GEMM_MC 120 /* rows of A per pass, a multiple of every block's rows (4, 6, 8, 12) */
 #define MG_GEMM_PACK_A_SPAN ((size_t)1 << 19) /* bytes a transposed A spans before it is copied */
 
 /* grow-only scratch for the packed panels (and tiles of A), one per thread (the workers run
@@ -96,27 +95,27 @@ static inline void *mg_gemm_scratch_get(size_t nbytes) {
 
 /* One register block: C[0:MR, 0:NV W] (+)= alpha sum_k A(r, k) P[k, 0:NV W] for k < kc, with
  * A(r, k) at A[r * sam + k * sak] and P a packed panel of B (rows of NV W, zero-padded). TAIL:
- * only nc < NV W columns of C exist. MR x NV <= 12 accumulators + NV loads + 1 broadcast fit
- * the 16 vector registers. */
-#define MG_DEFINE_GEMM_BLOCK(T, VT, W, NAME)                                                      \
-    MG_GEMM_INLINE void NAME(const int MR, const int NV, const int TAIL, ptrdiff_t kc,            \
-                             const T *restrict A, ptrdiff_t sam, ptrdiff_t sak,                   \
-                             const T *restrict P, T *restrict C, ptrdiff_t ldc, T alpha,          \
-                             int accumulate, ptrdiff_t nc) {                                      \
-        VT c[MG_GEMM_MR][3];                                                                      \
-        _Pragma("GCC unroll 6") for (int r = 0; r < MR; r++)                                      \
+ * only nc < NV W columns of C exist. MR x NV accumulators + NV loads + 1 broadcast fit the
+ * vector registers (16 for AVX2: MR x NV <= 12; 32 for AVX-512: <= 24). */
+#define MG_DEFINE_GEMM_BLOCK(T, VT, W, NAME, MRMAX, INLINE)                                       \
+    INLINE void NAME(const int MR, const int NV, const int TAIL, ptrdiff_t kc,                    \
+                     const T *restrict A, ptrdiff_t sam, ptrdiff_t sak,                           \
+                     const T *restrict P, T *restrict C, ptrdiff_t ldc, T alpha,                  \
+                     int accumulate, ptrdiff_t nc) {                                              \
+        VT c[MRMAX][3];                                                                           \
+        _Pragma("GCC unroll 12") for (int r = 0; r < MR; r++)                                     \
             _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) c[r][v] = (VT){0};               \
         for (ptrdiff_t k = 0; k < kc; k++) {                                                      \
             VT b[3];                                                                              \
             _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++)                                  \
                 memcpy(&b[v], P + k * NV * W + v * W, sizeof(VT));                                \
             const T *a = A + k * sak;                                                             \
-            _Pragma("GCC unroll 6") for (int r = 0; r < MR; r++) {                                \
+            _Pragma("GCC unroll 12") for (int r = 0; r < MR; r++) {                               \
                 T x = a[r * sam];                                                                 \
                 _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) c[r][v] += x * b[v];         \
             }                                                                                     \
         }                                                                                         \
-        _Pragma("GCC unroll 6") for (int r = 0; r < MR; r++) {                                    \
+        _Pragma("GCC unroll 12") for (int r = 0; r < MR; r++) {                                   \
             T *row = C + r * ldc;                                                                 \
             if (!TAIL) {                                                                          \
                 _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) {                            \
@@ -184,10 +183,18 @@ MG_GEMM_INLINE void mg_pack_t_d(double *restrict dst, const double *restrict src
 }
 
 /* all row counts 1..MR of one block shape, full or tail */
+#define MG_GEMM_CASE(BLOCK, MRMAX, m, NV, TAIL, ...)                                              \
+    case m: if (MRMAX >= m) { BLOCK(m, NV, TAIL, __VA_ARGS__); break; } /* fall through */
 #define MG_GEMM_CASES(BLOCK, MRMAX, NV, TAIL, mr, ...)                                            \
     switch (mr) {                                                                                 \
-    case 6: if (MRMAX >= 6) { BLOCK(6, NV, TAIL, __VA_ARGS__); break; } /* fall through */        \
-    case 5: if (MRMAX >= 5) { BLOCK(5, NV, TAIL, __VA_ARGS__); break; } /* fall through */        \
+    MG_GEMM_CASE(BLOCK, MRMAX, 12, NV, TAIL, __VA_ARGS__)                                         \
+    MG_GEMM_CASE(BLOCK, MRMAX, 11, NV, TAIL, __VA_ARGS__)                                         \
+    MG_GEMM_CASE(BLOCK, MRMAX, 10, NV, TAIL, __VA_ARGS__)                                         \
+    MG_GEMM_CASE(BLOCK, MRMAX, 9, NV, TAIL, __VA_ARGS__)                                          \
+    MG_GEMM_CASE(BLOCK, MRMAX, 8, NV, TAIL, __VA_ARGS__)                                          \
+    MG_GEMM_CASE(BLOCK, MRMAX, 7, NV, TAIL, __VA_ARGS__)                                          \
+    MG_GEMM_CASE(BLOCK, MRMAX, 6, NV, TAIL, __VA_ARGS__)                                          \
+    MG_GEMM_CASE(BLOCK, MRMAX, 5, NV, TAIL, __VA_ARGS__)                                          \
     case 4: BLOCK(4, NV, TAIL, __VA_ARGS__); break;                                               \
     case 3: BLOCK(3, NV, TAIL, __VA_ARGS__); break;                                               \
     case 2: BLOCK(2, NV, TAIL, __VA_ARGS__); break;                                               \
@@ -199,8 +206,8 @@ MG_GEMM_INLINE void mg_pack_t_d(double *restrict dst, const double *restrict src
  * kc <= MG_GEMM_KC rows of B, B is first packed into column panels of NV W (zero-padded: the
  * kernel's loads are whole and contiguous); every row block of A reuses them. Blocks are MR x
  * NV W with (MR, NV) = (6, 2) or (4, 3): the caller picks the one that wastes fewer columns. */
-#define MG_DEFINE_GEMM_CORE(T, VT, W, BLOCK, PACKT, CORE, MR, NV)                                            \
-    MG_GEMM_ATTR static void CORE(T *restrict C, ptrdiff_t ldc, const T *restrict A, ptrdiff_t sam, \
+#define MG_DEFINE_GEMM_CORE(T, VT, W, BLOCK, PACKT, CORE, MR, NV, ATTR)                                      \
+    ATTR static void CORE(T *restrict C, ptrdiff_t ldc, const T *restrict A, ptrdiff_t sam, \
                                   ptrdiff_t sak, const T *restrict B, ptrdiff_t sbk, ptrdiff_t sbj, \
                                   ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, T alpha, int accumulate, \
                                   T *restrict panels) {                                           \
@@ -265,11 +272,12 @@ MG_GEMM_INLINE void mg_pack_t_d(double *restrict dst, const double *restrict src
         }                                                                                         \
     }
 
-/* the core for C = alpha opA(A) B (+ C): the block shape wasting fewer padded columns */
+/* AVX2 (8 floats or 4 doubles a vector, 16 registers): blocks 6 x 2W or 4 x 3W, whichever
+ * pads fewer columns */
 #define MG_DEFINE_GEMM(T, VT, W, SFX)                                                             \
-    MG_DEFINE_GEMM_BLOCK(T, VT, W, mg_gemm_block_##SFX)                                           \
-    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm_block_##SFX, mg_pack_t_##SFX, mg_gemm_core2_##SFX, 6, 2)                     \
-    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm_block_##SFX, mg_pack_t_##SFX, mg_gemm_core3_##SFX, 4, 3)                     \
+    MG_DEFINE_GEMM_BLOCK(T, VT, W, mg_gemm_block_##SFX, 6, MG_GEMM_INLINE)                        \
+    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm_block_##SFX, mg_pack_t_##SFX, mg_gemm_core2_##SFX, 6, 2, MG_GEMM_ATTR) \
+    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm_block_##SFX, mg_pack_t_##SFX, mg_gemm_core3_##SFX, 4, 3, MG_GEMM_ATTR) \
     static inline int mg_gemm_wide_##SFX(ptrdiff_t N) {                                           \
         ptrdiff_t pad2 = (N + 2 * W - 1) / (2 * W) * 2 * W, pad3 = (N + 3 * W - 1) / (3 * W) * 3 * W; \
         return pad3 < pad2;                                                                       \
@@ -277,6 +285,33 @@ MG_GEMM_INLINE void mg_pack_t_d(double *restrict dst, const double *restrict src
 
 MG_DEFINE_GEMM(float, mg_v8f, 8, f)
 MG_DEFINE_GEMM(double, mg_v4d, 4, d)
+
+/* AVX-512 (16 floats or 8 doubles a vector, 32 registers; full width on the cores that run it at
+ * full rate): blocks 12 x W, 12 x 2W or 8 x 3W, the one that pads fewest columns (ties: the
+ * wider, which loads B less often per FMA) */
+#define MG_GEMM512_ATTR __attribute__((target("avx512f,avx512vl,avx2,fma")))
+#define MG_GEMM512_INLINE __attribute__((always_inline, target("avx512f,avx512vl,avx2,fma"))) static inline
+typedef float mg_v16f __attribute__((vector_size(64)));
+typedef double mg_v8d __attribute__((vector_size(64)));
+
+#define MG_DEFINE_GEMM512(T, VT, W, SFX)                                                          \
+    MG_DEFINE_GEMM_BLOCK(T, VT, W, mg_gemm512_block_##SFX, 12, MG_GEMM512_INLINE)                 \
+    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm512_block_##SFX, mg_pack_t_##SFX, mg_gemm512_core1_##SFX, 12, 1, MG_GEMM512_ATTR) \
+    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm512_block_##SFX, mg_pack_t_##SFX, mg_gemm512_core2_##SFX, 12, 2, MG_GEMM512_ATTR) \
+    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm512_block_##SFX, mg_pack_t_##SFX, mg_gemm512_core3_##SFX, 8, 3, MG_GEMM512_ATTR) \
+    /* vectors per panel: 1, 2 or 3 */                                                            \
+    static inline int mg_gemm512_width_##SFX(ptrdiff_t N) {                                       \
+        int best = 3;                                                                             \
+        ptrdiff_t best_pad = (N + 3 * W - 1) / (3 * W) * 3 * W;                                   \
+        for (int nv = 2; nv >= 1; nv--) {                                                         \
+            ptrdiff_t pad = (N + nv * W - 1) / (nv * W) * nv * W;                                 \
+            if (pad < best_pad) best = nv, best_pad = pad;                                        \
+        }                                                                                         \
+        return best;                                                                              \
+    }
+
+MG_DEFINE_GEMM512(float, mg_v16f, 16, f)
+MG_DEFINE_GEMM512(double, mg_v8d, 8, d)
 #endif
 
 /* The public entry points: 1 when the product was computed here, 0 when the caller must use
@@ -286,11 +321,13 @@ MG_DEFINE_GEMM(double, mg_v4d, 4, d)
  * or no memory for the scratch). */
 enum { MG_GEMM_NT = 0, MG_GEMM_NN = 1, MG_GEMM_TN = 2 };
 
+/* W: the widest vector's lanes; every block shape pads N to at most a multiple of 3 W (and 2 W
+ * for AVX2's), and tiles of A take (MC + the largest MR) x kc */
 #define MG_DEFINE_GEMM_API(T, SFX, W)                                                             \
     static inline T *mg_gemm_panels_##SFX(ptrdiff_t N, ptrdiff_t K) {                             \
         ptrdiff_t kc = K < MG_GEMM_KC ? K : MG_GEMM_KC;                                           \
-        size_t panel_elems = (size_t)((N + 3 * W - 1) / (2 * W)) * 2 * W * kc;                    \
-        return (T *)mg_gemm_scratch_get((panel_elems + (size_t)(MG_GEMM_MC + MG_GEMM_MR) * kc) * sizeof(T)); \
+        size_t panel_elems = (size_t)((N + 3 * W - 1) / (3 * W)) * 3 * W * kc;                    \
+        return (T *)mg_gemm_scratch_get((panel_elems + (size_t)(MG_GEMM_MC + 12) * kc) * sizeof(T)); \
     }                                                                                             \
     static inline int mg_gemm_##SFX(int form, T *C, ptrdiff_t ldc, const T *A, ptrdiff_t lda,     \
                                     const T *B, ptrdiff_t ldb, ptrdiff_t M, ptrdiff_t N,          \
@@ -305,7 +342,15 @@ enum { MG_GEMM_NT = 0, MG_GEMM_NN = 1, MG_GEMM_TN = 2 };
 #define MG_GEMM_BODY(T, SFX, C, ldc, A, sam, sak, B, sbk, sbj, M, N, K, alpha, accumulate)        \
     T *panels;                                                                                    \
     if (!mg_tri_use_avx2() || (panels = mg_gemm_panels_##SFX(N, K)) == NULL) return 0;            \
-    if (mg_gemm_wide_##SFX(N))                                                                    \
+    if (mg_use_avx512()) {                                                                        \
+        int nv = mg_gemm512_width_##SFX(N);                                                       \
+        if (nv == 1)                                                                              \
+            mg_gemm512_core1_##SFX(C, ldc, A, sam, sak, B, sbk, sbj, M, N, K, alpha, accumulate, panels); \
+        else if (nv == 2)                                                                         \
+            mg_gemm512_core2_##SFX(C, ldc, A, sam, sak, B, sbk, sbj, M, N, K, alpha, accumulate, panels); \
+        else                                                                                      \
+            mg_gemm512_core3_##SFX(C, ldc, A, sam, sak, B, sbk, sbj, M, N, K, alpha, accumulate, panels); \
+    } else if (mg_gemm_wide_##SFX(N))                                                             \
         mg_gemm_core3_##SFX(C, ldc, A, sam, sak, B, sbk, sbj, M, N, K, alpha, accumulate, panels);\
     else                                                                                          \
         mg_gemm_core2_##SFX(C, ldc, A, sam, sak, B, sbk, sbj, M, N, K, alpha, accumulate, panels);\
@@ -317,7 +362,7 @@ enum { MG_GEMM_NT = 0, MG_GEMM_NN = 1, MG_GEMM_TN = 2 };
     return 0;
 #endif
 
-MG_DEFINE_GEMM_API(float, f, 8)
-MG_DEFINE_GEMM_API(double, d, 4)
+MG_DEFINE_GEMM_API(float, f, 16)
+MG_DEFINE_GEMM_API(double, d, 8)
 
 #endif

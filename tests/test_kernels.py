@@ -353,7 +353,20 @@ GEMM_SHAPES = [  # (M, N, K): register-block tails in every dimension, K past on
     (192, 216, 72), (192, 72, 576), (576, 72, 192), (7, 5, 3), (1, 1, 1), (13, 47, 300),
     (6, 16, 1), (4, 24, 257), (25, 8, 72), (192, 96, 18), (3, 40, 0),
     (601, 40, 300),  # a transposed A spanning > 512 KB: copied into tiles first (csrc/gemm.h)
+    (30, 80, 72), (37, 33, 19), (12, 48, 5), (25, 17, 40), (130, 100, 9),  # AVX-512's 16-, 32-, 48-wide panels
 ]
+
+SIMD_LEVELS = {"avx2": 1, "avx512": 2}
+
+
+def simd_levels():
+    """The kernel levels this CPU can run (csrc/gemm.h chooses among them; tests force each)."""
+    _core._force_simd(2)  # capped at what the CPU supports
+    try:
+        best = ("portable", "avx2", "avx512").index(_core.linear_simd_path())
+    finally:
+        _core._force_simd(None)
+    return [name for name, level in SIMD_LEVELS.items() if level <= best] or ["portable"]
 
 
 def _product(form, A, B):
@@ -363,7 +376,54 @@ def _product(form, A, B):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("form", ["nt", "nn", "tn"])
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_linear_products_match_numpy_and_blas(rng, dtype, form, accumulate):
+@pytest.mark.parametrize("simd", ["avx2", "avx512"])
+def test_linear_products_match_numpy_and_blas(rng, dtype, form, accumulate, simd):
+    if simd not in simd_levels():
+        pytest.skip(f"this CPU has no {simd}")
+    _core._force_simd(SIMD_LEVELS[simd])
+    try:
+        _check_products(rng, dtype, form, accumulate)
+        assert _core.linear_simd_path() == simd
+    finally:
+        _core._force_simd(None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_avx512_products_equal_avx2_bit_for_bit(rng, dtype):
+    """Every output element is the same FMA chain over k at either width (only the blocking of
+    columns differs), so the run-time choice between them never changes a result."""
+    if "avx512" not in simd_levels():
+        pytest.skip("this CPU has no AVX-512")
+    for form in ("nt", "nn", "tn"):
+        for M, N, K in GEMM_SHAPES:
+            A = rng.normal(size=(K, M) if form == "tn" else (M, K)).astype(dtype)
+            B = rng.normal(size=(N, K) if form == "nt" else (K, N)).astype(dtype)
+            C0 = rng.normal(size=(M, N)).astype(dtype)
+            outs = []
+            for level in (1, 2):
+                _core._force_simd(level)
+                try:
+                    C = C0.copy()
+                    _core._matmul_memview(form, A, B, C, 0.75, True)
+                    outs.append(C)
+                finally:
+                    _core._force_simd(None)
+            assert np.array_equal(outs[0], outs[1]), (form, M, N, K)
+
+
+def test_fma_peak_probe():
+    peak = _core.fma_peak("avx2", trials=5)
+    assert 1.0 < peak < 10_000.0
+    with pytest.raises(ValueError, match="width must be"):
+        _core.fma_peak("sse")
+    if "avx512" in simd_levels():
+        assert _core.fma_peak("avx512", trials=5) > 1.0
+    else:
+        with pytest.raises(ValueError, match="no avx512"):
+            _core.fma_peak("avx512")
+
+
+def _check_products(rng, dtype, form, accumulate):
     for M, N, K in GEMM_SHAPES:
         a_shape = (K, M) if form == "tn" else (M, K)
         b_shape = (N, K) if form == "nt" else (K, N)

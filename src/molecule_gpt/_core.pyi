@@ -59,6 +59,9 @@ def step_uses_blas() -> bool: ...
 def _blas_attention(on: bool) -> None: ...  # tests/benchmarks: attention products through BLAS
 def _blas_linear(on: bool) -> None: ...  # tests/benchmarks: linear products through BLAS
 def _force_portable_attention(on: bool) -> None: ...  # tests: the baseline (SSE2) attention kernels
+def linear_simd_path() -> str: ...  # "avx512", "avx2" or "portable": which csrc/gemm.h kernels the linears run
+def fma_peak(width: str = "avx2", trials: int = 20) -> float: ...  # GFLOP/s of one core's float32 FMAs
+def _force_simd(level: int | None) -> None: ...  # tests: cap the vector width (0, 1, 2; None: automatic)
 
 # kernel twins (tests and benchmarks): float32 or float64 C-contiguous arrays
 def _rmsnorm_forward_memview(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...

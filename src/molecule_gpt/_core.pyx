@@ -945,6 +945,35 @@ def _force_portable_attention(bint on):
     mg_tri_force_portable(on)
 
 
+def linear_simd_path() -> str:
+    """Which csrc/gemm.h kernels the linear layers' products run: "avx512" (on cores that run
+    512-bit FMAs at least 1.5x as fast as 256-bit ones: a probe decides once; MOLECULE_GPT_AVX512=1
+    or 0 decides instead), "avx2", or "portable" (BLAS; MOLECULE_GPT_NO_AVX2=1). Every choice
+    gives the same bits."""
+    return ("portable", "avx2", "avx512")[mg_simd_level()]
+
+
+def fma_peak(str width="avx2", int trials=20) -> float:
+    """GFLOP/s one core reaches on float32 FMAs (12 independent chains, best of `trials` runs of
+    ~0.1 ms on the calling thread) with 512-bit ("avx512") or 256-bit ("avx2") vectors: the
+    ceiling benchmarks compare a product's rate with. ValueError for a width this CPU lacks."""
+    cdef int need = {"avx2": 1, "avx512": 2}.get(width, -1)
+    cdef double rate
+    if need < 0:
+        raise ValueError(f"width must be 'avx2' or 'avx512', got {width!r}")
+    if mg_simd_supported() < need:
+        raise ValueError(f"this CPU has no {width}")
+    with nogil:
+        rate = mg_fma_probe(need == 2, trials)
+    return rate
+
+
+def _force_simd(level):
+    """Tests: cap the kernels' vector width at level (0 portable, 1 AVX2, 2 AVX-512; None: the
+    automatic choice again). A level the CPU lacks stays unavailable."""
+    mg_simd_force(-1 if level is None else int(level))
+
+
 # ---------------------------------------------------------------------------------------------
 # Adam over parameter segments
 

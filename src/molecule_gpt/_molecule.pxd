@@ -154,6 +154,10 @@ cdef extern from "attention.h" nogil:
     size_t mg_tri_scratch(Py_ssize_t n, Py_ssize_t d)
     void mg_tri_force_portable(int on)
     int mg_tri_use_avx2()
+    int mg_simd_level()
+    int mg_simd_supported()
+    void mg_simd_force(int level)
+    double mg_fma_probe(int wide, int trials)
     void mg_tri_nt_f(float* S, Py_ssize_t lds, const float* A, Py_ssize_t lda, const float* B, Py_ssize_t ldb,
                      Py_ssize_t n, Py_ssize_t d, float alpha, float* scratch)
     void mg_tri_nt_d(double* S, Py_ssize_t lds, const double* A, Py_ssize_t lda, const double* B, Py_ssize_t ldb,
