@@ -11,6 +11,11 @@ logits for all heads in one matmul, rrpram logits for the pattern heads in one m
 (1 - sigmoid(alpha)) content + sigmoid(alpha) rrpram through per-head weight vectors.
 Adam: torch.optim.Adam (betas cfg beta1/beta2, eps cfg eps_adam) after clamping every gradient
 element to +-grad_clip, which is what the original's per-element clipping is.
+
+fast=True is the benchmarks' peer at its fastest (no delta modules): q/k/v and gate/value weights
+fused into one matrix each (one product instead of three or two), gradients clamped with
+_foreach ops and Adam's fused CPU kernel (foreach where that is missing). compile=True also
+runs the loss through torch.compile (inductor, default mode); the first call compiles.
 """
 from __future__ import annotations
 
@@ -39,8 +44,12 @@ def rope(x, cos, sin):
 class TorchGPT:
     """design.md §2 model in PyTorch eager; params are numpy arrays (copied into torch tensors)."""
 
-    def __init__(self, cfg: dict, params: dict, delta_alphas, dtype=np.float64):
+    def __init__(self, cfg: dict, params: dict, delta_alphas, dtype=np.float64, fast: bool = False,
+                 compile: bool = False):
         self.cfg = dict(cfg)
+        self.fused = bool(fast or compile)
+        if self.fused and len(delta_alphas):
+            raise ValueError("fast/compile peers carry no delta modules")
         self.tdtype = {np.dtype(np.float64): torch.float64,
                        np.dtype(np.float32): torch.float32}[np.dtype(dtype)]
         self.n_layer = int(cfg["n_layer"])
@@ -56,8 +65,13 @@ class TorchGPT:
             raise ValueError(f"mlp_activation must be 'relu' or 'silu', not {self.act!r}")
         self.delta_alphas = [float(a) for a in delta_alphas]
 
+        params = {n: a for n, a in params.items() if not (self.tied and n == "lm_head")}
+        if self.fused:
+            for i in range(self.n_layer):
+                params[f"l{i}.wqkv"] = np.concatenate([params.pop(f"l{i}.{w}") for w in ("wq", "wk", "wv")])
+                params[f"l{i}.fc_gv"] = np.concatenate([params.pop(f"l{i}.{w}") for w in ("fc_g", "fc_v")])
         self.params = {n: torch.tensor(np.asarray(a), dtype=self.tdtype).requires_grad_(True)
-                       for n, a in params.items() if not (self.tied and n == "lm_head")}
+                       for n, a in params.items()}
         if not self.tied and "lm_head" not in self.params:
             raise ValueError("tie_embeddings is false but params has no 'lm_head'")
         self.V = self.params["wte"].shape[0]
@@ -82,11 +96,18 @@ class TorchGPT:
         self.cos = torch.tensor(np.cos(ang), dtype=self.tdtype)          # (block_size, d/2)
         self.sin = torch.tensor(np.sin(ang), dtype=self.tdtype)
 
-        self.opt = torch.optim.Adam(
-            list(self.params.values()), lr=float(cfg.get("learning_rate", 0.01)),
-            betas=(float(cfg.get("beta1", 0.9)), float(cfg.get("beta2", 0.99))),
-            eps=float(cfg.get("eps_adam", 1e-8)))
+        adam = dict(lr=float(cfg.get("learning_rate", 0.01)),
+                    betas=(float(cfg.get("beta1", 0.9)), float(cfg.get("beta2", 0.99))),
+                    eps=float(cfg.get("eps_adam", 1e-8)))
+        if self.fused:
+            try:
+                self.opt = torch.optim.Adam(list(self.params.values()), fused=True, **adam)
+            except (RuntimeError, TypeError):
+                self.opt = torch.optim.Adam(list(self.params.values()), foreach=True, **adam)
+        else:
+            self.opt = torch.optim.Adam(list(self.params.values()), **adam)
         self.clip = float(cfg.get("grad_clip", 1.0))
+        self.loss_fn = torch.compile(self._loss_tensors) if compile else self._loss_tensors
 
     # -----------------------------------------------------------------------------------------
 
@@ -125,9 +146,13 @@ class TorchGPT:
         x = P["wte"][inp] + P["wpe"][:T]                                    # (B, T, C)
         for i in range(self.n_layer):
             h = rmsnorm(x)
-            q = self._lin(h, f"l{i}.wq").view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
-            k = self._lin(h, f"l{i}.wk").view(B, T, H, d).transpose(1, 2)
-            v = self._lin(h, f"l{i}.wv").view(B, T, H, d).transpose(1, 2)
+            if self.fused:
+                q, k, v = (h @ P[f"l{i}.wqkv"].T).split(C, dim=-1)
+            else:
+                q, k, v = self._lin(h, f"l{i}.wq"), self._lin(h, f"l{i}.wk"), self._lin(h, f"l{i}.wv")
+            q = q.reshape(B, T, H, d).transpose(1, 2)                       # (B, H, T, d)
+            k = k.reshape(B, T, H, d).transpose(1, 2)
+            v = v.reshape(B, T, H, d).transpose(1, 2)
             att = (rope(q, cos, sin) @ rope(k, cos, sin).transpose(-1, -2)) / math.sqrt(d)
             if self.pidx:
                 # per-head weights of the content and rrpram logits
@@ -154,16 +179,21 @@ class TorchGPT:
             y = (att @ v).transpose(1, 2).reshape(B, T, C)
             x = x + self._lin(y, f"l{i}.wo")
             h2 = rmsnorm(x)
-            g = self._lin(h2, f"l{i}.fc_g")
+            if self.fused:
+                g, val = (h2 @ P[f"l{i}.fc_gv"].T).chunk(2, dim=-1)
+            else:
+                g, val = self._lin(h2, f"l{i}.fc_g"), self._lin(h2, f"l{i}.fc_v")
             g = F.relu(g) if self.act == "relu" else F.silu(g)
-            x = x + self._lin(g * self._lin(h2, f"l{i}.fc_v"), f"l{i}.fc2")
+            x = x + self._lin(g * val, f"l{i}.fc2")
         return self._lin(rmsnorm(x), "lm_head")
 
-    def _loss(self, batch_ids):
-        inp, tgt, w = self._prepare(batch_ids)
+    def _loss_tensors(self, inp, tgt, w):
         logits = self._forward(inp)
         nll = F.cross_entropy(logits.reshape(-1, self.V), tgt.reshape(-1), reduction="none")
         return (nll * w.reshape(-1)).sum()
+
+    def _loss(self, batch_ids):
+        return self.loss_fn(*self._prepare(batch_ids))
 
     # -----------------------------------------------------------------------------------------
     # public API (same as NumpyGPT)
@@ -196,9 +226,13 @@ class TorchGPT:
         self.opt.zero_grad(set_to_none=True)
         loss = self._loss(batch_ids)
         loss.backward()
-        for p in self.params.values():
-            if p.grad is not None:
-                p.grad.clamp_(-self.clip, self.clip)
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        if self.fused:
+            torch._foreach_clamp_min_(grads, -self.clip)
+            torch._foreach_clamp_max_(grads, self.clip)
+        else:
+            for g in grads:
+                g.clamp_(-self.clip, self.clip)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
