@@ -4,10 +4,12 @@
                                           [--python OTHER/bin/python ...]
 
 The hog is one single-threaded busy loop (a second Python process), same priority, not pinned.
-Each round times `--steps` default-config training steps quiet, then the same beside the hog,
-then the organism's warmup (`--warmup-steps` steps of Organism.warmup on the shipped seed
-corpus) quiet and beside the hog. The figure: p90 of the steps beside the hog over the median
-of the quiet steps (target <= 2). With `--python`, each round runs every interpreter in turn
+Each round times `--steps` default-config training steps quiet and `--steps` beside the hog, in
+`--blocks` alternating blocks (quiet, hog, quiet, hog, ...: a drift of the shared machine's
+speed lands on both), then the organism's warmup (`--warmup-steps` steps of Organism.warmup on
+the shipped seed corpus) quiet and beside the hog. The figure: p90 of the steps beside the hog
+over the median of the quiet steps (target <= 2), per round; also per block pair (the block
+beside the hog against the quiet block before it), whose median is the least drift-prone. With `--python`, each round runs every interpreter in turn
 (order alternating between rounds) in a fresh process, so two builds are compared paired: the
 quiet medians give the A/B of quiet-machine speed. Run it with the machine otherwise quiet.
 """
@@ -26,7 +28,7 @@ import numpy as np
 import molecule_gpt as mg
 from molecule_gpt.model import Model
 
-n_steps, warmup_steps = int(sys.argv[1]), int(sys.argv[2])
+n_steps, warmup_steps, blocks = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 cfg = mg.Config()
 rng = np.random.default_rng(0)
 model = Model(cfg, 96, seed=0)
@@ -54,19 +56,26 @@ def hog():
     return p
 
 steps(20)
-quiet = steps(n_steps)
-h = hog()
-try:
-    busy = steps(n_steps)
-finally:
-    h.kill(); h.wait()
+quiet, busy, pairs = [], [], []
+per_block = max(1, n_steps // blocks)
+for _ in range(blocks):
+    q = steps(per_block)
+    h = hog()
+    try:
+        b = steps(per_block)
+    finally:
+        h.kill(); h.wait()
+    time.sleep(0.1)
+    quiet += q
+    busy += b
+    pairs.append(sorted(b)[min(len(b) - 1, int(0.9 * len(b)))] / statistics.median(q))
 quiet_warmup = warmup() if warmup_steps else None
 h = hog()
 try:
     busy_warmup = warmup() if warmup_steps else None
 finally:
     h.kill(); h.wait()
-print(json.dumps({"quiet": quiet, "busy": busy, "quiet_warmup": quiet_warmup, "busy_warmup": busy_warmup,
+print(json.dumps({"quiet": quiet, "busy": busy, "pairs": pairs, "quiet_warmup": quiet_warmup, "busy_warmup": busy_warmup,
                   "threads": model.n_threads, "version": mg.__version__}))
 """
 
@@ -80,6 +89,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--blocks", type=int, default=5, help="alternating quiet / hog blocks per round")
     ap.add_argument("--warmup-steps", type=int, default=300, help="0 skips the warmup timing")
     ap.add_argument("--python", nargs="*", default=[], help="other interpreters to compare, paired")
     args = ap.parse_args(argv)
@@ -89,18 +99,19 @@ def main(argv=None):
     for r in range(args.rounds):
         order = pythons if r % 2 == 0 else pythons[::-1]
         for py in order:
-            out = subprocess.run([py, "-c", CHILD, str(args.steps), str(args.warmup_steps)],
+            out = subprocess.run([py, "-c", CHILD, str(args.steps), str(args.warmup_steps), str(args.blocks)],
                                  capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
             if out.returncode:
                 sys.exit(f"{py} failed:\n{out.stderr}")
             d = json.loads(out.stdout.strip().splitlines()[-1])
             q, b = statistics.median(d["quiet"]), p90(d["busy"])
             rows[py].append({"quiet_median": q, "busy_median": statistics.median(d["busy"]), "busy_p90": b,
-                             "ratio": b / q, "quiet_warmup": d["quiet_warmup"], "busy_warmup": d["busy_warmup"]})
+                             "ratio": b / q, "pair_ratio": statistics.median(d["pairs"]), "quiet_warmup": d["quiet_warmup"], "busy_warmup": d["busy_warmup"]})
             w = (f"; warmup {d['quiet_warmup']:.2f} s quiet, {d['busy_warmup']:.2f} s beside the hog"
                  if d["quiet_warmup"] is not None else "")
             print(f"round {r} {py}: step quiet median {q * 1e3:.2f} ms, beside the hog median "
-                  f"{statistics.median(d['busy']) * 1e3:.2f} p90 {b * 1e3:.2f} ms: p90/quiet {b / q:.2f}{w}",
+                  f"{statistics.median(d['busy']) * 1e3:.2f} p90 {b * 1e3:.2f} ms: p90/quiet {b / q:.2f} "
+                  f"(per block pair {', '.join(f'{x:.2f}' for x in d['pairs'])}){w}",
                   flush=True)
     print("\nsummary (median over rounds)")
     base = statistics.median(r["quiet_median"] for r in rows[pythons[0]])
@@ -109,7 +120,8 @@ def main(argv=None):
         med = lambda k: statistics.median(r[k] for r in rs if r[k] is not None)  # noqa: E731
         line = (f"{py}: quiet step {med('quiet_median') * 1e3:.2f} ms ({med('quiet_median') / base:.3f}x the "
                 f"first), beside the hog p90 {med('busy_p90') * 1e3:.2f} ms, p90/quiet {med('ratio'):.2f} "
-                f"(worst round {max(r['ratio'] for r in rs):.2f})")
+                f"(worst round {max(r['ratio'] for r in rs):.2f}; per block pair, median of rounds' medians "
+                f"{med('pair_ratio'):.2f})")
         if args.warmup_steps:
             line += f"; warmup {med('quiet_warmup'):.2f} s quiet, {med('busy_warmup'):.2f} s beside the hog"
         print(line)

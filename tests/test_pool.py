@@ -2,6 +2,7 @@
 concurrent callers and fork() are safe."""
 import multiprocessing
 import os
+import pathlib
 import sys
 import threading
 import time
@@ -134,3 +135,26 @@ def test_a_batch_smaller_than_the_parts_trains():
                              dtype="float64", seed=3, n_threads=n_threads)
             losses.append([model.train_step(batch, 0.01) for _ in range(3)])
         np.testing.assert_allclose(losses[0], losses[1], rtol=1e-12)
+
+
+def test_the_claim_protocol_under_thread_sanitizer(tmp_path):
+    """tests/native/pool_stress.c: three threads post random jobs to csrc/pool.c at once; every
+    part runs exactly once and ThreadSanitizer finds no data race."""
+    import shutil
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    exe = tmp_path / "pool_stress"
+    # a sanitizer run of this suite preloads ASan into every child: TSan must not have it
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    build = subprocess.run([cc, "-O1", "-g", "-fsanitize=thread", "-I", str(root / "csrc"),
+                            str(root / "tests" / "native" / "pool_stress.c"), str(root / "csrc" / "pool.c"),
+                            "-o", str(exe), "-lpthread"], capture_output=True, text=True, env=env)
+    if build.returncode != 0:
+        pytest.skip(f"cannot build with -fsanitize=thread: {build.stderr.strip()[:200]}")
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300,
+                         env={**env, "TSAN_OPTIONS": "halt_on_error=1"})
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
