@@ -123,14 +123,14 @@ def test_the_pool_starts_no_more_workers_than_asked():
     assert _core.pool_threads() == max(n, 1)
 
 
-def test_a_batch_smaller_than_the_parts_trains():
-    """batch_size 1 on 2 threads (4 parts: three get nothing) and a batch of 3 sequences dealt
-    into 4 parts: both train and give the loss the single-threaded model gives."""
+def test_a_batch_smaller_than_the_threads_trains():
+    """batch_size 1 on 2 threads (one part gets nothing) and on 4 threads a batch of 3: both
+    train and give the losses the single-threaded model gives."""
     rng = np.random.default_rng(2)
-    for batch_size in (1, 3):
+    for batch_size, threads in ((1, 2), (3, 4)):
         batch = small_batch(rng, 29, batch_size, 17)
         losses = []
-        for n_threads in (1, 2):
+        for n_threads in (1, threads):
             model = mg.Model(mg.Config(n_layer=1, n_embd=32, n_head=4, block_size=16, batch_size=batch_size), 29,
                              dtype="float64", seed=3, n_threads=n_threads)
             losses.append([model.train_step(batch, 0.01) for _ in range(3)])

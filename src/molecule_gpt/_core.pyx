@@ -1003,7 +1003,7 @@ def adam_update_groups(groups, double lr, double beta1, double beta2, double eps
 
 
 ADAM_CHUNK_MIN = 1 << 15  # elements below which a group's update is one piece
-ADAM_CHUNKS_PER_THREAD = 4   # pieces per thread: a thread that lost its core holds up a quarter
+ADAM_CHUNKS_PER_THREAD = 4   # at most: a thread that lost its core holds up a quarter of its share
 
 
 ctypedef struct AdamJob:
@@ -1050,7 +1050,11 @@ cdef int _adam_update(params, grads, m, v, double lr, double beta1, double beta2
     job.bias1 = 1.0 - beta1 ** step
     job.bias2 = 1.0 - beta2 ** step
     # element-wise: pieces give the same numbers whoever computes them and however many there are
-    job.n_chunks = <int>max(1, min(ADAM_CHUNKS_PER_THREAD * n_threads, job.n // ADAM_CHUNK_MIN))
+    # (a multiple of the threads, so a quiet machine's threads get equal shares)
+    if job.n < 2 * ADAM_CHUNK_MIN or n_threads <= 1:
+        job.n_chunks = 1
+    else:
+        job.n_chunks = n_threads * <int>max(1, min(ADAM_CHUNKS_PER_THREAD, job.n // (n_threads * ADAM_CHUNK_MIN)))
     with nogil:
         mg_pool_run_on(_adam_part, &job, job.n_chunks, n_threads)
     free(job.extra)

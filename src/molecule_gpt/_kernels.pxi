@@ -448,32 +448,57 @@ cdef void add_backward(floating* da, floating* db, const floating* dout, Py_ssiz
 # ---------------------------------------------------------------------------------------------
 # Adam with element-wise clipping
 
+cdef inline floating _adam_one(floating* p, floating* m, floating* v, Py_ssize_t i, floating gi,
+                               floating b1, floating b2, floating one_b1, floating one_b2, floating lo_c,
+                               floating hi_c, floating step, floating c2, floating e) noexcept nogil:
+    gi = hi_c if gi > hi_c else gi
+    gi = lo_c if gi < lo_c else gi
+    cdef floating mi = b1 * m[i] + one_b1 * gi
+    cdef floating vi = b2 * v[i] + one_b2 * gi * gi
+    m[i] = mi
+    v[i] = vi
+    p[i] = p[i] - step * mi / (fsqrt(vi) * c2 + e)
+    return gi
+
+
 cdef void adam_step(floating* p, floating* g, const floating** extra, int n_extra, floating* m, floating* v,
                     Py_ssize_t lo, Py_ssize_t hi, double lr, double beta1, double beta2, double eps,
                     double clip, double bias1, double bias2) noexcept nogil:
-    """Elements lo..hi: g += extra[0]; g += extra[1]; ... (the other parts' gradients, in order);
-    g' = clip(g, +-clip); m = b1 m + (1-b1) g'; v = b2 v + (1-b2) g'^2;
+    """Elements lo..hi: g = ((g + extra[0]) + extra[1]) + ... (the other parts' gradients, in
+    order; g keeps the sum); g' = clip(g, +-clip); m = b1 m + (1-b1) g'; v = b2 v + (1-b2) g'^2;
     p -= lr (m / bias1) / (sqrt(v / bias2) + eps),  bias_i = 1 - beta_i^t.
     Written in the buffer's precision with the bias terms folded into two constants, so the loop
-    vectorizes: p -= step m / (sqrt(v) c2 + eps), step = lr / bias1, c2 = 1 / sqrt(bias2). The
-    additions run over the piece before the update, while it is in cache."""
+    vectorizes: p -= step m / (sqrt(v) c2 + eps), step = lr / bias1, c2 = 1 / sqrt(bias2). Up to
+    three extras are added in the update's own pass (one pass over memory); more are added first."""
     cdef Py_ssize_t i
-    cdef int k
+    cdef int k, fused = n_extra if n_extra <= 3 else 3
     cdef const floating* e_k
-    cdef floating gi, mi, vi
+    cdef const floating* e0 = extra[n_extra - fused] if fused >= 1 else NULL
+    cdef const floating* e1 = extra[n_extra - fused + 1] if fused >= 2 else NULL
+    cdef const floating* e2 = extra[n_extra - fused + 2] if fused >= 3 else NULL
+    cdef floating gi
     cdef floating b1 = <floating>beta1, b2 = <floating>beta2, hi_c = <floating>clip, lo_c = <floating>(-clip)
     cdef floating one_b1 = <floating>(1 - beta1), one_b2 = <floating>(1 - beta2)
     cdef floating step = <floating>(lr / bias1), c2 = <floating>(1.0 / sqrt(bias2)), e = <floating>eps
-    for k in range(n_extra):
+    for k in range(n_extra - fused):
         e_k = extra[k]
         for i in range(lo, hi):
             g[i] = g[i] + e_k[i]
-    for i in range(lo, hi):
-        gi = g[i]
-        gi = hi_c if gi > hi_c else gi
-        gi = lo_c if gi < lo_c else gi
-        mi = b1 * m[i] + one_b1 * gi
-        vi = b2 * v[i] + one_b2 * gi * gi
-        m[i] = mi
-        v[i] = vi
-        p[i] = p[i] - step * mi / (fsqrt(vi) * c2 + e)
+    if fused == 0:
+        for i in range(lo, hi):
+            _adam_one(p, m, v, i, g[i], b1, b2, one_b1, one_b2, lo_c, hi_c, step, c2, e)
+    elif fused == 1:
+        for i in range(lo, hi):
+            gi = g[i] + e0[i]
+            g[i] = gi
+            _adam_one(p, m, v, i, gi, b1, b2, one_b1, one_b2, lo_c, hi_c, step, c2, e)
+    elif fused == 2:
+        for i in range(lo, hi):
+            gi = (g[i] + e0[i]) + e1[i]
+            g[i] = gi
+            _adam_one(p, m, v, i, gi, b1, b2, one_b1, one_b2, lo_c, hi_c, step, c2, e)
+    else:
+        for i in range(lo, hi):
+            gi = ((g[i] + e0[i]) + e1[i]) + e2[i]
+            g[i] = gi
+            _adam_one(p, m, v, i, gi, b1, b2, one_b1, one_b2, lo_c, hi_c, step, c2, e)

@@ -866,13 +866,11 @@ def _arena_bytes_bound(config: Config, vocab_size: int, n_delta: int, itemsize: 
     every part of a step. It is the tape's own plan (_core.plan_arena runs `record`, as
     Engine.plan does), so it follows every change of the tape's sizes."""
     from . import _core
-    from .model import step_parts
 
-    n_parts = step_parts(n_threads)
-    N, SS = _core.worker_step(config.batch_size, config.block_size, n_parts)
+    N, SS = _core.worker_step(config.batch_size, config.block_size, n_threads)
     value_bytes, _ = _core.plan_arena(config.n_layer, config.n_embd, config.n_head, config.block_size, vocab_size,
                                       config.head_types, config.delta_rank, n_delta, itemsize == 8, N, SS)
-    return 2 * n_parts * value_bytes
+    return 2 * n_threads * value_bytes
 
 
 def _physical_memory() -> int:

@@ -34,18 +34,6 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-PARTS_PER_THREAD = 2
-
-
-def step_parts(n_threads: int) -> int:
-    """Parts a step's batch is dealt into on n_threads threads: one on one thread; otherwise
-    PARTS_PER_THREAD per thread, each taken by whichever thread is free (csrc/pool.h), so a
-    thread that loses its core to another process holds up only the part it is in, not a whole
-    thread's share. What a step computes depends on the number of parts, never on which
-    thread ran which part."""
-    return 1 if n_threads <= 1 else PARTS_PER_THREAD * n_threads
-
-
 class _SerialBLAS:
     """Context: BLAS single-threaded while a step runs, restored after.
 
@@ -346,12 +334,15 @@ class Model:
 
     # ---------------------------------------------------------------------------- engine
     #
-    # A step is dealt into step_parts(n_threads) parts: part w gets every n_parts-th sequence
-    # (longest first), its own engine (tape + arena) and, for w > 0, its own gradient buffers,
-    # which are added into the model's in part order after backward. One parallel region per step
-    # (forward and backward together, each part on whichever of n_threads pool threads is free),
-    # so a descheduled thread costs at most the part it is in, not a collapse (fine-grained
-    # per-kernel threading collapses when another process shares the cores; benchmarks/RESULTS.md).
+    # A step is dealt into n_threads parts: part w gets every n_threads-th sequence (longest
+    # first), its own engine (tape + arena) and, for w > 0, its own gradient buffers, which are
+    # added into the model's in part order after backward. One parallel region per step (forward
+    # and backward together), each part taken by whichever pool thread is free first: a thread
+    # that wakes late or lost its core finds its part done by another instead of holding the step
+    # up, and results do not depend on which thread ran what. (More parts than threads would
+    # cost a gradient buffer each: at the default config that traffic cost 5% of a quiet step and
+    # did not help beside a busy process; benchmarks/RESULTS.md.) Fine-grained per-kernel
+    # threading collapses when another process shares the cores.
 
     def _rebuild(self, reallocate: bool = True) -> None:
         """Mark the engines for rebinding to the current arrays (reallocate: rebuild them too).
@@ -382,7 +373,7 @@ class Model:
             self._engines = [
                 _core.Engine(c.n_layer, c.n_embd, c.n_head, c.block_size, self.vocab_size, list(c.head_types),
                              c.mlp_activation, self.dtype == np.float64, c.delta_rank)
-                for _ in range(step_parts(self._n_threads))]
+                for _ in range(self._n_threads)]
             # part 0 accumulates into the groups' own gradients; the others into private copies
             self._worker_grads = [None] + [{name: np.zeros_like(g.grad) for name, g in self.groups.items()}
                                            for _ in range(len(self._engines) - 1)]
@@ -558,7 +549,7 @@ class Model:
 
     def _max_step(self) -> tuple[int, int]:
         """(positions, sum of squared lengths) of one part's share of the largest batch."""
-        return _core.worker_step(self.config.batch_size, self.config.block_size, step_parts(self._n_threads))
+        return _core.worker_step(self.config.batch_size, self.config.block_size, self._n_threads)
 
     @property
     def n_threads(self) -> int:
