@@ -56,8 +56,8 @@ def hog():
     return p
 
 steps(20)
-quiet, busy, pairs = [], [], []
-per_block = max(1, n_steps // blocks)
+quiet, busy, pairs = ([], [], []) if blocks else (steps(n_steps), [], [])
+per_block = max(1, n_steps // max(blocks, 1))
 for _ in range(blocks):
     q = steps(per_block)
     h = hog()
@@ -69,12 +69,14 @@ for _ in range(blocks):
     quiet += q
     busy += b
     pairs.append(sorted(b)[min(len(b) - 1, int(0.9 * len(b)))] / statistics.median(q))
-quiet_warmup = warmup() if warmup_steps else None
-h = hog()
-try:
-    busy_warmup = warmup() if warmup_steps else None
-finally:
-    h.kill(); h.wait()
+quiet_warmup = busy_warmup = None
+if warmup_steps:
+    quiet_warmup = warmup()
+    h = hog()
+    try:
+        busy_warmup = warmup()
+    finally:
+        h.kill(); h.wait()
 print(json.dumps({"quiet": quiet, "busy": busy, "pairs": pairs, "quiet_warmup": quiet_warmup, "busy_warmup": busy_warmup,
                   "threads": model.n_threads, "version": mg.__version__}))
 """
@@ -92,7 +94,11 @@ def main(argv=None):
     ap.add_argument("--blocks", type=int, default=5, help="alternating quiet / hog blocks per round")
     ap.add_argument("--warmup-steps", type=int, default=300, help="0 skips the warmup timing")
     ap.add_argument("--python", nargs="*", default=[], help="other interpreters to compare, paired")
+    ap.add_argument("--quiet-only", action="store_true",
+                    help="no hog, no warmup: the paired quiet-step A/B of the interpreters alone")
     args = ap.parse_args(argv)
+    if args.quiet_only:
+        args.blocks, args.warmup_steps = 0, 0
     pythons = [sys.executable] + args.python
     rows = {p: [] for p in pythons}
     print(f"# {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; {args.rounds} rounds of {args.steps} steps")
@@ -104,9 +110,15 @@ def main(argv=None):
             if out.returncode:
                 sys.exit(f"{py} failed:\n{out.stderr}")
             d = json.loads(out.stdout.strip().splitlines()[-1])
-            q, b = statistics.median(d["quiet"]), p90(d["busy"])
-            rows[py].append({"quiet_median": q, "busy_median": statistics.median(d["busy"]), "busy_p90": b,
-                             "ratio": b / q, "pair_ratio": statistics.median(d["pairs"]), "quiet_warmup": d["quiet_warmup"], "busy_warmup": d["busy_warmup"]})
+            q = statistics.median(d["quiet"])
+            rows[py].append({"quiet_median": q})
+            if args.quiet_only:
+                print(f"round {r} {py}: step quiet median {q * 1e3:.2f} ms", flush=True)
+                continue
+            b = p90(d["busy"])
+            rows[py][-1].update({"busy_median": statistics.median(d["busy"]), "busy_p90": b, "ratio": b / q,
+                                 "pair_ratio": statistics.median(d["pairs"]), "quiet_warmup": d["quiet_warmup"],
+                                 "busy_warmup": d["busy_warmup"]})
             w = (f"; warmup {d['quiet_warmup']:.2f} s quiet, {d['busy_warmup']:.2f} s beside the hog"
                  if d["quiet_warmup"] is not None else "")
             print(f"round {r} {py}: step quiet median {q * 1e3:.2f} ms, beside the hog median "
@@ -118,6 +130,9 @@ def main(argv=None):
     for py in pythons:
         rs = rows[py]
         med = lambda k: statistics.median(r[k] for r in rs if r[k] is not None)  # noqa: E731
+        if args.quiet_only:
+            print(f"{py}: quiet step {med('quiet_median') * 1e3:.2f} ms ({med('quiet_median') / base:.3f}x the first)")
+            continue
         line = (f"{py}: quiet step {med('quiet_median') * 1e3:.2f} ms ({med('quiet_median') / base:.3f}x the "
                 f"first), beside the hog p90 {med('busy_p90') * 1e3:.2f} ms, p90/quiet {med('ratio'):.2f} "
                 f"(worst round {max(r['ratio'] for r in rs):.2f}; per block pair, median of rounds' medians "
