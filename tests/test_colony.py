@@ -23,6 +23,15 @@ pytest.importorskip("starlette")
 from molecule_gpt.colony import Colony, ColonyError, host_for  # noqa: E402
 from molecule_gpt.colony_store import Store  # noqa: E402
 
+try:  # the page test needs selenium and the system's Chromium; the rest of the module does not
+    from browser import browser, needs_chromium, severe_console_errors, text_of, wait_until  # noqa: F401
+except ImportError:
+    needs_chromium = pytest.mark.skip(reason="needs selenium (the test extra)")
+
+    @pytest.fixture
+    def browser():
+        pytest.skip("needs selenium")
+
 # a tiny organism: quick to warm up and to train, bursts as soon as a few lines arrived
 TINY = {"n_embd": 32, "n_layer": 1, "warmup_steps": 60, "eval_interval": 30, "qb_min_bytes": 300,
         "qb_cooldown_seconds": 0.5, "train_tick_seconds": 0.1, "micro_steps": 24}
@@ -176,6 +185,42 @@ def test_chat_plain_and_streamed_by_name_and_status_route(colony, served):
     with urllib.request.urlopen(url + "/", timeout=120) as resp:
         page = resp.read().decode()
     assert "<html" in page.lower()
+
+
+@needs_chromium
+def test_the_chat_page_over_ray_picks_an_organism_streams_and_follows_it(colony, served, browser):
+    """The page served by Ray Serve in a real headless Chromium: the picker lists the eight
+    organisms, a message to o3 streams its reply in piece by piece, o3 learns the turn (its
+    memory count on the page grows by two), and the console stays clean."""
+    url, client = served
+    browser.get(url + "/")
+    wait_until(browser, "document.getElementById('model').options.length === 8", timeout=WAIT,
+               what="the organisms in the picker")
+    names = browser.execute_script("return [...document.getElementById('model').options].map(o => o.value)")
+    assert sorted(names) == NAMES
+    browser.execute_script("const s = document.getElementById('model'); s.value = 'o3'; "
+                           "s.dispatchEvent(new Event('change'));")
+    wait_until(browser, "document.getElementById('stat-memory').textContent.endsWith(' messages')", timeout=WAIT,
+               what="o3's status")
+    before = int(text_of(browser, "stat-memory").split()[0])
+    browser.execute_script("""
+        window.__seen = [];
+        new MutationObserver(() => {
+          const b = document.querySelector('#messages .msg.assistant:last-child');
+          if (b) window.__seen.push(b.textContent);
+        }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+    """)
+    browser.find_element("id", "input").send_keys("hello o3, where is the lighthouse?")
+    browser.find_element("id", "send").click()
+    wait_until(browser, "document.querySelector('#messages .msg.assistant.streaming') === null && "
+                        "document.querySelectorAll('#messages .msg.assistant').length === 1", timeout=WAIT,
+               what="o3's reply")
+    reply = browser.execute_script("return document.querySelector('#messages .msg.assistant').textContent")
+    seen = [x for x in browser.execute_script("return window.__seen") if x]
+    assert reply and seen and seen[-1] == reply and all(reply.startswith(x) for x in seen)
+    wait_until(browser, f"+document.getElementById('stat-memory').textContent.split(' ')[0] === {before + 2}",
+               timeout=WAIT, what="the learned turn in o3's memory count")
+    assert severe_console_errors(browser) == []
 
 
 def test_killing_a_host_mid_conversation_loses_only_the_turns_since_its_save(colony, served, tmp_path):

@@ -2,32 +2,20 @@
 Selenium): type a message, watch the reply stream in, watch the status view follow a burst; no
 console errors; at a desktop and a phone-sized window. Screenshots are kept in
 build/test-artifacts/serve/ (or $MOLECULE_GPT_ARTIFACTS)."""
-import os
-import pathlib
-import shutil
-import time
-
 import pytest
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
-webdriver = pytest.importorskip("selenium.webdriver")
+pytest.importorskip("selenium.webdriver")
 
 import molecule_gpt as mg  # noqa: E402
 from molecule_gpt import server  # noqa: E402
 from molecule_gpt.server import create_app  # noqa: E402
 
+from browser import ARTIFACTS, browser, needs_chromium, severe_console_errors, text_of, wait_until  # noqa: E402,F401
 from live_server import LiveServer, pace_streams  # noqa: E402
 
-CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
-                             shutil.which("google-chrome")) if p), None)
-CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                                reason="needs Chromium and chromedriver from the system's packages "
-                                       "(Debian: apt-get install chromium chromium-driver); .ci/run installs them")
-
-ARTIFACTS = pathlib.Path(os.environ.get("MOLECULE_GPT_ARTIFACTS",
-                                        pathlib.Path(__file__).resolve().parents[1] / "build" / "test-artifacts"))
+pytestmark = needs_chromium
 WINDOWS = {"desktop": (1280, 860), "phone": (390, 844)}
 PIECE_DELAY = 0.02  # seconds between streamed pieces (see live_server.pace_streams)
 
@@ -43,35 +31,6 @@ def organism():
 @pytest.fixture
 def slow_stream(monkeypatch):
     pace_streams(monkeypatch, PIECE_DELAY)
-
-
-@pytest.fixture
-def browser(request):
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--no-first-run", "--disable-extensions", "--disable-background-networking"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
-
-
-def wait_until(driver, script, timeout=30.0, what="the page"):
-    """Poll a JavaScript expression until it is truthy; returns its value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = driver.execute_script("return " + script)
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}: {script}")
-
-
-def text_of(driver, element_id):
-    return driver.execute_script(f"return document.getElementById('{element_id}').textContent")
 
 
 @pytest.mark.parametrize("window", list(WINDOWS))
@@ -140,6 +99,5 @@ def test_chat_page_streams_and_follows_the_organism(window, organism, browser, s
             return n;""")
         assert painted > 20
 
-        errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
-        assert errors == []
+        assert severe_console_errors(browser) == []
         organism.memory.forget(None)  # the next window starts with an empty memory count
