@@ -570,6 +570,19 @@ def test_field_heldout_loss_by_hand():
     assert abs(f.heldout_loss([[0, 1, 2]]) - want) < 1e-12
 
 
+def test_field_sequence_losses_score_each_sequence_alone():
+    """sequence_losses looks every position of every sequence up in one pass: each value equals
+    the sequence scored alone, block_size cuts included, and heldout_loss is their mean."""
+    rng = np.random.default_rng(4)
+    f = CorpusField(9, [rng.integers(0, 9, int(rng.integers(2, 30))).tolist() for _ in range(40)])
+    held = [rng.integers(0, 9, int(n)).tolist() for n in (2, 3, 17, 40, 5)]
+    for block in (None, 8):
+        got = f.sequence_losses(held, block)
+        want = [f.heldout_loss([s], block) for s in held]
+        np.testing.assert_allclose(got, want, rtol=1e-13)
+        assert f.heldout_loss(held, block) == pytest.approx(float(np.mean(want)), rel=1e-13)
+
+
 def test_generator_field_only_and_blend(tok):
     cfg = mg.Config(n_layer=1, n_embd=16, n_head=2, block_size=16, head_types=("content", "hybrid"))
     m = mg.Model(cfg, tok.vocab_size, n_threads=1)

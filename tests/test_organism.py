@@ -570,6 +570,32 @@ def _concurrency_run(seconds: float, n_threads: int = 4, save_to=None):
     return org
 
 
+def test_generation_does_not_wait_for_a_training_step_after_a_rebuild(warmed, tmp_path):
+    """While a training step holds the model lock, a generation is served from the weights
+    folded before it, also right after the organism rebuilt its data (a rollback's quarantine,
+    a tokenizer growth: a new field and generator): the folded weights carry over. Only a
+    vocabulary the weights have not caught up with waits for the lock."""
+    org = clone(warmed, tmp_path)
+    org.generate("the river", max_gen_tokens=4, seed=1)
+    org._rebuild_data()
+    done = threading.Event()
+    with org.model.lock:  # what a training step holds
+        t = threading.Thread(target=lambda: (org.generate("the river", max_gen_tokens=4, seed=1), done.set()))
+        t.start()
+        assert done.wait(30), "a generation waited for the model lock"
+    t.join()
+    org.model.grow_vocab(org.model.vocab_size + 2)  # weights now behind the model's vocabulary
+    cache = org._generator.weights
+    got = []
+    with org.model.lock:
+        t = threading.Thread(target=lambda: got.append(cache.get()))
+        t.start()
+        t.join(0.5)
+        assert t.is_alive() and not got  # stale by structure: it waits
+    t.join(30)
+    assert got and got[0].vocab_size == org.model.vocab_size
+
+
 def test_background_training_with_concurrent_generation(tmp_path):
     _concurrency_run(3.0, save_to=tmp_path / "live.ckpt")
     loaded = Organism.load(tmp_path / "live.ckpt")

@@ -145,6 +145,12 @@ class CorpusField:
         ids before it, t = 0..n-1 with n = min(block_size, L-1) (the model's loss positions),
         under p = 0.6 p_tri + 0.3 p_bi + 0.1 p_uni, p_uni add-one smoothed; a level whose
         context is unseen passes its weight to the next."""
+        return float(np.mean(self.sequence_losses(sequences, block_size)))
+
+    def sequence_losses(self, sequences: Iterable[Sequence[int]], block_size: int | None = None) -> np.ndarray:
+        """Each sequence's mean cross-entropy, as heldout_loss defines it, in order (sequences
+        shorter than 2 ids left out). The counts' context totals are derived once for all of
+        them and every position is looked up in one pass."""
         V = self.vocab_size
         seqs = [s for s in _as_sequences(sequences, V) if len(s) >= 2]
         if not seqs:
@@ -154,23 +160,21 @@ class CorpusField:
         p_uni_all = (uni + 1.0) / (uni.sum() + V)
         ctx2, ctx2_tot = _context_totals(bk, bc, V)
         ctx3, ctx3_tot = _context_totals(tk, tc, V)
-        losses = []
-        for s in seqs:
-            n = len(s) - 1 if block_size is None else min(block_size, len(s) - 1)
-            tgt = s[1:n + 1]
-            prev1 = s[:n]
-            prev2 = np.concatenate([[-1], s[:n - 1]])
-            p_uni = p_uni_all[tgt]
-            p_bi, seen_bi = _lookup(bk, bc, ctx2, ctx2_tot, prev1, tgt, V)
-            k3 = np.where(prev2 >= 0, prev2 * V + prev1, -1)
-            p_tri, seen_tri = _lookup(tk, tc, ctx3, ctx3_tot, k3, tgt, V)
-            l3, l2, l1 = _LAMBDAS
-            w3 = np.where(seen_tri, l3, 0.0)
-            w2 = np.where(seen_bi, l2 + (l3 - w3), 0.0)
-            w1 = 1.0 - w3 - w2
-            p = w3 * p_tri + w2 * p_bi + w1 * p_uni
-            losses.append(float(-np.log(p).mean()))
-        return float(np.mean(losses))
+        ns = [len(s) - 1 if block_size is None else min(block_size, len(s) - 1) for s in seqs]
+        tgt = np.concatenate([s[1:n + 1] for s, n in zip(seqs, ns)])
+        prev1 = np.concatenate([s[:n] for s, n in zip(seqs, ns)])
+        prev2 = np.concatenate([np.concatenate([[-1], s[:n - 1]]) for s, n in zip(seqs, ns)])
+        p_uni = p_uni_all[tgt]
+        p_bi, seen_bi = _lookup(bk, bc, ctx2, ctx2_tot, prev1, tgt, V)
+        k3 = np.where(prev2 >= 0, prev2 * V + prev1, -1)
+        p_tri, seen_tri = _lookup(tk, tc, ctx3, ctx3_tot, k3, tgt, V)
+        l3, l2, l1 = _LAMBDAS
+        w3 = np.where(seen_tri, l3, 0.0)
+        w2 = np.where(seen_bi, l2 + (l3 - w3), 0.0)
+        w1 = 1.0 - w3 - w2
+        nll = -np.log(w3 * p_tri + w2 * p_bi + w1 * p_uni)
+        starts = np.concatenate([[0], np.cumsum(ns)[:-1]])
+        return np.add.reduceat(nll, starts) / np.asarray(ns)
 
 
 def _context_totals(keys: np.ndarray, counts: np.ndarray, V: int) -> tuple[np.ndarray, np.ndarray]:

@@ -273,8 +273,10 @@ class WeightCache:
         with self._lock:
             m = self.model
             # a generation does not wait for a training step: while one holds the model lock,
-            # the weights folded before it serve (only a cache that has none waits)
-            with _unless_busy(m.lock, wait=self._weights is None) as held:
+            # the weights folded before it serve; a cache that has none, or whose vocabulary
+            # the model has outgrown (its tokenizer and field are the new ones), waits
+            stale = self._weights is None or self._weights.vocab_size != m.vocab_size
+            with _unless_busy(m.lock, wait=stale) as held:
                 if not held:
                     return self._weights
                 key = self._key_now()
@@ -309,14 +311,17 @@ class Generator:
     to call from several threads at once (each call has its own cache and random state; the
     effective weights are shared)."""
 
-    def __init__(self, model: Model, tokenizer, field=None, config: Config | None = None):
+    def __init__(self, model: Model, tokenizer, field=None, config: Config | None = None,
+                 weights: WeightCache | None = None):
         if not isinstance(model, Model):
             raise TypeError(f"model must be a molecule_gpt.Model, got {type(model).__name__}")
         self.model = model
         self.tokenizer = tokenizer
         self.field = field
         self.config = config if config is not None else model.config
-        self.weights = WeightCache(model)
+        # a generator rebuilt for a new tokenizer or field keeps the model's folded weights: a
+        # cache without any would make the next generation wait for a training step's lock
+        self.weights = weights if weights is not None and weights.model is model else WeightCache(model)
         self._tables_key = None
         self._tables = None
         self._pool: list = []

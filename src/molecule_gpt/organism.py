@@ -377,7 +377,9 @@ class Organism:
             self._heard_heldout = self._heldout(self.heard_val_lines, getattr(self, "_heard_heldout", None))
             self.field = CorpusField(self.tokenizer.vocab_size, self._train_ids)
             self._field_loss = None
-            self._generator = Generator(self.model, self.tokenizer, self.field, self.config)
+            previous = getattr(self, "_generator", None)
+            self._generator = Generator(self.model, self.tokenizer, self.field, self.config,
+                                        weights=previous.weights if previous is not None else None)
 
     def _heldout(self, lines: Sequence[str], current: HeldOut | None = None) -> HeldOut:
         """A held-out set of `lines` scored with the tokenizer of the moment; `current` is kept
@@ -457,7 +459,7 @@ class Organism:
                     return None
                 if per_char:
                     ws = [w for w in held.windows(self.config.block_size) if len(w) >= 2]
-                    nats = sum(self.field.heldout_loss([w]) * (len(w) - 1) for w in ws)
+                    nats = float(np.dot(self.field.sequence_losses(ws), [len(w) - 1 for w in ws]))
                     targets = sum(len(w) - 1 for w in ws)
                     scores = (nats / held.chars, lnV * targets / held.chars)
                 else:
@@ -768,6 +770,10 @@ class Organism:
             if report.grew_module is not None:
                 note += f"; module {report.retired_module} {report.retired_as}, module {report.grew_module} born"
             self._log_growth(note)
+        # what the next generation needs, made here instead of on its path: the folded weights
+        # (a module's birth refolds the fossils) and the corpus field's held-out loss
+        self._generator.weights.get()
+        self.model_alpha()
         return report
 
     def learn(self, lines: Sequence[str], *, max_passes: int = 3, patience: int = 2,
