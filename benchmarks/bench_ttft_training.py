@@ -4,11 +4,13 @@ TTFT comparison, without HTTP; about a minute).
 
     python benchmarks/bench_ttft_training.py [--rounds 3] [--requests 300]
 
-An organism is born on the shipped seed corpus and warmed up (default Config). A training
-round runs a thread that observes 24 new lines and calls train_burst() back to back (every
-burst refolds what generation reads; rejected ones rebuild the organism's data); the main
-thread times `run(prompt, max_gen_tokens=1)` (encode, locks, weights, prefill, one token) every
-10 ms. The figures: median and p99 per mode, and the p99 ratio training / not.
+An organism is born on the shipped seed corpus and warmed up (default Config, except that its
+background trainer starts a burst as soon as anything new was heard, every 0.05 s tick: the
+worst case, as in bench_serve.py). A training round runs the organism's own background trainer
+(`Organism.background()`: Config.train_threads, i.e. all cores but one) while a thread observes
+24 new lines every 50 ms; the main thread times `run(prompt, max_gen_tokens=1)` (encode,
+locks, weights, prefill, one token) every 10 ms. The figures: median and p99 per mode, and
+the p99 ratio training / not.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=300)
     args = ap.parse_args(argv)
-    org = mg.Organism(mg.Config(), mg.seed_corpus_lines(), seed=0)
+    config = mg.Config(qb_min_bytes=1, qb_cooldown_seconds=0.0, train_tick_seconds=0.05)
+    org = mg.Organism(config, mg.seed_corpus_lines(), seed=0)
     org.warmup()
     lines = mg.seed_corpus_lines()
     print(f"# {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; {args.rounds} rounds of {args.requests} requests")
@@ -42,7 +45,6 @@ def main(argv=None):
         return t[len(t) // 2], t[min(len(t) - 1, int(0.99 * len(t)))]
 
     rows = {"off": [], "on": []}
-    bursts = 0
     for r in range(args.rounds):
         for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
             if mode == "off":
@@ -50,23 +52,22 @@ def main(argv=None):
                 continue
             stop = threading.Event()
 
-            def train():
-                nonlocal bursts
+            def listen():
                 k = 0
                 while not stop.is_set():
                     org.observe([f"{lines[(k + i) % len(lines)]} ({r}.{k}.{i})" for i in range(24)])
                     k += 24
-                    org.train_burst()
-                    bursts += 1
+                    time.sleep(0.05)
 
-            th = threading.Thread(target=train)
-            th.start()
-            time.sleep(0.5)
-            try:
-                rows[mode].append(probe())
-            finally:
-                stop.set()
-                th.join()
+            th = threading.Thread(target=listen)
+            with org.background():
+                th.start()
+                time.sleep(0.5)
+                try:
+                    rows[mode].append(probe())
+                finally:
+                    stop.set()
+                    th.join()
         off, on = rows["off"][-1], rows["on"][-1]
         print(f"round {r}: off p50 {off[0] * 1e3:.2f} p99 {off[1] * 1e3:.2f} ms; "
               f"training p50 {on[0] * 1e3:.2f} p99 {on[1] * 1e3:.2f} ms; p99 ratio {on[1] / off[1]:.2f}", flush=True)
@@ -74,7 +75,7 @@ def main(argv=None):
     med = {m: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for m, v in rows.items()}
     print(f"median: off p50 {med['off'][0] * 1e3:.2f} p99 {med['off'][1] * 1e3:.2f} ms; training p50 "
           f"{med['on'][0] * 1e3:.2f} p99 {med['on'][1] * 1e3:.2f} ms; p99 ratio (paired) {statistics.median(ratios):.2f}; "
-          f"{bursts} bursts")
+          f"{org.stats()['bursts']} bursts")
     org.close()
 
 

@@ -141,6 +141,42 @@ def test_heard_text_is_partly_held_out_and_measured(warmed):
     assert org.stats()["corpus"]["heard_held_out_lines"] == len(held)
 
 
+def test_generation_goes_on_during_a_tokenizer_growth_trial(warmed, monkeypatch):
+    """The checked growth's trial (a retrained copy scored on a grown copy of the model) runs
+    beside generation: a generation started while the trial is scoring finishes before it;
+    only the change itself (tokenizer swap, model growth, rebuild) excludes generation."""
+    import threading
+
+    org = mg.Organism.load(warmed)
+    org.config.enable_bpe_after_chars = 100
+    org.config.bpe_num_merges = 60
+    org.config.bpe_growth_max_rise = 1e9
+    scoring, release = threading.Event(), threading.Event()
+    real_loss = HeldOut.loss
+
+    def slow_loss(self, model):
+        if model is not org.model:  # the trial's grown copy
+            scoring.set()
+            assert release.wait(60)
+        return real_loss(self, model)
+
+    monkeypatch.setattr(HeldOut, "loss", slow_loss)
+    burst = threading.Thread(target=org.train_burst, kwargs={"lr": 0.0})
+    burst.start()
+    assert scoring.wait(60), "no growth trial started"
+    try:
+        done = threading.Event()
+        talk = threading.Thread(target=lambda: (org.generate("the old tree", max_gen_tokens=5, seed=1), done.set()))
+        talk.start()
+        assert done.wait(30), "a generation waited for the tokenizer growth's trial"
+        assert not org.tokenizer.bpe_enabled  # nothing changed yet
+    finally:
+        release.set()
+        burst.join(60)
+    assert org.tokenizer.bpe_enabled and org.field.vocab_size == org.model.vocab_size
+    assert org.generate("the old tree", max_gen_tokens=5, seed=1) is not None
+
+
 def test_config_reaches_tokenizer_and_reservoir_of_a_loaded_organism(warmed):
     org = mg.Organism.load(warmed)
     org.config.max_corpus_lines = 50

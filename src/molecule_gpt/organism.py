@@ -365,11 +365,13 @@ class Organism:
             self._ids_cache[line] = ids
         return ids
 
-    def _rebuild_data(self) -> None:
+    def _rebuild_data(self, retokenize: bool = True) -> None:
         """Re-derive encoded sequences, the held-out subset and the field (after birth, growth,
-        loading). Holds the organism lock."""
+        loading; retokenize=False when the tokenizer did not change, so encodings are reused).
+        Holds the organism lock."""
         with self._lock:
-            self._ids_cache = {}
+            if retokenize:
+                self._ids_cache = {}
             self._train_ids = [self._encode(x) for x in self.reservoir.lines]
             val = self.val_lines[:self.config.val_max_sequences]
             self._val_ids = [self._encode(x) for x in val]
@@ -629,35 +631,59 @@ class Organism:
             lines = self.reservoir.lines
         if not self.tokenizer.growth_due(lines):
             return False
-        with self._structure.write():
-            lines = list(self.reservoir.lines)
-            tok = self.tokenizer
-            checked = self._trained() and len(self._old_heldout) > 0
-            candidate = EvolvingTokenizer.from_dict(tok.to_dict()) if checked else tok
-            update = candidate.maybe_enable_bpe(lines) or candidate.maybe_retrain_bpe(lines)
-            if update is None:
-                return False
-            record = {"phase": "tokenizer", "event": update.event, "vocab_size": update.new_vocab_size,
-                      "merges": update.num_merges}
-            if checked:
-                before = self.trainer.evaluate(self._old_heldout)
-                trial = Model.from_state(*self.model.export_state())
-                self._grow_model(trial, candidate, update)
-                # the same lines, segmented by the candidate tokenizer, scored by the grown copy
-                after = HeldOut(self._old_heldout.lines, candidate.encode, lambda: candidate.version).loss(trial)
-                record.update(loss_before=before, loss_after=after)
-                if not after <= before * (1.0 + self.config.bpe_growth_max_rise):
-                    tok.trained_chars = candidate.trained_chars  # wait for more text before trying again
-                    record["event"] = f"{update.event} declined"
-                    record["vocab_size"] = tok.vocab_size
-                    self._emit(record)
+        if not (self._trained() and len(self._old_heldout) > 0):
+            # before any training the change is free: made in place, generation excluded
+            with self._structure.write():
+                update = self._grow_tokenizer(self.tokenizer, list(self.reservoir.lines))
+                if update is None:
                     return False
-                self.tokenizer = candidate
+                self._grow_model(self.model, self.tokenizer, update)
+                self._rebuild_data()
+            self._emit(self._growth_record(update))
+            self._log_growth(f"tokenizer {update.event}")
+            return True
+        # checked: the trial (a retrained copy of the tokenizer, scored on a grown copy of the
+        # model) runs beside generation; only the change itself excludes it. The caller holds
+        # the train lock, so the model does not train meanwhile.
+        tok = self.tokenizer
+        with self._lock:
+            lines = list(self.reservoir.lines)
+            held = self._old_heldout
+        candidate = EvolvingTokenizer.from_dict(tok.to_dict())
+        update = self._grow_tokenizer(candidate, lines)
+        if update is None:
+            return False
+        record = self._growth_record(update)
+        before = self.trainer.evaluate(held)
+        trial = Model.from_state(*self.model.export_state())
+        self._grow_model(trial, candidate, update)
+        # the same lines, segmented by the candidate tokenizer, scored by the grown copy
+        after = HeldOut(held.lines, candidate.encode, lambda: candidate.version).loss(trial)
+        record.update(loss_before=before, loss_after=after)
+        if not after <= before * (1.0 + self.config.bpe_growth_max_rise):
+            tok.trained_chars = candidate.trained_chars  # wait for more text before trying again
+            record["event"] = f"{update.event} declined"
+            record["vocab_size"] = tok.vocab_size
+            self._emit(record)
+            return False
+        with self._structure.write():
+            if self.tokenizer is not tok or self.model.vocab_size != update.old_vocab_size:
+                return False  # changed meanwhile (a load, a forget): the next burst tries again
+            self.tokenizer = candidate
             self._grow_model(self.model, self.tokenizer, update)
             self._rebuild_data()
         self._emit(record)
         self._log_growth(f"tokenizer {update.event}")
         return True
+
+    @staticmethod
+    def _grow_tokenizer(tok: EvolvingTokenizer, lines: list[str]):
+        return tok.maybe_enable_bpe(lines) or tok.maybe_retrain_bpe(lines)
+
+    @staticmethod
+    def _growth_record(update) -> dict:
+        return {"phase": "tokenizer", "event": update.event, "vocab_size": update.new_vocab_size,
+                "merges": update.num_merges}
 
     @staticmethod
     def _grow_model(model: Model, tokenizer: EvolvingTokenizer, update) -> None:
@@ -844,7 +870,7 @@ class Organism:
                 self.heard_val_lines = [x for x in self.heard_val_lines if x not in gone]
             cap = self.config.max_quarantine_lines
             self.quarantine = (self.quarantine + lines + held)[-cap:] if cap else []
-            self._rebuild_data()
+            self._rebuild_data(retokenize=False)
         self._emit({"phase": "quarantine", "lines": len(lines) + len(held), "held": len(self.quarantine)})
 
     def _sync_config(self) -> None:
