@@ -20,18 +20,18 @@ def small_batch(rng, vocab, n_seq, length):
 
 @pytest.mark.parametrize("slow_part", [0, 1])
 def test_a_waiting_thread_sleeps_instead_of_spinning(slow_part):
-    """One part computes for 0.3 s of CPU time while the other takes 0.02 s: each thread takes
+    """One part computes for 0.3 s of CPU time while the other takes 0.05 s: each thread takes
     one (the first taker is busy long after the other wakes), and the process spends about
-    0.32 s of CPU in all, because the thread with nothing left to do (the caller waiting for the
+    0.35 s of CPU in all, because the thread with nothing left to do (the caller waiting for the
     worker, or the worker waiting for the next job) sleeps after a short spin. A pool that spins
     while it waits (OpenMP's active policy) spends about twice that."""
     _core._pool_busy(2, 1, 0.001)  # start the worker
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    on_workers, ran = _core._pool_busy(2, slow_part, 0.3, others=0.02)
+    on_workers, ran = _core._pool_busy(2, slow_part, 0.3, others=0.05)
     time.sleep(0.2)  # the worker, idle again, must not burn this either
     cpu = time.process_time() - cpu0
     assert on_workers == 1 and ran == 2 and _core.pool_threads() >= 1
-    assert cpu < 0.32 + 0.08, f"{cpu:.3f} s of CPU for 0.32 s of work in {time.perf_counter() - wall0:.3f} s"
+    assert cpu < 0.35 + 0.08, f"{cpu:.3f} s of CPU for 0.35 s of work in {time.perf_counter() - wall0:.3f} s"
 
 
 def test_a_held_up_thread_holds_up_only_its_own_part():
