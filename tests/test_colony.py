@@ -191,7 +191,7 @@ def test_chat_plain_and_streamed_by_name_and_status_route(colony, served):
 def test_the_chat_page_over_ray_picks_an_organism_streams_and_follows_it(colony, served, browser):
     """The page served by Ray Serve in a real headless Chromium: the picker lists the eight
     organisms, a message to o3 streams its reply in piece by piece, o3 learns the turn (its
-    memory count on the page grows by two), and the console stays clean."""
+    memory count on the page grows by at least two), and the console stays clean."""
     url, client = served
     browser.get(url + "/")
     wait_until(browser, "document.getElementById('model').options.length === 8", timeout=WAIT,
@@ -218,7 +218,8 @@ def test_the_chat_page_over_ray_picks_an_organism_streams_and_follows_it(colony,
     reply = browser.execute_script("return document.querySelector('#messages .msg.assistant').textContent")
     seen = [x for x in browser.execute_script("return window.__seen") if x]
     assert reply and seen and seen[-1] == reply and all(reply.startswith(x) for x in seen)
-    wait_until(browser, f"+document.getElementById('stat-memory').textContent.split(' ')[0] === {before + 2}",
+    # at least two more: earlier tests' turns to o3 may still be being learned (learning is asynchronous)
+    wait_until(browser, f"+document.getElementById('stat-memory').textContent.split(' ')[0] >= {before + 2}",
                timeout=WAIT, what="the learned turn in o3's memory count")
     assert severe_console_errors(browser) == []
 

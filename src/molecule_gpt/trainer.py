@@ -178,6 +178,7 @@ class Trainer:
         self.on_restore = on_restore or (lambda: None)  # parameters were written back in place
         self.steps = 0  # optimizer steps taken (warmup and bursts)
         self.warmup_steps_done = 0
+        self._warmup_best = None  # (held-out loss, Snapshot) of the warmup's best evaluation so far
         self.warmed_up = False
         self.bursts = 0
         self.accepted = 0
@@ -354,7 +355,9 @@ class Trainer:
         lr_schedule(start + s, total, learning_rate, lr_warmup_steps, lr_min_ratio) (total
         defaults to steps; a warmup run in pieces passes start/total); held-out loss every
         eval_interval steps and at the end; early stop when `patience` evaluations in a row do
-        not improve the best by min_delta. should_stop() is asked before each step; when it
+        not improve the best by min_delta. With warmup_keep_best the finished warmup goes back
+        to the weights of its best evaluation when a later one was worse (overfitting a small
+        corpus). should_stop() is asked before each step; when it
         says True the loop ends there and the warmup stays unfinished. Otherwise, with finish,
         the warmup is complete afterwards and the base is frozen when configured."""
         c = self.config
@@ -388,6 +391,8 @@ class Trainer:
                 v = self.evaluate(val)
                 self.last_val = v
                 extra["val_loss"] = v
+                if c.warmup_keep_best and (self._warmup_best is None or v < self._warmup_best[0]):
+                    self._warmup_best = (v, Snapshot(m))
                 if self.best_val is None or v < self.best_val - c.min_delta:
                     self.best_val = v
                     bad_evals = 0
@@ -410,6 +415,14 @@ class Trainer:
             if stopped_early:
                 break
         if (finish and not interrupted) or stopped_early:
+            best = self._warmup_best
+            self._warmup_best = None
+            if best is not None and self.last_val is not None and best[0] < self.last_val:
+                best[1].restore(m)  # back to the best evaluation's weights, moments and versions
+                self.emit({"phase": "warmup_best", "step": self.steps, "val_loss": best[0],
+                           "last_val_loss": self.last_val})
+                self.last_val = best[0]
+                self.on_restore()
             self.warmed_up = True
             self.accepted_projection = self.projection()
             if c.freeze_base_after_warmup:
