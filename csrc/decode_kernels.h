@@ -378,24 +378,42 @@ static inline void mg_matvec_d(double *restrict y, const double *restrict A, con
     mg_matvec_d_generic(y, A, x, M, K, lda);
 }
 
-/* C (M, N) = A (M, K) B^T, B (N, K): row i of C is B a_i */
+/* Rows of B per cache block of mg_gemm_nt_f: a multiple of 4 holding about 16 KB (L1 is 32 KB
+ * and the three input rows of a pass share it). */
+static inline ptrdiff_t mg_gemm_block_rows(ptrdiff_t K) {
+    ptrdiff_t nb = (ptrdiff_t)(16384 / sizeof(float)) / (K > 0 ? K : 1);
+    nb &= ~(ptrdiff_t)3;
+    return nb < 4 ? 4 : nb;
+}
+
+/* C (M, N) = A (M, K) B^T, B (N, K): row i of C is B a_i. Every element has the arithmetic of
+ * mg_matvec_f (the same 4-row blocks of B counted from its row 0, the same accumulators and
+ * final sums), so a row of this product is bit-identical to the matvec of that row: a batched
+ * decode step gives each sequence the logits it gets alone. B is walked in blocks of
+ * mg_gemm_block_rows rows (a multiple of 4, so the 4-row blocks do not move) and every input
+ * row passes over a block while it is in L1: B is read from memory once, not once per 3 rows. */
 static inline void mg_gemm_nt_f(float *restrict C, const float *restrict A, const float *restrict B, ptrdiff_t M,
                                 ptrdiff_t N, ptrdiff_t K, ptrdiff_t lda, ptrdiff_t ldb, ptrdiff_t ldc) {
-    ptrdiff_t i = 0;
 #ifdef MG_HAVE_AVX2_PATH
     if (mg_decode_has_avx2()) {
-        for (; i + 3 <= M; i += 3)
-            mg_matvec3_f_avx2(C + i * ldc, C + (i + 1) * ldc, C + (i + 2) * ldc, B, A + i * lda, A + (i + 1) * lda,
-                              A + (i + 2) * lda, N, K, ldb);
-        if (i + 2 <= M) {
-            mg_matvec2_f_avx2(C + i * ldc, C + (i + 1) * ldc, B, A + i * lda, A + (i + 1) * lda, N, K, ldb);
-            i += 2;
+        ptrdiff_t nb = M > 3 ? mg_gemm_block_rows(K) : N;
+        for (ptrdiff_t j0 = 0; j0 < N; j0 += nb) {
+            ptrdiff_t n = N - j0 < nb ? N - j0 : nb, i = 0;
+            const float *Bj = B + j0 * ldb;
+            float *Cj = C + j0;
+            for (; i + 3 <= M; i += 3)
+                mg_matvec3_f_avx2(Cj + i * ldc, Cj + (i + 1) * ldc, Cj + (i + 2) * ldc, Bj, A + i * lda,
+                                  A + (i + 1) * lda, A + (i + 2) * lda, n, K, ldb);
+            if (i + 2 <= M) {
+                mg_matvec2_f_avx2(Cj + i * ldc, Cj + (i + 1) * ldc, Bj, A + i * lda, A + (i + 1) * lda, n, K, ldb);
+                i += 2;
+            }
+            if (i < M) mg_matvec_f_avx2(Cj + i * ldc, Bj, A + i * lda, n, K, ldb);
         }
-        if (i < M) mg_matvec_f_avx2(C + i * ldc, B, A + i * lda, N, K, ldb);
         return;
     }
 #endif
-    for (; i < M; i++) mg_matvec_f_generic(C + i * ldc, B, A + i * lda, N, K, ldb);
+    for (ptrdiff_t i = 0; i < M; i++) mg_matvec_f_generic(C + i * ldc, B, A + i * lda, N, K, ldb);
 }
 
 static inline void mg_gemm_nt_d(double *restrict C, const double *restrict A, const double *restrict B, ptrdiff_t M,

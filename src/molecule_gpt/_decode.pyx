@@ -99,51 +99,17 @@ cdef inline void* data_ptr(object arr):
     return <void*><size_t>arr.__array_interface__["data"][0]
 
 
-cdef inline void matvec(floating* y, const floating* A, const floating* x, Py_ssize_t M, Py_ssize_t K,
-                        Py_ssize_t lda) noexcept nogil:
-    """y (M) = A (M, K; row-major, leading dim lda) x (K)."""
-    if floating is float:
-        mg_matvec_f(y, A, x, M, K, lda)
-    else:
-        mg_matvec_d(y, A, x, M, K, lda)
-
-
-# Products of at least this many weights may be split across the decoder's threads (below it a
-# fork/join costs more than it saves; the default config's largest product has 41k).
+# Products of at least this many multiply-adds may be split across the decoder's threads (below
+# it a fork/join costs more than it saves; one row of the default config's largest product has 41k).
 cdef Py_ssize_t PAR_MIN_WEIGHTS = 1 << 17
 
 
-ctypedef struct ProductJob:  # one product split by rows over the pool's parts
+ctypedef struct ProductJob:  # one product split by rows (of the inputs or of the weights) over the pool's parts
     void* C
     const void* A
     const void* B
     Py_ssize_t M, N, K, lda, ldb, ldc, chunk
     bint is_double
-
-
-cdef void _matvec_part(void* ctx, int t) noexcept nogil:
-    cdef ProductJob* j = <ProductJob*>ctx
-    cdef Py_ssize_t r0 = t * j.chunk, r1 = min(j.M, r0 + j.chunk)
-    if r1 <= r0:
-        return
-    if j.is_double:
-        matvec(<double*>j.C + r0, <const double*>j.A + r0 * j.lda, <const double*>j.B, r1 - r0, j.K, j.lda)
-    else:
-        matvec(<float*>j.C + r0, <const float*>j.A + r0 * j.lda, <const float*>j.B, r1 - r0, j.K, j.lda)
-
-
-cdef void matvec_par(floating* y, const floating* A, const floating* x, Py_ssize_t M, Py_ssize_t K,
-                     Py_ssize_t lda, int nt) noexcept nogil:
-    """matvec with the rows split over nt parts of the worker pool when the product is large enough."""
-    cdef ProductJob job
-    if nt <= 1 or M * K < PAR_MIN_WEIGHTS or M < 8 * nt:
-        matvec(y, A, x, M, K, lda)
-        return
-    job.C, job.A, job.B = <void*>y, <const void*>A, <const void*>x
-    job.M, job.K, job.lda = M, K, lda
-    job.chunk = ((M + nt - 1) // nt + 3) & ~(<Py_ssize_t>3)
-    job.is_double = floating is double
-    mg_pool_run(_matvec_part, &job, nt)
 
 
 cdef inline void mm_nt(floating* Cm, const floating* A, const floating* B, Py_ssize_t M, Py_ssize_t N,
@@ -180,6 +146,36 @@ cdef void mm_nt_par(floating* Cm, const floating* A, const floating* B, Py_ssize
     job.chunk = ((M + nt - 1) // nt + 2) // 3 * 3
     job.is_double = floating is double
     mg_pool_run(_mm_nt_part, &job, nt)
+
+
+cdef void _mm_nt_w_part(void* ctx, int t) noexcept nogil:
+    cdef ProductJob* j = <ProductJob*>ctx
+    cdef Py_ssize_t r0 = t * j.chunk, r1 = min(j.N, r0 + j.chunk)
+    if r1 <= r0:
+        return
+    if j.is_double:
+        mm_nt(<double*>j.C + r0, <const double*>j.A, <const double*>j.B + r0 * j.ldb, j.M, r1 - r0, j.K,
+              j.lda, j.ldb, j.ldc)
+    else:
+        mm_nt(<float*>j.C + r0, <const float*>j.A, <const float*>j.B + r0 * j.ldb, j.M, r1 - r0, j.K,
+              j.lda, j.ldb, j.ldc)
+
+
+cdef void mm_nt_wpar(floating* Cm, const floating* A, const floating* B, Py_ssize_t M, Py_ssize_t N,
+                     Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc, int nt) noexcept nogil:
+    """mm_nt with the rows of B (a weight matrix's output rows) split over nt parts of the worker
+    pool when the product is large enough: each part reads only its share of the weights. Parts
+    start at multiples of 4 rows, so every element keeps the arithmetic it has unsplit
+    (decode_kernels.h); for one input row (M = 1) this is a split matvec."""
+    cdef ProductJob job
+    if nt <= 1 or M * N * K < PAR_MIN_WEIGHTS or N < 8 * nt:
+        mm_nt(Cm, A, B, M, N, K, lda, ldb, ldc)
+        return
+    job.C, job.A, job.B = <void*>Cm, <const void*>A, <const void*>B
+    job.M, job.N, job.K, job.lda, job.ldb, job.ldc = M, N, K, lda, ldb, ldc
+    job.chunk = ((N + nt - 1) // nt + 3) & ~(<Py_ssize_t>3)
+    job.is_double = floating is double
+    mg_pool_run(_mm_nt_w_part, &job, nt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +316,30 @@ ctypedef struct Buf:
     int nt          # threads for large products (matvec_par / mm_nt_par)
 
 
+cdef void* buf_alloc(Buf* b, Py_ssize_t rows, const WNet* net, bint is_double, bint sequence) except NULL:
+    """One zeroed block carved into b's arrays: the work rows X .. A for `rows` rows, and either a
+    sequence's own parts (sequence: the caches kc, vc and the attention scratch S, P; its logits
+    are a numpy array the caller sets) or a batch's logits (rows, V). Returns the block (free it)."""
+    cdef size_t es = sizeof(double) if is_double else sizeof(float), total = 0
+    cdef Py_ssize_t i, L = net.L, C = net.C, T = net.T, F = net.F, R = rows
+    cdef Py_ssize_t seq = 1 if sequence else 0
+    cdef size_t sizes[14]
+    cdef void** slots[14]
+    sizes[:] = [R * C, R * C, R * 3 * C, R * C, R * C, seq * T, seq * T, R * C, R * C, R * 2 * F, R * F,
+                seq * L * T * C, seq * L * T * C, (1 - seq) * R * net.V]
+    slots[:] = [&b.X, &b.Hn, &b.QKV, &b.Q, &b.K, &b.S, &b.P, &b.Y, &b.O, &b.GU, &b.A, &b.kc, &b.vc, &b.logits]
+    for i in range(14):
+        total += sizes[i] * es
+    cdef void* block = calloc(total, 1)
+    if block == NULL:
+        raise MemoryError(f"cannot allocate {total} bytes of decoding scratch")
+    cdef char* cur = <char*>block
+    for i in range(14):
+        slots[i][0] = <void*>cur if sizes[i] else NULL
+        cur += sizes[i] * es
+    return block
+
+
 cdef inline void attend_row(floating* y, floating* att, floating* pat_out, const floating* q,
                             const floating* hrow, const floating* kt, const floating* vc, const WNet* net,
                             const WLayer* Lw, int nk) noexcept nogil:
@@ -356,26 +376,69 @@ cdef double std_of(const floating* x, Py_ssize_t n) noexcept nogil:
 
 
 cdef inline void linear_rows(floating* Y, const floating* W, const floating* X, Py_ssize_t N, Py_ssize_t nout,
-                             Py_ssize_t nin, int nt) noexcept nogil:
-    """Y (N, nout) = X (N, nin) W^T for a folded weight W (nout, nin): one row is a matvec (its
-    output rows split over the threads), more rows a gemm (its input rows split)."""
-    if N == 1:
-        matvec_par(Y, W, X, nout, nin, nin, nt)
+                             Py_ssize_t nin, int nt, bint by_weights) noexcept nogil:
+    """Y (N, nout) = X (N, nin) W^T for a folded weight W (nout, nin). Split over the threads by
+    W's rows when by_weights or N == 1 (rows of independent sequences: each thread streams a share
+    of the weights), else by X's rows (a prefill: FMA-bound, each thread takes a block of rows)."""
+    if by_weights or N == 1:
+        mm_nt_wpar(Y, X, W, N, nout, nin, nin, nin, nout, nt)
     else:
         mm_nt_par(Y, X, W, N, nout, nin, nin, nin, nout, nt)
 
 
-cdef void forward_rows(floating* tag, const WNet* net, Buf* b, const int* ids, int N, int p0,
-                       double* stds) noexcept nogil:
-    """Run ids[0:N] at window positions p0 .. p0+N-1 (p0 + N <= T) after the p0 positions the
-    cache holds: write their keys and values into the cache and the logits of the last one into
-    b.logits. A prefill is p0 = 0; a decode step is N = 1 at p0 = the window's length. Each op
-    is the training forward's (_ops.pxd); attention reads the cache (attend_row), one query at
-    a time over the keys it sees. stds (L + 1, may be NULL) receives the std of the residual
-    stream after the embedding and after each layer."""
-    cdef Py_ssize_t l, i, t, r0, n, C = net.C, F = net.F, T = net.T, d = net.d, C3 = 3 * net.C
+ctypedef struct AttendJob:  # the attention rows of a batched step, split over the pool's parts
+    const WNet* net
+    const WLayer* Lw
+    Buf* const* seq
+    const int* pos
+    void* Y
+    const void* Q
+    const void* Hn
+    Py_ssize_t l
+    int N, nt
+    bint is_double
+
+
+cdef void attend_rows(floating* tag, const AttendJob* j, int part) noexcept nogil:
+    """Rows part, part + nt, ... of a batched step: row i attends over its own sequence's cache
+    (seq[i]: keys, values, scratch S and P) up to and including position pos[i]."""
+    cdef Py_ssize_t i = part, C = j.net.C, T = j.net.T
+    cdef Buf* sb
+    while i < j.N:
+        sb = j.seq[i]
+        attend_row(<floating*>j.Y + i * C, <floating*>sb.S, <floating*>sb.P, <const floating*>j.Q + i * C,
+                   <const floating*>j.Hn + i * C, <floating*>sb.kc + j.l * C * T, <floating*>sb.vc + j.l * T * C,
+                   j.net, j.Lw, j.pos[i] + 1)
+        i += j.nt
+
+
+cdef void _attend_part(void* ctx, int part) noexcept nogil:
+    cdef AttendJob* j = <AttendJob*>ctx
+    if j.is_double:
+        attend_rows(<double*>NULL, j, part)
+    else:
+        attend_rows(<float*>NULL, j, part)
+
+
+cdef void forward_rows(floating* tag, const WNet* net, Buf* b, Buf* const* seq, int n_seq, const int* ids,
+                       const int* pos, int N, double* stds) noexcept nogil:
+    """Run N token rows through the model after the positions the caches hold: write each row's
+    key and value into its sequence's cache and the next-token logits into the sequence's
+    logits. Two shapes, one forward:
+      n_seq == 1  the rows are consecutive tokens of one sequence whose cache is seq[0]: a
+                  prefill (pos = 0 .. N-1) or a decode step (N = 1, pos = the window's length);
+                  only the last row's logits are wanted.
+      n_seq == N  row i is the next token of sequence i (cache seq[i]) at its own position
+                  pos[i]: a batched decode step. Each matrix is read once for all N rows, and
+                  every row's arithmetic is the one it has alone (decode_kernels.h, mm_nt_wpar).
+    b: the work rows X .. A (at least N rows) and the threads b.nt; seq[i].logits (V) receives the
+    logits (for n_seq == N through b.logits, (N, V)). Each op is the training forward's (_ops.pxd);
+    attention reads the cache (attend_row) one query at a time over the keys it sees. stds
+    (L + 1, may be NULL; n_seq == 1 only) receives the std of the residual stream after the
+    embedding and after each layer."""
+    cdef Py_ssize_t l, i, t, r0, n, C = net.C, F = net.F, T = net.T, d = net.d, C3 = 3 * net.C, V = net.V
+    cdef bint batched = n_seq > 1
     cdef const WLayer* Lw
-    cdef const int* pos = net.pos + p0
     cdef floating* X = <floating*>b.X
     cdef floating* Hn = <floating*>b.Hn
     cdef floating* QKV = <floating*>b.QKV
@@ -386,8 +449,8 @@ cdef void forward_rows(floating* tag, const WNet* net, Buf* b, const int* ids, i
     cdef floating* GU = <floating*>b.GU
     cdef floating* A = <floating*>b.A
     cdef floating* x
-    cdef floating* kc
-    cdef floating* vc
+    cdef Buf* sb
+    cdef AttendJob job
     cdef const floating* cos_t = <const floating*>net.cos_t
     cdef const floating* sin_t = <const floating*>net.sin_t
     embed_forward(X, <const floating*>net.wte, <const floating*>net.wpe, ids, pos, N, C)
@@ -395,35 +458,51 @@ cdef void forward_rows(floating* tag, const WNet* net, Buf* b, const int* ids, i
         stds[0] = std_of(X, N * C)
     for l in range(net.L):
         Lw = &net.layers[l]
-        kc = <floating*>b.kc + l * C * T
-        vc = <floating*>b.vc + l * T * C
         rmsnorm_forward(Hn, <floating*>NULL, X, N, C)
-        linear_rows(QKV, <const floating*>Lw.wqkv, Hn, N, C3, C, b.nt)
+        linear_rows(QKV, <const floating*>Lw.wqkv, Hn, N, C3, C, b.nt, batched)
         rope_forward(Q, QKV, pos, cos_t, sin_t, N, net.H, d, C3)
         rope_forward(K, QKV + C, pos, cos_t, sin_t, N, net.H, d, C3)
         for i in range(N):
-            store_key(kc, K + i * C, p0 + i, C, T)
-            memcpy(vc + (p0 + i) * C, QKV + i * C3 + 2 * C, C * sizeof(floating))
-        # Rows r0 .. N-1 go on through the layer. In the last layer only the last row does: its
-        # keys and values are cached, and the rest of it only matters for the logits (a large
+            sb = seq[i if batched else 0]
+            store_key(<floating*>sb.kc + l * C * T, K + i * C, pos[i], C, T)
+            memcpy(<floating*>sb.vc + l * T * C + pos[i] * C, QKV + i * C3 + 2 * C, C * sizeof(floating))
+        # Rows r0 .. N-1 go on through the layer. In a prefill's last layer only the last row does:
+        # its keys and values are cached, and the rest of it only matters for the logits (a large
         # share of a shallow model's prefill) -- unless every row's residual stream is wanted (stds).
-        r0 = N - 1 if l == net.L - 1 and stds == NULL else 0
+        r0 = N - 1 if l == net.L - 1 and stds == NULL and not batched else 0
         n = N - r0
-        for t in range(r0, N):
-            attend_row(Y + (t - r0) * C, <floating*>b.S, <floating*>b.P, Q + t * C, Hn + t * C, kc, vc, net, Lw,
-                       <int>(p0 + t + 1))
+        if batched:  # each row over its own cache; rows split over the threads
+            job.net, job.Lw, job.seq, job.pos, job.l, job.N = net, Lw, seq, pos, l, N
+            job.Y, job.Q, job.Hn = <void*>Y, <const void*>Q, <const void*>Hn
+            job.nt = b.nt if 1 < b.nt <= N else 1
+            job.is_double = floating is double
+            if job.nt > 1:
+                mg_pool_run(_attend_part, &job, job.nt)
+            else:
+                attend_rows(tag, &job, 0)
+        else:
+            sb = seq[0]
+            for t in range(r0, N):
+                attend_row(Y + (t - r0) * C, <floating*>sb.S, <floating*>sb.P, Q + t * C, Hn + t * C,
+                           <floating*>sb.kc + l * C * T, <floating*>sb.vc + l * T * C, net, Lw, pos[t] + 1)
         x = X + r0 * C
-        linear_rows(O, <const floating*>Lw.wo, Y, n, C, C, b.nt)
+        linear_rows(O, <const floating*>Lw.wo, Y, n, C, C, b.nt, batched)
         add_forward(x, x, O, n * C)
         rmsnorm_forward(Hn, <floating*>NULL, x, n, C)
-        linear_rows(GU, <const floating*>Lw.fcgv, Hn, n, 2 * F, C, b.nt)
+        linear_rows(GU, <const floating*>Lw.fcgv, Hn, n, 2 * F, C, b.nt, batched)
         gate_forward(A, GU, GU + F, n, F, 2 * F, net.act)
-        linear_rows(O, <const floating*>Lw.fc2, A, n, C, F, b.nt)
+        linear_rows(O, <const floating*>Lw.fc2, A, n, C, F, b.nt, batched)
         add_forward(x, x, O, n * C)
         if stds != NULL:
             stds[l + 1] = std_of(X, N * C)
-    rmsnorm_forward(Hn, <floating*>NULL, X + (N - 1) * C, 1, C)
-    linear_rows(<floating*>b.logits, <const floating*>net.lm, Hn, 1, net.V, C, b.nt)
+    if not batched:
+        rmsnorm_forward(Hn, <floating*>NULL, X + (N - 1) * C, 1, C)
+        linear_rows(<floating*>seq[0].logits, <const floating*>net.lm, Hn, 1, V, C, b.nt, True)
+        return
+    rmsnorm_forward(Hn, <floating*>NULL, X, N, C)
+    linear_rows(<floating*>b.logits, <const floating*>net.lm, Hn, N, V, C, b.nt, True)
+    for i in range(N):
+        memcpy(seq[i].logits, <floating*>b.logits + i * V, V * sizeof(floating))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -892,8 +971,6 @@ cdef class Decoder:
         self.cand = NULL
 
     def __init__(self, Weights weights, int vocab_size, int block_size, int n_threads=1):
-        cdef size_t es, total = 0
-        cdef Py_ssize_t L, C, T, F, i
         if vocab_size < 1 or block_size < 1:
             raise ValueError("vocab_size and block_size must be positive")
         if weights is not None and (weights.net.V != vocab_size or weights.net.T != block_size):
@@ -924,22 +1001,7 @@ cdef class Decoder:
             return
         self.net = &weights.net
         self.is_double = weights.is_double
-        es = sizeof(double) if self.is_double else sizeof(float)
-        L, C, T, F = weights.net.L, weights.net.C, weights.net.T, weights.net.F
-        cdef size_t sizes[13]
-        cdef void** slots[13]
-        sizes[:] = [T * C, T * C, T * 3 * C, T * C, T * C, T, T, T * C, T * C, T * 2 * F, T * F, L * T * C, L * T * C]
-        slots[:] = [&self.b.X, &self.b.Hn, &self.b.QKV, &self.b.Q, &self.b.K, &self.b.S, &self.b.P, &self.b.Y,
-                    &self.b.O, &self.b.GU, &self.b.A, &self.b.kc, &self.b.vc]
-        for i in range(13):
-            total += sizes[i] * es
-        self.block = calloc(total, 1)
-        if self.block == NULL:
-            raise MemoryError(f"cannot allocate {total} bytes of decoding scratch")
-        cdef char* cur = <char*>self.block
-        for i in range(13):
-            slots[i][0] = <void*>cur
-            cur += sizes[i] * es
+        self.block = buf_alloc(&self.b, block_size, &weights.net, self.is_double, True)
         # the logits live in a numpy array of their own (see last_logits_array): the arrays
         # prefill/feed/logits return stay valid even after the decoder is gone
         self.last_logits_array = np.zeros(vocab_size, dtype=weights.dtype)
@@ -963,10 +1025,11 @@ cdef class Decoder:
     # ---- forward over the window
 
     cdef void _prefill(self, const int* ids, int N, double* stds=NULL) noexcept nogil:
+        cdef Buf* seq = &self.b
         if self.is_double:
-            forward_rows(<double*>NULL, self.net, &self.b, ids, N, 0, stds)
+            forward_rows(<double*>NULL, self.net, &self.b, &seq, 1, ids, self.net.pos, N, stds)
         else:
-            forward_rows(<float*>NULL, self.net, &self.b, ids, N, 0, stds)
+            forward_rows(<float*>NULL, self.net, &self.b, &seq, 1, ids, self.net.pos, N, stds)
         if ids != self.win:
             memcpy(self.win, ids, N * sizeof(int))
         self.n = N
@@ -974,18 +1037,23 @@ cdef class Decoder:
     cdef void _feed(self, int tok) noexcept nogil:
         """Append tok to the window (the window-full rule of the module docstring)."""
         cdef int keep
+        cdef Buf* seq = &self.b
         if self.n < self.T:
             if self.is_double:
-                forward_rows(<double*>NULL, self.net, &self.b, &tok, 1, self.n, NULL)
+                forward_rows(<double*>NULL, self.net, &self.b, &seq, 1, &tok, self.net.pos + self.n, 1, NULL)
             else:
-                forward_rows(<float*>NULL, self.net, &self.b, &tok, 1, self.n, NULL)
-            self.win[self.n] = tok
-            self.n += 1
+                forward_rows(<float*>NULL, self.net, &self.b, &seq, 1, &tok, self.net.pos + self.n, 1, NULL)
+            self._fed(tok)
         else:
             keep = self.T // 2
             memmove_int(self.win, self.win + self.T - keep, keep)
             self.win[keep] = tok
             self._prefill(self.win, keep + 1)
+
+    cdef inline void _fed(self, int tok) noexcept nogil:
+        """tok's row is in the cache (a step of its own or of a Batch): it joins the window."""
+        self.win[self.n] = tok
+        self.n += 1
 
     def _check_model(self):
         if self.net == NULL:
@@ -1188,30 +1256,48 @@ cdef class Decoder:
         """Generate up to `limit` more tokens; returns (new_ids, stop_reason or None).
         processors: callables (ids, logits) -> logits applied to the final logits of the
         built-in stack (log-probabilities, -inf where dropped), in order."""
-        cdef Py_ssize_t produced = 0, n, j, g, nn
+        cdef Py_ssize_t produced = 0
         cdef int tok, stop = STOP_NONE
-        cdef bint same
         if not self.started:
             raise ValueError("call begin() first")
         if self.finished:
             return [], None
         start = self.nh
         while produced < limit:
-            with nogil:
-                n = self._distribution()
-            if processors:
-                tok = self._apply_processors(n, processors)
-            else:
-                if n == 0:
-                    raise _no_token_error()
-                tok = cand_draw(self.cand, n, &self.rng)
-            if tok == self.eos:
-                stop = STOP_EOS
+            tok = self._choose(processors)
+            stop = self._accept(tok)
+            if stop != STOP_EOS:
+                produced += 1
+            if stop != STOP_NONE:
                 break
+            if self.use_model:
+                with nogil:
+                    self._feed(tok)
+        return [self.hist[j] for j in range(start, self.nh)], STOP_REASONS[stop]
+
+    cdef int _choose(self, processors) except -1:
+        """The next token, sampled from the current logits (and the processors, if any)."""
+        cdef Py_ssize_t n
+        with nogil:
+            n = self._distribution()
+        if processors:
+            return self._apply_processors(n, processors)
+        if n == 0:
+            raise _no_token_error()
+        return cand_draw(self.cand, n, &self.rng)
+
+    cdef int _accept(self, int tok) noexcept nogil:
+        """Record a sampled token and apply the stop rules; returns the stop reason (STOP_NONE:
+        go on, the caller then feeds tok). EOS is not recorded; any stop finishes the generation."""
+        cdef Py_ssize_t j, g, nn
+        cdef int stop = STOP_NONE
+        cdef bint same
+        if tok == self.eos:
+            stop = STOP_EOS
+        else:
             self.hist[self.nh] = tok
             self.nh += 1
             self.counts[tok] += 1
-            produced += 1
             nn = self.nh - self.n_prompt
             g = self.rep_guard
             if g > 0 and nn >= 2 * g:
@@ -1222,19 +1308,21 @@ cdef class Decoder:
                         break
                 if same:
                     stop = STOP_REPETITION
-                    break
-            if nn >= self.min_new and self.sentence_end[tok]:
+            if stop == STOP_NONE and nn >= self.min_new and self.sentence_end[tok]:
                 stop = STOP_SENTENCE
-                break
-            if nn >= self.max_new:
+            if stop == STOP_NONE and nn >= self.max_new:
                 stop = STOP_MAX_TOKENS
-                break
-            if self.use_model:
-                with nogil:
-                    self._feed(tok)
         if stop != STOP_NONE:
             self.finished = 1
-        return [self.hist[j] for j in range(start, self.nh)], STOP_REASONS[stop]
+        return stop
+
+    def finish(self):
+        """End this generation here (a stop string was found): run() returns nothing more."""
+        self.finished = 1
+
+    @property
+    def is_finished(self) -> bool:
+        return bool(self.finished)
 
     cdef int _apply_processors(self, Py_ssize_t n, processors) except -1:
         cdef Py_ssize_t j
@@ -1287,6 +1375,146 @@ cdef class Decoder:
     def generated(self):
         """Ids generated so far in this generation."""
         return [self.hist[j] for j in range(self.n_prompt, self.nh)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch: several generations, one forward per step
+
+cdef class Batch:
+    """Generations advanced together, one token each per step, in one batched forward
+    (forward_rows with a row per sequence): each weight matrix is read once per step for all of
+    them instead of once per sequence, which is what bounds a decode step on a model whose
+    weights do not fit in cache.
+
+    Batch(decoders, n_threads=1): Decoders after begin() (any prompts, sampling parameters,
+    seeds, limits; those that run the model share one Weights). Each keeps its own cache, window,
+    random state, history and stop state, and produces exactly the tokens it produces alone
+    (run() on the Decoder): the batched products give every row the arithmetic of its own matvec
+    (decode_kernels.h), sampling is the Decoder's own, and a sequence whose window is full
+    re-prefills alone (the window rule). A finished sequence (stop reason, or Decoder.finish())
+    leaves the step. n_threads: threads the products and the attention rows are split over.
+    Not thread-safe."""
+    cdef list decs
+    cdef Weights w
+    cdef Buf b
+    cdef void* block
+    cdef Buf** seq          # (B,) the Buf (cache, scratch, logits) of each row of a step
+    cdef int* ids           # (B,) each row's token
+    cdef int* pos           # (B,) each row's window position
+    cdef int* which         # (B,) each row's decoder
+    cdef readonly int size
+
+    def __cinit__(self):
+        self.block = NULL
+        self.seq = NULL
+        self.ids = NULL
+        self.pos = NULL
+        self.which = NULL
+
+    def __init__(self, decoders, int n_threads=1):
+        cdef Decoder d
+        decs = list(decoders)
+        if not decs or not all(isinstance(x, Decoder) for x in decs):
+            raise TypeError("Batch takes a non-empty sequence of Decoders")
+        if len({id(x) for x in decs}) != len(decs):
+            raise ValueError("a Decoder may appear in a Batch only once")
+        if n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+        w = None
+        for d in decs:
+            if not d.started:
+                raise ValueError("every Decoder of a Batch must be started (begin()) first")
+            if d.use_model:
+                if w is not None and d.w is not w:
+                    raise ValueError("the Decoders of a Batch that run the model must share one Weights")
+                w = d.w
+        self.decs = decs
+        self.size = len(decs)
+        self.w = w
+        self.b.nt = n_threads
+        self.seq = <Buf**>calloc(self.size, sizeof(Buf*))
+        self.ids = <int*>calloc(self.size, sizeof(int))
+        self.pos = <int*>calloc(self.size, sizeof(int))
+        self.which = <int*>calloc(self.size, sizeof(int))
+        if self.seq == NULL or self.ids == NULL or self.pos == NULL or self.which == NULL:
+            raise MemoryError()
+        if w is not None:
+            self.block = buf_alloc(&self.b, self.size, &self.w.net, self.w.is_double, False)
+
+    def __dealloc__(self):
+        free(self.block)
+        free(self.seq)
+        free(self.ids)
+        free(self.pos)
+        free(self.which)
+
+    @property
+    def decoders(self):
+        return list(self.decs)
+
+    @property
+    def n_threads(self) -> int:
+        return self.b.nt
+
+    def run(self, Py_ssize_t limit, processors=None):
+        """Generate up to `limit` more tokens in every unfinished sequence; returns one
+        (new_ids, stop_reason or None) per decoder, as Decoder.run does for each.
+        processors: None, or one entry per decoder (None or its callables, as Decoder.run's)."""
+        cdef Decoder d
+        cdef Py_ssize_t i, k, step
+        cdef int m, tok, stop
+        cdef Py_ssize_t B = self.size
+        if processors is None:
+            procs = [None] * B
+        else:
+            procs = list(processors)
+            if len(procs) != B:
+                raise ValueError(f"processors needs one entry per decoder ({B}), got {len(procs)}")
+        starts = [(<Decoder>x).nh for x in self.decs]
+        reasons = [None] * B
+        active = [i for i in range(B) if not (<Decoder>self.decs[i]).finished]
+        for step in range(limit):
+            if not active:
+                break
+            m = 0
+            still = []
+            for i in active:
+                d = self.decs[i]
+                tok = d._choose(procs[i])
+                stop = d._accept(tok)
+                if stop != STOP_NONE:
+                    reasons[i] = STOP_REASONS[stop]
+                    continue
+                still.append(i)
+                if not d.use_model:
+                    continue
+                if d.n < d.T:   # a row of this step's forward
+                    self.seq[m] = &d.b
+                    self.ids[m] = tok
+                    self.pos[m] = d.n
+                    self.which[m] = <int>i
+                    m += 1
+                else:           # the window is full: re-prefill alone (Decoder._feed)
+                    with nogil:
+                        d._feed(tok)
+            if m:
+                with nogil:
+                    self._forward(m)
+                for k in range(m):
+                    d = self.decs[self.which[k]]
+                    d._fed(self.ids[k])
+            active = still
+        out = []
+        for i in range(B):
+            d = self.decs[i]
+            out.append(([d.hist[k] for k in range(starts[i], d.nh)], reasons[i]))
+        return out
+
+    cdef void _forward(self, int m) noexcept nogil:
+        if self.w.is_double:
+            forward_rows(<double*>NULL, &self.w.net, &self.b, self.seq, m, self.ids, self.pos, m, NULL)
+        else:
+            forward_rows(<float*>NULL, &self.w.net, &self.b, self.seq, m, self.ids, self.pos, m, NULL)
 
 
 cdef inline void memmove_int(int* dst, const int* src, Py_ssize_t n) noexcept nogil:
