@@ -386,7 +386,7 @@ cdef inline void linear_rows(floating* Y, const floating* W, const floating* X, 
         mm_nt_par(Y, X, W, N, nout, nin, nin, nin, nout, nt)
 
 
-ctypedef struct AttendJob:  # the attention rows of a batched step, split over the pool's parts
+ctypedef struct AttendJob:  # the attention rows r0 .. N-1 of a forward, split over the pool's parts
     const WNet* net
     const WLayer* Lw
     Buf* const* seq
@@ -395,18 +395,21 @@ ctypedef struct AttendJob:  # the attention rows of a batched step, split over t
     const void* Q
     const void* Hn
     Py_ssize_t l
-    int N, nt
+    int r0, N, nt
+    bint batched
     bint is_double
 
 
 cdef void attend_rows(floating* tag, const AttendJob* j, int part) noexcept nogil:
-    """Rows part, part + nt, ... of a batched step: row i attends over its own sequence's cache
-    (seq[i]: keys, values, scratch S and P) up to and including position pos[i]."""
-    cdef Py_ssize_t i = part, C = j.net.C, T = j.net.T
+    """Rows r0 + part, r0 + part + nt, ... < N of a forward: row i attends over its sequence's
+    cache (seq[i] when batched, else seq[0]: keys, values, scratch S and P) up to and including
+    position pos[i]; its output is row i - r0 of Y. (One function for every caller, so each row's
+    attention runs the same compiled code, batched or not.)"""
+    cdef Py_ssize_t i = j.r0 + part, C = j.net.C, T = j.net.T
     cdef Buf* sb
     while i < j.N:
-        sb = j.seq[i]
-        attend_row(<floating*>j.Y + i * C, <floating*>sb.S, <floating*>sb.P, <const floating*>j.Q + i * C,
+        sb = j.seq[i if j.batched else 0]
+        attend_row(<floating*>j.Y + (i - j.r0) * C, <floating*>sb.S, <floating*>sb.P, <const floating*>j.Q + i * C,
                    <const floating*>j.Hn + i * C, <floating*>sb.kc + j.l * C * T, <floating*>sb.vc + j.l * T * C,
                    j.net, j.Lw, j.pos[i] + 1)
         i += j.nt
@@ -471,20 +474,15 @@ cdef void forward_rows(floating* tag, const WNet* net, Buf* b, Buf* const* seq, 
         # share of a shallow model's prefill) -- unless every row's residual stream is wanted (stds).
         r0 = N - 1 if l == net.L - 1 and stds == NULL and not batched else 0
         n = N - r0
-        if batched:  # each row over its own cache; rows split over the threads
-            job.net, job.Lw, job.seq, job.pos, job.l, job.N = net, Lw, seq, pos, l, N
-            job.Y, job.Q, job.Hn = <void*>Y, <const void*>Q, <const void*>Hn
-            job.nt = b.nt if 1 < b.nt <= N else 1
-            job.is_double = floating is double
-            if job.nt > 1:
-                mg_pool_run(_attend_part, &job, job.nt)
-            else:
-                attend_rows(tag, &job, 0)
+        # a batch's rows (each over its own cache and scratch) are split over the threads
+        job.net, job.Lw, job.seq, job.pos, job.l, job.r0, job.N = net, Lw, seq, pos, l, <int>r0, N
+        job.Y, job.Q, job.Hn, job.batched = <void*>Y, <const void*>Q, <const void*>Hn, batched
+        job.nt = b.nt if batched and 1 < b.nt <= N else 1
+        job.is_double = floating is double
+        if job.nt > 1:
+            mg_pool_run(_attend_part, &job, job.nt)
         else:
-            sb = seq[0]
-            for t in range(r0, N):
-                attend_row(Y + (t - r0) * C, <floating*>sb.S, <floating*>sb.P, Q + t * C, Hn + t * C,
-                           <floating*>sb.kc + l * C * T, <floating*>sb.vc + l * T * C, net, Lw, pos[t] + 1)
+            _attend_part(&job, 0)
         x = X + r0 * C
         linear_rows(O, <const floating*>Lw.wo, Y, n, C, C, b.nt, batched)
         add_forward(x, x, O, n * C)
@@ -495,14 +493,16 @@ cdef void forward_rows(floating* tag, const WNet* net, Buf* b, Buf* const* seq, 
         add_forward(x, x, O, n * C)
         if stds != NULL:
             stds[l + 1] = std_of(X, N * C)
-    if not batched:
-        rmsnorm_forward(Hn, <floating*>NULL, X + (N - 1) * C, 1, C)
-        linear_rows(<floating*>seq[0].logits, <const floating*>net.lm, Hn, 1, V, C, b.nt, True)
-        return
-    rmsnorm_forward(Hn, <floating*>NULL, X, N, C)
-    linear_rows(<floating*>b.logits, <const floating*>net.lm, Hn, N, V, C, b.nt, True)
-    for i in range(N):
-        memcpy(seq[i].logits, <floating*>b.logits + i * V, V * sizeof(floating))
+    # the logits of rows r0 .. N-1 (the last row of one sequence, or every row of a batch). One
+    # call of each op for both shapes: the compiler may order an `omp simd` reduction differently
+    # in two inlined copies, and a batched row must get its single-row arithmetic.
+    r0 = 0 if batched else N - 1
+    rmsnorm_forward(Hn, <floating*>NULL, X + r0 * C, N - r0, C)
+    linear_rows(<floating*>(b.logits if batched else seq[0].logits), <const floating*>net.lm, Hn, N - r0, V, C,
+                b.nt, True)
+    if batched:
+        for i in range(N):
+            memcpy(seq[i].logits, <floating*>b.logits + i * V, V * sizeof(floating))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1570,3 +1570,23 @@ def _sample_stack_memview(z, q, double temperature, double entropy_low, double e
     if n:
         probs /= probs.sum()
     return ids, probs
+
+
+def _linear_rows(W, X, int n_threads=1):
+    """Y = X W^T by the decoder's product for rows of independent sequences (linear_rows,
+    split by W's rows); test twin: row i must equal _linear_rows(W, X[i:i+1])."""
+    if W.dtype != X.dtype or W.dtype not in (np.float32, np.float64) or W.ndim != 2 or X.ndim != 2 \
+            or W.shape[1] != X.shape[1] or not W.flags.c_contiguous or not X.flags.c_contiguous or X.shape[0] < 1:
+        raise ValueError("W (nout, nin) and X (N, nin): C-contiguous arrays of one float dtype, N >= 1")
+    Y = np.zeros((X.shape[0], W.shape[0]), W.dtype)
+    cdef Py_ssize_t N = X.shape[0], nout = W.shape[0], nin = W.shape[1]
+    cdef void* y = data_ptr(Y)
+    cdef const void* w = data_ptr(W)
+    cdef const void* x = data_ptr(X)
+    cdef bint is_double = W.dtype == np.float64
+    with nogil:
+        if is_double:
+            linear_rows(<double*>y, <const double*>w, <const double*>x, N, nout, nin, n_threads, True)
+        else:
+            linear_rows(<float*>y, <const float*>w, <const float*>x, N, nout, nin, n_threads, True)
+    return Y
