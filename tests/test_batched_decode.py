@@ -61,6 +61,13 @@ def started(w, V, T, prompts, **over):
     return decs
 
 
+def _mask_even_tokens(ids, logits):
+    out = np.array(logits, copy=True)
+    out[::2] = -np.inf
+    out[3] = 0.0  # never everything masked
+    return out
+
+
 def prompts_for(V, B, seed=0, longest=12):
     rng = np.random.default_rng(seed)
     return [list(rng.integers(3, V, int(rng.integers(1, longest + 1)))) for _ in range(B)]
@@ -157,6 +164,29 @@ def test_portable_kernels_batch_identically():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_processors_and_thread_groups_keep_single_results(n_threads):
+    """With logits processors on some sequences (the groups then sample under the GIL) and
+    without (each group on its own pool thread), every sequence equals its single run."""
+    m = make_model("float32", 32, V=31, block_size=12)
+    w, V, T = fold_weights(m), m.vocab_size, m.config.block_size
+    prompts = prompts_for(V, 5, seed=2, longest=15)
+    procs = [None, (_mask_even_tokens,), None, (_mask_even_tokens, _mask_even_tokens), None]
+    want = [d.run(1000, p) for d, p in zip(started(w, V, T, prompts), procs)]
+    assert _decode.Batch(started(w, V, T, prompts), n_threads).run(1000, procs) == want
+    plain = [d.run(1000) for d in started(w, V, T, prompts)]
+    assert _decode.Batch(started(w, V, T, prompts), n_threads).run(1000, [None] * 5) == plain
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_no_sampleable_token_raises_generation_error(n_threads):
+    m = make_model("float32", 20)
+    w, V, T = fold_weights(m), m.vocab_size, m.config.block_size
+    decs = started(w, V, T, prompts_for(V, 3), banned=np.ones(V, np.uint8))
+    with pytest.raises(GenerationError, match="no token can be sampled"):
+        _decode.Batch(decs, n_threads).run(5)
+
+
 def test_a_finished_decoder_is_skipped_and_limit_is_per_call():
     m = make_model("float32", 20)
     w, V, T = fold_weights(m), m.vocab_size, m.config.block_size
@@ -236,13 +266,6 @@ def trained(request, tok):
     for _ in range(40):
         m.train_step([data[i] for i in rng.integers(0, len(data), 4)], 0.01)
     return m
-
-
-def _mask_even_tokens(ids, logits):
-    out = np.array(logits, copy=True)
-    out[::2] = -np.inf
-    out[3] = 0.0  # never everything masked
-    return out
 
 
 def test_run_many_equals_single_runs_for_every_kind_of_sequence(tok, trained):

@@ -45,6 +45,7 @@ from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memset, memcpy
 from libc.math cimport exp, log, sqrt, fabs, INFINITY, isnan
 from libc.stdint cimport uint64_t, int64_t, uint8_t
+from cpython.ref cimport PyObject
 cdef extern from "pool.h" nogil:  # the worker pool the training step runs on (csrc/pool.c)
     ctypedef void (*mg_pool_fn)(void* ctx, int part) noexcept nogil
     int mg_pool_run(mg_pool_fn fn, void* ctx, int n)
@@ -1050,6 +1051,19 @@ cdef class Decoder:
             self.win[keep] = tok
             self._prefill(self.win, keep + 1)
 
+    cdef int _step_row(self, int tok, Buf** seq, int* pos) noexcept nogil:
+        """Feed tok as a row of a batched step: returns 1 with this decoder's Buf and the row's
+        position in *seq, *pos (the caller runs the forward, then _fed(tok)); or 0 when there is
+        nothing to batch (field only, or a full window, re-prefilled here alone by _feed)."""
+        if not self.use_model:
+            return 0
+        if self.n >= self.T:
+            self._feed(tok)
+            return 0
+        seq[0] = &self.b
+        pos[0] = self.n
+        return 1
+
     cdef inline void _fed(self, int tok) noexcept nogil:
         """tok's row is in the cache (a step of its own or of a Batch): it joins the window."""
         self.win[self.n] = tok
@@ -1278,12 +1292,24 @@ cdef class Decoder:
     cdef int _choose(self, processors) except -1:
         """The next token, sampled from the current logits (and the processors, if any)."""
         cdef Py_ssize_t n
+        cdef int tok
+        if not processors:
+            with nogil:
+                tok = self._draw()
+            if tok < 0:
+                raise _no_token_error()
+            return tok
         with nogil:
             n = self._distribution()
-        if processors:
-            return self._apply_processors(n, processors)
+        return self._apply_processors(n, processors)
+
+    cdef int _draw(self) noexcept nogil:
+        """The next token from the built-in stack alone (no processors), or -1 when no token can
+        be sampled (the generation is then finished)."""
+        cdef Py_ssize_t n = self._distribution()
         if n == 0:
-            raise _no_token_error()
+            self.finished = 1
+            return -1
         return cand_draw(self.cand, n, &self.rng)
 
     cdef int _accept(self, int tok) noexcept nogil:
@@ -1380,6 +1406,23 @@ cdef class Decoder:
 # ---------------------------------------------------------------------------------------------
 # Batch: several generations, one forward per step
 
+ctypedef struct Group:  # the sequences of a Batch that one thread advances
+    Buf b           # work rows (one per member) and the threads its products split over
+    void* block
+    int n           # members
+    int* members    # (n,) their indices in the batch
+    int m           # rows of the current step
+    Buf** seq       # (n,) each row's sequence (cache, scratch, logits)
+    int* ids        # (n,) each row's token
+    int* pos        # (n,) each row's window position
+    PyObject** row  # (n,) each row's Decoder (borrowed: the Batch's list holds them)
+
+
+ctypedef struct GroupRun:  # one run() of every group at once on the worker pool
+    PyObject* batch
+    Py_ssize_t limit
+
+
 cdef class Batch:
     """Generations advanced together, one token each per step, in one batched forward
     (forward_rows with a row per sequence): each weight matrix is read once per step for all of
@@ -1392,27 +1435,32 @@ cdef class Batch:
     (run() on the Decoder): the batched products give every row the arithmetic of its own matvec
     (decode_kernels.h), sampling is the Decoder's own, and a sequence whose window is full
     re-prefills alone (the window rule). A finished sequence (stop reason, or Decoder.finish())
-    leaves the step. n_threads: threads the products and the attention rows are split over.
-    Not thread-safe."""
+    leaves the step.
+    n_threads: the sequences are dealt into min(n_threads, size) groups, sequence i to group
+    i mod groups, and each group runs its own steps (sampling included, without the GIL) on a
+    thread of the worker pool: one fork/join per run() rather than one per product. With logits
+    processors (Python) the groups take turns under the GIL. Not thread-safe."""
     cdef list decs
     cdef Weights w
-    cdef Buf b
-    cdef void* block
-    cdef Buf** seq          # (B,) the Buf (cache, scratch, logits) of each row of a step
-    cdef int* ids           # (B,) each row's token
-    cdef int* pos           # (B,) each row's window position
-    cdef int* which         # (B,) each row's decoder
+    cdef PyObject** decp    # (size,) the decoders (borrowed: self.decs holds them)
+    cdef int* stops         # (size,) stop code of each sequence in the current run()
+    cdef int* failed        # (size,) 1: no token could be sampled
+    cdef Group* groups
+    cdef int n_groups
     cdef readonly int size
+    cdef readonly int n_threads
 
     def __cinit__(self):
-        self.block = NULL
-        self.seq = NULL
-        self.ids = NULL
-        self.pos = NULL
-        self.which = NULL
+        self.decp = NULL
+        self.stops = NULL
+        self.failed = NULL
+        self.groups = NULL
+        self.n_groups = 0
 
     def __init__(self, decoders, int n_threads=1):
         cdef Decoder d
+        cdef Group* g
+        cdef int i, k
         decs = list(decoders)
         if not decs or not all(isinstance(x, Decoder) for x in decs):
             raise TypeError("Batch takes a non-empty sequence of Decoders")
@@ -1431,90 +1479,162 @@ cdef class Batch:
         self.decs = decs
         self.size = len(decs)
         self.w = w
-        self.b.nt = n_threads
-        self.seq = <Buf**>calloc(self.size, sizeof(Buf*))
-        self.ids = <int*>calloc(self.size, sizeof(int))
-        self.pos = <int*>calloc(self.size, sizeof(int))
-        self.which = <int*>calloc(self.size, sizeof(int))
-        if self.seq == NULL or self.ids == NULL or self.pos == NULL or self.which == NULL:
+        self.n_threads = n_threads
+        self.decp = <PyObject**>calloc(self.size, sizeof(PyObject*))
+        self.stops = <int*>calloc(self.size, sizeof(int))
+        self.failed = <int*>calloc(self.size, sizeof(int))
+        ng = min(n_threads, self.size)
+        self.groups = <Group*>calloc(ng, sizeof(Group))
+        if self.decp == NULL or self.stops == NULL or self.failed == NULL or self.groups == NULL:
             raise MemoryError()
-        if w is not None:
-            self.block = buf_alloc(&self.b, self.size, &self.w.net, self.w.is_double, False)
+        self.n_groups = ng
+        for i in range(self.size):
+            self.decp[i] = <PyObject*>decs[i]
+        for k in range(ng):
+            g = &self.groups[k]
+            g.n = (self.size - k + ng - 1) // ng
+            g.b.nt = n_threads if ng == 1 else 1
+            g.members = <int*>calloc(g.n, sizeof(int))
+            g.seq = <Buf**>calloc(g.n, sizeof(Buf*))
+            g.ids = <int*>calloc(g.n, sizeof(int))
+            g.pos = <int*>calloc(g.n, sizeof(int))
+            g.row = <PyObject**>calloc(g.n, sizeof(PyObject*))
+            if g.members == NULL or g.seq == NULL or g.ids == NULL or g.pos == NULL or g.row == NULL:
+                raise MemoryError()
+            for i in range(g.n):
+                g.members[i] = k + i * ng
+            if w is not None:
+                g.block = buf_alloc(&g.b, g.n, &self.w.net, self.w.is_double, False)
 
     def __dealloc__(self):
-        free(self.block)
-        free(self.seq)
-        free(self.ids)
-        free(self.pos)
-        free(self.which)
+        cdef int k
+        for k in range(self.n_groups):
+            free(self.groups[k].block)
+            free(self.groups[k].members)
+            free(self.groups[k].seq)
+            free(self.groups[k].ids)
+            free(self.groups[k].pos)
+            free(self.groups[k].row)
+        free(self.groups)
+        free(self.decp)
+        free(self.stops)
+        free(self.failed)
 
     @property
     def decoders(self):
         return list(self.decs)
-
-    @property
-    def n_threads(self) -> int:
-        return self.b.nt
 
     def run(self, Py_ssize_t limit, processors=None):
         """Generate up to `limit` more tokens in every unfinished sequence; returns one
         (new_ids, stop_reason or None) per decoder, as Decoder.run does for each.
         processors: None, or one entry per decoder (None or its callables, as Decoder.run's)."""
         cdef Decoder d
-        cdef Py_ssize_t i, k, step
-        cdef int m, tok, stop
-        cdef Py_ssize_t B = self.size
-        if processors is None:
-            procs = [None] * B
-        else:
+        cdef Py_ssize_t i, k
+        cdef int B = self.size
+        cdef GroupRun job
+        procs = None
+        if processors is not None:
             procs = list(processors)
             if len(procs) != B:
                 raise ValueError(f"processors needs one entry per decoder ({B}), got {len(procs)}")
+            if not any(procs):
+                procs = None
         starts = [(<Decoder>x).nh for x in self.decs]
-        reasons = [None] * B
-        active = [i for i in range(B) if not (<Decoder>self.decs[i]).finished]
-        for step in range(limit):
-            if not active:
-                break
-            m = 0
-            still = []
-            for i in active:
-                d = self.decs[i]
-                tok = d._choose(procs[i])
-                stop = d._accept(tok)
-                if stop != STOP_NONE:
-                    reasons[i] = STOP_REASONS[stop]
-                    continue
-                still.append(i)
-                if not d.use_model:
-                    continue
-                if d.n < d.T:   # a row of this step's forward
-                    self.seq[m] = &d.b
-                    self.ids[m] = tok
-                    self.pos[m] = d.n
-                    self.which[m] = <int>i
-                    m += 1
-                else:           # the window is full: re-prefill alone (Decoder._feed)
-                    with nogil:
-                        d._feed(tok)
-            if m:
-                with nogil:
-                    self._forward(m)
-                for k in range(m):
-                    d = self.decs[self.which[k]]
-                    d._fed(self.ids[k])
-            active = still
+        memset(self.stops, 0, B * sizeof(int))
+        memset(self.failed, 0, B * sizeof(int))
+        if procs is not None:
+            self._run_with_gil(limit, procs)
+        else:
+            job.batch = <PyObject*>self
+            job.limit = limit
+            with nogil:
+                if self.n_groups > 1:
+                    mg_pool_run(_group_part, &job, self.n_groups)
+                else:
+                    self._run_group(&self.groups[0], limit)
+            for i in range(B):
+                if self.failed[i]:
+                    raise _no_token_error()
         out = []
         for i in range(B):
             d = self.decs[i]
-            out.append(([d.hist[k] for k in range(starts[i], d.nh)], reasons[i]))
+            out.append(([d.hist[k] for k in range(starts[i], d.nh)], STOP_REASONS[self.stops[i]]))
         return out
 
-    cdef void _forward(self, int m) noexcept nogil:
+    cdef void _run_group(self, Group* g, Py_ssize_t limit) noexcept nogil:
+        """`limit` steps of one group (no processors: sampling is native)."""
+        cdef Py_ssize_t step
+        cdef int k, i, tok
+        cdef bint live
+        for step in range(limit):
+            live = False
+            for k in range(g.n):
+                i = g.members[k]
+                if (<Decoder>self.decp[i]).finished:
+                    continue
+                live = True
+                tok = (<Decoder>self.decp[i])._draw()
+                if tok < 0:
+                    self.failed[i] = 1
+                    continue
+                self._take(g, i, tok)
+            if not live:
+                break
+            self._step(g)
+
+    cdef int _run_with_gil(self, Py_ssize_t limit, list procs) except -1:
+        """run() when some sequence has logits processors: the groups take turns, sampling with
+        the GIL (Decoder._choose)."""
+        cdef Py_ssize_t step
+        cdef int k, i, gi
+        cdef bint live
+        cdef Decoder d
+        cdef Group* g
+        for step in range(limit):
+            live = False
+            for gi in range(self.n_groups):
+                g = &self.groups[gi]
+                for k in range(g.n):
+                    i = g.members[k]
+                    d = self.decs[i]
+                    if d.finished:
+                        continue
+                    live = True
+                    self._take(g, i, d._choose(procs[i]))
+                with nogil:
+                    self._step(g)
+            if not live:
+                break
+        return 0
+
+    cdef inline void _take(self, Group* g, int i, int tok) noexcept nogil:
+        """Record sequence i's sampled token (Decoder._accept: the stop rules); unless it stopped,
+        the token becomes a row of the group's next forward, or re-prefills a full window alone."""
+        cdef int stop = (<Decoder>self.decp[i])._accept(tok)
+        if stop != STOP_NONE:
+            self.stops[i] = stop
+        elif (<Decoder>self.decp[i])._step_row(tok, &g.seq[g.m], &g.pos[g.m]):
+            g.ids[g.m] = tok
+            g.row[g.m] = self.decp[i]
+            g.m += 1
+
+    cdef void _step(self, Group* g) noexcept nogil:
+        """The group's rows of this step through the model in one forward; each joins its window."""
+        cdef int k
+        if g.m == 0:
+            return
         if self.w.is_double:
-            forward_rows(<double*>NULL, &self.w.net, &self.b, self.seq, m, self.ids, self.pos, m, NULL)
+            forward_rows(<double*>NULL, &self.w.net, &g.b, g.seq, g.m, g.ids, g.pos, g.m, NULL)
         else:
-            forward_rows(<float*>NULL, &self.w.net, &self.b, self.seq, m, self.ids, self.pos, m, NULL)
+            forward_rows(<float*>NULL, &self.w.net, &g.b, g.seq, g.m, g.ids, g.pos, g.m, NULL)
+        for k in range(g.m):
+            (<Decoder>g.row[k])._fed(g.ids[k])
+        g.m = 0
+
+
+cdef void _group_part(void* ctx, int part) noexcept nogil:
+    cdef GroupRun* job = <GroupRun*>ctx
+    (<Batch>job.batch)._run_group(&(<Batch>job.batch).groups[part], job.limit)
 
 
 cdef inline void memmove_int(int* dst, const int* src, Py_ssize_t n) noexcept nogil:
