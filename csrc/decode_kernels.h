@@ -251,13 +251,30 @@ __attribute__((target("avx2,fma"))) static float mg_softmax_exp_f_avx2(float *re
 }
 #endif
 
+/* y[0:n] += a x[0:n] */
+#define MG_DEFINE_AXPY(T, SUFFIX)                                                                 \
+    static inline void mg_axpy_##SUFFIX##_generic(T *restrict y, T a, const T *restrict x, ptrdiff_t n) { \
+        for (ptrdiff_t i = 0; i < n; i++) y[i] = y[i] + a * x[i];                                 \
+    }                                                                                             \
+    /* y[0:n] = sum_{i<m} (s a_i) X_i[0:n], X_i = X + i ldx: from zero, one axpy per i in order */ \
+    static inline void mg_sumrows_##SUFFIX##_generic(T *restrict y, T s, const T *restrict a,     \
+                                                     const T *restrict X, ptrdiff_t ldx, ptrdiff_t m, \
+                                                     ptrdiff_t n) {                               \
+        for (ptrdiff_t j = 0; j < n; j++) y[j] = 0;                                               \
+        for (ptrdiff_t i = 0; i < m; i++) mg_axpy_##SUFFIX##_generic(y, s * a[i], X + i * ldx, n); \
+    }
+
+MG_DEFINE_AXPY(float, f)
+MG_DEFINE_AXPY(double, d)
+
 /* One query's attention over nk cached keys (all heads), _decode.pyx's attend_row:
  *   content logits c_j = scale q_h . k_j from the transposed key cache kt (H, d, T);
  *   pattern logits p_j = W_pattern[j] . h_h from the transposed pattern matrix pat[h] (d, T);
  *   the head's logits and their softmax over j < nk (heads.h, as in training); y_h = sum_j att_j v_j.
- * head_type: MG_HEAD_* codes (codes.h). att, pat_out: scratch of nk elements. One body for
- * both element types and both instruction sets (AXPY and SOFTMAX are the row kernels). */
-#define MG_DEFINE_ATTEND_ROW(T, SUFFIX, ATTR, NAME, AXPY, SOFTMAX)                                 \
+ * Each is a sum of scaled rows (SUMROWS: element j accumulates its terms in order, as axpys
+ * would). head_type: MG_HEAD_* codes (codes.h). att, pat_out: scratch of nk elements. One body
+ * for both element types and both instruction sets (SUMROWS and SOFTMAX are the row kernels). */
+#define MG_DEFINE_ATTEND_ROW(T, SUFFIX, ATTR, NAME, SUMROWS, SOFTMAX)                              \
     ATTR static void NAME(T *restrict y, T *restrict att, T *restrict pat_out, const T *restrict q, \
                           const T *restrict hrow, const T *restrict kt, const T *restrict vc,      \
                           const T *const *pat, const int *head_type, const double *mix,            \
@@ -265,32 +282,16 @@ __attribute__((target("avx2,fma"))) static float mg_softmax_exp_f_avx2(float *re
         const T scale = (T)(1.0 / __builtin_sqrt((double)d));                                     \
         for (ptrdiff_t h = 0; h < H; h++) {                                                       \
             int kind = head_type[h];                                                              \
-            if (kind != MG_HEAD_RRPRAM) {                                                         \
-                for (ptrdiff_t j = 0; j < nk; j++) att[j] = 0;                                    \
-                for (ptrdiff_t i = 0; i < d; i++) AXPY(att, scale * q[h * d + i], kt + (h * d + i) * TT, nk); \
-            }                                                                                     \
-            if (kind != MG_HEAD_CONTENT) {                                                        \
-                for (ptrdiff_t j = 0; j < nk; j++) pat_out[j] = 0;                                \
-                for (ptrdiff_t i = 0; i < d; i++) AXPY(pat_out, hrow[h * d + i], pat[h] + i * TT, nk); \
-            }                                                                                     \
+            if (kind != MG_HEAD_RRPRAM) SUMROWS(att, scale, q + h * d, kt + h * d * TT, TT, d, nk); \
+            if (kind != MG_HEAD_CONTENT) SUMROWS(pat_out, (T)1, hrow + h * d, pat[h], TT, d, nk); \
             mg_head_logits_##SUFFIX(att, att, pat_out, nk, (T)mix[h], kind);                      \
             SOFTMAX(att, nk);                                                                     \
-            T *yh = y + h * d;                                                                    \
-            for (ptrdiff_t i = 0; i < d; i++) yh[i] = 0;                                          \
-            for (ptrdiff_t j = 0; j < nk; j++) AXPY(yh, att[j], vc + j * C + h * d, d);           \
+            SUMROWS(y + h * d, (T)1, att, vc + h * d, C, nk, d);                                  \
         }                                                                                         \
     }
 
-/* y[0:n] += a x[0:n] */
-#define MG_DEFINE_AXPY(T, SUFFIX)                                                                 \
-    static inline void mg_axpy_##SUFFIX##_generic(T *restrict y, T a, const T *restrict x, ptrdiff_t n) { \
-        for (ptrdiff_t i = 0; i < n; i++) y[i] = y[i] + a * x[i];                                 \
-    }
-
-MG_DEFINE_AXPY(float, f)
-MG_DEFINE_AXPY(double, d)
-MG_DEFINE_ATTEND_ROW(float, f, , mg_attend_row_f_generic, mg_axpy_f_generic, mg_softmax_row_f)
-MG_DEFINE_ATTEND_ROW(double, d, , mg_attend_row_d, mg_axpy_d_generic, mg_softmax_row_d)
+MG_DEFINE_ATTEND_ROW(float, f, , mg_attend_row_f_generic, mg_sumrows_f_generic, mg_softmax_row_f)
+MG_DEFINE_ATTEND_ROW(double, d, , mg_attend_row_d, mg_sumrows_d_generic, mg_softmax_row_d)
 
 #ifdef MG_HAVE_AVX2_PATH
 __attribute__((target("avx2,fma"))) static inline void mg_axpy_f_avx2(float *restrict y, float a,
@@ -302,7 +303,54 @@ __attribute__((target("avx2,fma"))) static inline void mg_axpy_f_avx2(float *res
     for (; i < n; i++) y[i] = y[i] + a * x[i];
 }
 
-MG_DEFINE_ATTEND_ROW(float, f, __attribute__((target("avx2,fma"))), mg_attend_row_f_avx2, mg_axpy_f_avx2,
+/* mg_sumrows on NB x 8 columns with the sums in registers (the axpys' FMAs, in the same order,
+ * without storing and reloading y between rows) */
+#define MG_DEFINE_SUMROWS_BLOCK(NB)                                                               \
+    __attribute__((target("avx2,fma"))) static inline void mg_sumrows##NB##_f_avx2(               \
+        float *restrict y, float s, const float *restrict a, const float *restrict X, ptrdiff_t ldx, \
+        ptrdiff_t m) {                                                                            \
+        __m256 acc[NB];                                                                           \
+        for (int b = 0; b < NB; b++) acc[b] = _mm256_setzero_ps();                                \
+        for (ptrdiff_t i = 0; i < m; i++) {                                                       \
+            __m256 va = _mm256_set1_ps(s * a[i]);                                                 \
+            const float *x = X + i * ldx;                                                         \
+            for (int b = 0; b < NB; b++) acc[b] = _mm256_fmadd_ps(va, _mm256_loadu_ps(x + 8 * b), acc[b]); \
+        }                                                                                         \
+        for (int b = 0; b < NB; b++) _mm256_storeu_ps(y + 8 * b, acc[b]);                         \
+    }
+
+MG_DEFINE_SUMROWS_BLOCK(8)
+MG_DEFINE_SUMROWS_BLOCK(4)
+MG_DEFINE_SUMROWS_BLOCK(2)
+MG_DEFINE_SUMROWS_BLOCK(1)
+
+/* mg_sumrows_f_generic's result with AVX2: full 8-column groups in register blocks of 64, 32, 16
+ * and 8 columns, the last n mod 8 columns by the axpy's scalar tail, as before */
+__attribute__((target("avx2,fma"))) static inline void mg_sumrows_f_avx2(float *restrict y, float s,
+                                                                          const float *restrict a,
+                                                                          const float *restrict X, ptrdiff_t ldx,
+                                                                          ptrdiff_t m, ptrdiff_t n) {
+    ptrdiff_t j = 0;
+    for (; j + 64 <= n; j += 64) mg_sumrows8_f_avx2(y + j, s, a, X + j, ldx, m);
+    if (j + 32 <= n) {
+        mg_sumrows4_f_avx2(y + j, s, a, X + j, ldx, m);
+        j += 32;
+    }
+    if (j + 16 <= n) {
+        mg_sumrows2_f_avx2(y + j, s, a, X + j, ldx, m);
+        j += 16;
+    }
+    if (j + 8 <= n) {
+        mg_sumrows1_f_avx2(y + j, s, a, X + j, ldx, m);
+        j += 8;
+    }
+    if (j < n) {
+        for (ptrdiff_t t = j; t < n; t++) y[t] = 0;
+        for (ptrdiff_t i = 0; i < m; i++) mg_axpy_f_avx2(y + j, s * a[i], X + i * ldx + j, n - j);
+    }
+}
+
+MG_DEFINE_ATTEND_ROW(float, f, __attribute__((target("avx2,fma"))), mg_attend_row_f_avx2, mg_sumrows_f_avx2,
                      mg_softmax_row_f_avx2)
 #endif
 
