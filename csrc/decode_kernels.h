@@ -427,9 +427,12 @@ static inline void mg_matvec_d(double *restrict y, const double *restrict A, con
 }
 
 /* Rows of B per cache block of mg_gemm_nt_f: a multiple of 4 holding about 16 KB (L1 is 32 KB
- * and the three input rows of a pass share it). */
+ * and the three input rows of a pass share it; 8 and 32 KB measured the same). */
+#ifndef MG_GEMM_BLOCK_BYTES
+#define MG_GEMM_BLOCK_BYTES 16384
+#endif
 static inline ptrdiff_t mg_gemm_block_rows(ptrdiff_t K) {
-    ptrdiff_t nb = (ptrdiff_t)(16384 / sizeof(float)) / (K > 0 ? K : 1);
+    ptrdiff_t nb = (ptrdiff_t)(MG_GEMM_BLOCK_BYTES / sizeof(float)) / (K > 0 ? K : 1);
     nb &= ~(ptrdiff_t)3;
     return nb < 4 ? 4 : nb;
 }
@@ -449,6 +452,9 @@ static inline void mg_gemm_nt_f(float *restrict C, const float *restrict A, cons
             ptrdiff_t n = N - j0 < nb ? N - j0 : nb, i = 0;
             const float *Bj = B + j0 * ldb;
             float *Cj = C + j0;
+            if (M > 3) /* the next block on its way to L2 while the inputs pass over this one */
+                for (ptrdiff_t r = j0 + nb; r < j0 + 2 * nb && r < N; r++)
+                    for (ptrdiff_t k = 0; k < K; k += 16) _mm_prefetch((const char *)(B + r * ldb + k), _MM_HINT_T1);
             for (; i + 3 <= M; i += 3)
                 mg_matvec3_f_avx2(Cj + i * ldc, Cj + (i + 1) * ldc, Cj + (i + 2) * ldc, Bj, A + i * lda,
                                   A + (i + 1) * lda, A + (i + 2) * lda, n, K, ldb);
