@@ -11,6 +11,9 @@
 #   Decoder   one generation: the key/value cache, scratch, the sampling stack and the loop
 #             with its stop rules. One per generating thread (it is not thread-safe); it holds
 #             the GIL only between tokens (and while calling Python logits processors).
+#   Batch     several started Decoders advanced together: one forward per step with a row per
+#             sequence, so each weight matrix is read once per step for all of them; every
+#             sequence gives the tokens it gives alone (design.md §4.1).
 # What it is not: training (_core), policy (generation.py validates parameters and folds the
 # weights under the model lock; text, stream decoding and stop strings are Python).
 #

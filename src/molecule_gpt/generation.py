@@ -305,9 +305,10 @@ class Generator:
     """Text generation for a Model and its tokenizer, optionally blended with a corpus field.
 
     `generate(prompt, **overrides) -> str`, `stream(prompt, **overrides)` yielding text pieces,
-    `run(prompt, **overrides) -> GenerationResult`. Overrides are SamplingParams fields. Safe
-    to call from several threads at once (each call has its own cache and random state; the
-    effective weights are shared)."""
+    `run(prompt, **overrides) -> GenerationResult`, `run_many(prompts, params)` for several
+    generations decoded together (each result equals its own run()). Overrides are
+    SamplingParams fields. Safe to call from several threads at once (each call has its own
+    cache and random state; the effective weights are shared)."""
 
     def __init__(self, model: Model, tokenizer, field=None, config: Config | None = None):
         if not isinstance(model, Model):
