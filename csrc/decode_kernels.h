@@ -262,6 +262,14 @@ __attribute__((target("avx2,fma"))) static float mg_softmax_exp_f_avx2(float *re
                                                      ptrdiff_t n) {                               \
         for (ptrdiff_t j = 0; j < n; j++) y[j] = 0;                                               \
         for (ptrdiff_t i = 0; i < m; i++) mg_axpy_##SUFFIX##_generic(y, s * a[i], X + i * ldx, n); \
+    }                                                                                             \
+    /* two independent mg_sumrows with s = 1 (two heads' values) */                               \
+    static inline void mg_sumrows_pair_##SUFFIX##_generic(T *restrict y, const T *restrict a,     \
+                                                          const T *restrict X, T *restrict y2,    \
+                                                          const T *restrict a2, const T *restrict X2, \
+                                                          ptrdiff_t ldx, ptrdiff_t m, ptrdiff_t n) { \
+        mg_sumrows_##SUFFIX##_generic(y, (T)1, a, X, ldx, m, n);                                  \
+        mg_sumrows_##SUFFIX##_generic(y2, (T)1, a2, X2, ldx, m, n);                               \
     }
 
 MG_DEFINE_AXPY(float, f)
@@ -272,26 +280,37 @@ MG_DEFINE_AXPY(double, d)
  *   pattern logits p_j = W_pattern[j] . h_h from the transposed pattern matrix pat[h] (d, T);
  *   the head's logits and their softmax over j < nk (heads.h, as in training); y_h = sum_j att_j v_j.
  * Each is a sum of scaled rows (SUMROWS: element j accumulates its terms in order, as axpys
- * would). head_type: MG_HEAD_* codes (codes.h). att, pat_out: scratch of nk elements. One body
- * for both element types and both instruction sets (SUMROWS and SOFTMAX are the row kernels). */
-#define MG_DEFINE_ATTEND_ROW(T, SUFFIX, ATTR, NAME, SUMROWS, SOFTMAX)                              \
+ * would); heads go in pairs, and a pair's values are summed in one pass (SUMROWS_PAIR: twice the
+ * independent sums per row of the cache, the same arithmetic). head_type: MG_HEAD_* codes
+ * (codes.h). att: scratch of 2 T elements (a pair's weights at att and att + T); pat_out: nk.
+ * One body for both element types and both instruction sets. */
+#define MG_DEFINE_ATTEND_ROW(T, SUFFIX, ATTR, NAME, SUMROWS, SUMROWS_PAIR, SOFTMAX)                \
     ATTR static void NAME(T *restrict y, T *restrict att, T *restrict pat_out, const T *restrict q, \
                           const T *restrict hrow, const T *restrict kt, const T *restrict vc,      \
                           const T *const *pat, const int *head_type, const double *mix,            \
                           ptrdiff_t H, ptrdiff_t d, ptrdiff_t TT, ptrdiff_t C, ptrdiff_t nk) {     \
         const T scale = (T)(1.0 / __builtin_sqrt((double)d));                                     \
-        for (ptrdiff_t h = 0; h < H; h++) {                                                       \
-            int kind = head_type[h];                                                              \
-            if (kind != MG_HEAD_RRPRAM) SUMROWS(att, scale, q + h * d, kt + h * d * TT, TT, d, nk); \
-            if (kind != MG_HEAD_CONTENT) SUMROWS(pat_out, (T)1, hrow + h * d, pat[h], TT, d, nk); \
-            mg_head_logits_##SUFFIX(att, att, pat_out, nk, (T)mix[h], kind);                      \
-            SOFTMAX(att, nk);                                                                     \
-            SUMROWS(y + h * d, (T)1, att, vc + h * d, C, nk, d);                                  \
+        for (ptrdiff_t h0 = 0; h0 < H; h0 += 2) {                                                 \
+            ptrdiff_t pair = h0 + 1 < H;                                                          \
+            for (ptrdiff_t h = h0; h <= h0 + pair; h++) {                                         \
+                T *a = att + (h - h0) * TT;                                                       \
+                int kind = head_type[h];                                                          \
+                if (kind != MG_HEAD_RRPRAM) SUMROWS(a, scale, q + h * d, kt + h * d * TT, TT, d, nk); \
+                if (kind != MG_HEAD_CONTENT) SUMROWS(pat_out, (T)1, hrow + h * d, pat[h], TT, d, nk); \
+                mg_head_logits_##SUFFIX(a, a, pat_out, nk, (T)mix[h], kind);                      \
+                SOFTMAX(a, nk);                                                                   \
+            }                                                                                     \
+            if (pair)                                                                             \
+                SUMROWS_PAIR(y + h0 * d, att, vc + h0 * d, y + (h0 + 1) * d, att + TT, vc + (h0 + 1) * d, C, nk, d); \
+            else                                                                                  \
+                SUMROWS(y + h0 * d, (T)1, att, vc + h0 * d, C, nk, d);                            \
         }                                                                                         \
     }
 
-MG_DEFINE_ATTEND_ROW(float, f, , mg_attend_row_f_generic, mg_sumrows_f_generic, mg_softmax_row_f)
-MG_DEFINE_ATTEND_ROW(double, d, , mg_attend_row_d, mg_sumrows_d_generic, mg_softmax_row_d)
+MG_DEFINE_ATTEND_ROW(float, f, , mg_attend_row_f_generic, mg_sumrows_f_generic, mg_sumrows_pair_f_generic,
+                     mg_softmax_row_f)
+MG_DEFINE_ATTEND_ROW(double, d, , mg_attend_row_d, mg_sumrows_d_generic, mg_sumrows_pair_d_generic,
+                     mg_softmax_row_d)
 
 #ifdef MG_HAVE_AVX2_PATH
 __attribute__((target("avx2,fma"))) static inline void mg_axpy_f_avx2(float *restrict y, float a,
@@ -350,8 +369,54 @@ __attribute__((target("avx2,fma"))) static inline void mg_sumrows_f_avx2(float *
     }
 }
 
+/* two heads' mg_sumrows (s = 1) on NB x 8 columns each, in one pass over the cache rows */
+#define MG_DEFINE_SUMROWS_PAIR_BLOCK(NB)                                                          \
+    __attribute__((target("avx2,fma"))) static inline void mg_sumrows_pair##NB##_f_avx2(          \
+        float *restrict y, const float *restrict a, const float *restrict X, float *restrict y2,  \
+        const float *restrict a2, const float *restrict X2, ptrdiff_t ldx, ptrdiff_t m) {         \
+        __m256 acc[NB], acc2[NB];                                                                 \
+        for (int b = 0; b < NB; b++) acc[b] = acc2[b] = _mm256_setzero_ps();                      \
+        for (ptrdiff_t i = 0; i < m; i++) {                                                       \
+            __m256 va = _mm256_set1_ps(a[i]), vb = _mm256_set1_ps(a2[i]);                           \
+            const float *x = X + i * ldx, *x2 = X2 + i * ldx;                                     \
+            for (int b = 0; b < NB; b++) {                                                        \
+                acc[b] = _mm256_fmadd_ps(va, _mm256_loadu_ps(x + 8 * b), acc[b]);                 \
+                acc2[b] = _mm256_fmadd_ps(vb, _mm256_loadu_ps(x2 + 8 * b), acc2[b]);              \
+            }                                                                                     \
+        }                                                                                         \
+        for (int b = 0; b < NB; b++) {                                                            \
+            _mm256_storeu_ps(y + 8 * b, acc[b]);                                                  \
+            _mm256_storeu_ps(y2 + 8 * b, acc2[b]);                                                \
+        }                                                                                         \
+    }
+
+MG_DEFINE_SUMROWS_PAIR_BLOCK(4)
+MG_DEFINE_SUMROWS_PAIR_BLOCK(2)
+MG_DEFINE_SUMROWS_PAIR_BLOCK(1)
+
+/* mg_sumrows_pair_f_generic's result with AVX2: both heads' full 8-column groups in register
+ * blocks of 32, 16 and 8 columns each, the last n mod 8 columns of each as mg_sumrows_f_avx2 does */
+__attribute__((target("avx2,fma"))) static inline void mg_sumrows_pair_f_avx2(
+    float *restrict y, const float *restrict a, const float *restrict X, float *restrict y2, const float *restrict a2,
+    const float *restrict X2, ptrdiff_t ldx, ptrdiff_t m, ptrdiff_t n) {
+    ptrdiff_t j = 0;
+    for (; j + 32 <= n; j += 32) mg_sumrows_pair4_f_avx2(y + j, a, X + j, y2 + j, a2, X2 + j, ldx, m);
+    if (j + 16 <= n) {
+        mg_sumrows_pair2_f_avx2(y + j, a, X + j, y2 + j, a2, X2 + j, ldx, m);
+        j += 16;
+    }
+    if (j + 8 <= n) {
+        mg_sumrows_pair1_f_avx2(y + j, a, X + j, y2 + j, a2, X2 + j, ldx, m);
+        j += 8;
+    }
+    if (j < n) {
+        mg_sumrows_f_avx2(y + j, 1.0f, a, X + j, ldx, m, n - j);
+        mg_sumrows_f_avx2(y2 + j, 1.0f, a2, X2 + j, ldx, m, n - j);
+    }
+}
+
 MG_DEFINE_ATTEND_ROW(float, f, __attribute__((target("avx2,fma"))), mg_attend_row_f_avx2, mg_sumrows_f_avx2,
-                     mg_softmax_row_f_avx2)
+                     mg_sumrows_pair_f_avx2, mg_softmax_row_f_avx2)
 #endif
 
 /* 1 when the AVX2+FMA path runs on this CPU (checked once; a racy first check is harmless).

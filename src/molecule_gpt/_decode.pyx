@@ -308,7 +308,7 @@ ctypedef struct Buf:
     void* QKV       # (T, 3C)    q | k | v before rotation
     void* Q         # (T, C)     rotated queries
     void* K         # (T, C)     rotated keys (then stored transposed in kc)
-    void* S         # (T,)       attention logits/weights of one query
+    void* S         # (2T,)      attention logits/weights of one query, two heads (a pair)
     void* P         # (T,)       pattern logits of one query
     void* Y         # (T, C)     concatenated head outputs
     void* O         # (T, C)     a block's output before the residual add
@@ -329,7 +329,7 @@ cdef void* buf_alloc(Buf* b, Py_ssize_t rows, const WNet* net, bint is_double, b
     cdef Py_ssize_t seq = 1 if sequence else 0
     cdef size_t sizes[14]
     cdef void** slots[14]
-    sizes[:] = [R * C, R * C, R * 3 * C, R * C, R * C, seq * T, seq * T, R * C, R * C, R * 2 * F, R * F,
+    sizes[:] = [R * C, R * C, R * 3 * C, R * C, R * C, seq * 2 * T, seq * T, R * C, R * C, R * 2 * F, R * F,
                 seq * L * T * C, seq * L * T * C, (1 - seq) * R * net.V]
     slots[:] = [&b.X, &b.Hn, &b.QKV, &b.Q, &b.K, &b.S, &b.P, &b.Y, &b.O, &b.GU, &b.A, &b.kc, &b.vc, &b.logits]
     for i in range(14):
@@ -348,7 +348,7 @@ cdef inline void attend_row(floating* y, floating* att, floating* pat_out, const
                             const floating* hrow, const floating* kt, const floating* vc, const WNet* net,
                             const WLayer* Lw, int nk) noexcept nogil:
     """y (C) = attention output of one query (q rotated, hrow its normalized input) over the nk
-    cached keys kt (H, d, T; transposed) and values vc (nk, C). att, pat_out: scratch of T.
+    cached keys kt (H, d, T; transposed) and values vc (nk, C). att: scratch of 2T, pat_out of T.
     Keys and pattern matrices are stored transposed so that the logits of all nk keys are d
     vectorized axpys over contiguous memory (no per-key horizontal sums, no tiny BLAS calls).
     The head's logits and the softmax row are the training kernels' (csrc/heads.h)."""
