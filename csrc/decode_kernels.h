@@ -313,15 +313,6 @@ MG_DEFINE_ATTEND_ROW(double, d, , mg_attend_row_d, mg_sumrows_d_generic, mg_sumr
                      mg_softmax_row_d)
 
 #ifdef MG_HAVE_AVX2_PATH
-__attribute__((target("avx2,fma"))) static inline void mg_axpy_f_avx2(float *restrict y, float a,
-                                                                       const float *restrict x, ptrdiff_t n) {
-    __m256 va = _mm256_set1_ps(a);
-    ptrdiff_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] = y[i] + a * x[i];
-}
-
 /* mg_sumrows on NB x 8 columns with the sums in registers (the axpys' FMAs, in the same order,
  * without storing and reloading y between rows) */
 #define MG_DEFINE_SUMROWS_BLOCK(NB)                                                               \
@@ -343,8 +334,14 @@ MG_DEFINE_SUMROWS_BLOCK(4)
 MG_DEFINE_SUMROWS_BLOCK(2)
 MG_DEFINE_SUMROWS_BLOCK(1)
 
+/* lanes 0 .. r-1 of 8 (r <= 8): the columns of a row's last, partial group */
+__attribute__((target("avx2,fma"))) static inline __m256i mg_tail_mask(ptrdiff_t r) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
 /* mg_sumrows_f_generic's result with AVX2: full 8-column groups in register blocks of 64, 32, 16
- * and 8 columns, the last n mod 8 columns by the axpy's scalar tail, as before */
+ * and 8 columns; the last n mod 8 columns in one masked register (the axpy's scalar tail compiles
+ * to the same single-rounding FMA per element) */
 __attribute__((target("avx2,fma"))) static inline void mg_sumrows_f_avx2(float *restrict y, float s,
                                                                           const float *restrict a,
                                                                           const float *restrict X, ptrdiff_t ldx,
@@ -364,8 +361,11 @@ __attribute__((target("avx2,fma"))) static inline void mg_sumrows_f_avx2(float *
         j += 8;
     }
     if (j < n) {
-        for (ptrdiff_t t = j; t < n; t++) y[t] = 0;
-        for (ptrdiff_t i = 0; i < m; i++) mg_axpy_f_avx2(y + j, s * a[i], X + i * ldx + j, n - j);
+        __m256i mask = mg_tail_mask(n - j);
+        __m256 acc = _mm256_setzero_ps();
+        for (ptrdiff_t i = 0; i < m; i++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(s * a[i]), _mm256_maskload_ps(X + i * ldx + j, mask), acc);
+        _mm256_maskstore_ps(y + j, mask, acc);
     }
 }
 
@@ -410,8 +410,14 @@ __attribute__((target("avx2,fma"))) static inline void mg_sumrows_pair_f_avx2(
         j += 8;
     }
     if (j < n) {
-        mg_sumrows_f_avx2(y + j, 1.0f, a, X + j, ldx, m, n - j);
-        mg_sumrows_f_avx2(y2 + j, 1.0f, a2, X2 + j, ldx, m, n - j);
+        __m256i mask = mg_tail_mask(n - j);
+        __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+        for (ptrdiff_t i = 0; i < m; i++) {
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(a[i]), _mm256_maskload_ps(X + i * ldx + j, mask), acc);
+            acc2 = _mm256_fmadd_ps(_mm256_set1_ps(a2[i]), _mm256_maskload_ps(X2 + i * ldx + j, mask), acc2);
+        }
+        _mm256_maskstore_ps(y + j, mask, acc);
+        _mm256_maskstore_ps(y2 + j, mask, acc2);
     }
 }
 
