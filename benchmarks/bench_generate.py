@@ -440,8 +440,10 @@ def check(cfg, tok, model, prompt):
 
 
 def bench_batched(name, cfg, tok, model, prompts, tokens, batch, rounds):
-    """(tok/s of one sequence, tok/s of `batch` sequences at once, median per-round ratio), paired
-    rounds; then every batched sequence is checked against its single run."""
+    """(tok/s of one sequence, tok/s of `batch` sequences at once, median per-round ratio, the same
+    ratio in tokens per CPU second of this process), paired rounds; then every batched sequence is
+    checked against its single run. (On a shared machine the CPU-time ratio shows what the batch
+    saves in work, whatever share of the cores the process got.)"""
     gen = Generator(model, tok, config=cfg)
     fixed = dict(max_gen_tokens=tokens, min_gen_tokens=tokens, repetition_guard=0)
     group = [prompts[i % len(prompts)] for i in range(batch)]
@@ -451,22 +453,23 @@ def bench_batched(name, cfg, tok, model, prompts, tokens, batch, rounds):
 
     gen.run(group[0], seed=0, **fixed)  # warm-up: weights folded, decoders pooled
     gen.run_many(group, params(0))
-    one, many, ratio = [], [], []
+    one, many, ratio, cpu_ratio = [], [], [], []
     for r in range(rounds):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         gen.run(group[r % batch], seed=r, **fixed)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         gen.run_many(group, params(r))
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         one.append(tokens / (t1 - t0))
         many.append(batch * tokens / (t2 - t1))
         ratio.append(many[-1] / one[-1])
+        cpu_ratio.append(batch * (c1 - c0) / (c2 - c1))  # tokens per CPU second, batched / one
     p = params(rounds)
     got = gen.run_many(group, p)
     assert [g.ids for g in got] == [gen.run_begun(gen.begin(q, pk), pk).ids for q, pk in zip(group, p)], \
         f"{name}: a batched sequence differs from its single run"
     assert all(len(g.ids) == tokens for g in got)
-    return statistics.median(one), statistics.median(many), statistics.median(ratio)
+    return statistics.median(one), statistics.median(many), statistics.median(ratio), statistics.median(cpu_ratio)
 
 
 def main():
@@ -540,10 +543,11 @@ def main():
     if batched:
         print(f"\n# batched: {args.batch} sequences at once vs one (paired rounds, medians of {repeats}); "
               f"every batched sequence equals its single run")
-        print(f"{'case':16} {'V':>5} {'thr':>3} {'x1 tok/s':>10} {'x' + str(args.batch) + ' tok/s':>11} {'ratio':>7}")
-        for name, V, threads, one, many, ratio in batched:
-            print(f"{name:16} {V:5d} {threads:3d} {one:10.0f} {many:11.0f} {ratio:6.2f}x")
-        for name, V, threads, one, many, ratio in batched:
+        print(f"{'case':16} {'V':>5} {'thr':>3} {'x1 tok/s':>10} {'x' + str(args.batch) + ' tok/s':>11} {'ratio':>7} "
+              f"{'cpu ratio':>9}")
+        for name, V, threads, one, many, ratio, cpu in batched:
+            print(f"{name:16} {V:5d} {threads:3d} {one:10.0f} {many:11.0f} {ratio:6.2f}x {cpu:8.2f}x")
+        for name, V, threads, one, many, ratio, cpu in batched:
             if name.startswith("default"):
                 print(f"# target {name}: >= {TARGET_BATCHED_DEFAULT_TOK_S} tok/s in all -> {many:.0f}")
             else:
