@@ -502,6 +502,12 @@ static inline void mg_matvec_d(double *restrict y, const double *restrict A, con
 #ifndef MG_GEMM_BLOCK_BYTES
 #define MG_GEMM_BLOCK_BYTES 16384
 #endif
+/* How many blocks ahead mg_gemm_nt_f prefetches weight rows into L2 (0: off). At B = 16 rows of
+ * the larger config 1 measured best (no prefetch 1,980-2,040 tok/s, 1: 2,160-2,310, 2 and 3 in
+ * between; CPU time, shared machine). */
+#ifndef MG_GEMM_PREFETCH
+#define MG_GEMM_PREFETCH 1
+#endif
 static inline ptrdiff_t mg_gemm_block_rows(ptrdiff_t K) {
     ptrdiff_t nb = (ptrdiff_t)(MG_GEMM_BLOCK_BYTES / sizeof(float)) / (K > 0 ? K : 1);
     nb &= ~(ptrdiff_t)3;
@@ -523,8 +529,8 @@ static inline void mg_gemm_nt_f(float *restrict C, const float *restrict A, cons
             ptrdiff_t n = N - j0 < nb ? N - j0 : nb, i = 0;
             const float *Bj = B + j0 * ldb;
             float *Cj = C + j0;
-            if (M > 3) /* the next block on its way to L2 while the inputs pass over this one */
-                for (ptrdiff_t r = j0 + nb; r < j0 + 2 * nb && r < N; r++)
+            if (MG_GEMM_PREFETCH && M > 3) /* a block ahead on its way to L2 while the inputs pass over this one */
+                for (ptrdiff_t r = j0 + MG_GEMM_PREFETCH * nb; r < j0 + (MG_GEMM_PREFETCH + 1) * nb && r < N; r++)
                     for (ptrdiff_t k = 0; k < K; k += 16) _mm_prefetch((const char *)(B + r * ldb + k), _MM_HINT_T1);
             for (; i + 3 <= M; i += 3)
                 mg_matvec3_f_avx2(Cj + i * ldc, Cj + (i + 1) * ldc, Cj + (i + 2) * ldc, Bj, A + i * lda,
