@@ -12,8 +12,8 @@
  * benchmarks/RESULTS.md).
  *
  * Dims: A (M, K) row-major with leading dimension lda (likewise B, C); x (K); y (M).
- *   mg_matvec_f/d   y = A x
- *   mg_gemm_nt_f/d  C = A B^T        (B (N, K): a weight matrix; rows of A are inputs)
+ *   mg_gemm_nt_f/d  C = A B^T        (B (N, K): a weight matrix; rows of A are inputs; one row
+ *                                     of A is the matvec y = B x, mg_matvec_*_avx2 / _generic)
  *   mg_softmax_exp_f  the exponentials and sums of the sampling softmax
  *   mg_attend_row_f/d one query's attention over the key/value cache
  * The AVX2 kernels keep one 8-lane accumulator per output and reduce it once at the end; four
@@ -480,23 +480,6 @@ static inline void mg_attend_row_f(float *restrict y, float *restrict att, float
     mg_attend_row_f_generic(y, att, pat_out, q, hrow, kt, vc, pat, head_type, mix, H, d, T, C, nk);
 }
 
-/* y (M) = A (M, K) x (K) */
-static inline void mg_matvec_f(float *restrict y, const float *restrict A, const float *restrict x, ptrdiff_t M,
-                               ptrdiff_t K, ptrdiff_t lda) {
-#ifdef MG_HAVE_AVX2_PATH
-    if (mg_decode_has_avx2()) {
-        mg_matvec_f_avx2(y, A, x, M, K, lda);
-        return;
-    }
-#endif
-    mg_matvec_f_generic(y, A, x, M, K, lda);
-}
-
-static inline void mg_matvec_d(double *restrict y, const double *restrict A, const double *restrict x, ptrdiff_t M,
-                               ptrdiff_t K, ptrdiff_t lda) {
-    mg_matvec_d_generic(y, A, x, M, K, lda);
-}
-
 /* Rows of B per cache block of mg_gemm_nt_f: a multiple of 4 holding about 16 KB (L1 is 32 KB
  * and the three input rows of a pass share it; 8 and 32 KB measured the same). */
 #ifndef MG_GEMM_BLOCK_BYTES
@@ -515,7 +498,7 @@ static inline ptrdiff_t mg_gemm_block_rows(ptrdiff_t K) {
 }
 
 /* C (M, N) = A (M, K) B^T, B (N, K): row i of C is B a_i. Every element has the arithmetic of
- * mg_matvec_f (the same 4-row blocks of B counted from its row 0, the same accumulators and
+ * the matvec (the same 4-row blocks of B counted from its row 0, the same accumulators and
  * final sums), so a row of this product is bit-identical to the matvec of that row: a batched
  * decode step gives each sequence the logits it gets alone. B is walked in blocks of
  * mg_gemm_block_rows rows (a multiple of 4, so the 4-row blocks do not move) and every input

@@ -60,8 +60,6 @@ from ._molecule cimport (floating, HEAD_CONTENT, HEAD_HYBRID, N_HEAD_TYPES, N_AC
 from ._ops cimport embed_forward, rmsnorm_forward, rope_forward, rope_tables_per_head, gate_forward, add_forward
 
 cdef extern from "decode_kernels.h" nogil:  # products without BLAS (see the file's notes)
-    void mg_matvec_f(float* y, const float* A, const float* x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t lda)
-    void mg_matvec_d(double* y, const double* A, const double* x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t lda)
     void mg_gemm_nt_f(float* C, const float* A, const float* B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                       Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc)
     void mg_gemm_nt_d(double* C, const double* A, const double* B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
@@ -317,7 +315,7 @@ ctypedef struct Buf:
     void* kc        # (L, H, d, T) rotated keys of the window, transposed per head
     void* vc        # (L, T, C)  values of the window
     void* logits    # (V,)
-    int nt          # threads for large products (matvec_par / mm_nt_par)
+    int nt          # threads for large products (mm_nt_wpar / mm_nt_par)
 
 
 cdef void* buf_alloc(Buf* b, Py_ssize_t rows, const WNet* net, bint is_double, bint sequence) except NULL:
@@ -349,8 +347,8 @@ cdef inline void attend_row(floating* y, floating* att, floating* pat_out, const
                             const WLayer* Lw, int nk) noexcept nogil:
     """y (C) = attention output of one query (q rotated, hrow its normalized input) over the nk
     cached keys kt (H, d, T; transposed) and values vc (nk, C). att: scratch of 2T, pat_out of T.
-    Keys and pattern matrices are stored transposed so that the logits of all nk keys are d
-    vectorized axpys over contiguous memory (no per-key horizontal sums, no tiny BLAS calls).
+    Keys and pattern matrices are stored transposed so that the logits of all nk keys are a sum
+    of d scaled contiguous rows (no per-key horizontal sums, no tiny BLAS calls).
     The head's logits and the softmax row are the training kernels' (csrc/heads.h)."""
     if floating is float:  # AVX2+FMA when available
         mg_attend_row_f(y, att, pat_out, q, hrow, kt, vc, <const float* const*>Lw.pat, net.head_type, Lw.mix,
@@ -443,7 +441,7 @@ cdef void forward_rows(floating* tag, const WNet* net, Buf* b, Buf* const* seq, 
     attention reads the cache (attend_row) one query at a time over the keys it sees. stds
     (L + 1, may be NULL; n_seq == 1 only) receives the std of the residual stream after the
     embedding and after each layer."""
-    cdef Py_ssize_t l, i, t, r0, n, C = net.C, F = net.F, T = net.T, d = net.d, C3 = 3 * net.C, V = net.V
+    cdef Py_ssize_t l, i, r0, n, C = net.C, F = net.F, T = net.T, d = net.d, C3 = 3 * net.C, V = net.V
     cdef bint batched = n_seq > 1
     cdef const WLayer* Lw
     cdef floating* X = <floating*>b.X
