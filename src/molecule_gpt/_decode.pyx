@@ -497,9 +497,12 @@ cdef void forward_rows(floating* tag, const WNet* net, Buf* b, Buf* const* seq, 
             stds[l + 1] = std_of(X, N * C)
     # the logits of rows r0 .. N-1 (the last row of one sequence, or every row of a batch). One
     # call of each op for both shapes: the compiler may order an `omp simd` reduction differently
-    # in two inlined copies, and a batched row must get its single-row arithmetic.
+    # in two inlined copies, and a batched row must get its single-row arithmetic. The norm runs
+    # a row per call, as a single step always ran it: a sequence decoded alone rounds as before
+    # batching existed.
     r0 = 0 if batched else N - 1
-    rmsnorm_forward(Hn, <floating*>NULL, X + r0 * C, N - r0, C)
+    for i in range(r0, N):
+        rmsnorm_forward(Hn + (i - r0) * C, <floating*>NULL, X + i * C, 1, C)
     linear_rows(<floating*>(b.logits if batched else seq[0].logits), <const floating*>net.lm, Hn, N - r0, V, C,
                 b.nt, True)
     if batched:
