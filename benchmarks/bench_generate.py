@@ -1,6 +1,8 @@
-"""Generation tokens/s at batch 1: molecule_gpt beside plain numpy and PyTorch eager, same run.
+"""Generation tokens/s at batch 1: molecule_gpt beside plain numpy and PyTorch eager, same run;
+and batched decoding (`--batch 16`): 16 sequences at once against one.
 
     python benchmarks/bench_generate.py --corpus CORPUS.txt [--repeats 7] [--tokens 180] [--quick]
+    python benchmarks/bench_generate.py --batch 16 --batch-only --cases default-trained,larger,larger-2t
 
 All three implementations decode with a key/value cache, the same window rule (keep the last
 half and re-prefill it when the window is full), the same effective weights (delta modules
@@ -16,6 +18,13 @@ heads, V about 1800: 27 MB of weights streamed per token), "larger-2t" (the same
 Config.decode_threads=2, torch with 2 threads and numpy's BLAS with 2 threads). Results are checked after timing: both baselines reproduce
 Model.logits(window) at every step of a decode that crosses window refills, and our greedy
 continuation equals the numpy baseline's.
+
+Batched (`--batch B`, after the batch-1 table, or alone with `--batch-only`): in paired rounds,
+one `Generator.run` of `--tokens` tokens and one `Generator.run_many` of B prompts with B seeds
+(each sequence `--tokens` tokens: EOS banned, no early stop), timed end to end; tokens/s of each
+and the ratio (medians over the rounds of the per-round figures). The threads are the case's
+`decode_threads` for both (the batch deals its sequences over them). After timing, every batched
+sequence is checked to equal its single run (ids).
 
 The numpy and torch decoders below are what a careful user would write: batched prefill,
 per-token matvecs, heads vectorized where the head type allows, float32, torch under no_grad
@@ -50,6 +59,8 @@ except ImportError:  # torch is optional: pip install torch==2.13.0
 LARGER = dict(n_layer=6, n_embd=256, n_head=8, block_size=256, head_types=("content",) * 4 + ("hybrid",) * 4)
 TARGET_TOK_S = 20_000
 TARGET_VS_TORCH = 5.0
+TARGET_BATCHED_DEFAULT_TOK_S = 400_000  # issue 14: 16 sequences at once, default config, in all
+TARGET_BATCHED_LARGER_RATIO = 8.0  # issue 14: 16 sequences at once, larger config, vs one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +268,7 @@ class TorchDecoder(NumpyDecoder):
     def _tact(self, g):
         return torch.relu(g) if self.c.mlp_activation == "relu" else torch.nn.functional.silu(g)
 
-    @torch.no_grad()
+    @(torch.no_grad() if torch is not None else (lambda f: f))
     def prefill(self, ids):
         ids = list(ids)[-self.c.block_size:]
         N, C, H, d = len(ids), self.c.n_embd, self.H, self.d
@@ -286,7 +297,7 @@ class TorchDecoder(NumpyDecoder):
         self.window = ids
         return self.T["lm"] @ self._trms(x[-1])
 
-    @torch.no_grad()
+    @(torch.no_grad() if torch is not None else (lambda f: f))
     def step(self, tok):
         pos = len(self.window)
         C, H, d = self.c.n_embd, self.H, self.d
@@ -428,6 +439,39 @@ def check(cfg, tok, model, prompt):
     return worst
 
 
+def bench_batched(name, cfg, tok, model, prompts, tokens, batch, rounds):
+    """(tok/s of one sequence, tok/s of `batch` sequences at once, median per-round ratio, the same
+    ratio in tokens per CPU second of this process), paired rounds; then every batched sequence is
+    checked against its single run. (On a shared machine the CPU-time ratio shows what the batch
+    saves in work, whatever share of the cores the process got.)"""
+    gen = Generator(model, tok, config=cfg)
+    fixed = dict(max_gen_tokens=tokens, min_gen_tokens=tokens, repetition_guard=0)
+    group = [prompts[i % len(prompts)] for i in range(batch)]
+
+    def params(r):
+        return [gen.params(seed=1000 * r + k, **fixed) for k in range(batch)]
+
+    gen.run(group[0], seed=0, **fixed)  # warm-up: weights folded, decoders pooled
+    gen.run_many(group, params(0))
+    one, many, ratio, cpu_ratio = [], [], [], []
+    for r in range(rounds):
+        t0, c0 = time.perf_counter(), time.process_time()
+        gen.run(group[r % batch], seed=r, **fixed)
+        t1, c1 = time.perf_counter(), time.process_time()
+        gen.run_many(group, params(r))
+        t2, c2 = time.perf_counter(), time.process_time()
+        one.append(tokens / (t1 - t0))
+        many.append(batch * tokens / (t2 - t1))
+        ratio.append(many[-1] / one[-1])
+        cpu_ratio.append(batch * (c1 - c0) / (c2 - c1))  # tokens per CPU second, batched / one
+    p = params(rounds)
+    got = gen.run_many(group, p)
+    assert [g.ids for g in got] == [gen.run_begun(gen.begin(q, pk), pk).ids for q, pk in zip(group, p)], \
+        f"{name}: a batched sequence differs from its single run"
+    assert all(len(g.ids) == tokens for g in got)
+    return statistics.median(one), statistics.median(many), statistics.median(ratio), statistics.median(cpu_ratio)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", help="UTF-8 text, one line per line (default: a synthetic corpus)")
@@ -436,7 +480,11 @@ def main():
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--cases", default="default,default-trained,larger,larger-2t")
     ap.add_argument("--quick", action="store_true", help="default case, 3 repeats")
+    ap.add_argument("--batch", type=int, default=0, metavar="B", help="also measure B sequences at once against one")
+    ap.add_argument("--batch-only", action="store_true", help="only the batched measurement (needs --batch)")
     args = ap.parse_args()
+    if args.batch_only and args.batch < 1:
+        ap.error("--batch-only needs --batch B")
     lines = read_corpus(args.corpus).lines if args.corpus else synthetic_corpus()
     cases = ["default"] if args.quick else args.cases.split(",")
     repeats = 3 if args.quick else args.repeats
@@ -447,8 +495,9 @@ def main():
     print(f"# machine: {platform.machine()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, python "
           f"{platform.python_version()}, numpy {np.__version__}, torch {torch.__version__ if torch else 'not installed'}"
           f"; corpus {len(lines)} lines; {args.tokens} tokens per call, medians of {repeats}")
-    print(f"{'case':16} {'V':>5} {'thr':>3} {'impl':12} {'ms/call':>9} {'tok/s':>9} {'vs torch':>9} {'vs numpy':>9}")
-    summary = []
+    if not args.batch_only:
+        print(f"{'case':16} {'V':>5} {'thr':>3} {'impl':12} {'ms/call':>9} {'tok/s':>9} {'vs torch':>9} {'vs numpy':>9}")
+    summary, batched = [], []
     for name in cases:
         threads = case_threads(name)
         if torch is not None:
@@ -456,6 +505,11 @@ def main():
         threadpool_limits(threads, user_api="blas")
         cfg, tok, model = build_case(name, lines, args.train_steps)
         prompts = [x[:60] for x in lines[1::max(1, len(lines) // 50)]][:50]
+        if args.batch:
+            batched.append((name, model.vocab_size, threads,
+                            *bench_batched(name, cfg, tok, model, prompts, args.tokens, args.batch, repeats)))
+            if args.batch_only:
+                continue
         banned = [tok.bos_id, tok.pad_id, tok.eos_id]
         gen = Generator(model, tok)
         W = effective(model)
@@ -486,6 +540,18 @@ def main():
     for name, tps, vs in summary:
         want = f">= {TARGET_TOK_S} tok/s -> {tps:.0f}; " if name.startswith("default") else ""
         print(f"# target {name}: {want}>= {TARGET_VS_TORCH}x torch eager -> {vs:.1f}x")
+    if batched:
+        print(f"\n# batched: {args.batch} sequences at once vs one (paired rounds, medians of {repeats}); "
+              f"every batched sequence equals its single run")
+        print(f"{'case':16} {'V':>5} {'thr':>3} {'x1 tok/s':>10} {'x' + str(args.batch) + ' tok/s':>11} {'ratio':>7} "
+              f"{'cpu ratio':>9}")
+        for name, V, threads, one, many, ratio, cpu in batched:
+            print(f"{name:16} {V:5d} {threads:3d} {one:10.0f} {many:11.0f} {ratio:6.2f}x {cpu:8.2f}x")
+        for name, V, threads, one, many, ratio, cpu in batched:
+            if name.startswith("default"):
+                print(f"# target {name}: >= {TARGET_BATCHED_DEFAULT_TOK_S} tok/s in all -> {many:.0f}")
+            else:
+                print(f"# target {name}: >= {TARGET_BATCHED_LARGER_RATIO}x one sequence -> {ratio:.2f}x")
 
 
 if __name__ == "__main__":

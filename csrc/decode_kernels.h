@@ -12,8 +12,8 @@
  * benchmarks/RESULTS.md).
  *
  * Dims: A (M, K) row-major with leading dimension lda (likewise B, C); x (K); y (M).
- *   mg_matvec_f/d   y = A x
- *   mg_gemm_nt_f/d  C = A B^T        (B (N, K): a weight matrix; rows of A are inputs)
+ *   mg_gemm_nt_f/d  C = A B^T        (B (N, K): a weight matrix; rows of A are inputs; one row
+ *                                     of A is the matvec y = B x, mg_matvec_*_avx2 / _generic)
  *   mg_softmax_exp_f  the exponentials and sums of the sampling softmax
  *   mg_attend_row_f/d one query's attention over the key/value cache
  * The AVX2 kernels keep one 8-lane accumulator per output and reduce it once at the end; four
@@ -251,59 +251,178 @@ __attribute__((target("avx2,fma"))) static float mg_softmax_exp_f_avx2(float *re
 }
 #endif
 
+/* y[0:n] += a x[0:n] */
+#define MG_DEFINE_AXPY(T, SUFFIX)                                                                 \
+    static inline void mg_axpy_##SUFFIX##_generic(T *restrict y, T a, const T *restrict x, ptrdiff_t n) { \
+        for (ptrdiff_t i = 0; i < n; i++) y[i] = y[i] + a * x[i];                                 \
+    }                                                                                             \
+    /* y[0:n] = sum_{i<m} (s a_i) X_i[0:n], X_i = X + i ldx: from zero, one axpy per i in order */ \
+    static inline void mg_sumrows_##SUFFIX##_generic(T *restrict y, T s, const T *restrict a,     \
+                                                     const T *restrict X, ptrdiff_t ldx, ptrdiff_t m, \
+                                                     ptrdiff_t n) {                               \
+        for (ptrdiff_t j = 0; j < n; j++) y[j] = 0;                                               \
+        for (ptrdiff_t i = 0; i < m; i++) mg_axpy_##SUFFIX##_generic(y, s * a[i], X + i * ldx, n); \
+    }                                                                                             \
+    /* two independent mg_sumrows with s = 1 (two heads' values) */                               \
+    static inline void mg_sumrows_pair_##SUFFIX##_generic(T *restrict y, const T *restrict a,     \
+                                                          const T *restrict X, T *restrict y2,    \
+                                                          const T *restrict a2, const T *restrict X2, \
+                                                          ptrdiff_t ldx, ptrdiff_t m, ptrdiff_t n) { \
+        mg_sumrows_##SUFFIX##_generic(y, (T)1, a, X, ldx, m, n);                                  \
+        mg_sumrows_##SUFFIX##_generic(y2, (T)1, a2, X2, ldx, m, n);                               \
+    }
+
+MG_DEFINE_AXPY(float, f)
+MG_DEFINE_AXPY(double, d)
+
 /* One query's attention over nk cached keys (all heads), _decode.pyx's attend_row:
  *   content logits c_j = scale q_h . k_j from the transposed key cache kt (H, d, T);
  *   pattern logits p_j = W_pattern[j] . h_h from the transposed pattern matrix pat[h] (d, T);
  *   the head's logits and their softmax over j < nk (heads.h, as in training); y_h = sum_j att_j v_j.
- * head_type: MG_HEAD_* codes (codes.h). att, pat_out: scratch of nk elements. One body for
- * both element types and both instruction sets (AXPY and SOFTMAX are the row kernels). */
-#define MG_DEFINE_ATTEND_ROW(T, SUFFIX, ATTR, NAME, AXPY, SOFTMAX)                                 \
+ * Each is a sum of scaled rows (SUMROWS: element j accumulates its terms in order, as axpys
+ * would); heads go in pairs, and a pair's values are summed in one pass (SUMROWS_PAIR: twice the
+ * independent sums per row of the cache, the same arithmetic). head_type: MG_HEAD_* codes
+ * (codes.h). att: scratch of 2 T elements (a pair's weights at att and att + T); pat_out: nk.
+ * One body for both element types and both instruction sets. */
+#define MG_DEFINE_ATTEND_ROW(T, SUFFIX, ATTR, NAME, SUMROWS, SUMROWS_PAIR, SOFTMAX)                \
     ATTR static void NAME(T *restrict y, T *restrict att, T *restrict pat_out, const T *restrict q, \
                           const T *restrict hrow, const T *restrict kt, const T *restrict vc,      \
                           const T *const *pat, const int *head_type, const double *mix,            \
                           ptrdiff_t H, ptrdiff_t d, ptrdiff_t TT, ptrdiff_t C, ptrdiff_t nk) {     \
         const T scale = (T)(1.0 / __builtin_sqrt((double)d));                                     \
-        for (ptrdiff_t h = 0; h < H; h++) {                                                       \
-            int kind = head_type[h];                                                              \
-            if (kind != MG_HEAD_RRPRAM) {                                                         \
-                for (ptrdiff_t j = 0; j < nk; j++) att[j] = 0;                                    \
-                for (ptrdiff_t i = 0; i < d; i++) AXPY(att, scale * q[h * d + i], kt + (h * d + i) * TT, nk); \
+        for (ptrdiff_t h0 = 0; h0 < H; h0 += 2) {                                                 \
+            ptrdiff_t pair = h0 + 1 < H;                                                          \
+            for (ptrdiff_t h = h0; h <= h0 + pair; h++) {                                         \
+                T *a = att + (h - h0) * TT;                                                       \
+                int kind = head_type[h];                                                          \
+                if (kind != MG_HEAD_RRPRAM) SUMROWS(a, scale, q + h * d, kt + h * d * TT, TT, d, nk); \
+                if (kind != MG_HEAD_CONTENT) SUMROWS(pat_out, (T)1, hrow + h * d, pat[h], TT, d, nk); \
+                mg_head_logits_##SUFFIX(a, a, pat_out, nk, (T)mix[h], kind);                      \
+                SOFTMAX(a, nk);                                                                   \
             }                                                                                     \
-            if (kind != MG_HEAD_CONTENT) {                                                        \
-                for (ptrdiff_t j = 0; j < nk; j++) pat_out[j] = 0;                                \
-                for (ptrdiff_t i = 0; i < d; i++) AXPY(pat_out, hrow[h * d + i], pat[h] + i * TT, nk); \
-            }                                                                                     \
-            mg_head_logits_##SUFFIX(att, att, pat_out, nk, (T)mix[h], kind);                      \
-            SOFTMAX(att, nk);                                                                     \
-            T *yh = y + h * d;                                                                    \
-            for (ptrdiff_t i = 0; i < d; i++) yh[i] = 0;                                          \
-            for (ptrdiff_t j = 0; j < nk; j++) AXPY(yh, att[j], vc + j * C + h * d, d);           \
+            if (pair)                                                                             \
+                SUMROWS_PAIR(y + h0 * d, att, vc + h0 * d, y + (h0 + 1) * d, att + TT, vc + (h0 + 1) * d, C, nk, d); \
+            else                                                                                  \
+                SUMROWS(y + h0 * d, (T)1, att, vc + h0 * d, C, nk, d);                            \
         }                                                                                         \
     }
 
-/* y[0:n] += a x[0:n] */
-#define MG_DEFINE_AXPY(T, SUFFIX)                                                                 \
-    static inline void mg_axpy_##SUFFIX##_generic(T *restrict y, T a, const T *restrict x, ptrdiff_t n) { \
-        for (ptrdiff_t i = 0; i < n; i++) y[i] = y[i] + a * x[i];                                 \
-    }
-
-MG_DEFINE_AXPY(float, f)
-MG_DEFINE_AXPY(double, d)
-MG_DEFINE_ATTEND_ROW(float, f, , mg_attend_row_f_generic, mg_axpy_f_generic, mg_softmax_row_f)
-MG_DEFINE_ATTEND_ROW(double, d, , mg_attend_row_d, mg_axpy_d_generic, mg_softmax_row_d)
+MG_DEFINE_ATTEND_ROW(float, f, , mg_attend_row_f_generic, mg_sumrows_f_generic, mg_sumrows_pair_f_generic,
+                     mg_softmax_row_f)
+MG_DEFINE_ATTEND_ROW(double, d, , mg_attend_row_d, mg_sumrows_d_generic, mg_sumrows_pair_d_generic,
+                     mg_softmax_row_d)
 
 #ifdef MG_HAVE_AVX2_PATH
-__attribute__((target("avx2,fma"))) static inline void mg_axpy_f_avx2(float *restrict y, float a,
-                                                                       const float *restrict x, ptrdiff_t n) {
-    __m256 va = _mm256_set1_ps(a);
-    ptrdiff_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; i++) y[i] = y[i] + a * x[i];
+/* mg_sumrows on NB x 8 columns with the sums in registers (the axpys' FMAs, in the same order,
+ * without storing and reloading y between rows) */
+#define MG_DEFINE_SUMROWS_BLOCK(NB)                                                               \
+    __attribute__((target("avx2,fma"))) static inline void mg_sumrows##NB##_f_avx2(               \
+        float *restrict y, float s, const float *restrict a, const float *restrict X, ptrdiff_t ldx, \
+        ptrdiff_t m) {                                                                            \
+        __m256 acc[NB];                                                                           \
+        for (int b = 0; b < NB; b++) acc[b] = _mm256_setzero_ps();                                \
+        for (ptrdiff_t i = 0; i < m; i++) {                                                       \
+            __m256 va = _mm256_set1_ps(s * a[i]);                                                 \
+            const float *x = X + i * ldx;                                                         \
+            for (int b = 0; b < NB; b++) acc[b] = _mm256_fmadd_ps(va, _mm256_loadu_ps(x + 8 * b), acc[b]); \
+        }                                                                                         \
+        for (int b = 0; b < NB; b++) _mm256_storeu_ps(y + 8 * b, acc[b]);                         \
+    }
+
+MG_DEFINE_SUMROWS_BLOCK(8)
+MG_DEFINE_SUMROWS_BLOCK(4)
+MG_DEFINE_SUMROWS_BLOCK(2)
+MG_DEFINE_SUMROWS_BLOCK(1)
+
+/* lanes 0 .. r-1 of 8 (r <= 8): the columns of a row's last, partial group */
+__attribute__((target("avx2,fma"))) static inline __m256i mg_tail_mask(ptrdiff_t r) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-MG_DEFINE_ATTEND_ROW(float, f, __attribute__((target("avx2,fma"))), mg_attend_row_f_avx2, mg_axpy_f_avx2,
-                     mg_softmax_row_f_avx2)
+/* mg_sumrows_f_generic's result with AVX2: full 8-column groups in register blocks of 64, 32, 16
+ * and 8 columns; the last n mod 8 columns in one masked register (the axpy's scalar tail compiles
+ * to the same single-rounding FMA per element) */
+__attribute__((target("avx2,fma"))) static inline void mg_sumrows_f_avx2(float *restrict y, float s,
+                                                                          const float *restrict a,
+                                                                          const float *restrict X, ptrdiff_t ldx,
+                                                                          ptrdiff_t m, ptrdiff_t n) {
+    ptrdiff_t j = 0;
+    for (; j + 64 <= n; j += 64) mg_sumrows8_f_avx2(y + j, s, a, X + j, ldx, m);
+    if (j + 32 <= n) {
+        mg_sumrows4_f_avx2(y + j, s, a, X + j, ldx, m);
+        j += 32;
+    }
+    if (j + 16 <= n) {
+        mg_sumrows2_f_avx2(y + j, s, a, X + j, ldx, m);
+        j += 16;
+    }
+    if (j + 8 <= n) {
+        mg_sumrows1_f_avx2(y + j, s, a, X + j, ldx, m);
+        j += 8;
+    }
+    if (j < n) {
+        __m256i mask = mg_tail_mask(n - j);
+        __m256 acc = _mm256_setzero_ps();
+        for (ptrdiff_t i = 0; i < m; i++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(s * a[i]), _mm256_maskload_ps(X + i * ldx + j, mask), acc);
+        _mm256_maskstore_ps(y + j, mask, acc);
+    }
+}
+
+/* two heads' mg_sumrows (s = 1) on NB x 8 columns each, in one pass over the cache rows */
+#define MG_DEFINE_SUMROWS_PAIR_BLOCK(NB)                                                          \
+    __attribute__((target("avx2,fma"))) static inline void mg_sumrows_pair##NB##_f_avx2(          \
+        float *restrict y, const float *restrict a, const float *restrict X, float *restrict y2,  \
+        const float *restrict a2, const float *restrict X2, ptrdiff_t ldx, ptrdiff_t m) {         \
+        __m256 acc[NB], acc2[NB];                                                                 \
+        for (int b = 0; b < NB; b++) acc[b] = acc2[b] = _mm256_setzero_ps();                      \
+        for (ptrdiff_t i = 0; i < m; i++) {                                                       \
+            __m256 va = _mm256_set1_ps(a[i]), vb = _mm256_set1_ps(a2[i]);                           \
+            const float *x = X + i * ldx, *x2 = X2 + i * ldx;                                     \
+            for (int b = 0; b < NB; b++) {                                                        \
+                acc[b] = _mm256_fmadd_ps(va, _mm256_loadu_ps(x + 8 * b), acc[b]);                 \
+                acc2[b] = _mm256_fmadd_ps(vb, _mm256_loadu_ps(x2 + 8 * b), acc2[b]);              \
+            }                                                                                     \
+        }                                                                                         \
+        for (int b = 0; b < NB; b++) {                                                            \
+            _mm256_storeu_ps(y + 8 * b, acc[b]);                                                  \
+            _mm256_storeu_ps(y2 + 8 * b, acc2[b]);                                                \
+        }                                                                                         \
+    }
+
+MG_DEFINE_SUMROWS_PAIR_BLOCK(4)
+MG_DEFINE_SUMROWS_PAIR_BLOCK(2)
+MG_DEFINE_SUMROWS_PAIR_BLOCK(1)
+
+/* mg_sumrows_pair_f_generic's result with AVX2: both heads' full 8-column groups in register
+ * blocks of 32, 16 and 8 columns each, the last n mod 8 columns of each as mg_sumrows_f_avx2 does */
+__attribute__((target("avx2,fma"))) static inline void mg_sumrows_pair_f_avx2(
+    float *restrict y, const float *restrict a, const float *restrict X, float *restrict y2, const float *restrict a2,
+    const float *restrict X2, ptrdiff_t ldx, ptrdiff_t m, ptrdiff_t n) {
+    ptrdiff_t j = 0;
+    for (; j + 32 <= n; j += 32) mg_sumrows_pair4_f_avx2(y + j, a, X + j, y2 + j, a2, X2 + j, ldx, m);
+    if (j + 16 <= n) {
+        mg_sumrows_pair2_f_avx2(y + j, a, X + j, y2 + j, a2, X2 + j, ldx, m);
+        j += 16;
+    }
+    if (j + 8 <= n) {
+        mg_sumrows_pair1_f_avx2(y + j, a, X + j, y2 + j, a2, X2 + j, ldx, m);
+        j += 8;
+    }
+    if (j < n) {
+        __m256i mask = mg_tail_mask(n - j);
+        __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+        for (ptrdiff_t i = 0; i < m; i++) {
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(a[i]), _mm256_maskload_ps(X + i * ldx + j, mask), acc);
+            acc2 = _mm256_fmadd_ps(_mm256_set1_ps(a2[i]), _mm256_maskload_ps(X2 + i * ldx + j, mask), acc2);
+        }
+        _mm256_maskstore_ps(y + j, mask, acc);
+        _mm256_maskstore_ps(y2 + j, mask, acc2);
+    }
+}
+
+MG_DEFINE_ATTEND_ROW(float, f, __attribute__((target("avx2,fma"))), mg_attend_row_f_avx2, mg_sumrows_f_avx2,
+                     mg_sumrows_pair_f_avx2, mg_softmax_row_f_avx2)
 #endif
 
 /* 1 when the AVX2+FMA path runs on this CPU (checked once; a racy first check is harmless).
@@ -361,41 +480,54 @@ static inline void mg_attend_row_f(float *restrict y, float *restrict att, float
     mg_attend_row_f_generic(y, att, pat_out, q, hrow, kt, vc, pat, head_type, mix, H, d, T, C, nk);
 }
 
-/* y (M) = A (M, K) x (K) */
-static inline void mg_matvec_f(float *restrict y, const float *restrict A, const float *restrict x, ptrdiff_t M,
-                               ptrdiff_t K, ptrdiff_t lda) {
-#ifdef MG_HAVE_AVX2_PATH
-    if (mg_decode_has_avx2()) {
-        mg_matvec_f_avx2(y, A, x, M, K, lda);
-        return;
-    }
+/* Rows of B per cache block of mg_gemm_nt_f: a multiple of 4 holding about 16 KB (L1 is 32 KB
+ * and the three input rows of a pass share it; 8 and 32 KB measured the same). */
+#ifndef MG_GEMM_BLOCK_BYTES
+#define MG_GEMM_BLOCK_BYTES 16384
 #endif
-    mg_matvec_f_generic(y, A, x, M, K, lda);
+/* How many blocks ahead mg_gemm_nt_f prefetches weight rows into L2 (0: off). At B = 16 rows of
+ * the larger config 1 measured best (no prefetch 1,980-2,040 tok/s, 1: 2,160-2,310, 2 and 3 in
+ * between; CPU time, shared machine). */
+#ifndef MG_GEMM_PREFETCH
+#define MG_GEMM_PREFETCH 1
+#endif
+static inline ptrdiff_t mg_gemm_block_rows(ptrdiff_t K) {
+    ptrdiff_t nb = (ptrdiff_t)(MG_GEMM_BLOCK_BYTES / sizeof(float)) / (K > 0 ? K : 1);
+    nb &= ~(ptrdiff_t)3;
+    return nb < 4 ? 4 : nb;
 }
 
-static inline void mg_matvec_d(double *restrict y, const double *restrict A, const double *restrict x, ptrdiff_t M,
-                               ptrdiff_t K, ptrdiff_t lda) {
-    mg_matvec_d_generic(y, A, x, M, K, lda);
-}
-
-/* C (M, N) = A (M, K) B^T, B (N, K): row i of C is B a_i */
+/* C (M, N) = A (M, K) B^T, B (N, K): row i of C is B a_i. Every element has the arithmetic of
+ * the matvec (the same 4-row blocks of B counted from its row 0, the same accumulators and
+ * final sums), so a row of this product is bit-identical to the matvec of that row: a batched
+ * decode step gives each sequence the logits it gets alone. B is walked in blocks of
+ * mg_gemm_block_rows rows (a multiple of 4, so the 4-row blocks do not move) and every input
+ * row passes over a block while it is in L1: B is read from memory once, not once per 3 rows. */
 static inline void mg_gemm_nt_f(float *restrict C, const float *restrict A, const float *restrict B, ptrdiff_t M,
                                 ptrdiff_t N, ptrdiff_t K, ptrdiff_t lda, ptrdiff_t ldb, ptrdiff_t ldc) {
-    ptrdiff_t i = 0;
 #ifdef MG_HAVE_AVX2_PATH
     if (mg_decode_has_avx2()) {
-        for (; i + 3 <= M; i += 3)
-            mg_matvec3_f_avx2(C + i * ldc, C + (i + 1) * ldc, C + (i + 2) * ldc, B, A + i * lda, A + (i + 1) * lda,
-                              A + (i + 2) * lda, N, K, ldb);
-        if (i + 2 <= M) {
-            mg_matvec2_f_avx2(C + i * ldc, C + (i + 1) * ldc, B, A + i * lda, A + (i + 1) * lda, N, K, ldb);
-            i += 2;
+        ptrdiff_t nb = M > 3 ? mg_gemm_block_rows(K) : N;
+        for (ptrdiff_t j0 = 0; j0 < N; j0 += nb) {
+            ptrdiff_t n = N - j0 < nb ? N - j0 : nb, i = 0;
+            const float *Bj = B + j0 * ldb;
+            float *Cj = C + j0;
+            if (MG_GEMM_PREFETCH && M > 3) /* a block ahead on its way to L2 while the inputs pass over this one */
+                for (ptrdiff_t r = j0 + MG_GEMM_PREFETCH * nb; r < j0 + (MG_GEMM_PREFETCH + 1) * nb && r < N; r++)
+                    for (ptrdiff_t k = 0; k < K; k += 16) _mm_prefetch((const char *)(B + r * ldb + k), _MM_HINT_T1);
+            for (; i + 3 <= M; i += 3)
+                mg_matvec3_f_avx2(Cj + i * ldc, Cj + (i + 1) * ldc, Cj + (i + 2) * ldc, Bj, A + i * lda,
+                                  A + (i + 1) * lda, A + (i + 2) * lda, n, K, ldb);
+            if (i + 2 <= M) {
+                mg_matvec2_f_avx2(Cj + i * ldc, Cj + (i + 1) * ldc, Bj, A + i * lda, A + (i + 1) * lda, n, K, ldb);
+                i += 2;
+            }
+            if (i < M) mg_matvec_f_avx2(Cj + i * ldc, Bj, A + i * lda, n, K, ldb);
         }
-        if (i < M) mg_matvec_f_avx2(C + i * ldc, B, A + i * lda, N, K, ldb);
         return;
     }
 #endif
-    for (; i < M; i++) mg_matvec_f_generic(C + i * ldc, B, A + i * lda, N, K, ldb);
+    for (ptrdiff_t i = 0; i < M; i++) mg_matvec_f_generic(C + i * ldc, B, A + i * lda, N, K, ldb);
 }
 
 static inline void mg_gemm_nt_d(double *restrict C, const double *restrict A, const double *restrict B, ptrdiff_t M,

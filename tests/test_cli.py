@@ -133,6 +133,9 @@ def test_generate_is_reproducible_with_a_seed_and_flags_override_the_config_file
     assert g1.stdout == g2.stdout  # --greedy beats the file's temperature: deterministic
     three = run_cli("--home", home, "generate", "a", "-n", 3, "--seed", 1, "--max-tokens", 20)
     assert len(three.stdout.splitlines()) == 3
+    # -n decodes the three together; continuation i is the one --seed 1 + i gives alone
+    alone = [run_cli("--home", home, "generate", "a", "--seed", 1 + i, "--max-tokens", 20).stdout for i in range(3)]
+    assert three.stdout == "".join(alone)
 
 
 def test_generate_on_a_fresh_home_speaks_from_the_seed_corpus_and_writes_nothing(tmp_path):

@@ -11,6 +11,9 @@
 #   Decoder   one generation: the key/value cache, scratch, the sampling stack and the loop
 #             with its stop rules. One per generating thread (it is not thread-safe); it holds
 #             the GIL only between tokens (and while calling Python logits processors).
+#   Batch     several started Decoders advanced together: one forward per step with a row per
+#             sequence, so each weight matrix is read once per step for all of them; every
+#             sequence gives the tokens it gives alone (design.md §4.1).
 # What it is not: training (_core), policy (generation.py validates parameters and folds the
 # weights under the model lock; text, stream decoding and stop strings are Python).
 #
@@ -45,6 +48,7 @@ from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memset, memcpy
 from libc.math cimport exp, log, sqrt, fabs, INFINITY, isnan
 from libc.stdint cimport uint64_t, int64_t, uint8_t
+from cpython.ref cimport PyObject
 cdef extern from "pool.h" nogil:  # the worker pool the training step runs on (csrc/pool.c)
     ctypedef void (*mg_pool_fn)(void* ctx, int part) noexcept nogil
     int mg_pool_run(mg_pool_fn fn, void* ctx, int n)
@@ -56,8 +60,6 @@ from ._molecule cimport (floating, HEAD_CONTENT, HEAD_HYBRID, N_HEAD_TYPES, N_AC
 from ._ops cimport embed_forward, rmsnorm_forward, rope_forward, rope_tables_per_head, gate_forward, add_forward
 
 cdef extern from "decode_kernels.h" nogil:  # products without BLAS (see the file's notes)
-    void mg_matvec_f(float* y, const float* A, const float* x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t lda)
-    void mg_matvec_d(double* y, const double* A, const double* x, Py_ssize_t M, Py_ssize_t K, Py_ssize_t lda)
     void mg_gemm_nt_f(float* C, const float* A, const float* B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                       Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc)
     void mg_gemm_nt_d(double* C, const double* A, const double* B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
@@ -99,51 +101,17 @@ cdef inline void* data_ptr(object arr):
     return <void*><size_t>arr.__array_interface__["data"][0]
 
 
-cdef inline void matvec(floating* y, const floating* A, const floating* x, Py_ssize_t M, Py_ssize_t K,
-                        Py_ssize_t lda) noexcept nogil:
-    """y (M) = A (M, K; row-major, leading dim lda) x (K)."""
-    if floating is float:
-        mg_matvec_f(y, A, x, M, K, lda)
-    else:
-        mg_matvec_d(y, A, x, M, K, lda)
-
-
-# Products of at least this many weights may be split across the decoder's threads (below it a
-# fork/join costs more than it saves; the default config's largest product has 41k).
+# Products of at least this many multiply-adds may be split across the decoder's threads (below
+# it a fork/join costs more than it saves; one row of the default config's largest product has 41k).
 cdef Py_ssize_t PAR_MIN_WEIGHTS = 1 << 17
 
 
-ctypedef struct ProductJob:  # one product split by rows over the pool's parts
+ctypedef struct ProductJob:  # one product split by rows (of the inputs or of the weights) over the pool's parts
     void* C
     const void* A
     const void* B
     Py_ssize_t M, N, K, lda, ldb, ldc, chunk
     bint is_double
-
-
-cdef void _matvec_part(void* ctx, int t) noexcept nogil:
-    cdef ProductJob* j = <ProductJob*>ctx
-    cdef Py_ssize_t r0 = t * j.chunk, r1 = min(j.M, r0 + j.chunk)
-    if r1 <= r0:
-        return
-    if j.is_double:
-        matvec(<double*>j.C + r0, <const double*>j.A + r0 * j.lda, <const double*>j.B, r1 - r0, j.K, j.lda)
-    else:
-        matvec(<float*>j.C + r0, <const float*>j.A + r0 * j.lda, <const float*>j.B, r1 - r0, j.K, j.lda)
-
-
-cdef void matvec_par(floating* y, const floating* A, const floating* x, Py_ssize_t M, Py_ssize_t K,
-                     Py_ssize_t lda, int nt) noexcept nogil:
-    """matvec with the rows split over nt parts of the worker pool when the product is large enough."""
-    cdef ProductJob job
-    if nt <= 1 or M * K < PAR_MIN_WEIGHTS or M < 8 * nt:
-        matvec(y, A, x, M, K, lda)
-        return
-    job.C, job.A, job.B = <void*>y, <const void*>A, <const void*>x
-    job.M, job.K, job.lda = M, K, lda
-    job.chunk = ((M + nt - 1) // nt + 3) & ~(<Py_ssize_t>3)
-    job.is_double = floating is double
-    mg_pool_run(_matvec_part, &job, nt)
 
 
 cdef inline void mm_nt(floating* Cm, const floating* A, const floating* B, Py_ssize_t M, Py_ssize_t N,
@@ -180,6 +148,36 @@ cdef void mm_nt_par(floating* Cm, const floating* A, const floating* B, Py_ssize
     job.chunk = ((M + nt - 1) // nt + 2) // 3 * 3
     job.is_double = floating is double
     mg_pool_run(_mm_nt_part, &job, nt)
+
+
+cdef void _mm_nt_w_part(void* ctx, int t) noexcept nogil:
+    cdef ProductJob* j = <ProductJob*>ctx
+    cdef Py_ssize_t r0 = t * j.chunk, r1 = min(j.N, r0 + j.chunk)
+    if r1 <= r0:
+        return
+    if j.is_double:
+        mm_nt(<double*>j.C + r0, <const double*>j.A, <const double*>j.B + r0 * j.ldb, j.M, r1 - r0, j.K,
+              j.lda, j.ldb, j.ldc)
+    else:
+        mm_nt(<float*>j.C + r0, <const float*>j.A, <const float*>j.B + r0 * j.ldb, j.M, r1 - r0, j.K,
+              j.lda, j.ldb, j.ldc)
+
+
+cdef void mm_nt_wpar(floating* Cm, const floating* A, const floating* B, Py_ssize_t M, Py_ssize_t N,
+                     Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc, int nt) noexcept nogil:
+    """mm_nt with the rows of B (a weight matrix's output rows) split over nt parts of the worker
+    pool when the product is large enough: each part reads only its share of the weights. Parts
+    start at multiples of 4 rows, so every element keeps the arithmetic it has unsplit
+    (decode_kernels.h); for one input row (M = 1) this is a split matvec."""
+    cdef ProductJob job
+    if nt <= 1 or M * N * K < PAR_MIN_WEIGHTS or N < 8 * nt:
+        mm_nt(Cm, A, B, M, N, K, lda, ldb, ldc)
+        return
+    job.C, job.A, job.B = <void*>Cm, <const void*>A, <const void*>B
+    job.M, job.N, job.K, job.lda, job.ldb, job.ldc = M, N, K, lda, ldb, ldc
+    job.chunk = ((N + nt - 1) // nt + 3) & ~(<Py_ssize_t>3)
+    job.is_double = floating is double
+    mg_pool_run(_mm_nt_w_part, &job, nt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +306,7 @@ ctypedef struct Buf:
     void* QKV       # (T, 3C)    q | k | v before rotation
     void* Q         # (T, C)     rotated queries
     void* K         # (T, C)     rotated keys (then stored transposed in kc)
-    void* S         # (T,)       attention logits/weights of one query
+    void* S         # (2T,)      attention logits/weights of one query, two heads (a pair)
     void* P         # (T,)       pattern logits of one query
     void* Y         # (T, C)     concatenated head outputs
     void* O         # (T, C)     a block's output before the residual add
@@ -317,16 +315,40 @@ ctypedef struct Buf:
     void* kc        # (L, H, d, T) rotated keys of the window, transposed per head
     void* vc        # (L, T, C)  values of the window
     void* logits    # (V,)
-    int nt          # threads for large products (matvec_par / mm_nt_par)
+    int nt          # threads for large products (mm_nt_wpar / mm_nt_par)
+
+
+cdef void* buf_alloc(Buf* b, Py_ssize_t rows, const WNet* net, bint is_double, bint sequence) except NULL:
+    """One zeroed block carved into b's arrays: the work rows X .. A for `rows` rows, and either a
+    sequence's own parts (sequence: the caches kc, vc and the attention scratch S, P; its logits
+    are a numpy array the caller sets) or a batch's logits (rows, V). Returns the block (free it)."""
+    cdef size_t es = sizeof(double) if is_double else sizeof(float), total = 0
+    cdef Py_ssize_t i, L = net.L, C = net.C, T = net.T, F = net.F, R = rows
+    cdef Py_ssize_t seq = 1 if sequence else 0
+    cdef size_t sizes[14]
+    cdef void** slots[14]
+    sizes[:] = [R * C, R * C, R * 3 * C, R * C, R * C, seq * 2 * T, seq * T, R * C, R * C, R * 2 * F, R * F,
+                seq * L * T * C, seq * L * T * C, (1 - seq) * R * net.V]
+    slots[:] = [&b.X, &b.Hn, &b.QKV, &b.Q, &b.K, &b.S, &b.P, &b.Y, &b.O, &b.GU, &b.A, &b.kc, &b.vc, &b.logits]
+    for i in range(14):
+        total += sizes[i] * es
+    cdef void* block = calloc(total, 1)
+    if block == NULL:
+        raise MemoryError(f"cannot allocate {total} bytes of decoding scratch")
+    cdef char* cur = <char*>block
+    for i in range(14):
+        slots[i][0] = <void*>cur if sizes[i] else NULL
+        cur += sizes[i] * es
+    return block
 
 
 cdef inline void attend_row(floating* y, floating* att, floating* pat_out, const floating* q,
                             const floating* hrow, const floating* kt, const floating* vc, const WNet* net,
                             const WLayer* Lw, int nk) noexcept nogil:
     """y (C) = attention output of one query (q rotated, hrow its normalized input) over the nk
-    cached keys kt (H, d, T; transposed) and values vc (nk, C). att, pat_out: scratch of T.
-    Keys and pattern matrices are stored transposed so that the logits of all nk keys are d
-    vectorized axpys over contiguous memory (no per-key horizontal sums, no tiny BLAS calls).
+    cached keys kt (H, d, T; transposed) and values vc (nk, C). att: scratch of 2T, pat_out of T.
+    Keys and pattern matrices are stored transposed so that the logits of all nk keys are a sum
+    of d scaled contiguous rows (no per-key horizontal sums, no tiny BLAS calls).
     The head's logits and the softmax row are the training kernels' (csrc/heads.h)."""
     if floating is float:  # AVX2+FMA when available
         mg_attend_row_f(y, att, pat_out, q, hrow, kt, vc, <const float* const*>Lw.pat, net.head_type, Lw.mix,
@@ -356,26 +378,72 @@ cdef double std_of(const floating* x, Py_ssize_t n) noexcept nogil:
 
 
 cdef inline void linear_rows(floating* Y, const floating* W, const floating* X, Py_ssize_t N, Py_ssize_t nout,
-                             Py_ssize_t nin, int nt) noexcept nogil:
-    """Y (N, nout) = X (N, nin) W^T for a folded weight W (nout, nin): one row is a matvec (its
-    output rows split over the threads), more rows a gemm (its input rows split)."""
-    if N == 1:
-        matvec_par(Y, W, X, nout, nin, nin, nt)
+                             Py_ssize_t nin, int nt, bint by_weights) noexcept nogil:
+    """Y (N, nout) = X (N, nin) W^T for a folded weight W (nout, nin). Split over the threads by
+    W's rows when by_weights or N == 1 (rows of independent sequences: each thread streams a share
+    of the weights), else by X's rows (a prefill: FMA-bound, each thread takes a block of rows)."""
+    if by_weights or N == 1:
+        mm_nt_wpar(Y, X, W, N, nout, nin, nin, nin, nout, nt)
     else:
         mm_nt_par(Y, X, W, N, nout, nin, nin, nin, nout, nt)
 
 
-cdef void forward_rows(floating* tag, const WNet* net, Buf* b, const int* ids, int N, int p0,
-                       double* stds) noexcept nogil:
-    """Run ids[0:N] at window positions p0 .. p0+N-1 (p0 + N <= T) after the p0 positions the
-    cache holds: write their keys and values into the cache and the logits of the last one into
-    b.logits. A prefill is p0 = 0; a decode step is N = 1 at p0 = the window's length. Each op
-    is the training forward's (_ops.pxd); attention reads the cache (attend_row), one query at
-    a time over the keys it sees. stds (L + 1, may be NULL) receives the std of the residual
-    stream after the embedding and after each layer."""
-    cdef Py_ssize_t l, i, t, r0, n, C = net.C, F = net.F, T = net.T, d = net.d, C3 = 3 * net.C
+ctypedef struct AttendJob:  # the attention rows r0 .. N-1 of a forward, split over the pool's parts
+    const WNet* net
+    const WLayer* Lw
+    Buf* const* seq
+    const int* pos
+    void* Y
+    const void* Q
+    const void* Hn
+    Py_ssize_t l
+    int r0, N, nt
+    bint batched
+    bint is_double
+
+
+cdef void attend_rows(floating* tag, const AttendJob* j, int part) noexcept nogil:
+    """Rows r0 + part, r0 + part + nt, ... < N of a forward: row i attends over its sequence's
+    cache (seq[i] when batched, else seq[0]: keys, values, scratch S and P) up to and including
+    position pos[i]; its output is row i - r0 of Y. (One function for every caller, so each row's
+    attention runs the same compiled code, batched or not.)"""
+    cdef Py_ssize_t i = j.r0 + part, C = j.net.C, T = j.net.T
+    cdef Buf* sb
+    while i < j.N:
+        sb = j.seq[i if j.batched else 0]
+        attend_row(<floating*>j.Y + (i - j.r0) * C, <floating*>sb.S, <floating*>sb.P, <const floating*>j.Q + i * C,
+                   <const floating*>j.Hn + i * C, <floating*>sb.kc + j.l * C * T, <floating*>sb.vc + j.l * T * C,
+                   j.net, j.Lw, j.pos[i] + 1)
+        i += j.nt
+
+
+cdef void _attend_part(void* ctx, int part) noexcept nogil:
+    cdef AttendJob* j = <AttendJob*>ctx
+    if j.is_double:
+        attend_rows(<double*>NULL, j, part)
+    else:
+        attend_rows(<float*>NULL, j, part)
+
+
+cdef void forward_rows(floating* tag, const WNet* net, Buf* b, Buf* const* seq, int n_seq, const int* ids,
+                       const int* pos, int N, double* stds) noexcept nogil:
+    """Run N token rows through the model after the positions the caches hold: write each row's
+    key and value into its sequence's cache and the next-token logits into the sequence's
+    logits. Two shapes, one forward:
+      n_seq == 1  the rows are consecutive tokens of one sequence whose cache is seq[0]: a
+                  prefill (pos = 0 .. N-1) or a decode step (N = 1, pos = the window's length);
+                  only the last row's logits are wanted.
+      n_seq == N  row i is the next token of sequence i (cache seq[i]) at its own position
+                  pos[i]: a batched decode step. Each matrix is read once for all N rows, and
+                  every row's arithmetic is the one it has alone (decode_kernels.h, mm_nt_wpar).
+    b: the work rows X .. A (at least N rows) and the threads b.nt; seq[i].logits (V) receives the
+    logits (for n_seq == N through b.logits, (N, V)). Each op is the training forward's (_ops.pxd);
+    attention reads the cache (attend_row) one query at a time over the keys it sees. stds
+    (L + 1, may be NULL; n_seq == 1 only) receives the std of the residual stream after the
+    embedding and after each layer."""
+    cdef Py_ssize_t l, i, r0, n, C = net.C, F = net.F, T = net.T, d = net.d, C3 = 3 * net.C, V = net.V
+    cdef bint batched = n_seq > 1
     cdef const WLayer* Lw
-    cdef const int* pos = net.pos + p0
     cdef floating* X = <floating*>b.X
     cdef floating* Hn = <floating*>b.Hn
     cdef floating* QKV = <floating*>b.QKV
@@ -386,8 +454,8 @@ cdef void forward_rows(floating* tag, const WNet* net, Buf* b, const int* ids, i
     cdef floating* GU = <floating*>b.GU
     cdef floating* A = <floating*>b.A
     cdef floating* x
-    cdef floating* kc
-    cdef floating* vc
+    cdef Buf* sb
+    cdef AttendJob job
     cdef const floating* cos_t = <const floating*>net.cos_t
     cdef const floating* sin_t = <const floating*>net.sin_t
     embed_forward(X, <const floating*>net.wte, <const floating*>net.wpe, ids, pos, N, C)
@@ -395,35 +463,51 @@ cdef void forward_rows(floating* tag, const WNet* net, Buf* b, const int* ids, i
         stds[0] = std_of(X, N * C)
     for l in range(net.L):
         Lw = &net.layers[l]
-        kc = <floating*>b.kc + l * C * T
-        vc = <floating*>b.vc + l * T * C
         rmsnorm_forward(Hn, <floating*>NULL, X, N, C)
-        linear_rows(QKV, <const floating*>Lw.wqkv, Hn, N, C3, C, b.nt)
+        linear_rows(QKV, <const floating*>Lw.wqkv, Hn, N, C3, C, b.nt, batched)
         rope_forward(Q, QKV, pos, cos_t, sin_t, N, net.H, d, C3)
         rope_forward(K, QKV + C, pos, cos_t, sin_t, N, net.H, d, C3)
         for i in range(N):
-            store_key(kc, K + i * C, p0 + i, C, T)
-            memcpy(vc + (p0 + i) * C, QKV + i * C3 + 2 * C, C * sizeof(floating))
-        # Rows r0 .. N-1 go on through the layer. In the last layer only the last row does: its
-        # keys and values are cached, and the rest of it only matters for the logits (a large
+            sb = seq[i if batched else 0]
+            store_key(<floating*>sb.kc + l * C * T, K + i * C, pos[i], C, T)
+            memcpy(<floating*>sb.vc + l * T * C + pos[i] * C, QKV + i * C3 + 2 * C, C * sizeof(floating))
+        # Rows r0 .. N-1 go on through the layer. In a prefill's last layer only the last row does:
+        # its keys and values are cached, and the rest of it only matters for the logits (a large
         # share of a shallow model's prefill) -- unless every row's residual stream is wanted (stds).
-        r0 = N - 1 if l == net.L - 1 and stds == NULL else 0
+        r0 = N - 1 if l == net.L - 1 and stds == NULL and not batched else 0
         n = N - r0
-        for t in range(r0, N):
-            attend_row(Y + (t - r0) * C, <floating*>b.S, <floating*>b.P, Q + t * C, Hn + t * C, kc, vc, net, Lw,
-                       <int>(p0 + t + 1))
+        # a batch's rows (each over its own cache and scratch) are split over the threads
+        job.net, job.Lw, job.seq, job.pos, job.l, job.r0, job.N = net, Lw, seq, pos, l, <int>r0, N
+        job.Y, job.Q, job.Hn, job.batched = <void*>Y, <const void*>Q, <const void*>Hn, batched
+        job.nt = b.nt if batched and 1 < b.nt <= N else 1
+        job.is_double = floating is double
+        if job.nt > 1:
+            mg_pool_run(_attend_part, &job, job.nt)
+        else:
+            _attend_part(&job, 0)
         x = X + r0 * C
-        linear_rows(O, <const floating*>Lw.wo, Y, n, C, C, b.nt)
+        linear_rows(O, <const floating*>Lw.wo, Y, n, C, C, b.nt, batched)
         add_forward(x, x, O, n * C)
         rmsnorm_forward(Hn, <floating*>NULL, x, n, C)
-        linear_rows(GU, <const floating*>Lw.fcgv, Hn, n, 2 * F, C, b.nt)
+        linear_rows(GU, <const floating*>Lw.fcgv, Hn, n, 2 * F, C, b.nt, batched)
         gate_forward(A, GU, GU + F, n, F, 2 * F, net.act)
-        linear_rows(O, <const floating*>Lw.fc2, A, n, C, F, b.nt)
+        linear_rows(O, <const floating*>Lw.fc2, A, n, C, F, b.nt, batched)
         add_forward(x, x, O, n * C)
         if stds != NULL:
             stds[l + 1] = std_of(X, N * C)
-    rmsnorm_forward(Hn, <floating*>NULL, X + (N - 1) * C, 1, C)
-    linear_rows(<floating*>b.logits, <const floating*>net.lm, Hn, 1, net.V, C, b.nt)
+    # the logits of rows r0 .. N-1 (the last row of one sequence, or every row of a batch). One
+    # call of each op for both shapes: the compiler may order an `omp simd` reduction differently
+    # in two inlined copies, and a batched row must get its single-row arithmetic. The norm runs
+    # a row per call, as a single step always ran it: a sequence decoded alone rounds as before
+    # batching existed.
+    r0 = 0 if batched else N - 1
+    for i in range(r0, N):
+        rmsnorm_forward(Hn + (i - r0) * C, <floating*>NULL, X + i * C, 1, C)
+    linear_rows(<floating*>(b.logits if batched else seq[0].logits), <const floating*>net.lm, Hn, N - r0, V, C,
+                b.nt, True)
+    if batched:
+        for i in range(N):
+            memcpy(seq[i].logits, <floating*>b.logits + i * V, V * sizeof(floating))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -892,8 +976,6 @@ cdef class Decoder:
         self.cand = NULL
 
     def __init__(self, Weights weights, int vocab_size, int block_size, int n_threads=1):
-        cdef size_t es, total = 0
-        cdef Py_ssize_t L, C, T, F, i
         if vocab_size < 1 or block_size < 1:
             raise ValueError("vocab_size and block_size must be positive")
         if weights is not None and (weights.net.V != vocab_size or weights.net.T != block_size):
@@ -924,22 +1006,7 @@ cdef class Decoder:
             return
         self.net = &weights.net
         self.is_double = weights.is_double
-        es = sizeof(double) if self.is_double else sizeof(float)
-        L, C, T, F = weights.net.L, weights.net.C, weights.net.T, weights.net.F
-        cdef size_t sizes[13]
-        cdef void** slots[13]
-        sizes[:] = [T * C, T * C, T * 3 * C, T * C, T * C, T, T, T * C, T * C, T * 2 * F, T * F, L * T * C, L * T * C]
-        slots[:] = [&self.b.X, &self.b.Hn, &self.b.QKV, &self.b.Q, &self.b.K, &self.b.S, &self.b.P, &self.b.Y,
-                    &self.b.O, &self.b.GU, &self.b.A, &self.b.kc, &self.b.vc]
-        for i in range(13):
-            total += sizes[i] * es
-        self.block = calloc(total, 1)
-        if self.block == NULL:
-            raise MemoryError(f"cannot allocate {total} bytes of decoding scratch")
-        cdef char* cur = <char*>self.block
-        for i in range(13):
-            slots[i][0] = <void*>cur
-            cur += sizes[i] * es
+        self.block = buf_alloc(&self.b, block_size, &weights.net, self.is_double, True)
         # the logits live in a numpy array of their own (see last_logits_array): the arrays
         # prefill/feed/logits return stay valid even after the decoder is gone
         self.last_logits_array = np.zeros(vocab_size, dtype=weights.dtype)
@@ -963,10 +1030,11 @@ cdef class Decoder:
     # ---- forward over the window
 
     cdef void _prefill(self, const int* ids, int N, double* stds=NULL) noexcept nogil:
+        cdef Buf* seq = &self.b
         if self.is_double:
-            forward_rows(<double*>NULL, self.net, &self.b, ids, N, 0, stds)
+            forward_rows(<double*>NULL, self.net, &self.b, &seq, 1, ids, self.net.pos, N, stds)
         else:
-            forward_rows(<float*>NULL, self.net, &self.b, ids, N, 0, stds)
+            forward_rows(<float*>NULL, self.net, &self.b, &seq, 1, ids, self.net.pos, N, stds)
         if ids != self.win:
             memcpy(self.win, ids, N * sizeof(int))
         self.n = N
@@ -974,18 +1042,36 @@ cdef class Decoder:
     cdef void _feed(self, int tok) noexcept nogil:
         """Append tok to the window (the window-full rule of the module docstring)."""
         cdef int keep
+        cdef Buf* seq = &self.b
         if self.n < self.T:
             if self.is_double:
-                forward_rows(<double*>NULL, self.net, &self.b, &tok, 1, self.n, NULL)
+                forward_rows(<double*>NULL, self.net, &self.b, &seq, 1, &tok, self.net.pos + self.n, 1, NULL)
             else:
-                forward_rows(<float*>NULL, self.net, &self.b, &tok, 1, self.n, NULL)
-            self.win[self.n] = tok
-            self.n += 1
+                forward_rows(<float*>NULL, self.net, &self.b, &seq, 1, &tok, self.net.pos + self.n, 1, NULL)
+            self._fed(tok)
         else:
             keep = self.T // 2
             memmove_int(self.win, self.win + self.T - keep, keep)
             self.win[keep] = tok
             self._prefill(self.win, keep + 1)
+
+    cdef int _step_row(self, int tok, Buf** seq, int* pos) noexcept nogil:
+        """Feed tok as a row of a batched step: returns 1 with this decoder's Buf and the row's
+        position in *seq, *pos (the caller runs the forward, then _fed(tok)); or 0 when there is
+        nothing to batch (field only, or a full window, re-prefilled here alone by _feed)."""
+        if not self.use_model:
+            return 0
+        if self.n >= self.T:
+            self._feed(tok)
+            return 0
+        seq[0] = &self.b
+        pos[0] = self.n
+        return 1
+
+    cdef inline void _fed(self, int tok) noexcept nogil:
+        """tok's row is in the cache (a step of its own or of a Batch): it joins the window."""
+        self.win[self.n] = tok
+        self.n += 1
 
     def _check_model(self):
         if self.net == NULL:
@@ -1188,30 +1274,60 @@ cdef class Decoder:
         """Generate up to `limit` more tokens; returns (new_ids, stop_reason or None).
         processors: callables (ids, logits) -> logits applied to the final logits of the
         built-in stack (log-probabilities, -inf where dropped), in order."""
-        cdef Py_ssize_t produced = 0, n, j, g, nn
+        cdef Py_ssize_t produced = 0
         cdef int tok, stop = STOP_NONE
-        cdef bint same
         if not self.started:
             raise ValueError("call begin() first")
         if self.finished:
             return [], None
         start = self.nh
         while produced < limit:
-            with nogil:
-                n = self._distribution()
-            if processors:
-                tok = self._apply_processors(n, processors)
-            else:
-                if n == 0:
-                    raise _no_token_error()
-                tok = cand_draw(self.cand, n, &self.rng)
-            if tok == self.eos:
-                stop = STOP_EOS
+            tok = self._choose(processors)
+            stop = self._accept(tok)
+            if stop != STOP_EOS:
+                produced += 1
+            if stop != STOP_NONE:
                 break
+            if self.use_model:
+                with nogil:
+                    self._feed(tok)
+        return [self.hist[j] for j in range(start, self.nh)], STOP_REASONS[stop]
+
+    cdef int _choose(self, processors) except -1:
+        """The next token, sampled from the current logits (and the processors, if any)."""
+        cdef Py_ssize_t n
+        cdef int tok
+        if not processors:
+            with nogil:
+                tok = self._draw()
+            if tok < 0:
+                raise _no_token_error()
+            return tok
+        with nogil:
+            n = self._distribution()
+        return self._apply_processors(n, processors)
+
+    cdef int _draw(self) noexcept nogil:
+        """The next token from the built-in stack alone (no processors), or -1 when no token can
+        be sampled (the generation is then finished)."""
+        cdef Py_ssize_t n = self._distribution()
+        if n == 0:
+            self.finished = 1
+            return -1
+        return cand_draw(self.cand, n, &self.rng)
+
+    cdef int _accept(self, int tok) noexcept nogil:
+        """Record a sampled token and apply the stop rules; returns the stop reason (STOP_NONE:
+        go on, the caller then feeds tok). EOS is not recorded; any stop finishes the generation."""
+        cdef Py_ssize_t j, g, nn
+        cdef int stop = STOP_NONE
+        cdef bint same
+        if tok == self.eos:
+            stop = STOP_EOS
+        else:
             self.hist[self.nh] = tok
             self.nh += 1
             self.counts[tok] += 1
-            produced += 1
             nn = self.nh - self.n_prompt
             g = self.rep_guard
             if g > 0 and nn >= 2 * g:
@@ -1222,19 +1338,21 @@ cdef class Decoder:
                         break
                 if same:
                     stop = STOP_REPETITION
-                    break
-            if nn >= self.min_new and self.sentence_end[tok]:
+            if stop == STOP_NONE and nn >= self.min_new and self.sentence_end[tok]:
                 stop = STOP_SENTENCE
-                break
-            if nn >= self.max_new:
+            if stop == STOP_NONE and nn >= self.max_new:
                 stop = STOP_MAX_TOKENS
-                break
-            if self.use_model:
-                with nogil:
-                    self._feed(tok)
         if stop != STOP_NONE:
             self.finished = 1
-        return [self.hist[j] for j in range(start, self.nh)], STOP_REASONS[stop]
+        return stop
+
+    def finish(self):
+        """End this generation here (a stop string was found): run() returns nothing more."""
+        self.finished = 1
+
+    @property
+    def is_finished(self) -> bool:
+        return bool(self.finished)
 
     cdef int _apply_processors(self, Py_ssize_t n, processors) except -1:
         cdef Py_ssize_t j
@@ -1287,6 +1405,240 @@ cdef class Decoder:
     def generated(self):
         """Ids generated so far in this generation."""
         return [self.hist[j] for j in range(self.n_prompt, self.nh)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch: several generations, one forward per step
+
+ctypedef struct Group:  # the sequences of a Batch that one thread advances
+    Buf b           # work rows (one per member) and the threads its products split over
+    void* block
+    int n           # members
+    int* members    # (n,) their indices in the batch
+    int m           # rows of the current step
+    Buf** seq       # (n,) each row's sequence (cache, scratch, logits)
+    int* ids        # (n,) each row's token
+    int* pos        # (n,) each row's window position
+    PyObject** row  # (n,) each row's Decoder (borrowed: the Batch's list holds them)
+
+
+ctypedef struct GroupRun:  # one run() of every group at once on the worker pool
+    PyObject* batch
+    Py_ssize_t limit
+
+
+cdef class Batch:
+    """Generations advanced together, one token each per step, in one batched forward
+    (forward_rows with a row per sequence): each weight matrix is read once per step for all of
+    them instead of once per sequence, which is what bounds a decode step on a model whose
+    weights do not fit in cache.
+
+    Batch(decoders, n_threads=1): Decoders after begin() (any prompts, sampling parameters,
+    seeds, limits; those that run the model share one Weights). Each keeps its own cache, window,
+    random state, history and stop state, and produces exactly the tokens it produces alone
+    (run() on the Decoder): the batched products give every row the arithmetic of its own matvec
+    (decode_kernels.h), sampling is the Decoder's own, and a sequence whose window is full
+    re-prefills alone (the window rule). A finished sequence (stop reason, or Decoder.finish())
+    leaves the step.
+    n_threads: the sequences are dealt into min(n_threads, size) groups, sequence i to group
+    i mod groups, and each group runs its own steps (sampling included, without the GIL) on a
+    thread of the worker pool: one fork/join per run() rather than one per product. With logits
+    processors (Python) the groups take turns under the GIL. Not thread-safe."""
+    cdef list decs
+    cdef Weights w
+    cdef PyObject** decp    # (size,) the decoders (borrowed: self.decs holds them)
+    cdef int* stops         # (size,) stop code of each sequence in the current run()
+    cdef int* failed        # (size,) 1: no token could be sampled
+    cdef Group* groups
+    cdef int n_groups
+    cdef readonly int size
+    cdef readonly int n_threads
+
+    def __cinit__(self):
+        self.decp = NULL
+        self.stops = NULL
+        self.failed = NULL
+        self.groups = NULL
+        self.n_groups = 0
+
+    def __init__(self, decoders, int n_threads=1):
+        cdef Decoder d
+        cdef Group* g
+        cdef int i, k
+        decs = list(decoders)
+        if not decs or not all(isinstance(x, Decoder) for x in decs):
+            raise TypeError("Batch takes a non-empty sequence of Decoders")
+        if len({id(x) for x in decs}) != len(decs):
+            raise ValueError("a Decoder may appear in a Batch only once")
+        if n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+        w = None
+        for d in decs:
+            if not d.started:
+                raise ValueError("every Decoder of a Batch must be started (begin()) first")
+            if d.use_model:
+                if w is not None and d.w is not w:
+                    raise ValueError("the Decoders of a Batch that run the model must share one Weights")
+                w = d.w
+        self.decs = decs
+        self.size = len(decs)
+        self.w = w
+        self.n_threads = n_threads
+        self.decp = <PyObject**>calloc(self.size, sizeof(PyObject*))
+        self.stops = <int*>calloc(self.size, sizeof(int))
+        self.failed = <int*>calloc(self.size, sizeof(int))
+        ng = min(n_threads, self.size)
+        self.groups = <Group*>calloc(ng, sizeof(Group))
+        if self.decp == NULL or self.stops == NULL or self.failed == NULL or self.groups == NULL:
+            raise MemoryError()
+        self.n_groups = ng
+        for i in range(self.size):
+            self.decp[i] = <PyObject*>decs[i]
+        for k in range(ng):
+            g = &self.groups[k]
+            g.n = (self.size - k + ng - 1) // ng
+            g.b.nt = n_threads if ng == 1 else 1
+            g.members = <int*>calloc(g.n, sizeof(int))
+            g.seq = <Buf**>calloc(g.n, sizeof(Buf*))
+            g.ids = <int*>calloc(g.n, sizeof(int))
+            g.pos = <int*>calloc(g.n, sizeof(int))
+            g.row = <PyObject**>calloc(g.n, sizeof(PyObject*))
+            if g.members == NULL or g.seq == NULL or g.ids == NULL or g.pos == NULL or g.row == NULL:
+                raise MemoryError()
+            for i in range(g.n):
+                g.members[i] = k + i * ng
+            if w is not None:
+                g.block = buf_alloc(&g.b, g.n, &self.w.net, self.w.is_double, False)
+
+    def __dealloc__(self):
+        cdef int k
+        for k in range(self.n_groups):
+            free(self.groups[k].block)
+            free(self.groups[k].members)
+            free(self.groups[k].seq)
+            free(self.groups[k].ids)
+            free(self.groups[k].pos)
+            free(self.groups[k].row)
+        free(self.groups)
+        free(self.decp)
+        free(self.stops)
+        free(self.failed)
+
+    @property
+    def decoders(self):
+        return list(self.decs)
+
+    def run(self, Py_ssize_t limit, processors=None):
+        """Generate up to `limit` more tokens in every unfinished sequence; returns one
+        (new_ids, stop_reason or None) per decoder, as Decoder.run does for each.
+        processors: None, or one entry per decoder (None or its callables, as Decoder.run's)."""
+        cdef Decoder d
+        cdef Py_ssize_t i, k
+        cdef int B = self.size
+        cdef GroupRun job
+        procs = None
+        if processors is not None:
+            procs = list(processors)
+            if len(procs) != B:
+                raise ValueError(f"processors needs one entry per decoder ({B}), got {len(procs)}")
+            if not any(procs):
+                procs = None
+        starts = [(<Decoder>x).nh for x in self.decs]
+        memset(self.stops, 0, B * sizeof(int))
+        memset(self.failed, 0, B * sizeof(int))
+        if procs is not None:
+            self._run_with_gil(limit, procs)
+        else:
+            job.batch = <PyObject*>self
+            job.limit = limit
+            with nogil:
+                if self.n_groups > 1:
+                    mg_pool_run(_group_part, &job, self.n_groups)
+                else:
+                    self._run_group(&self.groups[0], limit)
+            for i in range(B):
+                if self.failed[i]:
+                    raise _no_token_error()
+        out = []
+        for i in range(B):
+            d = self.decs[i]
+            out.append(([d.hist[k] for k in range(starts[i], d.nh)], STOP_REASONS[self.stops[i]]))
+        return out
+
+    cdef void _run_group(self, Group* g, Py_ssize_t limit) noexcept nogil:
+        """`limit` steps of one group (no processors: sampling is native)."""
+        cdef Py_ssize_t step
+        cdef int k, i, tok
+        cdef bint live
+        for step in range(limit):
+            live = False
+            for k in range(g.n):
+                i = g.members[k]
+                if (<Decoder>self.decp[i]).finished:
+                    continue
+                live = True
+                tok = (<Decoder>self.decp[i])._draw()
+                if tok < 0:
+                    self.failed[i] = 1
+                    continue
+                self._take(g, i, tok)
+            if not live:
+                break
+            self._step(g)
+
+    cdef int _run_with_gil(self, Py_ssize_t limit, list procs) except -1:
+        """run() when some sequence has logits processors: the groups take turns, sampling with
+        the GIL (Decoder._choose)."""
+        cdef Py_ssize_t step
+        cdef int k, i, gi
+        cdef bint live
+        cdef Decoder d
+        cdef Group* g
+        for step in range(limit):
+            live = False
+            for gi in range(self.n_groups):
+                g = &self.groups[gi]
+                for k in range(g.n):
+                    i = g.members[k]
+                    d = self.decs[i]
+                    if d.finished:
+                        continue
+                    live = True
+                    self._take(g, i, d._choose(procs[i]))
+                with nogil:
+                    self._step(g)
+            if not live:
+                break
+        return 0
+
+    cdef inline void _take(self, Group* g, int i, int tok) noexcept nogil:
+        """Record sequence i's sampled token (Decoder._accept: the stop rules); unless it stopped,
+        the token becomes a row of the group's next forward, or re-prefills a full window alone."""
+        cdef int stop = (<Decoder>self.decp[i])._accept(tok)
+        if stop != STOP_NONE:
+            self.stops[i] = stop
+        elif (<Decoder>self.decp[i])._step_row(tok, &g.seq[g.m], &g.pos[g.m]):
+            g.ids[g.m] = tok
+            g.row[g.m] = self.decp[i]
+            g.m += 1
+
+    cdef void _step(self, Group* g) noexcept nogil:
+        """The group's rows of this step through the model in one forward; each joins its window."""
+        cdef int k
+        if g.m == 0:
+            return
+        if self.w.is_double:
+            forward_rows(<double*>NULL, &self.w.net, &g.b, g.seq, g.m, g.ids, g.pos, g.m, NULL)
+        else:
+            forward_rows(<float*>NULL, &self.w.net, &g.b, g.seq, g.m, g.ids, g.pos, g.m, NULL)
+        for k in range(g.m):
+            (<Decoder>g.row[k])._fed(g.ids[k])
+        g.m = 0
+
+
+cdef void _group_part(void* ctx, int part) noexcept nogil:
+    cdef GroupRun* job = <GroupRun*>ctx
+    (<Batch>job.batch)._run_group(&(<Batch>job.batch).groups[part], job.limit)
 
 
 cdef inline void memmove_int(int* dst, const int* src, Py_ssize_t n) noexcept nogil:
@@ -1342,3 +1694,23 @@ def _sample_stack_memview(z, q, double temperature, double entropy_low, double e
     if n:
         probs /= probs.sum()
     return ids, probs
+
+
+def _linear_rows(W, X, int n_threads=1):
+    """Y = X W^T by the decoder's product for rows of independent sequences (linear_rows,
+    split by W's rows); test twin: row i must equal _linear_rows(W, X[i:i+1])."""
+    if W.dtype != X.dtype or W.dtype not in (np.float32, np.float64) or W.ndim != 2 or X.ndim != 2 \
+            or W.shape[1] != X.shape[1] or not W.flags.c_contiguous or not X.flags.c_contiguous or X.shape[0] < 1:
+        raise ValueError("W (nout, nin) and X (N, nin): C-contiguous arrays of one float dtype, N >= 1")
+    Y = np.zeros((X.shape[0], W.shape[0]), W.dtype)
+    cdef Py_ssize_t N = X.shape[0], nout = W.shape[0], nin = W.shape[1]
+    cdef void* y = data_ptr(Y)
+    cdef const void* w = data_ptr(W)
+    cdef const void* x = data_ptr(X)
+    cdef bint is_double = W.dtype == np.float64
+    with nogil:
+        if is_double:
+            linear_rows(<double*>y, <const double*>w, <const double*>x, N, nout, nin, n_threads, True)
+        else:
+            linear_rows(<float*>y, <const float*>w, <const float*>x, N, nout, nin, n_threads, True)
+    return Y

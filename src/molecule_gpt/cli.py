@@ -521,13 +521,15 @@ def cmd_generate(args, home: Home) -> int:
         print(f"molecule-gpt: no organism in {home} yet: speaking from the statistics of {source} "
               f"(`molecule-gpt chat` or `train` teaches it)", file=sys.stderr)
     try:
-        for i in range(args.n):
-            if args.n > 1 and "seed" in overrides and i:
-                overrides["seed"] += 1
-            try:
-                pieces = org.stream(args.prompt, **overrides)
-            except (ValueError, TypeError) as exc:
-                raise CLIError(str(exc), "see `molecule-gpt generate --help` for the sampling options") from None
+        # one continuation streams as it is generated; -n N decodes all N in one batch (the
+        # same text: continuation i uses seed + i, as N separate calls did) and prints them
+        # when the batch is done
+        try:
+            replies = [org.stream(args.prompt, **overrides)] if args.n == 1 else \
+                [[r.text] for r in org.run(args.prompt, n=args.n, **overrides)]
+        except (ValueError, TypeError) as exc:
+            raise CLIError(str(exc), "see `molecule-gpt generate --help` for the sampling options") from None
+        for pieces in replies:
             if args.echo:
                 sys.stdout.write(args.prompt + " ")
             for piece in pieces:
@@ -901,7 +903,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-tokens", type=_non_negative_int, metavar="N", help="no stop before N tokens")
     p.add_argument("--stop", action="append", metavar="TEXT", help="stop before TEXT (repeatable)")
     p.add_argument("--seed", type=_non_negative_int, metavar="N", help="reproducible sampling")
-    p.add_argument("-n", type=_positive_int, default=1, metavar="N", help="N continuations, one per line")
+    p.add_argument("-n", type=_positive_int, default=1, metavar="N",
+                   help="N continuations, one per line, decoded together (continuation i uses --seed + i)")
     p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     p.set_defaults(func=cmd_generate)
 

@@ -307,9 +307,10 @@ class Generator:
     """Text generation for a Model and its tokenizer, optionally blended with a corpus field.
 
     `generate(prompt, **overrides) -> str`, `stream(prompt, **overrides)` yielding text pieces,
-    `run(prompt, **overrides) -> GenerationResult`. Overrides are SamplingParams fields. Safe
-    to call from several threads at once (each call has its own cache and random state; the
-    effective weights are shared)."""
+    `run(prompt, **overrides) -> GenerationResult`, `run_many(prompts, params)` for several
+    generations decoded together (each result equals its own run()). Overrides are
+    SamplingParams fields. Safe to call from several threads at once (each call has its own
+    cache and random state; the effective weights are shared)."""
 
     def __init__(self, model: Model, tokenizer, field=None, config: Config | None = None,
                  weights: WeightCache | None = None):
@@ -397,7 +398,7 @@ class Generator:
         """Stream a generation started by begin()."""
         return self._pieces(dec, params, {})
 
-    def _begin(self, prompt, params: SamplingParams) -> _decode.Decoder:
+    def _begin(self, prompt, params: SamplingParams, weights: _decode.Weights | None = None) -> _decode.Decoder:
         ids = self.encode_prompt(prompt)
         alpha = 1.0 if params.model_alpha is None else float(params.model_alpha)
         field = self.field
@@ -407,7 +408,7 @@ class Generator:
                 raise GenerationError("model_alpha=0 generates from the corpus field alone, but this generator has none")
             alpha = 1.0
         if alpha > 0.0:
-            weights = self.weights.get()
+            weights = self.weights.get() if weights is None else weights
             V, T = weights.vocab_size, weights.block_size
         else:
             weights, V, T = None, native_field.vocab_size, self.config.block_size
@@ -469,10 +470,7 @@ class Generator:
             self._release(dec)
 
     def _pieces_inner(self, dec: _decode.Decoder, params: SamplingParams, box: dict) -> Iterator[str]:
-        sd = self.tokenizer.stream_decoder()
-        stops = params.stop
-        longest = max((len(s) for s in stops), default=0)
-        held = ""  # text not yet yielded because it may be the start of a stop string
+        text = _StopText(self.tokenizer, params.stop)
         ids: list[int] = []
         box["ids"], box["reason"] = ids, "max_tokens"
         procs = params.logits_processors or None
@@ -481,27 +479,129 @@ class Generator:
         while True:
             new, reason = dec.run(1, procs)
             ids.extend(new)
-            text = "".join(sd.feed(t) for t in new)
-            if reason is not None:
-                text += sd.flush()
-            if stops:
-                held += text
-                cut = min((i for i in (held.find(s) for s in stops) if i >= 0), default=-1)
-                if cut >= 0:
-                    if held[:cut]:
-                        yield held[:cut]
-                    box["reason"] = "stop_string"
-                    return
-                if reason is None:
-                    keep = _stop_prefix_len(held, stops, longest)
-                    text, held = held[:len(held) - keep], held[len(held) - keep:]
-                else:
-                    text, held = held, ""
-            if text:
-                yield text
-            if reason is not None:
-                box["reason"] = reason
+            piece = text.add(new, reason)
+            if piece:
+                yield piece
+            if text.stopped or reason is not None:
+                box["reason"] = "stop_string" if text.stopped else reason
                 return
+
+    # ---- several generations at once
+
+    def run_many(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 **overrides) -> list[GenerationResult]:
+        """One GenerationResult per prompt, generated together in one batched decode
+        (`_decode.Batch`: each step reads every weight matrix once for all sequences).
+
+        params: one SamplingParams for every prompt, or a sequence of one per prompt; None:
+        `self.params(**overrides)` for every prompt (overrides only go with params=None). Result
+        i is exactly `run(prompts[i])` with params i: the same ids, text and stop reason for the
+        same seed, whatever the other sequences do. The seed is per sequence, so prompts
+        repeated with one seed repeat one continuation (Organism.run(n=N) gives sequence k the
+        seed seed + k)."""
+        prompts = list(prompts) if not isinstance(prompts, (str, bytes)) else None
+        if not prompts:
+            raise GenerationError("run_many takes a non-empty list of prompts (str or lists of token ids)")
+        plist = self._params_list(len(prompts), params, overrides)
+        return self.run_begun_many(self.begin_many(prompts, plist), plist)
+
+    def _params_list(self, n: int, params, overrides: dict) -> list[SamplingParams]:
+        if params is None:
+            return [self.params(**overrides)] * n
+        if overrides:
+            raise GenerationError("pass either params or keyword overrides to run_many, not both")
+        plist = [params] * n if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != n or not all(isinstance(p, SamplingParams) for p in plist):
+            raise GenerationError(f"params must be a SamplingParams or a sequence of {n} of them (one per prompt)")
+        return plist
+
+    def begin_many(self, prompts: Sequence, params: Sequence[SamplingParams]) -> list[_decode.Decoder]:
+        """begin() for every prompt, all on one snapshot of the weights: the started
+        generations, to pass to run_begun_many."""
+        need_model = any(p.model_alpha is None or p.model_alpha > 0 for p in params)
+        weights = self.weights.get() if need_model else None
+        decs: list = []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                decs.append(self._begin(prompt, p, weights))
+        except BaseException:
+            for dec in decs:
+                self._release(dec)
+            raise
+        return decs
+
+    def run_begun_many(self, decs: Sequence[_decode.Decoder], params: Sequence[SamplingParams]) -> list[GenerationResult]:
+        """Finish generations started by begin_many(), advancing them together. Sequences with
+        stop strings are checked after every step (as stream() does); the others run to their
+        stop rules without returning to Python."""
+        try:
+            return self._run_batch(list(decs), list(params))
+        finally:
+            for dec in decs:
+                self._release(dec)
+
+    def _run_batch(self, decs: list, params: list) -> list[GenerationResult]:
+        results: list = [None] * len(decs)
+        live = []
+        for i, p in enumerate(params):
+            if p.max_gen_tokens == 0:
+                results[i] = GenerationResult([], "", "max_tokens")
+            else:
+                live.append(i)
+        if not live:
+            return results
+        batch = _decode.Batch([decs[i] for i in live], getattr(self.config, "decode_threads", 1))
+        procs = [params[i].logits_processors or None for i in live]
+        texts = {i: _StopText(self.tokenizer, params[i].stop) for i in live if params[i].stop}
+        pieces: dict[int, list[str]] = {i: [] for i in texts}
+        ids: dict[int, list[int]] = {i: [] for i in live}
+        step = 1 if texts else max(params[i].max_gen_tokens for i in live)
+        while any(results[i] is None for i in live):
+            for i, (new, reason) in zip(live, batch.run(step, procs)):
+                if results[i] is not None:
+                    continue
+                ids[i].extend(new)
+                if i in texts:
+                    pieces[i].append(texts[i].add(new, reason))
+                    if texts[i].stopped:
+                        decs[i].finish()
+                        reason = "stop_string"
+                    if reason is not None:
+                        results[i] = GenerationResult(ids[i], "".join(pieces[i]), reason)
+                elif reason is not None:
+                    results[i] = GenerationResult(ids[i], self.tokenizer.decode(ids[i]), reason)
+        return results
+
+
+class _StopText:
+    """The text of one generation as its tokens arrive: stream-decoded (pieces never split a
+    UTF-8 character), held back while it may be the start of a stop string, and cut before the
+    first stop string that appears (then `stopped` is set and nothing more comes)."""
+
+    def __init__(self, tokenizer, stops: Sequence[str]):
+        self.sd = tokenizer.stream_decoder()
+        self.stops = tuple(stops)
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.held = ""
+        self.stopped = False
+
+    def add(self, new: Sequence[int], reason: str | None) -> str:
+        """The text that is final after the tokens `new` (reason: the generation's stop reason,
+        None while it goes on)."""
+        text = "".join(self.sd.feed(t) for t in new)
+        if reason is not None:
+            text += self.sd.flush()
+        if not self.stops:
+            return text
+        held = self.held + text
+        cut = min((i for i in (held.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self.held = ""
+            return held[:cut]
+        keep = _stop_prefix_len(held, self.stops, self.longest) if reason is None else 0
+        self.held = held[len(held) - keep:] if keep else ""
+        return held[:len(held) - keep]
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str], longest: int) -> int:

@@ -509,7 +509,7 @@ def _prompt_tokens(org: Organism, prompt: str) -> int:
 def _choice_overrides(s: Sampling, i: int) -> dict:
     o = dict(s.overrides)
     if "seed" in o and i:
-        o["seed"] = (o["seed"] + i) % (2 ** 63)  # choice i of n: the next seed, as `generate -n` does
+        o["seed"] = o["seed"] + i  # choice i of n: the next seed, as `generate -n` and Organism.run(n=) do
     return o
 
 
@@ -762,8 +762,8 @@ class _App:
         results, prompt_tokens = [], 0
         for prompt in prompts:
             prompt_tokens += _prompt_tokens(org, prompt)
-            try:
-                results += [org.run(prompt, **_choice_overrides(s, i)) for i in range(s.n)]
+            try:  # the n choices decode together; choice i uses seed + i (_choice_overrides)
+                results += [org.run(prompt, **s.overrides)] if s.n == 1 else org.run(prompt, n=s.n, **s.overrides)
             except GenerationError as exc:  # sampling settings the organism refuses: the request's fault
                 raise _bad(str(exc)) from None
         return results, prompt_tokens
