@@ -67,9 +67,8 @@ class Config:
     delta_ramp_bursts: int = DELTA(1, "a new module's alpha rises linearly to 1 over its first bursts (1: at once)")
 
     # ---- training: optimizer and warmup (design.md §3)
-    warmup_steps: int = TRAINING(2400, "steps on the seed corpus before chatting (fewer when held-out loss stops "
-                                       "improving: patience)")
-    learning_rate: float = TRAINING(0.005, "peak learning rate of the warmup schedule")
+    warmup_steps: int = TRAINING(1200, "steps on the seed corpus before chatting")
+    learning_rate: float = TRAINING(0.01, "peak learning rate of the warmup schedule")
     lr_warmup_steps: int = TRAINING(50, "warmup's learning rate rises linearly over these steps, then cosine-decays")
     lr_min_ratio: float = TRAINING(0.1, "the cosine decay ends at learning_rate * lr_min_ratio")
     beta1: float = TRAINING(0.9, "Adam's first-moment decay")
@@ -80,7 +79,7 @@ class Config:
     freeze_base_after_warmup: bool = TRAINING(False, "True: after warmup only delta modules train "
                                                      "(bursts then learn less)")
     eval_interval: int = TRAINING(100, "warmup steps between held-out evaluations (and telemetry val_loss)")
-    patience: int = TRAINING(3, "evaluations without a min_delta improvement before warmup stops early (0: never)")
+    patience: int = TRAINING(0, "evaluations without a min_delta improvement before warmup stops early (0: never)")
     min_delta: float = TRAINING(1e-3, "held-out improvement (nats per character) that resets the patience count")
     warmup_keep_best: bool = TRAINING(True, "the warmup ends on the weights of its best held-out evaluation "
                                             "(not on its last, when training went on past it)")
