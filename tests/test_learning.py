@@ -345,3 +345,48 @@ def test_a_state_that_disagrees_with_its_model_is_a_checkpoint_error(warmed, tmp
         mg.Organism.load(path, memory=tmp_path / "m.sqlite")
     # the memory it opened was closed again: another process (or this one) can take it
     mg.Memory(tmp_path / "m.sqlite").close()
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_warmup_ends_on_its_best_evaluation(keep_best):
+    """A small corpus trained too long overfits: held-out loss bottoms out and rises. With
+    warmup_keep_best the finished warmup is back on the best evaluation's weights (held-out
+    loss recomputed from them equals it); without, it ends where training stopped."""
+    org = mg.Organism(small_config(warmup_steps=600, eval_interval=50, learning_rate=0.03, lr_warmup_steps=10,
+                                   warmup_keep_best=keep_best), LINES[:40], seed=5)
+    org.warmup()
+    evals = [r["val_loss"] for r in org.telemetry if r["phase"] == "warmup_eval"]
+    assert min(evals) < evals[-1], "the run did not overfit: the test needs a later evaluation worse than the best"
+    restored = [r for r in org.telemetry if r["phase"] == "warmup_best"]
+    # a fresh held-out set: its loss is computed from the weights now, not taken from a cache
+    now = HeldOut(org._old_heldout.lines, org.tokenizer.encode, lambda: org.tokenizer.version).loss(org.model)
+    if keep_best:
+        assert restored and restored[-1]["val_loss"] == min(evals)
+        assert now == pytest.approx(min(evals), rel=1e-12) and org.trainer.last_val == min(evals)
+    else:
+        assert not restored
+        assert now == pytest.approx(evals[-1], rel=1e-12)
+    assert org.trainer.warmed_up
+    assert org.generate("the old tree", max_gen_tokens=5, seed=1) is not None
+
+
+def test_a_resumed_warmup_does_not_restore_a_best_of_other_arrays():
+    """A warmup interrupted after its best evaluation, the vocabulary grown (the parameter arrays
+    reallocated), then resumed: it finishes without going back to the snapshot of the old arrays."""
+    org = mg.Organism(small_config(warmup_steps=400, eval_interval=50, learning_rate=0.03, lr_warmup_steps=10),
+                      LINES[:40], seed=5)
+    calls = {"n": 0}
+
+    def stop_after_250():
+        calls["n"] += 1
+        return calls["n"] > 250
+
+    first = org.warmup(should_stop=stop_after_250)
+    assert not first["finished"]
+    org.model.grow_vocab(org.model.vocab_size + 3)
+    org._rebuild_data()
+    org.config.learning_rate = 0.3  # the rest only gets worse: the best stays the old arrays' snapshot
+    second = org.warmup()
+    evals = [r["val_loss"] for r in org.telemetry if r["phase"] == "warmup_eval"]
+    assert second["finished"] and min(evals) < evals[-1]
+    assert not [r for r in org.telemetry if r["phase"] == "warmup_best"]

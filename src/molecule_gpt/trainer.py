@@ -178,7 +178,7 @@ class Trainer:
         self.on_restore = on_restore or (lambda: None)  # parameters were written back in place
         self.steps = 0  # optimizer steps taken (warmup and bursts)
         self.warmup_steps_done = 0
-        self._warmup_best = None  # (held-out loss, Snapshot) of the warmup's best evaluation so far
+        self._warmup_best = None  # (held-out loss, Snapshot, held-out set) of the warmup's best evaluation
         self.warmed_up = False
         self.bursts = 0
         self.accepted = 0
@@ -371,6 +371,8 @@ class Trainer:
             if m.trainable[delta_group(k)]:
                 m.set_trainable(delta_group(k), False)
         done, bad_evals, stopped_early, interrupted = 0, 0, False, False
+        if start == 0:
+            self._warmup_best = None  # a new warmup, not the rest of an interrupted one
         t_start = time.perf_counter()
         for s in range(steps):
             if should_stop is not None and should_stop():
@@ -392,7 +394,7 @@ class Trainer:
                 self.last_val = v
                 extra["val_loss"] = v
                 if c.warmup_keep_best and (self._warmup_best is None or v < self._warmup_best[0]):
-                    self._warmup_best = (v, Snapshot(m))
+                    self._warmup_best = (v, Snapshot(m), val)
                 if self.best_val is None or v < self.best_val - c.min_delta:
                     self.best_val = v
                     bad_evals = 0
@@ -417,7 +419,11 @@ class Trainer:
         if (finish and not interrupted) or stopped_early:
             best = self._warmup_best
             self._warmup_best = None
-            if best is not None and self.last_val is not None and best[0] < self.last_val:
+            # only a best measured on the same held-out set, of the same parameter arrays (a
+            # growth between the pieces of an interrupted warmup reallocates them)
+            comparable = best is not None and best[2] is val and all(
+                m.groups.get(name) is group for name, (*_, group) in best[1].groups.items())
+            if comparable and self.last_val is not None and best[0] < self.last_val:
                 best[1].restore(m)  # back to the best evaluation's weights, moments and versions
                 self.emit({"phase": "warmup_best", "step": self.steps, "val_loss": best[0],
                            "last_val_loss": self.last_val})
