@@ -50,3 +50,23 @@ def text_of(driver, element_id):
 
 def severe_console_errors(driver) -> list:
     return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def send_and_watch_reply(driver, text, timeout=30.0):
+    """Type `text` into the chat page, send it and wait for the (only) reply to finish
+    streaming. Returns (reply, seen): the reply bubble's final text and every non-empty text it
+    showed while it streamed, in order (a MutationObserver installed before sending)."""
+    driver.execute_script("""
+        window.__seen = [];
+        new MutationObserver(() => {
+          const b = document.querySelector('#messages .msg.assistant:last-child');
+          if (b) window.__seen.push(b.textContent);
+        }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+    """)
+    driver.find_element("id", "input").send_keys(text)
+    driver.find_element("id", "send").click()
+    wait_until(driver, "document.querySelector('#messages .msg.assistant.streaming') === null && "
+                       "document.querySelectorAll('#messages .msg.assistant').length === 1", timeout=timeout,
+               what="the reply")
+    reply = driver.execute_script("return document.querySelector('#messages .msg.assistant').textContent")
+    return reply, [s for s in driver.execute_script("return window.__seen") if s]

@@ -24,7 +24,7 @@ from molecule_gpt.colony import Colony, ColonyError, host_for  # noqa: E402
 from molecule_gpt.colony_store import Store  # noqa: E402
 
 try:  # the page test needs selenium and the system's Chromium; the rest of the module does not
-    from browser import browser, needs_chromium, severe_console_errors, text_of, wait_until  # noqa: F401
+    from browser import browser, needs_chromium, send_and_watch_reply, severe_console_errors, text_of, wait_until  # noqa: F401
 except ImportError:
     needs_chromium = pytest.mark.skip(reason="needs selenium (the test extra)")
 
@@ -203,20 +203,7 @@ def test_the_chat_page_over_ray_picks_an_organism_streams_and_follows_it(colony,
     wait_until(browser, "document.getElementById('stat-memory').textContent.endsWith(' messages')", timeout=WAIT,
                what="o3's status")
     before = int(text_of(browser, "stat-memory").split()[0])
-    browser.execute_script("""
-        window.__seen = [];
-        new MutationObserver(() => {
-          const b = document.querySelector('#messages .msg.assistant:last-child');
-          if (b) window.__seen.push(b.textContent);
-        }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
-    """)
-    browser.find_element("id", "input").send_keys("hello o3, where is the lighthouse?")
-    browser.find_element("id", "send").click()
-    wait_until(browser, "document.querySelector('#messages .msg.assistant.streaming') === null && "
-                        "document.querySelectorAll('#messages .msg.assistant').length === 1", timeout=WAIT,
-               what="o3's reply")
-    reply = browser.execute_script("return document.querySelector('#messages .msg.assistant').textContent")
-    seen = [x for x in browser.execute_script("return window.__seen") if x]
+    reply, seen = send_and_watch_reply(browser, "hello o3, where is the lighthouse?", timeout=WAIT)
     assert reply and seen and seen[-1] == reply and all(reply.startswith(x) for x in seen)
     # at least two more: earlier tests' turns to o3 may still be being learned (learning is asynchronous)
     wait_until(browser, f"+document.getElementById('stat-memory').textContent.split(' ')[0] >= {before + 2}",

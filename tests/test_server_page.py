@@ -12,7 +12,8 @@ import molecule_gpt as mg  # noqa: E402
 from molecule_gpt import server  # noqa: E402
 from molecule_gpt.server import create_app  # noqa: E402
 
-from browser import ARTIFACTS, browser, needs_chromium, severe_console_errors, text_of, wait_until  # noqa: E402,F401
+from browser import (ARTIFACTS, browser, needs_chromium, send_and_watch_reply, severe_console_errors,  # noqa: E402,F401
+                     text_of, wait_until)
 from live_server import LiveServer, pace_streams  # noqa: E402
 
 pytestmark = needs_chromium
@@ -55,23 +56,9 @@ def test_chat_page_streams_and_follows_the_organism(window, organism, browser, s
         for element_id in ("keyform", "error"):  # no key is needed, nothing went wrong
             assert not browser.find_element("id", element_id).is_displayed()
 
-        # record every text the reply bubble shows while it streams
-        browser.execute_script("""
-            window.__seen = [];
-            new MutationObserver(() => {
-              const b = document.querySelector('#messages .msg.assistant:last-child');
-              if (b) window.__seen.push(b.textContent);
-            }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
-        """)
-        box = browser.find_element("id", "input")
-        box.send_keys("hello, what is a river?")
-        browser.find_element("id", "send").click()
-        wait_until(browser, "document.querySelector('#messages .msg.assistant.streaming') === null && "
-                            "document.querySelectorAll('#messages .msg.assistant').length === 1", what="the reply")
-        reply = browser.execute_script("return document.querySelector('#messages .msg.assistant').textContent")
+        reply, seen = send_and_watch_reply(browser, "hello, what is a river?")
         user = browser.execute_script("return document.querySelector('#messages .msg.user').textContent")
         assert user == "hello, what is a river?"
-        seen = [s for s in browser.execute_script("return window.__seen") if s]
         assert reply and seen[-1] == reply
         partial = {s for s in seen if s != reply}
         assert partial and all(reply.startswith(s) for s in partial), seen  # it grew, piece by piece

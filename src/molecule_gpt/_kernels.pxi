@@ -448,9 +448,10 @@ cdef void add_backward(floating* da, floating* db, const floating* dout, Py_ssiz
 # ---------------------------------------------------------------------------------------------
 # Adam with element-wise clipping
 
-cdef inline floating _adam_one(floating* p, floating* m, floating* v, Py_ssize_t i, floating gi,
+cdef inline void _adam_one(floating* p, floating* m, floating* v, Py_ssize_t i, floating gi,
                                floating b1, floating b2, floating one_b1, floating one_b2, floating lo_c,
                                floating hi_c, floating step, floating c2, floating e) noexcept nogil:
+    """One element of adam_step: clip the gradient, update the moments and the parameter."""
     gi = hi_c if gi > hi_c else gi
     gi = lo_c if gi < lo_c else gi
     cdef floating mi = b1 * m[i] + one_b1 * gi
@@ -458,7 +459,6 @@ cdef inline floating _adam_one(floating* p, floating* m, floating* v, Py_ssize_t
     m[i] = mi
     v[i] = vi
     p[i] = p[i] - step * mi / (fsqrt(vi) * c2 + e)
-    return gi
 
 
 cdef void adam_step(floating* p, floating* g, const floating** extra, int n_extra, floating* m, floating* v,
@@ -468,37 +468,25 @@ cdef void adam_step(floating* p, floating* g, const floating** extra, int n_extr
     order; g keeps the sum); g' = clip(g, +-clip); m = b1 m + (1-b1) g'; v = b2 v + (1-b2) g'^2;
     p -= lr (m / bias1) / (sqrt(v / bias2) + eps),  bias_i = 1 - beta_i^t.
     Written in the buffer's precision with the bias terms folded into two constants, so the loop
-    vectorizes: p -= step m / (sqrt(v) c2 + eps), step = lr / bias1, c2 = 1 / sqrt(bias2). Up to
-    three extras are added in the update's own pass (one pass over memory); more are added first."""
+    vectorizes: p -= step m / (sqrt(v) c2 + eps), step = lr / bias1, c2 = 1 / sqrt(bias2). The
+    last extra is added in the update's own pass; any others first, while the piece is in cache."""
     cdef Py_ssize_t i
-    cdef int k, fused = n_extra if n_extra <= 3 else 3
+    cdef int k
     cdef const floating* e_k
-    cdef const floating* e0 = extra[n_extra - fused] if fused >= 1 else NULL
-    cdef const floating* e1 = extra[n_extra - fused + 1] if fused >= 2 else NULL
-    cdef const floating* e2 = extra[n_extra - fused + 2] if fused >= 3 else NULL
+    cdef const floating* last = extra[n_extra - 1] if n_extra > 0 else NULL
     cdef floating gi
     cdef floating b1 = <floating>beta1, b2 = <floating>beta2, hi_c = <floating>clip, lo_c = <floating>(-clip)
     cdef floating one_b1 = <floating>(1 - beta1), one_b2 = <floating>(1 - beta2)
     cdef floating step = <floating>(lr / bias1), c2 = <floating>(1.0 / sqrt(bias2)), e = <floating>eps
-    for k in range(n_extra - fused):
+    for k in range(n_extra - 1):
         e_k = extra[k]
         for i in range(lo, hi):
             g[i] = g[i] + e_k[i]
-    if fused == 0:
+    if last == NULL:
         for i in range(lo, hi):
             _adam_one(p, m, v, i, g[i], b1, b2, one_b1, one_b2, lo_c, hi_c, step, c2, e)
-    elif fused == 1:
-        for i in range(lo, hi):
-            gi = g[i] + e0[i]
-            g[i] = gi
-            _adam_one(p, m, v, i, gi, b1, b2, one_b1, one_b2, lo_c, hi_c, step, c2, e)
-    elif fused == 2:
-        for i in range(lo, hi):
-            gi = (g[i] + e0[i]) + e1[i]
-            g[i] = gi
-            _adam_one(p, m, v, i, gi, b1, b2, one_b1, one_b2, lo_c, hi_c, step, c2, e)
     else:
         for i in range(lo, hi):
-            gi = ((g[i] + e0[i]) + e1[i]) + e2[i]
+            gi = g[i] + last[i]
             g[i] = gi
             _adam_one(p, m, v, i, gi, b1, b2, one_b1, one_b2, lo_c, hi_c, step, c2, e)
