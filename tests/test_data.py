@@ -54,3 +54,16 @@ def test_default_home_precedence(monkeypatch, tmp_path):
     assert not (tmp_path / "explicit").exists()  # computed, never created
     monkeypatch.setenv("MOLECULE_GPT_HOME", "~/mg")
     assert data.default_home() == pathlib.Path("~/mg").expanduser()
+
+
+def test_removed_lines_can_come_back_and_held_lines_stay_deduplicated():
+    """remove() forgets exactly the removed lines for deduplication: one of them (in any case)
+    is new again, a line still held is still refused in any case, and asking to remove a line
+    that differs only in case from a held one removes nothing."""
+    r = Reservoir(["The cat sits.", "A dog runs.", "Birds sing."], max_lines=100, rng=0)
+    assert r.remove(["a dog runs."]) == 0  # not held as such: nothing removed
+    assert r.add(["A DOG RUNS."]) == []  # and "A dog runs." still deduplicates it
+    assert r.remove(["A dog runs.", "Not here."]) == 1
+    assert r.lines == ["The cat sits.", "Birds sing."]
+    assert r.add(["a dog RUNS."]) == ["a dog RUNS."]
+    assert r.add(["THE CAT SITS.", "birds sing."]) == []

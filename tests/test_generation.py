@@ -667,3 +667,20 @@ def test_chat_turns_do_not_leak_decoders():
     assert _live_decoders() <= pooled
     grown = (_rss_bytes() - rss_before) / 1e6
     assert grown < 25, f"resident memory grew by {grown:.1f} MB over 100 chat turns"
+
+
+def test_a_field_counted_in_pieces_equals_one_counted_at_once():
+    """CorpusField.add merges new n-grams into its sorted tables: after any sequence of adds the
+    tables equal those of one field built from all the sequences together."""
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        V = int(rng.integers(2, 12))
+        seqs = [list(rng.integers(0, V, int(rng.integers(0, 9)))) for _ in range(int(rng.integers(1, 25)))]
+        whole = CorpusField(V, seqs)
+        pieces = CorpusField(V)
+        cut = sorted(rng.integers(0, len(seqs) + 1, 3))
+        for a, b in zip([0, *cut], [*cut, len(seqs)]):
+            pieces.add(seqs[a:b])
+        for name in ("unigrams", "bigram_keys", "bigram_counts", "trigram_keys", "trigram_counts"):
+            x, y = getattr(pieces, name), getattr(whole, name)
+            assert x.dtype == y.dtype and np.array_equal(x, y), (trial, name)

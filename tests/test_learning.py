@@ -154,11 +154,11 @@ def test_generation_goes_on_during_a_tokenizer_growth_trial(warmed, monkeypatch)
     scoring, release = threading.Event(), threading.Event()
     real_loss = HeldOut.loss
 
-    def slow_loss(self, model):
+    def slow_loss(self, model, pace=None):
         if model is not org.model:  # the trial's grown copy
             scoring.set()
             assert release.wait(60)
-        return real_loss(self, model)
+        return real_loss(self, model, pace)
 
     monkeypatch.setattr(HeldOut, "loss", slow_loss)
     burst = threading.Thread(target=org.train_burst, kwargs={"lr": 0.0})

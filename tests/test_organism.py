@@ -754,3 +754,92 @@ def test_adopted_original_splits_its_corpus_as_a_newborn_and_takes_config_change
                                                                       "head_types": ("content",) * 4})
     with pytest.raises(CheckpointError, match="cannot read"):
         Organism.from_original(tmp_path / "missing.json")
+
+
+def test_generations_in_flight_are_counted_until_they_finish(warmed, tmp_path):
+    """A generation counts from its start to its end (closed, exhausted or collected unstarted),
+    on whatever generator it began: the background trainer's pacing reads this count."""
+    import gc
+
+    org = clone(warmed, tmp_path)
+    in_flight = org._generator.in_flight
+    assert len(in_flight) == 0
+    pieces = org.stream("The cat", seed=0, max_gen_tokens=30)
+    next(pieces)
+    assert len(in_flight) == 1
+    org._rebuild_data(retokenize=False)  # a rebuilt generator shares the count
+    assert org._generator.in_flight is in_flight and len(in_flight) == 1
+    pieces.close()
+    assert len(in_flight) == 0
+    org.generate("The cat", seed=0, max_gen_tokens=5)
+    org.generate("The cat", n=3, seed=0, max_gen_tokens=5)
+    assert len(in_flight) == 0
+    begun = org._begin("The cat", {"seed": 0})  # started, never run, dropped
+    assert len(in_flight) == 1
+    del begun
+    gc.collect()
+    assert len(in_flight) == 0
+
+
+def test_the_background_trainer_gives_way_to_generations_in_flight(warmed, tmp_path, monkeypatch):
+    """While a generation is in flight the background trainer pauses after each piece of its
+    compute, for Config.train_share_while_generating of the wall time; a foreground burst never
+    pauses, and the background trainer does not pause when nothing is in flight."""
+    from molecule_gpt.generation import InFlight
+
+    org = clone(warmed, tmp_path)
+    org.config.train_share_while_generating = 0.2
+    org.config.train_tick_seconds = 0.01
+    pauses = []
+    real_wait = InFlight.wait_until_idle
+
+    def recorded(self, timeout):
+        pauses.append((threading.current_thread().name, timeout))
+        return real_wait(self, timeout)
+
+    monkeypatch.setattr(InFlight, "wait_until_idle", recorded)
+    pieces = org.stream("The cat", seed=0, max_gen_tokens=30)
+    next(pieces)
+    org.train_burst()  # foreground, with a generation in flight
+    assert pauses == []
+    org.observe("A quiet river follows the moon.")
+    org.start_background()
+    try:
+        deadline = time.time() + 30
+        while not pauses and time.time() < deadline:
+            time.sleep(0.01)
+        assert pauses and all(name == "molecule-gpt-trainer" and 0 < t <= 0.05 for name, t in pauses)
+        pieces.close()  # nothing in flight: the next burst runs without pausing
+        bursts = org.trainer.bursts
+        org.observe("The teacher calls her brother.")
+        while org.trainer.bursts < bursts + 2 and time.time() < deadline:
+            time.sleep(0.01)
+        paused = len(pauses)
+        org.observe("A small bird finds the market.")
+        while org.trainer.bursts < bursts + 3 and time.time() < deadline:
+            time.sleep(0.01)
+        assert org.trainer.bursts >= bursts + 3 and len(pauses) == paused
+    finally:
+        org.stop()
+
+
+def test_a_generation_does_not_wait_for_another_threads_measurement_or_fold(warmed, tmp_path):
+    """While one thread measures the corpus field's held-out loss (for model_alpha) or refolds
+    the weights, a generation starting in another thread takes the previous result instead of
+    queueing behind it; alone, a generation always sees fresh ones."""
+    org = clone(warmed, tmp_path)
+    org.generate("The cat", seed=0, max_gen_tokens=5)  # weights folded, the field measured
+    alpha = org.model_alpha()
+    org.observe("The old man watches a quiet river.")  # the field changed: measured again
+    org.model.train_step([org._reservoir_ids()[0]], 1e-3)  # the weights changed: folded again
+    done = threading.Event()
+    with org._field_loss_lock, org._generator.weights._lock:  # another thread is at both
+        talk = threading.Thread(target=lambda: (org.generate("The cat", seed=0, max_gen_tokens=5), done.set()))
+        talk.start()
+        assert done.wait(30), "a generation waited for another thread's measurement or fold"
+    talk.join()
+    assert org._field_loss is None  # that generation did not measure
+    folds = org._generator.weights.folds
+    org.generate("The cat", seed=0, max_gen_tokens=5)
+    assert org._generator.weights.folds == folds + 1 and org._field_loss is not None
+    assert math.isfinite(alpha)

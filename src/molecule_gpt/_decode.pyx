@@ -934,6 +934,7 @@ cdef class Decoder:
     cdef Buf b
     cdef void* block
     cdef readonly bint is_double
+    cdef object __weakref__     # generation.InFlight follows started generations weakly
     cdef int V, T
     cdef int n                  # tokens in the window (cache rows filled)
     cdef int* win               # (T + 1,) token ids of the window

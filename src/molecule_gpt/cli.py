@@ -501,6 +501,7 @@ def cmd_import(args, home: Home) -> int:
     return 0
 
 
+SERVE_SWITCH_INTERVAL = 0.0005  # seconds (sys.setswitchinterval) while serving
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "frequency_penalty", "seed")
 
 
@@ -759,6 +760,10 @@ def cmd_serve(args, home: Home) -> int:
     print(f"Serving {names} on http://{shown}:{args.port}/ (OpenAI base_url http://{shown}:{args.port}/v1"
           f"{', API key required' if api_key else ''}; learning {'off' if args.no_learn else 'on'}). "
           f"Ctrl-C stops and saves.", flush=True)
+    # the event loop and the streams each need the interpreter lock for a moment per token; a
+    # thread running Python for longer (the learner, the trainer between steps) hands it over
+    # after this interval instead of the default 5 ms
+    sys.setswitchinterval(SERVE_SWITCH_INTERVAL)
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info", timeout_graceful_shutdown=10)
     return 0
 

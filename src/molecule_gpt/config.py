@@ -153,6 +153,9 @@ class Config:
                                     "background)")
     blas_threads: int = THREADS(1, "BLAS threads while the background trainer runs (0: leave the process setting)")
     decode_threads: int = THREADS(1, "threads one generation splits products of >= 128k weights over (1: none)")
+    train_share_while_generating: float = THREADS(0.25, "while generations are in flight, the background "
+                                                         "trainer pauses after each step so that its steps take "
+                                                         "at most this share of the wall time (1: never pauses)")
 
     # ---- reading the metadata
 
@@ -270,6 +273,9 @@ class Config:
             value = getattr(self, name)
             if not _is_real(value) or not 0 <= value < float("inf"):
                 raise ConfigError(f"Config.{name} must be a finite number >= 0, got {value!r}")
+        if not _is_real(self.train_share_while_generating) or not 0 < self.train_share_while_generating <= 1:
+            raise ConfigError(f"Config.train_share_while_generating must be in (0, 1], "
+                              f"got {self.train_share_while_generating!r}")
         if not _is_real(self.rollback_lr_backoff) or not 0 < self.rollback_lr_backoff <= 1:
             raise ConfigError(f"Config.rollback_lr_backoff must be in (0, 1], got {self.rollback_lr_backoff!r}")
         if not isinstance(self.field_blend, bool):

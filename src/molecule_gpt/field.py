@@ -59,10 +59,19 @@ def _ngrams(seqs: list[np.ndarray], V: int) -> tuple:
 
 
 def _merge(keys_a, counts_a, keys_b, counts_b) -> tuple[np.ndarray, np.ndarray]:
-    keys = np.concatenate([keys_a, keys_b])
-    counts = np.concatenate([counts_a, counts_b])
-    uniq, inv = np.unique(keys, return_inverse=True)
-    return uniq.astype(np.int64), np.bincount(inv, weights=counts, minlength=len(uniq)).astype(np.float64)
+    """New arrays: the sorted unique keys of a (sorted unique) and b (any order) with their
+    counts summed. Costs a sort of b and a pass over a, not a sort of both: a's tables are the
+    whole corpus, b is what one observe() heard."""
+    kb, inv = np.unique(keys_b, return_inverse=True)
+    cb = np.bincount(inv, weights=counts_b, minlength=len(kb))
+    pos = np.searchsorted(keys_a, kb)
+    found = pos < len(keys_a)
+    found[found] = keys_a[pos[found]] == kb[found]
+    counts = np.array(counts_a, np.float64)
+    counts[pos[found]] += cb[found]
+    fresh = ~found
+    keys = np.insert(np.asarray(keys_a, np.int64), pos[fresh], kb[fresh])
+    return keys, np.insert(counts, pos[fresh], cb[fresh])
 
 
 class CorpusField:

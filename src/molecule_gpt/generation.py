@@ -41,6 +41,7 @@ import dataclasses
 import math
 import numbers
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -270,11 +271,16 @@ class WeightCache:
         return (self._version, self.model.version)
 
     def get(self) -> _decode.Weights:
-        with self._lock:
-            m = self.model
-            # a generation does not wait for a training step: while one holds the model lock,
-            # the weights folded before it serve; a cache that has none, or whose vocabulary
-            # the model has outgrown (its tokenizer and field are the new ones), waits
+        m = self.model
+        # a generation does not wait for a training step or for another thread's refold: while
+        # one holds the model lock or this cache's, the weights folded before serve; a cache
+        # that has none, or whose vocabulary the model has outgrown (its tokenizer and field are
+        # the new ones), waits
+        weights = self._weights
+        stale = weights is None or weights.vocab_size != m.vocab_size
+        if not self._lock.acquire(blocking=stale):
+            return weights
+        try:
             stale = self._weights is None or self._weights.vocab_size != m.vocab_size
             with _unless_busy(m.lock, wait=stale) as held:
                 if not held:
@@ -298,6 +304,38 @@ class WeightCache:
             self._key = key
             self.folds += 1
             return self._weights
+        finally:
+            self._lock.release()
+
+
+class InFlight:
+    """The generations started and not yet finished, over every generator that shares this
+    object (an organism's generator is rebuilt when its tokenizer grows; generations begun on
+    the old one still count). A generation counts from the moment it takes a decoder to the
+    moment it gives it back; one abandoned without finishing stops counting when its decoder
+    is collected. The background trainer paces itself while any is in flight. Thread-safe."""
+
+    def __init__(self):
+        self._live: weakref.WeakSet = weakref.WeakSet()
+        self._changed = threading.Condition()
+
+    def started(self, dec: _decode.Decoder) -> None:
+        with self._changed:
+            self._live.add(dec)
+
+    def finished(self, dec: _decode.Decoder) -> None:
+        with self._changed:
+            self._live.discard(dec)
+            if not self._live:
+                self._changed.notify_all()
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def wait_until_idle(self, timeout: float) -> bool:
+        """Wait until no generation is in flight or `timeout` seconds passed; True if idle."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._live, timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +351,7 @@ class Generator:
     cache and random state; the effective weights are shared)."""
 
     def __init__(self, model: Model, tokenizer, field=None, config: Config | None = None,
-                 weights: WeightCache | None = None):
+                 weights: WeightCache | None = None, in_flight: InFlight | None = None):
         if not isinstance(model, Model):
             raise TypeError(f"model must be a molecule_gpt.Model, got {type(model).__name__}")
         self.model = model
@@ -327,6 +365,7 @@ class Generator:
         self._tables = None
         self._pool: list = []
         self._pool_lock = threading.Lock()
+        self.in_flight = in_flight if in_flight is not None else InFlight()
 
     # ---- setup per call
 
@@ -433,15 +472,21 @@ class Generator:
 
     def _acquire(self, weights, V: int, T: int) -> _decode.Decoder:
         threads = getattr(self.config, "decode_threads", 1)
+        dec = None
         with self._pool_lock:
             while self._pool:
                 dec = self._pool.pop()
                 if dec.weights is weights and dec.vocab_size == V:
                     dec.n_threads = threads
-                    return dec
-        return _decode.Decoder(weights, V, T, threads)
+                    break
+                dec = None
+        if dec is None:
+            dec = _decode.Decoder(weights, V, T, threads)
+        self.in_flight.started(dec)
+        return dec
 
     def _release(self, dec: _decode.Decoder) -> None:
+        self.in_flight.finished(dec)
         with self._pool_lock:
             if len(self._pool) < 8:
                 self._pool.append(dec)

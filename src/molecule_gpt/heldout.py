@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from typing import Callable, Sequence
 
 __all__ = ["HeldOut", "line_chars", "windows"]
@@ -77,18 +78,22 @@ class HeldOut:
                 self._key = key
             return self._windows
 
-    def total_nats(self, model) -> float:
-        """Summed cross-entropy (nats) over every predicted token of the lines."""
+    def total_nats(self, model, pace: Callable[[float], None] | None = None) -> float:
+        """Summed cross-entropy (nats) over every predicted token of the lines. pace(seconds) is
+        called after each piece of windows (the model lock is free between pieces)."""
         ws = self.windows(model.config.block_size)
         total = 0.0
-        for start in range(0, len(ws), _WINDOWS_PER_CALL):  # the model lock is free between calls
+        for start in range(0, len(ws), _WINDOWS_PER_CALL):
             chunk = ws[start:start + _WINDOWS_PER_CALL]
+            t0 = time.perf_counter()
             losses = model.sequence_losses(chunk)
             total += sum(loss * (len(w) - 1) for loss, w in zip(losses, chunk))
+            if pace is not None:
+                pace(time.perf_counter() - t0)
         return total
 
-    def loss(self, model) -> float | None:
+    def loss(self, model, pace: Callable[[float], None] | None = None) -> float | None:
         """Nats per character (see the module docstring); None without lines."""
         if not self.lines:
             return None
-        return self.total_nats(model) / self.chars
+        return self.total_nats(model, pace) / self.chars

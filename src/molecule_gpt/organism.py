@@ -254,6 +254,13 @@ class Organism:
         self._lock = threading.RLock()  # organism bookkeeping (reservoir, buffer, caches)
         self._structure = _RWLock()  # vocabulary growth (writer) vs starting generations and saving (readers)
         self._train_lock = threading.Lock()  # one warmup/burst at a time
+        # the corpus field's held-out loss (model_alpha): current (None after the field or the
+        # held-out set changed), the last one measured, and a counter of changes, so that a
+        # measurement overtaken by a change is kept as the last but not as current
+        self._field_loss: tuple | None = None
+        self._field_loss_last: tuple | None = None
+        self._field_changes = 0
+        self._field_loss_lock = threading.Lock()  # one measurement at a time
         self.telemetry: collections.deque = collections.deque(maxlen=2000)
         self._telemetry_log = JsonlLog(telemetry_path, telemetry_max_bytes) if telemetry_path is not None else None
         self._own_memory = memory is not None and not isinstance(memory, Memory)
@@ -318,7 +325,7 @@ class Organism:
         self.birth_vocab = int(birth_vocab)
         self._birth_rows = birth_rows
         self.trainer = Trainer(self.model, self.config, self._train_rng, self._birth_rows, emit=self._emit,
-                               on_restore=self._weights_restored)
+                               on_restore=self._weights_restored, pace=self._yield_to_generations)
         self._ids_cache: dict[str, list] = {}
 
     def _read_corpus(self, corpus) -> list[str]:
@@ -374,16 +381,25 @@ class Organism:
         with self._lock:
             if retokenize:
                 self._ids_cache = {}
-            self._train_ids = [self._encode(x) for x in self.reservoir.lines]
+            self._train_ids = None
             val = self.val_lines[:self.config.val_max_sequences]
             self._val_ids = [self._encode(x) for x in val]
             self._old_heldout = self._heldout(val, getattr(self, "_old_heldout", None))
             self._heard_heldout = self._heldout(self.heard_val_lines, getattr(self, "_heard_heldout", None))
-            self.field = CorpusField(self.tokenizer.vocab_size, self._train_ids)
-            self._field_loss = None
+            self.field = CorpusField(self.tokenizer.vocab_size, self._reservoir_ids())
+            self._field_changed()
             previous = getattr(self, "_generator", None)
             self._generator = Generator(self.model, self.tokenizer, self.field, self.config,
-                                        weights=previous.weights if previous is not None else None)
+                                        weights=previous.weights if previous is not None else None,
+                                        in_flight=previous.in_flight if previous is not None else None)
+
+    def _reservoir_ids(self) -> list:
+        """The reservoir's lines encoded, in its order; encoded again after the reservoir or
+        the tokenizer changed (on the first use, not on every observe())."""
+        with self._lock:
+            if self._train_ids is None:
+                self._train_ids = [self._encode(x) for x in self.reservoir.lines]
+            return self._train_ids
 
     def _heldout(self, lines: Sequence[str], current: HeldOut | None = None) -> HeldOut:
         """A held-out set of `lines` scored with the tokenizer of the moment; `current` is kept
@@ -430,6 +446,11 @@ class Organism:
 
     def model_alpha(self) -> float:
         """The model's weight in the field blend now (see the module docstring for the curve)."""
+        return self._model_alpha(wait=True)
+
+    def _model_alpha(self, wait: bool) -> float:
+        """model_alpha(); without wait, while another thread measures the field's held-out loss
+        the previous measurement serves (a generation does not queue behind it)."""
         t = self.trainer
         if not self._trained():
             return 0.0
@@ -443,7 +464,7 @@ class Organism:
             L_model = t.last_loss
         if L_model is None or not math.isfinite(L_model):
             return 0.0
-        scores = self._field_heldout_loss(held)
+        scores = self._field_heldout_loss(held, wait)
         if scores is None:
             return 1.0
         L_field, uniform = scores
@@ -451,32 +472,54 @@ class Organism:
             return 1.0
         return float(min(1.0, max(0.0, (uniform - L_model) / (uniform - L_field))))
 
-    def _field_heldout_loss(self, held: HeldOut | None) -> tuple[float, float] | None:
+    def _field_changed(self) -> None:
+        """The field or the held-out text changed: the field's held-out loss is measured again."""
+        with self._lock:
+            self._field_loss = None
+            self._field_changes += 1
+
+    def _field_heldout_loss(self, held: HeldOut | None, wait: bool = True) -> tuple[float, float] | None:
         """(the field's held-out loss, a uniform guess's), in the units of the model's: nats
         per character of `held`'s lines (scored on the same windows), or per token of the first
-        training lines when held is None."""
-        with self._lock:
-            per_char = held is not None
-            if self._field_loss is None or self._field_loss[0] != per_char:
-                lnV = math.log(self.model.vocab_size)
-                if self.field.total_tokens == 0:
+        training lines when held is None. Measured outside the organism lock (observe() goes
+        on meanwhile), one measurement at a time; without wait, a thread that finds one under
+        way takes the previous result in the same units instead of waiting."""
+        per_char = held is not None
+        if not self._field_loss_lock.acquire(blocking=wait):
+            last = self._field_loss_last
+            if last is not None and last[0] == per_char:
+                return last[1]
+            self._field_loss_lock.acquire()
+        try:
+            with self._lock:
+                if self._field_loss is not None and self._field_loss[0] == per_char:
+                    return self._field_loss[1]
+                field, changes, lnV = self.field, self._field_changes, math.log(self.model.vocab_size)
+                if field.total_tokens == 0:
                     return None
                 if per_char:
                     ws = [w for w in held.windows(self.config.block_size) if len(w) >= 2]
-                    nats = float(np.dot(self.field.sequence_losses(ws), [len(w) - 1 for w in ws]))
-                    targets = sum(len(w) - 1 for w in ws)
-                    scores = (nats / held.chars, lnV * targets / held.chars)
                 else:
-                    seqs = [s for s in self._train_ids[:self.config.val_max_sequences] if len(s) >= 2]
+                    seqs = [s for s in self._reservoir_ids()[:self.config.val_max_sequences] if len(s) >= 2]
                     if not seqs:
                         return None
-                    scores = (self.field.heldout_loss(seqs, self.config.block_size), lnV)
-                self._field_loss = (per_char, scores)
-            return self._field_loss[1]
+            if per_char:
+                nats = float(np.dot(field.sequence_losses(ws), [len(w) - 1 for w in ws]))
+                targets = sum(len(w) - 1 for w in ws)
+                scores = (nats / held.chars, lnV * targets / held.chars)
+            else:
+                scores = (field.heldout_loss(seqs, self.config.block_size), lnV)
+            with self._lock:
+                self._field_loss_last = (per_char, scores)
+                if self._field_changes == changes:
+                    self._field_loss = (per_char, scores)
+            return scores
+        finally:
+            self._field_loss_lock.release()
 
     def _overrides(self, overrides: dict) -> dict:
         if overrides.get("model_alpha") is None:
-            overrides["model_alpha"] = self.model_alpha()
+            overrides["model_alpha"] = self._model_alpha(wait=False)
         if overrides["model_alpha"] == 0.0 and "max_gen_tokens" not in overrides:
             overrides["max_gen_tokens"] = min(self.config.max_gen_tokens, self.config.corpus_gen_max_tokens)
         if overrides["model_alpha"] == 0.0 and self.field.total_tokens == 0:
@@ -578,10 +621,10 @@ class Organism:
             if len(self._ids_cache) > 2 * (self.config.max_corpus_lines + len(self.val_lines)):
                 keep = set(lines) | set(self.val_lines)  # forget evicted lines
                 self._ids_cache = {k: v for k, v in self._ids_cache.items() if k in keep}
-            self._train_ids = [self._encode(x) for x in lines]
+            self._train_ids = None  # encoded again when training or scoring needs them
             self.buffer.feed(trained, ids)
             self.field.add(ids)
-            self._field_loss = None
+            self._field_changed()
         if self.memory is not None:
             self.memory.add_corpus_event("observe", len(added), sum(len(x) for x in added))
         return len(added)
@@ -682,7 +725,7 @@ class Organism:
         trial = Model.from_state(*self.model.export_state())
         self._grow_model(trial, candidate, update)
         # the same lines, segmented by the candidate tokenizer, scored by the grown copy
-        after = HeldOut(held.lines, candidate.encode, lambda: candidate.version).loss(trial)
+        after = HeldOut(held.lines, candidate.encode, lambda: candidate.version).loss(trial, self.trainer.pace)
         record.update(loss_before=before, loss_after=after)
         if not after <= before * (1.0 + self.config.bpe_growth_max_rise):
             tok.trained_chars = candidate.trained_chars  # wait for more text before trying again
@@ -763,7 +806,7 @@ class Organism:
         with self._train_lock:
             self._sync_threads()
             with self._lock:
-                train, val = list(self._train_ids), self._old_heldout
+                train, val = list(self._reservoir_ids()), self._old_heldout
             if not train:
                 raise TrainingError("nothing to train on: give the organism a corpus or observe() text first")
             summary = self.trainer.warmup(train, val, steps, progress, self._collapse_probe, start=start,
@@ -776,7 +819,7 @@ class Organism:
     def _collapse_probe(self) -> list:
         """Layers whose hidden-state std on a held-out line is below Config.collapse_std_bound."""
         from . import _decode
-        seqs = self._val_ids or self._train_ids
+        seqs = self._val_ids or self._reservoir_ids()
         if not seqs:
             return []
         w = self._generator.weights.get()
@@ -806,7 +849,7 @@ class Organism:
         with self._lock:
             new = [self._encode(x) for x in new_lines]
             fresh = set(new_lines)  # replay draws from what the organism knew before this text
-            replay = [ids for line, ids in zip(self.reservoir.lines, self._train_ids) if line not in fresh]
+            replay = [ids for line, ids in zip(self.reservoir.lines, self._reservoir_ids()) if line not in fresh]
             old, heard = self._old_heldout, self._heard_heldout
         if not replay and not new:
             raise TrainingError("nothing to train on: give the organism a corpus or observe() text first")
@@ -1006,6 +1049,23 @@ class Organism:
         except BaseException as exc:  # reported by stop() and stats()
             self._thread_error = exc
 
+    def _yield_to_generations(self, step_seconds: float) -> None:
+        """After a piece of the background trainer's compute (a step, a piece of a held-out
+        evaluation) that took step_seconds: while generations are in flight, pause so that its
+        compute takes at most Config.train_share_while_generating of the wall time (a request
+        then waits for at most one piece, and the cores go to generating); the pause ends early
+        when the last generation finishes or stop() is called. Foreground training (a caller's
+        warmup, train_burst or learn) never pauses."""
+        share = self.config.train_share_while_generating
+        if share >= 1.0 or threading.current_thread() is not self._thread:
+            return
+        in_flight = self._generator.in_flight
+        deadline = time.monotonic() + step_seconds * (1.0 / share - 1.0)
+        while len(in_flight) and not self._stop_event.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or in_flight.wait_until_idle(min(left, 0.05)):
+                return
+
     def _stop_requested(self) -> bool:
         return self._stop_event.is_set() and threading.current_thread() is self._thread
 
@@ -1194,7 +1254,7 @@ class Organism:
         # held-out loss on the held-out lines, and (standing in for a training loss) its loss
         # on the training lines the field is scored on when there are none held out
         t.last_val = t.best_val = t.evaluate(self._old_heldout)
-        seqs = [ids for ids in self._train_ids[:c.val_max_sequences] if len(ids) >= 2]
+        seqs = [ids for ids in self._reservoir_ids()[:c.val_max_sequences] if len(ids) >= 2]
         if seqs:
             t.last_loss = float(np.mean(self.model.sequence_losses(seqs)))
         self._emit({"phase": "adopt", "source": adopt["source"], "vocab_size": self.model.vocab_size,

@@ -165,8 +165,10 @@ class Reservoir:
         keep = [line for line in self._lines if line not in gone]
         removed = len(self._lines) - len(keep)
         if removed:
+            held = set(self._lines)
             self._lines = keep
-            self._seen = {line.casefold() for line in keep}
+            # no two held lines share a casefold, so a removed line's casefold is nobody else's
+            self._seen.difference_update(line.casefold() for line in gone if line in held)
         return removed
 
     def set_limits(self, max_lines: int, max_line_chars: int) -> None:

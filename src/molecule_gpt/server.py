@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
@@ -525,9 +526,25 @@ def _stream_pieces(org: Organism, prompt: str, overrides: dict) -> tuple[Iterato
 
 _END = object()
 
+# Streams generate on a pool of reused threads: starting a thread per request makes the event
+# loop wait until the new thread runs, which under load costs more than the first token.
+# More streams than workers wait for a free one.
+_STREAM_WORKERS = 64
+_stream_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_stream_pool_lock = threading.Lock()
+
+
+def _stream_threads() -> concurrent.futures.ThreadPoolExecutor:
+    global _stream_pool
+    with _stream_pool_lock:
+        if _stream_pool is None:
+            _stream_pool = concurrent.futures.ThreadPoolExecutor(_STREAM_WORKERS,
+                                                                 thread_name_prefix="molecule-gpt-stream")
+        return _stream_pool
+
 
 async def _generated(org: Organism, prompt: str, overrides: dict, box: dict):
-    """Stream one generation from a thread of its own, yielding its text as it comes; pieces
+    """Stream one generation from a pool thread, yielding its text as it comes; pieces
     that arrived while the event loop was busy are joined into one (so a loaded server sends
     fewer, longer events instead of falling behind). When the stream ends, `box` holds
     "prompt_tokens", "ids" and "reason". A consumer that stops early (the client went away)
@@ -558,7 +575,7 @@ async def _generated(org: Organism, prompt: str, overrides: dict, box: dict):
         except BaseException as exc:  # handed to the consumer, which raises it in the request
             post(exc)
 
-    threading.Thread(target=produce, name="molecule-gpt-stream", daemon=True).start()
+    _stream_threads().submit(produce)
     try:
         while True:
             item = await q.get()

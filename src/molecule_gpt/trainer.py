@@ -169,13 +169,17 @@ class Trainer:
     Generator for sampling and the birth reference of the output embedding."""
 
     def __init__(self, model: Model, config: Config, rng: np.random.Generator, birth_rows: np.ndarray,
-                 emit: Callable[[dict], None] | None = None, on_restore: Callable[[], None] | None = None):
+                 emit: Callable[[dict], None] | None = None, on_restore: Callable[[], None] | None = None,
+                 pace: Callable[[float], None] | None = None):
         self.model = model
         self.config = config
         self.rng = rng
         self.birth_rows = birth_rows  # (V_birth, C) output embedding at birth
         self.emit = emit or (lambda record: None)
         self.on_restore = on_restore or (lambda: None)  # parameters were written back in place
+        # called after each piece of compute (an optimizer step, a piece of a held-out
+        # evaluation) with its seconds: the organism's background trainer gives way there
+        self.pace = pace or (lambda seconds: None)
         self.steps = 0  # optimizer steps taken (warmup and bursts)
         self.warmup_steps_done = 0
         self._warmup_best = None  # (held-out loss, Snapshot, held-out set) of the warmup's best evaluation
@@ -208,7 +212,7 @@ class Trainer:
         key = (held.key(), self.model.version)
         loss = self._val_cache.get(key)
         if loss is None:
-            loss = held.loss(self.model)
+            loss = held.loss(self.model, self.pace)
             if len(self._val_cache) >= 16:
                 del self._val_cache[next(iter(self._val_cache))]  # the oldest
             self._val_cache[key] = loss
@@ -342,6 +346,7 @@ class Trainer:
         if extra:
             record.update(extra)
         self.emit(record)
+        self.pace(dt)
         finite = all(v is None or math.isfinite(v) for v in norms.values())
         return loss, finite
 
