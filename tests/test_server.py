@@ -587,3 +587,27 @@ def test_a_home_that_cannot_load_says_why(tmp_path):
         err = assert_error_object(resp, 503, code="model_failed")
         assert "damaged" in err["message"]
     assert (home / "organism.ckpt").read_bytes() == b"not a checkpoint at all"  # nothing overwritten
+
+
+def test_a_sliding_window_of_history_is_learned_once():
+    """A client that sends only its system prompt and the newest messages (a window that slides
+    as the conversation grows) has each turn learned once, as one that resends everything."""
+    org = small_organism()
+    try:
+        with LiveServer(create_app(organisms={"pet": org}, learn=True)) as srv:
+            c = client(srv)
+            system = {"role": "system", "content": "You are a pet."}
+            history, expected = [], []
+            for k, line in enumerate(["my cat is called Pixel", "she likes the garden", "she sleeps a lot",
+                                      "she is nine years old", "thank you"]):
+                history.append({"role": "user", "content": line})
+                r = c.chat.completions.create(model="pet", messages=[system, *history[-3:]], seed=k, max_tokens=12)
+                reply = r.choices[0].message.content
+                history.append({"role": "assistant", "content": reply})
+                expected += [("H", line)] + ([("A", reply.strip())] if reply.strip() else [])
+            got = wait_for(lambda: (m := [(x.role, x.text) for x in org.memory.messages()]) and
+                           len(m) >= len(expected) and m, what="the turns to be learned")
+            time.sleep(0.3)  # nothing more arrives
+            assert [(x.role, x.text) for x in org.memory.messages()] == expected == got
+    finally:
+        org.close()

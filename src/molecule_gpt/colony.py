@@ -521,14 +521,12 @@ class OrganismHost:
         single-process server does; saves every autosave_turns turns. Returns messages learned."""
         if not self.learn:
             return 0
-        from .server import _chain, _extend
 
         def work():
             with self._using(name) as h, h.state_lock:
                 turns = h.served.new_turns(messages)
                 if reply is not None and reply.strip():
-                    with h.served._seen_lock:
-                        h.served._mark(_extend(_chain(messages)[-1], "assistant", reply))
+                    h.served.mark_reply(messages, reply)
                     turns.append(("A", reply.strip()))
                 for speaker, text in turns:
                     try:

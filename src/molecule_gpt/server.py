@@ -24,11 +24,13 @@ the organism's values. Fields whose meaning the organism cannot honour (tools, l
 logit_bias, presence_penalty, a response_format other than text) are refused with a 400 that
 names them when they ask for something; unknown fields are refused as OpenAI does.
 
-Learning (unless learn=False / --no-learn): OpenAI clients resend the whole history, so a
-conversation is known by the chain of its messages: each message's key is a hash of every
-message up to it (system messages included, so two conversations that differ only in their
-system prompt are two conversations). A chat message whose key was not seen before is learned
-(Organism.observe with speaker "H" for user, "A" for assistant: the corpus, the quantum buffer
+Learning (unless learn=False / --no-learn): OpenAI clients resend the history (all of it, or
+the newest part of it), so a message is known by the message before it: each message's key is
+a hash of the previous message and itself (system messages are context and left out of the
+keys), and the first message of a request is known by itself (the part before it may have
+been cut). So a message is learned once per message it follows, and a conversation's first
+message is not learned again when it was heard before anywhere. A chat message whose key was
+not seen before is learned (Organism.observe with speaker "H" for user, "A" for assistant: the corpus, the quantum buffer
 and the home's memory); a seen one is not, so a resent history is learned once. The reply is
 learned when it is complete (not when the client went away mid-stream, and not with n > 1: the
 client sends back the choice it kept). System messages are context, never learned; completions
@@ -346,21 +348,14 @@ def _norm(text: str) -> str:
     return " ".join(text.split())
 
 
-_ROOT = hashlib.sha256(b"molecule-gpt conversation").digest()
+def _message_key(role: str, text: str) -> bytes:
+    """A message by itself: its role and its text (whitespace normalized)."""
+    return hashlib.sha256(b"message\0" + role.encode() + b"\0" + _norm(text).encode("utf-8", "surrogatepass")).digest()
 
 
-def _extend(key: bytes, role: str, text: str) -> bytes:
-    """The key of a conversation one message longer: hash(previous key, role, text)."""
-    return hashlib.sha256(key + role.encode() + b"\0" + _norm(text).encode("utf-8", "surrogatepass")).digest()
-
-
-def _chain(messages: list[tuple[str, str]]) -> list[bytes]:
-    """The key of every prefix of a conversation."""
-    keys, key = [], _ROOT
-    for role, text in messages:
-        key = _extend(key, role, text)
-        keys.append(key)
-    return keys
+def _pair_key(previous: tuple[str, str], role: str, text: str) -> bytes:
+    """A message after the one before it."""
+    return hashlib.sha256(b"pair\0" + _message_key(*previous) + _message_key(role, text)).digest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,19 +427,36 @@ class Served:
                 return
 
     def new_turns(self, messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """The chat messages of this conversation not learned before (marked as learned now)."""
+        """The chat messages of this conversation not learned before (marked as learned now).
+        A message is known after the message before it (system messages aside); the first
+        one a request sends is known by itself, so that a client that sends only the newest
+        part of a conversation (a sliding window) is recognized as well as one that resends it
+        all."""
         if not self.learn:
             return []
         out = []
+        spoken = [(role, text) for role, text in messages if role != "system" and text.strip()]
         with self._seen_lock:
-            for (role, text), key in zip(messages, _chain(messages)):
+            for i, (role, text) in enumerate(spoken):
+                key = _message_key(role, text) if i == 0 else _pair_key(spoken[i - 1], role, text)
                 if key in self._seen:
                     self._seen.move_to_end(key)
                     continue
-                self._mark(key)
-                if role != "system" and text.strip():
-                    out.append(("H" if role == "user" else "A", text.strip()))
+                self._remember(spoken[i - 1] if i else None, role, text)
+                out.append(("H" if role == "user" else "A", text.strip()))
         return out
+
+    def _remember(self, previous: tuple[str, str] | None, role: str, text: str) -> None:
+        """Mark a message learned: by itself and after the one before it. Holds _seen_lock."""
+        self._mark(_message_key(role, text))
+        if previous is not None:
+            self._mark(_pair_key(previous, role, text))
+
+    def mark_reply(self, messages: list[tuple[str, str]], reply: str) -> None:
+        """Mark the reply to `messages` learned (when the client sends it back it is known)."""
+        spoken = [(role, text) for role, text in messages if role != "system" and text.strip()]
+        with self._seen_lock:
+            self._remember(spoken[-1] if spoken else None, "assistant", reply)
 
     def _mark(self, key: bytes) -> None:
         self._seen[key] = None
@@ -458,8 +470,7 @@ class Served:
         if not self.learn:
             return
         if reply is not None and reply.strip():
-            with self._seen_lock:
-                self._mark(_extend(_chain(messages)[-1], "assistant", reply))
+            self.mark_reply(messages, reply)
             turns = turns + [("A", reply.strip())]
         if turns:
             self._queue.put(turns)
