@@ -83,7 +83,8 @@ class CorpusField:
         if int(vocab_size) ** 3 >= 2 ** 62:
             raise ValueError(f"vocab_size {vocab_size} is too large for int64 trigram keys (max about 1.6 million)")
         self.vocab_size = int(vocab_size)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the tables are swapped and read together under it
+        self._changing = threading.Lock()  # one change (add, grow_vocab) at a time
         e = np.zeros(0, np.int64)
         self.unigrams = np.zeros(self.vocab_size)
         self.bigram_keys, self.bigram_counts = e, np.zeros(0)
@@ -99,13 +100,15 @@ class CorpusField:
         if not seqs:
             return
         uni, bi, tri = _ngrams(seqs, self.vocab_size)
-        with self._lock:
+        with self._changing:  # the merge runs outside _lock: readers keep the tables meanwhile
             bk, bc = _merge(self.bigram_keys, self.bigram_counts, bi, np.ones(len(bi)))
             tk, tc = _merge(self.trigram_keys, self.trigram_counts, tri, np.ones(len(tri)))
-            self.unigrams = self.unigrams + uni
-            self.bigram_keys, self.bigram_counts = bk, bc
-            self.trigram_keys, self.trigram_counts = tk, tc
-            self._native = None
+            unigrams = self.unigrams + uni
+            with self._lock:
+                self.unigrams = unigrams
+                self.bigram_keys, self.bigram_counts = bk, bc
+                self.trigram_keys, self.trigram_counts = tk, tc
+                self._native = None
 
     def grow_vocab(self, new_vocab_size: int) -> None:
         """Re-key the tables for a larger vocabulary (ids keep their meaning; new ids have no counts)."""
@@ -116,7 +119,7 @@ class CorpusField:
             return
         if W ** 3 >= 2 ** 62:
             raise ValueError(f"vocab_size {W} is too large for int64 trigram keys")
-        with self._lock:
+        with self._changing, self._lock:
             a, b = np.divmod(self.bigram_keys, V)
             t, c = np.divmod(self.trigram_keys, V)
             ta, tb = np.divmod(t, V)
@@ -135,10 +138,16 @@ class CorpusField:
     def native(self) -> "_decode.Field | None":
         """The native view used by the decoder (None while the field is empty)."""
         with self._lock:
-            if self._native is None and self.unigrams.sum() > 0:
-                self._native = _decode.Field(self.vocab_size, self.unigrams, self.bigram_keys, self.bigram_counts,
-                                             self.trigram_keys, self.trigram_counts)
-            return self._native
+            if self._native is not None or self.unigrams.sum() == 0:
+                return self._native
+            tables = (self.vocab_size, self.unigrams, self.bigram_keys, self.bigram_counts,
+                      self.trigram_keys, self.trigram_counts)
+        native = _decode.Field(*tables)  # outside the lock: a change meanwhile is not waited for
+        with self._lock:
+            if self._native is None and tables[1] is self.unigrams and tables[2] is self.bigram_keys \
+                    and tables[4] is self.trigram_keys:
+                self._native = native
+        return native
 
     def distribution(self, context: Sequence[int], temperature: float = 1.0, min_level: int = 1) -> tuple[np.ndarray, int]:
         """(q, level): the next-token distribution after `context` ∝ count^(1/temperature), from
