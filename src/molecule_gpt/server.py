@@ -30,15 +30,16 @@ a hash of the previous message and itself (system messages are context and left 
 keys), and the first message of a request is known by itself (the part before it may have
 been cut). So a message is learned once per message it follows, and a conversation's first
 message is not learned again when it was heard before anywhere. A chat message whose key was
-not seen before is learned (Organism.observe with speaker "H" for user, "A" for assistant: the corpus, the quantum buffer
-and the home's memory); a seen one is not, so a resent history is learned once. The reply is
-learned when it is complete (not when the client went away mid-stream, and not with n > 1: the
-client sends back the choice it kept). System messages are context, never learned; completions
-(`/v1/completions`) are not learned. Learning runs in one thread per organism after the
-response, so it never delays a reply; the background trainer then runs checked bursts as in
-`molecule-gpt chat`. The keys live in memory (at most MAX_SEEN): after a restart a resent
-history is observed again (the corpus deduplicates its lines; the memory stores the messages
-again).
+not seen before is learned (Organism.observe with speaker "H" for user, "A" for assistant: the
+corpus, the quantum buffer and the home's memory); a seen one is not, so a resent history is
+learned once. The reply is learned when it is complete (not when the client went away
+mid-stream, and not with n > 1: the client sends back the choice it kept). System messages are
+context, never learned; completions (`/v1/completions`) are not learned. Learning runs in one
+thread per organism after the response, so it never delays a reply; the background trainer
+then runs checked bursts as in `molecule-gpt chat`, giving way while generations are in flight
+(Config.train_share_while_generating). The keys live in memory (at most MAX_SEEN): after a
+restart a resent history is observed again (the corpus deduplicates its lines; the memory
+stores the messages again).
 
 The prompt of a chat is built from that request's own messages only: the system messages,
 the earlier messages most relevant to the last one (shared words; at most recall_relevant),
