@@ -582,3 +582,20 @@ def test_repeated_chat_turns_all_reach_the_memory(tmp_path):
     assert [m.text for m in org.memory.messages()] == turns
     assert sum(1 for x in org.reservoir.lines + org.heard_val_lines if x.lower() in ("h: yes", "h: ok then")) == 2
     org.close()
+
+
+def test_add_messages_stores_all_in_order_or_none(tmp_path):
+    """add_messages stores several turns in one transaction: all of them, in order, with the
+    rules of add_message; a bad turn anywhere stores none."""
+    mem = mg.Memory(tmp_path / "m.sqlite")
+    ids = mem.add_messages([("H", "  hello there "), ("A", "hi"), ("H", "bye")])
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert [(m.role, m.text) for m in mem.messages()] == [("H", "hello there"), ("A", "hi"), ("H", "bye")]
+    for bad, error in (([("H", "fine"), ("X", "who")], ValueError), ([("H", "fine"), ("A", "   ")], ValueError),
+                       ([("H", "fine"), ("A", 3)], TypeError), ([("H", "fine"), ("A",)], TypeError),
+                       ("H: fine", TypeError)):
+        with pytest.raises(error):
+            mem.add_messages(bad)
+        assert len(mem.messages()) == 3
+    assert mem.add_messages([]) == []
+    mem.close()

@@ -843,3 +843,30 @@ def test_a_generation_does_not_wait_for_another_threads_measurement_or_fold(warm
     org.generate("The cat", seed=0, max_gen_tokens=5)
     assert org._generator.weights.folds == folds + 1 and org._field_loss is not None
     assert math.isfinite(alpha)
+
+
+def test_observe_turns_equals_observing_each_turn(tmp_path):
+    """observe_turns stores and learns chat turns as observe(text, speaker) for each in order
+    would (reservoir, held-out lines, quantum buffer, field counts, memory); a turn the memory
+    refuses stores and learns none of them."""
+    rng = random.Random(5)
+    turns = [("H" if i % 2 == 0 else "A", rng.choice(LINES) + (" Again." if i % 3 else "")) for i in range(40)]
+    cfg = small_config(heard_val_fraction=0.3)
+    one = Organism(cfg, LINES, seed=2, memory=tmp_path / "one.sqlite")
+    many = Organism(cfg, LINES, seed=2, memory=tmp_path / "many.sqlite")
+    for speaker, text in turns:
+        one.observe(text, speaker=speaker)
+    assert many.observe_turns(turns[:15]) + many.observe_turns(turns[15:]) > 0
+    assert one.reservoir.lines == many.reservoir.lines and one.heard_val_lines == many.heard_val_lines
+    assert (one.buffer.lines, one.buffer.held) == (many.buffer.lines, many.buffer.held)
+    for name in ("unigrams", "bigram_keys", "bigram_counts", "trigram_keys", "trigram_counts"):
+        assert np.array_equal(getattr(one.field, name), getattr(many.field, name))
+    assert [(m.role, m.text) for m in one.memory.messages()] == [(m.role, m.text) for m in many.memory.messages()]
+    before = (list(many.reservoir.lines), len(many.memory.messages()))
+    with pytest.raises(ValueError):
+        many.observe_turns([("H", "A brand new line about the moon."), ("Q", "who speaks?")])
+    with pytest.raises(TypeError):
+        many.observe_turns([("H", "A brand new line about the moon."), ("A", None)])
+    assert (list(many.reservoir.lines), len(many.memory.messages())) == before
+    one.close()
+    many.close()

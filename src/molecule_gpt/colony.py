@@ -521,6 +521,7 @@ class OrganismHost:
         single-process server does; saves every autosave_turns turns. Returns messages learned."""
         if not self.learn:
             return 0
+        from .server import learn_turns
 
         def work():
             with self._using(name) as h, h.state_lock:
@@ -528,11 +529,7 @@ class OrganismHost:
                 if reply is not None and reply.strip():
                     h.served.mark_reply(messages, reply)
                     turns.append(("A", reply.strip()))
-                for speaker, text in turns:
-                    try:
-                        h.org.observe(text, speaker=speaker)
-                    except Exception as exc:  # a refused store must not end learning (as the server)
-                        log.error("host %d: %s: could not learn a message: %s", self.index, name, exc)
+                learn_turns(h.org, turns, f"host {self.index}: {name}")
                 if turns:
                     h.org.model_alpha()  # measured here once, not in the next request's way (as the server)
                     h.dirty = True

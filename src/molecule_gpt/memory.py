@@ -634,21 +634,42 @@ class Memory:
         """Store one chat turn (role "H" or "A"); returns its id. Whitespace at the ends is
         stripped and text beyond max_message_chars is cut; empty text is refused; what is not
         valid Unicode becomes U+FFFD (InvalidTextWarning, see molecule_gpt.text)."""
-        role = _check_role(role)
-        if not isinstance(text, str):
-            raise TypeError(f"text must be str, got {type(text).__name__}")
-        text = valid_text(text, "Memory.add_message()", stacklevel=3).strip()[:self.max_message_chars]
-        if not text:
-            raise ValueError("text is empty; there is nothing to remember")
+        return self._add_messages([(role, text)], "Memory.add_message()", time)[0]
+
+    def add_messages(self, turns, *, time: float | None = None) -> list[int]:
+        """Store several chat turns [(role, text), ...] in order, in one transaction (all of them
+        or, on an error, none); returns their ids. Each turn as add_message() takes it."""
+        if isinstance(turns, (str, bytes)) or not isinstance(turns, (list, tuple)):
+            raise TypeError(f"turns must be a list of (role, text) pairs, got {type(turns).__name__}")
+        return self._add_messages(turns, "Memory.add_messages()", time)
+
+    def _add_messages(self, turns, where: str, time: float | None) -> list[int]:
+        rows = []
+        for turn in turns:
+            if not isinstance(turn, (list, tuple)) or len(turn) != 2:
+                raise TypeError(f"a turn must be a (role, text) pair, got {turn!r:.80}")
+            role, text = _check_role(turn[0]), turn[1]
+            if not isinstance(text, str):
+                raise TypeError(f"text must be str, got {type(text).__name__}")
+            text = valid_text(text, where, stacklevel=4).strip()[:self.max_message_chars]
+            if not text:
+                raise ValueError("text is empty; there is nothing to remember")
+            rows.append((role, text))
         stamp = _time.time() if time is None else float(time)
-        with self._transaction("saving a message") as conn:
-            mid = conn.execute("INSERT INTO messages (role, text, time) VALUES (?, ?, ?)", (role, text, stamp)).lastrowid
-            if self._fts:
-                conn.execute(f"INSERT INTO {_FTS_TABLE} (rowid, text) VALUES (?, ?)", (mid, text))
+        ids = []
+        if not rows:
+            return ids
+        with self._transaction("saving a message" if len(rows) == 1 else f"saving {len(rows)} messages") as conn:
+            for role, text in rows:
+                mid = conn.execute("INSERT INTO messages (role, text, time) VALUES (?, ?, ?)",
+                                   (role, text, stamp)).lastrowid
+                if self._fts:
+                    conn.execute(f"INSERT INTO {_FTS_TABLE} (rowid, text) VALUES (?, ?)", (mid, text))
+                ids.append(mid)
             cutoff = self._cap(conn, "messages", self.max_messages)
             if cutoff is not None and self._fts:
                 conn.execute(f"DELETE FROM {_FTS_TABLE} WHERE rowid <= ?", (cutoff,))
-        return mid
+        return ids
 
     def messages(self, limit: int | None = None) -> list[Message]:
         """The stored messages, oldest first; with `limit`, only the newest `limit` of them."""

@@ -602,32 +602,63 @@ class Organism:
             raise TypeError(f"observe() takes str or a list of str, got {type(text).__name__}")
         if speaker not in (None, "H", "A"):
             raise ValueError(f"speaker must be 'H' (the person), 'A' (the organism) or None, got {speaker!r}")
-        if self.memory is not None and speaker is not None and text.strip():
-            self.memory.add_message(speaker, text)
+        return self._take_in([(speaker, text, lines)])
+
+    def observe_turns(self, turns: Sequence[tuple[str, str]]) -> int:
+        """Several chat turns [(speaker, text), ...] at once: stored and learned as
+        observe(text, speaker) for each in order would, with one memory transaction for all of
+        them (all stored, or none and nothing learned) and one update of the corpus field.
+        Returns the number of new corpus lines."""
+        if isinstance(turns, (str, bytes)) or not isinstance(turns, (list, tuple)):
+            raise TypeError(f"observe_turns() takes a list of (speaker, text) pairs, got {type(turns).__name__}")
+        items = []
+        for turn in turns:
+            if not isinstance(turn, (list, tuple)) or len(turn) != 2 or not isinstance(turn[1], str):
+                raise TypeError(f"a turn must be a (speaker, text) pair with text a str, got {turn!r:.80}")
+            speaker, text = turn
+            if speaker not in ("H", "A"):
+                raise ValueError(f"speaker must be 'H' (the person) or 'A' (the organism), got {speaker!r}")
+            items.append((speaker, valid_text(text, "observe_turns()", stacklevel=3), None))
+        return self._take_in(items)
+
+    def _take_in(self, items: list[tuple[str | None, str, list[str] | None]]) -> int:
+        """observe() for (speaker, text, lines) items in order: the memory first (one
+        transaction), then the corpus under one lock."""
+        if self.memory is not None:
+            turns = [(speaker, text) for speaker, text, lines in items if speaker is not None and text.strip()]
+            if turns:
+                self.memory.add_messages(turns)
+        new_lines: list[str] = []
+        new_ids: list = []
         with self._structure.read(), self._lock:  # never between a tokenizer change and the rebuild
-            if lines is not None:
-                added = self.reservoir.add(lines)
-            elif speaker is None:
-                added = self.reservoir.add(_split_sentences(text))
-            else:
-                added = self.reservoir.add_message(speaker, text)
-            if not added:
+            for speaker, text, lines in items:
+                if lines is not None:
+                    added = self.reservoir.add(lines)
+                elif speaker is None:
+                    added = self.reservoir.add(_split_sentences(text))
+                else:
+                    added = self.reservoir.add_message(speaker, text)
+                if not added:
+                    continue
+                held = self._hold_out(added)
+                trained = [x for x in added if x not in held] if held else added
+                ids = [self._encode(x) for x in trained]
+                self.buffer.held.extend(x for x in added if x in held)
+                self.buffer.feed(trained, ids)
+                new_lines += added
+                new_ids += ids
+            if not new_lines:
                 return 0
-            held = self._hold_out(added)
-            trained = [x for x in added if x not in held] if held else added
-            ids = [self._encode(x) for x in trained]
-            self.buffer.held.extend(x for x in added if x in held)
             lines = self.reservoir.lines
             if len(self._ids_cache) > 2 * (self.config.max_corpus_lines + len(self.val_lines)):
                 keep = set(lines) | set(self.val_lines)  # forget evicted lines
                 self._ids_cache = {k: v for k, v in self._ids_cache.items() if k in keep}
             self._train_ids = None  # encoded again when training or scoring needs them
-            self.buffer.feed(trained, ids)
-            self.field.add(ids)
+            self.field.add(new_ids)
             self._field_changed()
         if self.memory is not None:
-            self.memory.add_corpus_event("observe", len(added), sum(len(x) for x in added))
-        return len(added)
+            self.memory.add_corpus_event("observe", len(new_lines), sum(len(x) for x in new_lines))
+        return len(new_lines)
 
     def _hold_out(self, added: list[str]) -> set:
         """Hold out a slice (about Config.heard_val_fraction) of newly heard lines: they leave the

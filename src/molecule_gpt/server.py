@@ -94,6 +94,7 @@ __all__ = ["create_app", "Limits", "is_loopback", "MAX_SEEN"]
 log = logging.getLogger("molecule_gpt.server")
 
 WEB_DIR = pathlib.Path(__file__).resolve().parent / "web"
+LEARN_GATHER_SECONDS = 0.05  # the learner waits this long for more turns before observing a batch
 MAX_SEEN = 100_000  # conversation keys remembered per organism (the oldest are forgotten first)
 CHAT_STOPS = ("H:", "A:")  # a chat reply ends where the corpus's speaker tags would start
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
@@ -363,6 +364,25 @@ def _pair_key(previous: tuple[str, str], role: str, text: str) -> bytes:
 # one served organism
 
 
+def learn_turns(org: Organism, turns: list[tuple[str, str]], name: str) -> None:
+    """Observe chat turns [(speaker, text), ...] in one go; when that is refused (a store error),
+    each on its own, so that one refused message does not cost the others."""
+    if not turns:
+        return
+    try:
+        org.observe_turns(turns)
+        return
+    except Exception as exc:
+        if len(turns) == 1:
+            log.error("%s: could not learn a message: %s", name, exc)
+            return
+    for turn in turns:
+        try:
+            org.observe_turns([turn])
+        except Exception as exc:
+            log.error("%s: could not learn a message: %s", name, exc)
+
+
 class Served:
     """An organism behind the API: its state while loading, what it learned of which conversation,
     and the thread that feeds it what it hears."""
@@ -413,14 +433,11 @@ class Served:
     def _learn_loop(self) -> None:
         while True:
             batch = [self._queue.get()]
+            if batch[0] is not None:
+                time.sleep(LEARN_GATHER_SECONDS)  # let the turns of concurrent requests gather
             while not self._queue.empty():  # what queued up meanwhile, in one go
                 batch.append(self._queue.get_nowait())
-            for turns in batch:
-                for speaker, text in turns or ():
-                    try:
-                        self.org.observe(text, speaker=speaker)
-                    except Exception as exc:  # a refused store must not end learning for everyone
-                        log.error("%s: could not learn a message: %s", self.name, exc)
+            learn_turns(self.org, [turn for turns in batch if turns for turn in turns], self.name)
             # new text changes the corpus field, whose held-out loss sets the model's share of the
             # blend: measure it here, once, instead of in the next request's way
             self.org.model_alpha()
