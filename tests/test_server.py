@@ -611,3 +611,30 @@ def test_a_sliding_window_of_history_is_learned_once():
             assert [(x.role, x.text) for x in org.memory.messages()] == expected == got
     finally:
         org.close()
+
+
+def test_the_learner_learns_the_rest_when_the_memory_refuses_a_message(monkeypatch, caplog):
+    """The server's learner observes a batch of turns in one go; when the memory refuses the
+    batch, each turn is tried alone: the refused one is logged and not learned, the others are."""
+    from molecule_gpt.errors import MemoryStoreError
+    from molecule_gpt.server import learn_turns
+
+    org = small_organism()
+    try:
+        real = org.memory.add_messages
+
+        def picky(turns, **kw):
+            if any("forbidden" in text for _, text in turns):
+                raise MemoryStoreError("the disk is full (simulated)")
+            return real(turns, **kw)
+
+        monkeypatch.setattr(org.memory, "add_messages", picky)
+        turns = [("H", "the lamp is green"), ("A", "a forbidden word"), ("H", "the door is blue")]
+        with caplog.at_level("ERROR", logger="molecule_gpt.server"):
+            learn_turns(org, turns, "pet")
+        assert [(m.role, m.text) for m in org.memory.messages()] == [turns[0], turns[2]]
+        assert not any("forbidden" in line for line in org.reservoir.lines)
+        assert any(line.endswith("the door is blue") for line in org.reservoir.lines)
+        assert "could not learn a message" in caplog.text and "simulated" in caplog.text
+    finally:
+        org.close()

@@ -84,7 +84,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .errors import GenerationError, MoleculeError, OrganismError
+from .errors import GenerationError, MemoryStoreError, MoleculeError, OrganismError
 from .generation import SamplingParams
 from .organism import Organism
 from .status import history_records, status_document
@@ -365,17 +365,21 @@ def _pair_key(previous: tuple[str, str], role: str, text: str) -> bytes:
 
 
 def learn_turns(org: Organism, turns: list[tuple[str, str]], name: str) -> None:
-    """Observe chat turns [(speaker, text), ...] in one go; when that is refused (a store error),
-    each on its own, so that one refused message does not cost the others."""
+    """Observe chat turns [(speaker, text), ...] in one go. The memory refuses a batch whole
+    (nothing of it stored or learned): then each turn is tried on its own, so that one refused
+    message does not cost the others. Errors are logged; learning goes on for everyone."""
     if not turns:
         return
     try:
         org.observe_turns(turns)
         return
-    except Exception as exc:
+    except MemoryStoreError as exc:
         if len(turns) == 1:
             log.error("%s: could not learn a message: %s", name, exc)
             return
+    except Exception as exc:
+        log.error("%s: could not learn %d message(s): %s", name, len(turns), exc)
+        return
     for turn in turns:
         try:
             org.observe_turns([turn])
