@@ -832,16 +832,17 @@ def test_a_generation_does_not_wait_for_another_threads_measurement_or_fold(warm
     alpha = org.model_alpha()
     org.observe("The old man watches a quiet river.")  # the field changed: measured again
     org.model.train_step([org._reservoir_ids()[0]], 1e-3)  # the weights changed: folded again
+    measured = org._field_loss
     done = threading.Event()
     with org._field_loss_lock, org._generator.weights._lock:  # another thread is at both
         talk = threading.Thread(target=lambda: (org.generate("The cat", seed=0, max_gen_tokens=5), done.set()))
         talk.start()
         assert done.wait(30), "a generation waited for another thread's measurement or fold"
     talk.join()
-    assert org._field_loss is None  # that generation did not measure
+    assert org._field_loss is measured  # that generation did not measure
     folds = org._generator.weights.folds
     org.generate("The cat", seed=0, max_gen_tokens=5)
-    assert org._generator.weights.folds == folds + 1 and org._field_loss is not None
+    assert org._generator.weights.folds == folds + 1 and org._field_loss is not measured
     assert math.isfinite(alpha)
 
 

@@ -254,11 +254,9 @@ class Organism:
         self._lock = threading.RLock()  # organism bookkeeping (reservoir, buffer, caches)
         self._structure = _RWLock()  # vocabulary growth (writer) vs starting generations and saving (readers)
         self._train_lock = threading.Lock()  # one warmup/burst at a time
-        # the corpus field's held-out loss (model_alpha): current (None after the field or the
-        # held-out set changed), the last one measured, and a counter of changes, so that a
-        # measurement overtaken by a change is kept as the last but not as current
+        # the corpus field's held-out loss (model_alpha): the last measurement, as (per_char,
+        # scores, changes counted when it started); current while no change came after it
         self._field_loss: tuple | None = None
-        self._field_loss_last: tuple | None = None
         self._field_changes = 0
         self._field_loss_lock = threading.Lock()  # one measurement at a time
         self.telemetry: collections.deque = collections.deque(maxlen=2000)
@@ -475,7 +473,6 @@ class Organism:
     def _field_changed(self) -> None:
         """The field or the held-out text changed: the field's held-out loss is measured again."""
         with self._lock:
-            self._field_loss = None
             self._field_changes += 1
 
     def _field_heldout_loss(self, held: HeldOut | None, wait: bool = True) -> tuple[float, float] | None:
@@ -486,14 +483,15 @@ class Organism:
         way takes the previous result in the same units instead of waiting."""
         per_char = held is not None
         if not self._field_loss_lock.acquire(blocking=wait):
-            last = self._field_loss_last
+            last = self._field_loss
             if last is not None and last[0] == per_char:
                 return last[1]
             self._field_loss_lock.acquire()
         try:
             with self._lock:
-                if self._field_loss is not None and self._field_loss[0] == per_char:
-                    return self._field_loss[1]
+                last = self._field_loss
+                if last is not None and last[0] == per_char and last[2] == self._field_changes:
+                    return last[1]
                 field, changes, lnV = self.field, self._field_changes, math.log(self.model.vocab_size)
                 if field.total_tokens == 0:
                     return None
@@ -510,9 +508,7 @@ class Organism:
             else:
                 scores = (field.heldout_loss(seqs, self.config.block_size), lnV)
             with self._lock:
-                self._field_loss_last = (per_char, scores)
-                if self._field_changes == changes:
-                    self._field_loss = (per_char, scores)
+                self._field_loss = (per_char, scores, changes)
             return scores
         finally:
             self._field_loss_lock.release()

@@ -355,6 +355,11 @@ def _message_key(role: str, text: str) -> bytes:
     return hashlib.sha256(b"message\0" + role.encode() + b"\0" + _norm(text).encode("utf-8", "surrogatepass")).digest()
 
 
+def _spoken(messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The messages that are learned and keyed: not system messages, not empty ones."""
+    return [(role, text) for role, text in messages if role != "system" and text.strip()]
+
+
 def _pair_key(previous: tuple[str, str], role: str, text: str) -> bytes:
     """A message after the one before it."""
     return hashlib.sha256(b"pair\0" + _message_key(*previous) + _message_key(role, text)).digest()
@@ -457,7 +462,7 @@ class Served:
         if not self.learn:
             return []
         out = []
-        spoken = [(role, text) for role, text in messages if role != "system" and text.strip()]
+        spoken = _spoken(messages)
         with self._seen_lock:
             for i, (role, text) in enumerate(spoken):
                 key = _message_key(role, text) if i == 0 else _pair_key(spoken[i - 1], role, text)
@@ -476,7 +481,7 @@ class Served:
 
     def mark_reply(self, messages: list[tuple[str, str]], reply: str) -> None:
         """Mark the reply to `messages` learned (when the client sends it back it is known)."""
-        spoken = [(role, text) for role, text in messages if role != "system" and text.strip()]
+        spoken = _spoken(messages)
         with self._seen_lock:
             self._remember(spoken[-1] if spoken else None, "assistant", reply)
 
