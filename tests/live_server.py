@@ -42,23 +42,15 @@ class LiveServer:
 
 
 def pace_streams(monkeypatch, delay: float = 0.01) -> None:
-    """Make every streamed generation of molecule_gpt.server pause `delay` seconds before each
-    piece. A small test organism writes a reply in about a millisecond, faster than the event
-    loop sends it (the server then joins the pieces that queued up into one event); paced, a
-    test sees the reply arrive piece by piece, as it does from a larger model."""
-    from molecule_gpt import server
-    real = server._stream_pieces
+    """Make the decode loop pause `delay` seconds before each generated token it hands on. A
+    small test organism writes a reply in about a millisecond, faster than the event loop
+    sends it (the server then joins the pieces that queued up into one event); paced, a test
+    sees the reply arrive piece by piece, as it does from a larger model."""
+    from molecule_gpt.generation import Joined
+    real = Joined._advance
 
-    def paced(org, prompt, overrides):
-        pieces, box = real(org, prompt, overrides)
+    def paced(self, new, reason):
+        time.sleep(delay)
+        real(self, new, reason)
 
-        def gen():
-            try:
-                for piece in pieces:
-                    time.sleep(delay)
-                    yield piece
-            finally:
-                pieces.close()
-        return gen(), box
-
-    monkeypatch.setattr(server, "_stream_pieces", paced)
+    monkeypatch.setattr(Joined, "_advance", paced)

@@ -5,6 +5,8 @@ clear exception; a dropped batch frees itself and its decoders."""
 from __future__ import annotations
 
 import gc
+import threading
+import time
 import os
 import subprocess
 import sys
@@ -340,3 +342,189 @@ def test_organism_n_equals_single_calls_with_consecutive_seeds():
                 org.run("the", n=bad)
     finally:
         org.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the decode loop: generations from many callers decoded together
+
+
+def test_a_failed_sequence_is_reported_without_raising_when_asked():
+    m = make_model("float32", 20)
+    w, V, T = fold_weights(m), m.vocab_size, m.config.block_size
+    prompts = prompts_for(V, 3)
+    alone = [d.run(1) for d in started(w, V, T, prompts)]
+    decs = started(w, V, T, prompts)
+    decs[1].begin(prompts[1], **begin_kwargs(V, 1, banned=np.ones(V, np.uint8)))
+    got = _decode.Batch(decs).run(1, raise_failed=False)
+    assert got[1] == ([], "no_token") and decs[1].is_finished
+    assert [got[0], got[2]] == [alone[0], alone[2]]
+
+
+KINDS = [
+    dict(temperature=0.0, max_gen_tokens=30, min_gen_tokens=30, repetition_guard=0),
+    dict(temperature=0.9, top_k=5, seed=1),
+    dict(temperature=1.3, top_k=0, top_p=0.8, min_p=0.0, typical_p=1.0, seed=2),
+    dict(temperature=1.0, min_p=0.2, frequency_penalty=1.5, seed=3, max_gen_tokens=50),
+    dict(seed=4, stop=("e",)),
+    dict(seed=5, stop=("the", "at"), temperature=1.2, min_gen_tokens=0),
+    dict(seed=6, logits_processors=(_mask_even_tokens,)),
+    dict(seed=7, model_alpha=0.5),
+    dict(seed=8, model_alpha=0.0, max_gen_tokens=20),
+    dict(seed=9, max_gen_tokens=0),
+    dict(seed=10, min_gen_tokens=0, max_gen_tokens=200),
+]
+KIND_PROMPTS = ["the cat", "a", "we like to read books at night and then", None, "is the sun hot?",
+                "birds", "the", "a dog", "the cat", "x", "the park"]
+
+
+def _prompts(tok):
+    return [p if p is not None else [tok.bos_id] for p in KIND_PROMPTS]
+
+
+def test_the_decode_loop_gives_every_generation_its_own_result(tok, trained):
+    """Generations of every kind joined at once: each result and each stream of pieces equals
+    the generator's own run() and stream(); those on the model's weights share their steps."""
+    field = CorpusField(tok.vocab_size, [tok.encode(line) for line in LINES])
+    g = Generator(trained, tok, field)
+    prompts = _prompts(tok)
+    want = [g.run(p, **k) for p, k in zip(prompts, KINDS)]
+    pieces = [list(g.stream(p, **k)) for p, k in zip(prompts, KINDS)]
+    loop = mg.DecodeLoop()
+    try:
+        params = [g.params(**k) for k in KINDS]
+        joined = loop.join_all([(g, g.begin(p, q), q) for p, q in zip(prompts, params)])
+        assert [j.result(timeout=60) for j in joined] == want
+        # sequences on the model alone (not the processor's, not the field-only one, not the empty one)
+        assert loop.largest == len(KINDS) - 3
+        assert loop.rows > loop.steps
+        joined = loop.join_all([(g, g.begin(p, q), q) for p, q in zip(prompts, params)])
+        assert [list(j) for j in joined] == pieces
+        assert len(g.in_flight) == 0  # every decoder was given back
+    finally:
+        loop.close()
+
+
+def test_threads_submitting_at_once_share_steps_and_keep_their_results():
+    org = mg.Organism(mg.Config(n_layer=1, n_embd=32, n_head=4, block_size=24,
+                                head_types=("content", "content", "hybrid", "rrpram")), corpus=LINES)
+    try:
+        over = dict(max_gen_tokens=150, min_gen_tokens=150, repetition_guard=0, model_alpha=1.0)
+        want = [org.run("the cat", seed=s, **over) for s in range(8)]
+        barrier = threading.Barrier(8)
+        got = [None] * 8
+
+        def client(s):
+            barrier.wait()
+            got[s] = org.submit("the cat", seed=s, **over).result(timeout=60)
+
+        threads = [threading.Thread(target=client, args=(s,)) for s in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == want
+        loop = org._decode_loop
+        assert loop.rows > loop.steps  # some steps advanced several requests in one forward
+        three = org.submit("the cat", n=3, seed=4, **over)
+        assert [j.result(timeout=60) for j in three] == org.run("the cat", n=3, seed=4, **over)
+    finally:
+        org.close()
+
+
+def test_generations_on_older_weights_keep_them(tok):
+    """A generation begun before a training step finishes on the weights it began with, in a
+    step of its own; one begun after uses the new weights."""
+    cfg = mg.Config(n_layer=1, n_embd=32, n_head=4, block_size=24, head_types=("content", "content", "hybrid", "rrpram"))
+    m = mg.Model(cfg, tok.vocab_size, seed=3, n_threads=1)
+    g = Generator(m, tok)
+    over = dict(seed=2, max_gen_tokens=40, min_gen_tokens=40, repetition_guard=0)
+    before = g.run("the cat", **over)
+    params = g.params(**over)
+    first = g.begin("the cat", params)
+    data = [tok.encode(line) for line in LINES[:4]]
+    m.train_step(data, 0.05)
+    after = g.run("the cat", **over)
+    assert after != before
+    second = g.begin("the cat", params)
+    loop = mg.DecodeLoop()
+    try:
+        joined = loop.join_all([(g, first, params), (g, second, params)])
+        assert [j.result(timeout=60) for j in joined] == [before, after]
+        assert loop.largest == 1
+    finally:
+        loop.close()
+
+
+def test_one_failing_generation_does_not_disturb_the_others(tok, trained):
+    g = Generator(trained, tok)
+    over = dict(seed=1, max_gen_tokens=30, min_gen_tokens=30, repetition_guard=0)
+    want = g.run("the cat", **over)
+    calls = []
+
+    def fails_on_the_fifth_token(ids, logits):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("processor broke")
+        return logits
+
+    good, broken = g.params(**over), g.params(**over, logits_processors=(fails_on_the_fifth_token,))
+    w, V, T = g.weights.get(), trained.vocab_size, trained.config.block_size
+    no_token = _decode.Decoder(w, V, T)  # every token banned: nothing can be sampled
+    no_token.begin([tok.bos_id], **begin_kwargs(V, 0, banned=np.ones(V, np.uint8)))
+    loop = mg.DecodeLoop()
+    try:
+        a, b, c = loop.join_all([(g, g.begin("the cat", good), good), (g, g.begin("a", broken), broken),
+                                 (g, no_token, good)])
+        assert a.result(timeout=60) == want
+        with pytest.raises(RuntimeError, match="processor broke"):
+            b.result(timeout=60)
+        with pytest.raises(GenerationError, match="no token can be sampled"):
+            c.result(timeout=60)
+        with pytest.raises(RuntimeError, match="processor broke"):
+            list(b)
+    finally:
+        loop.close()
+
+
+def test_listen_cancel_close_and_the_idle_thread(tok, trained):
+    g = Generator(trained, tok)
+    loop = mg.DecodeLoop(idle_seconds=0.05)
+    try:
+        short = g.params(seed=3, max_gen_tokens=20)
+        j = loop.join(g, g.begin("the", short), short)
+        result = j.result(timeout=60)
+        heard = []
+        j.listen(heard.append)  # pieces that came before are replayed, then the end
+        assert heard[-1] is None and "".join(heard[:-1]) == result.text == g.generate("the", seed=3, max_gen_tokens=20)
+        with pytest.raises(GenerationError, match="already has a listener"):
+            j.listen(print)
+        with pytest.raises(GenerationError, match="go to its listener"):
+            list(j)
+
+        endless = g.params(seed=1, max_gen_tokens=10 ** 6, min_gen_tokens=10 ** 6, repetition_guard=0)
+        j = loop.join(g, g.begin("the", endless), endless)
+        first = next(iter(j))
+        assert first
+        j.cancel()
+        r = j.result(timeout=60)
+        assert r.stop_reason == "cancelled" and 0 < len(r.ids) < 10 ** 6
+        assert len(g.in_flight) == 0
+
+        deadline = time.monotonic() + 10
+        while loop._thread is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert loop._thread is None  # idle: the thread ended
+        assert loop.join(g, g.begin("the", short), short).result(timeout=60) == result  # and starts again
+
+        j = loop.join(g, g.begin("the", endless), endless)
+        next(iter(j))
+        loop.close()
+        with pytest.raises(GenerationError, match="closed before this generation finished"):
+            j.result(timeout=60)
+        with pytest.raises(GenerationError, match="closed"):
+            loop.join(g, g.begin("the", short), short).result(timeout=60)
+        never_joined = mg.Joined(g, g.begin("the", short), short)
+        with pytest.raises(GenerationError, match="did not finish within"):
+            never_joined.result(timeout=0.01)
+    finally:
+        loop.close()

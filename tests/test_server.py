@@ -142,6 +142,38 @@ def test_streamed_equals_plain_for_the_same_seed(frozen, monkeypatch):
     assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == plain.usage.model_dump()
 
 
+def test_concurrent_requests_are_decoded_together(frozen, frozen_org, monkeypatch):
+    """Streams of several clients at once share the organism's decode steps (one batched
+    forward for all of them), and each gets exactly the reply it gets alone."""
+    c = client(frozen)
+    asks = [([{"role": "user", "content": f"tell me about the {w}"}], seed)
+            for seed, w in enumerate(("sea", "sky", "cat", "river", "moon", "forest"))]
+    plain = [c.chat.completions.create(model="pet", messages=m, seed=seed, max_tokens=24, temperature=0.9)
+             .choices[0].message.content for m, seed in asks]
+    pace_streams(monkeypatch, 0.005)  # each reply takes long enough for the others to join it
+    loop = frozen_org._decoding()
+    largest_before = loop.largest
+    loop.largest = 0
+    barrier = threading.Barrier(len(asks))
+    got = [None] * len(asks)
+
+    def ask(i):
+        m, seed = asks[i]
+        barrier.wait()
+        chunks = c.chat.completions.create(model="pet", messages=m, seed=seed, max_tokens=24, temperature=0.9,
+                                           stream=True)
+        got[i] = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert got == plain
+    assert loop.largest > 1
+    loop.largest = max(loop.largest, largest_before)
+
+
 def test_stream_is_server_sent_events_ending_with_done(frozen):
     with httpx.stream("POST", frozen.url + "/v1/chat/completions", timeout=60,
                       json={"model": "pet", "messages": [{"role": "user", "content": "hi"}], "stream": True,
@@ -320,13 +352,13 @@ def test_no_learn_observes_nothing(frozen, frozen_org):
 
 def test_prompts_hold_only_their_own_conversation(frozen, frozen_org, monkeypatch):
     prompts = []
-    run = frozen_org.run
+    submit = frozen_org.submit
 
     def spy(prompt, **kw):
         prompts.append(prompt)
-        return run(prompt, **kw)
+        return submit(prompt, **kw)
 
-    monkeypatch.setattr(frozen_org, "run", spy)
+    monkeypatch.setattr(frozen_org, "submit", spy)
     c = client(frozen)
     c.chat.completions.create(model="pet", messages=[{"role": "user", "content": "my password is zebra42"}])
     c.chat.completions.create(model="pet", messages=[{"role": "user", "content": "what is the password?"}])
@@ -542,6 +574,14 @@ def test_a_client_that_leaves_mid_stream(monkeypatch):
     """Its new turn is learned, the reply it did not wait for is not; the server goes on."""
     pace_streams(monkeypatch, 0.02)  # the reply takes over a second: the client leaves in the middle
     org = small_organism(min_gen_tokens=60)
+    jobs = []
+    submit = org.submit
+
+    def keep(*args, **kw):
+        jobs.append(submit(*args, **kw))
+        return jobs[-1]
+
+    monkeypatch.setattr(org, "submit", keep)
     try:
         with LiveServer(create_app(organisms={"pet": org}, learn=True)) as srv:
             body = {"model": "pet", "messages": [{"role": "user", "content": "a long story please"}],
@@ -550,6 +590,8 @@ def test_a_client_that_leaves_mid_stream(monkeypatch):
                 events = resp.iter_lines()
                 first = [next(events) for _ in range(4)]  # the role chunk and some pieces, then away
             assert all(e.startswith("data: ") or e == "" for e in first)
+            left = jobs[0].result(timeout=30)  # the generation stopped when the client went away
+            assert left.stop_reason == "cancelled" and len(left.ids) < 60
             wait_for(lambda: [(m.role, m.text) for m in org.memory.messages()] == [("H", "a long story please")],
                      30, "the user's turn")
             time.sleep(1.5)  # longer than the whole reply would have taken: it is not learned later

@@ -11,8 +11,10 @@ from .checkpoint import (
 from .config import Config as Config
 from .field import CorpusField as CorpusField
 from .generation import (
+    DecodeLoop as DecodeLoop,
     GenerationResult as GenerationResult,
     Generator as Generator,
+    Joined as Joined,
     SamplingParams as SamplingParams,
 )
 from .data import default_home as default_home, seed_corpus_lines as seed_corpus_lines
@@ -54,11 +56,13 @@ __all__ = [
     "ConfigError",
     "CorpusError",
     "CorpusField",
+    "DecodeLoop",
     "EvolvingTokenizer",
     "ForgetCounts",
     "GenerationError",
     "GenerationResult",
     "InvalidTextWarning",
+    "Joined",
     "Generator",
     "Memory",
     "MemoryStoreError",

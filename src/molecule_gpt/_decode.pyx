@@ -1529,10 +1529,13 @@ cdef class Batch:
     def decoders(self):
         return list(self.decs)
 
-    def run(self, Py_ssize_t limit, processors=None):
+    def run(self, Py_ssize_t limit, processors=None, bint raise_failed=True):
         """Generate up to `limit` more tokens in every unfinished sequence; returns one
         (new_ids, stop_reason or None) per decoder, as Decoder.run does for each.
-        processors: None, or one entry per decoder (None or its callables, as Decoder.run's)."""
+        processors: None, or one entry per decoder (None or its callables, as Decoder.run's).
+        A sequence for which no token can be sampled finishes; raise_failed: raise
+        GenerationError for it (after the step of the others), else its stop reason is
+        "no_token" and the others' results are returned as usual."""
         cdef Decoder d
         cdef Py_ssize_t i, k
         cdef int B = self.size
@@ -1558,12 +1561,13 @@ cdef class Batch:
                 else:
                     self._run_group(&self.groups[0], limit)
             for i in range(B):
-                if self.failed[i]:
+                if self.failed[i] and raise_failed:
                     raise _no_token_error()
         out = []
         for i in range(B):
             d = self.decs[i]
-            out.append(([d.hist[k] for k in range(starts[i], d.nh)], STOP_REASONS[self.stops[i]]))
+            out.append(([d.hist[k] for k in range(starts[i], d.nh)],
+                        "no_token" if self.failed[i] else STOP_REASONS[self.stops[i]]))
         return out
 
     cdef void _run_group(self, Group* g, Py_ssize_t limit) noexcept nogil:

@@ -36,7 +36,9 @@ same arguments and seed.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import logging
 import dataclasses
 import math
 import numbers
@@ -52,7 +54,9 @@ from .config import Config
 from .errors import GenerationError
 from .model import Model, _rope_tables, delta_group, fold_delta_terms
 
-__all__ = ["GenerationResult", "Generator", "SamplingParams", "WeightCache", "fold_weights"]
+__all__ = ["DecodeLoop", "GenerationResult", "Generator", "Joined", "SamplingParams", "WeightCache", "fold_weights"]
+
+log = logging.getLogger("molecule_gpt.generation")
 
 LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -579,43 +583,240 @@ class Generator:
         """Finish generations started by begin_many(), advancing them together. Sequences with
         stop strings are checked after every step (as stream() does); the others run to their
         stop rules without returning to Python."""
+        joined = [Joined(self, dec, p) for dec, p in zip(decs, params, strict=True)]
         try:
-            return self._run_batch(list(decs), list(params))
+            live = [j for j in joined if not j._ended_before_step()]
+            if live:
+                batch = _decode.Batch([j.dec for j in live], getattr(self.config, "decode_threads", 1))
+                procs = [j.params.logits_processors or None for j in live]
+                step = 1 if any(j.params.stop for j in live) else max(j.params.max_gen_tokens for j in live)
+                while not all(j.done for j in live):
+                    for j, (new, reason) in zip(live, batch.run(step, procs)):
+                        if not j.done:
+                            j._advance(new, reason)
+            return [j.result() for j in joined]
         finally:
-            for dec in decs:
-                self._release(dec)
+            for j in joined:
+                j._end(None, GenerationError("the batch this generation was in failed"))
 
-    def _run_batch(self, decs: list, params: list) -> list[GenerationResult]:
-        results: list = [None] * len(decs)
-        live = []
-        for i, p in enumerate(params):
-            if p.max_gen_tokens == 0:
-                results[i] = GenerationResult([], "", "max_tokens")
-            else:
-                live.append(i)
-        if not live:
-            return results
-        batch = _decode.Batch([decs[i] for i in live], getattr(self.config, "decode_threads", 1))
-        procs = [params[i].logits_processors or None for i in live]
-        texts = {i: _StopText(self.tokenizer, params[i].stop) for i in live if params[i].stop}
-        pieces: dict[int, list[str]] = {i: [] for i in texts}
-        ids: dict[int, list[int]] = {i: [] for i in live}
-        step = 1 if texts else max(params[i].max_gen_tokens for i in live)
-        while any(results[i] is None for i in live):
-            for i, (new, reason) in zip(live, batch.run(step, procs)):
-                if results[i] is not None:
-                    continue
-                ids[i].extend(new)
-                if i in texts:
-                    pieces[i].append(texts[i].add(new, reason))
-                    if texts[i].stopped:
-                        decs[i].finish()
-                        reason = "stop_string"
-                    if reason is not None:
-                        results[i] = GenerationResult(ids[i], "".join(pieces[i]), reason)
-                elif reason is not None:
-                    results[i] = GenerationResult(ids[i], self.tokenizer.decode(ids[i]), reason)
-        return results
+
+class Joined:
+    """One generation advanced by a DecodeLoop (or run_begun_many) together with others.
+
+    Its text arrives in pieces as the steps run (the pieces stream() yields). Read them by
+    iterating (each next() waits for a piece; the iteration ends with the generation, and
+    leaving it early cancels the generation), or give `listen(callback)` a callable: it then
+    gets every piece (first those that came before), on the loop's thread and in order, and
+    None once at the end. `result()` waits for the end and returns the GenerationResult, or
+    raises what ended it; `cancel()` ends it at the loop's next step (stop reason "cancelled").
+    Thread-safe."""
+
+    def __init__(self, gen: "Generator", dec: _decode.Decoder, params: SamplingParams):
+        self.gen, self.dec, self.params = gen, dec, params
+        self._text = _StopText(gen.tokenizer, params.stop)
+        self._ids: list[int] = []
+        self._pieces: list[str] = []
+        self._cond = threading.Condition()
+        self._unread: collections.deque = collections.deque()
+        self._listener: Callable[[str | None], None] | None = None
+        self._cancelled = False
+        self._result: GenerationResult | None = None
+        self._error: BaseException | None = None
+        self.done = False
+
+    # ---- the reader's side
+
+    def __iter__(self) -> Iterator[str]:
+        if self._listener is not None:
+            raise GenerationError("this generation's pieces go to its listener; read result() instead")
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._unread)
+                    piece = self._unread.popleft()
+                if piece is None:
+                    self.result()  # raises what ended it, if anything did
+                    return
+                yield piece
+        finally:
+            self.cancel()
+
+    def listen(self, callback: Callable[[str | None], None]) -> None:
+        """Send the pieces to `callback` (called with None after the last one) instead of
+        keeping them for iteration."""
+        with self._cond:
+            if self._listener is not None:
+                raise GenerationError("this generation already has a listener")
+            self._listener = callback
+            while self._unread:
+                callback(self._unread.popleft())
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """The finished generation (waits for it; GenerationError after `timeout` seconds)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.done, timeout):
+                raise GenerationError(f"the generation did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def cancel(self) -> None:
+        """End the generation at the next step (a no-op once it ended)."""
+        self._cancelled = True
+
+    # ---- the stepping side (one thread at a time)
+
+    def _ended_before_step(self) -> bool:
+        """Before each step: True when the generation ends without it (cancelled, or nothing
+        to generate)."""
+        if self._cancelled or self.params.max_gen_tokens == 0:
+            self._end("cancelled" if self._cancelled else "max_tokens")
+        return self.done
+
+    def _advance(self, new: list[int], reason: str | None) -> None:
+        """Take one step's tokens and stop reason (Decoder.run's)."""
+        self._ids.extend(new)
+        piece = self._text.add(new, reason)
+        if self._text.stopped:
+            self.dec.finish()
+            reason = "stop_string"
+        if piece:
+            self._pieces.append(piece)
+            self._deliver(piece)
+        if reason == "no_token":
+            self._end(None, _decode._no_token_error())
+        elif reason is not None:
+            self._end(reason)
+
+    def _end(self, reason: str | None, error: BaseException | None = None) -> None:
+        """Finish: give the decoder back and wake the reader (a no-op once done)."""
+        if self.done:
+            return
+        self.gen._release(self.dec)
+        self._result = GenerationResult(self._ids, "".join(self._pieces), reason) if error is None else None
+        self._error = error
+        with self._cond:
+            self.done = True
+            self._cond.notify_all()
+        self._deliver(None)
+
+    def _deliver(self, piece: str | None) -> None:
+        with self._cond:
+            if self._listener is None:
+                self._unread.append(piece)
+                self._cond.notify_all()
+                return
+            try:
+                self._listener(piece)
+            except Exception:  # a listener that fails is not listening any more
+                log.exception("a generation's listener failed; the generation is cancelled")
+                self._cancelled = True
+
+
+class DecodeLoop:
+    """Generations begun by any number of threads, decoded together on one thread.
+
+    `join(generator, decoder, params)` (after Generator.begin) returns a Joined: from the next
+    step on, every step advances each live generation by one token, those that share a Weights
+    in one batched forward (`_decode.Batch`), so concurrent callers read each weight matrix once
+    per step between them instead of once each. A generation leaves when it stops. Each one
+    produces exactly the tokens it would alone (Batch's guarantee): its text equals
+    Generator.run's and stream's for the same seed and weights. Generations with logits
+    processors (Python callables that may raise) step in a batch of their own. Generations
+    begun on weights from before a training step keep them, in a batch of their own, until
+    they end.
+
+    threads: the Batch's threads (Config.decode_threads). The thread starts with the first
+    generation and ends after `idle_seconds` without any. `steps` counts the batched forwards
+    and `rows` the sequences they advanced (rows / steps: the mean batch). Thread-safe."""
+
+    def __init__(self, threads: int = 1, idle_seconds: float = 2.0):
+        self.threads = threads
+        self.idle_seconds = idle_seconds
+        self.steps = 0
+        self.rows = 0
+        self.largest = 0  # the most sequences one forward advanced
+        self._joining: list[Joined] = []
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def join(self, gen: "Generator", dec: _decode.Decoder, params: SamplingParams) -> Joined:
+        """Add a begun generation; it advances from the loop's next step."""
+        return self.join_all([(gen, dec, params)])[0]
+
+    def join_all(self, begun: Sequence[tuple]) -> list[Joined]:
+        """Add several begun generations at once (they take their first step together)."""
+        joined = [Joined(gen, dec, params) for gen, dec, params in begun]
+        with self._changed:
+            if self._closed:
+                for j in joined:
+                    j._end(None, GenerationError("the decode loop is closed"))
+                return joined
+            self._joining += joined
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="molecule-gpt-decode", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        return joined
+
+    def close(self) -> None:
+        """Cancel every generation and stop the thread (joining afterwards fails)."""
+        with self._changed:
+            self._closed = True
+            thread = self._thread
+            self._changed.notify()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _take_joining(self, live: list[Joined]) -> bool:
+        """Move new generations into `live`, waiting while there is nothing to do; False: stop."""
+        with self._changed:
+            if not live and not self._joining:
+                self._changed.wait_for(lambda: self._joining or self._closed, self.idle_seconds)
+            if self._closed or (not live and not self._joining):
+                self._thread = None
+                live += self._joining
+                self._joining = []
+                return False
+            live += self._joining
+            self._joining = []
+            return True
+
+    def _run(self) -> None:
+        live: list[Joined] = []
+        batches: dict = {}  # group key -> (its members, their Batch)
+        try:
+            while self._take_joining(live):
+                groups: dict = {}
+                for j in live:
+                    if not j._ended_before_step():
+                        key = (j.dec.weights, id(j) if j.params.logits_processors else None)
+                        groups.setdefault(key, []).append(j)
+                batches = {key: self._step(members, batches.get(key)) for key, members in groups.items()}
+                live = [j for j in live if not j.done]
+        finally:
+            for j in live:
+                j._end(None, GenerationError("the decode loop was closed before this generation finished"))
+
+    def _step(self, members: list[Joined], cached: tuple | None) -> tuple:
+        """One token for each of `members` in one batched forward; returns (members, Batch)."""
+        batch = cached[1] if cached is not None and cached[0] == members else None
+        procs = [j.params.logits_processors or None for j in members]
+        try:
+            if batch is None:
+                batch = _decode.Batch([j.dec for j in members], self.threads)
+            out = batch.run(1, procs, raise_failed=False)
+        except Exception as exc:  # a logits processor that failed (its generation steps alone)
+            for j in members:
+                j._end(None, exc)
+            return members, batch
+        self.steps += 1
+        self.rows += len(members)
+        self.largest = max(self.largest, len(members))
+        for j, (new, reason) in zip(members, out):
+            j._advance(new, reason)
+        return members, batch
 
 
 class _StopText:

@@ -76,7 +76,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .errors import CheckpointError, CorpusError, GenerationError, OrganismError, TrainingError
 from .field import CorpusField
-from .generation import GenerationResult, Generator
+from .generation import DecodeLoop, GenerationResult, Generator, Joined
 from .heldout import HeldOut
 from .memory import Memory
 from .model import Model, default_threads, delta_group
@@ -267,6 +267,8 @@ class Organism:
         self._stop_event = threading.Event()
         self._thread_error: BaseException | None = None
         self._blas_limiter = None
+        self._decode_loop: DecodeLoop | None = None  # the thread that decodes submit()ted generations together
+        self._decode_loop_lock = threading.Lock()
 
         # three ways to come about, built from the same pieces (_split_corpus, _attach): born
         # from a corpus, restored from a checkpoint, or adopted from the original program
@@ -544,6 +546,25 @@ class Organism:
         if n is None:
             gen, dec, params = self._begin(prompt, overrides)
             return gen.run_begun(dec, params)
+        gen, decs, params = self._begin_n(prompt, n, overrides)
+        return gen.run_begun_many(decs, params)
+
+    def submit(self, prompt: str | Sequence[int] = "", n: int | None = None,
+               **overrides) -> Joined | list[Joined]:
+        """Start a generation that is decoded together with every other one submitted to this
+        organism, from any thread: each step of the organism's decode thread advances all of
+        them by one token, those on the same weights in one batched forward (DecodeLoop). The
+        prompt is encoded and prefilled here; the returned Joined yields the reply's pieces
+        (or sends them to a listener) and gives the GenerationResult, equal token for token to
+        run() with the same arguments and seed. n: a list of n, begun as run(n=) begins them.
+        This is how the server answers concurrent requests."""
+        if n is None:
+            gen, dec, params = self._begin(prompt, overrides)
+            return self._decoding().join(gen, dec, params)
+        gen, decs, params = self._begin_n(prompt, n, overrides)
+        return self._decoding().join_all([(gen, dec, p) for dec, p in zip(decs, params)])
+
+    def _begin_n(self, prompt, n, overrides: dict):
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise GenerationError(f"n must be a positive int (the number of continuations), got {n!r}")
         with self._structure.read():
@@ -552,8 +573,13 @@ class Organism:
             base = gen.params(**overrides)
             seed = base.seed
             params = [base if seed is None or k == 0 else dataclasses.replace(base, seed=seed + k) for k in range(n)]
-            decs = gen.begin_many([prompt] * n, params)
-        return gen.run_begun_many(decs, params)
+            return gen, gen.begin_many([prompt] * n, params), params
+
+    def _decoding(self) -> DecodeLoop:
+        with self._decode_loop_lock:
+            if self._decode_loop is None:
+                self._decode_loop = DecodeLoop(self.config.decode_threads)
+            return self._decode_loop
 
     def stream(self, prompt: str | Sequence[int] = "", **overrides) -> Iterator[str]:
         """Yield the reply in pieces as it is generated; "".join(pieces) == generate(...)."""
@@ -1339,8 +1365,13 @@ class Organism:
         self.model.n_threads = self._train_threads(background=False)
 
     def close(self) -> None:
-        """Stop the background trainer (if running) and close the memory and telemetry files."""
+        """Stop the background trainer (if running) and the decode thread (generations submitted
+        and not finished end with GenerationError), and close the memory and telemetry files."""
         self.stop()
+        with self._decode_loop_lock:
+            loop, self._decode_loop = self._decode_loop, None
+        if loop is not None:
+            loop.close()
         if self.memory is not None and self._own_memory:
             self.memory.close()
         if self._telemetry_log is not None:

@@ -85,7 +85,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .errors import GenerationError, MemoryStoreError, MoleculeError, OrganismError
-from .generation import SamplingParams
+from .generation import Joined, SamplingParams
 from .organism import Organism
 from .status import history_records, status_document
 
@@ -552,21 +552,9 @@ def _choice_overrides(s: Sampling, i: int) -> dict:
     return o
 
 
-def _stream_pieces(org: Organism, prompt: str, overrides: dict) -> tuple[Iterator[str], dict]:
-    """Organism.stream, plus a box that receives the generated ids and the stop reason when the
-    stream ends (the public stream yields text only; the usage count and finish_reason need
-    both). The same path Organism.run takes when stop strings are set, so streamed and plain
-    replies are the same text for the same seed and weights."""
-    gen, dec, params = org._begin(prompt, overrides)
-    box: dict = {}
-    return gen._pieces(dec, params, box), box
-
-
-_END = object()
-
-# Streams generate on a pool of reused threads: starting a thread per request makes the event
-# loop wait until the new thread runs, which under load costs more than the first token.
-# More streams than workers wait for a free one.
+# Streams are begun (encoded and prefilled) on a pool of reused threads: starting a thread per
+# request makes the event loop wait until the new thread runs, which under load costs more than
+# the first token. More streams than workers wait for a free one.
 _STREAM_WORKERS = 64
 _stream_pool: concurrent.futures.ThreadPoolExecutor | None = None
 _stream_pool_lock = threading.Lock()
@@ -582,38 +570,39 @@ def _stream_threads() -> concurrent.futures.ThreadPoolExecutor:
 
 
 async def _generated(org: Organism, prompt: str, overrides: dict, box: dict):
-    """Stream one generation from a pool thread, yielding its text as it comes; pieces
-    that arrived while the event loop was busy are joined into one (so a loaded server sends
-    fewer, longer events instead of falling behind). When the stream ends, `box` holds
-    "prompt_tokens", "ids" and "reason". A consumer that stops early (the client went away)
-    stops the generation at its next token."""
+    """Stream one generation, yielding its text as it comes: it is begun (encoded and
+    prefilled) on a pool thread and decoded by the organism's decode loop together with every
+    other request's (Organism.submit); pieces that arrived while the event loop was busy are
+    joined into one (so a loaded server sends fewer, longer events instead of falling behind).
+    When the stream ends, `box` holds "prompt_tokens", "ids" and "reason". A consumer that
+    stops early (the client went away) ends the generation at the loop's next step."""
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
     cancel = threading.Event()
+    started: list = []
 
     def post(item) -> None:
         try:
             loop.call_soon_threadsafe(q.put_nowait, item)
         except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
             cancel.set()
+            for job in started:
+                job.cancel()
 
-    def produce() -> None:
+    def begin() -> None:
         try:
             count = _prompt_tokens(org, prompt)
-            pieces, result = _stream_pieces(org, prompt, overrides)
-            try:
-                for piece in pieces:
-                    post(piece)
-                    if cancel.is_set():
-                        break
-            finally:
-                pieces.close()  # releases the decoder
-            box.update(result, prompt_tokens=count)
-            post(_END)
+            job = org.submit(prompt, **overrides)
         except BaseException as exc:  # handed to the consumer, which raises it in the request
             post(exc)
+            return
+        box["prompt_tokens"] = count
+        started.append(job)
+        if cancel.is_set():
+            job.cancel()
+        job.listen(lambda piece: post(piece if piece is not None else job))
 
-    _stream_threads().submit(produce)
+    _stream_threads().submit(begin)
     try:
         while True:
             item = await q.get()
@@ -623,12 +612,16 @@ async def _generated(org: Organism, prompt: str, overrides: dict, box: dict):
                 item = q.get_nowait() if not q.empty() else None
             if text:
                 yield "".join(text)
-            if item is _END:
-                return
             if isinstance(item, BaseException):
                 raise item
+            if isinstance(item, Joined):
+                result = item.result()
+                box.update(ids=result.ids, reason=result.stop_reason)
+                return
     finally:
         cancel.set()
+        for job in started:
+            job.cancel()
 
 
 def _sse(obj) -> bytes:
@@ -814,14 +807,18 @@ class _App:
     def _run_all(org: Organism, prompts: list[str], s: Sampling) -> tuple[list, int]:
         """Every choice of every prompt (prompt-major) and the prompt tokens (each prompt once,
         as OpenAI counts them)."""
-        results, prompt_tokens = [], 0
-        for prompt in prompts:
-            prompt_tokens += _prompt_tokens(org, prompt)
-            try:  # the n choices decode together; choice i uses seed + i (_choice_overrides)
-                results += [org.run(prompt, **s.overrides)] if s.n == 1 else org.run(prompt, n=s.n, **s.overrides)
-            except GenerationError as exc:  # sampling settings the organism refuses: the request's fault
-                raise _bad(str(exc)) from None
-        return results, prompt_tokens
+        jobs, prompt_tokens = [], 0
+        try:
+            for prompt in prompts:
+                prompt_tokens += _prompt_tokens(org, prompt)
+                # decoded with every other request's; choice i uses seed + i (_choice_overrides)
+                jobs += [org.submit(prompt, **s.overrides)] if s.n == 1 else org.submit(prompt, n=s.n, **s.overrides)
+            return [job.result() for job in jobs], prompt_tokens
+        except GenerationError as exc:  # sampling settings the organism refuses: the request's fault
+            raise _bad(str(exc)) from None
+        finally:
+            for job in jobs:
+                job.cancel()
 
     @staticmethod
     def _usage(results, prompt_tokens: int) -> dict:
