@@ -20,7 +20,8 @@ trainer is busy most of the run), in alternating order from round to round:
 The load generator's CPU share is this process's CPU time over wall time during the load.
 
 Printed: per round and mode, requests, errors, tokens/s in total, TTFT p50/p99 (ms), bursts and
-training steps during the load, load-generator CPU; then the medians over rounds and the paired
+training steps during the load, the mean number of requests one decode step advanced (the
+server decodes concurrent requests together), load-generator CPU; then the medians over rounds and the paired
 ratio TTFT p99 (training on / off) per round and its median (target: at most 1.5).
 """
 from __future__ import annotations
@@ -196,6 +197,8 @@ def run_mode(template, workdir, learn: bool, args, lines) -> dict:
         "bursts": after["bursts"]["total"] - before["bursts"]["total"],
         "accepted": after["bursts"]["accepted"] - before["bursts"]["accepted"],
         "train_steps": after["steps"] - before["steps"],
+        "mean_batch": ((after["decoding"]["tokens"] - before["decoding"]["tokens"])
+                       / max(1, after["decoding"]["steps"] - before["decoding"]["steps"])),
         "loadgen_cpu_share": cpu / wall, "wall_s": wall, "server_exit": code,
     }
 
@@ -229,7 +232,7 @@ def main(argv=None) -> int:
                 print(f"round {rnd} {row['mode']:>12}: {row['requests']} requests, {row['errors']} errors, "
                       f"{row['tokens_per_s']:,.0f} tokens/s, TTFT p50 {row['ttft_p50_ms']:.1f} ms p99 "
                       f"{row['ttft_p99_ms']:.1f} ms, {row['bursts']} bursts ({row['accepted']} kept, "
-                      f"{row['train_steps']} steps), load generator CPU {100 * row['loadgen_cpu_share']:.0f}% "
+                      f"{row['train_steps']} steps), mean decode batch {row['mean_batch']:.1f}, load generator CPU {100 * row['loadgen_cpu_share']:.0f}% "
                       f"of a core" + (f"; errors: {row['first_errors']}" if row["errors"] else ""), flush=True)
     print()
     print("medians over rounds:")

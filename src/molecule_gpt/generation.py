@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import logging
 import dataclasses
+import logging
 import math
 import numbers
 import threading

@@ -575,6 +575,13 @@ class Organism:
             params = [base if seed is None or k == 0 else dataclasses.replace(base, seed=seed + k) for k in range(n)]
             return gen, gen.begin_many([prompt] * n, params), params
 
+    def _decoding_counts(self) -> dict:
+        """What the decode loop of submit() did: batched forwards, the tokens they sampled (one
+        per sequence per forward), the most sequences in one."""
+        loop = self._decode_loop
+        return {"steps": loop.steps, "tokens": loop.rows, "largest": loop.largest} if loop is not None else \
+            {"steps": 0, "tokens": 0, "largest": 0}
+
     def _decoding(self) -> DecodeLoop:
         with self._decode_loop_lock:
             if self._decode_loop is None:
@@ -1048,7 +1055,8 @@ class Organism:
 
     def stats(self) -> dict:
         """Counters and state: steps, losses, vocabulary, parameters, delta modules, arena use,
-        training throughput, blend weight, corpus and buffer sizes, background status."""
+        training throughput, blend weight, corpus and buffer sizes, submitted generations'
+        decoding, background status."""
         t, m = self.trainer, self.model
         modules = []
         for st in t.modules:
@@ -1070,7 +1078,7 @@ class Organism:
                 "delta_modules": modules, "base_trainable": m.trainable["base"],
                 "arena_high_water": m.arena_high_water, "arena_capacity": m.arena_capacity,
                 "tokens_per_second": t.tokens_per_second, "model_alpha": self.model_alpha(),
-                "corpus": corpus, "quantum_buffer": buffer,
+                "corpus": corpus, "quantum_buffer": buffer, "decoding": self._decoding_counts(),
                 "background": {"running": self._thread is not None and self._thread.is_alive(),
                                "error": repr(self._thread_error) if self._thread_error else None}}
 

@@ -17,6 +17,8 @@ Schema (every key always present; numbers that do not exist yet are None):
     next_burst     what the next background burst waits for, in words
     trainer        {"running", "tokens_per_second", "error"}
     memory         {"messages", "snapshots", "retrieval"} or None without a memory
+    decoding       {"steps", "tokens", "largest"}  batched forwards of the decode loop that
+                   serves concurrent requests, the tokens they sampled, the most sequences in one
     history        {"val_loss": [[step, nats/char], ...]  held-out loss on the birth text over
                                                           time (warmup evaluations, then the
                                                           value each burst left)
@@ -94,6 +96,7 @@ def status_document(org, memory=None, earlier: Iterable[dict] = ()) -> dict:
         "trainer": {"running": s["background"]["running"], "tokens_per_second": _finite(s["tokens_per_second"]),
                     "error": s["background"]["error"]},
         "memory": mem,
+        "decoding": dict(s["decoding"]),
         "history": _history(records),
     }
 
@@ -127,6 +130,10 @@ def status_text(doc: dict) -> str:
     ]
     if trainer["error"]:
         lines.append(f"trainer error  {trainer['error']}")
+    d = doc["decoding"]
+    if d["steps"]:
+        lines.append(f"decoding       {d['tokens']:,} tokens in {d['steps']:,} batched steps "
+                     f"(mean batch {d['tokens'] / d['steps']:.1f}, largest {d['largest']})")
     if doc["memory"] is not None:
         m = doc["memory"]
         lines.append(f"memory         {m['messages']} messages, {m['snapshots']} snapshots ({m['retrieval']})")
