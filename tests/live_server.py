@@ -46,11 +46,11 @@ def pace_streams(monkeypatch, delay: float = 0.01) -> None:
     small test organism writes a reply in about a millisecond, faster than the event loop
     sends it (the server then joins the pieces that queued up into one event); paced, a test
     sees the reply arrive piece by piece, as it does from a larger model."""
-    from molecule_gpt.generation import Joined
-    real = Joined._advance
+    from molecule_gpt.generation import SubmittedGeneration
+    real = SubmittedGeneration._advance
 
     def paced(self, new, reason):
         time.sleep(delay)
         real(self, new, reason)
 
-    monkeypatch.setattr(Joined, "_advance", paced)
+    monkeypatch.setattr(SubmittedGeneration, "_advance", paced)

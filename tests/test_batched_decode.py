@@ -523,7 +523,7 @@ def test_listen_cancel_close_and_the_idle_thread(tok, trained):
             j.result(timeout=60)
         with pytest.raises(GenerationError, match="closed"):
             loop.join(g, g.begin("the", short), short).result(timeout=60)
-        never_joined = mg.Joined(g, g.begin("the", short), short)
+        never_joined = mg.SubmittedGeneration(g, g.begin("the", short), short)
         with pytest.raises(GenerationError, match="did not finish within"):
             never_joined.result(timeout=0.01)
     finally:

@@ -187,6 +187,36 @@ def test_chat_plain_and_streamed_by_name_and_status_route(colony, served):
     assert "<html" in page.lower()
 
 
+def test_a_client_that_leaves_ends_the_generation_on_its_host(colony, served):
+    """The reply would take a second or more (a larger model, 1,024 tokens it may not stop
+    before); the client reads the first pieces and goes away: the host's generation ends there
+    (Ray cancels the host's stream, which cancels the generation at its next decode step)."""
+    import httpx
+    url, client = served
+    slow = {**TINY, "n_embd": 256, "n_layer": 4, "block_size": 64, "warmup_steps": 4, "field_blend": False,
+            "min_gen_tokens": 1024, "repetition_guard": 0}
+    colony.create("slow", config=slow)
+    try:
+        def decoded():
+            return httpx.get(f"{url}/v1/organisms/slow/status", timeout=WAIT).json()["decoding"]["tokens"]
+        before = decoded()
+        body = {"model": "slow", "prompt": "the river", "max_tokens": 1024, "stream": True, "seed": 1}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=WAIT) as resp:
+            assert resp.status_code == 200
+            events = resp.iter_lines()
+            first = [next(events) for _ in range(4)]
+        assert any(e.startswith("data: {") for e in first)
+        counts = [decoded()]
+        while True:  # until the count stands still
+            time.sleep(0.5)
+            counts.append(decoded())
+            if counts[-1] == counts[-2]:
+                break
+        assert 0 < counts[-1] - before < 1024, counts
+    finally:
+        colony.remove("slow")
+
+
 @needs_chromium
 def test_the_chat_page_over_ray_picks_an_organism_streams_and_follows_it(colony, served, browser):
     """The page served by Ray Serve in a real headless Chromium: the picker lists the eight

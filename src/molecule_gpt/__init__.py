@@ -14,8 +14,8 @@ from .generation import (
     DecodeLoop as DecodeLoop,
     GenerationResult as GenerationResult,
     Generator as Generator,
-    Joined as Joined,
     SamplingParams as SamplingParams,
+    SubmittedGeneration as SubmittedGeneration,
 )
 from .data import default_home as default_home, seed_corpus_lines as seed_corpus_lines
 from .memory import ForgetCounts as ForgetCounts, Memory as Memory, Recall as Recall
@@ -62,7 +62,6 @@ __all__ = [
     "GenerationError",
     "GenerationResult",
     "InvalidTextWarning",
-    "Joined",
     "Generator",
     "Memory",
     "MemoryStoreError",
@@ -74,6 +73,7 @@ __all__ = [
     "Reservoir",
     "SamplingParams",
     "StreamDecoder",
+    "SubmittedGeneration",
     "TokenizerError",
     "TokenizerUpdate",
     "TrainingError",

@@ -54,7 +54,8 @@ from .config import Config
 from .errors import GenerationError
 from .model import Model, _rope_tables, delta_group, fold_delta_terms
 
-__all__ = ["DecodeLoop", "GenerationResult", "Generator", "Joined", "SamplingParams", "WeightCache", "fold_weights"]
+__all__ = ["DecodeLoop", "GenerationResult", "Generator", "SamplingParams", "SubmittedGeneration", "WeightCache",
+           "fold_weights"]
 
 log = logging.getLogger("molecule_gpt.generation")
 
@@ -583,7 +584,7 @@ class Generator:
         """Finish generations started by begin_many(), advancing them together. Sequences with
         stop strings are checked after every step (as stream() does); the others run to their
         stop rules without returning to Python."""
-        joined = [Joined(self, dec, p) for dec, p in zip(decs, params, strict=True)]
+        joined = [SubmittedGeneration(self, dec, p) for dec, p in zip(decs, params, strict=True)]
         try:
             live = [j for j in joined if not j._ended_before_step()]
             if live:
@@ -600,8 +601,9 @@ class Generator:
                 j._end(None, GenerationError("the batch this generation was in failed"))
 
 
-class Joined:
-    """One generation advanced by a DecodeLoop (or run_begun_many) together with others.
+class SubmittedGeneration:
+    """One generation advanced by a DecodeLoop (or run_begun_many) together with others
+    (what Organism.submit returns).
 
     Its text arrives in pieces as the steps run (the pieces stream() yields). Read them by
     iterating (each next() waits for a piece; the iteration ends with the generation, and
@@ -716,10 +718,11 @@ class Joined:
 class DecodeLoop:
     """Generations begun by any number of threads, decoded together on one thread.
 
-    `join(generator, decoder, params)` (after Generator.begin) returns a Joined: from the next
-    step on, every step advances each live generation by one token, those that share a Weights
-    in one batched forward (`_decode.Batch`), so concurrent callers read each weight matrix once
-    per step between them instead of once each. A generation leaves when it stops. Each one
+    `join(generator, decoder, params)` (after Generator.begin) returns a SubmittedGeneration:
+    from the next step on, every step advances each live generation by one token, those that
+    share a Weights in one batched forward (`_decode.Batch`), so concurrent callers read each
+    weight matrix once per step between them instead of once each. A generation leaves when it
+    stops. Each one
     produces exactly the tokens it would alone (Batch's guarantee): its text equals
     Generator.run's and stream's for the same seed and weights. Generations with logits
     processors (Python callables that may raise) step in a batch of their own. Generations
@@ -736,18 +739,18 @@ class DecodeLoop:
         self.steps = 0
         self.rows = 0
         self.largest = 0  # the most sequences one forward advanced
-        self._joining: list[Joined] = []
+        self._joining: list[SubmittedGeneration] = []
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def join(self, gen: "Generator", dec: _decode.Decoder, params: SamplingParams) -> Joined:
+    def join(self, gen: "Generator", dec: _decode.Decoder, params: SamplingParams) -> SubmittedGeneration:
         """Add a begun generation; it advances from the loop's next step."""
         return self.join_all([(gen, dec, params)])[0]
 
-    def join_all(self, begun: Sequence[tuple]) -> list[Joined]:
+    def join_all(self, begun: Sequence[tuple]) -> list[SubmittedGeneration]:
         """Add several begun generations at once (they take their first step together)."""
-        joined = [Joined(gen, dec, params) for gen, dec, params in begun]
+        joined = [SubmittedGeneration(gen, dec, params) for gen, dec, params in begun]
         with self._changed:
             if self._closed:
                 for j in joined:
@@ -769,7 +772,7 @@ class DecodeLoop:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
-    def _take_joining(self, live: list[Joined]) -> bool:
+    def _take_joining(self, live: list[SubmittedGeneration]) -> bool:
         """Move new generations into `live`, waiting while there is nothing to do; False: stop."""
         with self._changed:
             if not live and not self._joining:
@@ -784,7 +787,7 @@ class DecodeLoop:
             return True
 
     def _run(self) -> None:
-        live: list[Joined] = []
+        live: list[SubmittedGeneration] = []
         batches: dict = {}  # group key -> (its members, their Batch)
         try:
             while self._take_joining(live):
@@ -799,7 +802,7 @@ class DecodeLoop:
             for j in live:
                 j._end(None, GenerationError("the decode loop was closed before this generation finished"))
 
-    def _step(self, members: list[Joined], cached: tuple | None) -> tuple:
+    def _step(self, members: list[SubmittedGeneration], cached: tuple | None) -> tuple:
         """One token for each of `members` in one batched forward; returns (members, Batch)."""
         batch = cached[1] if cached is not None and cached[0] == members else None
         procs = [j.params.logits_processors or None for j in members]

@@ -76,7 +76,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .errors import CheckpointError, CorpusError, GenerationError, OrganismError, TrainingError
 from .field import CorpusField
-from .generation import DecodeLoop, GenerationResult, Generator, Joined
+from .generation import DecodeLoop, GenerationResult, Generator, SubmittedGeneration
 from .heldout import HeldOut
 from .memory import Memory
 from .model import Model, default_threads, delta_group
@@ -550,13 +550,13 @@ class Organism:
         return gen.run_begun_many(decs, params)
 
     def submit(self, prompt: str | Sequence[int] = "", n: int | None = None,
-               **overrides) -> Joined | list[Joined]:
+               **overrides) -> SubmittedGeneration | list[SubmittedGeneration]:
         """Start a generation that is decoded together with every other one submitted to this
         organism, from any thread: each step of the organism's decode thread advances all of
         them by one token, those on the same weights in one batched forward (DecodeLoop). The
-        prompt is encoded and prefilled here; the returned Joined yields the reply's pieces
-        (or sends them to a listener) and gives the GenerationResult, equal token for token to
-        run() with the same arguments and seed. n: a list of n, begun as run(n=) begins them.
+        prompt is encoded and prefilled here; the returned SubmittedGeneration yields the
+        reply's pieces (or sends them to a listener) and gives the GenerationResult, equal token
+        for token to run() with the same arguments and seed. n: a list of n, begun as run(n=) begins them.
         This is how the server answers concurrent requests."""
         if n is None:
             gen, dec, params = self._begin(prompt, overrides)

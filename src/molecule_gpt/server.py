@@ -85,7 +85,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .errors import GenerationError, MemoryStoreError, MoleculeError, OrganismError
-from .generation import Joined, SamplingParams
+from .generation import SubmittedGeneration, SamplingParams
 from .organism import Organism
 from .status import history_records, status_document
 
@@ -614,7 +614,7 @@ async def _generated(org: Organism, prompt: str, overrides: dict, box: dict):
                 yield "".join(text)
             if isinstance(item, BaseException):
                 raise item
-            if isinstance(item, Joined):
+            if isinstance(item, SubmittedGeneration):
                 result = item.result()
                 box.update(ids=result.ids, reason=result.stop_reason)
                 return
