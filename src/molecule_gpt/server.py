@@ -624,6 +624,45 @@ async def _generated(org: Organism, prompt: str, overrides: dict, box: dict):
             job.cancel()
 
 
+async def _merged(streams: dict):
+    """The pieces of several async streams, interleaved as they come: (key, piece), and
+    (key, None) when that stream ends. An error in one is raised here; leaving early closes
+    them all (each stream's cleanup runs before this returns)."""
+    if len(streams) == 1:  # the common case, without the hop through a queue
+        ((key, stream),) = streams.items()
+        try:
+            async for piece in stream:
+                yield key, piece
+            yield key, None
+        finally:
+            await stream.aclose()
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(key, stream) -> None:
+        try:
+            async for piece in stream:
+                await q.put((key, piece, None))
+            await q.put((key, None, None))
+        except Exception as exc:  # handed to the consumer
+            await q.put((key, None, exc))
+
+    tasks = [asyncio.ensure_future(pump(key, stream)) for key, stream in streams.items()]
+    try:
+        for _ in range(len(tasks)):
+            while True:
+                key, piece, error = await q.get()
+                if error is not None:
+                    raise error
+                yield key, piece
+                if piece is None:
+                    break
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
@@ -847,25 +886,29 @@ class _App:
 
         async def events():
             prompt_tokens = completion_tokens = 0
-            replies = []
+            choices = [(p * sampling.n + i, prompt, i) for p, prompt in enumerate(prompts) for i in range(sampling.n)]
+            texts: dict[int, list[str]] = {index: [] for index, _, _ in choices}
+            boxes: dict[int, dict] = {index: {} for index, _, _ in choices}
             finished = False
             try:
-                for p, prompt in enumerate(prompts):
-                    for i in range(sampling.n):
-                        index = p * sampling.n + i
-                        if chat:
-                            yield _sse(chunk(index, role=True))
-                        elif echo:
-                            yield _sse(chunk(index, prompt))
-                        text, box = [], {}
-                        async for piece in s.generated(prompt, _choice_overrides(sampling, i), box):
-                            text.append(piece)
-                            yield _sse(chunk(index, piece))
-                        if i == 0:
-                            prompt_tokens += box["prompt_tokens"]
-                        completion_tokens += len(box["ids"])
-                        replies.append("".join(text))
-                        yield _sse(chunk(index, finish=_finish(box["reason"])))
+                for index, prompt, _ in choices:
+                    if chat:
+                        yield _sse(chunk(index, role=True))
+                    elif echo:
+                        yield _sse(chunk(index, prompt))
+                # every choice at once (decoded together), their chunks as they come
+                streams = {index: s.generated(prompt, _choice_overrides(sampling, i), boxes[index])
+                           for index, prompt, i in choices}
+                async for index, piece in _merged(streams):
+                    if piece is not None:
+                        texts[index].append(piece)
+                        yield _sse(chunk(index, piece))
+                        continue
+                    box = boxes[index]
+                    if index % sampling.n == 0:
+                        prompt_tokens += box["prompt_tokens"]
+                    completion_tokens += len(box["ids"])
+                    yield _sse(chunk(index, finish=_finish(box["reason"])))
                 if sampling.include_usage:
                     yield _sse({"id": cid, "object": obj, "created": created, "model": s.name,
                                 "system_fingerprint": None, "choices": [],
@@ -881,7 +924,7 @@ class _App:
             finally:
                 # the reply is learned only when it was streamed whole; the client's new turns always
                 if on_done is not None:
-                    on_done(replies[0] if finished else None)
+                    on_done("".join(texts[0]) if finished else None)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
