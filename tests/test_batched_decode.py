@@ -270,27 +270,34 @@ def trained(request, tok):
     return m
 
 
+KINDS = [
+    dict(temperature=0.0, max_gen_tokens=30, min_gen_tokens=30, repetition_guard=0),
+    dict(temperature=0.9, top_k=5, seed=1),
+    dict(temperature=1.3, top_k=0, top_p=0.8, min_p=0.0, typical_p=1.0, seed=2),
+    dict(temperature=1.0, min_p=0.2, frequency_penalty=1.5, seed=3, max_gen_tokens=50),
+    dict(seed=4, stop=("e",)),
+    dict(seed=5, stop=("the", "at"), temperature=1.2, min_gen_tokens=0),
+    dict(seed=6, logits_processors=(_mask_even_tokens,)),
+    dict(seed=7, model_alpha=0.5),
+    dict(seed=8, model_alpha=0.0, max_gen_tokens=20),
+    dict(seed=9, max_gen_tokens=0),
+    dict(seed=10, min_gen_tokens=0, max_gen_tokens=200),
+]
+KIND_PROMPTS = ["the cat", "a", "we like to read books at night and then", None, "is the sun hot?",
+                "birds", "the", "a dog", "the cat", "x", "the park"]
+
+
+def _prompts(tok):
+    return [p if p is not None else [tok.bos_id] for p in KIND_PROMPTS]
+
+
 def test_run_many_equals_single_runs_for_every_kind_of_sequence(tok, trained):
     """run_many with one SamplingParams per prompt: greedy and sampled, top-k/top-p/min-p,
     frequency penalty, stop strings, logits processors, field blending and the field alone, a
     zero token budget -- each result equals run() with the same params."""
     field = CorpusField(tok.vocab_size, [tok.encode(line) for line in LINES])
     g = Generator(trained, tok, field)
-    kinds = [
-        dict(temperature=0.0, max_gen_tokens=30, min_gen_tokens=30, repetition_guard=0),
-        dict(temperature=0.9, top_k=5, seed=1),
-        dict(temperature=1.3, top_k=0, top_p=0.8, min_p=0.0, typical_p=1.0, seed=2),
-        dict(temperature=1.0, min_p=0.2, frequency_penalty=1.5, seed=3, max_gen_tokens=50),
-        dict(seed=4, stop=("e",)),
-        dict(seed=5, stop=("the", "at"), temperature=1.2, min_gen_tokens=0),
-        dict(seed=6, logits_processors=(_mask_even_tokens,)),
-        dict(seed=7, model_alpha=0.5),
-        dict(seed=8, model_alpha=0.0, max_gen_tokens=20),
-        dict(seed=9, max_gen_tokens=0),
-        dict(seed=10, min_gen_tokens=0, max_gen_tokens=200),
-    ]
-    prompts = ["the cat", "a", "we like to read books at night and then", [tok.bos_id], "is the sun hot?",
-               "birds", "the", "a dog", "the cat", "x", "the park"]
+    kinds, prompts = KINDS, _prompts(tok)
     params = [g.params(**k) for k in kinds]
     want = [g.run(p, **k) for p, k in zip(prompts, kinds)]
     got = g.run_many(prompts, params)
@@ -358,27 +365,6 @@ def test_a_failed_sequence_is_reported_without_raising_when_asked():
     got = _decode.Batch(decs).run(1, raise_failed=False)
     assert got[1] == ([], "no_token") and decs[1].is_finished
     assert [got[0], got[2]] == [alone[0], alone[2]]
-
-
-KINDS = [
-    dict(temperature=0.0, max_gen_tokens=30, min_gen_tokens=30, repetition_guard=0),
-    dict(temperature=0.9, top_k=5, seed=1),
-    dict(temperature=1.3, top_k=0, top_p=0.8, min_p=0.0, typical_p=1.0, seed=2),
-    dict(temperature=1.0, min_p=0.2, frequency_penalty=1.5, seed=3, max_gen_tokens=50),
-    dict(seed=4, stop=("e",)),
-    dict(seed=5, stop=("the", "at"), temperature=1.2, min_gen_tokens=0),
-    dict(seed=6, logits_processors=(_mask_even_tokens,)),
-    dict(seed=7, model_alpha=0.5),
-    dict(seed=8, model_alpha=0.0, max_gen_tokens=20),
-    dict(seed=9, max_gen_tokens=0),
-    dict(seed=10, min_gen_tokens=0, max_gen_tokens=200),
-]
-KIND_PROMPTS = ["the cat", "a", "we like to read books at night and then", None, "is the sun hot?",
-                "birds", "the", "a dog", "the cat", "x", "the park"]
-
-
-def _prompts(tok):
-    return [p if p is not None else [tok.bos_id] for p in KIND_PROMPTS]
 
 
 def test_the_decode_loop_gives_every_generation_its_own_result(tok, trained):
