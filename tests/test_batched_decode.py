@@ -514,3 +514,24 @@ def test_listen_cancel_close_and_the_idle_thread(tok, trained):
             never_joined.result(timeout=0.01)
     finally:
         loop.close()
+
+
+def test_a_failing_decode_loop_ends_its_generations_and_the_next_join_starts_anew(tok, trained, monkeypatch):
+    g = Generator(trained, tok)
+    p = g.params(seed=1, max_gen_tokens=10)
+    loop = mg.DecodeLoop()
+    real = mg.DecodeLoop._step
+
+    def broken(self, members, cached):
+        raise RuntimeError("step broke")
+
+    try:
+        monkeypatch.setattr(mg.DecodeLoop, "_step", broken)
+        j = loop.join(g, g.begin("the", p), p)
+        with pytest.raises(GenerationError, match="decode loop failed.*step broke"):
+            j.result(timeout=60)
+        monkeypatch.setattr(mg.DecodeLoop, "_step", real)
+        assert loop.join(g, g.begin("the", p), p).result(timeout=60) == g.run("the", seed=1, max_gen_tokens=10)
+        assert len(g.in_flight) == 0
+    finally:
+        loop.close()

@@ -773,22 +773,22 @@ class DecodeLoop:
             thread.join()
 
     def _take_joining(self, live: list[SubmittedGeneration]) -> bool:
-        """Move new generations into `live`, waiting while there is nothing to do; False: stop."""
+        """Move new generations into `live`, waiting while there is nothing to do; False: stop
+        (closed, or idle for idle_seconds)."""
         with self._changed:
             if not live and not self._joining:
                 self._changed.wait_for(lambda: self._joining or self._closed, self.idle_seconds)
-            if self._closed or (not live and not self._joining):
-                self._thread = None
-                live += self._joining
-                self._joining = []
-                return False
             live += self._joining
             self._joining = []
-            return True
+            if live and not self._closed:
+                return True
+            self._thread = None  # from here on, a join starts a new thread
+            return False
 
     def _run(self) -> None:
         live: list[SubmittedGeneration] = []
         batches: dict = {}  # group key -> (its members, their Batch)
+        why = "the decode loop was closed before this generation finished"
         try:
             while self._take_joining(live):
                 groups: dict = {}
@@ -798,9 +798,17 @@ class DecodeLoop:
                         groups.setdefault(key, []).append(j)
                 batches = {key: self._step(members, batches.get(key)) for key, members in groups.items()}
                 live = [j for j in live if not j.done]
-        finally:
+        except Exception as exc:
+            log.exception("the decode loop failed")
+            why = f"the decode loop failed: {exc!r}"
+        finally:  # closed, idle, or failed: what is left ends here
+            with self._changed:
+                if self._thread is threading.current_thread():  # failed: no other thread takes these
+                    self._thread = None
+                    live += self._joining
+                    self._joining = []
             for j in live:
-                j._end(None, GenerationError("the decode loop was closed before this generation finished"))
+                j._end(None, GenerationError(why))
 
     def _step(self, members: list[SubmittedGeneration], cached: tuple | None) -> tuple:
         """One token for each of `members` in one batched forward; returns (members, Batch)."""
