@@ -213,6 +213,9 @@ def test_a_client_that_leaves_ends_the_generation_on_its_host(colony, served):
             if counts[-1] == counts[-2]:
                 break
         assert 0 < counts[-1] - before < 1024, counts
+        # the same request read to its end decodes all 1,024 tokens
+        r = client.completions.create(model="slow", prompt="the river", max_tokens=1024, seed=1)
+        assert r.usage.completion_tokens == 1024 and decoded() - counts[-1] == 1024
     finally:
         colony.remove("slow")
 
@@ -277,11 +280,16 @@ def test_killing_a_host_mid_conversation_loses_only_the_turns_since_its_save(col
                 time.sleep(0.01)
         except Exception as exc:
             errors.append(exc)
+    index = host_for(name, 2)
+    old_pid = colony.hosts_info()[index]["pid"]
     t = threading.Thread(target=stream)
     t.start()
     time.sleep(0.05)
-    ray.kill(colony.host_handle(host_for(name, 2)), no_restart=False)
+    ray.kill(colony.host_handle(index), no_restart=False)
     t.join(WAIT)
+    # ray.kill returns before the process is gone (and the reply may have ended first): wait for
+    # the restarted host, so that the old one can no longer ship a save after the read below
+    wait_for(lambda: colony.hosts_info()[index]["pid"] != old_pid, what="the host to restart")
 
     # what the last save holds (read from the shared storage before anything loads it again):
     # the stream's own turn may or may not have been learned and saved before the kill
