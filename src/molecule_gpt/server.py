@@ -85,7 +85,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .errors import GenerationError, MemoryStoreError, MoleculeError, OrganismError
-from .generation import SubmittedGeneration, SamplingParams
+from .generation import SamplingParams, SubmittedGeneration
 from .organism import Organism
 from .status import history_records, status_document
 
