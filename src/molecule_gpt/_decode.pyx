@@ -956,10 +956,9 @@ cdef class Decoder:
     cdef double* q              # (V,) field distribution
     cdef Cand* cand             # (V,)
     # b.logits is this array's own buffer, not part of the scratch block: the array owns its
-    # memory and does not reference the decoder. (It used to be a view over the block whose
-    # base kept the decoder alive; numpy arrays do not expose their base to the cycle
-    # collector, so decoder -> array -> decoder was never freed: every decoder dropped from
-    # a Generator's pool for stale weights leaked with its weights and scratch.)
+    # memory and does not reference the decoder. A view over the block would keep the decoder
+    # alive through the view's base, which numpy does not show to the cycle collector, so
+    # decoder -> array -> decoder would never be freed.
     cdef readonly object last_logits_array
 
     def __cinit__(self):
