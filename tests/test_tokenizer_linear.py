@@ -342,6 +342,58 @@ def test_long_periodic_words_equal_rank_passes(unit):
 
 
 @needs_ext
+@pytest.mark.parametrize("seed", range(6))
+def test_words_longer_than_the_stream_buffer_equal_the_heap_kernel(seed):
+    """Words of a few stream buffers (STREAM_SYMBOLS), encoded a buffer at a time: stretches of
+    random letters (cut often), of a unit repeated and of one letter repeated (never cut: the
+    buffer's prefix goes window by window), with characters spelled in 2 to 4 byte symbols
+    for the tokenizer with byte fallback; the judge is the heap kernel over the whole word."""
+    from molecule_gpt._bpe import STREAM_SYMBOLS
+    rng = random.Random(seed)
+    tok = [_TOK, _BYTE_TOK][seed % 2]
+    letters = _LETTERS if tok is _TOK else ["a", "b", "c", "é", "ÿ", "😀", "\x00"]
+    units = ["the", "ation", "ab", "abcab"] + (["😀a", "éé"] if tok is _BYTE_TOK else [])
+    parts, total = [], 0
+    while total < 3 * STREAM_SYMBOLS:
+        kind = rng.random()
+        if kind < 0.4:
+            part = "".join(rng.choice(letters) for _ in range(rng.randint(1, 30_000)))
+        elif kind < 0.8:
+            part = rng.choice(units) * rng.randint(1, 20_000)
+        else:
+            part = rng.choice(letters) * rng.randint(1, 50_000)
+        parts.append(part)
+        total += len(part)
+    s = "".join(parts)
+    base = EvolvingTokenizer.from_dict(tok.to_dict())
+    base.bpe_enabled = False
+    chars = base.encode(s)[1:-1]
+    expected = [t for t in tok._core._apply_merges_memview(chars + [EOW], "heap") if t != EOW]
+    assert tok.encode_array(s).tolist() == [tok.bos_id] + expected + [tok.eos_id]
+
+
+@needs_ext
+@pytest.mark.parametrize("where", [0, 70_000, 150_000, 199_999])
+def test_unspellable_character_in_a_streamed_word_raises(where):
+    """A character with no token and no byte tokens, anywhere in a word longer than the stream
+    buffer, raises TokenizerError (as in a short word); the tokenizer keeps working after it."""
+    from bpe_reference import OriginalTokenizer
+    from molecule_gpt.errors import TokenizerError
+    lines = doc_lines()
+    orig = OriginalTokenizer(lines)
+    orig.train_bpe(lines, 100)
+    tok = EvolvingTokenizer.from_original(orig.checkpoint_object(), byte_fallback=False)
+    s = "the" * 66_667
+    bad = s[:where] + "\u0436" + s[where + 1:]
+    with pytest.raises(TokenizerError, match="U\\+0436"):
+        tok.encode_array(bad)
+    with pytest.raises(TokenizerError, match="U\\+0436"):
+        tok.encode(bad)
+    assert tok.encode_array(s).tolist() == tok.encode(s)
+    assert tok.decode(tok.encode(s)) == s
+
+
+@needs_ext
 def test_growth_changes_long_word_ids_like_the_reference():
     lines = doc_lines()
     tok, ref = EvolvingTokenizer(lines[:50]), ReferenceTokenizer(lines[:50])

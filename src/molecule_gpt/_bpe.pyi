@@ -8,6 +8,7 @@ CACHE_KEY_LEN: int       # words longer than this (code points) bypass the word 
 NAIVE_MAX_SYMBOLS: int   # words of up to this many symbols use the O(n^2) rank scan
 HEAP_MAX_SYMBOLS: int    # longer pieces of a word use the rank buckets (monotone tables)
 WINDOW_SYMBOLS: int      # pieces longer than this go through the rank buckets a window at a time
+STREAM_SYMBOLS: int      # words of more code points stream through a buffer of this many symbols
 
 class BPECore:
     cache_hits: int      # uint64_t

@@ -37,6 +37,9 @@ Notes (alternatives considered and rejected):
   freshly page-faulted at every call. Exactness: the window is BPE'd alone while
   the kernel tracks a frontier F left of which the window's tokens provably equal those of the
   whole piece (_bucket_run); the tokens before F are final, and the next window starts at F.
+  For the same reason a word of more than STREAM code points never has all its symbols in
+  memory at once (_emit_long): it streams through a buffer of STREAM symbols, emitting what
+  precedes the buffer's last cut, or a window's final tokens.
 - Word cache. An open-addressing table of up to `cache_words` words (key: the word's code
   points; value: its ids, both in one arena), emptied at once when full. Bounded memory, no
   eviction bookkeeping, no allocation per word, and a hit rate near 100% on natural text (a
@@ -143,6 +146,7 @@ cdef enum:
     NAIVE_MAX = 48        # words of up to this many symbols use the O(n^2) rank scan
     HEAP_MAX = 1024       # longer segments use the rank buckets (monotone merge tables)
     WINDOW = 16384        # ... and longer ones than this go through them a window at a time
+    STREAM = 65536        # words of more code points than this stream through a buffer of this many symbols
     MAX_JUNCTIONS = 1 << 22  # more junction pairs than this: long words are not cut
     JBITS = 512           # junction bitmap side (32 KB): covers the base symbols of most vocabularies
     NOT_FOUND = -2        # map lookups: absent (distinct from EOW)
@@ -152,6 +156,7 @@ CACHE_KEY_LEN = CACHE_KEY
 NAIVE_MAX_SYMBOLS = NAIVE_MAX
 HEAP_MAX_SYMBOLS = HEAP_MAX
 WINDOW_SYMBOLS = WINDOW
+STREAM_SYMBOLS = STREAM
 
 # Python's own whitespace (str.isspace / str.split) for code points < 256; above, the C API.
 cdef uint8_t SPACE_LATIN1[256]
@@ -1153,34 +1158,50 @@ cdef class BPECore:
             frontier[0] = F if fz >= 0 else 0
         return True
 
-    cdef Py_ssize_t apply_windowed(self, int32_t* s, Py_ssize_t n, Py_ssize_t window) except -1:
-        """The same greedy BPE of s[:n] (monotone table), window by window: the rank buckets
-        run on a copy of the next `window` symbols (wsym), their tokens before the frontier
-        (_bucket_run) are final and written out, and the next window starts there (a boundary
-        of the piece's tokens, so the rest encodes on its own: no merge crosses it). A window
-        whose frontier is 0 is doubled. The rest, at most a window (with the piece's end, and
-        the end-of-word marker if any), goes to apply_piece. Work buffers: `window` symbols
-        (more only if a window is doubled)."""
-        cdef Py_ssize_t c0 = 0, wo = 0, w = window, F = 0, i, got
+    cdef Py_ssize_t window_step(self, const int32_t* s, Py_ssize_t wmax, Py_ssize_t window,
+                                int32_t* dst, Py_ssize_t* nout) except -1:
+        """One window of a long piece s[:wmax] + more (monotone table): the rank buckets on a
+        copy of s[:w] (wsym; w = window, doubled up to wmax while no token is final), and the
+        tokens before its frontier (_bucket_run), which are final, written to dst (nout[0] of
+        them; dst may overlap s). Returns the frontier, the symbols of s consumed (a boundary
+        of the piece's tokens: the rest encodes on its own, no merge crosses it), or 0 when
+        even s[:wmax] has no final token."""
+        cdef Py_ssize_t w = min(window, wmax), F = 0, i, k = 0
         cdef int32_t* nxt
         cdef int32_t* ws
-        while n - c0 > w:
+        nout[0] = 0
+        while w > 0:
             if w > self.work_cap:
                 self._ensure_work(w)
             ws = self.wsym
-            memcpy(ws, s + c0, w * sizeof(int32_t))
+            memcpy(ws, s, w * sizeof(int32_t))
             self._bucket_run(ws, w, &F)
+            if F > 0:
+                nxt = self.aux1
+                i = 0
+                while 0 <= i < F:
+                    dst[k] = ws[i]
+                    k += 1
+                    i = nxt[i]
+                nout[0] = k
+                return F
+            if w >= wmax:
+                break
+            w = min(2 * w, wmax)          # no final token yet: a larger window
+        return 0
+
+    cdef Py_ssize_t apply_windowed(self, int32_t* s, Py_ssize_t n, Py_ssize_t window) except -1:
+        """The same greedy BPE of s[:n] (monotone table), window by window (window_step); a
+        window never reaches the piece's end. The rest, about a window (with the piece's end,
+        and the end-of-word marker if any), goes to apply_piece. Work buffers: `window`
+        symbols (more only if a window is doubled)."""
+        cdef Py_ssize_t c0 = 0, wo = 0, F, k = 0, got
+        while n - c0 > window:
+            F = self.window_step(s + c0, n - c0 - 1, window, s + wo, &k)
             if F == 0:
-                w *= 2                    # no final token yet: a larger window
-                continue
-            nxt = self.aux1
-            i = 0
-            while 0 <= i < F:
-                s[wo] = ws[i]
-                wo += 1
-                i = nxt[i]
+                break
             c0 += F
-            w = window
+            wo += k
         got = n - c0
         if got > self.work_cap:
             self._ensure_work(got)
@@ -1303,7 +1324,7 @@ cdef class BPECore:
             else:
                 rc = _encode_text(self, <const uint32_t*>data, n, bpe)
         finally:
-            if self.sym_cap > (1 << 16):     # a huge word was encoded: do not keep its scratch
+            if self.sym_cap > 4 * STREAM:    # a huge word was encoded: do not keep its scratch
                 self._free_sym()
             if self.work_cap > (1 << 16):    # (only a table that is not monotone needs that much)
                 self._free_work()
@@ -1612,6 +1633,8 @@ cdef int _emit_word(BPECore c, const char_t* w, Py_ssize_t klen, uint64_t hash, 
                 return 0
             slot = (slot + 1) & c.cache_mask
         c.cache_misses += 1
+    if klen > STREAM and c.monotone and c.n_merges > 0:
+        return _emit_long(c, w, klen)
     c._ensure_sym(klen + 1)
     for i in range(klen):
         if n + 5 > c.sym_cap:            # a character takes up to 4 byte symbols
@@ -1652,6 +1675,66 @@ cdef int _emit_word(BPECore c, const char_t* w, Py_ssize_t klen, uint64_t hash, 
         c.cache_n += 1
     c.out_n += nout
     return 0
+
+
+
+cdef int _emit_long(BPECore c, const char_t* w, Py_ssize_t klen) except -1:
+    """Append the ids of a long word (code points w[:klen], monotone merge table) to c.out, as
+    _emit_word does, streaming it through a buffer of about STREAM symbols (c.sym) so that its
+    scratch stays the same size whatever the word's length: base symbols are read until the
+    buffer is full; if some boundary in it is a cut (no merge joins across it, see
+    _junction_pairs), the symbols before the last cut are encoded (apply) and emitted, else the
+    final tokens of one window (window_step). Either way what is emitted ends at a boundary of
+    the word's tokens, so the rest encodes on its own. Returns -2 when a character has no base
+    symbols."""
+    cdef Py_ssize_t cap = STREAM + 5, n = 0, i = 0, j, k, known = 0, nout = 0
+    cdef int got
+    cdef int32_t* s
+    cdef int32_t* dst
+    while True:
+        c._ensure_sym(cap)
+        s = c.sym
+        while i < klen and n + 5 <= cap:  # a character takes up to 4 symbols; room for EOW
+            got = c.base_symbols(w[i], s + n)
+            if got == 0:
+                return -2
+            n += got
+            i += 1
+        if i == klen:
+            s[n] = EOW
+            n = c.apply(s, n + 1)
+            c._ensure_out(n)
+            dst = c.out + c.out_n
+            nout = 0
+            for j in range(n):
+                if s[j] != EOW:
+                    dst[nout] = s[j]
+                    nout += 1
+            c.out_n += nout
+            return 0
+        # the last cut in s[:n]; s[:known] has none (what followed the previous last cut)
+        k = 0
+        if c.cut_ok:
+            j = n - 1
+            while j >= known and j > 0:
+                if not c.junction(s[j - 1], s[j]):
+                    k = j
+                    break
+                j -= 1
+        c._ensure_out(n)
+        if k > 0:
+            nout = c.apply(s, k)
+            move_i32(c.out + c.out_n, s, nout)
+        else:
+            k = c.window_step(s, n, WINDOW, c.out + c.out_n, &nout)
+            if k == 0:                    # not one final token in the buffer: read more
+                cap *= 2
+                known = n
+                continue
+        c.out_n += nout
+        move_i32(s, s + k, n - k)
+        n -= k
+        known = n                         # no cut after the last one
 
 
 # ---------------------------------------------------------------------------------------------
