@@ -29,17 +29,17 @@ Notes (alternatives considered and rejected):
   "a" * 1_000_000 or "the" * 300_000 is linear. A table that is not monotone (a hand-made or
   imported one) keeps the heap. All kernels are tested against the reference and each other
   (`_apply_merges_memview`).
-- Pieces longer than WINDOW symbols (periodic text: every neighbouring pair of "thethe..." is a
-  junction, so nothing is cut) go through the rank buckets one window at a time
-  (apply_windowed), so that the buckets' scratch (36 bytes a symbol) stays the size of a window
-  and in the CPU caches, whatever the word's length; bucket scratch for the whole piece was
-  hundreds of MB for a word of millions of symbols, streamed from DRAM once per rank and
-  freshly page-faulted at every call. Exactness: the window is BPE'd alone while
-  the kernel tracks a frontier F left of which the window's tokens provably equal those of the
-  whole piece (_bucket_run); the tokens before F are final, and the next window starts at F.
-  For the same reason a word of more than STREAM code points never has all its symbols in
-  memory at once (_emit_long): it streams through a buffer of STREAM symbols, emitting what
-  precedes the buffer's last cut, or a window's final tokens.
+- Windows and streaming: time per byte that does not depend on the word's length. Periodic
+  text has no cut (every neighbouring pair of "thethe..." is a junction), and the rank buckets
+  need 36 bytes of scratch a symbol: over a whole piece of millions of symbols that is hundreds
+  of MB, newly allocated (page faults, zeroing) and read from DRAM once per rank, where a short
+  piece stays in the CPU caches. So pieces longer than WINDOW symbols go through the buckets a
+  window at a time (apply_windowed): the window is BPE'd alone while the kernel tracks a
+  frontier F left of which the window's tokens provably equal those of the whole piece
+  (_bucket_run); the tokens before F are final, and the next window starts at F. Likewise a word
+  of more than STREAM code points never has all its symbols in memory (_emit_long): it streams
+  through a buffer of STREAM symbols, emitting what precedes the buffer's last cut, or a
+  window's final tokens. Tables that are not monotone keep whole-word scratch (no windows).
 - Word cache. An open-addressing table of up to `cache_words` words (key: the word's code
   points; value: its ids, both in one arena), emptied at once when full. Bounded memory, no
   eviction bookkeeping, no allocation per word, and a hit rate near 100% on natural text (a
@@ -1085,8 +1085,6 @@ cdef class BPECore:
                 if fz >= 0 and s[fz] == self.rank_a[r]:
                     F = fz                # it may merge across F in the longer piece
                     fz = prv[fz]
-            if not track:
-                last = hi                 # (merges below add entries up to rank hi)
             if head[r] < 0:
                 r += 1
                 continue
@@ -1143,7 +1141,7 @@ cdef class BPECore:
                     if q < 0 or s[q] != a:
                         break
             if not track:
-                last = hi
+                last = hi                 # (this rank's merges added entries up to rank hi)
             r += 1
         if track:
             # the last rank's merges may have grown a token across F
@@ -1326,7 +1324,7 @@ cdef class BPECore:
         finally:
             if self.sym_cap > 4 * STREAM:    # a huge word was encoded: do not keep its scratch
                 self._free_sym()
-            if self.work_cap > (1 << 16):    # (only a table that is not monotone needs that much)
+            if self.work_cap > (1 << 16):    # (a table that is not monotone, or doubled windows)
                 self._free_work()
         if rc == -2:
             ch = chr(self.err_cp)
@@ -1577,6 +1575,11 @@ cdef int _encode_text(BPECore c, const char_t* data, Py_ssize_t n, bint bpe) exc
                     c.swt_n += 1
                 i = j
                 continue
+        if klen > STREAM and c.monotone and c.n_merges > 0:
+            if _emit_long(c, data + i, klen) == -2:     # (never cached: longer than CACHE_KEY)
+                return -2
+            i = j
+            continue
         hash = FNV_SEED
         for k in range(i, j):
             hash = (hash ^ data[k]) * FNV_PRIME
@@ -1633,8 +1636,6 @@ cdef int _emit_word(BPECore c, const char_t* w, Py_ssize_t klen, uint64_t hash, 
                 return 0
             slot = (slot + 1) & c.cache_mask
         c.cache_misses += 1
-    if klen > STREAM and c.monotone and c.n_merges > 0:
-        return _emit_long(c, w, klen)
     c._ensure_sym(klen + 1)
     for i in range(klen):
         if n + 5 > c.sym_cap:            # a character takes up to 4 byte symbols
