@@ -1692,6 +1692,9 @@ cdef int _emit_long(BPECore c, const char_t* w, Py_ssize_t klen) except -1:
     cdef int got
     cdef int32_t* s
     cdef int32_t* dst
+    # the output buffer at once, for as many ids as code points (more only with byte symbols),
+    # rather than doubling it (and copying what it holds) a dozen times along the word
+    c._ensure_out(klen + 1)
     while True:
         c._ensure_sym(cap)
         s = c.sym
