@@ -149,7 +149,12 @@ def main():
     ap.add_argument("--array-only", action="store_true",
                     help="only the encode-to-array cases (warm and cold word cache, text without spaces at "
                          "1 MB and 8 MB) beside tiktoken and HF tokenizers, at the first --merges value")
+    ap.add_argument("--nospace-only", action="store_true",
+                    help="with --array-only: only the text without spaces (prose is still encoded, warm and "
+                         "cold, ours only, for the per-byte ratios to it)")
     args = ap.parse_args()
+    if args.nospace_only and not args.array_only:
+        ap.error("--nospace-only goes with --array-only")
     if not HAVE_EXTENSION:
         sys.exit("molecule_gpt._bpe is not built: MOLECULE_GPT_ONLY=_bpe python setup.py build_ext --inplace")
 
@@ -169,7 +174,7 @@ def main():
           f"median of {args.repeats} interleaved runs unless noted")
     alphabet = hf_alphabet_size(lines) if hf else 0
     if args.array_only:
-        encode_to_array(lines, text, int(args.merges.split(",")[0]), alphabet, args.repeats)
+        encode_to_array(lines, text, int(args.merges.split(",")[0]), alphabet, args.repeats, args.nospace_only)
         return
 
     for n in [int(x) for x in args.merges.split(",")]:
@@ -297,7 +302,7 @@ def rounds(cases, repeats):
     return {name: (statistics.median(wall[name]), statistics.median(cpu[name]), last[name]) for name in cases}
 
 
-def encode_to_array(lines, text, n, alphabet, repeats):
+def encode_to_array(lines, text, n, alphabet, repeats, nospace_only=False):
     """Encode to an array of ids, one thread, everything timed round-robin in the same run.
 
     prose, warm: the word cache holds the text's words (one encode before timing); "warm, run":
@@ -305,9 +310,12 @@ def encode_to_array(lines, text, n, alphabet, repeats):
     prose, cold: the cache is emptied before every timed run (text it has not seen; the words
     that repeat inside the text are still served from the cache after their first time);
     no space: 1 MB and 8 MB of one letter repeated, a frequent word repeated, random letters
-    (a-z, seed 0): each one word, never cached. tiktoken: encode_to_numpy and encode_ordinary
-    (the faster is its figure); HF: encode_batch_fast of the lines (ids left in its objects).
-    Each line gives wall-clock and CPU-time figures (medians of the same rounds)."""
+    (a-z, seed 0): each one word, never cached; both sizes (and the peers on them) are timed in
+    the same rounds, so the 8 MB / 1 MB ratio per byte compares runs under the same load.
+    tiktoken: encode_to_numpy and encode_ordinary (the faster is its figure); HF:
+    encode_batch_fast of the lines (ids left in its objects). Each line gives wall-clock and
+    CPU-time figures (medians of the same rounds). nospace_only: prose is timed for ours only
+    (warm and cold), for the ratios to it."""
     import random
     nbytes = len(text.encode("utf-8"))
     mb = nbytes / 1e6
@@ -316,6 +324,7 @@ def encode_to_array(lines, text, n, alphabet, repeats):
     core = tok._core
     enc_tt = tiktoken_from(tok, n) if tiktoken else None
     hf_tok = hf_train(lines, n, alphabet) if hf else None
+    prose_peers = not nospace_only
 
     def cold():
         core.clear_cache()
@@ -338,10 +347,10 @@ def encode_to_array(lines, text, n, alphabet, repeats):
 
     tok.encode_array(text)
     cases = {"warm": lambda: tok.encode_array(text), "warm_run": warm_run, "cold": cold}
-    if enc_tt:
+    if enc_tt and prose_peers:
         cases["tt_numpy"] = lambda: enc_tt.encode_to_numpy(text)
         cases["tt_list"] = lambda: enc_tt.encode_ordinary(text)
-    if hf_tok:
+    if hf_tok and prose_peers:
         cases["hf"] = lambda: hf_tok.encode_batch_fast(lines)
     res = rounds(cases, repeats)
     ids = tok.encode_array(text)
@@ -355,13 +364,13 @@ def encode_to_array(lines, text, n, alphabet, repeats):
     print(f"array   {n:>5} merges  molecule_gpt warm, run    {fig('warm_run')}  (4 encodes back to back in each "
           f"round, median of the last 3)")
     print(f"array   {n:>5} merges  molecule_gpt cold cache   {fig('cold')}  (cache emptied before each run)")
-    if enc_tt:
+    if enc_tt and prose_peers:
         best = "tt_numpy" if res["tt_numpy"][0] < res["tt_list"][0] else "tt_list"
         print(f"array   {n:>5} merges  tiktoken (1 thread)       {fig(best)}  "
               f"({'encode_to_numpy' if best == 'tt_numpy' else 'encode_ordinary'}, the faster of the two; "
               f"the other {mb / res['tt_list' if best == 'tt_numpy' else 'tt_numpy'][0]:.1f} MB/s wall); "
               f"warm {res[best][0] / res['warm'][0]:.1f}x, cold {res[best][0] / res['cold'][0]:.1f}x tiktoken (wall)")
-    if hf_tok:
+    if hf_tok and prose_peers:
         print(f"array   {n:>5} merges  HF tokenizers (1 thread)  {fig('hf')}  (encode_batch_fast of the lines); "
               f"warm {res['hf'][0] / res['warm'][0]:.1f}x, cold {res['hf'][0] / res['cold'][0]:.1f}x HF (wall)")
     prose = {k: (res[k][0] / nbytes * 1e9, res[k][1] / nbytes * 1e9) for k in ("warm", "cold")}
@@ -378,35 +387,44 @@ def encode_to_array(lines, text, n, alphabet, repeats):
     inputs = {"one letter": lambda size: letter * size, "a frequent word": lambda size: ("the" * (size // 3 + 1))[:size],
               "random letters": lambda size: letters[:size]}
     peer_limit = 5.0          # a peer that needs longer than this for 1 MB is not run at 8 MB
+    sizes = (1_000_000, 8_000_000)
     for name, make in inputs.items():
+        texts = {size: make(size) for size in sizes}
+        cases = {}
+        for size, s in texts.items():
+            cases[("ours", size)] = lambda s=s: tok.encode_array(s)
+        peers = {}
+        for key, fn in (("tt", (lambda s: enc_tt.encode_to_numpy(s)) if enc_tt else None),
+                        ("hf", (lambda s: hf_tok.encode_batch_fast([s])) if hf_tok else None)):
+            if fn is None:
+                continue
+            t0 = time.perf_counter()
+            fn(texts[sizes[0]])             # one untimed run decides whether it runs at 8 MB
+            peers[key] = time.perf_counter() - t0 < peer_limit
+            for size, s in texts.items():
+                if size == sizes[0] or peers[key]:
+                    cases[(key, size)] = lambda s=s, fn=fn: fn(s)
+        r = rounds(cases, repeats)
         per_byte = {}
-        for size in (1_000_000, 8_000_000):
-            s = make(size)
-            cases = {"ours": lambda: tok.encode_array(s)}
-            if enc_tt and (size == 1_000_000 or per_byte.get("tt", 0) * 1e6 < peer_limit):
-                cases["tt"] = lambda: enc_tt.encode_to_numpy(s)
-            if hf_tok and (size == 1_000_000 or per_byte.get("hf", 0) * 1e6 < peer_limit):
-                cases["hf"] = lambda: hf_tok.encode_batch_fast([s])
-            r = rounds(cases, repeats if size == 1_000_000 else max(3, repeats // 2))
-            out = r["ours"][2]
+        for size, s in texts.items():
+            out = r[("ours", size)][2]
             assert tok.decode(out) == s and out.tolist() == tok.encode(s)
-            peers = []
+            notes = []
             for key, label in (("tt", "tiktoken"), ("hf", "HF")):
-                if key in r:
-                    peers.append(f"{label} {r[key][0] / size * 1e9:.0f}")
-                    per_byte[key] = r[key][0] / size
-                else:
-                    peers.append(f"{label} not run (over {peer_limit:.0f} s at 1 MB)")
-            w, c = r["ours"][0] / size * 1e9, r["ours"][1] / size * 1e9
+                if (key, size) in r:
+                    notes.append(f"{label} {r[(key, size)][0] / size * 1e9:.0f}")
+                elif key in peers:
+                    notes.append(f"{label} not run (over {peer_limit:.0f} s at 1 MB)")
+            w, c = r[("ours", size)][0] / size * 1e9, r[("ours", size)][1] / size * 1e9
             extra = ""
-            if size == 8_000_000:
-                extra = f"; per byte 8 MB / 1 MB = {w / per_byte['ours'][0]:.2f}x wall, {c / per_byte['ours'][1]:.2f}x cpu"
-            per_byte["ours"] = (w, c)
+            if size != sizes[0]:
+                extra = (f"; per byte {size // 1_000_000} MB / 1 MB = {w / per_byte[sizes[0]][0]:.2f}x wall, "
+                         f"{c / per_byte[sizes[0]][1]:.2f}x cpu")
+            per_byte[size] = (w, c)
             print(f"nospace {n:>5} merges  {name + ', ' + str(size // 1_000_000) + ' MB':<26}{w:8.2f} ns/B wall {c:8.2f} ns/B cpu"
                   f"  = {w / prose['cold'][0]:.2f}x / {c / prose['cold'][1]:.2f}x cold prose, "
                   f"{w / prose['warm'][0]:.2f}x / {c / prose['warm'][1]:.2f}x warm prose (wall / cpu){extra}; "
-                  f"peers ns/B wall: {', '.join(peers)}", flush=True)
-
+                  f"peers ns/B wall: {', '.join(notes) or 'none'}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -116,6 +116,30 @@ def test_bucket_kernel_equals_reference_on_monotone_tables(seed, length, mode):
 
 @needs_ext
 @HYP
+@given(st.integers(0, 2 ** 32 - 1), st.integers(0, 160), st.sampled_from(["random", "run", "period"]),
+       st.integers(1, 48))
+def test_window_kernel_equals_reference_on_monotone_tables(seed, length, mode, window):
+    """Windows far smaller than the word: many frontiers, windows that find no final token
+    (and double), a last window with or without the end-of-word marker."""
+    rng = random.Random(seed)
+    n_base = rng.randint(1, 4)
+    merges = monotone_table(rng, n_base, rng.randint(0, 40))
+    core = core_with(merges)
+    syms = word(rng, n_base, length, mode) + ([EOW] if rng.random() < 0.7 else [])
+    assert core._apply_merges_memview(syms, "window", window) == reference_apply(merges, syms)
+
+
+@needs_ext
+def test_window_kernel_rejects_bad_arguments():
+    core = core_with([(0, 1, 2)])
+    with pytest.raises(ValueError, match="at least 1"):
+        core._apply_merges_memview([0, 1], "window", 0)
+    with pytest.raises(ValueError, match="monotone"):
+        core_with([(0, 1, 2), (2, 0, 0)])._apply_merges_memview([0, 1], "window", 4)
+
+
+@needs_ext
+@HYP
 @given(st.integers(0, 2 ** 32 - 1), st.integers(0, 160), st.sampled_from(["random", "run", "period"]))
 def test_cuts_equal_reference_on_any_table(seed, length, mode):
     rng = random.Random(seed)
@@ -174,6 +198,26 @@ def test_long_words_all_kernels_agree(seed, mode, monotone):
     assert core._apply_merges_memview(syms, "cut") == expected
     if core.monotone_merges:
         assert core._apply_merges_memview(syms, "bucket") == expected
+        assert core._apply_merges_memview(syms, "window", rng.randint(2, 700)) == expected
+
+
+@needs_ext
+@pytest.mark.parametrize("seed", range(6))
+def test_words_longer_than_a_window_all_kernels_agree(seed):
+    """encode's own windows (WINDOW_SYMBOLS) on words of a few windows, and a table that is not
+    monotone (no windows: the heap over the whole piece) on a word as long."""
+    from molecule_gpt._bpe import WINDOW_SYMBOLS
+    rng = random.Random(seed)
+    n_base = rng.randint(1, 4)
+    monotone = seed % 3 != 2
+    merges = monotone_table(rng, n_base, rng.randint(5, 60)) if monotone else any_table(rng, n_base, 40)
+    core = core_with(merges)
+    assert core.monotone_merges or not monotone
+    syms = word(rng, n_base, rng.randint(WINDOW_SYMBOLS + 1, 3 * WINDOW_SYMBOLS), ["run", "period", "random"][seed % 3])
+    syms += [EOW]
+    expected = core._apply_merges_memview(syms, "heap")
+    assert core._apply_merges_memview(syms, "auto") == expected
+    assert core._apply_merges_memview(syms, "cut") == expected
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,6 +281,116 @@ def test_long_no_space_text_all_kernels_agree(seed, mode):
     chars = base.encode(s)[1:-1] + [EOW]
     expected = [t for t in core._apply_merges_memview(chars, "heap") if t != EOW]
     assert syms == [_TOK.bos_id] + expected + [_TOK.eos_id]
+
+
+def rank_passes(merges, syms):
+    """BPE under a monotone table, literally: the ranks in increasing order, each replacing the
+    occurrences of its pair left to right (a pair listed twice keeps its last rank). Linear per
+    rank that applies, so it reaches lengths the rank-rescan reference cannot."""
+    eff = {}
+    for r, (a, b, m) in enumerate(merges):
+        eff[(a, b)] = (r, m)
+    out, present = list(syms), set(syms)
+    for (a, b), (_, m) in sorted(eff.items(), key=lambda kv: kv[1][0]):
+        if a not in present or b not in present:
+            continue
+        new, i, n = [], 0, len(out)
+        while i < n:
+            if i + 1 < n and out[i] == a and out[i + 1] == b:
+                new.append(m)
+                i += 2
+            else:
+                new.append(out[i])
+                i += 1
+        if len(new) != n:
+            out, present = new, set(new)
+    return out
+
+
+@HYP
+@given(st.integers(0, 2 ** 32 - 1), st.integers(0, 120), st.sampled_from(["random", "run", "period"]))
+def test_rank_passes_equal_reference_on_monotone_tables(seed, length, mode):
+    """The judge of the long periodic words below is itself the reference where both run."""
+    rng = random.Random(seed)
+    n_base = rng.randint(1, 4)
+    merges = monotone_table(rng, n_base, rng.randint(0, 40))
+    syms = word(rng, n_base, length, mode) + ([EOW] if rng.random() < 0.7 else [])
+    assert rank_passes(merges, syms) == reference_apply(merges, syms)
+
+
+@needs_ext
+@pytest.mark.parametrize("unit", ["the", "e", "ation", "aab", "tionof"])
+def test_long_periodic_words_equal_rank_passes(unit):
+    """About 200 KB of one unit repeated (no space in the word: a dozen of encode's windows,
+    nothing cut) encodes to the ids of the merges applied in rank order; so do its two halves
+    with a space between (each a word of its own)."""
+    n = 200_000
+    s = (unit * (n // len(unit) + 1))[:n]
+    merges = _TOK.merges
+    base = EvolvingTokenizer.from_dict(_TOK.to_dict())
+    base.bpe_enabled = False
+    chars = base.encode(s)[1:-1]
+    assert len(chars) == n
+
+    def word_ids(syms):
+        return [t for t in rank_passes(merges, syms + [EOW]) if t != EOW]
+
+    bos, eos, space = _TOK.bos_id, _TOK.eos_id, _TOK.tokens.index(" ")
+    assert _TOK.encode_array(s).tolist() == [bos] + word_ids(chars) + [eos]
+    h = n // 2 + 1
+    assert _TOK.encode(s[:h] + " " + s[h:]) == [bos] + word_ids(chars[:h]) + [space] + word_ids(chars[h:]) + [eos]
+
+
+@needs_ext
+@pytest.mark.parametrize("seed", range(6))
+def test_words_longer_than_the_stream_buffer_equal_the_heap_kernel(seed):
+    """Words of a few stream buffers (STREAM_SYMBOLS), encoded a buffer at a time: stretches of
+    random letters (cut often), of a unit repeated and of one letter repeated (never cut: the
+    buffer's prefix goes window by window), with characters spelled in 2 to 4 byte symbols
+    for the tokenizer with byte fallback; the judge is the heap kernel over the whole word."""
+    from molecule_gpt._bpe import STREAM_SYMBOLS
+    rng = random.Random(seed)
+    tok = [_TOK, _BYTE_TOK][seed % 2]
+    letters = _LETTERS if tok is _TOK else ["a", "b", "c", "é", "ÿ", "😀", "\x00"]
+    units = ["the", "ation", "ab", "abcab"] + (["😀a", "éé"] if tok is _BYTE_TOK else [])
+    parts, total = [], 0
+    while total < 3 * STREAM_SYMBOLS:
+        kind = rng.random()
+        if kind < 0.4:
+            part = "".join(rng.choice(letters) for _ in range(rng.randint(1, 30_000)))
+        elif kind < 0.8:
+            part = rng.choice(units) * rng.randint(1, 20_000)
+        else:
+            part = rng.choice(letters) * rng.randint(1, 50_000)
+        parts.append(part)
+        total += len(part)
+    s = "".join(parts)
+    base = EvolvingTokenizer.from_dict(tok.to_dict())
+    base.bpe_enabled = False
+    chars = base.encode(s)[1:-1]
+    expected = [t for t in tok._core._apply_merges_memview(chars + [EOW], "heap") if t != EOW]
+    assert tok.encode_array(s).tolist() == [tok.bos_id] + expected + [tok.eos_id]
+
+
+@needs_ext
+@pytest.mark.parametrize("where", [0, 70_000, 150_000, 199_999])
+def test_unspellable_character_in_a_streamed_word_raises(where):
+    """A character with no token and no byte tokens, anywhere in a word longer than the stream
+    buffer, raises TokenizerError (as in a short word); the tokenizer keeps working after it."""
+    from bpe_reference import OriginalTokenizer
+    from molecule_gpt.errors import TokenizerError
+    lines = doc_lines()
+    orig = OriginalTokenizer(lines)
+    orig.train_bpe(lines, 100)
+    tok = EvolvingTokenizer.from_original(orig.checkpoint_object(), byte_fallback=False)
+    s = "the" * 66_667
+    bad = s[:where] + "\u0436" + s[where + 1:]
+    with pytest.raises(TokenizerError, match="U\\+0436"):
+        tok.encode_array(bad)
+    with pytest.raises(TokenizerError, match="U\\+0436"):
+        tok.encode(bad)
+    assert tok.encode_array(s).tolist() == tok.encode(s)
+    assert tok.decode(tok.encode(s)) == s
 
 
 @needs_ext

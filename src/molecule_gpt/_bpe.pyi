@@ -7,6 +7,8 @@ EOW_ID: int              # -1: the end-of-word marker </w> as a symbol (never a 
 CACHE_KEY_LEN: int       # words longer than this (code points) bypass the word cache
 NAIVE_MAX_SYMBOLS: int   # words of up to this many symbols use the O(n^2) rank scan
 HEAP_MAX_SYMBOLS: int    # longer pieces of a word use the rank buckets (monotone tables)
+WINDOW_SYMBOLS: int      # pieces longer than this go through the rank buckets a window at a time
+STREAM_SYMBOLS: int      # words of more code points stream through a buffer of this many symbols
 
 class BPECore:
     cache_hits: int      # uint64_t
@@ -23,7 +25,8 @@ class BPECore:
     @property
     def monotone_merges(self) -> bool: ...
     def is_junction(self, a: int, b: int) -> bool: ...
-    def _apply_merges_memview(self, symbols: Sequence[int], method: str = "auto") -> list[int]: ...
+    def _apply_merges_memview(self, symbols: Sequence[int], method: str = "auto",
+                              window: int = ...) -> list[int]: ...  # window: Py_ssize_t, for method="window"
     def encode(self, text: str, bpe: bool) -> list[int]: ...  # PyUnicode kind 1/2/4 read in place
     def encode_array(self, text: str, bpe: bool) -> numpy.ndarray: ...  # int32, same ids as encode
     def decode_bytes(self, ids: Iterable[int]) -> bytes: ...

@@ -29,6 +29,17 @@ Notes (alternatives considered and rejected):
   "a" * 1_000_000 or "the" * 300_000 is linear. A table that is not monotone (a hand-made or
   imported one) keeps the heap. All kernels are tested against the reference and each other
   (`_apply_merges_memview`).
+- Windows and streaming: time per byte that does not depend on the word's length. Periodic
+  text has no cut (every neighbouring pair of "thethe..." is a junction), and the rank buckets
+  need 36 bytes of scratch a symbol: over a whole piece of millions of symbols that is hundreds
+  of MB, newly allocated (page faults, zeroing) and read from DRAM once per rank, where a short
+  piece stays in the CPU caches. So pieces longer than WINDOW symbols go through the buckets a
+  window at a time (apply_windowed): the window is BPE'd alone while the kernel tracks a
+  frontier F left of which the window's tokens provably equal those of the whole piece
+  (_bucket_run); the tokens before F are final, and the next window starts at F. Likewise a word
+  of more than STREAM code points never has all its symbols in memory (_emit_long): it streams
+  through a buffer of STREAM symbols, emitting what precedes the buffer's last cut, or a
+  window's final tokens. Tables that are not monotone keep whole-word scratch (no windows).
 - Word cache. An open-addressing table of up to `cache_words` words (key: the word's code
   points; value: its ids, both in one arena), emptied at once when full. Bounded memory, no
   eviction bookkeeping, no allocation per word, and a hit rate near 100% on natural text (a
@@ -134,6 +145,8 @@ cdef enum:
     SHORT_IDS = 11        # ... when they encode to at most this many ids
     NAIVE_MAX = 48        # words of up to this many symbols use the O(n^2) rank scan
     HEAP_MAX = 1024       # longer segments use the rank buckets (monotone merge tables)
+    WINDOW = 16384        # ... and longer ones than this go through them a window at a time
+    STREAM = 65536        # words of more code points than this stream through a buffer of this many symbols
     MAX_JUNCTIONS = 1 << 22  # more junction pairs than this: long words are not cut
     JBITS = 512           # junction bitmap side (32 KB): covers the base symbols of most vocabularies
     NOT_FOUND = -2        # map lookups: absent (distinct from EOW)
@@ -142,6 +155,8 @@ EOW_ID = EOW  # exported for the facade and the tests
 CACHE_KEY_LEN = CACHE_KEY
 NAIVE_MAX_SYMBOLS = NAIVE_MAX
 HEAP_MAX_SYMBOLS = HEAP_MAX
+WINDOW_SYMBOLS = WINDOW
+STREAM_SYMBOLS = STREAM
 
 # Python's own whitespace (str.isspace / str.split) for code points < 256; above, the C API.
 cdef uint8_t SPACE_LATIN1[256]
@@ -414,14 +429,18 @@ cdef class BPECore:
     cdef ShortSlot* swt              # short-word table: key and ids in one 64-byte slot
     cdef uint64_t swt_mask
     cdef Py_ssize_t swt_n
-    # scratch: output ids and one word's symbols
+    # scratch: output ids and one word's symbols (sym: sym_cap), and the merge kernels' work
+    # buffers for a piece or window of up to work_cap symbols: aux1, aux2, wsym (work_cap int32
+    # each) and heap (3 * work_cap uint64)
     cdef int32_t* out
     cdef Py_ssize_t out_n, out_cap
     cdef int32_t* sym
+    cdef Py_ssize_t sym_cap
     cdef int32_t* aux1
     cdef int32_t* aux2
+    cdef int32_t* wsym
     cdef uint64_t* heap
-    cdef Py_ssize_t sym_cap
+    cdef Py_ssize_t work_cap
     cdef uint32_t err_cp
 
     def __cinit__(self):
@@ -444,7 +463,9 @@ cdef class BPECore:
         self.sym = NULL
         self.aux1 = NULL
         self.aux2 = NULL
+        self.wsym = NULL
         self.heap = NULL
+        self.sym_cap = self.work_cap = 0
 
     def __init__(self, Py_ssize_t cache_words=65536):
         """cache_words: the per-word cache holds up to this many words (0 disables it)."""
@@ -478,6 +499,7 @@ cdef class BPECore:
         free(self.sym)
         free(self.aux1)
         free(self.aux2)
+        free(self.wsym)
         free(self.heap)
 
     cdef int _alloc_cpmap(self, size_t n) except -1:
@@ -776,45 +798,54 @@ cdef class BPECore:
 
     cdef void _free_sym(self) noexcept:
         free(self.sym)
-        free(self.aux1)
-        free(self.aux2)
-        free(self.heap)
-        self.sym = self.aux1 = self.aux2 = NULL
-        self.heap = NULL
+        self.sym = NULL
         self.sym_cap = 0
 
+    cdef void _free_work(self) noexcept:
+        free(self.aux1)
+        free(self.aux2)
+        free(self.wsym)
+        free(self.heap)
+        self.aux1 = self.aux2 = self.wsym = NULL
+        self.heap = NULL
+        self.work_cap = 0
+
     cdef int _ensure_sym(self, Py_ssize_t n) except -1:
+        """Room for n symbols in sym, keeping its contents (a word's symbols while written)."""
         cdef Py_ssize_t cap
-        cdef void* q
-        cdef void* a
-        cdef void* b
-        cdef void* h
         if n > self.sym_cap:
             cap = max(n, 2 * self.sym_cap, 64)
-            # all four are allocated before any is replaced (a MemoryError leaves them intact);
-            # only sym holds data across a growth (a word's symbols while they are written)
-            a = b = h = NULL
-            q = xgrow(NULL, 0, cap * sizeof(int32_t))
+            self.sym = <int32_t*>xgrow(self.sym, self.sym_cap * sizeof(int32_t), cap * sizeof(int32_t))
+            self.sym_cap = cap
+        return 0
+
+    cdef int _ensure_work(self, Py_ssize_t n) except -1:
+        """Work buffers for a piece of n symbols (contents not kept)."""
+        cdef Py_ssize_t cap
+        cdef void* a
+        cdef void* b
+        cdef void* w
+        cdef void* h
+        if n > self.work_cap:
+            cap = max(n, 2 * self.work_cap, 64)
+            # all four are allocated before any is replaced (a MemoryError leaves them intact)
+            a = b = w = h = NULL
             try:
                 a = xgrow(NULL, 0, cap * sizeof(int32_t))
                 b = xgrow(NULL, 0, cap * sizeof(int32_t))
+                w = xgrow(NULL, 0, cap * sizeof(int32_t))
                 h = xgrow(NULL, 0, 3 * cap * sizeof(uint64_t))
             except MemoryError:
-                free(q)
                 free(a)
                 free(b)
+                free(w)
                 raise
-            if self.sym != NULL:
-                memcpy(q, self.sym, self.sym_cap * sizeof(int32_t))
-            free(self.sym)
-            free(self.aux1)
-            free(self.aux2)
-            free(self.heap)
-            self.sym = <int32_t*>q
+            self._free_work()
             self.aux1 = <int32_t*>a
             self.aux2 = <int32_t*>b
+            self.wsym = <int32_t*>w
             self.heap = <uint64_t*>h
-            self.sym_cap = cap
+            self.work_cap = cap
         return 0
 
     cdef int _ensure_cache(self) except -1:
@@ -962,21 +993,57 @@ cdef class BPECore:
         return j
 
     cdef Py_ssize_t apply_bucket(self, int32_t* s, Py_ssize_t n) noexcept:
-        """The same greedy BPE in O(n + ranks), for a monotone table: BPE then takes the ranks in
-        increasing order, and rank r merges every occurrence of its one pair (a, b), leftmost
-        first. Positions of pairs go to a bucket per rank (a linked list in a pool: each merge
-        adds at most two entries, so the pool holds at most 3n); rank r's bucket is read once,
-        skipping stale entries. For a != b its occurrences are disjoint, so their order does not
-        matter; for a == b a run of a's pairs from its left end, so only the entry at a run's
-        start walks the run. Merges at rank r create pairs of higher rank only (monotone)."""
+        """The same greedy BPE in O(n + ranks), for a monotone table (see _bucket_run); needs
+        work buffers for n symbols."""
+        cdef int32_t* nxt
+        cdef Py_ssize_t i, j
+        if not self._bucket_run(s, n, NULL):
+            return n                      # nothing merges
+        nxt = self.aux1
+        j = 0
+        i = 0
+        while i >= 0:
+            s[j] = s[i]
+            j += 1
+            i = nxt[i]
+        return j
+
+    cdef bint _bucket_run(self, int32_t* s, Py_ssize_t n, Py_ssize_t* frontier) noexcept:
+        """Rank buckets over s[:n] (monotone table; work buffers for n symbols). BPE then takes
+        the ranks in increasing order, and rank r merges every occurrence of its one pair
+        (a, b), leftmost first. Positions of pairs go to a bucket per rank (a linked list in a
+        pool: each merge adds at most two entries, so the pool holds at most 3n); rank r's
+        bucket is read once, skipping stale entries. For a != b its occurrences are disjoint, so
+        their order does not matter; for a == b a run of a's pairs from its left end, so only
+        the entry at a run's start walks the run. Merges at rank r create pairs of higher rank
+        only (monotone).
+
+        Leaves the result as a linked list: s[i] the token starting at base position i
+        (NOT_FOUND inside a token), nxt = aux1 (next token's start, -1 after the last), prv =
+        aux2. Returns False when nothing merged and frontier is NULL (then the lists are not
+        built and s is unchanged).
+
+        frontier != NULL: s[:n] is a window cut out of a longer piece T = s[:n] + more, and on
+        return frontier[0] = F, a token boundary of the window such that the window's tokens
+        before F are T's tokens (0 when no such F > 0 was found). The invariant, kept rank by
+        rank: the tokens before F are the same in both and F is a boundary in both. At rank r,
+        before its merges: the window's last token z before F may merge across F in T (whose
+        symbols after F are unknown) only if z == left part of r; then F moves to z's start.
+        Nothing else differs: a merge (y, z) with z the right part happens in both (for
+        a != b, z cannot also be merged rightward at rank r; for a == b, a run pairs from its
+        left end, which is before F in both); merges wholly before F see the same symbols. A
+        token of the window that grows across F (a run pairing over it) moves F to its start.
+        F moves by at most one token per rank, so F >= n - (sum over ranks of the left part's
+        length) and is near n in practice."""
         cdef int32_t* nxt = self.aux1
         cdef int32_t* prv = self.aux2
         cdef uint64_t* pool = self.heap
         cdef int32_t* head = self.bucket_head
-        cdef Py_ssize_t i, j
+        cdef Py_ssize_t i, F = n, last
         cdef uint32_t pk = 0, k
-        cdef int32_t r, lo = NO_RANK, hi = -1, rk, a, b, m, p, q, nq, pp, merged = 0
-        cdef uint64_t e
+        cdef int32_t r, lo = NO_RANK, hi = -1, rk, a, b, m, p, q, nq, pp, merged = 0, fz, e
+        cdef uint64_t ent
+        cdef bint track = frontier != NULL
         for i in range(n - 1):
             rk = merge_rank(&self.merges, s[i], s[i + 1], &merged)
             if rk != NO_RANK:
@@ -987,13 +1054,37 @@ cdef class BPECore:
                     lo = rk
                 if rk > hi:
                     hi = rk
-        if pk == 0:
-            return n                      # nothing merges: leave the lists unbuilt
+        if pk == 0 and not track:
+            return False                  # nothing merges: leave the lists unbuilt
         for i in range(n):
             nxt[i] = <int32_t>(i + 1) if i + 1 < n else -1
             prv[i] = <int32_t>(i - 1)
-        r = lo
-        while r <= hi:
+        if track:
+            # every rank can move the frontier, also those with empty buckets; buckets of ranks
+            # above hi are empty (-1), so the loop below passes over them at no cost
+            r = 0
+            last = self.n_ranks - 1
+            fz = <int32_t>(n - 1)         # the start of the token that ends at F
+        else:
+            r = lo
+            last = hi
+            fz = -1
+        while r <= last:
+            if fz >= 0:
+                # the token ending at F: fz's token, or the one that absorbed it
+                while True:
+                    while s[fz] == NOT_FOUND:
+                        fz = prv[fz]
+                    e = nxt[fz]
+                    if (e if e >= 0 else n) == F:
+                        break
+                    F = fz                # fz's token grew across F: F moves to its start
+                    fz = prv[fz]
+                    if fz < 0:
+                        break
+                if fz >= 0 and s[fz] == self.rank_a[r]:
+                    F = fz                # it may merge across F in the longer piece
+                    fz = prv[fz]
             if head[r] < 0:
                 r += 1
                 continue
@@ -1003,9 +1094,9 @@ cdef class BPECore:
             b = self.rank_b[r]
             m = self.rank_m[r]
             while k != 0xFFFFFFFFu:
-                e = pool[k]
-                p = <int32_t>(e >> 32)
-                k = <uint32_t>(e & 0xFFFFFFFFu)
+                ent = pool[k]
+                p = <int32_t>(ent >> 32)
+                k = <uint32_t>(ent & 0xFFFFFFFFu)
                 if s[p] != a:
                     continue
                 q = nxt[p]
@@ -1049,16 +1140,76 @@ cdef class BPECore:
                     q = nxt[p]
                     if q < 0 or s[q] != a:
                         break
+            if not track:
+                last = hi                 # (this rank's merges added entries up to rank hi)
             r += 1
-        j = 0
-        i = 0
-        while i >= 0:
-            s[j] = s[i]
-            j += 1
-            i = nxt[i]
-        return j
+        if track:
+            # the last rank's merges may have grown a token across F
+            while fz >= 0:
+                while s[fz] == NOT_FOUND:
+                    fz = prv[fz]
+                e = nxt[fz]
+                if (e if e >= 0 else n) == F:
+                    break
+                F = fz
+                fz = prv[fz]
+            frontier[0] = F if fz >= 0 else 0
+        return True
 
-    cdef inline Py_ssize_t apply_segment(self, int32_t* s, Py_ssize_t n) noexcept:
+    cdef Py_ssize_t window_step(self, const int32_t* s, Py_ssize_t wmax, Py_ssize_t window,
+                                int32_t* dst, Py_ssize_t* nout) except -1:
+        """One window of a long piece s[:wmax] + more (monotone table): the rank buckets on a
+        copy of s[:w] (wsym; w = window, doubled up to wmax while no token is final), and the
+        tokens before its frontier (_bucket_run), which are final, written to dst (nout[0] of
+        them; dst may overlap s). Returns the frontier, the symbols of s consumed (a boundary
+        of the piece's tokens: the rest encodes on its own, no merge crosses it), or 0 when
+        even s[:wmax] has no final token."""
+        cdef Py_ssize_t w = min(window, wmax), F = 0, i, k = 0
+        cdef int32_t* nxt
+        cdef int32_t* ws
+        nout[0] = 0
+        while w > 0:
+            if w > self.work_cap:
+                self._ensure_work(w)
+            ws = self.wsym
+            memcpy(ws, s, w * sizeof(int32_t))
+            self._bucket_run(ws, w, &F)
+            if F > 0:
+                nxt = self.aux1
+                i = 0
+                while 0 <= i < F:
+                    dst[k] = ws[i]
+                    k += 1
+                    i = nxt[i]
+                nout[0] = k
+                return F
+            if w >= wmax:
+                break
+            w = min(2 * w, wmax)          # no final token yet: a larger window
+        return 0
+
+    cdef Py_ssize_t apply_windowed(self, int32_t* s, Py_ssize_t n, Py_ssize_t window) except -1:
+        """The same greedy BPE of s[:n] (monotone table), window by window (window_step); a
+        window never reaches the piece's end. The rest, about a window (with the piece's end,
+        and the end-of-word marker if any), goes to apply_piece. Work buffers: `window`
+        symbols (more only if a window is doubled)."""
+        cdef Py_ssize_t c0 = 0, wo = 0, F, k = 0, got
+        while n - c0 > window:
+            F = self.window_step(s + c0, n - c0 - 1, window, s + wo, &k)
+            if F == 0:
+                break
+            c0 += F
+            wo += k
+        got = n - c0
+        if got > self.work_cap:
+            self._ensure_work(got)
+        got = self.apply_piece(s + c0, got)
+        if wo != c0:
+            move_i32(s + wo, s + c0, got)
+        return wo + got
+
+    cdef inline Py_ssize_t apply_piece(self, int32_t* s, Py_ssize_t n) noexcept:
+        """One of the whole-piece kernels by size (work buffers for n symbols)."""
         if n < 2:
             return n
         if n <= NAIVE_MAX:
@@ -1067,7 +1218,14 @@ cdef class BPECore:
             return self.apply_heap(s, n)
         return self.apply_bucket(s, n)
 
-    cdef Py_ssize_t apply_long(self, int32_t* s, Py_ssize_t n) noexcept:
+    cdef inline Py_ssize_t apply_segment(self, int32_t* s, Py_ssize_t n) except -1:
+        """apply_piece, or windows for a long piece under a monotone table (work buffers for
+        min(n, WINDOW) symbols then, else n)."""
+        if n > WINDOW and self.monotone:
+            return self.apply_windowed(s, n, WINDOW)
+        return self.apply_piece(s, n)
+
+    cdef Py_ssize_t apply_long(self, int32_t* s, Py_ssize_t n) except -1:
         """A long word: cut it between base symbols that no merge can join across (see
         _junction_pairs), apply the merges to each piece, and close up the pieces."""
         cdef Py_ssize_t i, k, start = 0, w = 0, got
@@ -1089,33 +1247,45 @@ cdef class BPECore:
             start = i + 1
         return w
 
-    cdef inline Py_ssize_t apply(self, int32_t* s, Py_ssize_t n) noexcept:
+    cdef inline Py_ssize_t apply(self, int32_t* s, Py_ssize_t n) except -1:
+        """The merges applied to one word s[:n] in place; returns the new length."""
         if n < 2 or self.n_merges == 0:
             return n
+        if n > self.work_cap:
+            self._ensure_work(min(n, WINDOW) if self.monotone else n)
         if n <= NAIVE_MAX:
             return self.apply_naive(s, n)
         return self.apply_long(s, n)
 
-    def _apply_merges_memview(self, symbols, str method="auto"):
+    def _apply_merges_memview(self, symbols, str method="auto", Py_ssize_t window=WINDOW):
         """Test twin: apply the merges to a list of symbol ids with 'naive', 'heap', 'bucket'
-        (monotone tables only), 'cut' (pieces between non-junctions, each by 'auto' rules) or
+        (monotone tables only), 'window' (apply_windowed with windows of `window` symbols;
+        monotone tables only), 'cut' (pieces between non-junctions, each by 'auto' rules) or
         'auto' (what encode does)."""
         cdef Py_ssize_t n = len(symbols), i
-        if method not in ("naive", "heap", "bucket", "cut", "auto"):
-            raise ValueError(f"method must be 'naive', 'heap', 'bucket', 'cut' or 'auto', got {method!r}")
-        if method == "bucket" and not self.monotone:
-            raise ValueError("method 'bucket' needs a monotone merge table")
+        if method not in ("naive", "heap", "bucket", "window", "cut", "auto"):
+            raise ValueError(f"method must be 'naive', 'heap', 'bucket', 'window', 'cut' or 'auto', got {method!r}")
+        if method in ("bucket", "window") and not self.monotone:
+            raise ValueError(f"method {method!r} needs a monotone merge table")
+        if window < 1:
+            raise ValueError(f"window must be at least 1 symbol, got {window}")
         self._ensure_sym(n + 1)
         for i in range(n):
             self.sym[i] = symbols[i]
         if n > 1 and self.n_merges > 0:
-            if method == "naive":
-                n = self.apply_naive(self.sym, n)
-            elif method == "heap":
-                n = self.apply_heap(self.sym, n)
-            elif method == "bucket":
-                n = self.apply_bucket(self.sym, n)
+            if method == "window":
+                self._ensure_work(min(n, window))
+                n = self.apply_windowed(self.sym, n, window)
+            elif method != "auto" and method != "cut":
+                self._ensure_work(n)
+                if method == "naive":
+                    n = self.apply_naive(self.sym, n)
+                elif method == "heap":
+                    n = self.apply_heap(self.sym, n)
+                else:
+                    n = self.apply_bucket(self.sym, n)
             elif method == "cut":
+                self._ensure_work(min(n, WINDOW) if self.monotone else n)
                 n = self.apply_long(self.sym, n)
             else:
                 n = self.apply(self.sym, n)
@@ -1152,8 +1322,10 @@ cdef class BPECore:
             else:
                 rc = _encode_text(self, <const uint32_t*>data, n, bpe)
         finally:
-            if self.sym_cap > (1 << 16):     # a huge word was encoded: do not keep its scratch
+            if self.sym_cap > 4 * STREAM:    # a huge word was encoded: do not keep its scratch
                 self._free_sym()
+            if self.work_cap > (1 << 16):    # (a table that is not monotone, or doubled windows)
+                self._free_work()
         if rc == -2:
             ch = chr(self.err_cp)
             raise TokenizerError(
@@ -1403,6 +1575,11 @@ cdef int _encode_text(BPECore c, const char_t* data, Py_ssize_t n, bint bpe) exc
                     c.swt_n += 1
                 i = j
                 continue
+        if klen > STREAM and c.monotone and c.n_merges > 0:
+            if _emit_long(c, data + i, klen) == -2:     # (never cached: longer than CACHE_KEY)
+                return -2
+            i = j
+            continue
         hash = FNV_SEED
         for k in range(i, j):
             hash = (hash ^ data[k]) * FNV_PRIME
@@ -1499,6 +1676,69 @@ cdef int _emit_word(BPECore c, const char_t* w, Py_ssize_t klen, uint64_t hash, 
         c.cache_n += 1
     c.out_n += nout
     return 0
+
+
+
+cdef int _emit_long(BPECore c, const char_t* w, Py_ssize_t klen) except -1:
+    """Append the ids of a long word (code points w[:klen], monotone merge table) to c.out, as
+    _emit_word does, streaming it through a buffer of about STREAM symbols (c.sym) so that its
+    scratch stays the same size whatever the word's length: base symbols are read until the
+    buffer is full; if some boundary in it is a cut (no merge joins across it, see
+    _junction_pairs), the symbols before the last cut are encoded (apply) and emitted, else the
+    final tokens of one window (window_step). Either way what is emitted ends at a boundary of
+    the word's tokens, so the rest encodes on its own. Returns -2 when a character has no base
+    symbols."""
+    cdef Py_ssize_t cap = STREAM + 5, n = 0, i = 0, j, k, known = 0, nout = 0
+    cdef int got
+    cdef int32_t* s
+    cdef int32_t* dst
+    # the output buffer at once, for as many ids as code points (more only with byte symbols),
+    # rather than doubling it (and copying what it holds) a dozen times along the word
+    c._ensure_out(klen + 1)
+    while True:
+        c._ensure_sym(cap)
+        s = c.sym
+        while i < klen and n + 5 <= cap:  # a character takes up to 4 symbols; room for EOW
+            got = c.base_symbols(w[i], s + n)
+            if got == 0:
+                return -2
+            n += got
+            i += 1
+        if i == klen:
+            s[n] = EOW
+            n = c.apply(s, n + 1)
+            c._ensure_out(n)
+            dst = c.out + c.out_n
+            nout = 0
+            for j in range(n):
+                if s[j] != EOW:
+                    dst[nout] = s[j]
+                    nout += 1
+            c.out_n += nout
+            return 0
+        # the last cut in s[:n]; s[:known] has none (what followed the previous last cut)
+        k = 0
+        if c.cut_ok:
+            j = n - 1
+            while j >= known and j > 0:
+                if not c.junction(s[j - 1], s[j]):
+                    k = j
+                    break
+                j -= 1
+        c._ensure_out(n)
+        if k > 0:
+            nout = c.apply(s, k)
+            move_i32(c.out + c.out_n, s, nout)
+        else:
+            k = c.window_step(s, n, WINDOW, c.out + c.out_n, &nout)
+            if k == 0:                    # not one final token in the buffer: read more
+                cap *= 2
+                known = n
+                continue
+        c.out_n += nout
+        move_i32(s, s + k, n - k)
+        n -= k
+        known = n                         # no cut after the last one
 
 
 # ---------------------------------------------------------------------------------------------
