@@ -722,9 +722,8 @@ class DecodeLoop:
     from the next step on, every step advances each live generation by one token, those that
     share a Weights in one batched forward (`_decode.Batch`), so concurrent callers read each
     weight matrix once per step between them instead of once each. A generation leaves when it
-    stops. Each one
-    produces exactly the tokens it would alone (Batch's guarantee): its text equals
-    Generator.run's and stream's for the same seed and weights. Generations with logits
+    stops. Each one produces exactly the tokens it would alone (Batch's guarantee): its text
+    equals Generator.run's and stream's for the same seed and weights. Generations with logits
     processors (Python callables that may raise) step in a batch of their own. Generations
     begun on weights from before a training step keep them, in a batch of their own, until
     they end.
@@ -764,7 +763,8 @@ class DecodeLoop:
         return joined
 
     def close(self) -> None:
-        """Cancel every generation and stop the thread (joining afterwards fails)."""
+        """Stop the thread; generations not finished end with GenerationError, and so does
+        any joined afterwards."""
         with self._changed:
             self._closed = True
             thread = self._thread
