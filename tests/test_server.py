@@ -171,6 +171,8 @@ def test_concurrent_requests_are_decoded_together(frozen, frozen_org, monkeypatc
     after = httpx.get(frozen.url + "/v1/organisms/pet/status").json()["decoding"]
     assert after["tokens"] - before["tokens"] > after["steps"] - before["steps"] > 0  # steps advanced several
     assert after["largest"] > 1
+    line = next(x for x in cli.status_text(frozen_org).splitlines() if x.startswith("decoding"))
+    assert f"largest {after['largest']}" in line and "batched steps" in line
 
 
 def test_stream_is_server_sent_events_ending_with_done(frozen):
