@@ -556,8 +556,8 @@ class Organism:
         them by one token, those on the same weights in one batched forward (DecodeLoop). The
         prompt is encoded and prefilled here; the returned SubmittedGeneration yields the
         reply's pieces (or sends them to a listener) and gives the GenerationResult, equal token
-        for token to run() with the same arguments and seed. n: a list of n, begun as run(n=) begins them.
-        This is how the server answers concurrent requests."""
+        for token to run() with the same arguments and seed. n: a list of n, begun as run(n=)
+        begins them. This is how the server answers concurrent requests."""
         if n is None:
             gen, dec, params = self._begin(prompt, overrides)
             return self._decoding().join(gen, dec, params)
