@@ -604,6 +604,40 @@ def test_a_client_that_leaves_mid_stream(monkeypatch):
         org.close()
 
 
+def test_a_client_that_leaves_a_stream_of_several_choices_ends_them_all(monkeypatch):
+    """n = 2, streamed: the choices decode at once and arrive interleaved by index; when the
+    client goes away, both generations end at their next step."""
+    pace_streams(monkeypatch, 0.02)
+    org = small_organism(min_gen_tokens=60)
+    jobs = []
+    submit = org.submit
+
+    def keep(*args, **kw):
+        jobs.append(submit(*args, **kw))
+        return jobs[-1]
+
+    monkeypatch.setattr(org, "submit", keep)
+    try:
+        with LiveServer(create_app(organisms={"pet": org}, learn=False)) as srv:
+            body = {"model": "pet", "messages": [{"role": "user", "content": "two long stories"}],
+                    "stream": True, "max_tokens": 60, "n": 2, "seed": 4}
+            indices = []
+            with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("data: {"):
+                        choices = json.loads(line[6:])["choices"]
+                        if choices and choices[0]["delta"].get("content"):
+                            indices.append(choices[0]["index"])
+                    if len(set(indices)) == 2 and len(indices) >= 6:
+                        break  # both choices have streamed: away
+            assert len(jobs) == 2
+            results = [j.result(timeout=30) for j in jobs]
+            assert [r.stop_reason for r in results] == ["cancelled", "cancelled"]
+            assert all(len(r.ids) < 60 for r in results)
+    finally:
+        org.close()
+
+
 def test_an_organism_whose_trainer_runs_already(frozen_org):
     """create_app(organisms=...) with the caller's background trainer running: left to them."""
     org = small_organism()
