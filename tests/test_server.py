@@ -571,10 +571,8 @@ def test_the_page_loads_nothing_from_elsewhere():
     assert 'href="static/style.css"' in page and 'src="static/app.js"' in page
 
 
-def test_a_client_that_leaves_mid_stream(monkeypatch):
-    """Its new turn is learned, the reply it did not wait for is not; the server goes on."""
-    pace_streams(monkeypatch, 0.02)  # the reply takes over a second: the client leaves in the middle
-    org = small_organism(min_gen_tokens=60)
+def record_submissions(monkeypatch, org) -> list:
+    """The generations the server submits to `org` from now on, in order."""
     jobs = []
     submit = org.submit
 
@@ -583,6 +581,14 @@ def test_a_client_that_leaves_mid_stream(monkeypatch):
         return jobs[-1]
 
     monkeypatch.setattr(org, "submit", keep)
+    return jobs
+
+
+def test_a_client_that_leaves_mid_stream(monkeypatch):
+    """Its new turn is learned, the reply it did not wait for is not; the server goes on."""
+    pace_streams(monkeypatch, 0.02)  # the reply takes over a second: the client leaves in the middle
+    org = small_organism(min_gen_tokens=60)
+    jobs = record_submissions(monkeypatch, org)
     try:
         with LiveServer(create_app(organisms={"pet": org}, learn=True)) as srv:
             body = {"model": "pet", "messages": [{"role": "user", "content": "a long story please"}],
@@ -609,14 +615,7 @@ def test_a_client_that_leaves_a_stream_of_several_choices_ends_them_all(monkeypa
     client goes away, both generations end at their next step."""
     pace_streams(monkeypatch, 0.02)
     org = small_organism(min_gen_tokens=60)
-    jobs = []
-    submit = org.submit
-
-    def keep(*args, **kw):
-        jobs.append(submit(*args, **kw))
-        return jobs[-1]
-
-    monkeypatch.setattr(org, "submit", keep)
+    jobs = record_submissions(monkeypatch, org)
     try:
         with LiveServer(create_app(organisms={"pet": org}, learn=False)) as srv:
             body = {"model": "pet", "messages": [{"role": "user", "content": "two long stories"}],

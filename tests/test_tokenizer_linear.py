@@ -94,6 +94,15 @@ def word(rng, n_base, length, mode):
     return [rng.randrange(n_base) for _ in range(length)]
 
 
+def monotone_case(seed: int, length: int, mode: str) -> tuple[list, list]:
+    """A random monotone merge table of 1-4 base symbols and up to 40 merges, and a word of
+    `length` base symbols in `mode`, with the end-of-word marker 7 times in 10."""
+    rng = random.Random(seed)
+    n_base = rng.randint(1, 4)
+    merges = monotone_table(rng, n_base, rng.randint(0, 40))
+    return merges, word(rng, n_base, length, mode) + ([EOW] if rng.random() < 0.7 else [])
+
+
 # ----------------------------------------------------------------------------------------------
 # kernels == reference
 
@@ -102,12 +111,9 @@ def word(rng, n_base, length, mode):
 @HYP
 @given(st.integers(0, 2 ** 32 - 1), st.integers(0, 160), st.sampled_from(["random", "run", "period"]))
 def test_bucket_kernel_equals_reference_on_monotone_tables(seed, length, mode):
-    rng = random.Random(seed)
-    n_base = rng.randint(1, 4)
-    merges = monotone_table(rng, n_base, rng.randint(0, 40))
+    merges, syms = monotone_case(seed, length, mode)
     core = core_with(merges)
     assert core.monotone_merges
-    syms = word(rng, n_base, length, mode) + ([EOW] if rng.random() < 0.7 else [])
     expected = reference_apply(merges, syms)
     assert core._apply_merges_memview(syms, "bucket") == expected
     assert core._apply_merges_memview(syms, "cut") == expected
@@ -121,12 +127,8 @@ def test_bucket_kernel_equals_reference_on_monotone_tables(seed, length, mode):
 def test_window_kernel_equals_reference_on_monotone_tables(seed, length, mode, window):
     """Windows far smaller than the word: many frontiers, windows that find no final token
     (and double), a last window with or without the end-of-word marker."""
-    rng = random.Random(seed)
-    n_base = rng.randint(1, 4)
-    merges = monotone_table(rng, n_base, rng.randint(0, 40))
-    core = core_with(merges)
-    syms = word(rng, n_base, length, mode) + ([EOW] if rng.random() < 0.7 else [])
-    assert core._apply_merges_memview(syms, "window", window) == reference_apply(merges, syms)
+    merges, syms = monotone_case(seed, length, mode)
+    assert core_with(merges)._apply_merges_memview(syms, "window", window) == reference_apply(merges, syms)
 
 
 @needs_ext
@@ -311,10 +313,7 @@ def rank_passes(merges, syms):
 @given(st.integers(0, 2 ** 32 - 1), st.integers(0, 120), st.sampled_from(["random", "run", "period"]))
 def test_rank_passes_equal_reference_on_monotone_tables(seed, length, mode):
     """The judge of the long periodic words below is itself the reference where both run."""
-    rng = random.Random(seed)
-    n_base = rng.randint(1, 4)
-    merges = monotone_table(rng, n_base, rng.randint(0, 40))
-    syms = word(rng, n_base, length, mode) + ([EOW] if rng.random() < 0.7 else [])
+    merges, syms = monotone_case(seed, length, mode)
     assert rank_passes(merges, syms) == reference_apply(merges, syms)
 
 

@@ -205,6 +205,19 @@ cdef inline int utf8_encode(uint32_t cp, uint8_t* out) noexcept nogil:
     return 4
 
 
+cdef inline Py_ssize_t linked_tokens(int32_t* dst, const int32_t* s, const int32_t* nxt,
+                                     Py_ssize_t end) noexcept nogil:
+    """The tokens of a merge kernel's linked list (the first at 0, s[i] the token starting at i,
+    nxt[i] the next start, -1 after the last) that start before `end`, copied in order to dst;
+    returns how many. dst may be s: each token moves left or stays."""
+    cdef Py_ssize_t i = 0, k = 0
+    while 0 <= i < end:
+        dst[k] = s[i]
+        k += 1
+        i = nxt[i]
+    return k
+
+
 cdef inline bint same_u32(const uint32_t* a, const uint32_t* b, Py_ssize_t n) noexcept nogil:
     """a[:n] == b[:n]; inline because words are short (a libc memcmp call costs more)."""
     cdef Py_ssize_t i
@@ -933,7 +946,7 @@ cdef class BPECore:
         cdef int32_t* nxt = self.aux1
         cdef int32_t* prv = self.aux2
         cdef uint64_t* h = self.heap
-        cdef Py_ssize_t hn = 0, i, j, p, q, r
+        cdef Py_ssize_t hn = 0, i, p, q, r
         cdef uint64_t top, e
         cdef int32_t rank, merged = 0, pos
         for i in range(n):
@@ -983,30 +996,14 @@ cdef class BPECore:
                     h[hn] = e
                     hn += 1
                     _sift_up(h, hn - 1)
-        # compact the surviving symbols
-        j = 0
-        i = 0
-        while i >= 0:
-            s[j] = s[i]
-            j += 1
-            i = nxt[i]
-        return j
+        return linked_tokens(s, s, nxt, n)  # compact the surviving symbols
 
     cdef Py_ssize_t apply_bucket(self, int32_t* s, Py_ssize_t n) noexcept:
         """The same greedy BPE in O(n + ranks), for a monotone table (see _bucket_run); needs
         work buffers for n symbols."""
-        cdef int32_t* nxt
-        cdef Py_ssize_t i, j
         if not self._bucket_run(s, n, NULL):
             return n                      # nothing merges
-        nxt = self.aux1
-        j = 0
-        i = 0
-        while i >= 0:
-            s[j] = s[i]
-            j += 1
-            i = nxt[i]
-        return j
+        return linked_tokens(s, s, self.aux1, n)
 
     cdef bint _bucket_run(self, int32_t* s, Py_ssize_t n, Py_ssize_t* frontier) noexcept:
         """Rank buckets over s[:n] (monotone table; work buffers for n symbols). BPE then takes
@@ -1164,8 +1161,7 @@ cdef class BPECore:
         them; dst may overlap s). Returns the frontier, the symbols of s consumed (a boundary
         of the piece's tokens: the rest encodes on its own, no merge crosses it), or 0 when
         even s[:wmax] has no final token."""
-        cdef Py_ssize_t w = min(window, wmax), F = 0, i, k = 0
-        cdef int32_t* nxt
+        cdef Py_ssize_t w = min(window, wmax), F = 0
         cdef int32_t* ws
         nout[0] = 0
         while w > 0:
@@ -1175,13 +1171,7 @@ cdef class BPECore:
             memcpy(ws, s, w * sizeof(int32_t))
             self._bucket_run(ws, w, &F)
             if F > 0:
-                nxt = self.aux1
-                i = 0
-                while 0 <= i < F:
-                    dst[k] = ws[i]
-                    k += 1
-                    i = nxt[i]
-                nout[0] = k
+                nout[0] = linked_tokens(dst, ws, self.aux1, F)
                 return F
             if w >= wmax:
                 break

@@ -424,11 +424,8 @@ class Generator:
 
     def run_begun(self, dec: _decode.Decoder, params: SamplingParams) -> GenerationResult:
         """Finish a generation started by begin()."""
-        if params.stop:
-            pieces, box = [], {}
-            for piece in self._pieces(dec, params, box):
-                pieces.append(piece)
-            return GenerationResult(box["ids"], "".join(pieces), box["reason"])
+        if params.stop:  # checked after every token, as a batch of one does
+            return self.run_begun_many([dec], [params])[0]
         if params.max_gen_tokens == 0:
             self._release(dec)
             return GenerationResult([], "", "max_tokens")
@@ -440,7 +437,7 @@ class Generator:
 
     def stream_begun(self, dec: _decode.Decoder, params: SamplingParams) -> Iterator[str]:
         """Stream a generation started by begin()."""
-        return self._pieces(dec, params, {})
+        return self._pieces(dec, params)
 
     def _begin(self, prompt, params: SamplingParams, weights: _decode.Weights | None = None) -> _decode.Decoder:
         ids = self.encode_prompt(prompt)
@@ -511,30 +508,23 @@ class Generator:
         """Yield the text as it is generated, one piece per token that completes text (pieces
         never split a UTF-8 character; whitespace is collapsed as decode() does)."""
         params = self.params(**overrides)
-        return self._pieces(self.begin(prompt, params), params, {})
+        return self._pieces(self.begin(prompt, params), params)
 
-    def _pieces(self, dec: _decode.Decoder, params: SamplingParams, box: dict) -> Iterator[str]:
-        try:
-            yield from self._pieces_inner(dec, params, box)
-        finally:
-            self._release(dec)
-
-    def _pieces_inner(self, dec: _decode.Decoder, params: SamplingParams, box: dict) -> Iterator[str]:
-        text = _StopText(self.tokenizer, params.stop)
-        ids: list[int] = []
-        box["ids"], box["reason"] = ids, "max_tokens"
+    def _pieces(self, dec: _decode.Decoder, params: SamplingParams) -> Iterator[str]:
+        """A begun generation's pieces, one token at a time on this thread (the bookkeeping of
+        SubmittedGeneration, without a decode loop)."""
+        job = SubmittedGeneration(self, dec, params)
+        came: list = []
+        job.listen(came.append)
         procs = params.logits_processors or None
-        if params.max_gen_tokens == 0:
-            return
-        while True:
-            new, reason = dec.run(1, procs)
-            ids.extend(new)
-            piece = text.add(new, reason)
-            if piece:
-                yield piece
-            if text.stopped or reason is not None:
-                box["reason"] = "stop_string" if text.stopped else reason
-                return
+        try:
+            if not job._ended_before_step():
+                while not job.done:
+                    job._advance(*dec.run(1, procs))
+                    yield from (piece for piece in came if piece is not None)
+                    came.clear()
+        finally:
+            job._end("cancelled")  # left early, or failed: the decoder goes back (a no-op once done)
 
     # ---- several generations at once
 
