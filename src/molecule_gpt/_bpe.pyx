@@ -205,6 +205,16 @@ cdef inline int utf8_encode(uint32_t cp, uint8_t* out) noexcept nogil:
     return 4
 
 
+cdef inline Py_ssize_t ids_without_eow(int32_t* dst, const int32_t* s, Py_ssize_t n) noexcept nogil:
+    """A word's tokens s[:n] copied to dst without the end-of-word marker; returns how many."""
+    cdef Py_ssize_t i, k = 0
+    for i in range(n):
+        if s[i] != EOW:
+            dst[k] = s[i]
+            k += 1
+    return k
+
+
 cdef inline Py_ssize_t linked_tokens(int32_t* dst, const int32_t* s, const int32_t* nxt,
                                      Py_ssize_t end) noexcept nogil:
     """The tokens of a merge kernel's linked list (the first at 0, s[i] the token starting at i,
@@ -1641,11 +1651,7 @@ cdef int _emit_word(BPECore c, const char_t* w, Py_ssize_t klen, uint64_t hash, 
     if c.out_n + n > c.out_cap:
         c._ensure_out(n)
     dst = c.out + c.out_n
-    nout = 0
-    for i in range(n):
-        if s[i] != EOW:
-            dst[nout] = s[i]
-            nout += 1
+    nout = ids_without_eow(dst, s, n)
     if cacheable:
         if c.cache_n + c.swt_n >= c.cache_max:      # full: start over (the slot is free then)
             c._reset_cache()
@@ -1681,7 +1687,6 @@ cdef int _emit_long(BPECore c, const char_t* w, Py_ssize_t klen) except -1:
     cdef Py_ssize_t cap = STREAM + 5, n = 0, i = 0, j, k, known = 0, nout = 0
     cdef int got
     cdef int32_t* s
-    cdef int32_t* dst
     # the output buffer at once, for as many ids as code points (more only with byte symbols),
     # rather than doubling it (and copying what it holds) a dozen times along the word
     c._ensure_out(klen + 1)
@@ -1698,13 +1703,7 @@ cdef int _emit_long(BPECore c, const char_t* w, Py_ssize_t klen) except -1:
             s[n] = EOW
             n = c.apply(s, n + 1)
             c._ensure_out(n)
-            dst = c.out + c.out_n
-            nout = 0
-            for j in range(n):
-                if s[j] != EOW:
-                    dst[nout] = s[j]
-                    nout += 1
-            c.out_n += nout
+            c.out_n += ids_without_eow(c.out + c.out_n, s, n)
             return 0
         # the last cut in s[:n]; s[:known] has none (what followed the previous last cut)
         k = 0
