@@ -26,6 +26,12 @@ and the ratio (medians over the rounds of the per-round figures). The threads ar
 `decode_threads` for both (the batch deals its sequences over them). After timing, every batched
 sequence is checked to equal its single run (ids).
 
+Decode precision (`--precision`, alone): in paired rounds, the same model decoded with its own
+float32 weights and with bfloat16 ones (Config.decode_precision), batch 1 and, with `--batch B`,
+B at once; and what bfloat16 costs in prediction: held-out loss (nats per character,
+molecule_gpt.heldout) of the decoder a token at a time over the corpus's last 200 lines, which
+no case trains on.
+
 The numpy and torch decoders below are what a careful user would write: batched prefill,
 per-token matvecs, heads vectorized where the head type allows, float32, torch under no_grad
 with torch.set_num_threads(1) and BLAS limited to one thread for numpy, like ours (threads only
@@ -48,7 +54,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 import molecule_gpt as mg  # noqa: E402
-from molecule_gpt.generation import Generator  # noqa: E402
+from molecule_gpt.generation import Generator, decoded_nats, fold_weights  # noqa: E402
+from molecule_gpt.heldout import HeldOut  # noqa: E402
 from molecule_gpt.tokenizer import EvolvingTokenizer, read_corpus  # noqa: E402
 
 try:
@@ -57,6 +64,7 @@ except ImportError:  # torch is optional: pip install torch==2.13.0
     torch = None
 
 LARGER = dict(n_layer=6, n_embd=256, n_head=8, block_size=256, head_types=("content",) * 4 + ("hybrid",) * 4)
+HELDOUT_LINES = 200  # the corpus's last lines: no case trains on them (--precision scores them)
 TARGET_TOK_S = 20_000
 TARGET_VS_TORCH = 5.0
 TARGET_BATCHED_DEFAULT_TOK_S = 400_000  # issue 14: 16 sequences at once, default config, in all
@@ -394,7 +402,7 @@ def build_case(name, lines, train_steps):
     model.add_delta_module(alpha=1.0)
     if name == "default-trained":
         rng = np.random.default_rng(0)
-        data = [tok.encode(x) for x in lines]
+        data = [tok.encode(x) for x in lines[:-HELDOUT_LINES]]
         for s in range(train_steps):
             batch = [data[i][:cfg.block_size + 1] for i in rng.integers(0, len(data), cfg.batch_size)]
             model.train_step(batch, cfg.learning_rate)
@@ -472,6 +480,39 @@ def bench_batched(name, cfg, tok, model, prompts, tokens, batch, rounds):
     return statistics.median(one), statistics.median(many), statistics.median(ratio), statistics.median(cpu_ratio)
 
 
+def bench_precision(name, cfg, tok, model, prompts, tokens, batch, rounds, heldout_lines):
+    """Paired rounds of the same generations with the model's float32 decode weights and with
+    bfloat16 ones: (tok/s float32, tok/s bfloat16, median per-round ratio) at batch 1, the same at
+    `batch` sequences at once (None without), and the held-out loss of each (nats/char)."""
+    gens = {p: Generator(model, tok, config=cfg.replace(decode_precision=p)) for p in ("model", "bfloat16")}
+    fixed = dict(max_gen_tokens=tokens, min_gen_tokens=tokens, repetition_guard=0)
+    group = [prompts[i % len(prompts)] for i in range(batch)]
+    tps = {(p, b): [] for p in gens for b in (1, batch) if b}
+    for g in gens.values():  # warm-up: weights folded, decoders pooled
+        g.run(prompts[0], seed=0, **fixed)
+        if batch:
+            g.run_many(group, [g.params(seed=k, **fixed) for k in range(batch)])
+    for r in range(rounds):
+        for p, g in (gens.items() if r % 2 == 0 else reversed(gens.items())):
+            t0 = time.perf_counter()
+            g.run(prompts[r % len(prompts)], seed=r, **fixed)
+            tps[p, 1].append(tokens / (time.perf_counter() - t0))
+            if batch:
+                t0 = time.perf_counter()
+                g.run_many(group, [g.params(seed=1000 * r + k, **fixed) for k in range(batch)])
+                tps[p, batch].append(batch * tokens / (time.perf_counter() - t0))
+
+    def paired(b):
+        if not b:
+            return None
+        ratios = [x16 / x32 for x32, x16 in zip(tps["model", b], tps["bfloat16", b])]
+        return statistics.median(tps["model", b]), statistics.median(tps["bfloat16", b]), statistics.median(ratios)
+    held = HeldOut(heldout_lines, tok.encode, lambda: tok.version)
+    windows = held.windows(cfg.block_size)
+    losses = [decoded_nats(fold_weights(model, p), windows) / held.chars for p in gens]
+    return paired(1), paired(batch), losses
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", help="UTF-8 text, one line per line (default: a synthetic corpus)")
@@ -482,6 +523,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="default case, 3 repeats")
     ap.add_argument("--batch", type=int, default=0, metavar="B", help="also measure B sequences at once against one")
     ap.add_argument("--batch-only", action="store_true", help="only the batched measurement (needs --batch)")
+    ap.add_argument("--precision", action="store_true",
+                    help="only float32 against bfloat16 decode weights (speed and held-out loss)")
     args = ap.parse_args()
     if args.batch_only and args.batch < 1:
         ap.error("--batch-only needs --batch B")
@@ -497,6 +540,22 @@ def main():
           f"; corpus {len(lines)} lines; {args.tokens} tokens per call, medians of {repeats}")
     if not args.batch_only:
         print(f"{'case':16} {'V':>5} {'thr':>3} {'impl':12} {'ms/call':>9} {'tok/s':>9} {'vs torch':>9} {'vs numpy':>9}")
+    if args.precision:
+        print(f"# decode weights float32 against bfloat16, paired rounds (medians of {repeats}); held-out loss of "
+              f"the decoder on the corpus's last {HELDOUT_LINES} lines (nats/char)")
+        print(f"{'case':16} {'V':>5} {'thr':>3} {'batch':>5} {'f32 tok/s':>10} {'bf16 tok/s':>11} {'ratio':>7} "
+              f"{'held-out f32':>13} {'bf16':>9} {'change':>9}")
+        for name in cases:
+            threads = case_threads(name)
+            cfg, tok, model = build_case(name, lines, args.train_steps)
+            prompts = [x[:60] for x in lines[1:-HELDOUT_LINES:max(1, len(lines) // 50)]][:50]
+            one, many, (l32, l16) = bench_precision(name, cfg, tok, model, prompts, args.tokens, args.batch, repeats,
+                                                    lines[-HELDOUT_LINES:])
+            for b, row in ((1, one), (args.batch, many)):
+                if row:
+                    print(f"{name:16} {model.vocab_size:5d} {threads:3d} {b:5d} {row[0]:10.0f} {row[1]:11.0f} "
+                          f"{row[2]:6.2f}x {l32:13.5f} {l16:9.5f} {l16 / l32 - 1:+9.4%}")
+        return
     summary, batched = [], []
     for name in cases:
         threads = case_threads(name)

@@ -12,17 +12,18 @@
  * benchmarks/RESULTS.md).
  *
  * Dims: A (M, K) row-major with leading dimension lda (likewise B, C); x (K); y (M).
- *   mg_gemm_nt_f/d  C = A B^T        (B (N, K): a weight matrix; rows of A are inputs; one row
- *                                     of A is the matvec y = B x, mg_matvec_*_avx2 / _generic)
+ *   mg_gemm_nt_f/bf16/d  C = A B^T   (B (N, K): a weight matrix of float32, bfloat16 or float64
+ *                                     elements; rows of A are inputs; one row of A is the matvec
+ *                                     y = B x; the float32 and bfloat16 kernels are one body,
+ *                                     decode_products.h)
  *   mg_softmax_exp_f  the exponentials and sums of the sampling softmax
  *   mg_attend_row_f/d one query's attention over the key/value cache
- * The AVX2 kernels keep one 8-lane accumulator per output and reduce it once at the end; four
- * weight rows share each load of the input, and the gemm handles three inputs per pass over them.
  */
 #ifndef MOLECULE_DECODE_KERNELS_H
 #define MOLECULE_DECODE_KERNELS_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 #include "codes.h" /* MG_HEAD_* */
@@ -41,160 +42,6 @@ __attribute__((target("avx2,fma"))) static inline __m128 mg_hsum4(__m256 s0, __m
     return _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
 }
 
-/* y = A x, four rows of A per pass */
-__attribute__((target("avx2,fma"))) static void mg_matvec_f_avx2(float *restrict y, const float *restrict A,
-                                                                  const float *restrict x, ptrdiff_t M,
-                                                                  ptrdiff_t K, ptrdiff_t lda) {
-    ptrdiff_t i = 0, K8 = K & ~(ptrdiff_t)7;
-    for (; i + 4 <= M; i += 4) {
-        const float *a0 = A + i * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;
-        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(),
-               s3 = _mm256_setzero_ps();
-        for (ptrdiff_t k = 0; k < K8; k += 8) {
-            __m256 xv = _mm256_loadu_ps(x + k);
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + k), xv, s0);
-            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + k), xv, s1);
-            s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + k), xv, s2);
-            s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + k), xv, s3);
-        }
-        if (K8 == K) {
-            _mm_storeu_ps(y + i, mg_hsum4(s0, s1, s2, s3));
-            continue;
-        }
-        float r0 = mg_hsum256(s0), r1 = mg_hsum256(s1), r2 = mg_hsum256(s2), r3 = mg_hsum256(s3);
-        for (ptrdiff_t k = K8; k < K; k++) {
-            r0 += a0[k] * x[k];
-            r1 += a1[k] * x[k];
-            r2 += a2[k] * x[k];
-            r3 += a3[k] * x[k];
-        }
-        y[i] = r0;
-        y[i + 1] = r1;
-        y[i + 2] = r2;
-        y[i + 3] = r3;
-    }
-    for (; i < M; i++) {
-        const float *a = A + i * lda;
-        __m256 s = _mm256_setzero_ps();
-        for (ptrdiff_t k = 0; k < K8; k += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(x + k), s);
-        float r = mg_hsum256(s);
-        for (ptrdiff_t k = K8; k < K; k++) r += a[k] * x[k];
-        y[i] = r;
-    }
-}
-
-/* y0 = B x0 and y1 = B x1 in one pass over B (four rows of B at a time) */
-__attribute__((target("avx2,fma"))) static void mg_matvec2_f_avx2(float *restrict y0, float *restrict y1,
-                                                                   const float *restrict B,
-                                                                   const float *restrict x0,
-                                                                   const float *restrict x1, ptrdiff_t N,
-                                                                   ptrdiff_t K, ptrdiff_t ldb) {
-    ptrdiff_t j = 0, K8 = K & ~(ptrdiff_t)7;
-    for (; j + 4 <= N; j += 4) {
-        const float *b0 = B + j * ldb, *b1 = b0 + ldb, *b2 = b1 + ldb, *b3 = b2 + ldb;
-        __m256 s00 = _mm256_setzero_ps(), s01 = _mm256_setzero_ps(), s02 = _mm256_setzero_ps(),
-               s03 = _mm256_setzero_ps(), s10 = _mm256_setzero_ps(), s11 = _mm256_setzero_ps(),
-               s12 = _mm256_setzero_ps(), s13 = _mm256_setzero_ps();
-        for (ptrdiff_t k = 0; k < K8; k += 8) {
-            __m256 u = _mm256_loadu_ps(x0 + k), v = _mm256_loadu_ps(x1 + k), w;
-            w = _mm256_loadu_ps(b0 + k);
-            s00 = _mm256_fmadd_ps(w, u, s00);
-            s10 = _mm256_fmadd_ps(w, v, s10);
-            w = _mm256_loadu_ps(b1 + k);
-            s01 = _mm256_fmadd_ps(w, u, s01);
-            s11 = _mm256_fmadd_ps(w, v, s11);
-            w = _mm256_loadu_ps(b2 + k);
-            s02 = _mm256_fmadd_ps(w, u, s02);
-            s12 = _mm256_fmadd_ps(w, v, s12);
-            w = _mm256_loadu_ps(b3 + k);
-            s03 = _mm256_fmadd_ps(w, u, s03);
-            s13 = _mm256_fmadd_ps(w, v, s13);
-        }
-        if (K8 == K) {
-            _mm_storeu_ps(y0 + j, mg_hsum4(s00, s01, s02, s03));
-            _mm_storeu_ps(y1 + j, mg_hsum4(s10, s11, s12, s13));
-            continue;
-        }
-        float r00 = mg_hsum256(s00), r01 = mg_hsum256(s01), r02 = mg_hsum256(s02), r03 = mg_hsum256(s03);
-        float r10 = mg_hsum256(s10), r11 = mg_hsum256(s11), r12 = mg_hsum256(s12), r13 = mg_hsum256(s13);
-        for (ptrdiff_t k = K8; k < K; k++) {
-            r00 += b0[k] * x0[k];
-            r01 += b1[k] * x0[k];
-            r02 += b2[k] * x0[k];
-            r03 += b3[k] * x0[k];
-            r10 += b0[k] * x1[k];
-            r11 += b1[k] * x1[k];
-            r12 += b2[k] * x1[k];
-            r13 += b3[k] * x1[k];
-        }
-        y0[j] = r00;
-        y0[j + 1] = r01;
-        y0[j + 2] = r02;
-        y0[j + 3] = r03;
-        y1[j] = r10;
-        y1[j + 1] = r11;
-        y1[j + 2] = r12;
-        y1[j + 3] = r13;
-    }
-    for (; j < N; j++) {
-        const float *b = B + j * ldb;
-        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-        for (ptrdiff_t k = 0; k < K8; k += 8) {
-            __m256 w = _mm256_loadu_ps(b + k);
-            s0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x0 + k), s0);
-            s1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x1 + k), s1);
-        }
-        float r0 = mg_hsum256(s0), r1 = mg_hsum256(s1);
-        for (ptrdiff_t k = K8; k < K; k++) {
-            r0 += b[k] * x0[k];
-            r1 += b[k] * x1[k];
-        }
-        y0[j] = r0;
-        y1[j] = r1;
-    }
-}
-
-/* y_r = B x_r for r = 0, 1, 2 in one pass over B (four rows of B at a time: 12 accumulators,
- * 7 loads per 12 FMAs; the prefill's products are FMA-bound, not bandwidth-bound) */
-__attribute__((target("avx2,fma"))) static void mg_matvec3_f_avx2(float *restrict y0, float *restrict y1,
-                                                                   float *restrict y2, const float *restrict B,
-                                                                   const float *restrict x0,
-                                                                   const float *restrict x1,
-                                                                   const float *restrict x2, ptrdiff_t N,
-                                                                   ptrdiff_t K, ptrdiff_t ldb) {
-    ptrdiff_t j = 0, K8 = K & ~(ptrdiff_t)7;
-    for (; j + 4 <= N; j += 4) {
-        const float *b[4] = {B + j * ldb, B + (j + 1) * ldb, B + (j + 2) * ldb, B + (j + 3) * ldb};
-        __m256 s[3][4];
-        for (int r = 0; r < 3; r++)
-            for (int c = 0; c < 4; c++) s[r][c] = _mm256_setzero_ps();
-        for (ptrdiff_t k = 0; k < K8; k += 8) {
-            __m256 u = _mm256_loadu_ps(x0 + k), v = _mm256_loadu_ps(x1 + k), t = _mm256_loadu_ps(x2 + k);
-            for (int c = 0; c < 4; c++) {
-                __m256 w = _mm256_loadu_ps(b[c] + k);
-                s[0][c] = _mm256_fmadd_ps(w, u, s[0][c]);
-                s[1][c] = _mm256_fmadd_ps(w, v, s[1][c]);
-                s[2][c] = _mm256_fmadd_ps(w, t, s[2][c]);
-            }
-        }
-        float *y[3] = {y0, y1, y2};
-        const float *x[3] = {x0, x1, x2};
-        if (K8 == K) {
-            for (int r = 0; r < 3; r++) _mm_storeu_ps(y[r] + j, mg_hsum4(s[r][0], s[r][1], s[r][2], s[r][3]));
-            continue;
-        }
-        for (int r = 0; r < 3; r++)
-            for (int c = 0; c < 4; c++) {
-                float acc = mg_hsum256(s[r][c]);
-                for (ptrdiff_t k = K8; k < K; k++) acc += b[c][k] * x[r][k];
-                y[r][j + c] = acc;
-            }
-    }
-    if (j < N) {
-        mg_matvec2_f_avx2(y0 + j, y1 + j, B + j * ldb, x0, x1, N - j, K, ldb);
-        mg_matvec_f_avx2(y2 + j, B + j * ldb, x2, N - j, K, ldb);
-    }
-}
 #endif
 
 /* Sampling softmax, one pass: x_i = max(z_i ft - shift, lo), e_i = exp(x_i); returns
@@ -455,7 +302,6 @@ static inline int mg_decode_has_avx2(void) {
         }                                                                                         \
     }
 
-MG_DEFINE_DECODE_GENERIC(float, f)
 MG_DEFINE_DECODE_GENERIC(double, d)
 
 static inline float mg_softmax_exp_f(float *restrict x, float *restrict e, const float *restrict z, ptrdiff_t n,
@@ -480,55 +326,56 @@ static inline void mg_attend_row_f(float *restrict y, float *restrict att, float
     mg_attend_row_f_generic(y, att, pat_out, q, hrow, kt, vc, pat, head_type, mix, H, d, T, C, nk);
 }
 
-/* Rows of B per cache block of mg_gemm_nt_f: a multiple of 4 holding about 16 KB (L1 is 32 KB
- * and the three input rows of a pass share it; 8 and 32 KB measured the same). */
+/* Rows of B per cache block of the gemm: a multiple of 4 holding about 16 KB (L1 is 32 KB and
+ * the three input rows of a pass share it; 8 and 32 KB measured the same). */
 #ifndef MG_GEMM_BLOCK_BYTES
 #define MG_GEMM_BLOCK_BYTES 16384
 #endif
-/* How many blocks ahead mg_gemm_nt_f prefetches weight rows into L2 (0: off). At B = 16 rows of
- * the larger config 1 measured best (no prefetch 1,980-2,040 tok/s, 1: 2,160-2,310, 2 and 3 in
- * between; CPU time, shared machine). */
+/* How many blocks ahead the gemm prefetches weight rows into L2 (0: off; 1 measured best at
+ * B = 16 rows of the larger config, benchmarks/RESULTS.md). */
 #ifndef MG_GEMM_PREFETCH
 #define MG_GEMM_PREFETCH 1
 #endif
-static inline ptrdiff_t mg_gemm_block_rows(ptrdiff_t K) {
-    ptrdiff_t nb = (ptrdiff_t)(MG_GEMM_BLOCK_BYTES / sizeof(float)) / (K > 0 ? K : 1);
+static inline ptrdiff_t mg_gemm_block_rows(ptrdiff_t K, size_t elem_bytes) {
+    ptrdiff_t nb = (ptrdiff_t)(MG_GEMM_BLOCK_BYTES / elem_bytes) / (K > 0 ? K : 1);
     nb &= ~(ptrdiff_t)3;
     return nb < 4 ? 4 : nb;
 }
 
-/* C (M, N) = A (M, K) B^T, B (N, K): row i of C is B a_i. Every element has the arithmetic of
- * the matvec (the same 4-row blocks of B counted from its row 0, the same accumulators and
- * final sums), so a row of this product is bit-identical to the matvec of that row: a batched
- * decode step gives each sequence the logits it gets alone. B is walked in blocks of
- * mg_gemm_block_rows rows (a multiple of 4, so the 4-row blocks do not move) and every input
- * row passes over a block while it is in L1: B is read from memory once, not once per 3 rows. */
-static inline void mg_gemm_nt_f(float *restrict C, const float *restrict A, const float *restrict B, ptrdiff_t M,
-                                ptrdiff_t N, ptrdiff_t K, ptrdiff_t lda, ptrdiff_t ldb, ptrdiff_t ldc) {
-#ifdef MG_HAVE_AVX2_PATH
-    if (mg_decode_has_avx2()) {
-        ptrdiff_t nb = M > 3 ? mg_gemm_block_rows(K) : N;
-        for (ptrdiff_t j0 = 0; j0 < N; j0 += nb) {
-            ptrdiff_t n = N - j0 < nb ? N - j0 : nb, i = 0;
-            const float *Bj = B + j0 * ldb;
-            float *Cj = C + j0;
-            if (MG_GEMM_PREFETCH && M > 3) /* a block ahead on its way to L2 while the inputs pass over this one */
-                for (ptrdiff_t r = j0 + MG_GEMM_PREFETCH * nb; r < j0 + (MG_GEMM_PREFETCH + 1) * nb && r < N; r++)
-                    for (ptrdiff_t k = 0; k < K; k += 16) _mm_prefetch((const char *)(B + r * ldb + k), _MM_HINT_T1);
-            for (; i + 3 <= M; i += 3)
-                mg_matvec3_f_avx2(Cj + i * ldc, Cj + (i + 1) * ldc, Cj + (i + 2) * ldc, Bj, A + i * lda,
-                                  A + (i + 1) * lda, A + (i + 2) * lda, n, K, ldb);
-            if (i + 2 <= M) {
-                mg_matvec2_f_avx2(Cj + i * ldc, Cj + (i + 1) * ldc, Bj, A + i * lda, A + (i + 1) * lda, n, K, ldb);
-                i += 2;
-            }
-            if (i < M) mg_matvec_f_avx2(Cj + i * ldc, Bj, A + i * lda, n, K, ldb);
-        }
-        return;
-    }
-#endif
-    for (ptrdiff_t i = 0; i < M; i++) mg_matvec_f_generic(C + i * ldc, B, A + i * lda, N, K, ldb);
+/* bfloat16: the upper half of a float32's bits (weights are rounded to it, to nearest even, when
+ * the decoder's weights are made: generation.py); widened back exactly by a 16-bit shift */
+typedef uint16_t mg_bf16;
+static inline float mg_bf16_to_f(mg_bf16 v) {
+    union {
+        uint32_t u;
+        float f;
+    } c;
+    c.u = (uint32_t)v << 16;
+    return c.f;
 }
+
+/* the products, float32 weights: mg_matvec_f_*, mg_gemm_nt_f */
+#define MG_WT float
+#define MG_WSFX f
+#define MG_WVAL(v) (v)
+#define MG_WLOAD8(p) _mm256_loadu_ps(p)
+#include "decode_products.h"
+#undef MG_WT
+#undef MG_WSFX
+#undef MG_WVAL
+#undef MG_WLOAD8
+
+/* the products, bfloat16 weights: mg_matvec_bf16_*, mg_gemm_nt_bf16 */
+#define MG_WT mg_bf16
+#define MG_WSFX bf16
+#define MG_WVAL(v) mg_bf16_to_f(v)
+#define MG_WLOAD8(p) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#include "decode_products.h"
+#undef MG_WT
+#undef MG_WSFX
+#undef MG_WVAL
+#undef MG_WLOAD8
 
 static inline void mg_gemm_nt_d(double *restrict C, const double *restrict A, const double *restrict B, ptrdiff_t M,
                                 ptrdiff_t N, ptrdiff_t K, ptrdiff_t lda, ptrdiff_t ldb, ptrdiff_t ldc) {

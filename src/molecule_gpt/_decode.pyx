@@ -47,7 +47,7 @@
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memset, memcpy
 from libc.math cimport exp, log, sqrt, fabs, INFINITY, isnan
-from libc.stdint cimport uint64_t, int64_t, uint8_t
+from libc.stdint cimport uint64_t, int64_t, uint8_t, uint16_t
 from cpython.ref cimport PyObject
 cdef extern from "pool.h" nogil:  # the worker pool the training step runs on (csrc/pool.c)
     ctypedef void (*mg_pool_fn)(void* ctx, int part) noexcept nogil
@@ -64,6 +64,8 @@ cdef extern from "decode_kernels.h" nogil:  # products without BLAS (see the fil
                       Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc)
     void mg_gemm_nt_d(double* C, const double* A, const double* B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
                       Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc)
+    void mg_gemm_nt_bf16(float* C, const float* A, const uint16_t* B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
+                         Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc)
     int mg_decode_has_avx2()
     float mg_softmax_exp_f(float* x, float* e, const float* z, Py_ssize_t n, float ft, float shift, float lo,
                            float* sx)
@@ -112,15 +114,25 @@ ctypedef struct ProductJob:  # one product split by rows (of the inputs or of th
     const void* B
     Py_ssize_t M, N, K, lda, ldb, ldc, chunk
     bint is_double
+    bint bf16
 
 
-cdef inline void mm_nt(floating* Cm, const floating* A, const floating* B, Py_ssize_t M, Py_ssize_t N,
-                       Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc) noexcept nogil:
-    """C (M, N) = A (M, K) B^T;  B (N, K). Row-major with leading dims."""
+cdef inline void mm_nt(floating* Cm, const floating* A, const void* B, Py_ssize_t M, Py_ssize_t N,
+                       Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc, bint bf16) noexcept nogil:
+    """C (M, N) = A (M, K) B^T;  B (N, K) of floating elements, or of bfloat16 ones when bf16
+    (float32 only). Row-major with leading dims (in elements)."""
     if floating is float:
-        mg_gemm_nt_f(Cm, A, B, M, N, K, lda, ldb, ldc)
+        if bf16:
+            mg_gemm_nt_bf16(Cm, A, <const uint16_t*>B, M, N, K, lda, ldb, ldc)
+        else:
+            mg_gemm_nt_f(Cm, A, <const float*>B, M, N, K, lda, ldb, ldc)
     else:
-        mg_gemm_nt_d(Cm, A, B, M, N, K, lda, ldb, ldc)
+        mg_gemm_nt_d(Cm, A, <const double*>B, M, N, K, lda, ldb, ldc)
+
+
+cdef inline const void* weight_rows(const void* B, Py_ssize_t r, Py_ssize_t ldb, bint is_double, bint bf16) noexcept nogil:
+    """Row r of a weight matrix B with leading dimension ldb (elements of 8, 2 or 4 bytes)."""
+    return <const char*>B + r * ldb * (8 if is_double else (2 if bf16 else 4))
 
 
 cdef void _mm_nt_part(void* ctx, int t) noexcept nogil:
@@ -129,24 +141,24 @@ cdef void _mm_nt_part(void* ctx, int t) noexcept nogil:
     if r1 <= r0:
         return
     if j.is_double:
-        mm_nt(<double*>j.C + r0 * j.ldc, <const double*>j.A + r0 * j.lda, <const double*>j.B, r1 - r0, j.N, j.K,
-              j.lda, j.ldb, j.ldc)
+        mm_nt(<double*>j.C + r0 * j.ldc, <const double*>j.A + r0 * j.lda, j.B, r1 - r0, j.N, j.K,
+              j.lda, j.ldb, j.ldc, False)
     else:
-        mm_nt(<float*>j.C + r0 * j.ldc, <const float*>j.A + r0 * j.lda, <const float*>j.B, r1 - r0, j.N, j.K,
-              j.lda, j.ldb, j.ldc)
+        mm_nt(<float*>j.C + r0 * j.ldc, <const float*>j.A + r0 * j.lda, j.B, r1 - r0, j.N, j.K,
+              j.lda, j.ldb, j.ldc, j.bf16)
 
 
-cdef void mm_nt_par(floating* Cm, const floating* A, const floating* B, Py_ssize_t M, Py_ssize_t N,
-                    Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc, int nt) noexcept nogil:
+cdef void mm_nt_par(floating* Cm, const floating* A, const void* B, Py_ssize_t M, Py_ssize_t N,
+                    Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc, int nt, bint bf16) noexcept nogil:
     """mm_nt with the input rows split over nt parts of the worker pool when the product is large enough."""
     cdef ProductJob job
     if nt <= 1 or N * K < PAR_MIN_WEIGHTS or M < 3 * nt:
-        mm_nt(Cm, A, B, M, N, K, lda, ldb, ldc)
+        mm_nt(Cm, A, B, M, N, K, lda, ldb, ldc, bf16)
         return
     job.C, job.A, job.B = <void*>Cm, <const void*>A, <const void*>B
     job.M, job.N, job.K, job.lda, job.ldb, job.ldc = M, N, K, lda, ldb, ldc
     job.chunk = ((M + nt - 1) // nt + 2) // 3 * 3
-    job.is_double = floating is double
+    job.is_double, job.bf16 = floating is double, bf16
     mg_pool_run(_mm_nt_part, &job, nt)
 
 
@@ -155,28 +167,27 @@ cdef void _mm_nt_w_part(void* ctx, int t) noexcept nogil:
     cdef Py_ssize_t r0 = t * j.chunk, r1 = min(j.N, r0 + j.chunk)
     if r1 <= r0:
         return
+    cdef const void* rows = weight_rows(j.B, r0, j.ldb, j.is_double, j.bf16)
     if j.is_double:
-        mm_nt(<double*>j.C + r0, <const double*>j.A, <const double*>j.B + r0 * j.ldb, j.M, r1 - r0, j.K,
-              j.lda, j.ldb, j.ldc)
+        mm_nt(<double*>j.C + r0, <const double*>j.A, rows, j.M, r1 - r0, j.K, j.lda, j.ldb, j.ldc, False)
     else:
-        mm_nt(<float*>j.C + r0, <const float*>j.A, <const float*>j.B + r0 * j.ldb, j.M, r1 - r0, j.K,
-              j.lda, j.ldb, j.ldc)
+        mm_nt(<float*>j.C + r0, <const float*>j.A, rows, j.M, r1 - r0, j.K, j.lda, j.ldb, j.ldc, j.bf16)
 
 
-cdef void mm_nt_wpar(floating* Cm, const floating* A, const floating* B, Py_ssize_t M, Py_ssize_t N,
-                     Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc, int nt) noexcept nogil:
+cdef void mm_nt_wpar(floating* Cm, const floating* A, const void* B, Py_ssize_t M, Py_ssize_t N,
+                     Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc, int nt, bint bf16) noexcept nogil:
     """mm_nt with the rows of B (a weight matrix's output rows) split over nt parts of the worker
     pool when the product is large enough: each part reads only its share of the weights. Parts
     start at multiples of 4 rows, so every element keeps the arithmetic it has unsplit
     (decode_kernels.h); for one input row (M = 1) this is a split matvec."""
     cdef ProductJob job
     if nt <= 1 or M * N * K < PAR_MIN_WEIGHTS or N < 8 * nt:
-        mm_nt(Cm, A, B, M, N, K, lda, ldb, ldc)
+        mm_nt(Cm, A, B, M, N, K, lda, ldb, ldc, bf16)
         return
     job.C, job.A, job.B = <void*>Cm, <const void*>A, <const void*>B
     job.M, job.N, job.K, job.lda, job.ldb, job.ldc = M, N, K, lda, ldb, ldc
     job.chunk = ((N + nt - 1) // nt + 3) & ~(<Py_ssize_t>3)
-    job.is_double = floating is double
+    job.is_double, job.bf16 = floating is double, bf16
     mg_pool_run(_mm_nt_w_part, &job, nt)
 
 
@@ -193,6 +204,7 @@ ctypedef struct WLayer:
 
 ctypedef struct WNet:
     int L, C, H, d, T, V, F, act
+    bint bf16       # the matrices wqkv, wo, fcgv, fc2 and lm hold bfloat16 elements (float32 model)
     int* head_type  # (H,)
     void* wte       # (V, C) input embedding (base)
     void* wpe       # (T, C)
@@ -208,6 +220,7 @@ cdef class Weights:
     generation.fold_weights; arrays are validated there and kept alive here."""
     cdef WNet net
     cdef readonly bint is_double
+    cdef readonly bint bf16     # the matrices are bfloat16 (see bfloat16_bits); activations stay float32
     cdef readonly object dtype
     cdef object keep
 
@@ -215,7 +228,7 @@ cdef class Weights:
         memset(&self.net, 0, sizeof(WNet))
 
     def __init__(self, int n_layer, int n_embd, int n_head, int block_size, head_types, str activation,
-                 wte, wpe, lm, cos_t, sin_t, layers):
+                 wte, wpe, lm, cos_t, sin_t, layers, *, bint bf16=False):
         cdef int l, h
         cdef WLayer* Lw
         if n_layer < 1 or n_embd < 1 or n_head < 1 or block_size < 1 or n_embd % n_head or (n_embd // n_head) % 2:
@@ -225,15 +238,20 @@ cdef class Weights:
         dt = np.asarray(wte).dtype
         if dt != np.float32 and dt != np.float64:
             raise TypeError(f"weights must be float32 or float64, got {dt}")
+        if bf16 and dt != np.float32:
+            raise TypeError(f"bfloat16 decode weights need a float32 model, got {dt}")
         self.dtype = dt
         self.is_double = dt == np.float64
+        self.bf16 = bf16
+        self.net.bf16 = bf16
         C, T, d, F = n_embd, block_size, n_embd // n_head, 4 * n_embd
         V = wte.shape[0]
         keep = []
 
-        def check(a, shape, what):
-            if not isinstance(a, np.ndarray) or a.dtype != dt or not a.flags.c_contiguous or a.shape != shape:
-                raise ValueError(f"{what} must be a C-contiguous {dt} array of shape {shape}, got "
+        def check(a, shape, what, matrix=False):
+            want = np.dtype(np.uint16) if matrix and bf16 else dt
+            if not isinstance(a, np.ndarray) or a.dtype != want or not a.flags.c_contiguous or a.shape != shape:
+                raise ValueError(f"{what} must be a C-contiguous {want} array of shape {shape}, got "
                                  f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
             keep.append(a)
             return a
@@ -243,7 +261,7 @@ cdef class Weights:
         self.net.act = code_of(ACTIVATIONS, activation, "activation")
         self.net.wte = data_ptr(check(wte, (V, C), "wte"))
         self.net.wpe = data_ptr(check(wpe, (T, C), "wpe"))
-        self.net.lm = data_ptr(check(lm, (V, C), "lm_head"))
+        self.net.lm = data_ptr(check(lm, (V, C), "lm_head", True))
         cos_t = rope_tables_per_head(check(cos_t, (T, d // 2), "cos_t"), n_head)
         sin_t = rope_tables_per_head(check(sin_t, (T, d // 2), "sin_t"), n_head)
         keep += [cos_t, sin_t]
@@ -267,10 +285,10 @@ cdef class Weights:
             if Lw.pat == NULL or Lw.mix == NULL:
                 raise MemoryError()
             layer = layers[l]
-            Lw.wqkv = data_ptr(check(layer["wqkv"], (3 * C, C), f"layer {l} wqkv"))
-            Lw.wo = data_ptr(check(layer["wo"], (C, C), f"layer {l} wo"))
-            Lw.fcgv = data_ptr(check(layer["fcgv"], (2 * F, C), f"layer {l} fcgv"))
-            Lw.fc2 = data_ptr(check(layer["fc2"], (C, F), f"layer {l} fc2"))
+            Lw.wqkv = data_ptr(check(layer["wqkv"], (3 * C, C), f"layer {l} wqkv", True))
+            Lw.wo = data_ptr(check(layer["wo"], (C, C), f"layer {l} wo", True))
+            Lw.fcgv = data_ptr(check(layer["fcgv"], (2 * F, C), f"layer {l} fcgv", True))
+            Lw.fc2 = data_ptr(check(layer["fc2"], (C, F), f"layer {l} fc2", True))
             for h in range(n_head):
                 if self.net.head_type[h] != HEAD_CONTENT:
                     Lw.pat[h] = data_ptr(check(layer["pat"][h], (d, T), f"layer {l} head {h} w_pattern^T"))
@@ -295,6 +313,21 @@ cdef class Weights:
     @property
     def block_size(self) -> int:
         return self.net.T
+
+
+def bfloat16_bits(a):
+    """The bfloat16 nearest each element of the float32 array a (ties to even), as the uint16
+    upper halves of float32 bits (what Weights(bf16=True) reads). Finite values that round past
+    the largest bfloat16 become infinities, as in IEEE rounding; NaN stays NaN."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    u = a.view(np.uint32)
+    rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    return np.where(np.isnan(a), np.uint16(0x7FC0), rounded)
+
+
+def bfloat16_values(bits):
+    """The float32 values of bfloat16 bits (bfloat16_bits's output): exact."""
+    return (np.ascontiguousarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,15 +410,16 @@ cdef double std_of(const floating* x, Py_ssize_t n) noexcept nogil:
     return sqrt(var / n)
 
 
-cdef inline void linear_rows(floating* Y, const floating* W, const floating* X, Py_ssize_t N, Py_ssize_t nout,
-                             Py_ssize_t nin, int nt, bint by_weights) noexcept nogil:
-    """Y (N, nout) = X (N, nin) W^T for a folded weight W (nout, nin). Split over the threads by
-    W's rows when by_weights or N == 1 (rows of independent sequences: each thread streams a share
-    of the weights), else by X's rows (a prefill: FMA-bound, each thread takes a block of rows)."""
+cdef inline void linear_rows(floating* Y, const void* W, const floating* X, Py_ssize_t N, Py_ssize_t nout,
+                             Py_ssize_t nin, int nt, bint by_weights, bint bf16) noexcept nogil:
+    """Y (N, nout) = X (N, nin) W^T for a folded weight W (nout, nin) of floating elements, or of
+    bfloat16 ones when bf16. Split over the threads by W's rows when by_weights or N == 1 (rows of
+    independent sequences: each thread streams a share of the weights), else by X's rows (a
+    prefill: FMA-bound, each thread takes a block of rows)."""
     if by_weights or N == 1:
-        mm_nt_wpar(Y, X, W, N, nout, nin, nin, nin, nout, nt)
+        mm_nt_wpar(Y, X, W, N, nout, nin, nin, nin, nout, nt, bf16)
     else:
-        mm_nt_par(Y, X, W, N, nout, nin, nin, nin, nout, nt)
+        mm_nt_par(Y, X, W, N, nout, nin, nin, nin, nout, nt, bf16)
 
 
 ctypedef struct AttendJob:  # the attention rows r0 .. N-1 of a forward, split over the pool's parts
@@ -464,7 +498,7 @@ cdef void forward_rows(floating* tag, const WNet* net, Buf* b, Buf* const* seq, 
     for l in range(net.L):
         Lw = &net.layers[l]
         rmsnorm_forward(Hn, <floating*>NULL, X, N, C)
-        linear_rows(QKV, <const floating*>Lw.wqkv, Hn, N, C3, C, b.nt, batched)
+        linear_rows(QKV, Lw.wqkv, Hn, N, C3, C, b.nt, batched, net.bf16)
         rope_forward(Q, QKV, pos, cos_t, sin_t, N, net.H, d, C3)
         rope_forward(K, QKV + C, pos, cos_t, sin_t, N, net.H, d, C3)
         for i in range(N):
@@ -486,12 +520,12 @@ cdef void forward_rows(floating* tag, const WNet* net, Buf* b, Buf* const* seq, 
         else:
             _attend_part(&job, 0)
         x = X + r0 * C
-        linear_rows(O, <const floating*>Lw.wo, Y, n, C, C, b.nt, batched)
+        linear_rows(O, Lw.wo, Y, n, C, C, b.nt, batched, net.bf16)
         add_forward(x, x, O, n * C)
         rmsnorm_forward(Hn, <floating*>NULL, x, n, C)
-        linear_rows(GU, <const floating*>Lw.fcgv, Hn, n, 2 * F, C, b.nt, batched)
+        linear_rows(GU, Lw.fcgv, Hn, n, 2 * F, C, b.nt, batched, net.bf16)
         gate_forward(A, GU, GU + F, n, F, 2 * F, net.act)
-        linear_rows(O, <const floating*>Lw.fc2, A, n, C, F, b.nt, batched)
+        linear_rows(O, Lw.fc2, A, n, C, F, b.nt, batched, net.bf16)
         add_forward(x, x, O, n * C)
         if stds != NULL:
             stds[l + 1] = std_of(X, N * C)
@@ -503,8 +537,7 @@ cdef void forward_rows(floating* tag, const WNet* net, Buf* b, Buf* const* seq, 
     r0 = 0 if batched else N - 1
     for i in range(r0, N):
         rmsnorm_forward(Hn + (i - r0) * C, <floating*>NULL, X + i * C, 1, C)
-    linear_rows(<floating*>(b.logits if batched else seq[0].logits), <const floating*>net.lm, Hn, N - r0, V, C,
-                b.nt, True)
+    linear_rows(<floating*>(b.logits if batched else seq[0].logits), net.lm, Hn, N - r0, V, C, b.nt, True, net.bf16)
     if batched:
         for i in range(N):
             memcpy(seq[i].logits, <floating*>b.logits + i * V, V * sizeof(floating))
@@ -1702,19 +1735,22 @@ def _sample_stack_memview(z, q, double temperature, double entropy_low, double e
 
 def _linear_rows(W, X, int n_threads=1):
     """Y = X W^T by the decoder's product for rows of independent sequences (linear_rows,
-    split by W's rows); test twin: row i must equal _linear_rows(W, X[i:i+1])."""
-    if W.dtype != X.dtype or W.dtype not in (np.float32, np.float64) or W.ndim != 2 or X.ndim != 2 \
+    split by W's rows); test twin: row i must equal _linear_rows(W, X[i:i+1]). W uint16 with X
+    float32: W holds bfloat16 elements (the bits of bfloat16_bits)."""
+    cdef bint bf16 = W.dtype == np.uint16 and X.dtype == np.float32
+    if (W.dtype != X.dtype and not bf16) or X.dtype not in (np.float32, np.float64) or W.ndim != 2 or X.ndim != 2 \
             or W.shape[1] != X.shape[1] or not W.flags.c_contiguous or not X.flags.c_contiguous or X.shape[0] < 1:
-        raise ValueError("W (nout, nin) and X (N, nin): C-contiguous arrays of one float dtype, N >= 1")
-    Y = np.zeros((X.shape[0], W.shape[0]), W.dtype)
+        raise ValueError("W (nout, nin) and X (N, nin): C-contiguous arrays of one float dtype (or W of "
+                         "bfloat16 bits, uint16, with X float32), N >= 1")
+    Y = np.zeros((X.shape[0], W.shape[0]), X.dtype)
     cdef Py_ssize_t N = X.shape[0], nout = W.shape[0], nin = W.shape[1]
     cdef void* y = data_ptr(Y)
     cdef const void* w = data_ptr(W)
     cdef const void* x = data_ptr(X)
-    cdef bint is_double = W.dtype == np.float64
+    cdef bint is_double = X.dtype == np.float64
     with nogil:
         if is_double:
-            linear_rows(<double*>y, <const double*>w, <const double*>x, N, nout, nin, n_threads, True)
+            linear_rows(<double*>y, w, <const double*>x, N, nout, nin, n_threads, True, False)
         else:
-            linear_rows(<float*>y, <const float*>w, <const float*>x, N, nout, nin, n_threads, True)
+            linear_rows(<float*>y, w, <const float*>x, N, nout, nin, n_threads, True, bf16)
     return Y

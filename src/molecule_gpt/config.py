@@ -1,7 +1,7 @@
 """Config: every hyperparameter of the organism, validated at construction.
 
-Fields are grouped by concern (MODEL, DELTA, TRAINING, BURSTS, HELDOUT, IMMUNE, SAMPLING, FIELD,
-TOKENIZER, CORPUS, THREADS below); each carries its group, a one-line description and, for the
+Fields are grouped by concern (MODEL, DELTA, TRAINING, BURSTS, HELDOUT, IMMUNE, SAMPLING, DECODE,
+FIELD, TOKENIZER, CORPUS, THREADS below); each carries its group, a one-line description and, for the
 fields fixed at birth, how it is fixed, in its dataclass metadata: `Config.fields_of(group)`,
 `Config.describe(name)`, `Config.shape_fields()` and `Config.fixed_at_birth()` read them, so
 what is fixed at birth is said in this one place (Model and the command line derive from it).
@@ -20,13 +20,14 @@ from .errors import ConfigError
 
 HEAD_TYPES = ("content", "rrpram", "hybrid")
 MLP_ACTIVATIONS = ("relu", "silu")
+DECODE_PRECISIONS = ("model", "bfloat16")
 
 # How a field is fixed at birth (metadata "fixed"):
 SHAPE = "shape"  # fixes parameter shapes: a built Model refuses a change (Model._SHAPE_FIELDS)
 INIT = "init"  # how parameters are drawn: an organism keeps it for life, like the shapes
 
-GROUPS = ("model", "delta", "training", "bursts", "heldout", "immune", "sampling", "field", "tokenizer", "corpus",
-          "threads")
+GROUPS = ("model", "delta", "training", "bursts", "heldout", "immune", "sampling", "decode", "field", "tokenizer",
+          "corpus", "threads")
 
 # Fields earlier versions had, with the value they had; old config files and checkpoints that
 # name them still load (silently, the value ignored). The original program's JSON has them too.
@@ -42,7 +43,7 @@ def _group(name: str):
     return make
 
 
-MODEL, DELTA, TRAINING, BURSTS, HELDOUT, IMMUNE, SAMPLING, FIELD, TOKENIZER, CORPUS, THREADS = map(_group, GROUPS)
+MODEL, DELTA, TRAINING, BURSTS, HELDOUT, IMMUNE, SAMPLING, DECODE, FIELD, TOKENIZER, CORPUS, THREADS = map(_group, GROUPS)
 
 
 @dataclass
@@ -128,6 +129,11 @@ class Config:
     entropy_high: float = SAMPLING(1.5, "nats; above it the temperature is multiplied by entropy_temp_focus")
     entropy_temp_boost: float = SAMPLING(1.2, "temperature factor when the distribution is peaked")
     entropy_temp_focus: float = SAMPLING(0.8, "temperature factor when the distribution is flat")
+
+    # ---- the decoder's weights
+    decode_precision: str = DECODE("model", 'weights generation reads: "model" (the model\'s own) or "bfloat16" '
+                                            '(float32 models: half the bytes per token, rounded to nearest; '
+                                            'Organism.decode_precision_report() measures what it costs)')
 
     # ---- corpus field (design.md §5)
     corpus_gen_max_tokens: int = FIELD(120, "token cap when the field speaks alone (model_alpha 0)")
@@ -223,6 +229,9 @@ class Config:
         for i, kind in enumerate(self.head_types):
             if kind not in HEAD_TYPES:
                 raise ConfigError(f"Config.head_types[{i}] is {kind!r}; use one of {', '.join(HEAD_TYPES)}")
+        if self.decode_precision not in DECODE_PRECISIONS:
+            raise ConfigError(f"Config.decode_precision is {self.decode_precision!r}; use "
+                              f"{' or '.join(map(repr, DECODE_PRECISIONS))}")
         if self.mlp_activation not in MLP_ACTIVATIONS:
             raise ConfigError(f"Config.mlp_activation is {self.mlp_activation!r}; use 'relu' or 'silu'")
         positive_floats = ("learning_rate", "burst_learning_rate", "eps_adam", "grad_clip", "init_std",

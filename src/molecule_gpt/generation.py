@@ -50,12 +50,12 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from . import _decode
-from .config import Config
-from .errors import GenerationError
+from .config import DECODE_PRECISIONS, Config
+from .errors import ConfigError, GenerationError
 from .model import Model, _rope_tables, delta_group, fold_delta_terms
 
 __all__ = ["DecodeLoop", "GenerationResult", "Generator", "SamplingParams", "SubmittedGeneration", "WeightCache",
-           "fold_weights"]
+           "decoded_nats", "fold_weights"]
 
 log = logging.getLogger("molecule_gpt.generation")
 
@@ -178,11 +178,24 @@ def _snapshot(model: Model) -> tuple:
         return model.config, model.vocab_size, model.dtype, base, deltas
 
 
-def fold_weights(model: Model) -> _decode.Weights:
+def fold_weights(model: Model, precision: str | None = None) -> _decode.Weights:
     """Effective weights of `model` now: every adapted matrix W + sum_k alpha_k A_k B_k (modules
-    with alpha 0 skipped), ready for decoding. Holds the model lock only while copying."""
+    with alpha 0 skipped), ready for decoding, with the matrices in `precision` (a
+    Config.decode_precision; default: the model's config's). Holds the model lock only while
+    copying."""
     config, V, dtype, base, deltas = _snapshot(model)
-    return _build_weights(config, V, dtype, base, deltas)
+    return _build_weights(config, V, dtype, base, deltas, precision=precision)
+
+
+def _decode_precision(config: Config, dtype, precision: str | None) -> bool:
+    """Whether the decoder's matrices are bfloat16 for `precision` (default: the config's)."""
+    precision = config.decode_precision if precision is None else precision
+    if precision not in DECODE_PRECISIONS:
+        raise ConfigError(f"decode precision {precision!r}: use {' or '.join(map(repr, DECODE_PRECISIONS))}")
+    if precision == "bfloat16" and np.dtype(dtype) != np.float32:
+        raise ConfigError(f"Config.decode_precision 'bfloat16' needs a float32 model; this one is "
+                          f"{np.dtype(dtype).name} (use 'model')")
+    return precision == "bfloat16"
 
 
 def _delta_sum(config: Config, V: int, dtype, deltas: list) -> dict[str, np.ndarray]:
@@ -199,10 +212,12 @@ def _adapted_names(config: Config) -> list[str]:
 
 
 def _build_weights(config: Config, V: int, dtype, base: dict, deltas: list,
-                   frozen: dict[str, np.ndarray] | None = None) -> _decode.Weights:
+                   frozen: dict[str, np.ndarray] | None = None, precision: str | None = None) -> _decode.Weights:
     """Decoder weights from copied parameters: W + (frozen, a precomputed sum of modules) +
-    sum over `deltas` of alpha A B."""
+    sum over `deltas` of alpha A B; the products' matrices in `precision` (see fold_weights)."""
     c = config
+    bf16 = _decode_precision(config, dtype, precision)
+    matrix = _decode.bfloat16_bits if bf16 else np.ascontiguousarray
     live = _delta_sum(config, V, dtype, deltas) if deltas else {}
 
     def eff(name: str) -> np.ndarray:
@@ -223,17 +238,34 @@ def _build_weights(config: Config, V: int, dtype, base: dict, deltas: list,
             pat.append(np.ascontiguousarray(eff(f"l{i}.h{h}.w_pattern").T) if kind != "content" else None)
             mix.append(1.0 / (1.0 + math.exp(-float(base[f"l{i}.h{h}.alpha"][0, 0]))) if kind == "hybrid" else 0.0)
         layers.append({
-            "wqkv": np.concatenate([eff(f"l{i}.wq"), eff(f"l{i}.wk"), eff(f"l{i}.wv")]),
-            "wo": np.ascontiguousarray(eff(f"l{i}.wo")),
-            "fcgv": np.concatenate([eff(f"l{i}.fc_g"), eff(f"l{i}.fc_v")]),
-            "fc2": np.ascontiguousarray(eff(f"l{i}.fc2")),
+            "wqkv": matrix(np.concatenate([eff(f"l{i}.wq"), eff(f"l{i}.wk"), eff(f"l{i}.wv")])),
+            "wo": matrix(eff(f"l{i}.wo")),
+            "fcgv": matrix(np.concatenate([eff(f"l{i}.fc_g"), eff(f"l{i}.fc_v")])),
+            "fc2": matrix(eff(f"l{i}.fc2")),
             "pat": pat,
             "mix": mix,
         })
     cos_t, sin_t = _rope_tables(c.block_size, c.head_dim, dtype)
     return _decode.Weights(c.n_layer, c.n_embd, c.n_head, c.block_size, list(c.head_types), c.mlp_activation,
                            np.ascontiguousarray(base["wte"]), np.ascontiguousarray(base["wpe"]),
-                           np.ascontiguousarray(eff("lm_head")), cos_t, sin_t, layers)
+                           matrix(eff("lm_head")), cos_t, sin_t, layers, bf16=bf16)
+
+
+def decoded_nats(weights: _decode.Weights, windows: Sequence[Sequence[int]]) -> float:
+    """Summed cross-entropy (nats) of every target of `windows` (heldout.windows: each window
+    fits the context) as the decoder predicts them on `weights`, a token at a time: what
+    generation computes, in whatever precision the weights are."""
+    dec = _decode.Decoder(weights, weights.vocab_size, weights.block_size)
+    total = 0.0
+    for w in windows:
+        logits = dec.prefill(list(w[:1]))
+        for i in range(1, len(w)):
+            z = logits.astype(np.float64)
+            top = z.max()
+            total += top + math.log(np.exp(z - top).sum()) - z[w[i]]
+            if i + 1 < len(w):
+                logits = dec.feed(int(w[i]))
+    return total
 
 
 @contextlib.contextmanager
@@ -250,8 +282,9 @@ def _unless_busy(lock, wait: bool) -> Iterator[bool]:
 class WeightCache:
     """The effective weights of one model, refolded only when the model changed.
 
-    The key (read under the model lock, with the snapshot) is `Model.version` and the counter
-    bumped by `invalidate()`: any train_step, growth, alpha change or refresh refolds. Frozen
+    The key (read under the model lock, with the snapshot) is `Model.version`, the counter
+    bumped by `invalidate()` and the decode precision (of `config`, default the model's): any
+    train_step, growth, alpha change, refresh or precision change refolds. Frozen
     modules (fossils) never change, so their summed term is kept and reused while the set of
     frozen modules, their alphas and their groups' versions stay the same: a refold after a
     training step costs the base copy and the active module only, however many fossils there are.
@@ -259,8 +292,9 @@ class WeightCache:
     does after a rollback; it takes no lock, so it may be called while holding the model lock).
     Thread-safe; the returned Weights are read-only and shared."""
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, config: Config | None = None):
         self.model = model
+        self._config = config  # whose decode_precision the weights follow (None: the model's config)
         self._version = 0
         self._key = None
         self._weights = None
@@ -272,8 +306,11 @@ class WeightCache:
     def invalidate(self) -> None:
         self._version += 1
 
+    def _precision(self) -> str:
+        return (self._config or self.model.config).decode_precision
+
     def _key_now(self) -> tuple:
-        return (self._version, self.model.version)
+        return (self._version, self.model.version, self._precision())
 
     def get(self) -> _decode.Weights:
         m = self.model
@@ -305,7 +342,7 @@ class WeightCache:
             if need_frozen:
                 self._frozen_terms = _delta_sum(config, V, dtype, frozen_copies) if frozen_copies else {}
                 self._frozen_key = frozen_key
-            self._weights = _build_weights(config, V, dtype, base, live, self._frozen_terms)
+            self._weights = _build_weights(config, V, dtype, base, live, self._frozen_terms, key[2])
             self._key = key
             self.folds += 1
             return self._weights
@@ -365,7 +402,7 @@ class Generator:
         self.config = config if config is not None else model.config
         # a generator rebuilt for a new tokenizer or field keeps the model's folded weights: a
         # cache without any would make the next generation wait for a training step's lock
-        self.weights = weights if weights is not None and weights.model is model else WeightCache(model)
+        self.weights = weights if weights is not None and weights.model is model else WeightCache(model, config)
         self._tables_key = None
         self._tables = None
         self._pool: list = []

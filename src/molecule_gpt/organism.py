@@ -76,7 +76,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .errors import CheckpointError, CorpusError, GenerationError, OrganismError, TrainingError
 from .field import CorpusField
-from .generation import DecodeLoop, GenerationResult, Generator, SubmittedGeneration
+from .generation import DecodeLoop, GenerationResult, Generator, SubmittedGeneration, decoded_nats, fold_weights
 from .heldout import HeldOut
 from .memory import Memory
 from .model import Model, default_threads, delta_group
@@ -268,6 +268,7 @@ class Organism:
         self._thread_error: BaseException | None = None
         self._blas_limiter = None
         self._decode_loop: DecodeLoop | None = None  # the thread that decodes submit()ted generations together
+        self._decode_report: dict | None = None  # the last decode_precision_report(), with its step
         self._decode_loop_lock = threading.Lock()
 
         # three ways to come about, built from the same pieces (_split_corpus, _attach): born
@@ -415,6 +416,28 @@ class Organism:
         without lines."""
         held = self._old_heldout if lines is None else self._heldout(list(lines))
         return held.loss(self.model) if len(held) else None
+
+    def decode_precision_report(self, lines: Sequence[str] | None = None) -> dict | None:
+        """What decoding with `Config.decode_precision` costs in prediction: the held-out loss
+        (nats per character, molecule_gpt.heldout) of generation's own decoder run a token at a
+        time over the held-out lines (or `lines`), with the model's weights and with the
+        decode precision's. Returns {"decode_precision", "heldout_model", "heldout_decode",
+        "change"} (change: heldout_decode / heldout_model - 1), also kept for the status and
+        written to the telemetry; None without lines. Costs one decode step per held-out token."""
+        held = self._old_heldout if lines is None else self._heldout(list(lines))
+        if not len(held):
+            return None
+        precision = self.config.decode_precision
+        windows = held.windows(self.config.block_size)
+        own = fold_weights(self.model, "model")
+        decoded = own if precision == "model" else fold_weights(self.model, precision)
+        model_nats = decoded_nats(own, windows)
+        decode_nats = model_nats if decoded is own else decoded_nats(decoded, windows)
+        report = {"decode_precision": precision, "heldout_model": float(model_nats / held.chars),
+                  "heldout_decode": float(decode_nats / held.chars), "change": float(decode_nats / model_nats - 1.0)}
+        self._decode_report = dict(report, step=self.trainer.steps)
+        self._emit(dict(report, phase="decode_precision", step=self.trainer.steps))
+        return report
 
     def _trained(self) -> bool:
         """Whether the weights carry training: steps taken here, or a finished warmup (an
@@ -1079,6 +1102,7 @@ class Organism:
                 "arena_high_water": m.arena_high_water, "arena_capacity": m.arena_capacity,
                 "tokens_per_second": t.tokens_per_second, "model_alpha": self.model_alpha(),
                 "corpus": corpus, "quantum_buffer": buffer, "decoding": self._decoding_counts(),
+                "decode_precision": {"weights": self.config.decode_precision, "report": self._decode_report},
                 "background": {"running": self._thread is not None and self._thread.is_alive(),
                                "error": repr(self._thread_error) if self._thread_error else None}}
 

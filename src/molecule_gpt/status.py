@@ -19,6 +19,9 @@ Schema (every key always present; numbers that do not exist yet are None):
     memory         {"messages", "snapshots", "retrieval"} or None without a memory
     decoding       {"steps", "tokens", "largest"}  batched forwards of the decode loop that
                    serves concurrent requests, the tokens they sampled, the most sequences in one
+    decode_weights {"precision", "heldout_change", "measured_at_step"}  Config.decode_precision
+                   and what it cost held-out loss (a fraction) when last measured
+                   (Organism.decode_precision_report), at which step
     history        {"val_loss": [[step, nats/char], ...]  held-out loss on the birth text over
                                                           time (warmup evaluations, then the
                                                           value each burst left)
@@ -82,6 +85,8 @@ def status_document(org, memory=None, earlier: Iterable[dict] = ()) -> dict:
         c = memory.counts()
         mem = {"messages": c["messages"], "snapshots": c["snapshots"], "retrieval": memory.retrieval_mode}
     records = [r for r in list(earlier) + list(org.telemetry) if _is_history(r)]
+    dp = s["decode_precision"]
+    report = dp["report"] or {}
     return {
         "steps": s["steps"], "warmup_steps": s["warmup_steps"], "warmed_up": s["warmed_up"],
         "bursts": {"total": s["bursts"], "accepted": s["accepted_bursts"], "rolled_back": s["rolled_back_bursts"]},
@@ -97,6 +102,8 @@ def status_document(org, memory=None, earlier: Iterable[dict] = ()) -> dict:
                     "error": s["background"]["error"]},
         "memory": mem,
         "decoding": dict(s["decoding"]),
+        "decode_weights": {"precision": dp["weights"], "heldout_change": _finite(report.get("change")),
+                           "measured_at_step": report.get("step")},
         "history": _history(records),
     }
 
@@ -134,6 +141,11 @@ def status_text(doc: dict) -> str:
     if d["steps"]:
         lines.append(f"decoding       {d['tokens']:,} tokens in {d['steps']:,} batched steps "
                      f"(mean batch {d['tokens'] / d['steps']:.1f}, largest {d['largest']})")
+    w = doc["decode_weights"]
+    if w["precision"] != "model":
+        cost = "not measured yet" if w["measured_at_step"] is None else \
+            f"held-out loss {w['heldout_change']:+.3%} against the model's own weights at step {w['measured_at_step']}"
+        lines.append(f"decode weights {w['precision']} ({cost})")
     if doc["memory"] is not None:
         m = doc["memory"]
         lines.append(f"memory         {m['messages']} messages, {m['snapshots']} snapshots ({m['retrieval']})")
