@@ -14,7 +14,7 @@ sampling, detokenization for ours). Medians of interleaved repeats. One line per
 Cases: "default" (Config(), a BPE tokenizer trained on the corpus: V about 630, random init),
 "default-trained" (the same after `--train-steps` warmup steps: peaked distributions, the
 realistic sampling load), "larger" (6 layers, C 256, 8 heads, block 256, 4 content + 4 hybrid
-heads, V about 1800: 27 MB of weights streamed per token), "larger-2t" (the same with
+heads, V about 1800: 27 MB of weights streamed per token; "larger-trained" after training), "larger-2t" (the same with
 Config.decode_threads=2, torch with 2 threads and numpy's BLAS with 2 threads). Results are checked after timing: both baselines reproduce
 Model.logits(window) at every step of a decode that crosses window refills, and our greedy
 continuation equals the numpy baseline's.
@@ -400,7 +400,7 @@ def build_case(name, lines, train_steps):
     tok.maybe_enable_bpe(lines)
     model = mg.Model(cfg, tok.vocab_size, seed=0, n_threads=1)
     model.add_delta_module(alpha=1.0)
-    if name == "default-trained":
+    if "trained" in name:
         rng = np.random.default_rng(0)
         data = [tok.encode(x) for x in lines[:-HELDOUT_LINES]]
         for s in range(train_steps):
@@ -538,7 +538,7 @@ def main():
     print(f"# machine: {platform.machine()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, python "
           f"{platform.python_version()}, numpy {np.__version__}, torch {torch.__version__ if torch else 'not installed'}"
           f"; corpus {len(lines)} lines; {args.tokens} tokens per call, medians of {repeats}")
-    if not args.batch_only:
+    if not args.batch_only and not args.precision:
         print(f"{'case':16} {'V':>5} {'thr':>3} {'impl':12} {'ms/call':>9} {'tok/s':>9} {'vs torch':>9} {'vs numpy':>9}")
     if args.precision:
         print(f"# decode weights float32 against bfloat16, paired rounds (medians of {repeats}); held-out loss of "
