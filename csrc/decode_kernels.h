@@ -1,23 +1,14 @@
-/* decode_kernels.h: the decoder's matrix products (float32 and float64), AVX2+FMA when the CPU has it.
+/* decode_kernels.h: the decoder's own kernels (float32 and float64), AVX2+FMA when the CPU has it.
  *
  * Why C: the fast path needs intrinsics and a runtime CPU check (wheels are built without
  * -march=native), which Cython cannot express. Used only by _decode.pyx.
  *
- * Why not BLAS: a decoded token is ~11 matrix-vector products of at most a few hundred rows of
- * 72..288 floats, and a re-prefill a few products of at most block_size rows. They are bound by
- * streaming the weights, which OpenBLAS does no better than this; what this saves is BLAS's
- * per-call path (wrapper, argument checks, packing) and, above all, its threads: decoding runs
- * beside the trainer, and limiting BLAS per call (threadpoolctl) restarts OpenBLAS's worker
- * threads at every restore, which then spin on the core the trainer needs (figures:
- * benchmarks/RESULTS.md).
+ * The decoder's matrix products are not here: they are the linear layers' products of gemm.h,
+ * on weights packed once per model version (mg_gemm_pack_nt_*, mg_gemm_packed_*).
  *
- * Dims: A (M, K) row-major with leading dimension lda (likewise B, C); x (K); y (M).
- *   mg_gemm_nt_f/bf16/d  C = A B^T   (B (N, K): a weight matrix of float32, bfloat16 or float64
- *                                     elements; rows of A are inputs; one row of A is the matvec
- *                                     y = B x; the float32 and bfloat16 kernels are one body,
- *                                     decode_products.h)
  *   mg_softmax_exp_f  the exponentials and sums of the sampling softmax
  *   mg_attend_row_f/d one query's attention over the key/value cache
+ *   mg_decode_has_avx2 the decoder's instruction path, fixed for the process
  */
 #ifndef MOLECULE_DECODE_KERNELS_H
 #define MOLECULE_DECODE_KERNELS_H
@@ -32,15 +23,6 @@
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
 #define MG_HAVE_AVX2_PATH 1
-
-/* (hsum s0, hsum s1, hsum s2, hsum s3) in one vector: three hadds and one add instead of
- * four separate horizontal sums */
-__attribute__((target("avx2,fma"))) static inline __m128 mg_hsum4(__m256 s0, __m256 s1, __m256 s2, __m256 s3) {
-    __m256 a = _mm256_hadd_ps(s0, s1);  /* s0[01] s0[23] s1[01] s1[23] | upper halves alike */
-    __m256 b = _mm256_hadd_ps(s2, s3);
-    __m256 c = _mm256_hadd_ps(a, b);    /* s0[0..3] s1[0..3] s2[0..3] s3[0..3] | s0[4..7] ... */
-    return _mm_add_ps(_mm256_castps256_ps128(c), _mm256_extractf128_ps(c, 1));
-}
 
 #endif
 
@@ -288,22 +270,6 @@ static inline int mg_decode_has_avx2(void) {
 #endif
 }
 
-/* ---- portable paths (also the float64 kernels: used by tests, not for speed) */
-
-#define MG_DEFINE_DECODE_GENERIC(T, SUFFIX)                                                       \
-    static void mg_matvec_##SUFFIX##_generic(T *restrict y, const T *restrict A, const T *restrict x, \
-                                             ptrdiff_t M, ptrdiff_t K, ptrdiff_t lda) {          \
-        for (ptrdiff_t i = 0; i < M; i++) {                                                       \
-            const T *a = A + i * lda;                                                             \
-            T s = 0;                                                                              \
-            _Pragma("omp simd reduction(+ : s)")                                                  \
-            for (ptrdiff_t k = 0; k < K; k++) s += a[k] * x[k];                                   \
-            y[i] = s;                                                                             \
-        }                                                                                         \
-    }
-
-MG_DEFINE_DECODE_GENERIC(double, d)
-
 static inline float mg_softmax_exp_f(float *restrict x, float *restrict e, const float *restrict z, ptrdiff_t n,
                                      float ft, float shift, float lo, float *sx) {
 #ifdef MG_HAVE_AVX2_PATH
@@ -324,62 +290,6 @@ static inline void mg_attend_row_f(float *restrict y, float *restrict att, float
     }
 #endif
     mg_attend_row_f_generic(y, att, pat_out, q, hrow, kt, vc, pat, head_type, mix, H, d, T, C, nk);
-}
-
-/* Rows of B per cache block of the gemm: a multiple of 4 holding about 16 KB (L1 is 32 KB and
- * the three input rows of a pass share it; 8 and 32 KB measured the same). */
-#ifndef MG_GEMM_BLOCK_BYTES
-#define MG_GEMM_BLOCK_BYTES 16384
-#endif
-/* How many blocks ahead the gemm prefetches weight rows into L2 (0: off; 1 measured best at
- * B = 16 rows of the larger config, benchmarks/RESULTS.md). */
-#ifndef MG_GEMM_PREFETCH
-#define MG_GEMM_PREFETCH 1
-#endif
-static inline ptrdiff_t mg_gemm_block_rows(ptrdiff_t K, size_t elem_bytes) {
-    ptrdiff_t nb = (ptrdiff_t)(MG_GEMM_BLOCK_BYTES / elem_bytes) / (K > 0 ? K : 1);
-    nb &= ~(ptrdiff_t)3;
-    return nb < 4 ? 4 : nb;
-}
-
-/* bfloat16: the upper half of a float32's bits (weights are rounded to it, to nearest even, when
- * the decoder's weights are made: generation.py); widened back exactly by a 16-bit shift */
-typedef uint16_t mg_bf16;
-static inline float mg_bf16_to_f(mg_bf16 v) {
-    union {
-        uint32_t u;
-        float f;
-    } c;
-    c.u = (uint32_t)v << 16;
-    return c.f;
-}
-
-/* the products, float32 weights: mg_matvec_f_*, mg_gemm_nt_f */
-#define MG_WT float
-#define MG_WSFX f
-#define MG_WVAL(v) (v)
-#define MG_WLOAD8(p) _mm256_loadu_ps(p)
-#include "decode_products.h"
-#undef MG_WT
-#undef MG_WSFX
-#undef MG_WVAL
-#undef MG_WLOAD8
-
-/* the products, bfloat16 weights: mg_matvec_bf16_*, mg_gemm_nt_bf16 */
-#define MG_WT mg_bf16
-#define MG_WSFX bf16
-#define MG_WVAL(v) mg_bf16_to_f(v)
-#define MG_WLOAD8(p) \
-    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
-#include "decode_products.h"
-#undef MG_WT
-#undef MG_WSFX
-#undef MG_WVAL
-#undef MG_WLOAD8
-
-static inline void mg_gemm_nt_d(double *restrict C, const double *restrict A, const double *restrict B, ptrdiff_t M,
-                                ptrdiff_t N, ptrdiff_t K, ptrdiff_t lda, ptrdiff_t ldb, ptrdiff_t ldc) {
-    for (ptrdiff_t i = 0; i < M; i++) mg_matvec_d_generic(C + i * ldc, B, A + i * lda, N, K, ldb);
 }
 
 #endif

@@ -35,6 +35,7 @@
 #define MOLECULE_GEMM_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
@@ -88,19 +89,25 @@ static inline void *mg_gemm_scratch_get(size_t nbytes) {
     return b->data;
 }
 
+/* one vector of a panel whose elements are the vector's own type */
+#define MG_LOAD_VECTOR(dst, src) memcpy((dst), (src), sizeof *(dst))
+
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define MG_GEMM_AVX2 1
 #define MG_GEMM_ATTR __attribute__((target("avx2,fma")))
 #define MG_GEMM_INLINE __attribute__((always_inline, target("avx2,fma"))) static inline
 
 /* One register block: C[0:MR, 0:NV W] (+)= alpha sum_k A(r, k) P[k, 0:NV W] for k < kc, with
- * A(r, k) at A[r * sam + k * sak] and P a packed panel of B (rows of NV W, zero-padded). TAIL:
- * only nc < NV W columns of C exist. MR x NV accumulators + NV loads + 1 broadcast fit the
- * vector registers (16 for AVX2: MR x NV <= 12; 32 for AVX-512: <= 24). */
-#define MG_DEFINE_GEMM_BLOCK(T, VT, W, NAME, MRMAX, INLINE)                                       \
+ * A(r, k) at A[r * sam + k * sak] and P a packed panel of B (rows of NV W, zero-padded) of
+ * element type PT, W of which LOADP turns into one vector VT of T. TAIL: only nc < NV W columns
+ * of C exist. MR x NV accumulators + NV loads + 1 broadcast fit the vector registers (16 for
+ * AVX2: MR x NV <= 12; 32 for AVX-512: <= 24). Each element of C is one chain of FMAs over k in
+ * order, whatever the block's shape or the row's place in it: a row of a product rounds the
+ * same in any block, alone or among others (the decoder's batched rows rely on it). */
+#define MG_DEFINE_GEMM_BLOCK(T, PT, VT, W, NAME, MRMAX, INLINE, LOADP)                            \
     INLINE void NAME(const int MR, const int NV, const int TAIL, ptrdiff_t kc,                    \
                      const T *restrict A, ptrdiff_t sam, ptrdiff_t sak,                           \
-                     const T *restrict P, T *restrict C, ptrdiff_t ldc, T alpha,                  \
+                     const PT *restrict P, T *restrict C, ptrdiff_t ldc, T alpha,                 \
                      int accumulate, ptrdiff_t nc) {                                              \
         VT c[MRMAX][3];                                                                           \
         _Pragma("GCC unroll 12") for (int r = 0; r < MR; r++)                                     \
@@ -108,7 +115,7 @@ static inline void *mg_gemm_scratch_get(size_t nbytes) {
         for (ptrdiff_t k = 0; k < kc; k++) {                                                      \
             VT b[3];                                                                              \
             _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++)                                  \
-                memcpy(&b[v], P + k * NV * W + v * W, sizeof(VT));                                \
+                LOADP(&b[v], P + k * NV * W + v * W);                                             \
             const T *a = A + k * sak;                                                             \
             _Pragma("GCC unroll 12") for (int r = 0; r < MR; r++) {                               \
                 T x = a[r * sam];                                                                 \
@@ -275,7 +282,7 @@ MG_GEMM_INLINE void mg_pack_t_d(double *restrict dst, const double *restrict src
 /* AVX2 (8 floats or 4 doubles a vector, 16 registers): blocks 6 x 2W or 4 x 3W, whichever
  * pads fewer columns */
 #define MG_DEFINE_GEMM(T, VT, W, SFX)                                                             \
-    MG_DEFINE_GEMM_BLOCK(T, VT, W, mg_gemm_block_##SFX, 6, MG_GEMM_INLINE)                        \
+    MG_DEFINE_GEMM_BLOCK(T, T, VT, W, mg_gemm_block_##SFX, 6, MG_GEMM_INLINE, MG_LOAD_VECTOR)     \
     MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm_block_##SFX, mg_pack_t_##SFX, mg_gemm_core2_##SFX, 6, 2, MG_GEMM_ATTR) \
     MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm_block_##SFX, mg_pack_t_##SFX, mg_gemm_core3_##SFX, 4, 3, MG_GEMM_ATTR) \
     static inline int mg_gemm_wide_##SFX(ptrdiff_t N) {                                           \
@@ -295,7 +302,7 @@ typedef float mg_v16f __attribute__((vector_size(64)));
 typedef double mg_v8d __attribute__((vector_size(64)));
 
 #define MG_DEFINE_GEMM512(T, VT, W, SFX)                                                          \
-    MG_DEFINE_GEMM_BLOCK(T, VT, W, mg_gemm512_block_##SFX, 12, MG_GEMM512_INLINE)                 \
+    MG_DEFINE_GEMM_BLOCK(T, T, VT, W, mg_gemm512_block_##SFX, 12, MG_GEMM512_INLINE, MG_LOAD_VECTOR) \
     MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm512_block_##SFX, mg_pack_t_##SFX, mg_gemm512_core1_##SFX, 12, 1, MG_GEMM512_ATTR) \
     MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm512_block_##SFX, mg_pack_t_##SFX, mg_gemm512_core2_##SFX, 12, 2, MG_GEMM512_ATTR) \
     MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm512_block_##SFX, mg_pack_t_##SFX, mg_gemm512_core3_##SFX, 8, 3, MG_GEMM512_ATTR) \
@@ -364,5 +371,223 @@ enum { MG_GEMM_NT = 0, MG_GEMM_NN = 1, MG_GEMM_TN = 2 };
 
 MG_DEFINE_GEMM_API(float, f, 16)
 MG_DEFINE_GEMM_API(double, d, 8)
+
+/* ---- products with a weight packed once: the decoder's linear layers
+ *
+ * C (M, N) = A (M, K) B^T for a weight B (N, K) packed ahead by mg_gemm_pack_nt_* into the
+ * panels the NT form above packs on every call: for each pass of MG_GEMM_KC rows of K
+ * (kc = min(KC, K - k0)), np = ceil(N / PW) panels of kc x PW (column j of a panel is row j of
+ * B, zero past N), pass k0 at P + k0 np PW, panel p of it at + p kc PW. Size: np PW K elements.
+ * PW is 16 (float and bfloat16 panels) or 8 (double): two AVX2 vectors, the 6 x 2W block above.
+ *
+ * mg_gemm_packed_<s>(C, ldc, A, lda, P, M, N, K, p0, p1) computes the columns of panels
+ * p0 .. p1-1 with the same register blocks as mg_gemm_<s> (and for one or two rows, a block
+ * of several panels: enough chains of FMAs for one row); every element is the same chain of
+ * FMAs over k per pass, the passes added in order, so a row's result does not depend on the
+ * other rows, on the split into parts, or on the instruction set's width. Without AVX2 a
+ * portable loop does the same sums (its own rounding: no FMA there). bfloat16 panels (the
+ * upper halves of float32 bits, rounded to nearest even by mg_bf16_round) are widened exactly
+ * as they are loaded: the products are the float32 products of the rounded weights. */
+typedef uint16_t mg_bf16;
+
+static inline float mg_bf16_to_f(mg_bf16 v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* the bfloat16 nearest x, ties to even (NaN stays NaN; past the largest finite: infinity) */
+static inline mg_bf16 mg_bf16_round(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    if ((u & 0x7F800000u) == 0x7F800000u && (u & 0x007FFFFFu)) return (mg_bf16)((u >> 16) | 0x0040u);
+    return (mg_bf16)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+#define MG_PACKED_PW_F 16
+#define MG_PACKED_PW_D 8
+
+static inline size_t mg_gemm_packed_elems(ptrdiff_t N, ptrdiff_t K, ptrdiff_t PW) {
+    return (size_t)((N + PW - 1) / PW) * (size_t)PW * (size_t)K;
+}
+
+/* P = the panels of B (N, K), ldb (see above); CONV turns an element of B into one of P */
+#define MG_DEFINE_GEMM_PACK(T, PT, SFX, PW, CONV)                                                 \
+    static void mg_gemm_pack_nt_##SFX(PT *restrict P, const T *restrict B, ptrdiff_t ldb, ptrdiff_t N, \
+                                      ptrdiff_t K) {                                              \
+        const ptrdiff_t np = (N + PW - 1) / PW;                                                   \
+        for (ptrdiff_t k0 = 0; k0 < K; k0 += MG_GEMM_KC) {                                        \
+            ptrdiff_t kc = K - k0 < MG_GEMM_KC ? K - k0 : MG_GEMM_KC;                             \
+            for (ptrdiff_t p = 0; p < np; p++) {                                                  \
+                PT *dst = P + k0 * np * PW + p * kc * PW;                                         \
+                for (ptrdiff_t j = 0; j < PW; j++) {                                              \
+                    ptrdiff_t row = p * PW + j;                                                   \
+                    const T *src = B + row * ldb + k0;                                            \
+                    for (ptrdiff_t k = 0; k < kc; k++) dst[k * PW + j] = row < N ? CONV(src[k]) : CONV((T)0); \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+#define MG_SAME(x) (x)
+MG_DEFINE_GEMM_PACK(float, float, f, MG_PACKED_PW_F, MG_SAME)
+MG_DEFINE_GEMM_PACK(double, double, d, MG_PACKED_PW_D, MG_SAME)
+MG_DEFINE_GEMM_PACK(float, mg_bf16, bf16, MG_PACKED_PW_F, mg_bf16_round)
+
+/* the portable path: per row and panel, PW sums over k in order (vectorized across columns) */
+#define MG_DEFINE_GEMM_PACKED_GENERIC(T, PT, SFX, PW, WVAL)                                       \
+    static void mg_gemm_packed_generic_##SFX(T *restrict C, ptrdiff_t ldc, const T *restrict A, ptrdiff_t lda, \
+                                             const PT *restrict P, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, \
+                                             ptrdiff_t p0, ptrdiff_t p1) {                        \
+        const ptrdiff_t np = (N + PW - 1) / PW;                                                   \
+        for (ptrdiff_t k0 = 0; k0 < K; k0 += MG_GEMM_KC) {                                        \
+            ptrdiff_t kc = K - k0 < MG_GEMM_KC ? K - k0 : MG_GEMM_KC;                             \
+            for (ptrdiff_t i = 0; i < M; i++)                                                     \
+                for (ptrdiff_t p = p0; p < p1; p++) {                                             \
+                    const PT *Pp = P + k0 * np * PW + p * kc * PW;                                \
+                    const T *a = A + i * lda + k0;                                                \
+                    T acc[PW];                                                                    \
+                    for (ptrdiff_t j = 0; j < PW; j++) acc[j] = 0;                                \
+                    for (ptrdiff_t k = 0; k < kc; k++) {                                          \
+                        T x = a[k];                                                               \
+                        _Pragma("omp simd") for (ptrdiff_t j = 0; j < PW; j++) acc[j] += x * WVAL(Pp[k * PW + j]); \
+                    }                                                                             \
+                    ptrdiff_t j0 = p * PW, nc = N - j0 < PW ? N - j0 : PW;                        \
+                    T *c = C + i * ldc + j0;                                                      \
+                    for (ptrdiff_t j = 0; j < nc; j++) c[j] = k0 > 0 ? c[j] + acc[j] : acc[j];    \
+                }                                                                                 \
+        }                                                                                         \
+    }
+
+MG_DEFINE_GEMM_PACKED_GENERIC(float, float, f, MG_PACKED_PW_F, MG_SAME)
+MG_DEFINE_GEMM_PACKED_GENERIC(double, double, d, MG_PACKED_PW_D, MG_SAME)
+MG_DEFINE_GEMM_PACKED_GENERIC(float, mg_bf16, bf16, MG_PACKED_PW_F, mg_bf16_to_f)
+
+#ifdef MG_GEMM_AVX2
+/* eight bfloat16 widened to a vector of eight floats */
+#define MG_LOAD_BF16(dst, src)                                                                    \
+    do {                                                                                          \
+        __m256 w_ = _mm256_castsi256_ps(                                                          \
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src))), 16)); \
+        memcpy((dst), &w_, sizeof w_);                                                            \
+    } while (0)
+
+MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v8f, 8, mg_gemm_block_bf16, 6, MG_GEMM_INLINE, MG_LOAD_BF16)
+
+/* One or two rows (MR) of G consecutive panels of 2 W columns: C[r, 0:nc] (+)= the rows' sums
+ * over one pass (pstride: elements from a panel to the next). The blocks above would give one
+ * row only 2 chains of FMAs; this gives it 2 G. Each element's chain is the blocks' one. */
+#define MG_DEFINE_GEMM_ROWS(T, PT, VT, W, NAME, LOADP)                                            \
+    MG_GEMM_INLINE void NAME(const int MR, const int G, ptrdiff_t kc, const T *restrict A, ptrdiff_t lda, \
+                             const PT *restrict P, ptrdiff_t pstride, T *restrict C, ptrdiff_t ldc, \
+                             int accumulate, ptrdiff_t nc) {                                      \
+        VT c[2][4][2];                                                                            \
+        _Pragma("GCC unroll 2") for (int r = 0; r < MR; r++)                                      \
+            _Pragma("GCC unroll 4") for (int g = 0; g < G; g++) c[r][g][0] = c[r][g][1] = (VT){0}; \
+        for (ptrdiff_t k = 0; k < kc; k++) {                                                      \
+            T x0 = A[k], x1 = MR > 1 ? A[lda + k] : 0;                                            \
+            _Pragma("GCC unroll 4") for (int g = 0; g < G; g++) {                                 \
+                VT b0, b1;                                                                        \
+                LOADP(&b0, P + g * pstride + k * 2 * W);                                          \
+                LOADP(&b1, P + g * pstride + k * 2 * W + W);                                      \
+                c[0][g][0] += x0 * b0;                                                            \
+                c[0][g][1] += x0 * b1;                                                            \
+                if (MR > 1) {                                                                     \
+                    c[1][g][0] += x1 * b0;                                                        \
+                    c[1][g][1] += x1 * b1;                                                        \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+        _Pragma("GCC unroll 2") for (int r = 0; r < MR; r++) {                                    \
+            T *row = C + r * ldc;                                                                 \
+            _Pragma("GCC unroll 4") for (int g = 0; g < G; g++)                                   \
+                _Pragma("GCC unroll 2") for (int v = 0; v < 2; v++) {                             \
+                    ptrdiff_t j = (2 * g + v) * W;                                                \
+                    T out[W];                                                                     \
+                    memcpy(out, &c[r][g][v], sizeof out);                                         \
+                    ptrdiff_t n = nc - j < W ? nc - j : W;                                        \
+                    for (ptrdiff_t l = 0; l < n; l++) row[j + l] = accumulate ? row[j + l] + out[l] : out[l]; \
+                }                                                                                 \
+        }                                                                                         \
+    }
+
+MG_DEFINE_GEMM_ROWS(float, float, mg_v8f, 8, mg_gemm_rows_f, MG_LOAD_VECTOR)
+MG_DEFINE_GEMM_ROWS(double, double, mg_v4d, 4, mg_gemm_rows_d, MG_LOAD_VECTOR)
+MG_DEFINE_GEMM_ROWS(float, mg_bf16, mg_v8f, 8, mg_gemm_rows_bf16, MG_LOAD_BF16)
+
+#define MG_GEMM_ROWS_CASES(ROWS, M, g, ...)                                                       \
+    if (M == 1) {                                                                                 \
+        switch (g) {                                                                              \
+        case 4: ROWS(1, 4, __VA_ARGS__); break;                                                   \
+        case 3: ROWS(1, 3, __VA_ARGS__); break;                                                   \
+        case 2: ROWS(1, 2, __VA_ARGS__); break;                                                   \
+        default: ROWS(1, 1, __VA_ARGS__);                                                         \
+        }                                                                                         \
+    } else if (g == 2) {                                                                          \
+        ROWS(2, 2, __VA_ARGS__);                                                                  \
+    } else {                                                                                      \
+        ROWS(2, 1, __VA_ARGS__);                                                                  \
+    }
+
+#define MG_DEFINE_GEMM_PACKED_AVX2(T, PT, W, SFX, BLOCK, ROWS)                                    \
+    MG_GEMM_ATTR static void mg_gemm_packed_avx2_##SFX(T *restrict C, ptrdiff_t ldc, const T *restrict A, \
+                                                       ptrdiff_t lda, const PT *restrict P, ptrdiff_t M, \
+                                                       ptrdiff_t N, ptrdiff_t K, ptrdiff_t p0, ptrdiff_t p1) { \
+        const ptrdiff_t PW = 2 * W, np = (N + PW - 1) / PW;                                       \
+        for (ptrdiff_t k0 = 0; k0 < K; k0 += MG_GEMM_KC) {                                        \
+            ptrdiff_t kc = K - k0 < MG_GEMM_KC ? K - k0 : MG_GEMM_KC;                             \
+            int acc = k0 > 0;                                                                     \
+            const PT *Pk = P + k0 * np * PW;                                                      \
+            if (M <= 2) {                                                                         \
+                const ptrdiff_t G = M == 1 ? 4 : 2;                                               \
+                for (ptrdiff_t p = p0; p < p1; p += G) {                                          \
+                    ptrdiff_t g = p1 - p < G ? p1 - p : G, j0 = p * PW;                           \
+                    ptrdiff_t nc = N - j0 < g * PW ? N - j0 : g * PW;                             \
+                    MG_GEMM_ROWS_CASES(ROWS, M, g, kc, A + k0, lda, Pk + p * kc * PW, kc * PW, C + j0, ldc, acc, nc) \
+                }                                                                                 \
+                continue;                                                                         \
+            }                                                                                     \
+            for (ptrdiff_t p = p0; p < p1; p++) {                                                 \
+                const PT *Pp = Pk + p * kc * PW;                                                  \
+                ptrdiff_t j0 = p * PW, nc = N - j0 < PW ? N - j0 : PW;                            \
+                for (ptrdiff_t i = 0; i < M; i += 6) {                                            \
+                    int mr = M - i < 6 ? (int)(M - i) : 6;                                        \
+                    const T *Ai = A + i * lda + k0;                                               \
+                    T *Ci = C + i * ldc + j0;                                                     \
+                    if (nc == PW) {                                                               \
+                        MG_GEMM_CASES(BLOCK, 6, 2, 0, mr, kc, Ai, lda, 1, Pp, Ci, ldc, (T)1, acc, nc) \
+                    } else {                                                                      \
+                        MG_GEMM_CASES(BLOCK, 6, 2, 1, mr, kc, Ai, lda, 1, Pp, Ci, ldc, (T)1, acc, nc) \
+                    }                                                                             \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+MG_DEFINE_GEMM_PACKED_AVX2(float, float, 8, f, mg_gemm_block_f, mg_gemm_rows_f)
+MG_DEFINE_GEMM_PACKED_AVX2(double, double, 4, d, mg_gemm_block_d, mg_gemm_rows_d)
+MG_DEFINE_GEMM_PACKED_AVX2(float, mg_bf16, 8, bf16, mg_gemm_block_bf16, mg_gemm_rows_bf16)
+#endif
+
+/* the entry points; avx2: the caller's choice of path, fixed for a process (mg_decode_has_avx2),
+ * so that every row of a decode runs the same path */
+#ifdef MG_GEMM_AVX2
+#define MG_GEMM_PACKED_DISPATCH(SFX, ...)                                                         \
+    if (avx2) mg_gemm_packed_avx2_##SFX(__VA_ARGS__);                                             \
+    else mg_gemm_packed_generic_##SFX(__VA_ARGS__);
+#else
+#define MG_GEMM_PACKED_DISPATCH(SFX, ...) (void)avx2; mg_gemm_packed_generic_##SFX(__VA_ARGS__);
+#endif
+#define MG_DEFINE_GEMM_PACKED_API(T, PT, SFX)                                                     \
+    static inline void mg_gemm_packed_##SFX(int avx2, T *C, ptrdiff_t ldc, const T *A, ptrdiff_t lda, \
+                                            const PT *P, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K,   \
+                                            ptrdiff_t p0, ptrdiff_t p1) {                         \
+        MG_GEMM_PACKED_DISPATCH(SFX, C, ldc, A, lda, P, M, N, K, p0, p1)                          \
+    }
+
+MG_DEFINE_GEMM_PACKED_API(float, float, f)
+MG_DEFINE_GEMM_PACKED_API(double, double, d)
+MG_DEFINE_GEMM_PACKED_API(float, mg_bf16, bf16)
 
 #endif

@@ -85,8 +85,8 @@ def prompts_for(V, B, seed=0, longest=12):
 def test_batched_logits_are_bit_identical_to_single_decoding_at_every_step(dtype, n_embd, n_threads):
     """Every sequence's logits after every step equal, bit for bit, those of the same sequence
     decoded alone: different prompt lengths (some longer than the window), window refills (block 8),
-    sequences ending at different steps (then the batch shrinks: 7, 6, ... rows run the matvec3,
-    matvec2 and matvec paths of the batched product)."""
+    sequences ending at different steps (then the batch shrinks: 7, 6, ... rows, down to the one-
+    and two-row blocks of the product)."""
     m = make_model(dtype, n_embd)
     w, V, T = fold_weights(m), m.vocab_size, m.config.block_size
     prompts = prompts_for(V, 7)

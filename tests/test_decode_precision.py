@@ -66,17 +66,20 @@ def product_cases():
 
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_bfloat16_products_are_the_widened_weights_products_and_rows_keep_their_arithmetic(n_threads):
+    """A product on bfloat16 panels is, bit for bit, the float32 product of the rounded weights
+    (widening is exact and the arithmetic is the same), and each row of it is the row alone."""
     for W, X in product_cases():
-        bits = _decode.bfloat16_bits(W)
-        want = X.astype(np.float64) @ _decode.bfloat16_values(bits).astype(np.float64).T
-        for rows in (1, 3, 7):
-            Y = _decode._linear_rows(bits, X[:rows].copy(), n_threads)
+        rounded = _decode.bfloat16_values(_decode.bfloat16_bits(W))
+        want = X.astype(np.float64) @ rounded.astype(np.float64).T
+        for rows in (1, 2, 3, 7):
+            Y = _decode._linear_rows(W, X[:rows].copy(), n_threads, bf16=True)
             assert Y.dtype == np.float32
             np.testing.assert_allclose(Y, want[:rows], rtol=1e-5, atol=1e-5)
+            assert Y.tobytes() == _decode._linear_rows(rounded, X[:rows].copy(), n_threads).tobytes()
             for i in range(rows):
-                assert Y[i].tobytes() == _decode._linear_rows(bits, X[i:i + 1].copy(), 1)[0].tobytes()
-    with pytest.raises(ValueError, match="bfloat16 bits"):
-        _decode._linear_rows(bits, X.astype(np.float64))
+                assert Y[i].tobytes() == _decode._linear_rows(W, X[i:i + 1].copy(), 1, bf16=True)[0].tobytes()
+    with pytest.raises(TypeError, match="float32 weights"):
+        _decode._linear_rows(W.astype(np.float64), X.astype(np.float64), bf16=True)
 
 
 def test_portable_bfloat16_products_too():
@@ -116,10 +119,10 @@ def round_matrices_in_place(m):
 
 
 def test_bfloat16_decoding_is_the_rounded_models_function_at_every_step(tok):
-    """A bfloat16 decode (prefill, steps across a window refill) computes what a float32 decode
-    of the weights rounded to bfloat16 computes (the same numbers, widened exactly), and what
-    the training forward of that rounded model computes; the unrounded model differs by the
-    rounding's small amount."""
+    """A bfloat16 decode (prefill, steps across a window refill) computes, bit for bit, what a
+    float32 decode of the weights rounded to bfloat16 computes (the same numbers, widened
+    exactly, the same arithmetic), and what the training forward of that rounded model computes;
+    the unrounded model differs by the rounding's small amount."""
     m = trained_model(tok, delta=False)
     V, T = m.vocab_size, m.config.block_size
     d_orig = _decode.Decoder(fold_weights(m, "model"), V, T)
@@ -134,7 +137,7 @@ def test_bfloat16_decoding_is_the_rounded_models_function_at_every_step(tok):
     for step in range(T + 6):  # crosses a window refill
         ref = m.logits(window)[-1]
         scale = max(1.0, float(np.abs(ref).max()))
-        assert np.abs(outs[0] - outs[1]).max() / scale < 1e-5, step
+        assert outs[0].tobytes() == outs[1].tobytes(), step  # the same arithmetic on the same numbers
         assert np.abs(outs[0] - ref).max() / scale < 1e-4, step
         worst_rounding = max(worst_rounding, float(np.abs(outs[2] - outs[0]).max()) / scale)
         t = int(rng.integers(3, V))
@@ -189,9 +192,9 @@ def test_refusals_name_the_problem(tok):
     with pytest.raises(TypeError, match="float32 model"):
         _decode.Weights(1, 8, 2, 4, ["content"] * 2, "relu", np.zeros((5, 8)), np.zeros((4, 8)),
                         np.zeros((5, 8)), np.zeros((4, 2)), np.zeros((4, 2)), [None], bf16=True)
-    with pytest.raises(ValueError, match="uint16"):
+    with pytest.raises(ValueError, match="float32 array"):
         _decode.Weights(1, 8, 2, 4, ["content"] * 2, "relu", np.zeros((5, 8), np.float32),
-                        np.zeros((4, 8), np.float32), np.zeros((5, 8), np.float32), np.zeros((4, 2), np.float32),
+                        np.zeros((4, 8), np.float32), np.zeros((5, 8), np.uint16), np.zeros((4, 2), np.float32),
                         np.zeros((4, 2), np.float32), [None], bf16=True)
     assert not w.bf16
 

@@ -3,6 +3,7 @@ defined in one place, and every path that needs it reads that one definition."""
 import pathlib
 import re
 
+import numpy as np
 import pytest
 
 from molecule_gpt import _core, _decode
@@ -95,6 +96,33 @@ def test_each_forward_op_is_one_function_that_every_path_calls(op):
     rows = function_body(decode, "cdef void forward_rows(")
     assert fn + "(" in tape, f"the training tape does not call {fn}"
     assert fn + "(" in rows, f"the decoder's forward does not call {fn}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_decoders_linear_product_is_the_training_steps(dtype):
+    """One product for the linear layers: the decoder's (the weight packed once, any number of
+    rows, split over threads by weight panels) gives bit for bit what the training step's
+    (csrc/gemm.h's NT form, packing as it goes) gives, below and above one pass of K; and
+    neither the decoder's header nor its module defines a product of its own."""
+    if _core.linear_simd_path() == "portable":
+        pytest.skip("the training products run BLAS here (no AVX2): another order of the same sums")
+    rng = np.random.default_rng(0)
+    for nout, nin in ((37, 20), (216, 72), (72, 288), (300, 600), (1000, 256)):
+        W = rng.standard_normal((nout, nin)).astype(dtype)
+        X = rng.standard_normal((9, nin)).astype(dtype)
+        for rows in (1, 2, 3, 9):
+            want = np.zeros((rows, nout), dtype)
+            _core._matmul_memview("nt", X[:rows], W, want, 1.0, False)
+            for n_threads in (1, 2):
+                got = _decode._linear_rows(W, X[:rows].copy(), n_threads)
+                assert got.tobytes() == want.tobytes(), (nout, nin, rows, n_threads)
+    kernels = (CSRC / "decode_kernels.h").read_text()
+    decoder = (SRC / "_decode.pyx").read_text()
+    assert not re.search(r"matvec|mg_gemm\w*\s*\(", kernels)
+    assert "mg_gemm_packed_" in decoder and not re.search(r"cdef extern from \"gemm.h\"", decoder)
+    gemm = (CSRC / "gemm.h").read_text()
+    packed = gemm[gemm.index("#define MG_DEFINE_GEMM_PACKED_AVX2"):]
+    assert "MG_DEFINE_GEMM_PACKED_AVX2(float, float, 8, f, mg_gemm_block_f," in packed  # the training's block
 
 
 def test_prefill_and_step_are_one_forward():

@@ -56,16 +56,13 @@ cdef extern from "pool.h" nogil:  # the worker pool the training step runs on (c
 import numpy as np
 
 from ._molecule cimport (floating, HEAD_CONTENT, HEAD_HYBRID, N_HEAD_TYPES, N_ACTIVATIONS, mg_head_type_names,
-                         mg_activation_names, code_table, code_of, mg_row_max_f)
+                         mg_activation_names, code_table, code_of, mg_row_max_f, mg_bf16, mg_bf16_round,
+                         MG_PACKED_PW_F, MG_PACKED_PW_D, mg_gemm_packed_elems, mg_gemm_pack_nt_f,
+                         mg_gemm_pack_nt_d, mg_gemm_pack_nt_bf16, mg_gemm_packed_f, mg_gemm_packed_d,
+                         mg_gemm_packed_bf16)
 from ._ops cimport embed_forward, rmsnorm_forward, rope_forward, rope_tables_per_head, gate_forward, add_forward
 
 cdef extern from "decode_kernels.h" nogil:  # products without BLAS (see the file's notes)
-    void mg_gemm_nt_f(float* C, const float* A, const float* B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
-                      Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc)
-    void mg_gemm_nt_d(double* C, const double* A, const double* B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
-                      Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc)
-    void mg_gemm_nt_bf16(float* C, const float* A, const uint16_t* B, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K,
-                         Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc)
     int mg_decode_has_avx2()
     float mg_softmax_exp_f(float* x, float* e, const float* z, Py_ssize_t n, float ft, float shift, float lo,
                            float* sx)
@@ -108,93 +105,120 @@ cdef inline void* data_ptr(object arr):
 cdef Py_ssize_t PAR_MIN_WEIGHTS = 1 << 17
 
 
-ctypedef struct ProductJob:  # one product split by rows (of the inputs or of the weights) over the pool's parts
+ctypedef struct ProductJob:  # one product split by rows (of the inputs or of the weights' panels) over the pool's parts
     void* C
     const void* A
-    const void* B
-    Py_ssize_t M, N, K, lda, ldb, ldc, chunk
+    const void* P   # the weight's packed panels (gemm.h)
+    Py_ssize_t M, N, K, lda, ldc, chunk
     bint is_double
     bint bf16
 
 
-cdef inline void mm_nt(floating* Cm, const floating* A, const void* B, Py_ssize_t M, Py_ssize_t N,
-                       Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc, bint bf16) noexcept nogil:
-    """C (M, N) = A (M, K) B^T;  B (N, K) of floating elements, or of bfloat16 ones when bf16
-    (float32 only). Row-major with leading dims (in elements)."""
+cdef inline Py_ssize_t panel_width(bint is_double) noexcept nogil:
+    return MG_PACKED_PW_D if is_double else MG_PACKED_PW_F
+
+
+cdef inline void mm_nt(floating* Cm, const floating* A, const void* P, Py_ssize_t M, Py_ssize_t N,
+                       Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldc, Py_ssize_t p0, Py_ssize_t p1,
+                       bint bf16) noexcept nogil:
+    """Columns p0*PW .. p1*PW (panels p0 .. p1-1) of C (M, N) = A (M, K) B^T, B (N, K) packed
+    into P by pack_weight: the linear layers' product (gemm.h), floating or bfloat16 panels."""
+    cdef int avx2 = mg_decode_has_avx2()
     if floating is float:
         if bf16:
-            mg_gemm_nt_bf16(Cm, A, <const uint16_t*>B, M, N, K, lda, ldb, ldc)
+            mg_gemm_packed_bf16(avx2, Cm, ldc, A, lda, <const mg_bf16*>P, M, N, K, p0, p1)
         else:
-            mg_gemm_nt_f(Cm, A, <const float*>B, M, N, K, lda, ldb, ldc)
+            mg_gemm_packed_f(avx2, Cm, ldc, A, lda, <const float*>P, M, N, K, p0, p1)
     else:
-        mg_gemm_nt_d(Cm, A, <const double*>B, M, N, K, lda, ldb, ldc)
-
-
-cdef inline const void* weight_rows(const void* B, Py_ssize_t r, Py_ssize_t ldb, bint is_double, bint bf16) noexcept nogil:
-    """Row r of a weight matrix B with leading dimension ldb (elements of 8, 2 or 4 bytes)."""
-    return <const char*>B + r * ldb * (8 if is_double else (2 if bf16 else 4))
+        mg_gemm_packed_d(avx2, Cm, ldc, A, lda, <const double*>P, M, N, K, p0, p1)
 
 
 cdef void _mm_nt_part(void* ctx, int t) noexcept nogil:
     cdef ProductJob* j = <ProductJob*>ctx
     cdef Py_ssize_t r0 = t * j.chunk, r1 = min(j.M, r0 + j.chunk)
+    cdef Py_ssize_t np_ = (j.N + panel_width(j.is_double) - 1) // panel_width(j.is_double)
     if r1 <= r0:
         return
     if j.is_double:
-        mm_nt(<double*>j.C + r0 * j.ldc, <const double*>j.A + r0 * j.lda, j.B, r1 - r0, j.N, j.K,
-              j.lda, j.ldb, j.ldc, False)
+        mm_nt(<double*>j.C + r0 * j.ldc, <const double*>j.A + r0 * j.lda, j.P, r1 - r0, j.N, j.K, j.lda, j.ldc,
+              0, np_, False)
     else:
-        mm_nt(<float*>j.C + r0 * j.ldc, <const float*>j.A + r0 * j.lda, j.B, r1 - r0, j.N, j.K,
-              j.lda, j.ldb, j.ldc, j.bf16)
+        mm_nt(<float*>j.C + r0 * j.ldc, <const float*>j.A + r0 * j.lda, j.P, r1 - r0, j.N, j.K, j.lda, j.ldc,
+              0, np_, j.bf16)
 
 
-cdef void mm_nt_par(floating* Cm, const floating* A, const void* B, Py_ssize_t M, Py_ssize_t N,
-                    Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc, int nt, bint bf16) noexcept nogil:
-    """mm_nt with the input rows split over nt parts of the worker pool when the product is large enough."""
+cdef void mm_nt_par(floating* Cm, const floating* A, const void* P, Py_ssize_t M, Py_ssize_t N,
+                    Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldc, int nt, bint bf16) noexcept nogil:
+    """mm_nt over all panels with the input rows split over nt parts of the worker pool when the
+    product is large enough."""
     cdef ProductJob job
+    cdef Py_ssize_t np_ = (N + panel_width(floating is double) - 1) // panel_width(floating is double)
     if nt <= 1 or N * K < PAR_MIN_WEIGHTS or M < 3 * nt:
-        mm_nt(Cm, A, B, M, N, K, lda, ldb, ldc, bf16)
+        mm_nt(Cm, A, P, M, N, K, lda, ldc, 0, np_, bf16)
         return
-    job.C, job.A, job.B = <void*>Cm, <const void*>A, <const void*>B
-    job.M, job.N, job.K, job.lda, job.ldb, job.ldc = M, N, K, lda, ldb, ldc
-    job.chunk = ((M + nt - 1) // nt + 2) // 3 * 3
+    job.C, job.A, job.P = <void*>Cm, <const void*>A, P
+    job.M, job.N, job.K, job.lda, job.ldc = M, N, K, lda, ldc
+    job.chunk = ((M + nt - 1) // nt + 5) // 6 * 6
     job.is_double, job.bf16 = floating is double, bf16
     mg_pool_run(_mm_nt_part, &job, nt)
 
 
 cdef void _mm_nt_w_part(void* ctx, int t) noexcept nogil:
     cdef ProductJob* j = <ProductJob*>ctx
-    cdef Py_ssize_t r0 = t * j.chunk, r1 = min(j.N, r0 + j.chunk)
-    if r1 <= r0:
+    cdef Py_ssize_t np_ = (j.N + panel_width(j.is_double) - 1) // panel_width(j.is_double)
+    cdef Py_ssize_t p0 = t * j.chunk, p1 = min(np_, p0 + j.chunk)
+    if p1 <= p0:
         return
-    cdef const void* rows = weight_rows(j.B, r0, j.ldb, j.is_double, j.bf16)
     if j.is_double:
-        mm_nt(<double*>j.C + r0, <const double*>j.A, rows, j.M, r1 - r0, j.K, j.lda, j.ldb, j.ldc, False)
+        mm_nt(<double*>j.C, <const double*>j.A, j.P, j.M, j.N, j.K, j.lda, j.ldc, p0, p1, False)
     else:
-        mm_nt(<float*>j.C + r0, <const float*>j.A, rows, j.M, r1 - r0, j.K, j.lda, j.ldb, j.ldc, j.bf16)
+        mm_nt(<float*>j.C, <const float*>j.A, j.P, j.M, j.N, j.K, j.lda, j.ldc, p0, p1, j.bf16)
 
 
-cdef void mm_nt_wpar(floating* Cm, const floating* A, const void* B, Py_ssize_t M, Py_ssize_t N,
-                     Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldb, Py_ssize_t ldc, int nt, bint bf16) noexcept nogil:
-    """mm_nt with the rows of B (a weight matrix's output rows) split over nt parts of the worker
-    pool when the product is large enough: each part reads only its share of the weights. Parts
-    start at multiples of 4 rows, so every element keeps the arithmetic it has unsplit
-    (decode_kernels.h); for one input row (M = 1) this is a split matvec."""
+cdef void mm_nt_wpar(floating* Cm, const floating* A, const void* P, Py_ssize_t M, Py_ssize_t N,
+                     Py_ssize_t K, Py_ssize_t lda, Py_ssize_t ldc, int nt, bint bf16) noexcept nogil:
+    """mm_nt with the weight's panels (its output rows) split over nt parts of the worker pool
+    when the product is large enough: each part reads only its share of the weights. Every
+    element has the arithmetic it has unsplit (gemm.h); for one input row this is a split
+    matrix-vector product."""
     cdef ProductJob job
-    if nt <= 1 or M * N * K < PAR_MIN_WEIGHTS or N < 8 * nt:
-        mm_nt(Cm, A, B, M, N, K, lda, ldb, ldc, bf16)
+    cdef Py_ssize_t np_ = (N + panel_width(floating is double) - 1) // panel_width(floating is double)
+    if nt <= 1 or M * N * K < PAR_MIN_WEIGHTS or np_ < 2 * nt:
+        mm_nt(Cm, A, P, M, N, K, lda, ldc, 0, np_, bf16)
         return
-    job.C, job.A, job.B = <void*>Cm, <const void*>A, <const void*>B
-    job.M, job.N, job.K, job.lda, job.ldb, job.ldc = M, N, K, lda, ldb, ldc
-    job.chunk = ((N + nt - 1) // nt + 3) & ~(<Py_ssize_t>3)
+    job.C, job.A, job.P = <void*>Cm, <const void*>A, P
+    job.M, job.N, job.K, job.lda, job.ldc = M, N, K, lda, ldc
+    job.chunk = (np_ + nt - 1) // nt
     job.is_double, job.bf16 = floating is double, bf16
     mg_pool_run(_mm_nt_w_part, &job, nt)
+
+
+def pack_weight(W, bint bf16=False):
+    """The panels the decoder's products read for a weight W (nout, nin) (float32 or float64,
+    C-contiguous): a 1-d array of W's element type, or of bfloat16 bits (uint16) rounded to
+    nearest even when bf16 (float32 only). See gemm.h's packed products."""
+    cdef Py_ssize_t N = W.shape[0], K = W.shape[1]
+    cdef bint is_double = W.dtype == np.float64
+    if bf16 and is_double:
+        raise TypeError("bfloat16 panels are made from float32 weights")
+    P = np.empty(mg_gemm_packed_elems(N, K, panel_width(is_double)),
+                 np.uint16 if bf16 else W.dtype)
+    cdef void* p = data_ptr(P)
+    cdef const void* w = data_ptr(W)
+    with nogil:
+        if bf16:
+            mg_gemm_pack_nt_bf16(<mg_bf16*>p, <const float*>w, K, N, K)
+        elif is_double:
+            mg_gemm_pack_nt_d(<double*>p, <const double*>w, K, N, K)
+        else:
+            mg_gemm_pack_nt_f(<float*>p, <const float*>w, K, N, K)
+    return P
 
 
 # ---------------------------------------------------------------------------------------------
 # Weights: effective weights of one model version
 
-ctypedef struct WLayer:
+ctypedef struct WLayer:  # the matrices as packed panels (pack_weight) of the shapes given
     void* wqkv      # (3C, C)  wq; wk; wv stacked
     void* wo        # (C, C)
     void* fcgv      # (2F, C)  fc_g; fc_v stacked
@@ -204,11 +228,11 @@ ctypedef struct WLayer:
 
 ctypedef struct WNet:
     int L, C, H, d, T, V, F, act
-    bint bf16       # the matrices wqkv, wo, fcgv, fc2 and lm hold bfloat16 elements (float32 model)
+    bint bf16       # the panels of wqkv, wo, fcgv, fc2 and lm hold bfloat16 elements (float32 model)
     int* head_type  # (H,)
     void* wte       # (V, C) input embedding (base)
     void* wpe       # (T, C)
-    void* lm        # (V, C) effective output matrix
+    void* lm        # (V, C) effective output matrix (packed panels)
     void* cos_t     # (T, C/2) RoPE's tables, each position's row repeated per head (rope_forward)
     void* sin_t
     int* pos        # (T,) window positions 0..T-1 (the ops take a position per row)
@@ -220,7 +244,7 @@ cdef class Weights:
     generation.fold_weights; arrays are validated there and kept alive here."""
     cdef WNet net
     cdef readonly bint is_double
-    cdef readonly bint bf16     # the matrices are bfloat16 (see bfloat16_bits); activations stay float32
+    cdef readonly bint bf16     # the products' matrices are bfloat16 (see bfloat16_bits); activations stay float32
     cdef readonly object dtype
     cdef object keep
 
@@ -249,10 +273,11 @@ cdef class Weights:
         keep = []
 
         def check(a, shape, what, matrix=False):
-            want = np.dtype(np.uint16) if matrix and bf16 else dt
-            if not isinstance(a, np.ndarray) or a.dtype != want or not a.flags.c_contiguous or a.shape != shape:
-                raise ValueError(f"{what} must be a C-contiguous {want} array of shape {shape}, got "
+            if not isinstance(a, np.ndarray) or a.dtype != dt or not a.flags.c_contiguous or a.shape != shape:
+                raise ValueError(f"{what} must be a C-contiguous {dt} array of shape {shape}, got "
                                  f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+            if matrix:  # the products read it as panels (bfloat16 ones when bf16)
+                a = pack_weight(a, bf16)
             keep.append(a)
             return a
 
@@ -317,12 +342,18 @@ cdef class Weights:
 
 def bfloat16_bits(a):
     """The bfloat16 nearest each element of the float32 array a (ties to even), as the uint16
-    upper halves of float32 bits (what Weights(bf16=True) reads). Finite values that round past
-    the largest bfloat16 become infinities, as in IEEE rounding; NaN stays NaN."""
+    upper halves of float32 bits: the rounding Weights(bf16=True) applies (gemm.h's
+    mg_bf16_round). Finite values that round past the largest bfloat16 become infinities, as
+    in IEEE rounding; NaN stays NaN."""
     a = np.ascontiguousarray(a, dtype=np.float32)
-    u = a.view(np.uint32)
-    rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
-    return np.where(np.isnan(a), np.uint16(0x7FC0), rounded)
+    out = np.empty(a.shape, np.uint16)
+    cdef const float[::1] src = a.reshape(-1)
+    cdef uint16_t[::1] dst = out.reshape(-1)
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(src.shape[0]):
+            dst[i] = mg_bf16_round(src[i])
+    return out
 
 
 def bfloat16_values(bits):
@@ -412,14 +443,14 @@ cdef double std_of(const floating* x, Py_ssize_t n) noexcept nogil:
 
 cdef inline void linear_rows(floating* Y, const void* W, const floating* X, Py_ssize_t N, Py_ssize_t nout,
                              Py_ssize_t nin, int nt, bint by_weights, bint bf16) noexcept nogil:
-    """Y (N, nout) = X (N, nin) W^T for a folded weight W (nout, nin) of floating elements, or of
-    bfloat16 ones when bf16. Split over the threads by W's rows when by_weights or N == 1 (rows of
-    independent sequences: each thread streams a share of the weights), else by X's rows (a
-    prefill: FMA-bound, each thread takes a block of rows)."""
+    """Y (N, nout) = X (N, nin) W^T for a folded weight W (nout, nin) given as its packed panels
+    (pack_weight; bfloat16 ones when bf16). Split over the threads by W's panels when by_weights
+    or N == 1 (rows of independent sequences: each thread streams a share of the weights), else
+    by X's rows (a prefill: FMA-bound, each thread takes a block of rows)."""
     if by_weights or N == 1:
-        mm_nt_wpar(Y, X, W, N, nout, nin, nin, nin, nout, nt, bf16)
+        mm_nt_wpar(Y, X, W, N, nout, nin, nin, nout, nt, bf16)
     else:
-        mm_nt_par(Y, X, W, N, nout, nin, nin, nin, nout, nt, bf16)
+        mm_nt_par(Y, X, W, N, nout, nin, nin, nout, nt, bf16)
 
 
 ctypedef struct AttendJob:  # the attention rows r0 .. N-1 of a forward, split over the pool's parts
@@ -1469,8 +1500,8 @@ cdef class Batch:
     Batch(decoders, n_threads=1): Decoders after begin() (any prompts, sampling parameters,
     seeds, limits; those that run the model share one Weights). Each keeps its own cache, window,
     random state, history and stop state, and produces exactly the tokens it produces alone
-    (run() on the Decoder): the batched products give every row the arithmetic of its own matvec
-    (decode_kernels.h), sampling is the Decoder's own, and a sequence whose window is full
+    (run() on the Decoder): the batched products give every row the arithmetic it has alone (each
+    element one chain of FMAs in order: gemm.h's packed products), sampling is the Decoder's own, and a sequence whose window is full
     re-prefills alone (the window rule). A finished sequence (stop reason, or Decoder.finish())
     leaves the step.
     n_threads: the sequences are dealt into min(n_threads, size) groups, sequence i to group
@@ -1733,24 +1764,23 @@ def _sample_stack_memview(z, q, double temperature, double entropy_low, double e
     return ids, probs
 
 
-def _linear_rows(W, X, int n_threads=1):
+def _linear_rows(W, X, int n_threads=1, bint bf16=False):
     """Y = X W^T by the decoder's product for rows of independent sequences (linear_rows,
-    split by W's rows); test twin: row i must equal _linear_rows(W, X[i:i+1]). W uint16 with X
-    float32: W holds bfloat16 elements (the bits of bfloat16_bits)."""
-    cdef bint bf16 = W.dtype == np.uint16 and X.dtype == np.float32
-    if (W.dtype != X.dtype and not bf16) or X.dtype not in (np.float32, np.float64) or W.ndim != 2 or X.ndim != 2 \
+    split by W's panels) on W packed as Weights packs it (bfloat16 panels when bf16); test twin:
+    row i must equal _linear_rows(W, X[i:i+1])."""
+    if W.dtype != X.dtype or X.dtype not in (np.float32, np.float64) or W.ndim != 2 or X.ndim != 2 \
             or W.shape[1] != X.shape[1] or not W.flags.c_contiguous or not X.flags.c_contiguous or X.shape[0] < 1:
-        raise ValueError("W (nout, nin) and X (N, nin): C-contiguous arrays of one float dtype (or W of "
-                         "bfloat16 bits, uint16, with X float32), N >= 1")
+        raise ValueError("W (nout, nin) and X (N, nin): C-contiguous arrays of one float dtype, N >= 1")
+    P = pack_weight(W, bf16)
     Y = np.zeros((X.shape[0], W.shape[0]), X.dtype)
     cdef Py_ssize_t N = X.shape[0], nout = W.shape[0], nin = W.shape[1]
     cdef void* y = data_ptr(Y)
-    cdef const void* w = data_ptr(W)
+    cdef const void* p = data_ptr(P)
     cdef const void* x = data_ptr(X)
     cdef bint is_double = X.dtype == np.float64
     with nogil:
         if is_double:
-            linear_rows(<double*>y, w, <const double*>x, N, nout, nin, n_threads, True, False)
+            linear_rows(<double*>y, p, <const double*>x, N, nout, nin, n_threads, True, False)
         else:
-            linear_rows(<float*>y, w, <const float*>x, N, nout, nin, n_threads, True, bf16)
+            linear_rows(<float*>y, p, <const float*>x, N, nout, nin, n_threads, True, bf16)
     return Y

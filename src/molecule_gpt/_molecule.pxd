@@ -148,6 +148,22 @@ cdef extern from "gemm.h" nogil:
                   Py_ssize_t ldb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, float alpha, int accumulate)
     int mg_gemm_d(int form, double* C, Py_ssize_t ldc, const double* A, Py_ssize_t lda, const double* B,
                   Py_ssize_t ldb, Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, double alpha, int accumulate)
+    # a weight packed once (the decoder's products): see gemm.h
+    enum:
+        MG_PACKED_PW_F
+        MG_PACKED_PW_D
+    ctypedef unsigned short mg_bf16
+    mg_bf16 mg_bf16_round(float x)
+    size_t mg_gemm_packed_elems(Py_ssize_t N, Py_ssize_t K, Py_ssize_t PW)
+    void mg_gemm_pack_nt_f(float* P, const float* B, Py_ssize_t ldb, Py_ssize_t N, Py_ssize_t K)
+    void mg_gemm_pack_nt_d(double* P, const double* B, Py_ssize_t ldb, Py_ssize_t N, Py_ssize_t K)
+    void mg_gemm_pack_nt_bf16(mg_bf16* P, const float* B, Py_ssize_t ldb, Py_ssize_t N, Py_ssize_t K)
+    void mg_gemm_packed_f(int avx2, float* C, Py_ssize_t ldc, const float* A, Py_ssize_t lda, const float* P,
+                          Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, Py_ssize_t p0, Py_ssize_t p1)
+    void mg_gemm_packed_d(int avx2, double* C, Py_ssize_t ldc, const double* A, Py_ssize_t lda, const double* P,
+                          Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, Py_ssize_t p0, Py_ssize_t p1)
+    void mg_gemm_packed_bf16(int avx2, float* C, Py_ssize_t ldc, const float* A, Py_ssize_t lda, const mg_bf16* P,
+                             Py_ssize_t M, Py_ssize_t N, Py_ssize_t K, Py_ssize_t p0, Py_ssize_t p1)
 
 
 cdef extern from "attention.h" nogil:

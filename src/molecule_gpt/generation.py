@@ -217,7 +217,6 @@ def _build_weights(config: Config, V: int, dtype, base: dict, deltas: list,
     sum over `deltas` of alpha A B; the products' matrices in `precision` (see fold_weights)."""
     c = config
     bf16 = _decode_precision(config, dtype, precision)
-    matrix = _decode.bfloat16_bits if bf16 else np.ascontiguousarray
     live = _delta_sum(config, V, dtype, deltas) if deltas else {}
 
     def eff(name: str) -> np.ndarray:
@@ -238,17 +237,17 @@ def _build_weights(config: Config, V: int, dtype, base: dict, deltas: list,
             pat.append(np.ascontiguousarray(eff(f"l{i}.h{h}.w_pattern").T) if kind != "content" else None)
             mix.append(1.0 / (1.0 + math.exp(-float(base[f"l{i}.h{h}.alpha"][0, 0]))) if kind == "hybrid" else 0.0)
         layers.append({
-            "wqkv": matrix(np.concatenate([eff(f"l{i}.wq"), eff(f"l{i}.wk"), eff(f"l{i}.wv")])),
-            "wo": matrix(eff(f"l{i}.wo")),
-            "fcgv": matrix(np.concatenate([eff(f"l{i}.fc_g"), eff(f"l{i}.fc_v")])),
-            "fc2": matrix(eff(f"l{i}.fc2")),
+            "wqkv": np.concatenate([eff(f"l{i}.wq"), eff(f"l{i}.wk"), eff(f"l{i}.wv")]),
+            "wo": np.ascontiguousarray(eff(f"l{i}.wo")),
+            "fcgv": np.concatenate([eff(f"l{i}.fc_g"), eff(f"l{i}.fc_v")]),
+            "fc2": np.ascontiguousarray(eff(f"l{i}.fc2")),
             "pat": pat,
             "mix": mix,
         })
     cos_t, sin_t = _rope_tables(c.block_size, c.head_dim, dtype)
     return _decode.Weights(c.n_layer, c.n_embd, c.n_head, c.block_size, list(c.head_types), c.mlp_activation,
                            np.ascontiguousarray(base["wte"]), np.ascontiguousarray(base["wpe"]),
-                           matrix(eff("lm_head")), cos_t, sin_t, layers, bf16=bf16)
+                           np.ascontiguousarray(eff("lm_head")), cos_t, sin_t, layers, bf16=bf16)
 
 
 def decoded_nats(weights: _decode.Weights, windows: Sequence[Sequence[int]]) -> float:
