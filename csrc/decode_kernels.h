@@ -106,18 +106,19 @@ MG_DEFINE_AXPY(double, d)
 
 /* One query's attention over nk cached keys (all heads), _decode.pyx's attend_row:
  *   content logits c_j = scale q_h . k_j from the transposed key cache kt (H, d, T);
- *   pattern logits p_j = W_pattern[j] . h_h from the transposed pattern matrix pat[h] (d, T);
+ *   pattern logits p_j = W_pattern[j] . h_h given in pat_rows (H, T) (the linear layers'
+ *   product, computed by the caller as in training);
  *   the head's logits and their softmax over j < nk (heads.h, as in training); y_h = sum_j att_j v_j.
  * Each is a sum of scaled rows (SUMROWS: element j accumulates its terms in order, as axpys
  * would); heads go in pairs, and a pair's values are summed in one pass (SUMROWS_PAIR: twice the
  * independent sums per row of the cache, the same arithmetic). head_type: MG_HEAD_* codes
- * (codes.h). att: scratch of 2 T elements (a pair's weights at att and att + T); pat_out: nk.
+ * (codes.h). att: scratch of 2 T elements (a pair's weights at att and att + T).
  * One body for both element types and both instruction sets. */
 #define MG_DEFINE_ATTEND_ROW(T, SUFFIX, ATTR, NAME, SUMROWS, SUMROWS_PAIR, SOFTMAX)                \
-    ATTR static void NAME(T *restrict y, T *restrict att, T *restrict pat_out, const T *restrict q, \
-                          const T *restrict hrow, const T *restrict kt, const T *restrict vc,      \
-                          const T *const *pat, const int *head_type, const double *mix,            \
-                          ptrdiff_t H, ptrdiff_t d, ptrdiff_t TT, ptrdiff_t C, ptrdiff_t nk) {     \
+    ATTR static void NAME(T *restrict y, T *restrict att, const T *restrict pat_rows, const T *restrict q, \
+                          const T *restrict kt, const T *restrict vc, const int *head_type,        \
+                          const double *mix, ptrdiff_t H, ptrdiff_t d, ptrdiff_t TT, ptrdiff_t C,  \
+                          ptrdiff_t nk) {                                                          \
         const T scale = (T)(1.0 / __builtin_sqrt((double)d));                                     \
         for (ptrdiff_t h0 = 0; h0 < H; h0 += 2) {                                                 \
             ptrdiff_t pair = h0 + 1 < H;                                                          \
@@ -125,8 +126,7 @@ MG_DEFINE_AXPY(double, d)
                 T *a = att + (h - h0) * TT;                                                       \
                 int kind = head_type[h];                                                          \
                 if (kind != MG_HEAD_RRPRAM) SUMROWS(a, scale, q + h * d, kt + h * d * TT, TT, d, nk); \
-                if (kind != MG_HEAD_CONTENT) SUMROWS(pat_out, (T)1, hrow + h * d, pat[h], TT, d, nk); \
-                mg_head_logits_##SUFFIX(a, a, pat_out, nk, (T)mix[h], kind);                      \
+                mg_head_logits_##SUFFIX(a, a, pat_rows + h * TT, nk, (T)mix[h], kind);            \
                 SOFTMAX(a, nk);                                                                   \
             }                                                                                     \
             if (pair)                                                                             \
@@ -278,18 +278,17 @@ static inline float mg_softmax_exp_f(float *restrict x, float *restrict e, const
     return mg_softmax_exp_f_generic(x, e, z, n, ft, shift, lo, sx);
 }
 
-static inline void mg_attend_row_f(float *restrict y, float *restrict att, float *restrict pat_out,
-                                   const float *restrict q, const float *restrict hrow, const float *restrict kt,
-                                   const float *restrict vc, const float *const *pat, const int *head_type,
-                                   const double *mix, ptrdiff_t H, ptrdiff_t d, ptrdiff_t T, ptrdiff_t C,
-                                   ptrdiff_t nk) {
+static inline void mg_attend_row_f(float *restrict y, float *restrict att, const float *restrict pat_rows,
+                                   const float *restrict q, const float *restrict kt, const float *restrict vc,
+                                   const int *head_type, const double *mix, ptrdiff_t H, ptrdiff_t d, ptrdiff_t T,
+                                   ptrdiff_t C, ptrdiff_t nk) {
 #ifdef MG_HAVE_AVX2_PATH
     if (mg_decode_has_avx2()) {
-        mg_attend_row_f_avx2(y, att, pat_out, q, hrow, kt, vc, pat, head_type, mix, H, d, T, C, nk);
+        mg_attend_row_f_avx2(y, att, pat_rows, q, kt, vc, head_type, mix, H, d, T, C, nk);
         return;
     }
 #endif
-    mg_attend_row_f_generic(y, att, pat_out, q, hrow, kt, vc, pat, head_type, mix, H, d, T, C, nk);
+    mg_attend_row_f_generic(y, att, pat_rows, q, kt, vc, head_type, mix, H, d, T, C, nk);
 }
 
 #endif

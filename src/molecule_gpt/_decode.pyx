@@ -66,12 +66,12 @@ cdef extern from "decode_kernels.h" nogil:  # products without BLAS (see the fil
     int mg_decode_has_avx2()
     float mg_softmax_exp_f(float* x, float* e, const float* z, Py_ssize_t n, float ft, float shift, float lo,
                            float* sx)
-    void mg_attend_row_f(float* y, float* att, float* pat_out, const float* q, const float* hrow,
-                         const float* kt, const float* vc, const float* const* pat, const int* head_type,
-                         const double* mix, Py_ssize_t H, Py_ssize_t d, Py_ssize_t T, Py_ssize_t C, Py_ssize_t nk)
-    void mg_attend_row_d(double* y, double* att, double* pat_out, const double* q, const double* hrow,
-                         const double* kt, const double* vc, const double* const* pat, const int* head_type,
-                         const double* mix, Py_ssize_t H, Py_ssize_t d, Py_ssize_t T, Py_ssize_t C, Py_ssize_t nk)
+    void mg_attend_row_f(float* y, float* att, const float* pat_rows, const float* q, const float* kt,
+                         const float* vc, const int* head_type, const double* mix, Py_ssize_t H, Py_ssize_t d,
+                         Py_ssize_t T, Py_ssize_t C, Py_ssize_t nk)
+    void mg_attend_row_d(double* y, double* att, const double* pat_rows, const double* q, const double* kt,
+                         const double* vc, const int* head_type, const double* mix, Py_ssize_t H, Py_ssize_t d,
+                         Py_ssize_t T, Py_ssize_t C, Py_ssize_t nk)
 
 # stop reasons returned by Decoder.run (names in STOP_REASONS)
 cdef enum:
@@ -223,7 +223,7 @@ ctypedef struct WLayer:  # the matrices as packed panels (pack_weight) of the sh
     void* wo        # (C, C)
     void* fcgv      # (2F, C)  fc_g; fc_v stacked
     void* fc2       # (C, F)
-    void** pat      # (H,) (d, T) pattern matrices of rrpram/hybrid heads, transposed; NULL for content
+    void** pat      # (H,) (T, d) pattern matrices of rrpram/hybrid heads as packed panels; NULL for content
     double* mix     # (H,) sigmoid(alpha) of hybrid heads
 
 ctypedef struct WNet:
@@ -272,12 +272,12 @@ cdef class Weights:
         V = wte.shape[0]
         keep = []
 
-        def check(a, shape, what, matrix=False):
+        def check(a, shape, what, matrix=False, rounded=True):
             if not isinstance(a, np.ndarray) or a.dtype != dt or not a.flags.c_contiguous or a.shape != shape:
                 raise ValueError(f"{what} must be a C-contiguous {dt} array of shape {shape}, got "
                                  f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
-            if matrix:  # the products read it as panels (bfloat16 ones when bf16)
-                a = pack_weight(a, bf16)
+            if matrix:  # the products read it as panels (bfloat16 ones when bf16, unless not rounded)
+                a = pack_weight(a, bf16 and rounded)
             keep.append(a)
             return a
 
@@ -316,7 +316,7 @@ cdef class Weights:
             Lw.fc2 = data_ptr(check(layer["fc2"], (C, F), f"layer {l} fc2", True))
             for h in range(n_head):
                 if self.net.head_type[h] != HEAD_CONTENT:
-                    Lw.pat[h] = data_ptr(check(layer["pat"][h], (d, T), f"layer {l} head {h} w_pattern^T"))
+                    Lw.pat[h] = data_ptr(check(layer["pat"][h], (T, d), f"layer {l} head {h} w_pattern", True, False))
                 if self.net.head_type[h] == HEAD_HYBRID:
                     Lw.mix[h] = float(layer["mix"][h])
         self.keep = keep
@@ -371,7 +371,7 @@ ctypedef struct Buf:
     void* Q         # (T, C)     rotated queries
     void* K         # (T, C)     rotated keys (then stored transposed in kc)
     void* S         # (2T,)      attention logits/weights of one query, two heads (a pair)
-    void* P         # (T,)       pattern logits of one query
+    void* P         # (H, T)     pattern logits of one query, per head
     void* Y         # (T, C)     concatenated head outputs
     void* O         # (T, C)     a block's output before the residual add
     void* GU        # (T, 2F)    fc_g and fc_v outputs
@@ -391,7 +391,7 @@ cdef void* buf_alloc(Buf* b, Py_ssize_t rows, const WNet* net, bint is_double, b
     cdef Py_ssize_t seq = 1 if sequence else 0
     cdef size_t sizes[14]
     cdef void** slots[14]
-    sizes[:] = [R * C, R * C, R * 3 * C, R * C, R * C, seq * 2 * T, seq * T, R * C, R * C, R * 2 * F, R * F,
+    sizes[:] = [R * C, R * C, R * 3 * C, R * C, R * C, seq * 2 * T, seq * net.H * T, R * C, R * C, R * 2 * F, R * F,
                 seq * L * T * C, seq * L * T * C, (1 - seq) * R * net.V]
     slots[:] = [&b.X, &b.Hn, &b.QKV, &b.Q, &b.K, &b.S, &b.P, &b.Y, &b.O, &b.GU, &b.A, &b.kc, &b.vc, &b.logits]
     for i in range(14):
@@ -406,20 +406,25 @@ cdef void* buf_alloc(Buf* b, Py_ssize_t rows, const WNet* net, bint is_double, b
     return block
 
 
-cdef inline void attend_row(floating* y, floating* att, floating* pat_out, const floating* q,
+cdef inline void attend_row(floating* y, floating* att, floating* pat_rows, const floating* q,
                             const floating* hrow, const floating* kt, const floating* vc, const WNet* net,
                             const WLayer* Lw, int nk) noexcept nogil:
     """y (C) = attention output of one query (q rotated, hrow its normalized input) over the nk
-    cached keys kt (H, d, T; transposed) and values vc (nk, C). att: scratch of 2T, pat_out of T.
-    Keys and pattern matrices are stored transposed so that the logits of all nk keys are a sum
-    of d scaled contiguous rows (no per-key horizontal sums, no tiny BLAS calls).
-    The head's logits and the softmax row are the training kernels' (csrc/heads.h)."""
+    cached keys kt (H, d, T; transposed) and values vc (nk, C). att: scratch of 2T; pat_rows
+    (H, T): the pattern logits of rrpram/hybrid heads, hrow's head slice times W_pattern^T
+    (the linear layers' product, as the training step computes them), for the nk keys.
+    Keys are stored transposed so that the content logits of all nk keys are a sum of d scaled
+    contiguous rows (no per-key horizontal sums). The head's logits and the softmax row are the
+    training kernels' (csrc/heads.h)."""
+    cdef Py_ssize_t h, T = net.T, d = net.d
+    cdef Py_ssize_t panels = (nk + panel_width(floating is double) - 1) // panel_width(floating is double)
+    for h in range(net.H):
+        if net.head_type[h] != HEAD_CONTENT:
+            mm_nt(pat_rows + h * T, hrow + h * d, Lw.pat[h], 1, T, d, d, T, 0, panels, False)
     if floating is float:  # AVX2+FMA when available
-        mg_attend_row_f(y, att, pat_out, q, hrow, kt, vc, <const float* const*>Lw.pat, net.head_type, Lw.mix,
-                        net.H, net.d, net.T, net.C, nk)
+        mg_attend_row_f(y, att, pat_rows, q, kt, vc, net.head_type, Lw.mix, net.H, net.d, net.T, net.C, nk)
     else:
-        mg_attend_row_d(y, att, pat_out, q, hrow, kt, vc, <const double* const*>Lw.pat, net.head_type, Lw.mix,
-                        net.H, net.d, net.T, net.C, nk)
+        mg_attend_row_d(y, att, pat_rows, q, kt, vc, net.head_type, Lw.mix, net.H, net.d, net.T, net.C, nk)
 
 
 cdef inline void store_key(floating* kt, const floating* k, Py_ssize_t pos, Py_ssize_t C, Py_ssize_t T) noexcept nogil:

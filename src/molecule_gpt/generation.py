@@ -233,8 +233,7 @@ def _build_weights(config: Config, V: int, dtype, base: dict, deltas: list,
     for i in range(c.n_layer):
         pat, mix = [], []
         for h, kind in enumerate(c.head_types):
-            # transposed (d, T): the decoder computes the pattern logits of all keys as axpys
-            pat.append(np.ascontiguousarray(eff(f"l{i}.h{h}.w_pattern").T) if kind != "content" else None)
+            pat.append(np.ascontiguousarray(eff(f"l{i}.h{h}.w_pattern")) if kind != "content" else None)
             mix.append(1.0 / (1.0 + math.exp(-float(base[f"l{i}.h{h}.alpha"][0, 0]))) if kind == "hybrid" else 0.0)
         layers.append({
             "wqkv": np.concatenate([eff(f"l{i}.wq"), eff(f"l{i}.wk"), eff(f"l{i}.wv")]),
