@@ -68,28 +68,60 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
 /* One family of kernels for element type T with W lanes per 32-byte vector VT; ATTR selects the
  * target. Vector loads and stores go through memcpy (unaligned, and legal for any buffer). */
 #define MG_DEFINE_TRI(T, VT, W, ATTR, NT, NN, TN)                                                 \
-    ATTR static void NT(T *restrict S, ptrdiff_t lds, const T *restrict A, ptrdiff_t lda,        \
-                        const T *restrict B, ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, T alpha,     \
-                        T *restrict scratch) {                                                    \
-        ptrdiff_t np = (n + 2 * W - 1) / (2 * W) * (2 * W);                                       \
-        T *BT = scratch; /* (d, np): B transposed, zero columns past n */                         \
+    /* one row t (columns j < nc, in blocks of NV vectors): S[j] = alpha sum_c a[c] BT[c, j] */   \
+    __attribute__((always_inline)) ATTR static inline void NT##_row(                              \
+        const int NV, T *restrict S, const T *restrict a, const T *restrict BT, ptrdiff_t ldbt,   \
+        ptrdiff_t jc, ptrdiff_t nc, ptrdiff_t d, T alpha) {                                       \
+        VT s[8];                                                                                  \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) s[v] = (VT){0};                      \
         for (ptrdiff_t c = 0; c < d; c++) {                                                       \
-            for (ptrdiff_t j = 0; j < n; j++) BT[c * np + j] = B[j * ldb + c];                    \
-            for (ptrdiff_t j = n; j < np; j++) BT[c * np + j] = 0;                                \
+            T x = a[c];                                                                           \
+            _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                \
+                VT b;                                                                             \
+                memcpy(&b, BT + c * ldbt + jc + v * W, sizeof b);                                 \
+                s[v] += x * b;                                                                    \
+            }                                                                                     \
+        }                                                                                         \
+        T out[8 * W];                                                                             \
+        _Pragma("GCC unroll 8") for (int v = 0; v < NV; v++) {                                    \
+            VT u = s[v] * alpha;                                                                  \
+            memcpy(out + v * W, &u, sizeof u);                                                    \
+        }                                                                                         \
+        ptrdiff_t m = nc - jc < NV * W ? nc - jc : NV * W;                                        \
+        for (ptrdiff_t l = 0; l < m; l++) S[jc + l] = out[l];                                     \
+    }                                                                                             \
+                                                                                                  \
+    /* rows t0 <= t < t1 of S[t, j] = alpha <A_t, B_j> for j <= t, B given transposed (BT (d,    \
+     * ldbt), readable up to column round_up(t1, 2 W)); row t of S and A at (t - t0) lds, lda.  \
+     * Every element is one chain of FMAs over c, then the scale: a row computed alone (the     \
+     * decoder's, wide column blocks) equals the same row among others. */                      \
+    ATTR static void NT##_rows(T *restrict S, ptrdiff_t lds, const T *restrict A, ptrdiff_t lda, \
+                               const T *restrict BT, ptrdiff_t ldbt, ptrdiff_t t0, ptrdiff_t t1,  \
+                               ptrdiff_t d, T alpha) {                                            \
+        if (t1 - t0 == 1) {                                                                       \
+            for (ptrdiff_t jc = 0; jc < t1;) {                                                    \
+                ptrdiff_t left = (t1 - jc + W - 1) / W;                                           \
+                if (left >= 8) { NT##_row(8, S, A, BT, ldbt, jc, t1, d, alpha); jc += 8 * W; }    \
+                else if (left >= 4) { NT##_row(4, S, A, BT, ldbt, jc, t1, d, alpha); jc += 4 * W; } \
+                else if (left >= 2) { NT##_row(2, S, A, BT, ldbt, jc, t1, d, alpha); jc += 2 * W; } \
+                else { NT##_row(1, S, A, BT, ldbt, jc, t1, d, alpha); jc += W; }                  \
+            }                                                                                     \
+            return;                                                                               \
         }                                                                                         \
         T out[MG_TRI_R][2 * W];                                                                   \
-        for (ptrdiff_t t0 = 0; t0 < n; t0 += MG_TRI_R) {                                          \
-            ptrdiff_t R = n - t0 < MG_TRI_R ? n - t0 : MG_TRI_R;                                  \
+        for (ptrdiff_t tb = t0; tb < t1; tb += MG_TRI_R) {                                        \
+            ptrdiff_t R = t1 - tb < MG_TRI_R ? t1 - tb : MG_TRI_R;                                \
+            const T *Ab = A + (tb - t0) * lda;                                                    \
             /* column blocks of 2 W up to the diagonal: 8 independent sums hide FMA latency */    \
-            for (ptrdiff_t jc = 0; jc < t0 + R; jc += 2 * W) {                                    \
+            for (ptrdiff_t jc = 0; jc < tb + R; jc += 2 * W) {                                    \
                 VT s[MG_TRI_R][2];                                                                \
                 memset(s, 0, sizeof s);                                                           \
                 if (R == MG_TRI_R) {                                                              \
-                    const T *a0 = A + t0 * lda, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;   \
+                    const T *a0 = Ab, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;             \
                     for (ptrdiff_t c = 0; c < d; c++) {                                           \
                         VT b0, b1;                                                                \
-                        memcpy(&b0, BT + c * np + jc, sizeof b0);                                 \
-                        memcpy(&b1, BT + c * np + jc + W, sizeof b1);                             \
+                        memcpy(&b0, BT + c * ldbt + jc, sizeof b0);                               \
+                        memcpy(&b1, BT + c * ldbt + jc + W, sizeof b1);                           \
                         T x0 = a0[c], x1 = a1[c], x2 = a2[c], x3 = a3[c];                         \
                         s[0][0] += x0 * b0; s[0][1] += x0 * b1;                                   \
                         s[1][0] += x1 * b0; s[1][1] += x1 * b1;                                   \
@@ -100,16 +132,16 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
                     for (ptrdiff_t r = 0; r < R; r++)                                             \
                         for (ptrdiff_t c = 0; c < d; c++) {                                       \
                             VT b0, b1;                                                            \
-                            memcpy(&b0, BT + c * np + jc, sizeof b0);                             \
-                            memcpy(&b1, BT + c * np + jc + W, sizeof b1);                         \
-                            s[r][0] += A[(t0 + r) * lda + c] * b0;                                \
-                            s[r][1] += A[(t0 + r) * lda + c] * b1;                                \
+                            memcpy(&b0, BT + c * ldbt + jc, sizeof b0);                           \
+                            memcpy(&b1, BT + c * ldbt + jc + W, sizeof b1);                       \
+                            s[r][0] += Ab[r * lda + c] * b0;                                      \
+                            s[r][1] += Ab[r * lda + c] * b1;                                      \
                         }                                                                         \
                 }                                                                                 \
-                ptrdiff_t m = n - jc < 2 * W ? n - jc : 2 * W;                                    \
+                ptrdiff_t m = t1 - jc < 2 * W ? t1 - jc : 2 * W;                                  \
                 for (ptrdiff_t r = 0; r < R; r++) {                                               \
                     VT u0 = s[r][0] * alpha, u1 = s[r][1] * alpha;                                \
-                    T *row = S + (t0 + r) * lds + jc;                                             \
+                    T *row = S + (tb - t0 + r) * lds + jc;                                        \
                     if (m == 2 * W) {                                                             \
                         memcpy(row, &u0, sizeof u0);                                              \
                         memcpy(row + W, &u1, sizeof u1);                                          \
@@ -123,26 +155,40 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
         }                                                                                         \
     }                                                                                             \
                                                                                                   \
-    ATTR static void NN(T *restrict Y, ptrdiff_t ldy, const T *restrict P, ptrdiff_t ldp,        \
+    ATTR static void NT(T *restrict S, ptrdiff_t lds, const T *restrict A, ptrdiff_t lda,        \
                         const T *restrict B, ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, T alpha,     \
-                        int accumulate, T *restrict scratch) {                                    \
-        ptrdiff_t dp = (d + W - 1) / W * W;                                                       \
-        T *Bp = scratch; /* (n, dp): B with zero columns past d */                                \
-        for (ptrdiff_t j = 0; j < n; j++) {                                                       \
-            MG_COPY_ROW_PADDED(T, VT, W, Bp + j * dp, B + j * ldb, d, dp);                    \
+                        T *restrict scratch) {                                                    \
+        ptrdiff_t np = (n + 2 * W - 1) / (2 * W) * (2 * W);                                       \
+        T *BT = scratch; /* (d, np): B transposed, zero columns past n */                         \
+        for (ptrdiff_t c = 0; c < d; c++) {                                                       \
+            for (ptrdiff_t j = 0; j < n; j++) BT[c * np + j] = B[j * ldb + c];                    \
+            for (ptrdiff_t j = n; j < np; j++) BT[c * np + j] = 0;                                \
         }                                                                                         \
+        NT##_rows(S, lds, A, lda, BT, np, 0, n, d, alpha);                                        \
+    }                                                                                             \
+                                                                                                  \
+    /* rows t0 <= t < t1 of Y[t, c] (+)= alpha sum_{j <= t} P[t, j] B[j, c], B given with rows   \
+     * readable to a whole number of vectors past d (Bp, row stride ldbp: a zero-padded copy, or \
+     * the decoder's value cache); rows of Y and P at (t - t0) ldy, ldp. Every element is one    \
+     * chain of FMAs over j (entries of P above the diagonal, inside the 4 x 4 diagonal blocks,  \
+     * must be zero), then the scale: a row computed alone equals the same row among others. */ \
+    ATTR static void NN##_rows(T *restrict Y, ptrdiff_t ldy, const T *restrict P, ptrdiff_t ldp, \
+                               const T *restrict Bp, ptrdiff_t ldbp, ptrdiff_t t0, ptrdiff_t t1,  \
+                               ptrdiff_t d, T alpha, int accumulate) {                            \
+        ptrdiff_t dp = (d + W - 1) / W * W;                                                       \
         T out[MG_TRI_R][3 * W];                                                                   \
-        for (ptrdiff_t t0 = 0; t0 < n; t0 += MG_TRI_R) {                                          \
-            ptrdiff_t R = n - t0 < MG_TRI_R ? n - t0 : MG_TRI_R;                                  \
+        for (ptrdiff_t tb = t0; tb < t1; tb += MG_TRI_R) {                                        \
+            ptrdiff_t R = t1 - tb < MG_TRI_R ? t1 - tb : MG_TRI_R;                                \
+            const T *Pb = P + (tb - t0) * ldp;                                                    \
             for (ptrdiff_t c0 = 0; c0 < dp; c0 += 3 * W) {                                        \
                 ptrdiff_t nv = (dp - c0) / W < 3 ? (dp - c0) / W : 3;                             \
                 VT acc[MG_TRI_R][3];                                                              \
                 memset(acc, 0, sizeof acc);                                                       \
                 if (R == MG_TRI_R && nv == 3) {                                                   \
-                    const T *p0 = P + t0 * ldp, *p1 = p0 + ldp, *p2 = p1 + ldp, *p3 = p2 + ldp;   \
-                    for (ptrdiff_t j = 0; j < t0 + MG_TRI_R; j++) {                               \
+                    const T *p0 = Pb, *p1 = p0 + ldp, *p2 = p1 + ldp, *p3 = p2 + ldp;             \
+                    for (ptrdiff_t j = 0; j < tb + MG_TRI_R; j++) {                               \
                         VT b0, b1, b2;                                                            \
-                        const T *bj = Bp + j * dp + c0;                                           \
+                        const T *bj = Bp + j * ldbp + c0;                                         \
                         memcpy(&b0, bj, sizeof b0);                                               \
                         memcpy(&b1, bj + W, sizeof b1);                                           \
                         memcpy(&b2, bj + 2 * W, sizeof b2);                                       \
@@ -153,23 +199,42 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
                         acc[3][0] += q3 * b0; acc[3][1] += q3 * b1; acc[3][2] += q3 * b2;         \
                     }                                                                             \
                 } else if (R == MG_TRI_R) {                                                       \
-                    const T *p0 = P + t0 * ldp, *p1 = p0 + ldp, *p2 = p1 + ldp, *p3 = p2 + ldp;   \
+                    const T *p0 = Pb, *p1 = p0 + ldp, *p2 = p1 + ldp, *p3 = p2 + ldp;             \
                     for (ptrdiff_t v = 0; v < nv; v++)                                            \
-                        for (ptrdiff_t j = 0; j < t0 + MG_TRI_R; j++) {                           \
+                        for (ptrdiff_t j = 0; j < tb + MG_TRI_R; j++) {                           \
                             VT b;                                                                 \
-                            memcpy(&b, Bp + j * dp + c0 + v * W, sizeof b);                       \
+                            memcpy(&b, Bp + j * ldbp + c0 + v * W, sizeof b);                     \
                             acc[0][v] += p0[j] * b;                                               \
                             acc[1][v] += p1[j] * b;                                               \
                             acc[2][v] += p2[j] * b;                                               \
                             acc[3][v] += p3[j] * b;                                               \
                         }                                                                         \
+                } else if (R == 1 && nv == 3) { /* one row (the decoder's): 3 chains at once */  \
+                    for (ptrdiff_t j = 0; j <= tb; j++) {                                         \
+                        VT b0, b1, b2;                                                            \
+                        const T *bj = Bp + j * ldbp + c0;                                         \
+                        memcpy(&b0, bj, sizeof b0);                                               \
+                        memcpy(&b1, bj + W, sizeof b1);                                           \
+                        memcpy(&b2, bj + 2 * W, sizeof b2);                                       \
+                        T q = Pb[j];                                                              \
+                        acc[0][0] += q * b0; acc[0][1] += q * b1; acc[0][2] += q * b2;            \
+                    }                                                                             \
+                } else if (R == 1 && nv == 2) {                                                   \
+                    for (ptrdiff_t j = 0; j <= tb; j++) {                                         \
+                        VT b0, b1;                                                                \
+                        const T *bj = Bp + j * ldbp + c0;                                         \
+                        memcpy(&b0, bj, sizeof b0);                                               \
+                        memcpy(&b1, bj + W, sizeof b1);                                           \
+                        T q = Pb[j];                                                              \
+                        acc[0][0] += q * b0; acc[0][1] += q * b1;                                 \
+                    }                                                                             \
                 } else {                                                                          \
                     for (ptrdiff_t r = 0; r < R; r++)                                             \
                         for (ptrdiff_t v = 0; v < nv; v++)                                        \
-                            for (ptrdiff_t j = 0; j <= t0 + r; j++) {                             \
+                            for (ptrdiff_t j = 0; j <= tb + r; j++) {                             \
                                 VT b;                                                             \
-                                memcpy(&b, Bp + j * dp + c0 + v * W, sizeof b);                   \
-                                acc[r][v] += P[(t0 + r) * ldp + j] * b;                           \
+                                memcpy(&b, Bp + j * ldbp + c0 + v * W, sizeof b);                 \
+                                acc[r][v] += Pb[r * ldp + j] * b;                                 \
                             }                                                                     \
                 }                                                                                 \
                 for (ptrdiff_t r = 0; r < R; r++) {                                               \
@@ -177,7 +242,7 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
                         VT s = acc[r][v] * alpha;                                                 \
                         memcpy(out[r] + v * W, &s, sizeof s);                                     \
                     }                                                                             \
-                    T *y = Y + (t0 + r) * ldy + c0;                                               \
+                    T *y = Y + (tb - t0 + r) * ldy + c0;                                          \
                     ptrdiff_t m = d - c0 < nv * W ? d - c0 : nv * W;                              \
                     if (accumulate)                                                               \
                         for (ptrdiff_t c = 0; c < m; c++) y[c] += out[r][c];                      \
@@ -186,6 +251,17 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
                 }                                                                                 \
             }                                                                                     \
         }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
+    ATTR static void NN(T *restrict Y, ptrdiff_t ldy, const T *restrict P, ptrdiff_t ldp,        \
+                        const T *restrict B, ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, T alpha,     \
+                        int accumulate, T *restrict scratch) {                                    \
+        ptrdiff_t dp = (d + W - 1) / W * W;                                                       \
+        T *Bp = scratch; /* (n, dp): B with zero columns past d */                                \
+        for (ptrdiff_t j = 0; j < n; j++) {                                                       \
+            MG_COPY_ROW_PADDED(T, VT, W, Bp + j * dp, B + j * ldb, d, dp);                        \
+        }                                                                                         \
+        NN##_rows(Y, ldy, P, ldp, Bp, dp, 0, n, d, alpha, accumulate);                            \
     }                                                                                             \
                                                                                                   \
     ATTR static void TN(T *restrict Y, ptrdiff_t ldy, const T *restrict P, ptrdiff_t ldp,        \
@@ -251,19 +327,20 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
     }
 
 #define MG_DEFINE_SOFTMAX_FWD(T, SUFFIX, ATTR, FWD)                                               \
-    /* A (n, n): row t = softmax of its logits over j <= t, zero above the diagonal.             \
-     * S (n, n) scaled content logits; P rows of the pattern with stride ldp. The head's logits   \
-     * and the softmax are heads.h's, as in decoding. buf is unused (the AVX2 float32 rows use    \
+    /* Rows t0 <= t < t1 of A: row t = softmax of its logits over j <= t, zero for t < j < t1.  \
+     * S scaled content logits, P the pattern's; row t of A, S, P at (t - t0) lda, lds, ldp. The \
+     * head's logits and the softmax are heads.h's. buf is unused (the AVX2 float32 rows use     \
      * it). */                                                                                    \
-    ATTR static void FWD(T *restrict A, ptrdiff_t n, const T *restrict S, const T *restrict P,    \
-                         ptrdiff_t ldp, T a, int kind, T *restrict buf) {                         \
+    ATTR static void FWD(T *restrict A, ptrdiff_t lda, const T *restrict S, ptrdiff_t lds,        \
+                         const T *restrict P, ptrdiff_t ldp, ptrdiff_t t0, ptrdiff_t t1, T a,     \
+                         int kind, T *restrict buf) {                                             \
         (void)buf;                                                                                \
-        for (ptrdiff_t t = 0; t < n; t++) {                                                       \
-            T *row = A + t * n;                                                                   \
+        for (ptrdiff_t t = t0; t < t1; t++) {                                                     \
+            T *row = A + (t - t0) * lda;                                                          \
             ptrdiff_t m = t + 1;                                                                  \
-            mg_head_logits_##SUFFIX(row, S + t * n, P ? P + t * ldp : NULL, m, a, kind);          \
+            mg_head_logits_##SUFFIX(row, S + (t - t0) * lds, P ? P + (t - t0) * ldp : NULL, m, a, kind); \
             mg_softmax_row_##SUFFIX(row, m);                                                      \
-            memset(row + m, 0, (n - m) * sizeof(T));                                              \
+            memset(row + m, 0, (t1 - m) * sizeof(T));                                             \
         }                                                                                         \
     }
 
@@ -332,16 +409,16 @@ MG_DEFINE_SOFTMAX_BWD(double, 4, __attribute__((target("avx2,fma"))), mg_causal_
  * and sum; scale and store), the last vector of a row masked to j <= t, where the generic rows
  * take more passes and scalar loop tails (figures: benchmarks/RESULTS.md; fastmath.h says why
  * GCC's own vectorization falls short). */
-__attribute__((target("avx2,fma"))) static void mg_causal_softmax_f_avx2(float *restrict A, ptrdiff_t n,
-                                                                         const float *restrict S,
-                                                                         const float *restrict P,
-                                                                         ptrdiff_t ldp, float a, int kind,
+__attribute__((target("avx2,fma"))) static void mg_causal_softmax_f_avx2(float *restrict A, ptrdiff_t lda,
+                                                                         const float *restrict S, ptrdiff_t lds,
+                                                                         const float *restrict P, ptrdiff_t ldp,
+                                                                         ptrdiff_t t0, ptrdiff_t n, float a, int kind,
                                                                          float *restrict buf) {
     static const int32_t lanes[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
     const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(1 - a), ninf = _mm256_set1_ps(-INFINITY);
-    for (ptrdiff_t t = 0; t < n; t++) {
-        float *row = A + t * n;
-        const float *srow = S + t * n, *prow = P ? P + t * ldp : NULL;
+    for (ptrdiff_t t = t0; t < n; t++) {
+        float *row = A + (t - t0) * lda;
+        const float *srow = S + (t - t0) * lds, *prow = P ? P + (t - t0) * ldp : NULL;
         ptrdiff_t m = t + 1, nv = (m + 7) / 8, last = (nv - 1) * 8;
         /* lanes j < m of the last vector: loads there read no element past the row's end */
         __m256i keep = _mm256_loadu_si256((const __m256i *)(lanes + 8 - (m - last)));
@@ -508,8 +585,10 @@ static inline int mg_use_avx512(void) {
 
 #ifdef MG_TRI_AVX2
 #define MG_TRI_DISPATCH(fn, ...) (mg_tri_use_avx2() ? fn##_avx2(__VA_ARGS__) : fn##_base(__VA_ARGS__))
+#define MG_TRI_DISPATCH_ROWS(fn, ...) (mg_tri_use_avx2() ? fn##_avx2_rows(__VA_ARGS__) : fn##_base_rows(__VA_ARGS__))
 #else
 #define MG_TRI_DISPATCH(fn, ...) fn##_base(__VA_ARGS__)
+#define MG_TRI_DISPATCH_ROWS(fn, ...) fn##_base_rows(__VA_ARGS__)
 #endif
 
 static inline void mg_tri_nt_f(float *S, ptrdiff_t lds, const float *A, ptrdiff_t lda, const float *B,
@@ -539,13 +618,35 @@ static inline void mg_tri_tn_d(double *Y, ptrdiff_t ldy, const double *P, ptrdif
     MG_TRI_DISPATCH(mg_tri_tn_d, Y, ldy, P, ldp, B, ldb, n, d, alpha, scratch);
 }
 
-static inline void mg_causal_softmax_f(float *A, ptrdiff_t n, const float *S, const float *P, ptrdiff_t ldp,
-                                       float a, int kind, float *buf) {
-    MG_TRI_DISPATCH(mg_causal_softmax_f, A, n, S, P, ldp, a, kind, buf);
+/* rows t0 <= t < t1 of the causal softmax (see MG_DEFINE_SOFTMAX_FWD); a whole block: t0 = 0,
+ * t1 = n, lda = lds = n */
+static inline void mg_causal_softmax_f(float *A, ptrdiff_t lda, const float *S, ptrdiff_t lds, const float *P,
+                                       ptrdiff_t ldp, ptrdiff_t t0, ptrdiff_t t1, float a, int kind, float *buf) {
+    MG_TRI_DISPATCH(mg_causal_softmax_f, A, lda, S, lds, P, ldp, t0, t1, a, kind, buf);
 }
-static inline void mg_causal_softmax_d(double *A, ptrdiff_t n, const double *S, const double *P, ptrdiff_t ldp,
-                                       double a, int kind, double *buf) {
-    MG_TRI_DISPATCH(mg_causal_softmax_d, A, n, S, P, ldp, a, kind, buf);
+static inline void mg_causal_softmax_d(double *A, ptrdiff_t lda, const double *S, ptrdiff_t lds, const double *P,
+                                       ptrdiff_t ldp, ptrdiff_t t0, ptrdiff_t t1, double a, int kind, double *buf) {
+    MG_TRI_DISPATCH(mg_causal_softmax_d, A, lda, S, lds, P, ldp, t0, t1, a, kind, buf);
+}
+/* rows t0 <= t < t1 of mg_tri_nt (B given transposed) and mg_tri_nn (B given padded): the
+ * kernels the whole-block products run, for the decoder's rows over its cache */
+static inline void mg_tri_nt_rows_f(float *S, ptrdiff_t lds, const float *A, ptrdiff_t lda, const float *BT,
+                                    ptrdiff_t ldbt, ptrdiff_t t0, ptrdiff_t t1, ptrdiff_t d, float alpha) {
+    MG_TRI_DISPATCH_ROWS(mg_tri_nt_f, S, lds, A, lda, BT, ldbt, t0, t1, d, alpha);
+}
+static inline void mg_tri_nt_rows_d(double *S, ptrdiff_t lds, const double *A, ptrdiff_t lda, const double *BT,
+                                    ptrdiff_t ldbt, ptrdiff_t t0, ptrdiff_t t1, ptrdiff_t d, double alpha) {
+    MG_TRI_DISPATCH_ROWS(mg_tri_nt_d, S, lds, A, lda, BT, ldbt, t0, t1, d, alpha);
+}
+static inline void mg_tri_nn_rows_f(float *Y, ptrdiff_t ldy, const float *P, ptrdiff_t ldp, const float *Bp,
+                                    ptrdiff_t ldbp, ptrdiff_t t0, ptrdiff_t t1, ptrdiff_t d, float alpha,
+                                    int accumulate) {
+    MG_TRI_DISPATCH_ROWS(mg_tri_nn_f, Y, ldy, P, ldp, Bp, ldbp, t0, t1, d, alpha, accumulate);
+}
+static inline void mg_tri_nn_rows_d(double *Y, ptrdiff_t ldy, const double *P, ptrdiff_t ldp, const double *Bp,
+                                    ptrdiff_t ldbp, ptrdiff_t t0, ptrdiff_t t1, ptrdiff_t d, double alpha,
+                                    int accumulate) {
+    MG_TRI_DISPATCH_ROWS(mg_tri_nn_d, Y, ldy, P, ldp, Bp, ldbp, t0, t1, d, alpha, accumulate);
 }
 static inline double mg_causal_softmax_backward_f(float *dA, const float *A, ptrdiff_t n, const float *S,
                                                   const float *P, float *dP, ptrdiff_t ldp, float a, int kind) {

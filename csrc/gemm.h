@@ -414,7 +414,7 @@ static inline size_t mg_gemm_packed_elems(ptrdiff_t N, ptrdiff_t K, ptrdiff_t PW
 
 /* P = the panels of B (N, K), ldb (see above); CONV turns an element of B into one of P */
 #define MG_DEFINE_GEMM_PACK(T, PT, SFX, PW, CONV)                                                 \
-    static void mg_gemm_pack_nt_##SFX(PT *restrict P, const T *restrict B, ptrdiff_t ldb, ptrdiff_t N, \
+    static inline void mg_gemm_pack_nt_##SFX(PT *restrict P, const T *restrict B, ptrdiff_t ldb, ptrdiff_t N, \
                                       ptrdiff_t K) {                                              \
         const ptrdiff_t np = (N + PW - 1) / PW;                                                   \
         for (ptrdiff_t k0 = 0; k0 < K; k0 += MG_GEMM_KC) {                                        \

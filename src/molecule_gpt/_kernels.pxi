@@ -243,9 +243,9 @@ cdef void attention_task_forward(floating* y, floating* att, floating* cont, con
                   <int>ns, scale, 0)
     Prow = P[h] + o * T if kind != HEAD_CONTENT else NULL
     if floating is float:  # csrc/attention.h: the rows with AVX2 exponentials when available
-        mg_causal_softmax_f(A, ns, S, Prow, T, fa, kind, work)
+        mg_causal_softmax_f(A, ns, S, ns, Prow, T, 0, ns, fa, kind, work)
     else:
-        mg_causal_softmax_d(A, ns, S, Prow, T, fa, kind, work)
+        mg_causal_softmax_d(A, ns, S, ns, Prow, T, 0, ns, fa, kind, work)
     if tri != NULL:
         tri_nn(y + o * C + h * d, C, A, ns, v + o * ldv + h * d, ldv, ns, d, 1, 0, tri)
     else:

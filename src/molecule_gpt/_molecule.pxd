@@ -186,10 +186,18 @@ cdef extern from "attention.h" nogil:
                      Py_ssize_t n, Py_ssize_t d, float alpha, float* scratch)
     void mg_tri_tn_d(double* Y, Py_ssize_t ldy, const double* P, Py_ssize_t ldp, const double* B, Py_ssize_t ldb,
                      Py_ssize_t n, Py_ssize_t d, double alpha, double* scratch)
-    void mg_causal_softmax_f(float* A, Py_ssize_t n, const float* S, const float* P, Py_ssize_t ldp, float a, int kind,
-                             float* buf)
-    void mg_causal_softmax_d(double* A, Py_ssize_t n, const double* S, const double* P, Py_ssize_t ldp, double a,
-                             int kind, double* buf)
+    void mg_causal_softmax_f(float* A, Py_ssize_t lda, const float* S, Py_ssize_t lds, const float* P, Py_ssize_t ldp,
+                             Py_ssize_t t0, Py_ssize_t t1, float a, int kind, float* buf)
+    void mg_causal_softmax_d(double* A, Py_ssize_t lda, const double* S, Py_ssize_t lds, const double* P,
+                             Py_ssize_t ldp, Py_ssize_t t0, Py_ssize_t t1, double a, int kind, double* buf)
+    void mg_tri_nt_rows_f(float* S, Py_ssize_t lds, const float* A, Py_ssize_t lda, const float* BT, Py_ssize_t ldbt,
+                          Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t d, float alpha)
+    void mg_tri_nt_rows_d(double* S, Py_ssize_t lds, const double* A, Py_ssize_t lda, const double* BT,
+                          Py_ssize_t ldbt, Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t d, double alpha)
+    void mg_tri_nn_rows_f(float* Y, Py_ssize_t ldy, const float* P, Py_ssize_t ldp, const float* Bp, Py_ssize_t ldbp,
+                          Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t d, float alpha, int accumulate)
+    void mg_tri_nn_rows_d(double* Y, Py_ssize_t ldy, const double* P, Py_ssize_t ldp, const double* Bp,
+                          Py_ssize_t ldbp, Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t d, double alpha, int accumulate)
     double mg_causal_softmax_backward_f(float* dA, const float* A, Py_ssize_t n, const float* S, const float* P,
                                         float* dP, Py_ssize_t ldp, float a, int kind)
     double mg_causal_softmax_backward_d(double* dA, const double* A, Py_ssize_t n, const double* S, const double* P,
