@@ -21,8 +21,13 @@
  *
  * The causal softmax of a block lives here too, for the same AVX2 build of its exponentials
  * (float32: mg_expf's method, csrc/fastmath.h, 8 lanes at a time on the AVX2 path; float64:
- * libm's exp, as everywhere). Its rows are heads.h's (a head's logits, the softmax row), which
- * the decoder's attention row uses too; the AVX2 float32 forward fuses them into three passes.
+ * libm's exp, as everywhere). Its rows are heads.h's (a head's logits, the softmax row); the
+ * AVX2 float32 forward fuses them into three passes.
+ *
+ * The forward kernels also take a range of query rows t0 <= t < t1 (mg_tri_nt_rows with the
+ * keys given transposed, mg_tri_nn_rows with the values given padded, mg_causal_softmax with
+ * leading dimensions): a training block is rows 0 .. n, and the decoder runs the same kernels
+ * for its rows over the key/value cache (one row: wider column blocks, the same sums).
  *
  * Numbers: the same products as the reference, summed in a different order (and with FMA on
  * the AVX2 path): float64 results match the BLAS path to ~1e-15 relative.

@@ -138,22 +138,41 @@ def test_prefill_and_step_are_one_forward():
 
 
 def test_formulas_are_written_once():
-    """RMSNorm's epsilon, the hybrid mix and the attention row each appear in one file; the
-    training softmax and the decoder's attention row reach the head's logits and the softmax
-    row through csrc/heads.h."""
+    """RMSNorm's epsilon and the hybrid mix each appear in one file; the training softmax reaches
+    the head's logits and the softmax row through csrc/heads.h."""
     eps = [p.name for p, text in native_sources() if re.search(r"\b1e-5\b", text)]
     assert eps == ["_ops.pxd"]
     mix = re.compile(r"\(1 - \w+\) \* \w+(\[j\])? \+ \w+ \* \w+")
     assert [p.name for p, text in native_sources() if mix.search(text)] == ["heads.h"]
     attention = (CSRC / "attention.h").read_text()
-    decoder = (CSRC / "decode_kernels.h").read_text()
     for helper in HEAD_HELPERS:
         defs = [p.name for p, text in native_sources() if re.search(r"static inline \w+ " + helper + r"##", text)]
         assert defs == ["heads.h"], helper
-        assert helper in attention and helper in decoder
-    # the decoder's attention row: one macro body for every type and instruction set
-    assert decoder.count("#define MG_DEFINE_ATTEND_ROW") == 1
-    assert "attend_row_loops" not in (SRC / "_decode.pyx").read_text()
+        assert helper in attention
+
+
+# the causal attention kernels (csrc/attention.h) both the training step and the decoder run:
+# content logits, the causal softmax of the head's logits, the weighted values
+ATTENTION_KERNELS = ("mg_tri_nt_rows_", "mg_causal_softmax_", "mg_tri_nn_rows_")
+
+
+def test_attention_is_one_set_of_kernels_that_every_path_runs():
+    """The training's (head, sequence) block and the decoder's row (a prefill's rows, a step's,
+    a batch's) run the same attention kernels; the block is rows 0 .. n of them. The decoder
+    defines no attention of its own."""
+    attention = (CSRC / "attention.h").read_text()
+    assert re.search(r"NT##_rows\(S, lds, A, lda, BT, np, 0, n, d, alpha\)", attention)
+    assert re.search(r"NN##_rows\(Y, ldy, P, ldp, Bp, dp, 0, n, d, alpha, accumulate\)", attention)
+    kernels = (SRC / "_kernels.pxi").read_text()
+    task = function_body(kernels, "cdef void attention_task_forward(")
+    assert "tri_nt(" in task and "tri_nn(" in task and "mg_causal_softmax_" in task
+    decode = (SRC / "_decode.pyx").read_text()
+    row = function_body(decode, "cdef inline void attend_row(")
+    for kernel in ATTENTION_KERNELS:
+        assert kernel + "f(" in row and kernel + "d(" in row, kernel
+    assert "attend_row(" in function_body(decode, "cdef void attend_rows(")
+    decoder_kernels = (CSRC / "decode_kernels.h").read_text()
+    assert not re.search(r"attend|sumrows|softmax_row|head_logits", decoder_kernels)
 
 
 def test_rope_tables_have_one_layout():

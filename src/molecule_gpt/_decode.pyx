@@ -31,17 +31,18 @@
 #   at every step), and the prompt's last token is fed once (§8.9: the prefill's last logits
 #   give the first sampled token).
 # - The ops are the training forward's (_ops.pxd: embedding, RMSNorm, RoPE, gate, residual add;
-#   csrc/heads.h: a head's logits and the softmax row), so float64 decoding agrees with
-#   Model.logits to ~1e-12; float32 agrees to rounding. What differs is the shape: attention
-#   reads the cache one query at a time, and the products use folded weights without BLAS.
-# - No BLAS: the products are csrc/decode_kernels.h (AVX2+FMA chosen at run time, portable
-#   loops otherwise). OpenBLAS was no faster on these shapes, cost a call path per product, and
-#   its threads had to be limited per call, which restarts them spinning at every restore
-#   (they then burned the core the background trainer needs).
-# - Keys are cached transposed per head (H, d, T), and pattern matrices are stored transposed
-#   (d, T): the logits of all cached keys are d contiguous axpys instead of one short dot per key.
-# - Rejected: computing the pattern logits of all T keys each step (only the n cached ones are
-#   used); a second softmax pass fused into the first (it would need three exponentials per
+#   csrc/gemm.h: the linear layers' products; csrc/attention.h: causal attention, for the rows
+#   being decoded over the cache), so float64 decoding agrees with Model.logits to ~1e-12 and
+#   float32 to rounding (the inlined reductions of _ops.pxd may round differently in the two
+#   extensions). What differs is the shape: the products use folded weights, packed once per
+#   model version (pack_weight), and attention reads the cache.
+# - No BLAS: OpenBLAS was no faster on these shapes, cost a call path per product, and its
+#   threads had to be limited per call, which restarts them spinning at every restore (they
+#   then burned the core the background trainer needs).
+# - Keys are cached transposed per head (H, d, Tp): the form attention.h's content logits read
+#   (each key's logit is a chain of FMAs over d, all keys in vector lanes).
+# - Rejected: computing the pattern logits of all T keys each step (only the panels covering
+#   the n cached ones are computed); a second softmax pass fused into the first (it would need three exponentials per
 #   token to cover the three possible temperatures).
 
 from libc.stdlib cimport malloc, calloc, free
@@ -59,19 +60,14 @@ from ._molecule cimport (floating, HEAD_CONTENT, HEAD_HYBRID, N_HEAD_TYPES, N_AC
                          mg_activation_names, code_table, code_of, mg_row_max_f, mg_bf16, mg_bf16_round,
                          MG_PACKED_PW_F, MG_PACKED_PW_D, mg_gemm_packed_elems, mg_gemm_pack_nt_f,
                          mg_gemm_pack_nt_d, mg_gemm_pack_nt_bf16, mg_gemm_packed_f, mg_gemm_packed_d,
-                         mg_gemm_packed_bf16)
+                         mg_gemm_packed_bf16, HEAD_RRPRAM, mg_tri_nt_rows_f, mg_tri_nt_rows_d, mg_tri_nn_rows_f,
+                         mg_tri_nn_rows_d, mg_causal_softmax_f, mg_causal_softmax_d)
 from ._ops cimport embed_forward, rmsnorm_forward, rope_forward, rope_tables_per_head, gate_forward, add_forward
 
-cdef extern from "decode_kernels.h" nogil:  # products without BLAS (see the file's notes)
+cdef extern from "decode_kernels.h" nogil:  # the sampling softmax and the decoder's instruction path
     int mg_decode_has_avx2()
     float mg_softmax_exp_f(float* x, float* e, const float* z, Py_ssize_t n, float ft, float shift, float lo,
                            float* sx)
-    void mg_attend_row_f(float* y, float* att, const float* pat_rows, const float* q, const float* kt,
-                         const float* vc, const int* head_type, const double* mix, Py_ssize_t H, Py_ssize_t d,
-                         Py_ssize_t T, Py_ssize_t C, Py_ssize_t nk)
-    void mg_attend_row_d(double* y, double* att, const double* pat_rows, const double* q, const double* kt,
-                         const double* vc, const int* head_type, const double* mix, Py_ssize_t H, Py_ssize_t d,
-                         Py_ssize_t T, Py_ssize_t C, Py_ssize_t nk)
 
 # stop reasons returned by Decoder.run (names in STOP_REASONS)
 cdef enum:
@@ -370,16 +366,27 @@ ctypedef struct Buf:
     void* QKV       # (T, 3C)    q | k | v before rotation
     void* Q         # (T, C)     rotated queries
     void* K         # (T, C)     rotated keys (then stored transposed in kc)
-    void* S         # (2T,)      attention logits/weights of one query, two heads (a pair)
+    void* S         # (3 Tp,)    one query's content logits, attention weights, softmax scratch
     void* P         # (H, T)     pattern logits of one query, per head
     void* Y         # (T, C)     concatenated head outputs
     void* O         # (T, C)     a block's output before the residual add
     void* GU        # (T, 2F)    fc_g and fc_v outputs
     void* A         # (T, F)     gated activation
-    void* kc        # (L, H, d, T) rotated keys of the window, transposed per head
-    void* vc        # (L, T, C)  values of the window
+    void* kc        # (L, H, d, Tp) rotated keys of the window, transposed per head (cache_stride)
+    void* vc        # (L, T, C)  values of the window (and CACHE_PAD elements after it)
     void* logits    # (V,)
     int nt          # threads for large products (mm_nt_wpar / mm_nt_par)
+
+
+# The attention kernels (attention.h) load whole vectors: a key row of the transposed cache up to
+# a multiple of 16 positions (so its stride, Tp, is one), a head's values up to a multiple of 8
+# elements past its d (the next head's, or CACHE_PAD elements after the last row: never used).
+DEF CACHE_PAD = 16
+
+
+cdef inline Py_ssize_t cache_stride(Py_ssize_t T) noexcept nogil:
+    """Tp: positions per row of the transposed key cache, T rounded up to 16."""
+    return (T + 15) // 16 * 16
 
 
 cdef void* buf_alloc(Buf* b, Py_ssize_t rows, const WNet* net, bint is_double, bint sequence) except NULL:
@@ -391,8 +398,9 @@ cdef void* buf_alloc(Buf* b, Py_ssize_t rows, const WNet* net, bint is_double, b
     cdef Py_ssize_t seq = 1 if sequence else 0
     cdef size_t sizes[14]
     cdef void** slots[14]
-    sizes[:] = [R * C, R * C, R * 3 * C, R * C, R * C, seq * 2 * T, seq * net.H * T, R * C, R * C, R * 2 * F, R * F,
-                seq * L * T * C, seq * L * T * C, (1 - seq) * R * net.V]
+    cdef Py_ssize_t Tp = cache_stride(T)
+    sizes[:] = [R * C, R * C, R * 3 * C, R * C, R * C, seq * 3 * Tp, seq * net.H * T, R * C, R * C, R * 2 * F, R * F,
+                seq * L * Tp * C, seq * (L * T * C + CACHE_PAD), (1 - seq) * R * net.V]
     slots[:] = [&b.X, &b.Hn, &b.QKV, &b.Q, &b.K, &b.S, &b.P, &b.Y, &b.O, &b.GU, &b.A, &b.kc, &b.vc, &b.logits]
     for i in range(14):
         total += sizes[i] * es
@@ -406,32 +414,46 @@ cdef void* buf_alloc(Buf* b, Py_ssize_t rows, const WNet* net, bint is_double, b
     return block
 
 
-cdef inline void attend_row(floating* y, floating* att, floating* pat_rows, const floating* q,
+cdef inline void attend_row(floating* y, floating* scratch, floating* pat_rows, const floating* q,
                             const floating* hrow, const floating* kt, const floating* vc, const WNet* net,
                             const WLayer* Lw, int nk) noexcept nogil:
-    """y (C) = attention output of one query (q rotated, hrow its normalized input) over the nk
-    cached keys kt (H, d, T; transposed) and values vc (nk, C). att: scratch of 2T; pat_rows
-    (H, T): the pattern logits of rrpram/hybrid heads, hrow's head slice times W_pattern^T
-    (the linear layers' product, as the training step computes them), for the nk keys.
-    Keys are stored transposed so that the content logits of all nk keys are a sum of d scaled
-    contiguous rows (no per-key horizontal sums). The head's logits and the softmax row are the
-    training kernels' (csrc/heads.h)."""
-    cdef Py_ssize_t h, T = net.T, d = net.d
+    """y (C) = attention output of the query at position nk - 1 (q rotated, hrow its normalized
+    input) over the nk cached keys kt (H, d, Tp; transposed) and values vc (rows of C), by the
+    training's attention kernels (attention.h) for that one row: content logits (mg_tri_nt_rows),
+    the head's logits and causal softmax (mg_causal_softmax: heads.h's rows), the weighted values
+    (mg_tri_nn_rows). Pattern logits of rrpram/hybrid heads go to pat_rows (H, T) first, by the
+    linear layers' product as in training. scratch: 3 Tp elements."""
+    cdef Py_ssize_t h, T = net.T, d = net.d, C = net.C, Tp = cache_stride(net.T)
     cdef Py_ssize_t panels = (nk + panel_width(floating is double) - 1) // panel_width(floating is double)
+    cdef int kind
+    cdef floating* cont = scratch
+    cdef floating* att = scratch + Tp
+    cdef floating* buf = scratch + 2 * Tp
+    cdef floating* prow
+    cdef floating scale = <floating>(1.0 / sqrt(<double>d))
     for h in range(net.H):
-        if net.head_type[h] != HEAD_CONTENT:
-            mm_nt(pat_rows + h * T, hrow + h * d, Lw.pat[h], 1, T, d, d, T, 0, panels, False)
-    if floating is float:  # AVX2+FMA when available
-        mg_attend_row_f(y, att, pat_rows, q, kt, vc, net.head_type, Lw.mix, net.H, net.d, net.T, net.C, nk)
-    else:
-        mg_attend_row_d(y, att, pat_rows, q, kt, vc, net.head_type, Lw.mix, net.H, net.d, net.T, net.C, nk)
+        kind = net.head_type[h]
+        prow = NULL
+        if kind != HEAD_CONTENT:
+            prow = pat_rows + h * T
+            mm_nt(prow, hrow + h * d, Lw.pat[h], 1, T, d, d, T, 0, panels, False)
+        if floating is float:
+            if kind != HEAD_RRPRAM:
+                mg_tri_nt_rows_f(cont, Tp, q + h * d, d, kt + h * d * Tp, Tp, nk - 1, nk, d, scale)
+            mg_causal_softmax_f(att, Tp, cont, Tp, prow, T, nk - 1, nk, <float>Lw.mix[h], kind, buf)
+            mg_tri_nn_rows_f(y + h * d, C, att, Tp, vc + h * d, C, nk - 1, nk, d, 1, 0)
+        else:
+            if kind != HEAD_RRPRAM:
+                mg_tri_nt_rows_d(cont, Tp, q + h * d, d, kt + h * d * Tp, Tp, nk - 1, nk, d, scale)
+            mg_causal_softmax_d(att, Tp, cont, Tp, prow, T, nk - 1, nk, Lw.mix[h], kind, buf)
+            mg_tri_nn_rows_d(y + h * d, C, att, Tp, vc + h * d, C, nk - 1, nk, d, 1, 0)
 
 
-cdef inline void store_key(floating* kt, const floating* k, Py_ssize_t pos, Py_ssize_t C, Py_ssize_t T) noexcept nogil:
-    """Write one rotated key row k (C = H*d) into column pos of the transposed cache kt."""
+cdef inline void store_key(floating* kt, const floating* k, Py_ssize_t pos, Py_ssize_t C, Py_ssize_t Tp) noexcept nogil:
+    """Write one rotated key row k (C = H*d) into column pos of the transposed cache kt (rows of Tp)."""
     cdef Py_ssize_t c
     for c in range(C):
-        kt[c * T + pos] = k[c]
+        kt[c * Tp + pos] = k[c]
 
 
 cdef double std_of(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -482,7 +504,8 @@ cdef void attend_rows(floating* tag, const AttendJob* j, int part) noexcept nogi
     while i < j.N:
         sb = j.seq[i if j.batched else 0]
         attend_row(<floating*>j.Y + (i - j.r0) * C, <floating*>sb.S, <floating*>sb.P, <const floating*>j.Q + i * C,
-                   <const floating*>j.Hn + i * C, <floating*>sb.kc + j.l * C * T, <floating*>sb.vc + j.l * T * C,
+                   <const floating*>j.Hn + i * C, <floating*>sb.kc + j.l * C * cache_stride(T),
+                   <floating*>sb.vc + j.l * T * C,
                    j.net, j.Lw, j.pos[i] + 1)
         i += j.nt
 
@@ -505,7 +528,7 @@ cdef void forward_rows(floating* tag, const WNet* net, Buf* b, Buf* const* seq, 
                   only the last row's logits are wanted.
       n_seq == N  row i is the next token of sequence i (cache seq[i]) at its own position
                   pos[i]: a batched decode step. Each matrix is read once for all N rows, and
-                  every row's arithmetic is the one it has alone (decode_kernels.h, mm_nt_wpar).
+                  every row's arithmetic is the one it has alone (gemm.h, attention.h).
     b: the work rows X .. A (at least N rows) and the threads b.nt; seq[i].logits (V) receives the
     logits (for n_seq == N through b.logits, (N, V)). Each op is the training forward's (_ops.pxd);
     attention reads the cache (attend_row) one query at a time over the keys it sees. stds
@@ -539,7 +562,7 @@ cdef void forward_rows(floating* tag, const WNet* net, Buf* b, Buf* const* seq, 
         rope_forward(K, QKV + C, pos, cos_t, sin_t, N, net.H, d, C3)
         for i in range(N):
             sb = seq[i if batched else 0]
-            store_key(<floating*>sb.kc + l * C * T, K + i * C, pos[i], C, T)
+            store_key(<floating*>sb.kc + l * C * cache_stride(T), K + i * C, pos[i], C, cache_stride(T))
             memcpy(<floating*>sb.vc + l * T * C + pos[i] * C, QKV + i * C3 + 2 * C, C * sizeof(floating))
         # Rows r0 .. N-1 go on through the layer. In a prefill's last layer only the last row does:
         # its keys and values are cached, and the rest of it only matters for the logits (a large
