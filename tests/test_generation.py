@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import molecule_gpt as mg
-from molecule_gpt import _decode
+from molecule_gpt import _decode, _sampling
 from molecule_gpt.errors import GenerationError
 from molecule_gpt.data import seed_corpus_lines
 from molecule_gpt.field import CorpusField
@@ -78,7 +78,7 @@ def test_cached_decoding_matches_full_forward_every_step(dtype, tol, activation)
 
 PORTABLE_CHECK = """
 import numpy as np, molecule_gpt as mg
-from molecule_gpt import _decode
+from molecule_gpt import _decode, _sampling
 from molecule_gpt.generation import fold_weights
 assert _decode.simd_path() == "portable"
 m = mg.Model(mg.Config(n_layer=2, n_embd=24, n_head=4, block_size=8, delta_rank=3,
@@ -90,8 +90,8 @@ window, worst = seq[:3], np.abs(dec.prefill(seq[:3]) - m.logits(seq[:3])[-1]).ma
 for t in seq[3:]:
     window = window + [t] if len(window) < 8 else window[4:] + [t]
     worst = max(worst, np.abs(dec.feed(t) - m.logits(window)[-1]).max())
-ids, p = _decode._sample_stack_memview(np.log([0.5, 0.25, 0.15, 0.06, 0.04]), None, 1.0, -1.0, 100.0, 1.0, 1.0,
-                                       0.0, 1.0, 0.8, 0)
+ids, p = _sampling._sample_stack_memview(np.log([0.5, 0.25, 0.15, 0.06, 0.04]), None, 1.0, -1.0, 100.0, 1.0, 1.0,
+                                        0.0, 1.0, 0.8, 0)
 assert ids == [0, 1, 2], ids
 print(worst)
 """
@@ -225,7 +225,7 @@ def test_sampling_stack_matches_reference(case):
         q[~np.isfinite(z)] = 0
         q /= q.sum()
         alpha = float(rng.uniform(0.2, 0.9))
-    ids, probs = _decode._sample_stack_memview(z, q, kw["temperature"], kw["lo"], kw["hi"], kw["boost"], kw["focus"],
+    ids, probs = _sampling._sample_stack_memview(z, q, kw["temperature"], kw["lo"], kw["hi"], kw["boost"], kw["focus"],
                                                kw["min_p"], kw["typical_p"], kw["top_p"], kw["top_k"], alpha)
     ref_ids, ref_probs, _, _ = reference_stack(z, **kw, q=q, alpha=alpha)
     assert ids == ref_ids
@@ -239,12 +239,12 @@ def test_entropy_adaptive_temperature_hand_cases():
     z = np.array([5.0, 0.0, 0.0, 0.0])
     p0 = np.exp(z / 0.85) / np.exp(z / 0.85).sum()
     assert -(p0 * np.log(p0)).sum() < 0.5
-    ids, probs = _decode._sample_stack_memview(z, None, 0.85, 0.5, 1.5, 1.2, 0.8, **off)
+    ids, probs = _sampling._sample_stack_memview(z, None, 0.85, 0.5, 1.5, 1.2, 0.8, **off)
     want = np.exp(z / (0.85 * 1.2)) / np.exp(z / (0.85 * 1.2)).sum()
     np.testing.assert_allclose(probs, want[ids], rtol=1e-5)
     # a flat distribution over 8 tokens (H = ln 8 > 1.5): focused by 0.8
     z = np.linspace(0, 0.5, 8)
-    ids, probs = _decode._sample_stack_memview(z, None, 1.0, 0.5, 1.5, 1.2, 0.8, **off)
+    ids, probs = _sampling._sample_stack_memview(z, None, 1.0, 0.5, 1.5, 1.2, 0.8, **off)
     want = np.exp(z / 0.8) / np.exp(z / 0.8).sum()
     np.testing.assert_allclose(probs, want[ids], rtol=1e-5)
 
@@ -253,16 +253,16 @@ def test_filters_hand_cases():
     p = np.array([0.5, 0.25, 0.15, 0.06, 0.04])
     z = np.log(p)
     common = dict(temperature=1.0, entropy_low=-1.0, entropy_high=100.0, boost=1.0, focus=1.0)
-    ids, _ = _decode._sample_stack_memview(z, None, **common, min_p=0.0, typical_p=1.0, top_p=1.0, top_k=2)
+    ids, _ = _sampling._sample_stack_memview(z, None, **common, min_p=0.0, typical_p=1.0, top_p=1.0, top_k=2)
     assert ids == [0, 1]
-    ids, _ = _decode._sample_stack_memview(z, None, **common, min_p=0.2, typical_p=1.0, top_p=1.0, top_k=0)
+    ids, _ = _sampling._sample_stack_memview(z, None, **common, min_p=0.2, typical_p=1.0, top_p=1.0, top_k=0)
     assert ids == [0, 1, 2]  # 0.06 < 0.2 * 0.5
-    ids, _ = _decode._sample_stack_memview(z, None, **common, min_p=0.0, typical_p=1.0, top_p=0.8, top_k=0)
+    ids, _ = _sampling._sample_stack_memview(z, None, **common, min_p=0.0, typical_p=1.0, top_p=0.8, top_k=0)
     assert ids == [0, 1, 2]  # 0.5 + 0.25 < 0.8 <= 0.9
-    ids, probs = _decode._sample_stack_memview(z, None, **common, min_p=0.0, typical_p=1.0, top_p=1.0, top_k=0)
+    ids, probs = _sampling._sample_stack_memview(z, None, **common, min_p=0.0, typical_p=1.0, top_p=1.0, top_k=0)
     np.testing.assert_allclose(probs, p, rtol=1e-5)
     # greedy
-    ids, probs = _decode._sample_stack_memview(z, None, 0.0, 0.5, 1.5, 1.2, 0.8, 0.0, 1.0, 1.0, 0)
+    ids, probs = _sampling._sample_stack_memview(z, None, 0.0, 0.5, 1.5, 1.2, 0.8, 0.0, 1.0, 1.0, 0)
     assert ids == [0] and probs.tolist() == [1.0]
 
 
@@ -272,7 +272,7 @@ def test_typical_filter_hand_case():
     H = -(p * np.log(p)).sum()  # 1.2799
     dist = np.abs(-np.log(p) - H)  # [0.364, 0.076, 0.330, 1.023]
     assert list(np.argsort(dist)) == [1, 2, 0, 3]
-    ids, _ = _decode._sample_stack_memview(np.log(p), None, 1.0, -1.0, 100.0, 1.0, 1.0, 0.0, 0.45, 1.0, 0)
+    ids, _ = _sampling._sample_stack_memview(np.log(p), None, 1.0, -1.0, 100.0, 1.0, 1.0, 0.0, 0.45, 1.0, 0)
     assert ids == [1, 2]  # 0.3 < 0.45 <= 0.5, returned by probability
 
 

@@ -2,7 +2,7 @@
 
 What it is: counts kept as sorted int64 keys with parallel counts (a bigram (a, b) is the key
 a*V + b, a trigram (a, b, c) is (a*V + b)*V + c), so a context's continuations are one
-contiguous range found by binary search, in numpy to build and merge and in `_decode.Field` to
+contiguous range found by binary search, in numpy to build and merge and in `_field.Field` to
 sample. The field can generate alone (trigram -> bigram -> unigram back-off, sampled
 ∝ count^(1/T)) so an organism speaks before it has trained, and its trigram/bigram distribution
 is blended with the model's probabilities (generation.py).
@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from . import _decode
+from . import _field
 
 __all__ = ["CorpusField"]
 
@@ -135,14 +135,14 @@ class CorpusField:
 
     # ---- using
 
-    def native(self) -> "_decode.Field | None":
+    def native(self) -> "_field.Field | None":
         """The native view used by the decoder (None while the field is empty)."""
         with self._lock:
             if self._native is not None or self.unigrams.sum() == 0:
                 return self._native
             tables = (self.vocab_size, self.unigrams, self.bigram_keys, self.bigram_counts,
                       self.trigram_keys, self.trigram_counts)
-        native = _decode.Field(*tables)  # outside the lock: a change meanwhile is not waited for
+        native = _field.Field(*tables)  # outside the lock: a change meanwhile is not waited for
         with self._lock:
             if self._native is None and tables[1] is self.unigrams and tables[2] is self.bigram_keys \
                     and tables[4] is self.trigram_keys:
