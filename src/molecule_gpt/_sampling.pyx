@@ -174,6 +174,27 @@ cdef inline Py_ssize_t heap_push(Cand* cand, Py_ssize_t n, Py_ssize_t k, double 
     return n
 
 
+cdef inline Py_ssize_t leading_share(const Cand* cand, Py_ssize_t n, double mass, double share) noexcept nogil:
+    """How many leading candidates it takes for their p / mass to sum to `share` (n if never)."""
+    cdef double cum = 0
+    cdef Py_ssize_t i
+    for i in range(n):
+        cum += cand[i].p / mass
+        if cum >= share:
+            return i + 1
+    return n
+
+
+cdef inline Py_ssize_t only_candidate(Cand* cand, Py_ssize_t m) noexcept nogil:
+    """Token m as the one candidate (a greedy choice); no candidate when m < 0 (none allowed)."""
+    if m < 0:
+        return 0
+    cand[0].p = 1.0
+    cand[0].key = 0
+    cand[0].i = <int>m
+    return 1
+
+
 cdef Py_ssize_t sample_stack(Cand* cand, double* p, const float* z, const double* q, Py_ssize_t V,
                              const SampleC* sp, float* scratch) noexcept nogil:
     """The built-in stack of design.md §4 on logits z (banned tokens already -inf, penalty applied):
@@ -184,7 +205,7 @@ cdef Py_ssize_t sample_stack(Cand* cand, double* p, const float* z, const double
     Note: min-p and top-k both keep a top set, so they commute; min-p runs first because its
     threshold is one pass and leaves top-k fewer candidates to select from."""
     cdef Py_ssize_t i, n = 0, m, k
-    cdef double H, t, pmax = 0, thr, mass, cum, pi, Z = 0, inv, a = sp.model_alpha
+    cdef double H, t, pmax = 0, thr, mass, pi, Z = 0, inv, a = sp.model_alpha
     cdef float w, thr_e
     cdef const float* e
     if sp.temperature <= 0 and q == NULL:   # greedy: the largest logit
@@ -192,12 +213,7 @@ cdef Py_ssize_t sample_stack(Cand* cand, double* p, const float* z, const double
         for i in range(V):
             if z[i] > -INFINITY and (m < 0 or z[i] > z[m]):
                 m = i
-        if m < 0:
-            return 0
-        cand[0].p = 1.0
-        cand[0].key = 0
-        cand[0].i = <int>m
-        return 1
+        return only_candidate(cand, m)
     if sp.temperature <= 0:     # greedy: the most probable token of the blended distribution
         softmax_t(p, z, V, 1.0, scratch)
         if q != NULL:
@@ -207,12 +223,7 @@ cdef Py_ssize_t sample_stack(Cand* cand, double* p, const float* z, const double
         for i in range(V):
             if p[i] > 0 and (m < 0 or p[i] > p[m]):
                 m = i
-        if m < 0:
-            return 0
-        cand[0].p = 1.0
-        cand[0].key = 0
-        cand[0].i = <int>m
-        return 1
+        return only_candidate(cand, m)
     H = softmax_t(NULL, z, V, 1.0 / sp.temperature, scratch, &Z)
     t = sp.temperature
     if H < sp.entropy_low:
@@ -255,27 +266,13 @@ cdef Py_ssize_t sample_stack(Cand* cand, double* p, const float* z, const double
             mass += cand[i].p
             cand[i].key = fabs(-log(cand[i].p) - H)
         cand_sort(cand, n, 1)
-        cum = 0
-        m = n
-        for i in range(n):
-            cum += cand[i].p / mass
-            if cum >= sp.typical_p:
-                m = i + 1
-                break
-        n = m
+        n = leading_share(cand, n, mass, sp.typical_p)
         cand_sort(cand, n, 0)
     if sp.top_p < 1 and n > 1:
         mass = 0
         for i in range(n):
             mass += cand[i].p
-        cum = 0
-        m = n
-        for i in range(n):
-            cum += cand[i].p / mass
-            if cum >= sp.top_p:
-                m = i + 1
-                break
-        n = m
+        n = leading_share(cand, n, mass, sp.top_p)
     return n
 
 
