@@ -231,3 +231,30 @@ def test_generate_on_the_command_line_reports_the_cost(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "bfloat16 decode weights: held-out loss" in err and "nats/char" in err
     assert out.strip()
+
+
+def test_a_float64_organism_refuses_bfloat16_where_it_is_set(tmp_path, capsys):
+    """Born (Python or a home's config file) or told by a config file on an existing home: a
+    float64 organism with decode_precision "bfloat16" is refused with the reason before anything
+    is generated; the command line says it in one line and exits 1."""
+    with pytest.raises(ConfigError, match="needs a float32 model"):
+        mg.Organism(mg.Config(decode_precision="bfloat16"), corpus=LINES, dtype="float64")
+
+    def config(name, text):
+        path = tmp_path / name
+        path.write_text(text)
+        return str(path)
+
+    home = str(tmp_path / "h")
+    bad = config("bad.json", '{"decode_precision": "bfloat16", "dtype": "float64"}')
+    assert cli.main(["train", "--home", home, "--steps", "5", "--config", bad]) == 1
+    assert "needs a float32 model" in capsys.readouterr().err
+    f64 = config("f64.json", '{"dtype": "float64"}')
+    assert cli.main(["train", "--home", home, "--steps", "5", "--config", f64]) == 0
+    capsys.readouterr()
+    switch = config("switch.json", '{"decode_precision": "bfloat16"}')
+    assert cli.main(["generate", "--home", home, "the", "--config", switch]) == 1
+    err = capsys.readouterr().err
+    assert "needs a float32 model" in err and len(err.strip().splitlines()) <= 2
+    assert cli.main(["generate", "--home", home, "the", "--decode-precision", "bfloat16"]) == 1
+    assert "needs a float32 organism" in capsys.readouterr().err

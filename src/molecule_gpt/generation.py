@@ -187,6 +187,11 @@ def fold_weights(model: Model, precision: str | None = None) -> _decode.Weights:
     return _build_weights(config, V, dtype, base, deltas, precision=precision)
 
 
+def check_decode_precision(config: Config, dtype) -> None:
+    """ConfigError unless a model of `dtype` can decode with `config.decode_precision`."""
+    _decode_precision(config, dtype, None)
+
+
 def _decode_precision(config: Config, dtype, precision: str | None) -> bool:
     """Whether the decoder's matrices are bfloat16 for `precision` (default: the config's)."""
     precision = config.decode_precision if precision is None else precision

@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 from .config import RETIRED_FIELDS, Config
 from .data import seed_corpus_lines
 from .errors import CheckpointError, ConfigError, MoleculeError
+from .generation import check_decode_precision
 from .memory import Memory
 from .organism import Organism
 from .telemetry import trim_jsonl
@@ -285,6 +286,7 @@ class Home:
                                "remove it from the config, or use a new --home for a new organism")
         try:
             merged = Config.from_dict({**current, **changes})
+            check_decode_precision(merged, org.model.dtype)
         except MoleculeError as exc:
             raise HomeError(str(exc)) from None
         for key in changes:
@@ -301,6 +303,7 @@ class Home:
             source = corpus_path
         try:
             config = Config.from_dict(self.options.config)
+            check_decode_precision(config, self.settings["dtype"])
         except MoleculeError as exc:
             raise HomeError(str(exc)) from None
         org = Organism(config, lines, seed=self.settings["seed"], dtype=self.settings["dtype"],

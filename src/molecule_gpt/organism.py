@@ -76,7 +76,8 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .errors import CheckpointError, CorpusError, GenerationError, OrganismError, TrainingError
 from .field import CorpusField
-from .generation import DecodeLoop, GenerationResult, Generator, SubmittedGeneration, decoded_nats, fold_weights
+from .generation import (DecodeLoop, GenerationResult, Generator, SubmittedGeneration, check_decode_precision,
+                         decoded_nats, fold_weights)
 from .heldout import HeldOut
 from .memory import Memory
 from .model import Model, default_threads, delta_group
@@ -289,6 +290,7 @@ class Organism:
 
     def _init_born(self, corpus, dtype: str) -> None:
         config = self.config
+        check_decode_precision(config, dtype)
         lines = self._read_corpus(corpus)
         train = self._split_corpus(lines)
         self.tokenizer = EvolvingTokenizer(lines, config)
@@ -1320,6 +1322,7 @@ class Organism:
     def _init_adopted(self, adopt: dict, corpus) -> None:
         self.model, self.tokenizer = adopt["model"], adopt["tokenizer"]
         self.model.config = self.config  # one Config object drives model and organism
+        check_decode_precision(self.config, self.model.dtype)
         birth_vocab = self.model.vocab_size  # the original's tokens; the byte tokens came after
         # the birth reference: the original's snapshot (rows born later in the original are
         # zero there, and count whole, as they do here)
