@@ -41,13 +41,13 @@
 # - Keys are cached transposed per head (H, d, Tp): the form attention.h's content logits read
 #   (each key's logit is a chain of FMAs over d, all keys in vector lanes).
 # - Rejected: computing the pattern logits of all T keys each step (only the panels covering
-#   the n cached ones are computed); a second softmax pass fused into the first (it would need three exponentials per
-#   token to cover the three possible temperatures).
+#   the n cached ones are computed); a second softmax pass fused into the first (it would need
+#   three exponentials per token to cover the three possible temperatures).
 
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memset, memcpy
-from libc.math cimport exp, log, sqrt, fabs, INFINITY, isnan
-from libc.stdint cimport uint64_t, int64_t, uint8_t, uint16_t
+from libc.math cimport log, sqrt, INFINITY
+from libc.stdint cimport uint64_t, uint8_t, uint16_t
 from cpython.ref cimport PyObject
 cdef extern from "pool.h" nogil:  # the worker pool the training step runs on (csrc/pool.c)
     ctypedef void (*mg_pool_fn)(void* ctx, int part) noexcept nogil
@@ -56,7 +56,7 @@ cdef extern from "pool.h" nogil:  # the worker pool the training step runs on (c
 import numpy as np
 
 from ._molecule cimport (floating, HEAD_CONTENT, HEAD_HYBRID, N_HEAD_TYPES, N_ACTIVATIONS, mg_head_type_names,
-                         mg_activation_names, code_table, code_of, mg_row_max_f, mg_bf16, mg_bf16_round,
+                         mg_activation_names, code_table, code_of, mg_bf16, mg_bf16_round,
                          MG_PACKED_PW_F, MG_PACKED_PW_D, mg_gemm_packed_elems, mg_gemm_pack_nt_f,
                          mg_gemm_pack_nt_d, mg_gemm_pack_nt_bf16, mg_gemm_packed_f, mg_gemm_packed_d,
                          mg_gemm_packed_bf16, HEAD_RRPRAM, mg_tri_nt_rows_f, mg_tri_nt_rows_d, mg_tri_nn_rows_f,
@@ -192,6 +192,10 @@ def pack_weight(W, bint bf16=False):
     """The panels the decoder's products read for a weight W (nout, nin) (float32 or float64,
     C-contiguous): a 1-d array of W's element type, or of bfloat16 bits (uint16) rounded to
     nearest even when bf16 (float32 only). See gemm.h's packed products."""
+    if not isinstance(W, np.ndarray) or W.ndim != 2 or W.dtype not in (np.float32, np.float64) \
+            or not W.flags.c_contiguous:
+        raise ValueError(f"W must be a 2-D C-contiguous float32 or float64 array, got "
+                         f"{getattr(W, 'dtype', type(W).__name__)} {getattr(W, 'shape', '')}")
     cdef Py_ssize_t N = W.shape[0], K = W.shape[1]
     cdef bint is_double = W.dtype == np.float64
     if bf16 and is_double:
