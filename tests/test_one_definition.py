@@ -65,7 +65,9 @@ def test_unknown_codes_are_named():
 # ---------------------------------------------------------------------------------------------
 # one definition of each op
 
-# op -> the one function (src/molecule_gpt/_ops.pxd) the tape, the prefill and a decode step call
+# op -> the one function (src/molecule_gpt/_ops.pxd) the tape, the prefill and a decode step call;
+# the two ops with kernels in csrc/ are checked below: linear (one product, gemm.h) and attention
+# (one set of kernels, attention.h)
 FORWARD_OPS = {"embed": "embed_forward", "rmsnorm": "rmsnorm_forward", "rope": "rope_forward",
                "gate": "gate_forward", "add": "add_forward"}
 # C helpers of attention (csrc/heads.h) that the training kernels and the decoder's both use
