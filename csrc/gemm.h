@@ -378,7 +378,8 @@ MG_DEFINE_GEMM_API(double, d, 8)
  * panels the NT form above packs on every call: for each pass of MG_GEMM_KC rows of K
  * (kc = min(KC, K - k0)), np = ceil(N / PW) panels of kc x PW (column j of a panel is row j of
  * B, zero past N), pass k0 at P + k0 np PW, panel p of it at + p kc PW. Size: np PW K elements.
- * PW is 16 (float and bfloat16 panels) or 8 (double): two AVX2 vectors, the 6 x 2W block above.
+ * PW is 16 (float and bfloat16 panels) or 8 (double): two AVX2 vectors (the 6 x 2W block
+ * above) or one AVX-512 vector (the 12 x W block).
  *
  * mg_gemm_packed_<s>(C, ldc, A, lda, P, M, N, K, p0, p1) computes the columns of panels
  * p0 .. p1-1 with the same register blocks as mg_gemm_<s> (and for one or two rows, a block
@@ -475,35 +476,32 @@ MG_DEFINE_GEMM_PACKED_GENERIC(float, mg_bf16, bf16, MG_PACKED_PW_F, mg_bf16_to_f
 
 MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v8f, 8, mg_gemm_block_bf16, 6, MG_GEMM_INLINE, MG_LOAD_BF16)
 
-/* One or two rows (MR) of G consecutive panels of 2 W columns: C[r, 0:nc] (+)= the rows' sums
- * over one pass (pstride: elements from a panel to the next). The blocks above would give one
- * row only 2 chains of FMAs; this gives it 2 G. Each element's chain is the blocks' one. */
-#define MG_DEFINE_GEMM_ROWS(T, PT, VT, W, NAME, LOADP)                                            \
-    MG_GEMM_INLINE void NAME(const int MR, const int G, ptrdiff_t kc, const T *restrict A, ptrdiff_t lda, \
-                             const PT *restrict P, ptrdiff_t pstride, T *restrict C, ptrdiff_t ldc, \
-                             int accumulate, ptrdiff_t nc) {                                      \
-        VT c[2][4][2];                                                                            \
+/* One or two rows (MR) of G consecutive panels of NVP vectors of W: C[r, 0:nc] (+)= the rows'
+ * sums over one pass (pstride: elements from a panel to the next). The blocks above would give
+ * one row only NVP chains of FMAs; this gives it G NVP. Each element's chain is the blocks' one. */
+#define MG_DEFINE_GEMM_ROWS(T, PT, VT, W, NVP, NAME, LOADP, INLINE)                               \
+    INLINE void NAME(const int MR, const int G, ptrdiff_t kc, const T *restrict A, ptrdiff_t lda,  \
+                     const PT *restrict P, ptrdiff_t pstride, T *restrict C, ptrdiff_t ldc,        \
+                     int accumulate, ptrdiff_t nc) {                                              \
+        VT c[2][8][NVP];                                                                          \
         _Pragma("GCC unroll 2") for (int r = 0; r < MR; r++)                                      \
-            _Pragma("GCC unroll 4") for (int g = 0; g < G; g++) c[r][g][0] = c[r][g][1] = (VT){0}; \
+            _Pragma("GCC unroll 8") for (int g = 0; g < G; g++)                                   \
+                _Pragma("GCC unroll 2") for (int v = 0; v < NVP; v++) c[r][g][v] = (VT){0};       \
         for (ptrdiff_t k = 0; k < kc; k++) {                                                      \
             T x0 = A[k], x1 = MR > 1 ? A[lda + k] : 0;                                            \
-            _Pragma("GCC unroll 4") for (int g = 0; g < G; g++) {                                 \
-                VT b0, b1;                                                                        \
-                LOADP(&b0, P + g * pstride + k * 2 * W);                                          \
-                LOADP(&b1, P + g * pstride + k * 2 * W + W);                                      \
-                c[0][g][0] += x0 * b0;                                                            \
-                c[0][g][1] += x0 * b1;                                                            \
-                if (MR > 1) {                                                                     \
-                    c[1][g][0] += x1 * b0;                                                        \
-                    c[1][g][1] += x1 * b1;                                                        \
+            _Pragma("GCC unroll 8") for (int g = 0; g < G; g++)                                   \
+                _Pragma("GCC unroll 2") for (int v = 0; v < NVP; v++) {                           \
+                    VT b;                                                                         \
+                    LOADP(&b, P + g * pstride + k * NVP * W + v * W);                             \
+                    c[0][g][v] += x0 * b;                                                         \
+                    if (MR > 1) c[1][g][v] += x1 * b;                                             \
                 }                                                                                 \
-            }                                                                                     \
         }                                                                                         \
         _Pragma("GCC unroll 2") for (int r = 0; r < MR; r++) {                                    \
             T *row = C + r * ldc;                                                                 \
-            _Pragma("GCC unroll 4") for (int g = 0; g < G; g++)                                   \
-                _Pragma("GCC unroll 2") for (int v = 0; v < 2; v++) {                             \
-                    ptrdiff_t j = (2 * g + v) * W;                                                \
+            _Pragma("GCC unroll 8") for (int g = 0; g < G; g++)                                   \
+                _Pragma("GCC unroll 2") for (int v = 0; v < NVP; v++) {                          \
+                    ptrdiff_t j = (NVP * g + v) * W;                                              \
                     T out[W];                                                                     \
                     memcpy(out, &c[r][g][v], sizeof out);                                         \
                     ptrdiff_t n = nc - j < W ? nc - j : W;                                        \
@@ -512,35 +510,41 @@ MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v8f, 8, mg_gemm_block_bf16, 6, MG_GEMM_I
         }                                                                                         \
     }
 
-MG_DEFINE_GEMM_ROWS(float, float, mg_v8f, 8, mg_gemm_rows_f, MG_LOAD_VECTOR)
-MG_DEFINE_GEMM_ROWS(double, double, mg_v4d, 4, mg_gemm_rows_d, MG_LOAD_VECTOR)
-MG_DEFINE_GEMM_ROWS(float, mg_bf16, mg_v8f, 8, mg_gemm_rows_bf16, MG_LOAD_BF16)
-
+/* one or two rows of g <= GMAX panels (g <= GMAX / 2 for two) */
 #define MG_GEMM_ROWS_CASES(ROWS, M, g, ...)                                                       \
     if (M == 1) {                                                                                 \
         switch (g) {                                                                              \
+        case 8: ROWS(1, 8, __VA_ARGS__); break;                                                   \
+        case 7: ROWS(1, 7, __VA_ARGS__); break;                                                   \
+        case 6: ROWS(1, 6, __VA_ARGS__); break;                                                   \
+        case 5: ROWS(1, 5, __VA_ARGS__); break;                                                   \
         case 4: ROWS(1, 4, __VA_ARGS__); break;                                                   \
         case 3: ROWS(1, 3, __VA_ARGS__); break;                                                   \
         case 2: ROWS(1, 2, __VA_ARGS__); break;                                                   \
         default: ROWS(1, 1, __VA_ARGS__);                                                         \
         }                                                                                         \
-    } else if (g == 2) {                                                                          \
-        ROWS(2, 2, __VA_ARGS__);                                                                  \
     } else {                                                                                      \
-        ROWS(2, 1, __VA_ARGS__);                                                                  \
+        switch (g) {                                                                              \
+        case 4: ROWS(2, 4, __VA_ARGS__); break;                                                   \
+        case 3: ROWS(2, 3, __VA_ARGS__); break;                                                   \
+        case 2: ROWS(2, 2, __VA_ARGS__); break;                                                   \
+        default: ROWS(2, 1, __VA_ARGS__);                                                         \
+        }                                                                                         \
     }
 
-#define MG_DEFINE_GEMM_PACKED_AVX2(T, PT, W, SFX, BLOCK, ROWS)                                    \
-    MG_GEMM_ATTR static void mg_gemm_packed_avx2_##SFX(T *restrict C, ptrdiff_t ldc, const T *restrict A, \
-                                                       ptrdiff_t lda, const PT *restrict P, ptrdiff_t M, \
-                                                       ptrdiff_t N, ptrdiff_t K, ptrdiff_t p0, ptrdiff_t p1) { \
-        const ptrdiff_t PW = 2 * W, np = (N + PW - 1) / PW;                                       \
+/* the packed product on one instruction set: panels of NVP vectors of W, blocks of MRB rows
+ * (BLOCK), one or two rows GMAX or GMAX / 2 panels at a time (ROWS) */
+#define MG_DEFINE_GEMM_PACKED(T, PT, W, NVP, MRB, GMAX, NAME, BLOCK, ROWS, ATTR)                   \
+    ATTR static void NAME(T *restrict C, ptrdiff_t ldc, const T *restrict A, ptrdiff_t lda,       \
+                          const PT *restrict P, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, ptrdiff_t p0, \
+                          ptrdiff_t p1) {                                                         \
+        const ptrdiff_t PW = NVP * W, np = (N + PW - 1) / PW;                                     \
         for (ptrdiff_t k0 = 0; k0 < K; k0 += MG_GEMM_KC) {                                        \
             ptrdiff_t kc = K - k0 < MG_GEMM_KC ? K - k0 : MG_GEMM_KC;                             \
             int acc = k0 > 0;                                                                     \
             const PT *Pk = P + k0 * np * PW;                                                      \
             if (M <= 2) {                                                                         \
-                const ptrdiff_t G = M == 1 ? 4 : 2;                                               \
+                const ptrdiff_t G = M == 1 ? GMAX : GMAX / 2;                                     \
                 for (ptrdiff_t p = p0; p < p1; p += G) {                                          \
                     ptrdiff_t g = p1 - p < G ? p1 - p : G, j0 = p * PW;                           \
                     ptrdiff_t nc = N - j0 < g * PW ? N - j0 : g * PW;                             \
@@ -551,30 +555,57 @@ MG_DEFINE_GEMM_ROWS(float, mg_bf16, mg_v8f, 8, mg_gemm_rows_bf16, MG_LOAD_BF16)
             for (ptrdiff_t p = p0; p < p1; p++) {                                                 \
                 const PT *Pp = Pk + p * kc * PW;                                                  \
                 ptrdiff_t j0 = p * PW, nc = N - j0 < PW ? N - j0 : PW;                            \
-                for (ptrdiff_t i = 0; i < M; i += 6) {                                            \
-                    int mr = M - i < 6 ? (int)(M - i) : 6;                                        \
+                for (ptrdiff_t i = 0; i < M; i += MRB) {                                          \
+                    int mr = M - i < MRB ? (int)(M - i) : MRB;                                    \
                     const T *Ai = A + i * lda + k0;                                               \
                     T *Ci = C + i * ldc + j0;                                                     \
                     if (nc == PW) {                                                               \
-                        MG_GEMM_CASES(BLOCK, 6, 2, 0, mr, kc, Ai, lda, 1, Pp, Ci, ldc, (T)1, acc, nc) \
+                        MG_GEMM_CASES(BLOCK, MRB, NVP, 0, mr, kc, Ai, lda, 1, Pp, Ci, ldc, (T)1, acc, nc) \
                     } else {                                                                      \
-                        MG_GEMM_CASES(BLOCK, 6, 2, 1, mr, kc, Ai, lda, 1, Pp, Ci, ldc, (T)1, acc, nc) \
+                        MG_GEMM_CASES(BLOCK, MRB, NVP, 1, mr, kc, Ai, lda, 1, Pp, Ci, ldc, (T)1, acc, nc) \
                     }                                                                             \
                 }                                                                                 \
             }                                                                                     \
         }                                                                                         \
     }
 
-MG_DEFINE_GEMM_PACKED_AVX2(float, float, 8, f, mg_gemm_block_f, mg_gemm_rows_f)
-MG_DEFINE_GEMM_PACKED_AVX2(double, double, 4, d, mg_gemm_block_d, mg_gemm_rows_d)
-MG_DEFINE_GEMM_PACKED_AVX2(float, mg_bf16, 8, bf16, mg_gemm_block_bf16, mg_gemm_rows_bf16)
+/* AVX2: panels of two vectors, the 6 x 2W block (the training's) */
+MG_DEFINE_GEMM_ROWS(float, float, mg_v8f, 8, 2, mg_gemm_rows_f, MG_LOAD_VECTOR, MG_GEMM_INLINE)
+MG_DEFINE_GEMM_ROWS(double, double, mg_v4d, 4, 2, mg_gemm_rows_d, MG_LOAD_VECTOR, MG_GEMM_INLINE)
+MG_DEFINE_GEMM_ROWS(float, mg_bf16, mg_v8f, 8, 2, mg_gemm_rows_bf16, MG_LOAD_BF16, MG_GEMM_INLINE)
+MG_DEFINE_GEMM_PACKED(float, float, 8, 2, 6, 4, mg_gemm_packed_avx2_f, mg_gemm_block_f, mg_gemm_rows_f, MG_GEMM_ATTR)
+MG_DEFINE_GEMM_PACKED(double, double, 4, 2, 6, 4, mg_gemm_packed_avx2_d, mg_gemm_block_d, mg_gemm_rows_d, MG_GEMM_ATTR)
+MG_DEFINE_GEMM_PACKED(float, mg_bf16, 8, 2, 6, 4, mg_gemm_packed_avx2_bf16, mg_gemm_block_bf16, mg_gemm_rows_bf16,
+                      MG_GEMM_ATTR)
+
+/* AVX-512 (where the probe chose it for the training's products): panels of one vector, the
+ * 12 x W block (the training's); the same sums, so the same bits as AVX2 */
+#define MG_LOAD_BF16_512(dst, src)                                                                \
+    do {                                                                                          \
+        __m512 w_ = _mm512_castsi512_ps(                                                          \
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src))), 16)); \
+        memcpy((dst), &w_, sizeof w_);                                                            \
+    } while (0)
+
+MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v16f, 16, mg_gemm512_block_bf16, 12, MG_GEMM512_INLINE, MG_LOAD_BF16_512)
+MG_DEFINE_GEMM_ROWS(float, float, mg_v16f, 16, 1, mg_gemm512_rows_f, MG_LOAD_VECTOR, MG_GEMM512_INLINE)
+MG_DEFINE_GEMM_ROWS(double, double, mg_v8d, 8, 1, mg_gemm512_rows_d, MG_LOAD_VECTOR, MG_GEMM512_INLINE)
+MG_DEFINE_GEMM_ROWS(float, mg_bf16, mg_v16f, 16, 1, mg_gemm512_rows_bf16, MG_LOAD_BF16_512, MG_GEMM512_INLINE)
+MG_DEFINE_GEMM_PACKED(float, float, 16, 1, 12, 8, mg_gemm_packed_avx512_f, mg_gemm512_block_f, mg_gemm512_rows_f,
+                      MG_GEMM512_ATTR)
+MG_DEFINE_GEMM_PACKED(double, double, 8, 1, 12, 8, mg_gemm_packed_avx512_d, mg_gemm512_block_d, mg_gemm512_rows_d,
+                      MG_GEMM512_ATTR)
+MG_DEFINE_GEMM_PACKED(float, mg_bf16, 16, 1, 12, 8, mg_gemm_packed_avx512_bf16, mg_gemm512_block_bf16,
+                      mg_gemm512_rows_bf16, MG_GEMM512_ATTR)
 #endif
 
 /* the entry points; avx2: the caller's choice of path, fixed for a process (mg_decode_has_avx2),
- * so that every row of a decode runs the same path */
+ * so that every row of a decode runs the same path; with it, the vector width the training's
+ * products use (mg_use_avx512, decided once per process) */
 #ifdef MG_GEMM_AVX2
 #define MG_GEMM_PACKED_DISPATCH(SFX, ...)                                                         \
-    if (avx2) mg_gemm_packed_avx2_##SFX(__VA_ARGS__);                                             \
+    if (avx2 && mg_use_avx512()) mg_gemm_packed_avx512_##SFX(__VA_ARGS__);                        \
+    else if (avx2) mg_gemm_packed_avx2_##SFX(__VA_ARGS__);                                        \
     else mg_gemm_packed_generic_##SFX(__VA_ARGS__);
 #else
 #define MG_GEMM_PACKED_DISPATCH(SFX, ...) (void)avx2; mg_gemm_packed_generic_##SFX(__VA_ARGS__);

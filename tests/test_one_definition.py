@@ -1,7 +1,10 @@
 """Invariants of the native layer's structure (issue 13): each code, each op and each size is
 defined in one place, and every path that needs it reads that one definition."""
 import pathlib
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -123,8 +126,43 @@ def test_the_decoders_linear_product_is_the_training_steps(dtype):
     assert not re.search(r"matvec|mg_gemm\w*\s*\(", kernels)
     assert "mg_gemm_packed_" in decoder and not re.search(r"cdef extern from \"gemm.h\"", decoder)
     gemm = (CSRC / "gemm.h").read_text()
-    packed = gemm[gemm.index("#define MG_DEFINE_GEMM_PACKED_AVX2"):]
-    assert "MG_DEFINE_GEMM_PACKED_AVX2(float, float, 8, f, mg_gemm_block_f," in packed  # the training's block
+    # the packed products are built from the training's register blocks (AVX2 and AVX-512)
+    assert "mg_gemm_packed_avx2_f, mg_gemm_block_f," in gemm and "mg_gemm_packed_avx512_f, mg_gemm512_block_f," in gemm
+
+
+PRODUCTS_HASH = """
+import hashlib, numpy as np
+from molecule_gpt import _core, _decode
+h = hashlib.sha256()
+rng = np.random.default_rng(0)
+for dt in (np.float32, np.float64):
+    for nout, nin in ((37, 20), (216, 72), (72, 288), (300, 600), (17, 13)):
+        W = rng.standard_normal((nout, nin)).astype(dt)
+        X = rng.standard_normal((13, nin)).astype(dt)
+        for rows in (1, 2, 3, 13):
+            for nt in (1, 2):
+                h.update(_decode._linear_rows(W, X[:rows].copy(), nt).tobytes())
+                if dt == np.float32:
+                    h.update(_decode._linear_rows(W, X[:rows].copy(), nt, bf16=True).tobytes())
+print(_core.linear_simd_path(), h.hexdigest())
+"""
+
+
+def test_the_decoders_products_give_the_same_bits_at_either_vector_width():
+    """The decoder's products run the training's AVX-512 blocks where its probe chose them
+    (MOLECULE_GPT_AVX512=1 forces it) and the AVX2 ones otherwise: the same sums, the same bits
+    (float32, float64, bfloat16 panels; one, two and many rows; split over threads)."""
+    runs = {}
+    for force in ("0", "1"):
+        env = dict(os.environ, MOLECULE_GPT_AVX512=force)
+        proc = subprocess.run([sys.executable, "-c", PRODUCTS_HASH], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        path, digest = proc.stdout.split()
+        runs[path] = digest
+    if "avx512" not in runs:
+        pytest.skip("this CPU has no AVX-512 (or no AVX2): one vector width only")
+    assert runs["avx512"] == runs["avx2"]
 
 
 def test_prefill_and_step_are_one_forward():
