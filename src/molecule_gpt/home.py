@@ -286,7 +286,8 @@ class Home:
                                "remove it from the config, or use a new --home for a new organism")
         try:
             merged = Config.from_dict({**current, **changes})
-            check_decode_precision(merged, org.model.dtype)
+            if "decode_precision" in changes:
+                check_decode_precision(merged, org.model.dtype)
         except MoleculeError as exc:
             raise HomeError(str(exc)) from None
         for key in changes:
