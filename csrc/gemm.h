@@ -424,8 +424,12 @@ static inline size_t mg_gemm_packed_elems(ptrdiff_t N, ptrdiff_t K, ptrdiff_t PW
                 PT *dst = P + k0 * np * PW + p * kc * PW;                                         \
                 for (ptrdiff_t j = 0; j < PW; j++) {                                              \
                     ptrdiff_t row = p * PW + j;                                                   \
+                    if (row >= N) { /* zero columns past N */                                     \
+                        for (ptrdiff_t k = 0; k < kc; k++) dst[k * PW + j] = CONV((T)0);          \
+                        continue;                                                                 \
+                    }                                                                             \
                     const T *src = B + row * ldb + k0;                                            \
-                    for (ptrdiff_t k = 0; k < kc; k++) dst[k * PW + j] = row < N ? CONV(src[k]) : CONV((T)0); \
+                    for (ptrdiff_t k = 0; k < kc; k++) dst[k * PW + j] = CONV(src[k]);            \
                 }                                                                                 \
             }                                                                                     \
         }                                                                                         \
