@@ -197,6 +197,11 @@ def test_refusals_name_the_problem(tok):
                         np.zeros((4, 8), np.float32), np.zeros((5, 8), np.uint16), np.zeros((4, 2), np.float32),
                         np.zeros((4, 2), np.float32), [None], bf16=True)
     assert not w.bf16
+    for bad in (np.zeros(5, np.float32), np.zeros((4, 6), np.int64), np.zeros((6, 4), np.float32).T, [[1.0]]):
+        with pytest.raises(ValueError, match="2-D C-contiguous float32 or float64"):
+            _decode.pack_weight(bad)
+    with pytest.raises(TypeError, match="float32 weights"):
+        _decode.pack_weight(np.zeros((4, 6)), bf16=True)
 
 
 def test_the_organism_reports_what_bfloat16_costs(tmp_path):
