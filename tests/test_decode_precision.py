@@ -262,4 +262,4 @@ def test_a_float64_organism_refuses_bfloat16_where_it_is_set(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "needs a float32 model" in err and len(err.strip().splitlines()) <= 2
     assert cli.main(["generate", "--home", home, "the", "--decode-precision", "bfloat16"]) == 1
-    assert "needs a float32 organism" in capsys.readouterr().err
+    assert "needs a float32 model" in capsys.readouterr().err

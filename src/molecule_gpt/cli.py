@@ -45,7 +45,8 @@ from . import __version__
 from .checkpoint import load_checkpoint
 from .config import DECODE_PRECISIONS, Config
 from .data import default_home
-from .errors import CheckpointError, MoleculeError
+from .errors import CheckpointError, ConfigError, MoleculeError
+from .generation import check_decode_precision
 # the home's names, defined in molecule_gpt.home, are still importable from here
 from .home import (ARCHIVE, CHECKPOINT, CONFIG_FIELDS, FIXED_AT_BIRTH, LOCK, MEMORY, SETTINGS,  # noqa: F401
                    TELEMETRY, Home, HomeError, Options, _is_int, _is_number, _normalized,  # noqa: F401
@@ -547,9 +548,10 @@ def cmd_generate(args, home: Home) -> int:
 
 def _use_decode_precision(org, precision: str) -> None:
     """Decode this run's generations with `precision`; a lower one says what it costs."""
-    if precision != "model" and org.model.dtype.name != "float32":
-        raise CLIError(f"--decode-precision {precision} needs a float32 organism; this one is "
-                       f"{org.model.dtype.name}", "use --decode-precision model")
+    try:
+        check_decode_precision(org.config.replace(decode_precision=precision), org.model.dtype)
+    except ConfigError as exc:
+        raise CLIError(str(exc), "use --decode-precision model") from None
     org.config.decode_precision = precision
     if precision == "model":
         return
