@@ -26,6 +26,14 @@ and the ratio (medians over the rounds of the per-round figures). The threads ar
 `decode_threads` for both (the batch deals its sequences over them). After timing, every batched
 sequence is checked to equal its single run (ids).
 
+Ceilings, measured in the same run: batch 1 reads every product matrix once a token, so its
+limit is the memory wall, the packed matrices' bytes (`Weights.matrix_bytes`) read at the rate
+`_core.read_bandwidth` measures for a buffer of that size on the case's threads (from the cache
+level it fits in, as the weights are read again every token); a batch reads them once a step
+for all its sequences, so its limit is the FMA ceiling, two FLOPs per matrix element at the
+threads' probed FMA peak (`_core.fma_peak`). The batch-1 line and the batched table give the
+share of each that we reach (attention, norms and sampling come on top of the products).
+
 Decode precision (`--precision`, alone): in paired rounds, the same model decoded with its own
 float32 weights and with bfloat16 ones (Config.decode_precision), batch 1 and, with `--batch B`,
 B at once; and what bfloat16 costs in prediction: held-out loss (nats per character,
@@ -447,6 +455,36 @@ def check(cfg, tok, model, prompt):
     return worst
 
 
+def ceilings(gen, threads) -> tuple[float, float, float]:
+    """(MB of packed matrices a token streams, the memory wall in tok/s: those bytes read at the
+    rate the read probe measures for a buffer of that size on `threads` threads, the FMA ceiling
+    in tok/s: two FLOPs per matrix element at `threads` x the probed FMA peak of one core), all
+    measured now. Batch 1 streams every matrix once per token (the wall bounds it); a batch
+    reads them once per step for all its sequences (the FMA ceiling bounds it)."""
+    from molecule_gpt import _core
+    w = gen.weights.get()
+    nbytes = w.matrix_bytes
+    flops = 2.0 * nbytes / (2 if w.bf16 else np.dtype(w.dtype).itemsize)
+    peak = max(_core.fma_peak(x) for x in ("avx2", "avx512") if _supports(x)) * 1e9
+    # the best of a few probes spread over half a second, before the case's timed runs: on a
+    # virtual machine a second thread does not always get a core of its own at once
+    rates = []
+    for _ in range(5):
+        rates.append(_core.read_bandwidth(nbytes, threads))
+        time.sleep(0.1)
+    rate = max(rates)
+    return nbytes / 1e6, rate * 1e9 / nbytes, threads * peak / flops
+
+
+def _supports(width: str) -> bool:
+    from molecule_gpt import _core
+    try:
+        _core.fma_peak(width, 1)
+    except ValueError:
+        return False
+    return True
+
+
 def bench_batched(name, cfg, tok, model, prompts, tokens, batch, rounds):
     """(tok/s of one sequence, tok/s of `batch` sequences at once, median per-round ratio, the same
     ratio in tokens per CPU second of this process), paired rounds; then every batched sequence is
@@ -564,9 +602,11 @@ def main():
         threadpool_limits(threads, user_api="blas")
         cfg, tok, model = build_case(name, lines, args.train_steps)
         prompts = [x[:60] for x in lines[1::max(1, len(lines) // 50)]][:50]
+        limits = ceilings(Generator(model, tok, config=cfg), threads)
         if args.batch:
             batched.append((name, model.vocab_size, threads,
-                            *bench_batched(name, cfg, tok, model, prompts, args.tokens, args.batch, repeats)))
+                            *bench_batched(name, cfg, tok, model, prompts, args.tokens, args.batch, repeats),
+                            *limits))
             if args.batch_only:
                 continue
         banned = [tok.bos_id, tok.pad_id, tok.eos_id]
@@ -595,6 +635,9 @@ def main():
             print(f"{name:16} {model.vocab_size:5d} {threads:3d} {impl:12} {sec * 1e3:9.2f} {args.tokens / sec:9.0f} {vs_t} "
                   f"{med['numpy'] / sec:8.1f}x")
         print(f"# {name}: baselines match Model.logits to {worst:.1e} (relative) at every step; greedy continuations equal")
+        mb, wall, fma = limits
+        print(f"# {name}: {mb:.1f} MB of matrices a token; memory wall {wall:.0f} tok/s (read probe, {threads} "
+              f"thread(s)): ours {args.tokens / med['molecule'] / wall:.0%} of it")
         summary.append((name, args.tokens / med["molecule"], med.get("torch-eager", float("nan")) / med["molecule"]))
     for name, tps, vs in summary:
         want = f">= {TARGET_TOK_S} tok/s -> {tps:.0f}; " if name.startswith("default") else ""
@@ -602,15 +645,21 @@ def main():
     if batched:
         print(f"\n# batched: {args.batch} sequences at once vs one (paired rounds, medians of {repeats}); "
               f"every batched sequence equals its single run")
+        print("# x1 as a share of the memory wall (the matrices read once a token at the read probe's rate),"
+              " the batch as a share of the FMA ceiling (2 FLOPs per matrix element at the probed peak)")
         print(f"{'case':16} {'V':>5} {'thr':>3} {'x1 tok/s':>10} {'x' + str(args.batch) + ' tok/s':>11} {'ratio':>7} "
-              f"{'cpu ratio':>9}")
-        for name, V, threads, one, many, ratio, cpu in batched:
-            print(f"{name:16} {V:5d} {threads:3d} {one:10.0f} {many:11.0f} {ratio:6.2f}x {cpu:8.2f}x")
-        for name, V, threads, one, many, ratio, cpu in batched:
+              f"{'cpu ratio':>9} {'MB':>6} {'wall tok/s':>10} {'x1/wall':>7} {'FMA tok/s':>10} {'batch/FMA':>9}")
+        for name, V, threads, one, many, ratio, cpu, mb, wall, fma in batched:
+            print(f"{name:16} {V:5d} {threads:3d} {one:10.0f} {many:11.0f} {ratio:6.2f}x {cpu:8.2f}x {mb:6.1f} "
+                  f"{wall:10.0f} {one / wall:7.0%} {fma:10.0f} {many / fma:9.0%}")
+        for name, V, threads, one, many, ratio, cpu, mb, wall, fma in batched:
             if name.startswith("default"):
-                print(f"# target {name}: >= {TARGET_BATCHED_DEFAULT_TOK_S} tok/s in all -> {many:.0f}")
+                print(f"# target {name}: >= {TARGET_BATCHED_DEFAULT_TOK_S} tok/s in all -> {many:.0f} "
+                      f"(the FMA ceiling: {fma:.0f})")
             else:
-                print(f"# target {name}: >= {TARGET_BATCHED_LARGER_RATIO}x one sequence -> {ratio:.2f}x")
+                print(f"# target {name}: >= {TARGET_BATCHED_LARGER_RATIO}x one sequence -> {ratio:.2f}x (that "
+                      f"would be {TARGET_BATCHED_LARGER_RATIO * one:.0f} tok/s = "
+                      f"{TARGET_BATCHED_LARGER_RATIO * one / fma:.0%} of the FMA ceiling)")
 
 
 if __name__ == "__main__":

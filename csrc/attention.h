@@ -177,10 +177,52 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
      * the decoder's value cache); rows of Y and P at (t - t0) ldy, ldp. Every element is one    \
      * chain of FMAs over j (entries of P above the diagonal, inside the 4 x 4 diagonal blocks,  \
      * must be zero), then the scale: a row computed alone equals the same row among others. */ \
+    /* one row t (columns c0 .. c0 + NV W of Y): NV chains over j <= t at once */                \
+    __attribute__((always_inline)) ATTR static inline void NN##_row(                              \
+        const int NV, T *restrict y, const T *restrict p, const T *restrict Bp, ptrdiff_t ldbp,   \
+        ptrdiff_t t, ptrdiff_t c0, ptrdiff_t d, T alpha, int accumulate) {                        \
+        VT acc[4];                                                                                \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[v] = (VT){0};                    \
+        for (ptrdiff_t j = 0; j <= t; j++) {                                                      \
+            T q = p[j];                                                                           \
+            const T *bj = Bp + j * ldbp + c0;                                                     \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) {                                \
+                VT b;                                                                             \
+                memcpy(&b, bj + v * W, sizeof b);                                                 \
+                acc[v] += q * b;                                                                  \
+            }                                                                                     \
+        }                                                                                         \
+        T out[4 * W];                                                                             \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) {                                    \
+            VT u = acc[v] * alpha;                                                                \
+            memcpy(out + v * W, &u, sizeof u);                                                    \
+        }                                                                                         \
+        ptrdiff_t m = d - c0 < NV * W ? d - c0 : NV * W;                                          \
+        if (accumulate)                                                                           \
+            for (ptrdiff_t c = 0; c < m; c++) y[c0 + c] += out[c];                                \
+        else                                                                                      \
+            for (ptrdiff_t c = 0; c < m; c++) y[c0 + c] = out[c];                                 \
+    }                                                                                             \
+                                                                                                  \
     ATTR static void NN##_rows(T *restrict Y, ptrdiff_t ldy, const T *restrict P, ptrdiff_t ldp, \
                                const T *restrict Bp, ptrdiff_t ldbp, ptrdiff_t t0, ptrdiff_t t1,  \
                                ptrdiff_t d, T alpha, int accumulate) {                            \
         ptrdiff_t dp = (d + W - 1) / W * W;                                                       \
+        if (t1 - t0 == 1) { /* one row (the decoder's, or a block's last): NN##_row */           \
+            for (ptrdiff_t c0 = 0; c0 < dp;) {                                                    \
+                ptrdiff_t left = (dp - c0) / W;                                                   \
+                if (left >= 4) { NN##_row(4, Y, P, Bp, ldbp, t0, c0, d, alpha, accumulate); c0 += 4 * W; } \
+                else if (left == 3) { NN##_row(3, Y, P, Bp, ldbp, t0, c0, d, alpha, accumulate); c0 += 3 * W; } \
+                else if (left == 2) { NN##_row(2, Y, P, Bp, ldbp, t0, c0, d, alpha, accumulate); c0 += 2 * W; } \
+                else { NN##_row(1, Y, P, Bp, ldbp, t0, c0, d, alpha, accumulate); c0 += W; }     \
+            }                                                                                     \
+            return;                                                                               \
+        }                                                                                         \
+        if ((t1 - t0) % MG_TRI_R == 1) { /* a lone last row: the one-row path, then the rest */  \
+            NN##_rows(Y + (t1 - 1 - t0) * ldy, ldy, P + (t1 - 1 - t0) * ldp, ldp, Bp, ldbp, t1 - 1, t1, d, \
+                      alpha, accumulate);                                                         \
+            t1 -= 1;                                                                              \
+        }                                                                                         \
         T out[MG_TRI_R][3 * W];                                                                   \
         for (ptrdiff_t tb = t0; tb < t1; tb += MG_TRI_R) {                                        \
             ptrdiff_t R = t1 - tb < MG_TRI_R ? t1 - tb : MG_TRI_R;                                \
@@ -214,25 +256,6 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
                             acc[2][v] += p2[j] * b;                                               \
                             acc[3][v] += p3[j] * b;                                               \
                         }                                                                         \
-                } else if (R == 1 && nv == 3) { /* one row (the decoder's): 3 chains at once */  \
-                    for (ptrdiff_t j = 0; j <= tb; j++) {                                         \
-                        VT b0, b1, b2;                                                            \
-                        const T *bj = Bp + j * ldbp + c0;                                         \
-                        memcpy(&b0, bj, sizeof b0);                                               \
-                        memcpy(&b1, bj + W, sizeof b1);                                           \
-                        memcpy(&b2, bj + 2 * W, sizeof b2);                                       \
-                        T q = Pb[j];                                                              \
-                        acc[0][0] += q * b0; acc[0][1] += q * b1; acc[0][2] += q * b2;            \
-                    }                                                                             \
-                } else if (R == 1 && nv == 2) {                                                   \
-                    for (ptrdiff_t j = 0; j <= tb; j++) {                                         \
-                        VT b0, b1;                                                                \
-                        const T *bj = Bp + j * ldbp + c0;                                         \
-                        memcpy(&b0, bj, sizeof b0);                                               \
-                        memcpy(&b1, bj + W, sizeof b1);                                           \
-                        T q = Pb[j];                                                              \
-                        acc[0][0] += q * b0; acc[0][1] += q * b1;                                 \
-                    }                                                                             \
                 } else {                                                                          \
                     for (ptrdiff_t r = 0; r < R; r++)                                             \
                         for (ptrdiff_t v = 0; v < nv; v++)                                        \
@@ -515,6 +538,32 @@ static inline double mg_fma_probe(int wide, int trials) {
 }
 #endif
 
+/* Read-bandwidth probe (benchmarks): the sum of a[0:n], read in steps of 256 bytes into eight
+ * independent vector sums, so that the loads, not the additions, bound it. */
+#define MG_DEFINE_READ_FLOATS(NAME, ATTR)                                                         \
+    ATTR static float NAME(const float *a, ptrdiff_t n) {                                         \
+        mg_v8f s[8];                                                                              \
+        memset(s, 0, sizeof s);                                                                   \
+        ptrdiff_t i = 0;                                                                          \
+        for (; i + 64 <= n; i += 64) {                                                            \
+            _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) {                                 \
+                mg_v8f v;                                                                         \
+                memcpy(&v, a + i + 8 * j, sizeof v);                                              \
+                s[j] += v;                                                                        \
+            }                                                                                     \
+        }                                                                                         \
+        float out[8], t = 0;                                                                      \
+        for (int j = 0; j < 8; j++) {                                                             \
+            memcpy(out, &s[j], sizeof out);                                                       \
+            for (int l = 0; l < 8; l++) t += out[l];                                              \
+        }                                                                                         \
+        for (; i < n; i++) t += a[i];                                                             \
+        return t;                                                                                 \
+    }
+MG_DEFINE_READ_FLOATS(mg_read_floats_base, )
+#ifdef MG_TRI_AVX2
+MG_DEFINE_READ_FLOATS(mg_read_floats_avx2, __attribute__((target("avx2"))))
+#endif
 /* The vector width a step's products use, chosen once at run time: 2 AVX-512 (csrc/gemm.h's
  * products; attention stays AVX2), 1 AVX2+FMA, 0 portable C or BLAS. AVX-512 is chosen only on
  * cores that run it at least 1.5x as fast as AVX2 (the probe above, ~3 ms once): on cores that
@@ -595,6 +644,10 @@ static inline int mg_use_avx512(void) {
 #define MG_TRI_DISPATCH(fn, ...) fn##_base(__VA_ARGS__)
 #define MG_TRI_DISPATCH_ROWS(fn, ...) fn##_base_rows(__VA_ARGS__)
 #endif
+
+static inline float mg_read_floats(const float *a, ptrdiff_t n) {
+    return MG_TRI_DISPATCH(mg_read_floats, a, n);
+}
 
 static inline void mg_tri_nt_f(float *S, ptrdiff_t lds, const float *A, ptrdiff_t lda, const float *B,
                                ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, float alpha, float *scratch) {

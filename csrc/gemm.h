@@ -536,6 +536,18 @@ MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v8f, 8, mg_gemm_block_bf16, 6, MG_GEMM_I
         }                                                                                         \
     }
 
+/* Share b of `blocks` of the `lines` 64-byte lines at `next`, prefetched into L2. With several
+ * row blocks, only the first reads a panel from memory and the others find it in L1; the next
+ * panel is fetched a share per block meanwhile, so that its stream overlaps the arithmetic
+ * instead of following it (a weight streamed from L3 or DRAM for a batch of sequences). A
+ * prefetch changes no value. */
+#define MG_PREFETCH_SHARE(next, lines, b, blocks)                                                 \
+    do {                                                                                          \
+        const char *next_ = (const char *)(next);                                                 \
+        for (ptrdiff_t l_ = (b) * (lines) / (blocks); l_ < ((b) + 1) * (lines) / (blocks); l_++)  \
+            __builtin_prefetch(next_ + 64 * l_, 0, 2);                                            \
+    } while (0)
+
 /* the packed product on one instruction set: panels of NVP vectors of W, blocks of MRB rows
  * (BLOCK), one or two rows GMAX or GMAX / 2 panels at a time (ROWS) */
 #define MG_DEFINE_GEMM_PACKED(T, PT, W, NVP, MRB, GMAX, NAME, BLOCK, ROWS, ATTR)                   \
@@ -556,13 +568,17 @@ MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v8f, 8, mg_gemm_block_bf16, 6, MG_GEMM_I
                 }                                                                                 \
                 continue;                                                                         \
             }                                                                                     \
+            const ptrdiff_t blocks = (M + MRB - 1) / MRB;                                         \
+            const ptrdiff_t lines = (ptrdiff_t)(kc * PW * sizeof(PT)) / 64;                       \
             for (ptrdiff_t p = p0; p < p1; p++) {                                                 \
                 const PT *Pp = Pk + p * kc * PW;                                                  \
                 ptrdiff_t j0 = p * PW, nc = N - j0 < PW ? N - j0 : PW;                            \
-                for (ptrdiff_t i = 0; i < M; i += MRB) {                                          \
-                    int mr = M - i < MRB ? (int)(M - i) : MRB;                                    \
+                for (ptrdiff_t b = 0; b < blocks; b++) { /* rows dealt evenly: 8 = 4 + 4, not 6 + 2 */ \
+                    ptrdiff_t i = b * M / blocks;                                                 \
+                    int mr = (int)((b + 1) * M / blocks - i);                                     \
                     const T *Ai = A + i * lda + k0;                                               \
                     T *Ci = C + i * ldc + j0;                                                     \
+                    if (blocks > 1 && p + 1 < p1) MG_PREFETCH_SHARE(Pp + kc * PW, lines, b, blocks); \
                     if (nc == PW) {                                                               \
                         MG_GEMM_CASES(BLOCK, MRB, NVP, 0, mr, kc, Ai, lda, 1, Pp, Ci, ldc, (T)1, acc, nc) \
                     } else {                                                                      \

@@ -169,6 +169,29 @@ def test_generator_config_and_model_config_choose_the_weights(tok):
     assert not g32.weights.get().bf16
 
 
+def test_weights_count_the_bytes_a_token_streams(tok):
+    """matrix_bytes: the packed matrices a batch-1 token reads through the products (q/k/v,
+    output, gate/value and down projections per layer, the pattern matrices of rrpram and
+    hybrid heads, the output matrix): panels of 16 columns, zero-padded, in the weights' type
+    (bfloat16: half of float32). Benchmarks divide the read probe's rate by it."""
+    m = trained_model(tok)
+    c, V = m.config, m.vocab_size
+    C, F, T, d = c.n_embd, 4 * c.n_embd, c.block_size, c.head_dim
+
+    def panels(nout, nin):
+        return -(-nout // 16) * 16 * nin
+
+    patterns = sum(kind != "content" for kind in c.head_types)
+    per_layer = panels(3 * C, C) + panels(C, C) + panels(2 * F, C) + panels(C, F) + patterns * panels(T, d)
+    elements = c.n_layer * per_layer + panels(V, C)
+    w32 = Generator(m, tok).weights.get()
+    w16 = Generator(m, tok, config=c.replace(decode_precision="bfloat16")).weights.get()
+    assert w32.matrix_bytes == 4 * elements
+    # the pattern matrices stay float32 (they are not rounded); every other matrix halves
+    assert w16.matrix_bytes == 2 * (elements - c.n_layer * patterns * panels(T, d)) + \
+        4 * c.n_layer * patterns * panels(T, d)
+
+
 def test_decoded_nats_is_the_heldout_definition(tok):
     """The decoder's held-out loss a token at a time equals the training engine's on the same
     windows (molecule_gpt.heldout), with float32 weights."""

@@ -76,6 +76,32 @@ def test_cached_decoding_matches_full_forward_every_step(dtype, tol, activation)
     assert worst < tol
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_the_decoder_computes_the_training_forward_bit_for_bit(dtype, activation):
+    """With every delta module frozen (both sides then read the same folded weights), a decode's
+    logits at every step are exactly the training forward's (Model.logits of the window):
+    the same products, attention rows, softmax and RMSNorm sums in the same order, in either
+    precision, across window refills, with trained (not random-looking) weights."""
+    from molecule_gpt import _core
+    if _core.linear_simd_path() == "portable":
+        pytest.skip("the training products run BLAS here (no AVX2): another order of the same sums")
+    m = make_model(dtype, mlp_activation=activation, n_embd=32, block_size=12)
+    for k in range(m.n_delta):
+        m.set_trainable(f"delta{k}", False)
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        m.train_step([[int(t) for t in rng.integers(0, m.vocab_size, 13)] for _ in range(4)], 0.01)
+    dec = _decode.Decoder(fold_weights(m), m.vocab_size, m.config.block_size)
+    seq = [int(t) for t in rng.integers(0, m.vocab_size, 50)]
+    window = seq[:3]
+    assert dec.prefill(window).tobytes() == m.logits(window)[-1].tobytes()
+    for tok in seq[3:]:
+        window = reference_window(window, tok, m.config.block_size)
+        logits = dec.feed(tok)
+        assert logits.tobytes() == m.logits(window)[-1].tobytes(), (len(window), tok)
+
+
 PORTABLE_CHECK = """
 import numpy as np, molecule_gpt as mg
 from molecule_gpt import _decode, _sampling

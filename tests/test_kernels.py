@@ -3,6 +3,9 @@
 Every backward is checked the same way: pick a random upstream gradient R, define the scalar
 L = sum(R * f(inputs)), and compare the kernel's gradient of L with central differences of L.
 """
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -190,6 +193,37 @@ def test_attention_never_crosses_sequences(rng):
     v2[:3] += 100.0  # change only the first sequence's values
     y2, _ = _core._attention_forward_memview(q, k, v2, P, types, [0.0, 0.4], lengths, T)
     assert np.array_equal(y[3:], y2[3:])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("portable", [False, True])
+def test_an_attention_row_alone_is_the_same_row_of_a_block(rng, dtype, portable):
+    """The decoder computes attention one query row at a time (its own column blocks: four
+    vectors of values a pass); the training computes blocks of rows. Each element is one chain
+    of FMAs in the same order either way, so a row alone equals that row of a block bit for bit,
+    for head dims that leave every remainder of a vector."""
+    try:
+        _core._force_portable_attention(portable)
+        for d in (4, 6, 8, 16, 18, 24, 32, 40, 64):
+            for n in (1, 3, 4, 5, 9, 37):
+                ldbt = (n + 15) // 16 * 16
+                A = rng.normal(size=(n, d)).astype(dtype)
+                BT = rng.normal(size=(d, ldbt)).astype(dtype)
+                block = _core._tri_nt_rows_memview(A, BT, 0, n, 0.25)
+                P = np.tril(rng.random(size=(n, n))).astype(dtype)  # zero above the diagonal
+                B = rng.normal(size=(n, (d + 7) // 8 * 8)).astype(dtype)
+                values = _core._tri_nn_rows_memview(P, B, d, 0, n, 0.5)
+                for t in range(n):
+                    alone = _core._tri_nt_rows_memview(A[t:t + 1].copy(), BT, t, t + 1, 0.25)
+                    assert alone[0, :t + 1].tobytes() == block[t, :t + 1].tobytes(), ("nt", d, n, t)
+                    row = _core._tri_nn_rows_memview(P[t:t + 1].copy(), B, d, t, t + 1, 0.5)
+                    assert row.tobytes() == values[t:t + 1].tobytes(), ("nn", d, n, t)
+                want = 0.5 * (P.astype(np.float64) @ B[:, :d].astype(np.float64))
+                assert rel_err(values, want) < RTOL[dtype]
+    finally:
+        _core._force_portable_attention(False)
+    with pytest.raises(ValueError):
+        _core._tri_nn_rows_memview(np.zeros((1, 4)), np.zeros((4, 7)), 6, 3, 4, 1.0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -421,6 +455,21 @@ def test_fma_peak_probe():
     else:
         with pytest.raises(ValueError, match="no avx512"):
             _core.fma_peak("avx512")
+
+
+def test_read_bandwidth_probe():
+    """The memory ceiling benchmarks compare a decode with: GB/s of reading a buffer again, on
+    one thread and on two; bad arguments are refused with ValueError. Two threads are measured
+    in a fresh process, as a benchmark measures them: here other tests' threads may hold the
+    worker pool, and then no pass runs on two threads (RuntimeError, by design)."""
+    assert 0.5 < _core.read_bandwidth(1 << 20, 1, trials=3) < 10_000.0
+    code = "from molecule_gpt import _core; print(_core.read_bandwidth(1 << 20, 2, trials=3))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert 0.5 < float(out.stdout) < 10_000.0
+    for bad in ((100, 1, 1), (1 << 20, 0, 1), (1 << 20, 1, 0), (1 << 20, 100_000, 1)):
+        with pytest.raises(ValueError, match="nbytes"):
+            _core.read_bandwidth(*bad)
 
 
 def _check_products(rng, dtype, form, accumulate):

@@ -114,8 +114,8 @@ def test_the_decoders_linear_product_is_the_training_steps(dtype):
     rng = np.random.default_rng(0)
     for nout, nin in ((37, 20), (216, 72), (72, 288), (300, 600), (1000, 256)):
         W = rng.standard_normal((nout, nin)).astype(dtype)
-        X = rng.standard_normal((9, nin)).astype(dtype)
-        for rows in (1, 2, 3, 9):
+        X = rng.standard_normal((16, nin)).astype(dtype)
+        for rows in (1, 2, 3, 8, 9, 16):
             want = np.zeros((rows, nout), dtype)
             _core._matmul_memview("nt", X[:rows], W, want, 1.0, False)
             for n_threads in (1, 2):

@@ -24,6 +24,7 @@ cdef extern from "pool.h" nogil:
     ctypedef void (*mg_pool_fn)(void* ctx, int part) noexcept nogil
     int mg_pool_run_on(mg_pool_fn fn, void* ctx, int n, int n_threads)
     int mg_pool_threads()
+    enum: MG_POOL_MAX_THREADS
 
 from ._molecule cimport *
 
@@ -968,6 +969,77 @@ def fma_peak(str width="avx2", int trials=20) -> float:
     return rate
 
 
+cdef extern from * nogil:
+    int __atomic_add_fetch(int* p, int v, int order)
+    int __atomic_load_n(int* p, int order)
+    enum: __ATOMIC_SEQ_CST
+
+
+ctypedef struct ReadJob:
+    const float* a
+    Py_ssize_t n
+    int parts
+    int started     # parts begun in this pass (they wait for each other before reading)
+    int alone       # a part stopped waiting before all had begun: the pass does not count
+    float sums[MG_POOL_MAX_THREADS]
+    double seconds[MG_POOL_MAX_THREADS]  # each part's read, timed from after the wait
+
+
+cdef void _read_part(void* ctx, int part) noexcept nogil:
+    """Part `part` of a pass: wait (up to 5 ms) until every part has begun, so that the threads
+    read at once even when a worker wakes late, then read its share."""
+    cdef ReadJob* j = <ReadJob*>ctx
+    cdef Py_ssize_t lo = part * j.n // j.parts, hi = (part + 1) * j.n // j.parts
+    cdef double t0 = now()
+    __atomic_add_fetch(&j.started, 1, __ATOMIC_SEQ_CST)
+    while __atomic_load_n(&j.started, __ATOMIC_SEQ_CST) < j.parts and now() - t0 < 5e-3:
+        pass
+    if __atomic_load_n(&j.started, __ATOMIC_SEQ_CST) < j.parts:
+        j.alone = 1
+    t0 = now()
+    j.sums[part] = mg_read_floats(j.a + lo, hi - lo)
+    j.seconds[part] = now() - t0
+
+
+def read_bandwidth(Py_ssize_t nbytes, int n_threads=1, int trials=20) -> float:
+    """GB/s at which n_threads threads of the pool read a buffer of nbytes (split evenly) that
+    they read just before: from the cache level it fits in, as a model's weights are read again
+    at every token. The best of `trials` passes in which every part ran on a thread of its own
+    and the threads started together (each part waits up to 5 ms for the others to begin), a
+    pass timed by its slowest part. The ceiling benchmarks compare a decode that streams its weights with
+    (the FMA peak's counterpart for memory). RuntimeError if the pool's threads never read at
+    once (another thread holding the pool, or no core for a worker)."""
+    if nbytes < 4096 or n_threads < 1 or n_threads > MG_POOL_MAX_THREADS or trials < 1:
+        raise ValueError(f"need nbytes >= 4096, 1 <= n_threads <= {MG_POOL_MAX_THREADS}, trials >= 1; "
+                         f"got {nbytes}, {n_threads}, {trials}")
+    buf = np.ones(nbytes // 4, np.float32)
+    cdef ReadJob job
+    cdef float[::1] view = buf
+    cdef double best = 0, dt
+    cdef int counted = 0, tries = 0, on_workers, p
+    job.a, job.n, job.parts = &view[0], view.shape[0], n_threads
+    with nogil:
+        job.started = 0
+        mg_pool_run_on(_read_part, &job, n_threads, n_threads)  # warm: pages touched, caches filled
+        while counted < trials and tries < 50 * trials:
+            tries += 1
+            job.started = 0
+            mg_pool_run_on(_read_part, &job, n_threads, n_threads)  # the threads meet
+            job.started, job.alone = 0, 0
+            on_workers = mg_pool_run_on(_read_part, &job, n_threads, n_threads)
+            dt = 0
+            for p in range(n_threads):
+                dt = max(dt, job.seconds[p])
+            if on_workers != n_threads - 1 or job.alone or dt <= 0:
+                continue
+            counted += 1
+            if job.n * 4.0 / dt > best:
+                best = job.n * 4.0 / dt
+    if counted == 0:
+        raise RuntimeError(f"the pool's {n_threads} threads never read at once in {tries} passes")
+    return best / 1e9
+
+
 def _force_simd(level):
     """Tests: cap the kernels' vector width at level (0 portable, 1 AVX2, 2 AVX-512; None: the
     automatic choice again). A level the CPU lacks stays unavailable."""
@@ -1211,6 +1283,43 @@ def _attention_forward_memview(floating[:, ::1] q, floating[:, ::1] k, floating[
                       <floating*>data_ptr(work))
     free(Pp)
     return y, att
+
+
+def _tri_nt_rows_memview(floating[:, ::1] A, floating[:, ::1] BT, Py_ssize_t t0, Py_ssize_t t1, double alpha):
+    """S (t1 - t0, ldbt): S[t - t0, j] = alpha <A[t - t0], BT[:, j]> for j <= t, the rows t0 <= t
+    < t1 of attention.h's mg_tri_nt_rows (a training block runs 0 .. n, a decoder step one row).
+    A (t1 - t0, d); BT (d, ldbt) with ldbt a multiple of 16, >= t1. Entries past column t are
+    unspecified."""
+    if not (0 <= t0 < t1) or A.shape[0] != t1 - t0 or BT.shape[0] != A.shape[1] or BT.shape[1] % 16 \
+            or BT.shape[1] < t1:
+        raise ValueError("need 0 <= t0 < t1, A (t1 - t0, d), BT (d, ldbt) with ldbt a multiple of 16 >= t1")
+    S = np.zeros((t1 - t0, BT.shape[1]), np.asarray(A).dtype)
+    cdef floating[:, ::1] sv = S
+    if floating is float:
+        mg_tri_nt_rows_f(&sv[0, 0], sv.shape[1], &A[0, 0], A.shape[1], &BT[0, 0], BT.shape[1], t0, t1,
+                         A.shape[1], <float>alpha)
+    else:
+        mg_tri_nt_rows_d(&sv[0, 0], sv.shape[1], &A[0, 0], A.shape[1], &BT[0, 0], BT.shape[1], t0, t1,
+                         A.shape[1], alpha)
+    return S
+
+
+def _tri_nn_rows_memview(floating[:, ::1] P, floating[:, ::1] B, Py_ssize_t d, Py_ssize_t t0, Py_ssize_t t1,
+                         double alpha):
+    """Y (t1 - t0, d): Y[t - t0] = alpha sum_{j <= t} P[t - t0, j] B[j, :d], the rows t0 <= t < t1
+    of attention.h's mg_tri_nn_rows. P (t1 - t0, >= t1): entries above the diagonal inside each
+    4 x 4 diagonal block must be zero; B (>= t1, ldb) with ldb >= d rounded up to 8 (read as
+    whole vectors past d)."""
+    if not (0 <= t0 < t1) or d < 1 or P.shape[0] != t1 - t0 or P.shape[1] < t1 or B.shape[0] < t1 \
+            or B.shape[1] < (d + 7) // 8 * 8:
+        raise ValueError("need 0 <= t0 < t1, d >= 1, P (t1 - t0, >= t1), B (>= t1, >= d rounded up to 8)")
+    Y = np.zeros((t1 - t0, d), np.asarray(P).dtype)
+    cdef floating[:, ::1] yv = Y
+    if floating is float:
+        mg_tri_nn_rows_f(&yv[0, 0], d, &P[0, 0], P.shape[1], &B[0, 0], B.shape[1], t0, t1, d, <float>alpha, 0)
+    else:
+        mg_tri_nn_rows_d(&yv[0, 0], d, &P[0, 0], P.shape[1], &B[0, 0], B.shape[1], t0, t1, d, alpha, 0)
+    return Y
 
 
 def _attention_backward_memview(floating[:, ::1] dy, floating[::1] att, floating[:, ::1] q,

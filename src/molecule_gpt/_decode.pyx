@@ -31,15 +31,18 @@
 #   give the first sampled token).
 # - The ops are the training forward's (_ops.pxd: embedding, RMSNorm, RoPE, gate, residual add;
 #   csrc/gemm.h: the linear layers' products; csrc/attention.h: causal attention, for the rows
-#   being decoded over the cache), so float64 decoding agrees with Model.logits to ~1e-12 and
-#   float32 to rounding (the inlined reductions of _ops.pxd may round differently in the two
-#   extensions). What differs is the shape: the products use folded weights, packed once per
+#   being decoded over the cache; csrc/rows.h: the row sums, in an order fixed by the code), so
+#   with every delta module frozen a decode's logits are Model.logits bit for bit, in float32 and
+#   float64 (a module still training is an adapter in the training forward and folded here: equal
+#   to rounding). What differs is the shape: the products use folded weights, packed once per
 #   model version (pack_weight), and attention reads the cache.
 # - No BLAS: OpenBLAS was no faster on these shapes, cost a call path per product, and its
 #   threads had to be limited per call, which restarts them spinning at every restore (they
 #   then burned the core the background trainer needs).
 # - Keys are cached transposed per head (H, d, Tp): the form attention.h's content logits read
-#   (each key's logit is a chain of FMAs over d, all keys in vector lanes).
+#   (each key's logit is a chain of FMAs over d, all keys in vector lanes); values per head
+#   (H, T, d). A head's keys and values are then blocks of their own, which stream best when a
+#   batch's caches no longer fit in the CPU's caches.
 # - Rejected: computing the pattern logits of all T keys each step (only the panels covering
 #   the n cached ones are computed); a second softmax pass fused into the first (it would need
 #   three exponentials per token to cover the three possible temperatures).
@@ -49,6 +52,8 @@ from libc.string cimport memset, memcpy
 from libc.math cimport log, sqrt, INFINITY
 from libc.stdint cimport uint64_t, uint8_t, uint16_t
 from cpython.ref cimport PyObject
+cdef extern from * nogil:
+    void __builtin_prefetch(const void* p, int rw, int locality)
 cdef extern from "pool.h" nogil:  # the worker pool the training step runs on (csrc/pool.c)
     ctypedef void (*mg_pool_fn)(void* ctx, int part) noexcept nogil
     int mg_pool_run(mg_pool_fn fn, void* ctx, int n)
@@ -245,6 +250,7 @@ cdef class Weights:
     cdef readonly bint is_double
     cdef readonly bint bf16     # the products' matrices are bfloat16 (see bfloat16_bits); activations stay float32
     cdef readonly object dtype
+    cdef readonly Py_ssize_t matrix_bytes  # the packed matrices a token streams through the products
     cdef object keep
 
     def __cinit__(self):
@@ -277,6 +283,7 @@ cdef class Weights:
                                  f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
             if matrix:  # the products read it as panels (bfloat16 ones when bf16, unless not rounded)
                 a = pack_weight(a, bf16 and rounded)
+                self.matrix_bytes += a.nbytes
             keep.append(a)
             return a
 
@@ -376,14 +383,16 @@ ctypedef struct Buf:
     void* GU        # (T, 2F)    fc_g and fc_v outputs
     void* A         # (T, F)     gated activation
     void* kc        # (L, H, d, Tp) rotated keys of the window, transposed per head (cache_stride)
-    void* vc        # (L, T, C)  values of the window (and CACHE_PAD elements after it)
+    void* vc        # (L, H, T, d) values of the window per head (and CACHE_PAD elements after it)
     void* logits    # (V,)
     int nt          # threads for large products (mm_nt_wpar / mm_nt_par)
 
 
 # The attention kernels (attention.h) load whole vectors: a key row of the transposed cache up to
-# a multiple of 16 positions (so its stride, Tp, is one), a head's values up to a multiple of 8
-# elements past its d (the next head's, or CACHE_PAD elements after the last row: never used).
+# a multiple of 16 positions (so its stride, Tp, is one), a value row up to a multiple of 8
+# elements past its d (the next row's, or CACHE_PAD elements after the last: never used). Both
+# caches are head-major, so that the keys and values one head attends over are one block each:
+# a batch's caches do not stay in cache, and contiguous blocks stream best.
 DEF CACHE_PAD = 16
 
 
@@ -421,7 +430,7 @@ cdef inline void attend_row(floating* y, floating* scratch, floating* pat_rows, 
                             const floating* hrow, const floating* kt, const floating* vc, const WNet* net,
                             const WLayer* Lw, int nk) noexcept nogil:
     """y (C) = attention output of the query at position nk - 1 (q rotated, hrow its normalized
-    input) over the nk cached keys kt (H, d, Tp; transposed) and values vc (rows of C), by the
+    input) over the nk cached keys kt (H, d, Tp; transposed) and values vc (H, T, d), by the
     training's attention kernels (attention.h) for that one row: content logits (mg_tri_nt_rows),
     the head's logits and causal softmax (mg_causal_softmax: heads.h's rows), the weighted values
     (mg_tri_nn_rows). Pattern logits of rrpram/hybrid heads go to pat_rows (H, T) first, by the
@@ -435,6 +444,8 @@ cdef inline void attend_row(floating* y, floating* scratch, floating* pat_rows, 
     cdef floating* prow
     cdef floating scale = <floating>(1.0 / sqrt(<double>d))
     for h in range(net.H):
+        if h + 1 < net.H:
+            prefetch_head(kt + (h + 1) * d * Tp, Tp, vc + (h + 1) * T * d, d, nk)
         kind = net.head_type[h]
         prow = NULL
         if kind != HEAD_CONTENT:
@@ -444,12 +455,37 @@ cdef inline void attend_row(floating* y, floating* scratch, floating* pat_rows, 
             if kind != HEAD_RRPRAM:
                 mg_tri_nt_rows_f(cont, Tp, q + h * d, d, kt + h * d * Tp, Tp, nk - 1, nk, d, scale)
             mg_causal_softmax_f(att, Tp, cont, Tp, prow, T, nk - 1, nk, <float>Lw.mix[h], kind, buf)
-            mg_tri_nn_rows_f(y + h * d, C, att, Tp, vc + h * d, C, nk - 1, nk, d, 1, 0)
+            mg_tri_nn_rows_f(y + h * d, C, att, Tp, vc + h * T * d, d, nk - 1, nk, d, 1, 0)
         else:
             if kind != HEAD_RRPRAM:
                 mg_tri_nt_rows_d(cont, Tp, q + h * d, d, kt + h * d * Tp, Tp, nk - 1, nk, d, scale)
             mg_causal_softmax_d(att, Tp, cont, Tp, prow, T, nk - 1, nk, Lw.mix[h], kind, buf)
-            mg_tri_nn_rows_d(y + h * d, C, att, Tp, vc + h * d, C, nk - 1, nk, d, 1, 0)
+            mg_tri_nn_rows_d(y + h * d, C, att, Tp, vc + h * T * d, d, nk - 1, nk, d, 1, 0)
+
+
+cdef inline void prefetch_head(const floating* kt, Py_ssize_t Tp, const floating* v, Py_ssize_t d,
+                               Py_ssize_t nk) noexcept nogil:
+    """Ask for the next head's nk cached keys (d rows of kt, stride Tp) and values (nk d
+    elements from v) while this head computes: a batch's caches stream from L3 or DRAM, and a
+    head's own loads alone leave that latency exposed. Changes no value."""
+    cdef Py_ssize_t c, j, step = 64 // sizeof(floating)
+    for c in range(d):
+        j = 0
+        while j < nk:
+            __builtin_prefetch(kt + c * Tp + j, 0, 2)
+            j += step
+    j = 0
+    while j < nk * d:
+        __builtin_prefetch(v + j, 0, 2)
+        j += step
+
+
+cdef inline void store_value(floating* vc, const floating* v, Py_ssize_t pos, Py_ssize_t H, Py_ssize_t T,
+                             Py_ssize_t d) noexcept nogil:
+    """Write one value row v (C = H*d) into position pos of each head's block of vc (H, T, d)."""
+    cdef Py_ssize_t h
+    for h in range(H):
+        memcpy(vc + (h * T + pos) * d, v + h * d, d * sizeof(floating))
 
 
 cdef inline void store_key(floating* kt, const floating* k, Py_ssize_t pos, Py_ssize_t C, Py_ssize_t Tp) noexcept nogil:
@@ -566,7 +602,7 @@ cdef void forward_rows(floating* tag, const WNet* net, Buf* b, Buf* const* seq, 
         for i in range(N):
             sb = seq[i if batched else 0]
             store_key(<floating*>sb.kc + l * C * cache_stride(T), K + i * C, pos[i], C, cache_stride(T))
-            memcpy(<floating*>sb.vc + l * T * C + pos[i] * C, QKV + i * C3 + 2 * C, C * sizeof(floating))
+            store_value(<floating*>sb.vc + l * T * C, QKV + i * C3 + 2 * C, pos[i], net.H, T, d)
         # Rows r0 .. N-1 go on through the layer. In a prefill's last layer only the last row does:
         # its keys and values are cached, and the rest of it only matters for the logits (a large
         # share of a shallow model's prefill) -- unless every row's residual stream is wanted (stds).

@@ -174,6 +174,7 @@ cdef extern from "attention.h" nogil:
     int mg_simd_supported()
     void mg_simd_force(int level)
     double mg_fma_probe(int wide, int trials)
+    float mg_read_floats(const float* a, Py_ssize_t n)
     void mg_tri_nt_f(float* S, Py_ssize_t lds, const float* A, Py_ssize_t lda, const float* B, Py_ssize_t ldb,
                      Py_ssize_t n, Py_ssize_t d, float alpha, float* scratch)
     void mg_tri_nt_d(double* S, Py_ssize_t lds, const double* A, Py_ssize_t lda, const double* B, Py_ssize_t ldb,

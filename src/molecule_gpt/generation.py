@@ -175,7 +175,7 @@ def _snapshot(model: Model) -> tuple:
         base = _copy_group(model.groups["base"])
         deltas = [(float(a), _copy_group(model.groups[delta_group(k)])) for k, a in enumerate(model.delta_alphas)
                   if a != 0.0]
-        return model.config, model.vocab_size, model.dtype, base, deltas
+        return model.config, model.dtype, base, deltas
 
 
 def fold_weights(model: Model, precision: str | None = None) -> _decode.Weights:
@@ -183,8 +183,8 @@ def fold_weights(model: Model, precision: str | None = None) -> _decode.Weights:
     with alpha 0 skipped), ready for decoding, with the matrices in `precision` (a
     Config.decode_precision; default: the model's config's). Holds the model lock only while
     copying."""
-    config, V, dtype, base, deltas = _snapshot(model)
-    return _build_weights(config, V, dtype, base, deltas, precision=precision)
+    config, dtype, base, deltas = _snapshot(model)
+    return _build_weights(config, dtype, base, deltas, precision=precision)
 
 
 def check_decode_precision(config: Config, dtype) -> None:
@@ -203,9 +203,10 @@ def _decode_precision(config: Config, dtype, precision: str | None) -> bool:
     return precision == "bfloat16"
 
 
-def _delta_sum(config: Config, V: int, dtype, deltas: list) -> dict[str, np.ndarray]:
-    """sum_k alpha_k A_k B_k per adapted matrix (float64 accumulation, cast once)."""
-    return {name: total.astype(dtype) for name, total in fold_delta_terms(deltas, _adapted_names(config)).items()}
+def _delta_sum(config: Config, deltas: list) -> dict[str, np.ndarray]:
+    """sum_k alpha_k A_k B_k per adapted matrix, in float64 (added to W before the one rounding
+    to the model's type, as the Model folds its frozen modules)."""
+    return fold_delta_terms(deltas, _adapted_names(config))
 
 
 def _adapted_names(config: Config) -> list[str]:
@@ -216,22 +217,21 @@ def _adapted_names(config: Config) -> list[str]:
     return names + ["lm_head"]
 
 
-def _build_weights(config: Config, V: int, dtype, base: dict, deltas: list,
+def _build_weights(config: Config, dtype, base: dict, deltas: list,
                    frozen: dict[str, np.ndarray] | None = None, precision: str | None = None) -> _decode.Weights:
     """Decoder weights from copied parameters: W + (frozen, a precomputed sum of modules) +
-    sum over `deltas` of alpha A B; the products' matrices in `precision` (see fold_weights)."""
+    sum over `deltas` of alpha A B; the products' matrices in `precision` (see fold_weights).
+    Each sum of terms (float64) is added to W in float64 and rounded once to the model's type:
+    with every module frozen these are the Model's own folded weights, bit for bit."""
     c = config
     bf16 = _decode_precision(config, dtype, precision)
-    live = _delta_sum(config, V, dtype, deltas) if deltas else {}
+    live = _delta_sum(config, deltas) if deltas else {}
 
     def eff(name: str) -> np.ndarray:
         W = base["wte" if (name == "lm_head" and c.tie_embeddings) else name]
-        extra = [t for t in ((frozen or {}).get(name), live.get(name)) if t is not None]
-        if not extra:
-            return W
-        W = W.copy()
-        for t in extra:
-            W += t
+        for t in ((frozen or {}).get(name), live.get(name)):
+            if t is not None:
+                W = (W + t).astype(dtype)
         return W
 
     layers = []
@@ -341,11 +341,11 @@ class WeightCache:
                     if need_frozen else None
                 live = [(float(a), _copy_group(m.groups[delta_group(k)])) for k, a in enumerate(m.delta_alphas)
                         if a != 0.0 and m.trainable[delta_group(k)]]
-                config, V, dtype, base = m.config, m.vocab_size, m.dtype, _copy_group(m.groups["base"])
+                config, dtype, base = m.config, m.dtype, _copy_group(m.groups["base"])
             if need_frozen:
-                self._frozen_terms = _delta_sum(config, V, dtype, frozen_copies) if frozen_copies else {}
+                self._frozen_terms = _delta_sum(config, frozen_copies) if frozen_copies else {}
                 self._frozen_key = frozen_key
-            self._weights = _build_weights(config, V, dtype, base, live, self._frozen_terms, key[2])
+            self._weights = _build_weights(config, dtype, base, live, self._frozen_terms, key[2])
             self._key = key
             self.folds += 1
             return self._weights
