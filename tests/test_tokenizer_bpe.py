@@ -180,6 +180,32 @@ def test_merge_rank_last_listing_wins():
         core._apply_merges_memview([0], "fast")
 
 
+@needs_ext
+def test_short_words_cut_where_no_merge_joins_keep_the_rank_scan_ids():
+    """A word of at most NAIVE_MAX symbols is cut between base symbols that no merge joins
+    across, and its pieces are merged apart: the same ids as the rank scan over the whole word,
+    on every distinct word of English prose and on words spliced from pieces of them (most of
+    which have such a cut, so the pieces path is what runs)."""
+    from molecule_gpt import _bpe
+    lines = doc_lines()
+    tok = EvolvingTokenizer(lines)
+    tok.train_bpe(lines, 300)
+    core = tok._core
+    words = sorted({w for ln in lines for w in ln.split()})
+    rng = random.Random(0)
+    words += ["".join(rng.choice(words)[rng.randrange(3):][:rng.randint(1, 5)] for _ in range(3))
+              for _ in range(500)]
+    checked = cut = 0
+    for w in words:
+        syms = core.encode_array(w, False)[1:-1].tolist() + [EOW]    # (without <BOS>, <EOS>)
+        if len(syms) > _bpe.NAIVE_MAX_SYMBOLS:
+            continue
+        checked += 1
+        cut += any(not core.is_junction(a, b) for a, b in zip(syms, syms[1:]))
+        assert core._apply_merges_memview(syms, "auto") == core._apply_merges_memview(syms, "naive"), w
+    assert checked > 1000 and cut > checked // 2
+
+
 # ----------------------------------------------------------------------------------------------
 # the per-word cache never changes results
 

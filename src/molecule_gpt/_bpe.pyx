@@ -87,7 +87,7 @@ cdef extern from *:
     #if defined(__GNUC__) && !defined(__clang__)
     __attribute__((optimize("no-tree-loop-distribute-patterns")))
     #endif
-    static void mgpt_move_i32(int32_t* dst, const int32_t* src, Py_ssize_t n) {
+    static inline void mgpt_move_i32(int32_t* dst, const int32_t* src, Py_ssize_t n) {
         for (Py_ssize_t i = 0; i < n; i++) dst[i] = src[i];
     }
     """
@@ -1254,8 +1254,37 @@ cdef class BPECore:
         if n > self.work_cap:
             self._ensure_work(min(n, WINDOW) if self.monotone else n)
         if n <= NAIVE_MAX:
-            return self.apply_naive(s, n)
+            return self.apply_short(s, n) if self.cut_ok else self.apply_naive(s, n)
         return self.apply_long(s, n)
+
+    cdef Py_ssize_t apply_short(self, int32_t* s, Py_ssize_t n) noexcept:
+        """A word of at most NAIVE_MAX symbols, cut as apply_long cuts (between base symbols no
+        merge joins across): its pieces are a few symbols each, so most of the rank scan's
+        lookups and moves are never made. A two-symbol piece is one lookup."""
+        cdef Py_ssize_t i, k, start = 0, w = 0, got
+        cdef int32_t a, b, merged = 0
+        for i in range(n):
+            if i + 1 < n and self.junction(s[i], s[i + 1]):
+                continue
+            got = i + 1 - start
+            if got == 1:
+                s[w] = s[start]
+            elif got == 2:
+                a = s[start]
+                b = s[start + 1]
+                if merge_rank(&self.merges, a, b, &merged) != NO_RANK:
+                    s[w] = merged
+                    got = 1
+                else:
+                    s[w] = a
+                    s[w + 1] = b
+            else:
+                got = self.apply_naive(s + start, got)
+                for k in range(got):      # w <= start: a forward copy
+                    s[w + k] = s[start + k]
+            w += got
+            start = i + 1
+        return w
 
     def _apply_merges_memview(self, symbols, str method="auto", Py_ssize_t window=WINDOW):
         """Test twin: apply the merges to a list of symbol ids with 'naive', 'heap', 'bucket'
