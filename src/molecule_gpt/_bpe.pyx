@@ -59,7 +59,7 @@ Notes (alternatives considered and rejected):
 cimport cython
 from cpython.ref cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t, INT32_MAX
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove, memset
 
 import numpy as _np
@@ -144,6 +144,8 @@ cdef enum:
     SHORT_KEY = 16        # words of up to this many code points < 256 go to the short-word table
     SHORT_IDS = 11        # ... when they encode to at most this many ids
     NAIVE_MAX = 48        # words of up to this many symbols use the O(n^2) rank scan
+    PIECE_KEY = 8         # pieces of a short word of 3 to this many symbols go through the piece table
+    PIECE_SLOTS = 4096    # ... of this many slots (direct-mapped, 72 bytes each)
     HEAP_MAX = 1024       # longer segments use the rank buckets (monotone merge tables)
     WINDOW = 16384        # ... and longer ones than this go through them a window at a time
     STREAM = 65536        # words of more code points than this stream through a buffer of this many symbols
@@ -226,6 +228,14 @@ cdef inline Py_ssize_t linked_tokens(int32_t* dst, const int32_t* s, const int32
         k += 1
         i = nxt[i]
     return k
+
+
+cdef inline bint same_i32(const int32_t* a, const int32_t* b, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if a[i] != b[i]:
+            return False
+    return True
 
 
 cdef inline bint same_u32(const uint32_t* a, const uint32_t* b, Py_ssize_t n) noexcept nogil:
@@ -405,6 +415,13 @@ cdef struct CacheEntry:
     int32_t nids
 
 
+cdef struct PieceSlot:
+    int32_t klen                  # symbols of the piece; 0 = empty
+    int32_t nout
+    int32_t key[PIECE_KEY]
+    int32_t out[PIECE_KEY]
+
+
 cdef struct ShortSlot:
     uint64_t key0    # the word's code points (each < 256), one byte each, first in the low byte
     uint64_t key1    # code points 8-15
@@ -450,6 +467,7 @@ cdef class BPECore:
     cdef Py_ssize_t cache_arena_n, cache_arena_cap
     cdef public uint64_t cache_hits, cache_misses, cache_resets
     cdef ShortSlot* swt              # short-word table: key and ids in one 64-byte slot
+    cdef PieceSlot* pieces           # (PIECE_SLOTS,) a short word's pieces -> their merged symbols
     cdef uint64_t swt_mask
     cdef Py_ssize_t swt_n
     # scratch: output ids and one word's symbols (sym: sym_cap), and the merge kernels' work
@@ -482,6 +500,7 @@ cdef class BPECore:
         self.cache_arena = NULL
         self.swt = NULL
         self.swt_n = 0
+        self.pieces = NULL
         self.out = NULL
         self.sym = NULL
         self.aux1 = NULL
@@ -502,6 +521,9 @@ cdef class BPECore:
         self._alloc_cpmap(16)
         self._alloc_merges(16)
         self.vocab_size = 0
+        self.pieces = <PieceSlot*>calloc(PIECE_SLOTS, sizeof(PieceSlot))
+        if self.pieces == NULL:
+            raise MemoryError()
 
     def __dealloc__(self):
         free(self.cpmap.slots)
@@ -518,6 +540,7 @@ cdef class BPECore:
         free(self.cache_entries)
         free(self.cache_arena)
         free(self.swt)
+        free(self.pieces)
         free(self.out)
         free(self.sym)
         free(self.aux1)
@@ -778,6 +801,8 @@ cdef class BPECore:
         if self.swt != NULL:
             memset(self.swt, 0, (self.swt_mask + 1) * sizeof(ShortSlot))
         self.swt_n = 0
+        if self.pieces != NULL:
+            memset(self.pieces, 0, PIECE_SLOTS * sizeof(PieceSlot))
 
     @property
     def cache_size(self):
@@ -1260,9 +1285,13 @@ cdef class BPECore:
     cdef Py_ssize_t apply_short(self, int32_t* s, Py_ssize_t n) noexcept:
         """A word of at most NAIVE_MAX symbols, cut as apply_long cuts (between base symbols no
         merge joins across): its pieces are a few symbols each, so most of the rank scan's
-        lookups and moves are never made. A two-symbol piece is one lookup."""
+        lookups and moves are never made. A two-symbol piece is one lookup; pieces of up to
+        PIECE_KEY symbols recur across words (stems, endings), so their results are kept in a
+        direct-mapped table (self.pieces, emptied with the word cache)."""
         cdef Py_ssize_t i, k, start = 0, w = 0, got
         cdef int32_t a, b, merged = 0
+        cdef uint64_t h
+        cdef PieceSlot* ps
         for i in range(n):
             if i + 1 < n and self.junction(s[i], s[i + 1]):
                 continue
@@ -1278,9 +1307,27 @@ cdef class BPECore:
                 else:
                     s[w] = a
                     s[w + 1] = b
+            elif got <= PIECE_KEY:
+                h = <uint64_t>got
+                for k in range(got):
+                    h = (h ^ <uint32_t>s[start + k]) * <uint64_t>0x100000001B3ULL
+                ps = &self.pieces[mix64(h) & (PIECE_SLOTS - 1)]
+                if ps.klen == got and same_i32(ps.key, s + start, got):
+                    for k in range(ps.nout):
+                        s[w + k] = ps.out[k]
+                    got = ps.nout
+                else:
+                    for k in range(got):
+                        ps.key[k] = s[start + k]
+                    got = self.apply_naive(s + start, got)
+                    for k in range(got):
+                        ps.out[k] = s[start + k]
+                        s[w + k] = s[start + k]   # w <= start: a forward copy
+                    ps.klen = <int32_t>(i + 1 - start)
+                    ps.nout = <int32_t>got
             else:
                 got = self.apply_naive(s + start, got)
-                for k in range(got):      # w <= start: a forward copy
+                for k in range(got):
                     s[w + k] = s[start + k]
             w += got
             start = i + 1
