@@ -144,8 +144,8 @@ cdef enum:
     SHORT_KEY = 16        # words of up to this many code points < 256 go to the short-word table
     SHORT_IDS = 11        # ... when they encode to at most this many ids
     NAIVE_MAX = 48        # words of up to this many symbols use the O(n^2) rank scan
-    PIECE_KEY = 8         # pieces of a short word of 3 to this many symbols go through the piece table
-    PIECE_SLOTS = 4096    # ... of this many slots (direct-mapped, 72 bytes each)
+    PIECE_KEY = 12        # pieces of a short word of 3 to this many symbols go through the piece table
+    PIECE_SLOTS = 4096    # ... of this many slots (direct-mapped, 104 bytes each)
     HEAP_MAX = 1024       # longer segments use the rank buckets (monotone merge tables)
     WINDOW = 16384        # ... and longer ones than this go through them a window at a time
     STREAM = 65536        # words of more code points than this stream through a buffer of this many symbols
