@@ -49,7 +49,8 @@
 /* elements of scratch the mg_tri_* kernels need for n positions of head dim d (both types:
  * sized for the narrower float lanes) */
 static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
-    size_t np = (size_t)(n + 15) / 16 * 16, dp = (size_t)(d + 15) / 16 * 16;
+    /* np: mg_tri_nt's columns, two vectors of 16 floats (AVX-512) a block */
+    size_t np = (size_t)(n + 31) / 32 * 32, dp = (size_t)(d + 15) / 16 * 16;
     size_t a = (size_t)d * np, b = (size_t)n * dp;
     return a > b ? a : b;
 }
@@ -428,6 +429,15 @@ MG_DEFINE_TRI(float, mg_v8f, 8, __attribute__((target("avx2,fma"))), mg_tri_nt_f
               mg_tri_tn_f_avx2)
 MG_DEFINE_TRI(double, mg_v4d, 4, __attribute__((target("avx2,fma"))), mg_tri_nt_d_avx2, mg_tri_nn_d_avx2,
               mg_tri_tn_d_avx2)
+/* AVX-512: the same products on 512-bit vectors (16 floats, 8 doubles). Every output element is
+ * the same FMA chain at any width (vector lanes are output columns), so they give the AVX2
+ * kernels' bits; only the whole-block entry points run them (the decoder's rows keep the AVX2
+ * kernels and their padding). */
+#define MG_TRI512_ATTR __attribute__((target("avx512f,avx512vl,avx2,fma")))
+typedef float mg_v16f __attribute__((vector_size(64)));
+typedef double mg_v8d __attribute__((vector_size(64)));
+MG_DEFINE_TRI(float, mg_v16f, 16, MG_TRI512_ATTR, mg_tri_nt_f_avx512, mg_tri_nn_f_avx512, mg_tri_tn_f_avx512)
+MG_DEFINE_TRI(double, mg_v8d, 8, MG_TRI512_ATTR, mg_tri_nt_d_avx512, mg_tri_nn_d_avx512, mg_tri_tn_d_avx512)
 MG_DEFINE_SOFTMAX_FWD(double, d, __attribute__((target("avx2,fma"))), mg_causal_softmax_d_avx2)
 MG_DEFINE_SOFTMAX_BWD(float, 8, __attribute__((target("avx2,fma"))), mg_causal_softmax_backward_f_avx2)
 MG_DEFINE_SOFTMAX_BWD(double, 4, __attribute__((target("avx2,fma"))), mg_causal_softmax_backward_d_avx2)
@@ -565,7 +575,8 @@ MG_DEFINE_READ_FLOATS(mg_read_floats_base, )
 MG_DEFINE_READ_FLOATS(mg_read_floats_avx2, __attribute__((target("avx2"))))
 #endif
 /* The vector width a step's products use, chosen once at run time: 2 AVX-512 (csrc/gemm.h's
- * products; attention stays AVX2), 1 AVX2+FMA, 0 portable C or BLAS. AVX-512 is chosen only on
+ * products and attention's whole-block products; the softmax and the decoder's attention rows
+ * stay AVX2), 1 AVX2+FMA, 0 portable C or BLAS. AVX-512 is chosen only on
  * cores that run it at least 1.5x as fast as AVX2 (the probe above, ~3 ms once): on cores that
  * split 512-bit FMAs its wider padding makes the products slower. Both widths give the same
  * bits (every element is the same FMA chain over k), so the choice never changes a result.
@@ -640,9 +651,11 @@ static inline int mg_use_avx512(void) {
 #ifdef MG_TRI_AVX2
 #define MG_TRI_DISPATCH(fn, ...) (mg_tri_use_avx2() ? fn##_avx2(__VA_ARGS__) : fn##_base(__VA_ARGS__))
 #define MG_TRI_DISPATCH_ROWS(fn, ...) (mg_tri_use_avx2() ? fn##_avx2_rows(__VA_ARGS__) : fn##_base_rows(__VA_ARGS__))
+#define MG_TRI_DISPATCH_WIDE(fn, ...) (mg_use_avx512() ? fn##_avx512(__VA_ARGS__) : MG_TRI_DISPATCH(fn, __VA_ARGS__))
 #else
 #define MG_TRI_DISPATCH(fn, ...) fn##_base(__VA_ARGS__)
 #define MG_TRI_DISPATCH_ROWS(fn, ...) fn##_base_rows(__VA_ARGS__)
+#define MG_TRI_DISPATCH_WIDE(fn, ...) fn##_base(__VA_ARGS__)
 #endif
 
 static inline float mg_read_floats(const float *a, ptrdiff_t n) {
@@ -651,29 +664,29 @@ static inline float mg_read_floats(const float *a, ptrdiff_t n) {
 
 static inline void mg_tri_nt_f(float *S, ptrdiff_t lds, const float *A, ptrdiff_t lda, const float *B,
                                ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, float alpha, float *scratch) {
-    MG_TRI_DISPATCH(mg_tri_nt_f, S, lds, A, lda, B, ldb, n, d, alpha, scratch);
+    MG_TRI_DISPATCH_WIDE(mg_tri_nt_f, S, lds, A, lda, B, ldb, n, d, alpha, scratch);
 }
 static inline void mg_tri_nt_d(double *S, ptrdiff_t lds, const double *A, ptrdiff_t lda, const double *B,
                                ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, double alpha, double *scratch) {
-    MG_TRI_DISPATCH(mg_tri_nt_d, S, lds, A, lda, B, ldb, n, d, alpha, scratch);
+    MG_TRI_DISPATCH_WIDE(mg_tri_nt_d, S, lds, A, lda, B, ldb, n, d, alpha, scratch);
 }
 static inline void mg_tri_nn_f(float *Y, ptrdiff_t ldy, const float *P, ptrdiff_t ldp, const float *B,
                                ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, float alpha, int accumulate,
                                float *scratch) {
-    MG_TRI_DISPATCH(mg_tri_nn_f, Y, ldy, P, ldp, B, ldb, n, d, alpha, accumulate, scratch);
+    MG_TRI_DISPATCH_WIDE(mg_tri_nn_f, Y, ldy, P, ldp, B, ldb, n, d, alpha, accumulate, scratch);
 }
 static inline void mg_tri_nn_d(double *Y, ptrdiff_t ldy, const double *P, ptrdiff_t ldp, const double *B,
                                ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, double alpha, int accumulate,
                                double *scratch) {
-    MG_TRI_DISPATCH(mg_tri_nn_d, Y, ldy, P, ldp, B, ldb, n, d, alpha, accumulate, scratch);
+    MG_TRI_DISPATCH_WIDE(mg_tri_nn_d, Y, ldy, P, ldp, B, ldb, n, d, alpha, accumulate, scratch);
 }
 static inline void mg_tri_tn_f(float *Y, ptrdiff_t ldy, const float *P, ptrdiff_t ldp, const float *B,
                                ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, float alpha, float *scratch) {
-    MG_TRI_DISPATCH(mg_tri_tn_f, Y, ldy, P, ldp, B, ldb, n, d, alpha, scratch);
+    MG_TRI_DISPATCH_WIDE(mg_tri_tn_f, Y, ldy, P, ldp, B, ldb, n, d, alpha, scratch);
 }
 static inline void mg_tri_tn_d(double *Y, ptrdiff_t ldy, const double *P, ptrdiff_t ldp, const double *B,
                                ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, double alpha, double *scratch) {
-    MG_TRI_DISPATCH(mg_tri_tn_d, Y, ldy, P, ldp, B, ldb, n, d, alpha, scratch);
+    MG_TRI_DISPATCH_WIDE(mg_tri_tn_d, Y, ldy, P, ldp, B, ldb, n, d, alpha, scratch);
 }
 
 /* rows t0 <= t < t1 of the causal softmax (see MG_DEFINE_SOFTMAX_FWD); a whole block: t0 = 0,

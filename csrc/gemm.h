@@ -298,8 +298,7 @@ MG_DEFINE_GEMM(double, mg_v4d, 4, d)
  * wider, which loads B less often per FMA) */
 #define MG_GEMM512_ATTR __attribute__((target("avx512f,avx512vl,avx2,fma")))
 #define MG_GEMM512_INLINE __attribute__((always_inline, target("avx512f,avx512vl,avx2,fma"))) static inline
-typedef float mg_v16f __attribute__((vector_size(64)));
-typedef double mg_v8d __attribute__((vector_size(64)));
+/* mg_v16f, mg_v8d: attention.h's */
 
 #define MG_DEFINE_GEMM512(T, VT, W, SFX)                                                          \
     MG_DEFINE_GEMM_BLOCK(T, T, VT, W, mg_gemm512_block_##SFX, 12, MG_GEMM512_INLINE, MG_LOAD_VECTOR) \

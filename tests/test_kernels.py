@@ -445,6 +445,45 @@ def test_avx512_products_equal_avx2_bit_for_bit(rng, dtype):
             assert np.array_equal(outs[0], outs[1]), (form, M, N, K)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", [6, 18, 32])
+def test_avx512_attention_products_equal_avx2_bit_for_bit(rng, dtype, d):
+    """Attention's whole-block products on 512-bit vectors give the AVX2 kernels' bits (each
+    output element is the same FMA chain over the head dimension or the positions; lanes are
+    output columns), forward and backward, on lengths that leave every remainder of a 32-column
+    block and of a 4-row block."""
+    if "avx512" not in simd_levels():
+        pytest.skip("this CPU has no AVX-512")
+    types = ("content", "rrpram", "hybrid")
+    H, T = len(types), 40
+    lengths = [1, 2, 3, 5, 15, 16, 17, 31, 32, 33, 40]
+    N = sum(lengths)
+    q, k, v, R = (rng.normal(size=(N, H * d)).astype(dtype) for _ in range(4))
+    P = [rng.normal(size=(N, T)).astype(dtype) if t != "content" else None for t in types]
+    mix = [0.0, 0.0, 0.3]
+    out = {}
+    for level in (1, 2):
+        _core._force_simd(level)
+        try:
+            y, att = _core._attention_forward_memview(q, k, v, P, types, mix, lengths, T)
+            out[level] = (y, att) + _core._attention_backward_memview(R, att, q, k, v, P, types, mix, lengths, T)
+        finally:
+            _core._force_simd(None)
+    # att: the weights, then the content logits, each (H, sequences' n x n blocks); above the
+    # diagonal the logits are unspecified (mg_tri_nt fills whole column blocks there)
+    SS = sum(n * n for n in lengths)
+    lower = np.concatenate([np.tril(np.ones((n, n), bool)).ravel() for n in lengths])
+    keep = np.concatenate([np.ones(H * SS, bool), np.tile(lower, H)])
+    for name, a, b in zip(("y", "att", "dq", "dk", "dv", "dP", "dalpha"), out[1], out[2]):
+        if name == "dP":
+            for h in (1, 2):
+                assert np.array_equal(a[h], b[h]), (name, h)
+        elif name == "att":
+            assert np.array_equal(a[keep], b[keep]), name
+        else:
+            assert np.array_equal(a, b), name
+
+
 def test_fma_peak_probe():
     peak = _core.fma_peak("avx2", trials=5)
     assert 1.0 < peak < 10_000.0
