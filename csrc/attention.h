@@ -246,6 +246,19 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
                         acc[2][0] += q2 * b0; acc[2][1] += q2 * b1; acc[2][2] += q2 * b2;         \
                         acc[3][0] += q3 * b0; acc[3][1] += q3 * b1; acc[3][2] += q3 * b2;         \
                     }                                                                             \
+                } else if (R == MG_TRI_R && nv == 2) { /* (a head of two vectors: AVX-512's) */   \
+                    const T *p0 = Pb, *p1 = p0 + ldp, *p2 = p1 + ldp, *p3 = p2 + ldp;             \
+                    for (ptrdiff_t j = 0; j < tb + MG_TRI_R; j++) {                               \
+                        VT b0, b1;                                                                \
+                        const T *bj = Bp + j * ldbp + c0;                                         \
+                        memcpy(&b0, bj, sizeof b0);                                               \
+                        memcpy(&b1, bj + W, sizeof b1);                                           \
+                        T q0 = p0[j], q1 = p1[j], q2 = p2[j], q3 = p3[j];                         \
+                        acc[0][0] += q0 * b0; acc[0][1] += q0 * b1;                               \
+                        acc[1][0] += q1 * b0; acc[1][1] += q1 * b1;                               \
+                        acc[2][0] += q2 * b0; acc[2][1] += q2 * b1;                               \
+                        acc[3][0] += q3 * b0; acc[3][1] += q3 * b1;                               \
+                    }                                                                             \
                 } else if (R == MG_TRI_R) {                                                       \
                     const T *p0 = Pb, *p1 = p0 + ldp, *p2 = p1 + ldp, *p3 = p2 + ldp;             \
                     for (ptrdiff_t v = 0; v < nv; v++)                                            \
@@ -321,6 +334,19 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
                         acc[1][0] += q1 * b0; acc[1][1] += q1 * b1; acc[1][2] += q1 * b2;         \
                         acc[2][0] += q2 * b0; acc[2][1] += q2 * b1; acc[2][2] += q2 * b2;         \
                         acc[3][0] += q3 * b0; acc[3][1] += q3 * b1; acc[3][2] += q3 * b2;         \
+                    }                                                                             \
+                } else if (R == MG_TRI_R && nv == 2) {                                            \
+                    for (ptrdiff_t t = j0; t < n; t++) {                                          \
+                        VT b0, b1;                                                                \
+                        const T *bt = Bp + t * dp + c0;                                           \
+                        const T *pt = P + t * ldp + j0;                                           \
+                        memcpy(&b0, bt, sizeof b0);                                               \
+                        memcpy(&b1, bt + W, sizeof b1);                                           \
+                        T q0 = pt[0], q1 = pt[1], q2 = pt[2], q3 = pt[3];                         \
+                        acc[0][0] += q0 * b0; acc[0][1] += q0 * b1;                               \
+                        acc[1][0] += q1 * b0; acc[1][1] += q1 * b1;                               \
+                        acc[2][0] += q2 * b0; acc[2][1] += q2 * b1;                               \
+                        acc[3][0] += q3 * b0; acc[3][1] += q3 * b1;                               \
                     }                                                                             \
                 } else if (R == MG_TRI_R) {                                                       \
                     for (ptrdiff_t v = 0; v < nv; v++)                                            \
