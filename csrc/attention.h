@@ -457,8 +457,8 @@ MG_DEFINE_TRI(double, mg_v4d, 4, __attribute__((target("avx2,fma"))), mg_tri_nt_
               mg_tri_tn_d_avx2)
 /* AVX-512: the same products on 512-bit vectors (16 floats, 8 doubles). Every output element is
  * the same FMA chain at any width (vector lanes are output columns), so they give the AVX2
- * kernels' bits; only the whole-block entry points run them (the decoder's rows keep the AVX2
- * kernels and their padding). */
+ * kernels' bits. Their rows entry points need BT readable to round_up(t1, 32) columns (one
+ * row: round_up(t1, 16)) and Bp rows readable to round_up(d, 16). */
 #define MG_TRI512_ATTR __attribute__((target("avx512f,avx512vl,avx2,fma")))
 typedef float mg_v16f __attribute__((vector_size(64)));
 typedef double mg_v8d __attribute__((vector_size(64)));
@@ -601,8 +601,7 @@ MG_DEFINE_READ_FLOATS(mg_read_floats_base, )
 MG_DEFINE_READ_FLOATS(mg_read_floats_avx2, __attribute__((target("avx2"))))
 #endif
 /* The vector width a step's products use, chosen once at run time: 2 AVX-512 (csrc/gemm.h's
- * products and attention's whole-block products; the softmax and the decoder's attention rows
- * stay AVX2), 1 AVX2+FMA, 0 portable C or BLAS. AVX-512 is chosen only on
+ * products and attention's products; the softmax stays AVX2), 1 AVX2+FMA, 0 portable C or BLAS. AVX-512 is chosen only on
  * cores that run it at least 1.5x as fast as AVX2 (the probe above, ~3 ms once): on cores that
  * split 512-bit FMAs its wider padding makes the products slower. Both widths give the same
  * bits (every element is the same FMA chain over k), so the choice never changes a result.
@@ -676,7 +675,9 @@ static inline int mg_use_avx512(void) {
 
 #ifdef MG_TRI_AVX2
 #define MG_TRI_DISPATCH(fn, ...) (mg_tri_use_avx2() ? fn##_avx2(__VA_ARGS__) : fn##_base(__VA_ARGS__))
-#define MG_TRI_DISPATCH_ROWS(fn, ...) (mg_tri_use_avx2() ? fn##_avx2_rows(__VA_ARGS__) : fn##_base_rows(__VA_ARGS__))
+#define MG_TRI_DISPATCH_ROWS(fn, ...)                                                             \
+    (mg_use_avx512() ? fn##_avx512_rows(__VA_ARGS__)                                              \
+     : mg_tri_use_avx2() ? fn##_avx2_rows(__VA_ARGS__) : fn##_base_rows(__VA_ARGS__))
 #define MG_TRI_DISPATCH_WIDE(fn, ...) (mg_use_avx512() ? fn##_avx512(__VA_ARGS__) : MG_TRI_DISPATCH(fn, __VA_ARGS__))
 #else
 #define MG_TRI_DISPATCH(fn, ...) fn##_base(__VA_ARGS__)

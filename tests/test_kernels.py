@@ -206,12 +206,12 @@ def test_an_attention_row_alone_is_the_same_row_of_a_block(rng, dtype, portable)
         _core._force_portable_attention(portable)
         for d in (4, 6, 8, 16, 18, 24, 32, 40, 64):
             for n in (1, 3, 4, 5, 9, 37):
-                ldbt = (n + 15) // 16 * 16
+                ldbt = (n + 31) // 32 * 32
                 A = rng.normal(size=(n, d)).astype(dtype)
                 BT = rng.normal(size=(d, ldbt)).astype(dtype)
                 block = _core._tri_nt_rows_memview(A, BT, 0, n, 0.25)
                 P = np.tril(rng.random(size=(n, n))).astype(dtype)  # zero above the diagonal
-                B = rng.normal(size=(n, (d + 7) // 8 * 8)).astype(dtype)
+                B = rng.normal(size=(n, (d + 15) // 16 * 16)).astype(dtype)
                 values = _core._tri_nn_rows_memview(P, B, d, 0, n, 0.5)
                 for t in range(n):
                     alone = _core._tri_nt_rows_memview(A[t:t + 1].copy(), BT, t, t + 1, 0.25)
@@ -223,7 +223,7 @@ def test_an_attention_row_alone_is_the_same_row_of_a_block(rng, dtype, portable)
     finally:
         _core._force_portable_attention(False)
     with pytest.raises(ValueError):
-        _core._tri_nn_rows_memview(np.zeros((1, 4)), np.zeros((4, 7)), 6, 3, 4, 1.0)
+        _core._tri_nn_rows_memview(np.zeros((1, 4)), np.zeros((4, 15)), 6, 3, 4, 1.0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -474,7 +474,24 @@ def test_avx512_attention_products_equal_avx2_bit_for_bit(rng, dtype, d):
     SS = sum(n * n for n in lengths)
     lower = np.concatenate([np.tril(np.ones((n, n), bool)).ravel() for n in lengths])
     keep = np.concatenate([np.ones(H * SS, bool), np.tile(lower, H)])
-    for name, a, b in zip(("y", "att", "dq", "dk", "dv", "dP", "dalpha"), out[1], out[2]):
+    for level in (1, 2):  # the rows entry points (the decoder's), one row and a block of rows
+        _core._force_simd(level)
+        try:
+            A, BT = q[:37, :d].copy(), np.ascontiguousarray(k[:64, :d].T)
+            Pr = np.tril(rng.random(size=(37, 37))).astype(dtype) if level == 1 else Pr
+            B = np.ascontiguousarray(np.pad(v[:37, :d], ((0, 0), (0, 32 - d % 32 if d % 32 else 0))))
+            out[level] += (_core._tri_nt_rows_memview(A, BT, 0, 37, 0.25),
+                           _core._tri_nt_rows_memview(A[36:].copy(), BT, 36, 37, 0.25),
+                           _core._tri_nn_rows_memview(Pr, B, d, 0, 37, 0.5),
+                           _core._tri_nn_rows_memview(Pr[36:].copy(), B, d, 36, 37, 0.5))
+        finally:
+            _core._force_simd(None)
+    lower37 = np.tril(np.ones((37, 64), bool))
+    nt_block, nt_row, nn_block, nn_row = out[1][-4:]
+    assert np.array_equal(nt_block[lower37[:, :64]], out[2][-4][lower37]), "nt rows"
+    assert np.array_equal(nt_row[0, :37], out[2][-3][0, :37]), "nt one row"
+    assert np.array_equal(nn_block, out[2][-2]) and np.array_equal(nn_row, out[2][-1]), "nn rows"
+    for name, a, b in zip(("y", "att", "dq", "dk", "dv", "dP", "dalpha"), out[1][:-4], out[2][:-4]):
         if name == "dP":
             for h in (1, 2):
                 assert np.array_equal(a[h], b[h]), (name, h)

@@ -1288,11 +1288,11 @@ def _attention_forward_memview(floating[:, ::1] q, floating[:, ::1] k, floating[
 def _tri_nt_rows_memview(floating[:, ::1] A, floating[:, ::1] BT, Py_ssize_t t0, Py_ssize_t t1, double alpha):
     """S (t1 - t0, ldbt): S[t - t0, j] = alpha <A[t - t0], BT[:, j]> for j <= t, the rows t0 <= t
     < t1 of attention.h's mg_tri_nt_rows (a training block runs 0 .. n, a decoder step one row).
-    A (t1 - t0, d); BT (d, ldbt) with ldbt a multiple of 16, >= t1. Entries past column t are
+    A (t1 - t0, d); BT (d, ldbt) with ldbt a multiple of 32, >= t1. Entries past column t are
     unspecified."""
-    if not (0 <= t0 < t1) or A.shape[0] != t1 - t0 or BT.shape[0] != A.shape[1] or BT.shape[1] % 16 \
+    if not (0 <= t0 < t1) or A.shape[0] != t1 - t0 or BT.shape[0] != A.shape[1] or BT.shape[1] % 32 \
             or BT.shape[1] < t1:
-        raise ValueError("need 0 <= t0 < t1, A (t1 - t0, d), BT (d, ldbt) with ldbt a multiple of 16 >= t1")
+        raise ValueError("need 0 <= t0 < t1, A (t1 - t0, d), BT (d, ldbt) with ldbt a multiple of 32 >= t1")
     S = np.zeros((t1 - t0, BT.shape[1]), np.asarray(A).dtype)
     cdef floating[:, ::1] sv = S
     if floating is float:
@@ -1308,11 +1308,11 @@ def _tri_nn_rows_memview(floating[:, ::1] P, floating[:, ::1] B, Py_ssize_t d, P
                          double alpha):
     """Y (t1 - t0, d): Y[t - t0] = alpha sum_{j <= t} P[t - t0, j] B[j, :d], the rows t0 <= t < t1
     of attention.h's mg_tri_nn_rows. P (t1 - t0, >= t1): entries above the diagonal inside each
-    4 x 4 diagonal block must be zero; B (>= t1, ldb) with ldb >= d rounded up to 8 (read as
+    4 x 4 diagonal block must be zero; B (>= t1, ldb) with ldb >= d rounded up to 16 (read as
     whole vectors past d)."""
     if not (0 <= t0 < t1) or d < 1 or P.shape[0] != t1 - t0 or P.shape[1] < t1 or B.shape[0] < t1 \
-            or B.shape[1] < (d + 7) // 8 * 8:
-        raise ValueError("need 0 <= t0 < t1, d >= 1, P (t1 - t0, >= t1), B (>= t1, >= d rounded up to 8)")
+            or B.shape[1] < (d + 15) // 16 * 16:
+        raise ValueError("need 0 <= t0 < t1, d >= 1, P (t1 - t0, >= t1), B (>= t1, >= d rounded up to 16)")
     Y = np.zeros((t1 - t0, d), np.asarray(P).dtype)
     cdef floating[:, ::1] yv = Y
     if floating is float:

@@ -389,7 +389,7 @@ ctypedef struct Buf:
 
 
 # The attention kernels (attention.h) load whole vectors: a key row of the transposed cache up to
-# a multiple of 16 positions (so its stride, Tp, is one), a value row up to a multiple of 8
+# a multiple of 32 positions (so its stride, Tp, is one), a value row up to a multiple of 16
 # elements past its d (the next row's, or CACHE_PAD elements after the last: never used). Both
 # caches are head-major, so that the keys and values one head attends over are one block each:
 # a batch's caches do not stay in cache, and contiguous blocks stream best.
@@ -397,8 +397,9 @@ DEF CACHE_PAD = 16
 
 
 cdef inline Py_ssize_t cache_stride(Py_ssize_t T) noexcept nogil:
-    """Tp: positions per row of the transposed key cache, T rounded up to 16."""
-    return (T + 15) // 16 * 16
+    """Tp: positions per row of the transposed key cache, T rounded up to 32 (the rows of
+    attention.h's 512-bit kernels)."""
+    return (T + 31) // 32 * 32
 
 
 cdef void* buf_alloc(Buf* b, Py_ssize_t rows, const WNet* net, bint is_double, bint sequence) except NULL:
