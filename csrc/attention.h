@@ -438,6 +438,12 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
         return dalpha;                                                                            \
     }
 
+/* x[j] = exp(x[j] - shift), j < n: the cross-entropy's exponentials (float32; its sum is rows.h's
+ * fixed-order mg_row_sum_f). The AVX2 build is mg_expf8 on 8 lanes, as the softmax's rows. */
+static void mg_row_exp_f_base(float *restrict x, ptrdiff_t n, float shift) {
+    for (ptrdiff_t j = 0; j < n; j++) x[j] = mg_expf(x[j] - shift);
+}
+
 MG_DEFINE_SOFTMAX_FWD(float, f, , mg_causal_softmax_f_base)
 MG_DEFINE_SOFTMAX_FWD(double, d, , mg_causal_softmax_d_base)
 MG_DEFINE_SOFTMAX_BWD(float, 8, , mg_causal_softmax_backward_f_base)
@@ -522,6 +528,18 @@ __attribute__((target("avx2,fma"))) static void mg_causal_softmax_f_avx2(float *
         for (; j + 8 <= n; j += 8)  /* the whole row: weights, then zeros above the diagonal */
             _mm256_storeu_ps(row + j, j < nv * 8 ? _mm256_mul_ps(_mm256_loadu_ps(buf + j), inv) : _mm256_setzero_ps());
         for (; j < n; j++) row[j] = j < m ? buf[j] * _mm256_cvtss_f32(inv) : 0;
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void mg_row_exp_f_avx2(float *restrict x, ptrdiff_t n, float shift) {
+    const __m256 s = _mm256_set1_ps(shift);
+    ptrdiff_t j = 0;
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, mg_expf8(_mm256_sub_ps(_mm256_loadu_ps(x + j), s)));
+    if (j < n) { /* the last vector through a zero-padded copy: no load or store past x[n - 1] */
+        float t[8] = {0};
+        memcpy(t, x + j, (size_t)(n - j) * sizeof(float));
+        _mm256_storeu_ps(t, mg_expf8(_mm256_sub_ps(_mm256_loadu_ps(t), s)));
+        memcpy(x + j, t, (size_t)(n - j) * sizeof(float));
     }
 }
 #endif
@@ -721,6 +739,9 @@ static inline void mg_tri_tn_d(double *Y, ptrdiff_t ldy, const double *P, ptrdif
 static inline void mg_causal_softmax_f(float *A, ptrdiff_t lda, const float *S, ptrdiff_t lds, const float *P,
                                        ptrdiff_t ldp, ptrdiff_t t0, ptrdiff_t t1, float a, int kind, float *buf) {
     MG_TRI_DISPATCH(mg_causal_softmax_f, A, lda, S, lds, P, ldp, t0, t1, a, kind, buf);
+}
+static inline void mg_row_exp_f(float *x, ptrdiff_t n, float shift) {
+    MG_TRI_DISPATCH(mg_row_exp_f, x, n, shift);
 }
 static inline void mg_causal_softmax_d(double *A, ptrdiff_t lda, const double *S, ptrdiff_t lds, const double *P,
                                        ptrdiff_t ldp, ptrdiff_t t0, ptrdiff_t t1, double a, int kind, double *buf) {

@@ -230,14 +230,6 @@ cdef inline Py_ssize_t linked_tokens(int32_t* dst, const int32_t* s, const int32
     return k
 
 
-cdef inline bint same_i32(const int32_t* a, const int32_t* b, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        if a[i] != b[i]:
-            return False
-    return True
-
-
 cdef inline bint same_u32(const uint32_t* a, const uint32_t* b, Py_ssize_t n) noexcept nogil:
     """a[:n] == b[:n]; inline because words are short (a libc memcmp call costs more)."""
     cdef Py_ssize_t i
@@ -1312,7 +1304,7 @@ cdef class BPECore:
                 for k in range(got):
                     h = (h ^ <uint32_t>s[start + k]) * <uint64_t>0x100000001B3ULL
                 ps = &self.pieces[mix64(h) & (PIECE_SLOTS - 1)]
-                if ps.klen == got and same_i32(ps.key, s + start, got):
+                if ps.klen == got and same_u32(<const uint32_t*>ps.key, <const uint32_t*>(s + start), got):
                     for k in range(ps.nout):
                         s[w + k] = ps.out[k]
                     got = ps.nout

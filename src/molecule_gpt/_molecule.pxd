@@ -134,6 +134,7 @@ cdef extern from "rows.h" nogil:
     float mg_row_max_f(const float* x, Py_ssize_t n)
     double mg_row_max_d(const double* x, Py_ssize_t n)
     float mg_row_exp_sum_f(float* x, Py_ssize_t n, float shift)
+    float mg_row_sum_f(const float* x, const float* unused, Py_ssize_t n)
     double mg_row_exp_sum_d(double* x, Py_ssize_t n, double shift)
     float mg_row_dot_f(const float* a, const float* b, Py_ssize_t n)
     double mg_row_dot_d(const double* a, const double* b, Py_ssize_t n)
@@ -168,6 +169,7 @@ cdef extern from "gemm.h" nogil:
 
 cdef extern from "attention.h" nogil:
     size_t mg_tri_scratch(Py_ssize_t n, Py_ssize_t d)
+    void mg_row_exp_f(float* x, Py_ssize_t n, float shift)
     void mg_tri_force_portable(int on)
     int mg_tri_use_avx2()
     int mg_simd_level()
