@@ -4,8 +4,9 @@
  * default config), where a BLAS call spends as long in its fixed path (argument checks, packing)
  * as in arithmetic, and computes the masked upper triangle too. Here each product skips the
  * blocks above the diagonal (about half the work) and runs register-blocked loops written with
- * GCC vector extensions, compiled twice: for AVX2+FMA (chosen at run time when the CPU has it;
- * wheels are built without -march=native) and for the baseline x86-64 (SSE2).
+ * GCC vector extensions, compiled three times: for AVX-512 (where the run-time probe chose it for
+ * the products), AVX2+FMA (chosen at run time when the CPU has it; wheels are built without
+ * -march=native) and the baseline x86-64 (SSE2); every width gives the same products' bits.
  *
  * Dims: n = positions of the sequence (n <= T), d = head dim; row-major with leading dimensions.
  *   mg_tri_nt   S[t, j]  = alpha sum_c A[t, c] B[j, c]            for j <= t   (Q K^T, dY V^T)
