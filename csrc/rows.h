@@ -6,7 +6,7 @@
  * order (MG_DEFINE_ROW_SUM), so every build and caller computes the same bits and the loops
  * still run on vectors. The max needs no order (it is exact): `omp simd` grants the reordering
  * there (built with -fopenmp-simd; -ffast-math would grant it everywhere).
- * float rows use mg_expf (fastmath.h); double rows keep libm's exp (the fixture's precision).
+ * float32 exponentials are attention.h's mg_row_exp_f; double rows keep libm's exp (the fixture's precision).
  */
 #ifndef MOLECULE_ROWS_H
 #define MOLECULE_ROWS_H
@@ -65,7 +65,7 @@ MG_DEFINE_ROW_SUM(double, mg_rows_v2d, 2, mg_row_sum_d, a, MG_ROWS_NO_B)
 MG_DEFINE_ROW_SUM(float, mg_rows_v4f, 4, mg_row_dot_sum_f, a * b, MG_ROWS_LOAD_B)
 MG_DEFINE_ROW_SUM(double, mg_rows_v2d, 2, mg_row_dot_sum_d, a * b, MG_ROWS_LOAD_B)
 
-#define MG_DEFINE_ROWS(T, SUFFIX, EXP)                                                            \
+#define MG_DEFINE_ROWS(T, SUFFIX)                                                                 \
     /* max_j x[j], n >= 1 */                                                                      \
     static inline T mg_row_max_##SUFFIX(const T *restrict x, ptrdiff_t n) {                      \
         T m = x[0];                                                                               \
@@ -73,17 +73,18 @@ MG_DEFINE_ROW_SUM(double, mg_rows_v2d, 2, mg_row_dot_sum_d, a * b, MG_ROWS_LOAD_
         for (ptrdiff_t j = 1; j < n; j++) m = x[j] > m ? x[j] : m;                                \
         return m;                                                                                 \
     }                                                                                             \
-    /* x[j] = exp(x[j] - shift); returns sum_j x[j] */                                            \
-    static inline T mg_row_exp_sum_##SUFFIX(T *restrict x, ptrdiff_t n, T shift) {               \
-        for (ptrdiff_t j = 0; j < n; j++) x[j] = EXP(x[j] - shift); /* vectorizes alone */        \
-        return mg_row_sum_##SUFFIX(x, NULL, n);                                                   \
-    }                                                                                             \
     /* sum_j a[j] b[j] */                                                                         \
     static inline T mg_row_dot_##SUFFIX(const T *restrict a, const T *restrict b, ptrdiff_t n) { \
         return mg_row_dot_sum_##SUFFIX(a, b, n);                                                  \
     }
 
-MG_DEFINE_ROWS(float, f, mg_expf)
-MG_DEFINE_ROWS(double, d, exp)
+MG_DEFINE_ROWS(float, f)
+MG_DEFINE_ROWS(double, d)
+
+/* x[j] = exp(x[j] - shift); returns sum_j x[j] (float32's exponentials: attention.h's mg_row_exp_f) */
+static inline double mg_row_exp_sum_d(double *restrict x, ptrdiff_t n, double shift) {
+    for (ptrdiff_t j = 0; j < n; j++) x[j] = exp(x[j] - shift);
+    return mg_row_sum_d(x, NULL, n);
+}
 
 #endif

@@ -405,11 +405,7 @@ cdef void xent_forward(double* losses, floating* logits, const int* targets, Py_
         z = logits + i * V
         target_logit = z[targets[i]]
         mx = row_max(z, V)
-        if floating is float:           # z := exp(z - max): attention.h's, on 8 lanes where AVX2 runs
-            mg_row_exp_f(z, V, mx)
-            total = mg_row_sum_f(z, NULL, V)
-        else:
-            total = row_exp_sum(z, V, mx)
+        total = row_exp_sum(z, V, mx)   # z := exp(z - max)
         losses[i] = mx + log(total) - target_logit
         inv = <floating>(1.0 / total)
         for j in range(V):

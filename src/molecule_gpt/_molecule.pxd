@@ -133,7 +133,6 @@ cdef extern from "elementwise.h" nogil:
 cdef extern from "rows.h" nogil:
     float mg_row_max_f(const float* x, Py_ssize_t n)
     double mg_row_max_d(const double* x, Py_ssize_t n)
-    float mg_row_exp_sum_f(float* x, Py_ssize_t n, float shift)
     float mg_row_sum_f(const float* x, const float* unused, Py_ssize_t n)
     double mg_row_exp_sum_d(double* x, Py_ssize_t n, double shift)
     float mg_row_dot_f(const float* a, const float* b, Py_ssize_t n)

@@ -12,7 +12,7 @@
 
 from libc.math cimport exp, sqrt, sqrtf
 
-from ._molecule cimport (floating, mg_expf, mg_row_max_f, mg_row_max_d, mg_row_exp_sum_f, mg_row_exp_sum_d,
+from ._molecule cimport (floating, mg_expf, mg_row_max_f, mg_row_max_d, mg_row_exp_f, mg_row_sum_f, mg_row_exp_sum_d,
                          mg_row_dot_f, mg_row_dot_d, mg_rope_row_f, mg_rope_row_d,
                          mg_relu_gate_forward_f, mg_relu_gate_forward_d, ACT_RELU)
 
@@ -44,9 +44,11 @@ cdef inline floating row_max(const floating* x, Py_ssize_t n) noexcept nogil:
 
 
 cdef inline floating row_exp_sum(floating* x, Py_ssize_t n, floating shift) noexcept nogil:
-    """x := exp(x - shift); returns the sum (csrc/rows.h: vectorized reductions)."""
+    """x := exp(x - shift); returns the sum (csrc/rows.h's fixed-order reductions; float32's
+    exponentials are attention.h's, on 8 lanes where AVX2 runs)."""
     if floating is float:
-        return mg_row_exp_sum_f(x, n, shift)
+        mg_row_exp_f(x, n, shift)
+        return mg_row_sum_f(x, NULL, n)
     else:
         return mg_row_exp_sum_d(x, n, shift)
 
