@@ -298,6 +298,8 @@ MG_DEFINE_GEMM(double, mg_v4d, 4, d)
  * wider, which loads B less often per FMA) */
 #define MG_GEMM512_ATTR __attribute__((target("avx512f,avx512vl,avx2,fma")))
 #define MG_GEMM512_INLINE __attribute__((always_inline, target("avx512f,avx512vl,avx2,fma"))) static inline
+/* a kernel kept out of line: inlined into the product, its register tile would be spilled */
+#define MG_GEMM512_CALLED __attribute__((noinline, target("avx512f,avx512vl,avx2,fma"))) static
 /* mg_v16f, mg_v8d: attention.h's */
 
 #define MG_DEFINE_GEMM512(T, VT, W, SFX)                                                          \
@@ -481,7 +483,27 @@ MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v8f, 8, mg_gemm_block_bf16, 6, MG_GEMM_I
 
 /* One or two rows (MR) of G consecutive panels of NVP vectors of W: C[r, 0:nc] (+)= the rows'
  * sums over one pass (pstride: elements from a panel to the next). The blocks above would give
- * one row only NVP chains of FMAs; this gives it G NVP. Each element's chain is the blocks' one. */
+ * one row only NVP chains of FMAs; this gives it G NVP. Each element's chain is the blocks' one.
+ * MG_GEMM_TILE below is the same for a tile of MR x G (MR up to 8) with accumulators sized
+ * exactly (an array larger than the tile is not kept in registers). */
+#define MG_GEMM_STORE_ROW(T, VT, W, row, j, cv, nc, accumulate)                                   \
+    do {                                                                                          \
+        VT u_ = (cv); /* a copy: the accumulators' address is never taken */                     \
+        if ((nc) - (j) >= W) {                                                                    \
+            if (accumulate) {                                                                     \
+                VT o_;                                                                            \
+                memcpy(&o_, (row) + (j), sizeof o_);                                              \
+                u_ += o_;                                                                         \
+            }                                                                                     \
+            memcpy((row) + (j), &u_, sizeof u_);                                                  \
+        } else {                                                                                  \
+            T out_[W];                                                                            \
+            memcpy(out_, &u_, sizeof out_);                                                       \
+            for (ptrdiff_t l_ = 0; l_ < (nc) - (j); l_++)                                         \
+                (row)[(j) + l_] = (accumulate) ? (row)[(j) + l_] + out_[l_] : out_[l_];           \
+        }                                                                                         \
+    } while (0)
+
 #define MG_DEFINE_GEMM_ROWS(T, PT, VT, W, NVP, NAME, LOADP, INLINE)                               \
     INLINE void NAME(const int MR, const int G, ptrdiff_t kc, const T *restrict A, ptrdiff_t lda,  \
                      const PT *restrict P, ptrdiff_t pstride, T *restrict C, ptrdiff_t ldc,        \
@@ -500,18 +522,41 @@ MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v8f, 8, mg_gemm_block_bf16, 6, MG_GEMM_I
                     if (MR > 1) c[1][g][v] += x1 * b;                                             \
                 }                                                                                 \
         }                                                                                         \
-        _Pragma("GCC unroll 2") for (int r = 0; r < MR; r++) {                                    \
-            T *row = C + r * ldc;                                                                 \
+        _Pragma("GCC unroll 2") for (int r = 0; r < MR; r++)                                      \
             _Pragma("GCC unroll 8") for (int g = 0; g < G; g++)                                   \
-                _Pragma("GCC unroll 2") for (int v = 0; v < NVP; v++) {                          \
-                    ptrdiff_t j = (NVP * g + v) * W;                                              \
-                    T out[W];                                                                     \
-                    memcpy(out, &c[r][g][v], sizeof out);                                         \
-                    ptrdiff_t n = nc - j < W ? nc - j : W;                                        \
-                    for (ptrdiff_t l = 0; l < n; l++) row[j + l] = accumulate ? row[j + l] + out[l] : out[l]; \
-                }                                                                                 \
-        }                                                                                         \
+                _Pragma("GCC unroll 2") for (int v = 0; v < NVP; v++)                             \
+                    MG_GEMM_STORE_ROW(T, VT, W, C + r * ldc, (NVP * g + v) * W, c[r][g][v], nc, accumulate); \
     }
+
+/* MR rows of G panels of one vector (AVX-512's packed panels), one function per tile shape */
+#define MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, MR, G, LOADP, INLINE)                             \
+    INLINE void NAME##_##MR##x##G(ptrdiff_t kc, const T *restrict A, ptrdiff_t lda, const PT *restrict P, \
+                                  ptrdiff_t pstride, T *restrict C, ptrdiff_t ldc, int accumulate, ptrdiff_t nc) { \
+        VT c[MR][G];                                                                              \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                                      \
+            _Pragma("GCC unroll 8") for (int g = 0; g < G; g++) c[r][g] = (VT){0};                \
+        for (ptrdiff_t k = 0; k < kc; k++) {                                                      \
+            VT b[G];                                                                              \
+            _Pragma("GCC unroll 8") for (int g = 0; g < G; g++) LOADP(&b[g], P + g * pstride + k * W); \
+            _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                \
+                T x = A[r * lda + k];                                                             \
+                _Pragma("GCC unroll 8") for (int g = 0; g < G; g++) c[r][g] += x * b[g];          \
+            }                                                                                     \
+        }                                                                                         \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                                      \
+            _Pragma("GCC unroll 8") for (int g = 0; g < G; g++)                                   \
+                MG_GEMM_STORE_ROW(T, VT, W, C + r * ldc, g * W, c[r][g], nc, accumulate);         \
+    }
+/* the tile shapes mg_gemm_tile_panels gives (and MG_GEMM_TILE_CASES takes) */
+#define MG_DEFINE_GEMM_TILES(T, PT, VT, W, NAME, LOADP, INLINE)                                   \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 3, 8, LOADP, INLINE)                                  \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 4, 6, LOADP, INLINE)                                  \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 4, 4, LOADP, INLINE)                                  \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 5, 4, LOADP, INLINE)                                  \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 6, 4, LOADP, INLINE)                                  \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 6, 2, LOADP, INLINE)                                  \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 7, 2, LOADP, INLINE)                                  \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 8, 2, LOADP, INLINE)
 
 /* one or two rows of g <= GMAX panels (g <= GMAX / 2 for two) */
 #define MG_GEMM_ROWS_CASES(ROWS, M, g, ...)                                                       \
@@ -535,6 +580,24 @@ MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v8f, 8, mg_gemm_block_bf16, 6, MG_GEMM_I
         }                                                                                         \
     }
 
+/* Tiles of a batch's rows (AVX-512: 32 registers): rows are dealt evenly over tiles of at most
+ * eight (blocks of mr and mr - 1 rows, mr - 1 >= 4 then), each taking the panels of its larger
+ * block at once: mr x G accumulators, G panel vectors and the mr broadcasts fit the registers */
+#define MG_GEMM_TILE_ROWS 8
+static inline int mg_gemm_tile_panels(ptrdiff_t mr) {
+    return mr <= 3 ? 8 : mr == 4 ? 6 : mr <= 6 ? 4 : 2;
+}
+#define MG_GEMM_TILE_CASE(TILE, m, g, ...) case m * 16 + g: TILE##_##m##x##g(__VA_ARGS__); break;
+#define MG_GEMM_TILE_CASES_1(TILE, mr, G, ...)                                                      \
+    switch ((mr) * 16 + (G)) {                                                                    \
+    MG_GEMM_TILE_CASE(TILE, 3, 8, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 4, 6, __VA_ARGS__)         \
+    MG_GEMM_TILE_CASE(TILE, 4, 4, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 5, 4, __VA_ARGS__)         \
+    MG_GEMM_TILE_CASE(TILE, 6, 4, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 6, 2, __VA_ARGS__)         \
+    MG_GEMM_TILE_CASE(TILE, 7, 2, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 8, 2, __VA_ARGS__)         \
+    default: break; /* unreachable: see mg_gemm_tile_panels */                                    \
+    }
+#define MG_GEMM_TILE_CASES_0(TILE, mr, G, ...) /* no tiles (AVX2's 16 registers) */
+
 /* Share b of `blocks` of the `lines` 64-byte lines at `next`, prefetched into L2. With several
  * row blocks, only the first reads a panel from memory and the others find it in L1; the next
  * panel is fetched a share per block meanwhile, so that its stream overlaps the arithmetic
@@ -549,7 +612,7 @@ MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v8f, 8, mg_gemm_block_bf16, 6, MG_GEMM_I
 
 /* the packed product on one instruction set: panels of NVP vectors of W, blocks of MRB rows
  * (BLOCK), one or two rows GMAX or GMAX / 2 panels at a time (ROWS) */
-#define MG_DEFINE_GEMM_PACKED(T, PT, W, NVP, MRB, GMAX, NAME, BLOCK, ROWS, ATTR)                   \
+#define MG_DEFINE_GEMM_PACKED(T, PT, W, NVP, MRB, GMAX, TILES, NAME, BLOCK, ROWS, TILE, ATTR)                   \
     ATTR static void NAME(T *restrict C, ptrdiff_t ldc, const T *restrict A, ptrdiff_t lda,       \
                           const PT *restrict P, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, ptrdiff_t p0, \
                           ptrdiff_t p1) {                                                         \
@@ -567,23 +630,31 @@ MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v8f, 8, mg_gemm_block_bf16, 6, MG_GEMM_I
                 }                                                                                 \
                 continue;                                                                         \
             }                                                                                     \
-            const ptrdiff_t blocks = (M + MRB - 1) / MRB;                                         \
+            const ptrdiff_t rows = TILES ? MG_GEMM_TILE_ROWS : MRB;                               \
+            const ptrdiff_t blocks = (M + rows - 1) / rows;                                       \
             const ptrdiff_t lines = (ptrdiff_t)(kc * PW * sizeof(PT)) / 64;                       \
-            for (ptrdiff_t p = p0; p < p1; p++) {                                                 \
+            const ptrdiff_t G = TILES ? mg_gemm_tile_panels((M + blocks - 1) / blocks) : 1;       \
+            for (ptrdiff_t p = p0; p < p1;) {                                                     \
                 const PT *Pp = Pk + p * kc * PW;                                                  \
                 ptrdiff_t j0 = p * PW, nc = N - j0 < PW ? N - j0 : PW;                            \
+                int tile = G > 1 && p + G <= p1;                                                  \
+                ptrdiff_t step = tile ? G : 1;                                                    \
                 for (ptrdiff_t b = 0; b < blocks; b++) { /* rows dealt evenly: 8 = 4 + 4, not 6 + 2 */ \
                     ptrdiff_t i = b * M / blocks;                                                 \
                     int mr = (int)((b + 1) * M / blocks - i);                                     \
                     const T *Ai = A + i * lda + k0;                                               \
                     T *Ci = C + i * ldc + j0;                                                     \
-                    if (blocks > 1 && p + 1 < p1) MG_PREFETCH_SHARE(Pp + kc * PW, lines, b, blocks); \
-                    if (nc == PW) {                                                               \
+                    if (blocks > 1 && p + step < p1) MG_PREFETCH_SHARE(Pp + step * kc * PW, step * lines, b, blocks); \
+                    if (tile) {                                                                   \
+                        MG_GEMM_TILE_CASES_##TILES(TILE, mr, G, kc, Ai, lda, Pp, kc * PW, Ci, ldc, acc, \
+                                                   N - j0 < G * PW ? N - j0 : G * PW)             \
+                    } else if (nc == PW) {                                                        \
                         MG_GEMM_CASES(BLOCK, MRB, NVP, 0, mr, kc, Ai, lda, 1, Pp, Ci, ldc, (T)1, acc, nc) \
                     } else {                                                                      \
                         MG_GEMM_CASES(BLOCK, MRB, NVP, 1, mr, kc, Ai, lda, 1, Pp, Ci, ldc, (T)1, acc, nc) \
                     }                                                                             \
                 }                                                                                 \
+                p += step;                                                                        \
             }                                                                                     \
         }                                                                                         \
     }
@@ -592,10 +663,10 @@ MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v8f, 8, mg_gemm_block_bf16, 6, MG_GEMM_I
 MG_DEFINE_GEMM_ROWS(float, float, mg_v8f, 8, 2, mg_gemm_rows_f, MG_LOAD_VECTOR, MG_GEMM_INLINE)
 MG_DEFINE_GEMM_ROWS(double, double, mg_v4d, 4, 2, mg_gemm_rows_d, MG_LOAD_VECTOR, MG_GEMM_INLINE)
 MG_DEFINE_GEMM_ROWS(float, mg_bf16, mg_v8f, 8, 2, mg_gemm_rows_bf16, MG_LOAD_BF16, MG_GEMM_INLINE)
-MG_DEFINE_GEMM_PACKED(float, float, 8, 2, 6, 4, mg_gemm_packed_avx2_f, mg_gemm_block_f, mg_gemm_rows_f, MG_GEMM_ATTR)
-MG_DEFINE_GEMM_PACKED(double, double, 4, 2, 6, 4, mg_gemm_packed_avx2_d, mg_gemm_block_d, mg_gemm_rows_d, MG_GEMM_ATTR)
-MG_DEFINE_GEMM_PACKED(float, mg_bf16, 8, 2, 6, 4, mg_gemm_packed_avx2_bf16, mg_gemm_block_bf16, mg_gemm_rows_bf16,
-                      MG_GEMM_ATTR)
+MG_DEFINE_GEMM_PACKED(float, float, 8, 2, 6, 4, 0, mg_gemm_packed_avx2_f, mg_gemm_block_f, mg_gemm_rows_f, -, MG_GEMM_ATTR)
+MG_DEFINE_GEMM_PACKED(double, double, 4, 2, 6, 4, 0, mg_gemm_packed_avx2_d, mg_gemm_block_d, mg_gemm_rows_d, -, MG_GEMM_ATTR)
+MG_DEFINE_GEMM_PACKED(float, mg_bf16, 8, 2, 6, 4, 0, mg_gemm_packed_avx2_bf16, mg_gemm_block_bf16, mg_gemm_rows_bf16,
+                      -, MG_GEMM_ATTR)
 
 /* AVX-512 (where the probe chose it for the training's products): panels of one vector, the
  * 12 x W block (the training's); the same sums, so the same bits as AVX2 */
@@ -610,12 +681,15 @@ MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v16f, 16, mg_gemm512_block_bf16, 12, MG_
 MG_DEFINE_GEMM_ROWS(float, float, mg_v16f, 16, 1, mg_gemm512_rows_f, MG_LOAD_VECTOR, MG_GEMM512_INLINE)
 MG_DEFINE_GEMM_ROWS(double, double, mg_v8d, 8, 1, mg_gemm512_rows_d, MG_LOAD_VECTOR, MG_GEMM512_INLINE)
 MG_DEFINE_GEMM_ROWS(float, mg_bf16, mg_v16f, 16, 1, mg_gemm512_rows_bf16, MG_LOAD_BF16_512, MG_GEMM512_INLINE)
-MG_DEFINE_GEMM_PACKED(float, float, 16, 1, 12, 8, mg_gemm_packed_avx512_f, mg_gemm512_block_f, mg_gemm512_rows_f,
-                      MG_GEMM512_ATTR)
-MG_DEFINE_GEMM_PACKED(double, double, 8, 1, 12, 8, mg_gemm_packed_avx512_d, mg_gemm512_block_d, mg_gemm512_rows_d,
-                      MG_GEMM512_ATTR)
-MG_DEFINE_GEMM_PACKED(float, mg_bf16, 16, 1, 12, 8, mg_gemm_packed_avx512_bf16, mg_gemm512_block_bf16,
-                      mg_gemm512_rows_bf16, MG_GEMM512_ATTR)
+MG_DEFINE_GEMM_TILES(float, float, mg_v16f, 16, mg_gemm512_tile_f, MG_LOAD_VECTOR, MG_GEMM512_CALLED)
+MG_DEFINE_GEMM_TILES(double, double, mg_v8d, 8, mg_gemm512_tile_d, MG_LOAD_VECTOR, MG_GEMM512_CALLED)
+MG_DEFINE_GEMM_TILES(float, mg_bf16, mg_v16f, 16, mg_gemm512_tile_bf16, MG_LOAD_BF16_512, MG_GEMM512_CALLED)
+MG_DEFINE_GEMM_PACKED(float, float, 16, 1, 12, 8, 1, mg_gemm_packed_avx512_f, mg_gemm512_block_f, mg_gemm512_rows_f,
+                      mg_gemm512_tile_f, MG_GEMM512_ATTR)
+MG_DEFINE_GEMM_PACKED(double, double, 8, 1, 12, 8, 1, mg_gemm_packed_avx512_d, mg_gemm512_block_d, mg_gemm512_rows_d,
+                      mg_gemm512_tile_d, MG_GEMM512_ATTR)
+MG_DEFINE_GEMM_PACKED(float, mg_bf16, 16, 1, 12, 8, 1, mg_gemm_packed_avx512_bf16, mg_gemm512_block_bf16,
+                      mg_gemm512_rows_bf16, mg_gemm512_tile_bf16, MG_GEMM512_ATTR)
 #endif
 
 /* the entry points; avx2: the caller's choice of path, fixed for a process (mg_decode_has_avx2),

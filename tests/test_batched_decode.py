@@ -123,13 +123,14 @@ def test_batched_logits_are_bit_identical_to_single_decoding_at_every_step(dtype
 def test_batched_product_rows_equal_single_row_products(dtype, n_threads):
     """The product of a batched step (split by weight rows over the threads, cache-blocked):
     row i of X W^T is bit-identical to the product of row i alone, for widths with and without
-    8-float tails, row counts with 4-row tails and blocks, and 1 .. 7 input rows."""
+    8-float tails, row counts with 4-row tails and blocks, and 1 .. 17 input rows (every tile
+    shape of the AVX-512 path: rows dealt over tiles of up to 8, several panels at once)."""
     rng = np.random.default_rng(0)
     for nin in (20, 64, 72, 288):
         for nout in (37, 216, 576):
             W = rng.standard_normal((nout, nin)).astype(dtype)
-            X = rng.standard_normal((7, nin)).astype(dtype)
-            for rows in range(1, 8):
+            X = rng.standard_normal((17, nin)).astype(dtype)
+            for rows in range(1, 18):
                 Y = _decode._linear_rows(W, X[:rows].copy(), n_threads)
                 for i in range(rows):
                     assert Y[i].tobytes() == _decode._linear_rows(W, X[i:i + 1].copy(), 1)[0].tobytes(), \
