@@ -141,7 +141,7 @@ def test_a_rollback_restores_the_version_and_an_accepted_burst_does_not():
     before, loss_calls = m.versions(), []
     held = org._old_heldout
     real_loss = held.loss
-    held.loss = lambda model, pace=None: loss_calls.append(1) or real_loss(model, pace)
+    held.loss = lambda model, pace=None, known=None: loss_calls.append(1) or real_loss(model, pace, known)
     org.observe([f"zz{i}qq !!## ~~ {i * 7919 % 1000} zz" for i in range(8)])
     report = org.train_burst(lr=50.0)
     assert not report.accepted

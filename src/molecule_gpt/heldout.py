@@ -19,6 +19,7 @@ What it is not: a cache or a policy. `HeldOut` below keeps a line set with its e
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from typing import Callable, Sequence
@@ -78,22 +79,37 @@ class HeldOut:
                 self._key = key
             return self._windows
 
-    def total_nats(self, model, pace: Callable[[float], None] | None = None) -> float:
-        """Summed cross-entropy (nats) over every predicted token of the lines. pace(seconds) is
-        called after each piece of windows (the model lock is free between pieces)."""
+    def window_nats(self, model, pace: Callable[[float], None] | None = None,
+                    known: dict | None = None) -> list[float]:
+        """Summed cross-entropy (nats) of each window (see `windows`), in order. pace(seconds)
+        is called after each piece of windows (the model lock is free between pieces).
+        known: the nats of windows (tuples of ids) under the model's current weights, from an
+        earlier evaluation; those are not evaluated again, and the new ones are added to it.
+        A window's nats depend only on its ids and the weights (each sequence of a forward is
+        computed as it would be alone), so a known value is the value."""
         ws = self.windows(model.config.block_size)
-        total = 0.0
-        for start in range(0, len(ws), _WINDOWS_PER_CALL):
-            chunk = ws[start:start + _WINDOWS_PER_CALL]
+        keys = [tuple(w) for w in ws]
+        found = known if known is not None else {}
+        todo = [i for i, key in enumerate(keys) if key not in found]
+        for start in range(0, len(todo), _WINDOWS_PER_CALL):
+            part = todo[start:start + _WINDOWS_PER_CALL]
             t0 = time.perf_counter()
-            losses = model.sequence_losses(chunk)
-            total += sum(loss * (len(w) - 1) for loss, w in zip(losses, chunk))
+            losses = model.sequence_losses([ws[i] for i in part])
+            for i, loss in zip(part, losses):
+                found[keys[i]] = loss * (len(ws[i]) - 1)
             if pace is not None:
                 pace(time.perf_counter() - t0)
-        return total
+        return [found[key] for key in keys]
 
-    def loss(self, model, pace: Callable[[float], None] | None = None) -> float | None:
-        """Nats per character (see the module docstring); None without lines."""
+    def total_nats(self, model, pace: Callable[[float], None] | None = None, known: dict | None = None) -> float:
+        """Summed cross-entropy (nats) over every predicted token of the lines: the windows'
+        nats (window_nats) summed exactly (math.fsum: the same total in any order, so a total
+        built partly from known windows equals a fresh one bit for bit)."""
+        return math.fsum(self.window_nats(model, pace, known))
+
+    def loss(self, model, pace: Callable[[float], None] | None = None, known: dict | None = None) -> float | None:
+        """Nats per character (see the module docstring); None without lines. known: as in
+        window_nats."""
         if not self.lines:
             return None
-        return self.total_nats(model, pace) / self.chars
+        return self.total_nats(model, pace, known) / self.chars

@@ -588,6 +588,14 @@ class Model:
             return sum(2 * e.high_water[0] for e in self._engines)
 
     @property
+    def rows_independent(self) -> bool:
+        """True when every sequence of a batch is computed bit for bit as it would be alone (the
+        AVX2 and AVX-512 kernels: each output element is one chain of FMAs in a fixed order);
+        False on the BLAS path (no AVX2), whose products may round a row differently in another
+        batch. What caches a sequence's result across batches relies on it."""
+        return not _core.step_uses_blas()
+
+    @property
     def version(self) -> int:
         """The weights version: changes whenever what the model computes may have changed (an
         optimizer step, growth, an alpha or trainable flag, refresh(), loading), never repeats in

@@ -199,6 +199,9 @@ class Trainer:
         # (held-out set and tokenizer, Model.version) -> loss; a rollback restores the version
         # of weights whose key is still here, so the next burst's "before" costs nothing
         self._val_cache: dict = {}
+        # Model.version -> {window ids: nats} for the newest few versions: a held-out set that
+        # gained a few lines (text heard since the last burst) evaluates only those
+        self._window_nats: dict = {}
         self.accepted_projection: Projection | None = None  # after the last warmup / accepted burst
         self._components = None  # (structure key, slices per component)
 
@@ -209,10 +212,17 @@ class Trainer:
         while neither the weights, nor the set, nor the tokenizer changed. None without lines."""
         if held is None or not len(held):
             return None
-        key = (held.key(), self.model.version)
+        version = self.model.version
+        key = (held.key(), version)
         loss = self._val_cache.get(key)
         if loss is None:
-            loss = held.loss(self.model, self.pace)
+            known = None
+            if self.model.rows_independent:
+                known = self._window_nats.pop(version, None) or {}
+                self._window_nats[version] = known  # the newest last
+                while len(self._window_nats) > 4:
+                    del self._window_nats[next(iter(self._window_nats))]
+            loss = held.loss(self.model, self.pace, known)
             if len(self._val_cache) >= 16:
                 del self._val_cache[next(iter(self._val_cache))]  # the oldest
             self._val_cache[key] = loss
