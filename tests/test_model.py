@@ -456,6 +456,31 @@ def test_batch_larger_than_the_arena_runs_in_chunks_with_the_same_numbers(n_thre
     assert small.loss(batch) == pytest.approx(big.loss(batch), rel=1e-13)
 
 
+@pytest.mark.parametrize("n_threads", [2, 3])
+def test_sequences_are_dealt_to_the_least_loaded_worker_and_a_batch_always_fits(n_threads):
+    """A run deals its sequences longest first, each to the worker with the fewest positions so
+    far: every sequence exactly once, a long line alone beside short ones, equal lengths in
+    turn; and any batch of Config.batch_size sequences of at most block_size + 1 tokens still
+    runs at once (the arenas are sized for it)."""
+    from molecule_gpt.model import _deal
+    assert _deal([5, 90, 7, 6], 2) == [[1], [2, 3, 0]]
+    assert _deal([9, 9, 9, 9], 2) == [[0, 2], [1, 3]]
+    assert _deal([4], 3) == [[0]]
+    rng = np.random.default_rng(1)
+    config = tiny_config(batch_size=5)
+    model = mg.Model(config, 11, dtype="float32", n_threads=n_threads)
+    model.loss(random_batch(rng, 11, [3, 4]))  # the workers exist from the first run on
+    T = config.block_size
+    for _ in range(300):
+        lengths = rng.integers(2, T + 2, config.batch_size)
+        shares = _deal([min(T, k - 1) for k in lengths], n_threads)
+        assert sorted(i for share in shares for i in share) == list(range(config.batch_size))
+        seqs = model._validate(random_batch(rng, 11, list(lengths)))
+        assert list(model._arena_chunks(seqs)) == [(0, config.batch_size)], lengths
+    loss = model.train_step(random_batch(rng, 11, [T + 1, 2, 3, T, 2]), 0.01)
+    assert np.isfinite(loss) and model.arena_high_water <= model.arena_capacity
+
+
 def test_arena_grows_with_vocabulary_and_modules():
     model = mg.Model(tiny_config(), 11)
     cap = model.arena_capacity

@@ -162,6 +162,22 @@ class ParamGroup:
         return new
 
 
+
+def _deal(lengths: Sequence[int], workers: int) -> list[list[int]]:
+    """The sequences (by index) each worker of a run takes: longest first, each to the worker
+    with the fewest positions so far (the lowest-numbered on a tie). A step ends when its
+    busiest worker does, and positions are what a worker's time grows with (the products);
+    dealing in turn leaves the busiest worker further above the mean when lines differ in
+    length. Equal lengths are dealt in turn either way."""
+    n = min(workers, len(lengths))
+    shares: list[list[int]] = [[] for _ in range(n)]
+    load = [0] * n
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        w = load.index(min(load))
+        shares[w].append(i)
+        load[w] += lengths[i]
+    return shares
+
 class Model:
     """The transformer of design.md §2. `Model(config, vocab_size, dtype="float32", seed=0)`."""
 
@@ -814,11 +830,11 @@ class Model:
         sum, as train_step's Adam does in its own pass)."""
         self._ensure_ready()
         self._refresh_folds()
-        n_workers = min(len(self._engines), len(seqs))
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first, then dealt out
+        T = self.config.block_size
+        shares = _deal([min(T, len(a) - 1) for a in seqs], len(self._engines))
+        n_workers = len(shares)
         parts = []
-        for w in range(n_workers):
-            idx = order[w::n_workers]
+        for w, idx in enumerate(shares):
             packed = self._pack([seqs[i] for i in idx], total_sequences)
             engine = self._engines[w]
             need, nodes = engine.plan(len(packed[0]), packed[7])
@@ -881,19 +897,19 @@ class Model:
     def _arena_chunks(self, seqs: list[np.ndarray]) -> Iterator[tuple[int, int]]:
         """Consecutive (start, stop) ranges of `seqs` that each fit the arenas in one run: as
         many sequences as fit, not just batch_size (short held-out lines pack several times
-        more per run). A range is cut when one worker's share, dealt as _run deals it (longest
-        first, round robin), would exceed the positions or squared lengths it is sized for."""
+        more per run). A range is cut when one worker's share, dealt as _run deals it (_deal),
+        would exceed the positions or squared lengths it is sized for."""
         T = self.config.block_size
         cap_n, cap_sq = self._max_step()
         workers = len(self._engines)
+        lengths = [min(T, len(a) - 1) for a in seqs]
         start = 0
         while start < len(seqs):
             stop = start + 1
             while stop < len(seqs):
-                lengths = sorted((min(T, len(a) - 1) for a in seqs[start:stop + 1]), reverse=True)
-                used = min(workers, len(lengths))
-                if any(sum(lengths[w::used]) > cap_n or sum(k * k for k in lengths[w::used]) > cap_sq
-                       for w in range(used)):
+                part = lengths[start:stop + 1]
+                if any(sum(part[i] for i in idx) > cap_n or sum(part[i] ** 2 for i in idx) > cap_sq
+                       for idx in _deal(part, workers)):
                     break
                 stop += 1
             yield start, stop
