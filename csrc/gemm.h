@@ -94,6 +94,11 @@ static inline void *mg_gemm_scratch_get(size_t nbytes) {
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define MG_GEMM_AVX2 1
+/* v as computed, in a register: the compiler may not fuse the product that made it into the next
+ * addition. C (+)= alpha sum: the scaled sum is rounded before C is added, in every kernel shape,
+ * so the shapes (and the widths) give the same bits whatever the compiler contracts. */
+#define MG_ROUNDED(v) __asm__("" : "+v"(v))
+
 #define MG_GEMM_ATTR __attribute__((target("avx2,fma")))
 #define MG_GEMM_INLINE __attribute__((always_inline, target("avx2,fma"))) static inline
 
@@ -127,6 +132,7 @@ static inline void *mg_gemm_scratch_get(size_t nbytes) {
             if (!TAIL) {                                                                          \
                 _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) {                            \
                     VT u = c[r][v] * alpha;                                                       \
+                    MG_ROUNDED(u);                                                                \
                     if (accumulate) {                                                             \
                         VT o;                                                                     \
                         memcpy(&o, row + v * W, sizeof o);                                        \
@@ -138,6 +144,7 @@ static inline void *mg_gemm_scratch_get(size_t nbytes) {
                 T out[3 * W];                                                                     \
                 _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) {                            \
                     VT u = c[r][v] * alpha;                                                       \
+                    MG_ROUNDED(u);                                                                \
                     memcpy(out + v * W, &u, sizeof u);                                            \
                 }                                                                                 \
                 for (ptrdiff_t l = 0; l < nc; l++) row[l] = accumulate ? row[l] + out[l] : out[l]; \
@@ -208,12 +215,88 @@ MG_GEMM_INLINE void mg_pack_t_d(double *restrict dst, const double *restrict src
     default: BLOCK(1, NV, TAIL, __VA_ARGS__);                                                     \
     }
 
+#define MG_GEMM_STORE_ROW(T, VT, W, row, j, cv, nc, accumulate)                                   \
+    do {                                                                                          \
+        VT u_ = (cv); /* a copy: the accumulators' address is never taken */                     \
+        MG_ROUNDED(u_);                                                                           \
+        if ((nc) - (j) >= W) {                                                                    \
+            if (accumulate) {                                                                     \
+                VT o_;                                                                            \
+                memcpy(&o_, (row) + (j), sizeof o_);                                              \
+                u_ += o_;                                                                         \
+            }                                                                                     \
+            memcpy((row) + (j), &u_, sizeof u_);                                                  \
+        } else {                                                                                  \
+            T out_[W];                                                                            \
+            memcpy(out_, &u_, sizeof out_);                                                       \
+            for (ptrdiff_t l_ = 0; l_ < (nc) - (j); l_++)                                         \
+                (row)[(j) + l_] = (accumulate) ? (row)[(j) + l_] + out_[l_] : out_[l_];           \
+        }                                                                                         \
+    } while (0)
+
+/* A tile: C[0:MR, 0:nc] (+)= alpha sum_k A(r, k) P_g[k, :] over G panels of one vector each
+ * (panel g at P + g pstride; A(r, k) at A[r sam + k sak]), nc <= G W. The blocks above load one
+ * panel vector per MR broadcasts; a tile loads G, so it needs fewer rows for as many independent
+ * chains (AVX-512's 32 registers: MR G accumulators, G panel vectors and a broadcast). Each
+ * element is the blocks' chain of FMAs over k in order, then the same alpha and accumulate: a
+ * tile and a block give the same bits. Accumulators sized exactly per shape, and the function
+ * kept out of line: inlined into a product, its registers were spilled. */
+#define MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, MR, G, LOADP, ATTR)                               \
+    ATTR void NAME##_##MR##x##G(ptrdiff_t kc, const T *restrict A, ptrdiff_t sam, ptrdiff_t sak,   \
+                                const PT *restrict P, ptrdiff_t pstride, T *restrict C, ptrdiff_t ldc, \
+                                T alpha, int accumulate, ptrdiff_t nc) {                          \
+        VT c[MR][G];                                                                              \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                                      \
+            _Pragma("GCC unroll 8") for (int g = 0; g < G; g++) c[r][g] = (VT){0};                \
+        for (ptrdiff_t k = 0; k < kc; k++) {                                                      \
+            VT b[G];                                                                              \
+            _Pragma("GCC unroll 8") for (int g = 0; g < G; g++) LOADP(&b[g], P + g * pstride + k * W); \
+            _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                \
+                T x = A[r * sam + k * sak];                                                       \
+                _Pragma("GCC unroll 8") for (int g = 0; g < G; g++) c[r][g] += x * b[g];          \
+            }                                                                                     \
+        }                                                                                         \
+        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                                      \
+            _Pragma("GCC unroll 8") for (int g = 0; g < G; g++)                                   \
+                MG_GEMM_STORE_ROW(T, VT, W, C + r * ldc, g * W, c[r][g] * alpha, nc, accumulate); \
+    }
+#define MG_GEMM_TILE_CASE(TILE, m, g, ...) case m * 16 + g: TILE##_##m##x##g(__VA_ARGS__); break;
+/* the training's tiles: up to 4 rows of up to 5 panels */
+#define MG_GEMM_TRAIN_TILE_ROWS 4
+#define MG_GEMM_TRAIN_TILE_PANELS 5
+#define MG_DEFINE_GEMM_TRAIN_TILES(T, PT, VT, W, NAME, LOADP, ATTR)                               \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 1, 1, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 1, 2, LOADP, ATTR) \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 1, 3, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 1, 4, LOADP, ATTR) \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 1, 5, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 2, 1, LOADP, ATTR) \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 2, 2, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 2, 3, LOADP, ATTR) \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 2, 4, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 2, 5, LOADP, ATTR) \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 3, 1, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 3, 2, LOADP, ATTR) \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 3, 3, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 3, 4, LOADP, ATTR) \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 3, 5, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 4, 1, LOADP, ATTR) \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 4, 2, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 4, 3, LOADP, ATTR) \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 4, 4, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 4, 5, LOADP, ATTR)
+#define MG_GEMM_TRAIN_TILE_CASES_1(TILE, mr, g, ...)                                              \
+    switch ((mr) * 16 + (g)) {                                                                    \
+    MG_GEMM_TILE_CASE(TILE, 1, 1, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 1, 2, __VA_ARGS__)         \
+    MG_GEMM_TILE_CASE(TILE, 1, 3, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 1, 4, __VA_ARGS__)         \
+    MG_GEMM_TILE_CASE(TILE, 1, 5, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 2, 1, __VA_ARGS__)         \
+    MG_GEMM_TILE_CASE(TILE, 2, 2, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 2, 3, __VA_ARGS__)         \
+    MG_GEMM_TILE_CASE(TILE, 2, 4, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 2, 5, __VA_ARGS__)         \
+    MG_GEMM_TILE_CASE(TILE, 3, 1, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 3, 2, __VA_ARGS__)         \
+    MG_GEMM_TILE_CASE(TILE, 3, 3, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 3, 4, __VA_ARGS__)         \
+    MG_GEMM_TILE_CASE(TILE, 3, 5, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 4, 1, __VA_ARGS__)         \
+    MG_GEMM_TILE_CASE(TILE, 4, 2, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 4, 3, __VA_ARGS__)         \
+    MG_GEMM_TILE_CASE(TILE, 4, 4, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 4, 5, __VA_ARGS__)         \
+    default: break; /* unreachable: mr <= 4, g <= 5 */                                            \
+    }
+#define MG_GEMM_TRAIN_TILE_CASES_0(TILE, mr, g, ...) (void)(mr), (void)(g); /* no tiles (AVX2's 16 registers) */
+
 /* C (M, N) (+)= alpha opA(A) B, A(i, k) at A[i * sam + k * sak]; B(k, j) at B[k * sbk + j * sbj]
  * (row-major B: sbk = ldb, sbj = 1; B given transposed: sbk = 1, sbj = ldb). Per pass of
  * kc <= MG_GEMM_KC rows of B, B is first packed into column panels of NV W (zero-padded: the
  * kernel's loads are whole and contiguous); every row block of A reuses them. Blocks are MR x
  * NV W with (MR, NV) = (6, 2) or (4, 3): the caller picks the one that wastes fewer columns. */
-#define MG_DEFINE_GEMM_CORE(T, VT, W, BLOCK, PACKT, CORE, MR, NV, ATTR)                                      \
+#define MG_DEFINE_GEMM_CORE(T, VT, W, BLOCK, PACKT, CORE, MR, NV, TILES, TILE, ATTR)                                      \
     ATTR static void CORE(T *restrict C, ptrdiff_t ldc, const T *restrict A, ptrdiff_t sam, \
                                   ptrdiff_t sak, const T *restrict B, ptrdiff_t sbk, ptrdiff_t sbj, \
                                   ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, T alpha, int accumulate, \
@@ -247,6 +330,18 @@ MG_GEMM_INLINE void mg_pack_t_d(double *restrict dst, const double *restrict src
                  * default config's sizes the copy costs more than it saves, hence the span       \
                  * threshold) */                                                                  \
                 const T *Ab = A + i0 * sam + k0 * sak;                                            \
+                if (TILES && apack == NULL) { /* rows of up to 4, each over groups of panels */   \
+                    for (ptrdiff_t i = i0; i < i0 + mc; i += MG_GEMM_TRAIN_TILE_ROWS) {           \
+                        int mr = i0 + mc - i < MG_GEMM_TRAIN_TILE_ROWS ? (int)(i0 + mc - i) : MG_GEMM_TRAIN_TILE_ROWS; \
+                        for (ptrdiff_t p = 0; p < np; p += MG_GEMM_TRAIN_TILE_PANELS) {           \
+                            int g = np - p < MG_GEMM_TRAIN_TILE_PANELS ? (int)(np - p) : MG_GEMM_TRAIN_TILE_PANELS; \
+                            MG_GEMM_TRAIN_TILE_CASES_##TILES(TILE, mr, g, kc, Ab + (i - i0) * sam, sam, sak, \
+                                                             panels + p * kc * PW, kc * PW, C + i * ldc + p * PW, ldc, \
+                                                             alpha, acc, N - p * PW < g * PW ? N - p * PW : g * PW) \
+                        }                                                                         \
+                    }                                                                             \
+                    continue;                                                                     \
+                }                                                                                 \
                 if (apack != NULL) {                                                              \
                     for (ptrdiff_t b = 0; b * MR < mc; b++) {                                     \
                         ptrdiff_t rows = mc - b * MR < MR ? mc - b * MR : MR;                     \
@@ -283,8 +378,8 @@ MG_GEMM_INLINE void mg_pack_t_d(double *restrict dst, const double *restrict src
  * pads fewer columns */
 #define MG_DEFINE_GEMM(T, VT, W, SFX)                                                             \
     MG_DEFINE_GEMM_BLOCK(T, T, VT, W, mg_gemm_block_##SFX, 6, MG_GEMM_INLINE, MG_LOAD_VECTOR)     \
-    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm_block_##SFX, mg_pack_t_##SFX, mg_gemm_core2_##SFX, 6, 2, MG_GEMM_ATTR) \
-    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm_block_##SFX, mg_pack_t_##SFX, mg_gemm_core3_##SFX, 4, 3, MG_GEMM_ATTR) \
+    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm_block_##SFX, mg_pack_t_##SFX, mg_gemm_core2_##SFX, 6, 2, 0, -, MG_GEMM_ATTR) \
+    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm_block_##SFX, mg_pack_t_##SFX, mg_gemm_core3_##SFX, 4, 3, 0, -, MG_GEMM_ATTR) \
     static inline int mg_gemm_wide_##SFX(ptrdiff_t N) {                                           \
         ptrdiff_t pad2 = (N + 2 * W - 1) / (2 * W) * 2 * W, pad3 = (N + 3 * W - 1) / (3 * W) * 3 * W; \
         return pad3 < pad2;                                                                       \
@@ -298,15 +393,17 @@ MG_DEFINE_GEMM(double, mg_v4d, 4, d)
  * wider, which loads B less often per FMA) */
 #define MG_GEMM512_ATTR __attribute__((target("avx512f,avx512vl,avx2,fma")))
 #define MG_GEMM512_INLINE __attribute__((always_inline, target("avx512f,avx512vl,avx2,fma"))) static inline
-/* a kernel kept out of line: inlined into the product, its register tile would be spilled */
-#define MG_GEMM512_CALLED __attribute__((noinline, target("avx512f,avx512vl,avx2,fma"))) static
+/* a kernel kept out of line (the tiles: see MG_DEFINE_GEMM_TILE) */
+#define MG_GEMM512_CALLED __attribute__((noinline, unused, target("avx512f,avx512vl,avx2,fma"))) static
 /* mg_v16f, mg_v8d: attention.h's */
 
 #define MG_DEFINE_GEMM512(T, VT, W, SFX)                                                          \
     MG_DEFINE_GEMM_BLOCK(T, T, VT, W, mg_gemm512_block_##SFX, 12, MG_GEMM512_INLINE, MG_LOAD_VECTOR) \
-    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm512_block_##SFX, mg_pack_t_##SFX, mg_gemm512_core1_##SFX, 12, 1, MG_GEMM512_ATTR) \
-    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm512_block_##SFX, mg_pack_t_##SFX, mg_gemm512_core2_##SFX, 12, 2, MG_GEMM512_ATTR) \
-    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm512_block_##SFX, mg_pack_t_##SFX, mg_gemm512_core3_##SFX, 8, 3, MG_GEMM512_ATTR) \
+    MG_DEFINE_GEMM_TRAIN_TILES(T, T, VT, W, mg_gemm512_tile_##SFX, MG_LOAD_VECTOR, MG_GEMM512_CALLED) \
+    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm512_block_##SFX, mg_pack_t_##SFX, mg_gemm512_core1_##SFX, 12, 1, 1, \
+                        mg_gemm512_tile_##SFX, MG_GEMM512_ATTR)                                   \
+    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm512_block_##SFX, mg_pack_t_##SFX, mg_gemm512_core2_##SFX, 12, 2, 0, -, MG_GEMM512_ATTR) \
+    MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm512_block_##SFX, mg_pack_t_##SFX, mg_gemm512_core3_##SFX, 8, 3, 0, -, MG_GEMM512_ATTR) \
     /* vectors per panel: 1, 2 or 3 */                                                            \
     static inline int mg_gemm512_width_##SFX(ptrdiff_t N) {                                       \
         int best = 3;                                                                             \
@@ -483,27 +580,7 @@ MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v8f, 8, mg_gemm_block_bf16, 6, MG_GEMM_I
 
 /* One or two rows (MR) of G consecutive panels of NVP vectors of W: C[r, 0:nc] (+)= the rows'
  * sums over one pass (pstride: elements from a panel to the next). The blocks above would give
- * one row only NVP chains of FMAs; this gives it G NVP. Each element's chain is the blocks' one.
- * MG_GEMM_TILE below is the same for a tile of MR x G (MR up to 8) with accumulators sized
- * exactly (an array larger than the tile is not kept in registers). */
-#define MG_GEMM_STORE_ROW(T, VT, W, row, j, cv, nc, accumulate)                                   \
-    do {                                                                                          \
-        VT u_ = (cv); /* a copy: the accumulators' address is never taken */                     \
-        if ((nc) - (j) >= W) {                                                                    \
-            if (accumulate) {                                                                     \
-                VT o_;                                                                            \
-                memcpy(&o_, (row) + (j), sizeof o_);                                              \
-                u_ += o_;                                                                         \
-            }                                                                                     \
-            memcpy((row) + (j), &u_, sizeof u_);                                                  \
-        } else {                                                                                  \
-            T out_[W];                                                                            \
-            memcpy(out_, &u_, sizeof out_);                                                       \
-            for (ptrdiff_t l_ = 0; l_ < (nc) - (j); l_++)                                         \
-                (row)[(j) + l_] = (accumulate) ? (row)[(j) + l_] + out_[l_] : out_[l_];           \
-        }                                                                                         \
-    } while (0)
-
+ * one row only NVP chains of FMAs; this gives it G NVP. Each element's chain is the blocks' one. */
 #define MG_DEFINE_GEMM_ROWS(T, PT, VT, W, NVP, NAME, LOADP, INLINE)                               \
     INLINE void NAME(const int MR, const int G, ptrdiff_t kc, const T *restrict A, ptrdiff_t lda,  \
                      const PT *restrict P, ptrdiff_t pstride, T *restrict C, ptrdiff_t ldc,        \
@@ -527,36 +604,6 @@ MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v8f, 8, mg_gemm_block_bf16, 6, MG_GEMM_I
                 _Pragma("GCC unroll 2") for (int v = 0; v < NVP; v++)                             \
                     MG_GEMM_STORE_ROW(T, VT, W, C + r * ldc, (NVP * g + v) * W, c[r][g][v], nc, accumulate); \
     }
-
-/* MR rows of G panels of one vector (AVX-512's packed panels), one function per tile shape */
-#define MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, MR, G, LOADP, INLINE)                             \
-    INLINE void NAME##_##MR##x##G(ptrdiff_t kc, const T *restrict A, ptrdiff_t lda, const PT *restrict P, \
-                                  ptrdiff_t pstride, T *restrict C, ptrdiff_t ldc, int accumulate, ptrdiff_t nc) { \
-        VT c[MR][G];                                                                              \
-        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                                      \
-            _Pragma("GCC unroll 8") for (int g = 0; g < G; g++) c[r][g] = (VT){0};                \
-        for (ptrdiff_t k = 0; k < kc; k++) {                                                      \
-            VT b[G];                                                                              \
-            _Pragma("GCC unroll 8") for (int g = 0; g < G; g++) LOADP(&b[g], P + g * pstride + k * W); \
-            _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                \
-                T x = A[r * lda + k];                                                             \
-                _Pragma("GCC unroll 8") for (int g = 0; g < G; g++) c[r][g] += x * b[g];          \
-            }                                                                                     \
-        }                                                                                         \
-        _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                                      \
-            _Pragma("GCC unroll 8") for (int g = 0; g < G; g++)                                   \
-                MG_GEMM_STORE_ROW(T, VT, W, C + r * ldc, g * W, c[r][g], nc, accumulate);         \
-    }
-/* the tile shapes mg_gemm_tile_panels gives (and MG_GEMM_TILE_CASES takes) */
-#define MG_DEFINE_GEMM_TILES(T, PT, VT, W, NAME, LOADP, INLINE)                                   \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 3, 8, LOADP, INLINE)                                  \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 4, 6, LOADP, INLINE)                                  \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 4, 4, LOADP, INLINE)                                  \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 5, 4, LOADP, INLINE)                                  \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 6, 4, LOADP, INLINE)                                  \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 6, 2, LOADP, INLINE)                                  \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 7, 2, LOADP, INLINE)                                  \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 8, 2, LOADP, INLINE)
 
 /* one or two rows of g <= GMAX panels (g <= GMAX / 2 for two) */
 #define MG_GEMM_ROWS_CASES(ROWS, M, g, ...)                                                       \
@@ -583,11 +630,19 @@ MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v8f, 8, mg_gemm_block_bf16, 6, MG_GEMM_I
 /* Tiles of a batch's rows (AVX-512: 32 registers): rows are dealt evenly over tiles of at most
  * eight (blocks of mr and mr - 1 rows, mr - 1 >= 4 then), each taking the panels of its larger
  * block at once: mr x G accumulators, G panel vectors and the mr broadcasts fit the registers */
+/* the decode's tile shapes beyond the training's (4 x 4 is one of those; bfloat16 defines it apart) */
+#define MG_DEFINE_GEMM_DECODE_TILES(T, PT, VT, W, NAME, LOADP, ATTR)                              \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 3, 8, LOADP, ATTR)                                    \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 4, 6, LOADP, ATTR)                                    \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 5, 4, LOADP, ATTR)                                    \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 6, 4, LOADP, ATTR)                                    \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 6, 2, LOADP, ATTR)                                    \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 7, 2, LOADP, ATTR)                                    \
+    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 8, 2, LOADP, ATTR)
 #define MG_GEMM_TILE_ROWS 8
 static inline int mg_gemm_tile_panels(ptrdiff_t mr) {
     return mr <= 3 ? 8 : mr == 4 ? 6 : mr <= 6 ? 4 : 2;
 }
-#define MG_GEMM_TILE_CASE(TILE, m, g, ...) case m * 16 + g: TILE##_##m##x##g(__VA_ARGS__); break;
 #define MG_GEMM_TILE_CASES_1(TILE, mr, G, ...)                                                      \
     switch ((mr) * 16 + (G)) {                                                                    \
     MG_GEMM_TILE_CASE(TILE, 3, 8, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 4, 6, __VA_ARGS__)         \
@@ -646,7 +701,7 @@ static inline int mg_gemm_tile_panels(ptrdiff_t mr) {
                     T *Ci = C + i * ldc + j0;                                                     \
                     if (blocks > 1 && p + step < p1) MG_PREFETCH_SHARE(Pp + step * kc * PW, step * lines, b, blocks); \
                     if (tile) {                                                                   \
-                        MG_GEMM_TILE_CASES_##TILES(TILE, mr, G, kc, Ai, lda, Pp, kc * PW, Ci, ldc, acc, \
+                        MG_GEMM_TILE_CASES_##TILES(TILE, mr, G, kc, Ai, lda, 1, Pp, kc * PW, Ci, ldc, (T)1, acc, \
                                                    N - j0 < G * PW ? N - j0 : G * PW)             \
                     } else if (nc == PW) {                                                        \
                         MG_GEMM_CASES(BLOCK, MRB, NVP, 0, mr, kc, Ai, lda, 1, Pp, Ci, ldc, (T)1, acc, nc) \
@@ -681,9 +736,10 @@ MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v16f, 16, mg_gemm512_block_bf16, 12, MG_
 MG_DEFINE_GEMM_ROWS(float, float, mg_v16f, 16, 1, mg_gemm512_rows_f, MG_LOAD_VECTOR, MG_GEMM512_INLINE)
 MG_DEFINE_GEMM_ROWS(double, double, mg_v8d, 8, 1, mg_gemm512_rows_d, MG_LOAD_VECTOR, MG_GEMM512_INLINE)
 MG_DEFINE_GEMM_ROWS(float, mg_bf16, mg_v16f, 16, 1, mg_gemm512_rows_bf16, MG_LOAD_BF16_512, MG_GEMM512_INLINE)
-MG_DEFINE_GEMM_TILES(float, float, mg_v16f, 16, mg_gemm512_tile_f, MG_LOAD_VECTOR, MG_GEMM512_CALLED)
-MG_DEFINE_GEMM_TILES(double, double, mg_v8d, 8, mg_gemm512_tile_d, MG_LOAD_VECTOR, MG_GEMM512_CALLED)
-MG_DEFINE_GEMM_TILES(float, mg_bf16, mg_v16f, 16, mg_gemm512_tile_bf16, MG_LOAD_BF16_512, MG_GEMM512_CALLED)
+MG_DEFINE_GEMM_DECODE_TILES(float, float, mg_v16f, 16, mg_gemm512_tile_f, MG_LOAD_VECTOR, MG_GEMM512_CALLED)
+MG_DEFINE_GEMM_DECODE_TILES(double, double, mg_v8d, 8, mg_gemm512_tile_d, MG_LOAD_VECTOR, MG_GEMM512_CALLED)
+MG_DEFINE_GEMM_DECODE_TILES(float, mg_bf16, mg_v16f, 16, mg_gemm512_tile_bf16, MG_LOAD_BF16_512, MG_GEMM512_CALLED)
+MG_DEFINE_GEMM_TILE(float, mg_bf16, mg_v16f, 16, mg_gemm512_tile_bf16, 4, 4, MG_LOAD_BF16_512, MG_GEMM512_CALLED)
 MG_DEFINE_GEMM_PACKED(float, float, 16, 1, 12, 8, 1, mg_gemm_packed_avx512_f, mg_gemm512_block_f, mg_gemm512_rows_f,
                       mg_gemm512_tile_f, MG_GEMM512_ATTR)
 MG_DEFINE_GEMM_PACKED(double, double, 8, 1, 12, 8, 1, mg_gemm_packed_avx512_d, mg_gemm512_block_d, mg_gemm512_rows_d,
