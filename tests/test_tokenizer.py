@@ -277,6 +277,25 @@ def test_stream_decoder_equals_decode_on_any_ids(raw):
     assert "".join(_stream(tok, ids)[1]) == tok.decode(ids)
 
 
+@HYP
+@given(st.lists(st.lists(st.integers(0, 10_000), max_size=12), max_size=8))
+def test_stream_decoder_feeds_many_as_one_at_a_time(chunks):
+    """feed_many(ids) returns what feed() returns for each id in turn, concatenated, and leaves
+    the decoder in the same state (pieces split inside a character, whitespace runs, <EOS>,
+    <BOS>/<PAD> included)."""
+    for tok in (_CHAR, _BYTE_BPE):
+        chunks_ids = [[i % tok.vocab_size for i in c] for c in chunks]
+        one, many = tok.stream_decoder(), tok.stream_decoder()
+        for c in chunks_ids:
+            assert many.feed_many(c) == "".join(one.feed(i) for i in c)
+            assert many.done == one.done
+        assert many.flush() == one.flush()
+    dec = _BYTE_BPE.stream_decoder()
+    with pytest.raises(TokenizerError, match="outside the vocabulary"):
+        dec.feed_many([_BYTE_BPE.encode("river")[1], _BYTE_BPE.vocab_size])
+    assert dec.feed_many(_BYTE_BPE.encode("river")[1:-1]) + dec.flush() == "river"  # nothing was fed
+
+
 def test_stream_decoder_holds_partial_utf8():
     tok = EvolvingTokenizer(["a b"])
     ids = tok.encode("a 😀 b")[1:-1]

@@ -875,7 +875,7 @@ class _StopText:
     def add(self, new: Sequence[int], reason: str | None) -> str:
         """The text that is final after the tokens `new` (reason: the generation's stop reason,
         None while it goes on)."""
-        text = "".join(self.sd.feed(t) for t in new)
+        text = self.sd.feed_many(new)
         if reason is not None:
             text += self.sd.flush()
         if not self.stops:

@@ -665,6 +665,30 @@ class StreamDecoder:
         self._pending = data[cut:]
         return self._collapse(_decode_surface(data[:cut]))
 
+    def feed_many(self, token_ids) -> str:
+        """What feed() returns for each of token_ids in turn, concatenated, in one pass (a batch
+        of sequences advances many tokens a step). On an id outside the vocabulary, raises
+        TokenizerError and feeds none of them."""
+        tok = self._tok
+        ids = list(token_ids)
+        try:
+            end = ids.index(tok.eos_id)
+        except ValueError:
+            end = len(ids)
+        data = tok._core.decode_bytes(ids[:end])  # checks the ids; skips <BOS> and <PAD>
+        for tid in ids[end + 1:]:
+            tok._check_id(tid)
+        if self.done:
+            return ""
+        data = self._pending + data
+        if end < len(ids):  # <EOS>: everything held comes out
+            self._pending = b""
+            self.done = True
+            return self._collapse(_decode_surface(data)) if data else ""
+        cut = _complete_prefix(data)
+        self._pending = data[cut:]
+        return self._collapse(_decode_surface(data[:cut]))
+
     def flush(self) -> str:
         """The held bytes (an unfinished character decodes to U+FFFD); then start afresh."""
         text = self._drain()
