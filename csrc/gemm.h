@@ -240,17 +240,22 @@ MG_GEMM_INLINE void mg_pack_t_d(double *restrict dst, const double *restrict src
  * chains (AVX-512's 32 registers: MR G accumulators, G panel vectors and a broadcast). Each
  * element is the blocks' chain of FMAs over k in order, then the same alpha and accumulate: a
  * tile and a block give the same bits. Accumulators sized exactly per shape, and the function
- * kept out of line: inlined into a product, its registers were spilled. */
+ * kept out of line: inlined into a product, its registers were spilled. next (or NULL): the
+ * group of panels that follows, asked into L2 a line per panel as k advances, so a batch's
+ * weights stream in from memory at the rate the tile consumes them (a prefetch changes no value). */
 #define MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, MR, G, LOADP, ATTR)                               \
     ATTR void NAME##_##MR##x##G(ptrdiff_t kc, const T *restrict A, ptrdiff_t sam, ptrdiff_t sak,   \
                                 const PT *restrict P, ptrdiff_t pstride, T *restrict C, ptrdiff_t ldc, \
-                                T alpha, int accumulate, ptrdiff_t nc) {                          \
+                                T alpha, int accumulate, ptrdiff_t nc, const PT *next) {          \
         VT c[MR][G];                                                                              \
         _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++)                                      \
             _Pragma("GCC unroll 8") for (int g = 0; g < G; g++) c[r][g] = (VT){0};                \
         for (ptrdiff_t k = 0; k < kc; k++) {                                                      \
             VT b[G];                                                                              \
             _Pragma("GCC unroll 8") for (int g = 0; g < G; g++) LOADP(&b[g], P + g * pstride + k * W); \
+            if (next != NULL)                                                                     \
+                _Pragma("GCC unroll 8") for (int g = 0; g < G; g++)                               \
+                    __builtin_prefetch(next + g * pstride + k * W, 0, 2);                         \
             _Pragma("GCC unroll 8") for (int r = 0; r < MR; r++) {                                \
                 T x = A[r * sam + k * sak];                                                       \
                 _Pragma("GCC unroll 8") for (int g = 0; g < G; g++) c[r][g] += x * b[g];          \
@@ -337,7 +342,8 @@ MG_GEMM_INLINE void mg_pack_t_d(double *restrict dst, const double *restrict src
                             int g = np - p < MG_GEMM_TRAIN_TILE_PANELS ? (int)(np - p) : MG_GEMM_TRAIN_TILE_PANELS; \
                             MG_GEMM_TRAIN_TILE_CASES_##TILES(TILE, mr, g, kc, Ab + (i - i0) * sam, sam, sak, \
                                                              panels + p * kc * PW, kc * PW, C + i * ldc + p * PW, ldc, \
-                                                             alpha, acc, N - p * PW < g * PW ? N - p * PW : g * PW) \
+                                                             alpha, acc, N - p * PW < g * PW ? N - p * PW : g * PW, \
+                                                             (const T *)NULL)                      \
                         }                                                                         \
                     }                                                                             \
                     continue;                                                                     \
@@ -699,11 +705,14 @@ static inline int mg_gemm_tile_panels(ptrdiff_t mr) {
                     int mr = (int)((b + 1) * M / blocks - i);                                     \
                     const T *Ai = A + i * lda + k0;                                               \
                     T *Ci = C + i * ldc + j0;                                                     \
-                    if (blocks > 1 && p + step < p1) MG_PREFETCH_SHARE(Pp + step * kc * PW, step * lines, b, blocks); \
-                    if (tile) {                                                                   \
+                    if (tile) { /* the first block streams the next group in as it goes */        \
                         MG_GEMM_TILE_CASES_##TILES(TILE, mr, G, kc, Ai, lda, 1, Pp, kc * PW, Ci, ldc, (T)1, acc, \
-                                                   N - j0 < G * PW ? N - j0 : G * PW)             \
-                    } else if (nc == PW) {                                                        \
+                                                   N - j0 < G * PW ? N - j0 : G * PW,              \
+                                                   b == 0 && p + G < p1 ? Pp + G * kc * PW : NULL) \
+                        continue;                                                                 \
+                    }                                                                             \
+                    if (blocks > 1 && p + 1 < p1) MG_PREFETCH_SHARE(Pp + kc * PW, lines, b, blocks); \
+                    if (nc == PW) {                                                               \
                         MG_GEMM_CASES(BLOCK, MRB, NVP, 0, mr, kc, Ai, lda, 1, Pp, Ci, ldc, (T)1, acc, nc) \
                     } else {                                                                      \
                         MG_GEMM_CASES(BLOCK, MRB, NVP, 1, mr, kc, Ai, lda, 1, Pp, Ci, ldc, (T)1, acc, nc) \
