@@ -14,8 +14,9 @@ sampling, detokenization for ours). Medians of interleaved repeats. One line per
 Cases: "default" (Config(), a BPE tokenizer trained on the corpus: V about 630, random init),
 "default-trained" (the same after `--train-steps` warmup steps: peaked distributions, the
 realistic sampling load), "larger" (6 layers, C 256, 8 heads, block 256, 4 content + 4 hybrid
-heads, V about 1800: 27 MB of weights streamed per token; "larger-trained" after training), "larger-2t" (the same with
-Config.decode_threads=2, torch with 2 threads and numpy's BLAS with 2 threads). Results are checked after timing: both baselines reproduce
+heads, V about 1800: 27 MB of weights streamed per token; "larger-trained" after training); a name
+ending in "-2t" ("larger-2t", "default-trained-2t") is that case with Config.decode_threads=2,
+torch with 2 threads and numpy's BLAS with 2 threads. Results are checked after timing: both baselines reproduce
 Model.logits(window) at every step of a decode that crosses window refills, and our greedy
 continuation equals the numpy baseline's.
 
@@ -402,7 +403,7 @@ def case_threads(name: str) -> int:
 
 def build_case(name, lines, train_steps):
     big = name.startswith("larger")
-    cfg = mg.Config(**LARGER, decode_threads=case_threads(name)) if big else mg.Config()
+    cfg = mg.Config(**LARGER, decode_threads=case_threads(name)) if big else mg.Config(decode_threads=case_threads(name))
     merges = 1536 if big else cfg.bpe_num_merges
     tok = EvolvingTokenizer(lines, cfg, bpe_num_merges=merges)
     tok.maybe_enable_bpe(lines)
