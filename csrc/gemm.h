@@ -265,33 +265,20 @@ MG_GEMM_INLINE void mg_pack_t_d(double *restrict dst, const double *restrict src
             _Pragma("GCC unroll 8") for (int g = 0; g < G; g++)                                   \
                 MG_GEMM_STORE_ROW(T, VT, W, C + r * ldc, g * W, c[r][g] * alpha, nc, accumulate); \
     }
-#define MG_GEMM_TILE_CASE(TILE, m, g, ...) case m * 16 + g: TILE##_##m##x##g(__VA_ARGS__); break;
+/* Tile shapes are listed once (X-macros): X(m, g, ...) for each shape defines or dispatches it */
+#define MG_GEMM_TILE_DEFINE(m, g, T, PT, VT, W, NAME, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, m, g, LOADP, ATTR)
+#define MG_GEMM_TILE_CASE(m, g, TILE, ...) case m * 16 + g: TILE##_##m##x##g(__VA_ARGS__); break;
 /* the training's tiles: up to 4 rows of up to 5 panels */
 #define MG_GEMM_TRAIN_TILE_ROWS 4
 #define MG_GEMM_TRAIN_TILE_PANELS 5
-#define MG_DEFINE_GEMM_TRAIN_TILES(T, PT, VT, W, NAME, LOADP, ATTR)                               \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 1, 1, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 1, 2, LOADP, ATTR) \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 1, 3, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 1, 4, LOADP, ATTR) \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 1, 5, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 2, 1, LOADP, ATTR) \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 2, 2, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 2, 3, LOADP, ATTR) \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 2, 4, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 2, 5, LOADP, ATTR) \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 3, 1, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 3, 2, LOADP, ATTR) \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 3, 3, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 3, 4, LOADP, ATTR) \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 3, 5, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 4, 1, LOADP, ATTR) \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 4, 2, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 4, 3, LOADP, ATTR) \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 4, 4, LOADP, ATTR) MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 4, 5, LOADP, ATTR)
+#define MG_GEMM_TRAIN_TILE_SHAPES(X, ...)                                                         \
+    X(1, 1, __VA_ARGS__) X(1, 2, __VA_ARGS__) X(1, 3, __VA_ARGS__) X(1, 4, __VA_ARGS__) X(1, 5, __VA_ARGS__) \
+    X(2, 1, __VA_ARGS__) X(2, 2, __VA_ARGS__) X(2, 3, __VA_ARGS__) X(2, 4, __VA_ARGS__) X(2, 5, __VA_ARGS__) \
+    X(3, 1, __VA_ARGS__) X(3, 2, __VA_ARGS__) X(3, 3, __VA_ARGS__) X(3, 4, __VA_ARGS__) X(3, 5, __VA_ARGS__) \
+    X(4, 1, __VA_ARGS__) X(4, 2, __VA_ARGS__) X(4, 3, __VA_ARGS__) X(4, 4, __VA_ARGS__) X(4, 5, __VA_ARGS__)
 #define MG_GEMM_TRAIN_TILE_CASES_1(TILE, mr, g, ...)                                              \
     switch ((mr) * 16 + (g)) {                                                                    \
-    MG_GEMM_TILE_CASE(TILE, 1, 1, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 1, 2, __VA_ARGS__)         \
-    MG_GEMM_TILE_CASE(TILE, 1, 3, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 1, 4, __VA_ARGS__)         \
-    MG_GEMM_TILE_CASE(TILE, 1, 5, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 2, 1, __VA_ARGS__)         \
-    MG_GEMM_TILE_CASE(TILE, 2, 2, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 2, 3, __VA_ARGS__)         \
-    MG_GEMM_TILE_CASE(TILE, 2, 4, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 2, 5, __VA_ARGS__)         \
-    MG_GEMM_TILE_CASE(TILE, 3, 1, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 3, 2, __VA_ARGS__)         \
-    MG_GEMM_TILE_CASE(TILE, 3, 3, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 3, 4, __VA_ARGS__)         \
-    MG_GEMM_TILE_CASE(TILE, 3, 5, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 4, 1, __VA_ARGS__)         \
-    MG_GEMM_TILE_CASE(TILE, 4, 2, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 4, 3, __VA_ARGS__)         \
-    MG_GEMM_TILE_CASE(TILE, 4, 4, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 4, 5, __VA_ARGS__)         \
+    MG_GEMM_TRAIN_TILE_SHAPES(MG_GEMM_TILE_CASE, TILE, __VA_ARGS__)                               \
     default: break; /* unreachable: mr <= 4, g <= 5 */                                            \
     }
 #define MG_GEMM_TRAIN_TILE_CASES_0(TILE, mr, g, ...) (void)(mr), (void)(g); /* no tiles (AVX2's 16 registers) */
@@ -405,7 +392,7 @@ MG_DEFINE_GEMM(double, mg_v4d, 4, d)
 
 #define MG_DEFINE_GEMM512(T, VT, W, SFX)                                                          \
     MG_DEFINE_GEMM_BLOCK(T, T, VT, W, mg_gemm512_block_##SFX, 12, MG_GEMM512_INLINE, MG_LOAD_VECTOR) \
-    MG_DEFINE_GEMM_TRAIN_TILES(T, T, VT, W, mg_gemm512_tile_##SFX, MG_LOAD_VECTOR, MG_GEMM512_CALLED) \
+    MG_GEMM_TRAIN_TILE_SHAPES(MG_GEMM_TILE_DEFINE, T, T, VT, W, mg_gemm512_tile_##SFX, MG_LOAD_VECTOR, MG_GEMM512_CALLED) \
     MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm512_block_##SFX, mg_pack_t_##SFX, mg_gemm512_core1_##SFX, 12, 1, 1, \
                         mg_gemm512_tile_##SFX, MG_GEMM512_ATTR)                                   \
     MG_DEFINE_GEMM_CORE(T, VT, W, mg_gemm512_block_##SFX, mg_pack_t_##SFX, mg_gemm512_core2_##SFX, 12, 2, 0, -, MG_GEMM512_ATTR) \
@@ -636,25 +623,18 @@ MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v8f, 8, mg_gemm_block_bf16, 6, MG_GEMM_I
 /* Tiles of a batch's rows (AVX-512: 32 registers): rows are dealt evenly over tiles of at most
  * eight (blocks of mr and mr - 1 rows, mr - 1 >= 4 then), each taking the panels of its larger
  * block at once: mr x G accumulators, G panel vectors and the mr broadcasts fit the registers */
-/* the decode's tile shapes beyond the training's (4 x 4 is one of those; bfloat16 defines it apart) */
-#define MG_DEFINE_GEMM_DECODE_TILES(T, PT, VT, W, NAME, LOADP, ATTR)                              \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 3, 8, LOADP, ATTR)                                    \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 4, 6, LOADP, ATTR)                                    \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 5, 4, LOADP, ATTR)                                    \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 6, 4, LOADP, ATTR)                                    \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 6, 2, LOADP, ATTR)                                    \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 7, 2, LOADP, ATTR)                                    \
-    MG_DEFINE_GEMM_TILE(T, PT, VT, W, NAME, 8, 2, LOADP, ATTR)
+/* the decode's tile shapes (mg_gemm_tile_panels): these, and 4 x 4, one of the training's */
+#define MG_GEMM_DECODE_TILE_SHAPES(X, ...)                                                        \
+    X(3, 8, __VA_ARGS__) X(4, 6, __VA_ARGS__) X(5, 4, __VA_ARGS__) X(6, 4, __VA_ARGS__)           \
+    X(6, 2, __VA_ARGS__) X(7, 2, __VA_ARGS__) X(8, 2, __VA_ARGS__)
 #define MG_GEMM_TILE_ROWS 8
 static inline int mg_gemm_tile_panels(ptrdiff_t mr) {
     return mr <= 3 ? 8 : mr == 4 ? 6 : mr <= 6 ? 4 : 2;
 }
-#define MG_GEMM_TILE_CASES_1(TILE, mr, G, ...)                                                      \
+#define MG_GEMM_TILE_CASES_1(TILE, mr, G, ...)                                                    \
     switch ((mr) * 16 + (G)) {                                                                    \
-    MG_GEMM_TILE_CASE(TILE, 3, 8, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 4, 6, __VA_ARGS__)         \
-    MG_GEMM_TILE_CASE(TILE, 4, 4, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 5, 4, __VA_ARGS__)         \
-    MG_GEMM_TILE_CASE(TILE, 6, 4, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 6, 2, __VA_ARGS__)         \
-    MG_GEMM_TILE_CASE(TILE, 7, 2, __VA_ARGS__) MG_GEMM_TILE_CASE(TILE, 8, 2, __VA_ARGS__)         \
+    MG_GEMM_DECODE_TILE_SHAPES(MG_GEMM_TILE_CASE, TILE, __VA_ARGS__)                              \
+    MG_GEMM_TILE_CASE(4, 4, TILE, __VA_ARGS__)                                                    \
     default: break; /* unreachable: see mg_gemm_tile_panels */                                    \
     }
 #define MG_GEMM_TILE_CASES_0(TILE, mr, G, ...) /* no tiles (AVX2's 16 registers) */
@@ -745,9 +725,10 @@ MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v16f, 16, mg_gemm512_block_bf16, 12, MG_
 MG_DEFINE_GEMM_ROWS(float, float, mg_v16f, 16, 1, mg_gemm512_rows_f, MG_LOAD_VECTOR, MG_GEMM512_INLINE)
 MG_DEFINE_GEMM_ROWS(double, double, mg_v8d, 8, 1, mg_gemm512_rows_d, MG_LOAD_VECTOR, MG_GEMM512_INLINE)
 MG_DEFINE_GEMM_ROWS(float, mg_bf16, mg_v16f, 16, 1, mg_gemm512_rows_bf16, MG_LOAD_BF16_512, MG_GEMM512_INLINE)
-MG_DEFINE_GEMM_DECODE_TILES(float, float, mg_v16f, 16, mg_gemm512_tile_f, MG_LOAD_VECTOR, MG_GEMM512_CALLED)
-MG_DEFINE_GEMM_DECODE_TILES(double, double, mg_v8d, 8, mg_gemm512_tile_d, MG_LOAD_VECTOR, MG_GEMM512_CALLED)
-MG_DEFINE_GEMM_DECODE_TILES(float, mg_bf16, mg_v16f, 16, mg_gemm512_tile_bf16, MG_LOAD_BF16_512, MG_GEMM512_CALLED)
+MG_GEMM_DECODE_TILE_SHAPES(MG_GEMM_TILE_DEFINE, float, float, mg_v16f, 16, mg_gemm512_tile_f, MG_LOAD_VECTOR, MG_GEMM512_CALLED)
+MG_GEMM_DECODE_TILE_SHAPES(MG_GEMM_TILE_DEFINE, double, double, mg_v8d, 8, mg_gemm512_tile_d, MG_LOAD_VECTOR, MG_GEMM512_CALLED)
+MG_GEMM_DECODE_TILE_SHAPES(MG_GEMM_TILE_DEFINE, float, mg_bf16, mg_v16f, 16, mg_gemm512_tile_bf16, MG_LOAD_BF16_512,
+                           MG_GEMM512_CALLED)
 MG_DEFINE_GEMM_TILE(float, mg_bf16, mg_v16f, 16, mg_gemm512_tile_bf16, 4, 4, MG_LOAD_BF16_512, MG_GEMM512_CALLED)
 MG_DEFINE_GEMM_PACKED(float, float, 16, 1, 12, 8, 1, mg_gemm_packed_avx512_f, mg_gemm512_block_f, mg_gemm512_rows_f,
                       mg_gemm512_tile_f, MG_GEMM512_ATTR)
