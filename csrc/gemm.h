@@ -215,6 +215,8 @@ MG_GEMM_INLINE void mg_pack_t_d(double *restrict dst, const double *restrict src
     default: BLOCK(1, NV, TAIL, __VA_ARGS__);                                                     \
     }
 
+/* Columns j .. j + W - 1 of a row of C (+)= the vector cv: as one vector when all W are below nc,
+ * else the nc - j that are (element by element) */
 #define MG_GEMM_STORE_ROW(T, VT, W, row, j, cv, nc, accumulate)                                   \
     do {                                                                                          \
         VT u_ = (cv); /* a copy: the accumulators' address is never taken */                     \
@@ -287,7 +289,9 @@ MG_GEMM_INLINE void mg_pack_t_d(double *restrict dst, const double *restrict src
  * (row-major B: sbk = ldb, sbj = 1; B given transposed: sbk = 1, sbj = ldb). Per pass of
  * kc <= MG_GEMM_KC rows of B, B is first packed into column panels of NV W (zero-padded: the
  * kernel's loads are whole and contiguous); every row block of A reuses them. Blocks are MR x
- * NV W with (MR, NV) = (6, 2) or (4, 3): the caller picks the one that wastes fewer columns. */
+ * NV W with (MR, NV) = (6, 2) or (4, 3): the caller picks the one that wastes fewer columns.
+ * TILES (AVX-512's one-vector panels): tiles of up to 4 rows over up to 5 panels (TILE) instead
+ * of blocks, unless A's transpose is copied into block-wide tiles first. */
 #define MG_DEFINE_GEMM_CORE(T, VT, W, BLOCK, PACKT, CORE, MR, NV, TILES, TILE, ATTR)                                      \
     ATTR static void CORE(T *restrict C, ptrdiff_t ldc, const T *restrict A, ptrdiff_t sam, \
                                   ptrdiff_t sak, const T *restrict B, ptrdiff_t sbk, ptrdiff_t sbj, \
@@ -620,13 +624,13 @@ MG_DEFINE_GEMM_BLOCK(float, mg_bf16, mg_v8f, 8, mg_gemm_block_bf16, 6, MG_GEMM_I
         }                                                                                         \
     }
 
-/* Tiles of a batch's rows (AVX-512: 32 registers): rows are dealt evenly over tiles of at most
- * eight (blocks of mr and mr - 1 rows, mr - 1 >= 4 then), each taking the panels of its larger
- * block at once: mr x G accumulators, G panel vectors and the mr broadcasts fit the registers */
 /* the decode's tile shapes (mg_gemm_tile_panels): these, and 4 x 4, one of the training's */
 #define MG_GEMM_DECODE_TILE_SHAPES(X, ...)                                                        \
     X(3, 8, __VA_ARGS__) X(4, 6, __VA_ARGS__) X(5, 4, __VA_ARGS__) X(6, 4, __VA_ARGS__)           \
     X(6, 2, __VA_ARGS__) X(7, 2, __VA_ARGS__) X(8, 2, __VA_ARGS__)
+/* Tiles of a batch's rows (AVX-512: 32 registers): rows are dealt evenly over tiles of at most
+ * eight (blocks of mr and mr - 1 rows, mr - 1 >= 4 then), each taking the panels of its larger
+ * block at once: mr x G accumulators, G panel vectors and the mr broadcasts fit the registers */
 #define MG_GEMM_TILE_ROWS 8
 static inline int mg_gemm_tile_panels(ptrdiff_t mr) {
     return mr <= 3 ? 8 : mr == 4 ? 6 : mr <= 6 ? 4 : 2;
@@ -652,7 +656,8 @@ static inline int mg_gemm_tile_panels(ptrdiff_t mr) {
     } while (0)
 
 /* the packed product on one instruction set: panels of NVP vectors of W, blocks of MRB rows
- * (BLOCK), one or two rows GMAX or GMAX / 2 panels at a time (ROWS) */
+ * (BLOCK), one or two rows GMAX or GMAX / 2 panels at a time (ROWS); with TILES, more rows in
+ * tiles of several panels (TILE) */
 #define MG_DEFINE_GEMM_PACKED(T, PT, W, NVP, MRB, GMAX, TILES, NAME, BLOCK, ROWS, TILE, ATTR)                   \
     ATTR static void NAME(T *restrict C, ptrdiff_t ldc, const T *restrict A, ptrdiff_t lda,       \
                           const PT *restrict P, ptrdiff_t M, ptrdiff_t N, ptrdiff_t K, ptrdiff_t p0, \

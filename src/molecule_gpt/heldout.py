@@ -85,8 +85,9 @@ class HeldOut:
         is called after each piece of windows (the model lock is free between pieces).
         known: the nats of windows (tuples of ids) under the model's current weights, from an
         earlier evaluation; those are not evaluated again, and the new ones are added to it.
-        A window's nats depend only on its ids and the weights (each sequence of a forward is
-        computed as it would be alone), so a known value is the value."""
+        Pass it only where a window's nats depend on nothing but its ids and the weights
+        (Model.rows_independent: each sequence computed as it would be alone), so that a known
+        value is the value."""
         ws = self.windows(model.config.block_size)
         keys = [tuple(w) for w in ws]
         found = known if known is not None else {}

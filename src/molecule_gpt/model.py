@@ -162,7 +162,6 @@ class ParamGroup:
         return new
 
 
-
 def _deal(lengths: Sequence[int], workers: int) -> list[list[int]]:
     """The sequences (by index) each worker of a run takes: longest first, each to the worker
     with the fewest positions so far (the lowest-numbered on a tie). A step ends when its
@@ -177,6 +176,7 @@ def _deal(lengths: Sequence[int], workers: int) -> list[list[int]]:
         shares[w].append(i)
         load[w] += lengths[i]
     return shares
+
 
 class Model:
     """The transformer of design.md §2. `Model(config, vocab_size, dtype="float32", seed=0)`."""
