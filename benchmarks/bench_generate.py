@@ -403,7 +403,8 @@ def case_threads(name: str) -> int:
 
 def build_case(name, lines, train_steps):
     big = name.startswith("larger")
-    cfg = mg.Config(**LARGER, decode_threads=case_threads(name)) if big else mg.Config(decode_threads=case_threads(name))
+    threads = case_threads(name)
+    cfg = mg.Config(**LARGER, decode_threads=threads) if big else mg.Config(decode_threads=threads)
     merges = 1536 if big else cfg.bpe_num_merges
     tok = EvolvingTokenizer(lines, cfg, bpe_num_merges=merges)
     tok.maybe_enable_bpe(lines)
