@@ -157,13 +157,21 @@ def test_batch_run_to_the_end_equals_single_runs(dtype):
     assert {r for _, r in want} >= {"eos", "sentence"}  # the stops differ between sequences
 
 
-def test_portable_kernels_batch_identically():
-    """The float32 portable path (no AVX2) also gives each row of a batch its single-row arithmetic."""
+@pytest.mark.parametrize("path, env", [("portable", {"MOLECULE_GPT_NO_AVX2": "1"}),
+                                       ("avx2", {"MOLECULE_GPT_AVX512": "0"})])
+def test_narrower_kernels_batch_identically(path, env):
+    """The portable path (no AVX2) and the AVX2 one (on a CPU that would pick AVX-512's tiles) also
+    give each row of a batch its single-row arithmetic, in float32 and float64."""
+    if path == "avx2" and not _decode.simd_path().startswith("avx"):
+        pytest.skip("this CPU has no AVX2")
     code = ("import sys; sys.path.insert(0, %r); import test_batched_decode as t; "
-            "from molecule_gpt import _decode; assert _decode.simd_path() == 'portable'; "
-            "t.test_batch_run_to_the_end_equals_single_runs('float32'); print('ok')") % os.path.dirname(__file__)
-    env = dict(os.environ, MOLECULE_GPT_NO_AVX2="1")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+            "from molecule_gpt import _core; assert _core.linear_simd_path() == %r, _core.linear_simd_path(); "
+            "t.test_batch_run_to_the_end_equals_single_runs('float32'); "
+            "t.test_batch_run_to_the_end_equals_single_runs('float64'); "
+            "t.test_batched_product_rows_equal_single_row_products(t.np.float32, 2); print('ok')"
+            ) % (os.path.dirname(__file__), path)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, **env), timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
