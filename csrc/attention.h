@@ -72,6 +72,17 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
         for (ptrdiff_t z_ = (n); z_ < (width); z_++) (dst)[z_] = 0;                               \
     } while (0)
 
+/* One position of a 4-row register block: acc[r][v] += q_r b_v for r < 4, v < NV, the NV vectors
+ * b_v read from bsrc (each element's chain over the positions stays in order) */
+#define MG_TRI_FMA4(T, VT, W, NV, acc, bsrc, q0, q1, q2, q3)                                      \
+    do {                                                                                          \
+        VT b_[NV];                                                                                \
+        const T x_[4] = {(q0), (q1), (q2), (q3)};                                                 \
+        _Pragma("GCC unroll 3") for (int v_ = 0; v_ < (NV); v_++) memcpy(&b_[v_], (bsrc) + v_ * W, sizeof(VT)); \
+        _Pragma("GCC unroll 4") for (int r_ = 0; r_ < 4; r_++)                                    \
+            _Pragma("GCC unroll 3") for (int v_ = 0; v_ < (NV); v_++) (acc)[r_][v_] += x_[r_] * b_[v_]; \
+    } while (0)
+
 /* One family of kernels for element type T with W lanes per 32-byte vector VT; ATTR selects the
  * target. Vector loads and stores go through memcpy (unaligned, and legal for any buffer). */
 #define MG_DEFINE_TRI(T, VT, W, ATTR, NT, NN, TN)                                                 \
@@ -125,16 +136,8 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
                 memset(s, 0, sizeof s);                                                           \
                 if (R == MG_TRI_R) {                                                              \
                     const T *a0 = Ab, *a1 = a0 + lda, *a2 = a1 + lda, *a3 = a2 + lda;             \
-                    for (ptrdiff_t c = 0; c < d; c++) {                                           \
-                        VT b0, b1;                                                                \
-                        memcpy(&b0, BT + c * ldbt + jc, sizeof b0);                               \
-                        memcpy(&b1, BT + c * ldbt + jc + W, sizeof b1);                           \
-                        T x0 = a0[c], x1 = a1[c], x2 = a2[c], x3 = a3[c];                         \
-                        s[0][0] += x0 * b0; s[0][1] += x0 * b1;                                   \
-                        s[1][0] += x1 * b0; s[1][1] += x1 * b1;                                   \
-                        s[2][0] += x2 * b0; s[2][1] += x2 * b1;                                   \
-                        s[3][0] += x3 * b0; s[3][1] += x3 * b1;                                   \
-                    }                                                                             \
+                    for (ptrdiff_t c = 0; c < d; c++)                                             \
+                        MG_TRI_FMA4(T, VT, W, 2, s, BT + c * ldbt + jc, a0[c], a1[c], a2[c], a3[c]); \
                 } else {                                                                          \
                     for (ptrdiff_t r = 0; r < R; r++)                                             \
                         for (ptrdiff_t c = 0; c < d; c++) {                                       \
@@ -233,33 +236,14 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
                 ptrdiff_t nv = (dp - c0) / W < 3 ? (dp - c0) / W : 3;                             \
                 VT acc[MG_TRI_R][3];                                                              \
                 memset(acc, 0, sizeof acc);                                                       \
-                if (R == MG_TRI_R && nv == 3) {                                                   \
+                if (R == MG_TRI_R && nv >= 2) { /* 4 rows of 3 vectors, or 2 (AVX-512's 32-wide head) */ \
                     const T *p0 = Pb, *p1 = p0 + ldp, *p2 = p1 + ldp, *p3 = p2 + ldp;             \
-                    for (ptrdiff_t j = 0; j < tb + MG_TRI_R; j++) {                               \
-                        VT b0, b1, b2;                                                            \
-                        const T *bj = Bp + j * ldbp + c0;                                         \
-                        memcpy(&b0, bj, sizeof b0);                                               \
-                        memcpy(&b1, bj + W, sizeof b1);                                           \
-                        memcpy(&b2, bj + 2 * W, sizeof b2);                                       \
-                        T q0 = p0[j], q1 = p1[j], q2 = p2[j], q3 = p3[j];                         \
-                        acc[0][0] += q0 * b0; acc[0][1] += q0 * b1; acc[0][2] += q0 * b2;         \
-                        acc[1][0] += q1 * b0; acc[1][1] += q1 * b1; acc[1][2] += q1 * b2;         \
-                        acc[2][0] += q2 * b0; acc[2][1] += q2 * b1; acc[2][2] += q2 * b2;         \
-                        acc[3][0] += q3 * b0; acc[3][1] += q3 * b1; acc[3][2] += q3 * b2;         \
-                    }                                                                             \
-                } else if (R == MG_TRI_R && nv == 2) { /* (a head of two vectors: AVX-512's) */   \
-                    const T *p0 = Pb, *p1 = p0 + ldp, *p2 = p1 + ldp, *p3 = p2 + ldp;             \
-                    for (ptrdiff_t j = 0; j < tb + MG_TRI_R; j++) {                               \
-                        VT b0, b1;                                                                \
-                        const T *bj = Bp + j * ldbp + c0;                                         \
-                        memcpy(&b0, bj, sizeof b0);                                               \
-                        memcpy(&b1, bj + W, sizeof b1);                                           \
-                        T q0 = p0[j], q1 = p1[j], q2 = p2[j], q3 = p3[j];                         \
-                        acc[0][0] += q0 * b0; acc[0][1] += q0 * b1;                               \
-                        acc[1][0] += q1 * b0; acc[1][1] += q1 * b1;                               \
-                        acc[2][0] += q2 * b0; acc[2][1] += q2 * b1;                               \
-                        acc[3][0] += q3 * b0; acc[3][1] += q3 * b1;                               \
-                    }                                                                             \
+                    if (nv == 3)                                                                  \
+                        for (ptrdiff_t j = 0; j < tb + MG_TRI_R; j++)                             \
+                            MG_TRI_FMA4(T, VT, W, 3, acc, Bp + j * ldbp + c0, p0[j], p1[j], p2[j], p3[j]); \
+                    else                                                                          \
+                        for (ptrdiff_t j = 0; j < tb + MG_TRI_R; j++)                             \
+                            MG_TRI_FMA4(T, VT, W, 2, acc, Bp + j * ldbp + c0, p0[j], p1[j], p2[j], p3[j]); \
                 } else if (R == MG_TRI_R) {                                                       \
                     const T *p0 = Pb, *p1 = p0 + ldp, *p2 = p1 + ldp, *p3 = p2 + ldp;             \
                     for (ptrdiff_t v = 0; v < nv; v++)                                            \
@@ -322,33 +306,17 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
                 ptrdiff_t nv = (dp - c0) / W < 3 ? (dp - c0) / W : 3;                             \
                 VT acc[MG_TRI_R][3];                                                              \
                 memset(acc, 0, sizeof acc);                                                       \
-                if (R == MG_TRI_R && nv == 3) {                                                   \
-                    for (ptrdiff_t t = j0; t < n; t++) {                                          \
-                        VT b0, b1, b2;                                                            \
-                        const T *bt = Bp + t * dp + c0;                                           \
-                        const T *pt = P + t * ldp + j0;                                           \
-                        memcpy(&b0, bt, sizeof b0);                                               \
-                        memcpy(&b1, bt + W, sizeof b1);                                           \
-                        memcpy(&b2, bt + 2 * W, sizeof b2);                                       \
-                        T q0 = pt[0], q1 = pt[1], q2 = pt[2], q3 = pt[3];                         \
-                        acc[0][0] += q0 * b0; acc[0][1] += q0 * b1; acc[0][2] += q0 * b2;         \
-                        acc[1][0] += q1 * b0; acc[1][1] += q1 * b1; acc[1][2] += q1 * b2;         \
-                        acc[2][0] += q2 * b0; acc[2][1] += q2 * b1; acc[2][2] += q2 * b2;         \
-                        acc[3][0] += q3 * b0; acc[3][1] += q3 * b1; acc[3][2] += q3 * b2;         \
-                    }                                                                             \
-                } else if (R == MG_TRI_R && nv == 2) {                                            \
-                    for (ptrdiff_t t = j0; t < n; t++) {                                          \
-                        VT b0, b1;                                                                \
-                        const T *bt = Bp + t * dp + c0;                                           \
-                        const T *pt = P + t * ldp + j0;                                           \
-                        memcpy(&b0, bt, sizeof b0);                                               \
-                        memcpy(&b1, bt + W, sizeof b1);                                           \
-                        T q0 = pt[0], q1 = pt[1], q2 = pt[2], q3 = pt[3];                         \
-                        acc[0][0] += q0 * b0; acc[0][1] += q0 * b1;                               \
-                        acc[1][0] += q1 * b0; acc[1][1] += q1 * b1;                               \
-                        acc[2][0] += q2 * b0; acc[2][1] += q2 * b1;                               \
-                        acc[3][0] += q3 * b0; acc[3][1] += q3 * b1;                               \
-                    }                                                                             \
+                if (R == MG_TRI_R && nv >= 2) { /* 4 rows of 3 vectors, or 2 */                   \
+                    if (nv == 3)                                                                  \
+                        for (ptrdiff_t t = j0; t < n; t++) {                                      \
+                            const T *pt = P + t * ldp + j0;                                       \
+                            MG_TRI_FMA4(T, VT, W, 3, acc, Bp + t * dp + c0, pt[0], pt[1], pt[2], pt[3]); \
+                        }                                                                         \
+                    else                                                                          \
+                        for (ptrdiff_t t = j0; t < n; t++) {                                      \
+                            const T *pt = P + t * ldp + j0;                                       \
+                            MG_TRI_FMA4(T, VT, W, 2, acc, Bp + t * dp + c0, pt[0], pt[1], pt[2], pt[3]); \
+                        }                                                                         \
                 } else if (R == MG_TRI_R) {                                                       \
                     for (ptrdiff_t v = 0; v < nv; v++)                                            \
                         for (ptrdiff_t t = j0; t < n; t++) {                                      \
