@@ -128,6 +128,40 @@ def test_tokenizer_growth_after_training_is_checked(warmed):
     for a, b, m in new:
         want = wte[a] if b < 0 else 0.5 * (wte[a] + wte[b])
         np.testing.assert_allclose(wte[m], want, rtol=1e-6)
+
+
+def test_declined_growth_waits_longer_after_each_decline(warmed, tmp_path):
+    """A growth trial that is declined is not repeated at every burst: the next waits for
+    bpe_retrain_every_chars more characters, twice as many after each further decline, across a
+    save and load; an accepted growth ends the back-off."""
+    org = mg.Organism.load(warmed)
+    org.config.enable_bpe_after_chars = 100
+    org.config.bpe_retrain_every_chars = 400
+    org.config.bpe_growth_max_rise = 0.0  # every trial declined
+    trials, chars = [], []
+    for i in range(40):
+        if i == 20:
+            org.save(tmp_path / "mid.ckpt")
+            org = mg.Organism.load(tmp_path / "mid.ckpt")
+        org.observe([f"the {w} number {i} went by the {w} road" for w in ("first", "second", "third")])
+        n0 = len(org.telemetry)
+        chars.append(org.reservoir.chars)
+        org.train_burst(lr=0.0)
+        trials += [(i, r) for r in list(org.telemetry)[n0:] if r["phase"] == "tokenizer"]
+    assert len(trials) >= 4 and all(r["event"] == "enable_bpe declined" for _, r in trials)
+    # each trial at the first burst whose corpus reached the previous one's next_trial_chars,
+    # which lies 400 * 2**(declines - 1) characters past the corpus it was tried on
+    for k, (i, r) in enumerate(trials):
+        assert r["next_trial_chars"] == chars[i] + (400 << k)
+        if k + 1 < len(trials):
+            j = trials[k + 1][0]
+            assert chars[j] >= r["next_trial_chars"] and chars[j - 1] < r["next_trial_chars"]
+    assert 20 in range(trials[1][0], trials[-1][0] + 1)  # the back-off outlived the save and load
+    # the interval follows the config; an accepted growth ends the back-off
+    org.config.bpe_growth_max_rise = 1e9
+    org.config.bpe_retrain_every_chars = 1
+    org.train_burst(lr=0.0)
+    assert org.tokenizer.bpe_enabled and org._growth_retry is None
     assert org.field.vocab_size == org.model.vocab_size
 
 

@@ -290,19 +290,25 @@ def test_equal_length_fast_path_validates_like_the_general_one():
         model.loss([[0.5, 1.0], [1.0, 2.0]])
 
 
-def test_rows_to_ids_takes_only_plain_int_rows():
-    """The Cython fast path: equal-length lists of plain ints in range become one int32 array;
-    anything else is None (the general checks then accept it or name the problem)."""
+def test_ragged_ids_takes_only_lists_of_plain_ints():
+    """The Cython fast path: lists of plain ints in range become one int32 array of the ids
+    back to back and their lengths; anything else is None (the general checks then accept it
+    or name the problem)."""
     from molecule_gpt import _core
-    arr = _core.rows_to_ids([[0, 1, 10], [3, 4, 5]], 11)
-    assert arr.dtype == np.intc and arr.tolist() == [[0, 1, 10], [3, 4, 5]]
-    for batch in ([], [[1]], [[1, 2], [3]], [[1, 2], (3, 4)], ([1, 2],), [[1, 11]], [[-1, 2]],
-                  [[1, True]], [[1, np.int64(2)]], [[1, 2.0]], [[1, 2 ** 70]], [np.array([1, 2])]):
-        assert _core.rows_to_ids(batch, 11) is None, batch
-    # bools and numpy ints inside rows still train, through the general path
+    flat, lengths = _core.ragged_ids([[0, 1, 10], [3], [], [4, 5]], 11)
+    assert flat.dtype == np.intc and flat.tolist() == [0, 1, 10, 3, 4, 5]
+    assert lengths.tolist() == [3, 1, 0, 2]
+    for batch in ([], [[1, 2], (3, 4)], ([1, 2],), [[1, 11]], [[-1, 2]], [[1, True]], [[1, np.int64(2)]],
+                  [[1, 2.0]], [[1, 2 ** 70]], [np.array([1, 2])], [[1, [2]]]):
+        assert _core.ragged_ids(batch, 11) is None, batch
+    # bools and numpy ints inside rows still train, through the general path; ragged batches
+    # through the fast path score as their sequences do one by one
     model = mg.Model(tiny_config(), 11, dtype="float64", seed=4)
     assert model.loss([[1, True, 3], [4, 5, 6]]) == model.loss([[1, 1, 3], [4, 5, 6]])
     assert model.loss([[1, np.int64(2), 3]]) == model.loss([[1, 2, 3]])
+    ragged = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    assert model.sequence_losses(ragged) == [model.loss([s]) for s in ragged]
+    assert model.sequence_losses(ragged) == model.sequence_losses([np.array(s) for s in ragged])
 
 
 def test_batch_loss_is_mean_of_independent_sequence_losses():

@@ -47,8 +47,8 @@ def plan_arena(n_layer: int, n_embd: int, n_head: int, block_size: int, vocab_si
 def run(engines: list[Engine], forward: bool, with_loss: bool, backward: bool, n_threads: int) -> list[bool]: ...
 def pool_threads() -> int: ...  # worker threads csrc/pool.c has started in this process
 def _pool_busy(n_parts: int, slow_part: int, seconds: float, n_threads: int = 0, others: float = 0.0, nap: float = 0.0) -> tuple[int, int]: ...  # tests: (on workers, parts run)
-def rows_to_ids(batch: object, vocab_size: int) -> np.ndarray | None: ...
-    # equal-length lists of plain ints in [0, vocab_size) -> (S, L) int32; None otherwise
+def ragged_ids(batch: object, vocab_size: int) -> tuple[np.ndarray, np.ndarray] | None: ...
+    # lists of plain ints in [0, vocab_size) -> (ids back to back, int32; lengths, intp); None otherwise
 def adam_update(params: np.ndarray, grads: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float, beta1: float,
                 beta2: float, eps: float, clip: float, step: int) -> None: ...  # 1-D, one dtype
 def adam_update_groups(groups: list, lr: float, beta1: float, beta2: float, eps: float, clip: float,

@@ -878,30 +878,33 @@ def _pool_busy(int n_parts, int slow_part, double seconds, int n_threads=0, doub
     return on_workers, n_ran
 
 
-def rows_to_ids(batch, Py_ssize_t vocab_size):
-    """The common training batch, a non-empty list of equal-length (>= 2) lists of plain ints in
-    [0, vocab_size), as one (S, L) int32 array; None for anything else (the caller's general
-    checks then accept it or name the problem). One pass over the ints, no temporaries."""
-    cdef Py_ssize_t S, L, s, j
+def ragged_ids(batch, Py_ssize_t vocab_size):
+    """A non-empty list of lists of plain ints in [0, vocab_size) (any lengths) as one int32
+    array of the ids back to back and an intp array of the lists' lengths; None for anything
+    else (the caller's general checks then accept it or name the problem). Two passes over the
+    lists, one over the ints."""
+    cdef Py_ssize_t S, s, j, k, n, total = 0
     cdef long long val
     cdef list row
-    cdef int[:, ::1] out
     if type(batch) is not list or len(<list>batch) == 0:
         return None
     S = len(<list>batch)
-    if type((<list>batch)[0]) is not list:
-        return None
-    L = len(<list>(<list>batch)[0])
-    if L < 2:
-        return None
-    arr = np.empty((S, L), dtype=np.intc)
-    out = arr
     for s in range(S):
         item = (<list>batch)[s]
-        if type(item) is not list or len(<list>item) != L:
+        if type(item) is not list:
             return None
-        row = <list>item
-        for j in range(L):
+        total += len(<list>item)
+    flat_arr = np.empty(total, dtype=np.intc)
+    lengths_arr = np.empty(S, dtype=np.intp)
+    cdef int[::1] flat = flat_arr
+    cdef Py_ssize_t[::1] lengths = lengths_arr
+    k = 0
+    for s in range(S):
+        row = <list>(<list>batch)[s]
+        n = len(row)
+        if k + n > total:  # the arrays are sized by the first pass
+            return None
+        for j in range(n):
             x = row[j]
             if type(x) is not int:  # bools, numpy scalars, floats: the general path decides
                 return None
@@ -911,8 +914,12 @@ def rows_to_ids(batch, Py_ssize_t vocab_size):
                 return None
             if val < 0 or val >= vocab_size:
                 return None
-            out[s, j] = <int>val
-    return arr
+            flat[k + j] = <int>val
+        lengths[s] = n
+        k += n
+    if k != total:
+        return None
+    return flat_arr, lengths_arr
 
 
 def attention_simd_path() -> str:

@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from . import _field
+from . import _core, _field
 
 __all__ = ["CorpusField"]
 
@@ -29,27 +29,28 @@ __all__ = ["CorpusField"]
 _LAMBDAS = (0.6, 0.3, 0.1)
 
 
-def _as_sequences(sequences: Iterable[Sequence[int]], V: int) -> list[np.ndarray]:
-    out = []
-    for i, seq in enumerate(sequences):
+def _flat_ids(sequences: Iterable[Sequence[int]], V: int) -> tuple[np.ndarray, np.ndarray]:
+    """(every id back to back as int64, each sequence's length) of sequences of ids in [0, V)."""
+    seqs = sequences if isinstance(sequences, list) else list(sequences)
+    plain = _core.ragged_ids(seqs, V) if seqs else None  # lists of plain ints: one native pass
+    if plain is not None:
+        return plain[0].astype(np.int64), plain[1]
+    arrays = []
+    for i, seq in enumerate(seqs):
         arr = np.asarray(seq)
         if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
             raise ValueError(f"sequence {i} must be a flat list of int token ids")
         if arr.size and (arr.min() < 0 or arr.max() >= V):
             raise ValueError(f"sequence {i} holds ids outside the vocabulary [0, {V})")
-        if arr.size:
-            out.append(arr.astype(np.int64))
-    return out
+        arrays.append(arr.astype(np.int64))
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+    return flat, np.array([len(arr) for arr in arrays], dtype=np.intp)
 
 
-def _ngrams(seqs: list[np.ndarray], V: int) -> tuple:
-    """(unigram counts (V,), bigram keys, trigram keys) of seqs, keys not yet unique."""
-    if not seqs:
-        e = np.zeros(0, np.int64)
-        return np.zeros(V), e, e
-    flat = np.concatenate(seqs)
-    lens = np.array([len(s) for s in seqs])
-    seq_id = np.repeat(np.arange(len(seqs)), lens)
+def _ngrams(flat: np.ndarray, lengths: np.ndarray, V: int) -> tuple:
+    """(unigram counts (V,), bigram keys, trigram keys) of the sequences laid back to back in
+    flat, keys not yet unique."""
+    seq_id = np.repeat(np.arange(len(lengths)), lengths)
     uni = np.bincount(flat, minlength=V).astype(np.float64)
     same2 = seq_id[:-1] == seq_id[1:]
     bi = (flat[:-1] * V + flat[1:])[same2]
@@ -96,10 +97,10 @@ class CorpusField:
 
     def add(self, sequences: Iterable[Sequence[int]]) -> None:
         """Count the n-grams of more sequences (each e.g. an encoded line with BOS and EOS)."""
-        seqs = _as_sequences(sequences, self.vocab_size)
-        if not seqs:
+        flat, lengths = _flat_ids(sequences, self.vocab_size)
+        if not len(flat):
             return
-        uni, bi, tri = _ngrams(seqs, self.vocab_size)
+        uni, bi, tri = _ngrams(flat, lengths, self.vocab_size)
         with self._changing:  # the merge runs outside _lock: readers keep the tables meanwhile
             bk, bc = _merge(self.bigram_keys, self.bigram_counts, bi, np.ones(len(bi)))
             tk, tc = _merge(self.trigram_keys, self.trigram_counts, tri, np.ones(len(tri)))
@@ -170,18 +171,24 @@ class CorpusField:
         shorter than 2 ids left out). The counts' context totals are derived once for all of
         them and every position is looked up in one pass."""
         V = self.vocab_size
-        seqs = [s for s in _as_sequences(sequences, V) if len(s) >= 2]
-        if not seqs:
+        flat, lengths = _flat_ids(sequences, V)
+        starts = np.cumsum(lengths) - lengths
+        scored = lengths >= 2
+        starts, lengths = starts[scored], lengths[scored]
+        if not len(lengths):
             raise ValueError("heldout_loss needs at least one sequence of 2 or more ids")
         with self._lock:
             uni, bk, bc, tk, tc = self.unigrams, self.bigram_keys, self.bigram_counts, self.trigram_keys, self.trigram_counts
         p_uni_all = (uni + 1.0) / (uni.sum() + V)
         ctx2, ctx2_tot = _context_totals(bk, bc, V)
         ctx3, ctx3_tot = _context_totals(tk, tc, V)
-        ns = [len(s) - 1 if block_size is None else min(block_size, len(s) - 1) for s in seqs]
-        tgt = np.concatenate([s[1:n + 1] for s, n in zip(seqs, ns)])
-        prev1 = np.concatenate([s[:n] for s, n in zip(seqs, ns)])
-        prev2 = np.concatenate([np.concatenate([[-1], s[:n - 1]]) for s, n in zip(seqs, ns)])
+        ns = lengths - 1 if block_size is None else np.minimum(block_size, lengths - 1)
+        # position t of a sequence predicts its id t + 1 from ids t (and t - 1 when t > 0)
+        first = np.cumsum(ns) - ns  # each sequence's first position among all of them
+        t = np.arange(int(ns.sum())) - np.repeat(first, ns)
+        at = np.repeat(starts, ns) + t
+        tgt, prev1 = flat[at + 1], flat[at]
+        prev2 = np.where(t > 0, flat[at - 1], -1)
         p_uni = p_uni_all[tgt]
         p_bi, seen_bi = _lookup(bk, bc, ctx2, ctx2_tot, prev1, tgt, V)
         k3 = np.where(prev2 >= 0, prev2 * V + prev1, -1)
@@ -191,8 +198,7 @@ class CorpusField:
         w2 = np.where(seen_bi, l2 + (l3 - w3), 0.0)
         w1 = 1.0 - w3 - w2
         nll = -np.log(w3 * p_tri + w2 * p_bi + w1 * p_uni)
-        starts = np.concatenate([[0], np.cumsum(ns)[:-1]])
-        return np.add.reduceat(nll, starts) / np.asarray(ns)
+        return np.add.reduceat(nll, first) / ns
 
 
 def _context_totals(keys: np.ndarray, counts: np.ndarray, V: int) -> tuple[np.ndarray, np.ndarray]:

@@ -763,7 +763,7 @@ class Model:
     def _validate(self, batch) -> list[np.ndarray]:
         if isinstance(batch, (str, bytes)) or not isinstance(batch, Iterable):
             raise TypeError(f"batch must be a list of token-id lists, got {type(batch).__name__}")
-        fast = self._validate_equal_lengths(batch)
+        fast = self._validate_plain(batch)
         if fast is not None:
             return fast
         seqs = []
@@ -785,14 +785,22 @@ class Model:
             raise ValueError("batch is empty; pass at least one sequence")
         return seqs
 
-    def _validate_equal_lengths(self, batch) -> list[np.ndarray] | None:
-        """The common training batch (a list of equal-length lists of valid ids) converted and
-        checked in one go: one array, one min and one max instead of a few calls per sequence.
-        None when anything differs; the per-sequence checks then name the problem."""
-        # one Cython pass over the ints (plain ints only: bools, numpy scalars and the rest take
-        # the general path, which rejects all-bool rows) instead of np.array + min + max
-        arr = _core.rows_to_ids(batch, self.vocab_size)
-        return None if arr is None else list(arr)
+    def _validate_plain(self, batch) -> list[np.ndarray] | None:
+        """The common batch (a list of lists of valid ids, each of 2 or more) converted and
+        checked in one Cython pass over the ints (plain ints only: bools, numpy scalars and the
+        rest take the general path, which rejects all-bool rows) instead of np.asarray, min and
+        max per sequence. None when anything differs; the per-sequence checks then name it."""
+        flat_lengths = _core.ragged_ids(batch, self.vocab_size)
+        if flat_lengths is None:
+            return None
+        flat, lengths = flat_lengths
+        shortest = lengths.min()
+        if shortest < 2:
+            return None
+        if lengths.max() == shortest:
+            return list(flat.reshape(len(lengths), shortest))
+        ends = np.cumsum(lengths).tolist()
+        return [flat[end - n:end] for end, n in zip(ends, lengths.tolist())]
 
     def _pack(self, seqs: list[np.ndarray], total_sequences: int):
         """Pack sequences back to back: (ids, pos, targets, weights, off, n, sq_off, SS), with

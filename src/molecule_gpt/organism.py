@@ -91,6 +91,7 @@ __all__ = ["Organism", "QuantumBuffer"]
 
 STATE_FORMAT = "molecule_gpt.organism"
 STATE_VERSION = 2  # 2 adds heard_val_lines and quarantine; version 1 loads with both empty
+_GROWTH_BACKOFF_MAX = 5  # a declined tokenizer growth waits at most 2**5 retrain intervals
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")  # the reservoir's sentence split, for untagged text
 
 
@@ -260,6 +261,9 @@ class Organism:
         self._field_loss: tuple | None = None
         self._field_changes = 0
         self._field_loss_lock = threading.Lock()  # one measurement at a time
+        # after declined tokenizer growth trials: (trials declined in a row, reservoir characters
+        # at the last of them); None while the tokenizer's own schedule decides
+        self._growth_retry: tuple[int, int] | None = None
         self.telemetry: collections.deque = collections.deque(maxlen=2000)
         self._telemetry_log = JsonlLog(telemetry_path, telemetry_max_bytes) if telemetry_path is not None else None
         self._own_memory = memory is not None and not isinstance(memory, Memory)
@@ -777,10 +781,15 @@ class Organism:
         Before any training the change is free. Afterwards it is checked: the retrained
         tokenizer is tried on a copy of the model (new rows initialized from the tokens they
         merge, see `_init_merged_rows`) and kept only if held-out loss on the old text rises
-        by at most Config.bpe_growth_max_rise; otherwise it is declined (the next try waits
-        for bpe_retrain_every_chars more characters)."""
+        by at most Config.bpe_growth_max_rise. Otherwise it is declined, and the next trial
+        waits for bpe_retrain_every_chars more characters, twice as many after each further
+        decline in a row (up to 2**_GROWTH_BACKOFF_MAX times): a tokenizer whose growth keeps
+        hurting the old text is not retrained and scored at every burst."""
         with self._lock:
             lines = self.reservoir.lines
+        next_trial = self._growth_next_trial()
+        if next_trial is not None and sum(len(x) for x in lines) < next_trial:
+            return False
         if not self.tokenizer.growth_due(lines):
             return False
         if not (self._trained() and len(self._old_heldout) > 0):
@@ -813,20 +822,31 @@ class Organism:
         after = HeldOut(held.lines, candidate.encode, lambda: candidate.version).loss(trial, self.trainer.pace)
         record.update(loss_before=before, loss_after=after)
         if not after <= before * (1.0 + self.config.bpe_growth_max_rise):
-            tok.trained_chars = candidate.trained_chars  # wait for more text before trying again
-            record["event"] = f"{update.event} declined"
-            record["vocab_size"] = tok.vocab_size
+            declines = 1 if self._growth_retry is None else self._growth_retry[0] + 1
+            self._growth_retry = (declines, sum(len(x) for x in lines))
+            record.update(event=f"{update.event} declined", vocab_size=tok.vocab_size,
+                          next_trial_chars=self._growth_next_trial())
             self._emit(record)
             return False
         with self._structure.write():
             if self.tokenizer is not tok or self.model.vocab_size != update.old_vocab_size:
                 return False  # changed meanwhile (a load, a forget): the next burst tries again
             self.tokenizer = candidate
+            self._growth_retry = None
             self._grow_model(self.model, self.tokenizer, update)
             self._rebuild_data()
         self._emit(record)
         self._log_growth(f"tokenizer {update.event}")
         return True
+
+    def _growth_next_trial(self) -> int | None:
+        """Reservoir characters at which the next growth trial is due after declined ones (see
+        _maybe_grow_tokenizer); None when none was declined since the last growth."""
+        retry = self._growth_retry
+        if retry is None:
+            return None
+        declines, at_chars = retry
+        return at_chars + max(1, self.config.bpe_retrain_every_chars << min(declines - 1, _GROWTH_BACKOFF_MAX))
 
     @staticmethod
     def _grow_tokenizer(tok: EvolvingTokenizer, lines: list[str]):
@@ -1216,6 +1236,7 @@ class Organism:
                 "val_lines": list(self.val_lines),
                 "heard_val_lines": list(self.heard_val_lines),
                 "quarantine": list(self.quarantine),
+                "growth_retry": None if self._growth_retry is None else list(self._growth_retry),
                 "reservoir": self.reservoir.to_dict(),
                 "buffer": self.buffer.to_dict(),
                 "birth_vocab": self.birth_vocab,
@@ -1371,6 +1392,12 @@ class Organism:
         self.val_lines = list(state["val_lines"])
         self.heard_val_lines = list(state.get("heard_val_lines", []))  # absent in version 1
         self.quarantine = list(state.get("quarantine", []))
+        retry = state.get("growth_retry")  # absent before the retry back-off: the tokenizer's schedule
+        if retry is not None and not (isinstance(retry, list) and len(retry) == 2 and
+                                      all(type(x) is int and x >= 0 for x in retry)):
+            raise CheckpointError(f"{ckpt.path}: organism state 'growth_retry' must be null or two non-negative "
+                                  f"ints; load an intact copy")
+        self._growth_retry = None if retry is None else (retry[0], retry[1])
         birth_vocab = int(state["birth_vocab"])
         if state["birth_rows"] is None:
             birth_rows = np.array(self.model.init_embed_snapshot[:birth_vocab], dtype=np.float64)
