@@ -607,6 +607,16 @@ def test_field_sequence_losses_score_each_sequence_alone():
         want = [f.heldout_loss([s], block) for s in held]
         np.testing.assert_allclose(got, want, rtol=1e-13)
         assert f.heldout_loss(held, block) == pytest.approx(float(np.mean(want)), rel=1e-13)
+        # sequences too short to predict anything are left out; arrays (the general path) and
+        # lists of ints (one native pass) give the same values
+        np.testing.assert_array_equal(f.sequence_losses([[], held[0], [3]] + held[1:], block), got)
+        np.testing.assert_array_equal(f.sequence_losses([np.array(s, np.int16) for s in held], block), got)
+    tables = ("unigrams", "bigram_keys", "bigram_counts", "trigram_keys", "trigram_counts")
+    g = CorpusField(9, [np.array(s) for s in held] + [[]])
+    h = CorpusField(9, held)
+    assert all(np.array_equal(getattr(g, n), getattr(h, n)) for n in tables)
+    with pytest.raises(ValueError, match="sequence 1 holds ids outside"):
+        f.sequence_losses([[1, 2], [3, 9]])
 
 
 def test_generator_field_only_and_blend(tok):
