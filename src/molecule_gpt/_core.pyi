@@ -49,6 +49,8 @@ def pool_threads() -> int: ...  # worker threads csrc/pool.c has started in this
 def _pool_busy(n_parts: int, slow_part: int, seconds: float, n_threads: int = 0, others: float = 0.0, nap: float = 0.0) -> tuple[int, int]: ...  # tests: (on workers, parts run)
 def ragged_ids(batch: object, vocab_size: int) -> tuple[np.ndarray, np.ndarray] | None: ...
     # lists of plain ints in [0, vocab_size) -> (ids back to back, int32; lengths, intp); None otherwise
+def pack_batch(seqs: list[np.ndarray], block_size: int, total_sequences: int) -> tuple: ...
+    # int32 sequences -> (ids, pos, targets, weights, off, n, sq_off, SS) for Engine.set_batch
 def adam_update(params: np.ndarray, grads: np.ndarray, m: np.ndarray, v: np.ndarray, lr: float, beta1: float,
                 beta2: float, eps: float, clip: float, step: int) -> None: ...  # 1-D, one dtype
 def adam_update_groups(groups: list, lr: float, beta1: float, beta2: float, eps: float, clip: float,

@@ -922,6 +922,46 @@ def ragged_ids(batch, Py_ssize_t vocab_size):
     return flat_arr, lengths_arr
 
 
+def pack_batch(list seqs, Py_ssize_t block_size, Py_ssize_t total_sequences):
+    """Sequences (1-D C-contiguous int32 arrays of 2 or more ids, validated by the caller) packed
+    back to back for Engine.set_batch: (ids, pos, targets, weights, off, n, sq_off, SS). Each
+    sequence s contributes its first n_s = min(block_size, len - 1) positions: ids[t] and
+    targets[t] = ids[t + 1] at pos t; weights 1 / (n_s * total_sequences), so that
+    sum(weights * losses) is the batch loss; off and sq_off the running sums of n and n^2."""
+    cdef Py_ssize_t S = len(seqs), s, t, k, N = 0, SS = 0, o = 0
+    cdef const int[::1] a
+    n_arr = np.empty(S, dtype=np.intc)
+    off_arr = np.empty(S, dtype=np.intc)
+    sq_arr = np.empty(S, dtype=np.intp)
+    cdef int[::1] n = n_arr, off = off_arr
+    cdef Py_ssize_t[::1] sq_off = sq_arr
+    for s in range(S):
+        k = min(block_size, (<object>seqs[s]).shape[0] - 1)
+        n[s] = <int>k
+        off[s] = <int>N
+        sq_off[s] = SS
+        N += k
+        SS += k * k
+    ids_arr = np.empty(N, dtype=np.intc)
+    targets_arr = np.empty(N, dtype=np.intc)
+    pos_arr = np.empty(N, dtype=np.intc)
+    weights_arr = np.empty(N, dtype=np.float64)
+    cdef int[::1] ids = ids_arr, targets = targets_arr, pos = pos_arr
+    cdef double[::1] weights = weights_arr
+    cdef double w
+    for s in range(S):
+        a = seqs[s]
+        k = n[s]
+        w = 1.0 / (<double>k * <double>total_sequences)
+        for t in range(k):
+            ids[o + t] = a[t]
+            targets[o + t] = a[t + 1]
+            pos[o + t] = <int>t
+            weights[o + t] = w
+        o += k
+    return ids_arr, pos_arr, targets_arr, weights_arr, off_arr, n_arr, sq_arr, SS
+
+
 def attention_simd_path() -> str:
     """Which attention kernels steps run: "avx2" (AVX2+FMA, chosen at run time) or "portable"
     (MOLECULE_GPT_NO_AVX2=1, or a CPU without AVX2)."""

@@ -200,7 +200,6 @@ class Model:
         self._lock = threading.RLock()
         self._engines = []
         self._last_workers = 1  # workers the last step ran on
-        self._pack_cache = {}  # batch layout arrays by sequence lengths (see _pack)
         self._arenas_ready = False
         self._rebind_pending, self._rebuild_engines = False, False
         self._folded_modules, self._fold_delta, self._fold_weight, self._fold_views = [], {}, {}, {}
@@ -780,7 +779,7 @@ class Model:
             if lo < 0 or hi >= self.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"batch[{s}] holds token id {bad}, outside the vocabulary [0, {self.vocab_size})")
-            seqs.append(arr)
+            seqs.append(np.ascontiguousarray(arr, dtype=np.intc))
         if not seqs:
             raise ValueError("batch is empty; pass at least one sequence")
         return seqs
@@ -802,34 +801,6 @@ class Model:
         ends = np.cumsum(lengths).tolist()
         return [flat[end - n:end] for end, n in zip(ends, lengths.tolist())]
 
-    def _pack(self, seqs: list[np.ndarray], total_sequences: int):
-        """Pack sequences back to back: (ids, pos, targets, weights, off, n, sq_off, SS), with
-        weights 1 / (n_s * total_sequences) so that sum(weights * losses) is the batch loss.
-        Everything but ids and targets depends only on the lengths: cached by them (training
-        draws the same lengths step after step; the kernels only read these arrays)."""
-        T = self.config.block_size
-        lengths = tuple(min(T, len(a) - 1) for a in seqs)
-        ids = np.concatenate([a[:k] for a, k in zip(seqs, lengths)]).astype(np.intc)
-        targets = np.concatenate([a[1:k + 1] for a, k in zip(seqs, lengths)]).astype(np.intc)
-        key = (lengths, total_sequences)
-        shape = self._pack_cache.get(key)
-        if shape is None:
-            n = np.array(lengths, dtype=np.intc)
-            pos = np.concatenate([np.arange(k, dtype=np.intc) for k in n])
-            weights = np.concatenate([np.full(k, 1.0 / (k * total_sequences)) for k in n])
-            off = np.zeros(len(seqs), dtype=np.intc)
-            off[1:] = np.cumsum(n[:-1])
-            sq = n.astype(np.intp) ** 2
-            sq_off = np.zeros(len(seqs), dtype=np.intp)
-            sq_off[1:] = np.cumsum(sq[:-1])
-            for arr in (n, pos, weights, off, sq_off):
-                arr.flags.writeable = False
-            if len(self._pack_cache) >= 64:
-                self._pack_cache.clear()
-            shape = self._pack_cache[key] = (pos, weights, off, n, sq_off, int(sq.sum()))
-        pos, weights, off, n, sq_off, SS = shape
-        return ids, pos, targets, weights, off, n, sq_off, SS
-
     def _run(self, seqs: list[np.ndarray], total_sequences: int, backward: bool, sum_grads: bool = True):
         """Forward (with loss) and optionally backward of `seqs` on the workers. Returns one
         (sequence indices, packed batch, per-position losses) per worker used. With backward,
@@ -843,7 +814,7 @@ class Model:
         n_workers = len(shares)
         parts = []
         for w, idx in enumerate(shares):
-            packed = self._pack([seqs[i] for i in idx], total_sequences)
+            packed = _core.pack_batch([seqs[i] for i in idx], self.config.block_size, total_sequences)
             engine = self._engines[w]
             need, nodes = engine.plan(len(packed[0]), packed[7])
             if need > engine.capacity[0] or nodes > engine.capacity[1]:
@@ -907,6 +878,9 @@ class Model:
         many sequences as fit, not just batch_size (short held-out lines pack several times
         more per run). A range is cut when one worker's share, dealt as _run deals it (_deal),
         would exceed the positions or squared lengths it is sized for."""
+        if len(seqs) <= self.config.batch_size:  # the arenas are sized for any batch of this many
+            yield 0, len(seqs)
+            return
         T = self.config.block_size
         cap_n, cap_sq = self._max_step()
         workers = len(self._engines)

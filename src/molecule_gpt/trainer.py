@@ -111,6 +111,17 @@ class Projection:
     magnitude: float
 
 
+def _merged(slices: list) -> list:
+    """(start, stop) ranges sorted, with touching ones joined."""
+    out: list = []
+    for a, b in sorted(slices):
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
 def lr_schedule(step: int, total: int, base_lr: float, warmup_steps: int, min_ratio: float) -> float:
     """Linear warmup over the first `warmup_steps` steps (capped at half the run), then cosine
     decay from base_lr to base_lr * min_ratio at the last step."""
@@ -300,6 +311,7 @@ class Trainer:
                     comps["hybrid_alphas"].append(rng(f"l{i}.h{h}.alpha"))
             comps["attn_out"].append(rng(f"l{i}.wo"))
             comps["mlp"] += [rng(f"l{i}.fc_g"), rng(f"l{i}.fc_v"), rng(f"l{i}.fc2")]
+        comps = {name: _merged(slices) for name, slices in comps.items()}  # fewer, longer dot products
         covered = sum(b - a for slices in comps.values() for a, b in slices)
         if covered != base.size:  # the finiteness check relies on the components covering the base
             raise AssertionError(f"gradient components cover {covered} of {base.size} base parameters")
