@@ -311,6 +311,27 @@ def test_ragged_ids_takes_only_lists_of_plain_ints():
     assert model.sequence_losses(ragged) == model.sequence_losses([np.array(s) for s in ragged])
 
 
+def test_pack_batch_lays_sequences_back_to_back():
+    """_core.pack_batch against the layout written out in numpy: each sequence's first
+    min(block, len - 1) positions, targets shifted by one, weights 1 / (n_s * total)."""
+    from molecule_gpt import _core
+    rng = np.random.default_rng(5)
+    for block in (1, 4, 9):
+        seqs = [rng.integers(0, 50, int(k)).astype(np.intc) for k in rng.integers(2, 15, 6)]
+        ids, pos, targets, weights, off, n, sq_off, SS = _core.pack_batch(seqs, block, 7)
+        ns = [min(block, len(a) - 1) for a in seqs]
+        assert n.tolist() == ns and off.tolist() == np.concatenate([[0], np.cumsum(ns)[:-1]]).tolist()
+        assert ids.tolist() == [int(x) for a, k in zip(seqs, ns) for x in a[:k]]
+        assert targets.tolist() == [int(x) for a, k in zip(seqs, ns) for x in a[1:k + 1]]
+        assert pos.tolist() == [t for k in ns for t in range(k)]
+        assert weights.tolist() == [1.0 / (k * 7) for k in ns for _ in range(k)]
+        sq = [k * k for k in ns]
+        assert sq_off.tolist() == np.concatenate([[0], np.cumsum(sq)[:-1]]).tolist() and SS == sum(sq)
+        assert ids.dtype == pos.dtype == targets.dtype == off.dtype == n.dtype == np.intc and sq_off.dtype == np.intp
+    with pytest.raises(ValueError):  # the caller converts: another dtype is refused, not misread
+        _core.pack_batch([np.arange(4, dtype=np.int64)], 4, 1)
+
+
 def test_batch_loss_is_mean_of_independent_sequence_losses():
     rng = np.random.default_rng(2)
     model = mg.Model(tiny_config(), 11, dtype="float64", seed=4)
