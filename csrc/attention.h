@@ -408,7 +408,8 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
     }
 
 /* x[j] = exp(x[j] - shift), j < n: the cross-entropy's exponentials (float32; its sum is rows.h's
- * fixed-order mg_row_sum_f). The AVX2 build is mg_expf8 on 8 lanes, as the softmax's rows. */
+ * fixed-order mg_row_sum_f). The AVX2 build is mg_expf8 on 8 lanes, as the softmax's rows; the
+ * AVX-512 one mg_expf16, the same bits. */
 static void mg_row_exp_f_base(float *restrict x, ptrdiff_t n, float shift) {
     for (ptrdiff_t j = 0; j < n; j++) x[j] = mg_expf(x[j] - shift);
 }
@@ -509,6 +510,17 @@ __attribute__((target("avx2,fma"))) static void mg_row_exp_f_avx2(float *restric
         memcpy(t, x + j, (size_t)(n - j) * sizeof(float));
         _mm256_storeu_ps(t, mg_expf8(_mm256_sub_ps(_mm256_loadu_ps(t), s)));
         memcpy(x + j, t, (size_t)(n - j) * sizeof(float));
+    }
+}
+
+/* The AVX-512 build of mg_row_exp_f: mg_expf16 on 16 lanes (mg_expf8's bits, element by element). */
+MG_TRI512_ATTR static void mg_row_exp_f_avx512(float *restrict x, ptrdiff_t n, float shift) {
+    const __m512 s = _mm512_set1_ps(shift);
+    ptrdiff_t j = 0;
+    for (; j + 16 <= n; j += 16) _mm512_storeu_ps(x + j, mg_expf16(_mm512_sub_ps(_mm512_loadu_ps(x + j), s)));
+    if (j < n) { /* the last lanes masked: no load or store past x[n - 1] */
+        const __mmask16 k = (__mmask16)((1u << (n - j)) - 1);
+        _mm512_mask_storeu_ps(x + j, k, mg_expf16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), s)));
     }
 }
 #endif
@@ -710,7 +722,7 @@ static inline void mg_causal_softmax_f(float *A, ptrdiff_t lda, const float *S, 
     MG_TRI_DISPATCH(mg_causal_softmax_f, A, lda, S, lds, P, ldp, t0, t1, a, kind, buf);
 }
 static inline void mg_row_exp_f(float *x, ptrdiff_t n, float shift) {
-    MG_TRI_DISPATCH(mg_row_exp_f, x, n, shift);
+    MG_TRI_DISPATCH_WIDE(mg_row_exp_f, x, n, shift);
 }
 static inline void mg_causal_softmax_d(double *A, ptrdiff_t lda, const double *S, ptrdiff_t lds, const double *P,
                                        ptrdiff_t ldp, ptrdiff_t t0, ptrdiff_t t1, double a, int kind, double *buf) {

@@ -60,6 +60,25 @@ __attribute__((target("avx2,fma"))) static inline __m256 mg_expf8(__m256 x) {
     __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
 }
+
+/* mg_expf8 on 16 lanes (AVX-512F): the same operations lane by lane, so the same bits. */
+__attribute__((target("avx512f,avx512vl,avx2,fma"))) static inline __m512 mg_expf16(__m512 x) {
+    x = _mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f));
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3365447504f));
+    __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
+    __m512 n = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 g = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    g = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), g);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, g, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, g, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, g, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, g, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, g, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(y, g), g, g), _mm512_set1_ps(1.0f));
+    __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(bits));
+}
 #endif
 
 #endif

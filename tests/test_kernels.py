@@ -521,6 +521,30 @@ def test_avx512_attention_products_equal_avx2_bit_for_bit(rng, dtype, d):
             assert np.array_equal(a, b), name
 
 
+def test_avx512_training_step_equals_avx2_bit_for_bit(rng):
+    """A whole float32 step (forward with the cross-entropy's exponentials, backward) gives the
+    same loss and gradients with the AVX-512 kernels as with the AVX2 ones, on lengths and a
+    vocabulary that leave every remainder of 8 and 16 lanes."""
+    if "avx512" not in simd_levels():
+        pytest.skip("this CPU has no AVX-512")
+    import molecule_gpt as mg
+    cfg = mg.Config(n_layer=1, n_embd=32, n_head=4, block_size=40, batch_size=6,
+                    head_types=("content", "rrpram", "hybrid", "hybrid"))
+    model = mg.Model(cfg, 53, seed=1, n_threads=1)
+    batch = [rng.integers(0, 53, n).tolist() for n in (2, 9, 17, 24, 33, 41)]
+    out = {}
+    for level in (1, 2):
+        _core._force_simd(level)
+        try:
+            out[level] = model.loss_and_grads(batch)
+        finally:
+            _core._force_simd(None)
+    assert out[1][0] == out[2][0]
+    assert out[1][1].keys() == out[2][1].keys()
+    for name, grad in out[1][1].items():
+        assert np.array_equal(grad, out[2][1][name]), name
+
+
 def test_fma_peak_probe():
     peak = _core.fma_peak("avx2", trials=5)
     assert 1.0 < peak < 10_000.0
