@@ -40,45 +40,34 @@ static inline float mg_expf(float x) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
 
-/* mg_expf on 8 lanes with AVX2+FMA intrinsics (GCC does not vectorize the scalar body inside a
+/* mg_expf on whole vectors with intrinsics (GCC does not vectorize the scalar body inside a
  * target("avx2") function reliably): the same reduction and polynomial, evaluated with FMA, so
- * results may differ from mg_expf in the last ulp. */
-__attribute__((target("avx2,fma"))) static inline __m256 mg_expf8(__m256 x) {
-    x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3365447504f));
-    __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
-    __m256 n = _mm256_floor_ps(fx);
-    __m256 g = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    g = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), g);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, g, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, g, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, g, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, g, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, g, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(y, g), g, g), _mm256_set1_ps(1.0f));
-    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
-}
+ * results may differ from mg_expf in the last ulp. One body for both widths (P the intrinsics'
+ * prefix): lane by lane the same operations, so mg_expf8 and mg_expf16 give the same bits. */
+#define MG_DEFINE_EXPF(NAME, ATTR, VT, VI, P, FLOOR, CAST_INT)                                   \
+    ATTR static inline VT NAME(VT x) {                                                            \
+        x = P##_min_ps(x, P##_set1_ps(88.3762626647949f));                                        \
+        x = P##_max_ps(x, P##_set1_ps(-87.3365447504f));                                          \
+        VT fx = P##_fmadd_ps(x, P##_set1_ps(1.44269504088896341f), P##_set1_ps(0.5f));            \
+        VT n = FLOOR(fx);                                                                         \
+        VT g = P##_fnmadd_ps(n, P##_set1_ps(0.693359375f), x);                                    \
+        g = P##_fnmadd_ps(n, P##_set1_ps(-2.12194440e-4f), g);                                    \
+        VT y = P##_set1_ps(1.9875691500e-4f);                                                     \
+        y = P##_fmadd_ps(y, g, P##_set1_ps(1.3981999507e-3f));                                    \
+        y = P##_fmadd_ps(y, g, P##_set1_ps(8.3334519073e-3f));                                    \
+        y = P##_fmadd_ps(y, g, P##_set1_ps(4.1665795894e-2f));                                    \
+        y = P##_fmadd_ps(y, g, P##_set1_ps(1.6666665459e-1f));                                    \
+        y = P##_fmadd_ps(y, g, P##_set1_ps(5.0000001201e-1f));                                    \
+        y = P##_add_ps(P##_fmadd_ps(P##_mul_ps(y, g), g, g), P##_set1_ps(1.0f));                  \
+        VI bits = P##_slli_epi32(P##_add_epi32(P##_cvttps_epi32(n), P##_set1_epi32(127)), 23);    \
+        return P##_mul_ps(y, CAST_INT(bits));                                                     \
+    }
 
-/* mg_expf8 on 16 lanes (AVX-512F): the same operations lane by lane, so the same bits. */
-__attribute__((target("avx512f,avx512vl,avx2,fma"))) static inline __m512 mg_expf16(__m512 x) {
-    x = _mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f));
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3365447504f));
-    __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
-    __m512 n = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 g = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    g = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), g);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, g, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, g, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, g, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, g, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, g, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(y, g), g, g), _mm512_set1_ps(1.0f));
-    __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(y, _mm512_castsi512_ps(bits));
-}
+#define MG_FLOOR16(x) _mm512_roundscale_ps((x), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC)
+MG_DEFINE_EXPF(mg_expf8, __attribute__((target("avx2,fma"))), __m256, __m256i, _mm256, _mm256_floor_ps,
+               _mm256_castsi256_ps)
+MG_DEFINE_EXPF(mg_expf16, __attribute__((target("avx512f,avx512vl,avx2,fma"))), __m512, __m512i, _mm512,
+               MG_FLOOR16, _mm512_castsi512_ps)
 #endif
 
 #endif
