@@ -157,6 +157,11 @@ def test_declined_growth_waits_longer_after_each_decline(warmed, tmp_path):
             j = trials[k + 1][0]
             assert chars[j] >= r["next_trial_chars"] and chars[j - 1] < r["next_trial_chars"]
     assert 20 in range(trials[1][0], trials[-1][0] + 1)  # the back-off outlived the save and load
+    from molecule_gpt import status
+    doc = status.status_document(org)
+    assert doc["tokenizer_growth"] == {"declined_in_a_row": len(trials),
+                                       "next_trial_chars": trials[-1][1]["next_trial_chars"]}
+    assert f"declined {len(trials)} time(s) in a row" in status.status_text(doc)
     # the interval follows the config; an accepted growth ends the back-off
     org.config.bpe_growth_max_rise = 1e9
     org.config.bpe_retrain_every_chars = 1

@@ -1120,6 +1120,8 @@ class Organism:
                 "lr_scale": t.lr_scale, "loss": t.last_loss, "val_loss": t.last_val, "best_val_loss": t.best_val,
                 "heard_val_loss": t.last_new_val,
                 "vocab_size": m.vocab_size, "bpe": self.tokenizer.bpe_enabled, "parameters": m.num_params(),
+                "tokenizer_growth": {"declined_in_a_row": 0 if self._growth_retry is None else self._growth_retry[0],
+                                     "next_trial_chars": self._growth_next_trial()},
                 "delta_modules": modules, "base_trainable": m.trainable["base"],
                 "arena_high_water": m.arena_high_water, "arena_capacity": m.arena_capacity,
                 "tokens_per_second": t.tokens_per_second, "model_alpha": self.model_alpha(),

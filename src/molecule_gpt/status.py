@@ -12,6 +12,9 @@ Schema (every key always present; numbers that do not exist yet are None):
     val_loss, best_val_loss, heard_val_loss   held-out loss (nats per character): birth text, its
                    best, text heard lately
     vocab_size, bpe, parameters, model_alpha
+    tokenizer_growth {"declined_in_a_row", "next_trial_chars"}  growth trials declined since the
+                   last growth and the corpus size (characters) at which the next is tried
+                   (None: on the tokenizer's own schedule)
     delta_modules  [{"index", "state", "alpha", "bursts", "steps"}]
     corpus         {"lines", "chars", "held_out_lines", "heard_held_out_lines", "quarantine_lines"}
     next_burst     what the next background burst waits for, in words
@@ -94,6 +97,7 @@ def status_document(org, memory=None, earlier: Iterable[dict] = ()) -> dict:
         "heard_val_loss": _finite(s["heard_val_loss"]),
         "vocab_size": s["vocab_size"], "bpe": s["bpe"], "parameters": s["parameters"],
         "model_alpha": s["model_alpha"],
+        "tokenizer_growth": dict(s["tokenizer_growth"]),
         "delta_modules": [{k: m[k] for k in ("index", "state", "alpha", "bursts", "steps")}
                           for m in s["delta_modules"]],
         "corpus": dict(s["corpus"]),
@@ -112,6 +116,14 @@ def _fmt(value, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _growth(doc: dict) -> str:
+    g = doc["tokenizer_growth"]
+    if not g["declined_in_a_row"]:
+        return ""
+    return (f"; growth declined {g['declined_in_a_row']} time(s) in a row (it raised old-text loss), "
+            f"next try at {g['next_trial_chars']:,} corpus chars")
+
+
 def status_text(doc: dict) -> str:
     """The terminal's `/status`: the document as aligned lines."""
     mods = doc["delta_modules"]
@@ -124,7 +136,7 @@ def status_text(doc: dict) -> str:
         f"bursts {b['total']}: {b['accepted']} accepted, {b['rolled_back']} rolled back",
         f"loss           {_fmt(doc['loss'])} per token in training; held-out {_fmt(doc['val_loss'])} nats/char on "
         f"the birth text, {_fmt(doc['heard_val_loss'])} on text heard lately",
-        f"vocabulary     {doc['vocab_size']} tokens ({'BPE' if doc['bpe'] else 'characters'})",
+        f"vocabulary     {doc['vocab_size']} tokens ({'BPE' if doc['bpe'] else 'characters'})" + _growth(doc),
         f"parameters     {doc['parameters']:,}",
         f"delta modules  {len(mods)}" + (f" ({', '.join(f'{n} {k}' for k, n in sorted(states.items()))})" if mods else ""),
         f"corpus         {corpus['lines']} lines, {corpus['chars']:,} chars; "
