@@ -404,7 +404,8 @@ _DELETE = object()
     {"config.block_size": 64}, {"config.n_layer": 2}, {"config.head_types": ["content"] * 4},
     {"config.mlp_activation": "silu"}, {"config.tie_embeddings": False}, {"trainer.last_val": _DELETE},
     {"trainer.modules": []}, {"val_lines": [1, 2]}, {"birth_vocab": 10 ** 6}, {"reservoir.lines": "x"},
-    {"buffer": None}, {"seed": _DELETE},
+    {"buffer": None}, {"seed": _DELETE}, {"growth_retry": [0, 10]}, {"growth_retry": [1, -1]},
+    {"growth_retry": [2.0, 10]}, {"growth_retry": 5},
     # numpy raises OverflowError for a generator state out of its integer range (found by tests/fuzz)
     {"trainer.rng.state.state": -1}, {"organism_rng.uinteger": 2 ** 40},
 ])

@@ -1396,9 +1396,9 @@ class Organism:
         self.quarantine = list(state.get("quarantine", []))
         retry = state.get("growth_retry")  # absent before the retry back-off: the tokenizer's schedule
         if retry is not None and not (isinstance(retry, list) and len(retry) == 2 and
-                                      all(type(x) is int and x >= 0 for x in retry)):
-            raise CheckpointError(f"{ckpt.path}: organism state 'growth_retry' must be null or two non-negative "
-                                  f"ints; load an intact copy")
+                                      all(type(x) is int for x in retry) and retry[0] >= 1 and retry[1] >= 0):
+            raise CheckpointError(f"{ckpt.path}: organism state 'growth_retry' must be null or [declines >= 1, "
+                                  f"chars >= 0]; load an intact copy")
         self._growth_retry = None if retry is None else (retry[0], retry[1])
         birth_vocab = int(state["birth_vocab"])
         if state["birth_rows"] is None:
