@@ -330,6 +330,10 @@ def test_pack_batch_lays_sequences_back_to_back():
         assert ids.dtype == pos.dtype == targets.dtype == off.dtype == n.dtype == np.intc and sq_off.dtype == np.intp
     with pytest.raises(ValueError):  # the caller converts: another dtype is refused, not misread
         _core.pack_batch([np.arange(4, dtype=np.int64)], 4, 1)
+    with pytest.raises(ValueError, match="sequence 1 has fewer than 2 ids"):
+        _core.pack_batch([np.arange(3, dtype=np.intc), np.arange(1, dtype=np.intc)], 4, 2)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        _core.pack_batch([np.arange(3, dtype=np.intc)], 4, 0)
 
 
 def test_batch_loss_is_mean_of_independent_sequence_losses():

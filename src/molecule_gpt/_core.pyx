@@ -935,8 +935,12 @@ def pack_batch(list seqs, Py_ssize_t block_size, Py_ssize_t total_sequences):
     sq_arr = np.empty(S, dtype=np.intp)
     cdef int[::1] n = n_arr, off = off_arr
     cdef Py_ssize_t[::1] sq_off = sq_arr
+    if block_size < 1 or total_sequences < 1:
+        raise ValueError(f"block_size and total_sequences must be >= 1, got {block_size} and {total_sequences}")
     for s in range(S):
         k = min(block_size, (<object>seqs[s]).shape[0] - 1)
+        if k < 1:
+            raise ValueError(f"sequence {s} has fewer than 2 ids")
         n[s] = <int>k
         off[s] = <int>N
         sq_off[s] = SS
