@@ -652,18 +652,8 @@ class StreamDecoder:
         self.done = False         # <EOS> was fed
 
     def feed(self, token_id) -> str:
-        tok = self._tok
-        tid = tok._check_id(token_id)
-        if self.done or tid == tok.bos_id or tid == tok.pad_id:
-            return ""
-        if tid == tok.eos_id:
-            text = self._drain()
-            self.done = True
-            return text
-        data = self._pending + tok._surface[tid]
-        cut = _complete_prefix(data)
-        self._pending = data[cut:]
-        return self._collapse(_decode_surface(data[:cut]))
+        """The text that is final after one more token."""
+        return self.feed_many((self._tok._check_id(token_id),))
 
     def feed_many(self, token_ids) -> str:
         """What feed() returns for each of token_ids in turn, concatenated, in one pass (a batch
@@ -682,9 +672,9 @@ class StreamDecoder:
             return ""
         data = self._pending + data
         if end < len(ids):  # <EOS>: everything held comes out
-            self._pending = b""
+            self._pending = data
             self.done = True
-            return self._collapse(_decode_surface(data)) if data else ""
+            return self._drain()
         cut = _complete_prefix(data)
         self._pending = data[cut:]
         return self._collapse(_decode_surface(data[:cut]))
