@@ -99,6 +99,7 @@ def test_tokenizer_growth_after_training_is_checked(warmed):
     org.config.enable_bpe_after_chars = 100
     org.config.bpe_num_merges = 60
     org.config.bpe_growth_max_rise = 0.0
+    org.config.bpe_growth_steps = 0  # untrained rows: the growth raises the loss
     v0, version0, before = org.model.vocab_size, org.tokenizer.version, org.heldout_loss()
     org.train_burst(lr=0.0)
     events = [r for r in org.telemetry if r["phase"] == "tokenizer"]
@@ -115,19 +116,69 @@ def test_tokenizer_growth_after_training_is_checked(warmed):
                                                lambda: trial_tok.version).loss(trial)
     assert org.model.vocab_size == v0 and org.tokenizer.version == version0 and not org.tokenizer.bpe_enabled
     assert org.heldout_loss() == before
-    # allowed: the tokenizer grows, and each new merged row starts as the mean of its parts
+    # allowed: the tokenizer grows; each new merged row starts as the mean of its parts (what
+    # the organism keeps without row training) and is then trained
+    rows = {}
+    for steps in (0, 40):
+        org = mg.Organism.load(warmed)
+        org.config.enable_bpe_after_chars = 100
+        org.config.bpe_num_merges = 60
+        org.config.bpe_growth_max_rise = 1e9
+        org.config.bpe_growth_steps = steps
+        org.train_burst(lr=0.0)
+        assert org.tokenizer.bpe_enabled and org.model.vocab_size > v0
+        rows[steps] = org.model.params()["wte"][v0:].copy()
+        if steps == 0:
+            wte = org.model.params()["wte"]
+            new = [(a, b, m) for a, b, m in org.tokenizer.merges if m >= v0]
+            assert new
+            for a, b, m in new:
+                want = wte[a] if b < 0 else 0.5 * (wte[a] + wte[b])
+                np.testing.assert_allclose(wte[m], want, rtol=1e-6)
+    assert (np.abs(rows[40] - rows[0]).max(axis=1) > 0).all()  # every new row was trained
+    growth = [r for r in org.telemetry if r["phase"] == "tokenizer"][-1]
+    assert growth["event"] == "enable_bpe" and growth["loss_after"] < growth["loss_before"] * 1.5
+
+
+def test_growth_after_training_appends_merges_with_trained_rows(warmed):
+    """Once BPE is on, a growth keeps every merge and appends Config.bpe_growth_merges learned
+    on the current segmentation; the new rows are trained on a copy before the check, and the
+    accepted copy's rows are the organism's. No growth beyond Config.bpe_max_vocab."""
     org = mg.Organism.load(warmed)
     org.config.enable_bpe_after_chars = 100
-    org.config.bpe_num_merges = 60
+    org.config.bpe_num_merges = 40
     org.config.bpe_growth_max_rise = 1e9
+    org.config.bpe_retrain_every_chars = 300
+    org.config.bpe_growth_merges = 6
+    org.config.bpe_growth_steps = 30
     org.train_burst(lr=0.0)
-    assert org.tokenizer.bpe_enabled and org.model.vocab_size > v0
-    wte = org.model.params()["wte"]
-    new = [(a, b, m) for a, b, m in org.tokenizer.merges if m >= v0]
-    assert new
-    for a, b, m in new:
-        want = wte[a] if b < 0 else 0.5 * (wte[a] + wte[b])
-        np.testing.assert_allclose(wte[m], want, rtol=1e-6)
+    merges0, v1 = org.tokenizer.merges, org.model.vocab_size
+    heard = [f"the lantern number {i} glows over the harbour wall" for i in range(12)]
+    org.observe(heard)
+    tok0, state0 = mg.EvolvingTokenizer.from_dict(org.tokenizer.to_dict()), org.model.export_state()
+    n0 = len(org.telemetry)
+    org.train_burst(lr=0.0)
+    growth = [r for r in list(org.telemetry)[n0:] if r["phase"] == "tokenizer"]
+    assert [r["event"] for r in growth] == ["extend_bpe"]
+    tok = org.tokenizer
+    assert tok.merges[:len(merges0)] == merges0 and len(tok.merges) == len(merges0) + 6
+    assert org.model.vocab_size == tok.vocab_size > v1
+    # the trial again, from the state before it: same rows, same score
+    update = tok0.extend_bpe(list(org.reservoir.lines), 6)
+    trial = mg.Model.from_state(*state0)
+    org._grow_model(trial, tok0, update)
+    org._fit_new_rows(trial, tok0, update, list(org.reservoir.lines))
+    assert growth[0]["loss_after"] == HeldOut(org._old_heldout.lines, tok0.encode, lambda: tok0.version).loss(trial)
+    np.testing.assert_array_equal(org.model.params()["wte"][v1:], trial.params()["wte"][v1:])
+    np.testing.assert_array_equal(org.model.params()["wte"][:v1], state0[1]["wte"])
+    assert org.field.vocab_size == org.model.vocab_size
+    # at the cap: due, but no trial
+    org.config.bpe_max_vocab = org.model.vocab_size
+    org.observe([f"a second lantern number {i} hums along the quay" for i in range(12)])
+    n0 = len(org.telemetry)
+    org.train_burst(lr=0.0)
+    assert not [r for r in list(org.telemetry)[n0:] if r["phase"] == "tokenizer"]
+    assert org.tokenizer.merges == tok.merges
 
 
 def test_declined_growth_waits_longer_after_each_decline(warmed, tmp_path):
@@ -137,7 +188,8 @@ def test_declined_growth_waits_longer_after_each_decline(warmed, tmp_path):
     org = mg.Organism.load(warmed)
     org.config.enable_bpe_after_chars = 100
     org.config.bpe_retrain_every_chars = 400
-    org.config.bpe_growth_max_rise = 0.0  # every trial declined
+    org.config.bpe_growth_max_rise = 0.0  # with untrained rows, every trial declined
+    org.config.bpe_growth_steps = 0
     trials, chars = [], []
     for i in range(40):
         if i == 20:

@@ -683,3 +683,56 @@ def test_encode_decode_while_another_thread_retrains():
             t.join()
         sys.setswitchinterval(old)
     assert failures == []
+
+
+def _boundaries(tok, ids) -> set:
+    """Byte offsets between consecutive tokens of an encoding (BOS/EOS left out)."""
+    cuts, at = set(), 0
+    for t in ids[1:-1]:
+        at += len(tok._surface[t])
+        cuts.add(at)
+    return cuts
+
+
+def test_extend_bpe_keeps_the_merges_and_only_joins_tokens():
+    """Appended merges are learned on the current segmentation: the old merges keep their ranks
+    and ids, every string encodes to the same text, and each new token boundary was one before
+    (a new merge only joins neighbours). The pure-Python core learns the same merges."""
+    old_text = doc_lines()[:80]
+    new_text = [f"def handler_{i}(self, request): return self.render(request, 'page_{i}')" for i in range(60)]
+    fast = EvolvingTokenizer(old_text)
+    fast.train_bpe(old_text, 60)
+    slow = EvolvingTokenizer.from_dict(fast.to_dict())
+    slow._core = _PyCore()
+    slow._sync_core()
+    merges0, v0 = fast.merges, fast.vocab_size
+    before = {s: fast.encode(s) for s in old_text[:40] + new_text[:20]}
+    update = fast.extend_bpe(old_text + new_text, 24)
+    assert update == slow.extend_bpe(old_text + new_text, 24)
+    assert fast.merges == slow.merges and fast.tokens == slow.tokens
+    assert update.event == "extend_bpe" and update.old_vocab_size == v0
+    assert fast.merges[:len(merges0)] == merges0 and len(fast.merges) == len(merges0) + 24
+    assert update.new_vocab_size == fast.vocab_size > v0 and update.num_merges == len(fast.merges)
+    joined = 0
+    for s, old_ids in before.items():
+        ids = fast.encode(s)
+        assert ids == slow.encode(s) and fast.decode(ids) == fast.decode(old_ids)
+        assert len(ids) <= len(old_ids)
+        cuts_new, cuts_old = _boundaries(fast, ids), _boundaries(fast, old_ids)
+        assert cuts_new <= cuts_old
+        joined += len(old_ids) - len(ids)
+    assert joined > 0  # the new text's frequent pairs were merged
+    assert fast.to_dict()["merges"] == [list(m) for m in fast.merges]
+    assert EvolvingTokenizer.from_dict(fast.to_dict()).encode(new_text[0]) == fast.encode(new_text[0])
+
+
+def test_extend_bpe_refuses_char_mode_and_bad_counts():
+    tok = EvolvingTokenizer(doc_lines()[:20])
+    with pytest.raises(TokenizerError, match="needs BPE mode"):
+        tok.extend_bpe(doc_lines()[:20], 4)
+    tok.train_bpe(doc_lines()[:20], 10)
+    for bad in (-1, True, 2.0, "3"):
+        with pytest.raises(TokenizerError, match="num_merges"):
+            tok.extend_bpe(doc_lines()[:20], bad)
+    assert len(tok.merges) == 10
+    assert tok.extend_bpe(doc_lines()[:20], 0).num_merges == 10

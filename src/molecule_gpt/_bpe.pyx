@@ -1500,7 +1500,7 @@ cdef class BPECore:
 
     # ---- training
 
-    def train(self, lines, Py_ssize_t num_merges, merged_id):
+    def train(self, lines, Py_ssize_t num_merges, merged_id, bint segmented=False):
         """Learn up to num_merges merges from the whitespace-split words of lines.
 
         merged_id(left, right) -> id is called once per merge and returns the token of the merged
@@ -1508,8 +1508,11 @@ cdef class BPECore:
         Returns the merges as (left, right, merged) triples, in rank order. Ties between pairs of
         equal count go to the pair met first when scanning the distinct words in first-occurrence
         order, symbols left to right (the original's rule).
+        segmented: the words are counted as this core's merges segment them (base symbols
+        otherwise), so the merges learned continue the current table instead of replacing it.
         """
         cdef _Trainer tr = _Trainer()
+        tr.segmented = segmented
         for line in lines:
             tr.count_line(self, line)
         tr.init_pairs()
@@ -1874,6 +1877,7 @@ cdef class _Trainer:
     cdef Py_ssize_t touched_n, touched_cap
     cdef uint32_t word_stamp, round_stamp, mark_stamp
     cdef Py_ssize_t max_word_len
+    cdef bint segmented         # words counted after the core's merges (see BPECore.train)
 
     def __cinit__(self):
         self.arena = NULL
@@ -2360,6 +2364,9 @@ cdef int _count_words(_Trainer tr, BPECore core, const char_t* data, Py_ssize_t 
                     f"this tokenizer has no byte tokens; call enable_byte_fallback() first")
             m += got
         tr.scratch[m] = EOW
-        tr.add_word(tr.scratch, m + 1)
+        m += 1
+        if tr.segmented:
+            m = core.apply(tr.scratch, m)
+        tr.add_word(tr.scratch, m)
         i = j
     return 0

@@ -146,6 +146,10 @@ class Config:
     bpe_retrain_every_chars: int = TOKENIZER(4000, "BPE is retrained after this many new characters")
     bpe_growth_max_rise: float = TOKENIZER(0.005, "a tokenizer growth after training is kept only if old held-out "
                                                   "loss rises less than this fraction")
+    bpe_growth_merges: int = TOKENIZER(32, "merges a growth after training appends to the existing ones")
+    bpe_growth_steps: int = TOKENIZER(64, "steps that train a growth's new embedding rows before its check")
+    bpe_max_vocab: int = TOKENIZER(1024, "growth after training appends merges only while the vocabulary is "
+                                         "smaller than this")
 
     # ---- corpus reservoir and quantum buffer (design.md §7)
     max_corpus_lines: int = CORPUS(8000, "lines the reservoir keeps (the newest half, then a sample of older ones)")
@@ -202,7 +206,7 @@ class Config:
         """Raise ConfigError (a ValueError) naming the first bad field and the fix."""
         positive_ints = ("n_layer", "n_embd", "n_head", "block_size", "delta_rank", "batch_size",
                          "micro_steps", "max_gen_tokens", "max_corpus_lines", "max_line_chars",
-                         "bpe_num_merges")
+                         "bpe_num_merges", "bpe_growth_merges", "bpe_max_vocab")
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -268,7 +272,7 @@ class Config:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"Config.{name} must be a positive int, got {value!r}")
         for name in ("patience", "lr_warmup_steps", "max_consecutive_rollbacks", "train_threads", "blas_threads",
-                     "max_quarantine_lines"):
+                     "max_quarantine_lines", "bpe_growth_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"Config.{name} must be a non-negative int, got {value!r}")

@@ -778,13 +778,17 @@ class Organism:
         """Enable or retrain BPE when the reservoir has grown enough (design.md §1); grows the model
         and rebuilds the field and encodings. Returns True when the tokenizer changed.
 
-        Before any training the change is free. Afterwards it is checked: the retrained
-        tokenizer is tried on a copy of the model (new rows initialized from the tokens they
-        merge, see `_init_merged_rows`) and kept only if held-out loss on the old text rises
+        Before any training the change is free (the merges are retrained). Afterwards the
+        existing merges stay and Config.bpe_growth_merges new ones are appended while the
+        vocabulary is below Config.bpe_max_vocab (BPE enabled for the first time when it was
+        not yet), so old text segments as before except where a new merge joins two tokens.
+        The grown tokenizer is tried on a copy of the model: its new rows start from the tokens
+        they merge (`_init_merged_rows`), are trained alone for Config.bpe_growth_steps steps
+        (`_fit_new_rows`), and the growth is kept only if held-out loss on the old text rises
         by at most Config.bpe_growth_max_rise. Otherwise it is declined, and the next trial
         waits for bpe_retrain_every_chars more characters, twice as many after each further
         decline in a row (up to 2**_GROWTH_BACKOFF_MAX times): a tokenizer whose growth keeps
-        hurting the old text is not retrained and scored at every burst."""
+        hurting the old text is not grown and scored at every burst."""
         with self._lock:
             lines = self.reservoir.lines
         next_trial = self._growth_next_trial()
@@ -803,30 +807,38 @@ class Organism:
             self._emit(self._growth_record(update))
             self._log_growth(f"tokenizer {update.event}")
             return True
-        # checked: the trial (a retrained copy of the tokenizer, scored on a grown copy of the
+        # checked: the trial (a grown copy of the tokenizer, scored on a grown copy of the
         # model) runs beside generation; only the change itself excludes it. The caller holds
         # the train lock, so the model does not train meanwhile.
         tok = self.tokenizer
+        room = self.config.bpe_max_vocab - tok.vocab_size
+        if tok.bpe_enabled and room <= 0:
+            return False
         with self._lock:
             lines = list(self.reservoir.lines)
             held = self._old_heldout
         candidate = EvolvingTokenizer.from_dict(tok.to_dict())
-        update = self._grow_tokenizer(candidate, lines)
+        if candidate.bpe_enabled:
+            update = candidate.extend_bpe(lines, min(self.config.bpe_growth_merges, room))
+        else:
+            update = candidate.maybe_enable_bpe(lines)
         if update is None:
             return False
         record = self._growth_record(update)
+        if update.num_merges == len(tok.merges) and not update.grew:
+            # no pair left to merge: nothing to try; waits as a declined growth does
+            self._decline_growth(record, tok, lines)
+            return False
         before = self.trainer.evaluate(held)
         trial = Model.from_state(*self.model.export_state())
         self._grow_model(trial, candidate, update)
+        if update.grew:
+            self._fit_new_rows(trial, candidate, update, lines)
         # the same lines, segmented by the candidate tokenizer, scored by the grown copy
         after = HeldOut(held.lines, candidate.encode, lambda: candidate.version).loss(trial, self.trainer.pace)
         record.update(loss_before=before, loss_after=after)
         if not after <= before * (1.0 + self.config.bpe_growth_max_rise):
-            declines = 1 if self._growth_retry is None else self._growth_retry[0] + 1
-            self._growth_retry = (declines, sum(len(x) for x in lines))
-            record.update(event=f"{update.event} declined", vocab_size=tok.vocab_size,
-                          next_trial_chars=self._growth_next_trial())
-            self._emit(record)
+            self._decline_growth(record, tok, lines)
             return False
         with self._structure.write():
             if self.tokenizer is not tok or self.model.vocab_size != update.old_vocab_size:
@@ -834,10 +846,18 @@ class Organism:
             self.tokenizer = candidate
             self._growth_retry = None
             self._grow_model(self.model, self.tokenizer, update)
+            self._adopt_rows(trial, update)
             self._rebuild_data()
         self._emit(record)
         self._log_growth(f"tokenizer {update.event}")
         return True
+
+    def _decline_growth(self, record: dict, tok: EvolvingTokenizer, lines: list[str]) -> None:
+        declines = 1 if self._growth_retry is None else self._growth_retry[0] + 1
+        self._growth_retry = (declines, sum(len(x) for x in lines))
+        record.update(event=f"{record['event']} declined", vocab_size=tok.vocab_size,
+                      next_trial_chars=self._growth_next_trial())
+        self._emit(record)
 
     def _growth_next_trial(self) -> int | None:
         """Reservoir characters at which the next growth trial is due after declined ones (see
@@ -878,6 +898,60 @@ class Organism:
                 for E in mats:
                     E[m] = E[a] if b < 0 else 0.5 * (E[a] + E[b])
             model.refresh()
+
+    def _fit_new_rows(self, trial: Model, tokenizer: EvolvingTokenizer, update, lines: list[str]) -> None:
+        """Train the embedding rows a growth added to `trial` (ids old_vocab_size and up, of wte
+        and of an untied lm_head), everything else fixed: Adam at Config.learning_rate over
+        Config.bpe_growth_steps batches of reservoir lines as `tokenizer` encodes them, windows
+        of block_size + 1 ids from longer ones. The batches come from a generator seeded by the
+        organism's seed and the reservoir's size, so a trial is repeatable and the trainer's
+        own random stream is left as it was."""
+        c = self.config
+        seqs = [ids for ids in (tokenizer.encode(x) for x in lines) if len(ids) >= 2]
+        if c.bpe_growth_steps == 0 or not seqs:
+            return
+        rng = np.random.default_rng([self.seed, sum(len(x) for x in lines)])
+        if not trial.trainable["base"]:
+            trial.set_trainable("base", True)
+        trial.n_threads = self.model.n_threads
+        rows = slice(update.old_vocab_size, update.new_vocab_size)
+        params = trial.params()
+        names = ["wte"] + (["lm_head"] if "lm_head" in params else [])
+        mean = {k: np.zeros_like(params[k][rows], dtype=np.float64) for k in names}
+        square = {k: np.zeros_like(mean[k]) for k in names}
+        b1, b2, T = c.beta1, c.beta2, c.block_size
+        for step in range(1, c.bpe_growth_steps + 1):
+            t0 = time.perf_counter()
+            batch = []
+            for i in rng.integers(0, len(seqs), c.batch_size):
+                ids = seqs[int(i)]
+                if len(ids) > T + 1:
+                    start = int(rng.integers(0, len(ids) - T))
+                    ids = ids[start:start + T + 1]
+                batch.append(ids)
+            _, grads = trial.loss_and_grads(batch)
+            with trial.lock:
+                for k in names:
+                    g = np.clip(grads[k][rows].astype(np.float64), -c.grad_clip, c.grad_clip)
+                    mean[k] = b1 * mean[k] + (1 - b1) * g
+                    square[k] = b2 * square[k] + (1 - b2) * g * g
+                    m_hat, v_hat = mean[k] / (1 - b1 ** step), square[k] / (1 - b2 ** step)
+                    params[k][rows] -= (c.learning_rate * m_hat / (np.sqrt(v_hat) + c.eps_adam)).astype(params[k].dtype)
+                trial.refresh()
+            self.trainer.pace(time.perf_counter() - t0)
+
+    def _adopt_rows(self, trial: Model, update) -> None:
+        """Copy the rows `_fit_new_rows` trained from the accepted trial into the model (grown
+        to the same vocabulary)."""
+        if not update.grew:
+            return
+        rows = slice(update.old_vocab_size, update.new_vocab_size)
+        with self.model.lock:
+            params, trained = self.model.params(), trial.params()
+            for k in ("wte", "lm_head"):
+                if k in params:
+                    params[k][rows] = trained[k][rows]
+            self.model.refresh()
 
     # ---- training
 

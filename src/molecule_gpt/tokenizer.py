@@ -188,7 +188,7 @@ def _check_lines(lines, what="lines") -> list:
 @dataclass(frozen=True)
 class TokenizerUpdate:
     """What a growth event did. `grew`: the model must grow its vocabulary rows."""
-    event: str            # "enable_bpe", "retrain_bpe", "train_bpe" or "byte_fallback"
+    event: str            # "enable_bpe", "retrain_bpe", "extend_bpe", "train_bpe" or "byte_fallback"
     old_vocab_size: int
     new_vocab_size: int
     num_merges: int       # merges in effect after the event
@@ -410,6 +410,25 @@ class EvolvingTokenizer:
         self.version = next(_VERSIONS)
         self.trained_chars = sum(len(x) for x in lines)
         return update
+
+    def extend_bpe(self, lines, num_merges: int) -> TokenizerUpdate:
+        """Append up to num_merges merges learned on `lines` as the current merges segment them
+        (BPE mode only). The existing merges keep their ranks and ids, so text segments as
+        before except where a new merge joins two of its tokens: the model's rows keep their
+        meaning, and only the new tokens need rows (growth after training)."""
+        lines = _check_lines(lines)
+        if not self.bpe_enabled:
+            raise TokenizerError("extend_bpe needs BPE mode; enable it first (maybe_enable_bpe or train_bpe)")
+        if isinstance(num_merges, bool) or not isinstance(num_merges, int) or num_merges < 0:
+            raise TokenizerError(f"num_merges must be a non-negative int, got {num_merges!r}")
+        old = len(self.tokens)
+        try:
+            added = self._core.train(lines, num_merges, self._merged_id, True)
+            self._merges = self._merges + [tuple(m) for m in added]
+        finally:
+            self._sync_core()
+        self.trained_chars = sum(len(x) for x in lines)
+        return TokenizerUpdate("extend_bpe", old, len(self.tokens), len(self._merges))
 
     def enable_byte_fallback(self) -> TokenizerUpdate | None:
         """Append the byte tokens (if missing) so that every string encodes. None if present."""
@@ -815,7 +834,7 @@ class _PyCore:
                 parts.append(self._surfaces[t])
         return b"".join(parts)
 
-    def train(self, lines, num_merges, merged_id):
+    def train(self, lines, num_merges, merged_id, segmented=False):
         """design.md §1 as written: recount all pairs each round (ties: first met in word order)."""
         vocab: Counter = Counter()
         for line in lines:
@@ -823,7 +842,8 @@ class _PyCore:
                 syms: list = []
                 for ch in word:
                     self._base(ch, syms)
-                vocab[tuple(syms) + (EOW,)] += 1
+                syms.append(EOW)
+                vocab[tuple(self._apply_merges_memview(syms) if segmented else syms)] += 1
         merges = []
         for _ in range(num_merges):
             pairs: dict = {}
