@@ -514,3 +514,21 @@ def test_a_resumed_warmup_does_not_restore_a_best_of_other_arrays():
     evals = [r["val_loss"] for r in org.telemetry if r["phase"] == "warmup_eval"]
     assert second["finished"] and min(evals) < evals[-1]
     assert not [r for r in org.telemetry if r["phase"] == "warmup_best"]
+
+
+def test_growth_with_nothing_left_to_merge_waits_like_a_declined_one(warmed):
+    org = mg.Organism.load(warmed)
+    org.config.enable_bpe_after_chars = 100
+    org.config.bpe_num_merges = 2000  # every word of the corpus becomes one token
+    org.config.bpe_growth_max_rise = 1e9
+    org.config.bpe_retrain_every_chars = 300
+    org.train_burst(lr=0.0)
+    merges = org.tokenizer.merges
+    org.observe([f"The {a} calls the {b} near the old tree." for a in ("cat", "dog", "bird") for b in ("moon", "market")]
+                + [f"The {a} likes the {b}." for a in ("river", "teacher") for b in ("garden", "moon")])
+    n0 = len(org.telemetry)
+    org.train_burst(lr=0.0)
+    growth = [r for r in list(org.telemetry)[n0:] if r["phase"] == "tokenizer"]
+    assert [(r["event"], r["reason"]) for r in growth] == [("extend_bpe declined", "nothing to merge")]
+    assert org.tokenizer.merges == merges
+    assert org._growth_retry == (1, org.reservoir.chars)

@@ -827,6 +827,7 @@ class Organism:
         record = self._growth_record(update)
         if update.num_merges == len(tok.merges) and not update.grew:
             # no pair left to merge: nothing to try; waits as a declined growth does
+            record.update(reason="nothing to merge")
             self._decline_growth(record, tok, lines)
             return False
         before = self.trainer.evaluate(held)
@@ -838,6 +839,7 @@ class Organism:
         after = HeldOut(held.lines, candidate.encode, lambda: candidate.version).loss(trial, self.trainer.pace)
         record.update(loss_before=before, loss_after=after)
         if not after <= before * (1.0 + self.config.bpe_growth_max_rise):
+            record.update(reason="old-text loss rose")
             self._decline_growth(record, tok, lines)
             return False
         with self._structure.write():

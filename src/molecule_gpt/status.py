@@ -120,7 +120,7 @@ def _growth(doc: dict) -> str:
     g = doc["tokenizer_growth"]
     if not g["declined_in_a_row"]:
         return ""
-    return (f"; growth declined {g['declined_in_a_row']} time(s) in a row (it raised old-text loss), "
+    return (f"; growth declined {g['declined_in_a_row']} time(s) in a row (it raised old-text loss or found nothing to merge), "
             f"next try at {g['next_trial_chars']:,} corpus chars")
 
 
