@@ -524,8 +524,9 @@ def test_growth_with_nothing_left_to_merge_waits_like_a_declined_one(warmed):
     org.config.bpe_retrain_every_chars = 300
     org.train_burst(lr=0.0)
     merges = org.tokenizer.merges
-    org.observe([f"The {a} calls the {b} near the old tree." for a in ("cat", "dog", "bird") for b in ("moon", "market")]
-                + [f"The {a} likes the {b}." for a in ("river", "teacher") for b in ("garden", "moon")])
+    # new sentences of the corpus's own words
+    org.observe([f"The {b} {v} the {a} near the {c}." for b in ("moon", "garden", "market")
+                 for v in ("sees", "likes") for a in ("cat", "river") for c in ("old tree", "red house")])
     n0 = len(org.telemetry)
     org.train_burst(lr=0.0)
     growth = [r for r in list(org.telemetry)[n0:] if r["phase"] == "tokenizer"]
