@@ -775,8 +775,9 @@ class Organism:
         return counts
 
     def _maybe_grow_tokenizer(self) -> bool:
-        """Enable or retrain BPE when the reservoir has grown enough (design.md §1); grows the model
-        and rebuilds the field and encodings. Returns True when the tokenizer changed.
+        """Enable, retrain or extend BPE when the reservoir has grown enough (design.md §1, §8.13);
+        grows the model and rebuilds the field and encodings. Returns True when the tokenizer
+        changed.
 
         Before any training the change is free (the merges are retrained). Afterwards the
         existing merges stay and Config.bpe_growth_merges new ones are appended while the
