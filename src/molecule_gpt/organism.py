@@ -933,15 +933,16 @@ class Organism:
                     ids = ids[start:start + T + 1]
                 batch.append(ids)
             _, grads = trial.loss_and_grads(batch)
-            with trial.lock:
-                for k in names:
-                    g = np.clip(grads[k][rows].astype(np.float64), -c.grad_clip, c.grad_clip)
-                    mean[k] = b1 * mean[k] + (1 - b1) * g
-                    square[k] = b2 * square[k] + (1 - b2) * g * g
-                    m_hat, v_hat = mean[k] / (1 - b1 ** step), square[k] / (1 - b2 ** step)
-                    params[k][rows] -= (c.learning_rate * m_hat / (np.sqrt(v_hat) + c.eps_adam)).astype(params[k].dtype)
-                trial.refresh()
+            # in place: the engines read the base's own arrays (as after an optimizer step), and
+            # embedding rows are never folded; refresh() once at the end gives the new version
+            for k in names:
+                g = np.clip(grads[k][rows].astype(np.float64), -c.grad_clip, c.grad_clip)
+                mean[k] = b1 * mean[k] + (1 - b1) * g
+                square[k] = b2 * square[k] + (1 - b2) * g * g
+                m_hat, v_hat = mean[k] / (1 - b1 ** step), square[k] / (1 - b2 ** step)
+                params[k][rows] -= (c.learning_rate * m_hat / (np.sqrt(v_hat) + c.eps_adam)).astype(params[k].dtype)
             self.trainer.pace(time.perf_counter() - t0)
+        trial.refresh()
 
     def _adopt_rows(self, trial: Model, update) -> None:
         """Copy the rows `_fit_new_rows` trained from the accepted trial into the model (grown
