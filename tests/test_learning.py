@@ -357,6 +357,46 @@ def test_learn_takes_every_line_in_checked_bursts(warmed):
     assert all(x in kept for x in text) and org.buffer.lines == []
 
 
+def test_learn_replays_and_grows_from_text_it_has_trained_on(warmed, monkeypatch):
+    """learn() hears the whole text at once, but a burst's replay draws only from what the
+    organism knew before it (not from the lines later bursts take), and a tokenizer growth is
+    due after, and learned from, text already trained on."""
+    org = mg.Organism.load(warmed)
+    org.config.enable_bpe_after_chars = 100
+    org.config.bpe_num_merges = 40
+    org.config.bpe_growth_max_rise = 1e9
+    org.config.bpe_growth_steps = 4
+    org.train_burst(lr=0.0)
+    assert org.tokenizer.bpe_enabled
+    org.config.bpe_retrain_every_chars = 600
+    text = [f"note {i}: the lantern number {i} hangs over the harbour wall." for i in range(150)]
+    seen, grown_on = [], []
+    real_burst = org.trainer.burst
+    c = org.config
+    per_burst = int(c.micro_steps * c.batch_size * (1 - c.replay_ratio))
+
+    def burst(new, replay, *a, **kw):
+        order = [x for x in text if x not in set(org.heard_val_lines)]
+        later = order[(len(seen) + 1) * per_burst:]  # what the next bursts take
+        replayed = {tuple(x) for x in replay}
+        seen.append(len(new))
+        assert replayed and not replayed & {tuple(org.tokenizer.encode(x)) for x in later}
+        assert not replayed & {tuple(x) for x in new}
+        return real_burst(new, replay, *a, **kw)
+
+    monkeypatch.setattr(org.trainer, "burst", burst)
+    real_extend = mg.EvolvingTokenizer.extend_bpe
+    monkeypatch.setattr(mg.EvolvingTokenizer, "extend_bpe",
+                        lambda self, lines, k: grown_on.append(list(lines)) or real_extend(self, lines, k))
+    summary = org.learn(text, max_passes=1)
+    order = [x for x in text if x not in set(org.heard_val_lines)]
+    assert summary["bursts"] == len(seen) == -(-len(order) // per_burst) and sum(seen) == len(order)
+    # a growth learned from the trained part only: at the first, some lines were still to come
+    assert grown_on
+    text_in = [x for x in grown_on[0] if x in set(order)]
+    assert 0 < len(text_in) < len(order) and text_in == order[:len(text_in)]
+
+
 def test_learn_stops_on_request_and_keeps_the_rest_for_later(warmed):
     org = mg.Organism.load(warmed)
     text = [f"row {i} of the table lists a small blue cup" for i in range(120)]
@@ -533,3 +573,40 @@ def test_growth_with_nothing_left_to_merge_waits_like_a_declined_one(warmed):
     assert [(r["event"], r["reason"]) for r in growth] == [("extend_bpe declined", "nothing to merge")]
     assert org.tokenizer.merges == merges
     assert org._growth_retry == (1, org.reservoir.chars)
+
+
+def test_growth_trial_trains_rows_through_the_folded_weights(warmed, monkeypatch):
+    """Frozen delta modules on lm_head are folded into a cached copy of the tied embedding:
+    every row-training step of a growth trial must compute with the rows it just wrote, as a
+    model built fresh from the same state does."""
+    from molecule_gpt.model import delta_group
+    org = mg.Organism.load(warmed)
+    org.config.enable_bpe_after_chars = 100
+    org.config.bpe_num_merges = 40
+    org.config.bpe_growth_max_rise = 1e9
+    org.config.delta_grow_prob = 1.0
+    org.train_burst(lr=0.0)
+    for i in range(3):
+        org.observe([f"the {w} lantern {i} glows over the harbour" for w in ("red", "green", "blue")])
+        org.train_burst()
+    m = org.model
+    assert any(not m.trainable[delta_group(k)] for k in range(m.n_delta))  # fossils are folded
+    org.config.bpe_retrain_every_chars = 100
+    org.config.bpe_growth_steps = 5
+    org.config.bpe_growth_merges = 4
+    org.observe([f"the lantern number {i} hums along the quay wall" for i in range(12)])
+    gaps = []
+    real = mg.Model.loss_and_grads
+
+    def checked(self, batch, *a, **kw):
+        if self is not org.model:  # the trial
+            seq = batch[0][:-1]
+            fresh = mg.Model.from_state(*self.export_state())
+            gaps.append(float(np.abs(self.logits(seq) - fresh.logits(seq)).max()))
+        return real(self, batch, *a, **kw)
+
+    monkeypatch.setattr(mg.Model, "loss_and_grads", checked)
+    v0 = org.model.vocab_size
+    org.train_burst(lr=0.0)
+    assert org.model.vocab_size > v0
+    assert len(gaps) == 5 and max(gaps) == 0.0, gaps

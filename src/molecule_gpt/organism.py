@@ -774,7 +774,7 @@ class Organism:
             self.memory.add_corpus_event("forget", counts.reservoir_lines, 0, "" if phrase is None else f"phrase of {len(phrase)} chars")
         return counts
 
-    def _maybe_grow_tokenizer(self) -> bool:
+    def _maybe_grow_tokenizer(self, untrained: frozenset = frozenset()) -> bool:
         """Enable, retrain or extend BPE when the reservoir has grown enough (design.md §1, §8.13);
         grows the model and rebuilds the field and encodings. Returns True when the tokenizer
         changed.
@@ -789,9 +789,11 @@ class Organism:
         by at most Config.bpe_growth_max_rise. Otherwise it is declined, and the next trial
         waits for bpe_retrain_every_chars more characters, twice as many after each further
         decline in a row (up to 2**_GROWTH_BACKOFF_MAX times): a tokenizer whose growth keeps
-        hurting the old text is not grown and scored at every burst."""
+        hurting the old text is not grown and scored at every burst. Reservoir lines in
+        `untrained` (see _checked_burst) are left out: a growth is learned from, and due
+        after, text the model has trained on."""
         with self._lock:
-            lines = self.reservoir.lines
+            lines = [x for x in self.reservoir.lines if x not in untrained] if untrained else self.reservoir.lines
         next_trial = self._growth_next_trial()
         if next_trial is not None and sum(len(x) for x in lines) < next_trial:
             return False
@@ -816,7 +818,7 @@ class Organism:
         if tok.bpe_enabled and room <= 0:
             return False
         with self._lock:
-            lines = list(self.reservoir.lines)
+            lines = [x for x in self.reservoir.lines if x not in untrained]
             held = self._old_heldout
         candidate = EvolvingTokenizer.from_dict(tok.to_dict())
         if candidate.bpe_enabled:
@@ -933,16 +935,16 @@ class Organism:
                     ids = ids[start:start + T + 1]
                 batch.append(ids)
             _, grads = trial.loss_and_grads(batch)
-            # in place: the engines read the base's own arrays (as after an optimizer step), and
-            # embedding rows are never folded; refresh() once at the end gives the new version
             for k in names:
                 g = np.clip(grads[k][rows].astype(np.float64), -c.grad_clip, c.grad_clip)
                 mean[k] = b1 * mean[k] + (1 - b1) * g
                 square[k] = b2 * square[k] + (1 - b2) * g * g
                 m_hat, v_hat = mean[k] / (1 - b1 ** step), square[k] / (1 - b2 ** step)
                 params[k][rows] -= (c.learning_rate * m_hat / (np.sqrt(v_hat) + c.eps_adam)).astype(params[k].dtype)
+            # every step: frozen delta modules on lm_head are folded into a cached copy of the
+            # (tied) embedding, which must see the new rows
+            trial.refresh()
             self.trainer.pace(time.perf_counter() - t0)
-        trial.refresh()
 
     def _adopt_rows(self, trial: Model, update) -> None:
         """Copy the rows `_fit_new_rows` trained from the accepted trial into the model (grown
@@ -1022,16 +1024,19 @@ class Organism:
                 new_lines = self.buffer.take()
             return self._checked_burst(new_lines, lr, held)
 
-    def _checked_burst(self, new_lines: list[str], lr: float | None = None, held: Sequence[str] = ()) -> BurstReport:
+    def _checked_burst(self, new_lines: list[str], lr: float | None = None, held: Sequence[str] = (),
+                       untrained: frozenset = frozenset()) -> BurstReport:
         """A burst on `new_lines` (in the reservoir, no longer in the buffer); `held` are the
-        lines held out of the same text, quarantined with it on a rollback. The caller holds the
-        train lock."""
+        lines held out of the same text, quarantined with it on a rollback; `untrained` are
+        reservoir lines heard with them that later bursts take (learn()): neither replay nor
+        the tokenizer's growth counts them as known yet. The caller holds the train lock."""
         self._sync_threads()
         self._sync_config()
-        self._maybe_grow_tokenizer()
+        self._maybe_grow_tokenizer(untrained)
         with self._lock:
             new = [self._encode(x) for x in new_lines]
-            fresh = set(new_lines)  # replay draws from what the organism knew before this text
+            # replay draws from what the organism knew before this text
+            fresh = set(new_lines) | untrained
             replay = [ids for line, ids in zip(self.reservoir.lines, self._reservoir_ids()) if line not in fresh]
             old, heard = self._old_heldout, self._heard_heldout
         if not replay and not new:
@@ -1079,13 +1084,15 @@ class Organism:
             first_heard = self.trainer.evaluate(self._heard_heldout)
             first_old = self.trainer.evaluate(self._old_heldout)
             best, stale, done, accepted, stopped = first_heard, 0, 0, 0, False
+            untrained = set(pending)
             for i in range(total):
                 if should_stop is not None and should_stop():
                     stopped = True
                     break
                 quarantined = set(self.quarantine)
                 chunk = [x for x in chunks[i % len(chunks)] if x not in quarantined]
-                report = self._checked_burst(chunk)
+                untrained.difference_update(chunks[i % len(chunks)])
+                report = self._checked_burst(chunk, untrained=frozenset(untrained))
                 done += 1
                 accepted += report.accepted
                 heard = self.trainer.evaluate(self._heard_heldout)
