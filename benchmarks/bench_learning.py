@@ -1,7 +1,7 @@
 """Continual learning: does the organism learn a new domain without forgetting the old one?
 
     python benchmarks/bench_learning.py [--domain-a A.txt --domain-b B.txt] [--seeds 3]
-        [--bursts 50] [--json OUT.json] [--plots DIR] [--quick] [--skip immune,heads,baselines]
+        [--bursts 50] [--json OUT.json] [--plots DIR] [--quick] [--skip immune,heads,baselines,learn]
         [--set FIELD=JSON ...] [--ray [ADDRESS] [--ray-cpus N]]
 
 With --ray (pip install "molecule-gpt[ray]"), every trial (one seed's learning run, immune
@@ -21,6 +21,9 @@ The experiment, per seed:
 4. Baselines from the same warmed-up weights and tokenizer (frozen), the same steps, learning
    rate, batch and tokens per chunk as the organism's bursts: plain full fine-tuning of every
    weight without replay, and with 50% replay of A's birth corpus.
+5. (`learn`) The same warmed-up organism given all of B's chunks at once through learn(), as
+   `molecule-gpt train FILE` does: checked bursts over the text until its held-out slice stops
+   improving (not the same steps as the others: its own stopping rule).
 
 Figures (medians over seeds): forgetting = held-out A after the last burst / after warmup - 1;
 learning = held-out B after / before - 1. Targets: forgetting <= 2%, learning <= -35% and at
@@ -138,6 +141,17 @@ def organism_run(org, split, args) -> dict:
             "burst_seconds": statistics.median(r["seconds"] for r in per_burst)}
 
 
+def learn_run(org, split, args) -> dict:
+    """The organism given all of B at once, as `molecule-gpt train FILE` does: learn() with its
+    defaults (checked bursts over the text until the held-out slice stops improving)."""
+    a0, b0 = losses(org, split)
+    summary = org.learn([x for chunk in split.b_chunks for x in chunk])
+    a1, b1 = losses(org, split)
+    return {"a_before": a0, "b_before": b0, "a_after": a1, "b_after": b1,
+            "forgetting": a1 / a0 - 1, "learning": b1 / b0 - 1, "bursts": summary["bursts"],
+            "accepted": summary["accepted"], "vocab": org.model.vocab_size, "seconds": summary["seconds"]}
+
+
 def finetune_run(org, split, args, replay_ratio: float, seed: int) -> dict:
     """Plain full fine-tuning of the warmed-up weights (every base weight trains, no modules,
     the tokenizer frozen): per chunk, micro_steps steps of batch_size sequences, each slot a
@@ -187,7 +201,10 @@ def learning_experiment(a_lines, b_lines, seed, args) -> dict:
     out = {"seed": seed, "warmup": {k: summary[k] for k in ("steps", "val_loss", "wall_seconds")},
            "model_alpha": org.model_alpha()}
     base = clone(org) if "baselines" not in args.skip else None
+    learner = clone(org) if "learn" not in args.skip else None
     out["organism"] = organism_run(org, split, args)
+    if learner is not None:
+        out["organism_learn"] = learn_run(learner, split, args)
     if base is not None:
         for name, ratio in (("finetune_no_replay", 0.0), ("finetune_replay50", 0.5)):
             out[name] = finetune_run(clone(base), split, args, ratio, seed)
@@ -414,7 +431,7 @@ def main(argv=None):
     ap.add_argument("--chunk-lines", type=int, default=24, help="lines of B per burst")
     ap.add_argument("--birth-lines", type=int, default=2000)
     ap.add_argument("--test-lines", type=int, default=200)
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: baselines,immune,heads")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: baselines,learn,immune,heads")
     ap.add_argument("--quick", action="store_true", help="a 300-step warmup (for tests)")
     ap.add_argument("--json", help="write every figure to this file")
     ap.add_argument("--plots", metavar="DIR", help="write PNG plots (needs matplotlib) into DIR")
@@ -449,6 +466,10 @@ def main(argv=None):
         line = (f"seed {seed}: warmup {r['warmup']['wall_seconds']:.1f} s, model_alpha {r['model_alpha']:.3f}; "
                 f"organism A {pct(o['forgetting'])} B {pct(o['learning'])} ({o['accepted']}/{len(o['per_burst'])} "
                 f"accepted, burst {o['burst_seconds'] * 1000:.0f} ms)")
+        if "organism_learn" in r:
+            o = r["organism_learn"]
+            line += (f"; organism_learn A {pct(o['forgetting'])} B {pct(o['learning'])} ({o['accepted']}/{o['bursts']} "
+                     f"accepted, vocab {o['vocab']})")
         for name in ("finetune_no_replay", "finetune_replay50"):
             if name in r:
                 line += f"; {name} A {pct(r[name]['forgetting'])} B {pct(r[name]['learning'])}"
@@ -473,7 +494,7 @@ def main(argv=None):
             alpha = statistics.median(h[name]["model_alpha"] for h in results["heads"])
             print(f"heads {name:<12} held-out A {a:.4f} nats/char, model_alpha {alpha:.3f} (median over seeds)")
     summary = {}
-    for name in ("organism", "finetune_no_replay", "finetune_replay50"):
+    for name in ("organism", "organism_learn", "finetune_no_replay", "finetune_replay50"):
         runs = [r[name] for r in results["seeds"] if name in r]
         if runs:
             summary[name] = {"forgetting": statistics.median(r["forgetting"] for r in runs),

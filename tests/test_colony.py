@@ -410,6 +410,7 @@ def test_bench_learning_trials_as_ray_tasks_give_the_same_report(ray_instance, t
         for r in out["seeds"]:
             r["warmup"].pop("wall_seconds")
             r["organism"].pop("burst_seconds")
+            r["organism_learn"].pop("seconds")
             for p in r["organism"]["per_burst"]:
                 p.pop("seconds")
         for h in out["heads"]:
