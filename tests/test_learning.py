@@ -140,7 +140,7 @@ def test_tokenizer_growth_after_training_is_checked(warmed):
     assert growth["event"] == "enable_bpe" and growth["loss_after"] < growth["loss_before"] * 1.5
 
 
-def test_growth_after_training_appends_merges_with_trained_rows(warmed):
+def test_growth_after_training_appends_merges_with_trained_rows(warmed, tmp_path):
     """Once BPE is on, a growth keeps every merge and appends Config.bpe_growth_merges learned
     on the current segmentation; the new rows are trained on a copy before the check, and the
     accepted copy's rows are the organism's. No growth beyond Config.bpe_max_vocab."""
@@ -172,6 +172,13 @@ def test_growth_after_training_appends_merges_with_trained_rows(warmed):
     np.testing.assert_array_equal(org.model.params()["wte"][v1:], trial.params()["wte"][v1:])
     np.testing.assert_array_equal(org.model.params()["wte"][:v1], state0[1]["wte"])
     assert org.field.vocab_size == org.model.vocab_size
+    # the grown organism saves and loads, and goes on bit for bit
+    org.save(tmp_path / "grown.ckpt")
+    back = mg.Organism.load(tmp_path / "grown.ckpt")
+    assert back.tokenizer.merges == tok.merges and back.tokenizer.encode(heard[0]) == tok.encode(heard[0])
+    r1, r2 = org.train_burst(), back.train_burst()
+    assert r1.loss_after == r2.loss_after
+    np.testing.assert_array_equal(org.model.params()["wte"], back.model.params()["wte"])
     # at the cap: due, but no trial
     org.config.bpe_max_vocab = org.model.vocab_size
     org.observe([f"a second lantern number {i} hums along the quay" for i in range(12)])
