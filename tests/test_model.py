@@ -652,3 +652,35 @@ def test_tape_records_one_node_per_op_in_topological_order():
              + ["attention", "linear", "add", "rmsnorm", "linear", "gate", "linear", "add"])
     assert ops == ["embed"] + layer * config.n_layer + ["rmsnorm", "linear", "cross_entropy"]
     assert len(ops) == model._engines[0].plan(4, 16)[1]  # the plan counts exactly these nodes
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_write_rows_keeps_folded_copies_in_step(tied):
+    """write_rows changes rows of a base matrix as writing through params() and refresh() do,
+    also where frozen delta modules fold it into a cached copy (lm_head, which is wte when
+    tied): the model computes what a model built fresh from its state computes."""
+    rng = np.random.default_rng(5)
+    model = mg.Model(tiny_config(tie_embeddings=tied, delta_init_std=0.3), 13, dtype="float64", seed=2)
+    for k in range(3):
+        model.add_delta_module(alpha=0.7)
+    for k in range(2):
+        model.set_trainable(f"delta{k}", False)  # fossils: folded
+    seq = [1, 4, 7, 2, 9]
+    model.logits(seq)  # bound and folded
+    head = "wte" if tied else "lm_head"
+    for name in ("wte", head):
+        v0 = model.version
+        values = rng.normal(size=(4, model.config.n_embd))
+        model.write_rows(name, slice(7, 11), values)
+        np.testing.assert_array_equal(model.params()[name][7:11], values)
+        assert model.version != v0
+        fresh = mg.Model.from_state(*model.export_state())
+        np.testing.assert_array_equal(model.logits(seq), fresh.logits(seq))
+    model.grow_vocab(16)  # a rebind is pending: the next bind folds from the base
+    model.write_rows(head, slice(13, 16), np.ones((3, model.config.n_embd)))
+    fresh = mg.Model.from_state(*model.export_state())
+    np.testing.assert_array_equal(model.logits(seq), fresh.logits(seq))
+    with pytest.raises(ValueError, match="base matrix"):
+        model.write_rows("delta0.l0.wq.A", slice(0, 1), np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="base matrix"):
+        model.write_rows("no_such_matrix", slice(0, 1), np.zeros(1))

@@ -653,6 +653,25 @@ class Model:
             out.update({prefix + k: v for k, v in group.params.items()})
         return out
 
+    def write_rows(self, name: str, rows: slice, values: np.ndarray) -> None:
+        """Write rows of the base matrix `name` (for example new vocabulary rows of wte) and
+        keep what is cached from it in step: a folded copy (frozen delta modules on lm_head,
+        which is wte when tied) gets the same rows plus their fixed delta terms. Cheaper than
+        writing through params() and calling refresh() (which rebinds every engine and refolds
+        every matrix); the weights version changes as there."""
+        with self._lock:
+            base = self.groups["base"]
+            if name not in base.params or base.params[name].ndim != 2:
+                raise ValueError(f"write_rows needs a base matrix, got {name!r}")
+            target = base.params[name]
+            target[rows] = values
+            if not self._rebind_pending:  # else the next bind folds afresh from the base
+                for adapted, view in self._fold_views.items():
+                    if self._base_name(adapted) == name:
+                        view[rows] = target[rows] + self._fold_delta[adapted][rows]
+            base.version = next(_VERSIONS)
+            self._version = next(_VERSIONS)
+
     def export_state(self) -> tuple[dict, dict[str, np.ndarray]]:
         """Everything needed to rebuild this model exactly: (JSON-able meta, tensors by name).
         Tensors: every parameter by name (design.md §2), Adam moments as "adam.m.<name>"/"adam.v.<name>",

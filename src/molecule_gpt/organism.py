@@ -922,8 +922,8 @@ class Organism:
         rows = slice(update.old_vocab_size, update.new_vocab_size)
         params = trial.params()
         names = ["wte"] + (["lm_head"] if "lm_head" in params else [])
-        mean = {k: np.zeros_like(params[k][rows], dtype=np.float64) for k in names}
-        square = {k: np.zeros_like(mean[k]) for k in names}
+        mean = {k: np.zeros(params[k][rows].shape) for k in names}
+        square = {k: np.zeros(params[k][rows].shape) for k in names}
         b1, b2, T = c.beta1, c.beta2, c.block_size
         for step in range(1, c.bpe_growth_steps + 1):
             t0 = time.perf_counter()
@@ -940,10 +940,10 @@ class Organism:
                 mean[k] = b1 * mean[k] + (1 - b1) * g
                 square[k] = b2 * square[k] + (1 - b2) * g * g
                 m_hat, v_hat = mean[k] / (1 - b1 ** step), square[k] / (1 - b2 ** step)
-                params[k][rows] -= (c.learning_rate * m_hat / (np.sqrt(v_hat) + c.eps_adam)).astype(params[k].dtype)
-            # every step: frozen delta modules on lm_head are folded into a cached copy of the
-            # (tied) embedding, which must see the new rows
-            trial.refresh()
+                update_k = (c.learning_rate * m_hat / (np.sqrt(v_hat) + c.eps_adam)).astype(params[k].dtype)
+                # through write_rows: frozen modules on lm_head fold the (tied) embedding into
+                # a cached copy, which must see the new rows at the next step
+                trial.write_rows(k, rows, params[k][rows] - update_k)
             self.trainer.pace(time.perf_counter() - t0)
 
     def _adopt_rows(self, trial: Model, update) -> None:
@@ -952,12 +952,10 @@ class Organism:
         if not update.grew:
             return
         rows = slice(update.old_vocab_size, update.new_vocab_size)
-        with self.model.lock:
-            params, trained = self.model.params(), trial.params()
-            for k in ("wte", "lm_head"):
-                if k in params:
-                    params[k][rows] = trained[k][rows]
-            self.model.refresh()
+        trained = trial.params()
+        for k in ("wte", "lm_head"):
+            if k in trained:
+                self.model.write_rows(k, rows, trained[k][rows])
 
     # ---- training
 
