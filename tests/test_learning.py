@@ -338,6 +338,8 @@ def test_bench_learning_short_run(tmp_path):
     for name in ("organism", "organism_learn", "finetune_no_replay", "finetune_replay50"):
         assert math.isfinite(r[name]["forgetting"]) and math.isfinite(r[name]["learning"])
     assert r["organism_learn"]["bursts"] >= 1 and "organism_learn" in saved["summary"]
+    for g in r["organism"]["growths"]:
+        assert g["rise"] == g["a_after"] / g["a_before"] - 1
     assert saved["immune"][0]["rows"] and sum(saved["immune"][0]["matrix"].values()) == len(saved["immune"][0]["rows"])
     assert set(saved["heads"][0]) == {"default", "all_content", "all_rrpram", "all_hybrid"}
     assert saved["heads"][0]["all_rrpram"]["head_types"] == ["rrpram"] * 4
