@@ -940,10 +940,10 @@ class Organism:
                 mean[k] = b1 * mean[k] + (1 - b1) * g
                 square[k] = b2 * square[k] + (1 - b2) * g * g
                 m_hat, v_hat = mean[k] / (1 - b1 ** step), square[k] / (1 - b2 ** step)
-                update_k = (c.learning_rate * m_hat / (np.sqrt(v_hat) + c.eps_adam)).astype(params[k].dtype)
+                change = (c.learning_rate * m_hat / (np.sqrt(v_hat) + c.eps_adam)).astype(params[k].dtype)
                 # through write_rows: frozen modules on lm_head fold the (tied) embedding into
                 # a cached copy, which must see the new rows at the next step
-                trial.write_rows(k, rows, params[k][rows] - update_k)
+                trial.write_rows(k, rows, params[k][rows] - change)
             self.trainer.pace(time.perf_counter() - t0)
 
     def _adopt_rows(self, trial: Model, update) -> None:
