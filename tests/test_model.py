@@ -534,6 +534,9 @@ def test_arena_grows_with_vocabulary_and_modules():
     (dict(n_embd=12, n_head=4), "head dim .* must be even"),
     (dict(mlp_activation="gelu"), "mlp_activation"),
     (dict(learning_rate=0.0), "learning_rate"),
+    (dict(bpe_growth_merges=0), "bpe_growth_merges must be a positive int"),
+    (dict(bpe_max_vocab=True), "bpe_max_vocab must be a positive int"),
+    (dict(bpe_growth_steps=-1), "bpe_growth_steps must be a non-negative int"),
 ])
 def test_config_validation_names_the_field(fields, match):
     with pytest.raises(ValueError, match=match):
