@@ -37,6 +37,15 @@ def warmed(tmp_path_factory):
     return path
 
 
+def loaded(warmed, **fields) -> mg.Organism:
+    """The warmed organism, loaded, with BPE due at once (enable_bpe_after_chars 100) and these
+    Config fields set."""
+    org = mg.Organism.load(warmed)
+    for name, value in dict(enable_bpe_after_chars=100, **fields).items():
+        setattr(org.config, name, value)
+    return org
+
+
 def test_heldout_loss_is_nats_per_character_over_every_target_once(warmed):
     org = mg.Organism.load(warmed)
     T = org.config.block_size
@@ -95,11 +104,8 @@ def test_a_grown_heldout_set_scores_only_its_new_lines(warmed, monkeypatch):
 
 def test_tokenizer_growth_after_training_is_checked(warmed):
     # a growth that would raise old held-out loss by more than the bound is declined
-    org = mg.Organism.load(warmed)
-    org.config.enable_bpe_after_chars = 100
-    org.config.bpe_num_merges = 60
-    org.config.bpe_growth_max_rise = 0.0
-    org.config.bpe_growth_steps = 0  # untrained rows: the growth raises the loss
+    # untrained rows: the growth raises the loss
+    org = loaded(warmed, bpe_num_merges=60, bpe_growth_max_rise=0.0, bpe_growth_steps=0)
     v0, version0, before = org.model.vocab_size, org.tokenizer.version, org.heldout_loss()
     org.train_burst(lr=0.0)
     events = [r for r in org.telemetry if r["phase"] == "tokenizer"]
@@ -120,11 +126,7 @@ def test_tokenizer_growth_after_training_is_checked(warmed):
     # the organism keeps without row training) and is then trained
     rows = {}
     for steps in (0, 40):
-        org = mg.Organism.load(warmed)
-        org.config.enable_bpe_after_chars = 100
-        org.config.bpe_num_merges = 60
-        org.config.bpe_growth_max_rise = 1e9
-        org.config.bpe_growth_steps = steps
+        org = loaded(warmed, bpe_num_merges=60, bpe_growth_max_rise=1e9, bpe_growth_steps=steps)
         org.train_burst(lr=0.0)
         assert org.tokenizer.bpe_enabled and org.model.vocab_size > v0
         rows[steps] = org.model.params()["wte"][v0:].copy()
@@ -144,13 +146,8 @@ def test_growth_after_training_appends_merges_with_trained_rows(warmed, tmp_path
     """Once BPE is on, a growth keeps every merge and appends Config.bpe_growth_merges learned
     on the current segmentation; the new rows are trained on a copy before the check, and the
     accepted copy's rows are the organism's. No growth beyond Config.bpe_max_vocab."""
-    org = mg.Organism.load(warmed)
-    org.config.enable_bpe_after_chars = 100
-    org.config.bpe_num_merges = 40
-    org.config.bpe_growth_max_rise = 1e9
-    org.config.bpe_retrain_every_chars = 300
-    org.config.bpe_growth_merges = 6
-    org.config.bpe_growth_steps = 30
+    org = loaded(warmed, bpe_num_merges=40, bpe_growth_max_rise=1e9, bpe_retrain_every_chars=300,
+                 bpe_growth_merges=6, bpe_growth_steps=30)
     org.train_burst(lr=0.0)
     merges0, v1 = org.tokenizer.merges, org.model.vocab_size
     heard = [f"the lantern number {i} glows over the harbour wall" for i in range(12)]
@@ -192,11 +189,8 @@ def test_declined_growth_waits_longer_after_each_decline(warmed, tmp_path):
     """A growth trial that is declined is not repeated at every burst: the next waits for
     bpe_retrain_every_chars more characters, twice as many after each further decline, across a
     save and load; an accepted growth ends the back-off."""
-    org = mg.Organism.load(warmed)
-    org.config.enable_bpe_after_chars = 100
-    org.config.bpe_retrain_every_chars = 400
-    org.config.bpe_growth_max_rise = 0.0  # with untrained rows, every trial declined
-    org.config.bpe_growth_steps = 0
+    # with untrained rows, every trial declined
+    org = loaded(warmed, bpe_retrain_every_chars=400, bpe_growth_max_rise=0.0, bpe_growth_steps=0)
     trials, chars = [], []
     for i in range(40):
         if i == 20:
@@ -277,10 +271,7 @@ def test_generation_goes_on_during_a_tokenizer_growth_trial(warmed, monkeypatch)
     only the change itself (tokenizer swap, model growth, rebuild) excludes generation."""
     import threading
 
-    org = mg.Organism.load(warmed)
-    org.config.enable_bpe_after_chars = 100
-    org.config.bpe_num_merges = 60
-    org.config.bpe_growth_max_rise = 1e9
+    org = loaded(warmed, bpe_num_merges=60, bpe_growth_max_rise=1e9)
     scoring, release = threading.Event(), threading.Event()
     real_loss = HeldOut.loss
 
@@ -371,11 +362,7 @@ def test_learn_replays_and_grows_from_text_it_has_trained_on(warmed, monkeypatch
     """learn() hears the whole text at once, but a burst's replay draws only from what the
     organism knew before it (not from the lines later bursts take), and a tokenizer growth is
     due after, and learned from, text already trained on."""
-    org = mg.Organism.load(warmed)
-    org.config.enable_bpe_after_chars = 100
-    org.config.bpe_num_merges = 40
-    org.config.bpe_growth_max_rise = 1e9
-    org.config.bpe_growth_steps = 4
+    org = loaded(warmed, bpe_num_merges=40, bpe_growth_max_rise=1e9, bpe_growth_steps=4)
     org.train_burst(lr=0.0)
     assert org.tokenizer.bpe_enabled
     org.config.bpe_retrain_every_chars = 600
@@ -567,11 +554,8 @@ def test_a_resumed_warmup_does_not_restore_a_best_of_other_arrays():
 
 
 def test_growth_with_nothing_left_to_merge_waits_like_a_declined_one(warmed):
-    org = mg.Organism.load(warmed)
-    org.config.enable_bpe_after_chars = 100
-    org.config.bpe_num_merges = 2000  # every word of the corpus becomes one token
-    org.config.bpe_growth_max_rise = 1e9
-    org.config.bpe_retrain_every_chars = 300
+    # 2000 merges: every word of the corpus becomes one token
+    org = loaded(warmed, bpe_num_merges=2000, bpe_growth_max_rise=1e9, bpe_retrain_every_chars=300)
     org.train_burst(lr=0.0)
     merges = org.tokenizer.merges
     # new sentences of the corpus's own words
@@ -590,11 +574,7 @@ def test_growth_trial_trains_rows_through_the_folded_weights(warmed, monkeypatch
     every row-training step of a growth trial must compute with the rows it just wrote, as a
     model built fresh from the same state does."""
     from molecule_gpt.model import delta_group
-    org = mg.Organism.load(warmed)
-    org.config.enable_bpe_after_chars = 100
-    org.config.bpe_num_merges = 40
-    org.config.bpe_growth_max_rise = 1e9
-    org.config.delta_grow_prob = 1.0
+    org = loaded(warmed, bpe_num_merges=40, bpe_growth_max_rise=1e9, delta_grow_prob=1.0)
     org.train_burst(lr=0.0)
     for i in range(3):
         org.observe([f"the {w} lantern {i} glows over the harbour" for w in ("red", "green", "blue")])
