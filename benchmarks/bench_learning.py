@@ -267,8 +267,9 @@ def run_candidate(base_path, split, lines, lr_factor, immune: bool, follow: list
         org.observe(list(lines))
         rep = org.train_burst(lr=org.config.burst_learning_rate * lr_factor)
         seen = rep.loss_after / rep.loss_before - 1 if rep.loss_after is not None and rep.loss_before else None
+        seen_all = rep.second_look[1] / rep.second_look[0] - 1 if rep.second_look else None
         out.update(a_after=heldout(org, split.a_test).loss(org.model), accepted=rep.accepted, reason=rep.reason,
-                   drift_cosine=rep.drift_cosine, organism_saw=seen)
+                   drift_cosine=rep.drift_cosine, organism_saw=seen, organism_saw_all=seen_all)
     for chunk in follow:
         org.observe(list(chunk))
         r = org.train_burst()
@@ -307,6 +308,7 @@ def immune_experiment(a_lines, b_lines, seed, args) -> dict:
             # the identity-drift check, measured on the burst as accepted: would it have caught it?
             cos = off.get("drift_cosine")
             rows.append({"candidate": name, "effect": effect, "organism_saw": on["organism_saw"],
+                         "organism_saw_all": on.get("organism_saw_all"),
                          "harmful": harmful, "accepted": on["accepted"],
                          "drift_cosine": cos, "drift_check_fails": cos is not None and cos < org.config.noise_drift_threshold,
                          "reason": on["reason"], "follow_accepted": [f["accepted"] for f in on["follow"]],
@@ -509,7 +511,10 @@ def main(argv=None):
             results["immune"].append(im)
             print(f"immune, seed {seed}: {im['matrix']}")
             for r in im["rows"]:
-                saw = f" (its own held-out: {pct(r['organism_saw'])})" if r["organism_saw"] is not None else ""
+                saw = f" (its own held-out: {pct(r['organism_saw'])}" if r["organism_saw"] is not None else ""
+                if r.get("organism_saw_all") is not None:
+                    saw += f", all its held-out lines: {pct(r['organism_saw_all'])}"
+                saw += ")" if saw else ""
                 print(f"  {r['candidate']:<16} effect {pct(r['effect']):>8}{saw} {'harmful' if r['harmful'] else 'harmless':<8} "
                       f"{'accepted' if r['accepted'] else 'rejected (' + r['reason'] + ')'}; next clean bursts "
                       f"{''.join('+' if x else '-' for x in r['follow_accepted'])}"

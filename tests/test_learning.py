@@ -600,3 +600,42 @@ def test_growth_trial_trains_rows_through_the_folded_weights(warmed, monkeypatch
     org.train_burst(lr=0.0)
     assert org.model.vocab_size > v0
     assert len(gaps) == 5 and max(gaps) == 0.0, gaps
+
+
+def test_a_close_call_is_judged_again_on_every_held_out_line(tmp_path):
+    """A burst whose rise on the val_max_sequences lines lies within immune_second_look of the
+    bound is decided by the rise on every held-out line of the old text, measured under the
+    weights before the burst and under its own (put aside and written back exactly)."""
+    org = mg.Organism(small_config(val_max_sequences=6, warmup_steps=40), LINES, seed=3)
+    org.warmup()
+    assert len(org.val_lines) > 6 and len(org._old_heldout_all) == len(org.val_lines)
+    org.save(tmp_path / "w.ckpt")
+    heard = [f"the {w} lantern number {i} glows" for i in range(8) for w in ("red", "blue")]
+
+    def run(**fields):
+        o = mg.Organism.load(tmp_path / "w.ckpt")
+        for k, v in fields.items():
+            setattr(o.config, k, v)
+        o.observe(heard)
+        all_before = HeldOut(o.val_lines, o.tokenizer.encode, lambda: o.tokenizer.version).loss(o.model)
+        return o, all_before, o.train_burst(lr=0.02)
+
+    # no check at all: the burst's own weights and figures
+    free, _, r_free = run(immune_max_rise=1e9, immune_second_look=0.0)
+    assert r_free.accepted and r_free.second_look is None
+    few = r_free.loss_after / r_free.loss_before - 1
+    # every burst a close call: the second look's figures are the all-lines losses
+    o, all_before, r = run(immune_max_rise=1e9, immune_second_look=1e10)
+    assert r.accepted and r.second_look[0] == all_before
+    assert r.second_look[1] == HeldOut(o.val_lines, o.tokenizer.encode, lambda: o.tokenizer.version).loss(o.model)
+    for name, w in o.model.params().items():  # the burst's weights, written back exactly
+        np.testing.assert_array_equal(w, free.model.params()[name], err_msg=name)
+    every = r.second_look[1] / r.second_look[0] - 1
+    assert every != few
+    # a bound between the two rises: the all-lines rise decides
+    bound = (few + every) / 2
+    _, _, judged = run(immune_max_rise=bound, immune_second_look=abs(few - bound) * 1.01)
+    assert judged.second_look is not None and judged.accepted == (every <= bound)
+    _, _, unjudged = run(immune_max_rise=bound, immune_second_look=abs(few - bound) * 0.99)
+    assert unjudged.second_look is None and unjudged.accepted == (few <= bound)
+    assert judged.accepted != unjudged.accepted

@@ -103,6 +103,8 @@ class Config:
     # a burst raising held-out loss on the old text by more than this fraction is rolled back
     # (harm is a 1% rise; the margin covers the sampling noise of a 96-line estimate)
     immune_max_rise: float = IMMUNE(0.0075, "largest accepted relative rise of old held-out loss in a burst")
+    immune_second_look: float = IMMUNE(0.0025, "a burst whose rise lies within this of immune_max_rise is judged "
+                                              "again on every held-out line of the old text (0: never)")
     max_consecutive_rollbacks: int = IMMUNE(3, "this many rollbacks in a row multiply the burst lr by "
                                                "rollback_lr_backoff")
     rollback_lr_backoff: float = IMMUNE(0.5, "lr factor after a rollback streak; each accepted burst divides it "
@@ -282,7 +284,7 @@ class Config:
                 raise ConfigError(f"Config.{name} must be in [0, 1], got {value!r}")
         if not _is_real(self.val_fraction) or self.val_fraction >= 1:
             raise ConfigError(f"Config.val_fraction must be below 1 (some lines must train), got {self.val_fraction!r}")
-        for name in ("min_delta", "immune_max_rise", "bpe_growth_max_rise", "collapse_std_bound"):
+        for name in ("min_delta", "immune_max_rise", "immune_second_look", "bpe_growth_max_rise", "collapse_std_bound"):
             value = getattr(self, name)
             if not _is_real(value) or not 0 <= value < float("inf"):
                 raise ConfigError(f"Config.{name} must be a finite number >= 0, got {value!r}")

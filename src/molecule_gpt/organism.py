@@ -392,6 +392,9 @@ class Organism:
             val = self.val_lines[:self.config.val_max_sequences]
             self._val_ids = [self._encode(x) for x in val]
             self._old_heldout = self._heldout(val, getattr(self, "_old_heldout", None))
+            # every held-out line of the old text, for the immune system's close calls
+            self._old_heldout_all = (self._heldout(self.val_lines, getattr(self, "_old_heldout_all", None))
+                                     if len(self.val_lines) > len(val) else None)
             self._heard_heldout = self._heldout(self.heard_val_lines, getattr(self, "_heard_heldout", None))
             self.field = CorpusField(self.tokenizer.vocab_size, self._reservoir_ids())
             self._field_changed()
@@ -1036,12 +1039,12 @@ class Organism:
             # replay draws from what the organism knew before this text
             fresh = set(new_lines) | untrained
             replay = [ids for line, ids in zip(self.reservoir.lines, self._reservoir_ids()) if line not in fresh]
-            old, heard = self._old_heldout, self._heard_heldout
+            old, heard, old_all = self._old_heldout, self._heard_heldout, self._old_heldout_all
         if not replay and not new:
             raise TrainingError("nothing to train on: give the organism a corpus or observe() text first")
         if not self.trainer.warmed_up:
             self.trainer.warmed_up = True  # a burst before warmup: from now on the base follows the config
-        report = self.trainer.burst(new, replay, old, heard, lr=lr)
+        report = self.trainer.burst(new, replay, old, heard, lr=lr, old_all=old_all)
         if not report.accepted and (new_lines or held):
             self._quarantine(list(new_lines), list(held))
         if self.memory is not None:

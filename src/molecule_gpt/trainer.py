@@ -86,6 +86,8 @@ class BurstReport:
     seconds: float = 0.0
     new_loss_before: float | None = None
     new_loss_after: float | None = None
+    # a close call judged again on every held-out line of the old text: [before, after] there
+    second_look: list | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -490,13 +492,30 @@ class Trainer:
             m.set_trainable("base", want_base)
         return k
 
+    def _second_look(self, before: Snapshot, held) -> tuple[float, float]:
+        """Held-out loss of `held` under the weights before the burst and under the burst's own:
+        the burst's weights are put aside while the earlier ones are scored, then written back
+        (with their versions, so what is cached under them stays valid)."""
+        m = self.model
+        after = Snapshot(m)
+        before.restore(m)
+        self.on_restore()
+        try:
+            loss_before = self.evaluate(held)
+        finally:
+            after.restore(m)
+            self.on_restore()
+        return loss_before, self.evaluate(held)
+
     def burst(self, new: Sequence[Sequence[int]], replay: Sequence[Sequence[int]], old=None, heard=None,
-              lr: float | None = None) -> BurstReport:
+              lr: float | None = None, old_all=None) -> BurstReport:
         """micro_steps steps on batches mixing `new` sequences with `replay` ones (each slot is
         replay with probability replay_ratio, always when there is nothing new), checked by the
         immune system on `old` (a HeldOut set of the old text), then maybe a new module;
         `heard` (a HeldOut set of recently heard text) is measured for the report and judges
-        retirement. See the module docstring."""
+        retirement. `old_all` (every held-out line of the old text, a superset of `old`) judges
+        close calls again: a rise on `old` within Config.immune_second_look of the bound is
+        decided by the rise on `old_all`. See the module docstring."""
         m = self.model
         if not new and not replay:
             raise TrainingError("nothing to train on: the corpus is empty")
@@ -514,7 +533,7 @@ class Trainer:
             if m.delta_alphas[k] != alpha:
                 m.set_delta_alpha(k, alpha)
             return self._burst(new, replay, old, heard, lr, t0, k, state, (snap, rng_state), loss_before,
-                               new_before, guard)
+                               new_before, guard, old_all)
         except BaseException:
             # an exception or Ctrl-C before the burst's outcome is settled: leave the model as it
             # was before the burst (afterwards the accepted or rolled-back state stands)
@@ -524,7 +543,7 @@ class Trainer:
             raise
 
     def _burst(self, new, replay, old, heard, lr, t0, k, state, before, loss_before, new_before,
-               guard) -> BurstReport:
+               guard, old_all=None) -> BurstReport:
         c = self.config
         snap, rng_state = before
         m = self.model
@@ -546,7 +565,7 @@ class Trainer:
             if not math.isfinite(loss) or not finite:
                 reason = "non_finite"
                 break
-        loss_after = new_after = cos = None
+        loss_after = new_after = cos = second = None
         if reason == "accepted":
             params_ok = all(bool(np.isfinite(g.flat).all()) for n, g in m.groups.items() if m.trainable[n])
             if not params_ok:
@@ -555,8 +574,13 @@ class Trainer:
             loss_after = self.evaluate(old)
             if not math.isfinite(loss_after):
                 reason = "non_finite"
-            elif loss_after > loss_before * (1.0 + c.immune_max_rise):
-                reason = "val_loss_rose"
+            else:
+                rise = loss_after / loss_before - 1.0
+                if old_all is not None and abs(rise - c.immune_max_rise) <= c.immune_second_look:
+                    second = self._second_look(snap, old_all)
+                    rise = second[1] / second[0] - 1.0
+                if rise > c.immune_max_rise:
+                    reason = "val_loss_rose"
         proj_after = None
         if reason == "accepted":
             new_after = self.evaluate(heard)
@@ -588,7 +612,8 @@ class Trainer:
                 backoff = True
         report = BurstReport(steps=steps, loss_before=loss_before, loss_after=loss_after, train_loss_first=first,
                              train_loss_last=last, accepted=accepted, reason=reason, drift_cosine=cos, lr=lr_used,
-                             module=k, lr_backoff=backoff, new_loss_before=new_before, new_loss_after=new_after)
+                             module=k, lr_backoff=backoff, new_loss_before=new_before, new_loss_after=new_after,
+                             second_look=None if second is None else list(second))
         guard["settled"] = True
         if accepted and self.rng.random() < c.delta_grow_prob and m.n_delta < c.max_delta_modules:
             report.retired_module, report.retired_as = k, self.retire(k, old, heard)
@@ -596,7 +621,8 @@ class Trainer:
         report.seconds = time.perf_counter() - t0
         self.history.append({"burst": self.bursts, "step": self.steps, "accepted": accepted, "reason": reason,
                              "drift_cosine": cos, "loss_before": loss_before, "loss_after": loss_after,
-                             "new_loss_before": new_before, "new_loss_after": new_after})
+                             "new_loss_before": new_before, "new_loss_after": new_after,
+                             "second_look": report.second_look})
         del self.history[:-200]
         self.emit(dict({"phase": "burst_end", "step": self.steps}, **report.to_dict()))
         return report
