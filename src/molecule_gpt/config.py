@@ -101,10 +101,11 @@ class Config:
 
     # ---- immune system and identity (design.md §6)
     # a burst raising held-out loss on the old text by more than this fraction is rolled back
-    # (harm is a 1% rise; the margin covers the sampling noise of a 96-line estimate)
+    # (harm is a 1% rise; the margin covers the sampling noise of a 96-line estimate, and close
+    # calls are judged again on every held-out line)
     immune_max_rise: float = IMMUNE(0.0075, "largest accepted relative rise of old held-out loss in a burst")
-    immune_second_look: float = IMMUNE(0.0025, "a burst whose rise lies within this of immune_max_rise is judged "
-                                              "again on every held-out line of the old text (0: never)")
+    immune_second_look: float = IMMUNE(0.0025, "a burst whose rise lies at most this below immune_max_rise is "
+                                              "judged again on every held-out line of the old text (0: never)")
     max_consecutive_rollbacks: int = IMMUNE(3, "this many rollbacks in a row multiply the burst lr by "
                                                "rollback_lr_backoff")
     rollback_lr_backoff: float = IMMUNE(0.5, "lr factor after a rollback streak; each accepted burst divides it "

@@ -514,7 +514,7 @@ class Trainer:
         immune system on `old` (a HeldOut set of the old text), then maybe a new module;
         `heard` (a HeldOut set of recently heard text) is measured for the report and judges
         retirement. `old_all` (every held-out line of the old text, a superset of `old`) judges
-        close calls again: a rise on `old` within Config.immune_second_look of the bound is
+        close calls again: a rise on `old` at most Config.immune_second_look below the bound is
         decided by the rise on `old_all`. See the module docstring."""
         m = self.model
         if not new and not replay:
@@ -576,7 +576,9 @@ class Trainer:
                 reason = "non_finite"
             else:
                 rise = loss_after / loss_before - 1.0
-                if old_all is not None and abs(rise - c.immune_max_rise) <= c.immune_second_look:
+                # a close call about to be accepted is judged again on every line (a rejection
+                # costs little: its text waits in the quarantine)
+                if old_all is not None and c.immune_max_rise - c.immune_second_look <= rise <= c.immune_max_rise:
                     second = self._second_look(snap, old_all)
                     rise = second[1] / second[0] - 1.0
                 if rise > c.immune_max_rise:
