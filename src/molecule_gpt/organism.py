@@ -68,7 +68,7 @@ import re
 import threading
 import time
 import zlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import AbstractSet, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -777,7 +777,7 @@ class Organism:
             self.memory.add_corpus_event("forget", counts.reservoir_lines, 0, "" if phrase is None else f"phrase of {len(phrase)} chars")
         return counts
 
-    def _maybe_grow_tokenizer(self, untrained: frozenset = frozenset()) -> bool:
+    def _maybe_grow_tokenizer(self, untrained: AbstractSet[str] = frozenset()) -> bool:
         """Enable, retrain or extend BPE when the reservoir has grown enough (design.md §1, §8.13);
         grows the model and rebuilds the field and encodings. Returns True when the tokenizer
         changed.
@@ -795,8 +795,9 @@ class Organism:
         hurting the old text is not grown and scored at every burst. Reservoir lines in
         `untrained` (see _checked_burst) are left out: a growth is learned from, and due
         after, text the model has trained on."""
-        with self._lock:
-            lines = [x for x in self.reservoir.lines if x not in untrained] if untrained else self.reservoir.lines
+        with self._lock:  # one snapshot: what decides whether a growth is due is what it learns from
+            lines = [x for x in self.reservoir.lines if x not in untrained]
+            held = self._old_heldout
         next_trial = self._growth_next_trial()
         if next_trial is not None and sum(len(x) for x in lines) < next_trial:
             return False
@@ -805,7 +806,7 @@ class Organism:
         if not (self._trained() and len(self._old_heldout) > 0):
             # before any training the change is free: made in place, generation excluded
             with self._structure.write():
-                update = self._grow_tokenizer(self.tokenizer, list(self.reservoir.lines))
+                update = self._grow_tokenizer(self.tokenizer, lines)
                 if update is None:
                     return False
                 self._grow_model(self.model, self.tokenizer, update)
@@ -820,9 +821,6 @@ class Organism:
         room = self.config.bpe_max_vocab - tok.vocab_size
         if tok.bpe_enabled and room <= 0:
             return False
-        with self._lock:
-            lines = [x for x in self.reservoir.lines if x not in untrained]
-            held = self._old_heldout
         candidate = EvolvingTokenizer.from_dict(tok.to_dict())
         if candidate.bpe_enabled:
             update = candidate.extend_bpe(lines, min(self.config.bpe_growth_merges, room))
@@ -833,8 +831,7 @@ class Organism:
         record = self._growth_record(update)
         if update.num_merges == len(tok.merges) and not update.grew:
             # no pair left to merge: nothing to try; waits as a declined growth does
-            record.update(reason="nothing to merge")
-            self._decline_growth(record, tok, lines)
+            self._decline_growth(record, "nothing to merge", lines)
             return False
         before = self.trainer.evaluate(held)
         trial = Model.from_state(*self.model.export_state())
@@ -845,8 +842,7 @@ class Organism:
         after = HeldOut(held.lines, candidate.encode, lambda: candidate.version).loss(trial, self.trainer.pace)
         record.update(loss_before=before, loss_after=after)
         if not after <= before * (1.0 + self.config.bpe_growth_max_rise):
-            record.update(reason="old-text loss rose")
-            self._decline_growth(record, tok, lines)
+            self._decline_growth(record, "old-text loss rose", lines)
             return False
         with self._structure.write():
             if self.tokenizer is not tok or self.model.vocab_size != update.old_vocab_size:
@@ -860,10 +856,11 @@ class Organism:
         self._log_growth(f"tokenizer {update.event}")
         return True
 
-    def _decline_growth(self, record: dict, tok: EvolvingTokenizer, lines: list[str]) -> None:
+    def _decline_growth(self, record: dict, reason: str, lines: list[str]) -> None:
+        """A growth trial on `lines` not kept: the back-off counts it, telemetry says why."""
         declines = 1 if self._growth_retry is None else self._growth_retry[0] + 1
         self._growth_retry = (declines, sum(len(x) for x in lines))
-        record.update(event=f"{record['event']} declined", vocab_size=tok.vocab_size,
+        record.update(event=f"{record['event']} declined", reason=reason, vocab_size=self.tokenizer.vocab_size,
                       next_trial_chars=self._growth_next_trial())
         self._emit(record)
 
@@ -1026,7 +1023,7 @@ class Organism:
             return self._checked_burst(new_lines, lr, held)
 
     def _checked_burst(self, new_lines: list[str], lr: float | None = None, held: Sequence[str] = (),
-                       untrained: frozenset = frozenset()) -> BurstReport:
+                       untrained: AbstractSet[str] = frozenset()) -> BurstReport:
         """A burst on `new_lines` (in the reservoir, no longer in the buffer); `held` are the
         lines held out of the same text, quarantined with it on a rollback; `untrained` are
         reservoir lines heard with them that later bursts take (learn()): neither replay nor
@@ -1037,8 +1034,9 @@ class Organism:
         with self._lock:
             new = [self._encode(x) for x in new_lines]
             # replay draws from what the organism knew before this text
-            fresh = set(new_lines) | untrained
-            replay = [ids for line, ids in zip(self.reservoir.lines, self._reservoir_ids()) if line not in fresh]
+            fresh = set(new_lines)
+            replay = [ids for line, ids in zip(self.reservoir.lines, self._reservoir_ids())
+                      if line not in fresh and line not in untrained]
             old, heard, old_all = self._old_heldout, self._heard_heldout, self._old_heldout_all
         if not replay and not new:
             raise TrainingError("nothing to train on: give the organism a corpus or observe() text first")
@@ -1093,7 +1091,7 @@ class Organism:
                 quarantined = set(self.quarantine)
                 chunk = [x for x in chunks[i % len(chunks)] if x not in quarantined]
                 untrained.difference_update(chunks[i % len(chunks)])
-                report = self._checked_burst(chunk, untrained=frozenset(untrained))
+                report = self._checked_burst(chunk, untrained=untrained)
                 done += 1
                 accepted += report.accepted
                 heard = self.trainer.evaluate(self._heard_heldout)

@@ -578,7 +578,8 @@ class Trainer:
                 rise = loss_after / loss_before - 1.0
                 # a close call about to be accepted is judged again on every line (a rejection
                 # costs little: its text waits in the quarantine)
-                if old_all is not None and c.immune_max_rise - c.immune_second_look <= rise <= c.immune_max_rise:
+                if (old_all is not None and c.immune_second_look > 0
+                        and c.immune_max_rise - c.immune_second_look <= rise <= c.immune_max_rise):
                     second = self._second_look(snap, old_all)
                     rise = second[1] / second[0] - 1.0
                 if rise > c.immune_max_rise:
