@@ -280,6 +280,76 @@ static inline size_t mg_tri_scratch(ptrdiff_t n, ptrdiff_t d) {
         }                                                                                         \
     }                                                                                             \
                                                                                                   \
+    /* row t of G heads at once (columns c0 .. c0 + NV W of each head's output, G NV <= 8): the    \
+     * chains of NN##_row for each head, interleaved over j, so that G NV chains hide the FMA      \
+     * latency one head's NV chains leave exposed. Each chain is NN##_row's: the same bits. */     \
+    __attribute__((always_inline)) ATTR static inline void NN##_row_heads(                         \
+        const int G, const int NV, T *restrict y, ptrdiff_t ldyh, const T *restrict p, ptrdiff_t ldph, \
+        const T *restrict Bp, ptrdiff_t ldbh, ptrdiff_t ldbp, ptrdiff_t t, ptrdiff_t c0, ptrdiff_t d, \
+        T alpha, int accumulate) {                                                                 \
+        VT acc[8];                                                                                 \
+        _Pragma("GCC unroll 8") for (int k = 0; k < G * NV; k++) acc[k] = (VT){0};                 \
+        for (ptrdiff_t j = 0; j <= t; j++) {                                                       \
+            _Pragma("GCC unroll 8") for (int g = 0; g < G; g++) {                                  \
+                T q = p[g * ldph + j];                                                             \
+                const T *bj = Bp + g * ldbh + j * ldbp + c0;                                       \
+                _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) {                             \
+                    VT b;                                                                          \
+                    memcpy(&b, bj + v * W, sizeof b);                                              \
+                    acc[g * NV + v] += q * b;                                                      \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        ptrdiff_t m = d - c0 < NV * W ? d - c0 : NV * W;                                           \
+        _Pragma("GCC unroll 8") for (int g = 0; g < G; g++) {                                      \
+            T out[4 * W];                                                                          \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) {                                 \
+                VT u = acc[g * NV + v] * alpha;                                                    \
+                memcpy(out + v * W, &u, sizeof u);                                                 \
+            }                                                                                      \
+            T *yg = y + g * ldyh + c0;                                                             \
+            if (accumulate)                                                                        \
+                for (ptrdiff_t c = 0; c < m; c++) yg[c] += out[c];                                 \
+            else                                                                                   \
+                for (ptrdiff_t c = 0; c < m; c++) yg[c] = out[c];                                  \
+        }                                                                                          \
+    }                                                                                              \
+                                                                                                   \
+    /* One row t (the decoder's query) of H heads: head h's output Y[h ldyh + c] (+)= alpha        \
+     * sum_{j <= t} P[h ldph + j] Bp[h ldbh + j ldbp + c] for c < d, its values' rows readable to a \
+     * whole number of vectors past d as in NN##_rows. Head by head it equals NN##_rows(t, t + 1) bit \
+     * for bit; the heads' chains run interleaved, up to 8 vectors' chains at a time. */           \
+    ATTR static void NN##_heads(T *restrict Y, ptrdiff_t ldyh, const T *restrict P, ptrdiff_t ldph, \
+                               const T *restrict Bp, ptrdiff_t ldbh, ptrdiff_t ldbp, ptrdiff_t H,  \
+                               ptrdiff_t t, ptrdiff_t d, T alpha, int accumulate) {                \
+        ptrdiff_t dp = (d + W - 1) / W * W;                                                        \
+        for (ptrdiff_t c0 = 0; c0 < dp;) {                                                         \
+            ptrdiff_t nv = (dp - c0) / W < 4 ? (dp - c0) / W : 4;                                  \
+            for (ptrdiff_t h = 0; h < H;) {                                                        \
+                ptrdiff_t g = (8 / nv < H - h ? 8 / nv : H - h);                                   \
+                T *y = Y + h * ldyh;                                                               \
+                const T *p = P + h * ldph, *b = Bp + h * ldbh;                                     \
+                if (nv == 1) {                                                                     \
+                    if (g >= 8) { g = 8; NN##_row_heads(8, 1, y, ldyh, p, ldph, b, ldbh, ldbp, t, c0, d, alpha, accumulate); } \
+                    else if (g >= 4) { g = 4; NN##_row_heads(4, 1, y, ldyh, p, ldph, b, ldbh, ldbp, t, c0, d, alpha, accumulate); } \
+                    else if (g >= 2) { g = 2; NN##_row_heads(2, 1, y, ldyh, p, ldph, b, ldbh, ldbp, t, c0, d, alpha, accumulate); } \
+                    else NN##_row_heads(1, 1, y, ldyh, p, ldph, b, ldbh, ldbp, t, c0, d, alpha, accumulate); \
+                } else if (nv == 2) {                                                              \
+                    if (g >= 4) { g = 4; NN##_row_heads(4, 2, y, ldyh, p, ldph, b, ldbh, ldbp, t, c0, d, alpha, accumulate); } \
+                    else if (g >= 2) { g = 2; NN##_row_heads(2, 2, y, ldyh, p, ldph, b, ldbh, ldbp, t, c0, d, alpha, accumulate); } \
+                    else NN##_row_heads(1, 2, y, ldyh, p, ldph, b, ldbh, ldbp, t, c0, d, alpha, accumulate); \
+                } else if (nv == 3) {                                                              \
+                    if (g >= 2) { g = 2; NN##_row_heads(2, 3, y, ldyh, p, ldph, b, ldbh, ldbp, t, c0, d, alpha, accumulate); } \
+                    else NN##_row_heads(1, 3, y, ldyh, p, ldph, b, ldbh, ldbp, t, c0, d, alpha, accumulate); \
+                } else {                                                                           \
+                    if (g >= 2) { g = 2; NN##_row_heads(2, 4, y, ldyh, p, ldph, b, ldbh, ldbp, t, c0, d, alpha, accumulate); } \
+                    else NN##_row_heads(1, 4, y, ldyh, p, ldph, b, ldbh, ldbp, t, c0, d, alpha, accumulate); \
+                }                                                                                  \
+                h += g;                                                                            \
+            }                                                                                      \
+            c0 += nv * W;                                                                          \
+        }                                                                                          \
+    }                                                                                              \
     ATTR static void NN(T *restrict Y, ptrdiff_t ldy, const T *restrict P, ptrdiff_t ldp,        \
                         const T *restrict B, ptrdiff_t ldb, ptrdiff_t n, ptrdiff_t d, T alpha,     \
                         int accumulate, T *restrict scratch) {                                    \
@@ -678,10 +748,14 @@ static inline int mg_use_avx512(void) {
     (mg_use_avx512() ? fn##_avx512_rows(__VA_ARGS__)                                              \
      : mg_tri_use_avx2() ? fn##_avx2_rows(__VA_ARGS__) : fn##_base_rows(__VA_ARGS__))
 #define MG_TRI_DISPATCH_WIDE(fn, ...) (mg_use_avx512() ? fn##_avx512(__VA_ARGS__) : MG_TRI_DISPATCH(fn, __VA_ARGS__))
+#define MG_TRI_DISPATCH_HEADS(fn, ...)                                                            \
+    (mg_use_avx512() ? fn##_avx512_heads(__VA_ARGS__)                                             \
+     : mg_tri_use_avx2() ? fn##_avx2_heads(__VA_ARGS__) : fn##_base_heads(__VA_ARGS__))
 #else
 #define MG_TRI_DISPATCH(fn, ...) fn##_base(__VA_ARGS__)
 #define MG_TRI_DISPATCH_ROWS(fn, ...) fn##_base_rows(__VA_ARGS__)
 #define MG_TRI_DISPATCH_WIDE(fn, ...) fn##_base(__VA_ARGS__)
+#define MG_TRI_DISPATCH_HEADS(fn, ...) fn##_base_heads(__VA_ARGS__)
 #endif
 
 static inline float mg_read_floats(const float *a, ptrdiff_t n) {
@@ -747,6 +821,18 @@ static inline void mg_tri_nn_rows_d(double *Y, ptrdiff_t ldy, const double *P, p
                                     ptrdiff_t ldbp, ptrdiff_t t0, ptrdiff_t t1, ptrdiff_t d, double alpha,
                                     int accumulate) {
     MG_TRI_DISPATCH_ROWS(mg_tri_nn_d, Y, ldy, P, ldp, Bp, ldbp, t0, t1, d, alpha, accumulate);
+}
+/* one query row t of H heads of mg_tri_nn_rows at once (the decoder's attention output; see
+ * NN##_heads): head h at Y + h ldyh, P + h ldph, Bp + h ldbh, each equal to its rows call */
+static inline void mg_tri_nn_heads_f(float *Y, ptrdiff_t ldyh, const float *P, ptrdiff_t ldph, const float *Bp,
+                                     ptrdiff_t ldbh, ptrdiff_t ldbp, ptrdiff_t H, ptrdiff_t t, ptrdiff_t d,
+                                     float alpha, int accumulate) {
+    MG_TRI_DISPATCH_HEADS(mg_tri_nn_f, Y, ldyh, P, ldph, Bp, ldbh, ldbp, H, t, d, alpha, accumulate);
+}
+static inline void mg_tri_nn_heads_d(double *Y, ptrdiff_t ldyh, const double *P, ptrdiff_t ldph, const double *Bp,
+                                     ptrdiff_t ldbh, ptrdiff_t ldbp, ptrdiff_t H, ptrdiff_t t, ptrdiff_t d,
+                                     double alpha, int accumulate) {
+    MG_TRI_DISPATCH_HEADS(mg_tri_nn_d, Y, ldyh, P, ldph, Bp, ldbh, ldbp, H, t, d, alpha, accumulate);
 }
 static inline double mg_causal_softmax_backward_f(float *dA, const float *A, ptrdiff_t n, const float *S,
                                                   const float *P, float *dP, ptrdiff_t ldp, float a, int kind) {

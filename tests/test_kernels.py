@@ -466,6 +466,29 @@ def test_avx512_products_equal_avx2_bit_for_bit(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weighted_values_of_every_head_at_once_equal_each_heads_row(rng, dtype):
+    """The decoder's weighted values for all heads of one query row at once (mg_tri_nn_heads, the
+    heads' sums interleaved to hide their latency) give each head exactly its own row's bits
+    (mg_tri_nn_rows, which the training's block runs), at every vector width this CPU has; head
+    counts and dims that leave every group of heads and every vector remainder."""
+    for level in [0] + [SIMD_LEVELS[name] for name in simd_levels() if name in SIMD_LEVELS]:
+        _core._force_simd(level)
+        try:
+            for H, d in [(1, 5), (3, 18), (4, 18), (9, 8), (8, 32), (5, 40), (3, 64), (2, 70)]:
+                for t in (0, 1, 6, 37):
+                    P = rng.random((H, t + 1)).astype(dtype)
+                    B = rng.normal(size=(H, t + 1, (d + 15) // 16 * 16 + 16)).astype(dtype)
+                    got = _core._tri_nn_heads_memview(P, B, d, t, 0.5)
+                    for h in range(H):
+                        want = _core._tri_nn_rows_memview(P[h:h + 1].copy(), B[h], d, t, t + 1, 0.5)[0]
+                        assert np.array_equal(got[h], want), (level, H, d, t, h)
+                    exact = 0.5 * np.einsum("hj,hjc->hc", P.astype(np.float64), B[:, :, :d].astype(np.float64))
+                    assert np.allclose(got, exact, rtol=1e-4 if dtype == np.float32 else 1e-12, atol=1e-5)
+        finally:
+            _core._force_simd(None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("d", [6, 18, 32])
 def test_avx512_attention_products_equal_avx2_bit_for_bit(rng, dtype, d):
     """Attention's whole-block products on 512-bit vectors give the AVX2 kernels' bits (each

@@ -191,9 +191,10 @@ def test_formulas_are_written_once():
         assert helper in attention
 
 
-# the causal attention kernels (csrc/attention.h) both the training step and the decoder run:
-# content logits, the causal softmax of the head's logits, the weighted values
-ATTENTION_KERNELS = ("mg_tri_nt_rows_", "mg_causal_softmax_", "mg_tri_nn_rows_")
+# the causal attention kernels (csrc/attention.h) the decoder's query row runs: content logits and
+# the causal softmax of the head's logits (the training block's rows kernels), the weighted values
+# of every head at once (the training block's one-row chains, interleaved across heads)
+DECODER_ATTENTION_KERNELS = ("mg_tri_nt_rows_", "mg_causal_softmax_", "mg_tri_nn_heads_")
 
 
 def test_attention_is_one_set_of_kernels_that_every_path_runs():
@@ -208,8 +209,13 @@ def test_attention_is_one_set_of_kernels_that_every_path_runs():
     assert "tri_nt(" in task and "tri_nn(" in task and "mg_causal_softmax_" in task
     decode = (SRC / "_decode.pyx").read_text()
     row = function_body(decode, "cdef inline void attend_row(")
-    for kernel in ATTENTION_KERNELS:
+    # NN##_heads: each head's chains are NN##_row's, the one-row case of NN##_rows (its bits are
+    # tested against mg_tri_nn_rows in test_kernels.py)
+    for kernel in DECODER_ATTENTION_KERNELS:
         assert kernel + "f(" in row and kernel + "d(" in row, kernel
+    assert re.search(r"NN##_row\(4, Y, P, Bp, ldbp, t0, c0, d, alpha, accumulate\)", attention)
+    heads = attention[attention.index("ATTR static inline void NN##_row_heads("):attention.index("ATTR static void NN##_heads(")]
+    assert "acc[g * NV + v] += q * b;" in heads and "for (ptrdiff_t j = 0; j <= t; j++)" in heads
     assert "attend_row(" in function_body(decode, "cdef void attend_rows(")
     decoder_kernels = (CSRC / "decode_kernels.h").read_text()
     assert not re.search(r"attend|sumrows|softmax_row|head_logits", decoder_kernels)

@@ -1373,6 +1373,25 @@ def _tri_nn_rows_memview(floating[:, ::1] P, floating[:, ::1] B, Py_ssize_t d, P
     return Y
 
 
+def _tri_nn_heads_memview(floating[:, ::1] P, floating[:, :, ::1] B, Py_ssize_t d, Py_ssize_t t, double alpha):
+    """Y (H, d): Y[h] = alpha sum_{j <= t} P[h, j] B[h, j, :d] for one query row t of H heads at
+    once, attention.h's mg_tri_nn_heads (the decoder's). P (H, >= t + 1); B (H, >= t + 1, ldb) with
+    its rows readable to d rounded up to 16 (each head's block, as the decoder's value cache)."""
+    cdef Py_ssize_t H = P.shape[0]
+    if t < 0 or d < 1 or H < 1 or B.shape[0] != H or P.shape[1] < t + 1 or B.shape[1] < t + 1 \
+            or B.shape[2] < (d + 15) // 16 * 16:
+        raise ValueError("need t >= 0, d >= 1, P (H, >= t + 1), B (H, >= t + 1, >= d rounded up to 16)")
+    Y = np.zeros((H, d), np.asarray(P).dtype)
+    cdef floating[:, ::1] yv = Y
+    if floating is float:
+        mg_tri_nn_heads_f(&yv[0, 0], d, &P[0, 0], P.shape[1], &B[0, 0, 0], B.shape[1] * B.shape[2], B.shape[2],
+                          H, t, d, <float>alpha, 0)
+    else:
+        mg_tri_nn_heads_d(&yv[0, 0], d, &P[0, 0], P.shape[1], &B[0, 0, 0], B.shape[1] * B.shape[2], B.shape[2],
+                          H, t, d, alpha, 0)
+    return Y
+
+
 def _attention_backward_memview(floating[:, ::1] dy, floating[::1] att, floating[:, ::1] q,
                                 floating[:, ::1] k, floating[:, ::1] v, P, head_types, mix, lengths, int T):
     """(dq, dk, dv, dP, dalpha) where dalpha[h] = d loss / d alpha_h of hybrid heads."""

@@ -64,8 +64,8 @@ from ._molecule cimport (floating, HEAD_CONTENT, HEAD_HYBRID, N_HEAD_TYPES, N_AC
                          mg_activation_names, code_table, code_of, mg_bf16, mg_bf16_round,
                          MG_PACKED_PW_F, MG_PACKED_PW_D, mg_gemm_packed_elems, mg_gemm_pack_nt_f,
                          mg_gemm_pack_nt_d, mg_gemm_pack_nt_bf16, mg_gemm_packed_f, mg_gemm_packed_d,
-                         mg_gemm_packed_bf16, HEAD_RRPRAM, mg_tri_nt_rows_f, mg_tri_nt_rows_d, mg_tri_nn_rows_f,
-                         mg_tri_nn_rows_d, mg_causal_softmax_f, mg_causal_softmax_d)
+                         mg_gemm_packed_bf16, HEAD_RRPRAM, mg_tri_nt_rows_f, mg_tri_nt_rows_d, mg_tri_nn_heads_f,
+                         mg_tri_nn_heads_d, mg_causal_softmax_f, mg_causal_softmax_d)
 from ._ops cimport embed_forward, rmsnorm_forward, rope_forward, rope_tables_per_head, gate_forward, add_forward
 from ._sampling cimport Rng, Cand, SampleC, rng_seed, softmax_t, sample_stack, cand_draw
 from ._field cimport Field, field_dist
@@ -376,7 +376,7 @@ ctypedef struct Buf:
     void* QKV       # (T, 3C)    q | k | v before rotation
     void* Q         # (T, C)     rotated queries
     void* K         # (T, C)     rotated keys (then stored transposed in kc)
-    void* S         # (3 Tp,)    one query's content logits, attention weights, softmax scratch
+    void* S         # ((H+2) Tp) one query's attention weights per head, a head's content logits, softmax scratch
     void* P         # (H, T)     pattern logits of one query, per head
     void* Y         # (T, C)     concatenated head outputs
     void* O         # (T, C)     a block's output before the residual add
@@ -412,7 +412,7 @@ cdef void* buf_alloc(Buf* b, Py_ssize_t rows, const WNet* net, bint is_double, b
     cdef size_t sizes[14]
     cdef void** slots[14]
     cdef Py_ssize_t Tp = cache_stride(T)
-    sizes[:] = [R * C, R * C, R * 3 * C, R * C, R * C, seq * 3 * Tp, seq * net.H * T, R * C, R * C, R * 2 * F, R * F,
+    sizes[:] = [R * C, R * C, R * 3 * C, R * C, R * C, seq * (net.H + 2) * Tp, seq * net.H * T, R * C, R * C, R * 2 * F, R * F,
                 seq * L * Tp * C, seq * (L * T * C + CACHE_PAD), (1 - seq) * R * net.V]
     slots[:] = [&b.X, &b.Hn, &b.QKV, &b.Q, &b.K, &b.S, &b.P, &b.Y, &b.O, &b.GU, &b.A, &b.kc, &b.vc, &b.logits]
     for i in range(14):
@@ -433,15 +433,17 @@ cdef inline void attend_row(floating* y, floating* scratch, floating* pat_rows, 
     """y (C) = attention output of the query at position nk - 1 (q rotated, hrow its normalized
     input) over the nk cached keys kt (H, d, Tp; transposed) and values vc (H, T, d), by the
     training's attention kernels (attention.h) for that one row: content logits (mg_tri_nt_rows),
-    the head's logits and causal softmax (mg_causal_softmax: heads.h's rows), the weighted values
-    (mg_tri_nn_rows). Pattern logits of rrpram/hybrid heads go to pat_rows (H, T) first, by the
-    linear layers' product as in training. scratch: 3 Tp elements."""
+    the head's logits and causal softmax (mg_causal_softmax: heads.h's rows), then the weighted
+    values of every head at once (mg_tri_nn_heads: each head's sums are mg_tri_nn_rows's,
+    interleaved across heads to hide their latency). Pattern logits of rrpram/hybrid heads go to
+    pat_rows (H, T) first, by the linear layers' product as in training. scratch: (H + 2) Tp
+    elements (the heads' weights, then a head's content logits and the softmax's buffer)."""
     cdef Py_ssize_t h, T = net.T, d = net.d, C = net.C, Tp = cache_stride(net.T)
     cdef Py_ssize_t panels = (nk + panel_width(floating is double) - 1) // panel_width(floating is double)
     cdef int kind
-    cdef floating* cont = scratch
-    cdef floating* att = scratch + Tp
-    cdef floating* buf = scratch + 2 * Tp
+    cdef floating* att = scratch
+    cdef floating* cont = scratch + net.H * Tp
+    cdef floating* buf = cont + Tp
     cdef floating* prow
     cdef floating scale = <floating>(1.0 / sqrt(<double>d))
     for h in range(net.H):
@@ -455,13 +457,15 @@ cdef inline void attend_row(floating* y, floating* scratch, floating* pat_rows, 
         if floating is float:
             if kind != HEAD_RRPRAM:
                 mg_tri_nt_rows_f(cont, Tp, q + h * d, d, kt + h * d * Tp, Tp, nk - 1, nk, d, scale)
-            mg_causal_softmax_f(att, Tp, cont, Tp, prow, T, nk - 1, nk, <float>Lw.mix[h], kind, buf)
-            mg_tri_nn_rows_f(y + h * d, C, att, Tp, vc + h * T * d, d, nk - 1, nk, d, 1, 0)
+            mg_causal_softmax_f(att + h * Tp, Tp, cont, Tp, prow, T, nk - 1, nk, <float>Lw.mix[h], kind, buf)
         else:
             if kind != HEAD_RRPRAM:
                 mg_tri_nt_rows_d(cont, Tp, q + h * d, d, kt + h * d * Tp, Tp, nk - 1, nk, d, scale)
-            mg_causal_softmax_d(att, Tp, cont, Tp, prow, T, nk - 1, nk, Lw.mix[h], kind, buf)
-            mg_tri_nn_rows_d(y + h * d, C, att, Tp, vc + h * T * d, d, nk - 1, nk, d, 1, 0)
+            mg_causal_softmax_d(att + h * Tp, Tp, cont, Tp, prow, T, nk - 1, nk, Lw.mix[h], kind, buf)
+    if floating is float:
+        mg_tri_nn_heads_f(y, d, att, Tp, vc, T * d, d, net.H, nk - 1, d, 1, 0)
+    else:
+        mg_tri_nn_heads_d(y, d, att, Tp, vc, T * d, d, net.H, nk - 1, d, 1, 0)
 
 
 cdef inline void prefetch_head(const floating* kt, Py_ssize_t Tp, const floating* v, Py_ssize_t d,

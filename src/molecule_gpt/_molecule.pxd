@@ -200,6 +200,12 @@ cdef extern from "attention.h" nogil:
                           Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t d, float alpha, int accumulate)
     void mg_tri_nn_rows_d(double* Y, Py_ssize_t ldy, const double* P, Py_ssize_t ldp, const double* Bp,
                           Py_ssize_t ldbp, Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t d, double alpha, int accumulate)
+    void mg_tri_nn_heads_f(float* Y, Py_ssize_t ldyh, const float* P, Py_ssize_t ldph, const float* Bp,
+                           Py_ssize_t ldbh, Py_ssize_t ldbp, Py_ssize_t H, Py_ssize_t t, Py_ssize_t d, float alpha,
+                           int accumulate)
+    void mg_tri_nn_heads_d(double* Y, Py_ssize_t ldyh, const double* P, Py_ssize_t ldph, const double* Bp,
+                           Py_ssize_t ldbh, Py_ssize_t ldbp, Py_ssize_t H, Py_ssize_t t, Py_ssize_t d, double alpha,
+                           int accumulate)
     double mg_causal_softmax_backward_f(float* dA, const float* A, Py_ssize_t n, const float* S, const float* P,
                                         float* dP, Py_ssize_t ldp, float a, int kind)
     double mg_causal_softmax_backward_d(double* dA, const double* A, Py_ssize_t n, const double* S, const double* P,
