@@ -583,6 +583,57 @@ __attribute__((target("avx2,fma"))) static void mg_row_exp_f_avx2(float *restric
     }
 }
 
+/* The float32 forward rows on 16 lanes where the AVX-512 products run: mg_causal_softmax_f_avx2's
+ * three passes over half as many vectors, with its bits. Lane by lane the same operations (the
+ * mix, mg_expf16 = mg_expf8, the scale); the max is exact in any order; the sum keeps the 8-lane
+ * order (each 16-lane vector's low half, then its high half, into one 8-lane sum; the same
+ * horizontal sum). buf is written no further than the 8-lane kernel writes it (round_up(t + 1, 8)
+ * elements of a row). */
+MG_TRI512_ATTR static void mg_causal_softmax_f_avx512(float *restrict A, ptrdiff_t lda, const float *restrict S,
+                                                       ptrdiff_t lds, const float *restrict P, ptrdiff_t ldp,
+                                                       ptrdiff_t t0, ptrdiff_t n, float a, int kind,
+                                                       float *restrict buf) {
+    const __m512 va = _mm512_set1_ps(a), vb = _mm512_set1_ps(1 - a), ninf = _mm512_set1_ps(-INFINITY);
+    for (ptrdiff_t t = t0; t < n; t++) {
+        float *row = A + (t - t0) * lda;
+        const float *srow = S + (t - t0) * lds, *prow = P ? P + (t - t0) * ldp : NULL;
+        ptrdiff_t m = t + 1, m8 = (m + 7) / 8 * 8;
+        __m512 vmax = ninf;
+        for (ptrdiff_t j = 0; j < m; j += 16) {
+            /* lanes j + l < m hold the row's logits, the others -inf; stored up to m8 */
+            const __mmask16 keep = m - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (m - j)) - 1);
+            const __mmask16 st = m8 - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (m8 - j)) - 1);
+            __m512 x = kind == MG_HEAD_CONTENT ? _mm512_maskz_loadu_ps(keep, srow + j)
+                       : kind == MG_HEAD_RRPRAM ? _mm512_maskz_loadu_ps(keep, prow + j)
+                       : _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(keep, srow + j),
+                                         _mm512_mul_ps(va, _mm512_maskz_loadu_ps(keep, prow + j)));
+            x = _mm512_mask_blend_ps(keep, ninf, x);
+            _mm512_mask_storeu_ps(buf + j, st, x);
+            vmax = _mm512_max_ps(vmax, x);
+        }
+        const __m512 vmx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        __m256 vsum = _mm256_setzero_ps();
+        for (ptrdiff_t j = 0; j < m; j += 16) {
+            const __mmask16 keep = m - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (m - j)) - 1);
+            const __mmask16 st = m8 - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (m8 - j)) - 1);
+            __m512 e = mg_expf16(_mm512_sub_ps(_mm512_maskz_loadu_ps(st, buf + j), vmx));
+            e = _mm512_maskz_mov_ps(keep, e); /* exact zeros past t */
+            _mm512_mask_storeu_ps(buf + j, st, e);
+            vsum = _mm256_add_ps(vsum, _mm512_castps512_ps256(e));
+            if (j + 8 < m) vsum = _mm256_add_ps(vsum, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+        }
+        __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(vsum), _mm256_extractf128_ps(vsum, 1));
+        s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        s4 = _mm_add_ss(s4, _mm_shuffle_ps(s4, s4, 1));
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm_cvtss_f32(s4));
+        for (ptrdiff_t j = 0; j < n; j += 16) { /* the whole row: weights, then zeros above the diagonal */
+            const __mmask16 in = j >= m ? 0 : m - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (m - j)) - 1);
+            const __mmask16 out = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+            _mm512_mask_storeu_ps(row + j, out, _mm512_mul_ps(_mm512_maskz_loadu_ps(in, buf + j), inv));
+        }
+    }
+}
+
 /* The AVX-512 build of mg_row_exp_f: mg_expf16 on 16 lanes (mg_expf8's bits, element by element). */
 MG_TRI512_ATTR static void mg_row_exp_f_avx512(float *restrict x, ptrdiff_t n, float shift) {
     const __m512 s = _mm512_set1_ps(shift);
@@ -793,7 +844,7 @@ static inline void mg_tri_tn_d(double *Y, ptrdiff_t ldy, const double *P, ptrdif
  * t1 = n, lda = lds = n */
 static inline void mg_causal_softmax_f(float *A, ptrdiff_t lda, const float *S, ptrdiff_t lds, const float *P,
                                        ptrdiff_t ldp, ptrdiff_t t0, ptrdiff_t t1, float a, int kind, float *buf) {
-    MG_TRI_DISPATCH(mg_causal_softmax_f, A, lda, S, lds, P, ldp, t0, t1, a, kind, buf);
+    MG_TRI_DISPATCH_WIDE(mg_causal_softmax_f, A, lda, S, lds, P, ldp, t0, t1, a, kind, buf);
 }
 static inline void mg_row_exp_f(float *x, ptrdiff_t n, float shift) {
     MG_TRI_DISPATCH_WIDE(mg_row_exp_f, x, n, shift);

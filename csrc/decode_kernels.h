@@ -1,5 +1,5 @@
-/* decode_kernels.h: what only the decoder computes: the sampling softmax's exponentials, AVX2+FMA
- * when the CPU has it.
+/* decode_kernels.h: what only the decoder computes: the sampling softmax's exponentials, on 16
+ * lanes where the AVX-512 products run, else AVX2+FMA when the CPU has it (the same bits).
  *
  * Why C: the fast path needs intrinsics and a runtime CPU check (wheels are built without
  * -march=native), which Cython cannot express. Used only by _decode.pyx.
@@ -18,7 +18,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#include "heads.h" /* mg_hsum256 */
+#include "attention.h" /* mg_use_avx512: the products' choice of width */
+#include "heads.h"     /* mg_hsum256 */
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
@@ -78,6 +79,53 @@ __attribute__((target("avx2,fma"))) static float mg_softmax_exp_f_avx2(float *re
     *sx = s;
     return t;
 }
+
+/* The same pass on 16 lanes where the AVX-512 products run (attention.h's choice), with the
+ * 8-lane pass's bits: lane by lane the same operations (mg_expf16 = mg_expf8), and the sums in
+ * the 8-lane order (each 16-lane vector's low half, then its high half, into 8-lane sums; the
+ * same tail). */
+__attribute__((target("avx512f,avx512vl,avx2,fma"))) static float mg_softmax_exp_f_avx512(
+    float *restrict x, float *restrict e, const float *restrict z, ptrdiff_t n, float ft, float shift, float lo,
+    float *sx) {
+    __m256 vt = _mm256_setzero_ps(), vs = _mm256_setzero_ps();
+    const __m512 vft = _mm512_set1_ps(ft), vshift = _mm512_set1_ps(shift), vlo = _mm512_set1_ps(lo);
+    ptrdiff_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_max_ps(_mm512_fmsub_ps(_mm512_loadu_ps(z + i), vft, vshift), vlo);
+        __m512 w = mg_expf16(v);
+        _mm512_storeu_ps(x + i, v);
+        _mm512_storeu_ps(e + i, w);
+        __m256 wl = _mm512_castps512_ps256(w), vl = _mm512_castps512_ps256(v);
+        __m256 wh = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1));
+        __m256 vh = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+        vt = _mm256_add_ps(vt, wl);
+        vs = _mm256_fmadd_ps(wl, vl, vs);
+        vt = _mm256_add_ps(vt, wh);
+        vs = _mm256_fmadd_ps(wh, vh, vs);
+    }
+    if (i + 8 <= n) {
+        __m256 v = _mm256_max_ps(_mm256_fmsub_ps(_mm256_loadu_ps(z + i), _mm512_castps512_ps256(vft),
+                                                 _mm512_castps512_ps256(vshift)), _mm512_castps512_ps256(vlo));
+        __m256 w = mg_expf8(v);
+        _mm256_storeu_ps(x + i, v);
+        _mm256_storeu_ps(e + i, w);
+        vt = _mm256_add_ps(vt, w);
+        vs = _mm256_fmadd_ps(w, v, vs);
+        i += 8;
+    }
+    float t = mg_hsum256(vt), s = mg_hsum256(vs);
+    for (; i < n; i++) {
+        float v = z[i] * ft - shift;
+        v = v > lo ? v : lo;
+        float w = mg_expf(v);
+        x[i] = v;
+        e[i] = w;
+        t += w;
+        s += w * v;
+    }
+    *sx = s;
+    return t;
+}
 #endif
 
 /* 1 when the AVX2+FMA path runs on this CPU (checked once; a racy first check is harmless).
@@ -99,6 +147,7 @@ static inline int mg_decode_has_avx2(void) {
 static inline float mg_softmax_exp_f(float *restrict x, float *restrict e, const float *restrict z, ptrdiff_t n,
                                      float ft, float shift, float lo, float *sx) {
 #ifdef MG_HAVE_AVX2_PATH
+    if (mg_use_avx512()) return mg_softmax_exp_f_avx512(x, e, z, n, ft, shift, lo, sx);
     if (mg_decode_has_avx2()) return mg_softmax_exp_f_avx2(x, e, z, n, ft, shift, lo, sx);
 #endif
     return mg_softmax_exp_f_generic(x, e, z, n, ft, shift, lo, sx);

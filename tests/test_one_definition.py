@@ -165,6 +165,52 @@ def test_the_decoders_products_give_the_same_bits_at_either_vector_width():
     assert runs["avx512"] == runs["avx2"]
 
 
+DECODING_HASH = """
+import hashlib, sys, numpy as np
+sys.path.insert(0, %r)
+import test_batched_decode as t
+from molecule_gpt import _core, _decode, _sampling
+h = hashlib.sha256()
+rng = np.random.default_rng(1)
+for V in (5, 8, 15, 16, 17, 23, 31, 32, 33, 100, 636):  # every remainder of 8 and 16 lanes
+    z = (3 * rng.standard_normal(V)).astype(np.float32)
+    for temperature in (0.7, 1.0, 1.6):
+        ids, p = _sampling._sample_stack_memview(z, None, temperature, 0.5, 4.0, 1.2, 0.8, 0.01, 0.95, 0.95, 40)
+        h.update(np.asarray(ids, np.int64).tobytes() + p.tobytes())
+for n_embd, V, T in ((32, 37, 8), (48, 61, 40), (24, 100, 70)):  # windows past 16, 32 and 64 keys
+    m = t.make_model("float32", n_embd, V=V, block_size=T, seed=n_embd)
+    w = t.fold_weights(m)
+    d = _decode.Decoder(w, V, T)
+    seq = [int(x) for x in rng.integers(0, V, 3 * T)]
+    h.update(d.prefill(seq[:5]).tobytes())
+    for x in seq[5:]:  # the logits of every step, across window refills
+        h.update(d.feed(x).tobytes())
+    for d in t.started(w, V, T, t.prompts_for(V, 3, seed=V, longest=T), max_new=2 * T, min_new=2 * T):
+        got, reason = d.run(3 * T)  # every window refilled at least once
+        assert len(got) == 2 * T
+        h.update(np.asarray(got, np.int64).tobytes() + str(reason).encode())
+print(_core.linear_simd_path(), h.hexdigest())
+"""
+
+
+def test_decoding_gives_the_same_tokens_at_either_vector_width():
+    """The decoder's attention rows (the causal softmax on 16 lanes where the AVX-512 products run)
+    and its sampling softmax (the same) keep the 8-lane kernels' bits: the sampled candidates and
+    their probabilities, the logits of every step and whole generations are the same at either
+    width."""
+    runs = {}
+    for force in ("0", "1"):
+        env = dict(os.environ, MOLECULE_GPT_AVX512=force)
+        proc = subprocess.run([sys.executable, "-c", DECODING_HASH % str(pathlib.Path(__file__).parent)],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        path, digest = proc.stdout.split()
+        runs[path] = digest
+    if "avx512" not in runs:
+        pytest.skip("this CPU has no AVX-512 (or no AVX2): one vector width only")
+    assert runs["avx512"] == runs["avx2"]
+
+
 def test_prefill_and_step_are_one_forward():
     """A prefill and a decode step both run forward_rows (rows after the cache): there is no
     second forward in the decoder."""
