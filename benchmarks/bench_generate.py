@@ -514,10 +514,15 @@ def bench_batched(name, cfg, tok, model, prompts, tokens, batch, rounds):
         cpu_ratio.append(batch * (c1 - c0) / (c2 - c1))  # tokens per CPU second, batched / one
     p = params(rounds)
     got = gen.run_many(group, p)
-    assert [g.ids for g in got] == [gen.run_begun(gen.begin(q, pk), pk).ids for q, pk in zip(group, p)], \
-        f"{name}: a batched sequence differs from its single run"
+    singles, rows = [], 0
+    for q, pk in zip(group, p):
+        dec = gen.begin(q, pk)
+        singles.append(gen.run_begun(dec, pk).ids)
+        rows += dec.rows  # positions the model ran: the prompt's, one a token, each window refill's
+    assert [g.ids for g in got] == singles, f"{name}: a batched sequence differs from its single run"
     assert all(len(g.ids) == tokens for g in got)
-    return statistics.median(one), statistics.median(many), statistics.median(ratio), statistics.median(cpu_ratio)
+    return (statistics.median(one), statistics.median(many), statistics.median(ratio), statistics.median(cpu_ratio),
+            rows / (batch * tokens))
 
 
 def bench_precision(name, cfg, tok, model, prompts, tokens, batch, rounds, heldout_lines):
@@ -648,13 +653,17 @@ def main():
         print(f"\n# batched: {args.batch} sequences at once vs one (paired rounds, medians of {repeats}); "
               f"every batched sequence equals its single run")
         print("# x1 as a share of the memory wall (the matrices read once a token at the read probe's rate),"
-              " the batch as a share of the FMA ceiling (2 FLOPs per matrix element at the probed peak)")
+              " the batch as a share of the FMA ceiling (2 FLOPs per matrix element for each position the model"
+              " runs at the probed peak; rows/tok: positions run per generated token, the prompt's and each"
+              " window refill's included)")
         print(f"{'case':16} {'V':>5} {'thr':>3} {'x1 tok/s':>10} {'x' + str(args.batch) + ' tok/s':>11} {'ratio':>7} "
-              f"{'cpu ratio':>9} {'MB':>6} {'wall tok/s':>10} {'x1/wall':>7} {'FMA tok/s':>10} {'batch/FMA':>9}")
-        for name, V, threads, one, many, ratio, cpu, mb, wall, fma in batched:
+              f"{'cpu ratio':>9} {'MB':>6} {'wall tok/s':>10} {'x1/wall':>7} {'rows/tok':>8} {'FMA tok/s':>10} "
+              f"{'batch/FMA':>9}")
+        for name, V, threads, one, many, ratio, cpu, rows, mb, wall, fma in batched:
             print(f"{name:16} {V:5d} {threads:3d} {one:10.0f} {many:11.0f} {ratio:6.2f}x {cpu:8.2f}x {mb:6.1f} "
-                  f"{wall:10.0f} {one / wall:7.0%} {fma:10.0f} {many / fma:9.0%}")
-        for name, V, threads, one, many, ratio, cpu, mb, wall, fma in batched:
+                  f"{wall:10.0f} {one / wall:7.0%} {rows:8.2f} {fma / rows:10.0f} {many * rows / fma:9.0%}")
+        for name, V, threads, one, many, ratio, cpu, rows, mb, wall, fma in batched:
+            fma /= rows
             if name.startswith("default"):
                 print(f"# target {name}: >= {TARGET_BATCHED_DEFAULT_TOK_S} tok/s in all -> {many:.0f} "
                       f"(the FMA ceiling: {fma:.0f})")

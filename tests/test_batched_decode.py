@@ -157,6 +157,31 @@ def test_batch_run_to_the_end_equals_single_runs(dtype):
     assert {r for _, r in want} >= {"eos", "sentence"}  # the stops differ between sequences
 
 
+def test_rows_count_the_positions_the_model_runs():
+    """Decoder.rows: the prompt's positions, one a token, and a window refill's (the last T // 2
+    tokens and the new one) each time the window is full; a batch's sequences count as they do
+    alone."""
+    m = make_model("float32", 32, V=29, block_size=8)
+    w, V, T = fold_weights(m), m.vocab_size, m.config.block_size
+    dec = _decode.Decoder(w, V, T)
+    dec.prefill([3, 4, 5])
+    n, want = 3, 3
+    assert dec.rows == want
+    for tok in [int(t) for t in np.random.default_rng(0).integers(3, V, 25)]:
+        dec.feed(tok)
+        n, want = (n + 1, want + 1) if n < T else (T // 2 + 1, want + T // 2 + 1)
+        assert dec.rows == want and len(dec.window) == n
+    prompts = prompts_for(V, 5, seed=3, longest=12)
+    over = dict(max_new=30, min_new=30)
+    alone = started(w, V, T, prompts, **over)
+    for d in alone:
+        d.run(1000)
+    together = started(w, V, T, prompts, **over)
+    _decode.Batch(together, 2).run(1000)
+    assert [d.rows for d in together] == [d.rows for d in alone]
+    assert all(d.rows > min(len(p), T) + 30 for d, p in zip(alone, prompts))  # each refilled its window
+
+
 @pytest.mark.parametrize("path, env", [("portable", {"MOLECULE_GPT_NO_AVX2": "1"}),
                                        ("avx2", {"MOLECULE_GPT_AVX512": "0"})])
 def test_narrower_kernels_batch_identically(path, env):

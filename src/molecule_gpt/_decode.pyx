@@ -663,6 +663,8 @@ cdef class Decoder:
     cdef object __weakref__     # generation.InFlight follows started generations weakly
     cdef int V, T
     cdef int n                  # tokens in the window (cache rows filled)
+    cdef readonly long long rows    # positions run through the model since begin() (a prefill's,
+                                    # one a step, a window refill's): a benchmark's unit of work
     cdef int* win               # (T + 1,) token ids of the window
     # generation state
     cdef Rng rng
@@ -764,6 +766,7 @@ cdef class Decoder:
         if ids != self.win:
             memcpy(self.win, ids, N * sizeof(int))
         self.n = N
+        self.rows += N
 
     cdef void _feed(self, int tok) noexcept nogil:
         """Append tok to the window (the window-full rule of the module docstring)."""
@@ -798,6 +801,7 @@ cdef class Decoder:
         """tok's row is in the cache (a step of its own or of a Batch): it joins the window."""
         self.win[self.n] = tok
         self.n += 1
+        self.rows += 1
 
     def _check_model(self):
         if self.net == NULL:
@@ -944,6 +948,7 @@ cdef class Decoder:
         rng_seed(&self.rng, <uint64_t>(int(seed) & 0xFFFFFFFFFFFFFFFF))
         self.finished = 0
         self.started = 1
+        self.rows = 0
         if self.use_model:
             window = arr[-self.T:] if arr.shape[0] > self.T else arr
             self.prefill(window)
