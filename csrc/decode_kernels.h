@@ -52,12 +52,12 @@ static float mg_softmax_exp_f_generic(float *restrict x, float *restrict e, cons
 }
 
 #ifdef MG_HAVE_AVX2_PATH
-__attribute__((target("avx2,fma"))) static float mg_softmax_exp_f_avx2(float *restrict x, float *restrict e,
-                                                                         const float *restrict z, ptrdiff_t n,
-                                                                         float ft, float shift, float lo, float *sx) {
-    __m256 vt = _mm256_setzero_ps(), vs = _mm256_setzero_ps();
+/* the pass from element i on, 8 lanes at a time, adding to the 8-lane sums vt (of e) and vs (of
+ * e x) a caller began; then the remaining elements one by one */
+__attribute__((target("avx2,fma"))) static inline float mg_softmax_exp_f_from8(
+    float *restrict x, float *restrict e, const float *restrict z, ptrdiff_t i, ptrdiff_t n, float ft, float shift,
+    float lo, float *sx, __m256 vt, __m256 vs) {
     __m256 vft = _mm256_set1_ps(ft), vshift = _mm256_set1_ps(shift), vlo = _mm256_set1_ps(lo);
-    ptrdiff_t i = 0;
     for (; i + 8 <= n; i += 8) {
         __m256 v = _mm256_max_ps(_mm256_fmsub_ps(_mm256_loadu_ps(z + i), vft, vshift), vlo);
         __m256 w = mg_expf8(v);
@@ -80,10 +80,16 @@ __attribute__((target("avx2,fma"))) static float mg_softmax_exp_f_avx2(float *re
     return t;
 }
 
+__attribute__((target("avx2,fma"))) static float mg_softmax_exp_f_avx2(float *restrict x, float *restrict e,
+                                                                         const float *restrict z, ptrdiff_t n,
+                                                                         float ft, float shift, float lo, float *sx) {
+    return mg_softmax_exp_f_from8(x, e, z, 0, n, ft, shift, lo, sx, _mm256_setzero_ps(), _mm256_setzero_ps());
+}
+
 /* The same pass on 16 lanes where the AVX-512 products run (attention.h's choice), with the
  * 8-lane pass's bits: lane by lane the same operations (mg_expf16 = mg_expf8), and the sums in
- * the 8-lane order (each 16-lane vector's low half, then its high half, into 8-lane sums; the
- * same tail). */
+ * the 8-lane order (each 16-lane vector's low half, then its high half, into the 8-lane sums),
+ * then the 8-lane pass's own end. */
 __attribute__((target("avx512f,avx512vl,avx2,fma"))) static float mg_softmax_exp_f_avx512(
     float *restrict x, float *restrict e, const float *restrict z, ptrdiff_t n, float ft, float shift, float lo,
     float *sx) {
@@ -103,28 +109,7 @@ __attribute__((target("avx512f,avx512vl,avx2,fma"))) static float mg_softmax_exp
         vt = _mm256_add_ps(vt, wh);
         vs = _mm256_fmadd_ps(wh, vh, vs);
     }
-    if (i + 8 <= n) {
-        __m256 v = _mm256_max_ps(_mm256_fmsub_ps(_mm256_loadu_ps(z + i), _mm512_castps512_ps256(vft),
-                                                 _mm512_castps512_ps256(vshift)), _mm512_castps512_ps256(vlo));
-        __m256 w = mg_expf8(v);
-        _mm256_storeu_ps(x + i, v);
-        _mm256_storeu_ps(e + i, w);
-        vt = _mm256_add_ps(vt, w);
-        vs = _mm256_fmadd_ps(w, v, vs);
-        i += 8;
-    }
-    float t = mg_hsum256(vt), s = mg_hsum256(vs);
-    for (; i < n; i++) {
-        float v = z[i] * ft - shift;
-        v = v > lo ? v : lo;
-        float w = mg_expf(v);
-        x[i] = v;
-        e[i] = w;
-        t += w;
-        s += w * v;
-    }
-    *sx = s;
-    return t;
+    return mg_softmax_exp_f_from8(x, e, z, i, n, ft, shift, lo, sx, vt, vs);
 }
 #endif
 

@@ -152,11 +152,16 @@ def test_the_decoders_products_give_the_same_bits_at_either_vector_width():
     """The decoder's products run the training's AVX-512 blocks where its probe chose them
     (MOLECULE_GPT_AVX512=1 forces it) and the AVX2 ones otherwise: the same sums, the same bits
     (float32, float64, bfloat16 panels; one, two and many rows; split over threads)."""
+    assert_same_digest_at_both_widths(PRODUCTS_HASH)
+
+
+def assert_same_digest_at_both_widths(script):
+    """Run `script` (it prints the products' path and a digest) with the AVX-512 kernels forced off
+    and on: both digests must be equal (skipped on a CPU with one width)."""
     runs = {}
     for force in ("0", "1"):
         env = dict(os.environ, MOLECULE_GPT_AVX512=force)
-        proc = subprocess.run([sys.executable, "-c", PRODUCTS_HASH], capture_output=True, text=True, env=env,
-                              timeout=300)
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr
         path, digest = proc.stdout.split()
         runs[path] = digest
@@ -198,17 +203,7 @@ def test_decoding_gives_the_same_tokens_at_either_vector_width():
     and its sampling softmax (the same) keep the 8-lane kernels' bits: the sampled candidates and
     their probabilities, the logits of every step and whole generations are the same at either
     width."""
-    runs = {}
-    for force in ("0", "1"):
-        env = dict(os.environ, MOLECULE_GPT_AVX512=force)
-        proc = subprocess.run([sys.executable, "-c", DECODING_HASH % str(pathlib.Path(__file__).parent)],
-                              capture_output=True, text=True, env=env, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        path, digest = proc.stdout.split()
-        runs[path] = digest
-    if "avx512" not in runs:
-        pytest.skip("this CPU has no AVX-512 (or no AVX2): one vector width only")
-    assert runs["avx512"] == runs["avx2"]
+    assert_same_digest_at_both_widths(DECODING_HASH % str(pathlib.Path(__file__).parent))
 
 
 def test_prefill_and_step_are_one_forward():
