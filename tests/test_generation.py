@@ -386,6 +386,29 @@ def force(token_id, fallback=None):
     return proc
 
 
+def test_generated_text_is_valid_unicode_whatever_bytes_the_tokens_spell(tok, trained):
+    """Byte tokens can spell the UTF-8-style encoding of a lone surrogate (ED B1 94 for U+DC54),
+    which no UTF-8 writer accepts. Generated text has U+FFFD there instead (run, stream, a batch,
+    a stop string), as for invalid bytes, and encodes as UTF-8; the tokenizer itself still
+    decodes what it encodes."""
+    g = Generator(trained, tok)
+    spelled = tok.encode("a\udc54b")[1:-1]
+    assert tok.decode(spelled) == "a\udc54b" and len(spelled) >= 5
+
+    def forced():
+        step = iter(spelled)
+        return [lambda ids, lg: force(next(step))(ids, lg)]
+
+    kw = dict(max_gen_tokens=len(spelled), min_gen_tokens=len(spelled), repetition_guard=0)
+    r = g.run("the", logits_processors=forced(), **kw)
+    assert r.ids == spelled and r.text == "a\ufffdb"
+    assert r.text.encode("utf-8") == b"a\xef\xbf\xbdb"
+    assert "".join(g.stream("the", logits_processors=forced(), **kw)) == "a\ufffdb"
+    many = g.run_many(["the", "the"], [g.params(logits_processors=forced(), **kw) for _ in range(2)])
+    assert [m.text for m in many] == ["a\ufffdb"] * 2
+    assert g.run("the", stop=["zz"], logits_processors=forced(), **kw).text == "a\ufffdb"
+
+
 def test_stop_rules(tok, trained):
     g = Generator(trained, tok)
     a_id = tok.encode("a")[1]

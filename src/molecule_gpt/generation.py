@@ -53,6 +53,7 @@ from . import _decode
 from .config import DECODE_PRECISIONS, Config
 from .errors import ConfigError, GenerationError
 from .model import Model, _rope_tables, delta_group, fold_delta_terms
+from .text import replace_invalid
 
 __all__ = ["DecodeLoop", "GenerationResult", "Generator", "SamplingParams", "SubmittedGeneration", "WeightCache",
            "decoded_nats", "fold_weights"]
@@ -473,7 +474,7 @@ class Generator:
             ids, reason = dec.run(params.max_gen_tokens, params.logits_processors or None)
         finally:
             self._release(dec)
-        return GenerationResult(ids, self.tokenizer.decode(ids), reason)
+        return GenerationResult(ids, _said(self.tokenizer.decode(ids)), reason)
 
     def stream_begun(self, dec: _decode.Decoder, params: SamplingParams) -> Iterator[str]:
         """Stream a generation started by begin()."""
@@ -878,6 +879,7 @@ class _StopText:
         text = self.sd.feed_many(new)
         if reason is not None:
             text += self.sd.flush()
+        text = _said(text)
         if not self.stops:
             return text
         held = self.held + text
@@ -889,6 +891,15 @@ class _StopText:
         keep = _stop_prefix_len(held, self.stops, self.longest) if reason is None else 0
         self.held = held[len(held) - keep:] if keep else ""
         return held[:len(held) - keep]
+
+
+def _said(text: str) -> str:
+    """Generated text as the organism says it: valid Unicode. The tokenizer spells any byte
+    sequence its tokens form, and three byte tokens can form the UTF-8-style encoding of a lone
+    surrogate (U+D800-U+DFFF), which no UTF-8 writer accepts; each becomes U+FFFD, as invalid
+    bytes already do. Stream pieces never split a character, so replacing piece by piece gives
+    the whole text's replacement."""
+    return replace_invalid(text)[0]
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str], longest: int) -> int:
