@@ -412,8 +412,8 @@ cdef void* buf_alloc(Buf* b, Py_ssize_t rows, const WNet* net, bint is_double, b
     cdef size_t sizes[14]
     cdef void** slots[14]
     cdef Py_ssize_t Tp = cache_stride(T)
-    sizes[:] = [R * C, R * C, R * 3 * C, R * C, R * C, seq * (net.H + 2) * Tp, seq * net.H * T, R * C, R * C, R * 2 * F, R * F,
-                seq * L * Tp * C, seq * (L * T * C + CACHE_PAD), (1 - seq) * R * net.V]
+    sizes[:] = [R * C, R * C, R * 3 * C, R * C, R * C, seq * (net.H + 2) * Tp, seq * net.H * T, R * C, R * C,
+                R * 2 * F, R * F, seq * L * Tp * C, seq * (L * T * C + CACHE_PAD), (1 - seq) * R * net.V]
     slots[:] = [&b.X, &b.Hn, &b.QKV, &b.Q, &b.K, &b.S, &b.P, &b.Y, &b.O, &b.GU, &b.A, &b.kc, &b.vc, &b.logits]
     for i in range(14):
         total += sizes[i] * es

@@ -803,7 +803,7 @@ class Organism:
             return False
         if not self.tokenizer.growth_due(lines):
             return False
-        if not (self._trained() and len(self._old_heldout) > 0):
+        if not (self._trained() and len(held) > 0):
             # before any training the change is free: made in place, generation excluded
             with self._structure.write():
                 update = self._grow_tokenizer(self.tokenizer, lines)
