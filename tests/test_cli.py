@@ -147,6 +147,34 @@ def test_generate_on_a_fresh_home_speaks_from_the_seed_corpus_and_writes_nothing
     assert not (home / cli.CHECKPOINT).exists()
 
 
+def test_a_terminal_sees_control_characters_as_symbols_and_a_pipe_gets_them_raw(tmp_path):
+    """Byte tokens can spell any control character and this corpus is full of them: a terminal
+    running `generate` must not be recoloured, rung or cleared (it sees U+2400-U+241F), while a
+    pipe gets the text exactly as generated."""
+    pexpect = pytest.importorskip("pexpect")
+    home, corpus = tmp_path / "home", tmp_path / "esc.txt"
+    corpus.write_text("".join(f"\x1b[31malert {i}\x1b[0m the bell rings \x07 and the screen clears \x1b[2J now.\n"
+                              for i in range(80)))
+    assert run_cli("--home", home, "--config", write_config(tmp_path / "c.json", **SMALL), "train", corpus).returncode == 0
+    args = ["-m", "molecule_gpt", "--home", str(home), "generate", "alert", "--seed", "0", "--max-tokens", "40"]
+    piped = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    assert "\x1b" in piped.stdout  # the model says escape sequences: the pipe gets them
+    child = pexpect.spawn(sys.executable, args, encoding="utf-8", timeout=120)
+    shown = child.read()
+    child.close()
+    assert child.exitstatus == 0, shown
+    assert "\u241b" in shown and not any(c < " " and c not in "\t\r\n" or "\x7f" <= c < "\xa0" for c in shown)
+    # the same text, each control character as its symbol (the terminal turns \n into \r\n)
+    assert shown.replace("\r\n", "\n") == cli._shown(piped.stdout.rstrip("\n")) + "\n"
+    # the chat is a display whatever its stdout: its replies come the same way
+    chat = subprocess.run([sys.executable, "-m", "molecule_gpt", "--home", str(home), "chat"], input="alert\n/quit\n",
+                          capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    reply = chat.stdout.split("molecule> ", 1)[1].split("\n", 1)[0]
+    assert "\u241b" in reply and not any(c < " " or "\x7f" <= c < "\xa0" for c in reply)
+
+
 ORIGINAL = pathlib.Path(__file__).resolve().parent / "fixtures" / "anchor-small"  # see fixtures/README.md
 
 

@@ -135,6 +135,19 @@ def _duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+# Text the organism says or heard, on its way to a terminal: control characters (byte tokens can
+# spell any of them, and a corpus or a heard line can hold them) would move the cursor, recolour
+# or reset the terminal, so they are shown as their visible symbols (C0 as U+2400-U+241F, DEL as
+# U+2421; C1, which has no symbols, as U+FFFD). Tabs and newlines are kept.
+_VISIBLE_CONTROLS = {c: 0x2400 + c for c in range(0x20) if c not in (0x09, 0x0A)} | {0x7F: 0x2421} | \
+    {c: 0xFFFD for c in range(0x80, 0xA0)}
+
+
+def _shown(text: str) -> str:
+    """`text` with its control characters made visible (_VISIBLE_CONTROLS)."""
+    return text.translate(_VISIBLE_CONTROLS)
+
+
 def _fmt(value, spec: str = ".3f") -> str:
     if value is None:
         return "-"
@@ -333,7 +346,7 @@ def _chat_turn(org: Organism, memory: Memory, text: str, settings: dict) -> str:
     try:
         for piece in org.stream(prompt, stop=("H:", "A:")):
             pieces.append(piece)
-            sys.stdout.write(piece)
+            sys.stdout.write(_shown(piece))
             sys.stdout.flush()
     except KeyboardInterrupt:
         sys.stdout.write(" [interrupted]")
@@ -366,7 +379,7 @@ def _slash(line: str, org: Organism, memory: Memory, home: Home) -> str | None:
     elif command == "/quarantine":
         lines = list(org.quarantine)
         print(f"{len(lines)} line(s) set aside by rolled-back bursts (not trained; /release gives them back)"
-              + "".join(f"\n  {x}" for x in lines[-10:]))
+              + "".join(f"\n  {_shown(x)}" for x in lines[-10:]))
     elif command == "/release":
         print(f"{org.release_quarantine()} line(s) back in the corpus; the next burst trains on them, checked again.")
     else:
@@ -533,11 +546,13 @@ def cmd_generate(args, home: Home) -> int:
                 [[r.text] for r in org.run(args.prompt, n=args.n, **overrides)]
         except (ValueError, TypeError) as exc:
             raise CLIError(str(exc), "see `molecule-gpt generate --help` for the sampling options") from None
+        # a terminal sees control characters made visible; a pipe or a file gets the text as it is
+        show = _shown if sys.stdout.isatty() else str
         for pieces in replies:
             if args.echo:
-                sys.stdout.write(args.prompt + " ")
+                sys.stdout.write(show(args.prompt) + " ")
             for piece in pieces:
-                sys.stdout.write(piece)
+                sys.stdout.write(show(piece))
                 sys.stdout.flush()
             sys.stdout.write("\n")
             sys.stdout.flush()
