@@ -15,16 +15,18 @@ give, so the choice of what to build rests on figures:
   field-prior-in  the same with the field's counts as they are on training positions too
   distill-L       cross-entropy against (1 - L) the next token + L the field's leave-one-out
                   distribution (the field as a teacher); held-out as the model alone
-  and, for the model as it trains now, the blend the organism speaks with (a p_model + (1 - a)
-  p_field) at model_alpha()'s a and at the best a for these held-out lines.
+  and, for the model as it trains now, the blend a p_model + (1 - a) p_field (this interpolated
+  field) at a = the model's alpha (below; the organism's blend weight before it was chosen on
+  held-out text) and at the best a for these held-out lines.
 
 Each seed: an Organism born on the corpus and warmed up as by default (its tokenizer, its
 held-out slice, its field, and its model_alpha() for reference); then each variant trains a
 fresh copy of the same initial weights in PyTorch (benchmarks/torch_model.py: the same model,
 float32) with the warmup's batches, learning-rate schedule, clipping and Adam, evaluating every
 eval_interval steps and keeping the best (warmup_keep_best). Losses are nats per character of
-the held-out lines (molecule_gpt.heldout's definition); "alpha" is model_alpha()'s formula
-(uniform - L) / (uniform - L_field) without the clamp to [0, 1].
+the held-out lines (molecule_gpt.heldout's definition); "alpha" is the issue's measure of the
+model against the field, (uniform - L) / (uniform - L_field) (1: the field's loss; the rule
+model_alpha() followed before it became the blend weight that predicts held-out text best).
 
 Needs torch (a comparison benchmark, never a dependency):
     python benchmarks/bench_field_prior.py --corpus FILE [--lines 2000] [--seeds 3]
@@ -231,10 +233,10 @@ def main():
             blends = [blend_nats(a, probs, held_q, held) / chars for a in grid]
             k = int(np.argmin(blends))
             at_org = blend_nats(a_org, probs, held_q, held) / chars
-            row["blend"] = {"at_model_alpha": {"a": a_org, "heldout": at_org, "alpha": alpha(at_org)},
+            row["blend"] = {"at_alpha": {"a": a_org, "heldout": at_org, "alpha": alpha(at_org)},
                             "best": {"a": float(grid[k]), "heldout": blends[k], "alpha": alpha(blends[k])}}
             print(f"{seed:>4} {'blend a=%.2f' % a_org:16} {at_org:9.4f} {alpha(at_org):7.3f}   "
-                  f"the model's blend with the field at model_alpha()'s a")
+                  f"the model's blend with the field at a = its alpha")
             print(f"{seed:>4} {'blend a=%.2f' % grid[k]:16} {blends[k]:9.4f} {alpha(blends[k]):7.3f}   "
                   f"the best a for these lines", flush=True)
         results.append(row)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import platform
@@ -329,14 +330,23 @@ HEAD_MIXES = {"default": None, "all_content": ("content",) * 4, "all_rrpram": ("
 
 def heads_experiment(a_lines, b_lines, seed, args) -> dict:
     """Held-out A (nats/char) after the default warmup per head mix, beside the corpus field's
-    loss on the same lines (model_alpha 1 means the model beats the field)."""
+    loss on the same lines (CorpusField.heldout_loss's interpolation) and the issue's measure of
+    the model against the field, (uniform - L_model) / (uniform - L_field) (1: as good as the
+    field); model_alpha() is the model's weight in the blend the organism speaks with."""
     split = Split(a_lines, b_lines, seed, args)
     out = {}
     for name, heads in HEAD_MIXES.items():
         changes = {} if heads is None else {"head_types": heads, "n_head": len(heads)}
         org, summary = warmed_organism(split, seed, args, **changes)
-        out[name] = {"a": heldout(org, split.a_test).loss(org.model), "model_alpha": org.model_alpha(),
-                     "warmup_seconds": summary["wall_seconds"], "head_types": list(org.config.head_types)}
+        held = heldout(org, split.a_test)
+        ws = held.windows(org.config.block_size)
+        targets = sum(len(w) - 1 for w in ws)
+        field = float(np.dot(org.field.sequence_losses(ws), [len(w) - 1 for w in ws])) / held.chars
+        uniform = math.log(org.model.vocab_size) * targets / held.chars
+        a = held.loss(org.model)
+        out[name] = {"a": a, "field": field, "vs_field": (uniform - a) / (uniform - field),
+                     "model_alpha": org.model_alpha(), "warmup_seconds": summary["wall_seconds"],
+                     "head_types": list(org.config.head_types)}
     return out
 
 
@@ -525,8 +535,11 @@ def main(argv=None):
         results["heads"] = list(heads)
         for name in HEAD_MIXES:
             a = statistics.median(h[name]["a"] for h in results["heads"])
+            field = statistics.median(h[name]["field"] for h in results["heads"])
+            vs = statistics.median(h[name]["vs_field"] for h in results["heads"])
             alpha = statistics.median(h[name]["model_alpha"] for h in results["heads"])
-            print(f"heads {name:<12} held-out A {a:.4f} nats/char, model_alpha {alpha:.3f} (median over seeds)")
+            print(f"heads {name:<12} held-out A {a:.4f} nats/char (the field {field:.4f}: model against field "
+                  f"{vs:.3f}), model_alpha {alpha:.3f} (medians over seeds)")
     summary = {}
     for name in ("organism", "organism_learn", "finetune_no_replay", "finetune_replay50"):
         runs = [r[name] for r in results["seeds"] if name in r]

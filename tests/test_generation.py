@@ -2,6 +2,7 @@
 rules, streaming, overrides, the corpus field and the effective-weight cache."""
 from __future__ import annotations
 
+import collections
 import gc
 import math
 import os
@@ -14,7 +15,7 @@ import molecule_gpt as mg
 from molecule_gpt import _decode, _sampling
 from molecule_gpt.errors import GenerationError
 from molecule_gpt.data import seed_corpus_lines
-from molecule_gpt.field import CorpusField
+from molecule_gpt.field import CorpusField, best_blend_weight
 from molecule_gpt.generation import Generator, SamplingParams, WeightCache, fold_weights
 from molecule_gpt.tokenizer import EvolvingTokenizer
 
@@ -640,6 +641,79 @@ def test_field_sequence_losses_score_each_sequence_alone():
     assert all(np.array_equal(getattr(g, n), getattr(h, n)) for n in tables)
     with pytest.raises(ValueError, match="sequence 1 holds ids outside"):
         f.sequence_losses([[1, 2], [3, 9]])
+
+
+def test_field_blend_probs_are_what_the_blend_samples_from():
+    """blend_probs gives, for every position sequence_losses scores, the field's probability of
+    the target in generation's blend at temperature 1 (Field.distribution with min_level 2:
+    trigram, else bigram, else no blend = NaN); leave_one_out takes the position's own n-gram
+    and context out of the counts, as counted by hand."""
+    rng = np.random.default_rng(7)
+    train = [rng.integers(0, 7, int(rng.integers(2, 25))).tolist() for _ in range(30)]
+    f = CorpusField(9, train)  # ids 7 and 8 never counted: contexts the field has not seen
+    held = [rng.integers(0, 9, int(n)).tolist() for n in (2, 3, 12, 30)]
+    for block in (None, 8):
+        got = f.blend_probs(held, block)
+        want = []
+        for s in held:
+            for t in range(min(block or len(s), len(s) - 1)):
+                q, level = f.distribution(s[max(0, t - 1):t + 1], 1.0, min_level=2)
+                want.append(q[s[t + 1]] if level else np.nan)
+        np.testing.assert_allclose(got, want, rtol=1e-13)
+        assert np.isnan(got).any() and not np.isnan(got).all()
+    # leave one out, on sequences the field counted
+    tri, bi = collections.Counter(), collections.Counter()
+    for s in train:
+        tri.update(zip(s, s[1:], s[2:]))
+        bi.update(zip(s, s[1:]))
+    tri_ctx, bi_ctx = collections.Counter(), collections.Counter()
+    for (a, b, c), n in tri.items():
+        tri_ctx[a, b] += n
+    for (a, b), n in bi.items():
+        bi_ctx[a] += n
+    want = []
+    for s in train[:10]:
+        for t in range(len(s) - 1):
+            if t > 0 and tri_ctx[s[t - 1], s[t]] > 1:
+                want.append((tri[s[t - 1], s[t], s[t + 1]] - 1) / (tri_ctx[s[t - 1], s[t]] - 1))
+            elif bi_ctx[s[t]] > 1:
+                want.append((bi[s[t], s[t + 1]] - 1) / (bi_ctx[s[t]] - 1))
+            else:
+                want.append(np.nan)
+    np.testing.assert_allclose(f.blend_probs(train[:10], leave_one_out=True), want, rtol=1e-13)
+
+
+def test_best_blend_weight_minimizes_the_blends_loss():
+    """best_blend_weight returns the weight a of a p_model + (1 - a) p_field with the least total
+    nats on the targets (checked against a fine grid), skipping targets the field does not take
+    part in; 1 when the field takes part nowhere or the model is better everywhere, 0 when the
+    field is."""
+    rng = np.random.default_rng(3)
+
+    def loss(a, p, q):
+        part = ~np.isnan(q)
+        return -np.sum(np.log(a * p[part] + (1 - a) * q[part]))
+
+    grid = np.linspace(0, 1, 2001)
+    for trial in range(30):
+        n = int(rng.integers(1, 300))
+        p = rng.uniform(0, 1, n) ** rng.uniform(0.2, 4)
+        q = rng.uniform(0, 1, n) ** rng.uniform(0.2, 4)
+        q[rng.uniform(size=n) < 0.2] = np.nan
+        q[rng.uniform(size=n) < 0.05] = 0.0  # the field cannot say these
+        if not (~np.isnan(q)).any():
+            continue
+        a = best_blend_weight(-np.log(p), q)
+        assert 0.0 <= a <= 1.0
+        with np.errstate(divide="ignore"):
+            best_on_grid = min(loss(g, p, q) for g in grid)
+        assert loss(a, p, q) <= best_on_grid + 1e-9 * abs(best_on_grid)
+    p = rng.uniform(0.1, 1, 50)
+    assert best_blend_weight(-np.log(p), np.full(50, np.nan)) == 1.0
+    assert best_blend_weight(-np.log(p), p / 2) == 1.0
+    assert best_blend_weight(-np.log(p / 2), p) == 0.0
+    with pytest.raises(ValueError, match="one of each per target"):
+        best_blend_weight(np.zeros(3), np.zeros(4))
 
 
 def test_generator_field_only_and_blend(tok):

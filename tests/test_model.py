@@ -347,6 +347,25 @@ def test_batch_loss_is_mean_of_independent_sequence_losses():
     assert model.loss(batch * 3) == pytest.approx(np.mean(singles), rel=1e-13)
 
 
+def test_token_nats_are_each_targets_cross_entropy():
+    """token_nats: -ln softmax(logits)[next id] at every position (a sequence longer than the
+    window scores its first block_size targets), in order, also for batches larger than the
+    arenas; sequence_losses is each one's mean."""
+    rng = np.random.default_rng(5)
+    model = mg.Model(tiny_config(), 11, dtype="float64", seed=4)
+    T = model.config.block_size
+    batch = random_batch(rng, 11, [8, 3, T + 5, 2]) * 3
+    got = model.token_nats(batch)
+    for seq, nats in zip(batch, got):
+        n = min(len(seq) - 1, T)
+        z = model.logits(seq[:n])
+        logp = z - z.max(1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+        assert nats.dtype == np.float64 and nats.shape == (n,)
+        np.testing.assert_allclose(nats, -logp[np.arange(n), seq[1:n + 1]], rtol=1e-12)
+    assert model.sequence_losses(batch) == [float(x.mean()) for x in got]
+
+
 # --------------------------------------------------------------------------------------------- training
 
 

@@ -823,6 +823,54 @@ def test_the_background_trainer_gives_way_to_generations_in_flight(warmed, tmp_p
         org.stop()
 
 
+def blend_nats(org: Organism, alpha: float) -> float:
+    """Nats of every target of the organism's held-out lines (old and heard) under the blend
+    generation samples at temperature 1, computed apart: the model's softmax from Model.logits,
+    the field's from Field.distribution (trigram, else bigram; no blend without either)."""
+    total = 0.0
+    for held in (org._old_heldout, org._heard_heldout):
+        for w in held.windows(org.config.block_size):
+            z = org.model.logits(w[:-1]).astype(np.float64)
+            p = np.exp(z - z.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            for t in range(len(w) - 1):
+                q, level = org.field.distribution(w[max(0, t - 1):t + 1], 1.0, min_level=2)
+                pt = p[t, w[t + 1]]
+                total -= math.log(alpha * pt + (1 - alpha) * q[w[t + 1]] if level else pt)
+    return total
+
+
+def test_model_alpha_is_the_blend_weight_that_predicts_held_out_text_best(warmed, tmp_path):
+    """model_alpha() is the model's weight under which the blend generation samples predicts the
+    held-out lines (old and heard) best: no weight on a fine grid does better. It is what a
+    generation uses, kept until the weights, the field or the lines change."""
+    org = clone(warmed, tmp_path)
+    org.observe([f"The {w} walks to the river at dawn and sees the {v} there." for w, v in
+                 zip(("dog", "cat", "fox", "owl", "boy", "girl"), ("moon", "boat", "sun", "stars", "mill", "bridge"))]
+                + [x.upper() for x in LINES[:30]])
+    assert len(org._heard_heldout) > 0
+    alpha = org.model_alpha()
+    assert 0.0 < alpha < 1.0
+    grid = min(blend_nats(org, a) for a in np.linspace(0.005, 1.0, 200))  # at 0 a target may get no chance
+    assert blend_nats(org, alpha) <= grid * (1 + 1e-12)
+    assert org._overrides({})["model_alpha"] == alpha
+    measured = org._blend
+    assert org.model_alpha() == alpha and org._blend is measured  # nothing changed: not measured again
+    org.observe("The old man watches a quiet river.")
+    org.model_alpha()
+    assert org._blend is not measured
+    # it is not measured between a tokenizer growth and the model's (lines encoded with ids the
+    # model has no rows for yet): it waits for the change to end
+    got = []
+    with org._structure.write():
+        asker = threading.Thread(target=lambda: got.append(org.model_alpha()))
+        asker.start()
+        asker.join(0.5)
+        assert asker.is_alive() and not got
+    asker.join(30)
+    assert got and 0.0 < got[0] < 1.0
+
+
 def test_a_generation_does_not_wait_for_another_threads_measurement_or_fold(warmed, tmp_path):
     """While one thread measures the corpus field's held-out loss (for model_alpha) or refolds
     the weights, a generation starting in another thread takes the previous result instead of
@@ -832,17 +880,17 @@ def test_a_generation_does_not_wait_for_another_threads_measurement_or_fold(warm
     alpha = org.model_alpha()
     org.observe("The old man watches a quiet river.")  # the field changed: measured again
     org.model.train_step([org._reservoir_ids()[0]], 1e-3)  # the weights changed: folded again
-    measured = org._field_loss
+    measured = org._blend
     done = threading.Event()
-    with org._field_loss_lock, org._generator.weights._lock:  # another thread is at both
+    with org._blend_lock, org._generator.weights._lock:  # another thread is at both
         talk = threading.Thread(target=lambda: (org.generate("The cat", seed=0, max_gen_tokens=5), done.set()))
         talk.start()
         assert done.wait(30), "a generation waited for another thread's measurement or fold"
     talk.join()
-    assert org._field_loss is measured  # that generation did not measure
+    assert org._blend is measured  # that generation did not measure
     folds = org._generator.weights.folds
     org.generate("The cat", seed=0, max_gen_tokens=5)
-    assert org._generator.weights.folds == folds + 1 and org._field_loss is not measured
+    assert org._generator.weights.folds == folds + 1 and org._blend is not measured
     assert math.isfinite(alpha)
 
 

@@ -5,10 +5,12 @@ a*V + b, a trigram (a, b, c) is (a*V + b)*V + c), so a context's continuations a
 contiguous range found by binary search, in numpy to build and merge and in `_field.Field` to
 sample. The field can generate alone (trigram -> bigram -> unigram back-off, sampled
 ∝ count^(1/T)) so an organism speaks before it has trained, and its trigram/bigram distribution
-is blended with the model's probabilities (generation.py).
+is blended with the model's probabilities (generation.py): `blend_probs` gives what that blend
+takes from the field on held-out text, and `best_blend_weight` the model's weight that predicts
+such text best (Organism.model_alpha).
 
 What it is not: a language model to train. `heldout_loss` scores it on held-out text with a
-fixed interpolation (below) only so the Organism can compare the model against it.
+fixed interpolation (below), to compare the model against it (benchmarks).
 
 Arrays are never modified in place: `add` builds new ones and swaps them in, so a native view
 handed to a generating thread stays valid while another thread adds text.
@@ -22,7 +24,7 @@ import numpy as np
 
 from . import _core, _field
 
-__all__ = ["CorpusField"]
+__all__ = ["CorpusField", "best_blend_weight"]
 
 # Interpolation weights of heldout_loss (trigram, bigram, add-one unigram); a level whose
 # context was never seen passes its weight down.
@@ -170,13 +172,39 @@ class CorpusField:
         """Each sequence's mean cross-entropy, as heldout_loss defines it, in order (sequences
         shorter than 2 ids left out). The counts' context totals are derived once for all of
         them and every position is looked up in one pass."""
+        (p_uni, p_bi, seen_bi, p_tri, seen_tri), first, ns = self._positions(sequences, block_size, "heldout_loss")
+        l3, l2, l1 = _LAMBDAS
+        w3 = np.where(seen_tri, l3, 0.0)
+        w2 = np.where(seen_bi, l2 + (l3 - w3), 0.0)
+        w1 = 1.0 - w3 - w2
+        nll = -np.log(w3 * p_tri + w2 * p_bi + w1 * p_uni)
+        return np.add.reduceat(nll, first) / ns
+
+    def blend_probs(self, sequences: Iterable[Sequence[int]], block_size: int | None = None,
+                    leave_one_out: bool = False) -> np.ndarray:
+        """The field's probability of each predicted id in the blend generation samples
+        (design.md §4 step 3) at temperature 1: the trigram's count share when the two ids
+        before it were seen as a context, else the bigram's when the id before it was, else
+        NaN (the field does not take part there: the model speaks alone). One value per
+        position that sequence_losses scores, in the same order. leave_one_out: the sequences
+        were counted into the field, so each position's own occurrence is taken out of the
+        counts (its n-gram and its context once each), as text the field never saw would see it."""
+        (_, p_bi, seen_bi, p_tri, seen_tri), _, _ = self._positions(sequences, block_size, "blend_probs", leave_one_out)
+        return np.where(seen_tri, p_tri, np.where(seen_bi, p_bi, np.nan))
+
+    def _positions(self, sequences, block_size: int | None, caller: str, leave_one_out: bool = False) -> tuple:
+        """Every predicted position of the sequences (ids t + 1 from ids t and t - 1, for
+        t < min(block_size, L - 1); sequences shorter than 2 ids left out), looked up in one pass:
+        ((p_uni add-one smoothed, p_bi, bigram context seen, p_tri, trigram context seen), each
+        sequence's first position, its number of positions); leave_one_out as in blend_probs
+        (for the bigram and trigram levels)."""
         V = self.vocab_size
         flat, lengths = _flat_ids(sequences, V)
         starts = np.cumsum(lengths) - lengths
         scored = lengths >= 2
         starts, lengths = starts[scored], lengths[scored]
         if not len(lengths):
-            raise ValueError("heldout_loss needs at least one sequence of 2 or more ids")
+            raise ValueError(f"{caller} needs at least one sequence of 2 or more ids")
         with self._lock:
             uni, bk, bc, tk, tc = self.unigrams, self.bigram_keys, self.bigram_counts, self.trigram_keys, self.trigram_counts
         p_uni_all = (uni + 1.0) / (uni.sum() + V)
@@ -189,16 +217,48 @@ class CorpusField:
         at = np.repeat(starts, ns) + t
         tgt, prev1 = flat[at + 1], flat[at]
         prev2 = np.where(t > 0, flat[at - 1], -1)
-        p_uni = p_uni_all[tgt]
-        p_bi, seen_bi = _lookup(bk, bc, ctx2, ctx2_tot, prev1, tgt, V)
+        taken = 1 if leave_one_out else 0
+        p_bi, seen_bi = _lookup(bk, bc, ctx2, ctx2_tot, prev1, tgt, V, taken)
         k3 = np.where(prev2 >= 0, prev2 * V + prev1, -1)
-        p_tri, seen_tri = _lookup(tk, tc, ctx3, ctx3_tot, k3, tgt, V)
-        l3, l2, l1 = _LAMBDAS
-        w3 = np.where(seen_tri, l3, 0.0)
-        w2 = np.where(seen_bi, l2 + (l3 - w3), 0.0)
-        w1 = 1.0 - w3 - w2
-        nll = -np.log(w3 * p_tri + w2 * p_bi + w1 * p_uni)
-        return np.add.reduceat(nll, first) / ns
+        p_tri, seen_tri = _lookup(tk, tc, ctx3, ctx3_tot, k3, tgt, V, taken)
+        return (p_uni_all[tgt], p_bi, seen_bi, p_tri, seen_tri), first, ns
+
+
+def best_blend_weight(model_nats: np.ndarray, field_probs: np.ndarray) -> float:
+    """The model's weight a in [0, 1] under which the blend a p_model + (1 - a) p_field predicts
+    the given targets best (least total cross-entropy), from each target's model nats
+    (-ln p_model) and field probability (NaN where the field does not take part, so a does not
+    matter there). The loss is convex in a, so its derivative sum((q - p) / (a p + (1 - a) q))
+    rises with a: a is 1 where it is still <= 0 at 1, else found by bisection. 1 when the field
+    takes part nowhere."""
+    p = np.exp(-np.asarray(model_nats, dtype=np.float64))
+    q = np.asarray(field_probs, dtype=np.float64)
+    if p.shape != q.shape:
+        raise ValueError(f"model_nats has {p.shape} values and field_probs {q.shape}; give one of each per target")
+    part = ~np.isnan(q)
+    p, q = p[part], q[part]
+    if not len(p):
+        return 1.0
+
+    def slope(a: float) -> float:
+        with np.errstate(all="ignore"):
+            terms = (q - p) / (a * p + (1 - a) * q)
+        # a target both give 0 adds 0/0: no weight helps it (its loss is infinite at any a); one
+        # only the model gives a chance adds -inf at a = 0 (the field alone cannot say it)
+        return float(np.sum(terms[~np.isnan(terms)]))
+
+    if slope(1.0) <= 0:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    if slope(0.0) >= 0:
+        return 0.0
+    for _ in range(50):  # 2^-50 of the interval
+        mid = 0.5 * (lo + hi)
+        if slope(mid) > 0:
+            hi = mid
+        else:
+            lo = mid
+    return 0.5 * (lo + hi)
 
 
 def _context_totals(keys: np.ndarray, counts: np.ndarray, V: int) -> tuple[np.ndarray, np.ndarray]:
@@ -210,8 +270,10 @@ def _context_totals(keys: np.ndarray, counts: np.ndarray, V: int) -> tuple[np.nd
     return uniq, np.add.reduceat(counts, start)
 
 
-def _lookup(keys, counts, ctx, ctx_tot, context_keys, targets, V) -> tuple[np.ndarray, np.ndarray]:
-    """p(target | context) by counts and whether the context was seen (context key < 0: unseen)."""
+def _lookup(keys, counts, ctx, ctx_tot, context_keys, targets, V, taken: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """p(target | context) by counts and whether the context was seen (context key < 0: unseen),
+    with `taken` occurrences of each looked-up n-gram (and of its context) taken out of the
+    counts first (a context left with no count is unseen)."""
     n = len(targets)
     p = np.zeros(n)
     seen = np.zeros(n, bool)
@@ -220,10 +282,12 @@ def _lookup(keys, counts, ctx, ctx_tot, context_keys, targets, V) -> tuple[np.nd
     ci = np.searchsorted(ctx, context_keys)
     ci_ok = (context_keys >= 0) & (ci < len(ctx))
     ci_ok[ci_ok] = ctx[ci[ci_ok]] == context_keys[ci_ok]
+    if taken:
+        ci_ok[ci_ok] = ctx_tot[ci[ci_ok]] > taken
     seen[:] = ci_ok
     full = context_keys * V + targets
     ki = np.searchsorted(keys, full)
     hit = ci_ok & (ki < len(keys))
     hit[hit] = keys[ki[hit]] == full[hit]
-    p[hit] = counts[ki[hit]] / ctx_tot[ci[hit]]
+    p[hit] = (counts[ki[hit]] - taken) / (ctx_tot[ci[hit]] - taken)
     return p, seen

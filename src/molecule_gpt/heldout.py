@@ -24,7 +24,9 @@ import threading
 import time
 from typing import Callable, Sequence
 
-__all__ = ["HeldOut", "line_chars", "windows"]
+import numpy as np
+
+__all__ = ["HeldOut", "line_chars", "window_target_nats", "windows"]
 
 _serials = itertools.count()
 _WINDOWS_PER_CALL = 32
@@ -40,6 +42,28 @@ def windows(ids: Sequence[int], block_size: int) -> list:
     one token at each seam: every target ids[1:] lies in exactly one window."""
     T = block_size
     return [list(ids[s:s + T + 1]) for s in range(0, max(1, len(ids) - 1), T)]
+
+
+def window_target_nats(model, ws: Sequence[Sequence[int]], pace: Callable[[float], None] | None = None,
+                       known: dict | None = None) -> list[np.ndarray]:
+    """Each window's targets' cross-entropy (nats), in order (Model.token_nats). pace(seconds)
+    is called after each piece of windows (the model lock is free between pieces). known: each
+    window's target nats (keyed by the window's ids as a tuple) under the model's current
+    weights, from an earlier evaluation; those are not evaluated again, and the new ones are
+    added to it. Pass it only where a window's nats depend on nothing but its ids and the
+    weights (Model.rows_independent: each sequence computed as it would be alone), so that a
+    known value is the value."""
+    keys = [tuple(w) for w in ws]
+    found = known if known is not None else {}
+    todo = [i for i, key in enumerate(keys) if key not in found]
+    for start in range(0, len(todo), _WINDOWS_PER_CALL):
+        part = todo[start:start + _WINDOWS_PER_CALL]
+        t0 = time.perf_counter()
+        for i, nats in zip(part, model.token_nats([ws[i] for i in part])):
+            found[keys[i]] = nats
+        if pace is not None:
+            pace(time.perf_counter() - t0)
+    return [found[key] for key in keys]
 
 
 class HeldOut:
@@ -81,26 +105,19 @@ class HeldOut:
 
     def window_nats(self, model, pace: Callable[[float], None] | None = None,
                     known: dict | None = None) -> list[float]:
-        """Summed cross-entropy (nats) of each window (see `windows`), in order. pace(seconds)
-        is called after each piece of windows (the model lock is free between pieces).
-        known: the nats of windows (tuples of ids) under the model's current weights, from an
-        earlier evaluation; those are not evaluated again, and the new ones are added to it.
-        Pass it only where a window's nats depend on nothing but its ids and the weights
-        (Model.rows_independent: each sequence computed as it would be alone), so that a known
-        value is the value."""
-        ws = self.windows(model.config.block_size)
-        keys = [tuple(w) for w in ws]
-        found = known if known is not None else {}
-        todo = [i for i, key in enumerate(keys) if key not in found]
-        for start in range(0, len(todo), _WINDOWS_PER_CALL):
-            part = todo[start:start + _WINDOWS_PER_CALL]
-            t0 = time.perf_counter()
-            losses = model.sequence_losses([ws[i] for i in part])
-            for i, loss in zip(part, losses):
-                found[keys[i]] = loss * (len(ws[i]) - 1)
-            if pace is not None:
-                pace(time.perf_counter() - t0)
-        return [found[key] for key in keys]
+        """Summed cross-entropy (nats) of each window (see `windows`), in order: the mean of
+        its targets' nats times their number. pace and known as in window_target_nats."""
+        return [float(nats.mean()) * len(nats) for nats in self._window_target_nats(model, pace, known)]
+
+    def target_nats(self, model, pace: Callable[[float], None] | None = None,
+                    known: dict | None = None) -> np.ndarray:
+        """Cross-entropy (nats) of every predicted token, window after window (see `windows`):
+        one value per target of the lines. pace and known as in window_target_nats."""
+        parts = self._window_target_nats(model, pace, known)
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def _window_target_nats(self, model, pace, known) -> list[np.ndarray]:
+        return window_target_nats(model, self.windows(model.config.block_size), pace, known)
 
     def total_nats(self, model, pace: Callable[[float], None] | None = None, known: dict | None = None) -> float:
         """Summed cross-entropy (nats) over every predicted token of the lines: the windows'

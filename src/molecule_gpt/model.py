@@ -879,17 +879,22 @@ class Model:
 
     def sequence_losses(self, batch_ids: Sequence[Sequence[int]]) -> list[float]:
         """Mean cross-entropy of each sequence, in order."""
+        return [float(nats.mean()) for nats in self.token_nats(batch_ids)]
+
+    def token_nats(self, batch_ids: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Cross-entropy (nats, float64) of each predicted token of each sequence, in order: for a
+        sequence of L ids, its targets ids[1:n + 1], n = min(L - 1, block_size) (no gradients)."""
         with self._lock:
             self._sync_config()
             seqs = self._validate(batch_ids)
-            out = [0.0] * len(seqs)
+            out: list = [None] * len(seqs)
             self._ensure_ready()  # the engines the chunks are dealt to
             for start, stop in self._arena_chunks(seqs):
                 chunk = seqs[start:stop]
                 for idx, packed, losses in self._run(chunk, len(chunk), backward=False):
                     off, n = packed[4], packed[5]
                     for i, o, k in zip(idx, off, n):
-                        out[start + i] = float(losses[o:o + k].mean())
+                        out[start + i] = losses[o:o + k].copy()
             return out
 
     def _arena_chunks(self, seqs: list[np.ndarray]) -> Iterator[tuple[int, int]]:

@@ -28,18 +28,14 @@ which fires a burst in the background when new bytes >= qb_min_bytes or novelty 
 new tokens) >= qb_min_novelty, once qb_cooldown_seconds have passed since the last burst. A
 burst trains on the buffer's new lines mixed with replayed reservoir lines (replay_ratio).
 
-Field/model blend (design.md §5), the curve: with L_model the model's last held-out loss, L_field the
-field's held-out loss (`CorpusField.heldout_loss`) on the same windows and U a uniform guess's
-(ln V per predicted token, V the vocabulary size), all in nats per character of the held-out
-lines (molecule_gpt.heldout),
-    model_alpha = clip((U - L_model) / (U - L_field), 0, 1)
-i.e. the share of the way from a uniform guess to the n-gram field's own quality that the
-model has covered: 0 before any training (the organism speaks from the field alone; an organism
-adopted from the original program counts as trained), 1 once the
-model predicts held-out text at least as well as the field (the field is then left out).
-Without a held-out split the last training loss (per token) stands in for L_model, and L_field
-and U are per token on the training lines. `Config.field_blend = False` gives 0 before
-training and 1 after.
+Field/model blend (design.md §5): model_alpha is the model's weight a in the blend generation
+samples, a p_model + (1 - a) p_field, chosen so that the blend predicts the held-out lines (old
+and heard) best: least cross-entropy over their targets at temperature 1 (field.best_blend_weight,
+on each target's model nats and CorpusField.blend_probs). 0 before any training (the organism
+speaks from the field alone; an organism adopted from the original program counts as trained),
+1 when the model alone predicts better than any mixture. Without a held-out split the first
+training lines stand in (the field's counts leaving each position's own occurrence out).
+`Config.field_blend = False` gives 0 before training and 1 after.
 
 Threads (design.md §8.7): generate/stream may be called from any number of threads, also while the
 background trainer runs; the trainer takes the model lock per optimizer step, generation takes
@@ -75,7 +71,7 @@ import numpy as np
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .errors import CheckpointError, CorpusError, GenerationError, OrganismError, TrainingError
-from .field import CorpusField
+from .field import CorpusField, best_blend_weight
 from .generation import (DecodeLoop, GenerationResult, Generator, SubmittedGeneration, check_decode_precision,
                          decoded_nats, fold_weights)
 from .heldout import HeldOut
@@ -256,11 +252,13 @@ class Organism:
         self._lock = threading.RLock()  # organism bookkeeping (reservoir, buffer, caches)
         self._structure = _RWLock()  # vocabulary growth (writer) vs starting generations and saving (readers)
         self._train_lock = threading.Lock()  # one warmup/burst at a time
-        # the corpus field's held-out loss (model_alpha): the last measurement, as (per_char,
-        # scores, changes counted when it started); current while no change came after it
-        self._field_loss: tuple | None = None
+        # the blend weight (model_alpha): the last measurement as ((model key, field key), weight),
+        # and its two parts (each target's model nats, field probabilities) by key; current while
+        # neither key changed (weights version or field changes, and the lines measured on)
+        self._blend: tuple | None = None
+        self._blend_parts: dict = {}
         self._field_changes = 0
-        self._field_loss_lock = threading.Lock()  # one measurement at a time
+        self._blend_lock = threading.Lock()  # one measurement at a time
         # after declined tokenizer growth trials: (trials declined in a row, reservoir characters
         # at the last of them); None while the tokenizer's own schedule decides
         self._growth_retry: tuple[int, int] | None = None
@@ -477,75 +475,71 @@ class Organism:
     # ---- generation
 
     def model_alpha(self) -> float:
-        """The model's weight in the field blend now (see the module docstring for the curve)."""
-        return self._model_alpha(wait=True)
+        """The model's weight in the field blend now: the one under which the blend predicts the
+        held-out lines best (see the module docstring)."""
+        with self._structure.read():  # not between a tokenizer growth and the model's
+            return self._model_alpha(wait=True)
 
     def _model_alpha(self, wait: bool) -> float:
-        """model_alpha(); without wait, while another thread measures the field's held-out loss
-        the previous measurement serves (a generation does not queue behind it)."""
-        t = self.trainer
+        """model_alpha(), for a caller holding the structure lock (as a reader); without wait,
+        while another thread measures it or a burst trains, the previous measurement serves (a
+        generation does not queue behind it)."""
         if not self._trained():
             return 0.0
         if not self.config.field_blend:
             return 1.0
-        held = self._old_heldout
-        if len(held) and t.last_val is not None:
-            L_model = t.last_val  # nats per character of the held-out lines
-        else:  # no held-out split: the last training loss (per token) against the field on training lines
-            held = None
-            L_model = t.last_loss
-        if L_model is None or not math.isfinite(L_model):
-            return 0.0
-        scores = self._field_heldout_loss(held, wait)
-        if scores is None:
-            return 1.0
-        L_field, uniform = scores
-        if uniform - L_field <= 0:
-            return 1.0
-        return float(min(1.0, max(0.0, (uniform - L_model) / (uniform - L_field))))
+        alpha = self._blend_weight(wait)
+        return 1.0 if alpha is None else alpha
 
     def _field_changed(self) -> None:
-        """The field or the held-out text changed: the field's held-out loss is measured again."""
+        """The field or the held-out text changed: the blend weight is measured again."""
         with self._lock:
             self._field_changes += 1
 
-    def _field_heldout_loss(self, held: HeldOut | None, wait: bool = True) -> tuple[float, float] | None:
-        """(the field's held-out loss, a uniform guess's), in the units of the model's: nats
-        per character of `held`'s lines (scored on the same windows), or per token of the first
-        training lines when held is None. Measured outside the organism lock (observe() goes
-        on meanwhile), one measurement at a time; without wait, a thread that finds one under
-        way takes the previous result in the same units instead of waiting."""
-        per_char = held is not None
-        if not self._field_loss_lock.acquire(blocking=wait):
-            last = self._field_loss
-            if last is not None and last[0] == per_char:
+    def _blend_weight(self, wait: bool) -> float | None:
+        """best_blend_weight on the held-out lines, old and heard (without a held-out split, on
+        the first training lines): each target's model nats (from the trainer's evaluations
+        where they scored these weights) and field probability. Each part is kept until the
+        weights, the field or the lines change. Measured outside the organism lock (observe()
+        goes on meanwhile), one measurement at a time; without wait, a thread that finds one
+        under way, or a burst training (weights in mid-change), takes the previous result.
+        None when the field has nothing to blend with."""
+        last = self._blend
+        if not wait and last is not None and self._train_lock.locked():
+            return last[1]
+        if not self._blend_lock.acquire(blocking=wait):
+            if last is not None:
                 return last[1]
-            self._field_loss_lock.acquire()
+            self._blend_lock.acquire()
         try:
             with self._lock:
-                last = self._field_loss
-                if last is not None and last[0] == per_char and last[2] == self._field_changes:
+                field, T = self.field, self.config.block_size
+                held = [h for h in (self._old_heldout, self._heard_heldout) if h is not None and len(h)]
+                seqs = None if held else [s for s in self._reservoir_ids()[:self.config.val_max_sequences] if len(s) >= 2]
+                lines = tuple(h.key() for h in held) if held else ("training", self._field_changes, self.tokenizer.version)
+                model_key, field_key = (self.model.version, lines), (self._field_changes, lines)
+                last = self._blend
+                if last is not None and last[0] == (model_key, field_key):
                     return last[1]
-                field, changes, lnV = self.field, self._field_changes, math.log(self.model.vocab_size)
-                if field.total_tokens == 0:
-                    return None
-                if per_char:
-                    ws = [w for w in held.windows(self.config.block_size) if len(w) >= 2]
-                else:
-                    seqs = [s for s in self._reservoir_ids()[:self.config.val_max_sequences] if len(s) >= 2]
-                    if not seqs:
-                        return None
-            if per_char:
-                nats = float(np.dot(field.sequence_losses(ws), [len(w) - 1 for w in ws]))
-                targets = sum(len(w) - 1 for w in ws)
-                scores = (nats / held.chars, lnV * targets / held.chars)
-            else:
-                scores = (field.heldout_loss(seqs, self.config.block_size), lnV)
-            with self._lock:
-                self._field_loss = (per_char, scores, changes)
-            return scores
+            if field.total_tokens == 0 or not (held or seqs):
+                return None
+            # both parts on one set of windows (a tokenizer growth may re-encode the lines meanwhile)
+            ws = [w for h in held for w in h.windows(T)] if held else seqs
+            fresh = not held or tuple(h.key() for h in held) == lines
+            nats = self._blend_parts.get(model_key) if fresh else None
+            if nats is None:
+                nats = self.trainer.target_nats(ws) if held else np.concatenate(self.model.token_nats(seqs))
+            q = self._blend_parts.get(field_key) if fresh else None
+            if q is None:
+                q = field.blend_probs(ws, T, leave_one_out=not held)  # the field counted training lines
+            alpha = 0.0 if np.isnan(nats).any() else best_blend_weight(nats, q)  # a broken model: the field speaks
+            if fresh:
+                with self._lock:
+                    self._blend_parts = {model_key: nats, field_key: q}
+                    self._blend = ((model_key, field_key), alpha)
+            return alpha
         finally:
-            self._field_loss_lock.release()
+            self._blend_lock.release()
 
     def _overrides(self, overrides: dict) -> dict:
         if overrides.get("model_alpha") is None:

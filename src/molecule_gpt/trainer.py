@@ -40,6 +40,7 @@ Organism) serializes whole bursts and warmups against each other.
 from __future__ import annotations
 
 import math
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -49,6 +50,7 @@ import numpy as np
 
 from .config import Config
 from .errors import TrainingError
+from .heldout import window_target_nats
 from .model import Model, delta_group, fold_delta_terms
 
 __all__ = ["ActivationCollapseWarning", "BurstReport", "ModuleState", "Projection", "Trainer", "lr_schedule"]
@@ -212,9 +214,12 @@ class Trainer:
         # (held-out set and tokenizer, Model.version) -> loss; a rollback restores the version
         # of weights whose key is still here, so the next burst's "before" costs nothing
         self._val_cache: dict = {}
-        # Model.version -> {window ids: nats} for the newest few versions: a held-out set that
-        # gained a few lines (text heard since the last burst) evaluates only those
+        # Model.version -> {window ids: its targets' nats} for the newest few versions: a held-out
+        # set that gained a few lines (text heard since the last burst) evaluates only those, and
+        # target_nats after evaluate runs no forward pass; guarded by its lock (generation
+        # threads read it through target_nats)
         self._window_nats: dict = {}
+        self._window_nats_lock = threading.Lock()
         self.accepted_projection: Projection | None = None  # after the last warmup / accepted burst
         self._components = None  # (structure key, slices per component)
 
@@ -229,17 +234,30 @@ class Trainer:
         key = (held.key(), version)
         loss = self._val_cache.get(key)
         if loss is None:
-            known = None
-            if self.model.rows_independent:
-                known = self._window_nats.pop(version, None) or {}
-                self._window_nats[version] = known  # the newest last
-                while len(self._window_nats) > 4:
-                    del self._window_nats[next(iter(self._window_nats))]
-            loss = held.loss(self.model, self.pace, known)
+            loss = held.loss(self.model, self.pace, self._known_nats(version))
             if len(self._val_cache) >= 16:
                 del self._val_cache[next(iter(self._val_cache))]  # the oldest
             self._val_cache[key] = loss
         return loss
+
+    def target_nats(self, windows: Sequence[Sequence[int]]) -> np.ndarray:
+        """Every target's nats of held-out windows (heldout.windows) under the current weights,
+        window after window, from what evaluate() scored under these weights where it did (no
+        forward pass for those windows)."""
+        parts = window_target_nats(self.model, windows, None, self._known_nats(self.model.version))
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def _known_nats(self, version: int) -> dict | None:
+        """The window nats kept for weights `version` (made the newest; the oldest beyond four
+        dropped), or None where a window's nats depend on its batch (not Model.rows_independent)."""
+        if not self.model.rows_independent:
+            return None
+        with self._window_nats_lock:
+            known = self._window_nats.pop(version, None) or {}
+            self._window_nats[version] = known  # the newest last
+            while len(self._window_nats) > 4:
+                del self._window_nats[next(iter(self._window_nats))]
+            return known
 
     # ---- identity
 

@@ -1,0 +1,103 @@
+"""The blend the organism speaks with: how well it predicts text it never saw, at model_alpha()
+and at other weights.
+
+Generation samples from a p_model + (1 - a) q, q the corpus field's trigram (else bigram)
+distribution, the model alone where the field knows neither context (design.md §4 step 3).
+model_alpha() chooses a on the organism's own held-out lines. This script checks that choice on
+test lines neither the organism nor that choice saw: per seed, an Organism is born on `--lines`
+lines of the corpus (a random draw; it holds out its own slice) and warmed up as by default;
+then, on `--test-lines` other lines, the blend's cross-entropy at temperature 1 in nats per
+character (molecule_gpt.heldout's definition):
+
+  model alone      a = 1
+  model_alpha()    the weight the organism speaks with
+  earlier rule     a = (uniform - L_model) / (uniform - L_field) on the organism's held-out
+                   lines, L_field the field's interpolated loss (CorpusField.heldout_loss), the
+                   rule model_alpha() followed before it was chosen by held-out prediction
+  best on a grid   the best a for the test lines themselves (a bound: it has seen them)
+
+    python benchmarks/bench_blend.py --corpus FILE [--lines 2000] [--test-lines 200] [--seeds 3]
+    python benchmarks/bench_blend.py                  # the shipped seed corpus (half of it tested)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import statistics
+import sys
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+import molecule_gpt as mg  # noqa: E402
+from molecule_gpt.data import seed_corpus_lines  # noqa: E402
+from molecule_gpt.heldout import HeldOut  # noqa: E402
+
+
+def blend_loss(a: float, model_nats: np.ndarray, field_probs: np.ndarray, chars: int) -> float:
+    """Nats per character of the blend at weight a (the model alone where field_probs is NaN)."""
+    p = np.exp(-model_nats)
+    part = ~np.isnan(field_probs)
+    mixed = np.where(part, a * p + (1 - a) * np.nan_to_num(field_probs), p)
+    with np.errstate(divide="ignore"):
+        return float(-np.log(mixed).sum() / chars)
+
+
+def earlier_rule(org: mg.Organism) -> float:
+    held = org._old_heldout
+    ws = held.windows(org.config.block_size)
+    targets = sum(len(w) - 1 for w in ws)
+    L_field = float(np.dot(org.field.sequence_losses(ws), [len(w) - 1 for w in ws])) / held.chars
+    uniform = math.log(org.model.vocab_size) * targets / held.chars
+    return min(1.0, max(0.0, (uniform - org.heldout_loss()) / (uniform - L_field)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", help="UTF-8 text, one line per line (default: the shipped seed corpus)")
+    ap.add_argument("--lines", type=int, default=2000, help="lines the organism is born on")
+    ap.add_argument("--test-lines", type=int, default=200)
+    ap.add_argument("--seeds", type=int, default=3)
+    args = ap.parse_args()
+    lines = mg.read_corpus(args.corpus).lines if args.corpus else seed_corpus_lines()
+    lines = [x for x in lines if x.split()]
+    if args.corpus:
+        n_test, n_birth = args.test_lines, args.lines
+    else:  # a small corpus: half to be born on, half to test
+        n_test = n_birth = len(lines) // 2
+    if len(lines) < n_test + n_birth:
+        raise SystemExit(f"{args.corpus} has {len(lines)} lines; --lines {n_birth} and --test-lines {n_test} need more")
+    print(f"# corpus {args.corpus or 'the shipped seed corpus'}: born on {n_birth} lines, tested on {n_test} others; "
+          f"nats per character of the test lines, temperature 1")
+    print(f"{'seed':>4} {'model alone':>12} {'model_alpha()':>20} {'earlier rule':>20} {'best on a grid':>20}")
+    rows = []
+    for seed in range(args.seeds):
+        order = np.random.default_rng(seed).permutation(len(lines))
+        test = [lines[i] for i in order[:n_test]]
+        birth = [lines[i] for i in order[n_test:n_test + n_birth]]
+        org = mg.Organism(corpus=birth, seed=seed)
+        org.warmup()
+        held = HeldOut(test, org.tokenizer.encode, lambda: org.tokenizer.version)
+        ws = held.windows(org.config.block_size)
+        nats = held.target_nats(org.model)
+        q = org.field.blend_probs(ws)
+        alpha, rule = org.model_alpha(), earlier_rule(org)
+        grid = np.linspace(0.01, 1.0, 100)
+        losses = [blend_loss(a, nats, q, held.chars) for a in grid]
+        k = int(np.argmin(losses))
+        row = {"alone": blend_loss(1.0, nats, q, held.chars), "alpha": (alpha, blend_loss(alpha, nats, q, held.chars)),
+               "rule": (rule, blend_loss(rule, nats, q, held.chars)), "best": (float(grid[k]), losses[k])}
+        rows.append(row)
+        print(f"{seed:>4} {row['alone']:12.4f} " + " ".join(f"{row[k][1]:11.4f} (a {row[k][0]:.2f})"
+                                                             for k in ("alpha", "rule", "best")), flush=True)
+        org.close()
+    med = {k: statistics.median(r[k][1] if k != "alone" else r[k] for r in rows) for k in ("alone", "alpha", "rule", "best")}
+    print(f"# medians: model alone {med['alone']:.4f}, model_alpha() {med['alpha']:.4f}, earlier rule "
+          f"{med['rule']:.4f} ({med['alpha'] / med['rule'] - 1:+.1%} at model_alpha()), best {med['best']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
