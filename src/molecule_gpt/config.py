@@ -140,8 +140,8 @@ class Config:
 
     # ---- corpus field (design.md §5)
     corpus_gen_max_tokens: int = FIELD(120, "token cap when the field speaks alone (model_alpha 0)")
-    field_blend: bool = FIELD(True, "blend the corpus field into generation until the model beats it on "
-                                    "held-out text")
+    field_blend: bool = FIELD(True, "blend the corpus field into generation, at the model weight that "
+                                    "predicts held-out text best")
 
     # ---- tokenizer (design.md §1)
     enable_bpe_after_chars: int = TOKENIZER(25000, "BPE is enabled once the corpus holds this many characters")
