@@ -249,9 +249,9 @@ def best_blend_weight(model_nats: np.ndarray, field_probs: np.ndarray) -> float:
 
     if slope(1.0) <= 0:
         return 1.0
-    lo, hi = 0.0, 1.0
     if slope(0.0) >= 0:
         return 0.0
+    lo, hi = 0.0, 1.0
     for _ in range(50):  # 2^-50 of the interval
         mid = 0.5 * (lo + hi)
         if slope(mid) > 0:

@@ -502,8 +502,8 @@ class Organism:
         where they scored these weights) and field probability. Each part is kept until the
         weights, the field or the lines change. Measured outside the organism lock (observe()
         goes on meanwhile), one measurement at a time; without wait, a thread that finds one
-        under way, or a burst training (weights in mid-change), takes the previous result.
-        None when the field has nothing to blend with."""
+        under way, a burst training (weights in mid-change) or a step holding the model lock
+        takes the previous result. None when the field has nothing to blend with."""
         last = self._blend
         if not wait and last is not None and self._train_lock.locked():
             return last[1]
@@ -527,8 +527,16 @@ class Organism:
             ws = [w for h in held for w in h.windows(T)] if held else seqs
             fresh = not held or tuple(h.key() for h in held) == lines
             nats = self._blend_parts.get(model_key) if fresh else None
-            if nats is None:
-                nats = self.trainer.target_nats(ws) if held else np.concatenate(self.model.token_nats(seqs))
+            if nats is None:  # the model's part under one set of weights, kept under their version
+                if not self.model.lock.acquire(blocking=wait):
+                    if last is not None:  # a training step holds the weights: the previous serves
+                        return last[1]
+                    self.model.lock.acquire()
+                try:
+                    model_key = (self.model.version, lines)
+                    nats = self.trainer.target_nats(ws) if held else np.concatenate(self.model.token_nats(seqs))
+                finally:
+                    self.model.lock.release()
             q = self._blend_parts.get(field_key) if fresh else None
             if q is None:
                 q = field.blend_probs(ws, T, leave_one_out=not held)  # the field counted training lines

@@ -243,8 +243,10 @@ class Trainer:
     def target_nats(self, windows: Sequence[Sequence[int]]) -> np.ndarray:
         """Every target's nats of held-out windows (heldout.windows) under the current weights,
         window after window, from what evaluate() scored under these weights where it did (no
-        forward pass for those windows)."""
-        parts = window_target_nats(self.model, windows, None, self._known_nats(self.model.version))
+        forward pass for those windows). Any thread: it holds the model lock throughout, so
+        what it adds to the windows kept for these weights is of these weights."""
+        with self.model.lock:
+            parts = window_target_nats(self.model, windows, None, self._known_nats(self.model.version))
         return np.concatenate(parts) if parts else np.zeros(0)
 
     def _known_nats(self, version: int) -> dict | None:
