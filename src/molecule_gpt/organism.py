@@ -1053,7 +1053,7 @@ class Organism:
                 note += f"; module {report.retired_module} {report.retired_as}, module {report.grew_module} born"
             self._log_growth(note)
         # what the next generation needs, made here instead of on its path: the folded weights
-        # (a module's birth refolds the fossils) and the corpus field's held-out loss
+        # (a module's birth refolds the fossils) and the blend weight
         self._generator.weights.get()
         self.model_alpha()
         return report
