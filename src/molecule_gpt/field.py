@@ -228,9 +228,10 @@ def best_blend_weight(model_nats: np.ndarray, field_probs: np.ndarray) -> float:
     """The model's weight a in [0, 1] under which the blend a p_model + (1 - a) p_field predicts
     the given targets best (least total cross-entropy), from each target's model nats
     (-ln p_model) and field probability (NaN where the field does not take part, so a does not
-    matter there). The loss is convex in a, so its derivative sum((q - p) / (a p + (1 - a) q))
-    rises with a: a is 1 where it is still <= 0 at 1, else found by bisection. 1 when the field
-    takes part nowhere."""
+    matter there). The loss is convex in a: its derivative g(a) = sum(r), r = (q - p) / (a p +
+    (1 - a) q), rises with a, at the rate sum(r^2). a is 1 where g(1) <= 0, 0 where g(0) >= 0,
+    else g's root, by Newton's steps kept inside a bracket that each step narrows (a bisection
+    step where Newton's would leave it). 1 when the field takes part nowhere."""
     p = np.exp(-np.asarray(model_nats, dtype=np.float64))
     q = np.asarray(field_probs, dtype=np.float64)
     if p.shape != q.shape:
@@ -240,25 +241,30 @@ def best_blend_weight(model_nats: np.ndarray, field_probs: np.ndarray) -> float:
     if not len(p):
         return 1.0
 
-    def slope(a: float) -> float:
+    def slope(a: float) -> tuple[float, float]:
         with np.errstate(all="ignore"):
-            terms = (q - p) / (a * p + (1 - a) * q)
+            r = (q - p) / (a * p + (1 - a) * q)
         # a target both give 0 adds 0/0: no weight helps it (its loss is infinite at any a); one
         # only the model gives a chance adds -inf at a = 0 (the field alone cannot say it)
-        return float(np.sum(terms[~np.isnan(terms)]))
+        r = r[~np.isnan(r)]
+        return float(np.sum(r)), float(np.dot(r, r))
 
-    if slope(1.0) <= 0:
+    if slope(1.0)[0] <= 0:
         return 1.0
-    if slope(0.0) >= 0:
+    if slope(0.0)[0] >= 0:
         return 0.0
-    lo, hi = 0.0, 1.0
-    for _ in range(50):  # 2^-50 of the interval
-        mid = 0.5 * (lo + hi)
-        if slope(mid) > 0:
-            hi = mid
+    lo, hi, a = 0.0, 1.0, 0.5
+    for _ in range(100):
+        g, h = slope(a)
+        if g > 0:
+            hi = a
         else:
-            lo = mid
-    return 0.5 * (lo + hi)
+            lo = a
+        step = a - g / h if h > 0 else -1.0
+        if hi - lo < 1e-12 or abs(step - a) < 1e-14:
+            return step if lo <= step <= hi else a
+        a = step if lo < step < hi else 0.5 * (lo + hi)
+    return a
 
 
 def _context_totals(keys: np.ndarray, counts: np.ndarray, V: int) -> tuple[np.ndarray, np.ndarray]:
