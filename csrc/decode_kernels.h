@@ -9,6 +9,7 @@
  * attention.h's causal attention for its rows over the key/value cache.
  *
  *   mg_softmax_exp_f    the exponentials and sums of the sampling softmax
+ *   mg_next_at_least_f  the next min-p candidate of the sampling stack
  *   mg_decode_has_avx2  the decoder's instruction path for its products, fixed for the process
  */
 #ifndef MOLECULE_DECODE_KERNELS_H
@@ -113,6 +114,40 @@ __attribute__((target("avx512f,avx512vl,avx2,fma"))) static float mg_softmax_exp
 }
 #endif
 
+/* The first j in [i, n) with e[j] >= thr and z[j] > -inf, or n: the sampling stack's min-p
+ * candidates, in ascending order, one call each (there are few; the scan between them is
+ * vector-wide). A NaN in e or z is no candidate, as in the scalar comparisons. */
+static ptrdiff_t mg_next_at_least_f_generic(const float *e, const float *z, ptrdiff_t i, ptrdiff_t n, float thr) {
+    for (; i < n; i++)
+        if (e[i] >= thr && z[i] > -INFINITY) return i;
+    return n;
+}
+
+#ifdef MG_HAVE_AVX2_PATH
+__attribute__((target("avx2,fma"))) static ptrdiff_t mg_next_at_least_f_avx2(const float *e, const float *z,
+                                                                              ptrdiff_t i, ptrdiff_t n, float thr) {
+    const __m256 vthr = _mm256_set1_ps(thr), vinf = _mm256_set1_ps(-INFINITY);
+    for (; i + 8 <= n; i += 8) {
+        __m256 ok = _mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(e + i), vthr, _CMP_GE_OQ),
+                                  _mm256_cmp_ps(_mm256_loadu_ps(z + i), vinf, _CMP_GT_OQ));
+        int m = _mm256_movemask_ps(ok);
+        if (m) return i + __builtin_ctz((unsigned)m);
+    }
+    return mg_next_at_least_f_generic(e, z, i, n, thr);
+}
+
+__attribute__((target("avx512f,avx512vl,avx2,fma"))) static ptrdiff_t mg_next_at_least_f_avx512(
+        const float *e, const float *z, ptrdiff_t i, ptrdiff_t n, float thr) {
+    const __m512 vthr = _mm512_set1_ps(thr), vinf = _mm512_set1_ps(-INFINITY);
+    for (; i + 16 <= n; i += 16) {
+        __mmask16 m = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(_mm512_loadu_ps(e + i), vthr, _CMP_GE_OQ),
+                                              _mm512_loadu_ps(z + i), vinf, _CMP_GT_OQ);
+        if (m) return i + __builtin_ctz((unsigned)m);
+    }
+    return mg_next_at_least_f_generic(e, z, i, n, thr);
+}
+#endif
+
 /* 1 when the AVX2+FMA path runs on this CPU (checked once; a racy first check is harmless).
  * MOLECULE_GPT_NO_AVX2=1 in the environment forces the portable path (tests use it). */
 static inline int mg_decode_has_avx2(void) {
@@ -136,6 +171,14 @@ static inline float mg_softmax_exp_f(float *restrict x, float *restrict e, const
     if (mg_decode_has_avx2()) return mg_softmax_exp_f_avx2(x, e, z, n, ft, shift, lo, sx);
 #endif
     return mg_softmax_exp_f_generic(x, e, z, n, ft, shift, lo, sx);
+}
+
+static inline ptrdiff_t mg_next_at_least_f(const float *e, const float *z, ptrdiff_t i, ptrdiff_t n, float thr) {
+#ifdef MG_HAVE_AVX2_PATH
+    if (mg_use_avx512()) return mg_next_at_least_f_avx512(e, z, i, n, thr);
+    if (mg_decode_has_avx2()) return mg_next_at_least_f_avx2(e, z, i, n, thr);
+#endif
+    return mg_next_at_least_f_generic(e, z, i, n, thr);
 }
 
 

@@ -121,7 +121,14 @@ ids, p = _sampling._sample_stack_memview(np.log([0.5, 0.25, 0.15, 0.06, 0.04]), 
                                         0.0, 1.0, 0.8, 0)
 assert ids == [0, 1, 2], ids
 print(worst)
+print(MIN_P_CASES)
 """
+
+# min-p candidates found by the vector scan (its lanes' ends and the tail past them) and by the
+# portable loop alike: the ids of a few distributions, in the subprocess and here
+MIN_P_CASES = """[_sampling._sample_stack_memview(np.where(np.arange(V) % 7 == 3, -np.inf, np.random.default_rng(V).normal(0, 3, V)),
+                                 None, 0.85, 0.5, 1.5, 1.2, 0.8, 0.06, 1.0, 1.0, 0)[0] for V in (5, 16, 17, 40, 333)]"""
+PORTABLE_CHECK = PORTABLE_CHECK.replace("print(MIN_P_CASES)", f"print({MIN_P_CASES})")
 
 
 def test_portable_kernels_match_when_avx2_is_off():
@@ -132,7 +139,9 @@ def test_portable_kernels_match_when_avx2_is_off():
     env = dict(os.environ, MOLECULE_GPT_NO_AVX2="1")
     out = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert float(out.stdout) < 2e-4
+    worst, min_p_ids = out.stdout.splitlines()
+    assert float(worst) < 2e-4
+    assert min_p_ids == str(eval(MIN_P_CASES)) and len(eval(MIN_P_CASES)[-1]) > 1
     if _decode.simd_path() == "avx2":
         assert os.environ.get("MOLECULE_GPT_NO_AVX2") in (None, "", "0")
 

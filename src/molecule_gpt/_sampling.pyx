@@ -16,9 +16,10 @@ import numpy as np
 
 from ._molecule cimport mg_row_max_f
 
-cdef extern from "decode_kernels.h" nogil:  # the softmax's exponentials, AVX2 when available
+cdef extern from "decode_kernels.h" nogil:  # the softmax's exponentials and the min-p scan, vector-wide
     float mg_softmax_exp_f(float* x, float* e, const float* z, Py_ssize_t n, float ft, float shift, float lo,
                            float* sx)
+    Py_ssize_t mg_next_at_least_f(const float* e, const float* z, Py_ssize_t i, Py_ssize_t n, float thr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ cdef Py_ssize_t sample_stack(Cand* cand, double* p, const float* z, const double
     threshold is one pass and leaves top-k fewer candidates to select from."""
     cdef Py_ssize_t i, n = 0, m, k
     cdef double H, t, pmax = 0, thr, mass, pi, Z = 0, inv, a = sp.model_alpha
-    cdef float w, thr_e
+    cdef float thr_e
     cdef const float* e
     if sp.temperature <= 0 and q == NULL:   # greedy: the largest logit
         m = -1
@@ -241,10 +242,10 @@ cdef Py_ssize_t sample_stack(Cand* cand, double* p, const float* z, const double
         # p_i = e_i / Z and e = 1 at the largest logit, so min-p is e_i >= min_p: the
         # candidates come straight from the float weights (no probability array)
         thr_e = <float>sp.min_p
-        for i in range(V):
-            w = e[i]
-            if w >= thr_e and z[i] > -INFINITY:
-                n = heap_push(cand, n, k, w * inv, <int>i)
+        i = mg_next_at_least_f(e, z, 0, V, thr_e)
+        while i < V:
+            n = heap_push(cand, n, k, e[i] * inv, <int>i)
+            i = mg_next_at_least_f(e, z, i + 1, V, thr_e)
     else:
         pmax = 0
         for i in range(V):
