@@ -242,12 +242,12 @@ def best_blend_weight(model_nats: np.ndarray, field_probs: np.ndarray) -> float:
         return 1.0
 
     def slope(a: float) -> tuple[float, float]:
-        with np.errstate(all="ignore"):
-            r = (q - p) / (a * p + (1 - a) * q)
         # a target both give 0 adds 0/0: no weight helps it (its loss is infinite at any a); one
         # only the model gives a chance adds -inf at a = 0 (the field alone cannot say it)
-        r = r[~np.isnan(r)]
-        return float(np.sum(r)), float(np.dot(r, r))
+        with np.errstate(all="ignore"):
+            r = (q - p) / (a * p + (1 - a) * q)
+            r = r[~np.isnan(r)]
+            return float(np.sum(r)), float(np.dot(r, r))
 
     if slope(1.0)[0] <= 0:
         return 1.0
@@ -260,7 +260,7 @@ def best_blend_weight(model_nats: np.ndarray, field_probs: np.ndarray) -> float:
             hi = a
         else:
             lo = a
-        step = a - g / h if h > 0 else -1.0
+        step = a - g / h if 0 < h < np.inf else -1.0
         if hi - lo < 1e-12 or abs(step - a) < 1e-14:
             return step if lo <= step <= hi else a
         a = step if lo < step < hi else 0.5 * (lo + hi)
