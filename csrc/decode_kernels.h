@@ -2,7 +2,8 @@
  * lanes where the AVX-512 products run, else AVX2+FMA when the CPU has it (the same bits).
  *
  * Why C: the fast path needs intrinsics and a runtime CPU check (wheels are built without
- * -march=native), which Cython cannot express. Used only by _decode.pyx.
+ * -march=native), which Cython cannot express. Used by _decode.pyx and its sampling stack
+ * (_sampling.pyx).
  *
  * The model's forward is not here: the decoder runs the training step's kernels, the linear
  * layers' products of gemm.h on weights packed once per model version (mg_gemm_packed_*) and

@@ -872,7 +872,7 @@ def test_model_alpha_is_the_blend_weight_that_predicts_held_out_text_best(warmed
 
 
 def test_a_generation_does_not_wait_for_another_threads_measurement_or_fold(warmed, tmp_path):
-    """While one thread measures the corpus field's held-out loss (for model_alpha) or refolds
+    """While one thread measures the blend weight (model_alpha) or refolds
     the weights, a generation starting in another thread takes the previous result instead of
     queueing behind it; alone, a generation always sees fresh ones."""
     org = clone(warmed, tmp_path)
