@@ -18,6 +18,12 @@ character (molecule_gpt.heldout's definition):
 
     python benchmarks/bench_blend.py --corpus FILE [--lines 2000] [--test-lines 200] [--seeds 3]
     python benchmarks/bench_blend.py                  # the shipped seed corpus (half of it tested)
+    python benchmarks/bench_blend.py --corpus A --new B   # and again after 50 bursts of B
+
+With --new, the same is measured again after the organism learned another text in checked
+bursts (observe + train_burst, 24 lines each), on the corpus's test lines and on test lines of
+the new text that it never heard: model_alpha() is chosen on the organism's held-out lines of
+both (the birth corpus's and the slice it holds out of what it hears).
 """
 from __future__ import annotations
 
@@ -55,48 +61,82 @@ def earlier_rule(org: mg.Organism) -> float:
     return min(1.0, max(0.0, (uniform - org.heldout_loss()) / (uniform - L_field)))
 
 
-def main() -> None:
+def measure(org: mg.Organism, test: list[str]) -> dict:
+    """The blend's loss on `test` at 1, model_alpha(), the earlier rule's weight and the best
+    weight on a grid: {name: (weight, nats per character)}."""
+    held = HeldOut(test, org.tokenizer.encode, lambda: org.tokenizer.version)
+    nats = held.target_nats(org.model)
+    q = org.field.blend_probs(held.windows(org.config.block_size))
+    grid = np.linspace(0.01, 1.0, 100)
+    losses = [blend_loss(a, nats, q, held.chars) for a in grid]
+    k = int(np.argmin(losses))
+    weights = {"alone": 1.0, "alpha": org.model_alpha(), "rule": earlier_rule(org)}
+    row = {name: (a, blend_loss(a, nats, q, held.chars)) for name, a in weights.items()}
+    row["best"] = (float(grid[k]), losses[k])
+    return row
+
+
+COLUMNS = ("alone", "alpha", "rule", "best")
+
+
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", help="UTF-8 text, one line per line (default: the shipped seed corpus)")
     ap.add_argument("--lines", type=int, default=2000, help="lines the organism is born on")
     ap.add_argument("--test-lines", type=int, default=200)
     ap.add_argument("--seeds", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument("--new", metavar="FILE", help="then feed the organism this text in --bursts checked bursts of "
+                                                  "--chunk-lines lines and measure again, on both texts' test lines")
+    ap.add_argument("--bursts", type=int, default=50)
+    ap.add_argument("--chunk-lines", type=int, default=24)
+    args = ap.parse_args(argv)
     lines = mg.read_corpus(args.corpus).lines if args.corpus else seed_corpus_lines()
     lines = [x for x in lines if x.split()]
+    new = [x for x in mg.read_corpus(args.new).lines if x.split()] if args.new else []
     if args.corpus:
         n_test, n_birth = args.test_lines, args.lines
     else:  # a small corpus: half to be born on, half to test
         n_test = n_birth = len(lines) // 2
     if len(lines) < n_test + n_birth:
         raise SystemExit(f"{args.corpus} has {len(lines)} lines; --lines {n_birth} and --test-lines {n_test} need more")
+    if args.new and len(new) < n_test + args.bursts * args.chunk_lines:
+        raise SystemExit(f"{args.new} has {len(new)} lines; {n_test + args.bursts * args.chunk_lines} needed")
     print(f"# corpus {args.corpus or 'the shipped seed corpus'}: born on {n_birth} lines, tested on {n_test} others; "
           f"nats per character of the test lines, temperature 1")
-    print(f"{'seed':>4} {'model alone':>12} {'model_alpha()':>20} {'earlier rule':>20} {'best on a grid':>20}")
-    rows = []
+    print(f"{'seed':>4} {'when, test lines':32} {'model alone':>12} {'model_alpha()':>20} {'earlier rule':>20} "
+          f"{'best on a grid':>20}")
+    rows: dict = {}
     for seed in range(args.seeds):
         order = np.random.default_rng(seed).permutation(len(lines))
         test = [lines[i] for i in order[:n_test]]
         birth = [lines[i] for i in order[n_test:n_test + n_birth]]
         org = mg.Organism(corpus=birth, seed=seed)
         org.warmup()
-        held = HeldOut(test, org.tokenizer.encode, lambda: org.tokenizer.version)
-        ws = held.windows(org.config.block_size)
-        nats = held.target_nats(org.model)
-        q = org.field.blend_probs(ws)
-        alpha, rule = org.model_alpha(), earlier_rule(org)
-        grid = np.linspace(0.01, 1.0, 100)
-        losses = [blend_loss(a, nats, q, held.chars) for a in grid]
-        k = int(np.argmin(losses))
-        row = {"alone": blend_loss(1.0, nats, q, held.chars), "alpha": (alpha, blend_loss(alpha, nats, q, held.chars)),
-               "rule": (rule, blend_loss(rule, nats, q, held.chars)), "best": (float(grid[k]), losses[k])}
-        rows.append(row)
-        print(f"{seed:>4} {row['alone']:12.4f} " + " ".join(f"{row[k][1]:11.4f} (a {row[k][0]:.2f})"
-                                                             for k in ("alpha", "rule", "best")), flush=True)
+        stages = [("after warmup, corpus", test)]
+        if args.new:
+            order = np.random.default_rng(seed).permutation(len(new))
+            new_test = [new[i] for i in order[:n_test]]
+            feed = [new[i] for i in order[n_test:n_test + args.bursts * args.chunk_lines]]
+            stages.append(("after warmup, new text", new_test))
+        for label, test_lines in stages:
+            rows.setdefault(label, []).append(measure(org, test_lines))
+        if args.new:
+            for b in range(args.bursts):
+                org.observe(feed[b * args.chunk_lines:(b + 1) * args.chunk_lines])
+                org.train_burst()
+            for label, test_lines in ((f"after {args.bursts} bursts, corpus", test),
+                                      (f"after {args.bursts} bursts, new text", new_test)):
+                rows.setdefault(label, []).append(measure(org, test_lines))
+        for label, got in rows.items():
+            r = got[-1]
+            print(f"{seed:>4} {label:32} {r['alone'][1]:12.4f} " +
+                  " ".join(f"{r[k][1]:11.4f} (a {r[k][0]:.2f})" for k in COLUMNS[1:]), flush=True)
         org.close()
-    med = {k: statistics.median(r[k][1] if k != "alone" else r[k] for r in rows) for k in ("alone", "alpha", "rule", "best")}
-    print(f"# medians: model alone {med['alone']:.4f}, model_alpha() {med['alpha']:.4f}, earlier rule "
-          f"{med['rule']:.4f} ({med['alpha'] / med['rule'] - 1:+.1%} at model_alpha()), best {med['best']:.4f}")
+    for label, got in rows.items():
+        med = {k: statistics.median(r[k][1] for r in got) for k in COLUMNS}
+        print(f"# medians, {label}: model alone {med['alone']:.4f}, model_alpha() {med['alpha']:.4f}, earlier rule "
+              f"{med['rule']:.4f} ({med['alpha'] / med['rule'] - 1:+.1%} at model_alpha()), best {med['best']:.4f}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -309,6 +309,28 @@ def test_config_reaches_tokenizer_and_reservoir_of_a_loaded_organism(warmed):
     assert org.tokenizer.bpe_retrain_every_chars == 123 and org.tokenizer.enable_bpe_after_chars == 10 ** 8
 
 
+def test_bench_blend_short_run(tmp_path):
+    """bench_blend.py measures the blend on unseen lines of the birth corpus and of a new text,
+    after the warmup and after bursts of the new text, at model_alpha(), the earlier rule's
+    weight and the grid's best."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_blend
+        import corpora
+    finally:
+        sys.path.pop(0)
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n".join(corpora.doc_sentences(max_lines=400)), encoding="utf-8")
+    b.write_text("\n".join(corpora.code_lines(max_lines=200)), encoding="utf-8")
+    rows = bench_blend.main(["--corpus", str(a), "--lines", "300", "--test-lines", "40", "--seeds", "1",
+                             "--new", str(b), "--bursts", "2", "--chunk-lines", "12"])
+    assert list(rows) == ["after warmup, corpus", "after warmup, new text", "after 2 bursts, corpus",
+                          "after 2 bursts, new text"]
+    for (row,) in rows.values():
+        assert all(0.0 <= a <= 1.0 and math.isfinite(loss) for a, loss in row.values())
+        assert row["best"][1] <= row["alone"][1]  # a = 1 is on the grid
+
+
 def test_bench_learning_short_run(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
