@@ -28,7 +28,6 @@ both (the birth corpus's and the slice it holds out of what it hears).
 from __future__ import annotations
 
 import argparse
-import math
 import pathlib
 import statistics
 import sys
@@ -36,9 +35,11 @@ import sys
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 import molecule_gpt as mg  # noqa: E402
+from bench_learning import model_against_field  # noqa: E402
 from molecule_gpt.data import seed_corpus_lines  # noqa: E402
 from molecule_gpt.heldout import HeldOut  # noqa: E402
 
@@ -55,12 +56,7 @@ def blend_loss(a: float, model_nats: np.ndarray, field_probs: np.ndarray, chars:
 def earlier_rule(org: mg.Organism) -> float:
     """The earlier rule's weight: the share of the way from a uniform guess to the interpolated
     field's loss that the model's loss covers on the organism's held-out lines, in [0, 1]."""
-    held = org._old_heldout
-    ws = held.windows(org.config.block_size)
-    targets = sum(len(w) - 1 for w in ws)
-    L_field = float(np.dot(org.field.sequence_losses(ws), [len(w) - 1 for w in ws])) / held.chars
-    uniform = math.log(org.model.vocab_size) * targets / held.chars
-    return min(1.0, max(0.0, (uniform - org.heldout_loss()) / (uniform - L_field)))
+    return min(1.0, max(0.0, model_against_field(org, org._old_heldout)[2]))
 
 
 def measure(org: mg.Organism, test: list[str]) -> dict:

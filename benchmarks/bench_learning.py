@@ -328,6 +328,18 @@ HEAD_MIXES = {"default": None, "all_content": ("content",) * 4, "all_rrpram": ("
               "all_hybrid": ("hybrid",) * 4}
 
 
+def model_against_field(org, held: HeldOut) -> tuple[float, float, float]:
+    """(the model's held-out loss, the corpus field's (CorpusField.heldout_loss's interpolation),
+    the share of the way from a uniform guess to the field's loss that the model's covers: 1 as
+    good as the field), in nats per character of `held`'s lines, on the same windows."""
+    ws = held.windows(org.config.block_size)
+    targets = sum(len(w) - 1 for w in ws)
+    field = float(np.dot(org.field.sequence_losses(ws), [len(w) - 1 for w in ws])) / held.chars
+    uniform = math.log(org.model.vocab_size) * targets / held.chars
+    model = held.loss(org.model)
+    return model, field, (uniform - model) / (uniform - field)
+
+
 def heads_experiment(a_lines, b_lines, seed, args) -> dict:
     """Held-out A (nats/char) after the default warmup per head mix, beside the corpus field's
     loss on the same lines (CorpusField.heldout_loss's interpolation) and the issue's measure of
@@ -338,13 +350,8 @@ def heads_experiment(a_lines, b_lines, seed, args) -> dict:
     for name, heads in HEAD_MIXES.items():
         changes = {} if heads is None else {"head_types": heads, "n_head": len(heads)}
         org, summary = warmed_organism(split, seed, args, **changes)
-        held = heldout(org, split.a_test)
-        ws = held.windows(org.config.block_size)
-        targets = sum(len(w) - 1 for w in ws)
-        field = float(np.dot(org.field.sequence_losses(ws), [len(w) - 1 for w in ws])) / held.chars
-        uniform = math.log(org.model.vocab_size) * targets / held.chars
-        a = held.loss(org.model)
-        out[name] = {"a": a, "field": field, "vs_field": (uniform - a) / (uniform - field),
+        a, field, vs_field = model_against_field(org, heldout(org, split.a_test))
+        out[name] = {"a": a, "field": field, "vs_field": vs_field,
                      "model_alpha": org.model_alpha(), "warmup_seconds": summary["wall_seconds"],
                      "head_types": list(org.config.head_types)}
     return out

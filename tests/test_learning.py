@@ -3,6 +3,7 @@ rolled-back text, the ramp inside the check, config reaching the tokenizer and r
 short run of benchmarks/bench_learning.py."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import pathlib
@@ -309,19 +310,26 @@ def test_config_reaches_tokenizer_and_reservoir_of_a_loaded_organism(warmed):
     assert org.tokenizer.bpe_retrain_every_chars == 123 and org.tokenizer.enable_bpe_after_chars == 10 ** 8
 
 
-def test_bench_blend_short_run(tmp_path):
-    """bench_blend.py measures the blend on unseen lines of the birth corpus and of a new text,
-    after the warmup and after bursts of the new text, at model_alpha(), the earlier rule's
-    weight and the grid's best."""
+def benchmark_with_domains(name: str, tmp_path, a_lines: int, b_lines: int):
+    """(the benchmark script `name` imported, a file of stdlib documentation sentences, one of
+    stdlib source lines), the files in tmp_path."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import bench_blend
+        bench = importlib.import_module(name)
         import corpora
     finally:
         sys.path.pop(0)
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
-    a.write_text("\n".join(corpora.doc_sentences(max_lines=400)), encoding="utf-8")
-    b.write_text("\n".join(corpora.code_lines(max_lines=200)), encoding="utf-8")
+    a.write_text("\n".join(corpora.doc_sentences(max_lines=a_lines)), encoding="utf-8")
+    b.write_text("\n".join(corpora.code_lines(max_lines=b_lines)), encoding="utf-8")
+    return bench, a, b
+
+
+def test_bench_blend_short_run(tmp_path):
+    """bench_blend.py measures the blend on unseen lines of the birth corpus and of a new text,
+    after the warmup and after bursts of the new text, at model_alpha(), the earlier rule's
+    weight and the grid's best."""
+    bench_blend, a, b = benchmark_with_domains("bench_blend", tmp_path, 400, 200)
     rows = bench_blend.main(["--corpus", str(a), "--lines", "300", "--test-lines", "40", "--seeds", "1",
                              "--new", str(b), "--bursts", "2", "--chunk-lines", "12"])
     assert list(rows) == ["after warmup, corpus", "after warmup, new text", "after 2 bursts, corpus",
@@ -332,15 +340,7 @@ def test_bench_blend_short_run(tmp_path):
 
 
 def test_bench_learning_short_run(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_learning
-        import corpora
-    finally:
-        sys.path.pop(0)
-    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
-    a.write_text("\n".join(corpora.doc_sentences(max_lines=700)), encoding="utf-8")
-    b.write_text("\n".join(corpora.code_lines(max_lines=700)), encoding="utf-8")
+    bench_learning, a, b = benchmark_with_domains("bench_learning", tmp_path, 700, 700)
     out = tmp_path / "r.json"
     res = bench_learning.main(["--domain-a", str(a), "--domain-b", str(b), "--seeds", "1", "--bursts", "3",
                                "--birth-lines", "400", "--test-lines", "40", "--quick", "--json", str(out),
